@@ -13,8 +13,7 @@ pub static PROXY_IP4: Global<u32> = Global::new(0);
 
 /// cgroup id → 1 for every cgroup whose sockets are meshed.
 #[map]
-pub static MESHED_CGROUPS: HashMap<u64, u32> =
-    HashMap::with_max_entries(limits::MESHED_CGROUPS, 0);
+pub static MESHED_CGROUPS: HashMap<u64, u32> = HashMap::with_max_entries(limits::MESHED_CGROUPS, 0);
 
 /// IPv4 (network order) → `dest_kind`: Service VIPs and meshed pod IPs.
 #[map]

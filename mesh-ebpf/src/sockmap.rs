@@ -53,7 +53,10 @@ fn record_original_dst(ctx: &SockOpsContext) {
     let Some(orig) = (unsafe { ORIG_DST_BY_COOKIE.get(&cookie) }).copied() else {
         return;
     };
-    if ORIG_DST_BY_TUPLE.insert(&client_addr(ctx), &orig, 0).is_err() {
+    if ORIG_DST_BY_TUPLE
+        .insert(&client_addr(ctx), &orig, 0)
+        .is_err()
+    {
         count(Counter::Errors);
         return;
     }

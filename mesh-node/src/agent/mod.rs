@@ -37,7 +37,9 @@ pub struct AgentConfig {
 
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {
-    #[error("cannot open cgroup {path}: {source} (is cgroup v2 mounted and does the directory exist?)")]
+    #[error(
+        "cannot open cgroup {path}: {source} (is cgroup v2 mounted and does the directory exist?)"
+    )]
     Cgroup {
         path: PathBuf,
         source: std::io::Error,
@@ -89,11 +91,7 @@ impl Agent {
 
     /// Applies every snapshot to the maps and the interface attachments, and re-checks pod
     /// cgroups and interfaces every second (they can appear after the pod object).
-    pub async fn run(
-        self,
-        mut snapshots: watch::Receiver<Arc<Snapshot>>,
-        applied: Arc<AtomicU64>,
-    ) {
+    pub async fn run(self, mut snapshots: watch::Receiver<Arc<Snapshot>>, applied: Arc<AtomicU64>) {
         let Self { cfg, data_path } = self;
         let mut sync = ebpf::Sync::new(cfg, data_path);
         let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));

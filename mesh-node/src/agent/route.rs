@@ -11,10 +11,12 @@ use std::{
 use mesh_common::{INBOUND_MARK, INBOUND_ROUTE_TABLE};
 
 fn ip(args: &[&str]) -> Result<Output, String> {
-    Command::new("ip")
-        .args(args)
-        .output()
-        .map_err(|e| format!("running `ip {}`: {e} (is iproute2 installed?)", args.join(" ")))
+    Command::new("ip").args(args).output().map_err(|e| {
+        format!(
+            "running `ip {}`: {e} (is iproute2 installed?)",
+            args.join(" ")
+        )
+    })
 }
 
 /// Installs `ip rule fwmark INBOUND_MARK lookup T` and `local 0.0.0.0/0 dev lo table T` in the
@@ -22,7 +24,15 @@ fn ip(args: &[&str]) -> Result<Output, String> {
 pub fn ensure_inbound_delivery() -> Result<(), String> {
     let table = INBOUND_ROUTE_TABLE.to_string();
     let route = ip(&[
-        "-4", "route", "replace", "local", "0.0.0.0/0", "dev", "lo", "table", &table,
+        "-4",
+        "route",
+        "replace",
+        "local",
+        "0.0.0.0/0",
+        "dev",
+        "lo",
+        "table",
+        &table,
     ])?;
     if !route.status.success() {
         return Err(format!(
@@ -102,7 +112,11 @@ eth0\t0002F40A\t0B001FAC\t0003\t0\t0\t0\t00FFFFFF\t0\t0\t0
 
     #[test]
     fn no_default_route_no_match() {
-        let table: String = TABLE.lines().filter(|l| !l.contains("\t00000000\t0A")).collect::<Vec<_>>().join("\n");
+        let table: String = TABLE
+            .lines()
+            .filter(|l| !l.contains("\t00000000\t0A"))
+            .collect::<Vec<_>>()
+            .join("\n");
         assert_eq!(route_lookup(&table, Ipv4Addr::new(8, 8, 8, 8)), None);
     }
 }

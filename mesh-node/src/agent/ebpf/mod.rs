@@ -104,9 +104,7 @@ impl DataPath {
         for name in CGROUP_PROGRAMS {
             let prog: &mut CgroupSockAddr = program(&mut ebpf, name)?;
             prog.load().map_err(prog_err(name))?;
-            let id = prog
-                .attach(&cgroup, CGROUP_LINK)
-                .map_err(prog_err(name))?;
+            let id = prog.attach(&cgroup, CGROUP_LINK).map_err(prog_err(name))?;
             let link = prog.take_link(id).map_err(prog_err(name))?;
             replace_pinned(&links_dir.join(name), link)?;
         }
@@ -114,9 +112,7 @@ impl DataPath {
             let name = names::PROG_SOCK_OPS;
             let prog: &mut SockOps = program(&mut ebpf, name)?;
             prog.load().map_err(prog_err(name))?;
-            let id = prog
-                .attach(&cgroup, CGROUP_LINK)
-                .map_err(prog_err(name))?;
+            let id = prog.attach(&cgroup, CGROUP_LINK).map_err(prog_err(name))?;
             let link = prog.take_link(id).map_err(prog_err(name))?;
             replace_pinned(&links_dir.join(name), link)?;
         }

@@ -59,7 +59,11 @@ impl Sync {
         if current != desired {
             let dp = &mut self.data_path;
             let mut errors = 0;
-            errors += diff(&mut dp.meshed_cgroups, &current.meshed_cgroups, &desired.meshed_cgroups);
+            errors += diff(
+                &mut dp.meshed_cgroups,
+                &current.meshed_cgroups,
+                &desired.meshed_cgroups,
+            );
             errors += diff(&mut dp.mesh_dests, &current.mesh_dests, &desired.mesh_dests);
             errors += diff(
                 &mut dp.local_meshed_pods,
@@ -269,12 +273,22 @@ mod tests {
         let pods = [
             pod("mesh", "a", "n1", [10, 244, 1, 2], &[]),
             pod("mesh", "b", "n2", [10, 244, 2, 2], &[]),
-            pod("mesh", "out", "n1", [10, 244, 1, 3], &[("weft.io/mesh", "disabled")]),
+            pod(
+                "mesh",
+                "out",
+                "n1",
+                [10, 244, 1, 3],
+                &[("weft.io/mesh", "disabled")],
+            ),
             pod("plain", "c", "n1", [10, 244, 1, 4], &[]),
         ];
         for p in pods {
-            fs::create_dir_all(cgroups.join(format!("pod{}", p.uid.as_deref().unwrap())).join("ctr"))
-                .unwrap();
+            fs::create_dir_all(
+                cgroups
+                    .join(format!("pod{}", p.uid.as_deref().unwrap()))
+                    .join("ctr"),
+            )
+            .unwrap();
             s.pods.insert(p.key.clone(), Arc::new(p));
         }
         s.services.insert(
@@ -314,14 +328,20 @@ mod tests {
             ])
         );
         // Only the meshed pod of this node is captured inbound...
-        assert_eq!(d.local_meshed_pods.keys().copied().collect::<Vec<_>>(), vec![key(10, 244, 1, 2)]);
+        assert_eq!(
+            d.local_meshed_pods.keys().copied().collect::<Vec<_>>(),
+            vec![key(10, 244, 1, 2)]
+        );
         // ...and only its cgroup and its container cgroup are meshed.
         let pod_dir = dir.path().join("poduid-a");
         let expected: BTreeSet<u64> = [pod_dir.clone(), pod_dir.join("ctr")]
             .iter()
             .map(|p| fs::metadata(p).unwrap().ino())
             .collect();
-        assert_eq!(d.meshed_cgroups.keys().copied().collect::<BTreeSet<_>>(), expected);
+        assert_eq!(
+            d.meshed_cgroups.keys().copied().collect::<BTreeSet<_>>(),
+            expected
+        );
         assert!(d.interfaces.contains("eth0"));
     }
 
@@ -334,8 +354,10 @@ mod tests {
         p.annotations
             .insert(CGROUP_ANNOTATION.into(), explicit.display().to_string());
         assert_eq!(pod_cgroup_dir(dir.path(), &p), Some(explicit));
-        p.annotations
-            .insert(CGROUP_ANNOTATION.into(), dir.path().join("missing").display().to_string());
+        p.annotations.insert(
+            CGROUP_ANNOTATION.into(),
+            dir.path().join("missing").display().to_string(),
+        );
         assert_eq!(pod_cgroup_dir(dir.path(), &p), None);
     }
 }

@@ -1,0 +1,444 @@
+//! Admin (15020: `/metrics`, `/debug/config`) and health (15021: `/healthz`, `/ready`) servers.
+//!
+//! Both run on the control runtime, away from the data-plane threads, and read only atomics
+//! and the current snapshot, so a slow scraper cannot hold up connections.
+
+use std::{
+    convert::Infallible,
+    future::Future,
+    net::SocketAddr,
+    sync::{
+        atomic::{AtomicBool, AtomicU64, Ordering},
+        Arc,
+    },
+};
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::{
+    body::Incoming, header, server::conn::http1, service::service_fn, Method, Request, Response,
+    StatusCode,
+};
+use hyper_util::rt::TokioIo;
+use serde_json::{json, Value};
+use thiserror::Error;
+use tokio::net::TcpListener;
+use tracing::{debug, info};
+
+use crate::{
+    metrics::{self, Metrics},
+    model::{Snapshot, TargetPort, CGROUP_ANNOTATION},
+    source::SourceStatus,
+};
+
+#[derive(Debug, Error)]
+pub enum AdminError {
+    #[error("cannot listen on {addr} for the {server} server: {source} (is another process using the port?)")]
+    Bind {
+        server: &'static str,
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// What `/ready` waits for. Each part is set by the component it describes.
+#[derive(Debug)]
+pub struct Readiness {
+    ebpf_required: bool,
+    /// The eBPF programs are loaded and attached.
+    pub ebpf_attached: AtomicBool,
+    /// Snapshot version the eBPF map sync has applied.
+    pub ebpf_applied_version: Arc<AtomicU64>,
+    /// Snapshot version the proxy has applied.
+    pub proxy_applied_version: Arc<AtomicU64>,
+    /// The proxy's listeners are bound.
+    pub proxy_listening: AtomicBool,
+}
+
+impl Readiness {
+    /// `ebpf_required` is false with `--no-ebpf`: readiness then waits for the proxy's own
+    /// configuration instead of the eBPF sync.
+    pub fn new(ebpf_required: bool) -> Self {
+        Self {
+            ebpf_required,
+            ebpf_attached: AtomicBool::new(false),
+            ebpf_applied_version: Arc::default(),
+            proxy_applied_version: Arc::default(),
+            proxy_listening: AtomicBool::new(false),
+        }
+    }
+
+    pub fn ebpf_required(&self) -> bool {
+        self.ebpf_required
+    }
+
+    /// `Err(reason)` while not ready.
+    pub fn check(&self) -> Result<(), String> {
+        let mut missing = Vec::new();
+        if self.ebpf_required {
+            if !self.ebpf_attached.load(Ordering::Acquire) {
+                missing.push("the eBPF programs are not attached".to_owned());
+            }
+            if self.ebpf_applied_version.load(Ordering::Acquire) < 1 {
+                missing.push("the eBPF sync has not applied a configuration yet".to_owned());
+            }
+        } else if self.proxy_applied_version.load(Ordering::Acquire) < 1 {
+            missing.push("the proxy has not applied a configuration yet".to_owned());
+        }
+        if !self.proxy_listening.load(Ordering::Acquire) {
+            missing.push("the proxy listeners are not bound".to_owned());
+        }
+        if missing.is_empty() {
+            Ok(())
+        } else {
+            Err(format!("not ready: {}", missing.join("; ")))
+        }
+    }
+}
+
+/// Everything the admin server reports.
+pub struct AdminState {
+    pub store: crate::model::Store,
+    pub metrics: Arc<Metrics>,
+    pub readiness: Arc<Readiness>,
+    pub source: Arc<SourceStatus>,
+}
+
+pub async fn bind(server: &'static str, addr: SocketAddr) -> Result<TcpListener, AdminError> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| AdminError::Bind {
+            server,
+            addr,
+            source,
+        })
+}
+
+/// Serves `/metrics` and `/debug/config` until `shutdown` completes.
+pub async fn serve_admin(
+    listener: TcpListener,
+    state: Arc<AdminState>,
+    shutdown: impl Future<Output = ()>,
+) {
+    serve("admin", listener, move |req| admin(&state, req), shutdown).await;
+}
+
+/// Serves `/healthz` and `/ready` until `shutdown` completes.
+pub async fn serve_health(
+    listener: TcpListener,
+    readiness: Arc<Readiness>,
+    shutdown: impl Future<Output = ()>,
+) {
+    serve(
+        "health",
+        listener,
+        move |req| health(&readiness, req),
+        shutdown,
+    )
+    .await;
+}
+
+async fn serve<H>(
+    server: &'static str,
+    listener: TcpListener,
+    handler: H,
+    shutdown: impl Future<Output = ()>,
+) where
+    H: Fn(&Request<Incoming>) -> Response<Full<Bytes>> + Send + Sync + 'static,
+{
+    if let Ok(addr) = listener.local_addr() {
+        info!(%addr, "{server} server listening");
+    }
+    let handler = Arc::new(handler);
+    tokio::pin!(shutdown);
+    loop {
+        let (stream, peer) = tokio::select! {
+            _ = &mut shutdown => return,
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    debug!(error = %e, "{server} server: accept failed");
+                    continue;
+                }
+            },
+        };
+        let handler = handler.clone();
+        tokio::spawn(async move {
+            let service = service_fn(move |req| {
+                let response = handler(&req);
+                async move { Ok::<_, Infallible>(response) }
+            });
+            if let Err(e) = http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), service)
+                .await
+            {
+                debug!(%peer, error = %e, "{server} server: connection error");
+            }
+        });
+    }
+}
+
+fn text(status: StatusCode, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
+    response(status, "text/plain; charset=utf-8", body.into())
+}
+
+fn response(status: StatusCode, content_type: &str, body: Bytes) -> Response<Full<Bytes>> {
+    Response::builder()
+        .status(status)
+        .header(header::CONTENT_TYPE, content_type)
+        .body(Full::new(body))
+        .expect("static response parts are valid")
+}
+
+fn only_get(req: &Request<Incoming>) -> Option<Response<Full<Bytes>>> {
+    (req.method() != Method::GET && req.method() != Method::HEAD)
+        .then(|| text(StatusCode::METHOD_NOT_ALLOWED, "only GET is supported\n"))
+}
+
+fn admin(state: &AdminState, req: &Request<Incoming>) -> Response<Full<Bytes>> {
+    if let Some(refused) = only_get(req) {
+        return refused;
+    }
+    match req.uri().path() {
+        "/metrics" | "/stats/prometheus" => response(
+            StatusCode::OK,
+            metrics::CONTENT_TYPE,
+            state.metrics.encode().into(),
+        ),
+        "/debug/config" => {
+            let body = debug_config(state);
+            let mut body = serde_json::to_vec_pretty(&body).unwrap_or_default();
+            body.push(b'\n');
+            response(StatusCode::OK, "application/json", body.into())
+        }
+        "/" => text(StatusCode::OK, "Weft node admin: /metrics /debug/config\n"),
+        _ => text(
+            StatusCode::NOT_FOUND,
+            "not found: try /metrics or /debug/config\n",
+        ),
+    }
+}
+
+fn health(readiness: &Readiness, req: &Request<Incoming>) -> Response<Full<Bytes>> {
+    if let Some(refused) = only_get(req) {
+        return refused;
+    }
+    match req.uri().path() {
+        "/healthz" => text(StatusCode::OK, "ok\n"),
+        "/ready" | "/healthz/ready" => match readiness.check() {
+            Ok(()) => text(StatusCode::OK, "ready\n"),
+            Err(reason) => text(StatusCode::SERVICE_UNAVAILABLE, format!("{reason}\n")),
+        },
+        _ => text(StatusCode::NOT_FOUND, "not found: try /healthz or /ready\n"),
+    }
+}
+
+/// `{"version", "generation", "applied": {"proxy", "ebpf"}, "resources": [...], "rejected": [...]}`
+pub fn debug_config(state: &AdminState) -> Value {
+    let snapshot = state.store.current();
+    json!({
+        "version": snapshot.version,
+        "generation": snapshot.generation,
+        "applied": {
+            "proxy": state.readiness.proxy_applied_version.load(Ordering::Acquire),
+            "ebpf": state.readiness.ebpf_applied_version.load(Ordering::Acquire),
+        },
+        "resources": resources(&snapshot),
+        "rejected": *state.source.rejected(),
+    })
+}
+
+fn resources(snapshot: &Snapshot) -> Vec<Value> {
+    let mut out = Vec::new();
+
+    let mut namespaces: Vec<_> = snapshot.namespaces.values().collect();
+    namespaces.sort_by(|a, b| a.name.cmp(&b.name));
+    out.extend(namespaces.into_iter().map(|n| {
+        json!({
+            "kind": "Namespace",
+            "name": &*n.name,
+            "labels": n.labels,
+            "meshEnabled": n.mesh_enabled(),
+        })
+    }));
+
+    let mut nodes: Vec<_> = snapshot.nodes.values().collect();
+    nodes.sort_by(|a, b| a.name.cmp(&b.name));
+    out.extend(
+        nodes
+            .into_iter()
+            .map(|n| json!({ "kind": "Node", "name": &*n.name, "address": n.address.to_string() })),
+    );
+
+    let mut pods: Vec<_> = snapshot.pods.values().collect();
+    pods.sort_by(|a, b| a.key.cmp(&b.key));
+    out.extend(pods.into_iter().map(|p| {
+        json!({
+            "kind": "Pod",
+            "namespace": &*p.key.namespace,
+            "name": &*p.key.name,
+            "uid": p.uid.as_deref(),
+            "ip": p.ip.map(|ip| ip.to_string()),
+            "node": p.node.as_deref(),
+            "serviceAccount": &*p.service_account,
+            "labels": p.labels,
+            "cgroup": p.annotations.get(CGROUP_ANNOTATION),
+            "meshed": snapshot.is_meshed(p),
+            "ports": p.ports.iter().map(|(name, port)| json!({
+                "name": name.as_deref(),
+                "containerPort": port,
+            })).collect::<Vec<_>>(),
+        })
+    }));
+
+    let mut services: Vec<_> = snapshot.services.values().collect();
+    services.sort_by(|a, b| a.key.cmp(&b.key));
+    out.extend(services.into_iter().map(|s| {
+        let endpoints = snapshot.endpoints.get(&s.key);
+        json!({
+            "kind": "Service",
+            "namespace": &*s.key.namespace,
+            "name": &*s.key.name,
+            "clusterIP": s.cluster_ip.map(|ip| ip.to_string()),
+            "selector": s.selector,
+            "ports": s.ports.iter().map(|p| json!({
+                "name": p.name.as_deref(),
+                "port": p.port,
+                "targetPort": match &p.target_port {
+                    TargetPort::Number(n) => json!(n),
+                    TargetPort::Name(n) => json!(&**n),
+                },
+                "protocol": format!("{:?}", p.protocol).to_uppercase(),
+                "appProtocol": p.app_protocol.as_deref(),
+            })).collect::<Vec<_>>(),
+            "endpoints": endpoints.map(|e| e.by_port.iter().map(|(port, list)| {
+                (port.to_string(), Value::Array(list.iter().map(|e| json!({
+                    "ip": e.ip.to_string(),
+                    "port": e.port,
+                    "pod": e.pod.as_ref().map(ToString::to_string),
+                    "node": e.node.as_deref(),
+                    "ready": e.ready,
+                })).collect()))
+            }).collect::<serde_json::Map<_, _>>()),
+        })
+    }));
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    use super::*;
+    use crate::{
+        model::Store,
+        source::{assemble, objects},
+    };
+
+    async fn get(addr: SocketAddr, path: &str) -> (u16, String) {
+        let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+        stream
+            .write_all(
+                format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes(),
+            )
+            .await
+            .unwrap();
+        let mut response = String::new();
+        stream.read_to_string(&mut response).await.unwrap();
+        let status = response[9..12].parse().unwrap();
+        let body = response
+            .split_once("\r\n\r\n")
+            .map(|(_, b)| b.to_owned())
+            .unwrap_or_default();
+        (status, body)
+    }
+
+    #[test]
+    fn readiness_reasons() {
+        let r = Readiness::new(true);
+        let reason = r.check().unwrap_err();
+        assert!(
+            reason.contains("eBPF programs are not attached"),
+            "{reason}"
+        );
+        assert!(reason.contains("listeners are not bound"), "{reason}");
+        r.ebpf_attached.store(true, Ordering::Release);
+        r.proxy_listening.store(true, Ordering::Release);
+        assert!(r.check().unwrap_err().contains("eBPF sync has not applied"));
+        r.ebpf_applied_version.store(1, Ordering::Release);
+        assert_eq!(r.check(), Ok(()));
+
+        let r = Readiness::new(false);
+        r.proxy_listening.store(true, Ordering::Release);
+        assert!(r.check().unwrap_err().contains("proxy has not applied"));
+        r.proxy_applied_version.store(3, Ordering::Release);
+        assert_eq!(r.check(), Ok(()));
+    }
+
+    #[tokio::test]
+    async fn endpoints_answer() {
+        let store = Store::new();
+        let docs = "apiVersion: v1\nkind: Namespace\nmetadata: {name: demo, labels: {weft.io/mesh: enabled}}";
+        let value = serde_yaml::from_str(docs).unwrap();
+        let objects: Vec<_> = objects::translate(&value)
+            .into_iter()
+            .map(Result::unwrap)
+            .collect();
+        store.publish(assemble(&objects, Some(7)));
+
+        let readiness = Arc::new(Readiness::new(false));
+        let state = Arc::new(AdminState {
+            store: store.clone(),
+            metrics: Arc::new(Metrics::new().with_config(
+                store.clone(),
+                [
+                    ("proxy", readiness.proxy_applied_version.clone()),
+                    ("ebpf", readiness.ebpf_applied_version.clone()),
+                ],
+            )),
+            readiness: readiness.clone(),
+            source: Arc::default(),
+        });
+        let admin_listener = bind("admin", "127.0.0.1:0".parse().unwrap()).await.unwrap();
+        let health_listener = bind("health", "127.0.0.1:0".parse().unwrap())
+            .await
+            .unwrap();
+        let admin_addr = admin_listener.local_addr().unwrap();
+        let health_addr = health_listener.local_addr().unwrap();
+        tokio::spawn(serve_admin(admin_listener, state, std::future::pending()));
+        tokio::spawn(serve_health(
+            health_listener,
+            readiness.clone(),
+            std::future::pending(),
+        ));
+
+        assert_eq!(get(health_addr, "/healthz").await.0, 200);
+        let (status, body) = get(health_addr, "/ready").await;
+        assert_eq!(status, 503);
+        assert!(body.contains("listeners are not bound"), "{body}");
+        readiness.proxy_listening.store(true, Ordering::Release);
+        readiness.proxy_applied_version.store(1, Ordering::Release);
+        assert_eq!(get(health_addr, "/ready").await, (200, "ready\n".into()));
+
+        let (status, body) = get(admin_addr, "/metrics").await;
+        assert_eq!(status, 200);
+        assert!(body.contains("weft_config_version 1\n"), "{body}");
+        assert!(
+            body.contains("weft_config_applied_version{consumer=\"proxy\"} 1\n"),
+            "{body}"
+        );
+
+        let (status, body) = get(admin_addr, "/debug/config").await;
+        assert_eq!(status, 200);
+        let config: Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(config["version"], 1);
+        assert_eq!(config["generation"], 7);
+        assert_eq!(config["applied"], json!({"proxy": 1, "ebpf": 0}));
+        assert_eq!(config["resources"][0]["kind"], "Namespace");
+        assert_eq!(config["resources"][0]["meshEnabled"], true);
+        assert_eq!(config["rejected"], json!([]));
+
+        assert_eq!(get(admin_addr, "/nope").await.0, 404);
+    }
+}

@@ -1,0 +1,287 @@
+//! Wiring of `mesh-node run` and `mesh-node cleanup`.
+//!
+//! | thread / runtime                        | runs                                            |
+//! |-----------------------------------------|-------------------------------------------------|
+//! | `weft-control`, current-thread runtime  | config source, eBPF sync, admin and health servers, signals |
+//! | main + 2 `weft-data` workers            | proxy listeners 15001, 15006, 15008 and their connections |
+//!
+//! The two halves meet only in the [`Store`] (snapshots) and a few atomics (applied versions,
+//! readiness). On SIGTERM or SIGINT the proxy stops accepting and drains; the eBPF programs
+//! stay attached and pinned, so meshed pods fail closed until `mesh-node` is back.
+
+use std::{
+    io::{self, IsTerminal},
+    net::SocketAddr,
+    sync::{atomic::Ordering, Arc},
+};
+
+use thiserror::Error;
+use tokio::sync::watch;
+use tracing::{error, info, warn};
+use tracing_subscriber::EnvFilter;
+
+use crate::{
+    admin::{self, AdminError, AdminState, Readiness},
+    agent::{self, Agent, AgentConfig, AgentError},
+    config::{CleanupArgs, LogFormat, RunArgs},
+    metrics::Metrics,
+    model::{OriginalDst, Store},
+    proxy::{NoOriginalDst, Proxy, ProxyConfig, ProxyError},
+    source::file::{FileSource, SourceError},
+};
+
+/// Workers of the data-plane runtime.
+const DATA_WORKERS: usize = 2;
+
+#[derive(Debug, Error)]
+pub enum AppError {
+    #[error("eBPF data path: {0}")]
+    Agent(#[from] AgentError),
+    #[error(transparent)]
+    Source(#[from] SourceError),
+    #[error(transparent)]
+    Proxy(#[from] ProxyError),
+    #[error(transparent)]
+    Admin(#[from] AdminError),
+    #[error("cannot start the {runtime} runtime: {source}")]
+    Runtime {
+        runtime: &'static str,
+        #[source]
+        source: io::Error,
+    },
+    #[error("cannot install the {signal} handler: {source}")]
+    Signal {
+        signal: &'static str,
+        #[source]
+        source: io::Error,
+    },
+    #[error("the control thread panicked")]
+    ControlPanicked,
+}
+
+/// Logs to stderr; `RUST_LOG` overrides the default `info` level (the per-connection access
+/// log is at debug: `RUST_LOG=info,weft::access=debug`).
+pub fn init_tracing(format: LogFormat) {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(io::stderr)
+        .with_ansi(io::stderr().is_terminal());
+    // A second initialisation (tests) keeps the first subscriber.
+    let _ = match format {
+        LogFormat::Plain => builder.try_init(),
+        LogFormat::Json => builder.json().flatten_event(true).try_init(),
+    };
+}
+
+/// `mesh-node run`: returns after a graceful shutdown, or with the error that stopped it.
+pub fn run(args: RunArgs) -> Result<(), AppError> {
+    info!(
+        node = %args.node,
+        proxy_ip = %args.proxy_ip,
+        config_dir = %args.config_dir.display(),
+        ebpf = !args.no_ebpf,
+        "starting mesh-node"
+    );
+    let store = Store::new();
+    let readiness = Arc::new(Readiness::new(!args.no_ebpf));
+
+    let agent = if args.no_ebpf {
+        warn!("--no-ebpf: nothing is captured; the proxy only serves connections made to it");
+        None
+    } else {
+        let agent = Agent::load(AgentConfig {
+            node: args.node.clone(),
+            cgroup_root: args.cgroup.clone(),
+            bpffs_root: args.bpffs_root.clone(),
+            proxy_ip: args.proxy_ip,
+            uplinks: args.uplinks.clone(),
+        })?;
+        readiness.ebpf_attached.store(true, Ordering::Release);
+        info!(cgroup = %args.cgroup.display(), "eBPF programs attached");
+        Some(agent)
+    };
+    let original_dst: Arc<dyn OriginalDst> = match &agent {
+        Some(agent) => agent.original_dst(),
+        None => Arc::new(NoOriginalDst),
+    };
+
+    let mut metrics = Metrics::new().with_config(
+        store.clone(),
+        [
+            ("proxy", readiness.proxy_applied_version.clone()),
+            ("ebpf", readiness.ebpf_applied_version.clone()),
+        ],
+    );
+    if let Some(agent) = &agent {
+        metrics = metrics.with_ebpf(agent.counters());
+    }
+    let metrics = Arc::new(metrics);
+
+    // The first configuration is read before anything serves: a wrong --config-dir stops
+    // start-up here instead of producing an empty mesh.
+    let mut source = FileSource::new(&args.config_dir, store.clone())
+        .with_rejections(metrics.rejections().clone());
+    source.poll()?;
+
+    let (shutdown_tx, _) = watch::channel(false);
+    let shutdown_tx = Arc::new(shutdown_tx);
+
+    let control = {
+        let control = Control {
+            source,
+            agent,
+            admin_addr: args.admin_addr,
+            health_addr: args.health_addr,
+            store: store.clone(),
+            metrics: metrics.clone(),
+            readiness: readiness.clone(),
+            shutdown: shutdown_tx.clone(),
+        };
+        std::thread::Builder::new()
+            .name("weft-control".into())
+            .spawn(move || control.run())
+            .map_err(|source| AppError::Runtime {
+                runtime: "control",
+                source,
+            })?
+    };
+
+    let data = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(DATA_WORKERS)
+        .thread_name("weft-data")
+        .enable_all()
+        .build()
+        .map_err(|source| AppError::Runtime {
+            runtime: "data",
+            source,
+        });
+    let data_result = data.and_then(|data| {
+        data.block_on(async {
+            let mut config = ProxyConfig::new(&args.node, args.proxy_ip);
+            // Steered inbound connections keep the pod's address as local address.
+            config.inbound_transparent = !args.no_ebpf;
+            let proxy = Proxy::bind(
+                config,
+                store.subscribe(),
+                original_dst,
+                metrics.tcp().clone(),
+                readiness.proxy_applied_version.clone(),
+            )
+            .await?;
+            readiness.proxy_listening.store(true, Ordering::Release);
+            proxy.run(shutdown_signal(shutdown_tx.subscribe())).await;
+            readiness.proxy_listening.store(false, Ordering::Release);
+            Ok::<_, AppError>(())
+        })
+    });
+    // Whatever ended the data plane ends the control plane too.
+    shutdown_tx.send_replace(true);
+    let control_result = control.join().map_err(|_| AppError::ControlPanicked)?;
+    data_result?;
+    control_result?;
+    if args.no_ebpf {
+        info!("mesh-node stopped");
+    } else {
+        info!("mesh-node stopped; the eBPF programs stay attached, so meshed pods fail closed until it is back");
+    }
+    Ok(())
+}
+
+/// `mesh-node cleanup`: detaches and unpins everything of a node.
+pub fn cleanup(args: CleanupArgs) -> Result<(), AppError> {
+    agent::cleanup(&args.bpffs_root, &args.node)?;
+    info!(node = %args.node, bpffs_root = %args.bpffs_root.display(), "eBPF programs and maps removed");
+    Ok(())
+}
+
+/// Completes once shutdown was requested (or nobody can request it any more).
+pub async fn shutdown_signal(mut rx: watch::Receiver<bool>) {
+    let _ = rx.wait_for(|stop| *stop).await;
+}
+
+/// Everything that runs on the control thread.
+struct Control {
+    source: FileSource,
+    agent: Option<Agent>,
+    admin_addr: SocketAddr,
+    health_addr: SocketAddr,
+    store: Store,
+    metrics: Arc<Metrics>,
+    readiness: Arc<Readiness>,
+    shutdown: Arc<watch::Sender<bool>>,
+}
+
+impl Control {
+    fn run(self) -> Result<(), AppError> {
+        let shutdown = self.shutdown.clone();
+        let result = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|source| AppError::Runtime {
+                runtime: "control",
+                source,
+            })
+            .and_then(|rt| rt.block_on(self.serve()));
+        // The error itself is reported by `run`, once the data plane has stopped too.
+        shutdown.send_replace(true);
+        result
+    }
+
+    async fn serve(self) -> Result<(), AppError> {
+        let Control {
+            source,
+            agent,
+            admin_addr,
+            health_addr,
+            store,
+            metrics,
+            readiness,
+            shutdown,
+        } = self;
+        let stop = || shutdown_signal(shutdown.subscribe());
+        let mut sigterm = signal(tokio::signal::unix::SignalKind::terminate(), "SIGTERM")?;
+        let mut sigint = signal(tokio::signal::unix::SignalKind::interrupt(), "SIGINT")?;
+
+        let health = admin::bind("health", health_addr).await?;
+        let admin_listener = admin::bind("admin", admin_addr).await?;
+        let state = Arc::new(AdminState {
+            store: store.clone(),
+            metrics,
+            readiness: readiness.clone(),
+            source: source.status(),
+        });
+        tokio::spawn(admin::serve_health(health, readiness.clone(), stop()));
+        tokio::spawn(admin::serve_admin(admin_listener, state, stop()));
+        tokio::spawn(source.run(stop()));
+
+        let sync = async {
+            match agent {
+                Some(agent) => {
+                    agent
+                        .run(store.subscribe(), readiness.ebpf_applied_version.clone())
+                        .await
+                }
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            _ = sigterm.recv() => info!("SIGTERM received: shutting down"),
+            _ = sigint.recv() => info!("SIGINT received: shutting down"),
+            _ = stop() => {}
+            _ = sync => error!("the eBPF map sync stopped: shutting down"),
+        }
+        shutdown.send_replace(true);
+        Ok(())
+    }
+}
+
+fn signal(
+    kind: tokio::signal::unix::SignalKind,
+    name: &'static str,
+) -> Result<tokio::signal::unix::Signal, AppError> {
+    tokio::signal::unix::signal(kind).map_err(|source| AppError::Signal {
+        signal: name,
+        source,
+    })
+}

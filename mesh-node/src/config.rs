@@ -1,0 +1,215 @@
+//! Command line of the `mesh-node` binary. Every flag can also be set through a `WEFT_*`
+//! environment variable, which is how the DaemonSet manifest configures it.
+
+use std::{
+    net::{Ipv4Addr, SocketAddr},
+    path::PathBuf,
+};
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+/// Default pin directory of Weft's eBPF maps and links on bpffs.
+pub const DEFAULT_BPFFS_ROOT: &str = "/sys/fs/bpf/weft";
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "mesh-node",
+    version,
+    about = "Weft node agent and proxy: steers meshed pods' traffic with eBPF into a per-node proxy"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Load and attach the eBPF programs, then run the node proxy until SIGTERM/SIGINT.
+    Run(RunArgs),
+    /// Detach and unpin every eBPF program and map of a node (after the node left the mesh).
+    Cleanup(CleanupArgs),
+}
+
+#[derive(Clone, Debug, Args)]
+pub struct RunArgs {
+    /// Name of this node, as in the Pods' `spec.nodeName`.
+    #[arg(long, env = "WEFT_NODE", value_name = "NAME")]
+    pub node: String,
+
+    /// Directory of Kubernetes YAML/JSON the configuration is read from (watched for changes).
+    #[arg(long, env = "WEFT_CONFIG_DIR", value_name = "DIR")]
+    pub config_dir: PathBuf,
+
+    /// cgroup v2 subtree of this node the cgroup programs attach to.
+    #[arg(long, env = "WEFT_CGROUP", value_name = "PATH")]
+    pub cgroup: PathBuf,
+
+    /// Node-local address pods reach the proxy on (the pods' default gateway).
+    #[arg(long, env = "WEFT_PROXY_IP", value_name = "IPV4")]
+    pub proxy_ip: Ipv4Addr,
+
+    /// bpffs directory the maps and links are pinned under (one subdirectory per node).
+    #[arg(long, env = "WEFT_BPFFS_ROOT", value_name = "DIR", default_value = DEFAULT_BPFFS_ROOT)]
+    pub bpffs_root: PathBuf,
+
+    /// Uplink interface of the node (repeat the flag, or comma-separate in WEFT_UPLINK).
+    #[arg(
+        long = "uplink",
+        env = "WEFT_UPLINK",
+        value_name = "IFACE",
+        value_delimiter = ','
+    )]
+    pub uplinks: Vec<String>,
+
+    /// Run the proxy without loading eBPF programs (development only: nothing is captured,
+    /// and readiness does not wait for the programs).
+    #[arg(long, env = "WEFT_NO_EBPF")]
+    pub no_ebpf: bool,
+
+    /// Listen address of the metrics and admin server.
+    #[arg(
+        long,
+        env = "WEFT_ADMIN_ADDR",
+        value_name = "ADDR",
+        default_value = "0.0.0.0:15020"
+    )]
+    pub admin_addr: SocketAddr,
+
+    /// Listen address of the health server (`/healthz`, `/ready`).
+    #[arg(
+        long,
+        env = "WEFT_HEALTH_ADDR",
+        value_name = "ADDR",
+        default_value = "0.0.0.0:15021"
+    )]
+    pub health_addr: SocketAddr,
+
+    /// Log output format.
+    #[arg(long, env = "WEFT_LOG_FORMAT", value_enum, default_value_t = LogFormat::Plain)]
+    pub log_format: LogFormat,
+}
+
+#[derive(Clone, Debug, Args)]
+pub struct CleanupArgs {
+    /// Name of the node whose programs and maps are removed.
+    #[arg(long, env = "WEFT_NODE", value_name = "NAME")]
+    pub node: String,
+
+    /// bpffs directory the maps and links are pinned under.
+    #[arg(long, env = "WEFT_BPFFS_ROOT", value_name = "DIR", default_value = DEFAULT_BPFFS_ROOT)]
+    pub bpffs_root: PathBuf,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    #[default]
+    Plain,
+    /// One JSON object per line.
+    Json,
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    use super::*;
+
+    fn parse(args: &[&str]) -> Cli {
+        Cli::try_parse_from(std::iter::once("mesh-node").chain(args.iter().copied()))
+            .expect("valid command line")
+    }
+
+    #[test]
+    fn cli_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn run_with_defaults() {
+        let cli = parse(&[
+            "run",
+            "--node",
+            "n1",
+            "--config-dir",
+            "/etc/weft",
+            "--cgroup",
+            "/sys/fs/cgroup/unified/weft-cluster/n1",
+            "--proxy-ip",
+            "10.244.1.1",
+        ]);
+        let Command::Run(args) = cli.command else {
+            panic!("expected run");
+        };
+        assert_eq!(args.node, "n1");
+        assert_eq!(args.proxy_ip, Ipv4Addr::new(10, 244, 1, 1));
+        assert_eq!(args.bpffs_root, PathBuf::from(DEFAULT_BPFFS_ROOT));
+        assert!(args.uplinks.is_empty());
+        assert!(!args.no_ebpf);
+        assert_eq!(args.admin_addr, "0.0.0.0:15020".parse().unwrap());
+        assert_eq!(args.health_addr, "0.0.0.0:15021".parse().unwrap());
+        assert_eq!(args.log_format, LogFormat::Plain);
+    }
+
+    #[test]
+    fn run_with_every_flag() {
+        let cli = parse(&[
+            "run",
+            "--node",
+            "n2",
+            "--config-dir",
+            "/c",
+            "--cgroup",
+            "/g",
+            "--proxy-ip",
+            "10.244.2.1",
+            "--bpffs-root",
+            "/b",
+            "--uplink",
+            "eth0",
+            "--uplink",
+            "eth1",
+            "--no-ebpf",
+            "--admin-addr",
+            "127.0.0.1:1",
+            "--health-addr",
+            "127.0.0.1:2",
+            "--log-format",
+            "json",
+        ]);
+        let Command::Run(args) = cli.command else {
+            panic!("expected run");
+        };
+        assert_eq!(args.uplinks, ["eth0", "eth1"]);
+        assert!(args.no_ebpf);
+        assert_eq!(args.bpffs_root, PathBuf::from("/b"));
+        assert_eq!(args.log_format, LogFormat::Json);
+    }
+
+    #[test]
+    fn cleanup() {
+        let Command::Cleanup(args) = parse(&["cleanup", "--node", "n3"]).command else {
+            panic!("expected cleanup");
+        };
+        assert_eq!(args.node, "n3");
+        assert_eq!(args.bpffs_root, PathBuf::from(DEFAULT_BPFFS_ROOT));
+    }
+
+    #[test]
+    fn rejects_ipv6_proxy_ip() {
+        let err = Cli::try_parse_from([
+            "mesh-node",
+            "run",
+            "--node",
+            "n1",
+            "--config-dir",
+            "/c",
+            "--cgroup",
+            "/g",
+            "--proxy-ip",
+            "fd00::1",
+        ])
+        .unwrap_err();
+        assert_eq!(err.kind(), clap::error::ErrorKind::ValueValidation);
+    }
+}

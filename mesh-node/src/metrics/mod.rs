@@ -1,0 +1,674 @@
+//! Prometheus metrics: Istio's standard metrics and Weft's own data-plane metrics.
+//!
+//! | metric | type | labels | meaning |
+//! |---|---|---|---|
+//! | `istio_tcp_connections_opened_total` | counter | Istio's TCP labels | connections opened |
+//! | `istio_tcp_connections_closed_total` | counter | Istio's TCP labels | connections closed |
+//! | `istio_tcp_received_bytes_total` | counter | Istio's TCP labels | bytes client → server |
+//! | `istio_tcp_sent_bytes_total` | counter | Istio's TCP labels | bytes server → client |
+//! | `weft_ebpf_<counter>_total` | counter | | decisions of the eBPF programs, summed over CPUs |
+//! | `weft_config_version` | gauge | | newest configuration snapshot |
+//! | `weft_config_applied_version` | gauge | `consumer` = `proxy`, `ebpf` | snapshot each consumer applied |
+//! | `weft_config_rejected_total` | counter | `kind` | resources rejected (each time their file changed) |
+//!
+//! Istio's TCP labels: `reporter` (`source` on the client's node, `destination` on the
+//! server's node), `source_*` / `destination_*` workload, namespace, principal, app, version
+//! and cluster, `destination_service{,_name,_namespace}`, `request_protocol="tcp"`,
+//! `response_flags` (`-`, `UF` when the upstream connect failed, `UH` when the service had no
+//! ready endpoint) and `connection_security_policy` (`unknown` at the source, `none` at the
+//! destination until mTLS). Principals stay `unknown` until peers authenticate with mTLS.
+//! Bytes are counted as they are copied, so long-lived connections show up while open.
+//!
+//! The registry is built once at start-up and only read afterwards, so a scrape never blocks a
+//! connection. Values that live elsewhere (eBPF per-CPU counters, the applied snapshot versions)
+//! are read at scrape time by collectors instead of being copied into gauges periodically.
+
+use std::{
+    fmt,
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc, LazyLock,
+    },
+};
+
+use prometheus_client::{
+    collector::Collector,
+    encoding::{
+        DescriptorEncoder, EncodeLabelSet, EncodeLabelValue, EncodeMetric, LabelValueEncoder,
+    },
+    metrics::{
+        counter::{ConstCounter, Counter},
+        family::Family,
+        gauge::ConstGauge,
+        MetricType,
+    },
+    registry::Registry,
+};
+
+use crate::model::{Pod, Service, Store};
+
+/// Counters kept by the eBPF programs, read at scrape time.
+pub trait EbpfCounters: Send + Sync + 'static {
+    /// `(Counter::name(), value summed over CPUs)` for every counter.
+    fn read(&self) -> Vec<(&'static str, u64)>;
+}
+
+/// Content type of [`Metrics::encode`]'s output.
+pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
+/// Value of Istio's label when nothing is known.
+static UNKNOWN: LazyLock<Label> = LazyLock::new(|| "unknown".into());
+static CLUSTER: LazyLock<Label> = LazyLock::new(|| "Kubernetes".into());
+static TCP: LazyLock<Label> = LazyLock::new(|| "tcp".into());
+
+/// A label value shared between series: cloning it copies no bytes.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Label(Arc<str>);
+
+impl Label {
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl From<&str> for Label {
+    fn from(value: &str) -> Self {
+        Self(value.into())
+    }
+}
+
+impl From<Arc<str>> for Label {
+    fn from(value: Arc<str>) -> Self {
+        Self(value)
+    }
+}
+
+impl From<String> for Label {
+    fn from(value: String) -> Self {
+        Self(value.into())
+    }
+}
+
+impl EncodeLabelValue for Label {
+    fn encode(&self, encoder: &mut LabelValueEncoder) -> Result<(), fmt::Error> {
+        EncodeLabelValue::encode(&self.as_str(), encoder)
+    }
+}
+
+/// Which end of a connection reports a series (Istio's `reporter` label).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Reporter {
+    /// The proxy on the client's node (outbound listener).
+    Source,
+    /// The proxy on the server's node (tunnel server, inbound listener).
+    Destination,
+}
+
+impl Reporter {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Reporter::Source => "source",
+            Reporter::Destination => "destination",
+        }
+    }
+}
+
+impl EncodeLabelValue for Reporter {
+    fn encode(&self, encoder: &mut LabelValueEncoder) -> Result<(), fmt::Error> {
+        EncodeLabelValue::encode(&self.as_str(), encoder)
+    }
+}
+
+/// Istio's response flags for TCP connections.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum ResponseFlags {
+    /// Nothing to report.
+    None,
+    /// Upstream connection failure (Envoy's `UF`).
+    UpstreamFailure,
+    /// No healthy upstream (Envoy's `UH`): the service had no ready endpoint.
+    NoHealthyUpstream,
+}
+
+impl EncodeLabelValue for ResponseFlags {
+    fn encode(&self, encoder: &mut LabelValueEncoder) -> Result<(), fmt::Error> {
+        let flags = match self {
+            ResponseFlags::None => "-",
+            ResponseFlags::UpstreamFailure => "UF",
+            ResponseFlags::NoHealthyUpstream => "UH",
+        };
+        EncodeLabelValue::encode(&flags, encoder)
+    }
+}
+
+/// Istio's `connection_security_policy` label.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum SecurityPolicy {
+    /// Reported by the source: it cannot tell what the destination enforces.
+    Unknown,
+    /// Plaintext (reported by the destination).
+    None,
+    /// Mutual TLS.
+    MutualTls,
+}
+
+impl EncodeLabelValue for SecurityPolicy {
+    fn encode(&self, encoder: &mut LabelValueEncoder) -> Result<(), fmt::Error> {
+        let policy = match self {
+            SecurityPolicy::Unknown => "unknown",
+            SecurityPolicy::None => "none",
+            SecurityPolicy::MutualTls => "mutual_tls",
+        };
+        EncodeLabelValue::encode(&policy, encoder)
+    }
+}
+
+/// One end of a connection, as Istio's `source_*` / `destination_*` labels describe it.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct Workload {
+    pub workload: Label,
+    pub namespace: Label,
+    pub principal: Label,
+    pub app: Label,
+    pub version: Label,
+}
+
+impl Workload {
+    /// An address that is not a known pod.
+    pub fn unknown() -> Self {
+        Self {
+            workload: UNKNOWN.clone(),
+            namespace: UNKNOWN.clone(),
+            principal: UNKNOWN.clone(),
+            app: UNKNOWN.clone(),
+            version: UNKNOWN.clone(),
+        }
+    }
+
+    /// The labels of `pod`. Principals stay `unknown` until peers authenticate with mTLS.
+    pub fn of(pod: &Pod) -> Self {
+        Self {
+            workload: pod.workload().into(),
+            namespace: pod.key.namespace.clone().into(),
+            principal: UNKNOWN.clone(),
+            app: pod
+                .labels
+                .get("app")
+                .map_or_else(|| UNKNOWN.clone(), |a| a.as_str().into()),
+            version: pod.version().into(),
+        }
+    }
+
+    pub fn of_option(pod: Option<&Pod>) -> Self {
+        pod.map_or_else(Self::unknown, Self::of)
+    }
+}
+
+/// Istio's `destination_service*` labels.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct ServiceLabels {
+    pub host: Label,
+    pub name: Label,
+    pub namespace: Label,
+}
+
+impl ServiceLabels {
+    pub fn unknown() -> Self {
+        Self {
+            host: UNKNOWN.clone(),
+            name: UNKNOWN.clone(),
+            namespace: UNKNOWN.clone(),
+        }
+    }
+
+    pub fn of(service: &Service) -> Self {
+        Self {
+            host: service.hostname().into(),
+            name: service.key.name.clone().into(),
+            namespace: service.key.namespace.clone().into(),
+        }
+    }
+
+    pub fn of_option(service: Option<&Service>) -> Self {
+        service.map_or_else(Self::unknown, Self::of)
+    }
+}
+
+/// The label set of Istio's `istio_tcp_*` metrics.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct TcpLabels {
+    pub reporter: Reporter,
+    pub source_workload: Label,
+    pub source_workload_namespace: Label,
+    pub source_principal: Label,
+    pub source_app: Label,
+    pub source_version: Label,
+    pub source_cluster: Label,
+    pub destination_workload: Label,
+    pub destination_workload_namespace: Label,
+    pub destination_principal: Label,
+    pub destination_app: Label,
+    pub destination_version: Label,
+    pub destination_service: Label,
+    pub destination_service_name: Label,
+    pub destination_service_namespace: Label,
+    pub destination_cluster: Label,
+    pub request_protocol: Label,
+    pub response_flags: ResponseFlags,
+    pub connection_security_policy: SecurityPolicy,
+}
+
+impl TcpLabels {
+    pub fn new(
+        reporter: Reporter,
+        source: Workload,
+        destination: Workload,
+        service: ServiceLabels,
+    ) -> Self {
+        let connection_security_policy = match reporter {
+            Reporter::Source => SecurityPolicy::Unknown,
+            Reporter::Destination => SecurityPolicy::None,
+        };
+        Self {
+            reporter,
+            source_workload: source.workload,
+            source_workload_namespace: source.namespace,
+            source_principal: source.principal,
+            source_app: source.app,
+            source_version: source.version,
+            source_cluster: CLUSTER.clone(),
+            destination_workload: destination.workload,
+            destination_workload_namespace: destination.namespace,
+            destination_principal: destination.principal,
+            destination_app: destination.app,
+            destination_version: destination.version,
+            destination_service: service.host,
+            destination_service_name: service.name,
+            destination_service_namespace: service.namespace,
+            destination_cluster: CLUSTER.clone(),
+            request_protocol: TCP.clone(),
+            response_flags: ResponseFlags::None,
+            connection_security_policy,
+        }
+    }
+
+    pub fn with_response_flags(mut self, flags: ResponseFlags) -> Self {
+        self.response_flags = flags;
+        self
+    }
+}
+
+/// Istio's TCP metrics.
+#[derive(Clone, Debug, Default)]
+pub struct TcpMetrics {
+    opened: Family<TcpLabels, Counter>,
+    closed: Family<TcpLabels, Counter>,
+    sent: Family<TcpLabels, Counter>,
+    received: Family<TcpLabels, Counter>,
+}
+
+impl TcpMetrics {
+    /// Resolves the four series of one connection once, so copying bytes only touches atomics.
+    pub fn connection(&self, labels: &TcpLabels) -> ConnectionMetrics {
+        ConnectionMetrics {
+            opened: self.opened.get_or_create(labels).clone(),
+            closed: self.closed.get_or_create(labels).clone(),
+            sent: self.sent.get_or_create(labels).clone(),
+            received: self.received.get_or_create(labels).clone(),
+        }
+    }
+
+    fn register(&self, registry: &mut Registry) {
+        registry.register(
+            "istio_tcp_connections_opened",
+            "TCP connections opened",
+            self.opened.clone(),
+        );
+        registry.register(
+            "istio_tcp_connections_closed",
+            "TCP connections closed",
+            self.closed.clone(),
+        );
+        registry.register(
+            "istio_tcp_sent_bytes",
+            "Bytes sent to the client (response direction) on TCP connections",
+            self.sent.clone(),
+        );
+        registry.register(
+            "istio_tcp_received_bytes",
+            "Bytes received from the client (request direction) on TCP connections",
+            self.received.clone(),
+        );
+    }
+}
+
+/// The pre-resolved series of one connection.
+#[derive(Clone, Debug)]
+pub struct ConnectionMetrics {
+    opened: Counter,
+    closed: Counter,
+    sent: Counter,
+    received: Counter,
+}
+
+impl ConnectionMetrics {
+    pub fn opened(&self) {
+        self.opened.inc();
+    }
+
+    pub fn closed(&self) {
+        self.closed.inc();
+    }
+
+    /// Bytes from the client towards the server.
+    pub fn received(&self, bytes: u64) {
+        self.received.inc_by(bytes);
+    }
+
+    /// Bytes from the server back to the client.
+    pub fn sent(&self, bytes: u64) {
+        self.sent.inc_by(bytes);
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct KindLabels {
+    kind: String,
+}
+
+/// `weft_config_rejected_total{kind}`: resources the configuration sources rejected.
+#[derive(Clone, Debug, Default)]
+pub struct Rejections {
+    family: Family<KindLabels, Counter>,
+}
+
+impl Rejections {
+    pub fn inc(&self, kind: &str) {
+        self.family
+            .get_or_create(&KindLabels { kind: kind.into() })
+            .inc();
+    }
+
+    pub fn get(&self, kind: &str) -> u64 {
+        self.family
+            .get_or_create(&KindLabels { kind: kind.into() })
+            .get()
+    }
+}
+
+/// Every metric of a node. Built once; [`Metrics::encode`] renders a scrape.
+pub struct Metrics {
+    registry: Registry,
+    tcp: TcpMetrics,
+    rejections: Rejections,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Metrics").finish_non_exhaustive()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let mut registry = Registry::default();
+        let tcp = TcpMetrics::default();
+        tcp.register(&mut registry);
+        let rejections = Rejections::default();
+        registry.register(
+            "weft_config_rejected",
+            "Configuration resources rejected, by kind (the last good version stays in force)",
+            rejections.family.clone(),
+        );
+        Self {
+            registry,
+            tcp,
+            rejections,
+        }
+    }
+
+    /// Adds `weft_config_version` (the store's current snapshot) and
+    /// `weft_config_applied_version{consumer}` (what each consumer has applied).
+    pub fn with_config(
+        mut self,
+        store: Store,
+        applied: impl IntoIterator<Item = (&'static str, Arc<AtomicU64>)>,
+    ) -> Self {
+        self.registry.register_collector(Box::new(ConfigCollector {
+            store,
+            applied: applied.into_iter().collect(),
+        }));
+        self
+    }
+
+    /// Adds `weft_ebpf_<counter>_total`, read from the programs' per-CPU map at scrape time.
+    pub fn with_ebpf(mut self, counters: Arc<dyn EbpfCounters>) -> Self {
+        self.registry
+            .register_collector(Box::new(EbpfCollector { counters }));
+        self
+    }
+
+    pub fn tcp(&self) -> &TcpMetrics {
+        &self.tcp
+    }
+
+    pub fn rejections(&self) -> &Rejections {
+        &self.rejections
+    }
+
+    /// Renders every metric in the OpenMetrics text format.
+    pub fn encode(&self) -> String {
+        let mut out = String::with_capacity(16 * 1024);
+        // Writing into a String cannot fail; an error would be a bug in a collector.
+        if let Err(e) = prometheus_client::encoding::text::encode(&mut out, &self.registry) {
+            tracing::error!(error = %e, "encoding metrics failed");
+        }
+        out
+    }
+}
+
+struct EbpfCollector {
+    counters: Arc<dyn EbpfCounters>,
+}
+
+impl fmt::Debug for EbpfCollector {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("EbpfCollector").finish_non_exhaustive()
+    }
+}
+
+impl Collector for EbpfCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), fmt::Error> {
+        for (name, value) in self.counters.read() {
+            let counter = ConstCounter::new(value);
+            let metric_name = format!("weft_ebpf_{name}");
+            let metric = encoder.encode_descriptor(
+                &metric_name,
+                &format!("eBPF programs' `{name}` counter, summed over CPUs"),
+                None,
+                counter.metric_type(),
+            )?;
+            counter.encode(metric)?;
+        }
+        Ok(())
+    }
+}
+
+#[derive(Clone)]
+struct ConfigCollector {
+    store: Store,
+    applied: Vec<(&'static str, Arc<AtomicU64>)>,
+}
+
+impl fmt::Debug for ConfigCollector {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ConfigCollector").finish_non_exhaustive()
+    }
+}
+
+impl Collector for ConfigCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), fmt::Error> {
+        let version = ConstGauge::new(self.store.current().version);
+        let metric = encoder.encode_descriptor(
+            "weft_config_version",
+            "Version of the newest configuration snapshot",
+            None,
+            MetricType::Gauge,
+        )?;
+        version.encode(metric)?;
+
+        let mut metric = encoder.encode_descriptor(
+            "weft_config_applied_version",
+            "Configuration snapshot version each consumer has applied",
+            None,
+            MetricType::Gauge,
+        )?;
+        for (consumer, applied) in &self.applied {
+            let labels = [("consumer", *consumer)];
+            let gauge = ConstGauge::new(applied.load(Ordering::Acquire));
+            gauge.encode(metric.encode_family(&labels)?)?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use super::*;
+    use crate::model::{ObjectKey, Snapshot};
+
+    struct FakeCounters;
+
+    impl EbpfCounters for FakeCounters {
+        fn read(&self) -> Vec<(&'static str, u64)> {
+            vec![("captured", 7), ("errors", 0)]
+        }
+    }
+
+    fn pod(ns: &str, name: &str, labels: &[(&str, &str)]) -> Pod {
+        Pod {
+            key: ObjectKey::new(ns, name),
+            uid: None,
+            labels: labels
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect::<BTreeMap<_, _>>(),
+            annotations: Default::default(),
+            node: None,
+            ip: None,
+            service_account: "default".into(),
+            ports: vec![],
+        }
+    }
+
+    #[test]
+    fn tcp_series_carry_istio_labels() {
+        let metrics = Metrics::new();
+        let source = pod(
+            "bookinfo",
+            "productpage-1",
+            &[("app", "productpage"), ("version", "v1")],
+        );
+        let destination = pod(
+            "bookinfo",
+            "reviews-2",
+            &[("app", "reviews"), ("version", "v2")],
+        );
+        let service = Service {
+            key: ObjectKey::new("bookinfo", "reviews"),
+            cluster_ip: None,
+            ports: vec![],
+            selector: None,
+        };
+        let labels = TcpLabels::new(
+            Reporter::Source,
+            Workload::of(&source),
+            Workload::of(&destination),
+            ServiceLabels::of(&service),
+        );
+        let conn = metrics.tcp().connection(&labels);
+        conn.opened();
+        conn.received(10);
+        conn.sent(32);
+        conn.closed();
+
+        let text = metrics.encode();
+        let series = concat!(
+            "{reporter=\"source\",source_workload=\"productpage\",",
+            "source_workload_namespace=\"bookinfo\",source_principal=\"unknown\",",
+            "source_app=\"productpage\",source_version=\"v1\",source_cluster=\"Kubernetes\",",
+            "destination_workload=\"reviews\",destination_workload_namespace=\"bookinfo\",",
+            "destination_principal=\"unknown\",destination_app=\"reviews\",",
+            "destination_version=\"v2\",",
+            "destination_service=\"reviews.bookinfo.svc.cluster.local\",",
+            "destination_service_name=\"reviews\",destination_service_namespace=\"bookinfo\",",
+            "destination_cluster=\"Kubernetes\",request_protocol=\"tcp\",response_flags=\"-\",",
+            "connection_security_policy=\"unknown\"}"
+        );
+        for (name, value) in [
+            ("istio_tcp_connections_opened_total", 1),
+            ("istio_tcp_connections_closed_total", 1),
+            ("istio_tcp_received_bytes_total", 10),
+            ("istio_tcp_sent_bytes_total", 32),
+        ] {
+            let line = format!("{name}{series} {value}\n");
+            assert!(text.contains(&line), "missing {line} in\n{text}");
+        }
+    }
+
+    #[test]
+    fn unknown_peers_and_destination_policy() {
+        let labels = TcpLabels::new(
+            Reporter::Destination,
+            Workload::unknown(),
+            Workload::of_option(None),
+            ServiceLabels::of_option(None),
+        );
+        let metrics = Metrics::new();
+        metrics.tcp().connection(&labels).opened();
+        let text = metrics.encode();
+        assert!(text.contains("reporter=\"destination\",source_workload=\"unknown\""));
+        assert!(text.contains("connection_security_policy=\"none\""));
+    }
+
+    #[test]
+    fn collectors_read_at_scrape_time() {
+        let store = Store::new();
+        let proxy = Arc::new(AtomicU64::new(0));
+        let ebpf = Arc::new(AtomicU64::new(0));
+        let metrics = Metrics::new()
+            .with_config(
+                store.clone(),
+                [("proxy", proxy.clone()), ("ebpf", ebpf.clone())],
+            )
+            .with_ebpf(Arc::new(FakeCounters));
+        metrics.rejections().inc("Pod");
+
+        store.publish(Snapshot::default());
+        store.publish(Snapshot::default());
+        proxy.store(2, Ordering::Release);
+        ebpf.store(1, Ordering::Release);
+
+        let text = metrics.encode();
+        for line in [
+            "weft_config_version 2\n",
+            "weft_config_applied_version{consumer=\"proxy\"} 2\n",
+            "weft_config_applied_version{consumer=\"ebpf\"} 1\n",
+            "weft_config_rejected_total{kind=\"Pod\"} 1\n",
+            "weft_ebpf_captured_total 7\n",
+            "weft_ebpf_errors_total 0\n",
+            "# TYPE weft_ebpf_captured counter\n",
+        ] {
+            assert!(text.contains(line), "missing {line} in\n{text}");
+        }
+        assert!(text.ends_with("# EOF\n"));
+    }
+}

@@ -1,0 +1,419 @@
+//! Bidirectional byte copy between the downstream (client) and upstream (server) sides.
+//!
+//! Both directions are driven by one future, so no task or lock is added per connection. When
+//! one side reaches end of stream, the write half of the other side is shut down (TCP FIN) and
+//! the other direction keeps flowing until it ends too: half-closed connections behave exactly
+//! as without the proxy. Buffers start small, so idle connections cost little, and grow for
+//! connections that keep filling them.
+
+use std::{
+    fmt,
+    future::poll_fn,
+    io,
+    pin::Pin,
+    task::{ready, Context, Poll},
+};
+
+use thiserror::Error;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+use crate::metrics::ConnectionMetrics;
+
+/// Buffer sizes: a new connection starts with the first; a direction whose reads fill its
+/// buffer [`GROW_AFTER`] times in a row moves to the next size.
+const BUFFER_SIZES: [usize; 3] = [4 * 1024, 32 * 1024, 256 * 1024];
+const GROW_AFTER: u32 = 4;
+
+/// Counts bytes as they are written, so long-lived connections show up in metrics while open.
+pub trait Meter {
+    /// Bytes written towards the server (Istio's "received" bytes).
+    fn to_upstream(&self, bytes: u64);
+    /// Bytes written back to the client (Istio's "sent" bytes).
+    fn to_downstream(&self, bytes: u64);
+}
+
+impl Meter for () {
+    fn to_upstream(&self, _: u64) {}
+    fn to_downstream(&self, _: u64) {}
+}
+
+impl Meter for ConnectionMetrics {
+    fn to_upstream(&self, bytes: u64) {
+        self.received(bytes);
+    }
+
+    fn to_downstream(&self, bytes: u64) {
+        self.sent(bytes);
+    }
+}
+
+/// Bytes copied in each direction.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Transferred {
+    pub to_upstream: u64,
+    pub to_downstream: u64,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Side {
+    Downstream,
+    Upstream,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Operation {
+    Read,
+    Write,
+    Shutdown,
+}
+
+/// A copy that ended with an I/O error: which side, doing what.
+#[derive(Debug, Error)]
+#[error("{} the {} connection failed after {} bytes up, {} bytes down: {source}", self.op_text(), self.side_text(), .transferred.to_upstream, .transferred.to_downstream)]
+pub struct CopyError {
+    pub side: Side,
+    pub operation: Operation,
+    pub transferred: Transferred,
+    #[source]
+    pub source: io::Error,
+}
+
+impl CopyError {
+    fn op_text(&self) -> &'static str {
+        match self.operation {
+            Operation::Read => "reading from",
+            Operation::Write => "writing to",
+            Operation::Shutdown => "closing the write side of",
+        }
+    }
+
+    fn side_text(&self) -> &'static str {
+        match self.side {
+            Side::Downstream => "downstream (client)",
+            Side::Upstream => "upstream (server)",
+        }
+    }
+
+    /// A reset by either peer is how many applications end connections; it is not a proxy
+    /// failure worth a warning.
+    pub fn is_reset(&self) -> bool {
+        matches!(
+            self.source.kind(),
+            io::ErrorKind::ConnectionReset
+                | io::ErrorKind::BrokenPipe
+                | io::ErrorKind::ConnectionAborted
+        )
+    }
+}
+
+/// Copies between `downstream` and `upstream` until both directions reached end of stream.
+pub async fn bidirectional<D, U, M>(
+    downstream: &mut D,
+    upstream: &mut U,
+    meter: &M,
+) -> Result<Transferred, CopyError>
+where
+    D: AsyncRead + AsyncWrite + Unpin + ?Sized,
+    U: AsyncRead + AsyncWrite + Unpin + ?Sized,
+    M: Meter + ?Sized,
+{
+    let mut up = Pipe::new();
+    let mut down = Pipe::new();
+    let mut up_done = false;
+    let mut down_done = false;
+    let transferred = |up: &Pipe, down: &Pipe| Transferred {
+        to_upstream: up.total,
+        to_downstream: down.total,
+    };
+    poll_fn(|cx| {
+        if !up_done {
+            match up.poll_copy(cx, &mut *downstream, &mut *upstream, |n| {
+                meter.to_upstream(n)
+            }) {
+                Poll::Ready(Ok(())) => up_done = true,
+                Poll::Ready(Err((op, e))) => {
+                    let side = match op {
+                        Operation::Read => Side::Downstream,
+                        Operation::Write | Operation::Shutdown => Side::Upstream,
+                    };
+                    return Poll::Ready(Err(CopyError {
+                        side,
+                        operation: op,
+                        transferred: transferred(&up, &down),
+                        source: e,
+                    }));
+                }
+                Poll::Pending => {}
+            }
+        }
+        if !down_done {
+            match down.poll_copy(cx, &mut *upstream, &mut *downstream, |n| {
+                meter.to_downstream(n)
+            }) {
+                Poll::Ready(Ok(())) => down_done = true,
+                Poll::Ready(Err((op, e))) => {
+                    let side = match op {
+                        Operation::Read => Side::Upstream,
+                        Operation::Write | Operation::Shutdown => Side::Downstream,
+                    };
+                    return Poll::Ready(Err(CopyError {
+                        side,
+                        operation: op,
+                        transferred: transferred(&up, &down),
+                        source: e,
+                    }));
+                }
+                Poll::Pending => {}
+            }
+        }
+        if up_done && down_done {
+            Poll::Ready(Ok(transferred(&up, &down)))
+        } else {
+            Poll::Pending
+        }
+    })
+    .await
+}
+
+/// One direction of a copy.
+struct Pipe {
+    buf: Box<[u8]>,
+    size_index: usize,
+    full_reads: u32,
+    pos: usize,
+    cap: usize,
+    read_done: bool,
+    need_flush: bool,
+    total: u64,
+}
+
+impl fmt::Debug for Pipe {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Pipe")
+            .field("buffer", &self.buf.len())
+            .field("total", &self.total)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Pipe {
+    fn new() -> Self {
+        Self {
+            buf: vec![0; BUFFER_SIZES[0]].into_boxed_slice(),
+            size_index: 0,
+            full_reads: 0,
+            pos: 0,
+            cap: 0,
+            read_done: false,
+            need_flush: false,
+            total: 0,
+        }
+    }
+
+    fn poll_copy<R, W>(
+        &mut self,
+        cx: &mut Context<'_>,
+        reader: &mut R,
+        writer: &mut W,
+        mut on_write: impl FnMut(u64),
+    ) -> Poll<Result<(), (Operation, io::Error)>>
+    where
+        R: AsyncRead + Unpin + ?Sized,
+        W: AsyncWrite + Unpin + ?Sized,
+    {
+        loop {
+            // Refill only when everything read so far has been written.
+            if self.pos == self.cap && !self.read_done {
+                self.maybe_grow();
+                let mut buf = ReadBuf::new(&mut self.buf);
+                match Pin::new(&mut *reader).poll_read(cx, &mut buf) {
+                    Poll::Ready(Ok(())) => {
+                        let n = buf.filled().len();
+                        if n == 0 {
+                            self.read_done = true;
+                        } else {
+                            self.full_reads = if n == self.buf.len() {
+                                self.full_reads + 1
+                            } else {
+                                0
+                            };
+                            self.pos = 0;
+                            self.cap = n;
+                        }
+                    }
+                    Poll::Ready(Err(e)) => return Poll::Ready(Err((Operation::Read, e))),
+                    Poll::Pending => {
+                        // Nothing more to read for now: push out what was written.
+                        if self.need_flush {
+                            ready!(Pin::new(&mut *writer).poll_flush(cx))
+                                .map_err(|e| (Operation::Write, e))?;
+                            self.need_flush = false;
+                        }
+                        return Poll::Pending;
+                    }
+                }
+            }
+
+            while self.pos < self.cap {
+                let n =
+                    ready!(Pin::new(&mut *writer).poll_write(cx, &self.buf[self.pos..self.cap]))
+                        .map_err(|e| (Operation::Write, e))?;
+                if n == 0 {
+                    return Poll::Ready(Err((
+                        Operation::Write,
+                        io::Error::new(io::ErrorKind::WriteZero, "the peer accepts no more data"),
+                    )));
+                }
+                self.pos += n;
+                self.total += n as u64;
+                self.need_flush = true;
+                on_write(n as u64);
+            }
+
+            if self.pos == self.cap && self.read_done {
+                ready!(Pin::new(&mut *writer).poll_flush(cx)).map_err(|e| (Operation::Write, e))?;
+                self.need_flush = false;
+                return match ready!(Pin::new(&mut *writer).poll_shutdown(cx)) {
+                    // The peer is already gone: there is nobody left to tell.
+                    Err(e) if e.kind() == io::ErrorKind::NotConnected => Poll::Ready(Ok(())),
+                    Err(e) => Poll::Ready(Err((Operation::Shutdown, e))),
+                    Ok(()) => Poll::Ready(Ok(())),
+                };
+            }
+        }
+    }
+
+    fn maybe_grow(&mut self) {
+        if self.full_reads >= GROW_AFTER && self.size_index + 1 < BUFFER_SIZES.len() {
+            self.size_index += 1;
+            self.full_reads = 0;
+            self.buf = vec![0; BUFFER_SIZES[self.size_index]].into_boxed_slice();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicU64, Ordering};
+
+    use tokio::io::{duplex, AsyncReadExt, AsyncWriteExt};
+
+    use super::*;
+
+    #[derive(Default)]
+    struct Count {
+        up: AtomicU64,
+        down: AtomicU64,
+    }
+
+    impl Meter for Count {
+        fn to_upstream(&self, bytes: u64) {
+            self.up.fetch_add(bytes, Ordering::Relaxed);
+        }
+        fn to_downstream(&self, bytes: u64) {
+            self.down.fetch_add(bytes, Ordering::Relaxed);
+        }
+    }
+
+    fn pattern(len: usize, seed: u8) -> Vec<u8> {
+        (0..len)
+            .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn copies_both_ways_byte_exact_with_half_close() {
+        // client <-> (a | proxy | b) <-> server
+        let (mut client, mut a) = duplex(64 * 1024);
+        let (mut b, mut server) = duplex(64 * 1024);
+        let request = pattern(3 * 1024 * 1024 + 17, 1);
+        let response = pattern(1024 * 1024 + 5, 7);
+
+        let count = Count::default();
+        let proxy = async { bidirectional(&mut a, &mut b, &count).await };
+        let client_side = async {
+            let (mut r, mut w) = tokio::io::split(&mut client);
+            let write = async {
+                w.write_all(&request).await.unwrap();
+                w.shutdown().await.unwrap();
+            };
+            let mut got = Vec::new();
+            let read = r.read_to_end(&mut got);
+            let (_, n) = tokio::join!(write, read);
+            n.unwrap();
+            got
+        };
+        let server_side = async {
+            // Reads the whole request first: only possible if the client's FIN came through.
+            let mut got = Vec::new();
+            server.read_to_end(&mut got).await.unwrap();
+            server.write_all(&response).await.unwrap();
+            server.shutdown().await.unwrap();
+            got
+        };
+        let (transferred, got_response, got_request) =
+            tokio::join!(proxy, client_side, server_side);
+        let transferred = transferred.unwrap();
+        assert!(got_request == request, "request differs");
+        assert!(got_response == response, "response differs");
+        assert_eq!(transferred.to_upstream, request.len() as u64);
+        assert_eq!(transferred.to_downstream, response.len() as u64);
+        assert_eq!(count.up.load(Ordering::Relaxed), request.len() as u64);
+        assert_eq!(count.down.load(Ordering::Relaxed), response.len() as u64);
+    }
+
+    #[tokio::test]
+    async fn buffers_grow_for_bulk_transfers() {
+        let mut pipe = Pipe::new();
+        pipe.full_reads = GROW_AFTER;
+        pipe.maybe_grow();
+        assert_eq!(pipe.buf.len(), BUFFER_SIZES[1]);
+        pipe.full_reads = GROW_AFTER;
+        pipe.maybe_grow();
+        pipe.full_reads = GROW_AFTER;
+        pipe.maybe_grow();
+        assert_eq!(pipe.buf.len(), BUFFER_SIZES[2]);
+    }
+
+    struct Failing;
+
+    impl AsyncRead for Failing {
+        fn poll_read(
+            self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            _: &mut ReadBuf<'_>,
+        ) -> Poll<io::Result<()>> {
+            Poll::Ready(Err(io::ErrorKind::ConnectionReset.into()))
+        }
+    }
+
+    impl AsyncWrite for Failing {
+        fn poll_write(
+            self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            _: &[u8],
+        ) -> Poll<io::Result<usize>> {
+            Poll::Ready(Err(io::ErrorKind::ConnectionReset.into()))
+        }
+        fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+        fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    #[tokio::test]
+    async fn errors_name_the_side() {
+        let (_client, mut a) = duplex(1024);
+        let err = bidirectional(&mut a, &mut Failing, &()).await.unwrap_err();
+        assert_eq!(err.side, Side::Upstream);
+        assert_eq!(err.operation, Operation::Read);
+        assert!(err.is_reset());
+        assert!(
+            err.to_string()
+                .starts_with("reading from the upstream (server) connection failed"),
+            "{err}"
+        );
+    }
+}

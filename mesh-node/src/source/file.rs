@@ -1,0 +1,857 @@
+//! The local configuration source: a directory of Kubernetes YAML (or JSON), polled for changes.
+//!
+//! Every [`POLL_INTERVAL`] the source reads the directory; when the content hash of the files
+//! (and of the `generation` file) changed, it translates the files that changed and publishes a
+//! new snapshot. Writers replace files atomically (write a temporary file, then rename), so a
+//! half-written file is never read; temporary names (hidden files, other extensions) are skipped.
+//!
+//! Documents are independent: a document that does not parse or fails validation is rejected
+//! alone, with a log line naming the file, the resource and the field, and the last good
+//! version of the resource stays in force. When a broken document cannot even be named, every
+//! resource its file held before stays in force until the file is fixed.
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    future::Future,
+    hash::{DefaultHasher, Hash, Hasher},
+    io,
+    path::{Path, PathBuf},
+    sync::Arc,
+    time::Duration,
+};
+
+use serde_yaml::Value;
+use thiserror::Error;
+use tracing::{debug, info, warn};
+
+use super::{assemble, objects, Object, Rejection, ResourceId, SourceStatus};
+use crate::{metrics::Rejections, model::Store};
+
+/// How often the directory is read.
+pub const POLL_INTERVAL: Duration = Duration::from_millis(200);
+/// Optional file holding the generation number tools wait for.
+pub const GENERATION_FILE: &str = "generation";
+
+const EXTENSIONS: [&str; 3] = ["yaml", "yml", "json"];
+
+#[derive(Debug, Error)]
+pub enum SourceError {
+    #[error("cannot read the configuration directory {dir}: {source} (check --config-dir)")]
+    ReadDir { dir: PathBuf, source: io::Error },
+}
+
+/// Watches one directory and publishes its content through a [`Store`].
+pub struct FileSource {
+    dir: PathBuf,
+    store: Store,
+    status: Arc<SourceStatus>,
+    rejections: Rejections,
+    files: BTreeMap<String, FileState>,
+    generation: Option<u64>,
+    digest: Option<u64>,
+    last_error: Option<String>,
+}
+
+/// What one file contributes, as of its last read.
+#[derive(Clone, Debug, Default)]
+struct FileState {
+    hash: u64,
+    /// Accepted resources, plus the last good versions of rejected ones.
+    objects: Vec<Object>,
+    rejected: Vec<Rejection>,
+}
+
+/// One file as read in a poll: `None` content when it could not be read this time.
+struct Read {
+    name: String,
+    content: Option<Vec<u8>>,
+}
+
+impl FileSource {
+    pub fn new(dir: impl Into<PathBuf>, store: Store) -> Self {
+        Self {
+            dir: dir.into(),
+            store,
+            status: Arc::default(),
+            rejections: Rejections::default(),
+            files: BTreeMap::new(),
+            generation: None,
+            digest: None,
+            last_error: None,
+        }
+    }
+
+    /// Counts rejections in `weft_config_rejected_total{kind}`.
+    pub fn with_rejections(mut self, rejections: Rejections) -> Self {
+        self.rejections = rejections;
+        self
+    }
+
+    pub fn status(&self) -> Arc<SourceStatus> {
+        self.status.clone()
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Polls until `shutdown` completes. Call [`FileSource::poll`] once before, so a missing
+    /// directory stops start-up instead of being retried.
+    pub async fn run(mut self, shutdown: impl Future<Output = ()>) {
+        let mut ticker = tokio::time::interval(POLL_INTERVAL);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        tokio::pin!(shutdown);
+        loop {
+            tokio::select! {
+                _ = &mut shutdown => return,
+                _ = ticker.tick() => {}
+            }
+            match self.poll() {
+                Ok(_) if self.last_error.take().is_some() => {
+                    info!(dir = %self.dir.display(), "configuration directory readable again");
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    let message = e.to_string();
+                    if self.last_error.as_ref() != Some(&message) {
+                        warn!("{message}; the current configuration stays in force");
+                        self.last_error = Some(message);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Reads the directory once and publishes a snapshot if anything changed (always on the
+    /// first call). Returns the published version.
+    pub fn poll(&mut self) -> Result<Option<u64>, SourceError> {
+        // The generation is read before the resources: a writer updates it last, so any
+        // generation seen here is never newer than the resources read after it.
+        let generation_path = self.dir.join(GENERATION_FILE);
+        let generation_raw = match std::fs::read(&generation_path) {
+            Ok(raw) => Some(raw),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => None,
+            Err(e) => {
+                warn!(path = %generation_path.display(), error = %e, "cannot read the generation file");
+                None
+            }
+        };
+        let reads = self.read_files()?;
+
+        let mut digest = DefaultHasher::new();
+        generation_raw.hash(&mut digest);
+        for read in &reads {
+            read.name.hash(&mut digest);
+            read.content.hash(&mut digest);
+        }
+        let digest = digest.finish();
+        if self.digest == Some(digest) {
+            return Ok(None);
+        }
+        self.digest = Some(digest);
+        self.generation = generation_raw.and_then(|raw| parse_generation(&generation_path, &raw));
+
+        let old = std::mem::take(&mut self.files);
+        let previous: HashMap<ResourceId, &Object> = old
+            .values()
+            .flat_map(|f| f.objects.iter())
+            .map(|o| (o.id(), o))
+            .collect();
+        let mut files = BTreeMap::new();
+        for read in reads {
+            let old_state = old.get(&read.name);
+            let state = match (read.content, old_state) {
+                (Some(content), Some(old)) if old.hash == hash(&content) => old.clone(),
+                (Some(content), old_state) => {
+                    let state = parse_file(&read.name, &content, old_state, &previous);
+                    for rejection in &state.rejected {
+                        self.rejections.inc(&rejection.kind);
+                        warn!(
+                            file = %read.name,
+                            kind = %rejection.kind,
+                            resource = %rejection.name,
+                            field = %rejection.field,
+                            "{rejection}"
+                        );
+                    }
+                    state
+                }
+                // Unreadable this time: keep what the file held before.
+                (None, Some(old)) => old.clone(),
+                (None, None) => continue,
+            };
+            files.insert(read.name, state);
+        }
+        drop(previous);
+        self.files = files;
+
+        let mut seen: HashMap<ResourceId, &str> = HashMap::new();
+        let mut objects = Vec::new();
+        for (name, state) in &self.files {
+            for object in &state.objects {
+                match seen.get(&object.id()) {
+                    Some(first) => warn!(
+                        file = %name,
+                        "{} is also defined in {first}; the definition in {first} is used",
+                        object.id()
+                    ),
+                    None => {
+                        seen.insert(object.id(), name);
+                        objects.push(object);
+                    }
+                }
+            }
+        }
+        let rejected: Vec<Rejection> = self
+            .files
+            .values()
+            .flat_map(|f| f.rejected.iter().cloned())
+            .collect();
+        let resources = objects.len();
+        let rejected_count = rejected.len();
+        self.status.set_rejected(rejected);
+
+        let snapshot = assemble(objects, self.generation);
+        let version = self.store.publish(snapshot);
+        info!(
+            version,
+            generation = self.generation,
+            resources,
+            rejected = rejected_count,
+            dir = %self.dir.display(),
+            "configuration published"
+        );
+        Ok(Some(version))
+    }
+
+    fn read_files(&self) -> Result<Vec<Read>, SourceError> {
+        let entries = std::fs::read_dir(&self.dir).map_err(|source| SourceError::ReadDir {
+            dir: self.dir.clone(),
+            source,
+        })?;
+        let mut names = Vec::new();
+        for entry in entries {
+            let entry = entry.map_err(|source| SourceError::ReadDir {
+                dir: self.dir.clone(),
+                source,
+            })?;
+            let Ok(name) = entry.file_name().into_string() else {
+                continue;
+            };
+            // Hidden files are editors' and writers' temporaries (and ConfigMap internals).
+            let wanted = !name.starts_with('.')
+                && Path::new(&name)
+                    .extension()
+                    .and_then(|e| e.to_str())
+                    .is_some_and(|e| EXTENSIONS.contains(&e));
+            if wanted {
+                names.push(name);
+            }
+        }
+        names.sort();
+
+        let mut reads = Vec::with_capacity(names.len());
+        for name in names {
+            let path = self.dir.join(&name);
+            // `metadata` follows symlinks, as mounted ConfigMaps use them.
+            match std::fs::metadata(&path) {
+                Ok(m) if m.is_file() => {}
+                Ok(_) => continue,
+                Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+                Err(_) => {}
+            }
+            match std::fs::read(&path) {
+                Ok(content) => reads.push(Read {
+                    name,
+                    content: Some(content),
+                }),
+                // Deleted between listing and reading.
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => {
+                    warn!(path = %path.display(), error = %e, "cannot read configuration file; keeping its previous content");
+                    reads.push(Read {
+                        name,
+                        content: None,
+                    });
+                }
+            }
+        }
+        Ok(reads)
+    }
+}
+
+fn hash(content: &[u8]) -> u64 {
+    let mut h = DefaultHasher::new();
+    content.hash(&mut h);
+    h.finish()
+}
+
+fn parse_generation(path: &Path, raw: &[u8]) -> Option<u64> {
+    let text = String::from_utf8_lossy(raw);
+    match text.trim().parse() {
+        Ok(g) => Some(g),
+        Err(_) => {
+            warn!(
+                path = %path.display(),
+                content = %text.trim(),
+                "the generation file must hold a non-negative integer; ignoring it"
+            );
+            None
+        }
+    }
+}
+
+/// Translates one file. `old` is what the file held before; `previous` every resource that was
+/// in force, for the last good version of rejected ones.
+fn parse_file(
+    name: &str,
+    content: &[u8],
+    old: Option<&FileState>,
+    previous: &HashMap<ResourceId, &Object>,
+) -> FileState {
+    let mut state = FileState {
+        hash: hash(content),
+        ..FileState::default()
+    };
+    let mut unnamed_failure = false;
+
+    let text = match std::str::from_utf8(content) {
+        Ok(t) => t,
+        Err(e) => {
+            state.rejected.push(unnamed(
+                format!("{name}:1"),
+                "(file)",
+                format!("not UTF-8 text: {e}"),
+            ));
+            state.objects = old.map(|o| o.objects.clone()).unwrap_or_default();
+            return state;
+        }
+    };
+
+    let is_json = name.ends_with(".json");
+    for (line, chunk) in split_documents(text, is_json) {
+        let parsed: Result<Value, (usize, String)> = if is_json {
+            match serde_json::from_str::<serde_json::Value>(chunk) {
+                Ok(v) => serde_yaml::to_value(v).map_err(|e| (0, format!("JSON: {e}"))),
+                Err(e) => Err((e.line(), format!("JSON syntax error: {e}"))),
+            }
+        } else {
+            serde_yaml::from_str::<Value>(chunk).map_err(|e| {
+                let at = e.location().map_or(0, |l| l.line());
+                (at, format!("YAML syntax error: {e}"))
+            })
+        };
+        let value = match parsed {
+            Ok(v) => v,
+            Err((at, reason)) => {
+                unnamed_failure = true;
+                let origin = format!("{name}:{}", line + at.saturating_sub(1));
+                state.rejected.push(unnamed(origin, "(document)", reason));
+                continue;
+            }
+        };
+        for result in objects::translate(&value) {
+            match result {
+                Ok(object) => state.objects.push(object),
+                Err(invalid) => {
+                    let last_good = invalid.id.as_ref().and_then(|id| previous.get(id));
+                    if invalid.id.is_none() {
+                        unnamed_failure = true;
+                    }
+                    if let Some(last_good) = last_good {
+                        state.objects.push((*last_good).clone());
+                    }
+                    state.rejected.push(Rejection {
+                        origin: format!("{name}:{line}"),
+                        kind: invalid.kind.unwrap_or_else(|| "unknown".into()),
+                        name: invalid.name.unwrap_or_else(|| "unknown".into()),
+                        field: invalid.field,
+                        reason: invalid.reason,
+                        kept_last_good: last_good.is_some(),
+                    });
+                }
+            }
+        }
+    }
+
+    if unnamed_failure {
+        // The broken document may have held any of the file's resources: keep them all.
+        if let Some(old) = old {
+            let present: Vec<ResourceId> = state.objects.iter().map(Object::id).collect();
+            for object in &old.objects {
+                if !present.contains(&object.id()) {
+                    debug!(file = name, resource = %object.id(), "keeping the last good version");
+                    state.objects.push(object.clone());
+                }
+            }
+        }
+    }
+    state
+}
+
+fn unnamed(origin: String, field: &str, reason: String) -> Rejection {
+    Rejection {
+        origin,
+        kind: "unknown".into(),
+        name: "unknown".into(),
+        field: field.into(),
+        reason,
+        kept_last_good: false,
+    }
+}
+
+/// Splits multi-document YAML at `---` lines, so a syntax error stays inside its document.
+/// A `---` at the start of a line always starts a document in YAML, even inside a block
+/// scalar, so no parsing is needed. Yields the 1-based line each document starts on.
+fn split_documents(text: &str, is_json: bool) -> Vec<(usize, &str)> {
+    if is_json {
+        return vec![(1, text)];
+    }
+    let mut docs = Vec::new();
+    let mut start = 0;
+    let mut start_line = 1;
+    let mut offset = 0;
+    for (index, line) in text.split_inclusive('\n').enumerate() {
+        let is_marker = line
+            .strip_prefix("---")
+            .is_some_and(|rest| rest.is_empty() || rest.starts_with(char::is_whitespace));
+        if is_marker && offset > start {
+            docs.push((start_line, &text[start..offset]));
+            start = offset;
+            start_line = index + 1;
+        }
+        offset += line.len();
+    }
+    if start < text.len() {
+        docs.push((start_line, &text[start..]));
+    }
+    docs
+}
+
+#[cfg(test)]
+mod tests {
+    use std::{fs, net::Ipv4Addr};
+
+    use tempfile::TempDir;
+
+    use super::*;
+    use crate::model::{ObjectKey, Snapshot};
+
+    const NAMESPACE: &str = "apiVersion: v1\nkind: Namespace\nmetadata:\n  name: bookinfo\n  labels: {weft.io/mesh: enabled}\n";
+
+    fn pod(name: &str, ip: &str, labels: &str, ports: &str) -> String {
+        format!(
+            "apiVersion: v1\nkind: Pod\nmetadata:\n  name: {name}\n  namespace: bookinfo\n  labels: {labels}\n\
+             spec:\n  nodeName: n1\n  containers:\n  - name: app\n    ports: {ports}\nstatus:\n  podIP: {ip}\n"
+        )
+    }
+
+    fn service(name: &str, ip: &str, selector: &str, target: &str) -> String {
+        format!(
+            "apiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: bookinfo}}\n\
+             spec:\n  clusterIP: {ip}\n  selector: {selector}\n  ports:\n  - {{name: http, port: 9080, targetPort: {target}}}\n"
+        )
+    }
+
+    struct Fixture {
+        dir: TempDir,
+        store: Store,
+        source: FileSource,
+    }
+
+    impl Fixture {
+        fn new() -> Self {
+            let dir = tempfile::tempdir().unwrap();
+            let store = Store::new();
+            let source = FileSource::new(dir.path(), store.clone());
+            Self { dir, store, source }
+        }
+
+        /// Writes like the tools do: a temporary file renamed over the target.
+        fn write(&self, name: &str, content: &str) {
+            let tmp = self.dir.path().join(format!(".{name}.tmp"));
+            fs::write(&tmp, content).unwrap();
+            fs::rename(&tmp, self.dir.path().join(name)).unwrap();
+        }
+
+        fn remove(&self, name: &str) {
+            fs::remove_file(self.dir.path().join(name)).unwrap();
+        }
+
+        fn poll(&mut self) -> Option<u64> {
+            self.source.poll().unwrap()
+        }
+
+        fn snapshot(&self) -> Arc<Snapshot> {
+            self.store.current()
+        }
+    }
+
+    fn key(name: &str) -> ObjectKey {
+        ObjectKey::new("bookinfo", name)
+    }
+
+    #[test]
+    fn first_poll_publishes_even_an_empty_directory() {
+        let mut f = Fixture::new();
+        assert_eq!(f.poll(), Some(1));
+        assert_eq!(f.poll(), None);
+        assert!(f.snapshot().pods.is_empty());
+    }
+
+    #[test]
+    fn missing_directory_is_an_error() {
+        let mut source = FileSource::new("/nonexistent/weft-config", Store::new());
+        let err = source.poll().unwrap_err();
+        assert!(err.to_string().contains("--config-dir"), "{err}");
+    }
+
+    #[test]
+    fn create_modify_delete() {
+        let mut f = Fixture::new();
+        f.write(
+            "a.yaml",
+            &format!(
+                "{NAMESPACE}---\n{}",
+                pod("p1", "10.244.1.5", "{app: a}", "[]")
+            ),
+        );
+        assert_eq!(f.poll(), Some(1));
+        let snap = f.snapshot();
+        let p1 = &snap.pods[&key("p1")];
+        assert_eq!(p1.ip, Some(Ipv4Addr::new(10, 244, 1, 5)));
+        assert!(snap.is_meshed(p1));
+        assert_eq!(
+            snap.pod_by_ip(Ipv4Addr::new(10, 244, 1, 5)).unwrap().key,
+            key("p1")
+        );
+
+        // Unchanged content: nothing published.
+        f.write(
+            "a.yaml",
+            &format!(
+                "{NAMESPACE}---\n{}",
+                pod("p1", "10.244.1.5", "{app: a}", "[]")
+            ),
+        );
+        assert_eq!(f.poll(), None);
+
+        f.write(
+            "a.yaml",
+            &format!(
+                "{NAMESPACE}---\n{}",
+                pod("p1", "10.244.1.6", "{app: a}", "[]")
+            ),
+        );
+        assert_eq!(f.poll(), Some(2));
+        assert_eq!(
+            f.snapshot().pods[&key("p1")].ip,
+            Some(Ipv4Addr::new(10, 244, 1, 6))
+        );
+
+        f.write("b.yml", &pod("p2", "10.244.1.7", "{app: b}", "[]"));
+        assert_eq!(f.poll(), Some(3));
+        assert_eq!(f.snapshot().pods.len(), 2);
+
+        f.remove("a.yaml");
+        assert_eq!(f.poll(), Some(4));
+        let snap = f.snapshot();
+        assert_eq!(snap.pods.len(), 1);
+        assert!(snap.namespaces.is_empty());
+        assert!(snap.pod_by_ip(Ipv4Addr::new(10, 244, 1, 6)).is_none());
+    }
+
+    #[test]
+    fn temporary_and_foreign_files_are_skipped() {
+        let mut f = Fixture::new();
+        fs::write(f.dir.path().join(".a.yaml.tmp"), "not: [valid").unwrap();
+        fs::write(f.dir.path().join("a.yaml.tmp"), "not: [valid").unwrap();
+        fs::write(f.dir.path().join("README.md"), "# hi").unwrap();
+        fs::create_dir(f.dir.path().join("sub.yaml")).unwrap();
+        f.poll();
+        assert!(f.source.status().rejected().is_empty());
+    }
+
+    #[test]
+    fn json_files_are_read() {
+        let mut f = Fixture::new();
+        f.write(
+            "ns.json",
+            r#"{"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "bookinfo"}}"#,
+        );
+        f.poll();
+        assert!(f.snapshot().namespaces.contains_key("bookinfo"));
+    }
+
+    #[test]
+    fn invalid_document_is_rejected_alone_and_last_good_stays() {
+        let mut f = Fixture::new();
+        f.write(
+            "a.yaml",
+            &format!(
+                "{}---\n{}",
+                pod("p1", "10.244.1.5", "{app: a}", "[]"),
+                pod("p2", "10.244.1.6", "{app: b}", "[]")
+            ),
+        );
+        f.write("b.yaml", NAMESPACE);
+        f.poll();
+
+        // p1 becomes invalid, p2 changes, p3 is new and invalid, b.yaml is untouched.
+        f.write(
+            "a.yaml",
+            &format!(
+                "{}---\n{}---\n{}",
+                pod("p1", "10.244.1.5", "{app: a}", "[{containerPort: 0}]"),
+                pod("p2", "10.244.1.9", "{app: b}", "[]"),
+                pod("p3", "10.244.1.300", "{app: c}", "[]"),
+            ),
+        );
+        f.poll();
+        let snap = f.snapshot();
+        assert_eq!(snap.pods[&key("p1")].ip, Some(Ipv4Addr::new(10, 244, 1, 5)));
+        assert_eq!(snap.pods[&key("p2")].ip, Some(Ipv4Addr::new(10, 244, 1, 9)));
+        assert!(!snap.pods.contains_key(&key("p3")));
+        assert!(snap.namespaces.contains_key("bookinfo"));
+
+        let rejected = f.source.status().rejected();
+        assert_eq!(rejected.len(), 2, "{rejected:?}");
+        let p1 = &rejected[0];
+        assert_eq!(
+            (p1.kind.as_str(), p1.name.as_str(), p1.field.as_str()),
+            (
+                "Pod",
+                "bookinfo/p1",
+                "spec.containers[0].ports[0].containerPort"
+            )
+        );
+        assert!(p1.kept_last_good);
+        assert_eq!(p1.origin, "a.yaml:1");
+        let message = p1.to_string();
+        assert!(
+            message.contains("Pod bookinfo/p1 rejected: spec.containers[0].ports[0].containerPort"),
+            "{message}"
+        );
+        let p3 = &rejected[1];
+        assert_eq!(
+            (p3.name.as_str(), p3.field.as_str()),
+            ("bookinfo/p3", "status.podIP")
+        );
+        assert!(!p3.kept_last_good);
+        assert_eq!(f.source.rejections.get("Pod"), 2);
+
+        // A poll without changes neither re-counts nor re-logs.
+        f.poll();
+        assert_eq!(f.source.rejections.get("Pod"), 2);
+
+        // Once fixed, the new version applies and the rejection is gone.
+        f.write(
+            "a.yaml",
+            &format!(
+                "{}---\n{}",
+                pod("p1", "10.244.1.50", "{app: a}", "[]"),
+                pod("p2", "10.244.1.9", "{app: b}", "[]")
+            ),
+        );
+        f.poll();
+        assert_eq!(
+            f.snapshot().pods[&key("p1")].ip,
+            Some(Ipv4Addr::new(10, 244, 1, 50))
+        );
+        assert!(f.source.status().rejected().is_empty());
+    }
+
+    #[test]
+    fn syntax_error_keeps_the_files_last_good_resources() {
+        let mut f = Fixture::new();
+        f.write(
+            "a.yaml",
+            &format!(
+                "{}---\n{}",
+                pod("p1", "10.244.1.5", "{app: a}", "[]"),
+                pod("p2", "10.244.1.6", "{app: b}", "[]")
+            ),
+        );
+        f.write("b.yaml", NAMESPACE);
+        f.poll();
+
+        f.write(
+            "a.yaml",
+            &format!(
+                "{}---\napiVersion: v1\nkind: Pod\nmetadata: {{name: [p2\n",
+                pod("p1", "10.244.1.7", "{app: a}", "[]")
+            ),
+        );
+        f.write("b.yaml", &NAMESPACE.replace("enabled", "disabled"));
+        f.poll();
+        let snap = f.snapshot();
+        assert_eq!(snap.pods[&key("p1")].ip, Some(Ipv4Addr::new(10, 244, 1, 7)));
+        assert_eq!(snap.pods[&key("p2")].ip, Some(Ipv4Addr::new(10, 244, 1, 6)));
+        assert!(!snap.namespaces["bookinfo"].mesh_enabled());
+        let rejected = f.source.status().rejected();
+        assert_eq!(rejected.len(), 1);
+        assert!(
+            rejected[0].reason.contains("YAML syntax error"),
+            "{:?}",
+            rejected[0]
+        );
+        assert!(
+            rejected[0].origin.starts_with("a.yaml:"),
+            "{:?}",
+            rejected[0]
+        );
+    }
+
+    #[test]
+    fn endpoints_derived_from_selector_with_named_target_port() {
+        let mut f = Fixture::new();
+        f.write(
+            "a.yaml",
+            &[
+                pod(
+                    "r1",
+                    "10.244.1.5",
+                    "{app: reviews, version: v1}",
+                    "[{name: http, containerPort: 9081}]",
+                ),
+                pod(
+                    "r2",
+                    "10.244.1.4",
+                    "{app: reviews, version: v2}",
+                    "[{name: http, containerPort: 9082}]",
+                ),
+                // Matches the selector but does not declare the named port.
+                pod("r3", "10.244.1.6", "{app: reviews, version: v3}", "[]"),
+                // Declares the port but is not selected.
+                pod(
+                    "x",
+                    "10.244.1.7",
+                    "{app: other}",
+                    "[{name: http, containerPort: 1}]",
+                ),
+                service("reviews", "10.96.0.12", "{app: reviews}", "http"),
+                service("numeric", "10.96.0.13", "{app: reviews}", "9090"),
+                service("manual", "10.96.0.14", "{}", "9090"),
+            ]
+            .join("---\n"),
+        );
+        f.poll();
+        let snap = f.snapshot();
+        let eps = snap.endpoints(&key("reviews"), 9080);
+        let got: Vec<_> = eps.iter().map(|e| (e.ip.to_string(), e.port)).collect();
+        assert_eq!(
+            got,
+            [
+                ("10.244.1.4".to_string(), 9082),
+                ("10.244.1.5".to_string(), 9081)
+            ]
+        );
+        assert_eq!(eps[0].pod, Some(key("r2")));
+        assert_eq!(eps[0].node.as_deref(), Some("n1"));
+        assert!(eps.iter().all(|e| e.ready));
+
+        let numeric: Vec<_> = snap
+            .endpoints(&key("numeric"), 9080)
+            .iter()
+            .map(|e| e.port)
+            .collect();
+        assert_eq!(numeric, [9090, 9090, 9090]);
+        assert!(snap.endpoints(&key("manual"), 9080).is_empty());
+        assert_eq!(
+            snap.service_by_ip(Ipv4Addr::new(10, 96, 0, 12))
+                .unwrap()
+                .key,
+            key("reviews")
+        );
+    }
+
+    #[test]
+    fn endpoint_slices_take_precedence_over_the_selector() {
+        let mut f = Fixture::new();
+        f.write(
+            "a.yaml",
+            &[
+                pod("r1", "10.244.1.5", "{app: reviews}", "[{name: http, containerPort: 9080}]"),
+                service("reviews", "10.96.0.12", "{app: reviews}", "http"),
+                "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\n\
+                 metadata: {name: reviews-1, namespace: bookinfo, labels: {kubernetes.io/service-name: reviews}}\n\
+                 addressType: IPv4\nports: [{name: http, port: 8080}]\nendpoints:\n\
+                 - {addresses: [10.244.2.8], nodeName: n2, targetRef: {kind: Pod, name: remote}}\n\
+                 - {addresses: [10.244.1.5], targetRef: {kind: Pod, name: r1}}\n\
+                 - {addresses: [10.244.2.9], conditions: {ready: false}}\n"
+                    .to_string(),
+            ]
+            .join("---\n"),
+        );
+        f.poll();
+        let snap = f.snapshot();
+        let eps = snap.endpoints(&key("reviews"), 9080);
+        let got: Vec<_> = eps
+            .iter()
+            .map(|e| {
+                (
+                    e.ip.to_string(),
+                    e.port,
+                    e.node.as_deref().map(str::to_owned),
+                )
+            })
+            .collect();
+        assert_eq!(
+            got,
+            [
+                ("10.244.1.5".to_string(), 8080, Some("n1".to_string())),
+                ("10.244.2.8".to_string(), 8080, Some("n2".to_string())),
+            ]
+        );
+    }
+
+    #[test]
+    fn generation_file() {
+        let mut f = Fixture::new();
+        f.write(GENERATION_FILE, "3\n");
+        f.poll();
+        assert_eq!(f.snapshot().generation, Some(3));
+
+        // A new generation alone publishes a snapshot.
+        f.write(GENERATION_FILE, "4");
+        assert_eq!(f.poll(), Some(2));
+        assert_eq!(f.snapshot().generation, Some(4));
+
+        f.write(GENERATION_FILE, "four");
+        f.poll();
+        assert_eq!(f.snapshot().generation, None);
+    }
+
+    #[test]
+    fn split_keeps_line_numbers() {
+        let docs = split_documents("a: 1\n---\nb: 2\n--- # c\nc: 3\n----\n", false);
+        let starts: Vec<_> = docs.iter().map(|(l, _)| *l).collect();
+        assert_eq!(starts, [1, 2, 4]);
+        assert_eq!(docs[2].1, "--- # c\nc: 3\n----\n");
+        assert_eq!(split_documents("---\na: 1\n", false), [(1, "---\na: 1\n")]);
+    }
+
+    #[tokio::test]
+    async fn run_applies_changes_within_a_second() {
+        let f = Fixture::new();
+        let store = f.store.clone();
+        let mut source = FileSource::new(f.dir.path(), store.clone());
+        source.poll().unwrap();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(source.run(async {
+            let _ = stopped.await;
+        }));
+
+        let mut rx = store.subscribe();
+        rx.borrow_and_update();
+        f.write("a.yaml", NAMESPACE);
+        tokio::time::timeout(Duration::from_secs(1), rx.changed())
+            .await
+            .expect("the change is applied within a second")
+            .unwrap();
+        assert!(store.current().namespaces.contains_key("bookinfo"));
+
+        stop.send(()).unwrap();
+        task.await.unwrap();
+    }
+}
