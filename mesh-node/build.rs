@@ -23,6 +23,11 @@ fn main() -> anyhow::Result<()> {
         .manifest_path
         .parent()
         .ok_or_else(|| anyhow!("mesh-ebpf manifest has no parent directory"))?;
+    // The programs also compile the shared types; aya-build only watches the eBPF crate itself.
+    let common = root_dir.parent().map(|p| p.join("mesh-common"));
+    if let Some(common) = common {
+        println!("cargo:rerun-if-changed={common}");
+    }
     aya_build::build_ebpf(
         [Package {
             name: ebpf.name.as_str(),

@@ -40,6 +40,7 @@ pub mod names {
     pub const PROG_SOCK_OPS: &str = "weft_sock_ops";
     pub const PROG_SK_MSG: &str = "weft_sk_msg";
     pub const PROG_TC_INBOUND: &str = "weft_tc_inbound";
+    pub const PROG_TC_TO_POD: &str = "weft_tc_to_pod";
 
     /// Load-time globals (set with `EbpfLoader::override_global`).
     pub const GLOBAL_PROXY_IP4: &str = "PROXY_IP4";
@@ -140,6 +141,9 @@ pub enum Counter {
     /// New inbound connections to a meshed pod dropped because no inbound listener exists
     /// (proxy down: fail closed).
     InboundNoListener,
+    /// Packets for a meshed pod caught after kube-proxy's translation (a local client dialled a
+    /// Service address) and looped back to ingress for steering.
+    InboundLooped,
     /// Map updates or helper calls that failed.
     Errors,
 }
@@ -161,6 +165,7 @@ impl Counter {
         Counter::InboundCaptured,
         Counter::InboundPackets,
         Counter::InboundNoListener,
+        Counter::InboundLooped,
         Counter::Errors,
     ];
 
@@ -180,6 +185,7 @@ impl Counter {
             Counter::InboundCaptured => "inbound_captured",
             Counter::InboundPackets => "inbound_packets",
             Counter::InboundNoListener => "inbound_no_listener",
+            Counter::InboundLooped => "inbound_looped",
             Counter::Errors => "errors",
         }
     }

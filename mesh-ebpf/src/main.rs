@@ -5,6 +5,8 @@
 //! - `sockmap`: `sock_ops` records original destinations and fills the fast-path socket hash;
 //!   `sk_msg` short-circuits bytes between the two local ends of a pod ↔ proxy connection.
 //! - `tc`: steers plaintext connections that arrive for a meshed pod to the inbound listener.
+//!   `weft_tc_inbound` runs at ingress of pod interfaces and uplinks, `weft_tc_to_pod` at egress
+//!   of pod interfaces.
 #![no_std]
 #![no_main]
 
@@ -60,6 +62,11 @@ pub fn weft_sk_msg(ctx: SkMsgContext) -> u32 {
 #[classifier]
 pub fn weft_tc_inbound(ctx: TcContext) -> i32 {
     tc::inbound(&ctx)
+}
+
+#[classifier]
+pub fn weft_tc_to_pod(ctx: TcContext) -> i32 {
+    tc::to_pod(&ctx)
 }
 
 #[cfg(not(test))]

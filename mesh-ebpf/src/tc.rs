@@ -6,21 +6,27 @@
 //! Every packet of a steered connection is assigned to its proxy socket and marked, so the
 //! policy route installed by the agent delivers it locally instead of forwarding it to the pod.
 //! Packets of connections that existed before the pod joined the mesh are left alone.
+//!
+//! A local client that dials a Service address reaches ingress with the ClusterIP as
+//! destination: kube-proxy translates it to the pod only afterwards, in prerouting. The egress
+//! program on meshed pods' interfaces catches those packets after translation and loops them back
+//! to ingress of the same interface, where the ingress program steers them like any other
+//! (conntrack keeps the translation, so the client still sees the Service address).
 
 use core::mem::size_of;
 
 use aya_ebpf::{
     bindings::{
-        bpf_sock, bpf_sock_tuple, BPF_F_CURRENT_NETNS, BPF_TCP_LISTEN, BPF_TCP_TIME_WAIT,
-        TC_ACT_OK as ACT_OK, TC_ACT_SHOT as ACT_SHOT,
+        bpf_sock, bpf_sock_tuple, BPF_F_CURRENT_NETNS, BPF_F_INGRESS, BPF_TCP_LISTEN,
+        BPF_TCP_TIME_WAIT, TC_ACT_OK as ACT_OK, TC_ACT_SHOT as ACT_SHOT,
     },
-    helpers::{bpf_sk_assign, bpf_sk_release, bpf_skc_lookup_tcp},
+    helpers::{bpf_redirect, bpf_sk_assign, bpf_sk_release, bpf_skc_lookup_tcp},
     programs::TcContext,
     EbpfContext as _,
 };
 use mesh_common::{Counter, INBOUND_MARK, INBOUND_PORT};
 
-use crate::maps::{count, LOCAL_MESHED_PODS};
+use crate::maps::{count, LOCAL_MESHED_PODS, PROXY_IP4};
 
 const TC_ACT_OK: i32 = ACT_OK as i32;
 const TC_ACT_SHOT: i32 = ACT_SHOT as i32;
@@ -37,6 +43,43 @@ pub fn inbound(ctx: &TcContext) -> i32 {
 struct Flow {
     tuple: bpf_sock_tuple,
     syn: bool,
+}
+
+/// Egress of a pod interface: packets that reach a meshed pod without having been steered.
+pub fn to_pod(ctx: &TcContext) -> i32 {
+    try_to_pod(ctx).unwrap_or(TC_ACT_OK)
+}
+
+fn try_to_pod(ctx: &TcContext) -> Result<i32, ()> {
+    let Some(mut flow) = parse(ctx)? else {
+        return Ok(TC_ACT_OK);
+    };
+    // The proxy's own connections to its pods are the ones that must get through.
+    // SAFETY: reading the ipv4 member of the tuple we built.
+    if unsafe { flow.tuple.__bindgen_anon_1.ipv4.saddr } == PROXY_IP4.load() {
+        return Ok(TC_ACT_OK);
+    }
+    let steered = match lookup(ctx, &mut flow.tuple) {
+        Some(sk) => {
+            // SAFETY: non-null socket returned by the lookup helper, released right after.
+            let state = unsafe { (*sk).state };
+            unsafe { bpf_sk_release(sk.cast()) };
+            state != BPF_TCP_LISTEN && state != BPF_TCP_TIME_WAIT
+        }
+        None => false,
+    };
+    if !steered && !flow.syn {
+        return Ok(TC_ACT_OK);
+    }
+    // Address the frame to the interface itself (its source MAC): a frame still addressed to
+    // the pod would be taken for another host's traffic on the way back in and dropped.
+    let own_mac: [u8; 6] = ctx.load(6).map_err(|_| ())?;
+    ctx.store(0, &own_mac, 0).map_err(|_| ())?;
+    count(Counter::InboundLooped);
+    // SAFETY: valid context pointer; the kernel validates the interface index.
+    let ifindex = unsafe { (*ctx.skb.skb).ifindex };
+    // SAFETY: no preconditions beyond a valid interface index.
+    Ok(unsafe { bpf_redirect(ifindex, BPF_F_INGRESS as u64) } as i32)
 }
 
 fn try_inbound(ctx: &TcContext) -> Result<i32, ()> {

@@ -63,7 +63,7 @@ pub enum AgentError {
     },
     #[error("pinning {path}: {message}")]
     Pin { path: PathBuf, message: String },
-    #[error("policy routing for inbound capture: {0}")]
+    #[error("node networking for inbound capture: {0}")]
     Route(String),
 }
 
@@ -76,7 +76,7 @@ pub struct Agent {
 impl Agent {
     /// Loads, attaches and pins the programs. Blocking; call it before serving.
     pub fn load(cfg: AgentConfig) -> Result<Self, AgentError> {
-        route::ensure_inbound_delivery().map_err(AgentError::Route)?;
+        route::prepare_inbound().map_err(AgentError::Route)?;
         let data_path = ebpf::DataPath::load(&cfg)?;
         Ok(Self { cfg, data_path })
     }

@@ -1,11 +1,21 @@
-//! Policy routing for inbound capture: packets the TC program assigned to a proxy socket carry
-//! [`INBOUND_MARK`] and must be delivered locally, not forwarded to the pod they are addressed
-//! to (the kernel drops forwarded packets that already have a socket).
+//! Node networking that inbound capture relies on, set up in the agent's network namespace.
+//!
+//! - Policy routing: packets the TC program assigned to a proxy socket carry [`INBOUND_MARK`] and
+//!   must be delivered locally, not forwarded to the pod they are addressed to (the kernel drops
+//!   forwarded packets that already have a socket).
+//! - No conntrack for steered packets: a local client that dialled a Service address is looped
+//!   back after kube-proxy's translation; tracking the looped packet again would create a second
+//!   entry clashing with the first, and the proxy's answers would not be translated back to the
+//!   Service address. (Cilium does the same for its proxy traffic.)
+//! - No TCP early demux: it would attach the proxy's socket (whose local address is the pod's) to
+//!   the translated packet before routing, and the kernel drops forwarded packets that carry a
+//!   socket, before the egress classifier could loop them back.
 
 use std::{
     fs,
+    io::Write as _,
     net::Ipv4Addr,
-    process::{Command, Output},
+    process::{Command, Output, Stdio},
 };
 
 use mesh_common::{INBOUND_MARK, INBOUND_ROUTE_TABLE};
@@ -19,9 +29,16 @@ fn ip(args: &[&str]) -> Result<Output, String> {
     })
 }
 
-/// Installs `ip rule fwmark INBOUND_MARK lookup T` and `local 0.0.0.0/0 dev lo table T` in the
-/// current network namespace; idempotent.
-pub fn ensure_inbound_delivery() -> Result<(), String> {
+/// Prepares the current network namespace for inbound capture; idempotent.
+pub fn prepare_inbound() -> Result<(), String> {
+    ensure_local_delivery()?;
+    ensure_untracked()?;
+    fs::write("/proc/sys/net/ipv4/tcp_early_demux", "0")
+        .map_err(|e| format!("disabling net.ipv4.tcp_early_demux: {e}"))
+}
+
+/// `ip rule fwmark INBOUND_MARK lookup T` and `local 0.0.0.0/0 dev lo table T`.
+fn ensure_local_delivery() -> Result<(), String> {
     let table = INBOUND_ROUTE_TABLE.to_string();
     let route = ip(&[
         "-4",
@@ -52,6 +69,41 @@ pub fn ensure_inbound_delivery() -> Result<(), String> {
         return Err(format!(
             "ip rule add fwmark {mark} lookup {table}: {}",
             String::from_utf8_lossy(&add.stderr).trim()
+        ));
+    }
+    Ok(())
+}
+
+/// nftables table `ip weft_mesh`: `notrack` for [`INBOUND_MARK`]ed packets, replaced atomically.
+fn ensure_untracked() -> Result<(), String> {
+    let script = format!(
+        "table ip weft_mesh {{}}\n\
+         delete table ip weft_mesh\n\
+         table ip weft_mesh {{\n\
+         \tchain prerouting {{\n\
+         \t\ttype filter hook prerouting priority raw; policy accept;\n\
+         \t\tmeta mark {INBOUND_MARK:#x} notrack\n\
+         \t}}\n\
+         }}\n"
+    );
+    let mut child = Command::new("nft")
+        .args(["-f", "-"])
+        .stdin(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| format!("running `nft`: {e} (is nftables installed?)"))?;
+    if let Some(mut stdin) = child.stdin.take() {
+        stdin
+            .write_all(script.as_bytes())
+            .map_err(|e| format!("writing to `nft`: {e}"))?;
+    }
+    let out = child
+        .wait_with_output()
+        .map_err(|e| format!("waiting for `nft`: {e}"))?;
+    if !out.status.success() {
+        return Err(format!(
+            "nft table ip weft_mesh: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
         ));
     }
     Ok(())

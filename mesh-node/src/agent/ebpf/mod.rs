@@ -135,8 +135,7 @@ impl DataPath {
             let link = prog.take_link(id).map_err(prog_err(name))?;
             std::mem::forget(link);
         }
-        {
-            let name = names::PROG_TC_INBOUND;
+        for name in [names::PROG_TC_INBOUND, names::PROG_TC_TO_POD] {
             let prog: &mut SchedClassifier = program(&mut ebpf, name)?;
             prog.load().map_err(prog_err(name))?;
         }
@@ -168,39 +167,73 @@ impl DataPath {
         self.counters.clone()
     }
 
-    /// Attaches the inbound classifier at ingress of `iface` and pins the link as
-    /// `links/tc-<iface>`, replacing a link pinned there before.
-    fn attach_tc(&mut self, iface: &str) -> Result<(), AgentError> {
-        let name = names::PROG_TC_INBOUND;
+    /// Attaches the classifier for `hook` to `iface` and pins the link as
+    /// `links/tc-<in|out>-<iface>`, replacing a link pinned there before.
+    fn attach_tc(&mut self, hook: TcHook, iface: &str) -> Result<(), AgentError> {
+        let name = hook.program();
         let prog: &mut SchedClassifier = program(&mut self.ebpf, name)?;
         let id = prog
-            .attach(iface, TcAttachType::Ingress)
+            .attach(iface, hook.attach_type())
             .map_err(prog_err(name))?;
         let link = prog.take_link(id).map_err(prog_err(name))?;
-        replace_pinned(&self.tc_pin(iface), link)
+        replace_pinned(&self.tc_pin(hook, iface), link)
     }
 
-    fn detach_tc(&self, iface: &str) {
-        unpin_link(&self.tc_pin(iface));
+    fn detach_tc(&self, hook: TcHook, iface: &str) {
+        unpin_link(&self.tc_pin(hook, iface));
     }
 
-    fn tc_pin(&self, iface: &str) -> PathBuf {
-        self.links_dir.join(format!("tc-{iface}"))
+    fn tc_pin(&self, hook: TcHook, iface: &str) -> PathBuf {
+        self.links_dir.join(format!("{}{iface}", hook.pin_prefix()))
     }
 
-    /// Interfaces with a classifier pinned by this or an earlier agent.
-    fn pinned_tc_interfaces(&self) -> Vec<String> {
+    /// Classifiers pinned by this or an earlier agent.
+    fn pinned_tc(&self) -> Vec<(TcHook, String)> {
         fs::read_dir(&self.links_dir)
             .into_iter()
             .flatten()
             .flatten()
             .filter_map(|e| {
-                e.file_name()
-                    .to_str()
-                    .and_then(|n| n.strip_prefix("tc-"))
-                    .map(str::to_owned)
+                let name = e.file_name().to_str()?.to_owned();
+                [TcHook::Ingress, TcHook::Egress]
+                    .into_iter()
+                    .find_map(|hook| {
+                        name.strip_prefix(hook.pin_prefix())
+                            .map(|iface| (hook, iface.to_owned()))
+                    })
             })
             .collect()
+    }
+}
+
+/// Where a classifier runs: ingress of pod interfaces and uplinks (steering), or egress of pod
+/// interfaces (catching Service traffic translated after ingress).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum TcHook {
+    Ingress,
+    Egress,
+}
+
+impl TcHook {
+    fn program(self) -> &'static str {
+        match self {
+            TcHook::Ingress => names::PROG_TC_INBOUND,
+            TcHook::Egress => names::PROG_TC_TO_POD,
+        }
+    }
+
+    fn attach_type(self) -> TcAttachType {
+        match self {
+            TcHook::Ingress => TcAttachType::Ingress,
+            TcHook::Egress => TcAttachType::Egress,
+        }
+    }
+
+    fn pin_prefix(self) -> &'static str {
+        match self {
+            TcHook::Ingress => "tc-in-",
+            TcHook::Egress => "tc-out-",
+        }
     }
 }
 

@@ -16,7 +16,7 @@ use aya::{
 use mesh_common::dest_kind;
 use tracing::{debug, info, warn};
 
-use super::DataPath;
+use super::{DataPath, TcHook};
 use crate::{
     agent::{route, AgentConfig},
     model::{Pod, Snapshot, CGROUP_ANNOTATION},
@@ -28,7 +28,7 @@ struct Desired {
     meshed_cgroups: BTreeMap<u64, u32>,
     mesh_dests: BTreeMap<u32, u32>,
     local_meshed_pods: BTreeMap<u32, u32>,
-    interfaces: BTreeSet<String>,
+    classifiers: BTreeSet<(TcHook, String)>,
 }
 
 pub struct Sync {
@@ -70,28 +70,28 @@ impl Sync {
                 &current.local_meshed_pods,
                 &desired.local_meshed_pods,
             );
-            for iface in desired.interfaces.difference(&current.interfaces) {
-                if let Err(e) = dp.attach_tc(iface) {
-                    warn!(iface, "attaching inbound capture: {e}");
+            for (hook, iface) in desired.classifiers.difference(&current.classifiers) {
+                if let Err(e) = dp.attach_tc(*hook, iface) {
+                    warn!(iface, ?hook, "attaching inbound capture: {e}");
                     errors += 1;
                 }
             }
-            for iface in current.interfaces.difference(&desired.interfaces) {
-                dp.detach_tc(iface);
+            for (hook, iface) in current.classifiers.difference(&desired.classifiers) {
+                dp.detach_tc(*hook, iface);
             }
             info!(
                 version = snapshot.version,
                 meshed_cgroups = desired.meshed_cgroups.len(),
                 mesh_destinations = desired.mesh_dests.len(),
                 local_meshed_pods = desired.local_meshed_pods.len(),
-                interfaces = desired.interfaces.len(),
+                classifiers = desired.classifiers.len(),
                 errors,
                 "eBPF maps synced"
             );
             current = desired;
             if errors > 0 {
                 // Retry the failed entries on the next tick instead of recording them as applied.
-                current.interfaces.clear();
+                current.classifiers.clear();
                 self.applied = None;
                 return;
             }
@@ -107,7 +107,7 @@ impl Sync {
             meshed_cgroups: entries(&dp.meshed_cgroups),
             mesh_dests: entries(&dp.mesh_dests),
             local_meshed_pods: entries(&dp.local_meshed_pods),
-            interfaces: dp.pinned_tc_interfaces().into_iter().collect(),
+            classifiers: dp.pinned_tc().into_iter().collect(),
         }
     }
 }
@@ -150,7 +150,11 @@ fn desired(cfg: &AgentConfig, snapshot: &Snapshot) -> Desired {
             d.mesh_dests.insert(ip_key(ip), dest_kind::SERVICE);
         }
     }
-    d.interfaces.extend(cfg.uplinks.iter().cloned());
+    d.classifiers.extend(
+        cfg.uplinks
+            .iter()
+            .map(|iface| (TcHook::Ingress, iface.clone())),
+    );
     for pod in snapshot.pods.values() {
         let meshed = snapshot.is_meshed(pod);
         if let (true, Some(ip)) = (meshed, pod.ip) {
@@ -164,9 +168,10 @@ fn desired(cfg: &AgentConfig, snapshot: &Snapshot) -> Desired {
                 d.local_meshed_pods.insert(ip_key(ip), 1);
             }
             // Unmeshed local clients reach meshed pods through their own interface, so every
-            // local pod interface gets the inbound classifier.
+            // local pod interface gets the inbound classifiers.
             if let Some(iface) = route::interface_for(ip) {
-                d.interfaces.insert(iface);
+                d.classifiers.insert((TcHook::Ingress, iface.clone()));
+                d.classifiers.insert((TcHook::Egress, iface));
             }
         }
         if meshed {
@@ -342,7 +347,10 @@ mod tests {
             d.meshed_cgroups.keys().copied().collect::<BTreeSet<_>>(),
             expected
         );
-        assert!(d.interfaces.contains("eth0"));
+        assert!(d
+            .classifiers
+            .contains(&(TcHook::Ingress, "eth0".to_owned())));
+        assert!(!d.classifiers.contains(&(TcHook::Egress, "eth0".to_owned())));
     }
 
     #[test]

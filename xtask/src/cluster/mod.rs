@@ -1,0 +1,520 @@
+//! The virtual cluster: Kubernetes-shaped nodes and pods on one Linux machine.
+//!
+//! Each node is a network namespace (`wn-<node>`) on a shared bridge (`weft-fabric`),
+//! running its own `mesh-node`; each pod is a network namespace (`wp-...`) behind a veth into
+//! its node, and a cgroup under the node's cgroup subtree. Services get ClusterIPs that
+//! nftables rules in every node translate (kube-proxy), and names through per-pod hosts
+//! files. Every mesh-node reads the same effective configuration from
+//! `/run/weft-cluster/config/`, as it would read the API server.
+//!
+//! Changes follow one order so that a meshed pod never runs before its node enforces the
+//! mesh: network and cgroups first, then the configuration, then wait until every node
+//! reports the new generation, and only then start new pods.
+
+use std::{
+    fs,
+    net::Ipv4Addr,
+    path::{Path, PathBuf},
+    process::{Command, Output},
+};
+
+use anyhow::{bail, Context as _, Result};
+use serde::{Deserialize, Serialize};
+
+mod cgroup;
+mod config;
+mod down;
+mod launch;
+mod net;
+mod nft;
+mod plan;
+mod proc;
+mod ready;
+mod state;
+mod status;
+
+use plan::Diff;
+use proc::Placement;
+use state::{NodeInfo, PodInfo, State};
+
+pub use state::{BPFFS_ROOT, CGROUP_ROOT, RUN_DIR};
+
+/// Set to `1` to run the cluster without mesh-node (plain networking and kube-proxy only).
+pub const NO_MESH_ENV: &str = "WEFT_CLUSTER_NO_MESH";
+/// Cargo profile the binaries are built with (`debug` by default, or `release`, or any
+/// custom profile).
+pub const PROFILE_ENV: &str = "WEFT_PROFILE";
+/// Overrides `RUST_LOG` of the node proxies (`info` by default).
+pub const NODE_LOG_ENV: &str = "WEFT_CLUSTER_NODE_LOG";
+
+/// The workspace binaries the cluster runs.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Binaries {
+    pub mesh_node: PathBuf,
+    pub weft_demo: PathBuf,
+}
+
+/// Builds `mesh-node` and `weft-demo` (`cargo build -p mesh-node --bins`, profile from
+/// `WEFT_PROFILE`) and returns their paths.
+pub fn binaries() -> Result<Binaries> {
+    let (profile_args, dir) = profile();
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    crate::cmd::interactive(
+        Command::new(cargo)
+            .args(["build", "-p", "mesh-node", "--bins"])
+            .args(&profile_args)
+            .current_dir(crate::workspace_root()),
+    )
+    .context("building mesh-node and weft-demo")?;
+    let bins = binary_paths(&dir);
+    for path in [&bins.mesh_node, &bins.weft_demo] {
+        if !path.is_file() {
+            bail!("the build did not produce {}", path.display());
+        }
+    }
+    Ok(bins)
+}
+
+fn profile() -> (Vec<String>, String) {
+    match std::env::var(PROFILE_ENV).as_deref() {
+        Err(_) | Ok("" | "debug" | "dev") => (Vec::new(), "debug".into()),
+        Ok("release") => (vec!["--release".into()], "release".into()),
+        Ok(other) => (vec!["--profile".into(), other.into()], other.into()),
+    }
+}
+
+/// Where the binaries of a profile are, built or not.
+fn binary_paths(profile_dir: &str) -> Binaries {
+    let root = crate::workspace_root();
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(|t| root.join(t))
+        .unwrap_or_else(|| root.join("target"))
+        .join(profile_dir);
+    Binaries {
+        mesh_node: target.join("mesh-node"),
+        weft_demo: target.join("weft-demo"),
+    }
+}
+
+fn mesh_enabled() -> bool {
+    !matches!(
+        std::env::var(NO_MESH_ENV).as_deref(),
+        Ok("1" | "true" | "yes")
+    )
+}
+
+fn require_root() -> Result<()> {
+    if !crate::is_root() {
+        bail!(
+            "the virtual cluster needs root (network namespaces, cgroups, eBPF): run with sudo -E"
+        );
+    }
+    Ok(())
+}
+
+fn preflight() -> Result<()> {
+    require_root()?;
+    crate::setup::check_cgroup2()?;
+    crate::setup::ensure_bpffs_quiet()
+}
+
+fn load_state() -> Result<State> {
+    State::load()?.context("no virtual cluster is up (cargo xtask cluster up DIR)")
+}
+
+/// Creates the cluster described by the YAML in `dir` (a file works too) and returns when
+/// every node proxy and every pod is ready.
+pub fn up(dir: &Path) -> Result<()> {
+    preflight()?;
+    if leftovers()? {
+        bail!(
+            "a virtual cluster is already up, or an earlier one left namespaces or cgroups \
+             behind: run `cargo xtask cluster down` first"
+        );
+    }
+    let mut resources = Vec::new();
+    config::merge(&mut resources, config::load(dir)?)?;
+    let (mut state, diff) = plan::plan(&State::empty(mesh_enabled()), resources)?;
+    ensure_binaries(&mut state, &diff)?;
+
+    for dir in [state::config_dir(), state::log_dir()] {
+        fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    cgroup::create(Path::new(CGROUP_ROOT))?;
+    net::create_fabric()?;
+    converge(&mut state, &diff).map_err(|e| {
+        anyhow::anyhow!("{e:#}\n(the cluster is partly up: `cargo xtask cluster down` removes it)")
+    })
+}
+
+/// Anything a cluster leaves on the machine: its state, its cgroups, its fabric.
+fn leftovers() -> Result<bool> {
+    Ok(Path::new(RUN_DIR).join("state.json").exists()
+        || Path::new(CGROUP_ROOT).exists()
+        || net::list_netns()?.iter().any(|n| n == net::FABRIC_NETNS))
+}
+
+/// Merges the resources of a file or directory into the cluster (by kind/namespace/name),
+/// like `kubectl apply`.
+pub fn apply(path: &Path) -> Result<()> {
+    preflight()?;
+    let prev = load_state()?;
+    let mut resources = prev.resources.clone();
+    config::merge(&mut resources, config::load(path)?)?;
+    change(&prev, resources)
+}
+
+/// Removes the resources named in a file or directory, like `kubectl delete -f`.
+pub fn delete(path: &Path) -> Result<()> {
+    preflight()?;
+    let prev = load_state()?;
+    let mut resources = prev.resources.clone();
+    let gone = config::load(path)?;
+    if config::remove(&mut resources, &gone)? == 0 {
+        eprintln!("note: none of the resources in {} exist", path.display());
+    }
+    change(&prev, resources)
+}
+
+fn change(prev: &State, resources: Vec<serde_json::Value>) -> Result<()> {
+    let (mut state, diff) = plan::plan(prev, resources)?;
+    ensure_binaries(&mut state, &diff)?;
+    converge(&mut state, &diff)
+}
+
+/// Builds the binaries once if anything about to start needs them.
+fn ensure_binaries(state: &mut State, diff: &Diff) -> Result<()> {
+    if state.binaries.is_some() {
+        return Ok(());
+    }
+    let needed = (state.mesh && !diff.new_nodes.is_empty())
+        || diff
+            .added
+            .iter()
+            .any(|p| resource_of(state, p).is_some_and(launch::needs_binaries));
+    if needed {
+        state.binaries = Some(binaries()?);
+    }
+    Ok(())
+}
+
+fn resource_of<'a>(state: &'a State, pod: &PodInfo) -> Option<&'a serde_json::Value> {
+    state.resources.iter().find(|o| {
+        config::kind_of(o) == "Pod"
+            && config::namespace_of(o) == pod.namespace
+            && config::str_at(o, "/metadata/name") == Some(pod.name.as_str())
+    })
+}
+
+/// Brings the machine from the previous state to `state`, in the order that keeps meshed
+/// pods from ever running unenforced.
+fn converge(state: &mut State, diff: &Diff) -> Result<()> {
+    // Recorded first, so that `down` knows every node and pod even if this fails half-way.
+    state.save()?;
+    for pod in &diff.removed {
+        teardown_pod(pod).with_context(|| format!("removing pod {}", pod.key()))?;
+        eprintln!("pod {}: removed", pod.key());
+    }
+    for node in &diff.new_nodes {
+        // cgroups before the namespace: they are how `down` recognises our nodes.
+        cgroup::create(&node.proxy_cgroup())?;
+        cgroup::create(&node.cgroup().join("pods"))?;
+        net::create_node(node).with_context(|| format!("creating node {}", node.name))?;
+    }
+    if !diff.new_nodes.is_empty() {
+        net::route_between_nodes(&state.nodes)?;
+    }
+    for pod in &diff.added {
+        let node = state.node(&pod.node).context("pod on an unknown node")?;
+        cgroup::create(&pod.cgroup())?;
+        net::create_pod(pod, node).with_context(|| format!("creating pod {}", pod.key()))?;
+    }
+    sync_services(state)?;
+
+    state.generation += 1;
+    write_config(state)?;
+    state.save()?;
+
+    if state.mesh {
+        let bins = state.binaries.clone().context("mesh-node was not built")?;
+        for node in &diff.new_nodes {
+            start_proxy(node, &bins)?;
+        }
+        for node in &state.nodes {
+            ready::wait_node(node, state.generation)?;
+            if diff.new_nodes.contains(node) {
+                eprintln!("node {}: mesh-node ready", node.name);
+            }
+        }
+    }
+
+    for pod in &diff.added {
+        start_pod(state, pod)?;
+    }
+    for pod in &diff.added {
+        ready::wait_pod(pod)?;
+        eprintln!("pod {}: ready ({}, {})", pod.key(), pod.ip, pod.node);
+    }
+    Ok(())
+}
+
+fn teardown_pod(pod: &PodInfo) -> Result<()> {
+    cgroup::kill(&pod.cgroup())?;
+    if net::list_netns()?.contains(&pod.netns) {
+        net::delete_netns(&pod.netns)?;
+    } else {
+        net::remove_etc_netns(&pod.netns)?;
+    }
+    cgroup::remove_tree(&pod.cgroup())
+}
+
+/// kube-proxy rules in every node and hosts files in every pod, from the current Services.
+fn sync_services(state: &State) -> Result<()> {
+    let views = plan::services(state);
+    for node in &state.nodes {
+        let local: Vec<Ipv4Addr> = state
+            .pods
+            .values()
+            .filter(|p| p.node == node.name)
+            .map(|p| p.ip)
+            .collect();
+        nft::apply(&node.netns(), &nft::render(&views, &local))?;
+    }
+    let names: Vec<net::ServiceName<'_>> = views
+        .iter()
+        .filter_map(|v| {
+            Some(net::ServiceName {
+                namespace: &v.namespace,
+                name: &v.name,
+                ip: v.cluster_ip?,
+            })
+        })
+        .collect();
+    for pod in state.pods.values() {
+        net::write_hosts(&pod.netns, &net::render_hosts(pod, &names))?;
+    }
+    Ok(())
+}
+
+/// The effective configuration, then the generation: a node that reports the new
+/// generation has the new configuration files available.
+fn write_config(state: &State) -> Result<()> {
+    let dir = state::config_dir();
+    state::write_atomic(
+        &dir.join("cluster.yaml"),
+        config::render_effective(state)?.as_bytes(),
+    )?;
+    state::write_atomic(
+        &dir.join("generation"),
+        format!("{}\n", state.generation).as_bytes(),
+    )
+}
+
+fn start_proxy(node: &NodeInfo, bins: &Binaries) -> Result<()> {
+    let mut cmd = Command::new(&bins.mesh_node);
+    cmd.arg("run")
+        .args(["--node", &node.name])
+        .arg("--config-dir")
+        .arg(state::config_dir())
+        .arg("--cgroup")
+        .arg(node.cgroup())
+        .args(["--proxy-ip", &node.gateway().to_string()])
+        .args(["--uplink", "eth0"])
+        .env(
+            "RUST_LOG",
+            std::env::var(NODE_LOG_ENV).unwrap_or_else(|_| "info".into()),
+        );
+    // Directly into the namespace: `ip netns exec` would remount /sys and hide bpffs and
+    // the cgroup filesystem from mesh-node.
+    Placement::new()
+        .cgroup(&node.proxy_cgroup())?
+        .netns(&node.netns())?
+        .detached()
+        .install(&mut cmd);
+    proc::spawn_logged(&mut cmd, &node.log())
+        .with_context(|| format!("starting mesh-node of {}", node.name))?;
+    Ok(())
+}
+
+fn start_pod(state: &State, pod: &PodInfo) -> Result<()> {
+    let obj = resource_of(state, pod).context("pod without its resource")?;
+    let node = state.node(&pod.node).context("pod on an unknown node")?;
+    for container in launch::containers(obj, pod, node, state.binaries.as_ref())? {
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", &pod.netns])
+            .args(&container.argv)
+            .envs(container.env.iter().map(|(k, v)| (k, v)));
+        // The cgroup first: after `ip netns exec` remounts /sys it is out of reach.
+        Placement::new()
+            .cgroup(&pod.cgroup())?
+            .detached()
+            .install(&mut cmd);
+        proc::spawn_logged(&mut cmd, &pod.log()).with_context(|| {
+            format!(
+                "starting container {} of {}",
+                container.container,
+                pod.key()
+            )
+        })?;
+    }
+    Ok(())
+}
+
+/// Stops the mesh-node of `node` (SIGKILL, as a crash would: eBPF programs stay attached).
+pub fn stop_node(node: &str) -> Result<()> {
+    require_root()?;
+    let state = load_state()?;
+    let node = state
+        .node(node)
+        .with_context(|| format!("no node {node}"))?;
+    cgroup::kill(&node.proxy_cgroup())
+}
+
+/// Starts the mesh-node of `node` again and waits until it is ready on the current
+/// configuration.
+pub fn start_node(node: &str) -> Result<()> {
+    require_root()?;
+    let state = load_state()?;
+    let node = state
+        .node(node)
+        .with_context(|| format!("no node {node}"))?;
+    if !state.mesh {
+        bail!("the cluster runs without mesh-node ({NO_MESH_ENV})");
+    }
+    if cgroup::populated(&node.proxy_cgroup()) {
+        bail!("mesh-node of {} is running", node.name);
+    }
+    let bins = state.binaries.as_ref().context("mesh-node was not built")?;
+    start_proxy(node, bins)?;
+    ready::wait_node(node, state.generation)
+}
+
+/// A pod's address (`ns/pod`).
+pub fn pod_ip(pod: &str) -> Result<Ipv4Addr> {
+    let state = load_state()?;
+    Ok(state
+        .pods
+        .get(pod)
+        .with_context(|| format!("no pod {pod}"))?
+        .ip)
+}
+
+/// A Service's ClusterIP (`ns/name`).
+pub fn cluster_ip(service: &str) -> Result<Ipv4Addr> {
+    let state = load_state()?;
+    state
+        .services
+        .get(service)
+        .copied()
+        .with_context(|| format!("no Service {service} with a ClusterIP"))
+}
+
+/// The log file of `ns/pod` or `node/NAME`.
+pub fn log_path(target: &str) -> Result<PathBuf> {
+    let state = load_state()?;
+    match Target::parse(target)? {
+        Target::Node(name) => Ok(state
+            .node(name)
+            .with_context(|| format!("no node {name}"))?
+            .log()),
+        Target::Pod(key) => Ok(state
+            .pods
+            .get(key)
+            .with_context(|| format!("no pod {key}"))?
+            .log()),
+    }
+}
+
+enum Target<'a> {
+    Node(&'a str),
+    Pod(&'a str),
+}
+
+impl<'a> Target<'a> {
+    fn parse(target: &'a str) -> Result<Self> {
+        if let Some(node) = target.strip_prefix("node/") {
+            return Ok(Self::Node(node));
+        }
+        match target.split_once('/') {
+            Some((ns, pod)) if !ns.is_empty() && !pod.is_empty() && !pod.contains('/') => {
+                Ok(Self::Pod(target))
+            }
+            _ => bail!("target {target:?} is neither `namespace/pod` nor `node/NAME`"),
+        }
+    }
+}
+
+/// The command `cmd` placed in a pod (its cgroup, then `ip netns exec` into its namespace
+/// so that its hosts file applies) or in a node's namespace.
+fn exec_command(target: &str, cmd: &[String]) -> Result<Command> {
+    require_root()?;
+    let (program, args) = cmd.split_first().context("no command to run")?;
+    let state = load_state()?;
+    let bins = state.binaries.as_ref();
+    let program = launch::resolve(program, bins)?;
+    match Target::parse(target)? {
+        Target::Node(name) => {
+            let node = state
+                .node(name)
+                .with_context(|| format!("no node {name}"))?;
+            let mut command = Command::new(program);
+            command.args(args);
+            Placement::new().netns(&node.netns())?.install(&mut command);
+            Ok(command)
+        }
+        Target::Pod(key) => {
+            let pod = state
+                .pods
+                .get(key)
+                .with_context(|| format!("no pod {key}"))?;
+            let mut command = Command::new("ip");
+            command
+                .args(["netns", "exec", &pod.netns])
+                .arg(program)
+                .args(args);
+            if let Some(path) = launch::path_with(bins) {
+                command.env("PATH", path);
+            }
+            Placement::new()
+                .cgroup(&pod.cgroup())?
+                .install(&mut command);
+            Ok(command)
+        }
+    }
+}
+
+/// Runs `cmd` in `ns/pod` or `node/NAME` and collects its output.
+pub fn exec(target: &str, cmd: &[String]) -> Result<Output> {
+    let mut command = exec_command(target, cmd)?;
+    command
+        .stdin(std::process::Stdio::null())
+        .output()
+        .with_context(|| format!("running {cmd:?} in {target}"))
+}
+
+/// Runs `cmd` in `ns/pod` or `node/NAME` with this terminal and returns its exit code
+/// (128 + signal number when a signal ended it, as shells report it).
+pub fn exec_status(target: &str, cmd: &[String]) -> Result<i32> {
+    use std::os::unix::process::ExitStatusExt as _;
+    let status = exec_command(target, cmd)?
+        .status()
+        .with_context(|| format!("running {cmd:?} in {target}"))?;
+    Ok(status
+        .code()
+        .unwrap_or_else(|| 128 + status.signal().unwrap_or(0)))
+}
+
+/// A human-readable table of nodes, pods and Services.
+pub fn status() -> Result<String> {
+    match State::load()? {
+        Some(state) => Ok(status::render(&state)),
+        None => Ok("no virtual cluster is up\n".into()),
+    }
+}
+
+/// Removes everything the cluster created, also after a crash or without a state file;
+/// does nothing when nothing is there.
+pub fn down() -> Result<()> {
+    require_root()?;
+    down::down()
+}

@@ -1,0 +1,122 @@
+//! `cargo xtask`: Weft's development tasks.
+
+use std::{path::PathBuf, process::ExitCode};
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    name = "cargo xtask",
+    bin_name = "cargo xtask",
+    about = "Weft's development tasks: machine setup, the virtual cluster, tests, demo",
+    disable_help_subcommand = true
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Install or check the toolchains, Debian packages, bpf-linker, bpffs and cgroup v2
+    /// (idempotent; one line per item).
+    Setup,
+    /// Run a virtual Kubernetes cluster on this machine (root).
+    Cluster {
+        #[command(subcommand)]
+        command: ClusterCommand,
+    },
+    /// fmt, clippy (also eBPF), unit tests, then the end-to-end tests (root).
+    Test,
+    /// Bookinfo on the virtual cluster.
+    Demo,
+    /// The sidecar-vs-sidecarless benchmark.
+    Bench,
+}
+
+#[derive(Subcommand)]
+#[command(after_help = "\
+Environment:
+  WEFT_CLUSTER_NO_MESH=1     run nodes without mesh-node (plain networking and kube-proxy)
+  WEFT_PROFILE=release       cargo profile of mesh-node and weft-demo (default: debug)
+  WEFT_CLUSTER_NODE_LOG=...  RUST_LOG of the node proxies (default: info)
+
+State, effective configuration and logs are under /run/weft-cluster.")]
+enum ClusterCommand {
+    /// Create the cluster described by the Kubernetes YAML in DIR and wait until every
+    /// node proxy and pod is ready.
+    Up {
+        /// Directory (or file) of Kubernetes YAML
+        dir: PathBuf,
+    },
+    /// Create or update resources from a file or directory (like kubectl apply -f).
+    Apply { path: PathBuf },
+    /// Delete the resources named in a file or directory (like kubectl delete -f).
+    Delete { path: PathBuf },
+    /// Run a command in a pod (`namespace/pod`: its cgroup and network namespace) or a node
+    /// (`node/NAME`: its network namespace); exits with the command's exit code.
+    Exec {
+        /// `namespace/pod` or `node/NAME`
+        target: String,
+        /// The command and its arguments, after `--`
+        #[arg(last = true, required = true, value_name = "CMD")]
+        command: Vec<String>,
+    },
+    /// Print the log of a pod (`namespace/pod`) or node proxy (`node/NAME`).
+    Logs {
+        /// `namespace/pod` or `node/NAME`
+        target: String,
+    },
+    /// Show nodes, pods and Services.
+    Status,
+    /// Remove everything the cluster created (also after a crash).
+    Down,
+}
+
+fn main() -> ExitCode {
+    match run(Cli::parse()) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    use xtask::cluster;
+    match cli.command {
+        Task::Setup => xtask::setup()?,
+        Task::Cluster { command } => match command {
+            ClusterCommand::Up { dir } => {
+                cluster::up(&dir)?;
+                print!("{}", cluster::status()?);
+            }
+            ClusterCommand::Apply { path } => cluster::apply(&path)?,
+            ClusterCommand::Delete { path } => cluster::delete(&path)?,
+            ClusterCommand::Exec { target, command } => {
+                let code = cluster::exec_status(&target, &command)?;
+                return Ok(ExitCode::from(u8::try_from(code).unwrap_or(1)));
+            }
+            ClusterCommand::Logs { target } => {
+                let path = cluster::log_path(&target)?;
+                let log = std::fs::read(&path)
+                    .map_err(|e| anyhow::anyhow!("reading {}: {e}", path.display()))?;
+                use std::io::Write as _;
+                std::io::stdout().write_all(&log)?;
+            }
+            ClusterCommand::Status => print!("{}", cluster::status()?),
+            ClusterCommand::Down => cluster::down()?,
+        },
+        Task::Test => xtask::test::run()?,
+        Task::Demo => {
+            xtask::setup()?;
+            xtask::demo::run()?;
+        }
+        Task::Bench => {
+            eprintln!("cargo xtask bench: not yet implemented");
+            return Ok(ExitCode::from(2));
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}

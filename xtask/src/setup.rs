@@ -1,0 +1,234 @@
+//! `cargo xtask setup`: makes this machine able to build and run Weft, idempotently.
+//!
+//! Every item prints one line, `ok: ...` when it is already in place or `installing: ...`
+//! before it is installed, so a second run is a quick all-`ok` check.
+
+use std::{path::Path, process::Command};
+
+use anyhow::{bail, Context as _, Result};
+
+use crate::{cmd, is_root, BPF_TOOLCHAIN};
+
+/// Debian packages: LLVM for bpf-linker, the tools the virtual cluster drives, and the load
+/// generators of the benchmark.
+const PACKAGES: &[&str] = &[
+    "llvm-22-dev",
+    "libpolly-22-dev",
+    "zlib1g-dev",
+    "libzstd-dev",
+    "iproute2",
+    "nftables",
+    "iptables",
+    "curl",
+    "nghttp2-client",
+    "wrk",
+];
+
+const BPF_LINKER_VERSION: &str = "0.13.0";
+const BPFFS: &str = "/sys/fs/bpf";
+pub(crate) const CGROUP2: &str = "/sys/fs/cgroup/unified";
+
+/// Installs or checks every prerequisite; fails with a message naming what to fix.
+pub fn setup() -> Result<()> {
+    toolchain()?;
+    packages()?;
+    bpf_linker()?;
+    ensure_bpffs()?;
+    check_cgroup2()?;
+    println!("ok: cgroup v2 at {CGROUP2}");
+    if is_root() {
+        println!("ok: running as root");
+    } else {
+        // Building and unit tests work unprivileged; say so now rather than at the first
+        // `cluster up`.
+        println!("note: not root: the virtual cluster and the end-to-end tests need root");
+    }
+    Ok(())
+}
+
+/// The nightly the eBPF programs build with, with `rust-src` (build-std) and `clippy` (the
+/// eBPF lint step of `cargo xtask test`).
+fn toolchain() -> Result<()> {
+    const COMPONENTS: [&str; 2] = ["rust-src", "clippy"];
+    let installed = Command::new("rustup")
+        .args([
+            "component",
+            "list",
+            "--installed",
+            "--toolchain",
+            BPF_TOOLCHAIN,
+        ])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+        .unwrap_or_default();
+    let what = format!(
+        "rust toolchain {BPF_TOOLCHAIN} with {}",
+        COMPONENTS.join(", ")
+    );
+    if COMPONENTS
+        .iter()
+        .all(|c| installed.lines().any(|l| l.starts_with(c)))
+    {
+        println!("ok: {what}");
+        return Ok(());
+    }
+    println!("installing: {what}");
+    // `install` is idempotent and adds missing components to an installed toolchain.
+    let mut install = Command::new("rustup");
+    install.args([
+        "toolchain",
+        "install",
+        BPF_TOOLCHAIN,
+        "--profile",
+        "minimal",
+    ]);
+    for component in COMPONENTS {
+        install.args(["--component", component]);
+    }
+    cmd::interactive(&mut install)
+}
+
+fn packages() -> Result<()> {
+    let mut missing = Vec::new();
+    for package in PACKAGES {
+        if package_installed(package) {
+            println!("ok: {package}");
+        } else {
+            missing.push(*package);
+        }
+    }
+    if missing.is_empty() {
+        return Ok(());
+    }
+    if !is_root() {
+        bail!(
+            "Debian packages missing: {}; installing them needs root: run `sudo -E cargo xtask setup`",
+            missing.join(" ")
+        );
+    }
+    for package in &missing {
+        println!("installing: {package}");
+    }
+    // One `update` for the whole batch: the package lists of a fresh machine are empty.
+    cmd::interactive(
+        Command::new("apt-get")
+            .args(["update", "-q"])
+            .env("DEBIAN_FRONTEND", "noninteractive"),
+    )?;
+    cmd::interactive(
+        Command::new("apt-get")
+            .args(["install", "-y", "-q", "--no-install-recommends"])
+            .args(&missing)
+            .env("DEBIAN_FRONTEND", "noninteractive"),
+    )
+}
+
+fn package_installed(package: &str) -> bool {
+    Command::new("dpkg-query")
+        .args(["-W", "-f", "${Status}", package])
+        .output()
+        .is_ok_and(|o| o.status.success() && o.stdout.ends_with(b" installed"))
+}
+
+fn bpf_linker() -> Result<()> {
+    let what = format!("bpf-linker {BPF_LINKER_VERSION}");
+    let current = Command::new("bpf-linker").arg("--version").output();
+    if current.is_ok_and(|o| {
+        o.status.success() && String::from_utf8_lossy(&o.stdout).contains(BPF_LINKER_VERSION)
+    }) {
+        println!("ok: {what}");
+        return Ok(());
+    }
+    println!("installing: {what} (built against LLVM 22, a few minutes)");
+    cmd::interactive(
+        Command::new("cargo")
+            .args([
+                "install",
+                &format!("bpf-linker@{BPF_LINKER_VERSION}"),
+                "--locked",
+                "--no-default-features",
+                "--features",
+                "llvm-22",
+            ])
+            .env("LLVM_PREFIX", "/usr/lib/llvm-22"),
+    )
+}
+
+/// Mounts bpffs at /sys/fs/bpf if it is not (fresh machines do not mount it); `mesh-node`
+/// pins its programs and maps there.
+fn ensure_bpffs() -> Result<()> {
+    if mounted(BPFFS, "bpf")? {
+        println!("ok: bpffs at {BPFFS}");
+        return Ok(());
+    }
+    if !is_root() {
+        bail!("bpffs is not mounted at {BPFFS}; mounting it needs root: run `sudo -E cargo xtask setup`");
+    }
+    println!("installing: bpffs at {BPFFS}");
+    mount_bpffs()
+}
+
+/// Quiet variant for the cluster commands, which need bpffs but print nothing about it.
+pub(crate) fn ensure_bpffs_quiet() -> Result<()> {
+    if mounted(BPFFS, "bpf")? {
+        return Ok(());
+    }
+    mount_bpffs()
+}
+
+fn mount_bpffs() -> Result<()> {
+    cmd::run(Command::new("mount").args(["-t", "bpf", "bpf", BPFFS]))
+}
+
+/// The virtual cluster's cgroups live on the cgroup2 hierarchy at /sys/fs/cgroup/unified;
+/// it is the machine's to provide, so this only checks.
+pub(crate) fn check_cgroup2() -> Result<()> {
+    if mounted(CGROUP2, "cgroup2")? {
+        return Ok(());
+    }
+    bail!(
+        "no cgroup v2 hierarchy at {CGROUP2}: mount one (`mkdir -p {CGROUP2} && \
+         mount -t cgroup2 none {CGROUP2}`) or boot with systemd.unified_cgroup_hierarchy"
+    )
+}
+
+fn mounted(mount_point: &str, fs_type: &str) -> Result<bool> {
+    let mounts =
+        std::fs::read_to_string("/proc/self/mounts").context("reading /proc/self/mounts")?;
+    Ok(mounts_contain(&mounts, Path::new(mount_point), fs_type))
+}
+
+fn mounts_contain(mounts: &str, mount_point: &Path, fs_type: &str) -> bool {
+    mounts.lines().any(|line| {
+        let mut fields = line.split_whitespace().skip(1);
+        fields.next().map(Path::new) == Some(mount_point) && fields.next() == Some(fs_type)
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn finds_mounts_by_point_and_type() {
+        let mounts = "tmpfs /sys/fs/cgroup tmpfs rw 0 0\n\
+                      cgroup2 /sys/fs/cgroup/unified cgroup2 rw,relatime 0 0\n\
+                      bpf /sys/fs/bpf bpf rw 0 0\n";
+        assert!(mounts_contain(mounts, Path::new("/sys/fs/bpf"), "bpf"));
+        assert!(mounts_contain(
+            mounts,
+            Path::new("/sys/fs/cgroup/unified"),
+            "cgroup2"
+        ));
+        assert!(!mounts_contain(
+            mounts,
+            Path::new("/sys/fs/cgroup"),
+            "cgroup2"
+        ));
+        assert!(!mounts_contain(
+            mounts,
+            Path::new("/sys/fs/bpf/weft"),
+            "bpf"
+        ));
+    }
+}

@@ -1,0 +1,123 @@
+//! `cargo xtask test`: everything CI checks, in order, stopping at the first failure.
+//!
+//! The end-to-end tests build real namespaces, cgroups and eBPF programs, so they need root;
+//! without it this fails rather than skipping them silently.
+
+use std::{path::Path, process::Command};
+
+use anyhow::{bail, Context as _, Result};
+
+use crate::{cluster, cmd, is_root, workspace_root, BPF_TOOLCHAIN};
+
+struct Step {
+    name: &'static str,
+    run: fn(&Path) -> Result<()>,
+}
+
+const STEPS: &[Step] = &[
+    Step {
+        name: "setup",
+        run: |_| crate::setup(),
+    },
+    Step {
+        name: "rustfmt",
+        run: |root| cargo(root, &["fmt", "--all", "--", "--check"]),
+    },
+    Step {
+        name: "clippy",
+        // mesh-ebpf only builds for the BPF target; it has its own step.
+        run: |root| {
+            cargo(
+                root,
+                &[
+                    "clippy",
+                    "--workspace",
+                    "--exclude",
+                    "mesh-ebpf",
+                    "--all-targets",
+                    "--",
+                    "-D",
+                    "warnings",
+                ],
+            )
+        },
+    },
+    Step {
+        name: "clippy (eBPF)",
+        run: ebpf_clippy,
+    },
+    Step {
+        name: "unit tests",
+        run: unit_tests,
+    },
+    Step {
+        name: "end-to-end tests",
+        run: e2e_tests,
+    },
+];
+
+/// Runs every step; prints a header per step.
+pub fn run() -> Result<()> {
+    let root = workspace_root();
+    for (i, step) in STEPS.iter().enumerate() {
+        println!("\n==> [{}/{}] {}", i + 1, STEPS.len(), step.name);
+        (step.run)(&root).with_context(|| format!("step `{}` failed", step.name))?;
+    }
+    println!("\n==> all {} steps passed", STEPS.len());
+    Ok(())
+}
+
+fn cargo(root: &Path, args: &[&str]) -> Result<()> {
+    cmd::interactive(Command::new("cargo").args(args).current_dir(root))
+}
+
+fn ebpf_clippy(root: &Path) -> Result<()> {
+    cmd::interactive(
+        Command::new("cargo")
+            .arg(format!("+{BPF_TOOLCHAIN}"))
+            .args([
+                "clippy",
+                "-p",
+                "mesh-ebpf",
+                "--target",
+                "bpfel-unknown-none",
+                "-Z",
+                "build-std=core",
+                "--",
+                "-D",
+                "warnings",
+            ])
+            .current_dir(root.join("mesh-ebpf"))
+            // Flags meant for the host build must not reach the BPF target.
+            .env_remove("CARGO_ENCODED_RUSTFLAGS")
+            .env_remove("RUSTUP_TOOLCHAIN"),
+    )
+}
+
+/// Unit and in-process tests of every crate. The end-to-end target is `test = false` in
+/// xtask's manifest, so it runs only in the next step.
+fn unit_tests(root: &Path) -> Result<()> {
+    cargo(root, &["test", "--workspace", "--exclude", "mesh-ebpf"])
+}
+
+fn e2e_tests(root: &Path) -> Result<()> {
+    if !is_root() {
+        bail!(
+            "the end-to-end tests create network namespaces, cgroups and eBPF programs and \
+             need root: run `sudo -E cargo xtask test`"
+        );
+    }
+    cluster::binaries()?;
+    cargo(
+        root,
+        &[
+            "test",
+            "-p",
+            "xtask",
+            "--test",
+            "e2e",
+            "--",
+            "--test-threads=1",
+        ],
+    )
+}

@@ -1,0 +1,565 @@
+//! End-to-end tests on the virtual cluster: real network namespaces, veths, cgroups, eBPF
+//! programs in the running kernel, node proxies and pods exchanging real TCP.
+//!
+//! One cluster serves every case (bringing it up is the slow part); cases run in order, each
+//! reporting ok/FAILED, and the cluster is torn down at the end whatever happened, after which
+//! the last case checks that nothing was left behind. Needs root: without it the suite fails
+//! loudly instead of skipping.
+
+use std::{
+    fs,
+    panic::{self, AssertUnwindSafe},
+    path::Path,
+    time::{Duration, Instant},
+};
+
+use anyhow::{anyhow, bail, ensure, Context as _, Result};
+use xtask::{
+    cluster,
+    probe::{delta as counter_delta, ebpf_counters, metrics, pod_ip, resolve, sample_sum},
+};
+
+const CLUSTER: &str = r#"
+apiVersion: v1
+kind: Namespace
+metadata: {name: mesh, labels: {weft.io/mesh: enabled}}
+---
+apiVersion: v1
+kind: Namespace
+metadata: {name: plain}
+---
+apiVersion: v1
+kind: Namespace
+metadata: {name: late}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: peer-1, namespace: mesh, labels: {app: peer-1}}
+spec:
+  nodeName: node-1
+  containers: [{name: main, command: [weft-demo, peer, --port, "8080"], ports: [{containerPort: 8080}]}]
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: echo-1, namespace: mesh, labels: {app: echo-1}}
+spec:
+  nodeName: node-1
+  containers: [{name: main, command: [weft-demo, echo, --port, "7000"], ports: [{containerPort: 7000}]}]
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: client-1, namespace: mesh, labels: {app: client-1}}
+spec:
+  nodeName: node-1
+  containers: [{name: main, command: [sleep, infinity]}]
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: optout-1, namespace: mesh, labels: {app: optout-1, weft.io/mesh: disabled}}
+spec:
+  nodeName: node-1
+  containers: [{name: main, command: [sleep, infinity]}]
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: client-p, namespace: plain, labels: {app: client-p}}
+spec:
+  nodeName: node-1
+  containers: [{name: main, command: [sleep, infinity]}]
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: client-l, namespace: late, labels: {app: client-l}}
+spec:
+  nodeName: node-1
+  containers: [{name: main, command: [sleep, infinity]}]
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: peer-2, namespace: mesh, labels: {app: peer-2}}
+spec:
+  nodeName: node-2
+  containers: [{name: main, command: [weft-demo, peer, --port, "8080"], ports: [{containerPort: 8080}]}]
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: peer-p, namespace: plain, labels: {app: peer-p}}
+spec:
+  nodeName: node-2
+  containers: [{name: main, command: [weft-demo, peer, --port, "8080"], ports: [{containerPort: 8080}]}]
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: client-p2, namespace: plain, labels: {app: client-p2}}
+spec:
+  nodeName: node-2
+  containers: [{name: main, command: [sleep, infinity]}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: peer-1, namespace: mesh}
+spec: {selector: {app: peer-1}, ports: [{name: tcp-peer, port: 80, targetPort: 8080}]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: peer-2, namespace: mesh}
+spec: {selector: {app: peer-2}, ports: [{name: tcp-peer, port: 80, targetPort: 8080}]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: echo-1, namespace: mesh}
+spec: {selector: {app: echo-1}, ports: [{name: tcp-echo, port: 7000}]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: peer-p, namespace: plain}
+spec: {selector: {app: peer-p}, ports: [{name: tcp-peer, port: 80, targetPort: 8080}]}
+"#;
+
+const LATE_MESHED: &str = r#"
+apiVersion: v1
+kind: Namespace
+metadata: {name: late, labels: {weft.io/mesh: enabled}}
+"#;
+
+const LATE_UNMESHED: &str = r#"
+apiVersion: v1
+kind: Namespace
+metadata: {name: late}
+"#;
+
+const CLIENT_L_OPTED_OUT: &str = r#"
+apiVersion: v1
+kind: Pod
+metadata: {name: client-l, namespace: late, labels: {app: client-l, weft.io/mesh: disabled}}
+spec:
+  nodeName: node-1
+  containers: [{name: main, command: [sleep, infinity]}]
+"#;
+
+/// What `weft-demo dial` printed.
+#[derive(Debug)]
+struct Dial {
+    /// getpeername() of the client socket.
+    peername: String,
+    /// The client address as the server saw it (ip only).
+    server_saw: String,
+}
+
+fn dial(pod: &str, addr: &str) -> Result<Dial> {
+    let out = cluster::exec(
+        pod,
+        &args(&["weft-demo", "dial", addr, "--timeout-ms", "2000"]),
+    )?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    ensure!(
+        out.status.success(),
+        "{pod}: dial {addr} failed: {}{}",
+        stdout,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let field = |name: &str| {
+        stdout
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .map(str::trim)
+            .map(str::to_owned)
+            .ok_or_else(|| anyhow!("{pod}: dial {addr}: no `{name}` in output: {stdout}"))
+    };
+    let said = field("said=")?;
+    let server_saw = said
+        .strip_prefix("peer=")
+        .and_then(|a| a.rsplit_once(':'))
+        .map(|(ip, _)| ip.to_owned())
+        .ok_or_else(|| anyhow!("{pod}: unexpected server answer {said:?}"))?;
+    Ok(Dial {
+        peername: field("peername=")?,
+        server_saw,
+    })
+}
+
+fn dial_fails(pod: &str, addr: &str) -> Result<String> {
+    let out = cluster::exec(
+        pod,
+        &args(&["weft-demo", "dial", addr, "--timeout-ms", "1500"]),
+    )?;
+    ensure!(
+        !out.status.success(),
+        "{pod}: dial {addr} unexpectedly succeeded: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    Ok(String::from_utf8_lossy(&out.stderr).into_owned())
+}
+
+fn args(a: &[&str]) -> Vec<String> {
+    a.iter().map(|s| s.to_string()).collect()
+}
+
+fn apply_yaml(yaml: &str) -> Result<()> {
+    let dir = tempfile_dir()?;
+    let path = dir.join("change.yaml");
+    fs::write(&path, yaml)?;
+    let res = cluster::apply(&path);
+    let _ = fs::remove_dir_all(&dir);
+    res
+}
+
+fn tempfile_dir() -> Result<std::path::PathBuf> {
+    let dir =
+        std::env::temp_dir().join(format!("weft-e2e-{}-{}", std::process::id(), rand_suffix()));
+    fs::create_dir_all(&dir)?;
+    Ok(dir)
+}
+
+fn rand_suffix() -> u128 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or_default()
+}
+
+const PROXY_1: &str = "10.244.1.1";
+const PROXY_2: &str = "10.244.2.1";
+
+fn meshed_pod_reaches_service_vip_through_its_node_proxy() -> Result<()> {
+    let vip = resolve("mesh/client-1", "peer-1.mesh")?;
+    let before = metrics("node-1")?;
+    let dial = dial("mesh/client-1", "peer-1:80")?;
+    ensure!(
+        dial.peername == format!("{vip}:80"),
+        "getpeername shows {} instead of the VIP {vip}:80",
+        dial.peername
+    );
+    ensure!(
+        dial.server_saw == PROXY_1,
+        "server saw {} instead of node-1's proxy {PROXY_1}",
+        dial.server_saw
+    );
+    let after = metrics("node-1")?;
+    let labels = [
+        ("reporter", "source"),
+        ("destination_service", "peer-1.mesh.svc.cluster.local"),
+        ("source_workload", "client-1"),
+    ];
+    let opened = sample_sum(&after, "istio_tcp_connections_opened_total", &labels)
+        - sample_sum(&before, "istio_tcp_connections_opened_total", &labels);
+    ensure!(
+        opened >= 1.0,
+        "node-1 proxy did not count the connection: {opened}"
+    );
+    Ok(())
+}
+
+fn cross_node_goes_through_both_node_proxies() -> Result<()> {
+    let (b1, b2) = (metrics("node-1")?, metrics("node-2")?);
+    let dial = dial("mesh/client-1", "peer-2:80")?;
+    ensure!(
+        dial.server_saw == PROXY_2,
+        "server on node-2 saw {} instead of node-2's proxy {PROXY_2}",
+        dial.server_saw
+    );
+    let (a1, a2) = (metrics("node-1")?, metrics("node-2")?);
+    let src = [
+        ("reporter", "source"),
+        ("destination_service", "peer-2.mesh.svc.cluster.local"),
+    ];
+    let dst = [
+        ("reporter", "destination"),
+        ("destination_workload", "peer-2"),
+    ];
+    let m = "istio_tcp_connections_opened_total";
+    ensure!(
+        sample_sum(&a1, m, &src) - sample_sum(&b1, m, &src) >= 1.0,
+        "node-1 proxy did not report the outbound connection"
+    );
+    ensure!(
+        sample_sum(&a2, m, &dst) - sample_sum(&b2, m, &dst) >= 1.0,
+        "node-2 proxy did not report the inbound connection"
+    );
+    Ok(())
+}
+
+fn unlabelled_namespace_is_untouched() -> Result<()> {
+    let client_ip = pod_ip("plain/client-p")?;
+    let before = ebpf_counters("node-1")?;
+    for _ in 0..5 {
+        let dial = dial("plain/client-p", "peer-p:80")?;
+        ensure!(
+            dial.server_saw == client_ip,
+            "unmeshed traffic was proxied: server saw {}, client is {client_ip}",
+            dial.server_saw
+        );
+    }
+    let after = ebpf_counters("node-1")?;
+    ensure!(
+        counter_delta(&before, &after, "captured") == 0.0,
+        "captures happened for an unlabelled namespace: {before:?} -> {after:?}"
+    );
+    ensure!(
+        counter_delta(&before, &after, "skipped_not_meshed") >= 5.0,
+        "connect() of unmeshed pods not seen by the program"
+    );
+    Ok(())
+}
+
+/// Polls `dial` until `ok` holds, for at most `limit` after `start`.
+fn eventually(
+    start: Instant,
+    limit: Duration,
+    what: &str,
+    mut ok: impl FnMut() -> Result<bool>,
+) -> Result<Duration> {
+    loop {
+        if ok()? {
+            return Ok(start.elapsed());
+        }
+        if start.elapsed() > limit {
+            bail!("{what} did not happen within {limit:?}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn labelling_at_runtime_captures_and_releases() -> Result<()> {
+    let client_ip = pod_ip("late/client-l")?;
+    ensure!(dial("late/client-l", "peer-p.plain:80")?.server_saw == client_ip);
+
+    let start = Instant::now();
+    apply_yaml(LATE_MESHED)?;
+    let took = eventually(
+        start,
+        Duration::from_secs(1),
+        "capture after labelling",
+        || Ok(dial("late/client-l", "peer-p.plain:80")?.server_saw != client_ip),
+    )?;
+    println!("    namespace labelled: captured after {took:?}");
+
+    let start = Instant::now();
+    apply_yaml(CLIENT_L_OPTED_OUT)?;
+    let took = eventually(
+        start,
+        Duration::from_secs(1),
+        "release after pod opt-out",
+        || Ok(dial("late/client-l", "peer-p.plain:80")?.server_saw == client_ip),
+    )?;
+    println!("    pod opted out: released after {took:?}");
+
+    let optout_ip = pod_ip("mesh/optout-1")?;
+    ensure!(
+        dial("mesh/optout-1", "peer-p.plain:80")?.server_saw == optout_ip,
+        "a pod labelled weft.io/mesh=disabled was captured"
+    );
+
+    apply_yaml(LATE_UNMESHED)?;
+    ensure!(
+        dial("late/client-l", "peer-p.plain:80")?.server_saw == client_ip,
+        "unlabelled namespace still captured"
+    );
+    Ok(())
+}
+
+fn fast_path_is_used_and_byte_exact() -> Result<()> {
+    let before = ebpf_counters("node-1")?;
+    let out = cluster::exec(
+        "mesh/client-1",
+        &args(&[
+            "weft-demo",
+            "blast",
+            "echo-1:7000",
+            "--conns",
+            "64",
+            "--bytes",
+            "16777216",
+        ]),
+    )?;
+    let report = String::from_utf8_lossy(&out.stdout);
+    ensure!(
+        out.status.success(),
+        "blast failed: {report}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    println!("    {}", report.trim());
+    let after = ebpf_counters("node-1")?;
+    let bytes = counter_delta(&before, &after, "fast_path_bytes");
+    let redirects = counter_delta(&before, &after, "fast_path_redirects");
+    ensure!(
+        redirects > 0.0,
+        "no fast-path redirects: {before:?} -> {after:?}"
+    );
+    ensure!(
+        bytes >= 64.0 * 16_777_216.0,
+        "fast path carried only {bytes} bytes of the 1 GiB sent each way"
+    );
+    Ok(())
+}
+
+fn plaintext_to_meshed_pod_is_captured_inbound() -> Result<()> {
+    let before = ebpf_counters("node-1")?;
+    let m_before = metrics("node-1")?;
+    // Same node (enters through the client's own interface) and from node-2 (through eth0).
+    for client in ["plain/client-p", "plain/client-p2"] {
+        let dial = dial(client, "peer-1.mesh:80")?;
+        ensure!(
+            dial.server_saw == PROXY_1,
+            "{client} reached peer-1 directly ({}), not through 15006",
+            dial.server_saw
+        );
+    }
+    let after = ebpf_counters("node-1")?;
+    ensure!(
+        counter_delta(&before, &after, "inbound_captured") >= 2.0,
+        "inbound captures not counted: {before:?} -> {after:?}"
+    );
+    let m_after = metrics("node-1")?;
+    let labels = [
+        ("reporter", "destination"),
+        ("destination_workload", "peer-1"),
+    ];
+    let m = "istio_tcp_connections_opened_total";
+    ensure!(
+        sample_sum(&m_after, m, &labels) - sample_sum(&m_before, m, &labels) >= 2.0,
+        "inbound connections not reported by node-1's proxy"
+    );
+    Ok(())
+}
+
+fn proxy_down_fails_closed_and_recovers() -> Result<()> {
+    cluster::stop_node("node-1")?;
+    let err = dial_fails("mesh/client-1", "peer-1:80")?;
+    println!("    meshed client with proxy down: {}", err.trim());
+    dial_fails("plain/client-p", "peer-1.mesh:80")?;
+    // Unmeshed traffic is not affected by the proxy's absence.
+    let client_ip = pod_ip("plain/client-p")?;
+    ensure!(dial("plain/client-p", "peer-p:80")?.server_saw == client_ip);
+
+    cluster::start_node("node-1")?;
+    ensure!(dial("mesh/client-1", "peer-1:80")?.server_saw == PROXY_1);
+    ensure!(dial("mesh/client-1", "peer-2:80")?.server_saw == PROXY_2);
+    ensure!(dial("plain/client-p", "peer-1.mesh:80")?.server_saw == PROXY_1);
+    Ok(())
+}
+
+fn leftovers() -> Vec<String> {
+    let mut left = Vec::new();
+    if let Ok(out) = std::process::Command::new("ip")
+        .args(["netns", "list"])
+        .output()
+    {
+        for line in String::from_utf8_lossy(&out.stdout).lines() {
+            let name = line.split_whitespace().next().unwrap_or_default();
+            if name == "weft-fabric" || name.starts_with("wn-") || name.starts_with("wp-") {
+                left.push(format!("netns {name}"));
+            }
+        }
+    }
+    for path in [
+        "/sys/fs/cgroup/unified/weft-cluster",
+        "/sys/fs/bpf/weft",
+        "/run/weft-cluster",
+    ] {
+        if Path::new(path).exists() {
+            left.push(path.to_owned());
+        }
+    }
+    for entry in fs::read_dir("/etc/netns").into_iter().flatten().flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if name.starts_with("wp-") || name.starts_with("wn-") {
+            left.push(format!("/etc/netns/{name}"));
+        }
+    }
+    left
+}
+
+fn main() {
+    if !xtask::is_root() {
+        eprintln!("e2e: these tests need root (network namespaces, cgroups, eBPF); run `sudo cargo xtask test`");
+        println!("e2e: 0 passed, 1 failed");
+        std::process::exit(1);
+    }
+    let cases: &[(&str, fn() -> Result<()>)] = &[
+        (
+            "meshed_pod_reaches_service_vip_through_its_node_proxy",
+            meshed_pod_reaches_service_vip_through_its_node_proxy,
+        ),
+        (
+            "cross_node_goes_through_both_node_proxies",
+            cross_node_goes_through_both_node_proxies,
+        ),
+        (
+            "unlabelled_namespace_is_untouched",
+            unlabelled_namespace_is_untouched,
+        ),
+        (
+            "labelling_at_runtime_captures_and_releases",
+            labelling_at_runtime_captures_and_releases,
+        ),
+        (
+            "fast_path_is_used_and_byte_exact",
+            fast_path_is_used_and_byte_exact,
+        ),
+        (
+            "plaintext_to_meshed_pod_is_captured_inbound",
+            plaintext_to_meshed_pod_is_captured_inbound,
+        ),
+        (
+            "proxy_down_fails_closed_and_recovers",
+            proxy_down_fails_closed_and_recovers,
+        ),
+    ];
+    let filter = std::env::args().nth(1).filter(|a| !a.starts_with('-'));
+    let (mut passed, mut failed) = (0, 0);
+
+    let up = (|| -> Result<()> {
+        cluster::down().context("cleaning up an earlier cluster")?;
+        let dir = tempfile_dir()?;
+        fs::write(dir.join("cluster.yaml"), CLUSTER)?;
+        let res = cluster::up(&dir);
+        let _ = fs::remove_dir_all(&dir);
+        res
+    })();
+    match up {
+        Err(e) => {
+            println!("test cluster_up ... FAILED\n    {e:#}");
+            failed += 1;
+        }
+        Ok(()) => {
+            for (name, case) in cases {
+                if filter.as_deref().is_some_and(|f| !name.contains(f)) {
+                    continue;
+                }
+                let start = Instant::now();
+                let res = panic::catch_unwind(AssertUnwindSafe(case))
+                    .unwrap_or_else(|_| Err(anyhow!("panicked")));
+                match res {
+                    Ok(()) => {
+                        println!("test {name} ... ok ({:.1?})", start.elapsed());
+                        passed += 1;
+                    }
+                    Err(e) => {
+                        println!("test {name} ... FAILED\n    {e:#}");
+                        failed += 1;
+                    }
+                }
+            }
+        }
+    }
+    if failed > 0 {
+        if let Ok(status) = cluster::status() {
+            println!("{status}");
+        }
+    }
+    match cluster::down() {
+        Ok(()) => {}
+        Err(e) => println!("cluster down failed: {e:#}"),
+    }
+    let left = leftovers();
+    if left.is_empty() {
+        println!("test nothing_left_behind ... ok");
+        passed += 1;
+    } else {
+        println!("test nothing_left_behind ... FAILED\n    left: {left:?}");
+        failed += 1;
+    }
+    println!("e2e: {passed} passed, {failed} failed");
+    std::process::exit(i32::from(failed > 0));
+}
