@@ -47,7 +47,9 @@ pub fn sample_sum(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
                 .all(|(k, v)| l.contains(&format!("{k}=\"{v}\"")))
         })
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
+        // An empty f64 sum is -0.0; report a plain zero.
+        .sum::<f64>()
+        + 0.0
 }
 
 /// The node's `weft_ebpf_<name>_total` counters by `<name>`.
