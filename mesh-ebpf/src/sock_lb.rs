@@ -22,11 +22,11 @@ fn capture(ctx: &SockAddrContext, dst_ip4: u32, dst_port: u16) -> Option<u32> {
     // SAFETY: the helper has no preconditions in a cgroup sock_addr program.
     let cgroup = unsafe { bpf_get_current_cgroup_id() };
     // SAFETY: map values are plain integers.
-    if unsafe { MESHED_CGROUPS.get(&cgroup) }.is_none() {
+    if unsafe { MESHED_CGROUPS.get(cgroup) }.is_none() {
         count(Counter::SkippedNotMeshed);
         return None;
     }
-    if unsafe { MESH_DESTS.get(&dst_ip4) }.is_none() {
+    if unsafe { MESH_DESTS.get(dst_ip4) }.is_none() {
         count(Counter::SkippedNotMeshDest);
         return None;
     }
@@ -38,7 +38,7 @@ fn capture(ctx: &SockAddrContext, dst_ip4: u32, dst_port: u16) -> Option<u32> {
         port: dst_port,
         _pad: 0,
     };
-    if proxy == 0 || ORIG_DST_BY_COOKIE.insert(&cookie, &orig, 0).is_err() {
+    if proxy == 0 || ORIG_DST_BY_COOKIE.insert(cookie, orig, 0).is_err() {
         // Still send it to the proxy address: without a recorded destination the proxy refuses
         // the connection, which is the fail-closed outcome we want.
         count(Counter::Errors);
@@ -84,7 +84,7 @@ fn original(ctx: &SockAddrContext) -> Option<OrigDst> {
     // SAFETY: valid context pointer.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     // SAFETY: plain-data value, copied out.
-    let orig = unsafe { ORIG_DST_BY_COOKIE.get(&cookie) }.copied()?;
+    let orig = unsafe { ORIG_DST_BY_COOKIE.get(cookie) }.copied()?;
     count(Counter::PeernameRestored);
     Some(orig)
 }

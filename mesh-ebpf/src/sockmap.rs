@@ -50,13 +50,10 @@ fn record_original_dst(ctx: &SockOpsContext) {
     // SAFETY: valid context pointer.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     // SAFETY: plain-data value, copied out.
-    let Some(orig) = (unsafe { ORIG_DST_BY_COOKIE.get(&cookie) }).copied() else {
+    let Some(orig) = (unsafe { ORIG_DST_BY_COOKIE.get(cookie) }).copied() else {
         return;
     };
-    if ORIG_DST_BY_TUPLE
-        .insert(&client_addr(ctx), &orig, 0)
-        .is_err()
-    {
+    if ORIG_DST_BY_TUPLE.insert(client_addr(ctx), orig, 0).is_err() {
         count(Counter::Errors);
         return;
     }
@@ -70,8 +67,8 @@ fn record_original_dst(ctx: &SockOpsContext) {
 fn forget(ctx: &SockOpsContext) {
     // SAFETY: valid context pointer.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-    let _ = ORIG_DST_BY_COOKIE.remove(&cookie);
-    let _ = ORIG_DST_BY_TUPLE.remove(&client_addr(ctx));
+    let _ = ORIG_DST_BY_COOKIE.remove(cookie);
+    let _ = ORIG_DST_BY_TUPLE.remove(client_addr(ctx));
 }
 
 /// Sockets with the node proxy at one end (pod ↔ proxy, proxy ↔ local pod) join the fast path.

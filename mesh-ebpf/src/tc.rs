@@ -18,7 +18,7 @@ use core::mem::size_of;
 use aya_ebpf::{
     bindings::{
         bpf_sock, bpf_sock_tuple, BPF_F_CURRENT_NETNS, BPF_F_INGRESS, BPF_TCP_LISTEN,
-        BPF_TCP_TIME_WAIT, TC_ACT_OK as ACT_OK, TC_ACT_SHOT as ACT_SHOT,
+        BPF_TCP_TIME_WAIT, TC_ACT_OK, TC_ACT_SHOT,
     },
     helpers::{bpf_redirect, bpf_sk_assign, bpf_sk_release, bpf_skc_lookup_tcp},
     programs::TcContext,
@@ -28,8 +28,6 @@ use mesh_common::{Counter, INBOUND_MARK, INBOUND_PORT};
 
 use crate::maps::{count, LOCAL_MESHED_PODS, PROXY_IP4};
 
-const TC_ACT_OK: i32 = ACT_OK as i32;
-const TC_ACT_SHOT: i32 = ACT_SHOT as i32;
 const ETH_HLEN: usize = 14;
 const ETH_P_IP: u16 = 0x0800;
 const IPPROTO_TCP: u8 = 6;
@@ -132,7 +130,7 @@ fn parse(ctx: &TcContext) -> Result<Option<Flow>, ()> {
     }
     let daddr: u32 = ctx.load(ETH_HLEN + 16).map_err(|_| ())?;
     // SAFETY: plain integer value.
-    if unsafe { LOCAL_MESHED_PODS.get(&daddr) }.is_none() {
+    if unsafe { LOCAL_MESHED_PODS.get(daddr) }.is_none() {
         return Ok(None);
     }
     let saddr: u32 = ctx.load(ETH_HLEN + 12).map_err(|_| ())?;

@@ -51,7 +51,7 @@ impl Sync {
     }
 
     pub fn apply(&mut self, snapshot: &Snapshot, applied_version: &AtomicU64) {
-        let desired = desired(&self.cfg, snapshot);
+        let desired = desired(&self.cfg, snapshot, route::interface_for);
         let mut current = match self.applied.take() {
             Some(current) => current,
             None => self.take_over(),
@@ -143,7 +143,12 @@ where
     errors
 }
 
-fn desired(cfg: &AgentConfig, snapshot: &Snapshot) -> Desired {
+/// `interface_of` names the local interface a pod address is routed through.
+fn desired(
+    cfg: &AgentConfig,
+    snapshot: &Snapshot,
+    interface_of: impl Fn(std::net::Ipv4Addr) -> Option<String>,
+) -> Desired {
     let mut d = Desired::default();
     for svc in snapshot.services.values() {
         if let Some(ip) = svc.cluster_ip {
@@ -169,7 +174,7 @@ fn desired(cfg: &AgentConfig, snapshot: &Snapshot) -> Desired {
             }
             // Unmeshed local clients reach meshed pods through their own interface, so every
             // local pod interface gets the inbound classifiers.
-            if let Some(iface) = route::interface_for(ip) {
+            if let Some(iface) = interface_of(ip) {
                 d.classifiers.insert((TcHook::Ingress, iface.clone()));
                 d.classifiers.insert((TcHook::Egress, iface));
             }
@@ -319,7 +324,9 @@ mod tests {
             proxy_ip: Ipv4Addr::new(10, 244, 1, 1),
             uplinks: vec!["eth0".into()],
         };
-        let d = desired(&cfg, &snapshot(dir.path()));
+        let d = desired(&cfg, &snapshot(dir.path()), |ip| {
+            Some(format!("veth-{}", ip.octets()[3]))
+        });
 
         let key = |a, b, c, e| ip_key(Ipv4Addr::new(a, b, c, e));
         // Service VIPs and meshed pods anywhere are mesh destinations; opted-out and unmeshed
