@@ -27,7 +27,7 @@ use tracing::{debug, info};
 
 use crate::{
     metrics::{self, Metrics},
-    model::{Snapshot, TargetPort, CGROUP_ANNOTATION},
+    model::{ObjectKey, Snapshot, TargetPort, CGROUP_ANNOTATION},
     source::SourceStatus,
 };
 
@@ -323,6 +323,74 @@ fn resources(snapshot: &Snapshot) -> Vec<Value> {
             }).collect::<serde_json::Map<_, _>>()),
         })
     }));
+
+    out.extend(mesh_config(snapshot));
+    out
+}
+
+/// The traffic rules and policies in force, one line each (the full model is large).
+fn mesh_config(snapshot: &Snapshot) -> Vec<Value> {
+    fn entries<T>(
+        kind: &str,
+        map: &std::collections::HashMap<ObjectKey, Arc<T>>,
+        summary: impl Fn(&T) -> Value,
+    ) -> Vec<Value> {
+        let mut keys: Vec<_> = map.keys().collect();
+        keys.sort();
+        keys.into_iter()
+            .map(|key| {
+                let mut entry = json!({
+                    "kind": kind,
+                    "namespace": &*key.namespace,
+                    "name": &*key.name,
+                });
+                if let (Value::Object(entry), Value::Object(extra)) =
+                    (&mut entry, summary(&map[key]))
+                {
+                    entry.extend(extra);
+                }
+                entry
+            })
+            .collect()
+    }
+    let strings = |list: &[Arc<str>]| list.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+    let mut out = Vec::new();
+    out.extend(entries("VirtualService", &snapshot.virtual_services, |vs| {
+        json!({"hosts": strings(&vs.hosts), "mesh": vs.applies_to_mesh(), "httpRules": vs.http.len(), "tcpRules": vs.tcp.len()})
+    }));
+    out.extend(entries("DestinationRule", &snapshot.destination_rules, |dr| {
+        json!({"host": &*dr.host, "subsets": dr.subsets.iter().map(|s| s.name.to_string()).collect::<Vec<_>>()})
+    }));
+    out.extend(entries(
+        "ServiceEntry",
+        &snapshot.service_entries,
+        |se| json!({"hosts": strings(&se.hosts)}),
+    ));
+    out.extend(entries(
+        "AuthorizationPolicy",
+        &snapshot.authorization_policies,
+        |ap| json!({"action": ap.action.as_str(), "rules": ap.rules.len()}),
+    ));
+    out.extend(entries(
+        "PeerAuthentication",
+        &snapshot.peer_authentications,
+        |pa| json!({"mtls": pa.mtls.as_str()}),
+    ));
+    let parents = |refs: &[crate::model::traffic::ParentRef]| {
+        refs.iter()
+            .map(|p| format!("{}/{}", p.kind, p.name))
+            .collect::<Vec<_>>()
+    };
+    out.extend(entries(
+        "HTTPRoute",
+        &snapshot.http_routes,
+        |r| json!({"parentRefs": parents(&r.parent_refs), "rules": r.rules.len()}),
+    ));
+    out.extend(entries(
+        "GRPCRoute",
+        &snapshot.grpc_routes,
+        |r| json!({"parentRefs": parents(&r.parent_refs), "rules": r.rules.len()}),
+    ));
     out
 }
 
@@ -374,6 +442,27 @@ mod tests {
         assert!(r.check().unwrap_err().contains("proxy has not applied"));
         r.proxy_applied_version.store(3, Ordering::Release);
         assert_eq!(r.check(), Ok(()));
+    }
+
+    #[test]
+    fn mesh_config_is_listed() {
+        let docs = "apiVersion: v1\nkind: List\nitems:\n\
+            - {apiVersion: networking.istio.io/v1, kind: VirtualService, metadata: {name: reviews, namespace: bookinfo}, spec: {hosts: [reviews], http: [{route: [{destination: {host: reviews, subset: v2}}]}]}}\n\
+            - {apiVersion: security.istio.io/v1, kind: PeerAuthentication, metadata: {name: default, namespace: bookinfo}, spec: {mtls: {mode: STRICT}}}\n";
+        let value = serde_yaml::from_str(docs).unwrap();
+        let objects: Vec<_> = objects::translate(&value)
+            .into_iter()
+            .map(Result::unwrap)
+            .collect();
+        let listed = resources(&assemble(&objects, None));
+        assert_eq!(
+            listed,
+            [
+                json!({"kind": "VirtualService", "namespace": "bookinfo", "name": "reviews",
+                       "hosts": ["reviews"], "mesh": true, "httpRules": 1, "tcpRules": 0}),
+                json!({"kind": "PeerAuthentication", "namespace": "bookinfo", "name": "default", "mtls": "STRICT"}),
+            ]
+        );
     }
 
     #[tokio::test]

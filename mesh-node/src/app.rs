@@ -6,8 +6,11 @@
 //! | main + 2 `weft-data` workers            | proxy listeners 15001, 15006, 15008 and their connections |
 //!
 //! The two halves meet only in the [`Store`] (snapshots) and a few atomics (applied versions,
-//! readiness). On SIGTERM or SIGINT the proxy stops accepting and drains; the eBPF programs
-//! stay attached and pinned, so meshed pods fail closed until `mesh-node` is back.
+//! readiness). The configuration comes from a directory (`--config-dir`) or from the
+//! Kubernetes API (`--kubernetes`); either way the eBPF sync starts from the first complete
+//! snapshot, never from the empty one the store starts with. On SIGTERM or SIGINT the proxy
+//! stops accepting and drains; the eBPF programs stay attached and pinned, so meshed pods fail
+//! closed until `mesh-node` is back.
 
 use std::{
     io::{self, IsTerminal},
@@ -23,11 +26,14 @@ use tracing_subscriber::EnvFilter;
 use crate::{
     admin::{self, AdminError, AdminState, Readiness},
     agent::{self, Agent, AgentConfig, AgentError},
-    config::{CleanupArgs, LogFormat, RunArgs},
+    config::{CleanupArgs, ConfigSource, LogFormat, RunArgs},
     metrics::Metrics,
     model::{OriginalDst, Store},
     proxy::{NoOriginalDst, Proxy, ProxyConfig, ProxyError},
-    source::file::{FileSource, SourceError},
+    source::{
+        file::{FileSource, SourceError},
+        kube::{self as kube_source, KubeConfig, KubeError, KubeSource},
+    },
 };
 
 /// Workers of the data-plane runtime.
@@ -39,6 +45,8 @@ pub enum AppError {
     Agent(#[from] AgentError),
     #[error(transparent)]
     Source(#[from] SourceError),
+    #[error(transparent)]
+    Kube(#[from] KubeError),
     #[error(transparent)]
     Proxy(#[from] ProxyError),
     #[error(transparent)]
@@ -59,10 +67,15 @@ pub enum AppError {
     ControlPanicked,
 }
 
+/// Default log filter. kube-runtime's watcher logs some errors (403) at every retry; the
+/// Kubernetes source logs each streak of errors once instead.
+const DEFAULT_LOG_FILTER: &str = "info,kube_runtime::watcher=error";
+
 /// Logs to stderr; `RUST_LOG` overrides the default `info` level (the per-connection access
 /// log is at debug: `RUST_LOG=info,weft::access=debug`).
 pub fn init_tracing(format: LogFormat) {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let filter =
+        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(DEFAULT_LOG_FILTER));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(io::stderr)
@@ -79,10 +92,24 @@ pub fn run(args: RunArgs) -> Result<(), AppError> {
     info!(
         node = %args.node,
         proxy_ip = %args.proxy_ip,
-        config_dir = %args.config_dir.display(),
+        source = %args.source(),
         ebpf = !args.no_ebpf,
         "starting mesh-node"
     );
+    // A missing Kubernetes configuration stops start-up before anything is attached.
+    let chosen = match args.source() {
+        ConfigSource::Kubernetes => Chosen::Kube(Box::new(
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .map_err(|source| AppError::Runtime {
+                    runtime: "start-up",
+                    source,
+                })?
+                .block_on(kube_source::infer_config())?,
+        )),
+        ConfigSource::Dir(dir) => Chosen::Dir(dir.to_path_buf()),
+    };
     let store = Store::new();
     let readiness = Arc::new(Readiness::new(!args.no_ebpf));
 
@@ -118,11 +145,18 @@ pub fn run(args: RunArgs) -> Result<(), AppError> {
     }
     let metrics = Arc::new(metrics);
 
-    // The first configuration is read before anything serves: a wrong --config-dir stops
-    // start-up here instead of producing an empty mesh.
-    let mut source = FileSource::new(&args.config_dir, store.clone())
-        .with_rejections(metrics.rejections().clone());
-    source.poll()?;
+    let source = match chosen {
+        Chosen::Dir(dir) => {
+            // The first configuration is read before anything serves: a wrong --config-dir
+            // stops start-up here instead of producing an empty mesh.
+            let mut source =
+                FileSource::new(dir, store.clone()).with_rejections(metrics.rejections().clone());
+            source.poll()?;
+            Source::File(source)
+        }
+        // The client is built on the control runtime, which drives its connections.
+        Chosen::Kube(config) => Source::Kube(config, KubeConfig::new(args.node.clone())),
+    };
 
     let (shutdown_tx, _) = watch::channel(false);
     let shutdown_tx = Arc::new(shutdown_tx);
@@ -200,9 +234,28 @@ pub async fn shutdown_signal(mut rx: watch::Receiver<bool>) {
     let _ = rx.wait_for(|stop| *stop).await;
 }
 
+/// The configuration source chosen on the command line.
+enum Chosen {
+    Dir(std::path::PathBuf),
+    Kube(Box<kube::Config>),
+}
+
+/// The configuration source as handed to the control thread: a directory already read once,
+/// or what the Kubernetes client is built from on that thread.
+enum Source {
+    File(FileSource),
+    Kube(Box<kube::Config>, KubeConfig),
+}
+
+/// The configuration source on the control runtime.
+enum Running {
+    File(FileSource),
+    Kube(KubeSource),
+}
+
 /// Everything that runs on the control thread.
 struct Control {
-    source: FileSource,
+    source: Source,
     agent: Option<Agent>,
     admin_addr: SocketAddr,
     health_addr: SocketAddr,
@@ -245,21 +298,43 @@ impl Control {
 
         let health = admin::bind("health", health_addr).await?;
         let admin_listener = admin::bind("admin", admin_addr).await?;
+        let source = match source {
+            Source::File(source) => Running::File(source),
+            Source::Kube(client, config) => Running::Kube(
+                KubeSource::new(kube_source::client(*client)?, config, store.clone())
+                    .with_rejections(metrics.rejections().clone()),
+            ),
+        };
         let state = Arc::new(AdminState {
             store: store.clone(),
             metrics,
             readiness: readiness.clone(),
-            source: source.status(),
+            source: match &source {
+                Running::File(source) => source.status(),
+                Running::Kube(source) => source.status(),
+            },
         });
         tokio::spawn(admin::serve_health(health, readiness.clone(), stop()));
         tokio::spawn(admin::serve_admin(admin_listener, state, stop()));
-        tokio::spawn(source.run(stop()));
+        match source {
+            Running::File(source) => tokio::spawn(source.run(stop())),
+            Running::Kube(source) => {
+                info!("waiting for the first complete list from the Kubernetes API");
+                tokio::spawn(source.run(stop()))
+            }
+        };
 
         let sync = async {
             match agent {
                 Some(agent) => {
+                    // Syncing the store's initial, empty snapshot would unmesh every pod of a
+                    // restarted node until the first list arrives.
+                    let mut snapshots = store.subscribe();
+                    if snapshots.wait_for(|s| s.version > 0).await.is_err() {
+                        return;
+                    }
                     agent
-                        .run(store.subscribe(), readiness.ebpf_applied_version.clone())
+                        .run(snapshots, readiness.ebpf_applied_version.clone())
                         .await
                 }
                 None => std::future::pending().await,

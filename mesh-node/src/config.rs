@@ -2,11 +2,12 @@
 //! environment variable, which is how the DaemonSet manifest configures it.
 
 use std::{
+    fmt,
     net::{Ipv4Addr, SocketAddr},
-    path::PathBuf,
+    path::{Path, PathBuf},
 };
 
-use clap::{Args, Parser, Subcommand, ValueEnum};
+use clap::{ArgGroup, Args, Parser, Subcommand, ValueEnum};
 
 /// Default pin directory of Weft's eBPF maps and links on bpffs.
 pub const DEFAULT_BPFFS_ROOT: &str = "/sys/fs/bpf/weft";
@@ -31,14 +32,21 @@ pub enum Command {
 }
 
 #[derive(Clone, Debug, Args)]
+#[command(group(ArgGroup::new("source").required(true).args(["config_dir", "kubernetes"])))]
 pub struct RunArgs {
-    /// Name of this node, as in the Pods' `spec.nodeName`.
+    /// Name of this node, as in the Pods' `spec.nodeName` (in a DaemonSet, from the downward
+    /// API: `--node=$(NODE_NAME)`).
     #[arg(long, env = "WEFT_NODE", value_name = "NAME")]
     pub node: String,
 
     /// Directory of Kubernetes YAML/JSON the configuration is read from (watched for changes).
     #[arg(long, env = "WEFT_CONFIG_DIR", value_name = "DIR")]
-    pub config_dir: PathBuf,
+    pub config_dir: Option<PathBuf>,
+
+    /// Read the configuration from the Kubernetes API server (in-cluster ServiceAccount, else
+    /// KUBECONFIG or ~/.kube/config) instead of a directory.
+    #[arg(long, env = "WEFT_KUBERNETES")]
+    pub kubernetes: bool,
 
     /// cgroup v2 subtree of this node the cgroup programs attach to.
     #[arg(long, env = "WEFT_CGROUP", value_name = "PATH")]
@@ -87,6 +95,34 @@ pub struct RunArgs {
     /// Log output format.
     #[arg(long, env = "WEFT_LOG_FORMAT", value_enum, default_value_t = LogFormat::Plain)]
     pub log_format: LogFormat,
+}
+
+impl RunArgs {
+    /// Where the configuration comes from (clap guarantees exactly one).
+    pub fn source(&self) -> ConfigSource<'_> {
+        match &self.config_dir {
+            Some(dir) if !self.kubernetes => ConfigSource::Dir(dir),
+            _ => ConfigSource::Kubernetes,
+        }
+    }
+}
+
+/// The configuration source of `mesh-node run`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ConfigSource<'a> {
+    /// `--config-dir`: a directory of YAML (local mode, the virtual cluster).
+    Dir(&'a Path),
+    /// `--kubernetes`: watches of the API server.
+    Kubernetes,
+}
+
+impl fmt::Display for ConfigSource<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ConfigSource::Dir(dir) => write!(f, "directory {}", dir.display()),
+            ConfigSource::Kubernetes => f.write_str("Kubernetes API"),
+        }
+    }
 }
 
 #[derive(Clone, Debug, Args)]
@@ -149,6 +185,53 @@ mod tests {
         assert_eq!(args.admin_addr, "0.0.0.0:15020".parse().unwrap());
         assert_eq!(args.health_addr, "0.0.0.0:15021".parse().unwrap());
         assert_eq!(args.log_format, LogFormat::Plain);
+        assert_eq!(args.source(), ConfigSource::Dir(Path::new("/etc/weft")));
+    }
+
+    #[test]
+    fn run_from_kubernetes() {
+        let cli = parse(&[
+            "run",
+            "--node",
+            "n1",
+            "--kubernetes",
+            "--cgroup",
+            "/sys/fs/cgroup",
+            "--proxy-ip",
+            "172.18.0.2",
+        ]);
+        let Command::Run(args) = cli.command else {
+            panic!("expected run");
+        };
+        assert_eq!(args.source(), ConfigSource::Kubernetes);
+        assert_eq!(args.source().to_string(), "Kubernetes API");
+    }
+
+    #[test]
+    fn exactly_one_source() {
+        let base = [
+            "mesh-node",
+            "run",
+            "--node",
+            "n1",
+            "--cgroup",
+            "/g",
+            "--proxy-ip",
+            "10.0.0.1",
+        ];
+        let neither = Cli::try_parse_from(base).unwrap_err();
+        assert_eq!(
+            neither.kind(),
+            clap::error::ErrorKind::MissingRequiredArgument
+        );
+        let both =
+            Cli::try_parse_from(
+                base.iter()
+                    .copied()
+                    .chain(["--kubernetes", "--config-dir", "/c"]),
+            )
+            .unwrap_err();
+        assert_eq!(both.kind(), clap::error::ErrorKind::ArgumentConflict);
     }
 
     #[test]

@@ -5,6 +5,7 @@
 //! - [`cluster`]: the virtual cluster: nodes and pods as network namespaces and cgroups on one
 //!   Linux machine, each node running its own `mesh-node`, kube-proxy emulated with nftables.
 //! - [`test`]: formatting, clippy (eBPF too), unit tests and the privileged end-to-end tests.
+//! - [`manifests`]: offline validation of the Kubernetes manifests (`deploy/`, `examples/`).
 //! - [`demo`]: the Bookinfo walk-through.
 //! - [`probe`]: looking at a running cluster from outside (metrics, requests from pods).
 
@@ -13,6 +14,7 @@ use std::path::{Path, PathBuf};
 pub mod cluster;
 mod cmd;
 pub mod demo;
+pub mod manifests;
 pub mod probe;
 pub mod setup;
 pub mod test;

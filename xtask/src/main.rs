@@ -26,8 +26,10 @@ enum Task {
         #[command(subcommand)]
         command: ClusterCommand,
     },
-    /// fmt, clippy (also eBPF), unit tests, then the end-to-end tests (root).
+    /// fmt, clippy (also eBPF), manifests, unit tests, then the end-to-end tests (root).
     Test,
+    /// Validate the Kubernetes manifests of deploy/ and examples/ offline.
+    Manifests,
     /// Bookinfo on the virtual cluster.
     Demo,
     /// The sidecar-vs-sidecarless benchmark.
@@ -109,6 +111,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             ClusterCommand::Down => cluster::down()?,
         },
         Task::Test => xtask::test::run()?,
+        Task::Manifests => xtask::manifests::check_manifests()?,
         Task::Demo => {
             xtask::setup()?;
             xtask::demo::run()?;

@@ -33,6 +33,7 @@ pub fn setup() -> Result<()> {
     toolchain()?;
     packages()?;
     bpf_linker()?;
+    crate::manifests::install_validator()?;
     ensure_bpffs()?;
     check_cgroup2()?;
     println!("ok: cgroup v2 at {CGROUP2}");

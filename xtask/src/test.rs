@@ -47,6 +47,10 @@ const STEPS: &[Step] = &[
         run: ebpf_clippy,
     },
     Step {
+        name: "manifests",
+        run: |_| crate::manifests::check_manifests(),
+    },
+    Step {
         name: "unit tests",
         run: unit_tests,
     },

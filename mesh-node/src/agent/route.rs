@@ -33,9 +33,15 @@ fn ip(args: &[&str]) -> Result<Output, String> {
 pub fn prepare_inbound() -> Result<(), String> {
     ensure_local_delivery()?;
     ensure_untracked()?;
-    fs::write("/proc/sys/net/ipv4/tcp_early_demux", "0")
-        .map_err(|e| format!("disabling net.ipv4.tcp_early_demux: {e}"))
+    // Containers get /proc/sys read-only: in Kubernetes a privileged init container sets it,
+    // and the agent only checks.
+    if fs::read_to_string(EARLY_DEMUX).is_ok_and(|v| v.trim() == "0") {
+        return Ok(());
+    }
+    fs::write(EARLY_DEMUX, "0").map_err(|e| format!("disabling net.ipv4.tcp_early_demux: {e}"))
 }
+
+const EARLY_DEMUX: &str = "/proc/sys/net/ipv4/tcp_early_demux";
 
 /// `ip rule fwmark INBOUND_MARK lookup T` and `local 0.0.0.0/0 dev lo table T`.
 fn ensure_local_delivery() -> Result<(), String> {

@@ -13,6 +13,12 @@ use std::{
 
 use tokio::sync::watch;
 
+pub mod policy;
+pub mod traffic;
+
+pub use policy::{AuthorizationPolicy, PeerAuthentication};
+pub use traffic::{DestinationRule, GrpcRoute, HttpRoute, ServiceEntry, VirtualService};
+
 /// Namespace label that opts a namespace into the mesh (`enabled`).
 pub const MESH_LABEL: &str = "weft.io/mesh";
 /// Pod annotation naming the pod's cgroup directory (set by the virtual cluster; in Kubernetes
@@ -165,6 +171,14 @@ pub struct Snapshot {
     pub pods: HashMap<ObjectKey, Arc<Pod>>,
     pub services: HashMap<ObjectKey, Arc<Service>>,
     pub endpoints: HashMap<ObjectKey, Arc<ServiceEndpoints>>,
+    pub virtual_services: HashMap<ObjectKey, Arc<VirtualService>>,
+    pub destination_rules: HashMap<ObjectKey, Arc<DestinationRule>>,
+    pub service_entries: HashMap<ObjectKey, Arc<ServiceEntry>>,
+    pub authorization_policies: HashMap<ObjectKey, Arc<AuthorizationPolicy>>,
+    pub peer_authentications: HashMap<ObjectKey, Arc<PeerAuthentication>>,
+    /// Gateway API routes, including those whose parents are Gateways rather than Services.
+    pub http_routes: HashMap<ObjectKey, Arc<HttpRoute>>,
+    pub grpc_routes: HashMap<ObjectKey, Arc<GrpcRoute>>,
     /// Indexes, rebuilt by [`Snapshot::index`].
     pub pods_by_ip: HashMap<Ipv4Addr, ObjectKey>,
     pub services_by_ip: HashMap<Ipv4Addr, ObjectKey>,

@@ -314,62 +314,25 @@ fn parse_file(
         ..FileState::default()
     };
     let mut unnamed_failure = false;
-
-    let text = match std::str::from_utf8(content) {
-        Ok(t) => t,
-        Err(e) => {
-            state.rejected.push(unnamed(
-                format!("{name}:1"),
-                "(file)",
-                format!("not UTF-8 text: {e}"),
-            ));
-            state.objects = old.map(|o| o.objects.clone()).unwrap_or_default();
-            return state;
-        }
-    };
-
-    let is_json = name.ends_with(".json");
-    for (line, chunk) in split_documents(text, is_json) {
-        let parsed: Result<Value, (usize, String)> = if is_json {
-            match serde_json::from_str::<serde_json::Value>(chunk) {
-                Ok(v) => serde_yaml::to_value(v).map_err(|e| (0, format!("JSON: {e}"))),
-                Err(e) => Err((e.line(), format!("JSON syntax error: {e}"))),
-            }
-        } else {
-            serde_yaml::from_str::<Value>(chunk).map_err(|e| {
-                let at = e.location().map_or(0, |l| l.line());
-                (at, format!("YAML syntax error: {e}"))
-            })
-        };
-        let value = match parsed {
-            Ok(v) => v,
-            Err((at, reason)) => {
-                unnamed_failure = true;
-                let origin = format!("{name}:{}", line + at.saturating_sub(1));
-                state.rejected.push(unnamed(origin, "(document)", reason));
-                continue;
-            }
-        };
-        for result in objects::translate(&value) {
-            match result {
-                Ok(object) => state.objects.push(object),
-                Err(invalid) => {
-                    let last_good = invalid.id.as_ref().and_then(|id| previous.get(id));
-                    if invalid.id.is_none() {
-                        unnamed_failure = true;
-                    }
-                    if let Some(last_good) = last_good {
-                        state.objects.push((*last_good).clone());
-                    }
-                    state.rejected.push(Rejection {
-                        origin: format!("{name}:{line}"),
-                        kind: invalid.kind.unwrap_or_else(|| "unknown".into()),
-                        name: invalid.name.unwrap_or_else(|| "unknown".into()),
-                        field: invalid.field,
-                        reason: invalid.reason,
-                        kept_last_good: last_good.is_some(),
-                    });
+    for (line, result) in parse_documents(name, content) {
+        match result {
+            Ok(object) => state.objects.push(object),
+            Err(invalid) => {
+                let last_good = invalid.id.as_ref().and_then(|id| previous.get(id));
+                if invalid.id.is_none() {
+                    unnamed_failure = true;
                 }
+                if let Some(last_good) = last_good {
+                    state.objects.push((*last_good).clone());
+                }
+                state.rejected.push(Rejection {
+                    origin: format!("{name}:{line}"),
+                    kind: invalid.kind.unwrap_or_else(|| "unknown".into()),
+                    name: invalid.name.unwrap_or_else(|| "unknown".into()),
+                    field: invalid.field,
+                    reason: invalid.reason,
+                    kept_last_good: last_good.is_some(),
+                });
             }
         }
     }
@@ -389,15 +352,48 @@ fn parse_file(
     state
 }
 
-fn unnamed(origin: String, field: &str, reason: String) -> Rejection {
-    Rejection {
-        origin,
-        kind: "unknown".into(),
-        name: "unknown".into(),
+/// Reads the resources of one file (`name` tells JSON from YAML). Every document is parsed and
+/// translated on its own, so one broken document hides nothing else; each result comes with the
+/// line it starts on (for a syntax error, the line of the error). Any bytes give an answer and
+/// never a panic: `fuzz/` feeds this function arbitrary input.
+pub fn parse_documents(
+    name: &str,
+    content: &[u8],
+) -> Vec<(usize, Result<Object, objects::Invalid>)> {
+    let unnamed = |field: &str, reason: String| objects::Invalid {
+        kind: None,
+        id: None,
+        name: None,
         field: field.into(),
         reason,
-        kept_last_good: false,
+    };
+    let text = match std::str::from_utf8(content) {
+        Ok(t) => t,
+        Err(e) => return vec![(1, Err(unnamed("(file)", format!("not UTF-8 text: {e}"))))],
+    };
+    let is_json = name.ends_with(".json");
+    let mut out = Vec::new();
+    for (line, chunk) in split_documents(text, is_json) {
+        let parsed: Result<Value, (usize, String)> = if is_json {
+            match serde_json::from_str::<serde_json::Value>(chunk) {
+                Ok(v) => serde_yaml::to_value(v).map_err(|e| (0, format!("JSON: {e}"))),
+                Err(e) => Err((e.line(), format!("JSON syntax error: {e}"))),
+            }
+        } else {
+            serde_yaml::from_str::<Value>(chunk).map_err(|e| {
+                let at = e.location().map_or(0, |l| l.line());
+                (at, format!("YAML syntax error: {e}"))
+            })
+        };
+        match parsed {
+            Ok(value) => out.extend(objects::translate(&value).into_iter().map(|r| (line, r))),
+            Err((at, reason)) => out.push((
+                line + at.saturating_sub(1),
+                Err(unnamed("(document)", reason)),
+            )),
+        }
     }
+    out
 }
 
 /// Splits multi-document YAML at `---` lines, so a syntax error stays inside its document.
@@ -829,6 +825,191 @@ mod tests {
         assert_eq!(starts, [1, 2, 4]);
         assert_eq!(docs[2].1, "--- # c\nc: 3\n----\n");
         assert_eq!(split_documents("---\na: 1\n", false), [(1, "---\na: 1\n")]);
+    }
+
+    const REVIEWS_50_50: &str = "apiVersion: networking.istio.io/v1\nkind: VirtualService\n\
+        metadata: {name: reviews, namespace: bookinfo}\nspec:\n  hosts: [reviews]\n  http:\n  - route:\n\
+        \x20   - {destination: {host: reviews, subset: v1}, weight: 50}\n\
+        \x20   - {destination: {host: reviews, subset: v3}, weight: WEIGHT}\n";
+
+    #[test]
+    fn invalid_mesh_resource_is_rejected_alone_and_its_last_good_version_stays() {
+        let mut f = Fixture::new();
+        f.write("rules.yaml", &REVIEWS_50_50.replace("WEIGHT", "50"));
+        f.poll();
+        assert_eq!(f.snapshot().virtual_services.len(), 1);
+
+        // A negative weight: the VirtualService is rejected, the Namespace beside it applies.
+        f.write(
+            "rules.yaml",
+            &format!("{}---\n{NAMESPACE}", REVIEWS_50_50.replace("WEIGHT", "-10")),
+        );
+        f.poll();
+        let snap = f.snapshot();
+        assert!(snap.namespaces.contains_key("bookinfo"));
+        let vs = &snap.virtual_services[&key("reviews")];
+        let crate::model::traffic::HttpAction::Route(route) = &vs.http[0].action else {
+            panic!("expected a route");
+        };
+        assert_eq!(route[1].weight, 50, "the last good version stays in force");
+
+        let rejected = f.source.status().rejected();
+        assert_eq!(rejected.len(), 1, "{rejected:?}");
+        let r = &rejected[0];
+        assert_eq!(
+            (r.kind.as_str(), r.name.as_str(), r.field.as_str()),
+            (
+                "VirtualService",
+                "bookinfo/reviews",
+                "spec.http[0].route[1].weight"
+            )
+        );
+        assert!(r.kept_last_good);
+        let message = r.to_string();
+        assert!(
+            message.starts_with(
+                "rules.yaml:1: VirtualService bookinfo/reviews rejected: spec.http[0].route[1].weight: "
+            ) && message.ends_with("(the last good version stays in force)"),
+            "{message}"
+        );
+        assert_eq!(f.source.rejections.get("VirtualService"), 1);
+
+        // Fixed: the new weights apply.
+        f.write("rules.yaml", &REVIEWS_50_50.replace("WEIGHT", "0"));
+        f.poll();
+        assert!(f.source.status().rejected().is_empty());
+        let vs = &f.snapshot().virtual_services[&key("reviews")];
+        let crate::model::traffic::HttpAction::Route(route) = &vs.http[0].action else {
+            panic!("expected a route");
+        };
+        assert_eq!(route[1].weight, 0);
+    }
+
+    #[test]
+    fn every_mesh_kind_reaches_the_snapshot() {
+        let mut f = Fixture::new();
+        f.write(
+            "mesh.yaml",
+            r#"apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: reviews, namespace: bookinfo}
+spec: {host: reviews, subsets: [{name: v1, labels: {version: v1}}]}
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: api, namespace: bookinfo}
+spec: {hosts: [api.example.com], ports: [{number: 443, name: https, protocol: TLS}], resolution: DNS}
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: allow-nothing, namespace: bookinfo}
+spec: {}
+---
+apiVersion: security.istio.io/v1
+kind: PeerAuthentication
+metadata: {name: default, namespace: bookinfo}
+spec: {mtls: {mode: STRICT}}
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: reviews, namespace: bookinfo}
+spec: {parentRefs: [{group: "", kind: Service, name: reviews}]}
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: GRPCRoute
+metadata: {name: ratings, namespace: bookinfo}
+spec: {parentRefs: [{group: "", kind: Service, name: ratings}]}
+---
+apiVersion: networking.istio.io/v1
+kind: Gateway
+metadata: {name: ignored, namespace: bookinfo}
+spec: {}
+"#,
+        );
+        f.write("vs.yaml", &REVIEWS_50_50.replace("WEIGHT", "50"));
+        f.poll();
+        assert!(f.source.status().rejected().is_empty());
+        let snap = f.snapshot();
+        assert!(snap.destination_rules.contains_key(&key("reviews")));
+        assert!(snap.service_entries.contains_key(&key("api")));
+        assert!(snap
+            .authorization_policies
+            .contains_key(&key("allow-nothing")));
+        assert!(snap.peer_authentications.contains_key(&key("default")));
+        assert!(snap.http_routes.contains_key(&key("reviews")));
+        assert!(snap.grpc_routes.contains_key(&key("ratings")));
+        assert!(snap.virtual_services.contains_key(&key("reviews")));
+    }
+
+    /// Every file of a directory, with its content.
+    fn files(dir: &str) -> Vec<(String, Vec<u8>)> {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join(dir);
+        let mut files: Vec<_> = fs::read_dir(&dir)
+            .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
+            .map(|e| e.unwrap().path())
+            .filter(|p| p.is_file())
+            .map(|p| {
+                (
+                    p.file_name().unwrap().to_string_lossy().into_owned(),
+                    fs::read(&p).unwrap(),
+                )
+            })
+            .collect();
+        files.sort();
+        files
+    }
+
+    #[test]
+    fn bookinfo_traffic_examples_are_accepted() {
+        let examples: Vec<_> = files("../examples/bookinfo-traffic")
+            .into_iter()
+            .filter(|(name, _)| name.ends_with(".yaml"))
+            .collect();
+        assert!(examples.len() >= 8, "{examples:?}");
+        for (name, content) in examples {
+            let results = parse_documents(&name, &content);
+            assert!(!results.is_empty(), "{name} holds no resource");
+            for (line, result) in results {
+                let object = result.unwrap_or_else(|e| panic!("{name}:{line}: {e:?}"));
+                assert!(
+                    !matches!(
+                        object,
+                        Object::Namespace(_) | Object::Pod(_) | Object::Service(_)
+                    ),
+                    "{name}: traffic rules only"
+                );
+            }
+        }
+    }
+
+    /// Replays the fuzzing corpus on the stable toolchain, so CI proves that no input found by
+    /// `cargo fuzz` (fuzz/) panics, without running the fuzzer.
+    #[test]
+    fn fuzz_corpus_replays_without_panicking() {
+        let corpus = files("../fuzz/corpus/yaml_to_model");
+        assert!(corpus.len() >= 8, "the seed corpus is missing");
+        for (name, content) in corpus {
+            // The named seeds are valid resources, but for `invalid-*`; inputs the fuzzer adds
+            // are named by their hash.
+            let seed = name.ends_with(".yaml") || name.ends_with(".json");
+            if seed && !name.starts_with("invalid") {
+                for (line, result) in parse_documents(&name, &content) {
+                    result.unwrap_or_else(|e| panic!("{name}:{line}: {e:?}"));
+                }
+            }
+            for file_name in ["input.yaml", "input.json"] {
+                let results = std::panic::catch_unwind(|| parse_documents(file_name, &content))
+                    .unwrap_or_else(|_| panic!("{name} panics as {file_name}"));
+                for (_, result) in results {
+                    if let Err(invalid) = result {
+                        assert!(
+                            !invalid.field.is_empty() && !invalid.reason.is_empty(),
+                            "{name}: {invalid:?}"
+                        );
+                    }
+                }
+            }
+        }
     }
 
     #[tokio::test]

@@ -17,12 +17,19 @@ use arc_swap::ArcSwap;
 use serde::Serialize;
 
 use crate::model::{
-    Endpoint, Namespace, Node, ObjectKey, Pod, Protocol, Service, ServiceEndpoints, Snapshot,
-    TargetPort,
+    AuthorizationPolicy, DestinationRule, Endpoint, GrpcRoute, HttpRoute, Namespace, Node,
+    ObjectKey, PeerAuthentication, Pod, Protocol, Service, ServiceEndpoints, ServiceEntry,
+    Snapshot, TargetPort, VirtualService,
 };
 
 pub mod file;
+pub mod kube;
 pub mod objects;
+
+mod gateway;
+mod istio;
+mod security;
+mod validate;
 
 pub use objects::EndpointSlice;
 
@@ -34,6 +41,13 @@ pub enum Kind {
     Pod,
     Service,
     EndpointSlice,
+    VirtualService,
+    DestinationRule,
+    ServiceEntry,
+    AuthorizationPolicy,
+    PeerAuthentication,
+    HttpRoute,
+    GrpcRoute,
 }
 
 impl Kind {
@@ -44,6 +58,13 @@ impl Kind {
             Kind::Pod => "Pod",
             Kind::Service => "Service",
             Kind::EndpointSlice => "EndpointSlice",
+            Kind::VirtualService => "VirtualService",
+            Kind::DestinationRule => "DestinationRule",
+            Kind::ServiceEntry => "ServiceEntry",
+            Kind::AuthorizationPolicy => "AuthorizationPolicy",
+            Kind::PeerAuthentication => "PeerAuthentication",
+            Kind::HttpRoute => "HTTPRoute",
+            Kind::GrpcRoute => "GRPCRoute",
         }
     }
 
@@ -84,6 +105,13 @@ pub enum Object {
     Pod(Pod),
     Service(Service),
     EndpointSlice(EndpointSlice),
+    VirtualService(Arc<VirtualService>),
+    DestinationRule(Arc<DestinationRule>),
+    ServiceEntry(Arc<ServiceEntry>),
+    AuthorizationPolicy(Arc<AuthorizationPolicy>),
+    PeerAuthentication(Arc<PeerAuthentication>),
+    HttpRoute(Arc<HttpRoute>),
+    GrpcRoute(Arc<GrpcRoute>),
 }
 
 impl Object {
@@ -94,6 +122,13 @@ impl Object {
             Object::Pod(p) => (Kind::Pod, p.key.clone()),
             Object::Service(s) => (Kind::Service, s.key.clone()),
             Object::EndpointSlice(e) => (Kind::EndpointSlice, e.key.clone()),
+            Object::VirtualService(v) => (Kind::VirtualService, v.key.clone()),
+            Object::DestinationRule(d) => (Kind::DestinationRule, d.key.clone()),
+            Object::ServiceEntry(s) => (Kind::ServiceEntry, s.key.clone()),
+            Object::AuthorizationPolicy(a) => (Kind::AuthorizationPolicy, a.key.clone()),
+            Object::PeerAuthentication(p) => (Kind::PeerAuthentication, p.key.clone()),
+            Object::HttpRoute(r) => (Kind::HttpRoute, r.key.clone()),
+            Object::GrpcRoute(r) => (Kind::GrpcRoute, r.key.clone()),
         };
         ResourceId { kind, key }
     }
@@ -180,6 +215,31 @@ pub fn assemble<'a>(
                     name: e.service.clone(),
                 };
                 slices.entry(service).or_default().push(e);
+            }
+            Object::VirtualService(v) => {
+                snapshot.virtual_services.insert(v.key.clone(), v.clone());
+            }
+            Object::DestinationRule(d) => {
+                snapshot.destination_rules.insert(d.key.clone(), d.clone());
+            }
+            Object::ServiceEntry(s) => {
+                snapshot.service_entries.insert(s.key.clone(), s.clone());
+            }
+            Object::AuthorizationPolicy(a) => {
+                snapshot
+                    .authorization_policies
+                    .insert(a.key.clone(), a.clone());
+            }
+            Object::PeerAuthentication(p) => {
+                snapshot
+                    .peer_authentications
+                    .insert(p.key.clone(), p.clone());
+            }
+            Object::HttpRoute(r) => {
+                snapshot.http_routes.insert(r.key.clone(), r.clone());
+            }
+            Object::GrpcRoute(r) => {
+                snapshot.grpc_routes.insert(r.key.clone(), r.clone());
             }
         }
     }

@@ -8,7 +8,7 @@ use std::{net::Ipv4Addr, sync::Arc};
 
 use serde_yaml::{Mapping, Value};
 
-use super::{Kind, Object};
+use super::{gateway, istio, security, Kind, Object};
 use crate::model::{
     Labels, Namespace, Node, ObjectKey, Pod, Protocol, Service, ServicePort, TargetPort,
     CGROUP_ANNOTATION,
@@ -41,6 +41,18 @@ pub struct SliceEndpoint {
     pub ready: bool,
     pub node: Option<Arc<str>>,
     pub pod: Option<ObjectKey>,
+}
+
+/// `networking.istio.io` and `security.istio.io` versions, one schema for all.
+const ISTIO_VERSIONS: [&str; 3] = ["v1", "v1beta1", "v1alpha3"];
+/// Gateway API route versions, one schema for all.
+const GATEWAY_VERSIONS: [&str; 3] = ["v1", "v1beta1", "v1alpha2"];
+
+fn in_group(api_version: &str, group: &str, versions: &[&str]) -> bool {
+    api_version
+        .strip_prefix(group)
+        .and_then(|v| v.strip_prefix('/'))
+        .is_some_and(|v| versions.contains(&v))
 }
 
 /// A document that could not be translated: which resource (as far as it could be read) and
@@ -98,7 +110,27 @@ fn translate_into(doc: &Value, prefix: &str, out: &mut Vec<Result<Object, Invali
         ("discovery.k8s.io/v1" | "discovery.k8s.io/v1beta1", "EndpointSlice") => {
             Kind::EndpointSlice
         }
-        // Kept for later: the mesh CRDs, Deployments, ConfigMaps...
+        (version, kind) if in_group(version, "networking.istio.io", &ISTIO_VERSIONS) => {
+            match kind {
+                "VirtualService" => Kind::VirtualService,
+                "DestinationRule" => Kind::DestinationRule,
+                "ServiceEntry" => Kind::ServiceEntry,
+                _ => return,
+            }
+        }
+        (version, kind) if in_group(version, "security.istio.io", &ISTIO_VERSIONS) => match kind {
+            "AuthorizationPolicy" => Kind::AuthorizationPolicy,
+            "PeerAuthentication" => Kind::PeerAuthentication,
+            _ => return,
+        },
+        (version, kind) if in_group(version, "gateway.networking.k8s.io", &GATEWAY_VERSIONS) => {
+            match kind {
+                "HTTPRoute" => Kind::HttpRoute,
+                "GRPCRoute" => Kind::GrpcRoute,
+                _ => return,
+            }
+        }
+        // Kinds Weft does not use: Gateways, Deployments, ConfigMaps...
         _ => return,
     };
 
@@ -109,6 +141,25 @@ fn translate_into(doc: &Value, prefix: &str, out: &mut Vec<Result<Object, Invali
         Kind::Pod => pod(&fields).map(|p| Some(Object::Pod(p))),
         Kind::Service => service(&fields).map(|s| Some(Object::Service(s))),
         Kind::EndpointSlice => endpoint_slice(&fields).map(|s| s.map(Object::EndpointSlice)),
+        Kind::VirtualService => {
+            istio::virtual_service(&fields).map(|v| Some(Object::VirtualService(Arc::new(v))))
+        }
+        Kind::DestinationRule => {
+            istio::destination_rule(&fields).map(|d| Some(Object::DestinationRule(Arc::new(d))))
+        }
+        Kind::ServiceEntry => {
+            istio::service_entry(&fields).map(|s| Some(Object::ServiceEntry(Arc::new(s))))
+        }
+        Kind::AuthorizationPolicy => security::authorization_policy(&fields)
+            .map(|a| Some(Object::AuthorizationPolicy(Arc::new(a)))),
+        Kind::PeerAuthentication => security::peer_authentication(&fields)
+            .map(|p| Some(Object::PeerAuthentication(Arc::new(p)))),
+        Kind::HttpRoute => {
+            gateway::http_route(&fields).map(|r| Some(Object::HttpRoute(Arc::new(r))))
+        }
+        Kind::GrpcRoute => {
+            gateway::grpc_route(&fields).map(|r| Some(Object::GrpcRoute(Arc::new(r))))
+        }
     };
     match result {
         Ok(object) => out.extend(object.map(Ok)),
@@ -165,15 +216,15 @@ fn invalid(
     }
 }
 
-struct Metadata {
-    namespace: Arc<str>,
-    name: Arc<str>,
+pub(super) struct Metadata {
+    pub(super) namespace: Arc<str>,
+    pub(super) name: Arc<str>,
     uid: Option<Arc<str>>,
     labels: Labels,
     annotations: Labels,
 }
 
-fn metadata(fields: &Fields<'_>, namespaced: bool) -> Result<Metadata, FieldError> {
+pub(super) fn metadata(fields: &Fields<'_>, namespaced: bool) -> Result<Metadata, FieldError> {
     let meta = fields.required_obj("metadata")?;
     let name = meta.required_str("name")?;
     if name.is_empty() || name.contains('/') {
@@ -440,20 +491,20 @@ fn endpoint_slice(fields: &Fields<'_>) -> Result<Option<EndpointSlice>, FieldErr
 
 /// A field that failed validation: its full path and what is wrong with it.
 #[derive(Debug)]
-struct FieldError {
-    field: String,
-    reason: String,
+pub(super) struct FieldError {
+    pub(super) field: String,
+    pub(super) reason: String,
 }
 
 /// A mapping together with its path from the document root.
-struct Fields<'a> {
-    map: &'a Mapping,
-    value: &'a Value,
-    path: String,
+pub(super) struct Fields<'a> {
+    pub(super) map: &'a Mapping,
+    pub(super) value: &'a Value,
+    pub(super) path: String,
 }
 
 impl<'a> Fields<'a> {
-    fn root(value: &'a Value, prefix: &str) -> Result<Self, FieldError> {
+    pub(super) fn root(value: &'a Value, prefix: &str) -> Result<Self, FieldError> {
         let path = prefix.trim_end_matches('.').to_owned();
         match value {
             Value::Mapping(map) => Ok(Self { map, value, path }),
@@ -468,7 +519,7 @@ impl<'a> Fields<'a> {
         }
     }
 
-    fn path(&self, key: &str) -> String {
+    pub(super) fn path(&self, key: &str) -> String {
         if self.path.is_empty() {
             key.to_owned()
         } else {
@@ -476,7 +527,7 @@ impl<'a> Fields<'a> {
         }
     }
 
-    fn error(&self, key: &str, reason: impl Into<String>) -> FieldError {
+    pub(super) fn error(&self, key: &str, reason: impl Into<String>) -> FieldError {
         FieldError {
             field: self.path(key),
             reason: reason.into(),
@@ -484,11 +535,11 @@ impl<'a> Fields<'a> {
     }
 
     /// `null` counts as absent, as in the Kubernetes API.
-    fn get(&self, key: &str) -> Option<&'a Value> {
+    pub(super) fn get(&self, key: &str) -> Option<&'a Value> {
         self.map.get(key).filter(|v| !v.is_null())
     }
 
-    fn str(&self, key: &str) -> Result<Option<&'a str>, FieldError> {
+    pub(super) fn str(&self, key: &str) -> Result<Option<&'a str>, FieldError> {
         match self.get(key) {
             None => Ok(None),
             Some(Value::String(s)) => Ok(Some(s)),
@@ -498,11 +549,11 @@ impl<'a> Fields<'a> {
         }
     }
 
-    fn required_str(&self, key: &str) -> Result<&'a str, FieldError> {
+    pub(super) fn required_str(&self, key: &str) -> Result<&'a str, FieldError> {
         self.str(key)?.ok_or_else(|| self.error(key, "required"))
     }
 
-    fn bool(&self, key: &str) -> Result<Option<bool>, FieldError> {
+    pub(super) fn bool(&self, key: &str) -> Result<Option<bool>, FieldError> {
         match self.get(key) {
             None => Ok(None),
             Some(Value::Bool(b)) => Ok(Some(*b)),
@@ -513,7 +564,7 @@ impl<'a> Fields<'a> {
         }
     }
 
-    fn obj(&self, key: &str) -> Result<Option<Fields<'a>>, FieldError> {
+    pub(super) fn obj(&self, key: &str) -> Result<Option<Fields<'a>>, FieldError> {
         match self.get(key) {
             None => Ok(None),
             Some(value @ Value::Mapping(map)) => Ok(Some(Fields {
@@ -527,11 +578,11 @@ impl<'a> Fields<'a> {
         }
     }
 
-    fn required_obj(&self, key: &str) -> Result<Fields<'a>, FieldError> {
+    pub(super) fn required_obj(&self, key: &str) -> Result<Fields<'a>, FieldError> {
         self.obj(key)?.ok_or_else(|| self.error(key, "required"))
     }
 
-    fn seq(&self, key: &str) -> Result<&'a [Value], FieldError> {
+    pub(super) fn seq(&self, key: &str) -> Result<&'a [Value], FieldError> {
         match self.get(key) {
             None => Ok(&[]),
             Some(Value::Sequence(items)) => Ok(items),
@@ -540,7 +591,7 @@ impl<'a> Fields<'a> {
     }
 
     /// A list of mappings.
-    fn list(&self, key: &str) -> Result<Vec<Fields<'a>>, FieldError> {
+    pub(super) fn list(&self, key: &str) -> Result<Vec<Fields<'a>>, FieldError> {
         self.seq(key)?
             .iter()
             .enumerate()
@@ -562,7 +613,7 @@ impl<'a> Fields<'a> {
     }
 
     /// A list of strings, each with its path.
-    fn str_list(&self, key: &str) -> Result<Vec<(String, &'a str)>, FieldError> {
+    pub(super) fn str_list(&self, key: &str) -> Result<Vec<(String, &'a str)>, FieldError> {
         self.seq(key)?
             .iter()
             .enumerate()
@@ -579,7 +630,7 @@ impl<'a> Fields<'a> {
             .collect()
     }
 
-    fn port(&self, key: &str) -> Result<Option<u16>, FieldError> {
+    pub(super) fn port(&self, key: &str) -> Result<Option<u16>, FieldError> {
         match self.get(key) {
             None => Ok(None),
             Some(value) => value
@@ -596,11 +647,11 @@ impl<'a> Fields<'a> {
         }
     }
 
-    fn required_port(&self, key: &str) -> Result<u16, FieldError> {
+    pub(super) fn required_port(&self, key: &str) -> Result<u16, FieldError> {
         self.port(key)?.ok_or_else(|| self.error(key, "required"))
     }
 
-    fn ipv4(&self, key: &str) -> Result<Option<Ipv4Addr>, FieldError> {
+    pub(super) fn ipv4(&self, key: &str) -> Result<Option<Ipv4Addr>, FieldError> {
         match self.str(key)? {
             None | Some("") => Ok(None),
             Some(s) => s.parse().map(Some).map_err(|_| {
@@ -612,7 +663,7 @@ impl<'a> Fields<'a> {
         }
     }
 
-    fn protocol(&self, key: &str) -> Result<Protocol, FieldError> {
+    pub(super) fn protocol(&self, key: &str) -> Result<Protocol, FieldError> {
         match self.str(key)? {
             None | Some("TCP") => Ok(Protocol::Tcp),
             Some("UDP") => Ok(Protocol::Udp),
@@ -624,7 +675,7 @@ impl<'a> Fields<'a> {
     }
 
     /// A map of string keys to string values (labels, annotations, selectors).
-    fn labels(&self, key: &str) -> Result<Labels, FieldError> {
+    pub(super) fn labels(&self, key: &str) -> Result<Labels, FieldError> {
         let Some(value) = self.get(key) else {
             return Ok(Labels::new());
         };
@@ -654,6 +705,86 @@ impl<'a> Fields<'a> {
         }
         Ok(labels)
     }
+
+    /// Whether the key is present (and not null).
+    pub(super) fn has(&self, key: &str) -> bool {
+        self.get(key).is_some()
+    }
+
+    /// An integer from 0 to `max`. YAML integers only, as the CRD schemas declare them.
+    pub(super) fn uint(&self, key: &str, max: u64) -> Result<Option<u64>, FieldError> {
+        match self.get(key) {
+            None => Ok(None),
+            Some(value) => value
+                .as_u64()
+                .filter(|n| *n <= max)
+                .map(Some)
+                .ok_or_else(|| {
+                    self.error(
+                        key,
+                        format!("expected an integer from 0 to {max}, found {}", show(value)),
+                    )
+                }),
+        }
+    }
+
+    /// A number, with or without a fraction.
+    pub(super) fn number(&self, key: &str) -> Result<Option<f64>, FieldError> {
+        match self.get(key) {
+            None => Ok(None),
+            Some(Value::Number(n)) => Ok(n.as_f64()),
+            Some(other) => {
+                Err(self.error(key, format!("expected a number, found {}", show(other))))
+            }
+        }
+    }
+
+    /// A mapping from names to mappings, in the order written
+    /// (`headers: {end-user: {exact: jason}}`).
+    pub(super) fn obj_map(&self, key: &str) -> Result<Vec<(&'a str, Fields<'a>)>, FieldError> {
+        self.map_entries(key)?
+            .into_iter()
+            .map(|(name, path, value)| match value {
+                Value::Mapping(map) => Ok((name, Fields { map, value, path })),
+                other => Err(FieldError {
+                    field: path,
+                    reason: format!("expected a mapping, found {}", show(other)),
+                }),
+            })
+            .collect()
+    }
+
+    /// A mapping from names to strings, in the order written (`set: {x-version: v2}`).
+    pub(super) fn str_map(&self, key: &str) -> Result<Vec<(&'a str, &'a str)>, FieldError> {
+        self.map_entries(key)?
+            .into_iter()
+            .map(|(name, path, value)| match value {
+                Value::String(s) => Ok((name, s.as_str())),
+                other => Err(FieldError {
+                    field: path,
+                    reason: format!("expected a string (quote it), found {}", show(other)),
+                }),
+            })
+            .collect()
+    }
+
+    /// The entries of a mapping with string keys: name, path, value.
+    fn map_entries(&self, key: &str) -> Result<Vec<(&'a str, String, &'a Value)>, FieldError> {
+        let Some(value) = self.get(key) else {
+            return Ok(Vec::new());
+        };
+        let Value::Mapping(map) = value else {
+            return Err(self.error(key, format!("expected a mapping, found {}", show(value))));
+        };
+        map.iter()
+            .map(|(k, v)| match k {
+                Value::String(name) => Ok((name.as_str(), self.path(&format!("{key}.{name}")), v)),
+                other => {
+                    Err(self.error(key, format!("keys must be strings, found {}", show(other))))
+                }
+            })
+            .collect()
+    }
 }
 
 impl std::fmt::Debug for Fields<'_> {
@@ -666,7 +797,7 @@ impl std::fmt::Debug for Fields<'_> {
 }
 
 /// A short rendering of a value for error messages.
-fn show(value: &Value) -> String {
+pub(super) fn show(value: &Value) -> String {
     match value {
         Value::Null => "null".into(),
         Value::Bool(b) => b.to_string(),
@@ -676,6 +807,15 @@ fn show(value: &Value) -> String {
         Value::Mapping(_) => "a mapping".into(),
         Value::Tagged(t) => format!("a value tagged {}", t.tag),
     }
+}
+
+/// Translates a document that holds exactly one resource (for tests).
+#[cfg(test)]
+pub(super) fn translate_one(yaml: &str) -> Result<Object, Box<Invalid>> {
+    let value: Value = serde_yaml::from_str(yaml).expect("test YAML parses");
+    let mut out = translate(&value);
+    assert_eq!(out.len(), 1, "{out:?}");
+    out.remove(0).map_err(Box::new)
 }
 
 #[cfg(test)]
@@ -892,8 +1032,14 @@ endpoints:
     fn ipv6_slices_and_other_kinds_are_ignored() {
         for yaml in [
             "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {name: e, labels: {kubernetes.io/service-name: s}}\naddressType: IPv6",
-            "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: vs}\nspec: {hosts: 3}",
             "apiVersion: apps/v1\nkind: Deployment\nmetadata: {name: d}",
+            // Mesh kinds Weft does not use, and mesh kinds of versions that do not exist.
+            "apiVersion: networking.istio.io/v1\nkind: Gateway\nmetadata: {name: g}\nspec: {servers: 3}",
+            "apiVersion: networking.istio.io/v1\nkind: Sidecar\nmetadata: {name: s}",
+            "apiVersion: gateway.networking.k8s.io/v1\nkind: Gateway\nmetadata: {name: g}",
+            "apiVersion: gateway.networking.k8s.io/v1\nkind: TCPRoute\nmetadata: {name: t}",
+            "apiVersion: networking.istio.io/v2\nkind: VirtualService\nmetadata: {name: vs}\nspec: {hosts: 3}",
+            "apiVersion: networking.istio.io.evil/v1\nkind: VirtualService\nmetadata: {name: vs}",
         ] {
             let value: Value = serde_yaml::from_str(yaml).unwrap();
             assert!(translate(&value).is_empty(), "{yaml}");

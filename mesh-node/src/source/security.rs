@@ -1,0 +1,796 @@
+//! Translation of `security.istio.io` resources (`AuthorizationPolicy`, `PeerAuthentication`)
+//! with Istio's validation (`ValidateAuthorizationPolicy`, `ValidatePeerAuthentication` and
+//! `pkg/config/security`).
+
+use std::{collections::BTreeMap, sync::Arc, sync::LazyLock};
+
+use serde_yaml::Value;
+
+use super::{
+    istio::{at, ip_blocks, one_of, workload_selector},
+    objects::{metadata, show, FieldError, Fields},
+    validate,
+};
+use crate::model::{
+    policy::{
+        AuthorizationPolicy, AuthzAction, AuthzRule, Condition, MtlsMode, Operation,
+        PeerAuthentication, PolicyTargetRef, Source,
+    },
+    ObjectKey,
+};
+
+type Result<T> = std::result::Result<T, FieldError>;
+
+static NULL: Value = Value::Null;
+
+const SOURCE_FIELDS: [&str; 10] = [
+    "principals",
+    "notPrincipals",
+    "requestPrincipals",
+    "notRequestPrincipals",
+    "namespaces",
+    "notNamespaces",
+    "ipBlocks",
+    "notIpBlocks",
+    "remoteIpBlocks",
+    "notRemoteIpBlocks",
+];
+
+const OPERATION_FIELDS: [&str; 8] = [
+    "hosts",
+    "notHosts",
+    "ports",
+    "notPorts",
+    "methods",
+    "notMethods",
+    "paths",
+    "notPaths",
+];
+
+pub(super) fn authorization_policy(fields: &Fields<'_>) -> Result<AuthorizationPolicy> {
+    let meta = metadata(fields, true)?;
+    let empty = serde_yaml::Mapping::new();
+    let spec = match fields.obj("spec")? {
+        Some(spec) => spec,
+        // No spec is `spec: {}`: an ALLOW policy without rules, which denies everything.
+        None => Fields {
+            map: &empty,
+            value: &NULL,
+            path: "spec".into(),
+        },
+    };
+
+    let selector = workload_selector(&spec, "selector")?;
+    let mut target_refs = Vec::new();
+    if let Some(target) = spec.obj("targetRef")? {
+        target_refs.push(target_ref(&target)?);
+    }
+    for target in spec.list("targetRefs")? {
+        target_refs.push(target_ref(&target)?);
+    }
+    let kinds = [
+        selector.is_some(),
+        spec.has("targetRef"),
+        !spec.seq("targetRefs")?.is_empty(),
+    ];
+    if kinds.iter().filter(|set| **set).count() > 1 {
+        return Err(spec.error(
+            "targetRefs",
+            "only one of targetRefs or workloadSelector can be set",
+        ));
+    }
+
+    let action = one_of(
+        &spec,
+        "action",
+        &[
+            ("ALLOW", AuthzAction::Allow),
+            ("DENY", AuthzAction::Deny),
+            ("AUDIT", AuthzAction::Audit),
+            ("CUSTOM", AuthzAction::Custom),
+        ],
+    )?
+    .unwrap_or(AuthzAction::Allow);
+    let provider = match spec.obj("provider")? {
+        Some(p) => Some(p.str("name")?.unwrap_or_default()),
+        None => None,
+    };
+    let has_rules = !spec.seq("rules")?.is_empty();
+    match action {
+        AuthzAction::Custom if !has_rules => {
+            return Err(spec.error(
+                "rules",
+                "CUSTOM action without `rules` is meaningless as it will never be triggered, add an empty rule `{}` if you want it be triggered for every request",
+            ))
+        }
+        AuthzAction::Custom if provider.is_none_or(str::is_empty) => {
+            return Err(spec.error("provider.name", "`provider.name` must not be empty"))
+        }
+        AuthzAction::Deny if !has_rules => {
+            return Err(spec.error(
+                "rules",
+                "DENY action without `rules` is meaningless as it will never be triggered, add an empty rule `{}` if you want it be triggered for every request",
+            ))
+        }
+        AuthzAction::Allow | AuthzAction::Deny | AuthzAction::Audit if provider.is_some() => {
+            return Err(spec.error(
+                "provider",
+                format!("`provider` must not be with non CUSTOM action, found {}", action.as_str()),
+            ))
+        }
+        _ => {}
+    }
+
+    let rules = spec
+        .list("rules")?
+        .iter()
+        .map(|rule| authz_rule(rule, action))
+        .collect::<Result<_>>()?;
+    Ok(AuthorizationPolicy {
+        key: ObjectKey {
+            namespace: meta.namespace,
+            name: meta.name,
+        },
+        selector,
+        target_refs: target_refs.into(),
+        action,
+        provider: provider.filter(|p| !p.is_empty()).map(Arc::from),
+        rules,
+    })
+}
+
+/// Istio's `validatePolicyTargetReference`: a Service, a ServiceEntry or a Gateway of the
+/// policy's own namespace.
+fn target_ref(target: &Fields<'_>) -> Result<PolicyTargetRef> {
+    let name = target.str("name")?.unwrap_or_default();
+    if name.is_empty() {
+        return Err(target.error("name", "targetRef name must be set"));
+    }
+    if target.str("namespace")?.is_some_and(|ns| !ns.is_empty()) {
+        return Err(target.error(
+            "namespace",
+            "targetRef namespace must not be set; cross namespace referencing is not supported",
+        ));
+    }
+    let group = target.str("group")?.unwrap_or_default();
+    let kind = target.str("kind")?.unwrap_or_default();
+    let allowed = matches!(
+        (group, kind),
+        ("" | "core", "Service")
+            | ("networking.istio.io", "ServiceEntry")
+            | ("gateway.networking.k8s.io", "Gateway")
+    );
+    if !allowed {
+        return Err(target.error(
+            "kind",
+            format!("targetRef must be to a Service, a ServiceEntry or a Gateway but was {group}/{kind}"),
+        ));
+    }
+    Ok(PolicyTargetRef {
+        group: group.into(),
+        kind: kind.into(),
+        name: name.into(),
+    })
+}
+
+fn non_empty_values(fields: &Fields<'_>, key: &str) -> Result<Arc<[Arc<str>]>> {
+    fields
+        .str_list(key)?
+        .into_iter()
+        .map(|(path, s)| {
+            if s.is_empty() {
+                at(
+                    &path,
+                    Err(format!("empty value not allowed, found in {key}")),
+                )
+            } else {
+                Ok(Arc::from(s))
+            }
+        })
+        .collect()
+}
+
+fn ports(fields: &Fields<'_>, key: &str) -> Result<Arc<[u16]>> {
+    fields
+        .str_list(key)?
+        .into_iter()
+        .map(|(path, s)| {
+            let port = s
+                .parse::<u16>()
+                .ok()
+                .filter(|p| *p != 0 && s.bytes().all(|b| b.is_ascii_digit()));
+            at(
+                &path,
+                port.ok_or_else(|| {
+                    format!("bad port ({s}): expected a port number (1-65535) as a string")
+                }),
+            )
+        })
+        .collect()
+}
+
+/// Istio's `CheckValidPathTemplate`: `{*}` and `{**}` templates only, no named variables.
+fn path_template(path: &str) -> std::result::Result<(), String> {
+    static UNSUPPORTED: LazyLock<regex::Regex> = LazyLock::new(|| {
+        regex::Regex::new(r"/\{[0-9A-Za-z_]+=\*\*?\}|\{[0-9A-Za-z_]*\}|/\*\*?|\*\*?/")
+            .expect("a valid expression")
+    });
+    if (path.contains("{*}") || path.contains("{**}")) && UNSUPPORTED.is_match(path) {
+        return Err(format!("{path:?}: invalid or unsupported path template"));
+    }
+    Ok(())
+}
+
+fn authz_rule(rule: &Fields<'_>, action: AuthzAction) -> Result<AuthzRule> {
+    let custom_unsupported = |fields: &Fields<'_>, key: &str| -> Result<()> {
+        if action == AuthzAction::Custom && !fields.seq(key)?.is_empty() {
+            return Err(fields.error(
+                key,
+                format!("{key} is currently not supported with CUSTOM action"),
+            ));
+        }
+        Ok(())
+    };
+    if rule.has("from") && rule.seq("from")?.is_empty() {
+        return Err(rule.error("from", "`from` must not be empty"));
+    }
+    let from = rule
+        .list("from")?
+        .iter()
+        .map(|from| {
+            let Some(source) = from.obj("source")? else {
+                return Err(from.error("source", "`from.source` must not be nil"));
+            };
+            if !SOURCE_FIELDS
+                .iter()
+                .any(|k| !source.seq(k).map(<[Value]>::is_empty).unwrap_or(true))
+            {
+                return Err(FieldError {
+                    field: source.path.clone(),
+                    reason: "`from.source` must not be empty".into(),
+                });
+            }
+            for key in [
+                "namespaces",
+                "notNamespaces",
+                "principals",
+                "notPrincipals",
+                "requestPrincipals",
+                "notRequestPrincipals",
+            ] {
+                custom_unsupported(&source, key)?;
+            }
+            for key in [
+                "ipBlocks",
+                "notIpBlocks",
+                "remoteIpBlocks",
+                "notRemoteIpBlocks",
+            ] {
+                for (path, s) in source.str_list(key)? {
+                    if s.is_empty() {
+                        return at(
+                            &path,
+                            Err(format!("empty value not allowed, found in {key}")),
+                        );
+                    }
+                }
+            }
+            Ok(Source {
+                principals: non_empty_values(&source, "principals")?,
+                not_principals: non_empty_values(&source, "notPrincipals")?,
+                request_principals: non_empty_values(&source, "requestPrincipals")?,
+                not_request_principals: non_empty_values(&source, "notRequestPrincipals")?,
+                namespaces: non_empty_values(&source, "namespaces")?,
+                not_namespaces: non_empty_values(&source, "notNamespaces")?,
+                ip_blocks: ip_blocks(&source, "ipBlocks")?,
+                not_ip_blocks: ip_blocks(&source, "notIpBlocks")?,
+                remote_ip_blocks: ip_blocks(&source, "remoteIpBlocks")?,
+                not_remote_ip_blocks: ip_blocks(&source, "notRemoteIpBlocks")?,
+            })
+        })
+        .collect::<Result<_>>()?;
+
+    if rule.has("to") && rule.seq("to")?.is_empty() {
+        return Err(rule.error("to", "`to` must not be empty"));
+    }
+    let to = rule
+        .list("to")?
+        .iter()
+        .map(|to| {
+            let Some(op) = to.obj("operation")? else {
+                return Err(to.error("operation", "`to.operation` must not be nil"));
+            };
+            if !OPERATION_FIELDS
+                .iter()
+                .any(|k| !op.seq(k).map(<[Value]>::is_empty).unwrap_or(true))
+            {
+                return Err(FieldError {
+                    field: op.path.clone(),
+                    reason: "`to.operation` must not be empty".into(),
+                });
+            }
+            let paths = |key: &str| -> Result<Arc<[Arc<str>]>> {
+                let list = non_empty_values(&op, key)?;
+                for (i, p) in list.iter().enumerate() {
+                    at(&op.path(&format!("{key}[{i}]")), path_template(p))?;
+                }
+                Ok(list)
+            };
+            Ok(Operation {
+                hosts: non_empty_values(&op, "hosts")?,
+                not_hosts: non_empty_values(&op, "notHosts")?,
+                ports: ports(&op, "ports")?,
+                not_ports: ports(&op, "notPorts")?,
+                methods: non_empty_values(&op, "methods")?,
+                not_methods: non_empty_values(&op, "notMethods")?,
+                paths: paths("paths")?,
+                not_paths: paths("notPaths")?,
+            })
+        })
+        .collect::<Result<_>>()?;
+
+    let when = rule
+        .list("when")?
+        .iter()
+        .map(|c| {
+            let key = c.str("key")?.unwrap_or_default();
+            if key.is_empty() {
+                return Err(c.error("key", "`key` must not be empty"));
+            }
+            if action == AuthzAction::Custom
+                && (key == "source.namespace"
+                    || key == "source.principal"
+                    || key.starts_with("request.auth."))
+            {
+                return Err(c.error(
+                    "key",
+                    format!("{key} is currently not supported with CUSTOM action"),
+                ));
+            }
+            let values = c.str_list("values")?;
+            let not_values = c.str_list("notValues")?;
+            if values.is_empty() && not_values.is_empty() {
+                return Err(c.error(
+                    "values",
+                    format!("at least one of `values` or `notValues` must be set for key {key}"),
+                ));
+            }
+            let rule = check_key(key).map_err(|reason| c.error("key", reason))?;
+            for (list, what) in [(&values, "value"), (&not_values, "notValue")] {
+                for (path, value) in list.iter() {
+                    if let Err(reason) = check_value(key, rule, value) {
+                        return at(
+                            path,
+                            Err(format!("invalid `{what}` for `key` {key}: {reason}")),
+                        );
+                    }
+                }
+            }
+            Ok(Condition {
+                key: key.into(),
+                values: values.into_iter().map(|(_, s)| Arc::from(s)).collect(),
+                not_values: not_values.into_iter().map(|(_, s)| Arc::from(s)).collect(),
+            })
+        })
+        .collect::<Result<_>>()?;
+
+    Ok(AuthzRule { from, to, when })
+}
+
+/// What the values of a condition must be.
+#[derive(Clone, Copy)]
+enum ValueRule {
+    Any,
+    Ip,
+    Port,
+}
+
+/// The key half of Istio's `security.ValidateAttribute`.
+fn check_key(key: &str) -> std::result::Result<ValueRule, String> {
+    let map_key = || match key.find('[') {
+        Some(open) if key.ends_with(']') && open > 0 && open + 2 < key.len() => Ok(ValueRule::Any),
+        _ => Err(format!("bad key ({key}): should have format a[b]")),
+    };
+    match key {
+        _ if key.starts_with("request.headers") => map_key(),
+        "source.ip" | "remote.ip" | "destination.ip" => Ok(ValueRule::Ip),
+        "source.namespace"
+        | "source.principal"
+        | "request.auth.principal"
+        | "request.auth.audiences"
+        | "request.auth.presenter"
+        | "connection.sni" => Ok(ValueRule::Any),
+        _ if key.starts_with("request.auth.claims") => map_key(),
+        "destination.port" => Ok(ValueRule::Port),
+        _ if key.starts_with("experimental.envoy.filters.") => map_key(),
+        "destination.namespace" => Err(format!(
+            "attribute {key} is replaced by the metadata.namespace"
+        )),
+        _ if key.starts_with("destination.labels") => Err(format!(
+            "attribute {key} is replaced by the workload selector"
+        )),
+        "destination.name" | "destination.user" => Err(format!(
+            "deprecated attribute {key}: only supported in v1alpha1"
+        )),
+        _ => Err(format!("unknown attribute: {key}")),
+    }
+}
+
+/// The value half of Istio's `security.ValidateAttribute`.
+fn check_value(key: &str, rule: ValueRule, value: &str) -> std::result::Result<(), String> {
+    if value.is_empty() {
+        return Err(format!("empty value not allowed, found in {key}"));
+    }
+    match rule {
+        ValueRule::Any => Ok(()),
+        ValueRule::Ip => validate::ip_or_cidr(value)
+            .map(|_| ())
+            .map_err(|_| format!("bad IP address or CIDR range ({value})")),
+        ValueRule::Port => value
+            .parse::<u16>()
+            .map(|_| ())
+            .map_err(|_| format!("bad port ({value})")),
+    }
+}
+
+pub(super) fn peer_authentication(fields: &Fields<'_>) -> Result<PeerAuthentication> {
+    let meta = metadata(fields, true)?;
+    let empty = serde_yaml::Mapping::new();
+    let spec = match fields.obj("spec")? {
+        Some(spec) => spec,
+        None => Fields {
+            map: &empty,
+            value: &NULL,
+            path: "spec".into(),
+        },
+    };
+    let selector = workload_selector(&spec, "selector")?;
+    let mode = |f: &Fields<'_>| -> Result<MtlsMode> {
+        Ok(one_of(
+            f,
+            "mode",
+            &[
+                ("UNSET", MtlsMode::Unset),
+                ("DISABLE", MtlsMode::Disable),
+                ("PERMISSIVE", MtlsMode::Permissive),
+                ("STRICT", MtlsMode::Strict),
+            ],
+        )?
+        .unwrap_or_default())
+    };
+    let mtls = match spec.obj("mtls")? {
+        Some(m) => mode(&m)?,
+        None => MtlsMode::Unset,
+    };
+
+    let mut port_level_mtls = BTreeMap::new();
+    if let Some(value) = spec.get("portLevelMtls") {
+        let Value::Mapping(map) = value else {
+            return Err(spec.error(
+                "portLevelMtls",
+                format!("expected a mapping, found {}", show(value)),
+            ));
+        };
+        if map.is_empty() {
+            return Err(spec.error(
+                "portLevelMtls",
+                "port level mTLS, if defined, must have at least one element",
+            ));
+        }
+        if selector.as_ref().is_none_or(|s| s.is_empty()) {
+            return Err(spec.error(
+                "portLevelMtls",
+                "mesh/namespace peer authentication cannot have port level mTLS",
+            ));
+        }
+        for (port, settings) in map {
+            let shown = match port {
+                Value::String(s) => s.clone(),
+                other => show(other),
+            };
+            let path = format!("portLevelMtls.{shown}");
+            let number = match port {
+                Value::Number(n) => n.as_u64(),
+                Value::String(s) if s.bytes().all(|b| b.is_ascii_digit()) => s.parse().ok(),
+                _ => None,
+            }
+            .and_then(|n| u16::try_from(n).ok())
+            .filter(|n| *n != 0)
+            .ok_or_else(|| spec.error(&path, "port must be in range 1..65535"))?;
+            let Value::Mapping(settings) = settings else {
+                return Err(spec.error(
+                    &path,
+                    format!("expected a mapping, found {}", show(settings)),
+                ));
+            };
+            let settings = Fields {
+                map: settings,
+                value: &NULL,
+                path: spec.path(&path),
+            };
+            port_level_mtls.insert(number, mode(&settings)?);
+        }
+    }
+    Ok(PeerAuthentication {
+        key: ObjectKey {
+            namespace: meta.namespace,
+            name: meta.name,
+        },
+        selector,
+        mtls,
+        port_level_mtls,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{
+        model::traffic::IpBlock,
+        source::{objects::translate_one, Object},
+    };
+
+    fn policy(yaml: &str) -> Arc<AuthorizationPolicy> {
+        match translate_one(yaml) {
+            Ok(Object::AuthorizationPolicy(p)) => p,
+            other => panic!("expected an AuthorizationPolicy, got {other:?}"),
+        }
+    }
+
+    fn peer(yaml: &str) -> Arc<PeerAuthentication> {
+        match translate_one(yaml) {
+            Ok(Object::PeerAuthentication(p)) => p,
+            other => panic!("expected a PeerAuthentication, got {other:?}"),
+        }
+    }
+
+    fn assert_rejected(yaml: &str, kind: &str, name: &str, field: &str, reason: &str) {
+        let err = translate_one(yaml).expect_err(yaml);
+        assert_eq!(
+            (err.kind.as_deref(), err.name.as_deref(), err.field.as_str()),
+            (Some(kind), Some(name), field),
+            "{yaml}\n{}",
+            err.reason
+        );
+        assert!(
+            err.reason.contains(reason),
+            "{field}: {:?} lacks {reason:?}",
+            err.reason
+        );
+    }
+
+    #[test]
+    fn istio_reference_authorization_policy() {
+        let p = policy(
+            r#"
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata:
+  name: httpbin
+  namespace: foo
+spec:
+  selector:
+    matchLabels:
+      app: httpbin
+      version: v1
+  action: ALLOW
+  rules:
+  - from:
+    - source:
+        principals: ["cluster.local/ns/default/sa/sleep"]
+    - source:
+        namespaces: ["dev"]
+    to:
+    - operation:
+        methods: ["GET"]
+        paths: ["/info*", "/api/{*}/items"]
+        ports: ["8080"]
+    when:
+    - key: request.auth.claims[iss]
+      values: ["https://accounts.google.com"]
+  - from:
+    - source:
+        ipBlocks: ["10.1.0.0/16", "192.0.2.1"]
+        notRemoteIpBlocks: ["203.0.113.0/24"]
+    to:
+    - operation:
+        notPaths: ["/healthz"]
+"#,
+        );
+        assert_eq!(p.key, ObjectKey::new("foo", "httpbin"));
+        assert_eq!(p.action, AuthzAction::Allow);
+        assert_eq!(p.selector.as_ref().unwrap()["app"], "httpbin");
+        assert_eq!(p.rules.len(), 2);
+        let rule = &p.rules[0];
+        assert_eq!(
+            &*rule.from[0].principals,
+            [Arc::from("cluster.local/ns/default/sa/sleep")]
+        );
+        assert_eq!(&*rule.from[1].namespaces, [Arc::from("dev")]);
+        assert_eq!(&*rule.to[0].methods, [Arc::from("GET")]);
+        assert_eq!(&*rule.to[0].ports, [8080]);
+        assert_eq!(&*rule.when[0].key, "request.auth.claims[iss]");
+        let source = &p.rules[1].from[0];
+        assert_eq!(
+            &*source.ip_blocks,
+            [
+                "10.1.0.0/16".parse::<IpBlock>().unwrap(),
+                "192.0.2.1/32".parse().unwrap()
+            ]
+        );
+        assert_eq!(source.not_remote_ip_blocks.len(), 1);
+        assert_eq!(&*p.rules[1].to[0].not_paths, [Arc::from("/healthz")]);
+    }
+
+    #[test]
+    fn allow_nothing_allow_all_and_deny() {
+        // Istio's documented patterns: `spec: {}` denies everything in the namespace,
+        // `rules: [{}]` allows everything, DENY needs rules.
+        let nothing = policy("apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: allow-nothing, namespace: foo}\nspec: {}");
+        assert_eq!(nothing.action, AuthzAction::Allow);
+        assert!(nothing.rules.is_empty());
+        assert!(nothing.selector.is_none());
+
+        let all = policy("apiVersion: security.istio.io/v1beta1\nkind: AuthorizationPolicy\nmetadata: {name: allow-all, namespace: foo}\nspec: {rules: [{}]}");
+        assert_eq!(&*all.rules, [AuthzRule::default()]);
+
+        let deny = policy(
+            r#"
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: deny-method-get, namespace: foo}
+spec:
+  selector: {matchLabels: {app: httpbin}}
+  action: DENY
+  rules:
+  - to:
+    - operation: {methods: ["GET"], paths: ["/get"]}
+    when:
+    - key: request.headers[x-token]
+      notValues: ["admin"]
+    - key: source.ip
+      values: ["10.0.0.0/8"]
+"#,
+        );
+        assert_eq!(deny.action, AuthzAction::Deny);
+        assert_eq!(&*deny.rules[0].when[0].not_values, [Arc::from("admin")]);
+
+        let custom = policy("apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: ext-authz, namespace: foo}\nspec: {action: CUSTOM, provider: {name: my-ext-authz}, rules: [{to: [{operation: {paths: [/admin]}}]}]}");
+        assert_eq!(custom.provider.as_deref(), Some("my-ext-authz"));
+    }
+
+    #[test]
+    fn bad_authorization_policy_fields_are_named() {
+        let ap = |spec: &str| {
+            format!("apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {{name: httpbin, namespace: foo}}\nspec: {spec}")
+        };
+        for (spec, field, reason) in [
+            ("{action: REJECT}", "spec.action", "expected one of ALLOW, DENY, AUDIT, CUSTOM"),
+            ("{action: allow}", "spec.action", "found \"allow\""),
+            ("{action: DENY}", "spec.rules", "DENY action without `rules`"),
+            ("{action: CUSTOM, rules: [{}]}", "spec.provider.name", "must not be empty"),
+            ("{provider: {name: x}, rules: [{}]}", "spec.provider", "non CUSTOM action"),
+            ("{rules: [{from: [{source: {ipBlocks: [10.0.0.0/33]}}]}]}", "spec.rules[0].from[0].source.ipBlocks[0]", "not a valid CIDR block"),
+            ("{rules: [{from: [{source: {remoteIpBlocks: [not-an-ip]}}]}]}", "spec.rules[0].from[0].source.remoteIpBlocks[0]", "not a valid IP"),
+            ("{rules: [{from: [{source: {principals: ['']}}]}]}", "spec.rules[0].from[0].source.principals[0]", "empty value not allowed"),
+            ("{rules: [{from: [{}]}]}", "spec.rules[0].from[0].source", "must not be nil"),
+            ("{rules: [{from: [{source: {}}]}]}", "spec.rules[0].from[0].source", "must not be empty"),
+            ("{rules: [{from: []}]}", "spec.rules[0].from", "must not be empty"),
+            ("{rules: [{to: [{operation: {ports: [http]}}]}]}", "spec.rules[0].to[0].operation.ports[0]", "bad port (http)"),
+            ("{rules: [{to: [{operation: {ports: [8080]}}]}]}", "spec.rules[0].to[0].operation.ports[0]", "expected a string"),
+            ("{rules: [{to: [{operation: {notPorts: ['70000']}}]}]}", "spec.rules[0].to[0].operation.notPorts[0]", "bad port"),
+            ("{rules: [{to: [{operation: {paths: ['/{name}/x{*}']}}]}]}", "spec.rules[0].to[0].operation.paths[0]", "unsupported path template"),
+            ("{rules: [{to: [{operation: {}}]}]}", "spec.rules[0].to[0].operation", "must not be empty"),
+            ("{rules: [{when: [{key: request.weather, values: [sunny]}]}]}", "spec.rules[0].when[0].key", "unknown attribute: request.weather"),
+            ("{rules: [{when: [{key: source.ip, values: [10.0.0.1, 10.0.0.300]}]}]}", "spec.rules[0].when[0].values[1]", "bad IP address"),
+            ("{rules: [{when: [{key: destination.port, notValues: [http]}]}]}", "spec.rules[0].when[0].notValues[0]", "bad port"),
+            ("{rules: [{when: [{key: 'request.headers[]', values: [x]}]}]}", "spec.rules[0].when[0].key", "should have format a[b]"),
+            ("{rules: [{when: [{key: destination.namespace, notValues: [x]}]}]}", "spec.rules[0].when[0].key", "replaced by the metadata.namespace"),
+            ("{rules: [{when: [{key: source.ip}]}]}", "spec.rules[0].when[0].values", "at least one of `values` or `notValues`"),
+            ("{rules: [{when: [{values: [x]}]}]}", "spec.rules[0].when[0].key", "must not be empty"),
+            ("{action: CUSTOM, provider: {name: x}, rules: [{from: [{source: {principals: [a]}}]}]}", "spec.rules[0].from[0].source.principals", "not supported with CUSTOM"),
+            ("{selector: {matchLabels: {app: '*'}}}", "spec.selector.matchLabels.app", "wildcard is not supported"),
+            ("{selector: {matchLabels: {app: a}}, targetRef: {kind: Service, name: a}}", "spec.targetRefs", "only one of targetRefs or workloadSelector"),
+            ("{targetRefs: [{kind: Deployment, name: a}]}", "spec.targetRefs[0].kind", "targetRef must be to a Service"),
+            ("{targetRef: {kind: Service, name: a, namespace: other}}", "spec.targetRef.namespace", "cross namespace"),
+        ] {
+            assert_rejected(&ap(spec), "AuthorizationPolicy", "foo/httpbin", field, reason);
+        }
+    }
+
+    #[test]
+    fn istio_reference_peer_authentications() {
+        let mesh = peer("apiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata: {name: default, namespace: istio-system}\nspec:\n  mtls:\n    mode: STRICT\n");
+        assert_eq!(mesh.mtls, MtlsMode::Strict);
+        assert!(mesh.selector.is_none());
+        assert!(mesh.port_level_mtls.is_empty());
+
+        let workload = peer(
+            r#"
+apiVersion: security.istio.io/v1beta1
+kind: PeerAuthentication
+metadata:
+  name: finance
+  namespace: foo
+spec:
+  selector:
+    matchLabels:
+      app: finance
+  mtls:
+    mode: STRICT
+  portLevelMtls:
+    8080:
+      mode: DISABLE
+    "9090":
+      mode: PERMISSIVE
+"#,
+        );
+        assert_eq!(workload.selector.as_ref().unwrap()["app"], "finance");
+        assert_eq!(
+            workload.port_level_mtls,
+            [(8080, MtlsMode::Disable), (9090, MtlsMode::Permissive)]
+                .into_iter()
+                .collect()
+        );
+
+        let inherit = peer("apiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata: {name: default, namespace: foo}\nspec: {}");
+        assert_eq!(inherit.mtls, MtlsMode::Unset);
+    }
+
+    #[test]
+    fn bad_peer_authentication_fields_are_named() {
+        let pa = |spec: &str| {
+            format!("apiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata: {{name: finance, namespace: foo}}\nspec: {spec}")
+        };
+        for (spec, field, reason) in [
+            (
+                "{mtls: {mode: ON}}",
+                "spec.mtls.mode",
+                "expected one of UNSET, DISABLE, PERMISSIVE, STRICT",
+            ),
+            (
+                "{mtls: {mode: strict}}",
+                "spec.mtls.mode",
+                "found \"strict\"",
+            ),
+            (
+                "{portLevelMtls: {8080: {mode: DISABLE}}}",
+                "spec.portLevelMtls",
+                "cannot have port level mTLS",
+            ),
+            (
+                "{selector: {matchLabels: {app: a}}, portLevelMtls: {}}",
+                "spec.portLevelMtls",
+                "at least one element",
+            ),
+            (
+                "{selector: {matchLabels: {app: a}}, portLevelMtls: {0: {mode: DISABLE}}}",
+                "spec.portLevelMtls.0",
+                "1..65535",
+            ),
+            (
+                "{selector: {matchLabels: {app: a}}, portLevelMtls: {http: {mode: DISABLE}}}",
+                "spec.portLevelMtls.http",
+                "1..65535",
+            ),
+            (
+                "{selector: {matchLabels: {app: a}}, portLevelMtls: {8080: {mode: OFF}}}",
+                "spec.portLevelMtls.8080.mode",
+                "expected one of",
+            ),
+            (
+                "{selector: {matchLabels: {'': a}}}",
+                "spec.selector.matchLabels.",
+                "empty key",
+            ),
+        ] {
+            assert_rejected(
+                &pa(spec),
+                "PeerAuthentication",
+                "foo/finance",
+                field,
+                reason,
+            );
+        }
+    }
+}
