@@ -11,6 +11,7 @@
 
 use std::path::{Path, PathBuf};
 
+pub mod bench;
 pub mod cluster;
 mod cmd;
 pub mod demo;

@@ -23,3 +23,14 @@ pub fn set_ip_transparent(socket: &impl AsRawFd) -> io::Result<()> {
         Err(io::Error::last_os_error())
     }
 }
+
+/// Moves the calling thread (and the threads it starts afterwards) into a new, empty network
+/// namespace; mounts are untouched. Used by tools that must not change the host's networking.
+pub fn unshare_network() -> io::Result<()> {
+    // SAFETY: unshare(2) takes a flag word and touches no memory of ours.
+    if unsafe { libc::unshare(libc::CLONE_NEWNET) } == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
