@@ -234,9 +234,16 @@ fn health(readiness: &Readiness, req: &Request<Incoming>) -> Response<Full<Bytes
     }
 }
 
-/// `{"version", "generation", "applied": {"proxy", "ebpf"}, "resources": [...], "rejected": [...]}`
+/// `{"version", "generation", "applied": {"proxy", "ebpf"}, "resources": [{"kind", "namespace",
+/// "name", "status": "accepted"|"rejected", "reason", ...}]}`. A rejected resource whose last good
+/// version stays in force is listed once, as rejected, with `"inForce": "last good version"`.
 pub fn debug_config(state: &AdminState) -> Value {
     let snapshot = state.store.current();
+    let mut resources = resources(&snapshot);
+    for entry in &mut resources {
+        entry["status"] = json!("accepted");
+    }
+    merge_rejections(&mut resources, &state.source.rejected());
     json!({
         "version": snapshot.version,
         "generation": snapshot.generation,
@@ -244,9 +251,39 @@ pub fn debug_config(state: &AdminState) -> Value {
             "proxy": state.readiness.proxy_applied_version.load(Ordering::Acquire),
             "ebpf": state.readiness.ebpf_applied_version.load(Ordering::Acquire),
         },
-        "resources": resources(&snapshot),
-        "rejected": *state.source.rejected(),
+        "resources": resources,
     })
+}
+
+fn merge_rejections(resources: &mut Vec<Value>, rejected: &[crate::source::Rejection]) {
+    for r in rejected {
+        let (namespace, name) = match r.name.split_once('/') {
+            Some((ns, name)) => (Some(ns), name),
+            None => (None, r.name.as_str()),
+        };
+        let reason = format!("{}: {}", r.field, r.reason);
+        let same = |e: &&mut Value| {
+            e["kind"] == r.kind.as_str()
+                && e["name"] == name
+                && namespace.is_none_or(|ns| e["namespace"] == ns)
+        };
+        match resources.iter_mut().find(same) {
+            Some(entry) => {
+                entry["status"] = json!("rejected");
+                entry["reason"] = json!(reason);
+                entry["origin"] = json!(r.origin);
+                entry["inForce"] = json!("last good version");
+            }
+            None => resources.push(json!({
+                "kind": r.kind,
+                "namespace": namespace,
+                "name": name,
+                "status": "rejected",
+                "reason": reason,
+                "origin": r.origin,
+            })),
+        }
+    }
 }
 
 fn resources(snapshot: &Snapshot) -> Vec<Value> {
@@ -526,8 +563,42 @@ mod tests {
         assert_eq!(config["applied"], json!({"proxy": 1, "ebpf": 0}));
         assert_eq!(config["resources"][0]["kind"], "Namespace");
         assert_eq!(config["resources"][0]["meshEnabled"], true);
-        assert_eq!(config["rejected"], json!([]));
+        assert_eq!(config["resources"][0]["status"], "accepted");
 
         assert_eq!(get(admin_addr, "/nope").await.0, 404);
+    }
+
+    #[test]
+    fn rejections_are_listed_with_their_reason() {
+        let rejection = |name: &str, kept| crate::source::Rejection {
+            origin: "rules.yaml:3".into(),
+            kind: "VirtualService".into(),
+            name: name.into(),
+            field: "spec.http[0].route[1].weight".into(),
+            reason: "must not be negative".into(),
+            kept_last_good: kept,
+        };
+        let mut resources = vec![json!({
+            "kind": "VirtualService", "namespace": "bookinfo", "name": "reviews", "status": "accepted",
+        })];
+        merge_rejections(
+            &mut resources,
+            &[
+                rejection("bookinfo/reviews", true),
+                rejection("bookinfo/ratings", false),
+            ],
+        );
+        assert_eq!(resources[0]["status"], "rejected");
+        assert_eq!(resources[0]["inForce"], "last good version");
+        assert_eq!(
+            resources[0]["reason"],
+            "spec.http[0].route[1].weight: must not be negative"
+        );
+        assert_eq!(
+            resources[1],
+            json!({"kind": "VirtualService", "namespace": "bookinfo", "name": "ratings",
+                   "status": "rejected", "origin": "rules.yaml:3",
+                   "reason": "spec.http[0].route[1].weight: must not be negative"})
+        );
     }
 }
