@@ -827,7 +827,10 @@ fn grpc_service(s: &str) -> std::result::Result<(), String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::source::{objects::translate_one, Object};
+    use crate::source::{
+        objects::{assert_rejected, translate_one},
+        Object,
+    };
 
     fn http_route(yaml: &str) -> Arc<HttpRoute> {
         match translate_one(yaml) {
@@ -841,21 +844,6 @@ mod tests {
             Ok(Object::GrpcRoute(r)) => r,
             other => panic!("expected a GRPCRoute, got {other:?}"),
         }
-    }
-
-    fn assert_rejected(yaml: &str, kind: &str, name: &str, field: &str, reason: &str) {
-        let err = translate_one(yaml).expect_err(yaml);
-        assert_eq!(
-            (err.kind.as_deref(), err.name.as_deref(), err.field.as_str()),
-            (Some(kind), Some(name), field),
-            "{yaml}\n{}",
-            err.reason
-        );
-        assert!(
-            err.reason.contains(reason),
-            "{field}: {:?} lacks {reason:?}",
-            err.reason
-        );
     }
 
     #[test]

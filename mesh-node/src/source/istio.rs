@@ -1528,7 +1528,10 @@ fn workload_endpoint(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::source::{objects::translate_one, Object};
+    use crate::source::{
+        objects::{assert_rejected, translate_one},
+        Object,
+    };
 
     fn virtual_service(yaml: &str) -> Arc<VirtualService> {
         match translate_one(yaml) {
@@ -1549,22 +1552,6 @@ mod tests {
             Ok(Object::ServiceEntry(se)) => se,
             other => panic!("expected a ServiceEntry, got {other:?}"),
         }
-    }
-
-    /// Asserts a rejection names the kind, `namespace/name` and field, and says `reason`.
-    fn assert_rejected(yaml: &str, kind: &str, name: &str, field: &str, reason: &str) {
-        let err = translate_one(yaml).expect_err(yaml);
-        assert_eq!(
-            (err.kind.as_deref(), err.name.as_deref(), err.field.as_str()),
-            (Some(kind), Some(name), field),
-            "{yaml}\n{}",
-            err.reason
-        );
-        assert!(
-            err.reason.contains(reason),
-            "{field}: {:?} lacks {reason:?}",
-            err.reason
-        );
     }
 
     fn exact(s: &str) -> Option<StringMatch> {

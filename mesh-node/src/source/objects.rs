@@ -818,6 +818,23 @@ pub(super) fn translate_one(yaml: &str) -> Result<Object, Box<Invalid>> {
     out.remove(0).map_err(Box::new)
 }
 
+/// Asserts a rejection names the kind, `namespace/name` and field, and says `reason` (for tests).
+#[cfg(test)]
+pub(super) fn assert_rejected(yaml: &str, kind: &str, name: &str, field: &str, reason: &str) {
+    let err = translate_one(yaml).expect_err(yaml);
+    assert_eq!(
+        (err.kind.as_deref(), err.name.as_deref(), err.field.as_str()),
+        (Some(kind), Some(name), field),
+        "{yaml}\n{}",
+        err.reason
+    );
+    assert!(
+        err.reason.contains(reason),
+        "{field}: {:?} lacks {reason:?}",
+        err.reason
+    );
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

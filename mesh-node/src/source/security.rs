@@ -527,7 +527,10 @@ mod tests {
     use super::*;
     use crate::{
         model::traffic::IpBlock,
-        source::{objects::translate_one, Object},
+        source::{
+            objects::{assert_rejected, translate_one},
+            Object,
+        },
     };
 
     fn policy(yaml: &str) -> Arc<AuthorizationPolicy> {
@@ -542,21 +545,6 @@ mod tests {
             Ok(Object::PeerAuthentication(p)) => p,
             other => panic!("expected a PeerAuthentication, got {other:?}"),
         }
-    }
-
-    fn assert_rejected(yaml: &str, kind: &str, name: &str, field: &str, reason: &str) {
-        let err = translate_one(yaml).expect_err(yaml);
-        assert_eq!(
-            (err.kind.as_deref(), err.name.as_deref(), err.field.as_str()),
-            (Some(kind), Some(name), field),
-            "{yaml}\n{}",
-            err.reason
-        );
-        assert!(
-            err.reason.contains(reason),
-            "{field}: {:?} lacks {reason:?}",
-            err.reason
-        );
     }
 
     #[test]
