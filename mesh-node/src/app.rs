@@ -1,9 +1,9 @@
-//! Wiring of `mesh-node run` and `mesh-node cleanup`.
+//! Wiring of `mesh-node run`, `mesh-node sidecar` and `mesh-node cleanup`.
 //!
 //! | thread / runtime                        | runs                                            |
 //! |-----------------------------------------|-------------------------------------------------|
 //! | `weft-control`, current-thread runtime  | config source, eBPF sync, admin and health servers, signals |
-//! | main + 2 `weft-data` workers            | proxy listeners 15001, 15006, 15008 and their connections |
+//! | main + `weft-data` workers (2, `--data-workers`) | proxy listeners 15001, 15006, 15008 and their connections |
 //!
 //! The two halves meet only in the [`Store`] (snapshots) and a few atomics (applied versions,
 //! readiness). The configuration comes from a directory (`--config-dir`) or from the
@@ -26,18 +26,15 @@ use tracing_subscriber::EnvFilter;
 use crate::{
     admin::{self, AdminError, AdminState, Readiness},
     agent::{self, Agent, AgentConfig, AgentError},
-    config::{CleanupArgs, ConfigSource, LogFormat, RunArgs},
+    config::{CleanupArgs, ConfigSource, LogFormat, RunArgs, SidecarArgs},
     metrics::Metrics,
     model::{OriginalDst, Store},
-    proxy::{NoOriginalDst, Proxy, ProxyConfig, ProxyError},
+    proxy::{NoOriginalDst, Proxy, ProxyConfig, ProxyError, RedirectedOriginalDst},
     source::{
         file::{FileSource, SourceError},
         kube::{self as kube_source, KubeConfig, KubeError, KubeSource},
     },
 };
-
-/// Workers of the data-plane runtime.
-const DATA_WORKERS: usize = 2;
 
 #[derive(Debug, Error)]
 pub enum AppError {
@@ -87,13 +84,32 @@ pub fn init_tracing(format: LogFormat) {
     };
 }
 
+/// Where the proxy runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Mode {
+    /// One per node, fed by the eBPF capture (unless `--no-ebpf`).
+    Node,
+    /// Inside one pod's network namespace, fed by `REDIRECT` rules.
+    Sidecar,
+}
+
 /// `mesh-node run`: returns after a graceful shutdown, or with the error that stopped it.
 pub fn run(args: RunArgs) -> Result<(), AppError> {
+    serve(args, Mode::Node)
+}
+
+/// `mesh-node sidecar`: the same proxy in a pod, for comparing the two architectures.
+pub fn run_sidecar(args: SidecarArgs) -> Result<(), AppError> {
+    serve(args.into_run_args(), Mode::Sidecar)
+}
+
+fn serve(args: RunArgs, mode: Mode) -> Result<(), AppError> {
     info!(
         node = %args.node,
         proxy_ip = %args.proxy_ip,
         source = %args.source(),
         ebpf = !args.no_ebpf,
+        ?mode,
         "starting mesh-node"
     );
     // A missing Kubernetes configuration stops start-up before anything is attached.
@@ -113,7 +129,9 @@ pub fn run(args: RunArgs) -> Result<(), AppError> {
     let store = Store::new();
     let readiness = Arc::new(Readiness::new(!args.no_ebpf));
 
-    let agent = if args.no_ebpf {
+    let agent = if mode == Mode::Sidecar {
+        None
+    } else if args.no_ebpf {
         warn!("--no-ebpf: nothing is captured; the proxy only serves connections made to it");
         None
     } else {
@@ -128,9 +146,10 @@ pub fn run(args: RunArgs) -> Result<(), AppError> {
         info!(cgroup = %args.cgroup.display(), "eBPF programs attached");
         Some(agent)
     };
-    let original_dst: Arc<dyn OriginalDst> = match &agent {
-        Some(agent) => agent.original_dst(),
-        None => Arc::new(NoOriginalDst),
+    let original_dst: Arc<dyn OriginalDst> = match (&agent, mode) {
+        (Some(agent), _) => agent.original_dst(),
+        (None, Mode::Sidecar) => Arc::new(RedirectedOriginalDst),
+        (None, Mode::Node) => Arc::new(NoOriginalDst),
     };
 
     let mut metrics = Metrics::new().with_config(
@@ -182,7 +201,7 @@ pub fn run(args: RunArgs) -> Result<(), AppError> {
     };
 
     let data = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(DATA_WORKERS)
+        .worker_threads(usize::from(args.data_workers))
         .thread_name("weft-data")
         .enable_all()
         .build()
@@ -195,6 +214,7 @@ pub fn run(args: RunArgs) -> Result<(), AppError> {
             let mut config = ProxyConfig::new(&args.node, args.proxy_ip);
             // Steered inbound connections keep the pod's address as local address.
             config.inbound_transparent = !args.no_ebpf;
+            config.sidecar = mode == Mode::Sidecar;
             let proxy = Proxy::bind(
                 config,
                 store.subscribe(),
@@ -214,7 +234,7 @@ pub fn run(args: RunArgs) -> Result<(), AppError> {
     let control_result = control.join().map_err(|_| AppError::ControlPanicked)?;
     data_result?;
     control_result?;
-    if args.no_ebpf {
+    if args.no_ebpf || mode == Mode::Sidecar {
         info!("mesh-node stopped");
     } else {
         info!("mesh-node stopped; the eBPF programs stay attached, so meshed pods fail closed until it is back");

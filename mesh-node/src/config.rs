@@ -29,6 +29,11 @@ pub enum Command {
     Run(RunArgs),
     /// Detach and unpin every eBPF program and map of a node (after the node left the mesh).
     Cleanup(CleanupArgs),
+    /// Run the same proxy as a sidecar inside one pod's network namespace, without eBPF:
+    /// connections reach 15001 (outbound) and 15006 (inbound) through nftables/iptables
+    /// `REDIRECT` rules, Istio-style; the original destination comes from `SO_ORIGINAL_DST`.
+    /// The redirect rules must exempt the sidecar's own traffic (by uid or mark).
+    Sidecar(SidecarArgs),
 }
 
 #[derive(Clone, Debug, Args)]
@@ -95,7 +100,14 @@ pub struct RunArgs {
     /// Log output format.
     #[arg(long, env = "WEFT_LOG_FORMAT", value_enum, default_value_t = LogFormat::Plain)]
     pub log_format: LogFormat,
+
+    /// Worker threads of the data-plane runtime (the proxy's connections).
+    #[arg(long, env = "WEFT_DATA_WORKERS", value_name = "N", default_value_t = DEFAULT_DATA_WORKERS, value_parser = clap::value_parser!(u16).range(1..))]
+    pub data_workers: u16,
 }
+
+/// Default worker threads of the data-plane runtime.
+pub const DEFAULT_DATA_WORKERS: u16 = 2;
 
 impl RunArgs {
     /// Where the configuration comes from (clap guarantees exactly one).
@@ -134,6 +146,67 @@ pub struct CleanupArgs {
     /// bpffs directory the maps and links are pinned under.
     #[arg(long, env = "WEFT_BPFFS_ROOT", value_name = "DIR", default_value = DEFAULT_BPFFS_ROOT)]
     pub bpffs_root: PathBuf,
+}
+
+#[derive(Clone, Debug, Args)]
+pub struct SidecarArgs {
+    /// Name of the node the pod runs on, as in the Pods' `spec.nodeName`.
+    #[arg(long, env = "WEFT_NODE", value_name = "NAME")]
+    pub node: String,
+
+    /// Directory of Kubernetes YAML/JSON the configuration is read from (watched for changes).
+    #[arg(long, env = "WEFT_CONFIG_DIR", value_name = "DIR")]
+    pub config_dir: PathBuf,
+
+    /// The pod's address: source of the connections the sidecar makes to its own pod.
+    #[arg(long, env = "WEFT_POD_IP", value_name = "IPV4")]
+    pub pod_ip: Ipv4Addr,
+
+    /// Listen address of the metrics and admin server.
+    #[arg(
+        long,
+        env = "WEFT_ADMIN_ADDR",
+        value_name = "ADDR",
+        default_value = "0.0.0.0:15020"
+    )]
+    pub admin_addr: SocketAddr,
+
+    /// Listen address of the health server (`/healthz`, `/ready`).
+    #[arg(
+        long,
+        env = "WEFT_HEALTH_ADDR",
+        value_name = "ADDR",
+        default_value = "0.0.0.0:15021"
+    )]
+    pub health_addr: SocketAddr,
+
+    /// Log output format.
+    #[arg(long, env = "WEFT_LOG_FORMAT", value_enum, default_value_t = LogFormat::Plain)]
+    pub log_format: LogFormat,
+
+    /// Worker threads of the data-plane runtime (the proxy's connections).
+    #[arg(long, env = "WEFT_DATA_WORKERS", value_name = "N", default_value_t = DEFAULT_DATA_WORKERS, value_parser = clap::value_parser!(u16).range(1..))]
+    pub data_workers: u16,
+}
+
+impl SidecarArgs {
+    /// The node proxy's arguments for the same proxy in a pod: no eBPF, no cgroup.
+    pub fn into_run_args(self) -> RunArgs {
+        RunArgs {
+            node: self.node,
+            config_dir: Some(self.config_dir),
+            kubernetes: false,
+            cgroup: PathBuf::new(),
+            proxy_ip: self.pod_ip,
+            bpffs_root: PathBuf::from(DEFAULT_BPFFS_ROOT),
+            uplinks: Vec::new(),
+            no_ebpf: true,
+            admin_addr: self.admin_addr,
+            health_addr: self.health_addr,
+            log_format: self.log_format,
+            data_workers: self.data_workers,
+        }
+    }
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, ValueEnum)]
@@ -185,6 +258,7 @@ mod tests {
         assert_eq!(args.admin_addr, "0.0.0.0:15020".parse().unwrap());
         assert_eq!(args.health_addr, "0.0.0.0:15021".parse().unwrap());
         assert_eq!(args.log_format, LogFormat::Plain);
+        assert_eq!(args.data_workers, DEFAULT_DATA_WORKERS);
         assert_eq!(args.source(), ConfigSource::Dir(Path::new("/etc/weft")));
     }
 
@@ -259,6 +333,8 @@ mod tests {
             "127.0.0.1:2",
             "--log-format",
             "json",
+            "--data-workers",
+            "1",
         ]);
         let Command::Run(args) = cli.command else {
             panic!("expected run");
@@ -267,6 +343,7 @@ mod tests {
         assert!(args.no_ebpf);
         assert_eq!(args.bpffs_root, PathBuf::from("/b"));
         assert_eq!(args.log_format, LogFormat::Json);
+        assert_eq!(args.data_workers, 1);
     }
 
     #[test]
@@ -276,6 +353,28 @@ mod tests {
         };
         assert_eq!(args.node, "n3");
         assert_eq!(args.bpffs_root, PathBuf::from(DEFAULT_BPFFS_ROOT));
+    }
+
+    #[test]
+    fn sidecar() {
+        let Command::Sidecar(args) = parse(&[
+            "sidecar",
+            "--node",
+            "n1",
+            "--config-dir",
+            "/c",
+            "--pod-ip",
+            "10.244.1.7",
+        ])
+        .command
+        else {
+            panic!("expected sidecar");
+        };
+        let run = args.into_run_args();
+        assert!(run.no_ebpf);
+        assert_eq!(run.proxy_ip, Ipv4Addr::new(10, 244, 1, 7));
+        assert_eq!(run.source(), ConfigSource::Dir(Path::new("/c")));
+        assert_eq!(run.admin_addr, "0.0.0.0:15020".parse().unwrap());
     }
 
     #[test]

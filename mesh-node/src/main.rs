@@ -13,6 +13,10 @@ fn main() {
             app::init_tracing(args.log_format);
             app::run(args)
         }
+        Command::Sidecar(args) => {
+            app::init_tracing(args.log_format);
+            app::run_sidecar(args)
+        }
         Command::Cleanup(args) => {
             app::init_tracing(LogFormat::Plain);
             app::cleanup(args)

@@ -41,7 +41,11 @@ const TIMEOUT: Duration = Duration::from_secs(10);
 struct FakeOriginalDst(Mutex<HashMap<SocketAddrV4, SocketAddrV4>>);
 
 impl OriginalDst for FakeOriginalDst {
-    fn lookup(&self, client: SocketAddrV4) -> Option<SocketAddrV4> {
+    fn lookup(
+        &self,
+        _socket: std::os::fd::BorrowedFd<'_>,
+        client: SocketAddrV4,
+    ) -> Option<SocketAddrV4> {
         self.0.lock().unwrap().get(&client).copied()
     }
 }

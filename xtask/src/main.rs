@@ -8,7 +8,7 @@ use clap::{Parser, Subcommand};
 #[command(
     name = "cargo xtask",
     bin_name = "cargo xtask",
-    about = "Weft's development tasks: machine setup, the virtual cluster, tests, demo",
+    about = "Weft's development tasks: machine setup, the virtual cluster, tests, demo, benchmarks",
     disable_help_subcommand = true
 )]
 struct Cli {
@@ -32,12 +32,22 @@ enum Task {
     Manifests,
     /// Bookinfo on the virtual cluster.
     Demo,
-    /// Benchmarks: `scale` (control plane at 10,000 Services); the sidecar comparison is not
-    /// written yet.
+    /// The data-plane benchmark (no mesh, sidecar, HAProxy sidecar, Weft; root), or `scale`
+    /// (control plane at 10,000 Services).
     Bench {
-        /// Which benchmark to run.
+        /// `scale` for the control-plane benchmark; nothing for the data-plane one.
         #[arg(value_parser = ["scale"])]
         name: Option<String>,
+        /// 10 s windows and one run (under 5 minutes), into target/bench/quick.json.
+        #[arg(long)]
+        quick: bool,
+        /// Runs per mode and scenario (default: 3, or 1 with --quick).
+        #[arg(long)]
+        runs: Option<usize>,
+        /// Where the JSON goes; the chart (.svg) and table (.md) go beside it (default:
+        /// bench/results/latest.json, or target/bench/quick.json with --quick).
+        #[arg(long)]
+        out: Option<PathBuf>,
     },
 }
 
@@ -121,14 +131,26 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             xtask::setup()?;
             xtask::demo::run()?;
         }
-        Task::Bench { name } => match name.as_deref() {
+        Task::Bench {
+            name,
+            quick,
+            runs,
+            out,
+        } => match name.as_deref() {
             Some("scale") => xtask::bench::scale()?,
             _ => {
-                eprintln!(
-                    "cargo xtask bench: the sidecar comparison is not written yet; \
-                     `cargo xtask bench scale` runs the control-plane scale benchmark"
-                );
-                return Ok(ExitCode::from(2));
+                let mut options = if quick {
+                    xtask::bench::Options::quick()
+                } else {
+                    xtask::bench::Options::full()
+                };
+                if let Some(runs) = runs {
+                    options.runs = runs;
+                }
+                if let Some(out) = out {
+                    options.out = std::env::current_dir()?.join(out);
+                }
+                xtask::bench::data_plane(&options)?;
             }
         },
     }

@@ -9,8 +9,8 @@ use anyhow::{bail, Context as _, Result};
 
 use crate::{cmd, is_root, BPF_TOOLCHAIN};
 
-/// Debian packages: LLVM for bpf-linker, the tools the virtual cluster drives, and the load
-/// generators of the benchmark.
+/// Debian packages: LLVM for bpf-linker, the tools the virtual cluster drives, load
+/// generators, and HAProxy (the third-party sidecar of the benchmark).
 const PACKAGES: &[&str] = &[
     "llvm-22-dev",
     "libpolly-22-dev",
@@ -22,6 +22,7 @@ const PACKAGES: &[&str] = &[
     "curl",
     "nghttp2-client",
     "wrk",
+    "haproxy",
 ];
 
 const BPF_LINKER_VERSION: &str = "0.13.0";

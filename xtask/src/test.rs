@@ -58,6 +58,14 @@ const STEPS: &[Step] = &[
         name: "end-to-end tests",
         run: e2e_tests,
     },
+    Step {
+        name: "benchmark smoke (bench --quick; results not asserted)",
+        run: |root| {
+            let mut options = crate::bench::Options::quick();
+            options.out = root.join("target/bench/ci-quick.json");
+            crate::bench::data_plane(&options)
+        },
+    },
 ];
 
 /// Runs every step; prints a header per step.

@@ -114,6 +114,29 @@ apiVersion: v1
 kind: Service
 metadata: {name: peer-p, namespace: plain}
 spec: {selector: {app: peer-p}, ports: [{name: tcp-peer, port: 80, targetPort: 8080}]}
+---
+apiVersion: v1
+kind: Namespace
+metadata: {name: side}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: client-s, namespace: side, labels: {app: client-s}, annotations: {weft.io/bench-sidecar: weft}}
+spec:
+  nodeName: node-1
+  containers: [{name: main, command: [sleep, infinity]}]
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: peer-s, namespace: side, labels: {app: peer-s}, annotations: {weft.io/bench-sidecar: weft}}
+spec:
+  nodeName: node-2
+  containers: [{name: main, command: [weft-demo, peer, --port, "8080"], ports: [{containerPort: 8080}]}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: peer-s, namespace: side}
+spec: {selector: {app: peer-s}, ports: [{name: tcp-peer, port: 80, targetPort: 8080}]}
 "#;
 
 const LATE_MESHED: &str = r#"
@@ -298,6 +321,57 @@ fn unlabelled_namespace_is_untouched() -> Result<()> {
     ensure!(
         counter_delta(&before, &after, "skipped_not_meshed") >= 5.0,
         "connect() of unmeshed pods not seen by the program"
+    );
+    Ok(())
+}
+
+/// The benchmark's sidecar mode: nftables redirection into `mesh-node sidecar` in both pods,
+/// original destinations from `SO_ORIGINAL_DST`, and no eBPF capture (the namespace is not
+/// meshed).
+fn sidecar_mode_carries_traffic_through_both_sidecars() -> Result<()> {
+    let vip = resolve("side/client-s", "peer-s.side")?;
+    let server_ip = pod_ip("side/peer-s")?;
+    let sidecar_metrics = |pod: &str| {
+        xtask::probe::run(pod, &["curl", "-sf", "http://127.0.0.1:15020/metrics"])
+            .with_context(|| format!("reading the metrics of {pod}'s sidecar"))
+    };
+    let (client_before, server_before) = (
+        sidecar_metrics("side/client-s")?,
+        sidecar_metrics("side/peer-s")?,
+    );
+    let ebpf_before = ebpf_counters("node-1")?;
+    let dial = dial("side/client-s", "peer-s:80")?;
+    ensure!(
+        dial.peername == format!("{vip}:80"),
+        "getpeername shows {} instead of the VIP {vip}:80",
+        dial.peername
+    );
+    // The server's sidecar connects to it from the pod's own address.
+    ensure!(
+        dial.server_saw == server_ip,
+        "server saw {} instead of its own sidecar ({server_ip})",
+        dial.server_saw
+    );
+    let m = "istio_tcp_connections_opened_total";
+    let src = [
+        ("reporter", "source"),
+        ("destination_service", "peer-s.side.svc.cluster.local"),
+    ];
+    let client_after = sidecar_metrics("side/client-s")?;
+    ensure!(
+        sample_sum(&client_after, m, &src) - sample_sum(&client_before, m, &src) >= 1.0,
+        "the client's sidecar did not report the outbound connection"
+    );
+    let dst = [("reporter", "destination")];
+    let server_after = sidecar_metrics("side/peer-s")?;
+    ensure!(
+        sample_sum(&server_after, m, &dst) - sample_sum(&server_before, m, &dst) >= 1.0,
+        "the server's sidecar did not report the inbound connection"
+    );
+    let ebpf_after = ebpf_counters("node-1")?;
+    ensure!(
+        counter_delta(&ebpf_before, &ebpf_after, "captured") == 0.0,
+        "the eBPF capture took sidecar traffic: {ebpf_before:?} -> {ebpf_after:?}"
     );
     Ok(())
 }
@@ -500,6 +574,10 @@ fn main() {
         (
             "plaintext_to_meshed_pod_is_captured_inbound",
             plaintext_to_meshed_pod_is_captured_inbound,
+        ),
+        (
+            "sidecar_mode_carries_traffic_through_both_sidecars",
+            sidecar_mode_carries_traffic_through_both_sidecars,
         ),
         (
             "proxy_down_fails_closed_and_recovers",

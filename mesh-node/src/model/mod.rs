@@ -266,6 +266,12 @@ impl Store {
 }
 
 /// What the data path asks the capture layer: "the client at this address dialled what?".
+/// `socket` is the accepted connection: the eBPF capture answers from a map keyed by `client`,
+/// a sidecar's `REDIRECT` capture from the socket itself (`SO_ORIGINAL_DST`).
 pub trait OriginalDst: Send + Sync + 'static {
-    fn lookup(&self, client: std::net::SocketAddrV4) -> Option<std::net::SocketAddrV4>;
+    fn lookup(
+        &self,
+        socket: std::os::fd::BorrowedFd<'_>,
+        client: std::net::SocketAddrV4,
+    ) -> Option<std::net::SocketAddrV4>;
 }

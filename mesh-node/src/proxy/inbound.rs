@@ -5,6 +5,7 @@
 
 use std::{
     net::{SocketAddr, SocketAddrV4},
+    os::fd::AsFd as _,
     sync::Arc,
     time::Instant,
 };
@@ -77,11 +78,15 @@ async fn captured(
     log_target: &mut Option<SocketAddrV4>,
 ) -> Result<Transferred, ProxyError> {
     let local = downstream.local_addr().map_err(ProxyError::Socket)?;
-    // Without steering, the local address is the listener's own: dialling it would loop.
-    if local.port() == inner.inbound_port {
-        return Err(ProxyError::InboundLoop { client, local });
-    }
-    let target = v4(local).ok_or(ProxyError::NotIpv4 { client: local })?;
+    let target = if local.port() == inner.inbound_port {
+        // Redirected to the listener's own address (a sidecar's REDIRECT rule): the capture
+        // layer knows where the client was going. Without it, dialling `local` would loop.
+        v4(client)
+            .and_then(|c| inner.original_dst.lookup(downstream.as_fd(), c))
+            .ok_or(ProxyError::InboundLoop { client, local })?
+    } else {
+        v4(local).ok_or(ProxyError::NotIpv4 { client: local })?
+    };
     *log_target = Some(target);
 
     let view = inner.view();

@@ -10,6 +10,7 @@ use std::{
     future::Future,
     io,
     net::{Ipv4Addr, SocketAddr, SocketAddrV4},
+    os::fd::BorrowedFd,
     sync::{
         atomic::{AtomicU64, AtomicUsize, Ordering},
         Arc,
@@ -65,6 +66,9 @@ pub struct ProxyConfig {
     /// Sets `IP_TRANSPARENT` on the inbound listener, so connections the TC program assigns
     /// to it can answer from the pod's address (needs CAP_NET_ADMIN).
     pub inbound_transparent: bool,
+    /// Runs as a sidecar inside one pod's network namespace: every upstream is dialled
+    /// directly (the destination's own sidecar captures it inbound), never through a tunnel.
+    pub sidecar: bool,
 }
 
 impl ProxyConfig {
@@ -81,6 +85,7 @@ impl ProxyConfig {
             connect_timeout: CONNECT_TIMEOUT,
             drain_timeout: DRAIN_TIMEOUT,
             inbound_transparent: false,
+            sidecar: false,
         }
     }
 }
@@ -98,8 +103,19 @@ pub struct Addresses {
 pub struct NoOriginalDst;
 
 impl OriginalDst for NoOriginalDst {
-    fn lookup(&self, _client: SocketAddrV4) -> Option<SocketAddrV4> {
+    fn lookup(&self, _socket: BorrowedFd<'_>, _client: SocketAddrV4) -> Option<SocketAddrV4> {
         None
+    }
+}
+
+/// The original destination the kernel kept for a connection that an nftables/iptables
+/// `REDIRECT` rule sent to a listener: how a sidecar proxy learns it (`mesh-node sidecar`).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct RedirectedOriginalDst;
+
+impl OriginalDst for RedirectedOriginalDst {
+    fn lookup(&self, socket: BorrowedFd<'_>, _client: SocketAddrV4) -> Option<SocketAddrV4> {
+        crate::sys::original_dst(socket).ok()
     }
 }
 

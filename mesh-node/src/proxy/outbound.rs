@@ -9,6 +9,7 @@
 use std::{
     fmt,
     net::{Ipv4Addr, SocketAddr, SocketAddrV4},
+    os::fd::AsFd as _,
     sync::Arc,
     time::Instant,
 };
@@ -103,6 +104,8 @@ pub(super) fn route(
         }
     };
     let via = match node {
+        // A sidecar dials the pod itself; the pod's own sidecar captures it inbound.
+        _ if config.sidecar => Via::Direct { source: None },
         Some(node) if *node != *config.node => {
             let address = snapshot
                 .nodes
@@ -180,7 +183,7 @@ async fn proxy(
     let client = v4(client).ok_or(ProxyError::NotIpv4 { client })?;
     let dialled = inner
         .original_dst
-        .lookup(client)
+        .lookup(downstream.as_fd(), client)
         .ok_or(ProxyError::NoOriginalDst { client })?;
     log.dialled = Some(dialled);
 
@@ -405,6 +408,23 @@ mod tests {
         assert_eq!(r.target, addr("192.0.2.1:443"));
         assert_eq!(r.via, Via::Direct { source: None });
         assert!(r.pod.is_none());
+    }
+
+    #[test]
+    fn sidecars_dial_every_target_directly() {
+        let local = pod("local", [10, 244, 1, 5], "n1");
+        let remote = pod("remote", [10, 244, 2, 5], "n2");
+        let (view, mut config, service) =
+            fixture(vec![endpoint(&local, 8080), endpoint(&remote, 8080)]);
+        config.sidecar = true;
+        let dialled = addr("10.96.0.10:80");
+        let first = route(&view, &config, dialled, Some(&service)).unwrap();
+        let second = route(&view, &config, dialled, Some(&service)).unwrap();
+        assert_eq!(first.target, addr("10.244.1.5:8080"));
+        assert_eq!(second.target, addr("10.244.2.5:8080"));
+        for r in [first, second] {
+            assert_eq!(r.via, Via::Direct { source: None });
+        }
     }
 
     #[test]

@@ -1,6 +1,10 @@
 //! The only `unsafe` of user space: socket options the standard library does not expose.
 
-use std::{io, os::fd::AsRawFd};
+use std::{
+    io,
+    net::{Ipv4Addr, SocketAddrV4},
+    os::fd::{AsRawFd, BorrowedFd},
+};
 
 /// Sets `IP_TRANSPARENT` on a listening socket. Connections the inbound classifier assigns to
 /// it keep the pod's address as their local address; without this flag the kernel refuses to
@@ -32,5 +36,59 @@ pub fn unshare_network() -> io::Result<()> {
         Ok(())
     } else {
         Err(io::Error::last_os_error())
+    }
+}
+
+/// The destination a connection had before an nftables/iptables `REDIRECT` (or DNAT) rule
+/// rewrote it to a local listener: `getsockopt(SOL_IP, SO_ORIGINAL_DST)` on the accepted socket.
+/// Fails with `ENOENT` when the connection was not translated.
+pub fn original_dst(socket: BorrowedFd<'_>) -> io::Result<SocketAddrV4> {
+    // SAFETY: sockaddr_in is plain old data; all-zero is a valid value.
+    let mut addr: libc::sockaddr_in = unsafe { std::mem::zeroed() };
+    let mut len = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
+    // SAFETY: valid fd; `addr` and `len` are live and `len` is the size of `addr`.
+    let ret = unsafe {
+        libc::getsockopt(
+            socket.as_raw_fd(),
+            libc::SOL_IP,
+            libc::SO_ORIGINAL_DST,
+            (&mut addr as *mut libc::sockaddr_in).cast(),
+            &mut len,
+        )
+    };
+    if ret != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    if i32::from(addr.sin_family) != libc::AF_INET {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            "SO_ORIGINAL_DST answered a non-IPv4 address",
+        ));
+    }
+    Ok(SocketAddrV4::new(
+        Ipv4Addr::from(u32::from_be(addr.sin_addr.s_addr)),
+        u16::from_be(addr.sin_port),
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::{net::TcpListener, os::fd::AsFd};
+
+    use super::*;
+
+    #[test]
+    fn untranslated_connections_have_no_original_destination() {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let client = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (accepted, _) = listener.accept().unwrap();
+        // No NAT happened: the kernel has nothing to report (ENOENT, or ENOPROTOOPT when
+        // conntrack is not loaded at all), and it says so instead of answering garbage.
+        let err = original_dst(accepted.as_fd()).unwrap_err();
+        assert!(
+            matches!(err.raw_os_error(), Some(libc::ENOENT | libc::ENOPROTOOPT)),
+            "{err}"
+        );
+        drop(client);
     }
 }

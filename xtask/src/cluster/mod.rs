@@ -30,6 +30,7 @@ mod nft;
 mod plan;
 mod proc;
 mod ready;
+mod sidecar;
 mod state;
 mod status;
 
@@ -37,6 +38,7 @@ use plan::Diff;
 use proc::Placement;
 use state::{NodeInfo, PodInfo, State};
 
+pub use sidecar::{ANNOTATION as SIDECAR_ANNOTATION, PROXY_UID as SIDECAR_UID};
 pub use state::{BPFFS_ROOT, CGROUP_ROOT, RUN_DIR};
 
 /// Set to `1` to run the cluster without mesh-node (plain networking and kube-proxy only).
@@ -188,10 +190,12 @@ fn ensure_binaries(state: &mut State, diff: &Diff) -> Result<()> {
         return Ok(());
     }
     let needed = (state.mesh && !diff.new_nodes.is_empty())
-        || diff
-            .added
-            .iter()
-            .any(|p| resource_of(state, p).is_some_and(launch::needs_binaries));
+        || diff.added.iter().any(|p| {
+            resource_of(state, p).is_some_and(|obj| {
+                launch::needs_binaries(obj)
+                    || matches!(sidecar::kind(obj), Ok(Some(sidecar::Kind::Weft)))
+            })
+        });
     if needed {
         state.binaries = Some(binaries()?);
     }
@@ -339,6 +343,9 @@ fn start_proxy(node: &NodeInfo, bins: &Binaries) -> Result<()> {
 fn start_pod(state: &State, pod: &PodInfo) -> Result<()> {
     let obj = resource_of(state, pod).context("pod without its resource")?;
     let node = state.node(&pod.node).context("pod on an unknown node")?;
+    if let Some(kind) = sidecar::kind(obj)? {
+        sidecar::start(state, pod, node, kind)?;
+    }
     for container in launch::containers(obj, pod, node, state.binaries.as_ref())? {
         let mut cmd = Command::new("ip");
         cmd.args(["netns", "exec", &pod.netns])
@@ -387,6 +394,23 @@ pub fn start_node(node: &str) -> Result<()> {
     let bins = state.binaries.as_ref().context("mesh-node was not built")?;
     start_proxy(node, bins)?;
     ready::wait_node(node, state.generation)
+}
+
+/// The processes of `ns/pod` (its containers and sidecar) or of `node/NAME` (its mesh-node).
+pub fn pids(target: &str) -> Result<Vec<u32>> {
+    let state = load_state()?;
+    let dir = match Target::parse(target)? {
+        Target::Node(name) => state
+            .node(name)
+            .with_context(|| format!("no node {name}"))?
+            .proxy_cgroup(),
+        Target::Pod(key) => state
+            .pods
+            .get(key)
+            .with_context(|| format!("no pod {key}"))?
+            .cgroup(),
+    };
+    Ok(cgroup::procs(&dir))
 }
 
 /// A pod's address (`ns/pod`).

@@ -99,6 +99,7 @@ pub fn plan(prev: &State, resources: Vec<Value>) -> Result<(State, Diff)> {
         check_name("namespace", &namespace)?;
         check_name("pod", &name)?;
         launch::check(obj).with_context(|| format!("pod {namespace}/{name}"))?;
+        super::sidecar::kind(obj).with_context(|| format!("pod {namespace}/{name}"))?;
         let key = pod_key(&namespace, &name);
         if next.pods.contains_key(&key) || pending.iter().any(|(k, ..)| *k == key) {
             continue;

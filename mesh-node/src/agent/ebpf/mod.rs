@@ -331,7 +331,11 @@ struct TupleOrigDst {
 }
 
 impl OriginalDst for TupleOrigDst {
-    fn lookup(&self, client: SocketAddrV4) -> Option<SocketAddrV4> {
+    fn lookup(
+        &self,
+        _socket: std::os::fd::BorrowedFd<'_>,
+        client: SocketAddrV4,
+    ) -> Option<SocketAddrV4> {
         let key = SockAddr4 {
             ip4: u32::from_ne_bytes(client.ip().octets()),
             port: u32::from(client.port()),

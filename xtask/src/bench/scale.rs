@@ -1,4 +1,4 @@
-//! `cargo xtask bench`: the benchmarks that exist so far.
+//! `cargo xtask bench scale`: the control-plane scale benchmark.
 
 use std::process::Command;
 

@@ -1,0 +1,464 @@
+//! `run`: the load. Two methods:
+//!
+//! - **Fixed rate** (open loop, wrk2's method): each connection has a schedule of intended send
+//!   times (`rate / conns` per second, connections staggered). A request goes out at its
+//!   intended time, or at once when the previous answer came late, and its latency is measured
+//!   from the intended time, so a stall counts for every request it delayed (no coordinated
+//!   omission). One OS thread per connection, blocking I/O, a timer slack of 1 ns so that the
+//!   generator's own wake-ups do not add ~50 µs to every sample.
+//! - **Closed loop** (`--rate 0`): every connection sends its next request as soon as the
+//!   previous answer arrived; the result is the throughput. Epoll-driven (tokio), so 64
+//!   connections cost the generator two threads, not 64.
+//!
+//! Requests whose intended (or actual) send time falls in the warm-up are answered but not
+//! recorded.
+
+use std::{
+    io::{Read as _, Write as _},
+    net::{SocketAddr, TcpStream, ToSocketAddrs as _},
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, Context as _, Result};
+use hdrhistogram::Histogram;
+use serde::Serialize;
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+
+use crate::protocol::Protocol;
+
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// Server `host:port` (a name from /etc/hosts works).
+    pub addr: String,
+    /// Wire protocol.
+    #[arg(long, value_enum, default_value_t = Protocol::Http)]
+    pub protocol: Protocol,
+    /// Requests per second over all connections; 0 runs closed loop (saturation).
+    #[arg(long, default_value_t = 1000)]
+    pub rate: u64,
+    /// Connections, each with one request in flight.
+    #[arg(long, default_value_t = 4)]
+    pub conns: usize,
+    /// Seconds measured (after the warm-up).
+    #[arg(long, default_value_t = 60.0)]
+    pub duration_s: f64,
+    /// Seconds of load before measuring.
+    #[arg(long, default_value_t = 2.0)]
+    pub warmup_s: f64,
+    /// Expected bytes of each response body.
+    #[arg(long, default_value_t = 1024)]
+    pub response_bytes: usize,
+    /// Worker threads of the closed loop.
+    #[arg(long, default_value_t = 2)]
+    pub threads: usize,
+}
+
+/// What `run` prints, one JSON object.
+#[derive(Debug, Serialize)]
+pub struct Report {
+    pub protocol: Protocol,
+    /// `fixed-rate` or `closed-loop`.
+    pub method: &'static str,
+    pub rate: u64,
+    pub conns: usize,
+    pub duration_s: f64,
+    /// Requests answered in the measured window.
+    pub requests: u64,
+    /// Requests answered in all, warm-up included (what the mesh processed during the run).
+    pub total_requests: u64,
+    pub errors: u64,
+    /// The first error, for the operator.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub first_error: Option<String>,
+    pub rps: f64,
+    pub p50_us: f64,
+    pub p90_us: f64,
+    pub p99_us: f64,
+    pub p999_us: f64,
+    pub max_us: f64,
+}
+
+/// Samples and counts of one connection (or of all, merged).
+struct Tally {
+    histogram: Histogram<u64>,
+    requests: u64,
+    total: u64,
+    errors: u64,
+    first_error: Option<String>,
+}
+
+impl Tally {
+    fn new() -> Self {
+        Self {
+            // 1 ns .. 100 s at 3 significant digits.
+            histogram: Histogram::new_with_bounds(1, 100_000_000_000, 3)
+                .expect("valid histogram bounds"),
+            requests: 0,
+            total: 0,
+            errors: 0,
+            first_error: None,
+        }
+    }
+
+    fn record(&mut self, latency: Duration, measured: bool) {
+        self.total += 1;
+        if measured {
+            self.requests += 1;
+            let ns = u64::try_from(latency.as_nanos()).unwrap_or(u64::MAX).max(1);
+            self.histogram.saturating_record(ns);
+        }
+    }
+
+    fn error(&mut self, e: &anyhow::Error) {
+        self.errors += 1;
+        if self.first_error.is_none() {
+            self.first_error = Some(format!("{e:#}"));
+        }
+    }
+
+    fn merge(&mut self, other: Tally) {
+        self.histogram
+            .add(&other.histogram)
+            .expect("histograms of equal bounds");
+        self.requests += other.requests;
+        self.total += other.total;
+        self.errors += other.errors;
+        if self.first_error.is_none() {
+            self.first_error = other.first_error;
+        }
+    }
+
+    fn report(self, args: &Args, method: &'static str, measured: Duration) -> Report {
+        let us = |q: f64| self.histogram.value_at_quantile(q) as f64 / 1000.0;
+        let rps = self.requests as f64 / measured.as_secs_f64().max(1e-9);
+        Report {
+            protocol: args.protocol,
+            method,
+            rate: args.rate,
+            conns: args.conns,
+            duration_s: measured.as_secs_f64(),
+            requests: self.requests,
+            total_requests: self.total,
+            errors: self.errors,
+            first_error: self.first_error,
+            rps: (rps * 10.0).round() / 10.0,
+            p50_us: round1(us(0.5)),
+            p90_us: round1(us(0.9)),
+            p99_us: round1(us(0.99)),
+            p999_us: round1(us(0.999)),
+            max_us: round1(self.histogram.max() as f64 / 1000.0),
+        }
+    }
+}
+
+fn round1(v: f64) -> f64 {
+    (v * 10.0).round() / 10.0
+}
+
+pub fn run(args: Args) -> Result<()> {
+    if args.conns == 0 {
+        bail!("--conns must be at least 1");
+    }
+    let addr = args
+        .addr
+        .to_socket_addrs()
+        .with_context(|| format!("resolving {}", args.addr))?
+        .next()
+        .with_context(|| format!("{} has no address", args.addr))?;
+    let report = if args.rate == 0 {
+        closed_loop(&args, addr)?
+    } else {
+        fixed_rate(&args, addr)?
+    };
+    println!("{}", serde_json::to_string(&report)?);
+    if report.requests == 0 {
+        bail!(
+            "no request was answered: {}",
+            report.first_error.as_deref().unwrap_or("no error seen")
+        );
+    }
+    Ok(())
+}
+
+/// The schedule of one connection: request `k` is due at `first + k * interval`.
+#[derive(Clone, Copy, Debug)]
+struct Schedule {
+    first: Instant,
+    interval: Duration,
+}
+
+impl Schedule {
+    /// Connection `index` of `conns` sharing `rate` requests per second, staggered evenly.
+    fn new(start: Instant, rate: u64, conns: usize, index: usize) -> Self {
+        let interval = Duration::from_secs_f64(conns as f64 / rate as f64);
+        let offset = interval.mul_f64(index as f64 / conns as f64);
+        Self {
+            first: start + offset,
+            interval,
+        }
+    }
+
+    fn due(&self, k: u64) -> Instant {
+        self.first + Duration::from_nanos((self.interval.as_nanos() as u64).saturating_mul(k))
+    }
+}
+
+fn fixed_rate(args: &Args, addr: SocketAddr) -> Result<Report> {
+    let protocol = args.protocol;
+    let body = args.response_bytes;
+    // Connections first, so the schedule does not start with connects.
+    let streams: Vec<TcpStream> = (0..args.conns)
+        .map(|_| connect(addr))
+        .collect::<Result<_>>()?;
+    let start = Instant::now() + Duration::from_millis(10);
+    let measure_from = start + Duration::from_secs_f64(args.warmup_s);
+    let end = measure_from + Duration::from_secs_f64(args.duration_s);
+    let threads: Vec<_> = streams
+        .into_iter()
+        .enumerate()
+        .map(|(i, stream)| {
+            let schedule = Schedule::new(start, args.rate, args.conns, i);
+            std::thread::Builder::new()
+                .name(format!("conn-{i}"))
+                .spawn(move || {
+                    fixed_rate_connection(stream, addr, protocol, body, schedule, measure_from, end)
+                })
+                .context("starting a connection thread")
+        })
+        .collect::<Result<_>>()?;
+    let mut tally = Tally::new();
+    for t in threads {
+        tally.merge(
+            t.join()
+                .map_err(|_| anyhow::anyhow!("a connection thread panicked"))?,
+        );
+    }
+    Ok(tally.report(args, "fixed-rate", end - measure_from))
+}
+
+fn fixed_rate_connection(
+    mut stream: TcpStream,
+    addr: SocketAddr,
+    protocol: Protocol,
+    body: usize,
+    schedule: Schedule,
+    measure_from: Instant,
+    end: Instant,
+) -> Tally {
+    precise_sleeps();
+    let request = protocol.request();
+    let mut buf = Vec::with_capacity(body + 512);
+    let mut tally = Tally::new();
+    for k in 0.. {
+        let due = schedule.due(k);
+        if due >= end {
+            break;
+        }
+        let now = Instant::now();
+        if due > now {
+            std::thread::sleep(due - now);
+        }
+        match exchange(&mut stream, &request, &mut buf, protocol, body) {
+            Ok(()) => tally.record(due.elapsed(), due >= measure_from),
+            Err(e) => {
+                tally.error(&e);
+                // A fresh connection for the next request; the schedule keeps running, so
+                // the time lost shows in the next requests' latency.
+                buf.clear();
+                match connect(addr) {
+                    Ok(s) => stream = s,
+                    Err(_) => std::thread::sleep(Duration::from_millis(10)),
+                }
+            }
+        }
+    }
+    tally
+}
+
+fn connect(addr: SocketAddr) -> Result<TcpStream> {
+    let stream = TcpStream::connect_timeout(&addr, Duration::from_secs(5))
+        .with_context(|| format!("connecting to {addr}"))?;
+    stream.set_nodelay(true)?;
+    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+    Ok(stream)
+}
+
+/// One request, one complete response.
+fn exchange(
+    stream: &mut TcpStream,
+    request: &[u8],
+    buf: &mut Vec<u8>,
+    protocol: Protocol,
+    body: usize,
+) -> Result<()> {
+    stream.write_all(request).context("sending a request")?;
+    let mut chunk = [0u8; 8192];
+    loop {
+        if let Some(n) = protocol.response_len(buf, body)? {
+            buf.drain(..n);
+            return Ok(());
+        }
+        let n = stream.read(&mut chunk).context("reading a response")?;
+        if n == 0 {
+            bail!("the server closed the connection");
+        }
+        buf.extend_from_slice(&chunk[..n]);
+    }
+}
+
+/// Timer slack of this thread down to 1 ns (Linux rounds sleeps up by 50 µs by default).
+fn precise_sleeps() {
+    // SAFETY: prctl(PR_SET_TIMERSLACK) takes an integer argument and touches no memory.
+    unsafe {
+        libc::prctl(libc::PR_SET_TIMERSLACK, 1 as libc::c_ulong, 0, 0, 0);
+    }
+}
+
+fn closed_loop(args: &Args, addr: SocketAddr) -> Result<Report> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(args.threads.max(1))
+        .enable_all()
+        .build()?;
+    let protocol = args.protocol;
+    let body = args.response_bytes;
+    let conns = args.conns;
+    let (warmup, duration) = (args.warmup_s, args.duration_s);
+    let tally = runtime.block_on(async move {
+        let mut streams = Vec::with_capacity(conns);
+        for _ in 0..conns {
+            let s = tokio::net::TcpStream::connect(addr)
+                .await
+                .with_context(|| format!("connecting to {addr}"))?;
+            s.set_nodelay(true)?;
+            streams.push(s);
+        }
+        let start = Instant::now();
+        let measure_from = start + Duration::from_secs_f64(warmup);
+        let end = measure_from + Duration::from_secs_f64(duration);
+        let request: Arc<[u8]> = protocol.request().into();
+        let tasks: Vec<_> = streams
+            .into_iter()
+            .map(|stream| {
+                let request = request.clone();
+                tokio::spawn(closed_loop_connection(
+                    stream,
+                    addr,
+                    request,
+                    protocol,
+                    body,
+                    measure_from,
+                    end,
+                ))
+            })
+            .collect();
+        let mut tally = Tally::new();
+        for t in tasks {
+            tally.merge(t.await.context("a connection task failed")?);
+        }
+        Ok::<_, anyhow::Error>((tally, end - measure_from))
+    })?;
+    let (tally, measured) = tally;
+    Ok(tally.report(args, "closed-loop", measured))
+}
+
+async fn closed_loop_connection(
+    mut stream: tokio::net::TcpStream,
+    addr: SocketAddr,
+    request: Arc<[u8]>,
+    protocol: Protocol,
+    body: usize,
+    measure_from: Instant,
+    end: Instant,
+) -> Tally {
+    let mut tally = Tally::new();
+    let mut buf = Vec::with_capacity(body + 512);
+    let mut chunk = vec![0u8; 8192];
+    loop {
+        let sent = Instant::now();
+        if sent >= end {
+            return tally;
+        }
+        let result = async {
+            stream
+                .write_all(&request)
+                .await
+                .context("sending a request")?;
+            loop {
+                if let Some(n) = protocol.response_len(&buf, body)? {
+                    buf.drain(..n);
+                    return Ok(());
+                }
+                let n = stream
+                    .read(&mut chunk)
+                    .await
+                    .context("reading a response")?;
+                if n == 0 {
+                    bail!("the server closed the connection");
+                }
+                buf.extend_from_slice(&chunk[..n]);
+            }
+        };
+        match tokio::time::timeout(Duration::from_secs(10), result).await {
+            Ok(Ok(())) => tally.record(sent.elapsed(), sent >= measure_from),
+            Ok(Err(e)) => {
+                tally.error(&e);
+                buf.clear();
+                match tokio::net::TcpStream::connect(addr).await {
+                    Ok(s) => {
+                        let _ = s.set_nodelay(true);
+                        stream = s;
+                    }
+                    Err(_) => tokio::time::sleep(Duration::from_millis(10)).await,
+                }
+            }
+            Err(_) => {
+                tally.error(&anyhow::anyhow!("no response within 10 s"));
+                return tally;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn schedules_spread_the_rate_over_the_connections() {
+        let start = Instant::now();
+        let schedules: Vec<Schedule> = (0..4).map(|i| Schedule::new(start, 1000, 4, i)).collect();
+        for s in &schedules {
+            assert_eq!(s.interval, Duration::from_millis(4));
+            assert_eq!(s.due(250) - s.first, Duration::from_secs(1));
+        }
+        assert_eq!(schedules[1].first - start, Duration::from_millis(1));
+        assert_eq!(schedules[3].first - start, Duration::from_millis(3));
+    }
+
+    #[test]
+    fn percentiles_come_from_measured_requests_only() {
+        let mut tally = Tally::new();
+        tally.record(Duration::from_secs(1), false);
+        for us in 1..=1000 {
+            tally.record(Duration::from_micros(us), true);
+        }
+        let args = Args {
+            addr: String::new(),
+            protocol: Protocol::Tcp,
+            rate: 1000,
+            conns: 4,
+            duration_s: 1.0,
+            warmup_s: 0.0,
+            response_bytes: 1024,
+            threads: 1,
+        };
+        let report = tally.report(&args, "fixed-rate", Duration::from_secs(1));
+        assert_eq!(report.requests, 1000);
+        assert_eq!(report.total_requests, 1001);
+        assert_eq!(report.rps, 1000.0);
+        assert!((report.p50_us - 500.0).abs() < 1.0, "{}", report.p50_us);
+        assert!((report.p99_us - 990.0).abs() < 1.0, "{}", report.p99_us);
+        assert!(report.max_us < 1001.0);
+    }
+}

@@ -1,0 +1,89 @@
+//! `weft-loadgen`: the load generator and 1 KB response server of Weft's data-plane
+//! benchmark (`cargo xtask bench`).
+//!
+//! - `serve`: a raw-TCP port and an HTTP/1.1 port answering each request with 1 KB;
+//! - `run ADDR`: fixed-rate load with latency from each request's intended send time (no
+//!   coordinated omission), or closed-loop saturation with `--rate 0`; one JSON line out.
+
+mod client;
+mod protocol;
+mod server;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "weft-loadgen",
+    version,
+    about = "Load generator and response server of Weft's data-plane benchmark"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Answer every request with a fixed-size response (raw TCP and HTTP/1.1).
+    Serve(server::Args),
+    /// Send load to a server and print one JSON report.
+    Run(client::Args),
+}
+
+fn main() -> ExitCode {
+    let result = match Cli::parse().command {
+        Command::Serve(args) => server::run(args),
+        Command::Run(args) => client::run(args),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("weft-loadgen: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::{net::SocketAddr, time::Duration};
+
+    use clap::CommandFactory as _;
+
+    use super::*;
+    use crate::protocol::Protocol;
+
+    #[test]
+    fn cli_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    /// Both methods against the server on loopback, both protocols.
+    #[test]
+    fn load_against_the_server_on_loopback() {
+        let runtime = tokio::runtime::Runtime::new().unwrap();
+        for protocol in [Protocol::Tcp, Protocol::Http] {
+            let listener = runtime
+                .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+                .unwrap();
+            let addr: SocketAddr = listener.local_addr().unwrap();
+            runtime.spawn(server::serve(listener, protocol, 1024));
+            for rate in [400, 0] {
+                let args = client::Args {
+                    addr: addr.to_string(),
+                    protocol,
+                    rate,
+                    conns: 4,
+                    duration_s: 0.5,
+                    warmup_s: 0.1,
+                    response_bytes: 1024,
+                    threads: 1,
+                };
+                client::run(args).unwrap();
+            }
+        }
+        runtime.shutdown_timeout(Duration::from_secs(1));
+    }
+}

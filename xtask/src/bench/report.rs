@@ -1,0 +1,619 @@
+//! What a benchmark run produces: medians with min and max over the runs, the targets of the
+//! benchmark issue checked (reported, never asserted), the JSON, a Markdown table and an SVG
+//! chart of the latency percentiles.
+
+use std::{fmt::Write as _, fs, process::Command};
+
+use serde_json::{json, Map, Value};
+
+use super::{Mode, Options, Sample, Scenario, RATE, RATE_CONNS, RESPONSE_BYTES, SATURATION_CONNS};
+use crate::{cmd, workspace_root};
+
+/// Median, min and max of one figure over the runs.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct Stat {
+    pub median: f64,
+    pub min: f64,
+    pub max: f64,
+}
+
+impl Stat {
+    pub fn of(values: &[f64]) -> Self {
+        if values.is_empty() {
+            return Self::default();
+        }
+        let mut v = values.to_vec();
+        v.sort_by(f64::total_cmp);
+        let mid = v.len() / 2;
+        let median = if v.len() % 2 == 1 {
+            v[mid]
+        } else {
+            (v[mid - 1] + v[mid]) / 2.0
+        };
+        Self {
+            median,
+            min: v[0],
+            max: v[v.len() - 1],
+        }
+    }
+}
+
+/// The figures of one (mode, scenario), in the order the JSON lists them.
+pub const FIGURES: [&str; 13] = [
+    "p50_us",
+    "p90_us",
+    "p99_us",
+    "p999_us",
+    "added_p50_us",
+    "added_p90_us",
+    "added_p99_us",
+    "rps",
+    "cpu_s_per_1k",
+    "rss_mb",
+    "fixed_rps",
+    "errors",
+    "saturation_p99_us",
+];
+
+#[derive(Clone, Debug)]
+pub struct Row {
+    pub mode: Mode,
+    pub scenario: Scenario,
+    /// Same order as [`FIGURES`].
+    pub stats: Vec<Stat>,
+}
+
+impl Row {
+    pub fn get(&self, figure: &str) -> Stat {
+        let i = FIGURES
+            .iter()
+            .position(|f| *f == figure)
+            .expect("a known figure");
+        self.stats[i]
+    }
+}
+
+/// Per (mode, scenario), in the order of [`Scenario::ALL`] then [`Mode::ALL`]. Added latency
+/// is taken run by run against `none` of the same run and scenario, then summarised.
+pub fn aggregate(samples: &[Sample], runs: usize) -> Vec<Row> {
+    let mut rows = Vec::new();
+    for scenario in Scenario::ALL {
+        let of = |mode: Mode| -> Vec<&Sample> {
+            samples
+                .iter()
+                .filter(|s| s.mode == mode && s.scenario == scenario)
+                .collect()
+        };
+        let none = of(Mode::None);
+        for mode in Mode::ALL {
+            let mine = of(mode);
+            if mine.is_empty() {
+                continue;
+            }
+            debug_assert!(mine.len() <= runs);
+            let added = |f: fn(&Sample) -> f64| -> Vec<f64> {
+                mine.iter().zip(&none).map(|(m, n)| f(m) - f(n)).collect()
+            };
+            let per = |f: fn(&Sample) -> f64| -> Vec<f64> { mine.iter().map(|s| f(s)).collect() };
+            let values: [Vec<f64>; 13] = [
+                per(|s| s.fixed.p50_us),
+                per(|s| s.fixed.p90_us),
+                per(|s| s.fixed.p99_us),
+                per(|s| s.fixed.p999_us),
+                added(|s| s.fixed.p50_us),
+                added(|s| s.fixed.p90_us),
+                added(|s| s.fixed.p99_us),
+                per(|s| s.saturation.rps),
+                per(|s| s.cpu_s_per_1k),
+                per(|s| s.rss_mb),
+                per(|s| s.fixed.rps),
+                per(|s| (s.fixed.errors + s.saturation.errors) as f64),
+                per(|s| s.saturation.p99_us),
+            ];
+            rows.push(Row {
+                mode,
+                scenario,
+                stats: values.iter().map(|v| Stat::of(v)).collect(),
+            });
+        }
+    }
+    rows
+}
+
+/// One target of the benchmark issue, as measured.
+#[derive(Clone, Debug)]
+pub struct Target {
+    pub what: String,
+    pub scenario: String,
+    pub weft: f64,
+    pub bound: f64,
+    pub met: bool,
+}
+
+pub fn targets(rows: &[Row]) -> Vec<Target> {
+    let find = |mode: Mode, scenario: Scenario| {
+        rows.iter()
+            .find(|r| r.mode == mode && r.scenario == scenario)
+    };
+    let mut out = Vec::new();
+    for scenario in Scenario::ALL {
+        let (Some(weft), Some(sidecar)) =
+            (find(Mode::Weft, scenario), find(Mode::Sidecar, scenario))
+        else {
+            continue;
+        };
+        let name = scenario.name();
+        let (w, s) = (
+            weft.get("added_p99_us").median,
+            sidecar.get("added_p99_us").median,
+        );
+        out.push(Target {
+            what: "added p99 at most a quarter of the sidecar's (µs)".into(),
+            scenario: name.clone(),
+            weft: w,
+            bound: s / 4.0,
+            met: w <= s / 4.0,
+        });
+        let (w, s) = (weft.get("rps").median, sidecar.get("rps").median);
+        out.push(Target {
+            what: "saturation at least twice the sidecar's (requests/s)".into(),
+            scenario: name.clone(),
+            weft: w,
+            bound: 2.0 * s,
+            met: w >= 2.0 * s,
+        });
+        if !scenario.cross_node && !scenario.http {
+            if let Some(none) = find(Mode::None, scenario) {
+                for (figure, what) in [
+                    ("p50_us", "p50 within 10% of no mesh (µs)"),
+                    ("p99_us", "p99 within 10% of no mesh (µs)"),
+                ] {
+                    let (w, n) = (weft.get(figure).median, none.get(figure).median);
+                    out.push(Target {
+                        what: what.into(),
+                        scenario: name.clone(),
+                        weft: w,
+                        bound: 1.1 * n,
+                        met: w <= 1.1 * n,
+                    });
+                }
+                let (w, n) = (weft.get("rps").median, none.get("rps").median);
+                out.push(Target {
+                    what: "saturation within 10% of no mesh (requests/s)".into(),
+                    scenario: name.clone(),
+                    weft: w,
+                    bound: 0.9 * n,
+                    met: w >= 0.9 * n,
+                });
+            }
+        }
+        let rss = weft.get("rss_mb").max;
+        out.push(Target {
+            what: "node proxy peak RSS under 20 MB at 1000 rps (MiB)".into(),
+            scenario: name,
+            weft: rss,
+            bound: 20.0,
+            met: rss < 20.0,
+        });
+    }
+    out
+}
+
+fn round(v: f64) -> f64 {
+    if v.abs() >= 100.0 {
+        v.round()
+    } else {
+        (v * 1000.0).round() / 1000.0
+    }
+}
+
+pub fn json(commit: &str, machine: &str, options: &Options, rows: &[Row]) -> Value {
+    let results: Vec<Value> = rows
+        .iter()
+        .map(|row| {
+            let mut obj = Map::new();
+            obj.insert("mode".into(), json!(row.mode.name()));
+            obj.insert("scenario".into(), json!(row.scenario.name()));
+            let (mut min, mut max) = (Map::new(), Map::new());
+            for (figure, stat) in FIGURES.iter().zip(&row.stats) {
+                obj.insert((*figure).into(), json!(round(stat.median)));
+                min.insert((*figure).into(), json!(round(stat.min)));
+                max.insert((*figure).into(), json!(round(stat.max)));
+            }
+            obj.insert("min".into(), Value::Object(min));
+            obj.insert("max".into(), Value::Object(max));
+            Value::Object(obj)
+        })
+        .collect();
+    let targets: Vec<Value> = targets(rows)
+        .iter()
+        .map(|t| {
+            json!({"target": t.what, "scenario": t.scenario, "weft": round(t.weft),
+                   "bound": round(t.bound), "met": t.met})
+        })
+        .collect();
+    let timing = options.timing();
+    json!({
+        "commit": commit,
+        "machine": machine,
+        "runs": options.runs,
+        "quick": options.quick,
+        "method": {
+            "fixed_rate_rps": RATE,
+            "fixed_rate_conns": RATE_CONNS,
+            "fixed_rate_s": timing.fixed_s,
+            "saturation_conns": SATURATION_CONNS,
+            "saturation_s": timing.saturation_s,
+            "response_bytes": RESPONSE_BYTES,
+            "latency": "from each request's intended send time (open loop)",
+            "figures": "median of the runs; min and max alongside",
+        },
+        "results": results,
+        "targets": targets,
+    })
+}
+
+/// `2 vCPU (model), N GiB, Debian 12, Linux x.y`.
+pub fn machine() -> String {
+    let cpuinfo = fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let cpus = cpuinfo
+        .lines()
+        .filter(|l| l.starts_with("processor"))
+        .count();
+    let model = cpuinfo
+        .lines()
+        .find_map(|l| l.strip_prefix("model name"))
+        .and_then(|l| l.split_once(':'))
+        .map(|(_, m)| m.trim().to_string())
+        .unwrap_or_default();
+    let mem_gib = fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| {
+            m.lines()
+                .find_map(|l| l.strip_prefix("MemTotal:"))
+                .and_then(|v| v.split_whitespace().next()?.parse::<f64>().ok())
+        })
+        .map_or(0.0, |kib| kib / 1024.0 / 1024.0);
+    let os = fs::read_to_string("/etc/os-release")
+        .ok()
+        .and_then(|o| {
+            o.lines()
+                .find_map(|l| l.strip_prefix("PRETTY_NAME="))
+                .map(|v| v.trim_matches('"').to_string())
+        })
+        .unwrap_or_default();
+    let kernel = fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    format!(
+        "{cpus} vCPU ({model}), {mem_gib:.0} GiB, {os}, Linux {}",
+        kernel.trim()
+    )
+}
+
+/// The commit the binaries were built from, `-dirty` when the tree has changes.
+pub fn commit() -> String {
+    let git = |args: &[&str]| {
+        cmd::output(Command::new("git").args(args).current_dir(workspace_root())).ok()
+    };
+    let hash = git(&["rev-parse", "--short=12", "HEAD"])
+        .map(|h| h.trim().to_string())
+        .unwrap_or_else(|| "unknown".into());
+    let dirty = git(&["status", "--porcelain", "--untracked-files=no"])
+        .is_some_and(|s| !s.trim().is_empty());
+    if dirty {
+        format!("{hash}-dirty")
+    } else {
+        hash
+    }
+}
+
+/// The results as Markdown: the table, then the targets.
+pub fn markdown(rows: &[Row], commit: &str, machine: &str, options: &Options) -> String {
+    let timing = options.timing();
+    let mut md = String::new();
+    let _ = writeln!(
+        md,
+        "Commit `{commit}`; {machine}. {} run(s), each figure the median (min–max in brackets). \
+         Fixed rate: {RATE} requests/s over {RATE_CONNS} connections for {} s, latency from \
+         each request's intended send time; saturation: closed loop over {SATURATION_CONNS} \
+         connections for {} s; {RESPONSE_BYTES}-byte responses.\n",
+        options.runs, timing.fixed_s, timing.saturation_s
+    );
+    let _ = writeln!(
+        md,
+        "| scenario | mode | p50 µs | p90 µs | p99 µs | p99.9 µs | added p90 µs | added p99 µs | saturation req/s | CPU s / 1k req | peak RSS MiB |"
+    );
+    let _ = writeln!(md, "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+    let range = |s: Stat, digits: usize| {
+        if (s.max - s.min).abs() < f64::EPSILON {
+            format!("{:.digits$}", s.median)
+        } else {
+            format!(
+                "{:.digits$} ({:.digits$}–{:.digits$})",
+                s.median, s.min, s.max
+            )
+        }
+    };
+    for row in rows {
+        let added = |f: &str| {
+            if row.mode == Mode::None {
+                "–".to_string()
+            } else {
+                range(row.get(f), 0)
+            }
+        };
+        let cost = |f: &str, digits: usize| {
+            if row.mode == Mode::None {
+                "–".to_string()
+            } else {
+                format!("{:.digits$}", row.get(f).median)
+            }
+        };
+        let _ = writeln!(
+            md,
+            "| {} | {} | {:.0} | {:.0} | {} | {:.0} | {} | {} | {} | {} | {} |",
+            row.scenario.name(),
+            row.mode.name(),
+            row.get("p50_us").median,
+            row.get("p90_us").median,
+            range(row.get("p99_us"), 0),
+            row.get("p999_us").median,
+            added("added_p90_us"),
+            added("added_p99_us"),
+            range(row.get("rps"), 0),
+            cost("cpu_s_per_1k", 3),
+            cost("rss_mb", 1),
+        );
+    }
+    let errors: f64 = rows.iter().map(|r| r.get("errors").max).sum();
+    if errors > 0.0 {
+        let _ = writeln!(md, "\nSome requests failed (see the JSON's `errors`).");
+    }
+    let _ = writeln!(md, "\nTargets (reported, not asserted):\n");
+    let _ = writeln!(md, "| scenario | target | Weft | bound | met |");
+    let _ = writeln!(md, "|---|---|---:|---:|---|");
+    for t in targets(rows) {
+        let _ = writeln!(
+            md,
+            "| {} | {} | {:.1} | {:.1} | {} |",
+            t.scenario,
+            t.what,
+            t.weft,
+            t.bound,
+            if t.met { "yes" } else { "**no**" }
+        );
+    }
+    md
+}
+
+const COLORS: [&str; 4] = ["#7f7f7f", "#d62728", "#ff7f0e", "#1f77b4"];
+
+/// Latency percentiles per mode, one panel per scenario (grouped bars, linear axis).
+pub fn chart_svg(rows: &[Row], commit: &str) -> String {
+    const PANEL_W: f64 = 470.0;
+    const PANEL_H: f64 = 300.0;
+    const LEFT: f64 = 60.0;
+    const TOP: f64 = 36.0;
+    const BOTTOM: f64 = 40.0;
+    let percentiles = [
+        ("p50", "p50_us"),
+        ("p90", "p90_us"),
+        ("p99", "p99_us"),
+        ("p99.9", "p999_us"),
+    ];
+    let width = 2.0 * PANEL_W + 20.0;
+    let height = 2.0 * PANEL_H + 70.0;
+    let mut svg = String::new();
+    let _ = writeln!(
+        svg,
+        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" viewBox="0 0 {width} {height}" font-family="sans-serif" font-size="11">"#
+    );
+    let _ = writeln!(
+        svg,
+        r#"<rect width="100%" height="100%" fill="white"/><text x="10" y="18" font-size="14" font-weight="bold">Latency at {RATE} requests/s, {RESPONSE_BYTES}-byte responses (µs, lower is better; commit {commit})</text>"#
+    );
+    // Legend.
+    for (i, mode) in Mode::ALL.iter().enumerate() {
+        let x = 10.0 + i as f64 * 150.0;
+        let _ = writeln!(
+            svg,
+            r#"<rect x="{x}" y="{}" width="12" height="12" fill="{}"/><text x="{}" y="{}">{}</text>"#,
+            height - 22.0,
+            COLORS[i],
+            x + 16.0,
+            height - 12.0,
+            mode.name()
+        );
+    }
+    for (p, scenario) in Scenario::ALL.iter().enumerate() {
+        let ox = 10.0 + (p % 2) as f64 * (PANEL_W + 10.0);
+        let oy = 28.0 + (p / 2) as f64 * PANEL_H;
+        let plot_w = PANEL_W - LEFT - 10.0;
+        let plot_h = PANEL_H - TOP - BOTTOM;
+        let mine: Vec<&Row> = rows.iter().filter(|r| r.scenario == *scenario).collect();
+        let top = mine
+            .iter()
+            .flat_map(|r| percentiles.iter().map(|(_, f)| r.get(f).median))
+            .fold(1.0, f64::max);
+        let (step, ymax) = nice_axis(top);
+        let _ = writeln!(
+            svg,
+            r#"<text x="{}" y="{}" font-size="13" font-weight="bold">{}</text>"#,
+            ox + LEFT,
+            oy + 20.0,
+            scenario.name()
+        );
+        let y_of = |v: f64| oy + TOP + plot_h * (1.0 - v / ymax);
+        let mut tick = 0.0;
+        while tick <= ymax + 1e-9 {
+            let y = y_of(tick);
+            let _ = writeln!(
+                svg,
+                r##"<line x1="{}" y1="{y:.1}" x2="{}" y2="{y:.1}" stroke="#ddd"/><text x="{}" y="{:.1}" text-anchor="end">{}</text>"##,
+                ox + LEFT,
+                ox + LEFT + plot_w,
+                ox + LEFT - 4.0,
+                y + 4.0,
+                tick
+            );
+            tick += step;
+        }
+        let group_w = plot_w / percentiles.len() as f64;
+        let bar_w = (group_w - 16.0) / Mode::ALL.len() as f64;
+        for (g, (label, figure)) in percentiles.iter().enumerate() {
+            let gx = ox + LEFT + g as f64 * group_w + 8.0;
+            for (m, mode) in Mode::ALL.iter().enumerate() {
+                let Some(row) = mine.iter().find(|r| r.mode == *mode) else {
+                    continue;
+                };
+                let v = row.get(figure).median;
+                let y = y_of(v);
+                let _ = writeln!(
+                    svg,
+                    r#"<rect x="{:.1}" y="{y:.1}" width="{:.1}" height="{:.1}" fill="{}"><title>{} {} {label}: {v:.0} µs</title></rect>"#,
+                    gx + m as f64 * bar_w,
+                    bar_w - 1.0,
+                    (oy + TOP + plot_h - y).max(0.0),
+                    COLORS[m],
+                    scenario.name(),
+                    mode.name()
+                );
+            }
+            let _ = writeln!(
+                svg,
+                r#"<text x="{:.1}" y="{}" text-anchor="middle">{label}</text>"#,
+                gx + (group_w - 16.0) / 2.0,
+                oy + TOP + plot_h + 16.0
+            );
+        }
+        let _ = writeln!(
+            svg,
+            r##"<line x1="{}" y1="{}" x2="{}" y2="{}" stroke="#333"/>"##,
+            ox + LEFT,
+            oy + TOP + plot_h,
+            ox + LEFT + plot_w,
+            oy + TOP + plot_h
+        );
+    }
+    svg.push_str("</svg>\n");
+    svg
+}
+
+/// A tick step of 1, 2 or 5 × 10^k giving about five ticks, and the axis top.
+fn nice_axis(max: f64) -> (f64, f64) {
+    let raw = max / 5.0;
+    let magnitude = 10f64.powf(raw.log10().floor());
+    let step = [1.0, 2.0, 5.0, 10.0]
+        .iter()
+        .map(|m| m * magnitude)
+        .find(|s| *s >= raw)
+        .unwrap_or(10.0 * magnitude);
+    (step, (max / step).ceil() * step)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::LoadReport;
+    use super::*;
+
+    fn report(p: f64, rps: f64) -> LoadReport {
+        LoadReport {
+            requests: 1000,
+            total_requests: 1100,
+            errors: 0,
+            first_error: None,
+            rps,
+            p50_us: p,
+            p90_us: 2.0 * p,
+            p99_us: 3.0 * p,
+            p999_us: 4.0 * p,
+        }
+    }
+
+    fn sample(mode: Mode, scenario: Scenario, p: f64, rps: f64) -> Sample {
+        Sample {
+            mode,
+            scenario,
+            fixed: report(p, 1000.0),
+            saturation: report(p, rps),
+            cpu_s_per_1k: 0.1,
+            rss_mb: 10.0,
+        }
+    }
+
+    #[test]
+    fn medians_and_ranges() {
+        assert_eq!(
+            Stat::of(&[3.0, 1.0, 2.0]),
+            Stat {
+                median: 2.0,
+                min: 1.0,
+                max: 3.0
+            }
+        );
+        assert_eq!(Stat::of(&[1.0, 2.0, 3.0, 10.0]).median, 2.5);
+        assert_eq!(Stat::of(&[]), Stat::default());
+    }
+
+    #[test]
+    fn added_latency_is_paired_run_by_run() {
+        let s = Scenario::ALL[0];
+        let samples = vec![
+            sample(Mode::None, s, 100.0, 10_000.0),
+            sample(Mode::Sidecar, s, 300.0, 4_000.0),
+            sample(Mode::Weft, s, 105.0, 9_500.0),
+            sample(Mode::None, s, 200.0, 10_000.0),
+            sample(Mode::Sidecar, s, 400.0, 4_000.0),
+            sample(Mode::Weft, s, 210.0, 9_500.0),
+        ];
+        let rows = aggregate(&samples, 2);
+        assert_eq!(rows.len(), 3);
+        let weft = rows.iter().find(|r| r.mode == Mode::Weft).unwrap();
+        // p99 = 3 × p: added 15 in run 1, 30 in run 2.
+        assert_eq!(weft.get("added_p99_us").min, 15.0);
+        assert_eq!(weft.get("added_p99_us").max, 30.0);
+        let none = rows.iter().find(|r| r.mode == Mode::None).unwrap();
+        assert_eq!(none.get("added_p99_us").median, 0.0);
+
+        let targets = targets(&rows);
+        let met = |what: &str| {
+            targets
+                .iter()
+                .find(|t| t.what.starts_with(what))
+                .unwrap()
+                .met
+        };
+        assert!(met("added p99"));
+        assert!(met("saturation at least twice"));
+        assert!(met("saturation within 10%"));
+        assert!(met("node proxy peak RSS"));
+
+        let options = Options::quick();
+        let json = json("abc", "machine", &options, &rows);
+        assert_eq!(json["results"][2]["mode"], "weft");
+        assert_eq!(json["results"][2]["scenario"], "same-node-tcp");
+        assert_eq!(json["results"][2]["min"]["added_p99_us"], 15.0);
+        for key in [
+            "p50_us",
+            "p90_us",
+            "p99_us",
+            "p999_us",
+            "added_p99_us",
+            "rps",
+            "cpu_s_per_1k",
+            "rss_mb",
+        ] {
+            assert!(json["results"][0][key].is_number(), "{key}");
+        }
+        let md = markdown(&rows, "abc", "machine", &options);
+        assert!(md.contains("| same-node-tcp | weft |"), "{md}");
+        let svg = chart_svg(&rows, "abc");
+        assert!(svg.starts_with("<svg") && svg.trim_end().ends_with("</svg>"));
+    }
+
+    #[test]
+    fn axes_are_round() {
+        assert_eq!(nice_axis(430.0), (100.0, 500.0));
+        assert_eq!(nice_axis(48.0), (10.0, 50.0));
+        assert_eq!(nice_axis(2600.0), (1000.0, 3000.0));
+    }
+}
