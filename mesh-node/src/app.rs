@@ -65,11 +65,13 @@ pub enum AppError {
 }
 
 /// Default log filter. kube-runtime's watcher logs some errors (403) at every retry; the
-/// Kubernetes source logs each streak of errors once instead.
-const DEFAULT_LOG_FILTER: &str = "info,kube_runtime::watcher=error";
+/// Kubernetes source logs each streak of errors once instead. Access logs are off, as in
+/// Istio's default profile.
+const DEFAULT_LOG_FILTER: &str = "info,kube_runtime::watcher=error,weft::access=off";
 
-/// Logs to stderr; `RUST_LOG` overrides the default `info` level (the per-connection access
-/// log is at debug: `RUST_LOG=info,weft::access=debug`).
+/// Logs to stderr; `RUST_LOG` overrides the default `info` level. Access logs: one line per
+/// HTTP request with `RUST_LOG=info,weft::access=info`, plus one per TCP connection with
+/// `weft::access=debug`.
 pub fn init_tracing(format: LogFormat) {
     let filter =
         EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(DEFAULT_LOG_FILTER));
@@ -219,7 +221,7 @@ fn serve(args: RunArgs, mode: Mode) -> Result<(), AppError> {
                 config,
                 store.subscribe(),
                 original_dst,
-                metrics.tcp().clone(),
+                &metrics,
                 readiness.proxy_applied_version.clone(),
             )
             .await?;

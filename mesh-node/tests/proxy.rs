@@ -164,7 +164,7 @@ impl NodeProxy {
             config,
             store.subscribe(),
             original_dst,
-            metrics.tcp().clone(),
+            &metrics,
             applied.clone(),
         )
         .await

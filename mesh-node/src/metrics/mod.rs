@@ -6,6 +6,10 @@
 //! | `istio_tcp_connections_closed_total` | counter | Istio's TCP labels | connections closed |
 //! | `istio_tcp_received_bytes_total` | counter | Istio's TCP labels | bytes client → server |
 //! | `istio_tcp_sent_bytes_total` | counter | Istio's TCP labels | bytes server → client |
+//! | `istio_requests_total` | counter | Istio's HTTP labels | requests |
+//! | `istio_request_duration_milliseconds` | histogram | Istio's HTTP labels | first request byte → last response byte |
+//! | `istio_request_bytes` | histogram | Istio's HTTP labels | request body sizes |
+//! | `istio_response_bytes` | histogram | Istio's HTTP labels | response body sizes |
 //! | `weft_ebpf_<counter>_total` | counter | | decisions of the eBPF programs, summed over CPUs |
 //! | `weft_config_version` | gauge | | newest configuration snapshot |
 //! | `weft_config_applied_version` | gauge | `consumer` = `proxy`, `ebpf` | snapshot each consumer applied |
@@ -19,12 +23,18 @@
 //! destination until mTLS). Principals stay `unknown` until peers authenticate with mTLS.
 //! Bytes are counted as they are copied, so long-lived connections show up while open.
 //!
+//! Istio's HTTP labels are the TCP ones with `request_protocol` = `http` or `grpc`, plus
+//! `response_code` (`0` when no response was sent) and `grpc_response_status` (empty for plain
+//! HTTP); `response_flags` may then carry any of Envoy's flags ([`ResponseFlags`]). The
+//! histograms use Istio's buckets ([`BUCKETS`]); [`access_log`] writes one line per request.
+//!
 //! The registry is built once at start-up and only read afterwards, so a scrape never blocks a
-//! connection. Values that live elsewhere (eBPF per-CPU counters, the applied snapshot versions)
+//! connection (a request whose label combination is new waits for a running scrape). Values that live elsewhere (eBPF per-CPU counters, the applied snapshot versions)
 //! are read at scrape time by collectors instead of being copied into gauges periodically.
 
 use std::{
-    fmt,
+    fmt::{self, Write as _},
+    ops::{BitOr, BitOrAssign},
     sync::{
         atomic::{AtomicU64, Ordering},
         Arc, LazyLock,
@@ -46,6 +56,12 @@ use prometheus_client::{
 };
 
 use crate::model::{Pod, Service, Store};
+
+mod access;
+mod http;
+
+pub use access::{access_log, access_log_enabled, AccessEntry, ClusterName};
+pub use http::{HttpMetrics, RequestLabels, RequestOutcome, BUCKETS};
 
 /// Counters kept by the eBPF programs, read at scrape time.
 pub trait EbpfCounters: Send + Sync + 'static {
@@ -119,25 +135,162 @@ impl EncodeLabelValue for Reporter {
     }
 }
 
-/// Istio's response flags for TCP connections.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum ResponseFlags {
-    /// Nothing to report.
-    None,
-    /// Upstream connection failure (Envoy's `UF`).
-    UpstreamFailure,
-    /// No healthy upstream (Envoy's `UH`): the service had no ready endpoint.
-    NoHealthyUpstream,
+/// Envoy's response flags (`%RESPONSE_FLAGS%`), Istio's `response_flags` label.
+///
+/// A set: a delayed then aborted request carries `DI,FI`. Bit `n` is Envoy's flag `1 << n`, and
+/// the rendering lists the short codes in that order, joined by `,` (`-` when empty), as
+/// Envoy's `ResponseFlagUtils::toShortString` did up to 1.29 (newer Envoys list flags in the
+/// order they were set; dashboards match codes, not positions).
+#[derive(Clone, Copy, Default, PartialEq, Eq, Hash)]
+pub struct ResponseFlags(u32);
+
+impl ResponseFlags {
+    /// Nothing to report (`-`).
+    pub const NONE: Self = Self(0);
+    /// Failed local health check.
+    pub const LH: Self = Self(1 << 0);
+    /// No healthy upstream: the cluster had no ready endpoint (503).
+    pub const UH: Self = Self(1 << 1);
+    /// Upstream request timeout (504).
+    pub const UT: Self = Self(1 << 2);
+    /// Local reset of the stream.
+    pub const LR: Self = Self(1 << 3);
+    /// Upstream remote reset of the stream.
+    pub const UR: Self = Self(1 << 4);
+    /// Upstream connection failure (503).
+    pub const UF: Self = Self(1 << 5);
+    /// Upstream connection terminated mid-request.
+    pub const UC: Self = Self(1 << 6);
+    /// Upstream overflow: a circuit breaker (connection pool limit) rejected the request (503).
+    pub const UO: Self = Self(1 << 7);
+    /// No route matched the request (404).
+    pub const NR: Self = Self(1 << 8);
+    /// The request was delayed by fault injection.
+    pub const DI: Self = Self(1 << 9);
+    /// The request was aborted by fault injection.
+    pub const FI: Self = Self(1 << 10);
+    /// Rate limited locally (429).
+    pub const RL: Self = Self(1 << 11);
+    /// Denied by an external authorization service.
+    pub const UAEX: Self = Self(1 << 12);
+    /// The rate limit service failed.
+    pub const RLSE: Self = Self(1 << 13);
+    /// The downstream connection closed before the response was complete.
+    pub const DC: Self = Self(1 << 14);
+    /// Retries exhausted: the retry limit was reached.
+    pub const URX: Self = Self(1 << 15);
+    /// Stream idle timeout.
+    pub const SI: Self = Self(1 << 16);
+    /// Invalid `x-envoy-*` request headers.
+    pub const IH: Self = Self(1 << 17);
+    /// Downstream protocol error.
+    pub const DPE: Self = Self(1 << 18);
+    /// Upstream max stream duration reached.
+    pub const UMSDR: Self = Self(1 << 19);
+    /// Response served from a cache.
+    pub const RFCF: Self = Self(1 << 20);
+    /// No filter configuration found.
+    pub const NFCF: Self = Self(1 << 21);
+    /// Maximum request duration exceeded.
+    pub const DT: Self = Self(1 << 22);
+    /// Upstream protocol error.
+    pub const UPE: Self = Self(1 << 23);
+    /// No cluster found for the route.
+    pub const NC: Self = Self(1 << 24);
+    /// Terminated by the overload manager.
+    pub const OM: Self = Self(1 << 25);
+    /// DNS resolution failed.
+    pub const DF: Self = Self(1 << 26);
+    /// Dropped by load shedding.
+    pub const DO: Self = Self(1 << 27);
+
+    /// Short codes indexed by bit.
+    const CODES: [&'static str; 28] = [
+        "LH", "UH", "UT", "LR", "UR", "UF", "UC", "UO", "NR", "DI", "FI", "RL", "UAEX", "RLSE",
+        "DC", "URX", "SI", "IH", "DPE", "UMSDR", "RFCF", "NFCF", "DT", "UPE", "NC", "OM", "DF",
+        "DO",
+    ];
+
+    pub const fn bits(self) -> u32 {
+        self.0
+    }
+
+    pub const fn is_empty(self) -> bool {
+        self.0 == 0
+    }
+
+    /// Whether every flag of `other` is set.
+    pub const fn contains(self, other: Self) -> bool {
+        self.0 & other.0 == other.0
+    }
+
+    pub const fn union(self, other: Self) -> Self {
+        Self(self.0 | other.0)
+    }
+
+    pub fn insert(&mut self, other: Self) {
+        self.0 |= other.0;
+    }
+
+    /// The rendering without formatting when it is `-` or a single code, the common cases.
+    pub fn as_static_str(self) -> Option<&'static str> {
+        match self.0 {
+            0 => Some("-"),
+            bits if bits.is_power_of_two() => {
+                Self::CODES.get(bits.trailing_zeros() as usize).copied()
+            }
+            _ => None,
+        }
+    }
+
+    /// The short codes of the flags set, in Envoy's order.
+    pub fn codes(self) -> impl Iterator<Item = &'static str> {
+        Self::CODES
+            .iter()
+            .enumerate()
+            .filter(move |(bit, _)| self.0 & (1 << bit) != 0)
+            .map(|(_, code)| *code)
+    }
+}
+
+impl BitOr for ResponseFlags {
+    type Output = Self;
+
+    fn bitor(self, other: Self) -> Self {
+        self.union(other)
+    }
+}
+
+impl BitOrAssign for ResponseFlags {
+    fn bitor_assign(&mut self, other: Self) {
+        self.insert(other);
+    }
+}
+
+impl fmt::Display for ResponseFlags {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if let Some(s) = self.as_static_str() {
+            return f.write_str(s);
+        }
+        for (i, code) in self.codes().enumerate() {
+            if i > 0 {
+                f.write_char(',')?;
+            }
+            f.write_str(code)?;
+        }
+        Ok(())
+    }
+}
+
+impl fmt::Debug for ResponseFlags {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "ResponseFlags({self})")
+    }
 }
 
 impl EncodeLabelValue for ResponseFlags {
     fn encode(&self, encoder: &mut LabelValueEncoder) -> Result<(), fmt::Error> {
-        let flags = match self {
-            ResponseFlags::None => "-",
-            ResponseFlags::UpstreamFailure => "UF",
-            ResponseFlags::NoHealthyUpstream => "UH",
-        };
-        EncodeLabelValue::encode(&flags, encoder)
+        write!(encoder, "{self}")
     }
 }
 
@@ -287,7 +440,7 @@ impl TcpLabels {
             destination_service_namespace: service.namespace,
             destination_cluster: CLUSTER.clone(),
             request_protocol: TCP.clone(),
-            response_flags: ResponseFlags::None,
+            response_flags: ResponseFlags::NONE,
             connection_security_policy,
         }
     }
@@ -400,6 +553,7 @@ impl Rejections {
 pub struct Metrics {
     registry: Registry,
     tcp: TcpMetrics,
+    http: HttpMetrics,
     rejections: Rejections,
 }
 
@@ -420,6 +574,8 @@ impl Metrics {
         let mut registry = Registry::default();
         let tcp = TcpMetrics::default();
         tcp.register(&mut registry);
+        let http = HttpMetrics::default();
+        registry.register_collector(Box::new(http.collector()));
         let rejections = Rejections::default();
         registry.register(
             "weft_config_rejected",
@@ -429,6 +585,7 @@ impl Metrics {
         Self {
             registry,
             tcp,
+            http,
             rejections,
         }
     }
@@ -456,6 +613,10 @@ impl Metrics {
 
     pub fn tcp(&self) -> &TcpMetrics {
         &self.tcp
+    }
+
+    pub fn http(&self) -> &HttpMetrics {
+        &self.http
     }
 
     pub fn rejections(&self) -> &Rejections {
@@ -637,6 +798,47 @@ mod tests {
         let text = metrics.encode();
         assert!(text.contains("reporter=\"destination\",source_workload=\"unknown\""));
         assert!(text.contains("connection_security_policy=\"none\""));
+    }
+
+    #[test]
+    fn response_flags_render_like_envoy() {
+        assert_eq!(ResponseFlags::NONE.to_string(), "-");
+        assert_eq!(ResponseFlags::default(), ResponseFlags::NONE);
+        assert_eq!(ResponseFlags::UO.to_string(), "UO");
+        assert_eq!(ResponseFlags::UO.as_static_str(), Some("UO"));
+        assert_eq!(ResponseFlags::DO.as_static_str(), Some("DO"));
+        assert_eq!(ResponseFlags::NONE.as_static_str(), Some("-"));
+
+        // Envoy's order, whatever the order of insertion.
+        let mut flags = ResponseFlags::FI;
+        flags.insert(ResponseFlags::DI);
+        assert_eq!(flags.to_string(), "DI,FI");
+        assert_eq!(flags.as_static_str(), None);
+        let flags = ResponseFlags::URX | ResponseFlags::UF | ResponseFlags::UH;
+        assert_eq!(flags.to_string(), "UH,UF,URX");
+        assert_eq!(format!("{flags:?}"), "ResponseFlags(UH,UF,URX)");
+
+        assert!(flags.contains(ResponseFlags::UF | ResponseFlags::URX));
+        assert!(!flags.contains(ResponseFlags::UF | ResponseFlags::UT));
+        assert!(flags.contains(ResponseFlags::NONE));
+        assert!(!flags.is_empty());
+        assert!(ResponseFlags::NONE.is_empty());
+        assert_eq!(ResponseFlags::DC.bits(), 0x4000);
+        assert_eq!(ResponseFlags::UPE.bits(), 0x80_0000);
+    }
+
+    #[test]
+    fn tcp_flags_label() {
+        let labels = TcpLabels::new(
+            Reporter::Source,
+            Workload::unknown(),
+            Workload::unknown(),
+            ServiceLabels::unknown(),
+        )
+        .with_response_flags(ResponseFlags::UF);
+        let metrics = Metrics::new();
+        metrics.tcp().connection(&labels).opened();
+        assert!(metrics.encode().contains("response_flags=\"UF\""));
     }
 
     #[test]

@@ -183,7 +183,7 @@ async fn tunnel(
 fn record_failure(inner: &Inner, labels: TcpLabels) {
     let conn = inner
         .metrics
-        .connection(&labels.with_response_flags(ResponseFlags::UpstreamFailure));
+        .connection(&labels.with_response_flags(ResponseFlags::UF));
     conn.opened();
     conn.closed();
 }

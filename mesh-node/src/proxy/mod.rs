@@ -27,12 +27,14 @@ use tokio::{
 use tracing::{debug, info, warn};
 
 use crate::{
-    metrics::TcpMetrics,
+    metrics::{HttpMetrics, Metrics, TcpMetrics},
     model::{ObjectKey, OriginalDst, Snapshot},
 };
 
 pub mod copy;
+mod detect;
 mod inbound;
+pub mod l7;
 mod outbound;
 pub mod tunnel;
 
@@ -280,6 +282,8 @@ pub(crate) async fn connect_tcp(
 /// The configuration as one connection sees it.
 pub(crate) struct View {
     pub snapshot: Arc<Snapshot>,
+    /// HTTP and TCP routes of every Service that has any.
+    pub routes: l7::routes::RouteIndex,
     balancers: HashMap<ObjectKey, Arc<AtomicUsize>>,
 }
 
@@ -296,6 +300,7 @@ impl View {
             })
             .collect();
         Self {
+            routes: l7::routes::RouteIndex::build(&snapshot),
             snapshot,
             balancers,
         }
@@ -315,6 +320,11 @@ pub(crate) struct Inner {
     pub view: ArcSwap<View>,
     pub original_dst: Arc<dyn OriginalDst>,
     pub metrics: TcpMetrics,
+    pub http_metrics: HttpMetrics,
+    /// Health and circuit-breaker state of every cluster, kept across snapshots.
+    pub clusters: l7::cluster::Clusters,
+    /// Upstream HTTP connections of every cluster.
+    pub pools: l7::pool::Pools,
     pub applied: Arc<AtomicU64>,
     pub inbound_port: u16,
 }
@@ -341,7 +351,7 @@ impl Proxy {
         config: ProxyConfig,
         mut snapshots: watch::Receiver<Arc<Snapshot>>,
         original_dst: Arc<dyn OriginalDst>,
-        metrics: TcpMetrics,
+        metrics: &Metrics,
         applied: Arc<AtomicU64>,
     ) -> Result<Self, ProxyError> {
         let outbound = listen("outbound capture", config.outbound_addr, false)?;
@@ -358,7 +368,10 @@ impl Proxy {
             config,
             view: ArcSwap::from_pointee(View::new(snapshot, None)),
             original_dst,
-            metrics,
+            metrics: metrics.tcp().clone(),
+            http_metrics: metrics.http().clone(),
+            clusters: Default::default(),
+            pools: Default::default(),
             applied,
             inbound_port,
         });

@@ -14,21 +14,23 @@ use std::{
     time::Instant,
 };
 
+use bytes::Bytes;
 use tokio::net::TcpStream;
 use tracing::{debug, warn};
 
 use super::{
-    connect_tcp, copy, tunnel, v4, Inner, ProxyConfig, ProxyError, Role, Transferred, View,
-    ACCESS_LOG,
+    connect_tcp, copy,
+    detect::{self, Declared, Rewind, Sniffed, SNIFF_TIMEOUT},
+    l7, tunnel, v4, Inner, ProxyConfig, ProxyError, Role, Transferred, View, ACCESS_LOG,
 };
 use crate::{
     metrics::{Reporter, ResponseFlags, ServiceLabels, TcpLabels, Workload},
-    model::{Pod, Protocol, Service},
+    model::{Pod, Protocol, Service, Snapshot},
 };
 
 /// How the proxy reaches the chosen target.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(super) enum Via {
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Via {
     /// A TCP connection, from `source` when the target is a pod of this node.
     Direct { source: Option<Ipv4Addr> },
     /// Through the proxy of the target's node.
@@ -103,15 +105,29 @@ pub(super) fn route(
             (dialled, pod, node)
         }
     };
-    let via = match node {
+    let via = via(snapshot, config, target, node.as_ref())?;
+    Ok(Route { target, via, pod })
+}
+
+/// How to reach `target`, a pod on `node` if known: directly when it is on this node (from
+/// the proxy address, so it is not captured again) or not a pod at all, else through the
+/// proxy of its node.
+pub(super) fn via(
+    snapshot: &Snapshot,
+    config: &ProxyConfig,
+    target: SocketAddrV4,
+    node: Option<&Arc<str>>,
+) -> Result<Via, ProxyError> {
+    Ok(match node {
         // A sidecar dials the pod itself; the pod's own sidecar captures it inbound.
         _ if config.sidecar => Via::Direct { source: None },
-        Some(node) if *node != *config.node => {
-            let address = snapshot
-                .nodes
-                .get(&node)
-                .map(|n| n.address)
-                .ok_or(ProxyError::UnknownNode { target, node })?;
+        Some(node) if **node != *config.node => {
+            let address = snapshot.nodes.get(node).map(|n| n.address).ok_or_else(|| {
+                ProxyError::UnknownNode {
+                    target,
+                    node: node.clone(),
+                }
+            })?;
             Via::Tunnel {
                 peer: SocketAddrV4::new(address, config.peer_tunnel_port),
             }
@@ -121,8 +137,7 @@ pub(super) fn route(
         },
         // Not a pod of the mesh: dialled like the client would have.
         None => Via::Direct { source: None },
-    };
-    Ok(Route { target, via, pod })
+    })
 }
 
 /// What the access log line reports.
@@ -142,7 +157,11 @@ pub(super) async fn serve(inner: Arc<Inner>, downstream: TcpStream, client: Sock
     let via = log.via.map(|v| v.to_string()).unwrap_or_default();
     let duration_ms = start.elapsed().as_millis() as u64;
     match result {
-        Ok(t) => debug!(
+        // Every request was logged on its own.
+        Ok(Served::Http) => {
+            debug!(direction = "outbound", %client, %dialled, duration_ms, "HTTP connection closed")
+        }
+        Ok(Served::Tcp(t)) => debug!(
             target: ACCESS_LOG,
             direction = "outbound",
             %client, %dialled, %upstream, %via,
@@ -174,12 +193,18 @@ enum Upstream {
     Tunnel(tunnel::TunnelStream),
 }
 
+/// How a connection was served.
+enum Served {
+    Tcp(Transferred),
+    Http,
+}
+
 async fn proxy(
-    inner: &Inner,
-    mut downstream: TcpStream,
+    inner: &Arc<Inner>,
+    downstream: TcpStream,
     client: SocketAddr,
     log: &mut Log,
-) -> Result<Transferred, ProxyError> {
+) -> Result<Served, ProxyError> {
     let client = v4(client).ok_or(ProxyError::NotIpv4 { client })?;
     let dialled = inner
         .original_dst
@@ -191,6 +216,41 @@ async fn proxy(
     let snapshot = &view.snapshot;
     let source = snapshot.pod_by_ip(*client.ip()).cloned();
     let service = snapshot.service_by_ip(*dialled.ip()).cloned();
+
+    let declared = service.as_ref().and_then(|s| {
+        s.ports
+            .iter()
+            .find(|p| p.port == dialled.port() && p.protocol == Protocol::Tcp)
+            .map(Declared::of)
+    });
+    let mut downstream = downstream;
+    let mut sniffed = Bytes::new();
+    let http = match declared {
+        Some(Declared::Http | Declared::Http2) => true,
+        Some(Declared::Unknown) => {
+            let (verdict, bytes) = detect::sniff(&mut downstream, SNIFF_TIMEOUT)
+                .await
+                .map_err(ProxyError::Socket)?;
+            sniffed = bytes;
+            verdict != Sniffed::Opaque
+        }
+        Some(Declared::Opaque) | None => false,
+    };
+    let mut downstream = Rewind::new(sniffed, downstream);
+    if let (true, Some(service), Some(declared)) = (http, &service, declared) {
+        let conn = l7::Conn::new(
+            inner.clone(),
+            client,
+            service.key.clone(),
+            dialled.port(),
+            declared,
+            source,
+        );
+        drop(view);
+        l7::serve(conn, downstream).await;
+        return Ok(Served::Http);
+    }
+
     let labels = |pod: Option<&Pod>| {
         TcpLabels::new(
             Reporter::Source,
@@ -209,7 +269,7 @@ async fn proxy(
         Ok(route) => route,
         Err(e) => {
             if service.is_some() {
-                failed(labels(None), ResponseFlags::NoHealthyUpstream);
+                failed(labels(None), ResponseFlags::UH);
             }
             return Err(e);
         }
@@ -235,7 +295,7 @@ async fn proxy(
     let mut upstream = match upstream {
         Ok(u) => u,
         Err(e) => {
-            failed(labels, ResponseFlags::UpstreamFailure);
+            failed(labels, ResponseFlags::UF);
             return Err(e);
         }
     };
@@ -249,7 +309,7 @@ async fn proxy(
         Upstream::Tunnel(s) => copy::bidirectional(&mut downstream, s, &conn).await,
     };
     conn.closed();
-    Ok(result?)
+    Ok(Served::Tcp(result?))
 }
 
 #[cfg(test)]

@@ -1,0 +1,684 @@
+//! The node proxy's HTTP routing in-process, on 127.0.N.x addresses (no root, no eBPF): the
+//! configuration is YAML read by the file source, as a user writes it; a fake capture layer
+//! answers the original destination; hyper servers play the pods; hyper clients play the
+//! applications. The virtual-cluster tests (`xtask/tests/l7.rs`) repeat the important cases
+//! with curl, h2load and a gRPC client over real capture.
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    convert::Infallible,
+    fs,
+    net::{Ipv4Addr, SocketAddr, SocketAddrV4},
+    sync::{
+        atomic::{AtomicU32, AtomicU64, Ordering},
+        Arc, Mutex,
+    },
+    time::{Duration, Instant},
+};
+
+use bytes::Bytes;
+use http::{HeaderMap, Method, Request, Response, StatusCode};
+use http_body_util::{BodyExt as _, Full};
+use hyper::{body::Incoming, service::service_fn};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use mesh_node::{
+    metrics::Metrics,
+    model::{OriginalDst, Store},
+    proxy::{Proxy, ProxyConfig},
+    source::file::FileSource,
+};
+use tempfile::TempDir;
+use tokio::net::{TcpListener, TcpSocket};
+
+const PROXY_IP: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 1);
+const POD_PORT: u16 = 18080;
+const SERVICE_PORT: u16 = 9080;
+
+/// The capture layer: client address → dialled address.
+#[derive(Default)]
+struct FakeOriginalDst(Mutex<HashMap<SocketAddrV4, SocketAddrV4>>);
+
+impl OriginalDst for FakeOriginalDst {
+    fn lookup(&self, _: std::os::fd::BorrowedFd<'_>, client: SocketAddrV4) -> Option<SocketAddrV4> {
+        self.0.lock().unwrap().get(&client).copied()
+    }
+}
+
+/// How a test pod answers.
+#[derive(Default)]
+struct Behaviour {
+    /// Every Nth request answers 503.
+    fail_every: AtomicU32,
+    requests: AtomicU32,
+}
+
+/// A pod: an HTTP/1.1 + h2c server that says who it is and what it received.
+struct Pod {
+    behaviour: Arc<Behaviour>,
+}
+
+impl Pod {
+    async fn start(ip: Ipv4Addr, name: &'static str, version: &'static str) -> Self {
+        let listener = TcpListener::bind((ip, POD_PORT)).await.unwrap();
+        let behaviour = Arc::new(Behaviour::default());
+        let b = behaviour.clone();
+        tokio::spawn(async move {
+            loop {
+                let (stream, _) = listener.accept().await.unwrap();
+                let b = b.clone();
+                tokio::spawn(async move {
+                    let service = service_fn(move |request| {
+                        let b = b.clone();
+                        async move { Ok::<_, Infallible>(answer(request, name, version, &b).await) }
+                    });
+                    let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                        .serve_connection(TokioIo::new(stream), service)
+                        .await;
+                });
+            }
+        });
+        Self { behaviour }
+    }
+
+    fn requests(&self) -> u32 {
+        self.behaviour.requests.load(Ordering::SeqCst)
+    }
+}
+
+async fn answer(
+    request: Request<Incoming>,
+    name: &str,
+    version: &str,
+    behaviour: &Behaviour,
+) -> Response<Full<Bytes>> {
+    let n = behaviour.requests.fetch_add(1, Ordering::SeqCst) + 1;
+    let (parts, body) = request.into_parts();
+    let body = body
+        .collect()
+        .await
+        .map(|b| b.to_bytes())
+        .unwrap_or_default();
+    let mut response = Response::new(Full::new(body));
+    let headers = response.headers_mut();
+    headers.insert("x-pod", name.parse().unwrap());
+    headers.insert("x-version", version.parse().unwrap());
+    headers.insert("x-seen-path", parts.uri.path().parse().unwrap());
+    headers.insert(
+        "x-seen-version",
+        format!("{:?}", parts.version).parse().unwrap(),
+    );
+    let host = parts
+        .uri
+        .authority()
+        .map(|a| a.to_string())
+        .or_else(|| {
+            parts
+                .headers
+                .get("host")
+                .map(|h| h.to_str().unwrap().to_owned())
+        })
+        .unwrap_or_default();
+    headers.insert("x-seen-host", host.parse().unwrap());
+    for (name, value) in &parts.headers {
+        if name.as_str().starts_with("x-test-") {
+            headers.insert(
+                http::HeaderName::from_bytes(format!("x-seen-{name}").as_bytes()).unwrap(),
+                value.clone(),
+            );
+        }
+    }
+    let every = behaviour.fail_every.load(Ordering::SeqCst);
+    if every > 0 && n.is_multiple_of(every) {
+        *response.status_mut() = StatusCode::SERVICE_UNAVAILABLE;
+    }
+    if let Some(ms) = parts.uri.path().strip_prefix("/delay/") {
+        tokio::time::sleep(Duration::from_millis(ms.parse().unwrap_or(0))).await;
+    }
+    response
+}
+
+/// One proxy ("node n1"), pods, Services and the YAML that configures them.
+struct Mesh {
+    net: u8,
+    dir: TempDir,
+    source: FileSource,
+    capture: Arc<FakeOriginalDst>,
+    outbound: SocketAddr,
+    metrics: Arc<Metrics>,
+    applied: Arc<AtomicU64>,
+    store: Store,
+    next_client: AtomicU32,
+    pods: HashMap<&'static str, Pod>,
+}
+
+const BASE: &str =
+    "apiVersion: v1\nkind: Namespace\nmetadata: {name: shop, labels: {weft.io/mesh: enabled}}
+---\napiVersion: v1\nkind: Pod\nmetadata: {name: client, namespace: shop, labels: {app: client}}
+spec: {nodeName: n1, containers: [{name: app}]}\nstatus: {podIP: 127.0.NET.100}\n";
+
+impl Mesh {
+    /// `pods`: (name, app, version, ip suffix); one Service per app, ClusterIP 10.NET.0.<n>.
+    async fn start(net: u8, pods: &[(&'static str, &'static str, &'static str, u8)]) -> Self {
+        let mut yaml = BASE.replace("NET", &net.to_string());
+        let mut started = HashMap::new();
+        let mut apps: Vec<&str> = Vec::new();
+        for &(name, app, version, suffix) in pods {
+            let ip = Ipv4Addr::new(127, 0, net, suffix);
+            started.insert(name, Pod::start(ip, name, version).await);
+            yaml += &format!(
+                "---\napiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, namespace: shop, labels: {{app: {app}, version: {version}}}}}\n\
+                 spec: {{nodeName: n1, containers: [{{name: app, ports: [{{containerPort: {POD_PORT}}}]}}]}}\nstatus: {{podIP: {ip}}}\n"
+            );
+            if !apps.contains(&app) {
+                apps.push(app);
+            }
+        }
+        for (i, app) in apps.iter().enumerate() {
+            yaml += &format!(
+                "---\napiVersion: v1\nkind: Service\nmetadata: {{name: {app}, namespace: shop}}\n\
+                 spec:\n  clusterIP: 10.{net}.0.{}\n  selector: {{app: {app}}}\n  ports: [{{name: http, port: {SERVICE_PORT}, targetPort: {POD_PORT}}}]\n",
+                i + 1
+            );
+        }
+        let dir = tempfile::tempdir().unwrap();
+        fs::write(dir.path().join("base.yaml"), yaml).unwrap();
+        let store = Store::new();
+        let mut source = FileSource::new(dir.path(), store.clone());
+        source.poll().unwrap();
+
+        let capture = Arc::new(FakeOriginalDst::default());
+        let mut config = ProxyConfig::new("n1", PROXY_IP);
+        let any = SocketAddr::from((Ipv4Addr::new(127, 0, net, 1), 0));
+        config.outbound_addr = any;
+        config.inbound_addr = any;
+        config.tunnel_addr = any;
+        config.connect_timeout = Duration::from_secs(2);
+        let metrics = Arc::new(Metrics::new());
+        let applied = Arc::new(AtomicU64::new(0));
+        let proxy = Proxy::bind(
+            config,
+            store.subscribe(),
+            capture.clone(),
+            &metrics,
+            applied.clone(),
+        )
+        .await
+        .unwrap();
+        let outbound = proxy.addresses().outbound;
+        tokio::spawn(proxy.run(std::future::pending()));
+        Self {
+            net,
+            dir,
+            source,
+            capture,
+            outbound,
+            metrics,
+            applied,
+            store,
+            next_client: AtomicU32::new(0),
+            pods: started,
+        }
+    }
+
+    /// Applies (or replaces) a YAML file of routing rules and waits until the proxy uses it.
+    async fn apply(&mut self, name: &str, yaml: &str) {
+        fs::write(self.dir.path().join(name), yaml).unwrap();
+        let version = self
+            .source
+            .poll()
+            .unwrap()
+            .expect("the change is published");
+        let rejected = self.source.status().rejected();
+        assert!(rejected.is_empty(), "rejected: {rejected:?}");
+        while self.applied.load(Ordering::Acquire) < version {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        assert_eq!(self.store.current().version, version);
+    }
+
+    /// A keep-alive HTTP/1.1 connection from the client pod to `app`'s Service.
+    async fn connect(&self, app_index: u8) -> Client {
+        let stream = self.dial(app_index).await;
+        let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .unwrap();
+        tokio::spawn(conn);
+        Client::Http1(sender)
+    }
+
+    /// A prior-knowledge HTTP/2 connection (h2c) to `app`'s Service.
+    async fn connect_h2(&self, app_index: u8) -> Client {
+        let stream = self.dial(app_index).await;
+        let (sender, conn) =
+            hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
+                .await
+                .unwrap();
+        tokio::spawn(conn);
+        Client::Http2(sender)
+    }
+
+    async fn dial(&self, app_index: u8) -> tokio::net::TcpStream {
+        let socket = TcpSocket::new_v4().unwrap();
+        socket
+            .bind(SocketAddr::from((Ipv4Addr::new(127, 0, self.net, 100), 0)))
+            .unwrap();
+        let SocketAddr::V4(local) = socket.local_addr().unwrap() else {
+            unreachable!()
+        };
+        let vip = SocketAddrV4::new(Ipv4Addr::new(10, self.net, 0, app_index), SERVICE_PORT);
+        self.capture.0.lock().unwrap().insert(local, vip);
+        self.next_client.fetch_add(1, Ordering::Relaxed);
+        socket.connect(self.outbound).await.unwrap()
+    }
+
+    fn metrics(&self) -> String {
+        self.metrics.encode()
+    }
+}
+
+enum Client {
+    Http1(hyper::client::conn::http1::SendRequest<Full<Bytes>>),
+    Http2(hyper::client::conn::http2::SendRequest<Full<Bytes>>),
+}
+
+struct Answer {
+    status: StatusCode,
+    headers: HeaderMap,
+    trailers: Option<HeaderMap>,
+    elapsed: Duration,
+}
+
+impl Answer {
+    fn header(&self, name: &str) -> &str {
+        self.headers.get(name).map_or("", |v| v.to_str().unwrap())
+    }
+}
+
+impl Client {
+    async fn send(&mut self, method: Method, path: &str, headers: &[(&str, &str)]) -> Answer {
+        let started = Instant::now();
+        let uri = match self {
+            Client::Http1(_) => path.to_owned(),
+            Client::Http2(_) => format!("http://shop.test{path}"),
+        };
+        let mut builder = Request::builder().method(method).uri(uri);
+        if matches!(self, Client::Http1(_)) {
+            builder = builder.header("host", "shop.test");
+        }
+        for (k, v) in headers {
+            builder = builder.header(*k, *v);
+        }
+        let request = builder.body(Full::new(Bytes::new())).unwrap();
+        let response = match self {
+            Client::Http1(s) => s.send_request(request).await.unwrap(),
+            Client::Http2(s) => s.send_request(request).await.unwrap(),
+        };
+        let (parts, body) = response.into_parts();
+        let collected = body.collect().await.unwrap();
+        Answer {
+            status: parts.status,
+            headers: parts.headers,
+            trailers: collected.trailers().cloned(),
+            elapsed: started.elapsed(),
+        }
+    }
+
+    async fn get(&mut self, path: &str, headers: &[(&str, &str)]) -> Answer {
+        self.send(Method::GET, path, headers).await
+    }
+}
+
+/// How many answers came from each version.
+async fn versions(
+    client: &mut Client,
+    n: usize,
+    headers: &[(&str, &str)],
+) -> BTreeMap<String, usize> {
+    let mut seen = BTreeMap::new();
+    for _ in 0..n {
+        let answer = client.get("/", headers).await;
+        assert_eq!(answer.status, StatusCode::OK);
+        *seen
+            .entry(answer.header("x-version").to_owned())
+            .or_default() += 1;
+    }
+    seen
+}
+
+fn count(metrics: &str, series: &[&str]) -> f64 {
+    metrics
+        .lines()
+        .filter(|l| l.starts_with("istio_requests_total{") && series.iter().all(|s| l.contains(s)))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+const REVIEWS: &[(&str, &str, &str, u8)] = &[
+    ("reviews-v1", "reviews", "v1", 11),
+    ("reviews-v2", "reviews", "v2", 12),
+    ("reviews-v3", "reviews", "v3", 13),
+];
+
+const SUBSETS: &str = "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {name: reviews, namespace: shop}
+spec:\n  host: reviews\n  subsets:\n  - {name: v1, labels: {version: v1}}\n  - {name: v2, labels: {version: v2}}\n  - {name: v3, labels: {version: v3}}\n";
+
+#[tokio::test]
+async fn unrouted_requests_reach_every_endpoint_over_one_connection() {
+    let mesh = Mesh::start(11, REVIEWS).await;
+    let mut client = mesh.connect(1).await;
+    let seen = versions(&mut client, 30, &[]).await;
+    assert_eq!(
+        seen.len(),
+        3,
+        "every version answers on one keep-alive connection: {seen:?}"
+    );
+    let answer = client.get("/", &[]).await;
+    assert_eq!(answer.header("x-seen-host"), "shop.test");
+    assert_eq!(answer.header("x-seen-version"), "HTTP/1.1");
+    let metrics = mesh.metrics();
+    assert_eq!(
+        count(
+            &metrics,
+            &[
+                "reporter=\"source\"",
+                "response_code=\"200\"",
+                "destination_service_name=\"reviews\"",
+                "source_workload=\"client\""
+            ]
+        ),
+        31.0,
+        "{metrics}"
+    );
+}
+
+#[tokio::test]
+async fn header_match_sends_jason_to_v2_and_everyone_else_to_v1() {
+    let mut mesh = Mesh::start(12, REVIEWS).await;
+    mesh.apply("dr.yaml", SUBSETS).await;
+    mesh.apply(
+        "vs.yaml",
+        "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: reviews, namespace: shop}
+spec:\n  hosts: [reviews]\n  http:\n  - match: [{headers: {end-user: {exact: jason}}}]\n    route: [{destination: {host: reviews, subset: v2}}]
+  - route: [{destination: {host: reviews, subset: v1}}]\n",
+    )
+    .await;
+    let mut client = mesh.connect(1).await;
+    assert_eq!(
+        versions(&mut client, 20, &[("end-user", "jason")]).await,
+        BTreeMap::from([("v2".into(), 20)])
+    );
+    assert_eq!(
+        versions(&mut client, 20, &[]).await,
+        BTreeMap::from([("v1".into(), 20)])
+    );
+    assert_eq!(
+        versions(&mut client, 5, &[("end-user", "alice")]).await,
+        BTreeMap::from([("v1".into(), 5)])
+    );
+}
+
+#[tokio::test]
+async fn weights_split_traffic_and_a_new_rule_applies_on_an_open_connection() {
+    let mut mesh = Mesh::start(13, REVIEWS).await;
+    mesh.apply("dr.yaml", SUBSETS).await;
+    mesh.apply(
+        "vs.yaml",
+        "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: reviews, namespace: shop}
+spec:\n  hosts: [reviews.shop.svc.cluster.local]\n  http:\n  - route:\n    - {destination: {host: reviews, subset: v1}, weight: 80}\n    - {destination: {host: reviews, subset: v3}, weight: 20}\n",
+    )
+    .await;
+    let mut client = mesh.connect(1).await;
+    let seen = versions(&mut client, 1000, &[]).await;
+    let v1 = seen.get("v1").copied().unwrap_or(0) as f64 / 10.0;
+    assert!((75.0..=85.0).contains(&v1), "80/20 split gave {seen:?}");
+    assert_eq!(seen.get("v2"), None);
+
+    mesh.apply(
+        "vs.yaml",
+        "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: reviews, namespace: shop}
+spec:\n  hosts: [reviews]\n  http:\n  - route: [{destination: {host: reviews, subset: v3}}]\n",
+    )
+    .await;
+    assert_eq!(
+        versions(&mut client, 10, &[]).await,
+        BTreeMap::from([("v3".into(), 10)])
+    );
+}
+
+#[tokio::test]
+async fn faults_timeouts_and_unmatched_requests_answer_like_envoy() {
+    let mut mesh = Mesh::start(14, &[("ratings-v1", "ratings", "v1", 11)]).await;
+    mesh.apply(
+        "vs.yaml",
+        "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: ratings, namespace: shop}
+spec:\n  hosts: [ratings]\n  http:
+  - match: [{headers: {end-user: {exact: jason}}}]\n    fault: {abort: {httpStatus: 500, percentage: {value: 100}}}\n    route: [{destination: {host: ratings}}]
+  - match: [{headers: {end-user: {exact: slow}}}]\n    timeout: 300ms\n    fault: {delay: {fixedDelay: 500ms, percentage: {value: 100}}}\n    route: [{destination: {host: ratings}}]
+  - match: [{uri: {prefix: /delay}}]\n    timeout: 200ms\n    route: [{destination: {host: ratings}}]
+  - match: [{uri: {prefix: /ok}}]\n    route: [{destination: {host: ratings}}]\n",
+    )
+    .await;
+    let mut client = mesh.connect(1).await;
+    let abort = client.get("/ok", &[("end-user", "jason")]).await;
+    assert_eq!(abort.status, StatusCode::INTERNAL_SERVER_ERROR);
+    let slow = client.get("/ok", &[("end-user", "slow")]).await;
+    // As in Envoy, the route timeout starts once the fault filter lets the request go.
+    assert_eq!(slow.status, StatusCode::OK);
+    assert!(slow.elapsed >= Duration::from_millis(500), "{:?}", slow.elapsed);
+    let late = client.get("/delay/1000", &[]).await;
+    assert_eq!(late.status, StatusCode::GATEWAY_TIMEOUT);
+    assert!(
+        late.elapsed < Duration::from_millis(900),
+        "{:?}",
+        late.elapsed
+    );
+    let unmatched = client.get("/elsewhere", &[]).await;
+    assert_eq!(unmatched.status, StatusCode::NOT_FOUND);
+    let ok = client.get("/ok", &[]).await;
+    assert_eq!(ok.status, StatusCode::OK);
+
+    let metrics = mesh.metrics();
+    for (code, flags) in [("500", "FI"), ("504", "UT"), ("404", "NR"), ("200", "-")] {
+        assert!(
+            count(
+                &metrics,
+                &[
+                    &format!("response_code=\"{code}\""),
+                    &format!("response_flags=\"{flags}\"")
+                ]
+            ) >= 1.0,
+            "no {code} {flags} series in\n{metrics}"
+        );
+    }
+    assert_eq!(
+        count(&metrics, &["response_code=\"200\"", "response_flags=\"DI\""]),
+        1.0,
+        "{metrics}"
+    );
+}
+
+#[tokio::test]
+async fn retries_hide_a_backend_failing_one_request_in_three() {
+    let mut mesh = Mesh::start(15, &[("ratings-v1", "ratings", "v1", 11)]).await;
+    mesh.pods["ratings-v1"]
+        .behaviour
+        .fail_every
+        .store(3, Ordering::SeqCst);
+    let mut client = mesh.connect(1).await;
+    // Istio's default policy retries 503 for GET.
+    let mut failed = 0;
+    for _ in 0..30 {
+        if client.get("/", &[]).await.status != StatusCode::OK {
+            failed += 1;
+        }
+    }
+    assert_eq!(failed, 0, "the default retry policy hides 503");
+    // POST is not idempotent: without a policy asking for it, it is not repeated.
+    let mut failed = 0;
+    for _ in 0..30 {
+        if client.send(Method::POST, "/", &[]).await.status != StatusCode::OK {
+            failed += 1;
+        }
+    }
+    assert!(
+        (5..=15).contains(&failed),
+        "one POST in three fails: {failed}"
+    );
+    mesh.apply(
+        "vs.yaml",
+        "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: ratings, namespace: shop}
+spec:\n  hosts: [ratings]\n  http:\n  - route: [{destination: {host: ratings}}]\n    retries: {attempts: 3, retryOn: 5xx}\n",
+    )
+    .await;
+    for _ in 0..30 {
+        assert_eq!(
+            client.send(Method::POST, "/", &[]).await.status,
+            StatusCode::OK
+        );
+    }
+    mesh.apply(
+        "vs.yaml",
+        "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: ratings, namespace: shop}
+spec:\n  hosts: [ratings]\n  http:\n  - route: [{destination: {host: ratings}}]\n    retries: {attempts: 0}\n",
+    )
+    .await;
+    let before = mesh.pods["ratings-v1"].requests();
+    let mut failed = 0;
+    for _ in 0..30 {
+        if client.get("/", &[]).await.status == StatusCode::SERVICE_UNAVAILABLE {
+            failed += 1;
+        }
+    }
+    assert_eq!(
+        mesh.pods["ratings-v1"].requests() - before,
+        30,
+        "attempts: 0 disables retries"
+    );
+    assert_eq!(failed, 10);
+}
+
+#[tokio::test]
+async fn a_circuit_breaker_overflows_with_503_uo() {
+    let mut mesh = Mesh::start(16, &[("ratings-v1", "ratings", "v1", 11)]).await;
+    mesh.apply(
+        "dr.yaml",
+        "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {name: ratings, namespace: shop}
+spec:\n  host: ratings\n  trafficPolicy:\n    connectionPool:\n      tcp: {maxConnections: 1}\n      http: {http1MaxPendingRequests: 1, maxRequestsPerConnection: 1}\n",
+    )
+    .await;
+    let mesh = Arc::new(mesh);
+    let mut tasks = Vec::new();
+    for _ in 0..6 {
+        let mesh = mesh.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut client = mesh.connect(1).await;
+            client.get("/delay/300", &[]).await.status
+        }));
+    }
+    let mut statuses = BTreeMap::new();
+    for t in tasks {
+        *statuses.entry(t.await.unwrap().as_u16()).or_insert(0) += 1;
+    }
+    assert!(
+        statuses.get(&200).copied().unwrap_or(0) >= 1,
+        "{statuses:?}"
+    );
+    assert!(
+        statuses.get(&503).copied().unwrap_or(0) >= 1,
+        "{statuses:?}"
+    );
+    let metrics = mesh.metrics();
+    assert!(
+        count(
+            &metrics,
+            &["response_code=\"503\"", "response_flags=\"UO\""]
+        ) >= 1.0,
+        "{metrics}"
+    );
+}
+
+#[tokio::test]
+async fn http2_clients_are_multiplexed_and_rewrites_redirects_and_headers_apply() {
+    let mut mesh = Mesh::start(17, REVIEWS).await;
+    mesh.apply(
+        "vs.yaml",
+        "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: reviews, namespace: shop}
+spec:\n  hosts: [reviews]\n  http:
+  - match: [{uri: {prefix: /old}}]\n    redirect: {uri: /new}
+  - match: [{uri: {prefix: /api/v1}}]\n    rewrite: {uri: /v2}\n    headers:\n      request: {set: {x-test-route: api}}\n      response: {add: {x-served-by: weft}}\n    route: [{destination: {host: reviews}}]
+  - route: [{destination: {host: reviews}}]\n",
+    )
+    .await;
+    let mut client = mesh.connect_h2(1).await;
+    let redirect = client.get("/old/page", &[]).await;
+    assert_eq!(redirect.status, StatusCode::MOVED_PERMANENTLY);
+    assert!(
+        redirect.header("location").ends_with("/new"),
+        "{:?}",
+        redirect.headers
+    );
+    let rewritten = client.get("/api/v1/items", &[]).await;
+    assert_eq!(rewritten.status, StatusCode::OK);
+    assert_eq!(rewritten.header("x-seen-path"), "/v2/items");
+    assert_eq!(rewritten.header("x-seen-x-test-route"), "api");
+    assert_eq!(rewritten.header("x-served-by"), "weft");
+    // An `http` port talks HTTP/1.1 to the pod whatever the client speaks.
+    assert_eq!(rewritten.header("x-seen-version"), "HTTP/1.1");
+
+    let Client::Http2(sender) = client else {
+        unreachable!()
+    };
+    let mut tasks = Vec::new();
+    for _ in 0..50 {
+        let mut c = Client::Http2(sender.clone());
+        tasks.push(tokio::spawn(async move { c.get("/", &[]).await.status }));
+    }
+    for t in tasks {
+        assert_eq!(t.await.unwrap(), StatusCode::OK);
+    }
+    assert!(mesh.pods.values().map(Pod::requests).sum::<u32>() >= 51);
+}
+
+#[tokio::test]
+async fn consistent_hash_keeps_a_user_on_one_endpoint() {
+    let mut mesh = Mesh::start(18, REVIEWS).await;
+    mesh.apply(
+        "dr.yaml",
+        "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {name: reviews, namespace: shop}
+spec:\n  host: reviews\n  trafficPolicy:\n    loadBalancer: {consistentHash: {httpHeaderName: x-user}}\n",
+    )
+    .await;
+    let mut client = mesh.connect(1).await;
+    let mut homes = BTreeMap::new();
+    for user in ["ann", "bob", "cy", "dee", "eve", "fay", "gus", "hal"] {
+        let seen = versions(&mut client, 10, &[("x-user", user)]).await;
+        assert_eq!(seen.len(), 1, "{user} moved: {seen:?}");
+        homes.insert(user, seen.into_keys().next().unwrap());
+    }
+    let distinct: std::collections::BTreeSet<_> = homes.values().collect();
+    assert!(
+        distinct.len() >= 2,
+        "users spread over endpoints: {homes:?}"
+    );
+}
+
+#[tokio::test]
+async fn grpc_trailers_pass_through() {
+    let mesh = Mesh::start(19, &[("ratings-v1", "ratings", "v1", 11)]).await;
+    let mut client = mesh.connect_h2(1).await;
+    let answer = client
+        .send(
+            Method::POST,
+            "/weft.demo.Echo/Hello",
+            &[("content-type", "application/grpc"), ("te", "trailers")],
+        )
+        .await;
+    assert_eq!(answer.status, StatusCode::OK);
+    // The test pod answers without trailers; the proxy adds none.
+    assert!(answer.trailers.is_none());
+    let metrics = mesh.metrics();
+    assert!(
+        count(&metrics, &["request_protocol=\"grpc\""]) >= 1.0,
+        "{metrics}"
+    );
+}
