@@ -159,6 +159,14 @@ spec: {nodeName: n1, containers: [{name: app}]}\nstatus: {podIP: 127.0.NET.100}\
 impl Mesh {
     /// `pods`: (name, app, version, ip suffix); one Service per app, ClusterIP 10.NET.0.<n>.
     async fn start(net: u8, pods: &[(&'static str, &'static str, &'static str, u8)]) -> Self {
+        Self::start_with_port(net, pods, "http").await
+    }
+
+    async fn start_with_port(
+        net: u8,
+        pods: &[(&'static str, &'static str, &'static str, u8)],
+        port_name: &str,
+    ) -> Self {
         let mut yaml = BASE.replace("NET", &net.to_string());
         let mut started = HashMap::new();
         let mut apps: Vec<&str> = Vec::new();
@@ -176,7 +184,7 @@ impl Mesh {
         for (i, app) in apps.iter().enumerate() {
             yaml += &format!(
                 "---\napiVersion: v1\nkind: Service\nmetadata: {{name: {app}, namespace: shop}}\n\
-                 spec:\n  clusterIP: 10.{net}.0.{}\n  selector: {{app: {app}}}\n  ports: [{{name: http, port: {SERVICE_PORT}, targetPort: {POD_PORT}}}]\n",
+                 spec:\n  clusterIP: 10.{net}.0.{}\n  selector: {{app: {app}}}\n  ports: [{{name: {port_name}, port: {SERVICE_PORT}, targetPort: {POD_PORT}}}]\n",
                 i + 1
             );
         }
@@ -464,7 +472,11 @@ spec:\n  hosts: [ratings]\n  http:
     let slow = client.get("/ok", &[("end-user", "slow")]).await;
     // As in Envoy, the route timeout starts once the fault filter lets the request go.
     assert_eq!(slow.status, StatusCode::OK);
-    assert!(slow.elapsed >= Duration::from_millis(500), "{:?}", slow.elapsed);
+    assert!(
+        slow.elapsed >= Duration::from_millis(500),
+        "{:?}",
+        slow.elapsed
+    );
     let late = client.get("/delay/1000", &[]).await;
     assert_eq!(late.status, StatusCode::GATEWAY_TIMEOUT);
     assert!(
@@ -491,7 +503,10 @@ spec:\n  hosts: [ratings]\n  http:
         );
     }
     assert_eq!(
-        count(&metrics, &["response_code=\"200\"", "response_flags=\"DI\""]),
+        count(
+            &metrics,
+            &["response_code=\"200\"", "response_flags=\"DI\""]
+        ),
         1.0,
         "{metrics}"
     );
@@ -681,4 +696,38 @@ async fn grpc_trailers_pass_through() {
         count(&metrics, &["request_protocol=\"grpc\""]) >= 1.0,
         "{metrics}"
     );
+}
+
+#[tokio::test]
+async fn tcp_routes_split_connections_by_weight() {
+    let mut mesh = Mesh::start_with_port(
+        20,
+        &[
+            ("blue-1", "blue", "blue", 11),
+            ("green-1", "green", "green", 12),
+        ],
+        "tcp-web",
+    )
+    .await;
+    mesh.apply(
+        "vs.yaml",
+        "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: web, namespace: shop}
+spec:\n  hosts: [blue]\n  tcp:\n  - route:\n    - {destination: {host: blue}, weight: 50}\n    - {destination: {host: green}, weight: 50}\n",
+    )
+    .await;
+    let mut seen = BTreeMap::<String, usize>::new();
+    for _ in 0..200 {
+        // A new connection each time: TCP routes choose per connection.
+        let mut client = mesh.connect(1).await;
+        let answer = client.get("/", &[]).await;
+        *seen
+            .entry(answer.header("x-version").to_owned())
+            .or_default() += 1;
+    }
+    let blue = seen.get("blue").copied().unwrap_or(0);
+    assert!(
+        (70..=130).contains(&blue),
+        "50/50 over 200 connections gave {seen:?}"
+    );
+    assert_eq!(blue + seen.get("green").copied().unwrap_or(0), 200);
 }

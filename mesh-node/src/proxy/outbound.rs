@@ -21,7 +21,11 @@ use tracing::{debug, warn};
 use super::{
     connect_tcp, copy,
     detect::{self, Declared, Rewind, Sniffed, SNIFF_TIMEOUT},
-    l7, tunnel, v4, Inner, ProxyConfig, ProxyError, Role, Transferred, View, ACCESS_LOG,
+    l7::{
+        self,
+        cluster::{self, Cluster, ClusterKey},
+    },
+    tunnel, v4, Inner, ProxyConfig, ProxyError, Role, Transferred, View, ACCESS_LOG,
 };
 use crate::{
     metrics::{Reporter, ResponseFlags, ServiceLabels, TcpLabels, Workload},
@@ -107,6 +111,36 @@ pub(super) fn route(
     };
     let via = via(snapshot, config, target, node.as_ref())?;
     Ok(Route { target, via, pod })
+}
+
+/// The endpoint of a TCP route's destination: `service` port `port`, narrowed to a
+/// DestinationRule subset, balanced by the cluster's policy.
+fn tcp_backend(
+    inner: &Inner,
+    view: &View,
+    service: &Service,
+    port: u16,
+    subset: Option<Arc<str>>,
+    source: Option<&Pod>,
+) -> Result<Route, ProxyError> {
+    let key = ClusterKey::new(service.key.clone(), port, subset);
+    let snapshot = &view.snapshot;
+    let policy = cluster::policy_for(snapshot, &key, source.map(|p| &*p.key.namespace));
+    let state = inner.clusters.state(&key);
+    let no_endpoint = || ProxyError::NoEndpoint {
+        service: service.key.clone(),
+        port,
+    };
+    let cluster = Cluster::build(snapshot, key, policy, state).map_err(|_| no_endpoint())?;
+    let pick = cluster
+        .pick(None, None, std::time::Instant::now())
+        .ok_or_else(no_endpoint)?;
+    let via = via(snapshot, &inner.config, pick.addr, pick.node.as_ref())?;
+    Ok(Route {
+        target: pick.addr,
+        via,
+        pod: pick.pod.clone(),
+    })
 }
 
 /// How to reach `target`, a pod on `node` if known: directly when it is on this node (from
@@ -251,6 +285,40 @@ async fn proxy(
         return Ok(Served::Http);
     }
 
+    let failed = |labels: TcpLabels, flags| {
+        let conn = inner.metrics.connection(&labels.with_response_flags(flags));
+        conn.opened();
+        conn.closed();
+    };
+
+    // A VirtualService `tcp` route sends the connection to one of its weighted destinations.
+    let tcp_route = service.as_ref().and_then(|s| {
+        view.routes
+            .tcp(&s.key, dialled.port(), source.as_deref())
+            .and_then(|r| r.pick(fastrand::u32(..)))
+    });
+    let (service, routed) = match tcp_route {
+        Some(backend) => {
+            let target = backend
+                .service
+                .as_ref()
+                .and_then(|k| snapshot.services.get(k))
+                .cloned();
+            let routed = target.as_ref().map(|t| {
+                let port = backend.port.unwrap_or(dialled.port());
+                tcp_backend(
+                    inner,
+                    &view,
+                    t,
+                    port,
+                    backend.subset.clone(),
+                    source.as_deref(),
+                )
+            });
+            (target.or(service), routed)
+        }
+        None => (service, None),
+    };
     let labels = |pod: Option<&Pod>| {
         TcpLabels::new(
             Reporter::Source,
@@ -259,13 +327,8 @@ async fn proxy(
             ServiceLabels::of_option(service.as_deref()),
         )
     };
-    let failed = |labels: TcpLabels, flags| {
-        let conn = inner.metrics.connection(&labels.with_response_flags(flags));
-        conn.opened();
-        conn.closed();
-    };
-
-    let route = match route(&view, &inner.config, dialled, service.as_ref()) {
+    let routed = routed.unwrap_or_else(|| route(&view, &inner.config, dialled, service.as_ref()));
+    let route = match routed {
         Ok(route) => route,
         Err(e) => {
             if service.is_some() {
