@@ -145,6 +145,8 @@ struct Mesh {
     capture: Arc<FakeOriginalDst>,
     outbound: SocketAddr,
     metrics: Arc<Metrics>,
+    /// Node n2's proxy.
+    remote_metrics: Arc<Metrics>,
     applied: Arc<AtomicU64>,
     store: Store,
     next_client: AtomicU32,
@@ -158,6 +160,7 @@ spec: {nodeName: n1, containers: [{name: app}]}\nstatus: {podIP: 127.0.NET.100}\
 
 impl Mesh {
     /// `pods`: (name, app, version, ip suffix); one Service per app, ClusterIP 10.NET.0.<n>.
+    /// Pods with a suffix of 50 or more run on node n2, whose proxy listens on 127.0.NET.2.
     async fn start(net: u8, pods: &[(&'static str, &'static str, &'static str, u8)]) -> Self {
         Self::start_with_port(net, pods, "http").await
     }
@@ -170,12 +173,19 @@ impl Mesh {
         let mut yaml = BASE.replace("NET", &net.to_string());
         let mut started = HashMap::new();
         let mut apps: Vec<&str> = Vec::new();
+        let tunnel_port = 25000 + u16::from(net);
+        for n in 1..=2 {
+            yaml += &format!(
+                "---\napiVersion: v1\nkind: Node\nmetadata: {{name: n{n}}}\nstatus: {{addresses: [{{type: InternalIP, address: 127.0.{net}.{n}}}]}}\n"
+            );
+        }
         for &(name, app, version, suffix) in pods {
             let ip = Ipv4Addr::new(127, 0, net, suffix);
+            let node = if suffix >= 50 { "n2" } else { "n1" };
             started.insert(name, Pod::start(ip, name, version).await);
             yaml += &format!(
                 "---\napiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, namespace: shop, labels: {{app: {app}, version: {version}}}}}\n\
-                 spec: {{nodeName: n1, containers: [{{name: app, ports: [{{containerPort: {POD_PORT}}}]}}]}}\nstatus: {{podIP: {ip}}}\n"
+                 spec: {{nodeName: {node}, containers: [{{name: app, ports: [{{containerPort: {POD_PORT}}}]}}]}}\nstatus: {{podIP: {ip}}}\n"
             );
             if !apps.contains(&app) {
                 apps.push(app);
@@ -195,25 +205,41 @@ impl Mesh {
         source.poll().unwrap();
 
         let capture = Arc::new(FakeOriginalDst::default());
-        let mut config = ProxyConfig::new("n1", PROXY_IP);
-        let any = SocketAddr::from((Ipv4Addr::new(127, 0, net, 1), 0));
-        config.outbound_addr = any;
-        config.inbound_addr = any;
-        config.tunnel_addr = any;
-        config.connect_timeout = Duration::from_secs(2);
-        let metrics = Arc::new(Metrics::new());
         let applied = Arc::new(AtomicU64::new(0));
-        let proxy = Proxy::bind(
-            config,
-            store.subscribe(),
-            capture.clone(),
-            &metrics,
-            applied.clone(),
-        )
-        .await
-        .unwrap();
-        let outbound = proxy.addresses().outbound;
-        tokio::spawn(proxy.run(std::future::pending()));
+        let mut outbound = None;
+        let mut metrics = Vec::new();
+        for n in 1..=2u8 {
+            let ip = Ipv4Addr::new(127, 0, net, n);
+            let mut config = ProxyConfig::new(&format!("n{n}"), PROXY_IP);
+            let any = SocketAddr::from((ip, 0));
+            config.outbound_addr = any;
+            config.inbound_addr = any;
+            config.tunnel_addr = SocketAddr::from((ip, tunnel_port));
+            config.peer_tunnel_port = tunnel_port;
+            config.connect_timeout = Duration::from_secs(2);
+            let node_metrics = Arc::new(Metrics::new());
+            // Applying is awaited on n1 only; n2 gets the same snapshots at the same time.
+            let node_applied = if n == 1 {
+                applied.clone()
+            } else {
+                Arc::default()
+            };
+            let proxy = Proxy::bind(
+                config,
+                store.subscribe(),
+                capture.clone(),
+                &node_metrics,
+                node_applied,
+            )
+            .await
+            .unwrap();
+            outbound.get_or_insert(proxy.addresses().outbound);
+            metrics.push(node_metrics);
+            tokio::spawn(proxy.run(std::future::pending()));
+        }
+        let outbound = outbound.unwrap();
+        let remote_metrics = metrics.pop().unwrap();
+        let metrics = metrics.pop().unwrap();
         Self {
             net,
             dir,
@@ -221,6 +247,7 @@ impl Mesh {
             capture,
             outbound,
             metrics,
+            remote_metrics,
             applied,
             store,
             next_client: AtomicU32::new(0),
@@ -730,4 +757,38 @@ spec:\n  hosts: [blue]\n  tcp:\n  - route:\n    - {destination: {host: blue}, we
         "50/50 over 200 connections gave {seen:?}"
     );
     assert_eq!(blue + seen.get("green").copied().unwrap_or(0), 200);
+}
+
+#[tokio::test]
+async fn requests_across_nodes_are_reported_by_both_proxies() {
+    let mesh = Mesh::start(21, &[("ratings-remote", "ratings", "v1", 51)]).await;
+    let mut client = mesh.connect(1).await;
+    for _ in 0..5 {
+        let answer = client.get("/", &[]).await;
+        assert_eq!(answer.status, StatusCode::OK);
+        assert_eq!(answer.header("x-pod"), "ratings-remote");
+    }
+    let mut h2 = mesh.connect_h2(1).await;
+    assert_eq!(h2.get("/", &[]).await.status, StatusCode::OK);
+    let series = [
+        "response_code=\"200\"",
+        "source_workload=\"client\"",
+        "destination_workload=\"ratings\"",
+        "destination_service_name=\"ratings\"",
+    ];
+    let source = mesh.metrics();
+    assert_eq!(
+        count(&source, &[&series[..], &["reporter=\"source\""]].concat()),
+        6.0,
+        "{source}"
+    );
+    let destination = mesh.remote_metrics.encode();
+    assert_eq!(
+        count(
+            &destination,
+            &[&series[..], &["reporter=\"destination\""]].concat()
+        ),
+        6.0,
+        "{destination}"
+    );
 }

@@ -10,17 +10,23 @@ use std::{
     time::Instant,
 };
 
-use tokio::net::TcpStream;
+use bytes::Bytes;
+use tokio::{
+    io::{AsyncRead, AsyncWrite},
+    net::TcpStream,
+};
 use tracing::{debug, warn};
 
 use super::{
     connect_tcp, copy,
+    detect::{self, Declared, Rewind, Sniffed, SNIFF_TIMEOUT},
+    l7,
     tunnel::{IncomingTunnel, Refusal},
     v4, ConnectErrorKind, Inner, ProxyError, Role, Transferred, ACCESS_LOG, TUNNEL_REQUEST_TIMEOUT,
 };
 use crate::{
     metrics::{Reporter, ResponseFlags, ServiceLabels, TcpLabels, Workload},
-    model::{Pod, Service, Snapshot},
+    model::{ObjectKey, Pod, Service, Snapshot},
 };
 
 /// A connection steered to 15006: its local address is the pod address the client dialled.
@@ -72,8 +78,8 @@ fn log(
 }
 
 async fn captured(
-    inner: &Inner,
-    mut downstream: TcpStream,
+    inner: &Arc<Inner>,
+    downstream: TcpStream,
     client: SocketAddr,
     log_target: &mut Option<SocketAddrV4>,
 ) -> Result<Transferred, ProxyError> {
@@ -92,7 +98,14 @@ async fn captured(
     let view = inner.view();
     let source = v4(client).and_then(|c| view.snapshot.pod_by_ip(*c.ip()).cloned());
     let labels = destination_labels(&view.snapshot, source.as_deref(), target);
+    let http = Http::of(&view.snapshot, target);
     drop(view);
+    let Some(mut downstream) = http
+        .serve(inner, downstream, client, target, source)
+        .await?
+    else {
+        return Ok(Transferred::default());
+    };
 
     let mut upstream = match connect_tcp(
         target,
@@ -116,7 +129,7 @@ async fn captured(
 }
 
 async fn tunnel(
-    inner: &Inner,
+    inner: &Arc<Inner>,
     stream: TcpStream,
     log_target: &mut Option<SocketAddrV4>,
 ) -> Result<Transferred, ProxyError> {
@@ -151,8 +164,37 @@ async fn tunnel(
         .and_then(|k| snapshot.pods.get(k))
         .cloned();
     let labels = destination_labels(snapshot, source.as_deref(), target);
+    let http = Http::of(snapshot, target);
     drop(view);
 
+    if matches!(
+        http.declared,
+        Some(Declared::Http | Declared::Http2 | Declared::Unknown)
+    ) {
+        // The pool dials the pod per request: accept the tunnel first.
+        let client = incoming.client();
+        let downstream = incoming.accept().await?;
+        let Some(mut downstream) = http
+            .serve(inner, downstream, client, target, source)
+            .await?
+        else {
+            return Ok(Transferred::default());
+        };
+        // Sniffed as something else than HTTP.
+        let mut upstream = connect_tcp(
+            target,
+            Some(inner.config.proxy_ip),
+            inner.config.connect_timeout,
+            Role::Upstream,
+        )
+        .await
+        .inspect_err(|_| record_failure(inner, labels.clone()))?;
+        let conn = inner.metrics.connection(&labels);
+        conn.opened();
+        let result = copy::bidirectional(&mut downstream, &mut upstream, &conn).await;
+        conn.closed();
+        return Ok(result?);
+    }
     let mut upstream = match connect_tcp(
         target,
         Some(inner.config.proxy_ip),
@@ -178,6 +220,80 @@ async fn tunnel(
     let result = copy::bidirectional(&mut downstream, &mut upstream, &conn).await;
     conn.closed();
     Ok(result?)
+}
+
+/// Whether a pod port speaks HTTP, by the Service port it backs.
+struct Http {
+    service: Option<ObjectKey>,
+    /// `None`: not a port of a known Service; proxied as TCP.
+    declared: Option<Declared>,
+    pod: Option<Arc<Pod>>,
+}
+
+impl Http {
+    fn of(snapshot: &Snapshot, target: SocketAddrV4) -> Self {
+        let pod = snapshot.pod_by_ip(*target.ip()).cloned();
+        let service = pod.as_ref().and_then(|p| service_of(snapshot, p, target));
+        let declared = service.and_then(|s| {
+            let endpoints = snapshot.endpoints.get(&s.key)?;
+            let (port, _) = endpoints.by_port.iter().find(|(_, e)| {
+                e.iter()
+                    .any(|e| e.ip == *target.ip() && e.port == target.port())
+            })?;
+            s.ports.iter().find(|p| p.port == *port).map(Declared::of)
+        });
+        Self {
+            service: service.map(|s| s.key.clone()),
+            declared,
+            pod,
+        }
+    }
+
+    /// Serves the connection as HTTP when its port speaks it (declared, or sniffed when
+    /// undeclared); otherwise hands back the stream, with any sniffed bytes, for TCP.
+    async fn serve<S>(
+        self,
+        inner: &Arc<Inner>,
+        mut downstream: S,
+        client: SocketAddr,
+        target: SocketAddrV4,
+        source: Option<Arc<Pod>>,
+    ) -> Result<Option<Rewind<S>>, ProxyError>
+    where
+        S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        let Some(declared) = self.declared else {
+            return Ok(Some(Rewind::new(Bytes::new(), downstream)));
+        };
+        let mut sniffed = Bytes::new();
+        let http = match declared {
+            Declared::Http | Declared::Http2 => true,
+            Declared::Opaque => false,
+            Declared::Unknown => {
+                let (verdict, bytes) = detect::sniff(&mut downstream, SNIFF_TIMEOUT)
+                    .await
+                    .map_err(ProxyError::Socket)?;
+                sniffed = bytes;
+                verdict != Sniffed::Opaque
+            }
+        };
+        let downstream = Rewind::new(sniffed, downstream);
+        if !http {
+            return Ok(Some(downstream));
+        }
+        let client = v4(client).ok_or(ProxyError::NotIpv4 { client })?;
+        let conn = l7::Conn::inbound(
+            inner.clone(),
+            client,
+            target,
+            self.service,
+            declared,
+            source,
+            self.pod,
+        );
+        l7::serve(conn, downstream).await;
+        Ok(None)
+    }
 }
 
 fn record_failure(inner: &Inner, labels: TcpLabels) {

@@ -40,7 +40,7 @@ use tracing::{debug, info};
 
 use self::{
     body::{Finish, RequestBody, ResponseBody, Tape},
-    cluster::{Cluster, ClusterKey, Outcome, Pick},
+    cluster::{Cluster, ClusterKey, ClusterPolicy, Outcome, Pick},
     pool::{ClusterPool, ConnKey, InFlight, PoolError, Proto},
     routes::{apply_header_ops, Backend, RequestInfo, RetryPlan, RuleAction, Selection},
 };
@@ -80,9 +80,18 @@ pub(super) struct Conn {
     port: u16,
     declared: Declared,
     source: Option<Arc<Pod>>,
+    /// Set on the destination side: the local pod every request goes to.
+    inbound: Option<Inbound>,
     clusters: Mutex<ClusterCache>,
     /// Metric labels by destination pod and service: building them hashes every label.
     labels: Mutex<HashMap<LabelKey, RequestLabels>>,
+}
+
+/// The local pod of a destination-side connection.
+struct Inbound {
+    target: SocketAddrV4,
+    pod: Option<Arc<Pod>>,
+    service: Option<ObjectKey>,
 }
 
 /// Destination pod, destination service, gRPC.
@@ -116,9 +125,30 @@ impl Conn {
             port,
             declared,
             source,
+            inbound: None,
             clusters: Mutex::default(),
             labels: Mutex::default(),
         }
+    }
+
+    /// The destination side of a connection for `target`, a pod of this node, from `source`.
+    pub(super) fn inbound(
+        inner: Arc<Inner>,
+        client: SocketAddrV4,
+        target: SocketAddrV4,
+        service: Option<ObjectKey>,
+        declared: Declared,
+        source: Option<Arc<Pod>>,
+        pod: Option<Arc<Pod>>,
+    ) -> Self {
+        let service_key = service.clone().unwrap_or_else(|| ObjectKey::new("", ""));
+        let mut conn = Self::new(inner, client, service_key, target.port(), declared, source);
+        conn.inbound = Some(Inbound {
+            target,
+            pod,
+            service,
+        });
+        conn
     }
 
     fn labels(
@@ -137,7 +167,11 @@ impl Conn {
             return l.clone();
         }
         let l = RequestLabels::new(
-            Reporter::Source,
+            if self.inbound.is_some() {
+                Reporter::Destination
+            } else {
+                Reporter::Source
+            },
             Workload::of_option(self.source.as_deref()),
             Workload::of_option(pod.map(|p| &**p)),
             ServiceLabels::of_option(service.map(|s| &**s)),
@@ -224,7 +258,8 @@ pub(super) struct Report {
     tape: Option<Arc<Tape>>,
     /// Held until the response body ended: circuit-breaker slots, the pooled connection,
     /// the endpoint's in-flight count.
-    hold: Option<(InFlight, Pick)>,
+    hold: Option<InFlight>,
+    pick: Option<Pick>,
 }
 
 impl Finish for Report {
@@ -275,7 +310,7 @@ impl Finish for Report {
                 downstream_remote_address: SocketAddr::V4(self.conn.client),
             });
         }
-        drop(self.hold);
+        drop((self.hold, self.pick));
     }
 }
 
@@ -323,6 +358,7 @@ async fn handle(conn: Arc<Conn>, request: Request<Incoming>) -> Reply {
         service: dialled_service.clone(),
         tape: None,
         hold: None,
+        pick: None,
     };
     if !parts.headers.contains_key(REQUEST_ID) {
         parts.headers.insert(
@@ -331,6 +367,9 @@ async fn handle(conn: Arc<Conn>, request: Request<Incoming>) -> Reply {
         );
     }
     report.request_id = parts.headers.get(REQUEST_ID).cloned();
+    if let Some(inbound) = &conn.inbound {
+        return forward_inbound(report, &view, inbound, parts, body).await;
+    }
 
     let selection = match view.routes.get(&conn.service) {
         Some(routes) => routes.select(&RequestInfo {
@@ -515,10 +554,11 @@ async fn handle(conn: Arc<Conn>, request: Request<Incoming>) -> Reply {
         }
     }
     match outcome {
-        Ok((mut response, hold)) => {
+        Ok((mut response, (hold, pick))) => {
             report.status = response.status().as_u16();
             report.grpc_status = body::grpc_status(response.headers());
             report.hold = Some(hold);
+            report.pick = Some(pick);
             strip_hop_by_hop(response.headers_mut());
             if let Some((rule_ops, backend_ops)) = response_ops {
                 apply_header_ops(rule_ops, response.headers_mut());
@@ -846,13 +886,104 @@ fn shadow_host(host: &str) -> String {
     }
 }
 
+/// The destination side: every request goes to the local pod, on a pooled connection from
+/// the proxy address, and is reported with `reporter="destination"`. Routing, retries and
+/// faults happened on the source side.
+async fn forward_inbound(
+    mut report: Report,
+    view: &View,
+    inbound: &Inbound,
+    mut parts: Parts,
+    body: Incoming,
+) -> Reply {
+    let conn = report.conn.clone();
+    report.destination = inbound.pod.clone();
+    report.service = inbound
+        .service
+        .as_ref()
+        .and_then(|k| view.snapshot.services.get(k))
+        .cloned();
+    report.upstream = Some(inbound.target);
+    let key = ConnKey {
+        target: inbound.target,
+        via: outbound::Via::Direct {
+            source: Some(conn.inner.config.proxy_ip),
+        },
+        proto: Proto::Http1,
+        source: None,
+    };
+    if is_upgrade(&parts) {
+        let upgrade = hyper::upgrade::on(Request::from_parts(parts.clone(), ()));
+        return send_upgrade(report, key, parts, body, upgrade, None).await;
+    }
+    let grpc = report.grpc;
+    let proto = match conn.declared {
+        Declared::Http2 => Proto::Http2,
+        _ if grpc || parts.version == Version::HTTP_2 => Proto::Http2,
+        _ => Proto::Http1,
+    };
+    let key = ConnKey { proto, ..key };
+    let authority = report.authority.to_string();
+    prepare_head(&mut parts, &authority, proto);
+    let (request_body, tape) = RequestBody::record(body);
+    report.tape = tape;
+    let cluster = ClusterKey::new(
+        inbound
+            .service
+            .clone()
+            .unwrap_or_else(|| ObjectKey::new("", "")),
+        inbound.target.port(),
+        None,
+    );
+    let pool = conn.inner.pools.cluster(&cluster);
+    let state = conn.inner.clusters.state(&cluster);
+    let policy = ClusterPolicy::default();
+    let sent = pool
+        .send(
+            &state,
+            &policy,
+            &key,
+            conn.inner.config.connect_timeout,
+            Request::from_parts(parts, request_body),
+        )
+        .await;
+    match sent {
+        Ok((response, hold)) => {
+            report.status = response.status().as_u16();
+            report.grpc_status = body::grpc_status(response.headers());
+            report.hold = Some(hold);
+            let (mut head, upstream_body) = response.into_parts();
+            strip_hop_by_hop(&mut head.headers);
+            head.version = report.version;
+            Response::from_parts(head, ResponseBody::upstream(upstream_body, report))
+        }
+        Err(e) => {
+            debug!("{e}");
+            let (status, flags, text) = if e.before_request() {
+                (
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    ResponseFlags::UF,
+                    "upstream connect error or disconnect/reset before headers. reset reason: connection failure",
+                )
+            } else {
+                (
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    ResponseFlags::UR,
+                    "upstream connect error or disconnect/reset before headers. reset reason: remote reset",
+                )
+            };
+            local_reply(report, status, flags, text)
+        }
+    }
+}
+
 /// A request that switches protocols (WebSocket): sent alone on a fresh connection; after
 /// `101` both sides are joined byte for byte.
 async fn forward_upgrade(
     mut report: Report,
     view: &View,
     resolved: &Resolved,
-    mut parts: Parts,
+    parts: Parts,
     body: Incoming,
     downstream: hyper::upgrade::OnUpgrade,
 ) -> Reply {
@@ -888,6 +1019,19 @@ async fn forward_upgrade(
         proto: Proto::Http1,
         source: conn.source.as_ref().map(|p| p.key.clone()),
     };
+    send_upgrade(report, key, parts, body, downstream, Some(pick)).await
+}
+
+/// Sends an upgrade request on its own connection and, after `101`, joins both sides.
+async fn send_upgrade(
+    mut report: Report,
+    key: ConnKey,
+    mut parts: Parts,
+    body: Incoming,
+    downstream: hyper::upgrade::OnUpgrade,
+    pick: Option<Pick>,
+) -> Reply {
+    let conn = report.conn.clone();
     let mut sender = match pool::upgrade_connection(&key, conn.inner.config.connect_timeout).await {
         Ok(s) => s,
         Err(e) => {
