@@ -19,9 +19,10 @@ use crate::{
 };
 
 const AF_INET: u32 = 2;
+const AF_INET6: u32 = 10;
 
 pub fn sock_ops(ctx: &SockOpsContext) {
-    if ctx.family() != AF_INET {
+    if !is_ipv4(ctx) {
         return;
     }
     match ctx.op() {
@@ -32,6 +33,20 @@ pub fn sock_ops(ctx: &SockOpsContext) {
         BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB => join_fast_path(ctx),
         BPF_SOCK_OPS_STATE_CB if ctx.arg(1) == BPF_TCP_CLOSE => forget(ctx),
         _ => {}
+    }
+}
+
+/// IPv4 sockets, and dual-stack IPv6 sockets talking to a v4-mapped address (gRPC's C core,
+/// Java): the kernel runs those as IPv4 and fills the `*_ip4` fields.
+fn is_ipv4(ctx: &SockOpsContext) -> bool {
+    match ctx.family() {
+        AF_INET => true,
+        AF_INET6 => {
+            // SAFETY: the kernel passes a valid bpf_sock_ops.
+            let ops = unsafe { &*ctx.ops };
+            ctx::v4_mapped(&ops.remote_ip6).is_some()
+        }
+        _ => false,
     }
 }
 
