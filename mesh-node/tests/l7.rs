@@ -318,6 +318,7 @@ enum Client {
 
 struct Answer {
     status: StatusCode,
+    body: Bytes,
     headers: HeaderMap,
     trailers: Option<HeaderMap>,
     elapsed: Duration,
@@ -331,6 +332,16 @@ impl Answer {
 
 impl Client {
     async fn send(&mut self, method: Method, path: &str, headers: &[(&str, &str)]) -> Answer {
+        self.send_body(method, path, headers, Bytes::new()).await
+    }
+
+    async fn send_body(
+        &mut self,
+        method: Method,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: Bytes,
+    ) -> Answer {
         let started = Instant::now();
         let uri = match self {
             Client::Http1(_) => path.to_owned(),
@@ -343,17 +354,19 @@ impl Client {
         for (k, v) in headers {
             builder = builder.header(*k, *v);
         }
-        let request = builder.body(Full::new(Bytes::new())).unwrap();
+        let request = builder.body(Full::new(body)).unwrap();
         let response = match self {
             Client::Http1(s) => s.send_request(request).await.unwrap(),
             Client::Http2(s) => s.send_request(request).await.unwrap(),
         };
         let (parts, body) = response.into_parts();
         let collected = body.collect().await.unwrap();
+        let trailers = collected.trailers().cloned();
         Answer {
+            body: collected.to_bytes(),
             status: parts.status,
             headers: parts.headers,
-            trailers: collected.trailers().cloned(),
+            trailers,
             elapsed: started.elapsed(),
         }
     }
@@ -572,10 +585,14 @@ async fn retries_hide_a_backend_failing_one_request_in_three() {
 spec:\n  hosts: [ratings]\n  http:\n  - route: [{destination: {host: ratings}}]\n    retries: {attempts: 3, retryOn: 5xx}\n",
     )
     .await;
-    for _ in 0..30 {
+    // A policy the user configured repeats POSTs, body included.
+    for i in 0..30 {
+        let body = Bytes::from(format!("order {i}"));
+        let answer = client.send_body(Method::POST, "/", &[], body.clone()).await;
+        assert_eq!(answer.status, StatusCode::OK);
         assert_eq!(
-            client.send(Method::POST, "/", &[]).await.status,
-            StatusCode::OK
+            answer.body, body,
+            "the retried request carried the same body"
         );
     }
     mesh.apply(

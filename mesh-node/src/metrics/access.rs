@@ -1,8 +1,9 @@
 //! One access log line per HTTP request, with the fields of Istio's default JSON access log
 //! (Envoy's `%START_TIME%`, `%REQ(:METHOD)%`, `%RESPONSE_FLAGS%`... under the same names).
 //!
-//! Lines go to the `weft::access` target at `info`, so they are on with the default filter;
-//! `RUST_LOG=info,weft::access=off` turns them off and `--log-format json` prints one JSON
+//! Lines go to the `weft::access` target at `info`. The default filter turns the target off, as
+//! Istio ships with access logs off; `RUST_LOG=info,weft::access=info` turns them on and
+//! `--log-format json` prints one JSON
 //! object per request with these fields at the top level, as Istio's
 //! `accessLogEncoding: JSON` does. Values that are unknown print `-`, as in Envoy's text format.
 //! Per-connection TCP lines share the target at `debug`.

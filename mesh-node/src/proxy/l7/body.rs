@@ -96,11 +96,15 @@ impl Body for RequestBody {
         match self.get_mut() {
             RequestBody::Empty => Poll::Ready(None),
             RequestBody::Tee { inner, tape } => {
-                let frame = match Pin::new(inner).poll_frame(cx) {
+                let frame = match Pin::new(&mut *inner).poll_frame(cx) {
                     Poll::Pending => return Poll::Pending,
                     Poll::Ready(frame) => frame,
                 };
                 let mut state = tape.0.lock().expect("tape poisoned");
+                // A body of known length ends with its last byte: hyper does not poll again.
+                if inner.is_end_stream() {
+                    state.complete = true;
+                }
                 match &frame {
                     None => state.complete = true,
                     Some(Ok(frame)) => {

@@ -260,10 +260,33 @@ pub(super) struct Report {
     /// the endpoint's in-flight count.
     hold: Option<InFlight>,
     pick: Option<Pick>,
+    recorded: bool,
 }
 
 impl Finish for Report {
-    fn finish(self, end: body::BodyEnd) {
+    fn finish(mut self, end: body::BodyEnd) {
+        self.record(end);
+    }
+}
+
+impl Drop for Report {
+    /// The client went away before the response started: Envoy reports code 0 with `DC`.
+    fn drop(&mut self) {
+        if !self.recorded {
+            self.status = 0;
+            self.record(body::BodyEnd {
+                cancelled: true,
+                ..Default::default()
+            });
+        }
+    }
+}
+
+impl Report {
+    fn record(&mut self, end: body::BodyEnd) {
+        if std::mem::replace(&mut self.recorded, true) {
+            return;
+        }
         let mut flags = self.flags;
         if end.cancelled {
             flags |= ResponseFlags::DC;
@@ -310,19 +333,10 @@ impl Finish for Report {
                 downstream_remote_address: SocketAddr::V4(self.conn.client),
             });
         }
-        drop((self.hold, self.pick));
+        // Frees the circuit-breaker slots, the pooled connection and the in-flight count.
+        self.hold.take();
+        self.pick.take();
     }
-}
-
-/// Istio's cluster name: `outbound|<port>|<subset>|<host>`.
-fn cluster_name(key: &ClusterKey) -> String {
-    format!(
-        "outbound|{}|{}|{}.{}.svc.cluster.local",
-        key.port,
-        key.subset.as_deref().unwrap_or(""),
-        key.service.name,
-        key.service.namespace
-    )
 }
 
 type Reply = Response<ResponseBody<Report>>;
@@ -359,6 +373,7 @@ async fn handle(conn: Arc<Conn>, request: Request<Incoming>) -> Reply {
         tape: None,
         hold: None,
         pick: None,
+        recorded: false,
     };
     if !parts.headers.contains_key(REQUEST_ID) {
         parts.headers.insert(
@@ -600,6 +615,7 @@ impl Attempts<'_> {
         let mut avoid = None;
         let mut retries_left = self.plan.attempts;
         let mut retried = false;
+        let mut retry_slot;
         loop {
             let Some(pick) = cluster.pick(hash, avoid, Instant::now()) else {
                 return Err((
@@ -667,7 +683,7 @@ impl Attempts<'_> {
                         Outcome::Success
                     };
                     if cluster.report(&pick, outcome, now) {
-                        info!(endpoint = %pick.addr, cluster = %cluster_name(cluster.key()), "outlier detection ejected an endpoint");
+                        info!(endpoint = %pick.addr, cluster = %cluster.key(), "outlier detection ejected an endpoint");
                     }
                     let retriable = self.plan.retries_status(status)
                         || grpc_status.is_some_and(|s| self.retries_grpc(s));
@@ -685,7 +701,7 @@ impl Attempts<'_> {
                     )
                 }
                 Ok(Err(PoolError::Overflow(limit))) => {
-                    debug!(cluster = %cluster_name(cluster.key()), "circuit breaker open: {limit}");
+                    debug!(cluster = %cluster.key(), "circuit breaker open: {limit}");
                     return Err((StatusCode::SERVICE_UNAVAILABLE, ResponseFlags::UO, "upstream connect error or disconnect/reset before headers. reset reason: overflow"));
                 }
                 Ok(Err(e)) if e.before_request() => {
@@ -721,14 +737,13 @@ impl Attempts<'_> {
                 }
             };
             let before_request = failure.1 == ResponseFlags::UF;
-            let can_retry = retry_on
-                && retries_left > 0
-                && self.may_repeat(idempotent, tape, before_request)
-                && cluster
-                    .state()
-                    .try_retry(&cluster.policy().limits)
-                    .is_some();
-            if !can_retry {
+            // `maxRetries` bounds the retries in flight in the cluster: the slot is held until
+            // the next attempt ends.
+            retry_slot =
+                (retry_on && retries_left > 0 && self.may_repeat(idempotent, tape, before_request))
+                    .then(|| cluster.state().try_retry(&cluster.policy().limits))
+                    .flatten();
+            if retry_slot.is_none() {
                 let (status, mut flags, text) = failure;
                 if retried && retry_on {
                     flags |= ResponseFlags::URX;
@@ -927,14 +942,8 @@ async fn forward_inbound(
     prepare_head(&mut parts, &authority, proto);
     let (request_body, tape) = RequestBody::record(body);
     report.tape = tape;
-    let cluster = ClusterKey::new(
-        inbound
-            .service
-            .clone()
-            .unwrap_or_else(|| ObjectKey::new("", "")),
-        inbound.target.port(),
-        None,
-    );
+    // Envoy's `inbound|<port>||`: its own pool and counters, apart from the outbound clusters.
+    let cluster = ClusterKey::new(ObjectKey::new("", "inbound"), inbound.target.port(), None);
     let pool = conn.inner.pools.cluster(&cluster);
     let state = conn.inner.clusters.state(&cluster);
     let policy = ClusterPolicy::default();

@@ -61,7 +61,7 @@
 //! - `PathPrefix` is element-wise (`/foo` matches `/foo` and `/foo/bar`, not `/foobar`);
 //!   `ReplacePrefixMatch` follows the Gateway API table (`/foo` → `/xyz`: `/foo/bar` →
 //!   `/xyz/bar`, `/foo` → `/xyz`). A rule without backendRefs nor redirect answers 500; a
-//!   backendRef that is not a known Service has no `service` (the caller answers 503 UH).
+//!   backendRef that is not a known Service has no `service` (the caller answers 503 NC).
 //!   Cross-namespace backendRefs are allowed (the model has no ReferenceGrant).
 //! - `timeouts.request` is the rule's timeout; `timeouts.backendRequest` becomes the per-try
 //!   timeout of Istio's default retry plan (Istio's translation keeps its default retries).
@@ -184,7 +184,7 @@ pub enum RuleAction {
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Backend {
-    /// `None`: the host is not a known Service (the caller answers 503 UH).
+    /// `None`: the host is not a known Service (the caller answers 503 NC).
     pub service: Option<ObjectKey>,
     /// As written, for logs.
     pub host: Arc<str>,
