@@ -1,5 +1,6 @@
 //! `cargo xtask demo`: Bookinfo on a two-node virtual cluster, traffic through the mesh within
-//! and across nodes, a namespace outside the mesh, and that namespace opted in live.
+//! and across nodes, a namespace outside the mesh, that namespace opted in live, then Istio's
+//! Bookinfo traffic-management tasks with the rules of `examples/bookinfo-traffic/`.
 //! Prints what each step did and what the node proxies and eBPF programs counted.
 
 use std::{collections::BTreeMap, time::Instant};
@@ -9,7 +10,7 @@ use serde_json::Value;
 
 use crate::{
     cluster,
-    probe::{self, curl, delta, ebpf_counters, pod_ip},
+    probe::{self, curl, curl_replies, delta, ebpf_counters, pod_ip, tally, Reply},
     workspace_root,
 };
 
@@ -111,7 +112,217 @@ fn tasks() -> Result<()> {
         who(&text(field(&body, &["peer"])))
     );
     print_deltas(&before, &after, &["captured", "inbound_captured"]);
+    traffic_management()
+}
+
+/// Who calls productpage in a traffic-management step, and how many times.
+#[derive(Clone, Copy)]
+enum User {
+    Anonymous(usize),
+    Jason(usize),
+}
+
+/// One step of Istio's Bookinfo tasks: the files applied (in order), the calls made, and
+/// what Istio's documentation says the user sees.
+struct TrafficStep {
+    title: &'static str,
+    files: &'static [&'static str],
+    calls: &'static [User],
+    expected: &'static str,
+}
+
+/// Istio's request routing, fault injection, traffic shifting and request timeouts tasks.
+const TRAFFIC_STEPS: &[TrafficStep] = &[
+    TrafficStep {
+        title: "Subsets of every service by its version label; no route yet",
+        files: &["destination-rule-all.yaml"],
+        calls: &[User::Anonymous(100)],
+        expected: "reviews balanced over v1, v2 and v3",
+    },
+    TrafficStep {
+        title: "Request routing: every service to v1",
+        files: &["virtual-service-all-v1.yaml"],
+        calls: &[User::Anonymous(100), User::Jason(100)],
+        expected: "reviews v1 only, for everyone",
+    },
+    TrafficStep {
+        title: "Request routing: jason to reviews v2, everyone else to v1",
+        files: &["virtual-service-reviews-test-v2.yaml"],
+        calls: &[User::Anonymous(100), User::Jason(100)],
+        expected: "jason v2 (black stars), others v1",
+    },
+    TrafficStep {
+        title: "Fault injection: a 7 s delay on ratings for jason",
+        files: &["virtual-service-ratings-test-delay.yaml"],
+        calls: &[User::Jason(2), User::Anonymous(20)],
+        expected: "jason: reviews unavailable after about 6 s (productpage gives reviews \
+                   3 s, twice; reviews v2 waits 10 s for ratings); others unaffected",
+    },
+    TrafficStep {
+        title: "Fault injection: ratings aborts jason's calls with HTTP 500",
+        files: &["virtual-service-ratings-test-abort.yaml"],
+        calls: &[User::Jason(20), User::Anonymous(20)],
+        expected: "jason: reviews v2 says ratings are unavailable (500); others unaffected",
+    },
+    TrafficStep {
+        title: "Traffic shifting: back to v1, then reviews 50/50 between v1 and v3",
+        files: &[
+            "virtual-service-all-v1.yaml",
+            "virtual-service-reviews-50-v3.yaml",
+        ],
+        calls: &[User::Anonymous(100)],
+        expected: "reviews about half v1, half v3 (red stars)",
+    },
+    TrafficStep {
+        title: "Traffic shifting: reviews 100% to v3",
+        files: &["virtual-service-reviews-v3.yaml"],
+        calls: &[User::Anonymous(100)],
+        expected: "reviews v3 only",
+    },
+    TrafficStep {
+        title: "Request timeouts: reviews to v2, a 2 s delay on every ratings call",
+        files: &[
+            "virtual-service-reviews-v2.yaml",
+            "virtual-service-ratings-delay-2s.yaml",
+        ],
+        calls: &[User::Anonymous(3)],
+        expected: "the page with ratings, after about 2 s",
+    },
+    TrafficStep {
+        title: "Request timeouts: the same with a 0.5 s timeout on reviews",
+        files: &["virtual-service-reviews-v2-timeout.yaml"],
+        calls: &[User::Anonymous(3)],
+        expected: "reviews unavailable (504) after about 1 s (0.5 s, tried twice)",
+    },
+];
+
+fn traffic_management() -> Result<()> {
+    let dir = workspace_root().join("examples/bookinfo-traffic");
+    for (i, task) in TRAFFIC_STEPS.iter().enumerate() {
+        step(&format!(
+            "Traffic management {}/{}: {}",
+            i + 1,
+            TRAFFIC_STEPS.len(),
+            task.title
+        ));
+        for file in task.files {
+            let start = Instant::now();
+            cluster::apply(&dir.join(file)).with_context(|| format!("applying {file}"))?;
+            println!(
+                "    applied examples/bookinfo-traffic/{file} ({:.0?})",
+                start.elapsed()
+            );
+        }
+        println!("    Istio's task shows: {}", task.expected);
+        for user in task.calls {
+            let (who, n, header) = match *user {
+                User::Anonymous(n) => ("anonymous", n, None),
+                User::Jason(n) => ("jason", n, Some("end-user: jason")),
+            };
+            let before = proxied()?;
+            let start = Instant::now();
+            let pages = productpage_calls(n, header)?;
+            let per_call = start.elapsed() / u32::try_from(n.max(1)).unwrap_or(u32::MAX);
+            let counted = counted_since(&before, &proxied()?);
+            println!(
+                "    {who} x{n}: HTTP {:?}; reviews {:?}; page {:?}; {per_call:.2?} per call",
+                tally(&pages, |r| r.status),
+                tally(&pages, |r| r.body["reviews"]["version"]
+                    .as_str()
+                    .unwrap_or("-")
+                    .to_owned()),
+                tally(&pages, page_outcome),
+            );
+            println!("      proxies counted (code and flags): {counted}");
+        }
+    }
     Ok(())
+}
+
+/// `n` productpage calls from the meshed sleep pod over one keep-alive connection.
+fn productpage_calls(n: usize, header: Option<&str>) -> Result<Vec<Reply>> {
+    let url = format!("http://productpage:9080/productpage?call=[1-{n}]");
+    let mut args = vec!["--max-time", "20"];
+    if let Some(header) = header {
+        args.extend(["-H", header]);
+    }
+    args.push(&url);
+    curl_replies("default/sleep", &args)
+}
+
+/// Requests the node proxies reported as sources, by destination service and
+/// `response_code response_flags`.
+type Proxied = BTreeMap<(String, String), f64>;
+
+fn proxied() -> Result<Proxied> {
+    let mut counts = Proxied::new();
+    for node in NODES {
+        let text = probe::metrics(node)?;
+        let samples = text.lines().filter(|l| {
+            l.starts_with("istio_requests_total{") && l.contains("reporter=\"source\"")
+        });
+        for line in samples {
+            let (Some(service), Some(code), Some(flags), Some(value)) = (
+                label(line, "destination_service_name"),
+                label(line, "response_code"),
+                label(line, "response_flags"),
+                line.rsplit(' ').next().and_then(|v| v.parse::<f64>().ok()),
+            ) else {
+                continue;
+            };
+            *counts
+                .entry((service.to_owned(), format!("{code} {flags}")))
+                .or_default() += value;
+        }
+    }
+    Ok(counts)
+}
+
+/// `reviews {"200 -": 100}, ratings {"500 FI": 20}`: what grew between two readings.
+fn counted_since(before: &Proxied, after: &Proxied) -> String {
+    let mut by_service = BTreeMap::<&str, BTreeMap<&str, f64>>::new();
+    for ((service, outcome), value) in after {
+        let grew = value
+            - before
+                .get(&(service.clone(), outcome.clone()))
+                .unwrap_or(&0.0);
+        if grew > 0.0 {
+            by_service.entry(service).or_default().insert(outcome, grew);
+        }
+    }
+    let parts: Vec<String> = by_service
+        .iter()
+        .map(|(service, outcomes)| format!("{service} {outcomes:?}"))
+        .collect();
+    if parts.is_empty() {
+        "nothing".to_owned()
+    } else {
+        parts.join(", ")
+    }
+}
+
+/// The value of label `name` in a Prometheus sample line.
+fn label<'a>(line: &'a str, name: &str) -> Option<&'a str> {
+    // Preceded by `{` or `,`, so that `code` does not find `response_code`.
+    let start = [format!("{{{name}=\""), format!(",{name}=\"")]
+        .iter()
+        .find_map(|key| line.find(key.as_str()).map(|at| at + key.len()))?;
+    let len = line[start..].find('"')?;
+    Some(&line[start..start + len])
+}
+
+/// What the page shows: everything, or which upstream it had to do without.
+fn page_outcome(page: &Reply) -> String {
+    let reviews = &page.body["reviews"];
+    if !reviews["error"].is_null() {
+        format!("reviews unavailable ({})", reviews["status"])
+    } else if !reviews["ratings"]["error"].is_null() {
+        format!("ratings unavailable ({})", reviews["ratings"]["status"])
+    } else if page.status != 200 {
+        format!("HTTP {}", page.status)
+    } else {
+        "complete".to_owned()
+    }
 }
 
 fn step(title: &str) {
@@ -157,4 +368,32 @@ fn text(v: &Value) -> String {
     v.as_str()
         .map(str::to_owned)
         .unwrap_or_else(|| v.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn labels_are_read_whole() {
+        let line = r#"istio_requests_total{reporter="source",grpc_response_code="x",response_code="503",response_flags="UO"} 4"#;
+        assert_eq!(label(line, "response_code"), Some("503"));
+        assert_eq!(label(line, "reporter"), Some("source"));
+        assert_eq!(label(line, "code"), None);
+    }
+
+    #[test]
+    fn counts_what_grew() {
+        let key = |s: &str, o: &str| (s.to_owned(), o.to_owned());
+        let before = Proxied::from([(key("reviews", "200 -"), 5.0)]);
+        let after = Proxied::from([
+            (key("reviews", "200 -"), 15.0),
+            (key("ratings", "500 FI"), 2.0),
+        ]);
+        assert_eq!(
+            counted_since(&before, &after),
+            r#"ratings {"500 FI": 2.0}, reviews {"200 -": 10.0}"#
+        );
+        assert_eq!(counted_since(&after, &after), "nothing");
+    }
 }

@@ -115,6 +115,247 @@ pub fn curl(pod: &str, url: &str, headers: &[(&str, &str)]) -> Result<(u16, serd
     Ok((status, body))
 }
 
+/// One HTTP exchange as curl saw it.
+#[derive(Debug, Clone)]
+pub struct Reply {
+    /// 0 when curl got no response (connection failed, timed out).
+    pub status: u16,
+    /// Response headers, names in lower case, in order.
+    pub headers: Vec<(String, String)>,
+    /// The body parsed as JSON, or the text as a JSON string.
+    pub body: serde_json::Value,
+    /// Seconds from start to the end of the transfer.
+    pub seconds: f64,
+    /// New connections curl opened for this transfer (0 when it reused one).
+    pub connects: u32,
+}
+
+impl Reply {
+    /// The first value of response header `name` (lower case).
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.as_str())
+    }
+
+    /// A string field of the JSON body (`""` when absent), e.g. `version`, `pod`.
+    pub fn field(&self, name: &str) -> &str {
+        self.body[name].as_str().unwrap_or_default()
+    }
+}
+
+/// Separates the transfers of one curl run on stdout: `-w` writes it after each body.
+const CURL_MARK: &str = "@@weft-curl@@";
+
+/// Runs curl in `pod` with `args` (URLs, `-H`, `-X`, ...) and returns one [`Reply`] per
+/// transfer. Sequential transfers of one run (several URLs, or a `[1-N]` glob) reuse one
+/// keep-alive connection, so this is also a fast load generator. Failed transfers are
+/// replies with status 0, not errors; the run is stopped after 5 minutes.
+pub fn curl_replies(pod: &str, args: &[&str]) -> Result<Vec<Reply>> {
+    let write_out = format!("\n{CURL_MARK} %{{http_code}} %{{time_total}} %{{num_connects}}\n");
+    // A bound on the whole run, whatever the per-transfer limits in `args`: a proxy that
+    // hangs must fail the caller, not stall it.
+    let mut cmd = vec![
+        "timeout",
+        "300",
+        "curl",
+        "-s",
+        "-D",
+        "-",
+        "-w",
+        write_out.as_str(),
+    ];
+    cmd.extend_from_slice(args);
+    let out = cluster::exec(pod, &self::args(&cmd))?;
+    let replies = parse_curl(&String::from_utf8_lossy(&out.stdout));
+    ensure!(
+        !replies.is_empty(),
+        "{pod}: `{}` printed no transfer: {}",
+        cmd.join(" "),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(replies)
+}
+
+fn parse_curl(stdout: &str) -> Vec<Reply> {
+    let mut replies = Vec::new();
+    let mut rest = stdout;
+    while let Some(at) = rest.find(CURL_MARK) {
+        let (transfer, after) = rest.split_at(at);
+        let (stats, next) = after[CURL_MARK.len()..]
+            .split_once('\n')
+            .unwrap_or((&after[CURL_MARK.len()..], ""));
+        rest = next;
+        let mut stats = stats.split_whitespace();
+        let status = stats.next().and_then(|s| s.parse().ok()).unwrap_or(0);
+        let seconds = stats.next().and_then(|s| s.parse().ok()).unwrap_or(0.0);
+        let connects = stats.next().and_then(|s| s.parse().ok()).unwrap_or(0);
+        // `-D -` puts each header block (1xx ones too) before the body; the last is the
+        // response's.
+        let mut body = transfer.strip_suffix('\n').unwrap_or(transfer);
+        let mut headers = Vec::new();
+        while body.starts_with("HTTP/") {
+            let (block, after) = body.split_once("\r\n\r\n").unwrap_or((body, ""));
+            headers = block
+                .lines()
+                .skip(1)
+                .filter_map(|l| l.split_once(':'))
+                .map(|(n, v)| (n.trim().to_ascii_lowercase(), v.trim().to_owned()))
+                .collect();
+            body = after;
+        }
+        let body = serde_json::from_str(body).unwrap_or_else(|_| body.into());
+        replies.push(Reply {
+            status,
+            headers,
+            body,
+            seconds,
+            connects,
+        });
+    }
+    replies
+}
+
+/// How many items fall under each key, e.g. replies by version or by status.
+pub fn tally<T, K: Ord>(items: &[T], key: impl Fn(&T) -> K) -> BTreeMap<K, usize> {
+    let mut counts = BTreeMap::new();
+    for item in items {
+        *counts.entry(key(item)).or_default() += 1;
+    }
+    counts
+}
+
+/// What h2load reported.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct H2Load {
+    pub total: u64,
+    pub succeeded: u64,
+    pub failed: u64,
+    pub errored: u64,
+    pub timeout: u64,
+    /// Responses by status class: 2xx, 3xx, 4xx, 5xx.
+    pub classes: [u64; 4],
+}
+
+/// Runs `h2load` (nghttp2) in `pod` with `args`, e.g. `-n 2000 -c 4 -m 10 http://svc:81/`
+/// (h2c with prior knowledge) or `--h1 ...` (HTTP/1.1).
+pub fn h2load(pod: &str, args: &[&str]) -> Result<H2Load> {
+    // h2load waits forever for a stream a proxy never answers.
+    let mut cmd = vec!["timeout", "300", "h2load"];
+    cmd.extend_from_slice(args);
+    let text = run(pod, &cmd)?;
+    parse_h2load(&text).with_context(|| format!("{pod}: unexpected h2load output:\n{text}"))
+}
+
+fn parse_h2load(text: &str) -> Result<H2Load> {
+    // "requests: 2000 total, 2000 started, 2000 done, 2000 succeeded, 0 failed, 0 errored, 0 timeout"
+    // "status codes: 2000 2xx, 0 3xx, 0 4xx, 0 5xx"
+    let numbers = |prefix: &str| -> Result<BTreeMap<String, u64>> {
+        let line = text
+            .lines()
+            .find_map(|l| l.trim().strip_prefix(prefix))
+            .ok_or_else(|| anyhow!("no `{prefix}` line"))?;
+        line.split(',')
+            .map(|item| {
+                let (n, what) = item
+                    .trim()
+                    .split_once(' ')
+                    .ok_or_else(|| anyhow!("bad item {item:?}"))?;
+                Ok((what.to_owned(), n.parse()?))
+            })
+            .collect()
+    };
+    let requests = numbers("requests:")?;
+    let codes = numbers("status codes:")?;
+    let get = |m: &BTreeMap<String, u64>, k: &str| m.get(k).copied().unwrap_or(0);
+    Ok(H2Load {
+        total: get(&requests, "total"),
+        succeeded: get(&requests, "succeeded"),
+        failed: get(&requests, "failed"),
+        errored: get(&requests, "errored"),
+        timeout: get(&requests, "timeout"),
+        classes: [
+            get(&codes, "2xx"),
+            get(&codes, "3xx"),
+            get(&codes, "4xx"),
+            get(&codes, "5xx"),
+        ],
+    })
+}
+
+/// One gRPC call as the grpcio client saw it.
+#[derive(Debug, Clone, serde::Deserialize)]
+pub struct GrpcReply {
+    /// The status code's name: `OK`, `UNAVAILABLE`...
+    pub code: String,
+    #[serde(default)]
+    pub reply: String,
+    #[serde(default)]
+    pub details: String,
+}
+
+/// `count` unary calls of `weft.demo.Echo/<method>` from inside `pod` with grpcio (the
+/// Python client `cargo xtask setup` installs), over one channel, with `metadata`.
+pub fn grpc_calls(
+    pod: &str,
+    target: &str,
+    method: &str,
+    count: u32,
+    metadata: &[(&str, &str)],
+) -> Result<Vec<GrpcReply>> {
+    let python = crate::setup::test_python();
+    let script = crate::workspace_root().join("xtask/assets/grpc_client.py");
+    let (python, script, count) = (
+        python.display().to_string(),
+        script.display().to_string(),
+        count.to_string(),
+    );
+    let metadata: Vec<String> = metadata.iter().map(|(k, v)| format!("{k}={v}")).collect();
+    let mut cmd = vec![python.as_str(), script.as_str(), target, method];
+    cmd.extend(["--count", count.as_str()]);
+    for m in &metadata {
+        cmd.extend(["--metadata", m.as_str()]);
+    }
+    run(pod, &cmd)?
+        .lines()
+        .map(|l| serde_json::from_str(l).with_context(|| format!("grpc client printed {l:?}")))
+        .collect()
+}
+
+/// What a virtual cluster can leave on the machine (namespaces, cgroups, pins, run
+/// files), for the end-to-end suites' last check after `cluster down`.
+pub fn leftovers() -> Vec<String> {
+    let mut left = Vec::new();
+    if let Ok(out) = std::process::Command::new("ip")
+        .args(["netns", "list"])
+        .output()
+    {
+        for line in String::from_utf8_lossy(&out.stdout).lines() {
+            let name = line.split_whitespace().next().unwrap_or_default();
+            if name == "weft-fabric" || name.starts_with("wn-") || name.starts_with("wp-") {
+                left.push(format!("netns {name}"));
+            }
+        }
+    }
+    for path in [cluster::CGROUP_ROOT, cluster::BPFFS_ROOT, cluster::RUN_DIR] {
+        if std::path::Path::new(path).exists() {
+            left.push(path.to_owned());
+        }
+    }
+    for entry in std::fs::read_dir("/etc/netns")
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if name.starts_with("wp-") || name.starts_with("wn-") {
+            left.push(format!("/etc/netns/{name}"));
+        }
+    }
+    left
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -142,5 +383,36 @@ weft_ebpf_fast_path_bytes_total 1024
         assert_eq!(c.get("captured"), Some(&7.0));
         assert_eq!(c.get("fast_path_bytes"), Some(&1024.0));
         assert_eq!(delta(&BTreeMap::new(), &c, "captured"), 7.0);
+    }
+    #[test]
+    fn parses_curl_transfers_with_headers_and_bodies() {
+        let out = "HTTP/1.1 200 OK\r\nX-Weft-Version: v1\r\ncontent-type: application/json\r\n\r\n\
+                   {\"version\":\"v1\"}\n\n@@weft-curl@@ 200 0.002 1\n\
+                   HTTP/1.1 301 Moved Permanently\r\nlocation: http://echo/new\r\n\r\n\n@@weft-curl@@ 301 0.001 0\n\
+                   \n@@weft-curl@@ 000 3.000 0\n";
+        let replies = parse_curl(out);
+        assert_eq!(replies.len(), 3);
+        assert_eq!(replies[0].status, 200);
+        assert_eq!(replies[0].field("version"), "v1");
+        assert_eq!(replies[0].header("x-weft-version"), Some("v1"));
+        assert_eq!(replies[0].connects, 1);
+        assert_eq!(replies[1].header("location"), Some("http://echo/new"));
+        assert_eq!((replies[2].status, replies[2].seconds), (0, 3.0));
+        assert_eq!(tally(&replies, |r| r.status)[&200], 1);
+    }
+
+    #[test]
+    fn parses_h2load_summary() {
+        let text = "finished in 1.2s, 1000 req/s\n\
+                    requests: 2000 total, 2000 started, 2000 done, 1990 succeeded, 10 failed, 10 errored, 0 timeout\n\
+                    status codes: 1990 2xx, 0 3xx, 0 4xx, 10 5xx\n";
+        let report = parse_h2load(text).expect("parses");
+        assert_eq!(report.total, 2000);
+        assert_eq!(
+            (report.succeeded, report.failed, report.errored),
+            (1990, 10, 10)
+        );
+        assert_eq!(report.classes, [1990, 0, 0, 10]);
+        assert!(parse_h2load("nothing").is_err());
     }
 }

@@ -3,14 +3,18 @@
 //! Every item prints one line, `ok: ...` when it is already in place or `installing: ...`
 //! before it is installed, so a second run is a quick all-`ok` check.
 
-use std::{path::Path, process::Command};
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+};
 
 use anyhow::{bail, Context as _, Result};
 
 use crate::{cmd, is_root, BPF_TOOLCHAIN};
 
 /// Debian packages: LLVM for bpf-linker, the tools the virtual cluster drives, load
-/// generators, and HAProxy (the third-party sidecar of the benchmark).
+/// generators (h2load is also the HTTP/2 client of the L7 tests, curl their HTTP/1.1 one),
+/// and HAProxy (the third-party sidecar of the benchmark).
 const PACKAGES: &[&str] = &[
     "llvm-22-dev",
     "libpolly-22-dev",
@@ -26,6 +30,9 @@ const PACKAGES: &[&str] = &[
 ];
 
 const BPF_LINKER_VERSION: &str = "0.13.0";
+/// grpcio, the third-party gRPC client of the L7 end-to-end tests
+/// (`xtask/assets/grpc_client.py`); pinned like every tool the tests assert with.
+pub const GRPCIO_VERSION: &str = "1.85.1";
 const BPFFS: &str = "/sys/fs/bpf";
 pub(crate) const CGROUP2: &str = "/sys/fs/cgroup/unified";
 
@@ -35,6 +42,7 @@ pub fn setup() -> Result<()> {
     packages()?;
     bpf_linker()?;
     crate::manifests::install_validator()?;
+    grpc_client()?;
     ensure_bpffs()?;
     check_cgroup2()?;
     println!("ok: cgroup v2 at {CGROUP2}");
@@ -123,6 +131,40 @@ fn packages() -> Result<()> {
             .args(&missing)
             .env("DEBIAN_FRONTEND", "noninteractive"),
     )
+}
+
+/// The Python of the virtualenv under `target/` that `manifests` creates for the validator;
+/// the L7 tests' gRPC client runs with it too, so setup manages one virtualenv, not two.
+pub fn test_python() -> PathBuf {
+    crate::workspace_root().join("target/xtask/manifest-venv/bin/python3")
+}
+
+fn grpc_client() -> Result<()> {
+    let python = test_python();
+    let what = format!(
+        "grpcio {GRPCIO_VERSION} (gRPC client of the L7 tests) in {}",
+        python.display()
+    );
+    let installed = Command::new(&python)
+        .args(["-c", "import grpc; print(grpc.__version__)"])
+        .output()
+        .is_ok_and(|o| {
+            o.status.success() && String::from_utf8_lossy(&o.stdout).trim() == GRPCIO_VERSION
+        });
+    if installed {
+        println!("ok: {what}");
+        return Ok(());
+    }
+    println!("installing: {what}");
+    cmd::interactive(Command::new(&python).args([
+        "-m",
+        "pip",
+        "install",
+        "--quiet",
+        "--disable-pip-version-check",
+        &format!("grpcio=={GRPCIO_VERSION}"),
+    ]))
+    .context("installing grpcio (the virtualenv is created by the manifest validator step)")
 }
 
 fn package_installed(package: &str) -> bool {

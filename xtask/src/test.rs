@@ -106,8 +106,8 @@ fn ebpf_clippy(root: &Path) -> Result<()> {
     )
 }
 
-/// Unit and in-process tests of every crate. The end-to-end target is `test = false` in
-/// xtask's manifest, so it runs only in the next step.
+/// Unit and in-process tests of every crate. The end-to-end targets are `test = false` in
+/// xtask's manifest, so they run only in the next step.
 fn unit_tests(root: &Path) -> Result<()> {
     cargo(root, &["test", "--workspace", "--exclude", "mesh-ebpf"])
 }
@@ -120,16 +120,21 @@ fn e2e_tests(root: &Path) -> Result<()> {
         );
     }
     cluster::binaries()?;
-    cargo(
-        root,
-        &[
-            "test",
-            "-p",
-            "xtask",
-            "--test",
-            "e2e",
-            "--",
-            "--test-threads=1",
-        ],
-    )
+    // Each suite brings up and tears down its own cluster: the mesh mechanics first, then
+    // L7 routing with real clients.
+    for suite in ["e2e", "l7"] {
+        cargo(
+            root,
+            &[
+                "test",
+                "-p",
+                "xtask",
+                "--test",
+                suite,
+                "--",
+                "--test-threads=1",
+            ],
+        )?;
+    }
+    Ok(())
 }

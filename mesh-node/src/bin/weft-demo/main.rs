@@ -3,6 +3,7 @@
 //! One binary so that every pod of the virtual cluster, the demo and the end-to-end tests run
 //! the same tested code:
 //! - `serve`: a Bookinfo-style HTTP service (productpage, details, reviews v1/v2/v3, ratings);
+//! - `http`: an httpbin-like server (HTTP/1.1, h2c, gRPC) with failure and delay knobs;
 //! - `echo`, `peer`: TCP servers (byte echo; "who connected to me");
 //! - `dial`, `blast`, `get`: clients that print what they saw, for assertions.
 //!
@@ -14,6 +15,8 @@ mod bookinfo;
 mod client;
 mod dial;
 mod get;
+mod grpc;
+mod httpbin;
 mod net;
 mod pattern;
 mod serve;
@@ -40,6 +43,9 @@ struct Cli {
 enum Command {
     /// Serve one Bookinfo role over HTTP/1.1 (productpage, details, reviews, ratings).
     Serve(serve::Args),
+    /// httpbin-like server: HTTP/1.1, h2c and gRPC (weft.demo.Echo) on one port, with
+    /// failure, delay and upgrade knobs for L7 tests.
+    Http(httpbin::Args),
     /// TCP echo server: echoes every byte until EOF, then closes its write side.
     Echo(tcp::EchoArgs),
     /// TCP server that tells each client its address: `peer=<ip>:<port>`.
@@ -68,6 +74,7 @@ async fn main() -> ExitCode {
 async fn run(command: Command) -> anyhow::Result<()> {
     match command {
         Command::Serve(args) => until_signalled(serve::run(args)).await,
+        Command::Http(args) => until_signalled(httpbin::run(args)).await,
         Command::Echo(args) => until_signalled(tcp::run_echo(args)).await,
         Command::Peer(args) => until_signalled(tcp::run_peer(args)).await,
         Command::Dial(args) => dial::run(args).await,
@@ -136,6 +143,29 @@ mod tests {
         ])
         .expect("valid command line");
         assert!(matches!(cli.command, Command::Serve(_)));
+    }
+
+    #[test]
+    fn http_accepts_its_documented_flags() {
+        let cli = Cli::try_parse_from([
+            "weft-demo",
+            "http",
+            "--port",
+            "8080",
+            "--version",
+            "v2",
+            "--fail-every",
+            "3",
+            "--fail-status",
+            "500",
+            "--delay-ms",
+            "10",
+            "--grpc-fail-every",
+            "2",
+        ])
+        .expect("valid command line");
+        assert!(matches!(cli.command, Command::Http(_)));
+        assert!(Cli::try_parse_from(["weft-demo", "http", "--fail-status", "42"]).is_err());
     }
 
     #[test]

@@ -286,7 +286,7 @@ fn parse_upstream(spec: &str) -> Result<(Role, Url), String> {
 
 /// The pod this process plays: `POD_NAME` (set by the virtual cluster, whose pods share
 /// the host's UTS namespace), else the host name.
-fn pod_name() -> String {
+pub(crate) fn pod_name() -> String {
     ["POD_NAME", "HOSTNAME"]
         .iter()
         .find_map(|var| std::env::var(var).ok().filter(|v| !v.is_empty()))

@@ -1,0 +1,928 @@
+//! End-to-end tests of the node proxy's L7 routing, with third-party clients in a meshed pod:
+//! curl (HTTP/1.1), h2load (h2c), grpcio (gRPC). The servers are `weft-demo http` pods on both
+//! nodes of a virtual cluster (`examples/l7/workloads.yaml`), and every rule a case applies is
+//! a file of `examples/l7/`, so what is tested is what a user can apply.
+//!
+//! The assertions are what Istio users rely on: who answered (the JSON echo names the pod and
+//! version), status codes, timings, and the proxy's `istio_requests_total` with its
+//! `response_code` and `response_flags` labels, read from the client's node (`reporter=
+//! "source"`). Proportions are measured over enough requests to make the bounds safe.
+//!
+//! Same harness as `e2e.rs`: one cluster for every case, cases in order, each ok/FAILED, the
+//! cluster torn down whatever happened, then a check that nothing was left behind. Needs root
+//! and the tools of `cargo xtask setup`; without them it fails loudly instead of skipping.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    panic::{self, AssertUnwindSafe},
+    path::PathBuf,
+    thread,
+    time::{Duration, Instant},
+};
+
+use anyhow::{anyhow, bail, ensure, Context as _, Result};
+use xtask::{
+    cluster,
+    probe::{self, curl_replies, grpc_calls, h2load, metrics, sample_sum, tally, Reply},
+    workspace_root,
+};
+
+/// The pod every request starts from, and its node, whose proxy reports as the source.
+const CLIENT: &str = "l7/client";
+const CLIENT_NODE: &str = "node-1";
+
+/// Node proxies' addresses: servers see the proxy of their own node as the peer.
+fn proxy_of(pod: &str) -> &'static str {
+    match pod {
+        "echo-v1" | "od-1" => "10.244.1.1",
+        _ => "10.244.2.1",
+    }
+}
+
+fn example(file: &str) -> PathBuf {
+    workspace_root().join("examples/l7").join(file)
+}
+
+/// `kubectl apply -f examples/l7/<file>`; returns once every node proxy applied it.
+fn apply(file: &str) -> Result<()> {
+    cluster::apply(&example(file)).with_context(|| format!("applying {file}"))
+}
+
+/// `kubectl delete -f examples/l7/<file>`.
+fn remove(file: &str) -> Result<()> {
+    cluster::delete(&example(file)).with_context(|| format!("deleting {file}"))
+}
+
+/// `n` requests from the client over one curl run (one keep-alive connection), `extra`
+/// being curl arguments such as `-H` or `-X`.
+fn requests(n: usize, url: &str, extra: &[&str]) -> Result<Vec<Reply>> {
+    let url = match n {
+        1 => url.to_owned(),
+        // curl's URL globbing: one transfer per number, in order, on one connection.
+        _ if url.contains('?') => format!("{url}&n=[1-{n}]"),
+        _ => format!("{url}?n=[1-{n}]"),
+    };
+    let mut args = vec!["--max-time", "15"];
+    args.extend_from_slice(extra);
+    args.push(&url);
+    let replies = curl_replies(CLIENT, &args)?;
+    ensure!(
+        replies.len() == n,
+        "curl made {} transfers instead of {n}",
+        replies.len()
+    );
+    Ok(replies)
+}
+
+fn with_header(name: &str, value: &str) -> String {
+    format!("{name}: {value}")
+}
+
+fn versions(replies: &[Reply]) -> BTreeMap<String, usize> {
+    tally(replies, |r| r.field("version").to_owned())
+}
+
+fn pods(replies: &[Reply]) -> BTreeMap<String, usize> {
+    tally(replies, |r| r.field("pod").to_owned())
+}
+
+fn statuses(replies: &[Reply]) -> BTreeMap<u16, usize> {
+    tally(replies, |r| r.status)
+}
+
+fn share(count: usize, total: usize) -> f64 {
+    100.0 * count as f64 / total.max(1) as f64
+}
+
+fn all_ok(replies: &[Reply]) -> Result<()> {
+    ensure!(
+        replies.iter().all(|r| r.status == 200),
+        "not every answer was 200: {:?}",
+        statuses(replies)
+    );
+    Ok(())
+}
+
+/// `istio_requests_total` of the client's node proxy (`reporter="source"`) for requests to
+/// Service `service` of namespace l7, restricted to `labels`.
+fn requests_total(service: &str, labels: &[(&str, &str)]) -> Result<f64> {
+    let destination = format!("{service}.l7.svc.cluster.local");
+    let mut all = vec![
+        ("reporter", "source"),
+        ("destination_service", destination.as_str()),
+    ];
+    all.extend_from_slice(labels);
+    Ok(sample_sum(
+        &metrics(CLIENT_NODE)?,
+        "istio_requests_total",
+        &all,
+    ))
+}
+
+/// By how much `requests_total(service, labels)` grows while `action` runs.
+fn counted<T>(
+    service: &str,
+    labels: &[(&str, &str)],
+    action: impl FnOnce() -> Result<T>,
+) -> Result<(T, f64)> {
+    let before = requests_total(service, labels)?;
+    let result = action()?;
+    Ok((result, requests_total(service, labels)? - before))
+}
+
+/// HTTP/1.1 keep-alive through the mesh: curl opens one connection, the proxy routes each
+/// request on its own (both pods answer over that one connection, which an L4 proxy cannot
+/// do), each server sees its node's proxy as the peer, and every request is counted.
+fn http1_keep_alive_balances_each_request() -> Result<()> {
+    let (replies, counted) = counted("echo", &[("response_code", "200")], || {
+        requests(20, "http://echo/get", &[])
+    })?;
+    all_ok(&replies)?;
+    let connections: u32 = replies.iter().map(|r| r.connects).sum();
+    println!(
+        "    20 requests on {connections} connection(s): {:?}",
+        pods(&replies)
+    );
+    ensure!(connections == 1, "curl opened {connections} connections");
+    ensure!(
+        pods(&replies).len() == 2,
+        "one connection reached only {:?}: requests are not balanced one by one",
+        pods(&replies)
+    );
+    for r in &replies {
+        let peer = r.field("peer");
+        let expected = proxy_of(r.field("pod"));
+        ensure!(
+            peer.split(':').next() == Some(expected),
+            "{} saw {peer} instead of its node proxy {expected}",
+            r.field("pod")
+        );
+        ensure!(
+            r.field("protocol") == "HTTP/1.1",
+            "an `http` port is HTTP/1.1 upstream, the server saw {}",
+            r.field("protocol")
+        );
+    }
+    ensure!(
+        counted >= 20.0,
+        "istio_requests_total{{response_code=\"200\"}} grew by {counted}"
+    );
+    Ok(())
+}
+
+/// A port with neither name nor appProtocol: the proxy recognises HTTP by sniffing and
+/// treats it as HTTP (requests counted one by one).
+fn sniffed_port_is_handled_as_http() -> Result<()> {
+    let (replies, counted) = counted("echo-sniffed", &[("response_code", "200")], || {
+        requests(5, "http://echo-sniffed/get", &[])
+    })?;
+    all_ok(&replies)?;
+    println!("    5 requests, istio_requests_total +{counted}");
+    ensure!(
+        counted >= 5.0,
+        "sniffed HTTP requests not counted: +{counted}"
+    );
+    Ok(())
+}
+
+/// `Connection: upgrade` passes through the L7 proxy: 101, then raw bytes both ways.
+fn upgrade_passes_through() -> Result<()> {
+    const SCRIPT: &str = r#"
+import socket, sys
+s = socket.create_connection(("echo", 80), timeout=5)
+s.sendall(b"GET /ws HTTP/1.1\r\nHost: echo\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n")
+head = b""
+while b"\r\n\r\n" not in head:
+    chunk = s.recv(1)
+    if not chunk:
+        break
+    head += chunk
+print(head.split(b"\r\n")[0].decode())
+s.sendall(b"raw bytes after the upgrade")
+echo = b""
+while len(echo) < 27:
+    chunk = s.recv(64)
+    if not chunk:
+        break
+    echo += chunk
+print(echo.decode())
+"#;
+    let python = xtask::setup::test_python().display().to_string();
+    let out = probe::run(CLIENT, &[python.as_str(), "-c", SCRIPT])?;
+    let mut lines = out.lines();
+    let (status, echo) = (lines.next().unwrap_or(""), lines.next().unwrap_or(""));
+    println!("    {status}; echoed {echo:?}");
+    ensure!(status.contains(" 101 "), "upgrade answered {status:?}");
+    ensure!(echo == "raw bytes after the upgrade", "echo was {echo:?}");
+    Ok(())
+}
+
+/// h2c with prior knowledge: 2000 requests over 4 connections, 10 streams each, all 2xx;
+/// an `http2` port keeps HTTP/2 to the server, an `http` port accepts h2c and speaks
+/// HTTP/1.1 to it.
+fn h2c_load_through_the_mesh() -> Result<()> {
+    remove("virtual-service-echo-all-v1.yaml")?;
+    let report = h2load(
+        CLIENT,
+        &["-n", "2000", "-c", "4", "-m", "10", "http://echo:81/get"],
+    )?;
+    println!("    h2load: {report:?}");
+    ensure!(
+        report.succeeded == 2000 && report.failed == 0 && report.errored == 0,
+        "h2load: {report:?}"
+    );
+    ensure!(report.classes[0] == 2000, "not all 2xx: {report:?}");
+    for (url, upstream) in [
+        ("http://echo:81/get", "HTTP/2"),
+        ("http://echo:80/get", "HTTP/1.1"),
+    ] {
+        let reply = requests(1, url, &["--http2-prior-knowledge"])?.remove(0);
+        ensure!(reply.status == 200, "{url}: {}", reply.status);
+        ensure!(
+            reply.field("protocol") == upstream,
+            "{url} over h2c reached the server as {} instead of {upstream}",
+            reply.field("protocol")
+        );
+    }
+    Ok(())
+}
+
+/// VirtualService weights 80/20 between subsets, over 2000 requests.
+fn weights_split_requests_80_20() -> Result<()> {
+    apply("virtual-service-echo-80-20.yaml")?;
+    let replies = requests(2000, "http://echo/get", &[])?;
+    all_ok(&replies)?;
+    let v = versions(&replies);
+    let v1 = share(v.get("v1").copied().unwrap_or(0), replies.len());
+    println!("    {v:?}: v1 {v1:.1}%");
+    ensure!(
+        (77.0..=83.0).contains(&v1),
+        "v1 got {v1:.1}%, expected 80 ± 3"
+    );
+    Ok(())
+}
+
+/// `end-user: jason` to v2, everyone else (another user too) to v1.
+fn header_match_routes_jason_to_v2() -> Result<()> {
+    apply("virtual-service-echo-jason-v2.yaml")?;
+    let jason = with_header("end-user", "jason");
+    for (who, extra, expected) in [
+        ("jason", vec!["-H", jason.as_str()], "v2"),
+        ("anonymous", vec![], "v1"),
+        ("jasonx", vec!["-H", "end-user: jasonx"], "v1"),
+    ] {
+        let replies = requests(50, "http://echo/get", &extra)?;
+        all_ok(&replies)?;
+        let v = versions(&replies);
+        println!("    {who}: {v:?}");
+        ensure!(
+            v.get(expected) == Some(&50),
+            "{who} expected {expected} only, got {v:?}"
+        );
+    }
+    Ok(())
+}
+
+/// A VirtualService whose only rule matches a header: other requests match no route and
+/// get 404 with response flag NR.
+fn unmatched_request_gets_404_nr() -> Result<()> {
+    apply("virtual-service-echo-jason-only.yaml")?;
+    let (replies, counted) = counted(
+        "echo",
+        &[("response_code", "404"), ("response_flags", "NR")],
+        || requests(5, "http://echo/get", &[]),
+    )?;
+    println!("    no header: {:?}, NR +{counted}", statuses(&replies));
+    ensure!(
+        statuses(&replies).get(&404) == Some(&5),
+        "{:?}",
+        statuses(&replies)
+    );
+    ensure!(counted >= 5.0, "NR responses counted {counted}");
+    let jason = requests(1, "http://echo/get", &["-H", "end-user: jason"])?.remove(0);
+    ensure!(
+        jason.status == 200 && jason.field("version") == "v2",
+        "jason: {} {}",
+        jason.status,
+        jason.field("version")
+    );
+    Ok(())
+}
+
+/// URI prefix match with rewrite, redirect, and request/response header changes.
+fn rewrite_redirect_and_header_changes() -> Result<()> {
+    apply("virtual-service-echo-rewrite.yaml")?;
+    let api = requests(
+        1,
+        "http://echo/api/items?q=1",
+        &["-H", "x-secret: s3cret", "-H", "x-mesh: client"],
+    )?
+    .remove(0);
+    let seen = &api.body["headers"];
+    println!(
+        "    /api/items?q=1 -> {} {}?{} on {}; request headers x-mesh={} x-added={} x-secret={}; response x-answered-by={:?} x-weft-pod={:?}",
+        api.status,
+        api.field("path"),
+        api.field("query"),
+        api.field("version"),
+        seen["x-mesh"],
+        seen["x-added"],
+        seen["x-secret"],
+        api.header("x-answered-by"),
+        api.header("x-weft-pod"),
+    );
+    ensure!(api.status == 200, "/api/items answered {}", api.status);
+    ensure!(
+        api.field("path") == "/v1/items" && api.field("query") == "q=1",
+        "rewrite: server saw {}?{}",
+        api.field("path"),
+        api.field("query")
+    );
+    ensure!(
+        api.field("version") == "v1",
+        "routed to {}",
+        api.field("version")
+    );
+    ensure!(
+        seen["x-mesh"] == "weft",
+        "set: x-mesh is {}",
+        seen["x-mesh"]
+    );
+    ensure!(
+        seen["x-added"].as_str().is_some_and(|v| v.contains('1')),
+        "add: x-added is {}",
+        seen["x-added"]
+    );
+    ensure!(
+        seen["x-secret"].is_null(),
+        "remove: x-secret reached the server"
+    );
+    ensure!(
+        api.header("x-answered-by") == Some("weft"),
+        "response set: {:?}",
+        api.headers
+    );
+    ensure!(
+        api.header("x-weft-pod").is_none() && api.header("x-weft-version") == Some("v1"),
+        "response remove: {:?}",
+        api.headers
+    );
+
+    let old = requests(1, "http://echo/old/thing", &[])?.remove(0);
+    println!(
+        "    /old/thing -> {} Location {:?}",
+        old.status,
+        old.header("location")
+    );
+    ensure!(old.status == 301, "redirect answered {}", old.status);
+    ensure!(
+        old.header("location")
+            .is_some_and(|l| l.ends_with("/new/place")),
+        "Location: {:?}",
+        old.header("location")
+    );
+    let other = requests(1, "http://echo/other", &[])?.remove(0);
+    ensure!(
+        other.field("version") == "v2" && other.field("path") == "/other",
+        "default route: {} {}",
+        other.field("version"),
+        other.field("path")
+    );
+    Ok(())
+}
+
+/// A 3 s route timeout over a backend that takes 7 s: 504 after about 3 s, flag UT.
+fn route_timeout_gives_504_ut() -> Result<()> {
+    apply("virtual-service-echo-timeout.yaml")?;
+    let (reply, counted) = counted(
+        "echo",
+        &[("response_code", "504"), ("response_flags", "UT")],
+        || Ok(requests(1, "http://echo/delay/7000", &[])?.remove(0)),
+    )?;
+    println!(
+        "    /delay/7000: {} after {:.2} s, UT +{counted}",
+        reply.status, reply.seconds
+    );
+    ensure!(reply.status == 504, "answered {}", reply.status);
+    ensure!(
+        (2.5..=5.0).contains(&reply.seconds),
+        "504 after {:.2} s, expected about 3",
+        reply.seconds
+    );
+    ensure!(counted >= 1.0, "UT not counted");
+    let fast = requests(1, "http://echo/delay/100", &[])?.remove(0);
+    ensure!(
+        fast.status == 200,
+        "a request under the timeout got {}",
+        fast.status
+    );
+    Ok(())
+}
+
+/// Abort fault on 50% of requests: 45–55% of 2000 get the fault's status, flag FI.
+fn fault_abort_hits_half_the_requests() -> Result<()> {
+    apply("virtual-service-echo-abort-50.yaml")?;
+    let (replies, counted) = counted(
+        "echo",
+        &[("response_code", "500"), ("response_flags", "FI")],
+        || requests(2000, "http://echo/get", &[]),
+    )?;
+    let s = statuses(&replies);
+    let aborted = s.get(&500).copied().unwrap_or(0);
+    let pct = share(aborted, replies.len());
+    println!("    {s:?}: aborted {pct:.1}%, FI +{counted}");
+    ensure!(
+        (45.0..=55.0).contains(&pct),
+        "aborted {pct:.1}%, expected 50 ± 5"
+    );
+    ensure!(
+        aborted + s.get(&200).copied().unwrap_or(0) == replies.len(),
+        "unexpected statuses {s:?}"
+    );
+    ensure!(
+        (counted - aborted as f64).abs() <= 1.0 + aborted as f64 / 100.0,
+        "FI counted {counted}, {aborted} aborted"
+    );
+    Ok(())
+}
+
+/// Delay fault on every request: each takes at least the 1 s delay, then succeeds; flag DI.
+fn fault_delay_holds_every_request() -> Result<()> {
+    apply("virtual-service-echo-delay-1s.yaml")?;
+    let (replies, counted) = counted("echo", &[("response_flags", "DI")], || {
+        requests(3, "http://echo/get", &[])
+    })?;
+    all_ok(&replies)?;
+    let times: Vec<String> = replies
+        .iter()
+        .map(|r| format!("{:.2}", r.seconds))
+        .collect();
+    println!("    3 requests took {times:?} s, DI +{counted}");
+    ensure!(
+        replies.iter().all(|r| r.seconds >= 0.95),
+        "a request was not delayed: {times:?}"
+    );
+    ensure!(counted >= 3.0, "DI counted {counted}");
+    Ok(())
+}
+
+/// `flaky` answers 503 to one request in three. Istio's default policy retries 503 for
+/// GETs (we never retry non-idempotent requests with the default policy, so POSTs fail);
+/// `attempts: 0` shows the failures; `attempts: 3, retryOn: 5xx` hides them for every method.
+fn retries_hide_a_flaky_backend() -> Result<()> {
+    let failed = |replies: &[Reply]| {
+        share(
+            replies.iter().filter(|r| r.status != 200).count(),
+            replies.len(),
+        )
+    };
+    let post = ["-X", "POST", "-d", "payload"];
+
+    let get = requests(300, "http://flaky/get", &[])?;
+    let posts = requests(300, "http://flaky/post", &post)?;
+    println!(
+        "    default policy: GET {:?}, POST {:?}",
+        statuses(&get),
+        statuses(&posts)
+    );
+    ensure!(
+        failed(&get) == 0.0,
+        "default policy: GETs failed: {:?}",
+        statuses(&get)
+    );
+    ensure!(
+        (28.0..=38.0).contains(&failed(&posts)),
+        "default policy: POSTs must not be retried, {:.1}% failed",
+        failed(&posts)
+    );
+
+    apply("virtual-service-flaky-no-retries.yaml")?;
+    let get = requests(300, "http://flaky/get", &[])?;
+    println!("    attempts 0: GET {:?}", statuses(&get));
+    ensure!(
+        (28.0..=38.0).contains(&failed(&get)),
+        "without retries {:.1}% failed, expected about 33",
+        failed(&get)
+    );
+
+    apply("virtual-service-flaky-retries.yaml")?;
+    let get = requests(300, "http://flaky/get", &[])?;
+    let posts = requests(300, "http://flaky/post", &post)?;
+    println!(
+        "    attempts 3 on 5xx: GET {:?}, POST {:?}",
+        statuses(&get),
+        statuses(&posts)
+    );
+    all_ok(&get).context("GETs with retries configured")?;
+    all_ok(&posts).context("POSTs with retries configured")?;
+    ensure!(
+        posts.iter().all(|r| r.body["body"] == "payload"),
+        "a retried POST lost its body"
+    );
+    Ok(())
+}
+
+/// A DestinationRule allowing one connection, one pending request and one request per
+/// connection, under 8 concurrent clients: some 503 with flag UO, some 200.
+fn circuit_breaker_rejects_with_uo() -> Result<()> {
+    apply("destination-rule-cb.yaml")?;
+    let (report, counted) = counted(
+        "cb",
+        &[("response_code", "503"), ("response_flags", "UO")],
+        || {
+            h2load(
+                CLIENT,
+                &["--h1", "-n", "80", "-c", "8", "http://cb/delay/200"],
+            )
+        },
+    )?;
+    println!("    h2load --h1 -c 8: {report:?}; UO +{counted}");
+    ensure!(report.classes[0] > 0, "nothing got through: {report:?}");
+    ensure!(report.classes[3] > 0, "nothing was rejected: {report:?}");
+    ensure!(counted >= 1.0, "no 503 with flag UO counted");
+    ensure!(
+        counted <= report.classes[3] as f64,
+        "more UO than 5xx: {counted} > {}",
+        report.classes[3]
+    );
+    let after = requests(1, "http://cb/get", &[])?.remove(0);
+    ensure!(after.status == 200, "after the load: {}", after.status);
+    Ok(())
+}
+
+/// POSTs an admin action to a pod's own address from its node's namespace: outside the
+/// mesh, so the action reaches exactly that pod.
+fn admin(pod: &str, node: &str, action: &str) -> Result<()> {
+    let ip = cluster::pod_ip(&format!("l7/{pod}"))?;
+    probe::run(
+        &format!("node/{node}"),
+        &[
+            "curl",
+            "-sf",
+            "-X",
+            "POST",
+            &format!("http://{ip}:8080/admin/{action}"),
+        ],
+    )?;
+    Ok(())
+}
+
+/// Outlier detection: od-1 starts failing, is ejected after a few errors while od-2 takes
+/// every request, and is sent traffic again once mended and its 5 s ejection is over.
+fn outlier_detection_ejects_and_readmits() -> Result<()> {
+    apply("destination-rule-od.yaml")?;
+    let replies = requests(20, "http://od/get", &[])?;
+    all_ok(&replies)?;
+    ensure!(
+        pods(&replies).len() == 2,
+        "both endpoints should serve: {:?}",
+        pods(&replies)
+    );
+
+    admin("od-1", "node-1", "fail?status=500")?;
+    let broke = Instant::now();
+    let mut errors = 0;
+    let ejected = loop {
+        let batch = requests(10, "http://od/get", &[])?;
+        errors += batch.iter().filter(|r| r.status != 200).count();
+        if batch
+            .iter()
+            .all(|r| r.status == 200 && r.field("pod") == "od-2")
+        {
+            break Instant::now();
+        }
+        if broke.elapsed() > Duration::from_secs(5) {
+            bail!("od-1 not ejected after 5 s and {errors} errors");
+        }
+    };
+    println!(
+        "    od-1 failing: ejected after {errors} errors, {:.1?}",
+        ejected - broke
+    );
+    ensure!(errors >= 1, "od-1 was ejected before it failed");
+    let replies = requests(40, "http://od/get", &[])?;
+    ensure!(
+        replies
+            .iter()
+            .all(|r| r.status == 200 && r.field("pod") == "od-2"),
+        "while od-1 is ejected: {:?} {:?}",
+        statuses(&replies),
+        pods(&replies)
+    );
+
+    admin("od-1", "node-1", "recover")?;
+    let readmitted = loop {
+        let batch = requests(10, "http://od/get", &[])?;
+        all_ok(&batch)?;
+        if batch.iter().any(|r| r.field("pod") == "od-1") {
+            break ejected.elapsed();
+        }
+        if ejected.elapsed() > Duration::from_secs(15) {
+            bail!("od-1 still ejected 15 s after its ejection (base ejection time 5 s)");
+        }
+        thread::sleep(Duration::from_millis(200));
+    };
+    println!("    od-1 mended: receives traffic again {readmitted:.1?} after its ejection");
+    ensure!(
+        readmitted >= Duration::from_secs(4),
+        "readmitted after {readmitted:.1?}, before the 5 s base ejection time"
+    );
+    Ok(())
+}
+
+/// Consistent hash on `x-user`: each user sticks to one pod, users spread over both.
+fn consistent_hash_sticks_users_to_pods() -> Result<()> {
+    apply("destination-rule-sticky.yaml")?;
+    let mut placement = BTreeMap::new();
+    for user in 0..12 {
+        let header = with_header("x-user", &format!("user-{user}"));
+        let replies = requests(50, "http://sticky/get", &["-H", &header])?;
+        all_ok(&replies)?;
+        let seen = pods(&replies);
+        ensure!(seen.len() == 1, "user-{user} reached {seen:?}");
+        placement.insert(user, seen.into_keys().next().unwrap_or_default());
+    }
+    let used: BTreeSet<&String> = placement.values().collect();
+    println!("    12 users x 50 requests: {placement:?}");
+    ensure!(used.len() == 2, "every user hashed to {used:?}");
+    Ok(())
+}
+
+/// A client socket of the IPv6 family dialling an IPv4-mapped address, as gRPC's C core
+/// (grpcio, grpc++), Java and others do for every IPv4 target, is captured like an IPv4 one.
+fn dual_stack_socket_reaches_the_service() -> Result<()> {
+    const SCRIPT: &str = r#"
+import socket
+s = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+s.settimeout(5)
+s.connect(("::ffff:" + socket.gethostbyname("echo"), 80))
+s.sendall(b"GET /get HTTP/1.1\r\nHost: echo\r\nConnection: close\r\n\r\n")
+answer = b""
+while True:
+    chunk = s.recv(4096)
+    if not chunk:
+        break
+    answer += chunk
+print(answer.split(b"\r\n")[0].decode())
+"#;
+    let python = xtask::setup::test_python().display().to_string();
+    let out = cluster::exec(CLIENT, &[python, "-c".into(), SCRIPT.into()])?;
+    let status = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+    println!("    AF_INET6 socket to ::ffff:<echo>:80: {status:?}");
+    ensure!(
+        out.status.success() && status.contains(" 200 "),
+        "answered {status:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+            .lines()
+            .last()
+            .unwrap_or_default()
+    );
+    Ok(())
+}
+
+/// GRPCRoute by method (Hello to echo-v1, Slow to echo-v2) with the grpcio client.
+fn grpc_route_by_method() -> Result<()> {
+    remove("virtual-service-echo-all-v1.yaml")?;
+    apply("grpcroute-echo-by-method.yaml")?;
+    for (method, count, prefix) in [("Hello", 20, "v1:echo-v1:"), ("Slow", 5, "v2:echo-v2:")] {
+        let calls = grpc_calls(CLIENT, "echo:9090", method, count, &[("delay-ms", "10")])?;
+        let codes = tally(&calls, |c| c.code.clone());
+        println!(
+            "    {method} x{count}: {codes:?}, e.g. {:?}",
+            calls[0].reply
+        );
+        if let Some(wrong) = calls
+            .iter()
+            .find(|c| c.code != "OK" || !c.reply.starts_with(prefix))
+        {
+            bail!("{method}: expected OK from {prefix}, got {codes:?}, e.g. {wrong:?}");
+        }
+    }
+    remove("grpcroute-echo-by-method.yaml")?;
+    Ok(())
+}
+
+/// An abort fault with `grpcStatus: UNAVAILABLE` reaches the gRPC client as that code.
+fn grpc_abort_maps_to_status() -> Result<()> {
+    apply("virtual-service-echo-grpc-abort.yaml")?;
+    let labels = [("response_flags", "FI"), ("grpc_response_status", "14")];
+    let (calls, counted) = counted("echo", &labels, || {
+        grpc_calls(CLIENT, "echo:9090", "Hello", 5, &[])
+    })?;
+    let codes = tally(&calls, |c| c.code.clone());
+    println!("    {codes:?}, FI +{counted}");
+    ensure!(
+        codes.get("UNAVAILABLE") == Some(&5),
+        "expected UNAVAILABLE x5, got {codes:?}, e.g. {:?}",
+        calls.first()
+    );
+    ensure!(counted >= 5.0, "FI counted {counted}");
+    let http = requests(1, "http://echo/get", &[])?.remove(0);
+    ensure!(
+        http.status == 200,
+        "the http port is not aborted: {}",
+        http.status
+    );
+    Ok(())
+}
+
+/// A VirtualService change reaches new requests within 1 s, and a request in flight (on
+/// the old route) completes.
+fn config_change_spares_requests_in_flight() -> Result<()> {
+    apply("virtual-service-echo-all-v1.yaml")?;
+    let in_flight = thread::spawn(|| requests(1, "http://echo/delay/2000", &[]));
+    thread::sleep(Duration::from_millis(300));
+    let start = Instant::now();
+    apply("virtual-service-echo-all-v2.yaml")?;
+    let applied = start.elapsed();
+    let took = loop {
+        let reply = requests(1, "http://echo/get", &[])?.remove(0);
+        if reply.field("version") == "v2" {
+            break start.elapsed();
+        }
+        if start.elapsed() > Duration::from_secs(1) {
+            bail!(
+                "new requests still reach {} 1 s after the change",
+                reply.field("version")
+            );
+        }
+        thread::sleep(Duration::from_millis(20));
+    };
+    let old = in_flight
+        .join()
+        .map_err(|_| anyhow!("in-flight request panicked"))??
+        .remove(0);
+    println!(
+        "    applied in {applied:.0?}, new requests on v2 after {took:.0?}; in-flight: {} from {} after {:.2} s",
+        old.status,
+        old.field("version"),
+        old.seconds
+    );
+    ensure!(
+        old.status == 200 && old.field("version") == "v1" && old.seconds >= 2.0,
+        "the in-flight request: {} from {} after {:.2} s",
+        old.status,
+        old.field("version"),
+        old.seconds
+    );
+    Ok(())
+}
+
+/// TCP route weights 50/50 between two Services, per connection.
+fn tcp_route_splits_connections() -> Result<()> {
+    apply("virtual-service-echo-tcp-50-50.yaml")?;
+    // `Connection: close` makes curl open a new connection for every transfer.
+    let replies = requests(200, "http://echo:7070/get", &["-H", "Connection: close"])?;
+    all_ok(&replies)?;
+    let connections: u32 = replies.iter().map(|r| r.connects).sum();
+    let v = versions(&replies);
+    let v1 = share(v.get("v1").copied().unwrap_or(0), replies.len());
+    println!("    {connections} connections: {v:?}, v1 {v1:.1}%");
+    ensure!(connections >= 190, "only {connections} connections");
+    ensure!(
+        (40.0..=60.0).contains(&v1),
+        "v1 got {v1:.1}%, expected 50 ± 10"
+    );
+    Ok(())
+}
+
+/// The tools the cases run, checked before anything is built.
+fn prerequisites() -> Result<()> {
+    for tool in ["curl", "h2load"] {
+        let found = std::process::Command::new(tool)
+            .arg("--version")
+            .output()
+            .is_ok_and(|o| o.status.success());
+        ensure!(found, "{tool} is missing: run `cargo xtask setup`");
+    }
+    let python = xtask::setup::test_python();
+    let grpc = std::process::Command::new(&python)
+        .args(["-c", "import grpc"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    ensure!(
+        grpc,
+        "grpcio is missing from {}: run `cargo xtask setup`",
+        python.display()
+    );
+    Ok(())
+}
+
+fn main() {
+    if !xtask::is_root() {
+        eprintln!("l7: these tests need root (network namespaces, cgroups, eBPF); run `sudo cargo xtask test`");
+        println!("l7: 0 passed, 1 failed");
+        std::process::exit(1);
+    }
+    type Case = (&'static str, fn() -> Result<()>);
+    let cases: &[Case] = &[
+        (
+            "http1_keep_alive_balances_each_request",
+            http1_keep_alive_balances_each_request,
+        ),
+        (
+            "sniffed_port_is_handled_as_http",
+            sniffed_port_is_handled_as_http,
+        ),
+        ("upgrade_passes_through", upgrade_passes_through),
+        ("h2c_load_through_the_mesh", h2c_load_through_the_mesh),
+        ("weights_split_requests_80_20", weights_split_requests_80_20),
+        (
+            "header_match_routes_jason_to_v2",
+            header_match_routes_jason_to_v2,
+        ),
+        (
+            "unmatched_request_gets_404_nr",
+            unmatched_request_gets_404_nr,
+        ),
+        (
+            "rewrite_redirect_and_header_changes",
+            rewrite_redirect_and_header_changes,
+        ),
+        ("route_timeout_gives_504_ut", route_timeout_gives_504_ut),
+        (
+            "fault_abort_hits_half_the_requests",
+            fault_abort_hits_half_the_requests,
+        ),
+        (
+            "fault_delay_holds_every_request",
+            fault_delay_holds_every_request,
+        ),
+        ("retries_hide_a_flaky_backend", retries_hide_a_flaky_backend),
+        (
+            "circuit_breaker_rejects_with_uo",
+            circuit_breaker_rejects_with_uo,
+        ),
+        (
+            "outlier_detection_ejects_and_readmits",
+            outlier_detection_ejects_and_readmits,
+        ),
+        (
+            "consistent_hash_sticks_users_to_pods",
+            consistent_hash_sticks_users_to_pods,
+        ),
+        (
+            "dual_stack_socket_reaches_the_service",
+            dual_stack_socket_reaches_the_service,
+        ),
+        ("grpc_route_by_method", grpc_route_by_method),
+        ("grpc_abort_maps_to_status", grpc_abort_maps_to_status),
+        (
+            "config_change_spares_requests_in_flight",
+            config_change_spares_requests_in_flight,
+        ),
+        ("tcp_route_splits_connections", tcp_route_splits_connections),
+    ];
+    let filter = std::env::args().nth(1).filter(|a| !a.starts_with('-'));
+    let (mut passed, mut failed) = (0, 0);
+
+    let up = prerequisites().and_then(|()| {
+        cluster::down().context("cleaning up an earlier cluster")?;
+        cluster::up(&example("workloads.yaml"))?;
+        apply("destination-rule-echo.yaml")
+    });
+    match up {
+        Err(e) => {
+            println!("test cluster_up ... FAILED\n    {e:#}");
+            failed += 1;
+        }
+        Ok(()) => {
+            for (name, case) in cases {
+                if filter.as_deref().is_some_and(|f| !name.contains(f)) {
+                    continue;
+                }
+                let start = Instant::now();
+                let res = panic::catch_unwind(AssertUnwindSafe(case))
+                    .unwrap_or_else(|_| Err(anyhow!("panicked")));
+                match res {
+                    Ok(()) => {
+                        println!("test {name} ... ok ({:.1?})", start.elapsed());
+                        passed += 1;
+                    }
+                    Err(e) => {
+                        println!("test {name} ... FAILED\n    {e:#}");
+                        failed += 1;
+                    }
+                }
+            }
+        }
+    }
+    if failed > 0 {
+        if let Ok(status) = cluster::status() {
+            println!("{status}");
+        }
+    }
+    if let Err(e) = cluster::down() {
+        println!("cluster down failed: {e:#}");
+    }
+    let left = probe::leftovers();
+    if left.is_empty() {
+        println!("test nothing_left_behind ... ok");
+        passed += 1;
+    } else {
+        println!("test nothing_left_behind ... FAILED\n    left: {left:?}");
+        failed += 1;
+    }
+    println!("l7: {passed} passed, {failed} failed");
+    std::process::exit(i32::from(failed > 0));
+}
