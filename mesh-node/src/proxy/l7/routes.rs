@@ -1732,6 +1732,78 @@ fn compile_grpc_route(route: &GrpcRoute, snapshot: &Snapshot) -> Vec<CompiledGam
         .collect()
 }
 
+/// Route selection on arbitrary input, nothing may panic: `fuzz/` feeds this function, and a
+/// unit test replays its corpus. The bytes before the first NUL are resources (YAML, as the
+/// file source reads them); the rest is a request head, `METHOD URI` then `Name: value` lines.
+/// Every Service port is tried with every pod as the client; matched rules are applied
+/// (rewrite, redirect, header changes, weighted pick).
+pub fn fuzz_select(data: &[u8]) {
+    let (config, request) = match data.iter().position(|&b| b == 0) {
+        Some(i) => (&data[..i], &data[i + 1..]),
+        None => (data, &[][..]),
+    };
+    let objects: Vec<_> = crate::source::file::parse_documents("input.yaml", config)
+        .into_iter()
+        .filter_map(|(_, r)| r.ok())
+        .collect();
+    let mut snapshot = crate::source::assemble(&objects, None);
+    snapshot.index();
+    let index = RouteIndex::build(&snapshot);
+    let Some(parts) = fuzz_request(request) else {
+        return;
+    };
+    let authority = parts
+        .headers
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .unwrap_or("");
+    let roll = data
+        .iter()
+        .fold(0u32, |a, &b| a.rotate_left(5) ^ u32::from(b));
+    let clients: Vec<Option<&Pod>> = std::iter::once(None)
+        .chain(snapshot.pods.values().map(|p| Some(&**p)))
+        .collect();
+    for service in snapshot.services.values() {
+        let Some(routes) = index.get(&service.key) else {
+            continue;
+        };
+        for port in service.ports.iter().map(|p| p.port) {
+            for &source in &clients {
+                let _ = index.tcp(&service.key, port, source).map(|t| t.pick(roll));
+                let request = RequestInfo {
+                    method: &parts.method,
+                    uri: &parts.uri,
+                    authority,
+                    headers: &parts.headers,
+                    port,
+                    source,
+                };
+                if let Selection::Rule(selected) = routes.select(&request) {
+                    let mut rewritten = parts.clone();
+                    selected.rewrite(&mut rewritten);
+                    let _ = selected.redirect(&parts);
+                    apply_header_ops(&selected.rule.request_headers, &mut rewritten.headers);
+                    if let Some(backend) = selected.rule.pick(roll) {
+                        apply_header_ops(&backend.request_headers, &mut rewritten.headers);
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn fuzz_request(head: &[u8]) -> Option<Parts> {
+    let head = std::str::from_utf8(head).ok()?;
+    let mut lines = head.lines();
+    let (method, uri) = lines.next()?.split_once(' ')?;
+    let mut builder = http::Request::builder().method(method).uri(uri);
+    for line in lines {
+        let (name, value) = line.split_once(':')?;
+        builder = builder.header(name.trim(), value.trim());
+    }
+    Some(builder.body(()).ok()?.into_parts().0)
+}
+
 #[cfg(test)]
 mod tests {
     use std::collections::BTreeMap;
@@ -2948,5 +3020,21 @@ spec:
         assert_eq!(split_host_port("[::1]"), ("[::1]", None));
         assert_eq!(rust_substitution(r"\2/x/\1$\\"), "${2}/x/${1}$$\\");
         assert!(pick(&[], 5).is_none());
+    }
+
+    /// Replays the route-matching fuzz corpus on the stable toolchain (see `fuzz/`).
+    #[test]
+    fn fuzz_corpus_replays_without_panicking() {
+        let dir =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../fuzz/corpus/http_route");
+        let mut seeds = 0;
+        for entry in std::fs::read_dir(&dir).expect("the seed corpus of fuzz/ is present") {
+            let path = entry.unwrap().path();
+            let data = std::fs::read(&path).unwrap();
+            std::panic::catch_unwind(|| fuzz_select(&data))
+                .unwrap_or_else(|_| panic!("{} panics", path.display()));
+            seeds += 1;
+        }
+        assert!(seeds >= 4, "the seed corpus is missing");
     }
 }

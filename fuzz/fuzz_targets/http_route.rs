@@ -1,0 +1,8 @@
+//! Route selection on arbitrary resources and requests: VirtualService, HTTPRoute and
+//! GRPCRoute matching, rewrites, redirects, header changes and weighted picks must never panic.
+
+#![no_main]
+
+use libfuzzer_sys::fuzz_target;
+
+fuzz_target!(|data: &[u8]| mesh_node::proxy::l7::routes::fuzz_select(data));
