@@ -109,6 +109,9 @@ pub fn start(state: &State, pod: &PodInfo, node: &NodeInfo, kind: Kind) -> Resul
             cmd.args(["haproxy", "-db", "-f"]).arg(&config);
         }
     }
+    // The proxy's uid may not enter the caller's directory (a checkout under a 0700 temporary
+    // directory), and HAProxy returns to its start directory after reading its configuration.
+    cmd.current_dir("/");
     // Into the cgroup and namespace as root, then setpriv drops to the proxy's uid.
     Placement::new()
         .cgroup(&pod.cgroup())?
