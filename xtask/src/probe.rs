@@ -356,6 +356,62 @@ pub fn leftovers() -> Vec<String> {
     left
 }
 
+/// One end-to-end case: a name and what it checks.
+pub type Case = (&'static str, fn() -> anyhow::Result<()>);
+
+/// Runs an end-to-end suite the way both suites do: `up` brings the cluster up, the cases run
+/// in order (a first non-flag argument filters them by name), each printed ok/FAILED with its
+/// time; the cluster is torn down whatever happened, then nothing may be left behind. Exits
+/// the process with the outcome, as a `harness = false` test does.
+pub fn run_suite(suite: &str, up: impl FnOnce() -> anyhow::Result<()>, cases: &[Case]) -> ! {
+    let filter = std::env::args().nth(1).filter(|a| !a.starts_with('-'));
+    let (mut passed, mut failed) = (0, 0);
+    match up() {
+        Err(e) => {
+            println!("test cluster_up ... FAILED\n    {e:#}");
+            failed += 1;
+        }
+        Ok(()) => {
+            for (name, case) in cases {
+                if filter.as_deref().is_some_and(|f| !name.contains(f)) {
+                    continue;
+                }
+                let start = std::time::Instant::now();
+                let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(case))
+                    .unwrap_or_else(|_| Err(anyhow::anyhow!("panicked")));
+                match result {
+                    Ok(()) => {
+                        println!("test {name} ... ok ({:.1?})", start.elapsed());
+                        passed += 1;
+                    }
+                    Err(e) => {
+                        println!("test {name} ... FAILED\n    {e:#}");
+                        failed += 1;
+                    }
+                }
+            }
+        }
+    }
+    if failed > 0 {
+        if let Ok(status) = cluster::status() {
+            println!("{status}");
+        }
+    }
+    if let Err(e) = cluster::down() {
+        println!("cluster down failed: {e:#}");
+    }
+    let left = leftovers();
+    if left.is_empty() {
+        println!("test nothing_left_behind ... ok");
+        passed += 1;
+    } else {
+        println!("test nothing_left_behind ... FAILED\n    left: {left:?}");
+        failed += 1;
+    }
+    println!("{suite}: {passed} passed, {failed} failed");
+    std::process::exit(i32::from(failed > 0));
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

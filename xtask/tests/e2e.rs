@@ -16,7 +16,7 @@ use std::{
 use anyhow::{anyhow, bail, ensure, Context as _, Result};
 use xtask::{
     cluster,
-    probe::{delta as counter_delta, ebpf_counters, metrics, pod_ip, resolve, sample_sum},
+    probe::{self, delta as counter_delta, ebpf_counters, metrics, pod_ip, resolve, sample_sum},
 };
 
 const CLUSTER: &str = r#"
@@ -513,44 +513,13 @@ fn proxy_down_fails_closed_and_recovers() -> Result<()> {
     Ok(())
 }
 
-fn leftovers() -> Vec<String> {
-    let mut left = Vec::new();
-    if let Ok(out) = std::process::Command::new("ip")
-        .args(["netns", "list"])
-        .output()
-    {
-        for line in String::from_utf8_lossy(&out.stdout).lines() {
-            let name = line.split_whitespace().next().unwrap_or_default();
-            if name == "weft-fabric" || name.starts_with("wn-") || name.starts_with("wp-") {
-                left.push(format!("netns {name}"));
-            }
-        }
-    }
-    for path in [
-        "/sys/fs/cgroup/unified/weft-cluster",
-        "/sys/fs/bpf/weft",
-        "/run/weft-cluster",
-    ] {
-        if Path::new(path).exists() {
-            left.push(path.to_owned());
-        }
-    }
-    for entry in fs::read_dir("/etc/netns").into_iter().flatten().flatten() {
-        let name = entry.file_name().to_string_lossy().into_owned();
-        if name.starts_with("wp-") || name.starts_with("wn-") {
-            left.push(format!("/etc/netns/{name}"));
-        }
-    }
-    left
-}
-
 fn main() {
     if !xtask::is_root() {
         eprintln!("e2e: these tests need root (network namespaces, cgroups, eBPF); run `sudo cargo xtask test`");
         println!("e2e: 0 passed, 1 failed");
         std::process::exit(1);
     }
-    let cases: &[(&str, fn() -> Result<()>)] = &[
+    let cases: &[probe::Case] = &[
         (
             "meshed_pod_reaches_service_vip_through_its_node_proxy",
             meshed_pod_reaches_service_vip_through_its_node_proxy,
@@ -584,60 +553,16 @@ fn main() {
             proxy_down_fails_closed_and_recovers,
         ),
     ];
-    let filter = std::env::args().nth(1).filter(|a| !a.starts_with('-'));
-    let (mut passed, mut failed) = (0, 0);
-
-    let up = (|| -> Result<()> {
-        cluster::down().context("cleaning up an earlier cluster")?;
-        let dir = tempfile_dir()?;
-        fs::write(dir.join("cluster.yaml"), CLUSTER)?;
-        let res = cluster::up(&dir);
-        let _ = fs::remove_dir_all(&dir);
-        res
-    })();
-    match up {
-        Err(e) => {
-            println!("test cluster_up ... FAILED\n    {e:#}");
-            failed += 1;
-        }
-        Ok(()) => {
-            for (name, case) in cases {
-                if filter.as_deref().is_some_and(|f| !name.contains(f)) {
-                    continue;
-                }
-                let start = Instant::now();
-                let res = panic::catch_unwind(AssertUnwindSafe(case))
-                    .unwrap_or_else(|_| Err(anyhow!("panicked")));
-                match res {
-                    Ok(()) => {
-                        println!("test {name} ... ok ({:.1?})", start.elapsed());
-                        passed += 1;
-                    }
-                    Err(e) => {
-                        println!("test {name} ... FAILED\n    {e:#}");
-                        failed += 1;
-                    }
-                }
-            }
-        }
-    }
-    if failed > 0 {
-        if let Ok(status) = cluster::status() {
-            println!("{status}");
-        }
-    }
-    match cluster::down() {
-        Ok(()) => {}
-        Err(e) => println!("cluster down failed: {e:#}"),
-    }
-    let left = leftovers();
-    if left.is_empty() {
-        println!("test nothing_left_behind ... ok");
-        passed += 1;
-    } else {
-        println!("test nothing_left_behind ... FAILED\n    left: {left:?}");
-        failed += 1;
-    }
-    println!("e2e: {passed} passed, {failed} failed");
-    std::process::exit(i32::from(failed > 0));
+    probe::run_suite(
+        "e2e",
+        || {
+            cluster::down().context("cleaning up an earlier cluster")?;
+            let dir = tempfile_dir()?;
+            fs::write(dir.join("cluster.yaml"), CLUSTER)?;
+            let res = cluster::up(&dir);
+            let _ = fs::remove_dir_all(&dir);
+            res
+        },
+        cases,
+    )
 }

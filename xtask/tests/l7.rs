@@ -814,8 +814,7 @@ fn main() {
         println!("l7: 0 passed, 1 failed");
         std::process::exit(1);
     }
-    type Case = (&'static str, fn() -> Result<()>);
-    let cases: &[Case] = &[
+    let cases: &[probe::Case] = &[
         (
             "http1_keep_alive_balances_each_request",
             http1_keep_alive_balances_each_request,
@@ -873,56 +872,15 @@ fn main() {
         ),
         ("tcp_route_splits_connections", tcp_route_splits_connections),
     ];
-    let filter = std::env::args().nth(1).filter(|a| !a.starts_with('-'));
-    let (mut passed, mut failed) = (0, 0);
-
-    let up = prerequisites().and_then(|()| {
-        cluster::down().context("cleaning up an earlier cluster")?;
-        cluster::up(&example("workloads.yaml"))?;
-        apply("destination-rule-echo.yaml")
-    });
-    match up {
-        Err(e) => {
-            println!("test cluster_up ... FAILED\n    {e:#}");
-            failed += 1;
-        }
-        Ok(()) => {
-            for (name, case) in cases {
-                if filter.as_deref().is_some_and(|f| !name.contains(f)) {
-                    continue;
-                }
-                let start = Instant::now();
-                let res = panic::catch_unwind(AssertUnwindSafe(case))
-                    .unwrap_or_else(|_| Err(anyhow!("panicked")));
-                match res {
-                    Ok(()) => {
-                        println!("test {name} ... ok ({:.1?})", start.elapsed());
-                        passed += 1;
-                    }
-                    Err(e) => {
-                        println!("test {name} ... FAILED\n    {e:#}");
-                        failed += 1;
-                    }
-                }
-            }
-        }
-    }
-    if failed > 0 {
-        if let Ok(status) = cluster::status() {
-            println!("{status}");
-        }
-    }
-    if let Err(e) = cluster::down() {
-        println!("cluster down failed: {e:#}");
-    }
-    let left = probe::leftovers();
-    if left.is_empty() {
-        println!("test nothing_left_behind ... ok");
-        passed += 1;
-    } else {
-        println!("test nothing_left_behind ... FAILED\n    left: {left:?}");
-        failed += 1;
-    }
-    println!("l7: {passed} passed, {failed} failed");
-    std::process::exit(i32::from(failed > 0));
+    probe::run_suite(
+        "l7",
+        || {
+            prerequisites().and_then(|()| {
+                cluster::down().context("cleaning up an earlier cluster")?;
+                cluster::up(&example("workloads.yaml"))?;
+                apply("destination-rule-echo.yaml")
+            })
+        },
+        cases,
+    )
 }

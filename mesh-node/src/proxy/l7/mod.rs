@@ -44,7 +44,7 @@ use self::{
     pool::{ClusterPool, ConnKey, InFlight, PoolError, Proto},
     routes::{apply_header_ops, Backend, RequestInfo, RetryPlan, RuleAction, Selection},
 };
-use super::{detect::Declared, outbound, Inner, View};
+use super::{detect::Declared, outbound, Inner, ProxyError, View};
 use crate::{
     metrics::{
         access_log, access_log_enabled, AccessEntry, ClusterName, Reporter, RequestLabels,
@@ -149,6 +149,23 @@ impl Conn {
             service,
         });
         conn
+    }
+
+    /// The pooled connection that reaches a picked endpoint: directly on this node, through
+    /// the peer node's tunnel otherwise, on behalf of this connection's client pod.
+    fn conn_key(&self, view: &View, pick: &Pick, proto: Proto) -> Result<ConnKey, ProxyError> {
+        let via = outbound::via(
+            &view.snapshot,
+            &self.inner.config,
+            pick.addr,
+            pick.node.as_ref(),
+        )?;
+        Ok(ConnKey {
+            target: pick.addr,
+            via,
+            proto,
+            source: self.source.as_ref().map(|p| p.key.clone()),
+        })
     }
 
     fn labels(
@@ -465,12 +482,7 @@ async fn handle(conn: Arc<Conn>, request: Request<Incoming>) -> Reply {
                 RuleAction::Forward(_) => {}
             }
             let Some(backend) = rule.pick(fastrand::u32(..)) else {
-                return local_reply(
-                    report,
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    ResponseFlags::UH,
-                    "no healthy upstream",
-                );
+                return local_failure(report, NO_HEALTHY_UPSTREAM);
             };
             selected.rewrite(&mut parts);
             apply_header_ops(&rule.request_headers, &mut parts.headers);
@@ -583,7 +595,7 @@ async fn handle(conn: Arc<Conn>, request: Request<Incoming>) -> Reply {
             head.version = report.version;
             Response::from_parts(head, ResponseBody::upstream(upstream_body, report))
         }
-        Err((status, flags, text)) => local_reply(report, status, flags, text),
+        Err(failure) => local_failure(report, failure),
     }
 }
 
@@ -598,6 +610,12 @@ struct Attempts<'a> {
 }
 
 type Failure = (StatusCode, ResponseFlags, &'static str);
+
+const NO_HEALTHY_UPSTREAM: Failure = (
+    StatusCode::SERVICE_UNAVAILABLE,
+    ResponseFlags::UH,
+    "no healthy upstream",
+);
 
 impl Attempts<'_> {
     async fn run(
@@ -618,36 +636,17 @@ impl Attempts<'_> {
         let mut retry_slot;
         loop {
             let Some(pick) = cluster.pick(hash, avoid, Instant::now()) else {
-                return Err((
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    ResponseFlags::UH,
-                    "no healthy upstream",
-                ));
+                return Err(NO_HEALTHY_UPSTREAM);
             };
-            let via = match outbound::via(
-                &self.view.snapshot,
-                &conn.inner.config,
-                pick.addr,
-                pick.node.as_ref(),
-            ) {
-                Ok(via) => via,
+            let key = match conn.conn_key(self.view, &pick, self.proto) {
+                Ok(key) => key,
                 Err(e) => {
                     info!("{e}");
-                    return Err((
-                        StatusCode::SERVICE_UNAVAILABLE,
-                        ResponseFlags::UH,
-                        "no healthy upstream",
-                    ));
+                    return Err(NO_HEALTHY_UPSTREAM);
                 }
             };
             report.upstream = Some(pick.addr);
             report.destination = pick.pod.clone();
-            let key = ConnKey {
-                target: pick.addr,
-                via,
-                proto: self.proto,
-                source: conn.source.as_ref().map(|p| p.key.clone()),
-            };
             let request_body = match body.take() {
                 Some(b) => b,
                 None => match replay(tape) {
@@ -837,14 +836,7 @@ fn mirror(
         let Some(pick) = resolved.cluster.pick(None, None, Instant::now()) else {
             continue;
         };
-        let Ok(via) = outbound::via(
-            &view.snapshot,
-            &conn.inner.config,
-            pick.addr,
-            pick.node.as_ref(),
-        ) else {
-            continue;
-        };
+
         let mut head = parts.clone();
         // Istio marks mirrored requests by suffixing the host with `-shadow`.
         if let Some(host) = head.headers.get(header::HOST).and_then(|h| h.to_str().ok()) {
@@ -859,15 +851,13 @@ fn mirror(
                 head.uri = u;
             }
         }
-        let key = ConnKey {
-            target: pick.addr,
-            via,
-            proto: if head.version == Version::HTTP_2 {
-                Proto::Http2
-            } else {
-                Proto::Http1
-            },
-            source: conn.source.as_ref().map(|p| p.key.clone()),
+        let proto = if head.version == Version::HTTP_2 {
+            Proto::Http2
+        } else {
+            Proto::Http1
+        };
+        let Ok(key) = conn.conn_key(view, &pick, proto) else {
+            continue;
         };
         let timeout = conn.inner.config.connect_timeout;
         tokio::spawn(async move {
@@ -1000,34 +990,13 @@ async fn forward_upgrade(
     let cluster = &resolved.cluster;
     let hash = cluster.request_hash(&parts.headers, &parts.uri, *conn.client.ip());
     let Some(pick) = cluster.pick(hash, None, Instant::now()) else {
-        return local_reply(
-            report,
-            StatusCode::SERVICE_UNAVAILABLE,
-            ResponseFlags::UH,
-            "no healthy upstream",
-        );
+        return local_failure(report, NO_HEALTHY_UPSTREAM);
     };
-    let Ok(via) = outbound::via(
-        &view.snapshot,
-        &conn.inner.config,
-        pick.addr,
-        pick.node.as_ref(),
-    ) else {
-        return local_reply(
-            report,
-            StatusCode::SERVICE_UNAVAILABLE,
-            ResponseFlags::UH,
-            "no healthy upstream",
-        );
+    let Ok(key) = conn.conn_key(view, &pick, Proto::Http1) else {
+        return local_failure(report, NO_HEALTHY_UPSTREAM);
     };
     report.upstream = Some(pick.addr);
     report.destination = pick.pod.clone();
-    let key = ConnKey {
-        target: pick.addr,
-        via,
-        proto: Proto::Http1,
-        source: conn.source.as_ref().map(|p| p.key.clone()),
-    };
     send_upgrade(report, key, parts, body, downstream, Some(pick)).await
 }
 
@@ -1264,6 +1233,10 @@ fn fault_abort(mut report: Report, error: AbortError) -> Reply {
             grpc_reply(report, u32::from(code), "fault filter abort", flags)
         }
     }
+}
+
+fn local_failure(report: Report, (status, flags, text): Failure) -> Reply {
+    local_reply(report, status, flags, text)
 }
 
 /// A reply the proxy makes itself; gRPC clients get it as a gRPC status (Envoy's mapping of
