@@ -18,8 +18,11 @@ use std::{
 
 use bytes::Bytes;
 use http::{HeaderMap, Method, Request, Response, StatusCode};
-use http_body_util::{BodyExt as _, Full};
-use hyper::{body::Incoming, service::service_fn};
+use http_body_util::{combinators::BoxBody, BodyExt as _, Full, StreamBody};
+use hyper::{
+    body::{Frame, Incoming},
+    service::service_fn,
+};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use mesh_node::{
     metrics::Metrics,
@@ -90,7 +93,7 @@ async fn answer(
     name: &str,
     version: &str,
     behaviour: &Behaviour,
-) -> Response<Full<Bytes>> {
+) -> Response<BoxBody<Bytes, Infallible>> {
     let n = behaviour.requests.fetch_add(1, Ordering::SeqCst) + 1;
     let (parts, body) = request.into_parts();
     let body = body
@@ -98,7 +101,7 @@ async fn answer(
         .await
         .map(|b| b.to_bytes())
         .unwrap_or_default();
-    let mut response = Response::new(Full::new(body));
+    let mut response = Response::new(Full::new(body).boxed());
     let headers = response.headers_mut();
     headers.insert("x-pod", name.parse().unwrap());
     headers.insert("x-version", version.parse().unwrap());
@@ -133,6 +136,15 @@ async fn answer(
     }
     if let Some(ms) = parts.uri.path().strip_prefix("/delay/") {
         tokio::time::sleep(Duration::from_millis(ms.parse().unwrap_or(0))).await;
+    }
+    if let Some(ms) = parts.uri.path().strip_prefix("/slowbody/") {
+        // Headers now, the body later.
+        let ms = ms.parse().unwrap_or(0);
+        let late = futures::stream::once(async move {
+            tokio::time::sleep(Duration::from_millis(ms)).await;
+            Ok::<_, Infallible>(Frame::data(Bytes::from_static(b"late")))
+        });
+        *response.body_mut() = StreamBody::new(late).boxed();
     }
     response
 }
@@ -807,5 +819,53 @@ async fn requests_across_nodes_are_reported_by_both_proxies() {
         ),
         6.0,
         "{destination}"
+    );
+}
+
+#[tokio::test]
+async fn the_route_timeout_covers_the_response_body() {
+    let mut mesh = Mesh::start(22, &[("ratings-v1", "ratings", "v1", 11)]).await;
+    mesh.apply(
+        "vs.yaml",
+        "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: ratings, namespace: shop}
+spec:\n  hosts: [ratings]\n  http:\n  - route: [{destination: {host: ratings}}]\n    timeout: 300ms\n",
+    )
+    .await;
+    let Client::Http1(mut sender) = mesh.connect(1).await else {
+        unreachable!()
+    };
+    let request = |path: &str| {
+        Request::get(path)
+            .header("host", "ratings")
+            .body(Full::new(Bytes::new()))
+            .unwrap()
+    };
+    // A body that arrives in time is whole.
+    let response = sender.send_request(request("/slowbody/50")).await.unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    let body = response.into_body().collect().await.unwrap().to_bytes();
+    assert_eq!(&body[..], b"late");
+
+    let started = Instant::now();
+    let response = sender
+        .send_request(request("/slowbody/2000"))
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::OK, "headers came in time");
+    let body = response.into_body().collect().await;
+    assert!(body.is_err(), "the body was cut off at the route timeout");
+    assert!(
+        started.elapsed() < Duration::from_millis(1500),
+        "{:?}",
+        started.elapsed()
+    );
+    let metrics = mesh.metrics();
+    assert_eq!(
+        count(
+            &metrics,
+            &["response_code=\"200\"", "response_flags=\"UT\""]
+        ),
+        1.0,
+        "{metrics}"
     );
 }

@@ -8,6 +8,7 @@
 
 use std::{
     error::Error as StdError,
+    future::Future as _,
     mem,
     pin::Pin,
     sync::{Arc, Mutex},
@@ -164,6 +165,8 @@ pub struct BodyEnd {
     pub upstream_error: bool,
     /// Dropped before its end: the client went away.
     pub cancelled: bool,
+    /// Cut off by the route timeout.
+    pub timed_out: bool,
 }
 
 /// Told once when a response body ended.
@@ -176,6 +179,8 @@ pub struct ResponseBody<F: Finish> {
     source: Source,
     end: BodyEnd,
     finish: Option<F>,
+    /// The route timeout, when the body must end by then.
+    deadline: Option<Pin<Box<tokio::time::Sleep>>>,
 }
 
 enum Source {
@@ -189,7 +194,15 @@ impl<F: Finish> ResponseBody<F> {
             source: Source::Upstream(body),
             end: BodyEnd::default(),
             finish: Some(finish),
+            deadline: None,
         }
+    }
+
+    /// Ends the body with an error at `deadline`, as Envoy resets a response that outlives
+    /// the route timeout.
+    pub fn with_deadline(mut self, deadline: Option<tokio::time::Instant>) -> Self {
+        self.deadline = deadline.map(|d| Box::pin(tokio::time::sleep_until(d)));
+        self
     }
 
     /// A response the proxy makes itself.
@@ -198,6 +211,7 @@ impl<F: Finish> ResponseBody<F> {
             source: Source::Local((!body.is_empty()).then_some(body)),
             end: BodyEnd::default(),
             finish: Some(finish),
+            deadline: None,
         }
     }
 
@@ -234,6 +248,13 @@ impl<F: Finish + Unpin> Body for ResponseBody<F> {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = self.get_mut();
+        if let Some(deadline) = &mut this.deadline {
+            if this.finish.is_some() && deadline.as_mut().poll(cx).is_ready() {
+                this.end.timed_out = true;
+                this.done();
+                return Poll::Ready(Some(Err("upstream request timeout".into())));
+            }
+        }
         let frame = match &mut this.source {
             Source::Local(body) => body.take().map(|b| Ok(Frame::data(b))),
             Source::Upstream(body) => match Pin::new(body).poll_frame(cx) {

@@ -308,7 +308,9 @@ impl Report {
         if end.cancelled {
             flags |= ResponseFlags::DC;
         }
-        if end.upstream_error {
+        if end.timed_out {
+            flags |= ResponseFlags::UT;
+        } else if end.upstream_error {
             flags |= ResponseFlags::UR;
         }
         let labels = self
@@ -555,9 +557,11 @@ async fn handle(conn: Arc<Conn>, request: Request<Incoming>) -> Reply {
     };
     let timeout = rule.and_then(|r| r.timeout);
     let mirrors = rule.map(|r| r.mirrors.clone());
-    let outcome = match timeout {
-        Some(t) => match tokio::time::timeout(
-            t,
+    // Envoy's route timeout runs until the response is complete, body included.
+    let deadline = timeout.map(|t| tokio::time::Instant::now() + t);
+    let outcome = match deadline {
+        Some(deadline) => match tokio::time::timeout_at(
+            deadline,
             attempt.run(&mut report, &parts, first_body, tape.as_deref()),
         )
         .await
@@ -593,7 +597,8 @@ async fn handle(conn: Arc<Conn>, request: Request<Incoming>) -> Reply {
             }
             let (mut head, upstream_body) = response.into_parts();
             head.version = report.version;
-            Response::from_parts(head, ResponseBody::upstream(upstream_body, report))
+            let body = ResponseBody::upstream(upstream_body, report).with_deadline(deadline);
+            Response::from_parts(head, body)
         }
         Err(failure) => local_failure(report, failure),
     }
