@@ -186,8 +186,8 @@ fn serve(args: RunArgs, mode: Mode) -> Result<(), AppError> {
         let control = Control {
             source,
             agent,
-            admin_addr: args.admin_addr,
-            health_addr: args.health_addr,
+            admin_addr: args.server.admin_addr,
+            health_addr: args.server.health_addr,
             store: store.clone(),
             metrics: metrics.clone(),
             readiness: readiness.clone(),
@@ -203,7 +203,7 @@ fn serve(args: RunArgs, mode: Mode) -> Result<(), AppError> {
     };
 
     let data = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(usize::from(args.data_workers))
+        .worker_threads(usize::from(args.server.data_workers))
         .thread_name("weft-data")
         .enable_all()
         .build()

@@ -79,6 +79,13 @@ pub struct RunArgs {
     #[arg(long, env = "WEFT_NO_EBPF")]
     pub no_ebpf: bool,
 
+    #[command(flatten)]
+    pub server: ServerArgs,
+}
+
+/// What the node proxy and the sidecar both serve, and how.
+#[derive(Clone, Debug, Args)]
+pub struct ServerArgs {
     /// Listen address of the metrics and admin server.
     #[arg(
         long,
@@ -162,31 +169,8 @@ pub struct SidecarArgs {
     #[arg(long, env = "WEFT_POD_IP", value_name = "IPV4")]
     pub pod_ip: Ipv4Addr,
 
-    /// Listen address of the metrics and admin server.
-    #[arg(
-        long,
-        env = "WEFT_ADMIN_ADDR",
-        value_name = "ADDR",
-        default_value = "0.0.0.0:15020"
-    )]
-    pub admin_addr: SocketAddr,
-
-    /// Listen address of the health server (`/healthz`, `/ready`).
-    #[arg(
-        long,
-        env = "WEFT_HEALTH_ADDR",
-        value_name = "ADDR",
-        default_value = "0.0.0.0:15021"
-    )]
-    pub health_addr: SocketAddr,
-
-    /// Log output format.
-    #[arg(long, env = "WEFT_LOG_FORMAT", value_enum, default_value_t = LogFormat::Plain)]
-    pub log_format: LogFormat,
-
-    /// Worker threads of the data-plane runtime (the proxy's connections).
-    #[arg(long, env = "WEFT_DATA_WORKERS", value_name = "N", default_value_t = DEFAULT_DATA_WORKERS, value_parser = clap::value_parser!(u16).range(1..))]
-    pub data_workers: u16,
+    #[command(flatten)]
+    pub server: ServerArgs,
 }
 
 impl SidecarArgs {
@@ -201,10 +185,7 @@ impl SidecarArgs {
             bpffs_root: PathBuf::from(DEFAULT_BPFFS_ROOT),
             uplinks: Vec::new(),
             no_ebpf: true,
-            admin_addr: self.admin_addr,
-            health_addr: self.health_addr,
-            log_format: self.log_format,
-            data_workers: self.data_workers,
+            server: self.server,
         }
     }
 }
@@ -255,10 +236,10 @@ mod tests {
         assert_eq!(args.bpffs_root, PathBuf::from(DEFAULT_BPFFS_ROOT));
         assert!(args.uplinks.is_empty());
         assert!(!args.no_ebpf);
-        assert_eq!(args.admin_addr, "0.0.0.0:15020".parse().unwrap());
-        assert_eq!(args.health_addr, "0.0.0.0:15021".parse().unwrap());
-        assert_eq!(args.log_format, LogFormat::Plain);
-        assert_eq!(args.data_workers, DEFAULT_DATA_WORKERS);
+        assert_eq!(args.server.admin_addr, "0.0.0.0:15020".parse().unwrap());
+        assert_eq!(args.server.health_addr, "0.0.0.0:15021".parse().unwrap());
+        assert_eq!(args.server.log_format, LogFormat::Plain);
+        assert_eq!(args.server.data_workers, DEFAULT_DATA_WORKERS);
         assert_eq!(args.source(), ConfigSource::Dir(Path::new("/etc/weft")));
     }
 
@@ -342,8 +323,8 @@ mod tests {
         assert_eq!(args.uplinks, ["eth0", "eth1"]);
         assert!(args.no_ebpf);
         assert_eq!(args.bpffs_root, PathBuf::from("/b"));
-        assert_eq!(args.log_format, LogFormat::Json);
-        assert_eq!(args.data_workers, 1);
+        assert_eq!(args.server.log_format, LogFormat::Json);
+        assert_eq!(args.server.data_workers, 1);
     }
 
     #[test]
@@ -374,7 +355,7 @@ mod tests {
         assert!(run.no_ebpf);
         assert_eq!(run.proxy_ip, Ipv4Addr::new(10, 244, 1, 7));
         assert_eq!(run.source(), ConfigSource::Dir(Path::new("/c")));
-        assert_eq!(run.admin_addr, "0.0.0.0:15020".parse().unwrap());
+        assert_eq!(run.server.admin_addr, "0.0.0.0:15020".parse().unwrap());
     }
 
     #[test]

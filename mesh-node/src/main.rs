@@ -10,11 +10,11 @@ fn main() {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Run(args) => {
-            app::init_tracing(args.log_format);
+            app::init_tracing(args.server.log_format);
             app::run(args)
         }
         Command::Sidecar(args) => {
-            app::init_tracing(args.log_format);
+            app::init_tracing(args.server.log_format);
             app::run_sidecar(args)
         }
         Command::Cleanup(args) => {

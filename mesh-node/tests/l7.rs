@@ -137,6 +137,21 @@ async fn answer(
     if let Some(ms) = parts.uri.path().strip_prefix("/delay/") {
         tokio::time::sleep(Duration::from_millis(ms.parse().unwrap_or(0))).await;
     }
+    if parts
+        .headers
+        .get("content-type")
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"))
+    {
+        // A gRPC answer: the status comes in the trailers, after the message.
+        let mut trailers = HeaderMap::new();
+        trailers.insert("grpc-status", "5".parse().unwrap());
+        trailers.insert("grpc-message", version.parse().unwrap());
+        let frames = futures::stream::iter([
+            Ok::<_, Infallible>(Frame::data(Bytes::from_static(b"\0\0\0\0\0"))),
+            Ok(Frame::trailers(trailers)),
+        ]);
+        *response.body_mut() = StreamBody::new(frames).boxed();
+    }
     if let Some(ms) = parts.uri.path().strip_prefix("/slowbody/") {
         // Headers now, the body later.
         let ms = ms.parse().unwrap_or(0);
@@ -745,11 +760,27 @@ async fn grpc_trailers_pass_through() {
         )
         .await;
     assert_eq!(answer.status, StatusCode::OK);
-    // The test pod answers without trailers; the proxy adds none.
-    assert!(answer.trailers.is_none());
+    assert_eq!(
+        answer.header("x-seen-version"),
+        "HTTP/2.0",
+        "gRPC goes upstream as HTTP/2"
+    );
+    let trailers = answer
+        .trailers
+        .expect("the pod's trailers reach the client");
+    assert_eq!(trailers["grpc-status"], "5");
+    assert_eq!(trailers["grpc-message"], "v1");
     let metrics = mesh.metrics();
-    assert!(
-        count(&metrics, &["request_protocol=\"grpc\""]) >= 1.0,
+    assert_eq!(
+        count(
+            &metrics,
+            &[
+                "request_protocol=\"grpc\"",
+                "response_code=\"200\"",
+                "grpc_response_status=\"5\""
+            ]
+        ),
+        1.0,
         "{metrics}"
     );
 }

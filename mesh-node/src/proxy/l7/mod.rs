@@ -92,6 +92,10 @@ struct Inbound {
     target: SocketAddrV4,
     pod: Option<Arc<Pod>>,
     service: Option<ObjectKey>,
+    /// Envoy's `inbound|<port>||`: its own pool and counters, apart from the outbound
+    /// clusters; looked up once per connection.
+    pool: Arc<ClusterPool>,
+    state: Arc<cluster::ClusterState>,
 }
 
 /// Destination pod, destination service, gRPC.
@@ -142,11 +146,16 @@ impl Conn {
         pod: Option<Arc<Pod>>,
     ) -> Self {
         let service_key = service.clone().unwrap_or_else(|| ObjectKey::new("", ""));
+        let cluster = ClusterKey::new(ObjectKey::new("", "inbound"), target.port(), None);
+        let pool = inner.pools.cluster(&cluster);
+        let state = inner.clusters.state(&cluster);
         let mut conn = Self::new(inner, client, service_key, target.port(), declared, source);
         conn.inbound = Some(Inbound {
             target,
             pod,
             service,
+            pool,
+            state,
         });
         conn
     }
@@ -257,7 +266,7 @@ pub(super) struct Report {
     conn: Arc<Conn>,
     start: Instant,
     method: Method,
-    path: Arc<str>,
+    uri: Uri,
     authority: Arc<str>,
     version: Version,
     request_id: Option<HeaderValue>,
@@ -333,7 +342,7 @@ impl Report {
         if access_log_enabled() {
             access_log(&AccessEntry {
                 method: self.method.as_str(),
-                path: &self.path,
+                path: self.uri.path_and_query().map_or("/", |p| p.as_str()),
                 protocol: self.version,
                 response_code: self.status,
                 response_flags: flags,
@@ -371,12 +380,8 @@ async fn handle(conn: Arc<Conn>, request: Request<Incoming>) -> Reply {
         conn: conn.clone(),
         start,
         method: parts.method.clone(),
-        path: parts
-            .uri
-            .path_and_query()
-            .map_or("/", |p| p.as_str())
-            .into(),
-        authority: authority.as_str().into(),
+        uri: parts.uri.clone(),
+        authority: authority.clone(),
         version: parts.version,
         request_id: None,
         user_agent: parts.headers.get(header::USER_AGENT).cloned(),
@@ -933,18 +938,15 @@ async fn forward_inbound(
         _ => Proto::Http1,
     };
     let key = ConnKey { proto, ..key };
-    let authority = report.authority.to_string();
+    let authority = report.authority.clone();
     prepare_head(&mut parts, &authority, proto);
     let (request_body, tape) = RequestBody::record(body);
     report.tape = tape;
-    // Envoy's `inbound|<port>||`: its own pool and counters, apart from the outbound clusters.
-    let cluster = ClusterKey::new(ObjectKey::new("", "inbound"), inbound.target.port(), None);
-    let pool = conn.inner.pools.cluster(&cluster);
-    let state = conn.inner.clusters.state(&cluster);
     let policy = ClusterPolicy::default();
-    let sent = pool
+    let sent = inbound
+        .pool
         .send(
-            &state,
+            &inbound.state,
             &policy,
             &key,
             conn.inner.config.connect_timeout,
@@ -1174,7 +1176,7 @@ fn strip_hop_by_hop(headers: &mut HeaderMap) {
 }
 
 /// `:authority` for HTTP/2, else the `Host` header.
-fn authority_of(parts: &Parts) -> String {
+fn authority_of(parts: &Parts) -> Arc<str> {
     parts
         .uri
         .authority()
@@ -1186,7 +1188,7 @@ fn authority_of(parts: &Parts) -> String {
                 .and_then(|h| h.to_str().ok())
         })
         .unwrap_or("")
-        .to_owned()
+        .into()
 }
 
 fn is_grpc(headers: &HeaderMap) -> bool {
