@@ -56,7 +56,8 @@ enum Task {
 Environment:
   WEFT_CLUSTER_NO_MESH=1     run nodes without mesh-node (plain networking and kube-proxy)
   WEFT_PROFILE=release       cargo profile of mesh-node and weft-demo (default: debug)
-  WEFT_CLUSTER_NODE_LOG=...  RUST_LOG of the node proxies (default: info)
+  WEFT_CLUSTER_NODE_LOG=...  RUST_LOG of the node proxies and Weft sidecars (default:
+                             mesh-node's: info, access logs off)
 
 State, effective configuration and logs are under /run/weft-cluster.")]
 enum ClusterCommand {

@@ -46,8 +46,18 @@ pub const NO_MESH_ENV: &str = "WEFT_CLUSTER_NO_MESH";
 /// Cargo profile the binaries are built with (`debug` by default, or `release`, or any
 /// custom profile).
 pub const PROFILE_ENV: &str = "WEFT_PROFILE";
-/// Overrides `RUST_LOG` of the node proxies (`info` by default).
+/// Overrides `RUST_LOG` of the node proxies and Weft sidecars (mesh-node's own default when
+/// unset: `info`, access logs off, as Istio ships).
 pub const NODE_LOG_ENV: &str = "WEFT_CLUSTER_NODE_LOG";
+
+/// Sets the `RUST_LOG` of a mesh-node process: [`NODE_LOG_ENV`] if set, else none at all, so
+/// that the cluster measures and shows what a default install does.
+pub fn node_log_env(cmd: &mut Command) -> &mut Command {
+    match std::env::var_os(NODE_LOG_ENV) {
+        Some(filter) => cmd.env("RUST_LOG", filter),
+        None => cmd.env_remove("RUST_LOG"),
+    }
+}
 
 /// The workspace binaries the cluster runs.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -323,11 +333,8 @@ fn start_proxy(node: &NodeInfo, bins: &Binaries) -> Result<()> {
         .arg("--cgroup")
         .arg(node.cgroup())
         .args(["--proxy-ip", &node.gateway().to_string()])
-        .args(["--uplink", "eth0"])
-        .env(
-            "RUST_LOG",
-            std::env::var(NODE_LOG_ENV).unwrap_or_else(|_| "info".into()),
-        );
+        .args(["--uplink", "eth0"]);
+    node_log_env(&mut cmd);
     // Directly into the namespace: `ip netns exec` would remount /sys and hide bpffs and
     // the cgroup filesystem from mesh-node.
     Placement::new()

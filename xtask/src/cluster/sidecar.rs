@@ -88,11 +88,8 @@ pub fn start(state: &State, pod: &PodInfo, node: &NodeInfo, kind: Kind) -> Resul
                 .args(["sidecar", "--node", &node.name])
                 .arg("--config-dir")
                 .arg(state::config_dir())
-                .args(["--pod-ip", &pod.ip.to_string()])
-                .env(
-                    "RUST_LOG",
-                    std::env::var(super::NODE_LOG_ENV).unwrap_or_else(|_| "info".into()),
-                );
+                .args(["--pod-ip", &pod.ip.to_string()]);
+            super::node_log_env(&mut cmd);
         }
         Kind::Haproxy => {
             let config = config_path(pod);
