@@ -48,6 +48,9 @@ enum Task {
         /// bench/results/latest.json, or target/bench/quick.json with --quick).
         #[arg(long)]
         out: Option<PathBuf>,
+        /// Only this scenario (repeatable), e.g. `cross-node-grpc`.
+        #[arg(long = "scenario", value_name = "NAME")]
+        scenarios: Vec<String>,
     },
 }
 
@@ -137,6 +140,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             quick,
             runs,
             out,
+            scenarios,
         } => match name.as_deref() {
             Some("scale") => xtask::bench::scale()?,
             _ => {
@@ -151,6 +155,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 if let Some(out) = out {
                     options.out = std::env::current_dir()?.join(out);
                 }
+                options.only(&scenarios)?;
                 xtask::bench::data_plane(&options)?;
             }
         },

@@ -4,10 +4,11 @@
 //!   times (`rate / conns` per second, connections staggered). A request goes out at its
 //!   intended time, or at once when the previous answer came late, and its latency is measured
 //!   from the intended time, so a stall counts for every request it delayed (no coordinated
-//!   omission). One OS thread per connection, blocking I/O, a timer slack of 1 ns so that the
-//!   generator's own wake-ups do not add ~50 µs to every sample.
+//!   omission). One OS thread per connection, blocking I/O (for gRPC: the thread's own
+//!   single-threaded tokio runtime, entered only to make a call), a timer slack of 1 ns so
+//!   that the generator's own wake-ups do not add ~50 µs to every sample.
 //! - **Closed loop** (`--rate 0`): every connection sends its next request as soon as the
-//!   previous answer arrived; the result is the throughput. Epoll-driven (tokio), so 64
+//!   previous answer arrived (gRPC too: one call in flight per HTTP/2 connection); the result is the throughput. Epoll-driven (tokio), so 64
 //!   connections cost the generator two threads, not 64.
 //!
 //! Requests whose intended (or actual) send time falls in the warm-up are answered but not
@@ -16,7 +17,6 @@
 use std::{
     io::{Read as _, Write as _},
     net::{SocketAddr, TcpStream, ToSocketAddrs as _},
-    sync::Arc,
     time::{Duration, Instant},
 };
 
@@ -25,7 +25,10 @@ use hdrhistogram::Histogram;
 use serde::Serialize;
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
-use crate::protocol::Protocol;
+use crate::{
+    grpc,
+    protocol::{Framing, Protocol},
+};
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
@@ -208,21 +211,21 @@ fn fixed_rate(args: &Args, addr: SocketAddr) -> Result<Report> {
     let protocol = args.protocol;
     let body = args.response_bytes;
     // Connections first, so the schedule does not start with connects.
-    let streams: Vec<TcpStream> = (0..args.conns)
-        .map(|_| connect(addr))
+    let conns: Vec<FixedConn> = (0..args.conns)
+        .map(|_| FixedConn::open(addr, protocol, body))
         .collect::<Result<_>>()?;
     let start = Instant::now() + Duration::from_millis(10);
     let measure_from = start + Duration::from_secs_f64(args.warmup_s);
     let end = measure_from + Duration::from_secs_f64(args.duration_s);
-    let threads: Vec<_> = streams
+    let threads: Vec<_> = conns
         .into_iter()
         .enumerate()
-        .map(|(i, stream)| {
+        .map(|(i, conn)| {
             let schedule = Schedule::new(start, args.rate, args.conns, i);
             std::thread::Builder::new()
                 .name(format!("conn-{i}"))
                 .spawn(move || {
-                    fixed_rate_connection(stream, addr, protocol, body, schedule, measure_from, end)
+                    fixed_rate_connection(conn, addr, protocol, body, schedule, measure_from, end)
                 })
                 .context("starting a connection thread")
         })
@@ -238,7 +241,7 @@ fn fixed_rate(args: &Args, addr: SocketAddr) -> Result<Report> {
 }
 
 fn fixed_rate_connection(
-    mut stream: TcpStream,
+    mut conn: FixedConn,
     addr: SocketAddr,
     protocol: Protocol,
     body: usize,
@@ -247,8 +250,6 @@ fn fixed_rate_connection(
     end: Instant,
 ) -> Tally {
     precise_sleeps();
-    let request = protocol.request();
-    let mut buf = Vec::with_capacity(body + 512);
     let mut tally = Tally::new();
     for k in 0.. {
         let due = schedule.due(k);
@@ -259,15 +260,14 @@ fn fixed_rate_connection(
         if due > now {
             std::thread::sleep(due - now);
         }
-        match exchange(&mut stream, &request, &mut buf, protocol, body) {
+        match conn.exchange(body) {
             Ok(()) => tally.record(due.elapsed(), due >= measure_from),
             Err(e) => {
                 tally.error(&e);
                 // A fresh connection for the next request; the schedule keeps running, so
                 // the time lost shows in the next requests' latency.
-                buf.clear();
-                match connect(addr) {
-                    Ok(s) => stream = s,
+                match FixedConn::open(addr, protocol, body) {
+                    Ok(c) => conn = c,
                     Err(_) => std::thread::sleep(Duration::from_millis(10)),
                 }
             }
@@ -276,26 +276,90 @@ fn fixed_rate_connection(
     tally
 }
 
+/// One connection of the fixed-rate load, used by one thread: a blocking socket, or an HTTP/2
+/// connection driven by a single-threaded runtime of its own between requests.
+enum FixedConn {
+    Raw {
+        stream: TcpStream,
+        framing: Framing,
+        request: Vec<u8>,
+        buf: Vec<u8>,
+    },
+    Grpc {
+        runtime: tokio::runtime::Runtime,
+        channel: grpc::Channel,
+        call: grpc::Call,
+    },
+}
+
+impl FixedConn {
+    fn open(addr: SocketAddr, protocol: Protocol, body: usize) -> Result<Self> {
+        Ok(match protocol.framing() {
+            Some(framing) => FixedConn::Raw {
+                stream: connect(addr)?,
+                framing,
+                request: framing.request(),
+                buf: Vec::with_capacity(body + 512),
+            },
+            None => {
+                let runtime = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()?;
+                let channel = runtime.block_on(grpc::Channel::connect(addr))?;
+                FixedConn::Grpc {
+                    runtime,
+                    channel,
+                    call: grpc::Call::new(addr, body),
+                }
+            }
+        })
+    }
+
+    /// One request, one complete response.
+    fn exchange(&mut self, body: usize) -> Result<()> {
+        match self {
+            FixedConn::Raw {
+                stream,
+                framing,
+                request,
+                buf,
+            } => exchange(stream, request, buf, *framing, body),
+            FixedConn::Grpc {
+                runtime,
+                channel,
+                call,
+            } => runtime
+                .block_on(async {
+                    tokio::time::timeout(RESPONSE_TIMEOUT, channel.call(call)).await
+                })
+                .map_err(|_| anyhow::anyhow!("no response within 10 s"))?,
+        }
+    }
+}
+
+/// How long a response may take before the request counts as failed.
+const RESPONSE_TIMEOUT: Duration = Duration::from_secs(10);
+
 fn connect(addr: SocketAddr) -> Result<TcpStream> {
     let stream = TcpStream::connect_timeout(&addr, Duration::from_secs(5))
         .with_context(|| format!("connecting to {addr}"))?;
     stream.set_nodelay(true)?;
-    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+    stream.set_read_timeout(Some(RESPONSE_TIMEOUT))?;
     Ok(stream)
 }
 
-/// One request, one complete response.
+/// One request, one complete response, on a blocking socket.
 fn exchange(
     stream: &mut TcpStream,
     request: &[u8],
     buf: &mut Vec<u8>,
-    protocol: Protocol,
+    framing: Framing,
     body: usize,
 ) -> Result<()> {
     stream.write_all(request).context("sending a request")?;
     let mut chunk = [0u8; 8192];
     loop {
-        if let Some(n) = protocol.response_len(buf, body)? {
+        if let Some(n) = framing.response_len(buf, body)? {
             buf.drain(..n);
             return Ok(());
         }
@@ -325,26 +389,19 @@ fn closed_loop(args: &Args, addr: SocketAddr) -> Result<Report> {
     let conns = args.conns;
     let (warmup, duration) = (args.warmup_s, args.duration_s);
     let tally = runtime.block_on(async move {
-        let mut streams = Vec::with_capacity(conns);
+        let mut opened = Vec::with_capacity(conns);
         for _ in 0..conns {
-            let s = tokio::net::TcpStream::connect(addr)
-                .await
-                .with_context(|| format!("connecting to {addr}"))?;
-            s.set_nodelay(true)?;
-            streams.push(s);
+            opened.push(LoopConn::open(addr, protocol, body).await?);
         }
         let start = Instant::now();
         let measure_from = start + Duration::from_secs_f64(warmup);
         let end = measure_from + Duration::from_secs_f64(duration);
-        let request: Arc<[u8]> = protocol.request().into();
-        let tasks: Vec<_> = streams
+        let tasks: Vec<_> = opened
             .into_iter()
-            .map(|stream| {
-                let request = request.clone();
+            .map(|conn| {
                 tokio::spawn(closed_loop_connection(
-                    stream,
+                    conn,
                     addr,
-                    request,
                     protocol,
                     body,
                     measure_from,
@@ -363,52 +420,25 @@ fn closed_loop(args: &Args, addr: SocketAddr) -> Result<Report> {
 }
 
 async fn closed_loop_connection(
-    mut stream: tokio::net::TcpStream,
+    mut conn: LoopConn,
     addr: SocketAddr,
-    request: Arc<[u8]>,
     protocol: Protocol,
     body: usize,
     measure_from: Instant,
     end: Instant,
 ) -> Tally {
     let mut tally = Tally::new();
-    let mut buf = Vec::with_capacity(body + 512);
-    let mut chunk = vec![0u8; 8192];
     loop {
         let sent = Instant::now();
         if sent >= end {
             return tally;
         }
-        let result = async {
-            stream
-                .write_all(&request)
-                .await
-                .context("sending a request")?;
-            loop {
-                if let Some(n) = protocol.response_len(&buf, body)? {
-                    buf.drain(..n);
-                    return Ok(());
-                }
-                let n = stream
-                    .read(&mut chunk)
-                    .await
-                    .context("reading a response")?;
-                if n == 0 {
-                    bail!("the server closed the connection");
-                }
-                buf.extend_from_slice(&chunk[..n]);
-            }
-        };
-        match tokio::time::timeout(Duration::from_secs(10), result).await {
+        match tokio::time::timeout(RESPONSE_TIMEOUT, conn.exchange(body)).await {
             Ok(Ok(())) => tally.record(sent.elapsed(), sent >= measure_from),
             Ok(Err(e)) => {
                 tally.error(&e);
-                buf.clear();
-                match tokio::net::TcpStream::connect(addr).await {
-                    Ok(s) => {
-                        let _ = s.set_nodelay(true);
-                        stream = s;
-                    }
+                match LoopConn::open(addr, protocol, body).await {
+                    Ok(c) => conn = c,
                     Err(_) => tokio::time::sleep(Duration::from_millis(10)).await,
                 }
             }
@@ -416,6 +446,75 @@ async fn closed_loop_connection(
                 tally.error(&anyhow::anyhow!("no response within 10 s"));
                 return tally;
             }
+        }
+    }
+}
+
+/// One connection of the closed loop, a task of the load generator's runtime.
+enum LoopConn {
+    Raw {
+        stream: tokio::net::TcpStream,
+        framing: Framing,
+        request: Vec<u8>,
+        buf: Vec<u8>,
+        chunk: Vec<u8>,
+    },
+    Grpc {
+        channel: grpc::Channel,
+        call: grpc::Call,
+    },
+}
+
+impl LoopConn {
+    async fn open(addr: SocketAddr, protocol: Protocol, body: usize) -> Result<Self> {
+        Ok(match protocol.framing() {
+            Some(framing) => {
+                let stream = tokio::net::TcpStream::connect(addr)
+                    .await
+                    .with_context(|| format!("connecting to {addr}"))?;
+                stream.set_nodelay(true)?;
+                LoopConn::Raw {
+                    stream,
+                    framing,
+                    request: framing.request(),
+                    buf: Vec::with_capacity(body + 512),
+                    chunk: vec![0u8; 8192],
+                }
+            }
+            None => LoopConn::Grpc {
+                channel: grpc::Channel::connect(addr).await?,
+                call: grpc::Call::new(addr, body),
+            },
+        })
+    }
+
+    /// One request, one complete response.
+    async fn exchange(&mut self, body: usize) -> Result<()> {
+        match self {
+            LoopConn::Raw {
+                stream,
+                framing,
+                request,
+                buf,
+                chunk,
+            } => {
+                stream
+                    .write_all(request)
+                    .await
+                    .context("sending a request")?;
+                loop {
+                    if let Some(n) = framing.response_len(buf, body)? {
+                        buf.drain(..n);
+                        return Ok(());
+                    }
+                    let n = stream.read(chunk).await.context("reading a response")?;
+                    if n == 0 {
+                        bail!("the server closed the connection");
+                    }
+                    buf.extend_from_slice(&chunk[..n]);
+                }
+            }
+            LoopConn::Grpc { channel, call } => channel.call(call).await,
         }
     }
 }

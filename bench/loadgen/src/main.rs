@@ -1,11 +1,13 @@
 //! `weft-loadgen`: the load generator and 1 KB response server of Weft's data-plane
 //! benchmark (`cargo xtask bench`).
 //!
-//! - `serve`: a raw-TCP port and an HTTP/1.1 port answering each request with 1 KB;
+//! - `serve`: a raw-TCP port, an HTTP/1.1 port and a gRPC port answering each request with
+//!   1 KB;
 //! - `run ADDR`: fixed-rate load with latency from each request's intended send time (no
 //!   coordinated omission), or closed-loop saturation with `--rate 0`; one JSON line out.
 
 mod client;
+mod grpc;
 mod protocol;
 mod server;
 
@@ -26,7 +28,7 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Answer every request with a fixed-size response (raw TCP and HTTP/1.1).
+    /// Answer every request with a fixed-size response (raw TCP, HTTP/1.1 and gRPC).
     Serve(server::Args),
     /// Send load to a server and print one JSON report.
     Run(client::Args),
@@ -60,11 +62,11 @@ mod tests {
         Cli::command().debug_assert();
     }
 
-    /// Both methods against the server on loopback, both protocols.
+    /// Both methods against the server on loopback, every protocol.
     #[test]
     fn load_against_the_server_on_loopback() {
         let runtime = tokio::runtime::Runtime::new().unwrap();
-        for protocol in [Protocol::Tcp, Protocol::Http] {
+        for protocol in [Protocol::Tcp, Protocol::Http, Protocol::Grpc] {
             let listener = runtime
                 .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
                 .unwrap();

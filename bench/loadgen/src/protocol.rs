@@ -1,6 +1,7 @@
-//! What travels on the wire: a fixed-size request and a 1 KB response, either as raw TCP
-//! (L4: 64 bytes up, the body down) or as HTTP/1.1 with keep-alive (L7: a `GET`, a `200` with
-//! `content-length`). Framing only; both the server and the clients use it.
+//! What travels on the wire: a fixed-size request and a 1 KB response, as raw TCP (L4: 64
+//! bytes up, the body down), as HTTP/1.1 with keep-alive (L7: a `GET`, a `200` with
+//! `content-length`), or as a unary gRPC call over HTTP/2 (see [`crate::grpc`]). The first two
+//! are framed here, by hand, for both the server and the clients.
 
 use anyhow::{bail, Context as _, Result};
 use clap::ValueEnum;
@@ -21,14 +22,34 @@ pub enum Protocol {
     Tcp,
     /// HTTP/1.1 keep-alive `GET`, `200 OK` with `content-length`.
     Http,
+    /// Unary gRPC calls over HTTP/2 cleartext (prior knowledge), one in flight per connection.
+    Grpc,
 }
 
 impl Protocol {
+    /// The hand-made framing of the protocol, `None` for gRPC (hyper speaks HTTP/2).
+    pub fn framing(self) -> Option<Framing> {
+        match self {
+            Protocol::Tcp => Some(Framing::Tcp),
+            Protocol::Http => Some(Framing::Http),
+            Protocol::Grpc => None,
+        }
+    }
+}
+
+/// The protocols a plain socket loop speaks.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Framing {
+    Tcp,
+    Http,
+}
+
+impl Framing {
     /// The bytes of one request.
     pub fn request(self) -> Vec<u8> {
         match self {
-            Protocol::Tcp => vec![b'q'; TCP_REQUEST_BYTES],
-            Protocol::Http => HTTP_REQUEST.to_vec(),
+            Framing::Tcp => vec![b'q'; TCP_REQUEST_BYTES],
+            Framing::Http => HTTP_REQUEST.to_vec(),
         }
     }
 
@@ -36,8 +57,8 @@ impl Protocol {
     pub fn response(self, body: usize) -> Vec<u8> {
         let payload: Vec<u8> = (0..body).map(|i| b'a' + (i % 26) as u8).collect();
         match self {
-            Protocol::Tcp => payload,
-            Protocol::Http => {
+            Framing::Tcp => payload,
+            Framing::Http => {
                 let mut out = format!(
                     "HTTP/1.1 200 OK\r\ncontent-type: application/octet-stream\r\ncontent-length: {body}\r\n\r\n"
                 )
@@ -52,11 +73,11 @@ impl Protocol {
     /// they take. HTTP requests are `GET`s: a request with a body is refused.
     pub fn split_requests(self, buf: &[u8]) -> Result<(usize, usize)> {
         match self {
-            Protocol::Tcp => {
+            Framing::Tcp => {
                 let n = buf.len() / TCP_REQUEST_BYTES;
                 Ok((n, n * TCP_REQUEST_BYTES))
             }
-            Protocol::Http => {
+            Framing::Http => {
                 let (mut count, mut used) = (0, 0);
                 while let Some(end) = head_end(&buf[used..]) {
                     let head = &buf[used..used + end];
@@ -78,8 +99,8 @@ impl Protocol {
     /// it is incomplete. A response whose body is not `body` bytes is an error.
     pub fn response_len(self, buf: &[u8], body: usize) -> Result<Option<usize>> {
         match self {
-            Protocol::Tcp => Ok((buf.len() >= body).then_some(body)),
-            Protocol::Http => {
+            Framing::Tcp => Ok((buf.len() >= body).then_some(body)),
+            Framing::Http => {
                 let Some(end) = head_end(buf) else {
                     if buf.len() > MAX_HEAD {
                         bail!("response head longer than {MAX_HEAD} bytes");
@@ -141,7 +162,7 @@ mod tests {
 
     #[test]
     fn tcp_framing() {
-        let p = Protocol::Tcp;
+        let p = Framing::Tcp;
         assert_eq!(p.request().len(), TCP_REQUEST_BYTES);
         assert_eq!(p.split_requests(&[0; 130]).unwrap(), (2, 128));
         assert_eq!(p.response(1024).len(), 1024);
@@ -151,7 +172,7 @@ mod tests {
 
     #[test]
     fn http_requests_are_split_even_when_pipelined() {
-        let p = Protocol::Http;
+        let p = Framing::Http;
         let mut buf = p.request();
         buf.extend_from_slice(&p.request());
         buf.extend_from_slice(b"GET / HT");
@@ -162,7 +183,7 @@ mod tests {
 
     #[test]
     fn http_responses_are_checked() {
-        let p = Protocol::Http;
+        let p = Framing::Http;
         let response = p.response(1024);
         assert_eq!(
             p.response_len(&response, 1024).unwrap(),

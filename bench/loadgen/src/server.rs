@@ -1,4 +1,5 @@
-//! `serve`: answers every request with a 1 KB response, on a raw-TCP port and an HTTP port.
+//! `serve`: answers every request with a 1 KB response, on a raw-TCP port, an HTTP/1.1 port
+//! and a gRPC (HTTP/2 cleartext) port.
 
 use std::net::{Ipv4Addr, SocketAddr};
 
@@ -8,7 +9,10 @@ use tokio::{
     net::{TcpListener, TcpStream},
 };
 
-use crate::protocol::Protocol;
+use crate::{
+    grpc,
+    protocol::{Framing, Protocol},
+};
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
@@ -18,6 +22,9 @@ pub struct Args {
     /// Port of the HTTP/1.1 server.
     #[arg(long, default_value_t = 8080)]
     pub http_port: u16,
+    /// Port of the gRPC server (HTTP/2 cleartext).
+    #[arg(long, default_value_t = 9090)]
+    pub grpc_port: u16,
     /// Bytes of each response body.
     #[arg(long, default_value_t = 1024)]
     pub response_bytes: usize,
@@ -34,16 +41,19 @@ pub fn run(args: Args) -> Result<()> {
         .block_on(async {
             let tcp = bind(args.tcp_port).await?;
             let http = bind(args.http_port).await?;
+            let grpc = bind(args.grpc_port).await?;
             eprintln!(
-                "weft-loadgen: serving {} byte responses on tcp {} and http {}",
+                "weft-loadgen: serving {} byte responses on tcp {}, http {} and grpc {}",
                 args.response_bytes,
                 tcp.local_addr()?,
-                http.local_addr()?
+                http.local_addr()?,
+                grpc.local_addr()?
             );
             let body = args.response_bytes;
             tokio::select! {
                 r = serve(tcp, Protocol::Tcp, body) => r,
                 r = serve(http, Protocol::Http, body) => r,
+                r = serve(grpc, Protocol::Grpc, body) => r,
                 r = tokio::signal::ctrl_c() => r.context("waiting for SIGINT"),
             }
         })
@@ -57,7 +67,10 @@ async fn bind(port: u16) -> Result<TcpListener> {
 
 /// Accepts connections on `listener` forever.
 pub async fn serve(listener: TcpListener, protocol: Protocol, body: usize) -> Result<()> {
-    let response: std::sync::Arc<[u8]> = protocol.response(body).into();
+    let Some(framing) = protocol.framing() else {
+        return grpc::serve(listener, body).await;
+    };
+    let response: std::sync::Arc<[u8]> = framing.response(body).into();
     loop {
         let (stream, _) = match listener.accept().await {
             Ok(accepted) => accepted,
@@ -69,14 +82,14 @@ pub async fn serve(listener: TcpListener, protocol: Protocol, body: usize) -> Re
         };
         let response = response.clone();
         tokio::spawn(async move {
-            if let Err(e) = connection(stream, protocol, &response).await {
+            if let Err(e) = connection(stream, framing, &response).await {
                 eprintln!("weft-loadgen: connection ended: {e:#}");
             }
         });
     }
 }
 
-async fn connection(mut stream: TcpStream, protocol: Protocol, response: &[u8]) -> Result<()> {
+async fn connection(mut stream: TcpStream, framing: Framing, response: &[u8]) -> Result<()> {
     stream.set_nodelay(true)?;
     let mut buf = Vec::with_capacity(4096);
     let mut out = Vec::new();
@@ -87,7 +100,7 @@ async fn connection(mut stream: TcpStream, protocol: Protocol, response: &[u8]) 
             return Ok(());
         }
         buf.extend_from_slice(&chunk[..n]);
-        let (count, used) = protocol.split_requests(&buf)?;
+        let (count, used) = framing.split_requests(&buf)?;
         if count == 0 {
             continue;
         }

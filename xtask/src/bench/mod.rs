@@ -34,6 +34,8 @@ pub struct Options {
     pub runs: usize,
     /// Where the JSON goes (the chart and the Markdown table go beside it).
     pub out: PathBuf,
+    /// The scenarios measured, in order.
+    scenarios: Vec<Scenario>,
 }
 
 impl Options {
@@ -43,25 +45,56 @@ impl Options {
             quick: false,
             runs: 3,
             out: workspace_root().join("bench/results/latest.json"),
+            scenarios: Scenario::ALL.to_vec(),
         }
     }
 
-    /// The quick one (well under 5 minutes): one run of 10 s windows, into `target/bench/`.
+    /// The quick one: one run of 10 s windows, into `target/bench/`, without
+    /// `same-node-grpc` to stay under five minutes (the full run has it).
     pub fn quick() -> Self {
         Self {
             quick: true,
             runs: 1,
             out: workspace_root().join("target/bench/quick.json"),
+            scenarios: Scenario::ALL
+                .into_iter()
+                .filter(|s| s.cross_node || s.protocol != Protocol::Grpc)
+                .collect(),
         }
+    }
+
+    /// The scenarios this run measures, in order.
+    pub fn scenarios(&self) -> &[Scenario] {
+        &self.scenarios
+    }
+
+    /// Measures only the scenarios `names` name (all of them, when empty), whether the quick
+    /// run would leave them out or not.
+    pub fn only(&mut self, names: &[String]) -> Result<()> {
+        if names.is_empty() {
+            return Ok(());
+        }
+        let all: Vec<String> = Scenario::ALL.iter().map(|s| s.name()).collect();
+        if let Some(unknown) = names.iter().find(|n| !all.contains(n)) {
+            bail!(
+                "no scenario {unknown:?}; the scenarios are {}",
+                all.join(", ")
+            );
+        }
+        self.scenarios = Scenario::ALL
+            .into_iter()
+            .filter(|s| names.contains(&s.name()))
+            .collect();
+        Ok(())
     }
 
     fn timing(&self) -> Timing {
         if self.quick {
             Timing {
                 fixed_s: 10.0,
-                fixed_warmup_s: 1.0,
-                saturation_s: 2.0,
-                saturation_warmup_s: 0.5,
+                fixed_warmup_s: 0.5,
+                saturation_s: 1.5,
+                saturation_warmup_s: 0.25,
             }
         } else {
             Timing {
@@ -89,6 +122,7 @@ pub const SATURATION_CONNS: usize = 64;
 pub const RESPONSE_BYTES: usize = 1024;
 const TCP_PORT: u16 = 7000;
 const HTTP_PORT: u16 = 8080;
+const GRPC_PORT: u16 = 9090;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Mode {
@@ -129,31 +163,58 @@ impl fmt::Display for Mode {
     }
 }
 
+/// What a scenario's requests are, and the Service port (and its name) that carries them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Protocol {
+    /// Raw TCP (port `tcp`): every proxy carries bytes.
+    Tcp,
+    /// HTTP/1.1 keep-alive (port `http`): every proxy parses every request.
+    Http,
+    /// Unary gRPC over HTTP/2 cleartext (port `grpc`): every proxy parses every stream.
+    Grpc,
+}
+
+impl Protocol {
+    /// The name of the Service port, and the load generator's `--protocol`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Protocol::Tcp => "tcp",
+            Protocol::Http => "http",
+            Protocol::Grpc => "grpc",
+        }
+    }
+
+    fn port(self) -> u16 {
+        match self {
+            Protocol::Tcp => TCP_PORT,
+            Protocol::Http => HTTP_PORT,
+            Protocol::Grpc => GRPC_PORT,
+        }
+    }
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Scenario {
     pub cross_node: bool,
-    pub http: bool,
+    pub protocol: Protocol,
 }
 
 impl Scenario {
-    pub const ALL: [Scenario; 4] = [
-        Scenario {
-            cross_node: false,
-            http: false,
-        },
-        Scenario {
-            cross_node: false,
-            http: true,
-        },
-        Scenario {
-            cross_node: true,
-            http: false,
-        },
-        Scenario {
-            cross_node: true,
-            http: true,
-        },
+    pub const ALL: [Scenario; 6] = [
+        Scenario::new(false, Protocol::Tcp),
+        Scenario::new(false, Protocol::Http),
+        Scenario::new(false, Protocol::Grpc),
+        Scenario::new(true, Protocol::Tcp),
+        Scenario::new(true, Protocol::Http),
+        Scenario::new(true, Protocol::Grpc),
     ];
+
+    const fn new(cross_node: bool, protocol: Protocol) -> Self {
+        Self {
+            cross_node,
+            protocol,
+        }
+    }
 
     pub fn name(self) -> String {
         format!(
@@ -163,7 +224,7 @@ impl Scenario {
             } else {
                 "same-node"
             },
-            if self.http { "http" } else { "tcp" }
+            self.protocol.name()
         )
     }
 
@@ -172,22 +233,6 @@ impl Scenario {
             "remote"
         } else {
             "local"
-        }
-    }
-
-    fn port(self) -> u16 {
-        if self.http {
-            HTTP_PORT
-        } else {
-            TCP_PORT
-        }
-    }
-
-    fn protocol(self) -> &'static str {
-        if self.http {
-            "http"
-        } else {
-            "tcp"
         }
     }
 }
@@ -240,8 +285,9 @@ pub fn data_plane(options: &Options) -> Result<()> {
         .with_context(|| format!("writing {}", manifest.display()))?;
 
     let timing = options.timing();
+    let scenarios = options.scenarios();
     let estimate = options.runs as f64
-        * (Mode::ALL.len() * Scenario::ALL.len()) as f64
+        * (Mode::ALL.len() * scenarios.len()) as f64
         * (timing.fixed_s
             + timing.fixed_warmup_s
             + timing.saturation_s
@@ -251,12 +297,12 @@ pub fn data_plane(options: &Options) -> Result<()> {
         "==> benchmark: {} run(s) x {} modes x {} scenarios, about {:.0} minutes of load",
         options.runs,
         Mode::ALL.len(),
-        Scenario::ALL.len(),
+        scenarios.len(),
         estimate / 60.0
     );
 
     let cluster = Cluster::up(&manifest)?;
-    let samples = measure_all(options, timing, &loadgen);
+    let samples = measure_all(options.runs, scenarios, timing, &loadgen);
     let down = cluster.down();
     let samples = samples?;
     down?;
@@ -337,13 +383,15 @@ pub fn manifest_yaml(loadgen: &Path) -> String {
                  namespace: {ns}\n  labels:\n    app: server-{service}{annotations}\nspec:\n  \
                  nodeName: {node}\n  containers:\n  - name: server\n    command: [{loadgen}, \
                  serve, --tcp-port, \"{TCP_PORT}\", --http-port, \"{HTTP_PORT}\", \
-                 --response-bytes, \"{RESPONSE_BYTES}\"]\n    ports:\n    - containerPort: \
-                 {TCP_PORT}\n    - containerPort: {HTTP_PORT}\n\
+                 --grpc-port, \"{GRPC_PORT}\", --response-bytes, \"{RESPONSE_BYTES}\"]\n    \
+                 ports:\n    - containerPort: {TCP_PORT}\n    - containerPort: {HTTP_PORT}\n    \
+                 - containerPort: {GRPC_PORT}\n\
                  ---\napiVersion: v1\nkind: Service\nmetadata:\n  name: {service}\n  \
                  namespace: {ns}\nspec:\n  selector:\n    app: server-{service}\n  ports:\n  \
                  - name: tcp\n    port: {TCP_PORT}\n    targetPort: {TCP_PORT}\n  \
                  - name: http\n    port: {HTTP_PORT}\n    targetPort: {HTTP_PORT}\n    \
-                 appProtocol: http\n"
+                 appProtocol: http\n  - name: grpc\n    port: {GRPC_PORT}\n    \
+                 targetPort: {GRPC_PORT}\n    appProtocol: grpc\n"
             ));
         }
     }
@@ -384,11 +432,16 @@ impl Drop for Cluster {
     }
 }
 
-fn measure_all(options: &Options, timing: Timing, loadgen: &Path) -> Result<Vec<Sample>> {
+fn measure_all(
+    runs: usize,
+    scenarios: &[Scenario],
+    timing: Timing,
+    loadgen: &Path,
+) -> Result<Vec<Sample>> {
     let mut samples = Vec::new();
-    let total = options.runs * Mode::ALL.len() * Scenario::ALL.len();
-    for run in 0..options.runs {
-        for scenario in Scenario::ALL {
+    let total = runs * Mode::ALL.len() * scenarios.len();
+    for run in 0..runs {
+        for &scenario in scenarios {
             // A different mode goes first in every run.
             let mut modes = Mode::ALL;
             modes.rotate_left(run % Mode::ALL.len());
@@ -418,7 +471,7 @@ fn measure_all(options: &Options, timing: Timing, loadgen: &Path) -> Result<Vec<
 fn measure(mode: Mode, scenario: Scenario, timing: Timing, loadgen: &Path) -> Result<Sample> {
     let ns = mode.namespace();
     let vip = cluster::cluster_ip(&format!("{ns}/{}", scenario.service()))?;
-    let addr = format!("{vip}:{}", scenario.port());
+    let addr = format!("{vip}:{}", scenario.protocol.port());
     let client = format!("{ns}/client");
     let pids = mesh_pids(mode)?;
     for pid in &pids {
@@ -477,7 +530,7 @@ fn load(
         "run".into(),
         addr.into(),
         "--protocol".into(),
-        scenario.protocol().into(),
+        scenario.protocol.name().into(),
         "--rate".into(),
         rate.to_string(),
         "--conns".into(),
@@ -610,6 +663,9 @@ mod tests {
         assert_eq!(yaml.matches("weft.io/bench-sidecar: haproxy").count(), 3);
         assert_eq!(yaml.matches("weft.io/bench-sidecar: weft").count(), 3);
         assert!(yaml.contains("command: [/t/weft-loadgen, serve,"));
+        assert!(yaml.contains(
+            "- name: grpc\n    port: 9090\n    targetPort: 9090\n    appProtocol: grpc\n"
+        ));
     }
 
     #[test]
@@ -620,9 +676,25 @@ mod tests {
             [
                 "same-node-tcp",
                 "same-node-http",
+                "same-node-grpc",
                 "cross-node-tcp",
-                "cross-node-http"
+                "cross-node-http",
+                "cross-node-grpc"
             ]
         );
+        assert_eq!(Options::full().scenarios(), Scenario::ALL);
+        let quick: Vec<String> = Options::quick()
+            .scenarios()
+            .iter()
+            .map(|s| s.name())
+            .collect();
+        assert!(!quick.contains(&"same-node-grpc".to_string()));
+        assert_eq!(quick.len(), 5);
+        let mut grpc = Options::quick();
+        grpc.only(&["same-node-grpc".into(), "cross-node-grpc".into()])
+            .unwrap();
+        assert_eq!(grpc.scenarios(), [Scenario::ALL[2], Scenario::ALL[5]]);
+        let err = grpc.only(&["same-node-udp".into()]).unwrap_err();
+        assert!(err.to_string().contains("cross-node-grpc"), "{err}");
     }
 }

@@ -6,7 +6,9 @@ use std::{fmt::Write as _, fs, process::Command};
 
 use serde_json::{json, Map, Value};
 
-use super::{Mode, Options, Sample, Scenario, RATE, RATE_CONNS, RESPONSE_BYTES, SATURATION_CONNS};
+use super::{
+    Mode, Options, Protocol, Sample, Scenario, RATE, RATE_CONNS, RESPONSE_BYTES, SATURATION_CONNS,
+};
 use crate::{cmd, workspace_root};
 
 /// Median, min and max of one figure over the runs.
@@ -162,7 +164,7 @@ pub fn targets(rows: &[Row]) -> Vec<Target> {
             bound: 2.0 * s,
             met: w >= 2.0 * s,
         });
-        if !scenario.cross_node && !scenario.http {
+        if !scenario.cross_node && scenario.protocol == Protocol::Tcp {
             if let Some(none) = find(Mode::None, scenario) {
                 for (figure, what) in [
                     ("p50_us", "p50 within 10% of no mesh (µs)"),
@@ -400,8 +402,12 @@ pub fn chart_svg(rows: &[Row], commit: &str) -> String {
         ("p99", "p99_us"),
         ("p99.9", "p999_us"),
     ];
+    let scenarios: Vec<Scenario> = Scenario::ALL
+        .into_iter()
+        .filter(|s| rows.iter().any(|r| r.scenario == *s))
+        .collect();
     let width = 2.0 * PANEL_W + 20.0;
-    let height = 2.0 * PANEL_H + 70.0;
+    let height = scenarios.len().div_ceil(2) as f64 * PANEL_H + 70.0;
     let mut svg = String::new();
     let _ = writeln!(
         svg,
@@ -424,7 +430,7 @@ pub fn chart_svg(rows: &[Row], commit: &str) -> String {
             mode.name()
         );
     }
-    for (p, scenario) in Scenario::ALL.iter().enumerate() {
+    for (p, scenario) in scenarios.iter().enumerate() {
         let ox = 10.0 + (p % 2) as f64 * (PANEL_W + 10.0);
         let oy = 28.0 + (p / 2) as f64 * PANEL_H;
         let plot_w = PANEL_W - LEFT - 10.0;

@@ -152,10 +152,10 @@ pub fn rules() -> String {
     )
 }
 
-/// Ports HAProxy treats as HTTP: Service ports (and numeric target ports) named `http` or
-/// `http-*`, or with `appProtocol: http` (Istio's protocol selection).
-pub fn http_ports(state: &State) -> BTreeSet<u16> {
-    let mut ports = BTreeSet::new();
+/// Ports HAProxy treats as HTTP: Service ports (and numeric target ports) whose protocol, by
+/// `appProtocol` or by name (`http`, `http-*`; `grpc`, `http2`, `h2c`, ...), is HTTP.
+pub fn http_ports(state: &State) -> HttpPorts {
+    let mut ports = HttpPorts::default();
     for svc in state.resources.iter().filter(|o| kind_of(o) == "Service") {
         for port in svc
             .pointer("/spec/ports")
@@ -163,33 +163,48 @@ pub fn http_ports(state: &State) -> BTreeSet<u16> {
             .into_iter()
             .flatten()
         {
-            let name = str_at(port, "/name").unwrap_or_default();
-            let http = name == "http"
-                || name.starts_with("http-")
-                || str_at(port, "/appProtocol").is_some_and(|p| p.eq_ignore_ascii_case("http"));
-            if !http {
-                continue;
-            }
-            ports.extend(port.get("port").and_then(as_port));
-            ports.extend(port.get("targetPort").and_then(as_port));
+            // As Istio reads them: `appProtocol` (maybe `kubernetes.io/h2c`), else the name's
+            // prefix before `-`.
+            let protocol = match str_at(port, "/appProtocol") {
+                Some(app) => app.rsplit('/').next().unwrap_or(app),
+                None => {
+                    let name = str_at(port, "/name").unwrap_or_default();
+                    name.split('-').next().unwrap_or(name)
+                }
+            };
+            let set = match protocol.to_ascii_lowercase().as_str() {
+                "http" => &mut ports.http1,
+                "http2" | "h2c" | "grpc" | "grpc-web" => &mut ports.http2,
+                _ => continue,
+            };
+            set.extend(port.get("port").and_then(as_port));
+            set.extend(port.get("targetPort").and_then(as_port));
         }
     }
     ports
 }
 
-/// HAProxy as an Istio-style sidecar: one listener per direction, HTTP or TCP by the original
-/// destination port, every server the connection's original destination (`0.0.0.0`).
-pub fn haproxy_config(pod: &PodInfo, http_ports: &BTreeSet<u16>) -> String {
-    let ports = if http_ports.is_empty() {
-        // A port no connection has, so the rule stays valid.
-        "0".to_string()
-    } else {
-        http_ports
-            .iter()
-            .map(u16::to_string)
-            .collect::<Vec<_>>()
-            .join(" ")
+/// The ports a HAProxy sidecar serves in HTTP mode, by the protocol the server speaks.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct HttpPorts {
+    pub http1: BTreeSet<u16>,
+    /// HTTP/2 cleartext (gRPC): `proto h2` towards the server.
+    pub http2: BTreeSet<u16>,
+}
+
+/// HAProxy as an Istio-style sidecar: one listener per direction, HTTP/1.1, HTTP/2 or TCP by
+/// the original destination port, every server the connection's original destination
+/// (`0.0.0.0`). HAProxy tells an HTTP/2 client from an HTTP/1.1 one by the preface.
+pub fn haproxy_config(pod: &PodInfo, ports: &HttpPorts) -> String {
+    let list = |set: &BTreeSet<u16>| {
+        if set.is_empty() {
+            // A port no connection has, so the rule stays valid.
+            "0".to_string()
+        } else {
+            set.iter().map(u16::to_string).collect::<Vec<_>>().join(" ")
+        }
     };
+    let (http1, http2) = (list(&ports.http1), list(&ports.http2));
     let ip = pod.ip;
     format!(
         "# HAProxy sidecar of {key}, written by `cargo xtask cluster`.\n\
@@ -204,7 +219,8 @@ pub fn haproxy_config(pod: &PodInfo, http_ports: &BTreeSet<u16>) -> String {
          frontend outbound\n\
          \tbind 0.0.0.0:15001\n\
          \tmode tcp\n\
-         \tuse_backend outbound_http if {{ dst_port {ports} }}\n\
+         \tuse_backend outbound_http if {{ dst_port {http1} }}\n\
+         \tuse_backend outbound_h2 if {{ dst_port {http2} }}\n\
          \tdefault_backend outbound_tcp\n\
          backend outbound_tcp\n\
          \tmode tcp\n\
@@ -212,10 +228,14 @@ pub fn haproxy_config(pod: &PodInfo, http_ports: &BTreeSet<u16>) -> String {
          backend outbound_http\n\
          \tmode http\n\
          \tserver original 0.0.0.0:0\n\
+         backend outbound_h2\n\
+         \tmode http\n\
+         \tserver original 0.0.0.0:0 proto h2\n\
          frontend inbound\n\
          \tbind 0.0.0.0:15006\n\
          \tmode tcp\n\
-         \tuse_backend inbound_http if {{ dst_port {ports} }}\n\
+         \tuse_backend inbound_http if {{ dst_port {http1} }}\n\
+         \tuse_backend inbound_h2 if {{ dst_port {http2} }}\n\
          \tdefault_backend inbound_tcp\n\
          backend inbound_tcp\n\
          \tmode tcp\n\
@@ -224,7 +244,11 @@ pub fn haproxy_config(pod: &PodInfo, http_ports: &BTreeSet<u16>) -> String {
          backend inbound_http\n\
          \tmode http\n\
          \tsource {ip}\n\
-         \tserver original 0.0.0.0:0\n",
+         \tserver original 0.0.0.0:0\n\
+         backend inbound_h2\n\
+         \tmode http\n\
+         \tsource {ip}\n\
+         \tserver original 0.0.0.0:0 proto h2\n",
         key = pod.key(),
     )
 }
@@ -308,12 +332,18 @@ mod tests {
             {"name": "web", "port": 82, "appProtocol": "HTTP"},
             {"name": "tcp", "port": 7000, "targetPort": 7000},
             {"name": "https", "port": 443},
+            {"name": "grpc-api", "port": 9090},
+            {"name": "api", "port": 9091, "appProtocol": "kubernetes.io/h2c"},
+            {"name": "http-but-tcp", "port": 83, "appProtocol": "tcp"},
         ]}})];
-        assert_eq!(http_ports(&state), BTreeSet::from([80, 8080, 81, 82]));
-        let config = haproxy_config(&pod(), &http_ports(&state));
+        let ports = http_ports(&state);
+        assert_eq!(ports.http1, BTreeSet::from([80, 8080, 81, 82]));
+        assert_eq!(ports.http2, BTreeSet::from([9090, 9091]));
+        let config = haproxy_config(&pod(), &ports);
         assert!(config.contains("use_backend outbound_http if { dst_port 80 81 82 8080 }"));
-        assert!(config.contains("\tsource 10.244.1.4\n"));
-        let empty = haproxy_config(&pod(), &BTreeSet::new());
+        assert!(config.contains("use_backend inbound_h2 if { dst_port 9090 9091 }"));
+        assert!(config.contains("backend inbound_h2\n\tmode http\n\tsource 10.244.1.4\n\tserver original 0.0.0.0:0 proto h2\n"));
+        let empty = haproxy_config(&pod(), &HttpPorts::default());
         assert!(empty.contains("dst_port 0 }"));
     }
 }
