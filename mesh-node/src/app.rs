@@ -13,9 +13,11 @@
 //! closed until `mesh-node` is back.
 
 use std::{
+    future::Future,
     io::{self, IsTerminal},
     net::SocketAddr,
     sync::{atomic::Ordering, Arc},
+    time::Duration,
 };
 
 use thiserror::Error;
@@ -336,6 +338,7 @@ impl Control {
                 Running::Kube(source) => source.status(),
             },
         });
+        tokio::spawn(trim_heap_every(HEAP_TRIM_PERIOD, stop()));
         tokio::spawn(admin::serve_health(health, readiness.clone(), stop()));
         tokio::spawn(admin::serve_admin(admin_listener, state, stop()));
         match source {
@@ -370,6 +373,22 @@ impl Control {
         }
         shutdown.send_replace(true);
         Ok(())
+    }
+}
+
+/// How often freed heap memory goes back to the kernel.
+const HEAP_TRIM_PERIOD: Duration = Duration::from_secs(10);
+
+/// Keeps the proxy's RSS at what its connections use now, not at the peak of the last burst.
+async fn trim_heap_every(period: Duration, stop: impl Future<Output = ()>) {
+    let mut tick = tokio::time::interval(period);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tokio::pin!(stop);
+    loop {
+        tokio::select! {
+            _ = &mut stop => return,
+            _ = tick.tick() => crate::sys::trim_heap(),
+        }
     }
 }
 

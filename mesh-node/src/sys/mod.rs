@@ -1,4 +1,5 @@
-//! The only `unsafe` of user space: socket options the standard library does not expose.
+//! The only `unsafe` of user space: socket options the standard library does not expose, and
+//! trimming the heap.
 
 use std::{
     io,
@@ -69,6 +70,15 @@ pub fn original_dst(socket: BorrowedFd<'_>) -> io::Result<SocketAddrV4> {
         Ipv4Addr::from(u32::from_be(addr.sin_addr.s_addr)),
         u16::from_be(addr.sin_port),
     ))
+}
+
+/// Returns the heap's free pages to the kernel. glibc keeps what a thread's arena freed for
+/// later: after a burst of connections a proxy's RSS would stay at the burst's peak for good.
+pub fn trim_heap() {
+    // SAFETY: malloc_trim only walks the allocator's own free lists.
+    unsafe {
+        libc::malloc_trim(0);
+    }
 }
 
 #[cfg(test)]
