@@ -332,13 +332,17 @@ impl FixedConn {
                 .block_on(async {
                     tokio::time::timeout(RESPONSE_TIMEOUT, channel.call(call)).await
                 })
-                .map_err(|_| anyhow::anyhow!("no response within 10 s"))?,
+                .map_err(|_| no_response())?,
         }
     }
 }
 
 /// How long a response may take before the request counts as failed.
 const RESPONSE_TIMEOUT: Duration = Duration::from_secs(10);
+
+fn no_response() -> anyhow::Error {
+    anyhow::anyhow!("no response within {} s", RESPONSE_TIMEOUT.as_secs())
+}
 
 fn connect(addr: SocketAddr) -> Result<TcpStream> {
     let stream = TcpStream::connect_timeout(&addr, Duration::from_secs(5))
@@ -443,7 +447,7 @@ async fn closed_loop_connection(
                 }
             }
             Err(_) => {
-                tally.error(&anyhow::anyhow!("no response within 10 s"));
+                tally.error(&no_response());
                 return tally;
             }
         }
