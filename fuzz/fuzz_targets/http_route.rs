@@ -5,4 +5,4 @@
 
 use libfuzzer_sys::fuzz_target;
 
-fuzz_target!(|data: &[u8]| mesh_node::proxy::l7::routes::fuzz_select(data));
+fuzz_target!(|data: &[u8]| mesh_node::proxy::route::fuzz_select(data));

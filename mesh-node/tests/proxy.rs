@@ -321,22 +321,40 @@ async fn assert_refused(mut stream: TcpStream, data: &[u8]) {
     }
 }
 
+/// Opens a connection through the proxy and waits for the first echo, so the proxy has
+/// picked and connected its upstream before the next one is opened.
+async fn open_echoing(mesh: &Mesh, dialled: SocketAddrV4) -> TcpStream {
+    let mut stream = mesh.dial(PRODUCTPAGE, dialled).await;
+    stream.write_all(b"x").await.unwrap();
+    let mut byte = [0u8; 1];
+    tokio::time::timeout(TIMEOUT, stream.read_exact(&mut byte))
+        .await
+        .expect("echo in time")
+        .unwrap();
+    stream
+}
+
 #[tokio::test]
-async fn service_connections_are_balanced_round_robin() {
+async fn service_connections_are_balanced_by_least_request() {
+    // Without a DestinationRule, connections go to the endpoint with the fewest open ones
+    // (Istio's default LEAST_REQUEST): open connections spread evenly.
     let mesh = Mesh::start().await;
-    for i in 0..4u8 {
-        let stream = mesh.dial(PRODUCTPAGE, REVIEWS_VIP).await;
-        let message = format!("ping {i}");
-        assert_eq!(
-            exchange(stream, message.as_bytes()).await,
-            message.as_bytes()
-        );
+    let mut open = Vec::new();
+    for _ in 0..4 {
+        open.push(open_echoing(&mesh, REVIEWS_VIP).await);
     }
     assert_eq!(mesh.reviews_v1.accepted(), 2);
     assert_eq!(mesh.reviews_v2.accepted(), 2);
     // Local pods see the node proxy's address as their peer.
     for peer in mesh.reviews_v1.peers.lock().unwrap().iter() {
         assert_eq!(peer.ip(), PROXY_IP);
+    }
+    for (i, stream) in open.into_iter().enumerate() {
+        let message = format!("ping {i}");
+        assert_eq!(
+            exchange(stream, message.as_bytes()).await,
+            message.as_bytes()
+        );
     }
 }
 
@@ -462,9 +480,11 @@ async fn tunnel_refuses_targets_that_are_not_its_pods() {
 #[tokio::test]
 async fn service_metrics_carry_istio_labels() {
     let mesh = Mesh::start().await;
-    for _ in 0..2 {
-        let stream = mesh.dial(PRODUCTPAGE, REVIEWS_VIP).await;
-        exchange(stream, b"hello").await;
+    // Two connections open at once: least request sends one to each version.
+    let first = open_echoing(&mesh, REVIEWS_VIP).await;
+    let second = open_echoing(&mesh, REVIEWS_VIP).await;
+    for stream in [first, second] {
+        exchange(stream, b"ello").await;
     }
     let text = mesh.a.metrics.encode();
     for (version, name, value) in [

@@ -17,7 +17,10 @@ use std::{
 use tracing::{info, Level};
 
 use super::ResponseFlags;
-use crate::proxy::ACCESS_LOG;
+
+/// Log target of the access log: one line per request (`info`), one per TCP connection
+/// (`debug`).
+pub const ACCESS_LOG: &str = "weft::access";
 
 /// What is logged of one request. Borrowed from the request so building it copies nothing.
 /// `start_time` is the time of logging minus `duration`: log when the response ends.

@@ -60,7 +60,7 @@ use crate::model::{Pod, Service, Store};
 mod access;
 mod http;
 
-pub use access::{access_log, access_log_enabled, AccessEntry, ClusterName};
+pub use access::{access_log, access_log_enabled, AccessEntry, ClusterName, ACCESS_LOG};
 pub use http::{HttpMetrics, RequestLabels, RequestOutcome, BUCKETS};
 
 /// Counters kept by the eBPF programs, read at scrape time.

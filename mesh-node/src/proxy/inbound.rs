@@ -7,7 +7,7 @@ use std::{
     net::{SocketAddr, SocketAddrV4},
     os::fd::AsFd as _,
     sync::Arc,
-    time::Instant,
+    time::{Duration, Instant},
 };
 
 use bytes::Bytes;
@@ -18,30 +18,38 @@ use tokio::{
 use tracing::{debug, warn};
 
 use super::{
-    connect_tcp, copy,
+    context::Context,
+    copy::Transferred,
     detect::{self, Declared, Rewind, Sniffed, SNIFF_TIMEOUT},
+    error::ProxyError,
     l7,
-    tunnel::{IncomingTunnel, Refusal},
-    v4, ConnectErrorKind, Inner, ProxyError, Role, Transferred, ACCESS_LOG, TUNNEL_REQUEST_TIMEOUT,
+    tcp::{self, v4},
+    upstream::{
+        tunnel::{IncomingTunnel, Refusal},
+        ConnectErrorKind, Stream,
+    },
 };
 use crate::{
-    metrics::{Reporter, ResponseFlags, ServiceLabels, TcpLabels, Workload},
+    metrics::{Reporter, ResponseFlags, ServiceLabels, TcpLabels, Workload, ACCESS_LOG},
     model::{ObjectKey, Pod, Service, Snapshot},
 };
 
+/// How long a tunnel client may take to send its request.
+const TUNNEL_REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// A connection steered to 15006: its local address is the pod address the client dialled.
-pub(super) async fn serve_captured(inner: Arc<Inner>, downstream: TcpStream, client: SocketAddr) {
+pub(super) async fn serve_captured(ctx: Arc<Context>, downstream: TcpStream, client: SocketAddr) {
     let start = Instant::now();
     let mut target = None;
-    let result = captured(&inner, downstream, client, &mut target).await;
+    let result = captured(&ctx, downstream, client, &mut target).await;
     log("inbound", client, target, start, result);
 }
 
 /// A connection on 15008: a tunnel request from another node's proxy.
-pub(super) async fn serve_tunnel(inner: Arc<Inner>, stream: TcpStream, client: SocketAddr) {
+pub(super) async fn serve_tunnel(ctx: Arc<Context>, stream: TcpStream, client: SocketAddr) {
     let start = Instant::now();
     let mut target = None;
-    let result = tunnel(&inner, stream, &mut target).await;
+    let result = tunnel(&ctx, stream, &mut target).await;
     log("tunnel", client, target, start, result);
 }
 
@@ -78,58 +86,52 @@ fn log(
 }
 
 async fn captured(
-    inner: &Arc<Inner>,
+    ctx: &Arc<Context>,
     downstream: TcpStream,
     client: SocketAddr,
     log_target: &mut Option<SocketAddrV4>,
 ) -> Result<Transferred, ProxyError> {
     let local = downstream.local_addr().map_err(ProxyError::Socket)?;
-    let target = if local.port() == inner.inbound_port {
+    let target = if local.port() == ctx.inbound_port {
         // Redirected to the listener's own address (a sidecar's REDIRECT rule): the capture
         // layer knows where the client was going. Without it, dialling `local` would loop.
         v4(client)
-            .and_then(|c| inner.original_dst.lookup(downstream.as_fd(), c))
+            .and_then(|c| ctx.original_dst.lookup(downstream.as_fd(), c))
             .ok_or(ProxyError::InboundLoop { client, local })?
     } else {
         v4(local).ok_or(ProxyError::NotIpv4 { client: local })?
     };
     *log_target = Some(target);
 
-    let view = inner.view();
+    let view = ctx.view();
     let source = v4(client).and_then(|c| view.snapshot.pod_by_ip(*c.ip()).cloned());
     let labels = destination_labels(&view.snapshot, source.as_deref(), target);
     let http = Http::of(&view.snapshot, target);
     drop(view);
-    let Some(mut downstream) = http
-        .serve(inner, downstream, client, target, source)
-        .await?
-    else {
+    let Some(mut downstream) = http.serve(ctx, downstream, client, target, source).await? else {
         return Ok(Transferred::default());
     };
+    let mut upstream = connect_pod(ctx, target, &labels).await?;
+    tcp::relay(ctx, &mut downstream, &mut upstream, &labels).await
+}
 
-    let mut upstream = match connect_tcp(
-        target,
-        Some(inner.config.proxy_ip),
-        inner.config.connect_timeout,
-        Role::Upstream,
-    )
-    .await
-    {
-        Ok(s) => s,
-        Err(e) => {
-            record_failure(inner, labels);
-            return Err(e.into());
-        }
-    };
-    let conn = inner.metrics.connection(&labels);
-    conn.opened();
-    let result = copy::bidirectional(&mut downstream, &mut upstream, &conn).await;
-    conn.closed();
-    Ok(result?)
+/// Connects to `target`, a pod of this node, from the proxy address; a failure is counted.
+async fn connect_pod(
+    ctx: &Context,
+    target: SocketAddrV4,
+    labels: &TcpLabels,
+) -> Result<Stream, ProxyError> {
+    ctx.dialer
+        .open(target, ctx.dialer.local(), None, None)
+        .await
+        .map_err(|e| {
+            tcp::record_failure(ctx, labels, ResponseFlags::UF);
+            e.into()
+        })
 }
 
 async fn tunnel(
-    inner: &Arc<Inner>,
+    ctx: &Arc<Context>,
     stream: TcpStream,
     log_target: &mut Option<SocketAddrV4>,
 ) -> Result<Transferred, ProxyError> {
@@ -137,9 +139,9 @@ async fn tunnel(
     let target = incoming.target;
     *log_target = Some(target);
 
-    let view = inner.view();
+    let view = ctx.view();
     let snapshot = &view.snapshot;
-    let node = &inner.config.node;
+    let node = &ctx.config.node;
     // Only pods of this node: the tunnel must not become an open relay.
     let local_pod = snapshot
         .pod_by_ip(*target.ip())
@@ -174,52 +176,33 @@ async fn tunnel(
         // The pool dials the pod per request: accept the tunnel first.
         let client = incoming.client();
         let downstream = incoming.accept().await?;
-        let Some(mut downstream) = http
-            .serve(inner, downstream, client, target, source)
-            .await?
+        let Some(mut downstream) = http.serve(ctx, downstream, client, target, source).await?
         else {
             return Ok(Transferred::default());
         };
         // Sniffed as something else than HTTP.
-        let mut upstream = connect_tcp(
-            target,
-            Some(inner.config.proxy_ip),
-            inner.config.connect_timeout,
-            Role::Upstream,
-        )
-        .await
-        .inspect_err(|_| record_failure(inner, labels.clone()))?;
-        let conn = inner.metrics.connection(&labels);
-        conn.opened();
-        let result = copy::bidirectional(&mut downstream, &mut upstream, &conn).await;
-        conn.closed();
-        return Ok(result?);
+        let mut upstream = connect_pod(ctx, target, &labels).await?;
+        return tcp::relay(ctx, &mut downstream, &mut upstream, &labels).await;
     }
-    let mut upstream = match connect_tcp(
-        target,
-        Some(inner.config.proxy_ip),
-        inner.config.connect_timeout,
-        Role::Upstream,
-    )
-    .await
-    {
+    // Opaque TCP: connect first, so a refusal can tell the source proxy why.
+    let mut upstream = match connect_pod(ctx, target, &labels).await {
         Ok(s) => s,
         Err(e) => {
-            let refusal = match e.kind {
-                ConnectErrorKind::Timeout(_) => Refusal::GatewayTimeout,
-                _ => Refusal::BadGateway,
+            let timed_out = matches!(
+                &e,
+                ProxyError::Dial(d) if d.connect_error().is_some_and(|c| matches!(c.kind, ConnectErrorKind::Timeout(_)))
+            );
+            let refusal = if timed_out {
+                Refusal::GatewayTimeout
+            } else {
+                Refusal::BadGateway
             };
             incoming.refuse(refusal, &e.to_string()).await;
-            record_failure(inner, labels);
-            return Err(e.into());
+            return Err(e);
         }
     };
     let mut downstream = incoming.accept().await?;
-    let conn = inner.metrics.connection(&labels);
-    conn.opened();
-    let result = copy::bidirectional(&mut downstream, &mut upstream, &conn).await;
-    conn.closed();
-    Ok(result?)
+    tcp::relay(ctx, &mut downstream, &mut upstream, &labels).await
 }
 
 /// Whether a pod port speaks HTTP, by the Service port it backs.
@@ -253,7 +236,7 @@ impl Http {
     /// undeclared); otherwise hands back the stream, with any sniffed bytes, for TCP.
     async fn serve<S>(
         self,
-        inner: &Arc<Inner>,
+        ctx: &Arc<Context>,
         mut downstream: S,
         client: SocketAddr,
         target: SocketAddrV4,
@@ -283,7 +266,7 @@ impl Http {
         }
         let client = v4(client).ok_or(ProxyError::NotIpv4 { client })?;
         let conn = l7::Conn::inbound(
-            inner.clone(),
+            ctx.clone(),
             client,
             target,
             self.service,
@@ -294,14 +277,6 @@ impl Http {
         l7::serve(conn, downstream).await;
         Ok(None)
     }
-}
-
-fn record_failure(inner: &Inner, labels: TcpLabels) {
-    let conn = inner
-        .metrics
-        .connection(&labels.with_response_flags(ResponseFlags::UF));
-    conn.opened();
-    conn.closed();
 }
 
 fn destination_labels(

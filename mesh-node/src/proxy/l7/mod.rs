@@ -38,13 +38,18 @@ use hyper_util::{
 use tokio::io::{AsyncRead, AsyncWrite};
 use tracing::{debug, info};
 
-use self::{
-    body::{Finish, RequestBody, ResponseBody, Tape},
-    cluster::{Cluster, ClusterKey, ClusterPolicy, Outcome, Pick},
-    pool::{ClusterPool, ConnKey, InFlight, PoolError, Proto},
-    routes::{apply_header_ops, Backend, RequestInfo, RetryPlan, RuleAction, Selection},
+use self::body::{Finish, RequestBody, ResponseBody, Tape};
+use super::{
+    context::Context,
+    detect::Declared,
+    error::ProxyError,
+    route::{self, apply_header_ops, Backend, RequestInfo, RetryPlan, RuleAction, Selection},
+    upstream::{
+        cluster::{self, Cluster, ClusterKey, ClusterPolicy, Outcome, Pick},
+        pool::{self, ClusterPool, ConnKey, Dial, PoolError, Proto},
+    },
+    view::View,
 };
-use super::{detect::Declared, outbound, Inner, ProxyError, View};
 use crate::{
     metrics::{
         access_log, access_log_enabled, AccessEntry, ClusterName, Reporter, RequestLabels,
@@ -57,9 +62,8 @@ use crate::{
 };
 
 pub mod body;
-pub mod cluster;
-pub mod pool;
-pub mod routes;
+
+type InFlight = pool::InFlight<RequestBody>;
 
 /// Envoy's base interval between retries; each retry waits a random time up to
 /// `25 ms × 2^(retry-1)`, capped at ten times the base.
@@ -73,7 +77,7 @@ fn default_retries() -> RetryPlan {
 
 /// One downstream connection and what its requests share.
 pub(super) struct Conn {
-    inner: Arc<Inner>,
+    ctx: Arc<Context>,
     client: SocketAddrV4,
     /// The Service the client dialled, and the port.
     service: ObjectKey,
@@ -94,7 +98,7 @@ struct Inbound {
     service: Option<ObjectKey>,
     /// Envoy's `inbound|<port>||`: its own pool and counters, apart from the outbound
     /// clusters; looked up once per connection.
-    pool: Arc<ClusterPool>,
+    pool: Arc<ClusterPool<RequestBody>>,
     state: Arc<cluster::ClusterState>,
 }
 
@@ -109,13 +113,13 @@ struct ClusterCache {
 
 /// A cluster of the current snapshot with its proxy-wide pool.
 struct Resolved {
-    cluster: Cluster,
-    pool: Arc<ClusterPool>,
+    cluster: Arc<Cluster>,
+    pool: Arc<ClusterPool<RequestBody>>,
 }
 
 impl Conn {
-    pub(super) fn new(
-        inner: Arc<Inner>,
+    pub(super) fn outbound(
+        ctx: Arc<Context>,
         client: SocketAddrV4,
         service: ObjectKey,
         port: u16,
@@ -123,7 +127,7 @@ impl Conn {
         source: Option<Arc<Pod>>,
     ) -> Self {
         Self {
-            inner,
+            ctx,
             client,
             service,
             port,
@@ -137,7 +141,7 @@ impl Conn {
 
     /// The destination side of a connection for `target`, a pod of this node, from `source`.
     pub(super) fn inbound(
-        inner: Arc<Inner>,
+        ctx: Arc<Context>,
         client: SocketAddrV4,
         target: SocketAddrV4,
         service: Option<ObjectKey>,
@@ -147,9 +151,9 @@ impl Conn {
     ) -> Self {
         let service_key = service.clone().unwrap_or_else(|| ObjectKey::new("", ""));
         let cluster = ClusterKey::new(ObjectKey::new("", "inbound"), target.port(), None);
-        let pool = inner.pools.cluster(&cluster);
-        let state = inner.clusters.state(&cluster);
-        let mut conn = Self::new(inner, client, service_key, target.port(), declared, source);
+        let pool = ctx.pools.cluster(&cluster);
+        let state = ctx.clusters.state(&cluster);
+        let mut conn = Self::outbound(ctx, client, service_key, target.port(), declared, source);
         conn.inbound = Some(Inbound {
             target,
             pod,
@@ -163,18 +167,24 @@ impl Conn {
     /// The pooled connection that reaches a picked endpoint: directly on this node, through
     /// the peer node's tunnel otherwise, on behalf of this connection's client pod.
     fn conn_key(&self, view: &View, pick: &Pick, proto: Proto) -> Result<ConnKey, ProxyError> {
-        let via = outbound::via(
-            &view.snapshot,
-            &self.inner.config,
-            pick.addr,
-            pick.node.as_ref(),
-        )?;
+        let via = self
+            .ctx
+            .dialer
+            .via(&view.snapshot, pick.addr, pick.node.as_ref())?;
         Ok(ConnKey {
             target: pick.addr,
             via,
             proto,
             source: self.source.as_ref().map(|p| p.key.clone()),
         })
+    }
+
+    /// How this connection's requests reach a cluster's endpoints.
+    fn dial<'a>(&'a self, policy: &ClusterPolicy) -> Dial<'a> {
+        Dial {
+            dialer: &self.ctx.dialer,
+            timeout: policy.connect_timeout,
+        }
     }
 
     fn labels(
@@ -225,12 +235,9 @@ impl Conn {
         if let Some(resolved) = cache.clusters.get(&key) {
             return Ok(resolved.clone());
         }
-        let snapshot = &view.snapshot;
-        let client_namespace = self.source.as_ref().map(|p| &*p.key.namespace);
-        let policy = cluster::policy_for(snapshot, &key, client_namespace);
-        let state = self.inner.clusters.state(&key);
-        let pool = self.inner.pools.cluster(&key);
-        let cluster = Cluster::build(snapshot, key.clone(), policy, state)?;
+        let namespace = self.source.as_ref().map(|p| &p.key.namespace);
+        let cluster = view.cluster(&self.ctx.clusters, &key, namespace)?;
+        let pool = self.ctx.pools.cluster(&key);
         let resolved = Arc::new(Resolved { cluster, pool });
         cache.clusters.insert(key, resolved.clone());
         Ok(resolved)
@@ -328,7 +335,7 @@ impl Report {
         let duration = self.start.elapsed();
         let grpc_status = end.grpc_status.or(self.grpc_status);
         let request_bytes = self.tape.as_ref().map_or(0, |t| t.bytes());
-        self.conn.inner.http_metrics.record(
+        self.conn.ctx.http_metrics.record(
             &labels,
             &RequestOutcome {
                 response_code: self.status,
@@ -371,7 +378,7 @@ type Reply = Response<ResponseBody<Report>>;
 
 async fn handle(conn: Arc<Conn>, request: Request<Incoming>) -> Reply {
     let start = Instant::now();
-    let view = conn.inner.view();
+    let view = conn.ctx.view();
     let (mut parts, body) = request.into_parts();
     let authority = authority_of(&parts);
     let grpc = is_grpc(&parts.headers);
@@ -665,15 +672,11 @@ impl Attempts<'_> {
                 },
             };
             let request = Request::from_parts(parts.clone(), request_body);
-            let connect_timeout = cluster
-                .policy()
-                .connect_timeout
-                .unwrap_or(conn.inner.config.connect_timeout);
             let send = self.resolved.pool.send(
                 cluster.state(),
                 cluster.policy(),
                 &key,
-                connect_timeout,
+                conn.dial(cluster.policy()),
                 request,
             );
             let result = match self.per_try_timeout {
@@ -817,7 +820,7 @@ fn is_idempotent(method: &Method) -> bool {
 fn mirror(
     conn: &Arc<Conn>,
     view: &View,
-    mirrors: &[routes::MirrorTarget],
+    mirrors: &[route::MirrorTarget],
     parts: &Parts,
     tape: Option<&Tape>,
 ) {
@@ -869,7 +872,7 @@ fn mirror(
         let Ok(key) = conn.conn_key(view, &pick, proto) else {
             continue;
         };
-        let timeout = conn.inner.config.connect_timeout;
+        let conn = conn.clone();
         tokio::spawn(async move {
             let cluster = &resolved.cluster;
             let sent = resolved
@@ -878,7 +881,7 @@ fn mirror(
                     cluster.state(),
                     cluster.policy(),
                     &key,
-                    timeout,
+                    conn.dial(cluster.policy()),
                     Request::from_parts(head, body),
                 )
                 .await;
@@ -921,9 +924,7 @@ async fn forward_inbound(
     report.upstream = Some(inbound.target);
     let key = ConnKey {
         target: inbound.target,
-        via: outbound::Via::Direct {
-            source: Some(conn.inner.config.proxy_ip),
-        },
+        via: conn.ctx.dialer.local(),
         proto: Proto::Http1,
         source: None,
     };
@@ -949,7 +950,7 @@ async fn forward_inbound(
             &inbound.state,
             &policy,
             &key,
-            conn.inner.config.connect_timeout,
+            conn.dial(&policy),
             Request::from_parts(parts, request_body),
         )
         .await;
@@ -1017,7 +1018,9 @@ async fn send_upgrade(
     pick: Option<Pick>,
 ) -> Reply {
     let conn = report.conn.clone();
-    let mut sender = match pool::upgrade_connection(&key, conn.inner.config.connect_timeout).await {
+    let mut sender = match pool::upgrade_connection(&key, conn.dial(&ClusterPolicy::default()))
+        .await
+    {
         Ok(s) => s,
         Err(e) => {
             debug!("{e}");

@@ -7,40 +7,33 @@
 //! Whatever does not fit overflows: the caller answers 503 with flag `UO`.
 //!
 //! Connections are keyed by target address, protocol, the way there (direct or through the
-//! peer node's tunnel) and the source pod, so the far end still learns who is calling.
+//! peer node's tunnel) and the source pod, so the far end still learns who is calling. The
+//! pools know nothing of the requests they carry: any body hyper can write ([`PoolBody`]).
 
 use std::{
     collections::HashMap,
-    io,
+    error::Error as StdError,
     net::SocketAddrV4,
-    pin::Pin,
     sync::{Arc, Mutex},
-    task::{Context, Poll},
     time::{Duration, Instant},
 };
 
+use bytes::Bytes;
 use hyper::{
-    body::Incoming,
+    body::{Body, Incoming},
     client::conn::{http1, http2},
     Request, Response,
 };
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use thiserror::Error;
-use tokio::{
-    io::{AsyncRead, AsyncWrite, ReadBuf},
-    net::TcpStream,
-    sync::Notify,
-};
+use tokio::sync::Notify;
 use tracing::debug;
 
 use super::{
-    body::RequestBody,
     cluster::{ClusterKey, ClusterPolicy, ClusterState, Guard},
+    dial::{DialError, Dialer, Stream, Via},
 };
-use crate::{
-    model::ObjectKey,
-    proxy::{connect_tcp, outbound::Via, tunnel, ConnectError, Role, TunnelError},
-};
+use crate::model::ObjectKey;
 
 /// How long an unused connection is kept when the DestinationRule sets no idle timeout
 /// (Istio's default is one hour; pods rarely keep idle connections that long).
@@ -69,9 +62,7 @@ pub enum PoolError {
     Overflow(&'static str),
     /// The connection could not be made (Envoy's `UF`).
     #[error(transparent)]
-    Connect(#[from] ConnectError),
-    #[error(transparent)]
-    Tunnel(#[from] TunnelError),
+    Dial(#[from] DialError),
     #[error("HTTP handshake with upstream {target} failed: {source}")]
     Handshake {
         target: SocketAddrV4,
@@ -94,15 +85,33 @@ impl PoolError {
     }
 }
 
-/// The pools of every cluster, keyed by cluster; the proxy keeps one.
-#[derive(Default)]
-pub struct Pools {
-    clusters: Mutex<HashMap<ClusterKey, Arc<ClusterPool>>>,
+/// What a pooled connection can carry: any request body hyper can write.
+pub trait PoolBody:
+    Body<Data = Bytes, Error = Box<dyn StdError + Send + Sync>> + Send + Unpin + 'static
+{
 }
 
-impl Pools {
+impl<T> PoolBody for T where
+    T: Body<Data = Bytes, Error = Box<dyn StdError + Send + Sync>> + Send + Unpin + 'static
+{
+}
+
+/// The pools of every cluster, keyed by cluster; the proxy keeps one.
+pub struct Pools<B> {
+    clusters: Mutex<HashMap<ClusterKey, Arc<ClusterPool<B>>>>,
+}
+
+impl<B> Default for Pools<B> {
+    fn default() -> Self {
+        Self {
+            clusters: Mutex::default(),
+        }
+    }
+}
+
+impl<B: PoolBody> Pools<B> {
     /// The pool of `key`. Callers cache the result per downstream connection.
-    pub fn cluster(&self, key: &ClusterKey) -> Arc<ClusterPool> {
+    pub fn cluster(&self, key: &ClusterKey) -> Arc<ClusterPool<B>> {
         let mut clusters = self.clusters.lock().expect("pool registry poisoned");
         if let Some(pool) = clusters.get(key) {
             return pool.clone();
@@ -118,36 +127,52 @@ impl Pools {
 }
 
 /// The connections of one cluster.
-#[derive(Default)]
-pub struct ClusterPool {
-    endpoints: Mutex<HashMap<ConnKey, Arc<Endpoint>>>,
+pub struct ClusterPool<B> {
+    endpoints: Mutex<HashMap<ConnKey, Arc<Endpoint<B>>>>,
     /// Woken whenever a connection becomes idle or closes: pending requests try again.
     freed: Arc<Notify>,
 }
 
-#[derive(Default)]
-struct Endpoint {
-    idle: Mutex<Vec<Idle>>,
-    h2: tokio::sync::Mutex<Option<http2::SendRequest<RequestBody>>>,
+impl<B> Default for ClusterPool<B> {
+    fn default() -> Self {
+        Self {
+            endpoints: Mutex::default(),
+            freed: Arc::default(),
+        }
+    }
 }
 
-struct Idle {
-    sender: http1::SendRequest<RequestBody>,
+struct Endpoint<B> {
+    idle: Mutex<Vec<Idle<B>>>,
+    h2: tokio::sync::Mutex<Option<http2::SendRequest<B>>>,
+}
+
+impl<B> Default for Endpoint<B> {
+    fn default() -> Self {
+        Self {
+            idle: Mutex::default(),
+            h2: tokio::sync::Mutex::default(),
+        }
+    }
+}
+
+struct Idle<B> {
+    sender: http1::SendRequest<B>,
     since: Instant,
     served: u32,
 }
 
 /// A request's hold on an HTTP/1.1 connection: back to the idle list when dropped (after the
 /// response body ended), unless the connection served its `maxRequestsPerConnection`.
-pub struct Lease {
-    sender: Option<http1::SendRequest<RequestBody>>,
+pub struct Lease<B> {
+    sender: Option<http1::SendRequest<B>>,
     served: u32,
-    endpoint: Arc<Endpoint>,
+    endpoint: Arc<Endpoint<B>>,
     freed: Arc<Notify>,
     reusable: bool,
 }
 
-impl Drop for Lease {
+impl<B> Drop for Lease<B> {
     fn drop(&mut self) {
         if let Some(sender) = self.sender.take() {
             if self.reusable && !sender.is_closed() {
@@ -167,12 +192,12 @@ impl Drop for Lease {
 }
 
 /// What a sent request holds until its response body ends.
-pub struct InFlight {
+pub struct InFlight<B> {
     _request: Guard,
-    _lease: Option<Lease>,
+    _lease: Option<Lease<B>>,
 }
 
-impl ClusterPool {
+impl<B: PoolBody> ClusterPool<B> {
     fn is_empty(&self) -> bool {
         self.endpoints
             .lock()
@@ -181,7 +206,7 @@ impl ClusterPool {
             .all(|e| Arc::strong_count(e) == 1 && e.idle.lock().expect("poisoned").is_empty())
     }
 
-    fn endpoint(&self, key: &ConnKey) -> Arc<Endpoint> {
+    fn endpoint(&self, key: &ConnKey) -> Arc<Endpoint<B>> {
         let mut endpoints = self.endpoints.lock().expect("pool poisoned");
         endpoints.entry(key.clone()).or_default().clone()
     }
@@ -193,29 +218,21 @@ impl ClusterPool {
         state: &Arc<ClusterState>,
         policy: &ClusterPolicy,
         key: &ConnKey,
-        connect_timeout: Duration,
-        request: Request<RequestBody>,
-    ) -> Result<(Response<Incoming>, InFlight), PoolError> {
+        dial: Dial<'_>,
+        request: Request<B>,
+    ) -> Result<(Response<Incoming>, InFlight<B>), PoolError> {
         let request_slot = state
             .try_request(&policy.limits)
             .ok_or(PoolError::Overflow("http2MaxRequests"))?;
         let endpoint = self.endpoint(key);
         match key.proto {
             Proto::Http1 => {
-                self.send_http1(
-                    state,
-                    policy,
-                    key,
-                    connect_timeout,
-                    endpoint,
-                    request,
-                    request_slot,
-                )
-                .await
+                self.send_http1(state, policy, key, dial, endpoint, request, request_slot)
+                    .await
             }
             Proto::Http2 => {
                 let mut sender = self
-                    .http2_sender(state, policy, key, connect_timeout, &endpoint)
+                    .http2_sender(state, policy, key, dial, &endpoint)
                     .await?;
                 let response =
                     sender
@@ -242,11 +259,11 @@ impl ClusterPool {
         state: &Arc<ClusterState>,
         policy: &ClusterPolicy,
         key: &ConnKey,
-        connect_timeout: Duration,
-        endpoint: Arc<Endpoint>,
-        mut request: Request<RequestBody>,
+        dial: Dial<'_>,
+        endpoint: Arc<Endpoint<B>>,
+        mut request: Request<B>,
         request_slot: Guard,
-    ) -> Result<(Response<Incoming>, InFlight), PoolError> {
+    ) -> Result<(Response<Incoming>, InFlight<B>), PoolError> {
         let idle_timeout = policy.idle_timeout.unwrap_or(DEFAULT_IDLE_TIMEOUT);
         let mut pending = None;
         loop {
@@ -258,7 +275,7 @@ impl ClusterPool {
                 Some(idle) => (idle.sender, idle.served),
                 None => match state.try_connection(&policy.limits) {
                     Some(slot) => {
-                        let io = open(key, connect_timeout).await?;
+                        let io = dial.open(key).await?;
                         (self.handshake_http1(key.target, io, slot).await?, 0)
                     }
                     None => {
@@ -319,9 +336,9 @@ impl ClusterPool {
     async fn handshake_http1(
         &self,
         target: SocketAddrV4,
-        io: Transport,
+        io: Stream,
         slot: Guard,
-    ) -> Result<http1::SendRequest<RequestBody>, PoolError> {
+    ) -> Result<http1::SendRequest<B>, PoolError> {
         let (sender, connection) = http1::Builder::new()
             .handshake(TokioIo::new(io))
             .await
@@ -342,9 +359,9 @@ impl ClusterPool {
         state: &Arc<ClusterState>,
         policy: &ClusterPolicy,
         key: &ConnKey,
-        connect_timeout: Duration,
-        endpoint: &Endpoint,
-    ) -> Result<http2::SendRequest<RequestBody>, PoolError> {
+        dial: Dial<'_>,
+        endpoint: &Endpoint<B>,
+    ) -> Result<http2::SendRequest<B>, PoolError> {
         let mut pending = None;
         loop {
             let freed = self.freed.notified();
@@ -356,7 +373,7 @@ impl ClusterPool {
                     return Ok(sender.clone());
                 }
                 if let Some(slot) = state.try_connection(&policy.limits) {
-                    let io = open(key, connect_timeout).await?;
+                    let io = dial.open(key).await?;
                     let mut builder = http2::Builder::new(TokioExecutor::new());
                     builder
                         .timer(TokioTimer::new())
@@ -395,7 +412,7 @@ impl ClusterPool {
     }
 }
 
-fn take_idle(endpoint: &Endpoint, idle_timeout: Duration) -> Option<Idle> {
+fn take_idle<B>(endpoint: &Endpoint<B>, idle_timeout: Duration) -> Option<Idle<B>> {
     let mut idle = endpoint.idle.lock().expect("idle list poisoned");
     // Most recently used first: it is the least likely to have been closed by the server.
     while let Some(candidate) = idle.pop() {
@@ -410,13 +427,29 @@ fn take_idle(endpoint: &Endpoint, idle_timeout: Duration) -> Option<Idle> {
     None
 }
 
+/// How a pool reaches its endpoints: the proxy's dialler and the cluster's `connectTimeout`.
+#[derive(Clone, Copy, Debug)]
+pub struct Dial<'a> {
+    pub dialer: &'a Dialer,
+    pub timeout: Option<Duration>,
+}
+
+impl Dial<'_> {
+    async fn open(&self, key: &ConnKey) -> Result<Stream, PoolError> {
+        Ok(self
+            .dialer
+            .open(key.target, key.via, key.source.as_ref(), self.timeout)
+            .await?)
+    }
+}
+
 /// Opens a dedicated HTTP/1.1 connection for a request that upgrades the protocol
 /// (WebSocket): never pooled, it becomes a byte stream after `101 Switching Protocols`.
-pub async fn upgrade_connection(
+pub async fn upgrade_connection<B: PoolBody>(
     key: &ConnKey,
-    connect_timeout: Duration,
-) -> Result<http1::SendRequest<RequestBody>, PoolError> {
-    let io = open(key, connect_timeout).await?;
+    dial: Dial<'_>,
+) -> Result<http1::SendRequest<B>, PoolError> {
+    let io = dial.open(key).await?;
     let target = key.target;
     let (sender, connection) = http1::Builder::new()
         .handshake(TokioIo::new(io))
@@ -428,61 +461,4 @@ pub async fn upgrade_connection(
         }
     });
     Ok(sender)
-}
-
-/// The byte stream to an upstream: a TCP connection or a tunnel through the peer node.
-enum Transport {
-    Tcp(TcpStream),
-    Tunnel(tunnel::TunnelStream),
-}
-
-async fn open(key: &ConnKey, timeout: Duration) -> Result<Transport, PoolError> {
-    Ok(match key.via {
-        Via::Direct { source } => {
-            Transport::Tcp(connect_tcp(key.target, source, timeout, Role::Upstream).await?)
-        }
-        Via::Tunnel { peer } => Transport::Tunnel(
-            tunnel::connect(peer, key.target, key.source.as_ref(), timeout).await?,
-        ),
-    })
-}
-
-impl AsyncRead for Transport {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            Transport::Tcp(s) => Pin::new(s).poll_read(cx, buf),
-            Transport::Tunnel(s) => Pin::new(s).poll_read(cx, buf),
-        }
-    }
-}
-
-impl AsyncWrite for Transport {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        match self.get_mut() {
-            Transport::Tcp(s) => Pin::new(s).poll_write(cx, buf),
-            Transport::Tunnel(s) => Pin::new(s).poll_write(cx, buf),
-        }
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            Transport::Tcp(s) => Pin::new(s).poll_flush(cx),
-            Transport::Tunnel(s) => Pin::new(s).poll_flush(cx),
-        }
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            Transport::Tcp(s) => Pin::new(s).poll_shutdown(cx),
-            Transport::Tunnel(s) => Pin::new(s).poll_shutdown(cx),
-        }
-    }
 }

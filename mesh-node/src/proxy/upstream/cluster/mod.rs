@@ -104,7 +104,7 @@ use crate::model::{
         ConnectionPool, DestinationRule, H2UpgradePolicy, HashKey, LbPolicy, LoadBalancer,
         OutlierDetection, SimpleLb, TrafficPolicy,
     },
-    Labels, ObjectKey, Pod, Snapshot,
+    Endpoint, Labels, ObjectKey, Pod, Snapshot,
 };
 
 /// Istio's default `meshConfig.rootNamespace`: rules there apply to the whole mesh.
@@ -639,12 +639,7 @@ impl Cluster {
             let mut health = state.health();
             for endpoint in endpoints.iter().filter(|e| e.ready) {
                 let addr = SocketAddrV4::new(endpoint.ip, endpoint.port);
-                let pod = endpoint
-                    .pod
-                    .as_ref()
-                    .and_then(|k| snapshot.pods.get(k))
-                    .or_else(|| snapshot.pod_by_ip(endpoint.ip))
-                    .cloned();
+                let pod = endpoint_pod(snapshot, endpoint).cloned();
                 if let Some(labels) = &labels {
                     if !labels.is_empty() && !pod.as_ref().is_some_and(|p| p.carries(labels)) {
                         continue;
@@ -682,6 +677,15 @@ impl Cluster {
 
     pub fn key(&self) -> &ClusterKey {
         &self.key
+    }
+
+    /// The consistent-hash key of a TCP connection: only a source-IP hash applies to TCP
+    /// (Envoy's TCP proxy hashes on nothing else); other hash policies pick at random.
+    pub fn connection_hash(&self, source: Ipv4Addr) -> Option<u64> {
+        match &self.policy.lb {
+            Lb::Hash(HashKey::UseSourceIp) => Some(hash_bytes(&source.octets())),
+            _ => None,
+        }
     }
 
     pub fn policy(&self) -> &ClusterPolicy {
@@ -1180,6 +1184,15 @@ impl Clusters {
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
+}
+
+/// The pod behind `endpoint`: the one its EndpointSlice names, else the pod with its address.
+pub fn endpoint_pod<'s>(snapshot: &'s Snapshot, endpoint: &Endpoint) -> Option<&'s Arc<Pod>> {
+    endpoint
+        .pod
+        .as_ref()
+        .and_then(|k| snapshot.pods.get(k))
+        .or_else(|| snapshot.pod_by_ip(endpoint.ip))
 }
 
 /// A panic while a lock was held leaves plain data behind; carrying on is safe.

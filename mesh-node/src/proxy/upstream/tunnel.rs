@@ -25,7 +25,7 @@ use tokio::{
     net::TcpStream,
 };
 
-use super::{connect_tcp, ConnectError, Role};
+use super::connect::{connect_tcp, ConnectError, Role};
 use crate::model::ObjectKey;
 
 /// Header carrying the `namespace/name` of the pod that opened the connection.

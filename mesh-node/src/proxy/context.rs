@@ -1,0 +1,100 @@
+//! What every connection of the proxy shares: its settings, the current [`View`] of the
+//! configuration, the capture layer, metrics, and the upstream floor's long-lived state
+//! (cluster health and budgets, connection pools).
+
+use std::{
+    net::{Ipv4Addr, SocketAddr},
+    sync::{atomic::AtomicU64, Arc},
+    time::Duration,
+};
+
+use arc_swap::ArcSwap;
+
+use super::{
+    l7::body::RequestBody,
+    upstream::{cluster::Clusters, pool::Pools, Dialer},
+    view::View,
+};
+use crate::{
+    metrics::{HttpMetrics, TcpMetrics},
+    model::OriginalDst,
+};
+
+/// How long a TCP connect (to a pod or to a peer node's proxy) may take.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long open connections may finish after shutdown was requested.
+pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Where the proxy listens and how it reaches the rest of the mesh.
+#[derive(Clone, Debug)]
+pub struct ProxyConfig {
+    /// This node's name, as in the pods' `spec.nodeName`.
+    pub node: Arc<str>,
+    /// Source address of connections to local pods (so they do not get captured again).
+    pub proxy_ip: Ipv4Addr,
+    pub outbound_addr: SocketAddr,
+    pub inbound_addr: SocketAddr,
+    pub tunnel_addr: SocketAddr,
+    /// Port of the tunnel listener on the other nodes.
+    pub peer_tunnel_port: u16,
+    pub connect_timeout: Duration,
+    pub drain_timeout: Duration,
+    /// Sets `IP_TRANSPARENT` on the inbound listener, so connections the TC program assigns
+    /// to it can answer from the pod's address (needs CAP_NET_ADMIN).
+    pub inbound_transparent: bool,
+    /// Runs as a sidecar inside one pod's network namespace: every upstream is dialled
+    /// directly (the destination's own sidecar captures it inbound), never through a tunnel.
+    pub sidecar: bool,
+}
+
+impl ProxyConfig {
+    /// The standard ports on every address.
+    pub fn new(node: &str, proxy_ip: Ipv4Addr) -> Self {
+        let any = |port| SocketAddr::from((Ipv4Addr::UNSPECIFIED, port));
+        Self {
+            node: node.into(),
+            proxy_ip,
+            outbound_addr: any(mesh_common::OUTBOUND_PORT),
+            inbound_addr: any(mesh_common::INBOUND_PORT),
+            tunnel_addr: any(mesh_common::TUNNEL_PORT),
+            peer_tunnel_port: mesh_common::TUNNEL_PORT,
+            connect_timeout: CONNECT_TIMEOUT,
+            drain_timeout: DRAIN_TIMEOUT,
+            inbound_transparent: false,
+            sidecar: false,
+        }
+    }
+
+    /// The upstream floor's part of the settings.
+    pub(super) fn dialer(&self) -> Dialer {
+        Dialer {
+            node: self.node.clone(),
+            proxy_ip: self.proxy_ip,
+            peer_tunnel_port: self.peer_tunnel_port,
+            sidecar: self.sidecar,
+            connect_timeout: self.connect_timeout,
+        }
+    }
+}
+
+/// State shared by every connection.
+pub(crate) struct Context {
+    pub config: ProxyConfig,
+    pub dialer: Dialer,
+    pub view: ArcSwap<View>,
+    pub original_dst: Arc<dyn OriginalDst>,
+    pub metrics: TcpMetrics,
+    pub http_metrics: HttpMetrics,
+    /// Health and circuit-breaker state of every cluster, kept across snapshots.
+    pub clusters: Clusters,
+    /// Upstream HTTP connections of every cluster.
+    pub pools: Pools<RequestBody>,
+    pub applied: Arc<AtomicU64>,
+    pub inbound_port: u16,
+}
+
+impl Context {
+    pub fn view(&self) -> Arc<View> {
+        self.view.load_full()
+    }
+}

@@ -1,0 +1,73 @@
+//! Why the proxy could not serve a connection, worded for the operator.
+
+use std::{
+    io,
+    net::{SocketAddr, SocketAddrV4},
+    sync::Arc,
+};
+
+use thiserror::Error;
+
+use super::{
+    copy::CopyError,
+    upstream::{cluster::ClusterError, tunnel::TunnelError, DialError},
+};
+use crate::model::ObjectKey;
+
+#[derive(Debug, Error)]
+pub enum ProxyError {
+    #[error(
+        "cannot listen on {addr} for {listener}: {source} (is another process using the port?)"
+    )]
+    Bind {
+        listener: &'static str,
+        addr: SocketAddr,
+        #[source]
+        source: io::Error,
+    },
+    #[error("cannot set IP_TRANSPARENT on the inbound listener {addr}: {source} (mesh-node needs CAP_NET_ADMIN)")]
+    Transparent {
+        addr: SocketAddr,
+        #[source]
+        source: io::Error,
+    },
+    #[error("client {client} is not IPv4: Weft captures IPv4 only")]
+    NotIpv4 { client: SocketAddr },
+    #[error("no original destination is recorded for client {client}: the connection reached the outbound listener without being captured (was port 15001 dialled directly, or is eBPF capture off?)")]
+    NoOriginalDst { client: SocketAddrV4 },
+    #[error("service {service} has no TCP port {port} (dialled {dialled})")]
+    NoServicePort {
+        service: ObjectKey,
+        port: u16,
+        dialled: SocketAddrV4,
+    },
+    #[error("service {service} port {port} has no ready endpoint: check that its pods are running and selected (or its EndpointSlices)")]
+    NoEndpoint { service: ObjectKey, port: u16 },
+    #[error("service {service} port {port} is at its DestinationRule's connectionPool.tcp.maxConnections: connection from {client} closed (upstream overflow)")]
+    Overflow {
+        service: ObjectKey,
+        port: u16,
+        client: SocketAddrV4,
+    },
+    #[error("connection from {client} to the inbound listener itself ({local}): only connections steered to a pod are served there")]
+    InboundLoop {
+        client: SocketAddr,
+        local: SocketAddr,
+    },
+    #[error("tunnel from {client} asks for {target}, which is not a pod on node {node}")]
+    NotLocalPod {
+        client: SocketAddr,
+        target: SocketAddrV4,
+        node: Arc<str>,
+    },
+    #[error(transparent)]
+    Cluster(#[from] ClusterError),
+    #[error(transparent)]
+    Dial(#[from] DialError),
+    #[error(transparent)]
+    Tunnel(#[from] TunnelError),
+    #[error(transparent)]
+    Copy(#[from] CopyError),
+    #[error("cannot read the addresses of an accepted connection: {0}")]
+    Socket(#[source] io::Error),
+}

@@ -1,0 +1,258 @@
+//! Opaque TCP: where a connection goes, and the bytes both ways.
+//!
+//! A connection to a Service port is balanced by the same cluster an HTTP request to that port
+//! would use: a VirtualService `tcp` route picks a weighted destination (service, port,
+//! subset), then the DestinationRule's load balancer picks the endpoint (a source-IP hash is the
+//! only consistent hash a TCP connection has), `connectionPool.tcp.maxConnections` caps the
+//! connections open to the cluster (HTTP connections included, as Envoy's circuit breakers do),
+//! `connectTimeout` bounds the connect, and connect failures feed outlier detection. A pod
+//! address is dialled as is; anything else is dialled unchanged. Envoy's TCP proxy makes one
+//! connect attempt, and so does this.
+
+use std::{
+    net::{SocketAddr, SocketAddrV4},
+    sync::Arc,
+    time::Instant,
+};
+
+use tokio::io::{AsyncRead, AsyncWrite};
+
+use super::{
+    context::Context,
+    copy::{self, Transferred},
+    error::ProxyError,
+    upstream::{
+        cluster::{Cluster, ClusterKey, Guard, Outcome, Pick},
+        Stream, Via,
+    },
+    view::View,
+};
+use crate::{
+    metrics::{Reporter, ResponseFlags, ServiceLabels, TcpLabels, Workload},
+    model::{ObjectKey, Pod, Protocol, Service},
+};
+
+/// What the access log line of a TCP connection reports.
+#[derive(Debug, Default)]
+pub(super) struct Log {
+    pub dialled: Option<SocketAddrV4>,
+    pub target: Option<SocketAddrV4>,
+    pub via: Option<Via>,
+}
+
+/// The endpoint an outbound connection goes to, with what it holds while it is open.
+#[derive(Debug)]
+pub(super) struct Target {
+    pub addr: SocketAddrV4,
+    pub via: Via,
+    /// The pod behind the address, when known.
+    pub pod: Option<Arc<Pod>>,
+    /// The Service whose cluster was used (the route's destination, else the dialled one).
+    pub service: Option<Arc<Service>>,
+    balanced: Option<Balanced>,
+}
+
+/// An endpoint picked from a cluster: counted as active (least request) and holding a slot of
+/// the cluster's connection budget until the connection closes.
+#[derive(Debug)]
+struct Balanced {
+    cluster: Arc<Cluster>,
+    pick: Pick,
+    _slot: Guard,
+}
+
+/// Why no target could be chosen, with the flag Envoy reports.
+pub(super) struct Unroutable {
+    pub error: ProxyError,
+    pub flags: ResponseFlags,
+    pub service: Option<Arc<Service>>,
+}
+
+/// Picks the target of a connection from `client` that dialled `dialled` (`service` if that
+/// is a Service address).
+pub(super) fn choose(
+    ctx: &Context,
+    view: &View,
+    client: SocketAddrV4,
+    dialled: SocketAddrV4,
+    service: Option<&Arc<Service>>,
+    source: Option<&Arc<Pod>>,
+) -> Result<Target, Unroutable> {
+    let snapshot = &view.snapshot;
+    let Some(dialled_service) = service else {
+        let pod = snapshot.pod_by_ip(*dialled.ip()).cloned();
+        let node = pod.as_ref().and_then(|p| p.node.clone());
+        let via = ctx
+            .dialer
+            .via(snapshot, dialled, node.as_ref())
+            .map_err(|e| Unroutable {
+                error: e.into(),
+                flags: ResponseFlags::UH,
+                service: None,
+            })?;
+        return Ok(Target {
+            addr: dialled,
+            via,
+            pod,
+            service: None,
+            balanced: None,
+        });
+    };
+    // A VirtualService `tcp` route sends the connection to one of its weighted destinations;
+    // one naming no known Service leaves the dialled one in charge.
+    let routed = view
+        .routes
+        .tcp(&dialled_service.key, dialled.port(), source.map(|p| &**p))
+        .and_then(|r| r.pick(fastrand::u32(..)))
+        .and_then(|backend| {
+            let service = snapshot.services.get(backend.service.as_ref()?)?;
+            let port = backend.port.unwrap_or(dialled.port());
+            Some((service.clone(), port, backend.subset.clone()))
+        });
+    let (service, port, subset) = match routed {
+        Some(routed) => routed,
+        None => {
+            let declared = dialled_service
+                .ports
+                .iter()
+                .any(|p| p.port == dialled.port() && p.protocol == Protocol::Tcp);
+            if !declared {
+                return Err(Unroutable {
+                    error: ProxyError::NoServicePort {
+                        service: dialled_service.key.clone(),
+                        port: dialled.port(),
+                        dialled,
+                    },
+                    flags: ResponseFlags::UH,
+                    service: Some(dialled_service.clone()),
+                });
+            }
+            (dialled_service.clone(), dialled.port(), None)
+        }
+    };
+    let fail = |error: ProxyError, flags| Unroutable {
+        error,
+        flags,
+        service: Some(service.clone()),
+    };
+    let no_endpoint = || ProxyError::NoEndpoint {
+        service: service.key.clone(),
+        port,
+    };
+    let key = ClusterKey::new(service.key.clone(), port, subset);
+    let namespace = source.map(|p| &p.key.namespace);
+    let cluster = view
+        .cluster(&ctx.clusters, &key, namespace)
+        .map_err(|e| fail(ProxyError::Cluster(e), ResponseFlags::UH))?;
+    let hash = cluster.connection_hash(*client.ip());
+    let pick = cluster
+        .pick(hash, None, Instant::now())
+        .ok_or_else(|| fail(no_endpoint(), ResponseFlags::UH))?;
+    let slot = cluster
+        .state()
+        .try_connection(&cluster.policy().limits)
+        .ok_or_else(|| {
+            fail(
+                ProxyError::Overflow {
+                    service: service.key.clone(),
+                    port,
+                    client,
+                },
+                ResponseFlags::UO,
+            )
+        })?;
+    let via = ctx
+        .dialer
+        .via(snapshot, pick.addr, pick.node.as_ref())
+        .map_err(|e| fail(e.into(), ResponseFlags::UH))?;
+    Ok(Target {
+        addr: pick.addr,
+        via,
+        pod: pick.pod.clone(),
+        service: Some(service.clone()),
+        balanced: Some(Balanced {
+            cluster,
+            pick,
+            _slot: slot,
+        }),
+    })
+}
+
+impl Target {
+    /// Connects to the target on behalf of `source`, within the cluster's `connectTimeout`;
+    /// the outcome counts for outlier detection.
+    pub async fn connect(
+        &self,
+        ctx: &Context,
+        source: Option<&ObjectKey>,
+    ) -> Result<Stream, ProxyError> {
+        let timeout = self
+            .balanced
+            .as_ref()
+            .and_then(|b| b.cluster.policy().connect_timeout);
+        let result = ctx.dialer.open(self.addr, self.via, source, timeout).await;
+        if let Some(b) = &self.balanced {
+            let outcome = match &result {
+                Ok(_) => Outcome::Success,
+                Err(_) => Outcome::ConnectFailure,
+            };
+            if b.cluster.report(&b.pick, outcome, Instant::now()) {
+                tracing::info!(endpoint = %self.addr, cluster = %b.cluster.key(), "outlier detection ejected an endpoint");
+            }
+        }
+        Ok(result?)
+    }
+}
+
+/// Copies bytes both ways between `downstream` and `upstream`, counted as one connection
+/// under `labels`.
+pub(super) async fn relay<D, U>(
+    ctx: &Context,
+    downstream: &mut D,
+    upstream: &mut U,
+    labels: &TcpLabels,
+) -> Result<Transferred, ProxyError>
+where
+    D: AsyncRead + AsyncWrite + Unpin,
+    U: AsyncRead + AsyncWrite + Unpin,
+{
+    let conn = ctx.metrics.connection(labels);
+    conn.opened();
+    let result = copy::bidirectional(downstream, upstream, &conn).await;
+    conn.closed();
+    Ok(result?)
+}
+
+/// Counts a connection that never reached its upstream, with Envoy's flag for why.
+pub(super) fn record_failure(ctx: &Context, labels: &TcpLabels, flags: ResponseFlags) {
+    let conn = ctx
+        .metrics
+        .connection(&labels.clone().with_response_flags(flags));
+    conn.opened();
+    conn.closed();
+}
+
+/// Labels of a connection as the source side reports it.
+pub(super) fn source_labels(
+    source: Option<&Pod>,
+    destination: Option<&Pod>,
+    service: Option<&Service>,
+) -> TcpLabels {
+    TcpLabels::new(
+        Reporter::Source,
+        Workload::of_option(source),
+        Workload::of_option(destination),
+        ServiceLabels::of_option(service),
+    )
+}
+
+/// The IPv4 form of an accepted connection's address.
+pub(super) fn v4(addr: SocketAddr) -> Option<SocketAddrV4> {
+    match addr {
+        SocketAddr::V4(a) => Some(a),
+        SocketAddr::V6(a) => a
+            .ip()
+            .to_ipv4_mapped()
+            .map(|ip| SocketAddrV4::new(ip, a.port())),
+    }
+}

@@ -1,0 +1,278 @@
+//! The configuration as the data path reads it: a snapshot with everything compiled that
+//! connections and requests need — route tables and clusters — built off the data path when a
+//! snapshot is published, reusing what the change did not touch.
+
+use std::{
+    collections::HashMap,
+    hash::Hash,
+    sync::{Arc, RwLock},
+};
+
+use super::{
+    route::RouteIndex,
+    upstream::cluster::{self, Cluster, ClusterError, ClusterKey, Clusters},
+};
+use crate::model::Snapshot;
+
+/// A cluster as a client namespace sees it (`exportTo` makes rules namespace-dependent).
+type ClusterSlot = (ClusterKey, Option<Arc<str>>);
+
+/// One snapshot, compiled.
+pub(crate) struct View {
+    pub snapshot: Arc<Snapshot>,
+    /// HTTP and TCP routes of every Service that has any.
+    pub routes: Arc<RouteIndex>,
+    /// Clusters connections asked for, built once per view; carried into the next view when
+    /// the change did not touch them.
+    clusters: RwLock<HashMap<ClusterSlot, Arc<Cluster>>>,
+}
+
+impl View {
+    /// Compiles `snapshot`. What `previous` compiled is reused where its inputs are the same
+    /// objects (unchanged objects keep their `Arc` across snapshots): the route tables when no
+    /// route or Service changed, each cluster when neither its Service's endpoints, nor the
+    /// DestinationRules, nor the pods behind its endpoints changed. Clusters in use are rebuilt
+    /// here rather than by the next connection. Costs O(routes) only when routes changed.
+    pub fn new(snapshot: Arc<Snapshot>, previous: Option<&View>, states: &Clusters) -> Self {
+        let routes = match previous {
+            Some(p) if routes_unchanged(&p.snapshot, &snapshot) => p.routes.clone(),
+            _ => Arc::new(RouteIndex::build(&snapshot)),
+        };
+        let mut clusters = HashMap::new();
+        if let Some(previous) = previous {
+            let rules_unchanged = same_entries(
+                &previous.snapshot.destination_rules,
+                &snapshot.destination_rules,
+            );
+            let old = previous.clusters.read().unwrap_or_else(|e| e.into_inner());
+            for ((key, namespace), cluster) in old.iter() {
+                let endpoints_unchanged = match (
+                    previous.snapshot.endpoints.get(&key.service),
+                    snapshot.endpoints.get(&key.service),
+                ) {
+                    (Some(a), Some(b)) => Arc::ptr_eq(a, b),
+                    (None, None) => true,
+                    _ => false,
+                };
+                let reused = (rules_unchanged
+                    && endpoints_unchanged
+                    && pods_unchanged(&previous.snapshot, &snapshot, key))
+                .then(|| cluster.clone())
+                .or_else(|| build(&snapshot, states, key, namespace.as_deref()).ok());
+                if let Some(cluster) = reused {
+                    clusters.insert((key.clone(), namespace.clone()), cluster);
+                }
+            }
+        }
+        Self {
+            snapshot,
+            routes,
+            clusters: RwLock::new(clusters),
+        }
+    }
+
+    /// The cluster `key` names, as a client in `namespace` sees it (`None`: a client that is
+    /// no pod of the mesh). Built on first use in this view.
+    pub fn cluster(
+        &self,
+        states: &Clusters,
+        key: &ClusterKey,
+        namespace: Option<&Arc<str>>,
+    ) -> Result<Arc<Cluster>, ClusterError> {
+        let slot = (key.clone(), namespace.cloned());
+        if let Some(cluster) = self
+            .clusters
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&slot)
+        {
+            return Ok(cluster.clone());
+        }
+        let cluster = build(&self.snapshot, states, key, namespace.map(|n| &**n))?;
+        let mut clusters = self.clusters.write().unwrap_or_else(|e| e.into_inner());
+        Ok(clusters.entry(slot).or_insert(cluster).clone())
+    }
+}
+
+fn build(
+    snapshot: &Snapshot,
+    states: &Clusters,
+    key: &ClusterKey,
+    namespace: Option<&str>,
+) -> Result<Arc<Cluster>, ClusterError> {
+    let policy = cluster::policy_for(snapshot, key, namespace);
+    Cluster::build(snapshot, key.clone(), policy, states.state(key)).map(Arc::new)
+}
+
+/// Whether the route tables of `old` still hold for `new`: they depend on the routes and on
+/// the Services (host resolution, ports, ClusterIPs), nothing else.
+fn routes_unchanged(old: &Snapshot, new: &Snapshot) -> bool {
+    same_entries(&old.virtual_services, &new.virtual_services)
+        && same_entries(&old.http_routes, &new.http_routes)
+        && same_entries(&old.grpc_routes, &new.grpc_routes)
+        && same_entries(&old.services, &new.services)
+}
+
+/// Whether every endpoint of the cluster's service port resolves to the same pod object in
+/// both snapshots (subsets, nodes and metric labels come from the pods).
+fn pods_unchanged(old: &Snapshot, new: &Snapshot, key: &ClusterKey) -> bool {
+    new.endpoints(&key.service, key.port).iter().all(|e| {
+        let pod = |s| cluster::endpoint_pod(s, e).map(Arc::as_ptr);
+        pod(old) == pod(new)
+    })
+}
+
+/// Both maps hold the very same objects under the same keys.
+fn same_entries<K: Eq + Hash, V>(a: &HashMap<K, Arc<V>>, b: &HashMap<K, Arc<V>>) -> bool {
+    a.len() == b.len()
+        && a.iter()
+            .all(|(k, v)| b.get(k).is_some_and(|w| Arc::ptr_eq(v, w)))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use super::*;
+    use crate::model::{
+        Endpoint, ObjectKey, Pod, Protocol, Service, ServiceEndpoints, ServicePort, TargetPort,
+    };
+
+    fn pod(name: &str, ip: [u8; 4], version: &str) -> Arc<Pod> {
+        Arc::new(Pod {
+            key: ObjectKey::new("default", name),
+            uid: None,
+            labels: [("version".to_string(), version.to_string())].into(),
+            annotations: Default::default(),
+            node: Some("n1".into()),
+            ip: Some(ip.into()),
+            service_account: "default".into(),
+            ports: vec![],
+        })
+    }
+
+    fn endpoints(pods: &[&Arc<Pod>]) -> Arc<ServiceEndpoints> {
+        let list = pods
+            .iter()
+            .map(|p| Endpoint {
+                ip: p.ip.unwrap(),
+                port: 8080,
+                pod: Some(p.key.clone()),
+                node: p.node.clone(),
+                ready: true,
+            })
+            .collect();
+        Arc::new(ServiceEndpoints {
+            by_port: BTreeMap::from([(80, list)]),
+        })
+    }
+
+    fn snapshot(services: &[(&str, Arc<ServiceEndpoints>)], pods: &[&Arc<Pod>]) -> Snapshot {
+        let mut snapshot = Snapshot::default();
+        for p in pods {
+            snapshot.pods.insert(p.key.clone(), (*p).clone());
+        }
+        for (i, (name, eps)) in services.iter().enumerate() {
+            let service = Arc::new(Service {
+                key: ObjectKey::new("default", name),
+                cluster_ip: Some([10, 96, 0, i as u8 + 1].into()),
+                ports: vec![ServicePort {
+                    name: Some("tcp".into()),
+                    port: 80,
+                    target_port: TargetPort::Number(8080),
+                    protocol: Protocol::Tcp,
+                    app_protocol: None,
+                }],
+                selector: None,
+            });
+            snapshot.services.insert(service.key.clone(), service);
+            snapshot
+                .endpoints
+                .insert(ObjectKey::new("default", name), eps.clone());
+        }
+        snapshot.index();
+        snapshot
+    }
+
+    fn key(name: &str) -> ClusterKey {
+        ClusterKey::new(ObjectKey::new("default", name), 80, None)
+    }
+
+    #[test]
+    fn an_endpoint_change_rebuilds_only_the_cluster_it_touches() {
+        let states = Clusters::default();
+        let (a1, a2, b1) = (
+            pod("a1", [10, 244, 1, 1], "v1"),
+            pod("a2", [10, 244, 1, 2], "v1"),
+            pod("b1", [10, 244, 1, 3], "v1"),
+        );
+        let first = snapshot(
+            &[("a", endpoints(&[&a1])), ("b", endpoints(&[&b1]))],
+            &[&a1, &a2, &b1],
+        );
+        let first = View::new(Arc::new(first), None, &states);
+        let a = first.cluster(&states, &key("a"), None).unwrap();
+        let b = first.cluster(&states, &key("b"), None).unwrap();
+        assert_eq!(a.len(), 1);
+
+        // Service a gains an endpoint; everything else is the same object.
+        let mut second = (*first.snapshot).clone();
+        second
+            .endpoints
+            .insert(ObjectKey::new("default", "a"), endpoints(&[&a1, &a2]));
+        let second = View::new(Arc::new(second), Some(&first), &states);
+        assert!(
+            Arc::ptr_eq(&first.routes, &second.routes),
+            "no route or Service changed: the route tables are reused"
+        );
+        let b_again = second.cluster(&states, &key("b"), None).unwrap();
+        assert!(Arc::ptr_eq(&b, &b_again), "b is untouched and reused");
+        let a_again = second.cluster(&states, &key("a"), None).unwrap();
+        assert!(!Arc::ptr_eq(&a, &a_again));
+        assert_eq!(a_again.len(), 2, "a was rebuilt with its new endpoint");
+        // Health and counters are per cluster key, not per build.
+        assert!(Arc::ptr_eq(a.state(), a_again.state()));
+    }
+
+    #[test]
+    fn a_pod_change_rebuilds_the_clusters_of_that_pod() {
+        let states = Clusters::default();
+        let a1 = pod("a1", [10, 244, 1, 1], "v1");
+        let first = View::new(
+            Arc::new(snapshot(&[("a", endpoints(&[&a1]))], &[&a1])),
+            None,
+            &states,
+        );
+        let a = first.cluster(&states, &key("a"), None).unwrap();
+        // The same endpoints, but the pod behind them was relabelled (a subset may change).
+        let mut second = (*first.snapshot).clone();
+        let relabelled = pod("a1", [10, 244, 1, 1], "v2");
+        second.pods.insert(relabelled.key.clone(), relabelled);
+        let second = View::new(Arc::new(second), Some(&first), &states);
+        let a_again = second.cluster(&states, &key("a"), None).unwrap();
+        assert!(!Arc::ptr_eq(&a, &a_again));
+        let pick = a_again.pick(None, None, std::time::Instant::now()).unwrap();
+        assert_eq!(pick.pod.unwrap().version(), "v2");
+    }
+
+    #[test]
+    fn a_service_change_recompiles_the_routes() {
+        let states = Clusters::default();
+        let a1 = pod("a1", [10, 244, 1, 1], "v1");
+        let first = View::new(
+            Arc::new(snapshot(&[("a", endpoints(&[&a1]))], &[&a1])),
+            None,
+            &states,
+        );
+        // The same Service, as a new object (its ports or ClusterIP may have changed).
+        let mut second = (*first.snapshot).clone();
+        let key = ObjectKey::new("default", "a");
+        let service = Arc::new((*second.services[&key]).clone());
+        second.services.insert(key, service);
+        let second = View::new(Arc::new(second), Some(&first), &states);
+        assert!(
+            !Arc::ptr_eq(&first.routes, &second.routes),
+            "a new Service object means new route tables"
+        );
+    }
+}
