@@ -31,7 +31,10 @@ use mesh_node::{
     source::file::FileSource,
 };
 use tempfile::TempDir;
-use tokio::net::{TcpListener, TcpSocket};
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::{TcpListener, TcpSocket},
+};
 
 const PROXY_IP: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 1);
 const POD_PORT: u16 = 18080;
@@ -817,6 +820,206 @@ spec:\n  hosts: [blue]\n  tcp:\n  - route:\n    - {destination: {host: blue}, we
         "50/50 over 200 connections gave {seen:?}"
     );
     assert_eq!(blue + seen.get("green").copied().unwrap_or(0), 200);
+}
+
+/// One HTTP/1.1 exchange on a fresh TCP connection to `app`'s Service, as raw bytes: the
+/// version that answered, or `None` when the proxy closed the connection without an answer.
+async fn raw_exchange(mesh: &Mesh, app_index: u8) -> Option<String> {
+    let mut stream = mesh.dial(app_index).await;
+    let _ = stream
+        .write_all(b"GET / HTTP/1.1\r\nhost: shop.test\r\nconnection: close\r\n\r\n")
+        .await;
+    let mut answer = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut answer));
+    read.await.expect("the connection ends in time").ok()?;
+    let text = String::from_utf8_lossy(&answer);
+    text.lines()
+        .find_map(|l| l.strip_prefix("x-version: "))
+        .map(str::to_owned)
+}
+
+const TCP_RULE: &str = "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {name: blue, namespace: shop}\nspec:\n  host: blue\n  trafficPolicy:\n";
+
+#[tokio::test]
+async fn tcp_services_use_the_destination_rule_load_balancer() {
+    let mut mesh = Mesh::start_with_port(
+        23,
+        &[("blue-1", "blue", "v1", 11), ("blue-2", "blue", "v2", 12)],
+        "tcp-web",
+    )
+    .await;
+    mesh.apply(
+        "dr.yaml",
+        &format!("{TCP_RULE}    loadBalancer: {{simple: ROUND_ROBIN}}\n"),
+    )
+    .await;
+    let mut order = Vec::new();
+    for _ in 0..6 {
+        order.push(raw_exchange(&mesh, 1).await.expect("answered"));
+    }
+    assert!(
+        order.windows(2).all(|w| w[0] != w[1]),
+        "round robin alternates connections: {order:?}"
+    );
+
+    // A source-IP hash is the consistent hash a TCP connection has: one client, one pod.
+    mesh.apply(
+        "dr.yaml",
+        &format!("{TCP_RULE}    loadBalancer: {{consistentHash: {{useSourceIp: true}}}}\n"),
+    )
+    .await;
+    let mut seen = BTreeMap::<String, usize>::new();
+    for _ in 0..20 {
+        *seen
+            .entry(raw_exchange(&mesh, 1).await.expect("answered"))
+            .or_default() += 1;
+    }
+    assert_eq!(
+        seen.len(),
+        1,
+        "every connection of one client sticks: {seen:?}"
+    );
+}
+
+#[tokio::test]
+async fn tcp_services_honour_max_connections_and_subsets() {
+    let mut mesh = Mesh::start_with_port(
+        24,
+        &[("blue-1", "blue", "v1", 11), ("blue-2", "blue", "v2", 12)],
+        "tcp-web",
+    )
+    .await;
+    mesh.apply(
+        "dr.yaml",
+        &format!("{TCP_RULE}    connectionPool: {{tcp: {{maxConnections: 1}}}}\n"),
+    )
+    .await;
+    let mut held = mesh.connect(1).await;
+    assert_eq!(held.get("/", &[]).await.status, StatusCode::OK);
+    // The cluster is at its limit: the next connection is closed unanswered, counted `UO`.
+    assert_eq!(raw_exchange(&mesh, 1).await, None);
+    assert!(
+        mesh.metrics()
+            .lines()
+            .any(|l| l.starts_with("istio_tcp_connections_opened_total{")
+                && l.contains("destination_service_name=\"blue\"")
+                && l.contains("response_flags=\"UO\"")),
+        "{}",
+        mesh.metrics()
+    );
+    drop(held);
+    // Once the held connection has closed, its slot is free again.
+    let mut answered = None;
+    for _ in 0..100 {
+        answered = raw_exchange(&mesh, 1).await;
+        if answered.is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(
+        answered.is_some(),
+        "a connection is accepted after the slot freed"
+    );
+
+    // Subsets through a TCP route: every connection goes to v2.
+    mesh.apply(
+        "dr.yaml",
+        "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {name: blue, namespace: shop}
+spec:\n  host: blue\n  subsets:\n  - {name: v1, labels: {version: v1}}\n  - {name: v2, labels: {version: v2}}\n",
+    )
+    .await;
+    mesh.apply(
+        "vs.yaml",
+        "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: blue, namespace: shop}
+spec:\n  hosts: [blue]\n  tcp:\n  - route:\n    - destination: {host: blue, subset: v2}\n",
+    )
+    .await;
+    for _ in 0..10 {
+        assert_eq!(raw_exchange(&mesh, 1).await.as_deref(), Some("v2"));
+    }
+}
+
+/// A pod that exists in the configuration but does not serve: nothing listens on its address.
+fn silent_pod(net: u8, name: &str, app: &str, suffix: u8) -> String {
+    format!(
+        "apiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, namespace: shop, labels: {{app: {app}, version: {name}}}}}\n\
+         spec: {{nodeName: n1, containers: [{{name: app, ports: [{{containerPort: {POD_PORT}}}]}}]}}\nstatus: {{podIP: 127.0.{net}.{suffix}}}\n"
+    )
+}
+
+#[tokio::test]
+async fn tcp_connect_failures_eject_the_endpoint() {
+    let net = 25;
+    let mut mesh = Mesh::start_with_port(net, &[("blue-1", "blue", "v1", 11)], "tcp-web").await;
+    mesh.apply("dead.yaml", &silent_pod(net, "blue-dead", "blue", 13))
+        .await;
+    mesh.apply(
+        "dr.yaml",
+        &format!(
+            "{TCP_RULE}    loadBalancer: {{simple: ROUND_ROBIN}}\n    outlierDetection: {{consecutive5xxErrors: 2, interval: 1s, baseEjectionTime: 60s, maxEjectionPercent: 100}}\n"
+        ),
+    )
+    .await;
+    let mut answers = Vec::new();
+    for _ in 0..12 {
+        answers.push(raw_exchange(&mesh, 1).await);
+    }
+    let failed = answers.iter().filter(|a| a.is_none()).count();
+    assert_eq!(
+        failed, 2,
+        "two refused connects eject the dead endpoint: {answers:?}"
+    );
+    assert!(
+        answers[4..].iter().all(|a| a.as_deref() == Some("v1")),
+        "after the ejection every connection reaches the live pod: {answers:?}"
+    );
+}
+
+#[tokio::test]
+async fn tcp_connect_timeout_comes_from_the_destination_rule() {
+    let net = 26;
+    let mut mesh = Mesh::start_with_port(net, &[("blue-1", "blue", "v1", 11)], "tcp-web").await;
+    // A server whose accept queue is full: the kernel drops further SYNs, so connecting hangs.
+    let stuck = TcpSocket::new_v4().unwrap();
+    stuck
+        .bind(SocketAddr::from((Ipv4Addr::new(127, 0, net, 14), POD_PORT)))
+        .unwrap();
+    let stuck = stuck.listen(0).unwrap();
+    let _queued = TcpSocket::new_v4()
+        .unwrap()
+        .connect(stuck.local_addr().unwrap())
+        .await
+        .unwrap();
+    mesh.apply(
+        "stuck.yaml",
+        &format!(
+            "{}---\napiVersion: v1\nkind: Service\nmetadata: {{name: stuck, namespace: shop}}\n\
+             spec:\n  clusterIP: 10.{net}.0.9\n  selector: {{app: stuck}}\n  ports: [{{name: tcp-web, port: {SERVICE_PORT}, targetPort: {POD_PORT}}}]\n\
+             ---\napiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {{name: stuck, namespace: shop}}\n\
+             spec:\n  host: stuck\n  trafficPolicy: {{connectionPool: {{tcp: {{connectTimeout: 300ms}}}}}}\n",
+            silent_pod(net, "stuck-1", "stuck", 14)
+        ),
+    )
+    .await;
+    let started = Instant::now();
+    assert_eq!(raw_exchange(&mesh, 9).await, None);
+    let waited = started.elapsed();
+    // The proxy's own connect timeout is 2 s; the rule's 300 ms applies.
+    assert!(
+        waited >= Duration::from_millis(250) && waited < Duration::from_millis(1500),
+        "gave up after {waited:?}"
+    );
+    assert!(
+        mesh.metrics()
+            .lines()
+            .any(|l| l.starts_with("istio_tcp_connections_opened_total{")
+                && l.contains("destination_service_name=\"stuck\"")
+                && l.contains("response_flags=\"UF\"")),
+        "{}",
+        mesh.metrics()
+    );
+    drop(stuck);
 }
 
 #[tokio::test]
