@@ -1,0 +1,564 @@
+//! One request on the source side, from route selection to the response head, and on the
+//! destination side; the replies the proxy makes itself.
+
+use super::*;
+
+pub(super) async fn handle(conn: Arc<Conn>, request: Request<Incoming>) -> Reply {
+    let start = Instant::now();
+    let view = conn.ctx.view();
+    let (mut parts, body) = request.into_parts();
+    let authority = authority_of(&parts);
+    let grpc = is_grpc(&parts.headers);
+    let dialled_service = view.snapshot.services.get(&conn.service).cloned();
+    let mut report = Report {
+        conn: conn.clone(),
+        start,
+        method: parts.method.clone(),
+        uri: parts.uri.clone(),
+        authority: authority.clone(),
+        version: parts.version,
+        request_id: None,
+        user_agent: parts.headers.get(header::USER_AGENT).cloned(),
+        grpc,
+        status: 0,
+        grpc_status: None,
+        flags: ResponseFlags::NONE,
+        route: None,
+        upstream: None,
+        cluster: None,
+        destination: None,
+        service: dialled_service.clone(),
+        tape: None,
+        hold: None,
+        pick: None,
+        recorded: false,
+    };
+    if !parts.headers.contains_key(REQUEST_ID) {
+        parts.headers.insert(
+            REQUEST_ID,
+            HeaderValue::from_str(&request_id()).expect("hex is a valid header value"),
+        );
+    }
+    report.request_id = parts.headers.get(REQUEST_ID).cloned();
+    if let Some(inbound) = &conn.inbound {
+        return forward_inbound(report, &view, inbound, parts, body).await;
+    }
+
+    let selection = match view.routes.get(&conn.service) {
+        Some(routes) => routes.select(&RequestInfo {
+            method: &parts.method,
+            uri: &parts.uri,
+            authority: &authority,
+            headers: &parts.headers,
+            port: conn.port,
+            source: conn.source.as_deref(),
+        }),
+        None => Selection::Unrouted,
+    };
+    let default_backend;
+    let (rule, backend) = match &selection {
+        Selection::NoMatch => {
+            return local_reply(
+                report,
+                StatusCode::NOT_FOUND,
+                ResponseFlags::NR,
+                "route not found",
+            );
+        }
+        Selection::Unrouted => {
+            default_backend = Backend {
+                service: Some(conn.service.clone()),
+                host: conn.service.name.clone(),
+                port: Some(conn.port),
+                subset: None,
+                weight: 1,
+                request_headers: Default::default(),
+                response_headers: Default::default(),
+            };
+            (None, &default_backend)
+        }
+        Selection::Rule(selected) => {
+            let rule = selected.rule;
+            report.route = Some(rule.name.clone());
+            if let Some(fault) = &rule.fault {
+                if let Some(delay) = &fault.delay {
+                    if chance(delay.percentage) {
+                        report.flags |= ResponseFlags::DI;
+                        tokio::time::sleep(delay.fixed_delay).await;
+                    }
+                }
+                if let Some(abort) = &fault.abort {
+                    if chance(abort.percentage) {
+                        return fault_abort(report, abort.error);
+                    }
+                }
+            }
+            match &rule.action {
+                RuleAction::Redirect(_) => {
+                    let redirect = selected
+                        .redirect(&parts)
+                        .expect("a redirect rule builds a redirect");
+                    let (head, ()) = redirect.into_parts();
+                    return local_response(
+                        report,
+                        head.status,
+                        head.headers,
+                        Bytes::new(),
+                        ResponseFlags::NONE,
+                    );
+                }
+                RuleAction::Respond { status, body } => {
+                    let status = StatusCode::from_u16(*status).unwrap_or(StatusCode::OK);
+                    let body = body
+                        .as_ref()
+                        .map_or_else(Bytes::new, |b| Bytes::from(b.to_string()));
+                    return local_response(
+                        report,
+                        status,
+                        HeaderMap::new(),
+                        body,
+                        ResponseFlags::NONE,
+                    );
+                }
+                RuleAction::Forward(_) => {}
+            }
+            let Some(backend) = rule.pick(fastrand::u32(..)) else {
+                return local_failure(report, NO_HEALTHY_UPSTREAM);
+            };
+            selected.rewrite(&mut parts);
+            apply_header_ops(&rule.request_headers, &mut parts.headers);
+            apply_header_ops(&backend.request_headers, &mut parts.headers);
+            (Some(rule), backend)
+        }
+    };
+
+    let Some(service_key) = backend.service.clone() else {
+        return local_reply(
+            report,
+            StatusCode::SERVICE_UNAVAILABLE,
+            ResponseFlags::NC,
+            "no cluster for the destination host",
+        );
+    };
+    let Some(service) = view.snapshot.services.get(&service_key).cloned() else {
+        return local_reply(
+            report,
+            StatusCode::SERVICE_UNAVAILABLE,
+            ResponseFlags::NC,
+            "no cluster for the destination host",
+        );
+    };
+    let port = backend
+        .port
+        .or_else(|| service_port(&service, conn.port))
+        .unwrap_or(conn.port);
+    report.service = Some(service.clone());
+    let key = ClusterKey {
+        service: service_key,
+        port,
+        subset: backend.subset.clone(),
+    };
+    report.cluster = Some(key.clone());
+    let resolved = match conn.cluster(&view, key) {
+        Ok(r) => r,
+        Err(e) => {
+            debug!("{e}");
+            return local_reply(
+                report,
+                StatusCode::SERVICE_UNAVAILABLE,
+                ResponseFlags::NC,
+                "no cluster for the destination",
+            );
+        }
+    };
+    let response_ops = rule.map(|r| (&r.response_headers, &backend.response_headers));
+
+    if is_upgrade(&parts) {
+        let upgrade = hyper::upgrade::on(Request::from_parts(parts.clone(), ()));
+        return forward_upgrade(report, &view, &resolved, parts, body, upgrade).await;
+    }
+
+    let proto = upstream_protocol(conn.declared, &parts, grpc, &resolved.cluster);
+    prepare_head(&mut parts, &authority, proto);
+    let (first_body, tape) = RequestBody::record(body);
+    report.tape = tape.clone();
+    let retries = rule.and_then(|r| r.retries.clone());
+    let explicit_retries = retries.is_some();
+    let plan = retries.unwrap_or_else(default_retries);
+    let attempt = Attempts {
+        view: &view,
+        resolved: &resolved,
+        plan: &plan,
+        // Without a policy the user asked for, only requests that are safe to repeat are.
+        idempotent_only: !explicit_retries,
+        per_try_timeout: plan.per_try_timeout,
+        proto,
+    };
+    let timeout = rule.and_then(|r| r.timeout);
+    let mirrors = rule.map(|r| r.mirrors.clone());
+    // Envoy's route timeout runs until the response is complete, body included.
+    let deadline = timeout.map(|t| tokio::time::Instant::now() + t);
+    let outcome = match deadline {
+        Some(deadline) => match tokio::time::timeout_at(
+            deadline,
+            attempt.run(&mut report, &parts, first_body, tape.as_deref()),
+        )
+        .await
+        {
+            Ok(outcome) => outcome,
+            Err(_) => Err((
+                StatusCode::GATEWAY_TIMEOUT,
+                ResponseFlags::UT,
+                "upstream request timeout",
+            )),
+        },
+        None => {
+            attempt
+                .run(&mut report, &parts, first_body, tape.as_deref())
+                .await
+        }
+    };
+    if let Some(mirrors) = mirrors {
+        if !mirrors.is_empty() {
+            mirror(&conn, &view, &mirrors, &parts, tape.as_deref());
+        }
+    }
+    match outcome {
+        Ok((mut response, (hold, pick))) => {
+            report.status = response.status().as_u16();
+            report.grpc_status = body::grpc_status(response.headers());
+            report.hold = Some(hold);
+            report.pick = Some(pick);
+            strip_hop_by_hop(response.headers_mut());
+            if let Some((rule_ops, backend_ops)) = response_ops {
+                apply_header_ops(rule_ops, response.headers_mut());
+                apply_header_ops(backend_ops, response.headers_mut());
+            }
+            let (mut head, upstream_body) = response.into_parts();
+            head.version = report.version;
+            let body = ResponseBody::upstream(upstream_body, report).with_deadline(deadline);
+            Response::from_parts(head, body)
+        }
+        Err(failure) => local_failure(report, failure),
+    }
+}
+
+/// The destination side: every request goes to the local pod, on a pooled connection from
+/// the proxy address, and is reported with `reporter="destination"`. Routing, retries and
+/// faults happened on the source side.
+pub(super) async fn forward_inbound(
+    mut report: Report,
+    view: &View,
+    inbound: &Inbound,
+    mut parts: Parts,
+    body: Incoming,
+) -> Reply {
+    let conn = report.conn.clone();
+    report.destination = inbound.pod.clone();
+    report.service = inbound
+        .service
+        .as_ref()
+        .and_then(|k| view.snapshot.services.get(k))
+        .cloned();
+    report.upstream = Some(inbound.target);
+    let key = ConnKey {
+        target: inbound.target,
+        via: conn.ctx.dialer.local(),
+        proto: Proto::Http1,
+        source: None,
+    };
+    if is_upgrade(&parts) {
+        let upgrade = hyper::upgrade::on(Request::from_parts(parts.clone(), ()));
+        return send_upgrade(report, key, parts, body, upgrade, None).await;
+    }
+    let grpc = report.grpc;
+    let proto = match conn.declared {
+        Declared::Http2 => Proto::Http2,
+        _ if grpc || parts.version == Version::HTTP_2 => Proto::Http2,
+        _ => Proto::Http1,
+    };
+    let key = ConnKey { proto, ..key };
+    let authority = report.authority.clone();
+    prepare_head(&mut parts, &authority, proto);
+    let (request_body, tape) = RequestBody::record(body);
+    report.tape = tape;
+    let policy = ClusterPolicy::default();
+    let sent = inbound
+        .pool
+        .send(
+            &inbound.state,
+            &policy,
+            &key,
+            conn.dial(&policy),
+            Request::from_parts(parts, request_body),
+        )
+        .await;
+    match sent {
+        Ok((response, hold)) => {
+            report.status = response.status().as_u16();
+            report.grpc_status = body::grpc_status(response.headers());
+            report.hold = Some(hold);
+            let (mut head, upstream_body) = response.into_parts();
+            strip_hop_by_hop(&mut head.headers);
+            head.version = report.version;
+            Response::from_parts(head, ResponseBody::upstream(upstream_body, report))
+        }
+        Err(e) => {
+            debug!("{e}");
+            let (status, flags, text) = if e.before_request() {
+                (
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    ResponseFlags::UF,
+                    "upstream connect error or disconnect/reset before headers. reset reason: connection failure",
+                )
+            } else {
+                (
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    ResponseFlags::UR,
+                    "upstream connect error or disconnect/reset before headers. reset reason: remote reset",
+                )
+            };
+            local_reply(report, status, flags, text)
+        }
+    }
+}
+
+/// HTTP/2 upstream for gRPC and for ports that declare HTTP/2; a sniffed connection keeps
+/// the client's protocol; `http` ports talk HTTP/1.1 upstream unless the DestinationRule
+/// asks for the upgrade (Istio's `h2UpgradePolicy`).
+pub(super) fn upstream_protocol(
+    declared: Declared,
+    parts: &Parts,
+    grpc: bool,
+    cluster: &Cluster,
+) -> Proto {
+    let h2 = match declared {
+        Declared::Http2 => true,
+        Declared::Http => grpc || cluster.policy().h2_upgrade,
+        Declared::Unknown | Declared::Opaque => grpc || parts.version == Version::HTTP_2,
+    };
+    if h2 {
+        Proto::Http2
+    } else {
+        Proto::Http1
+    }
+}
+
+/// Rewrites the request head for the upstream protocol: origin form and `Host` for HTTP/1.1,
+/// absolute form (`:scheme`, `:authority`) for HTTP/2; drops hop-by-hop headers.
+pub(super) fn prepare_head(parts: &mut Parts, authority: &str, proto: Proto) {
+    strip_hop_by_hop(&mut parts.headers);
+    // A rewrite may have changed the authority: the URI or Host now says which.
+    let authority = parts
+        .uri
+        .authority()
+        .map(|a| a.as_str().to_owned())
+        .or_else(|| {
+            parts
+                .headers
+                .get(header::HOST)
+                .and_then(|h| h.to_str().ok())
+                .map(str::to_owned)
+        })
+        .unwrap_or_else(|| authority.to_owned());
+    let path = parts
+        .uri
+        .path_and_query()
+        .cloned()
+        .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/"));
+    match proto {
+        Proto::Http1 => {
+            parts.version = Version::HTTP_11;
+            parts.uri = Uri::from(path);
+            if let Ok(host) = HeaderValue::from_str(&authority) {
+                parts.headers.insert(header::HOST, host);
+            }
+        }
+        Proto::Http2 => {
+            parts.version = Version::HTTP_2;
+            parts.headers.remove(header::HOST);
+            if let Ok(uri) = Uri::builder()
+                .scheme("http")
+                .authority(authority.as_str())
+                .path_and_query(path)
+                .build()
+            {
+                parts.uri = uri;
+            }
+        }
+    }
+    parts
+        .headers
+        .insert(FORWARDED_PROTO, HeaderValue::from_static("http"));
+}
+
+pub(super) const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+pub(super) const FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+
+/// Headers that describe one hop and must not be forwarded (RFC 9110 §7.6.1).
+pub(super) fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    if let Some(listed) = headers.get(header::CONNECTION).cloned() {
+        if let Ok(listed) = listed.to_str() {
+            for name in listed.split(',') {
+                let name = name.trim();
+                if !name.eq_ignore_ascii_case("upgrade") {
+                    headers.remove(name);
+                }
+            }
+        }
+    }
+    for name in [
+        header::CONNECTION,
+        HeaderName::from_static("keep-alive"),
+        HeaderName::from_static("proxy-connection"),
+        header::TRANSFER_ENCODING,
+        header::PROXY_AUTHENTICATE,
+        header::PROXY_AUTHORIZATION,
+    ] {
+        headers.remove(name);
+    }
+    if headers
+        .get(header::TE)
+        .is_some_and(|te| te.as_bytes() != b"trailers")
+    {
+        headers.remove(header::TE);
+    }
+}
+
+/// `:authority` for HTTP/2, else the `Host` header.
+pub(super) fn authority_of(parts: &Parts) -> Arc<str> {
+    parts
+        .uri
+        .authority()
+        .map(|a| a.as_str())
+        .or_else(|| {
+            parts
+                .headers
+                .get(header::HOST)
+                .and_then(|h| h.to_str().ok())
+        })
+        .unwrap_or("")
+        .into()
+}
+
+pub(super) fn is_grpc(headers: &HeaderMap) -> bool {
+    headers
+        .get(header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"))
+}
+
+/// The port of `service` a route without a port means: the dialled one if the service has
+/// it, else the service's only port.
+pub(super) fn service_port(service: &Service, dialled: u16) -> Option<u16> {
+    if service.ports.iter().any(|p| p.port == dialled) {
+        Some(dialled)
+    } else if service.ports.len() == 1 {
+        Some(service.ports[0].port)
+    } else {
+        None
+    }
+}
+
+/// True with probability `percentage` (0-100).
+pub(super) fn chance(percentage: f64) -> bool {
+    percentage >= 100.0 || (percentage > 0.0 && fastrand::f64() * 100.0 < percentage)
+}
+
+pub(super) fn request_id() -> String {
+    let (a, b) = (fastrand::u64(..), fastrand::u64(..));
+    // The layout of a random UUID (version 4, variant 1), as Envoy generates them.
+    format!(
+        "{:08x}-{:04x}-4{:03x}-{:04x}-{:012x}",
+        a >> 32,
+        (a >> 16) & 0xffff,
+        a & 0xfff,
+        (b >> 48) & 0x3fff | 0x8000,
+        b & 0xffff_ffff_ffff
+    )
+}
+
+pub(super) fn fault_abort(mut report: Report, error: AbortError) -> Reply {
+    report.flags |= ResponseFlags::FI;
+    match error {
+        AbortError::HttpStatus(code) => {
+            let status = StatusCode::from_u16(code).unwrap_or(StatusCode::SERVICE_UNAVAILABLE);
+            let flags = report.flags;
+            local_reply(report, status, flags, "fault filter abort")
+        }
+        AbortError::GrpcStatus(code) => {
+            let flags = report.flags;
+            grpc_reply(report, u32::from(code), "fault filter abort", flags)
+        }
+    }
+}
+
+pub(super) fn local_failure(report: Report, (status, flags, text): Failure) -> Reply {
+    local_reply(report, status, flags, text)
+}
+
+/// A reply the proxy makes itself; gRPC clients get it as a gRPC status (Envoy's mapping of
+/// HTTP statuses to gRPC codes).
+pub(super) fn local_reply(
+    report: Report,
+    status: StatusCode,
+    flags: ResponseFlags,
+    text: &'static str,
+) -> Reply {
+    if report.grpc {
+        return grpc_reply(report, http_to_grpc(status), text, flags);
+    }
+    let mut headers = HeaderMap::new();
+    headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+    local_response(
+        report,
+        status,
+        headers,
+        Bytes::from_static(text.as_bytes()),
+        flags,
+    )
+}
+
+pub(super) fn grpc_reply(
+    report: Report,
+    code: u32,
+    message: &'static str,
+    flags: ResponseFlags,
+) -> Reply {
+    let mut headers = HeaderMap::new();
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/grpc"),
+    );
+    headers.insert("grpc-status", HeaderValue::from(code));
+    headers.insert("grpc-message", HeaderValue::from_static(message));
+    local_response(report, StatusCode::OK, headers, Bytes::new(), flags)
+}
+
+pub(super) fn local_response(
+    mut report: Report,
+    status: StatusCode,
+    headers: HeaderMap,
+    body: Bytes,
+    flags: ResponseFlags,
+) -> Reply {
+    report.status = status.as_u16();
+    report.flags |= flags;
+    if report.grpc {
+        report.grpc_status = body::grpc_status(&headers);
+    }
+    let mut response = Response::new(ResponseBody::local(body, report));
+    *response.status_mut() = status;
+    *response.headers_mut() = headers;
+    response
+}
+
+pub(super) fn http_to_grpc(status: StatusCode) -> u32 {
+    match status.as_u16() {
+        400 => 13,
+        401 => 16,
+        403 => 7,
+        404 => 12,
+        429 | 502 | 503 | 504 => 14,
+        _ => 2,
+    }
+}

@@ -1,0 +1,214 @@
+//! The attempts of one request: pick an endpoint, send, and decide whether to try again, as
+//! Envoy's router does under a route's retry policy.
+
+use super::*;
+
+/// Envoy's base interval between retries; each retry waits a random time up to
+/// `25 ms × 2^(retry-1)`, capped at ten times the base.
+pub(super) const RETRY_BASE: Duration = Duration::from_millis(25);
+
+/// Istio's retry policy for routes that set none: two retries on connection failures,
+/// refused streams and gRPC `UNAVAILABLE`/`CANCELLED`, and HTTP 503.
+pub(super) fn default_retries() -> RetryPlan {
+    RetryPlan::istio_default()
+}
+
+/// The attempts of one request: pick an endpoint, send, decide whether to retry.
+pub(super) struct Attempts<'a> {
+    pub(super) view: &'a View,
+    pub(super) resolved: &'a Resolved,
+    pub(super) plan: &'a RetryPlan,
+    pub(super) idempotent_only: bool,
+    pub(super) per_try_timeout: Option<Duration>,
+    pub(super) proto: Proto,
+}
+
+pub(super) type Failure = (StatusCode, ResponseFlags, &'static str);
+
+pub(super) const NO_HEALTHY_UPSTREAM: Failure = (
+    StatusCode::SERVICE_UNAVAILABLE,
+    ResponseFlags::UH,
+    "no healthy upstream",
+);
+
+impl Attempts<'_> {
+    pub(super) async fn run(
+        &self,
+        report: &mut Report,
+        parts: &Parts,
+        first_body: RequestBody,
+        tape: Option<&Tape>,
+    ) -> Result<(Response<Incoming>, (InFlight, Pick)), Failure> {
+        let conn = report.conn.clone();
+        let cluster = &self.resolved.cluster;
+        let hash = cluster.request_hash(&parts.headers, &parts.uri, *conn.client.ip());
+        let idempotent = is_idempotent(&parts.method);
+        let mut body = Some(first_body);
+        let mut avoid = None;
+        let mut retries_left = self.plan.attempts;
+        let mut retried = false;
+        let mut retry_slot;
+        loop {
+            let Some(pick) = cluster.pick(hash, avoid, Instant::now()) else {
+                return Err(NO_HEALTHY_UPSTREAM);
+            };
+            let key = match conn.conn_key(self.view, &pick, self.proto) {
+                Ok(key) => key,
+                Err(e) => {
+                    info!("{e}");
+                    return Err(NO_HEALTHY_UPSTREAM);
+                }
+            };
+            report.upstream = Some(pick.addr);
+            report.destination = pick.pod.clone();
+            let request_body = match body.take() {
+                Some(b) => b,
+                None => match replay(tape) {
+                    Some(b) => b,
+                    None => unreachable!("a retry is only started with a replayable body"),
+                },
+            };
+            let request = Request::from_parts(parts.clone(), request_body);
+            let send = self.resolved.pool.send(
+                cluster.state(),
+                cluster.policy(),
+                &key,
+                conn.dial(cluster.policy()),
+                request,
+            );
+            let result = match self.per_try_timeout {
+                Some(t) => tokio::time::timeout(t, send).await.map_err(|_| ()),
+                None => Ok(send.await),
+            };
+            let now = Instant::now();
+            // What went wrong, whether the policy retries it, and how it is answered if not.
+            let (retry_on, failure): (bool, Failure) = match result {
+                Ok(Ok((response, in_flight))) => {
+                    let status = response.status().as_u16();
+                    let grpc_status = body::grpc_status(response.headers());
+                    let outcome = if status >= 500 {
+                        Outcome::Status(status)
+                    } else {
+                        Outcome::Success
+                    };
+                    if cluster.report(&pick, outcome, now) {
+                        info!(endpoint = %pick.addr, cluster = %cluster.key(), "outlier detection ejected an endpoint");
+                    }
+                    let retriable = self.plan.retries_status(status)
+                        || grpc_status.is_some_and(|s| self.retries_grpc(s));
+                    if !retriable || retries_left == 0 || !self.may_repeat(idempotent, tape, false)
+                    {
+                        if retriable && retried {
+                            report.flags |= ResponseFlags::URX;
+                        }
+                        return Ok((response, (in_flight, pick)));
+                    }
+                    drop(response);
+                    (
+                        true,
+                        (StatusCode::SERVICE_UNAVAILABLE, ResponseFlags::NONE, ""),
+                    )
+                }
+                Ok(Err(PoolError::Overflow(limit))) => {
+                    debug!(cluster = %cluster.key(), "circuit breaker open: {limit}");
+                    return Err((StatusCode::SERVICE_UNAVAILABLE, ResponseFlags::UO, "upstream connect error or disconnect/reset before headers. reset reason: overflow"));
+                }
+                Ok(Err(e)) if e.before_request() => {
+                    debug!("{e}");
+                    cluster.report(&pick, Outcome::ConnectFailure, now);
+                    (
+                        self.plan.on(RetryPolicy::ConnectFailure)
+                            || self.plan.on(RetryPolicy::ResetBeforeRequest)
+                            || self.plan.on(RetryPolicy::FiveXx)
+                            || self.plan.on(RetryPolicy::GatewayError),
+                        (StatusCode::SERVICE_UNAVAILABLE, ResponseFlags::UF, "upstream connect error or disconnect/reset before headers. reset reason: connection failure"),
+                    )
+                }
+                Ok(Err(e)) => {
+                    debug!("{e}");
+                    cluster.report(&pick, Outcome::Reset, now);
+                    (
+                        self.plan.on(RetryPolicy::Reset) || self.plan.on(RetryPolicy::FiveXx),
+                        (StatusCode::SERVICE_UNAVAILABLE, ResponseFlags::UR, "upstream connect error or disconnect/reset before headers. reset reason: remote reset"),
+                    )
+                }
+                Err(()) => {
+                    cluster.report(&pick, Outcome::Timeout, now);
+                    (
+                        self.plan.on(RetryPolicy::FiveXx)
+                            || self.plan.on(RetryPolicy::GatewayError),
+                        (
+                            StatusCode::GATEWAY_TIMEOUT,
+                            ResponseFlags::UT,
+                            "upstream request timeout",
+                        ),
+                    )
+                }
+            };
+            let before_request = failure.1 == ResponseFlags::UF;
+            // `maxRetries` bounds the retries in flight in the cluster: the slot is held until
+            // the next attempt ends.
+            retry_slot =
+                (retry_on && retries_left > 0 && self.may_repeat(idempotent, tape, before_request))
+                    .then(|| cluster.state().try_retry(&cluster.policy().limits))
+                    .flatten();
+            if retry_slot.is_none() {
+                let (status, mut flags, text) = failure;
+                if retried && retry_on {
+                    flags |= ResponseFlags::URX;
+                }
+                if status == StatusCode::SERVICE_UNAVAILABLE && flags == ResponseFlags::NONE {
+                    unreachable!("a response is returned above when it is not retried");
+                }
+                return Err((status, flags, text));
+            }
+            retries_left -= 1;
+            retried = true;
+            avoid = Some(pick.addr);
+            drop(pick);
+            tokio::time::sleep(backoff(self.plan.attempts - retries_left)).await;
+        }
+    }
+
+    /// Whether the request may be sent again: its body must be replayable, and without a
+    /// retry policy the user configured, only idempotent requests (or requests that never
+    /// reached the upstream) are repeated.
+    fn may_repeat(&self, idempotent: bool, tape: Option<&Tape>, before_request: bool) -> bool {
+        let replayable = tape.is_none_or(|t| t.replay().is_some());
+        replayable && (before_request || idempotent || !self.idempotent_only)
+    }
+
+    fn retries_grpc(&self, status: u32) -> bool {
+        let policy = match status {
+            1 => RetryPolicy::Cancelled,
+            4 => RetryPolicy::DeadlineExceeded,
+            8 => RetryPolicy::ResourceExhausted,
+            13 => RetryPolicy::Internal,
+            14 => RetryPolicy::Unavailable,
+            _ => return false,
+        };
+        self.plan.on(policy)
+    }
+}
+
+pub(super) fn replay(tape: Option<&Tape>) -> Option<RequestBody> {
+    match tape {
+        None => Some(RequestBody::Empty),
+        Some(t) => t.replay(),
+    }
+}
+
+/// Envoy's jittered exponential back-off before retry number `n` (1-based).
+pub(super) fn backoff(n: u32) -> Duration {
+    let ceiling = RETRY_BASE
+        .saturating_mul(1 << n.saturating_sub(1).min(16))
+        .min(RETRY_BASE * 10);
+    ceiling.mul_f64(fastrand::f64())
+}
+
+pub(super) fn is_idempotent(method: &Method) -> bool {
+    matches!(
+        *method,
+        Method::GET | Method::HEAD | Method::OPTIONS | Method::PUT | Method::DELETE | Method::TRACE
+    )
+}

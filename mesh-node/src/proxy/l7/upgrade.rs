@@ -1,0 +1,101 @@
+//! Requests that switch protocols (WebSocket and other `Upgrade`s): sent alone on a fresh
+//! connection; after `101 Switching Protocols` both sides are joined byte for byte.
+
+use super::*;
+
+/// A request that switches protocols (WebSocket): sent alone on a fresh connection; after
+/// `101` both sides are joined byte for byte.
+pub(super) async fn forward_upgrade(
+    mut report: Report,
+    view: &View,
+    resolved: &Resolved,
+    parts: Parts,
+    body: Incoming,
+    downstream: hyper::upgrade::OnUpgrade,
+) -> Reply {
+    let conn = report.conn.clone();
+    let cluster = &resolved.cluster;
+    let hash = cluster.request_hash(&parts.headers, &parts.uri, *conn.client.ip());
+    let Some(pick) = cluster.pick(hash, None, Instant::now()) else {
+        return local_failure(report, NO_HEALTHY_UPSTREAM);
+    };
+    let Ok(key) = conn.conn_key(view, &pick, Proto::Http1) else {
+        return local_failure(report, NO_HEALTHY_UPSTREAM);
+    };
+    report.upstream = Some(pick.addr);
+    report.destination = pick.pod.clone();
+    send_upgrade(report, key, parts, body, downstream, Some(pick)).await
+}
+
+/// Sends an upgrade request on its own connection and, after `101`, joins both sides.
+pub(super) async fn send_upgrade(
+    mut report: Report,
+    key: ConnKey,
+    mut parts: Parts,
+    body: Incoming,
+    downstream: hyper::upgrade::OnUpgrade,
+    pick: Option<Pick>,
+) -> Reply {
+    let conn = report.conn.clone();
+    let mut sender = match pool::upgrade_connection(&key, conn.dial(&ClusterPolicy::default()))
+        .await
+    {
+        Ok(s) => s,
+        Err(e) => {
+            debug!("{e}");
+            return local_reply(report, StatusCode::SERVICE_UNAVAILABLE, ResponseFlags::UF, "upstream connect error or disconnect/reset before headers. reset reason: connection failure");
+        }
+    };
+    // Origin form: the upgrade goes to an HTTP/1.1 server.
+    if let Some(pq) = parts.uri.path_and_query() {
+        parts.uri = Uri::from(pq.clone());
+    }
+    let (request_body, tape) = RequestBody::record(body);
+    report.tape = tape;
+    let mut response = match sender
+        .send_request(Request::from_parts(parts, request_body))
+        .await
+    {
+        Ok(r) => r,
+        Err(e) => {
+            debug!("upgrade request failed: {e}");
+            return local_reply(
+                report,
+                StatusCode::SERVICE_UNAVAILABLE,
+                ResponseFlags::UR,
+                "upstream reset before headers",
+            );
+        }
+    };
+    report.status = response.status().as_u16();
+    if response.status() == StatusCode::SWITCHING_PROTOCOLS {
+        let upstream = hyper::upgrade::on(&mut response);
+        tokio::spawn(async move {
+            let (Ok(down), Ok(up)) = (downstream.await, upstream.await) else {
+                debug!("protocol upgrade did not complete");
+                return;
+            };
+            let mut down = TokioIo::new(down);
+            let mut up = TokioIo::new(up);
+            if let Err(e) = crate::proxy::copy::bidirectional(&mut down, &mut up, &()).await {
+                debug!("upgraded connection ended: {e}");
+            }
+            drop(pick);
+        });
+    }
+    let (head, upstream_body) = response.into_parts();
+    Response::from_parts(head, ResponseBody::upstream(upstream_body, report))
+}
+
+pub(super) fn is_upgrade(parts: &Parts) -> bool {
+    parts.version == Version::HTTP_11
+        && parts.headers.contains_key(header::UPGRADE)
+        && parts
+            .headers
+            .get(header::CONNECTION)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| {
+                v.split(',')
+                    .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
+            })
+}
