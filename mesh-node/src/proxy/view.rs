@@ -30,12 +30,19 @@ pub(crate) struct View {
 impl View {
     /// Compiles `snapshot`. What `previous` compiled is reused where its inputs are the same
     /// objects (unchanged objects keep their `Arc` across snapshots): the route tables when no
-    /// route or Service changed, each cluster when neither its Service's endpoints, nor the
-    /// DestinationRules, nor the pods behind its endpoints changed. Clusters in use are rebuilt
-    /// here rather than by the next connection. Costs O(routes) only when routes changed.
+    /// route or Service changed, each compiled route when only other routes changed, each
+    /// cluster when neither its Service's endpoints, nor the DestinationRules, nor the pods
+    /// behind its endpoints changed. Clusters in use are rebuilt here rather than by the next
+    /// connection. A changed Service recompiles every route.
     pub fn new(snapshot: Arc<Snapshot>, previous: Option<&View>, states: &Clusters) -> Self {
         let routes = match previous {
-            Some(p) if routes_unchanged(&p.snapshot, &snapshot) => p.routes.clone(),
+            Some(p) if same_entries(&p.snapshot.services, &snapshot.services) => {
+                if routes_unchanged(&p.snapshot, &snapshot) {
+                    p.routes.clone()
+                } else {
+                    Arc::new(RouteIndex::update(&snapshot, Some(&p.routes)))
+                }
+            }
             _ => Arc::new(RouteIndex::build(&snapshot)),
         };
         let mut clusters = HashMap::new();
@@ -104,13 +111,12 @@ fn build(
     Cluster::build(snapshot, key.clone(), policy, states.state(key)).map(Arc::new)
 }
 
-/// Whether the route tables of `old` still hold for `new`: they depend on the routes and on
-/// the Services (host resolution, ports, ClusterIPs), nothing else.
+/// Whether the routes of `old` are all still there in `new`, as the same objects. With the
+/// same Services (host resolution, ports, ClusterIPs), the route tables still hold.
 fn routes_unchanged(old: &Snapshot, new: &Snapshot) -> bool {
     same_entries(&old.virtual_services, &new.virtual_services)
         && same_entries(&old.http_routes, &new.http_routes)
         && same_entries(&old.grpc_routes, &new.grpc_routes)
-        && same_entries(&old.services, &new.services)
 }
 
 /// Whether every endpoint of the cluster's service port resolves to the same pod object in

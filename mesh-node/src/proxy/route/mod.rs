@@ -112,6 +112,37 @@ const CLUSTER_DOMAIN: &str = "cluster.local";
 #[derive(Debug, Default)]
 pub struct RouteIndex {
     services: HashMap<ObjectKey, Arc<ServiceRoutes>>,
+    /// What each route compiled to, for the next snapshot's tables.
+    compiled: Compiled,
+}
+
+/// Each route's compiled form, keyed by the route and kept with the object it came from, so a
+/// route that is the same object in the next snapshot is not compiled again.
+#[derive(Debug, Default)]
+struct Compiled {
+    virtual_services: HashMap<ObjectKey, (Arc<VirtualService>, Arc<CompiledVs>)>,
+    http_routes: HashMap<ObjectKey, (Arc<HttpRoute>, Arc<[CompiledGammaRule]>)>,
+    grpc_routes: HashMap<ObjectKey, (Arc<GrpcRoute>, Arc<[CompiledGammaRule]>)>,
+}
+
+impl Compiled {
+    /// `key`'s compiled form: `previous`'s when it was compiled from this very object, else
+    /// compiled now.
+    fn get_or_compile<R, C: ?Sized>(
+        map: &mut HashMap<ObjectKey, (Arc<R>, Arc<C>)>,
+        previous: Option<&HashMap<ObjectKey, (Arc<R>, Arc<C>)>>,
+        key: &ObjectKey,
+        object: &Arc<R>,
+        compile: impl FnOnce() -> Arc<C>,
+    ) -> Arc<C> {
+        let compiled = previous
+            .and_then(|p| p.get(key))
+            .filter(|(source, _)| Arc::ptr_eq(source, object))
+            .map(|(_, compiled)| compiled.clone())
+            .unwrap_or_else(compile);
+        map.insert(key.clone(), (object.clone(), compiled.clone()));
+        compiled
+    }
 }
 
 /// What a client sent, as far as routing is concerned.
@@ -370,6 +401,7 @@ struct Precedence {
 }
 
 /// Gateway API rule, compiled once per route and shared by every Service it attaches to.
+#[derive(Debug)]
 struct CompiledGammaRule {
     rule: Arc<Rule>,
     matches: Vec<(Conditions, Precedence)>,
@@ -378,14 +410,30 @@ struct CompiledGammaRule {
 impl RouteIndex {
     /// Built once per snapshot; cost O(routes), nothing per Service without routes.
     pub fn build(snapshot: &Snapshot) -> Self {
+        Self::update(snapshot, None)
+    }
+
+    /// The tables of `snapshot`, reusing the compiled form of every route of `previous` that
+    /// is the same object in `snapshot`. Only valid when the Services are the same objects in
+    /// both snapshots (routes resolve their hosts and backends against them); then a change of
+    /// one route compiles one route, and the tables are assembled from the compiled routes.
+    pub fn update(snapshot: &Snapshot, previous: Option<&RouteIndex>) -> Self {
         let mut builders: HashMap<ObjectKey, Builder> = HashMap::new();
         let mut fqdns: Option<Vec<(String, &Arc<Service>)>> = None;
+        let mut compiled = Compiled::default();
+        let before = previous.map(|p| &p.compiled);
 
         for vs in snapshot.virtual_services.values() {
             if !vs.applies_to_mesh() {
                 continue;
             }
-            let compiled = Arc::new(CompiledVs::new(vs, snapshot));
+            let compiled = Compiled::get_or_compile(
+                &mut compiled.virtual_services,
+                before.map(|b| &b.virtual_services),
+                &vs.key,
+                vs,
+                || Arc::new(CompiledVs::new(vs, snapshot)),
+            );
             for host in vs.hosts.iter() {
                 if let Some(suffix) = host.strip_prefix('*') {
                     let fqdns = fqdns.get_or_insert_with(|| {
@@ -413,7 +461,13 @@ impl RouteIndex {
             if targets.is_empty() {
                 continue;
             }
-            let rules = compile_http_route(route, snapshot);
+            let rules = Compiled::get_or_compile(
+                &mut compiled.http_routes,
+                before.map(|b| &b.http_routes),
+                &route.key,
+                route,
+                || compile_http_route(route, snapshot).into(),
+            );
             for (service, ports) in targets {
                 builder(&mut builders, service).add_gamma(&route.key, &ports, &rules);
             }
@@ -423,7 +477,13 @@ impl RouteIndex {
             if targets.is_empty() {
                 continue;
             }
-            let rules = compile_grpc_route(route, snapshot);
+            let rules = Compiled::get_or_compile(
+                &mut compiled.grpc_routes,
+                before.map(|b| &b.grpc_routes),
+                &route.key,
+                route,
+                || compile_grpc_route(route, snapshot).into(),
+            );
             for (service, ports) in targets {
                 builder(&mut builders, service).add_gamma(&route.key, &ports, &rules);
             }
@@ -434,6 +494,7 @@ impl RouteIndex {
                 .into_iter()
                 .map(|(key, b)| (key, Arc::new(b.finish())))
                 .collect(),
+            compiled,
         }
     }
 

@@ -1,4 +1,3 @@
-
 use std::collections::BTreeMap;
 
 use http::{Method, Request};
@@ -1227,4 +1226,51 @@ fn fuzz_corpus_replays_without_panicking() {
         seeds += 1;
     }
     assert!(seeds >= 4, "the seed corpus is missing");
+}
+
+#[test]
+fn updating_compiles_only_the_routes_that_changed() {
+    let reviews = traffic!("virtual-service-reviews-test-v2.yaml");
+    let ratings = traffic!("virtual-service-ratings-test-delay.yaml");
+    let first = snapshot(&[BOOKINFO, EXTRA, reviews, ratings]);
+    let index = RouteIndex::build(&first);
+
+    // The same snapshot but for a new reviews VirtualService: everyone goes to v3.
+    let all_v3 = traffic!("virtual-service-reviews-v3.yaml");
+    let changed = snapshot(&[BOOKINFO, EXTRA, all_v3]);
+    let mut second = first.clone();
+    let reviews_key = key("default", "reviews");
+    second.virtual_services.insert(
+        reviews_key.clone(),
+        changed.virtual_services[&reviews_key].clone(),
+    );
+    let updated = RouteIndex::update(&second, Some(&index));
+
+    let ratings_key = key("default", "ratings");
+    assert!(
+        Arc::ptr_eq(
+            &index.compiled.virtual_services[&ratings_key].1,
+            &updated.compiled.virtual_services[&ratings_key].1
+        ),
+        "the untouched VirtualService is not compiled again"
+    );
+    assert!(!Arc::ptr_eq(
+        &index.compiled.virtual_services[&reviews_key].1,
+        &updated.compiled.virtual_services[&reviews_key].1
+    ));
+    let jason = head("GET", "/reviews/0", &[("end-user", "jason")]);
+    let routes = updated.get(&reviews_key).unwrap();
+    let s = selected(routes, &jason, 9080, None);
+    assert_eq!(s.rule.pick(0).unwrap().subset.as_deref(), Some("v3"));
+    // The delay rule of ratings still applies, from its reused compiled form.
+    let routes = updated.get(&ratings_key).unwrap();
+    let s = selected(routes, &jason, 9080, None);
+    assert!(s.rule.fault.as_ref().unwrap().delay.is_some());
+
+    // A VirtualService that is gone takes its table with it.
+    let mut third = second.clone();
+    third.virtual_services.remove(&ratings_key);
+    let updated = RouteIndex::update(&third, Some(&updated));
+    assert!(updated.get(&ratings_key).is_none());
+    assert!(!updated.compiled.virtual_services.contains_key(&ratings_key));
 }
