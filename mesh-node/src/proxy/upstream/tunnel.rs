@@ -400,6 +400,26 @@ fn parse_request(head: &[u8]) -> Result<(SocketAddrV4, Option<ObjectKey>), Strin
     Ok((target, source))
 }
 
+/// The tunnel's head parsers on arbitrary bytes: nothing may panic, and a request that parses
+/// says the same once written back the way [`connect`] writes it. `fuzz/` feeds this function;
+/// a unit test replays its corpus.
+pub fn fuzz_head(data: &[u8]) {
+    let end = data
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .map_or(data.len(), |at| at + 4);
+    let head = &data[..end];
+    if let Ok((target, source)) = parse_request(head) {
+        let mut again = format!("CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n");
+        if let Some(source) = &source {
+            again.push_str(&format!("{SOURCE_HEADER}: {source}\r\n"));
+        }
+        again.push_str("\r\n");
+        assert_eq!(parse_request(again.as_bytes()), Ok((target, source)));
+    }
+    let _ = parse_response(head);
+}
+
 #[cfg(test)]
 mod tests {
     use tokio::net::TcpListener;
@@ -498,6 +518,20 @@ mod tests {
             .unwrap_err();
         assert!(matches!(err, TunnelError::ResponseTimeout { .. }), "{err}");
         drop(silent);
+    }
+
+    /// Replays the tunnel fuzz corpus on the stable toolchain (see `fuzz/`).
+    #[test]
+    fn fuzz_corpus_replays_without_panicking() {
+        let dir =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../fuzz/corpus/tunnel_head");
+        let mut seeds = 0;
+        for entry in std::fs::read_dir(&dir).expect("the seed corpus of fuzz/ is present") {
+            let data = std::fs::read(entry.unwrap().path()).unwrap();
+            fuzz_head(&data);
+            seeds += 1;
+        }
+        assert!(seeds >= 6, "the seed corpus is missing");
     }
 
     #[test]
