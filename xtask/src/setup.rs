@@ -10,7 +10,7 @@ use std::{
 
 use anyhow::{bail, Context as _, Result};
 
-use crate::{cmd, is_root, BPF_TOOLCHAIN};
+use crate::{bpf_toolchain, bpf_toolchain_components, cmd, is_root};
 
 /// Debian packages: LLVM for bpf-linker, the tools the virtual cluster drives, load
 /// generators (h2load is also the HTTP/2 client of the L7 tests, curl their HTTP/1.1 one),
@@ -56,26 +56,18 @@ pub fn setup() -> Result<()> {
     Ok(())
 }
 
-/// The nightly the eBPF programs build with, with `rust-src` (build-std) and `clippy` (the
-/// eBPF lint step of `cargo xtask test`).
+/// The nightly the eBPF programs build with, with the components its toolchain file lists
+/// (`rust-src` for build-std, `clippy` for the eBPF lint step of `cargo xtask test`).
 fn toolchain() -> Result<()> {
-    const COMPONENTS: [&str; 2] = ["rust-src", "clippy"];
+    let toolchain = bpf_toolchain();
+    let components = bpf_toolchain_components();
     let installed = Command::new("rustup")
-        .args([
-            "component",
-            "list",
-            "--installed",
-            "--toolchain",
-            BPF_TOOLCHAIN,
-        ])
+        .args(["component", "list", "--installed", "--toolchain", toolchain])
         .output()
         .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
         .unwrap_or_default();
-    let what = format!(
-        "rust toolchain {BPF_TOOLCHAIN} with {}",
-        COMPONENTS.join(", ")
-    );
-    if COMPONENTS
+    let what = format!("rust toolchain {toolchain} with {}", components.join(", "));
+    if components
         .iter()
         .all(|c| installed.lines().any(|l| l.starts_with(c)))
     {
@@ -85,14 +77,8 @@ fn toolchain() -> Result<()> {
     println!("installing: {what}");
     // `install` is idempotent and adds missing components to an installed toolchain.
     let mut install = Command::new("rustup");
-    install.args([
-        "toolchain",
-        "install",
-        BPF_TOOLCHAIN,
-        "--profile",
-        "minimal",
-    ]);
-    for component in COMPONENTS {
+    install.args(["toolchain", "install", toolchain, "--profile", "minimal"]);
+    for component in components {
         install.args(["--component", component]);
     }
     cmd::interactive(&mut install)

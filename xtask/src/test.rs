@@ -7,7 +7,7 @@ use std::{path::Path, process::Command};
 
 use anyhow::{bail, Context as _, Result};
 
-use crate::{cluster, cmd, is_root, workspace_root, BPF_TOOLCHAIN};
+use crate::{bpf_toolchain, cluster, cmd, is_root, workspace_root};
 
 struct Step {
     name: &'static str,
@@ -86,7 +86,7 @@ fn cargo(root: &Path, args: &[&str]) -> Result<()> {
 fn ebpf_clippy(root: &Path) -> Result<()> {
     cmd::interactive(
         Command::new("cargo")
-            .arg(format!("+{BPF_TOOLCHAIN}"))
+            .arg(format!("+{}", bpf_toolchain()))
             .args([
                 "clippy",
                 "-p",
