@@ -30,6 +30,9 @@ const PACKAGES: &[&str] = &[
 ];
 
 const BPF_LINKER_VERSION: &str = "0.13.0";
+/// The dependency checker of `cargo xtask test` (licenses, bans, sources; see deny.toml).
+/// 0.20.2 builds with rustc 1.88 and later.
+const CARGO_DENY_VERSION: &str = "0.20.2";
 /// grpcio, the third-party gRPC client of the L7 end-to-end tests
 /// (`xtask/assets/grpc_client.py`); pinned like every tool the tests assert with.
 pub const GRPCIO_VERSION: &str = "1.85.1";
@@ -41,6 +44,7 @@ pub fn setup() -> Result<()> {
     toolchain()?;
     packages()?;
     bpf_linker()?;
+    cargo_deny()?;
     crate::manifests::install_validator()?;
     grpc_client()?;
     ensure_bpffs()?;
@@ -182,6 +186,25 @@ fn bpf_linker() -> Result<()> {
             ])
             .env("LLVM_PREFIX", "/usr/lib/llvm-22"),
     )
+}
+
+fn cargo_deny() -> Result<()> {
+    let what = format!("cargo-deny {CARGO_DENY_VERSION}");
+    let current = Command::new("cargo").args(["deny", "--version"]).output();
+    if current.is_ok_and(|o| {
+        o.status.success()
+            && String::from_utf8_lossy(&o.stdout).split_whitespace().last()
+                == Some(CARGO_DENY_VERSION)
+    }) {
+        println!("ok: {what}");
+        return Ok(());
+    }
+    println!("installing: {what} (built from source, a few minutes)");
+    cmd::interactive(Command::new("cargo").args([
+        "install",
+        &format!("cargo-deny@{CARGO_DENY_VERSION}"),
+        "--locked",
+    ]))
 }
 
 /// Mounts bpffs at /sys/fs/bpf if it is not (fresh machines do not mount it); `mesh-node`
