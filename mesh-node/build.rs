@@ -3,13 +3,13 @@
 use anyhow::{anyhow, Context as _};
 use aya_build::{Package, Toolchain};
 
-/// The nightly whose LLVM major matches the installed bpf-linker (see DESIGN.md);
-/// `cargo xtask setup` installs it. Override with `WEFT_BPF_TOOLCHAIN`.
-const BPF_TOOLCHAIN: &str = "nightly-2026-05-20";
+/// Where the eBPF toolchain is pinned, relative to the `mesh-ebpf` crate: the nightly whose
+/// LLVM major matches the installed bpf-linker; `cargo xtask setup` installs it.
+/// Override with `WEFT_BPF_TOOLCHAIN`.
+const TOOLCHAIN_FILE: &str = "rust-toolchain.toml";
 
 fn main() -> anyhow::Result<()> {
     println!("cargo:rerun-if-env-changed=WEFT_BPF_TOOLCHAIN");
-    let toolchain = std::env::var("WEFT_BPF_TOOLCHAIN").unwrap_or_else(|_| BPF_TOOLCHAIN.into());
     let metadata = cargo_metadata::MetadataCommand::new()
         .no_deps()
         .exec()
@@ -23,6 +23,10 @@ fn main() -> anyhow::Result<()> {
         .manifest_path
         .parent()
         .ok_or_else(|| anyhow!("mesh-ebpf manifest has no parent directory"))?;
+    let toolchain = match std::env::var("WEFT_BPF_TOOLCHAIN") {
+        Ok(toolchain) => toolchain,
+        Err(_) => pinned_toolchain(&root_dir.join(TOOLCHAIN_FILE))?,
+    };
     // The programs also compile the shared types; aya-build only watches the eBPF crate itself.
     let common = root_dir.parent().map(|p| p.join("mesh-common"));
     if let Some(common) = common {
@@ -39,4 +43,17 @@ fn main() -> anyhow::Result<()> {
     .with_context(|| {
         format!("building the eBPF programs with {toolchain} failed: run `cargo xtask setup`")
     })
+}
+
+/// The `channel` of a rust-toolchain.toml (a file of this repository: one `key = "value"`
+/// per line is all this reads).
+fn pinned_toolchain(path: &cargo_metadata::camino::Utf8Path) -> anyhow::Result<String> {
+    println!("cargo:rerun-if-changed={path}");
+    let text = std::fs::read_to_string(path).with_context(|| format!("reading {path}"))?;
+    text.lines()
+        .filter_map(|line| line.trim().strip_prefix("channel"))
+        .filter_map(|rest| rest.trim_start().strip_prefix('='))
+        .map(|value| value.trim().trim_matches('"').to_owned())
+        .find(|value| !value.is_empty())
+        .ok_or_else(|| anyhow!("{path} names no `channel`"))
 }

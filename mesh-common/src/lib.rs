@@ -191,15 +191,21 @@ impl Counter {
     }
 }
 
-const _: () = assert!(core::mem::size_of::<OrigDst>() == 8);
-const _: () = assert!(core::mem::size_of::<SockAddr4>() == 8);
-const _: () = assert!(core::mem::size_of::<SockKey>() == 16);
+const _: () = assert!(size_of::<OrigDst>() == 8);
+const _: () = assert!(size_of::<SockAddr4>() == 8);
+const _: () = assert!(size_of::<SockKey>() == 16);
 
+// The crate's only unsafe code (the workspace denies it elsewhere).
 #[cfg(feature = "user")]
-mod pod {
+#[allow(unsafe_code)]
+mod sys {
+    //! `aya::Pod` for the map keys and values, so user space can read and write them.
+
     // SAFETY: all three are `#[repr(C)]`, `Copy`, contain only integers and have no padding
-    // (checked by the size asserts above).
+    // (checked by the size asserts above), so every bit pattern is a valid value.
     unsafe impl aya::Pod for super::OrigDst {}
+    // SAFETY: as above.
     unsafe impl aya::Pod for super::SockAddr4 {}
+    // SAFETY: as above.
     unsafe impl aya::Pod for super::SockKey {}
 }

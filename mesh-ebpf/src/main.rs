@@ -9,6 +9,10 @@
 //!   of pod interfaces.
 #![no_std]
 #![no_main]
+// The workspace denies `unsafe_code`; eBPF programs cannot avoid it: every context field is
+// read through a raw pointer the kernel hands over, every helper is an `extern` call, and map
+// lookups return references the verifier, not the borrow checker, keeps valid.
+#![allow(unsafe_code)]
 
 mod ctx;
 mod maps;
@@ -71,7 +75,7 @@ pub fn weft_tc_to_pod(ctx: TcContext) -> i32 {
 
 #[cfg(not(test))]
 #[panic_handler]
-fn panic(_info: &core::panic::PanicInfo) -> ! {
+fn panic(_info: &core::panic::PanicInfo<'_>) -> ! {
     loop {}
 }
 

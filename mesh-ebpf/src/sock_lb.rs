@@ -26,6 +26,7 @@ fn capture(ctx: &SockAddrContext, dst_ip4: u32, dst_port: u16) -> Option<u32> {
         count(Counter::SkippedNotMeshed);
         return None;
     }
+    // SAFETY: as above.
     if unsafe { MESH_DESTS.get(dst_ip4) }.is_none() {
         count(Counter::SkippedNotMeshDest);
         return None;

@@ -61,6 +61,7 @@ fn try_to_pod(ctx: &TcContext) -> Result<i32, ()> {
         Some(sk) => {
             // SAFETY: non-null socket returned by the lookup helper, released right after.
             let state = unsafe { (*sk).state };
+            // SAFETY: `sk` is the lookup's reference, released once and not used after.
             unsafe { bpf_sk_release(sk.cast()) };
             state != BPF_TCP_LISTEN && state != BPF_TCP_TIME_WAIT
         }
@@ -173,6 +174,7 @@ fn lookup(ctx: &TcContext, tuple: &mut bpf_sock_tuple) -> Option<*mut bpf_sock> 
 fn assign(ctx: &TcContext, sk: *mut bpf_sock) -> i32 {
     // SAFETY: `sk` is a referenced socket from the lookup helper; released right after.
     let ret = unsafe { bpf_sk_assign(ctx.as_ptr(), sk.cast(), 0) };
+    // SAFETY: `sk` is the lookup's reference, released once and not used after.
     unsafe { bpf_sk_release(sk.cast()) };
     if ret != 0 {
         count(Counter::Errors);

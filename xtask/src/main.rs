@@ -18,7 +18,7 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Task {
-    /// Install or check the toolchains, Debian packages, bpf-linker, bpffs and cgroup v2
+    /// Install or check the toolchains, Debian packages, bpf-linker, cargo-deny, bpffs and cgroup v2
     /// (idempotent; one line per item).
     Setup,
     /// Run a virtual Kubernetes cluster on this machine (root).
@@ -26,8 +26,11 @@ enum Task {
         #[command(subcommand)]
         command: ClusterCommand,
     },
-    /// fmt, clippy (also eBPF), manifests, unit tests, then the end-to-end tests (root).
+    /// fmt, clippy (also eBPF), cargo deny, manifests, unit tests, then the end-to-end tests
+    /// (root).
     Test,
+    /// Only the static checks of `test`: fmt, clippy (also eBPF), cargo deny.
+    Lint,
     /// Validate the Kubernetes manifests of deploy/ and examples/ offline.
     Manifests,
     /// Bookinfo on the virtual cluster.
@@ -130,6 +133,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             ClusterCommand::Down => cluster::down()?,
         },
         Task::Test => xtask::test::run()?,
+        Task::Lint => xtask::test::lint()?,
         Task::Manifests => xtask::manifests::check_manifests()?,
         Task::Demo => {
             xtask::setup()?;

@@ -10,7 +10,7 @@ use std::{
 
 use anyhow::{bail, Context as _, Result};
 
-use crate::{cmd, is_root, BPF_TOOLCHAIN};
+use crate::{bpf_toolchain, bpf_toolchain_components, cmd, is_root};
 
 /// Debian packages: LLVM for bpf-linker, the tools the virtual cluster drives, load
 /// generators (h2load is also the HTTP/2 client of the L7 tests, curl their HTTP/1.1 one),
@@ -30,6 +30,9 @@ const PACKAGES: &[&str] = &[
 ];
 
 const BPF_LINKER_VERSION: &str = "0.13.0";
+/// The dependency checker of `cargo xtask test` (licenses, bans, sources; see deny.toml).
+/// 0.20.2 builds with rustc 1.88 and later.
+const CARGO_DENY_VERSION: &str = "0.20.2";
 /// grpcio, the third-party gRPC client of the L7 end-to-end tests
 /// (`xtask/assets/grpc_client.py`); pinned like every tool the tests assert with.
 pub const GRPCIO_VERSION: &str = "1.85.1";
@@ -41,6 +44,7 @@ pub fn setup() -> Result<()> {
     toolchain()?;
     packages()?;
     bpf_linker()?;
+    cargo_deny()?;
     crate::manifests::install_validator()?;
     grpc_client()?;
     ensure_bpffs()?;
@@ -56,26 +60,18 @@ pub fn setup() -> Result<()> {
     Ok(())
 }
 
-/// The nightly the eBPF programs build with, with `rust-src` (build-std) and `clippy` (the
-/// eBPF lint step of `cargo xtask test`).
+/// The nightly the eBPF programs build with, with the components its toolchain file lists
+/// (`rust-src` for build-std, `clippy` for the eBPF lint step of `cargo xtask test`).
 fn toolchain() -> Result<()> {
-    const COMPONENTS: [&str; 2] = ["rust-src", "clippy"];
+    let toolchain = bpf_toolchain();
+    let components = bpf_toolchain_components();
     let installed = Command::new("rustup")
-        .args([
-            "component",
-            "list",
-            "--installed",
-            "--toolchain",
-            BPF_TOOLCHAIN,
-        ])
+        .args(["component", "list", "--installed", "--toolchain", toolchain])
         .output()
         .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
         .unwrap_or_default();
-    let what = format!(
-        "rust toolchain {BPF_TOOLCHAIN} with {}",
-        COMPONENTS.join(", ")
-    );
-    if COMPONENTS
+    let what = format!("rust toolchain {toolchain} with {}", components.join(", "));
+    if components
         .iter()
         .all(|c| installed.lines().any(|l| l.starts_with(c)))
     {
@@ -85,14 +81,8 @@ fn toolchain() -> Result<()> {
     println!("installing: {what}");
     // `install` is idempotent and adds missing components to an installed toolchain.
     let mut install = Command::new("rustup");
-    install.args([
-        "toolchain",
-        "install",
-        BPF_TOOLCHAIN,
-        "--profile",
-        "minimal",
-    ]);
-    for component in COMPONENTS {
+    install.args(["toolchain", "install", toolchain, "--profile", "minimal"]);
+    for component in components {
         install.args(["--component", component]);
     }
     cmd::interactive(&mut install)
@@ -196,6 +186,25 @@ fn bpf_linker() -> Result<()> {
             ])
             .env("LLVM_PREFIX", "/usr/lib/llvm-22"),
     )
+}
+
+fn cargo_deny() -> Result<()> {
+    let what = format!("cargo-deny {CARGO_DENY_VERSION}");
+    let current = Command::new("cargo").args(["deny", "--version"]).output();
+    if current.is_ok_and(|o| {
+        o.status.success()
+            && String::from_utf8_lossy(&o.stdout).split_whitespace().last()
+                == Some(CARGO_DENY_VERSION)
+    }) {
+        println!("ok: {what}");
+        return Ok(());
+    }
+    println!("installing: {what} (built from source, a few minutes)");
+    cmd::interactive(Command::new("cargo").args([
+        "install",
+        &format!("cargo-deny@{CARGO_DENY_VERSION}"),
+        "--locked",
+    ]))
 }
 
 /// Mounts bpffs at /sys/fs/bpf if it is not (fresh machines do not mount it); `mesh-node`

@@ -7,24 +7,29 @@ use std::{path::Path, process::Command};
 
 use anyhow::{bail, Context as _, Result};
 
-use crate::{cluster, cmd, is_root, workspace_root, BPF_TOOLCHAIN};
+use crate::{bpf_toolchain, cluster, cmd, is_root, workspace_root};
 
 struct Step {
     name: &'static str,
+    /// A static check (formatting, lints, dependencies): also run by `cargo xtask lint`.
+    lint: bool,
     run: fn(&Path) -> Result<()>,
 }
 
 const STEPS: &[Step] = &[
     Step {
         name: "setup",
+        lint: false,
         run: |_| crate::setup(),
     },
     Step {
         name: "rustfmt",
+        lint: true,
         run: |root| cargo(root, &["fmt", "--all", "--", "--check"]),
     },
     Step {
         name: "clippy",
+        lint: true,
         // mesh-ebpf only builds for the BPF target; it has its own step.
         run: |root| {
             cargo(
@@ -44,22 +49,33 @@ const STEPS: &[Step] = &[
     },
     Step {
         name: "clippy (eBPF)",
+        lint: true,
         run: ebpf_clippy,
     },
     Step {
+        // Advisories are not checked: their database is fetched from GitHub (see deny.toml).
+        name: "dependencies (cargo deny: licenses, bans, sources)",
+        lint: true,
+        run: |root| cargo(root, &["deny", "check", "licenses", "bans", "sources"]),
+    },
+    Step {
         name: "manifests",
+        lint: false,
         run: |_| crate::manifests::check_manifests(),
     },
     Step {
         name: "unit tests",
+        lint: false,
         run: unit_tests,
     },
     Step {
         name: "end-to-end tests",
+        lint: false,
         run: e2e_tests,
     },
     Step {
         name: "benchmark smoke (bench --quick; results not asserted)",
+        lint: false,
         run: |root| {
             let mut options = crate::bench::Options::quick();
             options.out = root.join("target/bench/ci-quick.json");
@@ -70,12 +86,22 @@ const STEPS: &[Step] = &[
 
 /// Runs every step; prints a header per step.
 pub fn run() -> Result<()> {
+    run_steps(&STEPS.iter().collect::<Vec<_>>())
+}
+
+/// `cargo xtask lint`: only the static checks (rustfmt, clippy for the host and for eBPF,
+/// cargo deny), which need neither root nor a cluster.
+pub fn lint() -> Result<()> {
+    run_steps(&STEPS.iter().filter(|s| s.lint).collect::<Vec<_>>())
+}
+
+fn run_steps(steps: &[&Step]) -> Result<()> {
     let root = workspace_root();
-    for (i, step) in STEPS.iter().enumerate() {
-        println!("\n==> [{}/{}] {}", i + 1, STEPS.len(), step.name);
+    for (i, step) in steps.iter().enumerate() {
+        println!("\n==> [{}/{}] {}", i + 1, steps.len(), step.name);
         (step.run)(&root).with_context(|| format!("step `{}` failed", step.name))?;
     }
-    println!("\n==> all {} steps passed", STEPS.len());
+    println!("\n==> all {} steps passed", steps.len());
     Ok(())
 }
 
@@ -86,7 +112,7 @@ fn cargo(root: &Path, args: &[&str]) -> Result<()> {
 fn ebpf_clippy(root: &Path) -> Result<()> {
     cmd::interactive(
         Command::new("cargo")
-            .arg(format!("+{BPF_TOOLCHAIN}"))
+            .arg(format!("+{}", bpf_toolchain()))
             .args([
                 "clippy",
                 "-p",

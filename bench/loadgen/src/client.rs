@@ -28,6 +28,7 @@ use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use crate::{
     grpc,
     protocol::{Framing, Protocol},
+    sys,
 };
 
 #[derive(Debug, clap::Args)]
@@ -249,7 +250,7 @@ fn fixed_rate_connection(
     measure_from: Instant,
     end: Instant,
 ) -> Tally {
-    precise_sleeps();
+    sys::precise_sleeps();
     let mut tally = Tally::new();
     for k in 0.. {
         let due = schedule.due(k);
@@ -372,14 +373,6 @@ fn exchange(
             bail!("the server closed the connection");
         }
         buf.extend_from_slice(&chunk[..n]);
-    }
-}
-
-/// Timer slack of this thread down to 1 ns (Linux rounds sleeps up by 50 µs by default).
-fn precise_sleeps() {
-    // SAFETY: prctl(PR_SET_TIMERSLACK) takes an integer argument and touches no memory.
-    unsafe {
-        libc::prctl(libc::PR_SET_TIMERSLACK, 1 as libc::c_ulong, 0, 0, 0);
     }
 }
 

@@ -10,6 +10,9 @@ mod client;
 mod grpc;
 mod protocol;
 mod server;
+// The only module allowed `unsafe` (the workspace denies it elsewhere).
+#[allow(unsafe_code)]
+mod sys;
 
 use std::process::ExitCode;
 

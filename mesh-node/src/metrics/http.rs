@@ -208,7 +208,7 @@ struct SeriesKey {
 }
 
 impl EncodeLabelSet for SeriesKey {
-    fn encode(&self, mut encoder: LabelSetEncoder) -> Result<(), fmt::Error> {
+    fn encode(&self, mut encoder: LabelSetEncoder<'_>) -> Result<(), fmt::Error> {
         let p = &*self.labels.peers;
         let e = &mut encoder;
         label(e, "reporter", &p.reporter)?;
@@ -246,7 +246,7 @@ impl EncodeLabelSet for SeriesKey {
 }
 
 fn label(
-    encoder: &mut LabelSetEncoder,
+    encoder: &mut LabelSetEncoder<'_>,
     key: &str,
     value: &impl EncodeLabelValue,
 ) -> Result<(), fmt::Error> {
@@ -324,7 +324,7 @@ const DESCRIPTORS: [Descriptor; 4] = [
 struct HttpCollector(HttpMetrics);
 
 impl Collector for HttpCollector {
-    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), fmt::Error> {
+    fn encode(&self, mut encoder: DescriptorEncoder<'_>) -> Result<(), fmt::Error> {
         let series = self.0.read();
         for d in &DESCRIPTORS {
             let mut family = encoder.encode_descriptor(d.name, d.help, None, d.metric_type)?;

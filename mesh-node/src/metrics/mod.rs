@@ -106,7 +106,7 @@ impl From<String> for Label {
 }
 
 impl EncodeLabelValue for Label {
-    fn encode(&self, encoder: &mut LabelValueEncoder) -> Result<(), fmt::Error> {
+    fn encode(&self, encoder: &mut LabelValueEncoder<'_>) -> Result<(), fmt::Error> {
         EncodeLabelValue::encode(&self.as_str(), encoder)
     }
 }
@@ -130,7 +130,7 @@ impl Reporter {
 }
 
 impl EncodeLabelValue for Reporter {
-    fn encode(&self, encoder: &mut LabelValueEncoder) -> Result<(), fmt::Error> {
+    fn encode(&self, encoder: &mut LabelValueEncoder<'_>) -> Result<(), fmt::Error> {
         EncodeLabelValue::encode(&self.as_str(), encoder)
     }
 }
@@ -289,7 +289,7 @@ impl fmt::Debug for ResponseFlags {
 }
 
 impl EncodeLabelValue for ResponseFlags {
-    fn encode(&self, encoder: &mut LabelValueEncoder) -> Result<(), fmt::Error> {
+    fn encode(&self, encoder: &mut LabelValueEncoder<'_>) -> Result<(), fmt::Error> {
         write!(encoder, "{self}")
     }
 }
@@ -306,7 +306,7 @@ pub enum SecurityPolicy {
 }
 
 impl EncodeLabelValue for SecurityPolicy {
-    fn encode(&self, encoder: &mut LabelValueEncoder) -> Result<(), fmt::Error> {
+    fn encode(&self, encoder: &mut LabelValueEncoder<'_>) -> Result<(), fmt::Error> {
         let policy = match self {
             SecurityPolicy::Unknown => "unknown",
             SecurityPolicy::None => "none",
@@ -645,7 +645,7 @@ impl fmt::Debug for EbpfCollector {
 }
 
 impl Collector for EbpfCollector {
-    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), fmt::Error> {
+    fn encode(&self, mut encoder: DescriptorEncoder<'_>) -> Result<(), fmt::Error> {
         for (name, value) in self.counters.read() {
             let counter = ConstCounter::new(value);
             let metric_name = format!("weft_ebpf_{name}");
@@ -674,7 +674,7 @@ impl fmt::Debug for ConfigCollector {
 }
 
 impl Collector for ConfigCollector {
-    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), fmt::Error> {
+    fn encode(&self, mut encoder: DescriptorEncoder<'_>) -> Result<(), fmt::Error> {
         let version = ConstGauge::new(self.store.current().version);
         let metric = encoder.encode_descriptor(
             "weft_config_version",

@@ -18,7 +18,7 @@ pub fn set_ip_transparent(socket: &impl AsRawFd) -> io::Result<()> {
             socket.as_raw_fd(),
             libc::SOL_IP,
             libc::IP_TRANSPARENT,
-            (&on as *const libc::c_int).cast(),
+            std::ptr::from_ref(&on).cast(),
             std::mem::size_of::<libc::c_int>() as libc::socklen_t,
         )
     };
@@ -53,7 +53,7 @@ pub fn original_dst(socket: BorrowedFd<'_>) -> io::Result<SocketAddrV4> {
             socket.as_raw_fd(),
             libc::SOL_IP,
             libc::SO_ORIGINAL_DST,
-            (&mut addr as *mut libc::sockaddr_in).cast(),
+            std::ptr::from_mut(&mut addr).cast(),
             &mut len,
         )
     };

@@ -2,22 +2,20 @@
 //!
 //! The placement happens between fork and exec (`pre_exec`), so a process is never seen
 //! outside its cgroup or namespace, not even for its first instruction: mesh-node attaches
-//! its programs to the node's cgroup and a pod must be under them from the start. This
-//! module holds the only `unsafe` code of xtask.
+//! its programs to the node's cgroup and a pod must be under them from the start. The hook
+//! itself, xtask's only `unsafe` code, is in `crate::sys`.
 
 use std::{
     fs::{self, File, OpenOptions},
-    io::{self, Read as _, Seek as _, SeekFrom},
-    os::{
-        fd::{AsRawFd as _, RawFd},
-        unix::process::CommandExt as _,
-    },
+    io::{Read as _, Seek as _, SeekFrom},
     path::Path,
     process::{Child, Command, Stdio},
     sync::Mutex,
 };
 
 use anyhow::{Context as _, Result};
+
+use crate::sys;
 
 /// Where a new process goes. Files are opened before fork: the child may only make
 /// async-signal-safe calls, so it must not allocate or open paths itself.
@@ -70,54 +68,8 @@ impl Placement {
             netns,
             new_session,
         } = self;
-        let hook = move || -> io::Result<()> {
-            if new_session {
-                // SAFETY: setsid(2) has no memory effects; async-signal-safe.
-                if unsafe { libc::setsid() } < 0 {
-                    return Err(io::Error::last_os_error());
-                }
-            }
-            if let Some(procs) = &cgroup_procs {
-                write_pid(procs.as_raw_fd())?;
-            }
-            if let Some(ns) = &netns {
-                // SAFETY: the fd stays open for as long as the closure (and `ns`) lives;
-                // setns(2) is async-signal-safe.
-                if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } < 0 {
-                    return Err(io::Error::last_os_error());
-                }
-            }
-            Ok(())
-        };
-        // SAFETY: the hook only makes async-signal-safe system calls on file descriptors
-        // opened before fork, formats into a stack buffer and never allocates or locks.
-        unsafe {
-            cmd.pre_exec(hook);
-        }
+        sys::place_before_exec(cmd, cgroup_procs, netns, new_session);
     }
-}
-
-/// Writes this process's pid into a `cgroup.procs` file without allocating.
-fn write_pid(fd: RawFd) -> io::Result<()> {
-    let mut buf = [0u8; 10];
-    let mut pid = std::process::id();
-    let mut start = buf.len();
-    loop {
-        start -= 1;
-        buf[start] = b'0' + (pid % 10) as u8;
-        pid /= 10;
-        if pid == 0 {
-            break;
-        }
-    }
-    let digits = &buf[start..];
-    // SAFETY: `digits` is a live stack buffer of the given length; write(2) is
-    // async-signal-safe.
-    let written = unsafe { libc::write(fd, digits.as_ptr().cast(), digits.len()) };
-    if written < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(())
 }
 
 /// Children started by this process: kept so they can be reaped after they are killed
