@@ -120,17 +120,20 @@ pub struct RouteIndex {
 /// route that is the same object in the next snapshot is not compiled again.
 #[derive(Debug, Default)]
 struct Compiled {
-    virtual_services: HashMap<ObjectKey, (Arc<VirtualService>, Arc<CompiledVs>)>,
-    http_routes: HashMap<ObjectKey, (Arc<HttpRoute>, Arc<[CompiledGammaRule]>)>,
-    grpc_routes: HashMap<ObjectKey, (Arc<GrpcRoute>, Arc<[CompiledGammaRule]>)>,
+    virtual_services: CompiledMap<VirtualService, CompiledVs>,
+    http_routes: CompiledMap<HttpRoute, [CompiledGammaRule]>,
+    grpc_routes: CompiledMap<GrpcRoute, [CompiledGammaRule]>,
 }
+
+/// Route key → (the route object, what it compiled to).
+type CompiledMap<R, C> = HashMap<ObjectKey, (Arc<R>, Arc<C>)>;
 
 impl Compiled {
     /// `key`'s compiled form: `previous`'s when it was compiled from this very object, else
     /// compiled now.
     fn get_or_compile<R, C: ?Sized>(
-        map: &mut HashMap<ObjectKey, (Arc<R>, Arc<C>)>,
-        previous: Option<&HashMap<ObjectKey, (Arc<R>, Arc<C>)>>,
+        map: &mut CompiledMap<R, C>,
+        previous: Option<&CompiledMap<R, C>>,
         key: &ObjectKey,
         object: &Arc<R>,
         compile: impl FnOnce() -> Arc<C>,
