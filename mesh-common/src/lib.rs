@@ -197,7 +197,10 @@ const _: () = assert!(size_of::<SockKey>() == 16);
 
 // The crate's only unsafe code (the workspace denies it elsewhere).
 #[cfg(feature = "user")]
-#[allow(unsafe_code)]
+#[allow(
+    unsafe_code,
+    reason = "aya::Pod for the shared map types: plain bytes the kernel reads"
+)]
 mod sys {
     //! `aya::Pod` for the map keys and values, so user space can read and write them.
 

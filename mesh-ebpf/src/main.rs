@@ -12,7 +12,10 @@
 // The workspace denies `unsafe_code`; eBPF programs cannot avoid it: every context field is
 // read through a raw pointer the kernel hands over, every helper is an `extern` call, and map
 // lookups return references the verifier, not the borrow checker, keeps valid.
-#![allow(unsafe_code)]
+#![allow(
+    unsafe_code,
+    reason = "eBPF programs read kernel memory through raw pointers"
+)]
 
 mod ctx;
 mod maps;

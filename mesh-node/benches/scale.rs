@@ -28,7 +28,7 @@ use mesh_node::{
 use serde_json::{json, Value};
 
 // The benchmark's only unsafe code (the workspace denies it elsewhere).
-#[allow(unsafe_code)]
+#[allow(unsafe_code, reason = "a counting global allocator")]
 mod sys {
     //! A counting allocator, so the snapshot's footprint is measured, not guessed.
 

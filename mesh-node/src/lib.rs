@@ -9,5 +9,8 @@ pub mod model;
 pub mod proxy;
 pub mod source;
 // The only module of user space allowed `unsafe` (the workspace denies it elsewhere).
-#[allow(unsafe_code)]
+#[allow(
+    unsafe_code,
+    reason = "network namespaces and socket options through libc"
+)]
 pub mod sys;

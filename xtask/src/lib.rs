@@ -19,7 +19,10 @@ pub mod manifests;
 pub mod probe;
 pub mod setup;
 // The only module allowed `unsafe` (the workspace denies it elsewhere).
-#[allow(unsafe_code)]
+#[allow(
+    unsafe_code,
+    reason = "pre-exec hooks of the processes the virtual cluster starts"
+)]
 mod sys;
 pub mod test;
 

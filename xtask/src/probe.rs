@@ -357,13 +357,13 @@ pub fn leftovers() -> Vec<String> {
 }
 
 /// One end-to-end case: a name and what it checks.
-pub type Case = (&'static str, fn() -> anyhow::Result<()>);
+pub type Case = (&'static str, fn() -> Result<()>);
 
 /// Runs an end-to-end suite the way both suites do: `up` brings the cluster up, the cases run
 /// in order (a first non-flag argument filters them by name), each printed ok/FAILED with its
 /// time; the cluster is torn down whatever happened, then nothing may be left behind. Exits
 /// the process with the outcome, as a `harness = false` test does.
-pub fn run_suite(suite: &str, up: impl FnOnce() -> anyhow::Result<()>, cases: &[Case]) -> ! {
+pub fn run_suite(suite: &str, up: impl FnOnce() -> Result<()>, cases: &[Case]) -> ! {
     let filter = std::env::args().nth(1).filter(|a| !a.starts_with('-'));
     let (mut passed, mut failed) = (0, 0);
     match up() {

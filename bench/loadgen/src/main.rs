@@ -11,7 +11,10 @@ mod grpc;
 mod protocol;
 mod server;
 // The only module allowed `unsafe` (the workspace denies it elsewhere).
-#[allow(unsafe_code)]
+#[allow(
+    unsafe_code,
+    reason = "the timer slack of the load generator's threads"
+)]
 mod sys;
 
 use std::process::ExitCode;

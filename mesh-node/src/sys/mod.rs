@@ -19,7 +19,7 @@ pub fn set_ip_transparent(socket: &impl AsRawFd) -> io::Result<()> {
             libc::SOL_IP,
             libc::IP_TRANSPARENT,
             std::ptr::from_ref(&on).cast(),
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            size_of::<libc::c_int>() as libc::socklen_t,
         )
     };
     if ret == 0 {
@@ -46,7 +46,7 @@ pub fn unshare_network() -> io::Result<()> {
 pub fn original_dst(socket: BorrowedFd<'_>) -> io::Result<SocketAddrV4> {
     // SAFETY: sockaddr_in is plain old data; all-zero is a valid value.
     let mut addr: libc::sockaddr_in = unsafe { std::mem::zeroed() };
-    let mut len = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
+    let mut len = size_of::<libc::sockaddr_in>() as libc::socklen_t;
     // SAFETY: valid fd; `addr` and `len` are live and `len` is the size of `addr`.
     let ret = unsafe {
         libc::getsockopt(

@@ -514,7 +514,10 @@ fn measure(mode: Mode, scenario: Scenario, timing: Timing, loadgen: &Path) -> Re
     })
 }
 
-#[allow(clippy::too_many_arguments)]
+#[allow(
+    clippy::too_many_arguments,
+    reason = "one measurement's settings, passed as they are read"
+)]
 fn load(
     client: &str,
     loadgen: &Path,

@@ -153,10 +153,10 @@ impl Compiled {
 pub struct RequestInfo<'a> {
     pub method: &'a http::Method,
     /// Path and query as received.
-    pub uri: &'a http::Uri,
+    pub uri: &'a Uri,
     /// `:authority` or `Host`, possibly with a port.
     pub authority: &'a str,
-    pub headers: &'a http::HeaderMap,
+    pub headers: &'a HeaderMap,
     /// The Service port the client dialled.
     pub port: u16,
     /// The client pod, if known.

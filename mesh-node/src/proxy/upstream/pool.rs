@@ -253,7 +253,10 @@ impl<B: PoolBody> ClusterPool<B> {
         }
     }
 
-    #[allow(clippy::too_many_arguments)]
+    #[allow(
+        clippy::too_many_arguments,
+        reason = "the pieces of one request, borrowed from its caller"
+    )]
     async fn send_http1(
         &self,
         state: &Arc<ClusterState>,

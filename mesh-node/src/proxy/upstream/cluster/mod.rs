@@ -731,9 +731,9 @@ mod tests {
                 &format!("{{host: '{host}', trafficPolicy: {lb}}}"),
             )
         };
-        let all = rule("all", "*", self::lb("ROUND_ROBIN"));
-        let local = rule("local", "*.local", self::lb("ROUND_ROBIN"));
-        let ns = rule("ns", "*.bookinfo.svc.cluster.local", self::lb("RANDOM"));
+        let all = rule("all", "*", lb("ROUND_ROBIN"));
+        let local = rule("local", "*.local", lb("ROUND_ROBIN"));
+        let ns = rule("ns", "*.bookinfo.svc.cluster.local", lb("RANDOM"));
         let exact = rule(
             "exact",
             "reviews",
