@@ -304,3 +304,428 @@ pub fn grpc_status(headers: &HeaderMap) -> Option<u32> {
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse().ok())
 }
+
+#[cfg(test)]
+mod tests {
+    use std::convert::Infallible;
+
+    use http::{header, HeaderValue, Request, Response};
+    use http_body_util::{BodyExt as _, Full};
+    use hyper::{
+        client::conn::{http1, http2},
+        service::service_fn,
+    };
+    use hyper_util::{
+        rt::{TokioExecutor, TokioIo},
+        server::conn::auto,
+    };
+    use tokio::{sync::mpsc, task::JoinHandle, time::Duration};
+
+    use super::*;
+
+    /// A body fed one frame at a time by the test; it ends when the sender is dropped.
+    struct Feed(mpsc::UnboundedReceiver<Result<Frame<Bytes>, BoxError>>);
+
+    impl Body for Feed {
+        type Data = Bytes;
+        type Error = BoxError;
+
+        fn poll_frame(
+            mut self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+        ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+            self.0.poll_recv(cx)
+        }
+    }
+
+    type Feeder = mpsc::UnboundedSender<Result<Frame<Bytes>, BoxError>>;
+
+    fn feed(chunks: &[&'static str]) -> (Feeder, Feed) {
+        let (tx, rx) = mpsc::unbounded_channel();
+        for chunk in chunks {
+            tx.send(Ok(Frame::data(Bytes::from_static(chunk.as_bytes()))))
+                .unwrap();
+        }
+        (tx, Feed(rx))
+    }
+
+    fn trailers(name: &'static str, value: &'static str) -> Frame<Bytes> {
+        let mut map = HeaderMap::new();
+        map.insert(name, HeaderValue::from_static(value));
+        Frame::trailers(map)
+    }
+
+    /// Bounds every await, so a body that never ends fails the test instead of hanging it.
+    async fn within<T>(future: impl std::future::Future<Output = T>) -> T {
+        tokio::time::timeout(Duration::from_secs(10), future)
+            .await
+            .expect("the body did not make progress")
+    }
+
+    /// `body` as the proxy receives it from a client: the server half of an HTTP/1.1 (or h2c)
+    /// exchange over an in-memory pipe. Aborting the returned task cuts the client off.
+    async fn received<B>(h2: bool, body: B) -> (Incoming, JoinHandle<()>)
+    where
+        B: Body<Data = Bytes, Error = BoxError> + Send + Unpin + 'static,
+    {
+        let (client, server) = tokio::io::duplex(1 << 20);
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            let service = service_fn(move |request: Request<Incoming>| {
+                let _ = tx.send(request.into_body());
+                std::future::pending::<Result<Response<Full<Bytes>>, Infallible>>()
+            });
+            let _ = auto::Builder::new(TokioExecutor::new())
+                .serve_connection(TokioIo::new(server), service)
+                .await;
+        });
+        let uri = if h2 { "http://upstream/" } else { "/" };
+        let request = Request::post(uri)
+            .header(header::HOST, "upstream")
+            .body(body)
+            .unwrap();
+        let client = tokio::spawn(async move {
+            let io = TokioIo::new(client);
+            if h2 {
+                let (mut sender, conn) = http2::handshake(TokioExecutor::new(), io).await.unwrap();
+                let _ = tokio::join!(conn, sender.send_request(request));
+            } else {
+                let (mut sender, conn) = http1::handshake(io).await.unwrap();
+                let _ = tokio::join!(conn, sender.send_request(request));
+            }
+        });
+        (within(rx.recv()).await.unwrap(), client)
+    }
+
+    /// An upstream's response with `body`, as the proxy's client half receives it.
+    async fn upstream_response<B>(h2: bool, body: B) -> Incoming
+    where
+        B: Body<Data = Bytes, Error = BoxError> + Send + Unpin + 'static,
+    {
+        let (client, server) = tokio::io::duplex(1 << 20);
+        let body = Arc::new(Mutex::new(Some(body)));
+        tokio::spawn(async move {
+            let service = service_fn(move |_: Request<Incoming>| {
+                let body = body.lock().unwrap().take().expect("one request");
+                async move { Ok::<_, Infallible>(Response::new(body)) }
+            });
+            let _ = auto::Builder::new(TokioExecutor::new())
+                .serve_connection(TokioIo::new(server), service)
+                .await;
+        });
+        let io = TokioIo::new(client);
+        let empty = || Full::new(Bytes::new());
+        let response = if h2 {
+            let (mut sender, conn) = http2::handshake(TokioExecutor::new(), io).await.unwrap();
+            tokio::spawn(conn);
+            let request = Request::get("http://upstream/").body(empty()).unwrap();
+            within(sender.send_request(request)).await.unwrap()
+        } else {
+            let (mut sender, conn) = http1::handshake(io).await.unwrap();
+            tokio::spawn(conn);
+            let request = Request::get("/")
+                .header(header::HOST, "upstream")
+                .body(empty())
+                .unwrap();
+            within(sender.send_request(request)).await.unwrap()
+        };
+        response.into_body()
+    }
+
+    /// Reads `body` to its end: the data, and the trailers if any.
+    async fn read_all<B: Body<Data = Bytes> + Unpin>(body: &mut B) -> (Vec<u8>, Option<HeaderMap>)
+    where
+        B::Error: std::fmt::Debug,
+    {
+        let mut data = Vec::new();
+        let mut trailers = None;
+        while let Some(frame) = within(body.frame()).await {
+            let frame = frame.expect("the body ends without an error");
+            if let Some(chunk) = frame.data_ref() {
+                data.extend_from_slice(chunk);
+            } else if let Ok(t) = frame.into_trailers() {
+                trailers = Some(t);
+            }
+        }
+        (data, trailers)
+    }
+
+    #[tokio::test]
+    async fn a_recorded_body_under_the_limit_replays_byte_exact() {
+        let (feeder, body) = feed(&["hello ", "mesh ", "world"]);
+        drop(feeder);
+        let (incoming, _client) = received(false, body).await;
+        let (mut first, tape) = RequestBody::record(incoming);
+        let tape = tape.expect("a request with a body has a tape");
+        assert!(
+            tape.replay().is_none(),
+            "nothing can be replayed before the end"
+        );
+
+        assert_eq!(read_all(&mut first).await.0, b"hello mesh world");
+        assert_eq!(tape.bytes(), 16);
+        // Every retry gets the same bytes again.
+        for _ in 0..2 {
+            let mut again = tape.replay().expect("a small body is replayable");
+            assert_eq!(again.size_hint().exact(), Some(16));
+            assert_eq!(
+                read_all(&mut again).await,
+                (b"hello mesh world".to_vec(), None)
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn a_body_of_known_length_is_replayable_once_its_last_byte_was_read() {
+        let (incoming, _client) = received(
+            false,
+            Full::new(Bytes::from_static(b"0123456789")).map_err(BoxError::from),
+        )
+        .await;
+        let (mut first, tape) = RequestBody::record(incoming);
+        let tape = tape.unwrap();
+        // Read as hyper writes a body of known length: until it says it ended, no further.
+        let mut forwarded = Vec::new();
+        while !first.is_end_stream() {
+            let frame = within(first.frame()).await.unwrap().unwrap();
+            forwarded.extend_from_slice(frame.data_ref().unwrap());
+        }
+        assert_eq!(forwarded, b"0123456789");
+        let mut again = tape.replay().expect("the whole body was read");
+        assert_eq!(read_all(&mut again).await.0, b"0123456789");
+    }
+
+    #[tokio::test]
+    async fn a_body_at_the_limit_replays_and_one_byte_more_does_not() {
+        for (size, replayable) in [(REPLAY_LIMIT, true), (REPLAY_LIMIT + 1, false)] {
+            let payload = Bytes::from(vec![b'x'; size]);
+            let (incoming, _client) =
+                received(true, Full::new(payload.clone()).map_err(BoxError::from)).await;
+            let (mut first, tape) = RequestBody::record(incoming);
+            let tape = tape.unwrap();
+            // The body is forwarded whole either way.
+            assert_eq!(read_all(&mut first).await.0, payload);
+            assert_eq!(tape.bytes(), size as u64, "the tape counts every byte");
+            match tape.replay() {
+                Some(mut again) => {
+                    assert!(replayable, "{size} bytes must not be kept");
+                    assert_eq!(read_all(&mut again).await.0, payload);
+                }
+                None => assert!(!replayable, "{size} bytes must be replayable"),
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn a_body_read_in_part_cannot_be_replayed() {
+        let (feeder, body) = feed(&["first"]);
+        let (incoming, _client) = received(true, body).await;
+        let (mut first, tape) = RequestBody::record(incoming);
+        let tape = tape.unwrap();
+        let frame = within(first.frame()).await.unwrap().unwrap();
+        assert_eq!(frame.data_ref().unwrap(), "first");
+        assert_eq!(tape.bytes(), 5);
+        assert!(
+            tape.replay().is_none(),
+            "the rest of the body is still to come"
+        );
+        drop(feeder);
+    }
+
+    #[tokio::test]
+    async fn request_trailers_are_replayed_after_the_data() {
+        let (feeder, body) = feed(&["payload"]);
+        feeder.send(Ok(trailers("x-checksum", "abc"))).unwrap();
+        drop(feeder);
+        let (incoming, _client) = received(true, body).await;
+        let (mut first, tape) = RequestBody::record(incoming);
+        let tape = tape.unwrap();
+        let (data, sent_trailers) = read_all(&mut first).await;
+        assert_eq!(data, b"payload");
+        assert_eq!(sent_trailers.unwrap()["x-checksum"], "abc");
+        let (data, replayed) = read_all(&mut tape.replay().unwrap()).await;
+        assert_eq!(data, b"payload");
+        assert_eq!(replayed.unwrap()["x-checksum"], "abc");
+    }
+
+    #[tokio::test]
+    async fn a_body_the_client_cut_off_cannot_be_replayed() {
+        let (feeder, body) = feed(&["partial"]);
+        let (incoming, client) = received(false, body).await;
+        let (mut first, tape) = RequestBody::record(incoming);
+        let tape = tape.unwrap();
+        let frame = within(first.frame()).await.unwrap().unwrap();
+        assert_eq!(frame.data_ref().unwrap(), "partial");
+        client.abort();
+        let _ = client.await;
+        let end = within(first.frame()).await;
+        assert!(
+            matches!(end, Some(Err(_))),
+            "a cut-off body ends in an error"
+        );
+        assert!(tape.replay().is_none());
+        drop(feeder);
+    }
+
+    #[tokio::test]
+    async fn a_request_without_body_needs_no_tape() {
+        let (incoming, _client) =
+            received(false, Full::new(Bytes::new()).map_err(BoxError::from)).await;
+        let (body, tape) = RequestBody::record(incoming);
+        assert!(matches!(body, RequestBody::Empty));
+        assert!(tape.is_none());
+        assert!(body.is_end_stream());
+    }
+
+    /// Collects what each response body reports, to check it is told exactly once.
+    #[derive(Clone, Default)]
+    struct Ends(Arc<Mutex<Vec<BodyEnd>>>);
+
+    impl Finish for Ends {
+        fn finish(self, end: BodyEnd) {
+            self.0.lock().unwrap().push(end);
+        }
+    }
+
+    impl Ends {
+        fn told(&self) -> Vec<BodyEnd> {
+            self.0.lock().unwrap().clone()
+        }
+    }
+
+    #[tokio::test]
+    async fn a_response_body_reports_its_bytes_and_the_grpc_status_of_its_trailers() {
+        let (feeder, body) = feed(&["hello", " world"]);
+        feeder.send(Ok(trailers("grpc-status", "3"))).unwrap();
+        drop(feeder);
+        let ends = Ends::default();
+        let mut response =
+            ResponseBody::upstream(upstream_response(true, body).await, ends.clone());
+        let (data, trailers) = read_all(&mut response).await;
+        assert_eq!(data, b"hello world");
+        assert_eq!(trailers.unwrap()["grpc-status"], "3");
+        let expected = BodyEnd {
+            bytes: 11,
+            grpc_status: Some(3),
+            ..BodyEnd::default()
+        };
+        assert_eq!(
+            ends.told(),
+            [expected],
+            "told at the end, before the body is dropped"
+        );
+        drop(response);
+        assert_eq!(ends.told(), [expected], "told once");
+    }
+
+    #[tokio::test]
+    async fn a_response_body_read_to_its_last_byte_is_not_a_cancellation() {
+        let ends = Ends::default();
+        let upstream = upstream_response(
+            false,
+            Full::new(Bytes::from_static(b"12345")).map_err(BoxError::from),
+        )
+        .await;
+        let mut response = ResponseBody::upstream(upstream, ends.clone());
+        // A client that stops reading once the announced length arrived.
+        while !response.is_end_stream() {
+            within(response.frame()).await.unwrap().unwrap();
+        }
+        drop(response);
+        assert_eq!(
+            ends.told(),
+            [BodyEnd {
+                bytes: 5,
+                ..BodyEnd::default()
+            }]
+        );
+    }
+
+    #[tokio::test]
+    async fn a_response_body_dropped_before_its_end_is_cancelled() {
+        let (feeder, body) = feed(&["part"]);
+        let ends = Ends::default();
+        let mut response =
+            ResponseBody::upstream(upstream_response(true, body).await, ends.clone());
+        let frame = within(response.frame()).await.unwrap().unwrap();
+        assert_eq!(frame.data_ref().unwrap(), "part");
+        assert!(ends.told().is_empty(), "still streaming");
+        drop(response);
+        assert_eq!(
+            ends.told(),
+            [BodyEnd {
+                bytes: 4,
+                cancelled: true,
+                ..BodyEnd::default()
+            }]
+        );
+        drop(feeder);
+    }
+
+    #[tokio::test]
+    async fn a_response_body_past_the_route_deadline_is_cut_off() {
+        let (feeder, body) = feed(&[]);
+        let ends = Ends::default();
+        let deadline = tokio::time::Instant::now() + Duration::from_millis(20);
+        let mut response =
+            ResponseBody::upstream(upstream_response(true, body).await, ends.clone())
+                .with_deadline(Some(deadline));
+        // The upstream sends nothing more: the deadline ends the body with an error.
+        let end = within(response.frame()).await;
+        assert!(matches!(end, Some(Err(_))), "the body ends in an error");
+        drop(response);
+        let told = ends.told();
+        assert_eq!(told.len(), 1);
+        assert!(told[0].timed_out);
+        assert!(!told[0].cancelled, "the proxy cut it off, not the client");
+        drop(feeder);
+    }
+
+    #[tokio::test]
+    async fn a_response_body_the_upstream_broke_reports_an_upstream_error() {
+        let (feeder, body) = feed(&["some"]);
+        let ends = Ends::default();
+        let mut response =
+            ResponseBody::upstream(upstream_response(true, body).await, ends.clone());
+        within(response.frame()).await.unwrap().unwrap();
+        feeder.send(Err("backend crashed".into())).unwrap();
+        let end = within(response.frame()).await;
+        assert!(matches!(end, Some(Err(_))), "the break reaches the client");
+        let told = ends.told();
+        assert_eq!(told.len(), 1);
+        assert!(told[0].upstream_error);
+        assert!(!told[0].timed_out);
+        assert_eq!(told[0].bytes, 4);
+    }
+
+    #[tokio::test]
+    async fn local_bodies_report_their_bytes_and_an_empty_one_is_never_cancelled() {
+        let ends = Ends::default();
+        let mut reply = ResponseBody::local(Bytes::from_static(b"route not found"), ends.clone());
+        assert_eq!(reply.size_hint().exact(), Some(15));
+        assert_eq!(read_all(&mut reply).await.0, b"route not found");
+        drop(reply);
+        // A body-less reply the client never polls (a redirect, a HEAD answer).
+        drop(ResponseBody::local(Bytes::new(), ends.clone()));
+        assert_eq!(
+            ends.told(),
+            [
+                BodyEnd {
+                    bytes: 15,
+                    ..BodyEnd::default()
+                },
+                BodyEnd::default()
+            ]
+        );
+    }
+
+    #[test]
+    fn grpc_status_is_read_from_headers_or_trailers() {
+        let mut headers = HeaderMap::new();
+        assert_eq!(grpc_status(&headers), None);
+        headers.insert("grpc-status", HeaderValue::from_static("14"));
+        assert_eq!(grpc_status(&headers), Some(14));
+        headers.insert("grpc-status", HeaderValue::from_static("unavailable"));
+        assert_eq!(grpc_status(&headers), None, "not a number: no status");
+    }
+}

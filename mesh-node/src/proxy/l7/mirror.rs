@@ -90,3 +90,19 @@ pub(super) fn shadow_host(host: &str) -> String {
         _ => format!("{host}-shadow"),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shadow_hosts_keep_the_port() {
+        assert_eq!(shadow_host("reviews"), "reviews-shadow");
+        assert_eq!(shadow_host("reviews:9080"), "reviews-shadow:9080");
+        assert_eq!(
+            shadow_host("reviews.bookinfo.svc.cluster.local:9080"),
+            "reviews.bookinfo.svc.cluster.local-shadow:9080"
+        );
+        assert_eq!(shadow_host("10.96.0.10:80"), "10.96.0.10-shadow:80");
+    }
+}

@@ -562,3 +562,392 @@ pub(super) fn http_to_grpc(status: StatusCode) -> u32 {
         _ => 2,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::net::Ipv4Addr;
+
+    use arc_swap::ArcSwap;
+    use http_body_util::BodyExt as _;
+
+    use super::*;
+    use crate::{
+        metrics::Metrics,
+        model::{Protocol, ServicePort, Snapshot, TargetPort},
+        proxy::{
+            context::ProxyConfig,
+            upstream::cluster::{ClusterState, Clusters},
+            NoOriginalDst,
+        },
+    };
+
+    fn head(version: Version, uri: &str, headers: &[(&str, &str)]) -> Parts {
+        let mut builder = Request::builder().version(version).uri(uri);
+        for (name, value) in headers {
+            builder = builder.header(*name, *value);
+        }
+        builder.body(()).unwrap().into_parts().0
+    }
+
+    fn names(headers: &HeaderMap) -> Vec<&str> {
+        let mut names: Vec<&str> = headers.keys().map(|k| k.as_str()).collect();
+        names.sort();
+        names
+    }
+
+    #[test]
+    fn hop_by_hop_headers_and_those_connection_names_are_stripped() {
+        let mut parts = head(
+            Version::HTTP_11,
+            "/",
+            &[
+                ("connection", "keep-alive, x-hop"),
+                ("keep-alive", "timeout=5"),
+                ("x-hop", "1"),
+                ("proxy-connection", "keep-alive"),
+                ("transfer-encoding", "chunked"),
+                ("proxy-authenticate", "Basic"),
+                ("proxy-authorization", "Basic Zm9vOmJhcg=="),
+                ("te", "trailers"),
+                ("end-user", "jason"),
+                ("authorization", "Bearer token"),
+            ],
+        );
+        strip_hop_by_hop(&mut parts.headers);
+        assert_eq!(names(&parts.headers), ["authorization", "end-user", "te"]);
+        assert_eq!(parts.headers["te"], "trailers", "gRPC needs `te: trailers`");
+
+        let mut other_te = head(Version::HTTP_11, "/", &[("te", "gzip, trailers")]);
+        strip_hop_by_hop(&mut other_te.headers);
+        assert!(
+            other_te.headers.get("te").is_none(),
+            "only `te: trailers` may be forwarded"
+        );
+    }
+
+    #[test]
+    fn http1_heads_get_origin_form_and_a_host() {
+        // An HTTP/2 client's request to an HTTP/1.1 server.
+        let mut parts = head(
+            Version::HTTP_2,
+            "http://reviews:9080/reviews/1?full=true",
+            &[("connection", "close"), ("end-user", "jason")],
+        );
+        prepare_head(&mut parts, "ignored", Proto::Http1);
+        assert_eq!(parts.version, Version::HTTP_11);
+        assert_eq!(parts.uri, "/reviews/1?full=true");
+        assert_eq!(parts.headers["host"], "reviews:9080");
+        assert_eq!(parts.headers["x-forwarded-proto"], "http");
+        assert_eq!(parts.headers["end-user"], "jason");
+        assert!(parts.headers.get("connection").is_none());
+    }
+
+    #[test]
+    fn http2_heads_get_absolute_form_without_host() {
+        let mut parts = head(
+            Version::HTTP_11,
+            "/ratings/0",
+            &[("host", "ratings:9080"), ("te", "trailers")],
+        );
+        prepare_head(&mut parts, "ignored", Proto::Http2);
+        assert_eq!(parts.version, Version::HTTP_2);
+        assert_eq!(parts.uri, "http://ratings:9080/ratings/0");
+        assert!(parts.headers.get("host").is_none());
+        assert_eq!(parts.headers["te"], "trailers");
+    }
+
+    #[test]
+    fn prepared_heads_keep_a_rewritten_authority_and_fall_back_to_the_dialled_one() {
+        // A rewrite changed the Host: the upstream sees the new one.
+        let mut rewritten = head(Version::HTTP_11, "/", &[("host", "ratings.prod")]);
+        prepare_head(&mut rewritten, "reviews:9080", Proto::Http1);
+        assert_eq!(rewritten.headers["host"], "ratings.prod");
+        // An HTTP/1.0 client without Host: the authority the request arrived with.
+        let mut bare = head(Version::HTTP_10, "/", &[]);
+        prepare_head(&mut bare, "reviews:9080", Proto::Http2);
+        assert_eq!(bare.uri, "http://reviews:9080/");
+    }
+
+    #[test]
+    fn the_authority_is_the_uri_authority_else_the_host_header() {
+        let h2 = head(
+            Version::HTTP_2,
+            "http://reviews:9080/",
+            &[("host", "other")],
+        );
+        assert_eq!(&*authority_of(&h2), "reviews:9080");
+        let h1 = head(Version::HTTP_11, "/", &[("host", "details:9080")]);
+        assert_eq!(&*authority_of(&h1), "details:9080");
+        assert_eq!(&*authority_of(&head(Version::HTTP_10, "/", &[])), "");
+    }
+
+    #[test]
+    fn request_ids_look_like_random_v4_uuids() {
+        let ids: Vec<String> = (0..200).map(|_| request_id()).collect();
+        for id in &ids {
+            let groups: Vec<&str> = id.split('-').collect();
+            let lengths: Vec<usize> = groups.iter().map(|g| g.len()).collect();
+            assert_eq!(lengths, [8, 4, 4, 4, 12], "{id}");
+            assert!(
+                id.chars()
+                    .all(|c| c == '-' || c.is_ascii_hexdigit() && !c.is_ascii_uppercase()),
+                "{id}"
+            );
+            assert!(groups[2].starts_with('4'), "version 4: {id}");
+            assert!(
+                matches!(groups[3].as_bytes()[0], b'8' | b'9' | b'a' | b'b'),
+                "RFC 4122 variant: {id}"
+            );
+        }
+        let mut unique = ids.clone();
+        unique.sort();
+        unique.dedup();
+        assert_eq!(unique.len(), ids.len(), "ids repeat");
+    }
+
+    #[test]
+    fn grpc_is_recognised_by_its_content_type() {
+        let grpc = |content_type: &str| {
+            is_grpc(&head(Version::HTTP_2, "/", &[("content-type", content_type)]).headers)
+        };
+        assert!(grpc("application/grpc"));
+        assert!(grpc("application/grpc+proto"));
+        assert!(grpc("application/grpc-web"));
+        assert!(!grpc("application/json"));
+        assert!(!is_grpc(&HeaderMap::new()));
+    }
+
+    #[test]
+    fn http_statuses_map_to_grpc_codes_as_envoy_documents() {
+        let code = |status: u16| http_to_grpc(StatusCode::from_u16(status).unwrap());
+        assert_eq!(code(400), 13, "INTERNAL");
+        assert_eq!(code(401), 16, "UNAUTHENTICATED");
+        assert_eq!(code(403), 7, "PERMISSION_DENIED");
+        assert_eq!(code(404), 12, "UNIMPLEMENTED");
+        for status in [429, 502, 503, 504] {
+            assert_eq!(code(status), 14, "{status} is UNAVAILABLE");
+        }
+        for status in [200, 405, 500, 501] {
+            assert_eq!(code(status), 2, "{status} is UNKNOWN");
+        }
+    }
+
+    fn port(name: &str, number: u16) -> ServicePort {
+        ServicePort {
+            name: Some(name.into()),
+            port: number,
+            target_port: TargetPort::Number(number),
+            protocol: Protocol::Tcp,
+            app_protocol: None,
+        }
+    }
+
+    fn service(ports: Vec<ServicePort>) -> Service {
+        Service {
+            key: ObjectKey::new("bookinfo", "reviews"),
+            cluster_ip: Some(Ipv4Addr::new(10, 96, 0, 10)),
+            ports,
+            selector: None,
+        }
+    }
+
+    #[test]
+    fn a_route_without_port_means_the_dialled_port_or_the_only_one() {
+        let two = service(vec![port("http", 9080), port("grpc", 9090)]);
+        assert_eq!(service_port(&two, 9090), Some(9090));
+        assert_eq!(service_port(&two, 80), None, "ambiguous");
+        let one = service(vec![port("http", 9080)]);
+        assert_eq!(service_port(&one, 80), Some(9080));
+        assert_eq!(service_port(&one, 9080), Some(9080));
+    }
+
+    #[test]
+    fn chance_follows_the_percentage() {
+        assert!((0..1000).all(|_| chance(100.0)));
+        assert!((0..1000).all(|_| !chance(0.0)));
+        let hits = (0..1000).filter(|_| chance(50.0)).count();
+        // Both outcomes occur (the odds of either never occurring are 2^-1000).
+        assert!(hits > 0 && hits < 1000, "{hits}");
+    }
+
+    fn cluster(h2_upgrade: bool) -> Cluster {
+        let key = ClusterKey::new(ObjectKey::new("bookinfo", "reviews"), 9080, None);
+        let policy = ClusterPolicy {
+            h2_upgrade,
+            ..ClusterPolicy::default()
+        };
+        Cluster::build(
+            &Snapshot::default(),
+            key,
+            policy,
+            Arc::new(ClusterState::new()),
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn the_upstream_protocol_follows_the_declared_port_and_h2_upgrade_policy() {
+        let h1 = head(Version::HTTP_11, "/", &[]);
+        let h2 = head(Version::HTTP_2, "http://reviews/", &[]);
+        let plain = cluster(false);
+        let upgrade = cluster(true);
+        let proto = |declared, parts: &Parts, grpc, cluster: &Cluster| {
+            upstream_protocol(declared, parts, grpc, cluster)
+        };
+        // `http2`/`grpc` ports: HTTP/2 whatever the client spoke.
+        assert_eq!(proto(Declared::Http2, &h1, false, &plain), Proto::Http2);
+        // `http` ports: HTTP/1.1 unless gRPC or `h2UpgradePolicy: UPGRADE`.
+        assert_eq!(proto(Declared::Http, &h2, false, &plain), Proto::Http1);
+        assert_eq!(proto(Declared::Http, &h2, true, &plain), Proto::Http2);
+        assert_eq!(proto(Declared::Http, &h1, false, &upgrade), Proto::Http2);
+        // Sniffed ports keep the client's protocol.
+        for declared in [Declared::Unknown, Declared::Opaque] {
+            assert_eq!(proto(declared, &h1, false, &plain), Proto::Http1);
+            assert_eq!(proto(declared, &h2, false, &plain), Proto::Http2);
+            assert_eq!(proto(declared, &h1, true, &plain), Proto::Http2);
+        }
+    }
+
+    /// A source-side connection of a proxy with an empty configuration, and its metrics.
+    fn conn() -> (Arc<Conn>, Metrics) {
+        let metrics = Metrics::new();
+        let config = ProxyConfig::new("n1", Ipv4Addr::LOCALHOST);
+        let clusters = Clusters::default();
+        let view = View::new(Arc::new(Snapshot::default()), None, &clusters);
+        let ctx = Arc::new(Context {
+            dialer: config.dialer(),
+            config,
+            view: ArcSwap::from_pointee(view),
+            original_dst: Arc::new(NoOriginalDst),
+            metrics: metrics.tcp().clone(),
+            http_metrics: metrics.http().clone(),
+            clusters,
+            pools: Default::default(),
+            applied: Default::default(),
+            inbound_port: 15006,
+        });
+        let conn = Conn::outbound(
+            ctx,
+            SocketAddrV4::new(Ipv4Addr::new(10, 244, 0, 5), 40000),
+            ObjectKey::new("bookinfo", "reviews"),
+            9080,
+            Declared::Http,
+            None,
+        );
+        (Arc::new(conn), metrics)
+    }
+
+    fn report(conn: &Arc<Conn>, grpc: bool) -> Report {
+        Report {
+            conn: conn.clone(),
+            start: Instant::now(),
+            method: Method::GET,
+            uri: Uri::from_static("/reviews/1"),
+            authority: "reviews:9080".into(),
+            version: Version::HTTP_11,
+            request_id: None,
+            user_agent: None,
+            grpc,
+            status: 0,
+            grpc_status: None,
+            flags: ResponseFlags::NONE,
+            route: None,
+            upstream: None,
+            cluster: None,
+            destination: None,
+            service: None,
+            tape: None,
+            hold: None,
+            pick: None,
+            recorded: false,
+        }
+    }
+
+    /// The `istio_requests_total` series recorded so far.
+    fn requests_total(metrics: &Metrics) -> Vec<String> {
+        metrics
+            .encode()
+            .lines()
+            .filter(|l| l.starts_with("istio_requests_total{"))
+            .map(str::to_owned)
+            .collect()
+    }
+
+    async fn read(reply: Reply) -> (StatusCode, HeaderMap, Bytes) {
+        let (head, body) = reply.into_parts();
+        let body = body.collect().await.unwrap().to_bytes();
+        (head.status, head.headers, body)
+    }
+
+    #[tokio::test]
+    async fn a_local_reply_is_plain_text_and_reported_with_its_flag() {
+        let (conn, metrics) = conn();
+        let reply = local_reply(
+            report(&conn, false),
+            StatusCode::NOT_FOUND,
+            ResponseFlags::NR,
+            "route not found",
+        );
+        let (status, headers, body) = read(reply).await;
+        assert_eq!(status, StatusCode::NOT_FOUND);
+        assert_eq!(headers["content-type"], "text/plain");
+        assert_eq!(body, "route not found");
+        let series = requests_total(&metrics);
+        assert_eq!(series.len(), 1, "{series:?}");
+        assert!(series[0].contains("response_code=\"404\""), "{}", series[0]);
+        assert!(series[0].contains("response_flags=\"NR\""), "{}", series[0]);
+        assert!(series[0].ends_with(" 1"), "{}", series[0]);
+    }
+
+    #[tokio::test]
+    async fn a_local_reply_to_grpc_is_a_grpc_status() {
+        let (conn, metrics) = conn();
+        let reply = local_failure(report(&conn, true), retry::NO_HEALTHY_UPSTREAM);
+        let (status, headers, body) = read(reply).await;
+        // gRPC clients read the status from the headers of a 200 (a trailers-only answer).
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(headers["content-type"], "application/grpc");
+        assert_eq!(headers["grpc-status"], "14", "503 is UNAVAILABLE");
+        assert_eq!(headers["grpc-message"], "no healthy upstream");
+        assert!(body.is_empty());
+        let series = requests_total(&metrics);
+        assert!(
+            series[0].contains("grpc_response_status=\"14\""),
+            "{}",
+            series[0]
+        );
+        assert!(series[0].contains("response_flags=\"UH\""), "{}", series[0]);
+    }
+
+    #[tokio::test]
+    async fn a_fault_abort_answers_the_configured_status_with_flag_fi() {
+        let (conn, metrics) = conn();
+        let (status, _, body) = read(fault_abort(
+            report(&conn, false),
+            AbortError::HttpStatus(418),
+        ))
+        .await;
+        assert_eq!(status.as_u16(), 418);
+        assert_eq!(body, "fault filter abort");
+        let (status, headers, _) =
+            read(fault_abort(report(&conn, true), AbortError::GrpcStatus(8))).await;
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(headers["grpc-status"], "8");
+        let series = requests_total(&metrics);
+        assert_eq!(series.len(), 2, "{series:?}");
+        assert!(
+            series.iter().all(|s| s.contains("response_flags=\"FI\"")),
+            "{series:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_request_the_client_abandons_before_the_answer_is_code_0_dc() {
+        let (conn, metrics) = conn();
+        drop(report(&conn, false));
+        let series = requests_total(&metrics);
+        assert_eq!(series.len(), 1, "{series:?}");
+        assert!(series[0].contains("response_code=\"0\""), "{}", series[0]);
+        assert!(series[0].contains("response_flags=\"DC\""), "{}", series[0]);
+    }
+}

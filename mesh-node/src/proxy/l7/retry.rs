@@ -212,3 +212,169 @@ pub(super) fn is_idempotent(method: &Method) -> bool {
         Method::GET | Method::HEAD | Method::OPTIONS | Method::PUT | Method::DELETE | Method::TRACE
     )
 }
+
+#[cfg(test)]
+mod tests {
+    use crate::{
+        model::Snapshot,
+        proxy::{
+            route::RetryPolicies,
+            upstream::cluster::{ClusterState, Clusters},
+        },
+    };
+
+    use super::*;
+
+    fn plan(policies: &[RetryPolicy]) -> RetryPlan {
+        let mut set = RetryPolicies::default();
+        for p in policies {
+            set.insert(*p);
+        }
+        RetryPlan {
+            attempts: 2,
+            per_try_timeout: None,
+            policies: set,
+            statuses: Arc::from([]),
+        }
+    }
+
+    /// The attempts of a request to an empty cluster, under `plan`.
+    fn with_attempts<T>(
+        plan: &RetryPlan,
+        idempotent_only: bool,
+        test: impl FnOnce(&Attempts) -> T,
+    ) -> T {
+        let clusters = Clusters::default();
+        let snapshot = Arc::new(Snapshot::default());
+        let view = View::new(snapshot.clone(), None, &clusters);
+        let key = ClusterKey::new(ObjectKey::new("bookinfo", "reviews"), 9080, None);
+        let cluster = Cluster::build(
+            &snapshot,
+            key,
+            ClusterPolicy::default(),
+            Arc::new(ClusterState::new()),
+        )
+        .unwrap();
+        let resolved = Resolved {
+            cluster: Arc::new(cluster),
+            pool: Arc::default(),
+        };
+        test(&Attempts {
+            view: &view,
+            resolved: &resolved,
+            plan,
+            idempotent_only,
+            per_try_timeout: None,
+            proto: Proto::Http1,
+        })
+    }
+
+    #[test]
+    fn backoff_stays_within_envoys_bounds() {
+        for n in 1..=40 {
+            let ceiling = RETRY_BASE
+                .saturating_mul(1 << (n - 1).min(16))
+                .min(Duration::from_millis(250));
+            let waits: Vec<Duration> = (0..200).map(|_| backoff(n)).collect();
+            assert!(waits.iter().all(|w| *w <= ceiling), "retry {n}: {waits:?}");
+            assert!(
+                waits.windows(2).any(|w| w[0] != w[1]),
+                "retry {n} is jittered"
+            );
+        }
+        assert!((0..200).all(|_| backoff(1) <= Duration::from_millis(25)));
+        assert!((0..200).all(|_| backoff(40) <= Duration::from_millis(250)));
+    }
+
+    #[test]
+    fn idempotent_methods_are_those_rfc_9110_names() {
+        for method in [
+            Method::GET,
+            Method::HEAD,
+            Method::OPTIONS,
+            Method::PUT,
+            Method::DELETE,
+            Method::TRACE,
+        ] {
+            assert!(is_idempotent(&method), "{method}");
+        }
+        for method in [Method::POST, Method::PATCH, Method::CONNECT] {
+            assert!(!is_idempotent(&method), "{method}");
+        }
+    }
+
+    #[test]
+    fn without_a_configured_policy_only_safe_requests_are_repeated() {
+        let plan = default_retries();
+        with_attempts(&plan, true, |attempts| {
+            // No body: always replayable.
+            assert!(attempts.may_repeat(true, None, false), "GET");
+            assert!(
+                !attempts.may_repeat(false, None, false),
+                "a POST that reached the upstream"
+            );
+            assert!(
+                attempts.may_repeat(false, None, true),
+                "a POST that never left"
+            );
+        });
+    }
+
+    #[test]
+    fn a_configured_policy_repeats_any_method() {
+        let plan = plan(&[RetryPolicy::FiveXx]);
+        with_attempts(&plan, false, |attempts| {
+            assert!(attempts.may_repeat(false, None, false));
+        });
+    }
+
+    #[test]
+    fn a_body_that_cannot_be_replayed_is_never_repeated() {
+        // A tape that has not seen the end of its body (or lost it past the limit).
+        let tape = Tape::default();
+        assert!(replay(Some(&tape)).is_none());
+        let plan = plan(&[RetryPolicy::FiveXx]);
+        with_attempts(&plan, false, |attempts| {
+            assert!(!attempts.may_repeat(true, Some(&tape), true));
+        });
+        assert!(matches!(replay(None), Some(RequestBody::Empty)));
+    }
+
+    #[test]
+    fn grpc_statuses_are_retried_by_their_policy_names() {
+        let istio = default_retries();
+        with_attempts(&istio, true, |attempts| {
+            assert!(attempts.retries_grpc(14), "unavailable");
+            assert!(attempts.retries_grpc(1), "cancelled");
+            assert!(
+                !attempts.retries_grpc(4),
+                "deadline-exceeded is not in Istio's default"
+            );
+            assert!(!attempts.retries_grpc(0), "OK");
+        });
+        let custom = plan(&[
+            RetryPolicy::DeadlineExceeded,
+            RetryPolicy::ResourceExhausted,
+            RetryPolicy::Internal,
+        ]);
+        with_attempts(&custom, false, |attempts| {
+            assert!(attempts.retries_grpc(4));
+            assert!(attempts.retries_grpc(8));
+            assert!(attempts.retries_grpc(13));
+            assert!(!attempts.retries_grpc(14));
+            assert!(!attempts.retries_grpc(2), "UNKNOWN has no policy");
+        });
+    }
+
+    #[test]
+    fn istios_default_retries_twice_on_503_only() {
+        let plan = default_retries();
+        assert_eq!(plan.attempts, 2);
+        assert!(plan.retries_status(503));
+        for status in [500, 502, 504, 404] {
+            assert!(!plan.retries_status(status), "{status}");
+        }
+        assert!(plan.on(RetryPolicy::ConnectFailure));
+        assert!(!plan.on(RetryPolicy::Reset));
+    }
+}

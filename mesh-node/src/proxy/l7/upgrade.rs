@@ -99,3 +99,38 @@ pub(super) fn is_upgrade(parts: &Parts) -> bool {
                     .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
             })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn head(version: Version, headers: &[(&str, &str)]) -> Parts {
+        let mut builder = Request::builder().version(version).uri("/chat");
+        for (name, value) in headers {
+            builder = builder.header(*name, *value);
+        }
+        builder.body(()).unwrap().into_parts().0
+    }
+
+    #[test]
+    fn an_upgrade_needs_upgrade_and_connection_upgrade_on_http1() {
+        let websocket = [
+            ("connection", "keep-alive, Upgrade"),
+            ("upgrade", "websocket"),
+        ];
+        assert!(is_upgrade(&head(Version::HTTP_11, &websocket)));
+        assert!(
+            !is_upgrade(&head(Version::HTTP_2, &websocket)),
+            "HTTP/2 has no Upgrade"
+        );
+        assert!(!is_upgrade(&head(
+            Version::HTTP_11,
+            &[("upgrade", "websocket")]
+        )));
+        assert!(!is_upgrade(&head(
+            Version::HTTP_11,
+            &[("connection", "upgrade")]
+        )));
+        assert!(!is_upgrade(&head(Version::HTTP_11, &[])));
+    }
+}

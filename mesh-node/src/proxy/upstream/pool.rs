@@ -465,3 +465,444 @@ pub async fn upgrade_connection<B: PoolBody>(
     });
     Ok(sender)
 }
+
+#[cfg(test)]
+mod tests {
+    use std::{
+        convert::Infallible,
+        future::Future,
+        net::{Ipv4Addr, SocketAddr},
+        sync::atomic::{AtomicUsize, Ordering},
+    };
+
+    use http_body_util::{combinators::BoxBody, BodyExt as _, Empty, Full};
+    use hyper::service::service_fn;
+    use hyper_util::server::conn::auto;
+    use tokio::{
+        io::{AsyncReadExt as _, AsyncWriteExt as _},
+        net::{TcpListener, TcpStream},
+        sync::Barrier,
+    };
+
+    use super::*;
+    use crate::proxy::upstream::cluster::Limits;
+
+    type TestBody = BoxBody<Bytes, Box<dyn StdError + Send + Sync>>;
+    type BoxFuture = std::pin::Pin<Box<dyn Future<Output = ()> + Send>>;
+
+    /// Bounds every await of a test, so a pool that never answers fails instead of hanging.
+    async fn within<T>(future: impl Future<Output = T>) -> T {
+        tokio::time::timeout(Duration::from_secs(10), future)
+            .await
+            .expect("the pool did not answer")
+    }
+
+    async fn bind() -> (TcpListener, SocketAddrV4) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let SocketAddr::V4(addr) = listener.local_addr().unwrap() else {
+            unreachable!("bound to an IPv4 address")
+        };
+        (listener, addr)
+    }
+
+    /// A hyper server (HTTP/1.1 and h2c) that answers each request with the number of the
+    /// connection it arrived on ("connection 1", ...), after `handler` let it.
+    async fn upstream<F, Fut>(handler: F) -> (SocketAddrV4, Arc<AtomicUsize>)
+    where
+        F: Fn(Request<Incoming>) -> Fut + Clone + Send + Sync + 'static,
+        Fut: Future<Output = ()> + Send + 'static,
+    {
+        let (listener, addr) = bind().await;
+        let connections = Arc::new(AtomicUsize::new(0));
+        let count = connections.clone();
+        tokio::spawn(async move {
+            loop {
+                let (io, _) = listener.accept().await.unwrap();
+                let n = count.fetch_add(1, Ordering::SeqCst) + 1;
+                let handler = handler.clone();
+                let service = service_fn(move |request| {
+                    let handler = handler.clone();
+                    async move {
+                        handler(request).await;
+                        Ok::<_, Infallible>(Response::new(Full::new(Bytes::from(format!(
+                            "connection {n}"
+                        )))))
+                    }
+                });
+                tokio::spawn(async move {
+                    let _ = auto::Builder::new(TokioExecutor::new())
+                        .serve_connection(TokioIo::new(io), service)
+                        .await;
+                });
+            }
+        });
+        (addr, connections)
+    }
+
+    async fn answer_at_once(_: Request<Incoming>) {}
+
+    fn dialer() -> Dialer {
+        Dialer {
+            node: "n1".into(),
+            proxy_ip: Ipv4Addr::LOCALHOST,
+            peer_tunnel_port: 15008,
+            sidecar: false,
+            connect_timeout: Duration::from_secs(5),
+        }
+    }
+
+    fn key(target: SocketAddrV4, proto: Proto) -> ConnKey {
+        ConnKey {
+            target,
+            via: Via::Direct { source: None },
+            proto,
+            source: None,
+        }
+    }
+
+    fn get(proto: Proto) -> Request<TestBody> {
+        // HTTP/2 requests carry the absolute form, as the L7 path prepares them.
+        let uri = match proto {
+            Proto::Http1 => "/",
+            Proto::Http2 => "http://upstream/",
+        };
+        Request::builder()
+            .uri(uri)
+            .header(http::header::HOST, "upstream")
+            .body(Empty::new().map_err(|never| match never {}).boxed())
+            .unwrap()
+    }
+
+    fn limited(limits: Limits) -> ClusterPolicy {
+        ClusterPolicy {
+            limits,
+            ..ClusterPolicy::default()
+        }
+    }
+
+    /// What a test needs to send requests through one cluster pool.
+    #[derive(Clone)]
+    struct Client {
+        pool: Arc<ClusterPool<TestBody>>,
+        state: Arc<ClusterState>,
+        policy: ClusterPolicy,
+        dialer: Dialer,
+    }
+
+    impl Client {
+        fn new(policy: ClusterPolicy) -> Self {
+            Self {
+                pool: Arc::default(),
+                state: Arc::new(ClusterState::new()),
+                policy,
+                dialer: dialer(),
+            }
+        }
+
+        /// Sends a GET and reads the response body to its end; the caller decides when the
+        /// request is over by dropping what it holds.
+        async fn get(
+            &self,
+            target: SocketAddrV4,
+            proto: Proto,
+        ) -> Result<(String, InFlight<TestBody>), PoolError> {
+            let dial = Dial {
+                dialer: &self.dialer,
+                timeout: None,
+            };
+            let (response, in_flight) = self
+                .pool
+                .send(
+                    &self.state,
+                    &self.policy,
+                    &key(target, proto),
+                    dial,
+                    get(proto),
+                )
+                .await?;
+            let body = response.into_body().collect().await.unwrap().to_bytes();
+            Ok((String::from_utf8(body.to_vec()).unwrap(), in_flight))
+        }
+
+        async fn served_by(&self, target: SocketAddrV4, proto: Proto) -> String {
+            within(self.get(target, proto)).await.unwrap().0
+        }
+    }
+
+    /// Waits until `condition` holds: the test's way to know a request reached a state.
+    async fn until(mut condition: impl FnMut() -> bool) {
+        within(async {
+            while !condition() {
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+        })
+        .await;
+    }
+
+    #[tokio::test]
+    async fn a_second_request_reuses_the_idle_http1_connection() {
+        let (addr, connections) = upstream(answer_at_once).await;
+        let client = Client::new(ClusterPolicy::default());
+        assert_eq!(client.served_by(addr, Proto::Http1).await, "connection 1");
+        assert_eq!(client.served_by(addr, Proto::Http1).await, "connection 1");
+        assert_eq!(client.served_by(addr, Proto::Http1).await, "connection 1");
+        assert_eq!(connections.load(Ordering::SeqCst), 1);
+        assert_eq!(
+            client.state.connections(),
+            1,
+            "the idle connection stays open"
+        );
+        assert_eq!(client.state.requests(), 0);
+    }
+
+    #[tokio::test]
+    async fn max_requests_per_connection_one_opens_a_connection_per_request() {
+        let (addr, connections) = upstream(answer_at_once).await;
+        let client = Client::new(ClusterPolicy {
+            max_requests_per_connection: Some(1),
+            ..ClusterPolicy::default()
+        });
+        assert_eq!(client.served_by(addr, Proto::Http1).await, "connection 1");
+        assert_eq!(client.served_by(addr, Proto::Http1).await, "connection 2");
+        assert_eq!(client.served_by(addr, Proto::Http1).await, "connection 3");
+        assert_eq!(connections.load(Ordering::SeqCst), 3);
+    }
+
+    #[tokio::test]
+    async fn max_requests_per_connection_two_serves_two_requests_per_connection() {
+        let (addr, _) = upstream(answer_at_once).await;
+        let client = Client::new(ClusterPolicy {
+            max_requests_per_connection: Some(2),
+            ..ClusterPolicy::default()
+        });
+        let served: Vec<String> = [
+            client.served_by(addr, Proto::Http1).await,
+            client.served_by(addr, Proto::Http1).await,
+            client.served_by(addr, Proto::Http1).await,
+            client.served_by(addr, Proto::Http1).await,
+        ]
+        .into();
+        assert_eq!(
+            served,
+            [
+                "connection 1",
+                "connection 1",
+                "connection 2",
+                "connection 2"
+            ]
+        );
+    }
+
+    #[tokio::test]
+    async fn an_idle_connection_past_the_idle_timeout_is_not_reused() {
+        let (addr, connections) = upstream(answer_at_once).await;
+        let client = Client::new(ClusterPolicy {
+            idle_timeout: Some(Duration::from_millis(1)),
+            ..ClusterPolicy::default()
+        });
+        assert_eq!(client.served_by(addr, Proto::Http1).await, "connection 1");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert_eq!(client.served_by(addr, Proto::Http1).await, "connection 2");
+        assert_eq!(connections.load(Ordering::SeqCst), 2);
+    }
+
+    #[tokio::test]
+    async fn a_request_beyond_max_connections_waits_and_one_more_overflows() {
+        let (addr, connections) = upstream(answer_at_once).await;
+        let client = Client::new(limited(Limits {
+            max_connections: 1,
+            max_pending: 1,
+            ..Limits::UNLIMITED
+        }));
+        // The first request holds the only connection until it is over.
+        let (served, first) = within(client.get(addr, Proto::Http1)).await.unwrap();
+        assert_eq!(served, "connection 1");
+
+        let pending = tokio::spawn({
+            let client = client.clone();
+            async move { client.get(addr, Proto::Http1).await.map(|(s, _)| s) }
+        });
+        until(|| client.state.pending() == 1).await;
+
+        let overflow = within(client.get(addr, Proto::Http1)).await.err().unwrap();
+        assert!(
+            matches!(overflow, PoolError::Overflow("http1MaxPendingRequests")),
+            "{overflow}"
+        );
+        assert!(overflow.to_string().contains("http1MaxPendingRequests"));
+        assert!(overflow.before_request());
+
+        drop(first);
+        let served = within(pending).await.unwrap().unwrap();
+        assert_eq!(served, "connection 1", "served on the freed connection");
+        assert_eq!(connections.load(Ordering::SeqCst), 1);
+        assert_eq!(client.state.pending(), 0);
+    }
+
+    #[tokio::test]
+    async fn requests_beyond_http2_max_requests_overflow_until_one_ends() {
+        let (addr, _) = upstream(answer_at_once).await;
+        let client = Client::new(limited(Limits {
+            max_requests: 1,
+            ..Limits::UNLIMITED
+        }));
+        let (_, first) = within(client.get(addr, Proto::Http1)).await.unwrap();
+        let overflow = within(client.get(addr, Proto::Http1)).await.err().unwrap();
+        assert!(
+            matches!(overflow, PoolError::Overflow("http2MaxRequests")),
+            "{overflow}"
+        );
+        drop(first);
+        assert_eq!(client.served_by(addr, Proto::Http1).await, "connection 1");
+    }
+
+    /// A handler that holds the first two requests until both arrived; later ones pass.
+    fn first_two_together() -> impl Fn(Request<Incoming>) -> BoxFuture + Clone + Send + Sync {
+        let barrier = Arc::new(Barrier::new(2));
+        let seen = Arc::new(AtomicUsize::new(0));
+        move |_| {
+            let barrier = barrier.clone();
+            let first_two = seen.fetch_add(1, Ordering::SeqCst) < 2;
+            Box::pin(async move {
+                if first_two {
+                    barrier.wait().await;
+                }
+            })
+        }
+    }
+
+    #[tokio::test]
+    async fn http2_requests_in_flight_together_share_one_connection() {
+        // The server answers only once both requests arrived: they must be in flight at once.
+        let (addr, connections) = upstream(first_two_together()).await;
+        let client = Client::new(ClusterPolicy::default());
+        let (a, b) = within(async {
+            tokio::join!(
+                client.get(addr, Proto::Http2),
+                client.get(addr, Proto::Http2)
+            )
+        })
+        .await;
+        assert_eq!(a.unwrap().0, "connection 1");
+        assert_eq!(b.unwrap().0, "connection 1");
+        assert_eq!(client.served_by(addr, Proto::Http2).await, "connection 1");
+        assert_eq!(connections.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test]
+    async fn http1_requests_in_flight_together_take_a_connection_each() {
+        let (addr, connections) = upstream(first_two_together()).await;
+        let client = Client::new(ClusterPolicy::default());
+        let (a, b) = within(async {
+            tokio::join!(
+                client.get(addr, Proto::Http1),
+                client.get(addr, Proto::Http1)
+            )
+        })
+        .await;
+        let mut served = [a.unwrap().0, b.unwrap().0];
+        served.sort();
+        assert_eq!(served, ["connection 1", "connection 2"]);
+        assert_eq!(connections.load(Ordering::SeqCst), 2);
+    }
+
+    /// A server that answers one request per connection, keep-alive as far as the client can
+    /// tell, then closes the connection.
+    async fn closing_upstream() -> (SocketAddrV4, Arc<AtomicUsize>) {
+        let (listener, addr) = bind().await;
+        let connections = Arc::new(AtomicUsize::new(0));
+        let count = connections.clone();
+        tokio::spawn(async move {
+            loop {
+                let (mut io, _) = listener.accept().await.unwrap();
+                let n = count.fetch_add(1, Ordering::SeqCst) + 1;
+                tokio::spawn(async move {
+                    read_head(&mut io).await;
+                    let body = format!("connection {n}");
+                    let response = format!(
+                        "HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n{body}",
+                        body.len()
+                    );
+                    io.write_all(response.as_bytes()).await.unwrap();
+                });
+            }
+        });
+        (addr, connections)
+    }
+
+    async fn read_head(io: &mut TcpStream) {
+        let mut head = Vec::new();
+        let mut buf = [0u8; 1024];
+        while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+            let n = io.read(&mut buf).await.unwrap();
+            assert!(n > 0, "the client closed before sending a request");
+            head.extend_from_slice(&buf[..n]);
+        }
+    }
+
+    #[tokio::test]
+    async fn a_connection_the_server_closed_while_idle_is_replaced() {
+        let (addr, connections) = closing_upstream().await;
+        let client = Client::new(ClusterPolicy::default());
+        assert_eq!(client.served_by(addr, Proto::Http1).await, "connection 1");
+        // The pool learns of the close and frees the connection's slot.
+        until(|| client.state.connections() == 0).await;
+        assert_eq!(client.served_by(addr, Proto::Http1).await, "connection 2");
+        assert_eq!(connections.load(Ordering::SeqCst), 2);
+    }
+
+    #[tokio::test]
+    async fn a_server_that_closes_after_reading_the_request_is_a_reset() {
+        let (listener, addr) = bind().await;
+        tokio::spawn(async move {
+            let (mut io, _) = listener.accept().await.unwrap();
+            read_head(&mut io).await;
+        });
+        let client = Client::new(ClusterPolicy::default());
+        let error = within(client.get(addr, Proto::Http1)).await.err().unwrap();
+        assert!(matches!(error, PoolError::Reset { .. }), "{error}");
+        assert!(
+            !error.before_request(),
+            "the request reached the server: only a retry policy may repeat it"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_refused_connect_is_a_dial_error_before_the_request() {
+        let (listener, addr) = bind().await;
+        drop(listener);
+        let client = Client::new(ClusterPolicy::default());
+        for proto in [Proto::Http1, Proto::Http2] {
+            let error = within(client.get(addr, proto)).await.err().unwrap();
+            assert!(matches!(error, PoolError::Dial(_)), "{error}");
+            assert!(error.before_request());
+            assert!(error.to_string().contains("refused"), "{error}");
+        }
+        // The failed connects hold no budget.
+        assert_eq!(client.state.connections(), 0);
+        assert_eq!(client.state.requests(), 0);
+    }
+
+    #[tokio::test]
+    async fn pools_are_one_per_cluster() {
+        let pools: Pools<TestBody> = Pools::default();
+        let reviews = ClusterKey::new(
+            crate::model::ObjectKey::new("bookinfo", "reviews"),
+            9080,
+            None,
+        );
+        let ratings = ClusterKey::new(
+            crate::model::ObjectKey::new("bookinfo", "ratings"),
+            9080,
+            None,
+        );
+        assert!(Arc::ptr_eq(
+            &pools.cluster(&reviews),
+            &pools.cluster(&reviews)
+        ));
+        assert!(!Arc::ptr_eq(
+            &pools.cluster(&reviews),
+            &pools.cluster(&ratings)
+        ));
+    }
+}
