@@ -9,16 +9,17 @@
 //! there is no protocol sniffing): it writes a few bytes and reads them back.
 //!
 //! New connections arrive at a fixed rate, each latency measured from the time it was due to
-//! start (so a stalled proxy cannot hide by slowing the client down) to the echo. First a
-//! window without changes (the baseline), then one while the configuration changes ten times
-//! a second, alternating one Service's endpoints moving and one VirtualService's weights
-//! changing. For every change it also reports how long the proxy took to apply it (publish →
-//! the proxy's `applied` version reaches it).
+//! start (so a stalled proxy cannot hide by slowing the client down) to the echo. Seconds
+//! without changes (the baseline) alternate with seconds in which the configuration changes
+//! ten times a second, alternating one Service's endpoints moving and one VirtualService's
+//! weights changing; each connection counts in the window of the second it was due in. For
+//! every change it also reports how long the proxy took to apply it (publish → the proxy's
+//! `applied` version reaches it).
 //!
 //! Run with `cargo xtask bench churn` (or `cargo bench -p mesh-node --bench churn`). Everything
 //! is on loopback; no root needed. Settings: WEFT_CHURN_SERVICES, WEFT_CHURN_ROUTES,
-//! WEFT_CHURN_POLICIES, WEFT_CHURN_RATE (new connections per second), WEFT_CHURN_SECS (per
-//! window), WEFT_CHURN_CHANGES (changes per second), WEFT_CHURN_OUT (the JSON file; default
+//! WEFT_CHURN_POLICIES, WEFT_CHURN_RATE (new connections per second), WEFT_CHURN_SECS (seconds
+//! per window), WEFT_CHURN_CHANGES (changes per second), WEFT_CHURN_OUT (the JSON file; default
 //! `target/bench/churn.json`).
 
 use std::{
@@ -501,7 +502,33 @@ fn watch_applied(
         .expect("the lag watcher starts")
 }
 
-/// Publishes `changes_per_sec` changes a second from `start` until `end`, alternating the
+/// The measured time, cut into one-second slots that alternate between no changes (even
+/// slots, the baseline) and changes (odd slots), so the slow drifts of a shared machine hit
+/// both windows alike.
+#[derive(Clone, Copy)]
+struct Slots {
+    from: Instant,
+    count: u32,
+}
+
+impl Slots {
+    const SLOT: Duration = Duration::from_secs(1);
+
+    fn end(&self) -> Instant {
+        self.from + Self::SLOT * self.count
+    }
+
+    /// Whether `t` falls in a slot with changes; `None` outside the measured time.
+    fn churning(&self, t: Instant) -> Option<bool> {
+        if t < self.from || t >= self.end() {
+            return None;
+        }
+        let slot = (t - self.from).as_nanos() / Self::SLOT.as_nanos();
+        Some(slot % 2 == 1)
+    }
+}
+
+/// Publishes `changes_per_sec` changes a second during the churn slots, alternating the
 /// kinds, on a thread of its own (the control runtime's place). Returns the time each
 /// snapshot took to make and publish.
 fn churn(
@@ -509,30 +536,33 @@ fn churn(
     store: Store,
     lags: Arc<Mutex<Lags>>,
     changes_per_sec: u64,
-    start: Instant,
-    end: Instant,
+    slots: Slots,
 ) -> thread::JoinHandle<Vec<Duration>> {
     thread::Builder::new()
         .name("weft-control".into())
         .spawn(move || {
             let interval_ns = 1_000_000_000 / changes_per_sec;
             let mut made = Vec::new();
-            for k in 0.. {
-                let due = start + Duration::from_nanos(interval_ns * k);
-                if due >= end {
-                    break;
+            let mut k = 0u64;
+            for tick in 0.. {
+                let due = slots.from + Duration::from_nanos(interval_ns * tick);
+                match slots.churning(due) {
+                    None => break,
+                    Some(false) => continue,
+                    Some(true) => {}
                 }
                 let now = Instant::now();
                 if due > now {
                     thread::sleep(due - now);
                 }
-                let change = if k % 2 == 0 {
+                k += 1;
+                let change = if k % 2 == 1 {
                     Change::Endpoints
                 } else {
                     Change::Route
                 };
                 let begun = Instant::now();
-                let snapshot = config.change(change, k as usize / 2);
+                let snapshot = config.change(change, (k - 1) as usize / 2);
                 let version = store.publish(snapshot);
                 let published = Instant::now();
                 made.push(published - begun);
@@ -572,10 +602,14 @@ struct Window {
 }
 
 impl Window {
-    fn of(name: &'static str, samples: &[Sample], from: Instant, to: Instant) -> Self {
+    /// The samples due in the slots with (`churning`) or without changes.
+    fn of(name: &'static str, samples: &[Sample], slots: Slots, churning: bool) -> Self {
         let mut latencies = Vec::new();
         let mut failures = Vec::new();
-        for s in samples.iter().filter(|s| s.due >= from && s.due < to) {
+        for s in samples
+            .iter()
+            .filter(|s| slots.churning(s.due) == Some(churning))
+        {
             match &s.result {
                 Ok(latency) => latencies.push(*latency),
                 Err(e) => failures.push(e.clone()),
@@ -648,7 +682,8 @@ fn main() {
     let settings = Settings::from_env();
     println!(
         "churn: {} Services x 10 endpoints, {} VirtualServices, {} AuthorizationPolicies; \
-         {} new connections/s; {} s without changes, then {} s with {} changes/s",
+         {} new connections/s; {} s without changes and {} s with {} changes/s, \
+         alternating every second",
         settings.services,
         settings.routes,
         settings.policies,
@@ -686,9 +721,10 @@ fn main() {
         .expect("the client runtime starts");
 
     let start = Instant::now() + Duration::from_millis(50);
-    let baseline_from = start + WARMUP;
-    let churn_from = baseline_from + settings.window;
-    let end = churn_from + settings.window;
+    let slots = Slots {
+        from: start + WARMUP,
+        count: 2 * settings.window.as_secs() as u32,
+    };
 
     let lags = Arc::new(Mutex::new(Lags::default()));
     let stop_watch = Arc::new(AtomicBool::new(false));
@@ -698,10 +734,9 @@ fn main() {
         store.clone(),
         lags.clone(),
         settings.changes_per_sec,
-        churn_from,
-        end,
+        slots,
     );
-    let samples = run_load(&client, proxy, settings.rate, start, end);
+    let samples = run_load(&client, proxy, settings.rate, start, slots.end());
     let made = control.join().expect("the control thread does not panic");
     stop_watch.store(true, Ordering::Release);
     watcher.join().expect("the lag watcher does not panic");
@@ -712,8 +747,8 @@ fn main() {
     drop(pods);
 
     let windows = [
-        Window::of("baseline", &samples, baseline_from, churn_from),
-        Window::of("churn", &samples, churn_from, end),
+        Window::of("baseline", &samples, slots, false),
+        Window::of("churn", &samples, slots, true),
     ];
     let lags = std::mem::take(&mut lags.lock().expect("not poisoned").applied);
     let mut made = made;
