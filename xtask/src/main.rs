@@ -35,20 +35,23 @@ enum Task {
     Manifests,
     /// Bookinfo on the virtual cluster.
     Demo,
-    /// The data-plane benchmark (no mesh, sidecar, HAProxy sidecar, Weft; root), or `scale`
-    /// (control plane at 10,000 Services).
+    /// The data-plane benchmark (no mesh, sidecar, HAProxy sidecar, Weft; root), `scale`
+    /// (control plane at 10,000 Services) or `churn` (new connections while the
+    /// configuration changes 10 times a second; no root).
     Bench {
-        /// `scale` for the control-plane benchmark; nothing for the data-plane one.
-        #[arg(value_parser = ["scale"])]
+        /// `scale` or `churn`; nothing for the data-plane benchmark.
+        #[arg(value_parser = ["scale", "churn"])]
         name: Option<String>,
-        /// 10 s windows and one run (under 5 minutes), into target/bench/quick.json.
+        /// 10 s windows and one run (under 5 minutes), into target/bench/quick.json; with
+        /// `churn`: 5 s windows.
         #[arg(long)]
         quick: bool,
         /// Runs per mode and scenario (default: 3, or 1 with --quick).
         #[arg(long)]
         runs: Option<usize>,
         /// Where the JSON goes; the chart (.svg) and table (.md) go beside it (default:
-        /// bench/results/latest.json, or target/bench/quick.json with --quick).
+        /// bench/results/latest.json, or target/bench/quick.json with --quick; with `churn`:
+        /// target/bench/churn.json, and no chart or table).
         #[arg(long)]
         out: Option<PathBuf>,
         /// Only this scenario (repeatable), e.g. `cross-node-grpc`.
@@ -147,6 +150,13 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             scenarios,
         } => match name.as_deref() {
             Some("scale") => xtask::bench::scale()?,
+            Some("churn") => {
+                if runs.is_some() || !scenarios.is_empty() {
+                    anyhow::bail!("`bench churn` takes --quick and --out only");
+                }
+                let out = out.map(|o| std::env::current_dir().map(|d| d.join(o)));
+                xtask::bench::churn(quick, out.transpose()?.as_deref())?;
+            }
             _ => {
                 let mut options = if quick {
                     xtask::bench::Options::quick()

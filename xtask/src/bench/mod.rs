@@ -1,5 +1,6 @@
-//! `cargo xtask bench`: the data-plane comparison of Weft with a sidecar mesh, and the
-//! control-plane scale benchmark (`cargo xtask bench scale`).
+//! `cargo xtask bench`: the data-plane comparison of Weft with a sidecar mesh, the
+//! control-plane scale benchmark (`cargo xtask bench scale`) and the config-churn one
+//! (`cargo xtask bench churn`).
 //!
 //! One virtual cluster carries every mode at once, each in its own namespace: `none` (no
 //! mesh), `sidecar` (Weft's proxy as an Istio-style sidecar in every pod), `sidecar-haproxy`
@@ -20,9 +21,11 @@ use serde::Deserialize;
 
 use crate::{cluster, cmd, is_root, workspace_root};
 
+mod churn;
 mod report;
 mod scale;
 
+pub use churn::churn;
 pub use scale::scale;
 
 /// How a `cargo xtask bench` run is shaped.
