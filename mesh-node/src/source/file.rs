@@ -20,10 +20,10 @@ use std::{
     time::Duration,
 };
 
-use serde_yaml::Value;
 use thiserror::Error;
 use tracing::{debug, info, warn};
 
+use super::yaml::{self, Value};
 use super::{assemble, objects, Object, Rejection, ResourceId, SourceStatus};
 use crate::{metrics::Rejections, model::Store};
 
@@ -376,14 +376,12 @@ pub fn parse_documents(
     for (line, chunk) in split_documents(text, is_json) {
         let parsed: Result<Value, (usize, String)> = if is_json {
             match serde_json::from_str::<serde_json::Value>(chunk) {
-                Ok(v) => serde_yaml::to_value(v).map_err(|e| (0, format!("JSON: {e}"))),
+                Ok(v) => yaml::from_json(v).map_err(|e| (0, format!("JSON: {e}"))),
                 Err(e) => Err((e.line(), format!("JSON syntax error: {e}"))),
             }
         } else {
-            serde_yaml::from_str::<Value>(chunk).map_err(|e| {
-                let at = e.location().map_or(0, |l| l.line());
-                (at, format!("YAML syntax error: {e}"))
-            })
+            yaml::parse_document(chunk, line)
+                .map_err(|(at, e)| (at, format!("YAML syntax error: {e}")))
         };
         match parsed {
             Ok(value) => out.extend(objects::translate(&value).into_iter().map(|r| (line, r))),
