@@ -394,9 +394,10 @@ pub fn parse_documents(
     out
 }
 
-/// Splits multi-document YAML at `---` lines, so a syntax error stays inside its document.
-/// A `---` at the start of a line always starts a document in YAML, even inside a block
-/// scalar, so no parsing is needed. Yields the 1-based line each document starts on.
+/// Splits multi-document YAML at `---` and `...` lines, so a syntax error stays inside its
+/// document. A `---` or `...` at the start of a line always starts or ends a document in YAML,
+/// even inside a block scalar, so no parsing is needed. Yields the 1-based line each document
+/// starts on.
 fn split_documents(text: &str, is_json: bool) -> Vec<(usize, &str)> {
     if is_json {
         return vec![(1, text)];
@@ -405,16 +406,23 @@ fn split_documents(text: &str, is_json: bool) -> Vec<(usize, &str)> {
     let mut start = 0;
     let mut start_line = 1;
     let mut offset = 0;
+    let is_marker = |line: &str, marker: &str| {
+        line.strip_prefix(marker)
+            .is_some_and(|rest| rest.is_empty() || rest.starts_with(char::is_whitespace))
+    };
     for (index, line) in text.split_inclusive('\n').enumerate() {
-        let is_marker = line
-            .strip_prefix("---")
-            .is_some_and(|rest| rest.is_empty() || rest.starts_with(char::is_whitespace));
-        if is_marker && offset > start {
+        if is_marker(line, "---") && offset > start {
             docs.push((start_line, &text[start..offset]));
             start = offset;
             start_line = index + 1;
         }
         offset += line.len();
+        // `...` ends a document, and the next one may follow without a `---`.
+        if is_marker(line, "...") {
+            docs.push((start_line, &text[start..offset]));
+            start = offset;
+            start_line = index + 2;
+        }
     }
     if start < text.len() {
         docs.push((start_line, &text[start..]));

@@ -196,6 +196,32 @@ mod tests {
     }
 
     #[test]
+    fn the_file_source_reads_every_document_of_a_stream() {
+        let ns =
+            |name: &str| format!("apiVersion: v1\nkind: Namespace\nmetadata: {{name: {name}}}\n");
+        // A leading `---`, an empty document, `...` with and without a `---` after it, a
+        // trailing `---`: four Namespaces.
+        let text = format!(
+            "---\n{}---\n---\n{}...\n{}...\n---\n{}---\n",
+            ns("a"),
+            ns("b"),
+            ns("c"),
+            ns("d")
+        );
+        let results = super::super::file::parse_documents("ns.yaml", text.as_bytes());
+        let lines: Vec<_> = results
+            .iter()
+            .map(|(line, r)| (*line, r.as_ref().map(|o| o.id().to_string())))
+            .collect();
+        assert_eq!(lines.len(), 4, "{results:?}");
+        assert!(lines.iter().all(|(_, r)| r.is_ok()), "{results:?}");
+        assert_eq!(
+            lines.iter().map(|(l, _)| *l).collect::<Vec<_>>(),
+            [1, 6, 11, 15]
+        );
+    }
+
+    #[test]
     fn json_converts_without_merging() {
         let value = from_json(serde_json::json!({"<<": {"a": 1}})).unwrap();
         assert!(value.get("<<").is_some());
