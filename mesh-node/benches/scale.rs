@@ -23,7 +23,7 @@ use std::{
 use mesh_node::{
     agent::{self, Agent, AgentConfig},
     model::Store,
-    source::{assemble, objects::translate, Object},
+    source::{assemble, objects::translate, yaml, Object},
 };
 use serde_json::{json, Value};
 
@@ -159,13 +159,13 @@ fn documents(services: usize, routes: usize, policies: usize) -> Vec<Value> {
 }
 
 /// The documents as the sources hand them to translation (parsed YAML).
-fn yaml(docs: &[Value]) -> Vec<serde_yaml::Value> {
+fn yaml(docs: &[Value]) -> Vec<yaml::Value> {
     docs.iter()
-        .map(|d| serde_yaml::to_value(d).expect("JSON converts to YAML"))
+        .map(|d| yaml::from_json(d).expect("JSON converts to YAML"))
         .collect()
 }
 
-fn translate_all(docs: &[serde_yaml::Value]) -> Vec<Object> {
+fn translate_all(docs: &[yaml::Value]) -> Vec<Object> {
     docs.iter()
         .flat_map(translate)
         .map(|r| r.unwrap_or_else(|e| panic!("generated object rejected: {e:?}")))

@@ -486,7 +486,7 @@ mod tests {
         let docs = "apiVersion: v1\nkind: List\nitems:\n\
             - {apiVersion: networking.istio.io/v1, kind: VirtualService, metadata: {name: reviews, namespace: bookinfo}, spec: {hosts: [reviews], http: [{route: [{destination: {host: reviews, subset: v2}}]}]}}\n\
             - {apiVersion: security.istio.io/v1, kind: PeerAuthentication, metadata: {name: default, namespace: bookinfo}, spec: {mtls: {mode: STRICT}}}\n";
-        let value = serde_yaml::from_str(docs).unwrap();
+        let value = crate::source::yaml::parse(docs).unwrap();
         let objects: Vec<_> = objects::translate(&value)
             .into_iter()
             .map(Result::unwrap)
@@ -506,7 +506,7 @@ mod tests {
     async fn endpoints_answer() {
         let store = Store::new();
         let docs = "apiVersion: v1\nkind: Namespace\nmetadata: {name: demo, labels: {weft.io/mesh: enabled}}";
-        let value = serde_yaml::from_str(docs).unwrap();
+        let value = crate::source::yaml::parse(docs).unwrap();
         let objects: Vec<_> = objects::translate(&value)
             .into_iter()
             .map(Result::unwrap)

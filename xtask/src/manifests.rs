@@ -19,7 +19,7 @@ use std::{
 
 use anyhow::{bail, Context as _, Result};
 use serde::Deserialize as _;
-use serde_yaml::{Mapping, Value};
+use yaml_serde::{Mapping, Value};
 
 use crate::{cmd, workspace_root};
 
@@ -161,7 +161,7 @@ pub fn render(dir: &Path) -> Result<Vec<Value>> {
     let path = dir.join("kustomization.yaml");
     let text = fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
     let k: Value =
-        serde_yaml::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
+        yaml_serde::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
     for key in k.as_mapping().map(Mapping::keys).into_iter().flatten() {
         let key = key.as_str().unwrap_or_default();
         if !matches!(
@@ -182,7 +182,7 @@ pub fn render(dir: &Path) -> Result<Vec<Value>> {
         } else {
             let text = fs::read_to_string(&target)
                 .with_context(|| format!("reading {}", target.display()))?;
-            for doc in serde_yaml::Deserializer::from_str(&text) {
+            for doc in yaml_serde::Deserializer::from_str(&text) {
                 let value = Value::deserialize(doc)
                     .with_context(|| format!("parsing {}", target.display()))?;
                 if !value.is_null() {
@@ -280,7 +280,7 @@ fn set_images(value: &mut Value, images: &BTreeMap<String, (Option<String>, Opti
 fn to_stream(objects: &[Value]) -> String {
     objects
         .iter()
-        .map(|o| serde_yaml::to_string(o).expect("YAML values serialize"))
+        .map(|o| yaml_serde::to_string(o).expect("YAML values serialize"))
         .collect::<Vec<_>>()
         .join("---\n")
 }
@@ -351,7 +351,7 @@ mod tests {
             // kubectl is optional; the built-in renderer is what runs without it.
             return;
         };
-        let kubectl: Vec<Value> = serde_yaml::Deserializer::from_str(&stream)
+        let kubectl: Vec<Value> = yaml_serde::Deserializer::from_str(&stream)
             .map(|d| Value::deserialize(d).unwrap())
             .collect();
         let ours = render(&deploy).unwrap();

@@ -226,7 +226,7 @@ pub struct HttpRule {
     /// `mirror` + `mirrorPercentage`, or the `mirrors` list.
     pub mirrors: Arc<[Mirror]>,
     /// Kept as written; the proxy does not apply CORS yet.
-    pub cors_policy: Option<Arc<serde_yaml::Value>>,
+    pub cors_policy: Option<Arc<yaml_serde::Value>>,
 }
 
 #[derive(Clone, Debug, PartialEq)]

@@ -20,10 +20,10 @@ use std::{
     time::Duration,
 };
 
-use serde_yaml::Value;
 use thiserror::Error;
 use tracing::{debug, info, warn};
 
+use super::yaml::{self, Value};
 use super::{assemble, objects, Object, Rejection, ResourceId, SourceStatus};
 use crate::{metrics::Rejections, model::Store};
 
@@ -376,14 +376,12 @@ pub fn parse_documents(
     for (line, chunk) in split_documents(text, is_json) {
         let parsed: Result<Value, (usize, String)> = if is_json {
             match serde_json::from_str::<serde_json::Value>(chunk) {
-                Ok(v) => serde_yaml::to_value(v).map_err(|e| (0, format!("JSON: {e}"))),
+                Ok(v) => yaml::from_json(v).map_err(|e| (0, format!("JSON: {e}"))),
                 Err(e) => Err((e.line(), format!("JSON syntax error: {e}"))),
             }
         } else {
-            serde_yaml::from_str::<Value>(chunk).map_err(|e| {
-                let at = e.location().map_or(0, |l| l.line());
-                (at, format!("YAML syntax error: {e}"))
-            })
+            yaml::parse_document(chunk, line)
+                .map_err(|(at, e)| (at, format!("YAML syntax error: {e}")))
         };
         match parsed {
             Ok(value) => out.extend(objects::translate(&value).into_iter().map(|r| (line, r))),
@@ -396,9 +394,10 @@ pub fn parse_documents(
     out
 }
 
-/// Splits multi-document YAML at `---` lines, so a syntax error stays inside its document.
-/// A `---` at the start of a line always starts a document in YAML, even inside a block
-/// scalar, so no parsing is needed. Yields the 1-based line each document starts on.
+/// Splits multi-document YAML at `---` and `...` lines, so a syntax error stays inside its
+/// document. A `---` or `...` at the start of a line always starts or ends a document in YAML,
+/// even inside a block scalar, so no parsing is needed. Yields the 1-based line each document
+/// starts on.
 fn split_documents(text: &str, is_json: bool) -> Vec<(usize, &str)> {
     if is_json {
         return vec![(1, text)];
@@ -407,16 +406,23 @@ fn split_documents(text: &str, is_json: bool) -> Vec<(usize, &str)> {
     let mut start = 0;
     let mut start_line = 1;
     let mut offset = 0;
+    let is_marker = |line: &str, marker: &str| {
+        line.strip_prefix(marker)
+            .is_some_and(|rest| rest.is_empty() || rest.starts_with(char::is_whitespace))
+    };
     for (index, line) in text.split_inclusive('\n').enumerate() {
-        let is_marker = line
-            .strip_prefix("---")
-            .is_some_and(|rest| rest.is_empty() || rest.starts_with(char::is_whitespace));
-        if is_marker && offset > start {
+        if is_marker(line, "---") && offset > start {
             docs.push((start_line, &text[start..offset]));
             start = offset;
             start_line = index + 1;
         }
         offset += line.len();
+        // `...` ends a document, and the next one may follow without a `---`.
+        if is_marker(line, "...") {
+            docs.push((start_line, &text[start..offset]));
+            start = offset;
+            start_line = index + 2;
+        }
     }
     if start < text.len() {
         docs.push((start_line, &text[start..]));

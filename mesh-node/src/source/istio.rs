@@ -9,8 +9,7 @@
 
 use std::{collections::BTreeMap, sync::Arc, time::Duration};
 
-use serde_yaml::Value;
-
+use super::yaml::Value;
 use super::{
     objects::{metadata, show, FieldError, Fields},
     validate,

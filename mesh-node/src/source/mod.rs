@@ -25,6 +25,7 @@ use crate::model::{
 pub mod file;
 pub mod kube;
 pub mod objects;
+pub mod yaml;
 
 mod gateway;
 mod istio;

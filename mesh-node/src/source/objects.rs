@@ -6,8 +6,7 @@
 
 use std::{net::Ipv4Addr, sync::Arc};
 
-use serde_yaml::{Mapping, Value};
-
+use super::yaml::{Mapping, Value};
 use super::{gateway, istio, security, Kind, Object};
 use crate::model::{
     Labels, Namespace, Node, ObjectKey, Pod, Protocol, Service, ServicePort, TargetPort,
@@ -812,7 +811,7 @@ pub(super) fn show(value: &Value) -> String {
 /// Translates a document that holds exactly one resource (for tests).
 #[cfg(test)]
 pub(super) fn translate_one(yaml: &str) -> Result<Object, Box<Invalid>> {
-    let value: Value = serde_yaml::from_str(yaml).expect("test YAML parses");
+    let value: Value = crate::source::yaml::parse(yaml).expect("test YAML parses");
     let mut out = translate(&value);
     assert_eq!(out.len(), 1, "{out:?}");
     out.remove(0).map_err(Box::new)
@@ -840,7 +839,7 @@ mod tests {
     use super::*;
 
     fn one(yaml: &str) -> Result<Object, Box<Invalid>> {
-        let value: Value = serde_yaml::from_str(yaml).unwrap();
+        let value: Value = crate::source::yaml::parse(yaml).unwrap();
         let mut out = translate(&value);
         assert_eq!(out.len(), 1, "{out:?}");
         out.remove(0).map_err(Box::new)
@@ -1058,7 +1057,7 @@ endpoints:
             "apiVersion: networking.istio.io/v2\nkind: VirtualService\nmetadata: {name: vs}\nspec: {hosts: 3}",
             "apiVersion: networking.istio.io.evil/v1\nkind: VirtualService\nmetadata: {name: vs}",
         ] {
-            let value: Value = serde_yaml::from_str(yaml).unwrap();
+            let value: Value = crate::source::yaml::parse(yaml).unwrap();
             assert!(translate(&value).is_empty(), "{yaml}");
         }
         assert!(translate(&Value::Null).is_empty());
@@ -1066,7 +1065,7 @@ endpoints:
 
     #[test]
     fn list_items_are_translated_one_by_one() {
-        let value: Value = serde_yaml::from_str(
+        let value: Value = crate::source::yaml::parse(
             r#"
 apiVersion: v1
 kind: List

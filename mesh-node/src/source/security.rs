@@ -4,8 +4,7 @@
 
 use std::{collections::BTreeMap, sync::Arc, sync::LazyLock};
 
-use serde_yaml::Value;
-
+use super::yaml::{Mapping, Value};
 use super::{
     istio::{at, ip_blocks, one_of, workload_selector},
     objects::{metadata, show, FieldError, Fields},
@@ -49,7 +48,7 @@ const OPERATION_FIELDS: [&str; 8] = [
 
 pub(super) fn authorization_policy(fields: &Fields<'_>) -> Result<AuthorizationPolicy> {
     let meta = metadata(fields, true)?;
-    let empty = serde_yaml::Mapping::new();
+    let empty = Mapping::new();
     let spec = match fields.obj("spec")? {
         Some(spec) => spec,
         // No spec is `spec: {}`: an ALLOW policy without rules, which denies everything.
@@ -435,7 +434,7 @@ fn check_value(key: &str, rule: ValueRule, value: &str) -> std::result::Result<(
 
 pub(super) fn peer_authentication(fields: &Fields<'_>) -> Result<PeerAuthentication> {
     let meta = metadata(fields, true)?;
-    let empty = serde_yaml::Mapping::new();
+    let empty = Mapping::new();
     let spec = match fields.obj("spec")? {
         Some(spec) => spec,
         None => Fields {

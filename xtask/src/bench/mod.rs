@@ -659,8 +659,8 @@ mod tests {
     #[test]
     fn manifest_has_every_mode() {
         let yaml = manifest_yaml(Path::new("/t/weft-loadgen"));
-        let docs: Vec<serde_yaml::Value> = serde_yaml::Deserializer::from_str(&yaml)
-            .map(serde_yaml::Value::deserialize)
+        let docs: Vec<yaml_serde::Value> = yaml_serde::Deserializer::from_str(&yaml)
+            .map(yaml_serde::Value::deserialize)
             .collect::<Result<_, _>>()
             .unwrap();
         // Per mode: namespace, client, 2 × (server, Service).

@@ -106,7 +106,7 @@ pub fn load(path: &Path) -> Result<Vec<Value>> {
 /// mesh-node to judge, so a deliberately invalid resource still reaches it.
 pub fn parse(text: &str, origin: &str) -> Result<Vec<Value>> {
     let mut docs = Vec::new();
-    for (i, doc) in serde_yaml::Deserializer::from_str(text).enumerate() {
+    for (i, doc) in yaml_serde::Deserializer::from_str(text).enumerate() {
         let value = Value::deserialize(doc)
             .with_context(|| format!("{origin}: document {} is not valid YAML", i + 1))?;
         let items = match value {
@@ -259,7 +259,7 @@ pub fn render_effective(state: &State) -> Result<String> {
     let mut text = String::new();
     for obj in out {
         text.push_str("---\n");
-        text.push_str(&serde_yaml::to_string(&obj)?);
+        text.push_str(&yaml_serde::to_string(&obj)?);
     }
     Ok(text)
 }

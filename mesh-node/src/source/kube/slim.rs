@@ -252,7 +252,7 @@ mod tests {
         assert!(pod.metadata.annotations.is_none());
         assert!(pod.metadata.managed_fields.is_none());
         assert!(!pod.host_network());
-        let doc = serde_yaml::to_value(pod.to_json()).unwrap();
+        let doc = crate::source::yaml::from_json(pod.to_json()).unwrap();
         let translated = translate(&doc);
         let [Ok(Object::Pod(model))] = translated.as_slice() else {
             panic!("expected one pod");
@@ -274,7 +274,7 @@ mod tests {
             "status": {"phase": "Pending"},
         }))
         .unwrap();
-        let doc = serde_yaml::to_value(pod.to_json()).unwrap();
+        let doc = crate::source::yaml::from_json(pod.to_json()).unwrap();
         let translated = translate(&doc);
         let [Ok(Object::Pod(model))] = translated.as_slice() else {
             panic!("expected one pod");
@@ -294,7 +294,7 @@ mod tests {
             },
         }))
         .unwrap();
-        let doc = serde_yaml::to_value(node.to_json()).unwrap();
+        let doc = crate::source::yaml::from_json(node.to_json()).unwrap();
         let translated = translate(&doc);
         let [Ok(Object::Node(model))] = translated.as_slice() else {
             panic!("expected one node");

@@ -391,7 +391,7 @@ pub(super) fn convert(reference: ObjectReference, value: serde_json::Value) -> R
         Some(namespace) if !namespace.is_empty() => format!("{namespace}/{name}"),
         _ => name,
     };
-    let results = match serde_yaml::to_value(value) {
+    let results = match crate::source::yaml::from_json(value) {
         Ok(doc) => objects::translate(&doc),
         // JSON from the API server always converts; keep the branch total anyway.
         Err(error) => vec![Err(objects::Invalid {
