@@ -1,29 +1,25 @@
 //! Configuration sources: they turn Kubernetes objects into the typed [`model`](crate::model)
 //! and publish snapshots through the [`Store`](crate::model::Store).
 //!
-//! Translation ([`objects`]) and assembly ([`assemble`]) are shared by every source, so a
-//! directory of YAML and a cluster produce the same model. A resource that fails validation is
-//! rejected alone, with a [`Rejection`] naming the resource and the field; the last good version
-//! of it stays in force.
+//! Translation ([`objects`]), the [`Ledger`] of what each origin holds and the incremental
+//! [`Assembler`] are shared by every source, so a directory of YAML and a cluster produce the
+//! same model. A resource that fails validation is rejected alone, with a [`Rejection`] naming
+//! the resource and the field; the last good version of it stays in force ([`ledger`]).
 
-use std::{
-    collections::{BTreeMap, HashMap},
-    fmt,
-    net::Ipv4Addr,
-    sync::Arc,
-};
+use std::{fmt, sync::Arc};
 
 use arc_swap::ArcSwap;
 use serde::Serialize;
 
 use crate::model::{
-    AuthorizationPolicy, DestinationRule, Endpoint, GrpcRoute, HttpRoute, Namespace, Node,
-    ObjectKey, PeerAuthentication, Pod, Protocol, Service, ServiceEndpoints, ServiceEntry,
-    Snapshot, TargetPort, VirtualService,
+    AuthorizationPolicy, DestinationRule, GrpcRoute, HttpRoute, Namespace, Node, ObjectKey,
+    PeerAuthentication, Pod, Service, ServiceEntry, VirtualService,
 };
 
+pub mod assemble;
 pub mod file;
 pub mod kube;
+pub mod ledger;
 pub mod objects;
 
 mod gateway;
@@ -31,6 +27,8 @@ mod istio;
 mod security;
 mod validate;
 
+pub use assemble::{assemble, Assembler};
+pub use ledger::Ledger;
 pub use objects::EndpointSlice;
 
 /// The kinds of Kubernetes objects the model is built from.
@@ -178,187 +176,4 @@ impl SourceStatus {
     pub fn set_rejected(&self, rejected: Vec<Rejection>) {
         self.rejected.store(Arc::new(rejected));
     }
-}
-
-/// Builds a snapshot from translated objects (duplicates must already be resolved).
-///
-/// Endpoints of a Service come from its EndpointSlices; a Service without any slice gets
-/// endpoints derived from its selector over the pods that have an IP, with named target ports
-/// resolved through the pods' container ports, like the Kubernetes endpoints controller does.
-/// Only ready endpoints of TCP ports are kept.
-pub fn assemble<'a>(
-    objects: impl IntoIterator<Item = &'a Object>,
-    generation: Option<u64>,
-) -> Snapshot {
-    let mut snapshot = Snapshot {
-        generation,
-        ..Snapshot::default()
-    };
-    let mut slices: HashMap<ObjectKey, Vec<&EndpointSlice>> = HashMap::new();
-    for object in objects {
-        match object {
-            Object::Namespace(n) => {
-                snapshot.namespaces.insert(n.name.clone(), n.clone());
-            }
-            Object::Node(n) => {
-                snapshot.nodes.insert(n.name.clone(), n.clone());
-            }
-            Object::Pod(p) => {
-                snapshot.pods.insert(p.key.clone(), Arc::new(p.clone()));
-            }
-            Object::Service(s) => {
-                snapshot.services.insert(s.key.clone(), Arc::new(s.clone()));
-            }
-            Object::EndpointSlice(e) => {
-                let service = ObjectKey {
-                    namespace: e.key.namespace.clone(),
-                    name: e.service.clone(),
-                };
-                slices.entry(service).or_default().push(e);
-            }
-            Object::VirtualService(v) => {
-                snapshot.virtual_services.insert(v.key.clone(), v.clone());
-            }
-            Object::DestinationRule(d) => {
-                snapshot.destination_rules.insert(d.key.clone(), d.clone());
-            }
-            Object::ServiceEntry(s) => {
-                snapshot.service_entries.insert(s.key.clone(), s.clone());
-            }
-            Object::AuthorizationPolicy(a) => {
-                snapshot
-                    .authorization_policies
-                    .insert(a.key.clone(), a.clone());
-            }
-            Object::PeerAuthentication(p) => {
-                snapshot
-                    .peer_authentications
-                    .insert(p.key.clone(), p.clone());
-            }
-            Object::HttpRoute(r) => {
-                snapshot.http_routes.insert(r.key.clone(), r.clone());
-            }
-            Object::GrpcRoute(r) => {
-                snapshot.grpc_routes.insert(r.key.clone(), r.clone());
-            }
-        }
-    }
-
-    let mut endpoints = HashMap::with_capacity(snapshot.services.len());
-    for (key, service) in &snapshot.services {
-        let by_port = match slices.get(key) {
-            Some(slices) => from_slices(service, slices, &snapshot),
-            None => match &service.selector {
-                Some(selector) => from_selector(service, selector, &snapshot),
-                None => BTreeMap::new(),
-            },
-        };
-        endpoints.insert(key.clone(), Arc::new(ServiceEndpoints { by_port }));
-    }
-    snapshot.endpoints = endpoints;
-    snapshot.index();
-    snapshot
-}
-
-fn from_slices(
-    service: &Service,
-    slices: &[&EndpointSlice],
-    snapshot: &Snapshot,
-) -> BTreeMap<u16, Vec<Endpoint>> {
-    let mut by_port = BTreeMap::new();
-    for port in service.ports.iter().filter(|p| p.protocol == Protocol::Tcp) {
-        let mut list: Vec<Endpoint> = Vec::new();
-        for slice in slices {
-            // A slice port belongs to the service port of the same name.
-            let Some(target) = slice
-                .ports
-                .iter()
-                .find(|p| p.name == port.name && p.protocol == Protocol::Tcp)
-            else {
-                continue;
-            };
-            for ep in slice.endpoints.iter().filter(|e| e.ready) {
-                let node = ep.node.clone().or_else(|| {
-                    ep.pod
-                        .as_ref()
-                        .and_then(|k| snapshot.pods.get(k))
-                        .and_then(|p| p.node.clone())
-                });
-                for &ip in &ep.addresses {
-                    push_unique(
-                        &mut list,
-                        Endpoint {
-                            ip,
-                            port: target.port,
-                            pod: ep.pod.clone(),
-                            node: node.clone(),
-                            ready: true,
-                        },
-                    );
-                }
-            }
-        }
-        sort(&mut list);
-        by_port.insert(port.port, list);
-    }
-    by_port
-}
-
-fn from_selector(
-    service: &Service,
-    selector: &crate::model::Labels,
-    snapshot: &Snapshot,
-) -> BTreeMap<u16, Vec<Endpoint>> {
-    let mut selected: Vec<(&Arc<Pod>, Ipv4Addr)> = snapshot
-        .pods
-        .values()
-        .filter(|p| p.key.namespace == service.key.namespace)
-        .filter(|p| selector.iter().all(|(k, v)| p.labels.get(k) == Some(v)))
-        .filter_map(|p| p.ip.map(|ip| (p, ip)))
-        .collect();
-    selected.sort_by_key(|(_, ip)| *ip);
-
-    let mut by_port = BTreeMap::new();
-    for port in service.ports.iter().filter(|p| p.protocol == Protocol::Tcp) {
-        let mut list = Vec::new();
-        for (pod, ip) in &selected {
-            let target = match &port.target_port {
-                TargetPort::Number(n) => Some(*n),
-                TargetPort::Name(name) => pod
-                    .ports
-                    .iter()
-                    .find(|(n, _)| n.as_deref() == Some(&**name))
-                    .map(|(_, p)| *p),
-            };
-            // A pod that does not declare a named target port is not an endpoint of it.
-            let Some(target) = target else { continue };
-            push_unique(
-                &mut list,
-                Endpoint {
-                    ip: *ip,
-                    port: target,
-                    pod: Some(pod.key.clone()),
-                    node: pod.node.clone(),
-                    ready: true,
-                },
-            );
-        }
-        sort(&mut list);
-        by_port.insert(port.port, list);
-    }
-    by_port
-}
-
-fn push_unique(list: &mut Vec<Endpoint>, endpoint: Endpoint) {
-    if !list
-        .iter()
-        .any(|e| e.ip == endpoint.ip && e.port == endpoint.port)
-    {
-        list.push(endpoint);
-    }
-}
-
-/// A stable order, so round robin walks endpoints the same way on every node.
-fn sort(list: &mut [Endpoint]) {
-    list.sort_by_key(|e| (e.ip, e.port));
 }
