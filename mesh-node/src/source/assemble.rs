@@ -15,7 +15,7 @@ use std::{
     sync::Arc,
 };
 
-use super::{EndpointSlice, Kind, Object, ResourceId};
+use super::objects::{EndpointSlice, Kind, Object, ResourceId};
 use crate::model::{
     Endpoint, Labels, Map, ObjectKey, Pod, Protocol, Service, ServiceEndpoints, Snapshot, Store,
     TargetPort,

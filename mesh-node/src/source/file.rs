@@ -24,7 +24,10 @@ use serde_yaml::Value;
 use thiserror::Error;
 use tracing::{info, warn};
 
-use super::{ledger::Results, objects, Ledger, Object, Rejection, SourceStatus};
+use super::{
+    ledger::{Ledger, Rejection, Results, SourceStatus},
+    objects::{self, Object},
+};
 use crate::{metrics::Rejections, model::Store};
 
 /// How often the directory is read.

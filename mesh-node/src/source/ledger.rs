@@ -10,12 +10,67 @@
 //! first origin in order wins. Every change is passed on to the [`Assembler`] as it happens, so
 //! a change costs what it touches.
 
-use std::collections::{BTreeSet, HashMap};
+use std::{
+    collections::{BTreeSet, HashMap},
+    fmt,
+    sync::Arc,
+};
 
+use arc_swap::ArcSwap;
+use serde::Serialize;
 use tracing::debug;
 
-use super::{objects::Invalid, Assembler, Object, Rejection, ResourceId};
+use super::{
+    assemble::Assembler,
+    objects::{Invalid, Object, ResourceId},
+};
 use crate::model::{Snapshot, Store};
+
+/// Why a resource was not applied.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Rejection {
+    /// Where the resource came from (`file.yaml:12` for the local source).
+    pub origin: String,
+    /// The object's kind as written (`Pod`, `Service`...), or `unknown`.
+    pub kind: String,
+    /// `namespace/name` (or `name` when cluster-scoped), or `unknown`.
+    pub name: String,
+    /// Path of the offending field (`spec.ports[0].targetPort`).
+    pub field: String,
+    pub reason: String,
+    /// Whether an earlier version of the same resource is still applied.
+    pub kept_last_good: bool,
+}
+
+impl fmt::Display for Rejection {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{}: {} {} rejected: {}: {}",
+            self.origin, self.kind, self.name, self.field, self.reason
+        )?;
+        if self.kept_last_good {
+            f.write_str(" (the last good version stays in force)")?;
+        }
+        Ok(())
+    }
+}
+
+/// What a source reports besides the snapshot itself (for `/debug/config`).
+#[derive(Debug, Default)]
+pub struct SourceStatus {
+    rejected: ArcSwap<Vec<Rejection>>,
+}
+
+impl SourceStatus {
+    pub fn rejected(&self) -> Arc<Vec<Rejection>> {
+        self.rejected.load_full()
+    }
+
+    pub fn set_rejected(&self, rejected: Vec<Rejection>) {
+        self.rejected.store(Arc::new(rejected));
+    }
+}
 
 /// Translation results of one origin, each with where it was read (`file.yaml:12`).
 pub type Results = Vec<(String, Result<Object, Invalid>)>;
@@ -190,7 +245,7 @@ mod tests {
     use super::*;
     use crate::{
         model::{Namespace, ObjectKey},
-        source::Kind,
+        source::objects::Kind,
     };
 
     fn namespace(name: &str, mesh: &str) -> Object {

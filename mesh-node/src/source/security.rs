@@ -7,8 +7,7 @@ use std::{collections::BTreeMap, sync::Arc, sync::LazyLock};
 use serde_yaml::Value;
 
 use super::{
-    istio::{at, ip_blocks, one_of, workload_selector},
-    objects::{metadata, show, FieldError, Fields},
+    fields::{at, ip_blocks, metadata, one_of, show, workload_selector, FieldError, Fields},
     validate,
 };
 use crate::model::{

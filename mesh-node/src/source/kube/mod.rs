@@ -42,7 +42,10 @@ use thiserror::Error;
 use tokio::{sync::mpsc, task::JoinSet, time::Instant};
 use tracing::{info, warn};
 
-use super::{objects::Invalid, Ledger, Object, Rejection, SourceStatus};
+use super::{
+    ledger::{Ledger, Rejection, SourceStatus},
+    objects::{Invalid, Object},
+};
 use crate::{metrics::Rejections, model::Store};
 
 mod crd;
