@@ -221,7 +221,7 @@ fn documents(settings: &Settings, echo_ports: &[u16]) -> Vec<Value> {
 
 fn objects(docs: &[Value]) -> Vec<Object> {
     docs.iter()
-        .map(|d| serde_yaml::to_value(d).expect("JSON converts to YAML"))
+        .map(|d| mesh_node::source::yaml::from_json(d).expect("JSON converts to YAML"))
         .flat_map(|d| translate(&d))
         .map(|r| r.unwrap_or_else(|e| panic!("generated object rejected: {e:?}")))
         .collect()

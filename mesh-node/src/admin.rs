@@ -369,7 +369,7 @@ fn resources(snapshot: &Snapshot) -> Vec<Value> {
 fn mesh_config(snapshot: &Snapshot) -> Vec<Value> {
     fn entries<T>(
         kind: &str,
-        map: &std::collections::HashMap<ObjectKey, Arc<T>>,
+        map: &crate::model::Map<ObjectKey, Arc<T>>,
         summary: impl Fn(&T) -> Value,
     ) -> Vec<Value> {
         let mut keys: Vec<_> = map.keys().collect();

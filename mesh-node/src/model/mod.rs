@@ -4,12 +4,14 @@
 //! the [`Store`] publishes each new snapshot with a version number; the proxy and the eBPF sync
 //! read the latest one without taking a lock per request. Nothing here knows where the objects
 //! came from or who consumes them.
+//!
+//! The maps of a snapshot are persistent ([`Map`], a B-tree with structural sharing): the next
+//! snapshot is the previous one with a few entries replaced, so publishing costs what changed,
+//! not what the cluster holds, and consumers compare two snapshots in the same time
+//! ([`Map::diff`] skips the subtrees both share). Unchanged objects keep their `Arc`, so
+//! `Arc::ptr_eq` tells a consumer what it may keep from the previous snapshot.
 
-use std::{
-    collections::{BTreeMap, HashMap},
-    net::Ipv4Addr,
-    sync::Arc,
-};
+use std::{collections::BTreeMap, net::Ipv4Addr, sync::Arc};
 
 use tokio::sync::watch;
 
@@ -26,6 +28,9 @@ pub const MESH_LABEL: &str = "weft.io/mesh";
 pub const CGROUP_ANNOTATION: &str = "weft.io/cgroup-path";
 
 pub type Labels = BTreeMap<String, String>;
+
+/// The map type of a [`Snapshot`]: cloned in O(1), updated in O(log n), diffed in O(changes).
+pub type Map<K, V> = imbl::OrdMap<K, V>;
 
 /// `namespace/name` of a namespaced object.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -166,37 +171,45 @@ pub struct Snapshot {
     /// Generation marker of the source, if it has one (the local source reads it from a
     /// `generation` file so tools can wait for a change to be applied).
     pub generation: Option<u64>,
-    pub namespaces: HashMap<Arc<str>, Namespace>,
-    pub nodes: HashMap<Arc<str>, Node>,
-    pub pods: HashMap<ObjectKey, Arc<Pod>>,
-    pub services: HashMap<ObjectKey, Arc<Service>>,
-    pub endpoints: HashMap<ObjectKey, Arc<ServiceEndpoints>>,
-    pub virtual_services: HashMap<ObjectKey, Arc<VirtualService>>,
-    pub destination_rules: HashMap<ObjectKey, Arc<DestinationRule>>,
-    pub service_entries: HashMap<ObjectKey, Arc<ServiceEntry>>,
-    pub authorization_policies: HashMap<ObjectKey, Arc<AuthorizationPolicy>>,
-    pub peer_authentications: HashMap<ObjectKey, Arc<PeerAuthentication>>,
+    pub namespaces: Map<Arc<str>, Namespace>,
+    pub nodes: Map<Arc<str>, Node>,
+    pub pods: Map<ObjectKey, Arc<Pod>>,
+    pub services: Map<ObjectKey, Arc<Service>>,
+    pub endpoints: Map<ObjectKey, Arc<ServiceEndpoints>>,
+    pub virtual_services: Map<ObjectKey, Arc<VirtualService>>,
+    pub destination_rules: Map<ObjectKey, Arc<DestinationRule>>,
+    pub service_entries: Map<ObjectKey, Arc<ServiceEntry>>,
+    pub authorization_policies: Map<ObjectKey, Arc<AuthorizationPolicy>>,
+    pub peer_authentications: Map<ObjectKey, Arc<PeerAuthentication>>,
     /// Gateway API routes, including those whose parents are Gateways rather than Services.
-    pub http_routes: HashMap<ObjectKey, Arc<HttpRoute>>,
-    pub grpc_routes: HashMap<ObjectKey, Arc<GrpcRoute>>,
-    /// Indexes, rebuilt by [`Snapshot::index`].
-    pub pods_by_ip: HashMap<Ipv4Addr, ObjectKey>,
-    pub services_by_ip: HashMap<Ipv4Addr, ObjectKey>,
+    pub http_routes: Map<ObjectKey, Arc<HttpRoute>>,
+    pub grpc_routes: Map<ObjectKey, Arc<GrpcRoute>>,
+    /// Indexes by address: kept in step by the incremental assembler, rebuilt by
+    /// [`Snapshot::index`] for snapshots filled by hand.
+    pub pods_by_ip: Map<Ipv4Addr, ObjectKey>,
+    pub services_by_ip: Map<Ipv4Addr, ObjectKey>,
 }
 
 impl Snapshot {
-    /// Rebuilds the lookup indexes; sources call it once after filling the maps.
+    /// Rebuilds the lookup indexes from the maps, for a snapshot filled by hand (the sources'
+    /// assembler keeps them current as it goes). O(pods + services).
     pub fn index(&mut self) {
-        self.pods_by_ip = self
-            .pods
-            .iter()
-            .filter_map(|(k, p)| p.ip.map(|ip| (ip, k.clone())))
-            .collect();
-        self.services_by_ip = self
-            .services
-            .iter()
-            .filter_map(|(k, s)| s.cluster_ip.map(|ip| (ip, k.clone())))
-            .collect();
+        // Where two objects share an address (a terminating pod and its successor), the
+        // smallest key wins, as in the assembler.
+        let mut pods_by_ip = Map::new();
+        for (k, p) in &self.pods {
+            if let Some(ip) = p.ip {
+                pods_by_ip.entry(ip).or_insert_with(|| k.clone());
+            }
+        }
+        let mut services_by_ip = Map::new();
+        for (k, s) in &self.services {
+            if let Some(ip) = s.cluster_ip {
+                services_by_ip.entry(ip).or_insert_with(|| k.clone());
+            }
+        }
+        self.pods_by_ip = pods_by_ip;
+        self.services_by_ip = services_by_ip;
     }
 
     /// Whether a pod's traffic goes through the mesh: its namespace carries
@@ -247,11 +260,18 @@ impl Store {
         Self { tx: Arc::new(tx) }
     }
 
-    /// Stamps `snapshot` with the next version and makes it current.
+    /// Stamps `snapshot` with the next version and makes it current, rebuilding its indexes
+    /// first (for snapshots filled by hand; see [`Store::publish_indexed`]).
     pub fn publish(&self, mut snapshot: Snapshot) -> u64 {
+        snapshot.index();
+        self.publish_indexed(snapshot)
+    }
+
+    /// Like [`Store::publish`], for a snapshot whose indexes are current (the assembler's):
+    /// O(1) whatever the size of the snapshot.
+    pub fn publish_indexed(&self, mut snapshot: Snapshot) -> u64 {
         let version = self.tx.borrow().version + 1;
         snapshot.version = version;
-        snapshot.index();
         self.tx.send_replace(Arc::new(snapshot));
         version
     }

@@ -367,7 +367,7 @@ mod tests {
         namespace: &str,
         name: &str,
         ip: Ipv4Addr,
-        ports: &[Port],
+        ports: &[Port<'_>],
     ) {
         let key = ObjectKey::new(namespace, name);
         let service = Service {
@@ -410,7 +410,7 @@ mod tests {
     }
 
     /// bookinfo/reviews-v1 at [`POD_IP`], behind Service reviews with `ports`.
-    fn reviews(ports: &[Port]) -> Snapshot {
+    fn reviews(ports: &[Port<'_>]) -> Snapshot {
         let mut snapshot = Snapshot::default();
         add_service(&mut snapshot, "bookinfo", "reviews", POD_IP, ports);
         add_pod(&mut snapshot, pod("bookinfo", "reviews-v1", POD_IP, "n1"));

@@ -4,7 +4,6 @@
 
 use std::{
     collections::HashMap,
-    hash::Hash,
     sync::{Arc, RwLock},
 };
 
@@ -12,7 +11,7 @@ use super::{
     route::RouteIndex,
     upstream::cluster::{self, Cluster, ClusterError, ClusterKey, Clusters},
 };
-use crate::model::Snapshot;
+use crate::model::{Map, Snapshot};
 
 /// A cluster as a client namespace sees it (`exportTo` makes rules namespace-dependent).
 type ClusterSlot = (ClusterKey, Option<Arc<str>>);
@@ -129,10 +128,12 @@ fn pods_unchanged(old: &Snapshot, new: &Snapshot, key: &ClusterKey) -> bool {
 }
 
 /// Both maps hold the very same objects under the same keys.
-fn same_entries<K: Eq + Hash, V>(a: &HashMap<K, Arc<V>>, b: &HashMap<K, Arc<V>>) -> bool {
-    a.len() == b.len()
-        && a.iter()
-            .all(|(k, v)| b.get(k).is_some_and(|w| Arc::ptr_eq(v, w)))
+fn same_entries<K: Ord + Clone, V>(a: &Map<K, Arc<V>>, b: &Map<K, Arc<V>>) -> bool {
+    // Persistent maps share their trees: an untouched kind is the same map, found in O(1).
+    a.ptr_eq(b)
+        || (a.len() == b.len()
+            && a.iter()
+                .all(|(k, v)| b.get(k).is_some_and(|w| Arc::ptr_eq(v, w))))
 }
 
 #[cfg(test)]

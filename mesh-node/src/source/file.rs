@@ -11,7 +11,7 @@
 //! resource its file held before stays in force until the file is fixed.
 
 use std::{
-    collections::{BTreeMap, HashMap},
+    collections::BTreeMap,
     future::Future,
     hash::{DefaultHasher, Hash, Hasher},
     io,
@@ -20,11 +20,14 @@ use std::{
     time::Duration,
 };
 
-use thiserror::Error;
-use tracing::{debug, info, warn};
-
 use super::yaml::{self, Value};
-use super::{assemble, objects, Object, Rejection, ResourceId, SourceStatus};
+use thiserror::Error;
+use tracing::{info, warn};
+
+use super::{
+    ledger::{Ledger, Rejection, Results, SourceStatus},
+    objects::{self, Object},
+};
 use crate::{metrics::Rejections, model::Store};
 
 /// How often the directory is read.
@@ -47,17 +50,17 @@ pub struct FileSource {
     status: Arc<SourceStatus>,
     rejections: Rejections,
     files: BTreeMap<String, FileState>,
+    /// Resources per file; the first file in name order wins a resource defined twice.
+    ledger: Box<Ledger<String>>,
     generation: Option<u64>,
     digest: Option<u64>,
     last_error: Option<String>,
 }
 
-/// What one file contributes, as of its last read.
-#[derive(Clone, Debug, Default)]
+/// What one file contributed, as of its last read (its resources are in the [`Ledger`]).
+#[derive(Debug)]
 struct FileState {
     hash: u64,
-    /// Accepted resources, plus the last good versions of rejected ones.
-    objects: Vec<Object>,
     rejected: Vec<Rejection>,
 }
 
@@ -75,6 +78,7 @@ impl FileSource {
             status: Arc::default(),
             rejections: Rejections::default(),
             files: BTreeMap::new(),
+            ledger: Box::default(),
             generation: None,
             digest: None,
             last_error: None,
@@ -151,20 +155,25 @@ impl FileSource {
         self.digest = Some(digest);
         self.generation = generation_raw.and_then(|raw| parse_generation(&generation_path, &raw));
 
-        let old = std::mem::take(&mut self.files);
-        let previous: HashMap<ResourceId, &Object> = old
-            .values()
-            .flat_map(|f| f.objects.iter())
-            .map(|o| (o.id(), o))
-            .collect();
+        let mut old = std::mem::take(&mut self.files);
         let mut files = BTreeMap::new();
         for read in reads {
-            let old_state = old.get(&read.name);
+            let old_state = old.remove(&read.name);
             let state = match (read.content, old_state) {
-                (Some(content), Some(old)) if old.hash == hash(&content) => old.clone(),
-                (Some(content), old_state) => {
-                    let state = parse_file(&read.name, &content, old_state, &previous);
-                    for rejection in &state.rejected {
+                (Some(content), Some(old)) if old.hash == hash(&content) => old,
+                (Some(content), _) => {
+                    let applied = self.ledger.apply(
+                        read.name.clone(),
+                        results(&read.name, &content),
+                        "unknown",
+                    );
+                    for (id, first) in &applied.shadowed {
+                        warn!(
+                            file = %read.name,
+                            "{id} is also defined in {first}; the definition in {first} is used"
+                        );
+                    }
+                    for rejection in &applied.rejected {
                         self.rejections.inc(&rejection.kind);
                         warn!(
                             file = %read.name,
@@ -174,45 +183,34 @@ impl FileSource {
                             "{rejection}"
                         );
                     }
-                    state
+                    FileState {
+                        hash: hash(&content),
+                        rejected: applied.rejected,
+                    }
                 }
                 // Unreadable this time: keep what the file held before.
-                (None, Some(old)) => old.clone(),
+                (None, Some(old)) => old,
                 (None, None) => continue,
             };
             files.insert(read.name, state);
         }
-        drop(previous);
+        // What is left of the old files was deleted.
+        for name in old.keys() {
+            self.ledger.remove(name);
+        }
         self.files = files;
 
-        let mut seen: HashMap<ResourceId, &str> = HashMap::new();
-        let mut objects = Vec::new();
-        for (name, state) in &self.files {
-            for object in &state.objects {
-                match seen.get(&object.id()) {
-                    Some(first) => warn!(
-                        file = %name,
-                        "{} is also defined in {first}; the definition in {first} is used",
-                        object.id()
-                    ),
-                    None => {
-                        seen.insert(object.id(), name);
-                        objects.push(object);
-                    }
-                }
-            }
-        }
         let rejected: Vec<Rejection> = self
             .files
             .values()
             .flat_map(|f| f.rejected.iter().cloned())
             .collect();
-        let resources = objects.len();
+        let resources = self.ledger.resources();
         let rejected_count = rejected.len();
         self.status.set_rejected(rejected);
 
-        let snapshot = assemble(objects, self.generation);
-        let version = self.store.publish(snapshot);
+        self.ledger.set_generation(self.generation);
+        let version = self.ledger.publish(&self.store);
         info!(
             version,
             generation = self.generation,
@@ -301,55 +299,12 @@ fn parse_generation(path: &Path, raw: &[u8]) -> Option<u64> {
     }
 }
 
-/// Translates one file. `old` is what the file held before; `previous` every resource that was
-/// in force, for the last good version of rejected ones.
-fn parse_file(
-    name: &str,
-    content: &[u8],
-    old: Option<&FileState>,
-    previous: &HashMap<ResourceId, &Object>,
-) -> FileState {
-    let mut state = FileState {
-        hash: hash(content),
-        ..FileState::default()
-    };
-    let mut unnamed_failure = false;
-    for (line, result) in parse_documents(name, content) {
-        match result {
-            Ok(object) => state.objects.push(object),
-            Err(invalid) => {
-                let last_good = invalid.id.as_ref().and_then(|id| previous.get(id));
-                if invalid.id.is_none() {
-                    unnamed_failure = true;
-                }
-                if let Some(last_good) = last_good {
-                    state.objects.push((*last_good).clone());
-                }
-                state.rejected.push(Rejection {
-                    origin: format!("{name}:{line}"),
-                    kind: invalid.kind.unwrap_or_else(|| "unknown".into()),
-                    name: invalid.name.unwrap_or_else(|| "unknown".into()),
-                    field: invalid.field,
-                    reason: invalid.reason,
-                    kept_last_good: last_good.is_some(),
-                });
-            }
-        }
-    }
-
-    if unnamed_failure {
-        // The broken document may have held any of the file's resources: keep them all.
-        if let Some(old) = old {
-            let present: Vec<ResourceId> = state.objects.iter().map(Object::id).collect();
-            for object in &old.objects {
-                if !present.contains(&object.id()) {
-                    debug!(file = name, resource = %object.id(), "keeping the last good version");
-                    state.objects.push(object.clone());
-                }
-            }
-        }
-    }
-    state
+/// Translates one file, each result with where it was read (`name:line`).
+fn results(name: &str, content: &[u8]) -> Results {
+    parse_documents(name, content)
+        .into_iter()
+        .map(|(line, result)| (format!("{name}:{line}"), result))
+        .collect()
 }
 
 /// Reads the resources of one file (`name` tells JSON from YAML). Every document is parsed and

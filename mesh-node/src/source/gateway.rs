@@ -9,8 +9,7 @@
 use std::{sync::Arc, time::Duration};
 
 use super::{
-    istio::{at, check, opt_str},
-    objects::{metadata, FieldError, Fields},
+    fields::{at, check, metadata, opt_str, FieldError, Fields},
     validate,
 };
 use crate::model::{

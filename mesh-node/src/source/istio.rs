@@ -11,21 +11,23 @@ use std::{collections::BTreeMap, sync::Arc, time::Duration};
 
 use super::yaml::Value;
 use super::{
-    objects::{metadata, show, FieldError, Fields},
+    fields::{
+        any, at, check, checked_labels, ip_blocks, metadata, one_of, opt_str, show, strings,
+        workload_selector, FieldError, Fields,
+    },
     validate,
 };
 use crate::model::{
     traffic::{
         AbortError, ClientTls, ConnectionPool, ConsistentHash, Destination, DestinationRule,
         DirectResponse, Fault, FaultAbort, FaultDelay, H2UpgradePolicy, HashKey, Header, HeaderOps,
-        HeaderRules, HttpAction, HttpDestination, HttpMatch, HttpPool, HttpRule, IpBlock, L4Match,
-        LbPolicy, LoadBalancer, MeshLocation, Mirror, NamedMatch, OutlierDetection,
-        PortTrafficPolicy, Redirect, RedirectPort, RegexRewrite, Resolution, Retries, Rewrite,
-        RouteDestination, ServiceEntry, ServiceEntryPort, SimpleLb, StringMatch, Subset, TcpPool,
-        TcpRule, TlsMode, TrafficPolicy, VirtualService, WorkloadEndpoint, GRPC_STATUS_CODES,
-        MESH_GATEWAY,
+        HeaderRules, HttpAction, HttpDestination, HttpMatch, HttpPool, HttpRule, L4Match, LbPolicy,
+        LoadBalancer, MeshLocation, Mirror, NamedMatch, OutlierDetection, PortTrafficPolicy,
+        Redirect, RedirectPort, RegexRewrite, Resolution, Retries, Rewrite, RouteDestination,
+        ServiceEntry, ServiceEntryPort, SimpleLb, StringMatch, Subset, TcpPool, TcpRule, TlsMode,
+        TrafficPolicy, VirtualService, WorkloadEndpoint, GRPC_STATUS_CODES, MESH_GATEWAY,
     },
-    Labels, ObjectKey,
+    ObjectKey,
 };
 
 type Result<T> = std::result::Result<T, FieldError>;
@@ -33,94 +35,6 @@ type Result<T> = std::result::Result<T, FieldError>;
 /// The largest value of Istio's `int32` fields.
 const INT32_MAX: u64 = i32::MAX as u64;
 
-// ---------------------------------------------------------------------------------------------
-// Readers and checks shared with the other translations.
-
-/// Names `key` of `fields` as the culprit of a failed check.
-pub(super) fn check<T>(
-    fields: &Fields<'_>,
-    key: &str,
-    result: std::result::Result<T, String>,
-) -> Result<T> {
-    result.map_err(|reason| fields.error(key, reason))
-}
-
-/// Names an already built path as the culprit of a failed check.
-pub(super) fn at<T>(path: &str, result: std::result::Result<T, String>) -> Result<T> {
-    result.map_err(|reason| FieldError {
-        field: path.to_owned(),
-        reason,
-    })
-}
-
-/// A list of strings, each checked by `rule`.
-pub(super) fn strings(
-    fields: &Fields<'_>,
-    key: &str,
-    rule: impl Fn(&str) -> std::result::Result<(), String>,
-) -> Result<Arc<[Arc<str>]>> {
-    fields
-        .str_list(key)?
-        .into_iter()
-        .map(|(path, s)| at(&path, rule(s)).map(|()| Arc::from(s)))
-        .collect()
-}
-
-pub(super) fn any(_: &str) -> std::result::Result<(), String> {
-    Ok(())
-}
-
-/// A string, `None` when absent or empty (proto3 does not tell the two apart).
-pub(super) fn opt_str(fields: &Fields<'_>, key: &str) -> Result<Option<Arc<str>>> {
-    Ok(fields.str(key)?.filter(|s| !s.is_empty()).map(Arc::from))
-}
-
-/// One of a closed set of names, spelled exactly.
-pub(super) fn one_of<T: Copy>(
-    fields: &Fields<'_>,
-    key: &str,
-    choices: &[(&str, T)],
-) -> Result<Option<T>> {
-    let Some(value) = fields.str(key)? else {
-        return Ok(None);
-    };
-    choices
-        .iter()
-        .find(|(name, _)| *name == value)
-        .map(|(_, v)| Some(*v))
-        .ok_or_else(|| {
-            let names: Vec<&str> = choices.iter().map(|(n, _)| *n).collect();
-            fields.error(
-                key,
-                format!("expected one of {}, found {value:?}", names.join(", ")),
-            )
-        })
-}
-
-/// A label map checked by `rule`; a failure names the label key.
-pub(super) fn checked_labels(
-    fields: &Fields<'_>,
-    key: &str,
-    rule: fn(&Labels) -> std::result::Result<(), (String, String)>,
-) -> Result<Labels> {
-    let labels = fields.labels(key)?;
-    rule(&labels).map_err(|(label, reason)| fields.error(&format!("{key}.{label}"), reason))?;
-    Ok(labels)
-}
-
-/// `selector: {matchLabels: {...}}` (`None` when absent).
-pub(super) fn workload_selector(fields: &Fields<'_>, key: &str) -> Result<Option<Labels>> {
-    match fields.obj(key)? {
-        Some(selector) => Ok(Some(checked_labels(
-            &selector,
-            "matchLabels",
-            validate::workload_selector,
-        )?)),
-        None => Ok(None),
-    }
-}
-
-/// A port number where 0 means unset, as in Istio's protos.
 fn opt_port(fields: &Fields<'_>, key: &str) -> Result<Option<u16>> {
     match fields.uint(key, u64::from(u32::MAX))? {
         None | Some(0) => Ok(None),
@@ -918,14 +832,6 @@ fn tcp_rule(rule: &Fields<'_>) -> Result<TcpRule> {
             })
             .collect::<Result<_>>()?,
     })
-}
-
-pub(super) fn ip_blocks(fields: &Fields<'_>, key: &str) -> Result<Arc<[IpBlock]>> {
-    fields
-        .str_list(key)?
-        .into_iter()
-        .map(|(path, s)| at(&path, validate::ip_or_cidr(s)))
-        .collect()
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -1,45 +1,124 @@
-//! Translation of Kubernetes objects, as parsed YAML or JSON, into the model.
-//!
-//! Every accessor knows the path of the field it reads, so a rejection can say exactly what to
-//! fix (`spec.ports[1].targetPort: expected a port number (1-65535) or a port name`). Only the
-//! fields Weft uses are read; everything else is ignored, as the API server would keep it.
+//! The dispatcher: translation of Kubernetes objects, as parsed YAML or JSON, into the model.
+//! It reads a document's kind and hands it to the translator of that kind (`core`, `istio`,
+//! `gateway`, `security`); only the fields Weft uses are read, everything else is ignored, as
+//! the API server would keep it. It also names what translation yields: [`Kind`],
+//! [`ResourceId`], [`Object`] and, for a rejected resource, [`Invalid`].
 
-use std::{net::Ipv4Addr, sync::Arc};
+use std::{fmt, sync::Arc};
 
-use super::yaml::{Mapping, Value};
-use super::{gateway, istio, security, Kind, Object};
+use super::yaml::Value;
+use serde::Serialize;
+
+pub use super::core::{EndpointSlice, SliceEndpoint, SlicePort, SERVICE_NAME_LABEL};
+use super::{
+    core,
+    fields::{FieldError, Fields},
+    gateway, istio, security,
+};
 use crate::model::{
-    Labels, Namespace, Node, ObjectKey, Pod, Protocol, Service, ServicePort, TargetPort,
-    CGROUP_ANNOTATION,
+    AuthorizationPolicy, DestinationRule, GrpcRoute, HttpRoute, Namespace, Node, ObjectKey,
+    PeerAuthentication, Pod, Service, ServiceEntry, VirtualService,
 };
 
-/// Label of an EndpointSlice naming the Service it belongs to.
-pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
+/// The kinds of Kubernetes objects the model is built from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+pub enum Kind {
+    Namespace,
+    Node,
+    Pod,
+    Service,
+    EndpointSlice,
+    VirtualService,
+    DestinationRule,
+    ServiceEntry,
+    AuthorizationPolicy,
+    PeerAuthentication,
+    HttpRoute,
+    GrpcRoute,
+}
 
-/// A `discovery.k8s.io/v1` EndpointSlice (IPv4 only).
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct EndpointSlice {
+impl Kind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Kind::Namespace => "Namespace",
+            Kind::Node => "Node",
+            Kind::Pod => "Pod",
+            Kind::Service => "Service",
+            Kind::EndpointSlice => "EndpointSlice",
+            Kind::VirtualService => "VirtualService",
+            Kind::DestinationRule => "DestinationRule",
+            Kind::ServiceEntry => "ServiceEntry",
+            Kind::AuthorizationPolicy => "AuthorizationPolicy",
+            Kind::PeerAuthentication => "PeerAuthentication",
+            Kind::HttpRoute => "HTTPRoute",
+            Kind::GrpcRoute => "GRPCRoute",
+        }
+    }
+
+    /// Namespaces and Nodes are cluster-scoped.
+    pub fn namespaced(self) -> bool {
+        !matches!(self, Kind::Namespace | Kind::Node)
+    }
+}
+
+impl fmt::Display for Kind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Identity of one resource: kind plus `namespace/name` (empty namespace when cluster-scoped).
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ResourceId {
+    pub kind: Kind,
     pub key: ObjectKey,
-    /// Name of the Service (same namespace) the slice belongs to.
-    pub service: Arc<str>,
-    pub ports: Vec<SlicePort>,
-    pub endpoints: Vec<SliceEndpoint>,
 }
 
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct SlicePort {
-    /// Matches the name of the Service port (`None` for an unnamed port).
-    pub name: Option<Arc<str>>,
-    pub port: u16,
-    pub protocol: Protocol,
+impl fmt::Display for ResourceId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.kind.namespaced() {
+            write!(f, "{} {}", self.kind, self.key)
+        } else {
+            write!(f, "{} {}", self.kind, self.key.name)
+        }
+    }
 }
 
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct SliceEndpoint {
-    pub addresses: Vec<Ipv4Addr>,
-    pub ready: bool,
-    pub node: Option<Arc<str>>,
-    pub pod: Option<ObjectKey>,
+/// One translated object.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Object {
+    Namespace(Namespace),
+    Node(Node),
+    Pod(Pod),
+    Service(Service),
+    EndpointSlice(EndpointSlice),
+    VirtualService(Arc<VirtualService>),
+    DestinationRule(Arc<DestinationRule>),
+    ServiceEntry(Arc<ServiceEntry>),
+    AuthorizationPolicy(Arc<AuthorizationPolicy>),
+    PeerAuthentication(Arc<PeerAuthentication>),
+    HttpRoute(Arc<HttpRoute>),
+    GrpcRoute(Arc<GrpcRoute>),
+}
+
+impl Object {
+    pub fn id(&self) -> ResourceId {
+        let (kind, key) = match self {
+            Object::Namespace(n) => (Kind::Namespace, ObjectKey::new("", &n.name)),
+            Object::Node(n) => (Kind::Node, ObjectKey::new("", &n.name)),
+            Object::Pod(p) => (Kind::Pod, p.key.clone()),
+            Object::Service(s) => (Kind::Service, s.key.clone()),
+            Object::EndpointSlice(e) => (Kind::EndpointSlice, e.key.clone()),
+            Object::VirtualService(v) => (Kind::VirtualService, v.key.clone()),
+            Object::DestinationRule(d) => (Kind::DestinationRule, d.key.clone()),
+            Object::ServiceEntry(s) => (Kind::ServiceEntry, s.key.clone()),
+            Object::AuthorizationPolicy(a) => (Kind::AuthorizationPolicy, a.key.clone()),
+            Object::PeerAuthentication(p) => (Kind::PeerAuthentication, p.key.clone()),
+            Object::HttpRoute(r) => (Kind::HttpRoute, r.key.clone()),
+            Object::GrpcRoute(r) => (Kind::GrpcRoute, r.key.clone()),
+        };
+        ResourceId { kind, key }
+    }
 }
 
 /// `networking.istio.io` and `security.istio.io` versions, one schema for all.
@@ -59,7 +138,7 @@ fn in_group(api_version: &str, group: &str, versions: &[&str]) -> bool {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Invalid {
     pub kind: Option<String>,
-    pub id: Option<super::ResourceId>,
+    pub id: Option<ResourceId>,
     /// `namespace/name`, or `name`, as written in the document.
     pub name: Option<String>,
     pub field: String,
@@ -135,11 +214,11 @@ fn translate_into(doc: &Value, prefix: &str, out: &mut Vec<Result<Object, Invali
 
     let (id, name) = identity(&fields, known);
     let result = match known {
-        Kind::Namespace => namespace(&fields).map(|n| Some(Object::Namespace(n))),
-        Kind::Node => node(&fields).map(|n| Some(Object::Node(n))),
-        Kind::Pod => pod(&fields).map(|p| Some(Object::Pod(p))),
-        Kind::Service => service(&fields).map(|s| Some(Object::Service(s))),
-        Kind::EndpointSlice => endpoint_slice(&fields).map(|s| s.map(Object::EndpointSlice)),
+        Kind::Namespace => core::namespace(&fields).map(|n| Some(Object::Namespace(n))),
+        Kind::Node => core::node(&fields).map(|n| Some(Object::Node(n))),
+        Kind::Pod => core::pod(&fields).map(|p| Some(Object::Pod(p))),
+        Kind::Service => core::service(&fields).map(|s| Some(Object::Service(s))),
+        Kind::EndpointSlice => core::endpoint_slice(&fields).map(|s| s.map(Object::EndpointSlice)),
         Kind::VirtualService => {
             istio::virtual_service(&fields).map(|v| Some(Object::VirtualService(Arc::new(v))))
         }
@@ -167,7 +246,7 @@ fn translate_into(doc: &Value, prefix: &str, out: &mut Vec<Result<Object, Invali
 }
 
 /// The identity of a document, read leniently so even a broken document can be named.
-fn identity(fields: &Fields<'_>, kind: Kind) -> (Option<super::ResourceId>, Option<String>) {
+fn identity(fields: &Fields<'_>, kind: Kind) -> (Option<ResourceId>, Option<String>) {
     let metadata = fields.obj("metadata").ok().flatten();
     let name = metadata
         .as_ref()
@@ -183,7 +262,7 @@ fn identity(fields: &Fields<'_>, kind: Kind) -> (Option<super::ResourceId>, Opti
             .filter(|n| !n.is_empty())
             .unwrap_or("default");
         (
-            Some(super::ResourceId {
+            Some(ResourceId {
                 kind,
                 key: ObjectKey::new(namespace, name),
             }),
@@ -191,7 +270,7 @@ fn identity(fields: &Fields<'_>, kind: Kind) -> (Option<super::ResourceId>, Opti
         )
     } else {
         (
-            Some(super::ResourceId {
+            Some(ResourceId {
                 kind,
                 key: ObjectKey::new("", name),
             }),
@@ -202,7 +281,7 @@ fn identity(fields: &Fields<'_>, kind: Kind) -> (Option<super::ResourceId>, Opti
 
 fn invalid(
     kind: Option<&str>,
-    id: Option<super::ResourceId>,
+    id: Option<ResourceId>,
     name: Option<String>,
     e: FieldError,
 ) -> Invalid {
@@ -212,599 +291,6 @@ fn invalid(
         name,
         field: e.field,
         reason: e.reason,
-    }
-}
-
-pub(super) struct Metadata {
-    pub(super) namespace: Arc<str>,
-    pub(super) name: Arc<str>,
-    uid: Option<Arc<str>>,
-    labels: Labels,
-    annotations: Labels,
-}
-
-pub(super) fn metadata(fields: &Fields<'_>, namespaced: bool) -> Result<Metadata, FieldError> {
-    let meta = fields.required_obj("metadata")?;
-    let name = meta.required_str("name")?;
-    if name.is_empty() || name.contains('/') {
-        return Err(meta.error("name", "must be a non-empty name without '/'"));
-    }
-    let namespace = if namespaced {
-        match meta.str("namespace")? {
-            Some("") | None => "default",
-            Some(ns) if ns.contains('/') => {
-                return Err(meta.error("namespace", "must be a name without '/'"))
-            }
-            Some(ns) => ns,
-        }
-    } else {
-        ""
-    };
-    Ok(Metadata {
-        namespace: namespace.into(),
-        name: name.into(),
-        uid: meta.str("uid")?.filter(|u| !u.is_empty()).map(Into::into),
-        labels: meta.labels("labels")?,
-        annotations: meta.labels("annotations")?,
-    })
-}
-
-fn namespace(fields: &Fields<'_>) -> Result<Namespace, FieldError> {
-    let meta = metadata(fields, false)?;
-    Ok(Namespace {
-        name: meta.name,
-        labels: meta.labels,
-    })
-}
-
-fn node(fields: &Fields<'_>) -> Result<Node, FieldError> {
-    let meta = metadata(fields, false)?;
-    let status = fields.obj("status")?;
-    let mut address = None;
-    if let Some(status) = &status {
-        for entry in status.list("addresses")? {
-            if entry.str("type")? == Some("InternalIP") {
-                if let Some(ip) = entry.ipv4("address")? {
-                    address = Some(ip);
-                    break;
-                }
-            }
-        }
-    }
-    let address = address.ok_or_else(|| FieldError {
-        field: fields.path("status.addresses"),
-        reason: "no InternalIP address: other nodes could not reach this node's tunnel port".into(),
-    })?;
-    Ok(Node {
-        name: meta.name,
-        address,
-    })
-}
-
-fn pod(fields: &Fields<'_>) -> Result<Pod, FieldError> {
-    let meta = metadata(fields, true)?;
-    if let Some(path) = meta.annotations.get(CGROUP_ANNOTATION) {
-        if !path.starts_with('/') {
-            return Err(FieldError {
-                field: fields.path(&format!("metadata.annotations.{CGROUP_ANNOTATION}")),
-                reason: format!("must be an absolute cgroup path, found {path:?}"),
-            });
-        }
-    }
-    let spec = fields.obj("spec")?;
-    let mut node = None;
-    let mut service_account: Arc<str> = "default".into();
-    let mut ports = Vec::new();
-    if let Some(spec) = &spec {
-        node = spec
-            .str("nodeName")?
-            .filter(|n| !n.is_empty())
-            .map(Into::into);
-        // `serviceAccount` is the deprecated spelling; Kubernetes still fills it in.
-        if let Some(sa) = spec
-            .str("serviceAccountName")?
-            .or(spec.str("serviceAccount")?)
-            .filter(|s| !s.is_empty())
-        {
-            service_account = sa.into();
-        }
-        for container in spec.list("containers")? {
-            for port in container.list("ports")? {
-                let number = port.required_port("containerPort")?;
-                let name = port.str("name")?.filter(|n| !n.is_empty()).map(Into::into);
-                ports.push((name, number));
-            }
-        }
-    }
-    let ip = match fields.obj("status")? {
-        Some(status) => status.ipv4("podIP")?,
-        None => None,
-    };
-    Ok(Pod {
-        key: ObjectKey {
-            namespace: meta.namespace,
-            name: meta.name,
-        },
-        uid: meta.uid,
-        labels: meta.labels,
-        annotations: meta.annotations,
-        node,
-        ip,
-        service_account,
-        ports,
-    })
-}
-
-fn service(fields: &Fields<'_>) -> Result<Service, FieldError> {
-    let meta = metadata(fields, true)?;
-    let spec = fields.obj("spec")?;
-    let mut cluster_ip = None;
-    let mut selector = None;
-    let mut ports: Vec<ServicePort> = Vec::new();
-    if let Some(spec) = &spec {
-        cluster_ip = match spec.str("clusterIP")? {
-            // Headless services have no virtual IP to capture.
-            None | Some("") | Some("None") => None,
-            Some(_) => spec.ipv4("clusterIP")?,
-        };
-        let labels = spec.labels("selector")?;
-        // An empty selector selects nothing (Kubernetes leaves such endpoints to the user).
-        selector = (!labels.is_empty()).then_some(labels);
-        for (i, port) in spec.list("ports")?.into_iter().enumerate() {
-            let number = port.required_port("port")?;
-            let protocol = port.protocol("protocol")?;
-            let target_port = match port.get("targetPort") {
-                None => TargetPort::Number(number),
-                Some(value) => target_port(value).ok_or_else(|| {
-                    port.error(
-                        "targetPort",
-                        format!(
-                            "expected a port number (1-65535) or a port name, found {}",
-                            show(value)
-                        ),
-                    )
-                })?,
-            };
-            if ports
-                .iter()
-                .any(|p| p.port == number && p.protocol == protocol)
-            {
-                return Err(FieldError {
-                    field: spec.path(&format!("ports[{i}].port")),
-                    reason: format!("port {number} is listed twice"),
-                });
-            }
-            ports.push(ServicePort {
-                name: port.str("name")?.filter(|n| !n.is_empty()).map(Into::into),
-                port: number,
-                target_port,
-                protocol,
-                app_protocol: port
-                    .str("appProtocol")?
-                    .filter(|a| !a.is_empty())
-                    .map(Into::into),
-            });
-        }
-    }
-    Ok(Service {
-        key: ObjectKey {
-            namespace: meta.namespace,
-            name: meta.name,
-        },
-        cluster_ip,
-        ports,
-        selector,
-    })
-}
-
-fn target_port(value: &Value) -> Option<TargetPort> {
-    match value {
-        Value::Number(n) => n
-            .as_u64()
-            .and_then(|n| u16::try_from(n).ok())
-            .filter(|n| *n != 0)
-            .map(TargetPort::Number),
-        Value::String(s) if !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()) => s
-            .parse::<u16>()
-            .ok()
-            .filter(|n| *n != 0)
-            .map(TargetPort::Number),
-        Value::String(s) if !s.is_empty() => Some(TargetPort::Name(s.as_str().into())),
-        _ => None,
-    }
-}
-
-/// `Ok(None)` for slices of other address families, which the model does not carry.
-fn endpoint_slice(fields: &Fields<'_>) -> Result<Option<EndpointSlice>, FieldError> {
-    let meta = metadata(fields, true)?;
-    match fields.str("addressType")? {
-        None | Some("IPv4") => {}
-        Some(_) => return Ok(None),
-    }
-    let service = meta
-        .labels
-        .get(SERVICE_NAME_LABEL)
-        .filter(|s| !s.is_empty())
-        .ok_or_else(|| FieldError {
-            field: fields.path(&format!("metadata.labels.{SERVICE_NAME_LABEL}")),
-            reason: "required: it names the Service the slice belongs to".into(),
-        })?;
-    let mut ports = Vec::new();
-    for port in fields.list("ports")? {
-        // A port without number means "all ports" and only matters to headless services.
-        let Some(number) = port.port("port")? else {
-            continue;
-        };
-        ports.push(SlicePort {
-            name: port.str("name")?.filter(|n| !n.is_empty()).map(Into::into),
-            port: number,
-            protocol: port.protocol("protocol")?,
-        });
-    }
-    let mut endpoints = Vec::new();
-    for endpoint in fields.list("endpoints")? {
-        let mut addresses = Vec::new();
-        for (path, address) in endpoint.str_list("addresses")? {
-            let ip = address.parse().map_err(|_| FieldError {
-                field: path,
-                reason: format!("expected an IPv4 address, found {address:?}"),
-            })?;
-            addresses.push(ip);
-        }
-        // Kubernetes: an unknown readiness is to be interpreted as ready.
-        let ready = match endpoint.obj("conditions")? {
-            Some(conditions) => conditions.bool("ready")?.unwrap_or(true),
-            None => true,
-        };
-        let pod = match endpoint.obj("targetRef")? {
-            Some(target) if target.str("kind")? == Some("Pod") => {
-                let name = target.required_str("name")?;
-                let namespace = target
-                    .str("namespace")?
-                    .filter(|n| !n.is_empty())
-                    .unwrap_or(&meta.namespace);
-                Some(ObjectKey::new(namespace, name))
-            }
-            _ => None,
-        };
-        endpoints.push(SliceEndpoint {
-            addresses,
-            ready,
-            node: endpoint
-                .str("nodeName")?
-                .filter(|n| !n.is_empty())
-                .map(Into::into),
-            pod,
-        });
-    }
-    Ok(Some(EndpointSlice {
-        key: ObjectKey {
-            namespace: meta.namespace,
-            name: meta.name,
-        },
-        service: service.as_str().into(),
-        ports,
-        endpoints,
-    }))
-}
-
-/// A field that failed validation: its full path and what is wrong with it.
-#[derive(Debug)]
-pub(super) struct FieldError {
-    pub(super) field: String,
-    pub(super) reason: String,
-}
-
-/// A mapping together with its path from the document root.
-pub(super) struct Fields<'a> {
-    pub(super) map: &'a Mapping,
-    pub(super) value: &'a Value,
-    pub(super) path: String,
-}
-
-impl<'a> Fields<'a> {
-    pub(super) fn root(value: &'a Value, prefix: &str) -> Result<Self, FieldError> {
-        let path = prefix.trim_end_matches('.').to_owned();
-        match value {
-            Value::Mapping(map) => Ok(Self { map, value, path }),
-            other => Err(FieldError {
-                field: if path.is_empty() {
-                    "(document)".into()
-                } else {
-                    path
-                },
-                reason: format!("expected a mapping, found {}", show(other)),
-            }),
-        }
-    }
-
-    pub(super) fn path(&self, key: &str) -> String {
-        if self.path.is_empty() {
-            key.to_owned()
-        } else {
-            format!("{}.{key}", self.path)
-        }
-    }
-
-    pub(super) fn error(&self, key: &str, reason: impl Into<String>) -> FieldError {
-        FieldError {
-            field: self.path(key),
-            reason: reason.into(),
-        }
-    }
-
-    /// `null` counts as absent, as in the Kubernetes API.
-    pub(super) fn get(&self, key: &str) -> Option<&'a Value> {
-        self.map.get(key).filter(|v| !v.is_null())
-    }
-
-    pub(super) fn str(&self, key: &str) -> Result<Option<&'a str>, FieldError> {
-        match self.get(key) {
-            None => Ok(None),
-            Some(Value::String(s)) => Ok(Some(s)),
-            Some(other) => {
-                Err(self.error(key, format!("expected a string, found {}", show(other))))
-            }
-        }
-    }
-
-    pub(super) fn required_str(&self, key: &str) -> Result<&'a str, FieldError> {
-        self.str(key)?.ok_or_else(|| self.error(key, "required"))
-    }
-
-    pub(super) fn bool(&self, key: &str) -> Result<Option<bool>, FieldError> {
-        match self.get(key) {
-            None => Ok(None),
-            Some(Value::Bool(b)) => Ok(Some(*b)),
-            Some(other) => Err(self.error(
-                key,
-                format!("expected true or false, found {}", show(other)),
-            )),
-        }
-    }
-
-    pub(super) fn obj(&self, key: &str) -> Result<Option<Fields<'a>>, FieldError> {
-        match self.get(key) {
-            None => Ok(None),
-            Some(value @ Value::Mapping(map)) => Ok(Some(Fields {
-                map,
-                value,
-                path: self.path(key),
-            })),
-            Some(other) => {
-                Err(self.error(key, format!("expected a mapping, found {}", show(other))))
-            }
-        }
-    }
-
-    pub(super) fn required_obj(&self, key: &str) -> Result<Fields<'a>, FieldError> {
-        self.obj(key)?.ok_or_else(|| self.error(key, "required"))
-    }
-
-    pub(super) fn seq(&self, key: &str) -> Result<&'a [Value], FieldError> {
-        match self.get(key) {
-            None => Ok(&[]),
-            Some(Value::Sequence(items)) => Ok(items),
-            Some(other) => Err(self.error(key, format!("expected a list, found {}", show(other)))),
-        }
-    }
-
-    /// A list of mappings.
-    pub(super) fn list(&self, key: &str) -> Result<Vec<Fields<'a>>, FieldError> {
-        self.seq(key)?
-            .iter()
-            .enumerate()
-            .map(|(i, item)| {
-                let path = self.path(&format!("{key}[{i}]"));
-                match item {
-                    Value::Mapping(map) => Ok(Fields {
-                        map,
-                        value: item,
-                        path,
-                    }),
-                    other => Err(FieldError {
-                        field: path,
-                        reason: format!("expected a mapping, found {}", show(other)),
-                    }),
-                }
-            })
-            .collect()
-    }
-
-    /// A list of strings, each with its path.
-    pub(super) fn str_list(&self, key: &str) -> Result<Vec<(String, &'a str)>, FieldError> {
-        self.seq(key)?
-            .iter()
-            .enumerate()
-            .map(|(i, item)| {
-                let path = self.path(&format!("{key}[{i}]"));
-                match item {
-                    Value::String(s) => Ok((path, s.as_str())),
-                    other => Err(FieldError {
-                        field: path,
-                        reason: format!("expected a string, found {}", show(other)),
-                    }),
-                }
-            })
-            .collect()
-    }
-
-    pub(super) fn port(&self, key: &str) -> Result<Option<u16>, FieldError> {
-        match self.get(key) {
-            None => Ok(None),
-            Some(value) => value
-                .as_u64()
-                .and_then(|n| u16::try_from(n).ok())
-                .filter(|n| *n != 0)
-                .map(Some)
-                .ok_or_else(|| {
-                    self.error(
-                        key,
-                        format!("expected a port number (1-65535), found {}", show(value)),
-                    )
-                }),
-        }
-    }
-
-    pub(super) fn required_port(&self, key: &str) -> Result<u16, FieldError> {
-        self.port(key)?.ok_or_else(|| self.error(key, "required"))
-    }
-
-    pub(super) fn ipv4(&self, key: &str) -> Result<Option<Ipv4Addr>, FieldError> {
-        match self.str(key)? {
-            None | Some("") => Ok(None),
-            Some(s) => s.parse().map(Some).map_err(|_| {
-                self.error(
-                    key,
-                    format!("expected an IPv4 address, found {s:?} (only IPv4 is supported)"),
-                )
-            }),
-        }
-    }
-
-    pub(super) fn protocol(&self, key: &str) -> Result<Protocol, FieldError> {
-        match self.str(key)? {
-            None | Some("TCP") => Ok(Protocol::Tcp),
-            Some("UDP") => Ok(Protocol::Udp),
-            Some("SCTP") => Ok(Protocol::Sctp),
-            Some(other) => {
-                Err(self.error(key, format!("expected TCP, UDP or SCTP, found {other:?}")))
-            }
-        }
-    }
-
-    /// A map of string keys to string values (labels, annotations, selectors).
-    pub(super) fn labels(&self, key: &str) -> Result<Labels, FieldError> {
-        let Some(value) = self.get(key) else {
-            return Ok(Labels::new());
-        };
-        let Value::Mapping(map) = value else {
-            return Err(self.error(key, format!("expected a mapping, found {}", show(value))));
-        };
-        let mut labels = Labels::new();
-        for (k, v) in map {
-            let Value::String(k) = k else {
-                return Err(self.error(key, format!("keys must be strings, found {}", show(k))));
-            };
-            match v {
-                Value::String(v) => {
-                    labels.insert(k.clone(), v.clone());
-                }
-                // Kubernetes stores an empty value for `key:` with nothing after it.
-                Value::Null => {
-                    labels.insert(k.clone(), String::new());
-                }
-                other => {
-                    return Err(self.error(
-                        &format!("{key}.{k}"),
-                        format!("values must be strings (quote it), found {}", show(other)),
-                    ))
-                }
-            }
-        }
-        Ok(labels)
-    }
-
-    /// Whether the key is present (and not null).
-    pub(super) fn has(&self, key: &str) -> bool {
-        self.get(key).is_some()
-    }
-
-    /// An integer from 0 to `max`. YAML integers only, as the CRD schemas declare them.
-    pub(super) fn uint(&self, key: &str, max: u64) -> Result<Option<u64>, FieldError> {
-        match self.get(key) {
-            None => Ok(None),
-            Some(value) => value
-                .as_u64()
-                .filter(|n| *n <= max)
-                .map(Some)
-                .ok_or_else(|| {
-                    self.error(
-                        key,
-                        format!("expected an integer from 0 to {max}, found {}", show(value)),
-                    )
-                }),
-        }
-    }
-
-    /// A number, with or without a fraction.
-    pub(super) fn number(&self, key: &str) -> Result<Option<f64>, FieldError> {
-        match self.get(key) {
-            None => Ok(None),
-            Some(Value::Number(n)) => Ok(n.as_f64()),
-            Some(other) => {
-                Err(self.error(key, format!("expected a number, found {}", show(other))))
-            }
-        }
-    }
-
-    /// A mapping from names to mappings, in the order written
-    /// (`headers: {end-user: {exact: jason}}`).
-    pub(super) fn obj_map(&self, key: &str) -> Result<Vec<(&'a str, Fields<'a>)>, FieldError> {
-        self.map_entries(key)?
-            .into_iter()
-            .map(|(name, path, value)| match value {
-                Value::Mapping(map) => Ok((name, Fields { map, value, path })),
-                other => Err(FieldError {
-                    field: path,
-                    reason: format!("expected a mapping, found {}", show(other)),
-                }),
-            })
-            .collect()
-    }
-
-    /// A mapping from names to strings, in the order written (`set: {x-version: v2}`).
-    pub(super) fn str_map(&self, key: &str) -> Result<Vec<(&'a str, &'a str)>, FieldError> {
-        self.map_entries(key)?
-            .into_iter()
-            .map(|(name, path, value)| match value {
-                Value::String(s) => Ok((name, s.as_str())),
-                other => Err(FieldError {
-                    field: path,
-                    reason: format!("expected a string (quote it), found {}", show(other)),
-                }),
-            })
-            .collect()
-    }
-
-    /// The entries of a mapping with string keys: name, path, value.
-    fn map_entries(&self, key: &str) -> Result<Vec<(&'a str, String, &'a Value)>, FieldError> {
-        let Some(value) = self.get(key) else {
-            return Ok(Vec::new());
-        };
-        let Value::Mapping(map) = value else {
-            return Err(self.error(key, format!("expected a mapping, found {}", show(value))));
-        };
-        map.iter()
-            .map(|(k, v)| match k {
-                Value::String(name) => Ok((name.as_str(), self.path(&format!("{key}.{name}")), v)),
-                other => {
-                    Err(self.error(key, format!("keys must be strings, found {}", show(other))))
-                }
-            })
-            .collect()
-    }
-}
-
-impl std::fmt::Debug for Fields<'_> {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Fields")
-            .field("path", &self.path)
-            .field("value", &self.value)
-            .finish()
-    }
-}
-
-/// A short rendering of a value for error messages.
-pub(super) fn show(value: &Value) -> String {
-    match value {
-        Value::Null => "null".into(),
-        Value::Bool(b) => b.to_string(),
-        Value::Number(n) => n.to_string(),
-        Value::String(s) => format!("{s:?}"),
-        Value::Sequence(_) => "a list".into(),
-        Value::Mapping(_) => "a mapping".into(),
-        Value::Tagged(t) => format!("a value tagged {}", t.tag),
     }
 }
 
@@ -836,7 +322,10 @@ pub(super) fn assert_rejected(yaml: &str, kind: &str, name: &str, field: &str, r
 
 #[cfg(test)]
 mod tests {
+    use std::net::Ipv4Addr;
+
     use super::*;
+    use crate::model::{Protocol, TargetPort};
 
     fn one(yaml: &str) -> Result<Object, Box<Invalid>> {
         let value: Value = crate::source::yaml::parse(yaml).unwrap();

@@ -6,8 +6,7 @@ use std::{collections::BTreeMap, sync::Arc, sync::LazyLock};
 
 use super::yaml::{Mapping, Value};
 use super::{
-    istio::{at, ip_blocks, one_of, workload_selector},
-    objects::{metadata, show, FieldError, Fields},
+    fields::{at, ip_blocks, metadata, one_of, show, workload_selector, FieldError, Fields},
     validate,
 };
 use crate::model::{

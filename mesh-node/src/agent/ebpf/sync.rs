@@ -1,30 +1,268 @@
 //! Keeps the maps and interface attachments in step with the model, writing only differences.
+//!
+//! The sync keeps the snapshot the maps reflect and, per object, the entries it contributed.
+//! A new snapshot is diffed against that base ([`Map::diff`](crate::model::Map) skips what the
+//! two share), so only the Services, pods and namespaces that changed are looked at, and only
+//! the map keys they touch are written. Local pods are looked at on every pass as well: their
+//! cgroups and interfaces can appear after the pod object (the agent re-applies every second).
 
 use std::{
-    collections::{BTreeMap, BTreeSet},
+    collections::{BTreeMap, BTreeSet, HashMap},
     fs,
     hash::Hash,
+    net::Ipv4Addr,
     os::unix::fs::MetadataExt as _,
     path::{Path, PathBuf},
-    sync::atomic::{AtomicU64, Ordering},
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc,
+    },
 };
 
 use aya::{
     maps::{HashMap as BpfHashMap, MapData},
     Pod as BpfPod,
 };
+use imbl::ordmap::DiffItem;
 use mesh_common::dest_kind;
 use tracing::{debug, info, warn};
 
 use super::{DataPath, TcHook};
 use crate::{
     agent::{route, AgentConfig},
-    model::{Pod, Snapshot, CGROUP_ANNOTATION},
+    model::{ObjectKey, Pod, Service, Snapshot, CGROUP_ANNOTATION},
 };
 
-/// What the maps should hold for one snapshot.
-#[derive(Debug, Default, PartialEq, Eq)]
+/// Values wanted for each key, counted per contributing object; the largest value wins (a
+/// meshed pod's address over a Service VIP that happens to equal it).
+#[derive(Debug)]
+struct Counted<K, V> {
+    wanted: BTreeMap<K, BTreeMap<V, u32>>,
+    /// Keys whose wanted value may have changed since the last write.
+    touched: BTreeSet<K>,
+}
+
+impl<K, V> Default for Counted<K, V> {
+    fn default() -> Self {
+        Self {
+            wanted: BTreeMap::new(),
+            touched: BTreeSet::new(),
+        }
+    }
+}
+
+impl<K: Ord + Clone, V: Ord + Copy> Counted<K, V> {
+    fn add(&mut self, key: K, value: V) {
+        *self
+            .wanted
+            .entry(key.clone())
+            .or_default()
+            .entry(value)
+            .or_default() += 1;
+        self.touched.insert(key);
+    }
+
+    fn remove(&mut self, key: &K, value: V) {
+        let Some(values) = self.wanted.get_mut(key) else {
+            return;
+        };
+        if let Some(count) = values.get_mut(&value) {
+            *count -= 1;
+            if *count == 0 {
+                values.remove(&value);
+            }
+        }
+        if values.is_empty() {
+            self.wanted.remove(key);
+        }
+        self.touched.insert(key.clone());
+    }
+
+    fn get(&self, key: &K) -> Option<V> {
+        self.wanted
+            .get(key)
+            .and_then(|values| values.last_key_value())
+            .map(|(v, _)| *v)
+    }
+
+    /// What the maps should hold, in full (for tests and logs).
+    #[cfg(test)]
+    fn effective(&self) -> BTreeMap<K, V> {
+        self.wanted
+            .keys()
+            .filter_map(|k| self.get(k).map(|v| (k.clone(), v)))
+            .collect()
+    }
+}
+
+/// The map entries one pod contributes.
+#[derive(Debug, Default)]
+struct PodEntries {
+    mesh_dest: Option<u32>,
+    local_meshed: Option<u32>,
+    classifiers: Vec<(TcHook, String)>,
+    cgroups: Vec<u64>,
+}
+
+/// What the maps should hold for the base snapshot, kept per object.
+#[derive(Debug, Default)]
 struct Desired {
+    meshed_cgroups: Counted<u64, u32>,
+    mesh_dests: Counted<u32, u32>,
+    local_meshed_pods: Counted<u32, u32>,
+    classifiers: Counted<(TcHook, String), ()>,
+    pods: HashMap<ObjectKey, PodEntries>,
+    /// Pods of this node.
+    local: BTreeSet<ObjectKey>,
+}
+
+impl Desired {
+    fn new(cfg: &AgentConfig) -> Self {
+        let mut d = Self::default();
+        for iface in &cfg.uplinks {
+            d.classifiers.add((TcHook::Ingress, iface.clone()), ());
+        }
+        d
+    }
+
+    /// Moves from what `old` wants to what `new` wants, looking only at what differs (and at
+    /// local pods). `interface_of` names the local interface a pod address is routed through.
+    fn update(
+        &mut self,
+        cfg: &AgentConfig,
+        old: &Snapshot,
+        new: &Snapshot,
+        interface_of: &impl Fn(Ipv4Addr) -> Option<String>,
+    ) {
+        for item in old.services.diff(&new.services) {
+            match item {
+                DiffItem::Add(_, s) => self.service(s, true),
+                DiffItem::Update {
+                    old: (_, before),
+                    new: (_, after),
+                } => {
+                    self.service(before, false);
+                    self.service(after, true);
+                }
+                DiffItem::Remove(_, s) => self.service(s, false),
+            }
+        }
+        let mut pods = self.local.clone();
+        for item in old.pods.diff(&new.pods) {
+            let key = match item {
+                DiffItem::Add(k, _) | DiffItem::Remove(k, _) => k,
+                DiffItem::Update { new: (k, _), .. } => k,
+            };
+            pods.insert(key.clone());
+        }
+        // A namespace joining or leaving the mesh changes all its pods.
+        for item in old.namespaces.diff(&new.namespaces) {
+            let namespace = match item {
+                DiffItem::Add(k, _) | DiffItem::Remove(k, _) => k,
+                DiffItem::Update { new: (k, _), .. } => k,
+            };
+            pods.extend(
+                new.pods
+                    .range(ObjectKey::new(namespace, "")..)
+                    .take_while(|(k, _)| k.namespace == *namespace)
+                    .map(|(k, _)| k.clone()),
+            );
+        }
+        for key in pods {
+            self.pod(cfg, new, &key, interface_of);
+        }
+    }
+
+    fn service(&mut self, service: &Service, add: bool) {
+        if let Some(ip) = service.cluster_ip {
+            if add {
+                self.mesh_dests.add(ip_key(ip), dest_kind::SERVICE);
+            } else {
+                self.mesh_dests.remove(&ip_key(ip), dest_kind::SERVICE);
+            }
+        }
+    }
+
+    /// Replaces what pod `key` contributes by what it contributes in `snapshot`.
+    fn pod(
+        &mut self,
+        cfg: &AgentConfig,
+        snapshot: &Snapshot,
+        key: &ObjectKey,
+        interface_of: &impl Fn(Ipv4Addr) -> Option<String>,
+    ) {
+        if let Some(old) = self.pods.remove(key) {
+            if let Some(ip) = old.mesh_dest {
+                self.mesh_dests.remove(&ip, dest_kind::POD);
+            }
+            if let Some(ip) = old.local_meshed {
+                self.local_meshed_pods.remove(&ip, 1);
+            }
+            for c in &old.classifiers {
+                self.classifiers.remove(c, ());
+            }
+            for id in &old.cgroups {
+                self.meshed_cgroups.remove(id, 1);
+            }
+        }
+        self.local.remove(key);
+        let Some(pod) = snapshot.pods.get(key) else {
+            return;
+        };
+        let entries = pod_entries(cfg, snapshot, pod, interface_of);
+        if pod.node.as_deref() == Some(cfg.node.as_str()) {
+            self.local.insert(key.clone());
+        }
+        if let Some(ip) = entries.mesh_dest {
+            self.mesh_dests.add(ip, dest_kind::POD);
+        }
+        if let Some(ip) = entries.local_meshed {
+            self.local_meshed_pods.add(ip, 1);
+        }
+        for c in &entries.classifiers {
+            self.classifiers.add(c.clone(), ());
+        }
+        for id in &entries.cgroups {
+            self.meshed_cgroups.add(*id, 1);
+        }
+        self.pods.insert(key.clone(), entries);
+    }
+}
+
+fn pod_entries(
+    cfg: &AgentConfig,
+    snapshot: &Snapshot,
+    pod: &Pod,
+    interface_of: &impl Fn(Ipv4Addr) -> Option<String>,
+) -> PodEntries {
+    let mut e = PodEntries::default();
+    let meshed = snapshot.is_meshed(pod);
+    if let (true, Some(ip)) = (meshed, pod.ip) {
+        e.mesh_dest = Some(ip_key(ip));
+    }
+    if pod.node.as_deref() != Some(cfg.node.as_str()) {
+        return e;
+    }
+    if let Some(ip) = pod.ip {
+        if meshed {
+            e.local_meshed = Some(ip_key(ip));
+        }
+        // Unmeshed local clients reach meshed pods through their own interface, so every
+        // local pod interface gets the inbound classifiers.
+        if let Some(iface) = interface_of(ip) {
+            e.classifiers.push((TcHook::Ingress, iface.clone()));
+            e.classifiers.push((TcHook::Egress, iface));
+        }
+    }
+    if meshed {
+        e.cgroups = pod_cgroup_ids(&cfg.cgroup_root, pod);
+    }
+    e
+}
+
+/// What the maps and attachments hold, as this sync wrote them (or found them pinned).
+#[derive(Debug, Default)]
+struct Written {
     meshed_cgroups: BTreeMap<u64, u32>,
     mesh_dests: BTreeMap<u32, u32>,
     local_meshed_pods: BTreeMap<u32, u32>,
@@ -34,10 +272,14 @@ struct Desired {
 pub struct Sync {
     cfg: AgentConfig,
     data_path: DataPath,
-    applied: Option<Desired>,
+    /// The snapshot the maps reflect; `None` before the first pass and after a failed write,
+    /// when the next pass starts over from what the pinned maps hold.
+    base: Option<Arc<Snapshot>>,
+    desired: Desired,
+    written: Written,
 }
 
-fn ip_key(ip: std::net::Ipv4Addr) -> u32 {
+fn ip_key(ip: Ipv4Addr) -> u32 {
     u32::from_ne_bytes(ip.octets())
 }
 
@@ -46,64 +288,98 @@ impl Sync {
         Self {
             cfg,
             data_path,
-            applied: None,
+            base: None,
+            desired: Desired::default(),
+            written: Written::default(),
         }
     }
 
-    pub fn apply(&mut self, snapshot: &Snapshot, applied_version: &AtomicU64) {
-        let desired = desired(&self.cfg, snapshot, route::interface_for);
-        let mut current = match self.applied.take() {
-            Some(current) => current,
-            None => self.take_over(),
+    pub fn apply(&mut self, snapshot: &Arc<Snapshot>, applied_version: &AtomicU64) {
+        let (base, from_scratch) = match self.base.take() {
+            Some(base) => (base, false),
+            None => {
+                self.written = self.take_over();
+                self.desired = Desired::new(&self.cfg);
+                (Arc::new(Snapshot::default()), true)
+            }
         };
-        if current != desired {
-            let dp = &mut self.data_path;
-            let mut errors = 0;
-            errors += diff(
-                &mut dp.meshed_cgroups,
-                &current.meshed_cgroups,
-                &desired.meshed_cgroups,
-            );
-            errors += diff(&mut dp.mesh_dests, &current.mesh_dests, &desired.mesh_dests);
-            errors += diff(
-                &mut dp.local_meshed_pods,
-                &current.local_meshed_pods,
-                &desired.local_meshed_pods,
-            );
-            for (hook, iface) in desired.classifiers.difference(&current.classifiers) {
-                if let Err(e) = dp.attach_tc(*hook, iface) {
-                    warn!(iface, ?hook, "attaching inbound capture: {e}");
-                    errors += 1;
+        if !Arc::ptr_eq(&base, snapshot) || !self.desired.local.is_empty() {
+            self.desired
+                .update(&self.cfg, &base, snapshot, &route::interface_for);
+        }
+
+        let dp = &mut self.data_path;
+        let (d, w) = (&mut self.desired, &mut self.written);
+        let mut writes = Writes::default();
+        write(
+            &mut dp.meshed_cgroups,
+            &mut w.meshed_cgroups,
+            &mut d.meshed_cgroups,
+            from_scratch,
+            &mut writes,
+        );
+        write(
+            &mut dp.mesh_dests,
+            &mut w.mesh_dests,
+            &mut d.mesh_dests,
+            from_scratch,
+            &mut writes,
+        );
+        write(
+            &mut dp.local_meshed_pods,
+            &mut w.local_meshed_pods,
+            &mut d.local_meshed_pods,
+            from_scratch,
+            &mut writes,
+        );
+        let mut hooks = std::mem::take(&mut d.classifiers.touched);
+        if from_scratch {
+            hooks.extend(w.classifiers.iter().cloned());
+        }
+        for hook in hooks {
+            let wanted = d.classifiers.get(&hook).is_some();
+            let (tc, iface) = &hook;
+            if wanted && !w.classifiers.contains(&hook) {
+                match dp.attach_tc(*tc, iface) {
+                    Ok(()) => {
+                        w.classifiers.insert(hook);
+                        writes.changed += 1;
+                    }
+                    Err(e) => {
+                        warn!(iface, hook = ?tc, "attaching inbound capture: {e}");
+                        writes.errors += 1;
+                    }
                 }
-            }
-            for (hook, iface) in current.classifiers.difference(&desired.classifiers) {
-                dp.detach_tc(*hook, iface);
-            }
-            info!(
-                version = snapshot.version,
-                meshed_cgroups = desired.meshed_cgroups.len(),
-                mesh_destinations = desired.mesh_dests.len(),
-                local_meshed_pods = desired.local_meshed_pods.len(),
-                classifiers = desired.classifiers.len(),
-                errors,
-                "eBPF maps synced"
-            );
-            current = desired;
-            if errors > 0 {
-                // Retry the failed entries on the next tick instead of recording them as applied.
-                current.classifiers.clear();
-                self.applied = None;
-                return;
+            } else if !wanted && w.classifiers.remove(&hook) {
+                dp.detach_tc(*tc, iface);
+                writes.changed += 1;
             }
         }
-        self.applied = Some(current);
+        if writes.changed > 0 || writes.errors > 0 {
+            info!(
+                version = snapshot.version,
+                changed = writes.changed,
+                meshed_cgroups = w.meshed_cgroups.len(),
+                mesh_destinations = w.mesh_dests.len(),
+                local_meshed_pods = w.local_meshed_pods.len(),
+                classifiers = w.classifiers.len(),
+                errors = writes.errors,
+                "eBPF maps synced"
+            );
+        }
+        if writes.errors > 0 {
+            // Start over from the pinned maps on the next tick instead of recording the failed
+            // entries as applied.
+            return;
+        }
+        self.base = Some(snapshot.clone());
         applied_version.store(snapshot.version, Ordering::Release);
     }
 
     /// What an earlier agent left in the pinned maps: the base the first diff is taken from.
-    fn take_over(&self) -> Desired {
+    fn take_over(&self) -> Written {
         let dp = &self.data_path;
-        Desired {
+        Written {
             meshed_cgroups: entries(&dp.meshed_cgroups),
             mesh_dests: entries(&dp.mesh_dests),
             local_meshed_pods: entries(&dp.local_meshed_pods),
@@ -116,76 +392,50 @@ fn entries<K: BpfPod + Ord, V: BpfPod>(map: &BpfHashMap<MapData, K, V>) -> BTree
     map.iter().filter_map(Result::ok).collect()
 }
 
-/// Writes the entries that changed and removes the ones that went away; returns the failures.
-fn diff<K, V>(
-    map: &mut BpfHashMap<MapData, K, V>,
-    current: &BTreeMap<K, V>,
-    desired: &BTreeMap<K, V>,
-) -> usize
-where
-    K: BpfPod + Ord + Hash + std::fmt::Debug,
-    V: BpfPod + PartialEq,
-{
-    let mut errors = 0;
-    for (k, v) in desired {
-        if current.get(k) != Some(v) {
-            if let Err(e) = map.insert(k, v, 0) {
-                warn!(key = ?k, "map insert: {e}");
-                errors += 1;
-            }
-        }
-    }
-    for k in current.keys().filter(|k| !desired.contains_key(*k)) {
-        if let Err(e) = map.remove(k) {
-            debug!(key = ?k, "map remove: {e}");
-        }
-    }
-    errors
+#[derive(Default)]
+struct Writes {
+    changed: usize,
+    errors: usize,
 }
 
-/// `interface_of` names the local interface a pod address is routed through.
-fn desired(
-    cfg: &AgentConfig,
-    snapshot: &Snapshot,
-    interface_of: impl Fn(std::net::Ipv4Addr) -> Option<String>,
-) -> Desired {
-    let mut d = Desired::default();
-    for svc in snapshot.services.values() {
-        if let Some(ip) = svc.cluster_ip {
-            d.mesh_dests.insert(ip_key(ip), dest_kind::SERVICE);
+/// Writes the keys whose wanted value changed (every key when `all`) and removes the ones no
+/// longer wanted.
+fn write<K, V>(
+    map: &mut BpfHashMap<MapData, K, V>,
+    written: &mut BTreeMap<K, V>,
+    desired: &mut Counted<K, V>,
+    all: bool,
+    writes: &mut Writes,
+) where
+    K: BpfPod + Ord + Hash + std::fmt::Debug,
+    V: BpfPod + Ord + Copy,
+{
+    let mut keys = std::mem::take(&mut desired.touched);
+    if all {
+        keys.extend(written.keys().copied());
+    }
+    for k in keys {
+        match (desired.get(&k), written.get(&k).copied()) {
+            (Some(v), current) if current != Some(v) => match map.insert(k, v, 0) {
+                Ok(()) => {
+                    written.insert(k, v);
+                    writes.changed += 1;
+                }
+                Err(e) => {
+                    warn!(key = ?k, "map insert: {e}");
+                    writes.errors += 1;
+                }
+            },
+            (None, Some(_)) => {
+                if let Err(e) = map.remove(&k) {
+                    debug!(key = ?k, "map remove: {e}");
+                }
+                written.remove(&k);
+                writes.changed += 1;
+            }
+            _ => {}
         }
     }
-    d.classifiers.extend(
-        cfg.uplinks
-            .iter()
-            .map(|iface| (TcHook::Ingress, iface.clone())),
-    );
-    for pod in snapshot.pods.values() {
-        let meshed = snapshot.is_meshed(pod);
-        if let (true, Some(ip)) = (meshed, pod.ip) {
-            d.mesh_dests.insert(ip_key(ip), dest_kind::POD);
-        }
-        if pod.node.as_deref() != Some(cfg.node.as_str()) {
-            continue;
-        }
-        if let Some(ip) = pod.ip {
-            if meshed {
-                d.local_meshed_pods.insert(ip_key(ip), 1);
-            }
-            // Unmeshed local clients reach meshed pods through their own interface, so every
-            // local pod interface gets the inbound classifiers.
-            if let Some(iface) = interface_of(ip) {
-                d.classifiers.insert((TcHook::Ingress, iface.clone()));
-                d.classifiers.insert((TcHook::Egress, iface));
-            }
-        }
-        if meshed {
-            for id in pod_cgroup_ids(&cfg.cgroup_root, pod) {
-                d.meshed_cgroups.insert(id, 1);
-            }
-        }
-    }
-    d
 }
 
 /// cgroup ids of the pod's cgroup and every cgroup below it (containers).
@@ -317,22 +567,14 @@ mod tests {
     #[test]
     fn desired_state_follows_labels_and_node() {
         let dir = tempfile::tempdir().unwrap();
-        let cfg = AgentConfig {
-            node: "n1".into(),
-            cgroup_root: dir.path().into(),
-            bpffs_root: "/nonexistent".into(),
-            proxy_ip: Ipv4Addr::new(10, 244, 1, 1),
-            uplinks: vec!["eth0".into()],
-        };
-        let d = desired(&cfg, &snapshot(dir.path()), |ip| {
-            Some(format!("veth-{}", ip.octets()[3]))
-        });
+        let cfg = config(dir.path());
+        let d = from_scratch(&cfg, &snapshot(dir.path()));
 
         let key = |a, b, c, e| ip_key(Ipv4Addr::new(a, b, c, e));
         // Service VIPs and meshed pods anywhere are mesh destinations; opted-out and unmeshed
         // pods are not.
         assert_eq!(
-            d.mesh_dests,
+            d.mesh_dests.effective(),
             BTreeMap::from([
                 (key(10, 96, 0, 10), dest_kind::SERVICE),
                 (key(10, 244, 1, 2), dest_kind::POD),
@@ -341,7 +583,10 @@ mod tests {
         );
         // Only the meshed pod of this node is captured inbound...
         assert_eq!(
-            d.local_meshed_pods.keys().copied().collect::<Vec<_>>(),
+            d.local_meshed_pods
+                .effective()
+                .into_keys()
+                .collect::<Vec<_>>(),
             vec![key(10, 244, 1, 2)]
         );
         // ...and only its cgroup and its container cgroup are meshed.
@@ -351,13 +596,103 @@ mod tests {
             .map(|p| fs::metadata(p).unwrap().ino())
             .collect();
         assert_eq!(
-            d.meshed_cgroups.keys().copied().collect::<BTreeSet<_>>(),
+            d.meshed_cgroups
+                .effective()
+                .into_keys()
+                .collect::<BTreeSet<_>>(),
             expected
         );
+        let classifiers = d.classifiers.effective();
+        assert!(classifiers.contains_key(&(TcHook::Ingress, "eth0".to_owned())));
+        assert!(!classifiers.contains_key(&(TcHook::Egress, "eth0".to_owned())));
+        assert!(classifiers.contains_key(&(TcHook::Egress, "veth-2".to_owned())));
+    }
+
+    fn config(cgroups: &Path) -> AgentConfig {
+        AgentConfig {
+            node: "n1".into(),
+            cgroup_root: cgroups.into(),
+            bpffs_root: "/nonexistent".into(),
+            proxy_ip: Ipv4Addr::new(10, 244, 1, 1),
+            uplinks: vec!["eth0".into()],
+        }
+    }
+
+    fn veth(ip: Ipv4Addr) -> Option<String> {
+        Some(format!("veth-{}", ip.octets()[3]))
+    }
+
+    fn from_scratch(cfg: &AgentConfig, snapshot: &Snapshot) -> Desired {
+        let mut d = Desired::new(cfg);
+        d.update(cfg, &Snapshot::default(), snapshot, &veth);
+        d
+    }
+
+    type Effective = (
+        BTreeMap<u64, u32>,
+        BTreeMap<u32, u32>,
+        BTreeMap<u32, u32>,
+        BTreeMap<(TcHook, String), ()>,
+    );
+
+    fn effective(d: &Desired) -> Effective {
+        (
+            d.meshed_cgroups.effective(),
+            d.mesh_dests.effective(),
+            d.local_meshed_pods.effective(),
+            d.classifiers.effective(),
+        )
+    }
+
+    #[test]
+    fn changes_applied_one_by_one_give_the_state_computed_from_scratch() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = config(dir.path());
+        let first = snapshot(dir.path());
+        let mut d = from_scratch(&cfg, &first);
+
+        // The plain namespace joins the mesh, a local meshed pod goes away, a remote pod
+        // moves, the Service changes its VIP and a second Service shares a pod's address.
+        let mut next = first.clone();
+        next.namespaces.insert(
+            "plain".into(),
+            Namespace {
+                name: "plain".into(),
+                labels: [("weft.io/mesh".to_string(), "enabled".to_string())].into(),
+            },
+        );
+        next.pods.remove(&ObjectKey::new("mesh", "a"));
+        next.pods.insert(
+            ObjectKey::new("mesh", "b"),
+            Arc::new(pod("mesh", "b", "n2", [10, 244, 2, 9], &[])),
+        );
+        let svc = |name: &str, ip: [u8; 4]| {
+            Arc::new(Service {
+                key: ObjectKey::new("mesh", name),
+                cluster_ip: Some(Ipv4Addr::from(ip)),
+                ports: vec![],
+                selector: None,
+            })
+        };
+        next.services
+            .insert(ObjectKey::new("mesh", "svc"), svc("svc", [10, 96, 0, 11]));
+        next.services
+            .insert(ObjectKey::new("mesh", "odd"), svc("odd", [10, 244, 2, 9]));
+        d.update(&cfg, &first, &next, &veth);
+        assert_eq!(effective(&d), effective(&from_scratch(&cfg, &next)));
+        let key = ip_key(Ipv4Addr::new(10, 244, 2, 9));
+        assert_eq!(d.mesh_dests.get(&key), Some(dest_kind::POD));
         assert!(d
-            .classifiers
-            .contains(&(TcHook::Ingress, "eth0".to_owned())));
-        assert!(!d.classifiers.contains(&(TcHook::Egress, "eth0".to_owned())));
+            .mesh_dests
+            .get(&ip_key(Ipv4Addr::new(10, 96, 0, 10)))
+            .is_none());
+
+        // And back: the pod moves away, the address is the Service's alone.
+        let mut last = next.clone();
+        last.pods.remove(&ObjectKey::new("mesh", "b"));
+        d.update(&cfg, &next, &last, &veth);
+        assert_eq!(effective(&d), effective(&from_scratch(&cfg, &last)));
+        assert_eq!(d.mesh_dests.get(&key), Some(dest_kind::SERVICE));
     }
 
     #[test]

@@ -902,7 +902,7 @@ mod tests {
     #[tokio::test]
     async fn a_local_reply_to_grpc_is_a_grpc_status() {
         let (conn, metrics) = conn();
-        let reply = local_failure(report(&conn, true), retry::NO_HEALTHY_UPSTREAM);
+        let reply = local_failure(report(&conn, true), NO_HEALTHY_UPSTREAM);
         let (status, headers, body) = read(reply).await;
         // gRPC clients read the status from the headers of a 200 (a trailers-only answer).
         assert_eq!(status, StatusCode::OK);

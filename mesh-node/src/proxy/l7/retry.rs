@@ -242,7 +242,7 @@ mod tests {
     fn with_attempts<T>(
         plan: &RetryPlan,
         idempotent_only: bool,
-        test: impl FnOnce(&Attempts) -> T,
+        test: impl FnOnce(&Attempts<'_>) -> T,
     ) -> T {
         let clusters = Clusters::default();
         let snapshot = Arc::new(Snapshot::default());

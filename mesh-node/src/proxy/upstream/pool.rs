@@ -886,16 +886,8 @@ mod tests {
     #[tokio::test]
     async fn pools_are_one_per_cluster() {
         let pools: Pools<TestBody> = Pools::default();
-        let reviews = ClusterKey::new(
-            crate::model::ObjectKey::new("bookinfo", "reviews"),
-            9080,
-            None,
-        );
-        let ratings = ClusterKey::new(
-            crate::model::ObjectKey::new("bookinfo", "ratings"),
-            9080,
-            None,
-        );
+        let reviews = ClusterKey::new(ObjectKey::new("bookinfo", "reviews"), 9080, None);
+        let ratings = ClusterKey::new(ObjectKey::new("bookinfo", "ratings"), 9080, None);
         assert!(Arc::ptr_eq(
             &pools.cluster(&reviews),
             &pools.cluster(&reviews)

@@ -13,7 +13,7 @@ use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use tracing::debug;
 
 use super::Slot;
-use crate::source::Rejection;
+use crate::source::ledger::Rejection;
 
 /// `reason` of the Events (machine-readable; the note says what is wrong).
 pub const REASON: &str = "Rejected";

@@ -11,8 +11,9 @@
 //!
 //! Every object is stripped of `managedFields`, converted to JSON and translated by
 //! [`objects::translate`](super::objects::translate) the moment it arrives (outside any shared
-//! state); the aggregator keeps the translated objects per watch and publishes one snapshot per
-//! batch ([`KubeConfig::debounce`]) through [`assemble`](super::assemble). Nothing is published
+//! state); the aggregator hands each changed object to the [`Ledger`] (which keeps the last good
+//! version of rejected resources and the assembled snapshot in step) and publishes one snapshot
+//! per batch ([`KubeConfig::debounce`]). Nothing is published
 //! before every watch has completed its first list, so consumers never see a half-listed
 //! cluster (the eBPF sync would unmesh pods it has not heard of yet).
 //!
@@ -27,7 +28,7 @@
 //! only (`events.rs`).
 
 use std::{
-    collections::{HashMap, HashSet},
+    collections::{BTreeMap, HashMap},
     fmt,
     future::Future,
     sync::Arc,
@@ -41,7 +42,10 @@ use thiserror::Error;
 use tokio::{sync::mpsc, task::JoinSet, time::Instant};
 use tracing::{info, warn};
 
-use super::{assemble, objects::Invalid, Object, Rejection, ResourceId, SourceStatus};
+use super::{
+    ledger::{Ledger, Rejection, SourceStatus},
+    objects::{Invalid, Object},
+};
 use crate::{metrics::Rejections, model::Store};
 
 mod crd;
@@ -303,13 +307,10 @@ pub(crate) enum Update {
     },
 }
 
-/// One object as held by the aggregator.
+/// One object as held by the aggregator (what it yields is in the [`Ledger`]).
 struct Held {
     reference: ObjectReference,
     resource_version: String,
-    /// Accepted objects plus the last good versions of rejected ones.
-    objects: Vec<Object>,
-    rejected: Vec<Rejection>,
 }
 
 #[derive(Default)]
@@ -321,10 +322,17 @@ struct SlotState {
     failing: Option<String>,
 }
 
+/// Where a resource came from: one object of one watch. The order (watch, then name) decides
+/// which of two watches yielding the same resource wins.
+type Origin = (Slot, String);
+
 struct Aggregator {
     source: KubeSource,
     emitter: Option<events::Emitter>,
     slots: Vec<SlotState>,
+    ledger: Ledger<Origin>,
+    /// Current rejections of each object that has any.
+    rejected: BTreeMap<Origin, Vec<Rejection>>,
     dirty: bool,
 }
 
@@ -334,6 +342,8 @@ impl Aggregator {
             source,
             emitter,
             slots: Slot::all().map(|_| SlotState::default()).collect(),
+            ledger: Ledger::new(),
+            rejected: BTreeMap::new(),
             dirty: false,
         }
     }
@@ -348,6 +358,9 @@ impl Aggregator {
                     let previous = old.remove(&received.key);
                     let key = received.key.clone();
                     held.insert(key, self.resolve(slot, received, previous));
+                }
+                for key in old.into_keys() {
+                    self.forget((slot, key));
                 }
                 let state = &mut self.slots[slot.index()];
                 state.objects = held;
@@ -364,13 +377,17 @@ impl Aggregator {
                 if self.slots[slot.index()].objects.remove(&key).is_none() {
                     return false;
                 }
+                self.forget((slot, key));
             }
             Update::NotServed { slot } => {
                 let state = &mut self.slots[slot.index()];
                 let changed = !state.objects.is_empty() || !state.settled || state.served;
-                state.objects.clear();
+                let old = std::mem::take(&mut state.objects);
                 state.settled = true;
                 state.served = false;
+                for key in old.into_keys() {
+                    self.forget((slot, key));
+                }
                 if !changed {
                     return false;
                 }
@@ -384,9 +401,14 @@ impl Aggregator {
         true
     }
 
+    fn forget(&mut self, origin: Origin) {
+        self.rejected.remove(&origin);
+        self.ledger.remove(&origin);
+    }
+
     /// Translates one received object into what is held, keeping the last good version of
     /// whatever is rejected; reports new rejections.
-    fn resolve(&self, slot: Slot, received: Received, previous: Option<Held>) -> Held {
+    fn resolve(&mut self, slot: Slot, received: Received, previous: Option<Held>) -> Held {
         if let Some(previous) = previous {
             // A relist hands back unchanged objects: keep them as they are (and do not
             // report their rejections again).
@@ -395,55 +417,24 @@ impl Aggregator {
             {
                 return previous;
             }
-            return self.translate(slot, received, Some(&previous));
         }
-        self.translate(slot, received, None)
+        self.translate(slot, received)
     }
 
-    fn translate(&self, slot: Slot, received: Received, previous: Option<&Held>) -> Held {
-        let last_good: HashMap<ResourceId, &Object> = previous
-            .map(|p| p.objects.iter().map(|o| (o.id(), o)).collect())
-            .unwrap_or_default();
+    fn translate(&mut self, slot: Slot, received: Received) -> Held {
         let origin = format!("kubernetes (resourceVersion {})", received.resource_version);
-        let mut held = Held {
+        let results = received
+            .results
+            .into_iter()
+            .map(|result| (origin.clone(), result))
+            .collect();
+        let key: Origin = (slot, received.key);
+        let applied = self.ledger.apply(key.clone(), results, &key.1);
+        let held = Held {
             reference: received.reference,
             resource_version: received.resource_version,
-            objects: Vec::new(),
-            rejected: Vec::new(),
         };
-        let mut unnamed_failure = false;
-        for result in received.results {
-            match result {
-                Ok(object) => held.objects.push(object),
-                Err(invalid) => {
-                    let kept = invalid.id.as_ref().and_then(|id| last_good.get(id));
-                    unnamed_failure |= invalid.id.is_none();
-                    if let Some(kept) = kept {
-                        held.objects.push((*kept).clone());
-                    }
-                    held.rejected.push(Rejection {
-                        origin: origin.clone(),
-                        kind: invalid.kind.unwrap_or_else(|| "unknown".into()),
-                        name: invalid.name.unwrap_or_else(|| received.key.clone()),
-                        field: invalid.field,
-                        reason: invalid.reason,
-                        kept_last_good: kept.is_some(),
-                    });
-                }
-            }
-        }
-        if unnamed_failure {
-            // The failure may concern any object the resource yielded before: keep them all.
-            if let Some(previous) = previous {
-                let present: HashSet<ResourceId> = held.objects.iter().map(Object::id).collect();
-                for object in &previous.objects {
-                    if !present.contains(&object.id()) {
-                        held.objects.push(object.clone());
-                    }
-                }
-            }
-        }
-        for rejection in &held.rejected {
+        for rejection in &applied.rejected {
             self.source.rejections.inc(&rejection.kind);
             warn!(
                 kind = %rejection.kind,
@@ -456,6 +447,11 @@ impl Aggregator {
                     emitter.rejected(&held.reference, rejection);
                 }
             }
+        }
+        if applied.rejected.is_empty() {
+            self.rejected.remove(&key);
+        } else {
+            self.rejected.insert(key, applied.rejected);
         }
         held
     }
@@ -476,28 +472,11 @@ impl Aggregator {
             return;
         }
         self.dirty = false;
-        let mut seen: HashSet<ResourceId> = HashSet::new();
-        let mut objects: Vec<&Object> = Vec::new();
-        let mut rejected = Vec::new();
-        for slot in &self.slots {
-            let mut keys: Vec<&String> = slot.objects.keys().collect();
-            // A stable order, so duplicates always resolve the same way.
-            keys.sort();
-            for key in keys {
-                let held = &slot.objects[key];
-                rejected.extend(held.rejected.iter().cloned());
-                for object in &held.objects {
-                    if seen.insert(object.id()) {
-                        objects.push(object);
-                    }
-                }
-            }
-        }
-        let resources = objects.len();
+        let rejected: Vec<Rejection> = self.rejected.values().flatten().cloned().collect();
+        let resources = self.ledger.resources();
         let rejected_count = rejected.len();
         self.source.status.set_rejected(rejected);
-        let snapshot = assemble(objects, None);
-        let version = self.source.store.publish(snapshot);
+        let version = self.ledger.publish(&self.source.store);
         info!(
             version,
             resources,

@@ -1,0 +1,672 @@
+//! Snapshot assembly, incremental: the [`Assembler`] keeps the assembled state between changes
+//! and applies each batch of upserts and deletes to it, so a change costs what it touches.
+//!
+//! Endpoints of a Service come from its EndpointSlices; a Service without any slice gets
+//! endpoints derived from its selector over the pods that have an IP, with named target ports
+//! resolved through the pods' container ports, like the Kubernetes endpoints controller does.
+//! Only ready endpoints of TCP ports are kept. A batch marks the Services whose endpoints it may
+//! change (their Service, their slices, a pod a slice names or a selector picks) and
+//! [`Assembler::snapshot`] recomputes those alone. Whatever comes out equal to what the
+//! snapshot held keeps its `Arc`, so consumers can tell what changed with `Arc::ptr_eq`.
+
+use std::{
+    collections::{BTreeMap, BTreeSet, HashMap, HashSet},
+    net::Ipv4Addr,
+    sync::Arc,
+};
+
+use super::objects::{EndpointSlice, Kind, Object, ResourceId};
+use crate::model::{
+    Endpoint, Labels, Map, ObjectKey, Pod, Protocol, Service, ServiceEndpoints, Snapshot, Store,
+    TargetPort,
+};
+
+/// The assembled state, kept between batches.
+#[derive(Debug, Default)]
+pub struct Assembler {
+    snapshot: Snapshot,
+    /// Slices per Service, ordered by slice name so duplicates always resolve alike.
+    slices: HashMap<ObjectKey, BTreeMap<Arc<str>, EndpointSlice>>,
+    /// The Service each slice belongs to (a slice can be relabelled to another).
+    slice_service: HashMap<ObjectKey, ObjectKey>,
+    /// Services whose slices name a pod (the pod's node fills in a missing `nodeName`).
+    pod_refs: HashMap<ObjectKey, HashSet<ObjectKey>>,
+    /// Services with a selector and no slice, per namespace: their endpoints follow pods.
+    selected: HashMap<Arc<str>, BTreeSet<ObjectKey>>,
+    /// Every holder of an address, so deleting one of two pods sharing an IP (a terminating
+    /// pod and its successor) leaves the index on the other.
+    pod_ips: HashMap<Ipv4Addr, BTreeSet<ObjectKey>>,
+    service_ips: HashMap<Ipv4Addr, BTreeSet<ObjectKey>>,
+    /// Services whose endpoints the current batch may have changed.
+    dirty: HashSet<ObjectKey>,
+}
+
+impl Assembler {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    pub fn set_generation(&mut self, generation: Option<u64>) {
+        self.snapshot.generation = generation;
+    }
+
+    /// Adds or replaces one object.
+    pub fn upsert(&mut self, object: &Object) {
+        let s = &mut self.snapshot;
+        match object {
+            Object::Namespace(n) => replace(&mut s.namespaces, n.name.clone(), n),
+            Object::Node(n) => replace(&mut s.nodes, n.name.clone(), n),
+            Object::Pod(p) => self.set_pod(&p.key, Some(p)),
+            Object::Service(svc) => self.set_service(&svc.key, Some(svc)),
+            Object::EndpointSlice(e) => self.set_slice(&e.key, Some(e)),
+            Object::VirtualService(v) => replace_arc(&mut s.virtual_services, &v.key, v),
+            Object::DestinationRule(d) => replace_arc(&mut s.destination_rules, &d.key, d),
+            Object::ServiceEntry(e) => replace_arc(&mut s.service_entries, &e.key, e),
+            Object::AuthorizationPolicy(a) => replace_arc(&mut s.authorization_policies, &a.key, a),
+            Object::PeerAuthentication(p) => replace_arc(&mut s.peer_authentications, &p.key, p),
+            Object::HttpRoute(r) => replace_arc(&mut s.http_routes, &r.key, r),
+            Object::GrpcRoute(r) => replace_arc(&mut s.grpc_routes, &r.key, r),
+        }
+    }
+
+    /// Removes one object (nothing happens if it is not there).
+    pub fn delete(&mut self, id: &ResourceId) {
+        let s = &mut self.snapshot;
+        let key = &id.key;
+        match id.kind {
+            Kind::Namespace => {
+                s.namespaces.remove(&*key.name);
+            }
+            Kind::Node => {
+                s.nodes.remove(&*key.name);
+            }
+            Kind::Pod => self.set_pod(key, None),
+            Kind::Service => self.set_service(key, None),
+            Kind::EndpointSlice => self.set_slice(key, None),
+            Kind::VirtualService => {
+                s.virtual_services.remove(key);
+            }
+            Kind::DestinationRule => {
+                s.destination_rules.remove(key);
+            }
+            Kind::ServiceEntry => {
+                s.service_entries.remove(key);
+            }
+            Kind::AuthorizationPolicy => {
+                s.authorization_policies.remove(key);
+            }
+            Kind::PeerAuthentication => {
+                s.peer_authentications.remove(key);
+            }
+            Kind::HttpRoute => {
+                s.http_routes.remove(key);
+            }
+            Kind::GrpcRoute => {
+                s.grpc_routes.remove(key);
+            }
+        }
+    }
+
+    /// Ends the batch: recomputes the endpoints it touched and hands out the snapshot (a copy
+    /// that shares every map with the assembler's state, so O(1)), indexes current.
+    pub fn snapshot(&mut self) -> Snapshot {
+        for key in std::mem::take(&mut self.dirty) {
+            self.recompute(&key);
+        }
+        self.snapshot.clone()
+    }
+
+    /// Ends the batch and publishes it.
+    pub fn publish(&mut self, store: &Store) -> u64 {
+        let snapshot = self.snapshot();
+        store.publish_indexed(snapshot)
+    }
+
+    fn set_pod(&mut self, key: &ObjectKey, new: Option<&Pod>) {
+        let old = self.snapshot.pods.get(key).cloned();
+        if old.as_deref() == new {
+            return;
+        }
+        match new {
+            Some(pod) => {
+                self.snapshot
+                    .pods
+                    .insert(key.clone(), Arc::new(pod.clone()));
+            }
+            None => {
+                self.snapshot.pods.remove(key);
+            }
+        }
+        let (old_ip, new_ip) = (old.as_ref().and_then(|p| p.ip), new.and_then(|p| p.ip));
+        if old_ip != new_ip {
+            if let Some(ip) = old_ip {
+                unindex(&mut self.pod_ips, &mut self.snapshot.pods_by_ip, ip, key);
+            }
+            if let Some(ip) = new_ip {
+                index(&mut self.pod_ips, &mut self.snapshot.pods_by_ip, ip, key);
+            }
+        }
+        if let Some(services) = self.pod_refs.get(key) {
+            self.dirty.extend(services.iter().cloned());
+        }
+        if let Some(services) = self.selected.get(&key.namespace) {
+            for service in services {
+                let Some(selector) = self
+                    .snapshot
+                    .services
+                    .get(service)
+                    .and_then(|s| s.selector.as_ref())
+                else {
+                    continue;
+                };
+                let picks = |p: &Pod| selects(selector, &p.labels);
+                if old.as_deref().is_some_and(picks) || new.is_some_and(picks) {
+                    self.dirty.insert(service.clone());
+                }
+            }
+        }
+    }
+
+    fn set_service(&mut self, key: &ObjectKey, new: Option<&Service>) {
+        let old = self.snapshot.services.get(key).cloned();
+        if old.as_deref() == new {
+            return;
+        }
+        match new {
+            Some(service) => {
+                self.snapshot
+                    .services
+                    .insert(key.clone(), Arc::new(service.clone()));
+            }
+            None => {
+                self.snapshot.services.remove(key);
+            }
+        }
+        let (old_ip, new_ip) = (
+            old.as_ref().and_then(|s| s.cluster_ip),
+            new.and_then(|s| s.cluster_ip),
+        );
+        if old_ip != new_ip {
+            if let Some(ip) = old_ip {
+                unindex(
+                    &mut self.service_ips,
+                    &mut self.snapshot.services_by_ip,
+                    ip,
+                    key,
+                );
+            }
+            if let Some(ip) = new_ip {
+                index(
+                    &mut self.service_ips,
+                    &mut self.snapshot.services_by_ip,
+                    ip,
+                    key,
+                );
+            }
+        }
+        self.refresh_selected(key);
+        self.dirty.insert(key.clone());
+    }
+
+    fn set_slice(&mut self, key: &ObjectKey, new: Option<&EndpointSlice>) {
+        if let Some(service) = self.slice_service.remove(key) {
+            let slices = self.slices.get_mut(&service);
+            let old = slices.and_then(|s| s.remove(&key.name));
+            if let Some(old) = &old {
+                if Some(old) == new {
+                    // Unchanged: put it back as it was.
+                    self.slices
+                        .entry(service.clone())
+                        .or_default()
+                        .insert(key.name.clone(), old.clone());
+                    self.slice_service.insert(key.clone(), service);
+                    return;
+                }
+                for pod in old.endpoints.iter().filter_map(|e| e.pod.as_ref()) {
+                    if let Some(refs) = self.pod_refs.get_mut(pod) {
+                        refs.remove(&service);
+                        if refs.is_empty() {
+                            self.pod_refs.remove(pod);
+                        }
+                    }
+                }
+            }
+            if self.slices.get(&service).is_some_and(BTreeMap::is_empty) {
+                self.slices.remove(&service);
+            }
+            self.refresh_selected(&service);
+            self.dirty.insert(service);
+        }
+        if let Some(slice) = new {
+            let service = ObjectKey {
+                namespace: key.namespace.clone(),
+                name: slice.service.clone(),
+            };
+            for pod in slice.endpoints.iter().filter_map(|e| e.pod.as_ref()) {
+                self.pod_refs
+                    .entry(pod.clone())
+                    .or_default()
+                    .insert(service.clone());
+            }
+            self.slices
+                .entry(service.clone())
+                .or_default()
+                .insert(key.name.clone(), slice.clone());
+            self.slice_service.insert(key.clone(), service.clone());
+            self.refresh_selected(&service);
+            self.dirty.insert(service);
+        }
+    }
+
+    /// Whether the Service's endpoints follow its selector (it has one and no slice).
+    fn refresh_selected(&mut self, key: &ObjectKey) {
+        let by_selector = !self.slices.contains_key(key)
+            && self
+                .snapshot
+                .services
+                .get(key)
+                .is_some_and(|s| s.selector.is_some());
+        if by_selector {
+            self.selected
+                .entry(key.namespace.clone())
+                .or_default()
+                .insert(key.clone());
+        } else if let Some(set) = self.selected.get_mut(&key.namespace) {
+            set.remove(key);
+            if set.is_empty() {
+                self.selected.remove(&key.namespace);
+            }
+        }
+    }
+
+    fn recompute(&mut self, key: &ObjectKey) {
+        let Some(service) = self.snapshot.services.get(key).cloned() else {
+            self.snapshot.endpoints.remove(key);
+            return;
+        };
+        let by_port = match (self.slices.get(key), &service.selector) {
+            (Some(slices), _) => from_slices(&service, slices.values(), &self.snapshot.pods),
+            (None, Some(selector)) => from_selector(&service, selector, &self.snapshot.pods),
+            (None, None) => BTreeMap::new(),
+        };
+        let unchanged = self
+            .snapshot
+            .endpoints
+            .get(key)
+            .is_some_and(|e| e.by_port == by_port);
+        if !unchanged {
+            self.snapshot
+                .endpoints
+                .insert(key.clone(), Arc::new(ServiceEndpoints { by_port }));
+        }
+    }
+}
+
+/// Builds a snapshot from translated objects in one batch (duplicates must already be resolved).
+pub fn assemble<'a>(
+    objects: impl IntoIterator<Item = &'a Object>,
+    generation: Option<u64>,
+) -> Snapshot {
+    let mut assembler = Assembler::new();
+    assembler.set_generation(generation);
+    for object in objects {
+        assembler.upsert(object);
+    }
+    assembler.snapshot()
+}
+
+fn replace<K: Ord + Clone, V: Clone + PartialEq>(map: &mut Map<K, V>, key: K, value: &V) {
+    if map.get(&key) != Some(value) {
+        map.insert(key, value.clone());
+    }
+}
+
+/// Inserts `value` unless an equal one is there, whose `Arc` then stays.
+fn replace_arc<T: PartialEq>(map: &mut Map<ObjectKey, Arc<T>>, key: &ObjectKey, value: &Arc<T>) {
+    let same = map
+        .get(key)
+        .is_some_and(|old| Arc::ptr_eq(old, value) || **old == **value);
+    if !same {
+        map.insert(key.clone(), value.clone());
+    }
+}
+
+/// The index names the smallest key holding the address.
+fn index(
+    holders: &mut HashMap<Ipv4Addr, BTreeSet<ObjectKey>>,
+    by_ip: &mut Map<Ipv4Addr, ObjectKey>,
+    ip: Ipv4Addr,
+    key: &ObjectKey,
+) {
+    let set = holders.entry(ip).or_default();
+    set.insert(key.clone());
+    if let Some(first) = set.first() {
+        if by_ip.get(&ip) != Some(first) {
+            by_ip.insert(ip, first.clone());
+        }
+    }
+}
+
+fn unindex(
+    holders: &mut HashMap<Ipv4Addr, BTreeSet<ObjectKey>>,
+    by_ip: &mut Map<Ipv4Addr, ObjectKey>,
+    ip: Ipv4Addr,
+    key: &ObjectKey,
+) {
+    let Some(set) = holders.get_mut(&ip) else {
+        return;
+    };
+    set.remove(key);
+    match set.first() {
+        Some(first) => {
+            if by_ip.get(&ip) != Some(first) {
+                by_ip.insert(ip, first.clone());
+            }
+        }
+        None => {
+            holders.remove(&ip);
+            by_ip.remove(&ip);
+        }
+    }
+}
+
+fn selects(selector: &Labels, labels: &Labels) -> bool {
+    selector.iter().all(|(k, v)| labels.get(k) == Some(v))
+}
+
+fn from_slices<'a>(
+    service: &Service,
+    slices: impl Iterator<Item = &'a EndpointSlice> + Clone,
+    pods: &Map<ObjectKey, Arc<Pod>>,
+) -> BTreeMap<u16, Vec<Endpoint>> {
+    let mut by_port = BTreeMap::new();
+    for port in service.ports.iter().filter(|p| p.protocol == Protocol::Tcp) {
+        let mut list: Vec<Endpoint> = Vec::new();
+        for slice in slices.clone() {
+            // A slice port belongs to the service port of the same name.
+            let Some(target) = slice
+                .ports
+                .iter()
+                .find(|p| p.name == port.name && p.protocol == Protocol::Tcp)
+            else {
+                continue;
+            };
+            for ep in slice.endpoints.iter().filter(|e| e.ready) {
+                let node = ep.node.clone().or_else(|| {
+                    ep.pod
+                        .as_ref()
+                        .and_then(|k| pods.get(k))
+                        .and_then(|p| p.node.clone())
+                });
+                for &ip in &ep.addresses {
+                    push_unique(
+                        &mut list,
+                        Endpoint {
+                            ip,
+                            port: target.port,
+                            pod: ep.pod.clone(),
+                            node: node.clone(),
+                            ready: true,
+                        },
+                    );
+                }
+            }
+        }
+        sort(&mut list);
+        by_port.insert(port.port, list);
+    }
+    by_port
+}
+
+fn from_selector(
+    service: &Service,
+    selector: &Labels,
+    pods: &Map<ObjectKey, Arc<Pod>>,
+) -> BTreeMap<u16, Vec<Endpoint>> {
+    // Pods are ordered by namespace first: the service's namespace is one range.
+    let namespace = &service.key.namespace;
+    let mut selected: Vec<(&Arc<Pod>, Ipv4Addr)> = pods
+        .range(ObjectKey::new(namespace, "")..)
+        .take_while(|(k, _)| k.namespace == *namespace)
+        .map(|(_, p)| p)
+        .filter(|p| selects(selector, &p.labels))
+        .filter_map(|p| p.ip.map(|ip| (p, ip)))
+        .collect();
+    selected.sort_by_key(|(_, ip)| *ip);
+
+    let mut by_port = BTreeMap::new();
+    for port in service.ports.iter().filter(|p| p.protocol == Protocol::Tcp) {
+        let mut list = Vec::new();
+        for (pod, ip) in &selected {
+            let target = match &port.target_port {
+                TargetPort::Number(n) => Some(*n),
+                TargetPort::Name(name) => pod
+                    .ports
+                    .iter()
+                    .find(|(n, _)| n.as_deref() == Some(&**name))
+                    .map(|(_, p)| *p),
+            };
+            // A pod that does not declare a named target port is not an endpoint of it.
+            let Some(target) = target else { continue };
+            push_unique(
+                &mut list,
+                Endpoint {
+                    ip: *ip,
+                    port: target,
+                    pod: Some(pod.key.clone()),
+                    node: pod.node.clone(),
+                    ready: true,
+                },
+            );
+        }
+        sort(&mut list);
+        by_port.insert(port.port, list);
+    }
+    by_port
+}
+
+fn push_unique(list: &mut Vec<Endpoint>, endpoint: Endpoint) {
+    if !list
+        .iter()
+        .any(|e| e.ip == endpoint.ip && e.port == endpoint.port)
+    {
+        list.push(endpoint);
+    }
+}
+
+/// A stable order, so round robin walks endpoints the same way on every node.
+fn sort(list: &mut [Endpoint]) {
+    list.sort_by_key(|e| (e.ip, e.port));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{
+        model::{Namespace, ServicePort},
+        source::objects::{SliceEndpoint, SlicePort},
+    };
+
+    fn key(name: &str) -> ObjectKey {
+        ObjectKey::new("ns", name)
+    }
+
+    fn labels(pairs: &[(&str, &str)]) -> Labels {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    fn pod(name: &str, ip: u8, app: &str, node: &str) -> Object {
+        Object::Pod(Pod {
+            key: key(name),
+            uid: None,
+            labels: labels(&[("app", app)]),
+            annotations: Labels::new(),
+            node: Some(node.into()),
+            ip: Some(Ipv4Addr::new(10, 244, 0, ip)),
+            service_account: "default".into(),
+            ports: vec![(Some("http".into()), 8080)],
+        })
+    }
+
+    fn service(name: &str, ip: u8, app: Option<&str>) -> Object {
+        Object::Service(Service {
+            key: key(name),
+            cluster_ip: Some(Ipv4Addr::new(10, 96, 0, ip)),
+            ports: vec![ServicePort {
+                name: Some("http".into()),
+                port: 80,
+                target_port: TargetPort::Name("http".into()),
+                protocol: Protocol::Tcp,
+                app_protocol: None,
+            }],
+            selector: app.map(|a| labels(&[("app", a)])),
+        })
+    }
+
+    fn slice(name: &str, service: &str, endpoints: &[(u8, Option<&str>)]) -> Object {
+        Object::EndpointSlice(EndpointSlice {
+            key: key(name),
+            service: service.into(),
+            ports: vec![SlicePort {
+                name: Some("http".into()),
+                port: 9090,
+                protocol: Protocol::Tcp,
+            }],
+            endpoints: endpoints
+                .iter()
+                .map(|(ip, pod)| SliceEndpoint {
+                    addresses: vec![Ipv4Addr::new(10, 244, 0, *ip)],
+                    ready: true,
+                    node: None,
+                    pod: pod.map(key),
+                })
+                .collect(),
+        })
+    }
+
+    fn ips(snapshot: &Snapshot, service: &str) -> Vec<(u8, u16, Option<String>)> {
+        snapshot
+            .endpoints(&key(service), 80)
+            .iter()
+            .map(|e| (e.ip.octets()[3], e.port, e.node.as_deref().map(Into::into)))
+            .collect()
+    }
+
+    /// Applies `changes` one batch at a time and checks each result against a snapshot
+    /// assembled from scratch out of the same objects.
+    #[test]
+    fn every_batch_gives_what_assembly_from_scratch_gives() {
+        let namespace = Object::Namespace(Namespace {
+            name: "ns".into(),
+            labels: Labels::new(),
+        });
+        let batches: Vec<Vec<Object>> = vec![
+            vec![
+                namespace,
+                pod("a", 1, "web", "n1"),
+                pod("b", 2, "web", "n2"),
+                pod("c", 3, "db", "n1"),
+                service("web", 1, Some("web")),
+                service("db", 2, Some("db")),
+            ],
+            // A slice appears for db: it takes precedence over the selector.
+            vec![slice("db-1", "db", &[(3, Some("c")), (9, None)])],
+            // A pod is relabelled into web; c moves node (db's endpoint follows it).
+            vec![pod("c", 3, "web", "n2")],
+            // The slice is relabelled to web; db falls back to its selector (no pod left).
+            vec![slice("db-1", "web", &[(3, Some("c"))])],
+            // A second pod takes the address of a (a terminating pod and its successor).
+            vec![pod("a2", 1, "other", "n1")],
+        ];
+        let mut assembler = Assembler::new();
+        let mut all: BTreeMap<ResourceId, Object> = BTreeMap::new();
+        for batch in &batches {
+            for object in batch {
+                assembler.upsert(object);
+                all.insert(object.id(), object.clone());
+            }
+            let incremental = assembler.snapshot();
+            let full = assemble(all.values(), None);
+            assert_eq!(incremental.endpoints, full.endpoints);
+            assert_eq!(incremental.pods_by_ip, full.pods_by_ip);
+            assert_eq!(incremental.services_by_ip, full.services_by_ip);
+        }
+        let snapshot = assembler.snapshot();
+        assert_eq!(ips(&snapshot, "web"), [(3, 9090, Some("n2".into()))]);
+        assert!(ips(&snapshot, "db").is_empty());
+        assert_eq!(
+            snapshot
+                .pod_by_ip(Ipv4Addr::new(10, 244, 0, 1))
+                .unwrap()
+                .key,
+            key("a")
+        );
+
+        // Deletes, one at a time.
+        for id in [
+            pod("a", 1, "", "").id(),
+            slice("db-1", "", &[]).id(),
+            service("db", 2, None).id(),
+        ] {
+            assembler.delete(&id);
+            all.remove(&id);
+            let incremental = assembler.snapshot();
+            let full = assemble(all.values(), None);
+            assert_eq!(incremental.endpoints, full.endpoints);
+            assert_eq!(incremental.pods_by_ip, full.pods_by_ip);
+            assert_eq!(incremental.services_by_ip, full.services_by_ip);
+        }
+        let snapshot = assembler.snapshot();
+        assert_eq!(
+            snapshot
+                .pod_by_ip(Ipv4Addr::new(10, 244, 0, 1))
+                .unwrap()
+                .key,
+            key("a2")
+        );
+        assert!(snapshot
+            .service_by_ip(Ipv4Addr::new(10, 96, 0, 2))
+            .is_none());
+        // Selector-derived again: c and b are web pods (with the named target port).
+        assert_eq!(
+            ips(&snapshot, "web"),
+            [(2, 8080, Some("n2".into())), (3, 8080, Some("n2".into()))]
+        );
+    }
+
+    #[test]
+    fn a_change_replaces_only_what_it_touches() {
+        let mut assembler = Assembler::new();
+        for object in [
+            service("web", 1, None),
+            service("db", 2, None),
+            slice("web-1", "web", &[(1, None)]),
+            slice("db-1", "db", &[(2, None)]),
+        ] {
+            assembler.upsert(&object);
+        }
+        let before = assembler.snapshot();
+        assembler.upsert(&slice("web-1", "web", &[(5, None)]));
+        // The same object again changes nothing.
+        assembler.upsert(&service("db", 2, None));
+        let after = assembler.snapshot();
+        assert!(!Arc::ptr_eq(
+            &before.endpoints[&key("web")],
+            &after.endpoints[&key("web")]
+        ));
+        assert!(Arc::ptr_eq(
+            &before.endpoints[&key("db")],
+            &after.endpoints[&key("db")]
+        ));
+        for name in ["web", "db"] {
+            assert!(Arc::ptr_eq(
+                &before.services[&key(name)],
+                &after.services[&key(name)]
+            ));
+        }
+        assert_eq!(ips(&after, "web"), [(5, 9090, None)]);
+    }
+}
