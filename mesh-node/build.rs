@@ -1,4 +1,6 @@
-//! Builds the eBPF programs of `mesh-ebpf` so the binary can embed them.
+//! Builds the eBPF programs of `mesh-ebpf` so the binary can embed them, and generates the
+//! tonic client and server of Istio's certificate service from a Rust description of it (the
+//! messages are written by hand in `src/ca/proto.rs`): no `protoc` is needed to build.
 
 use anyhow::{anyhow, Context as _};
 use aya_build::{Package, Toolchain};
@@ -9,6 +11,7 @@ use aya_build::{Package, Toolchain};
 const TOOLCHAIN_FILE: &str = "rust-toolchain.toml";
 
 fn main() -> anyhow::Result<()> {
+    certificate_service();
     println!("cargo:rerun-if-env-changed=WEFT_BPF_TOOLCHAIN");
     let metadata = cargo_metadata::MetadataCommand::new()
         .no_deps()
@@ -56,4 +59,24 @@ fn pinned_toolchain(path: &cargo_metadata::camino::Utf8Path) -> anyhow::Result<S
         .map(|value| value.trim().trim_matches('"').to_owned())
         .find(|value| !value.is_empty())
         .ok_or_else(|| anyhow!("{path} names no `channel`"))
+}
+
+/// `istio.v1.auth.IstioCertificateService` (istio/api `security/v1alpha1/ca.proto`): one unary
+/// `CreateCertificate`. Written to `$OUT_DIR/istio.v1.auth.IstioCertificateService.rs`, which
+/// `src/ca/proto.rs` includes beside the message types the paths below name.
+fn certificate_service() {
+    let service = tonic_build::manual::Service::builder()
+        .name("IstioCertificateService")
+        .package("istio.v1.auth")
+        .method(
+            tonic_build::manual::Method::builder()
+                .name("create_certificate")
+                .route_name("CreateCertificate")
+                .input_type("super::IstioCertificateRequest")
+                .output_type("super::IstioCertificateResponse")
+                .codec_path("tonic_prost::ProstCodec")
+                .build(),
+        )
+        .build();
+    tonic_build::manual::Builder::new().compile(&[service]);
 }

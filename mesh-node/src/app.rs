@@ -28,7 +28,12 @@ use tracing_subscriber::EnvFilter;
 use crate::{
     admin::{self, AdminError, AdminState, Readiness},
     agent::{self, Agent, AgentConfig, AgentError},
-    config::{CleanupArgs, ConfigSource, LogFormat, RunArgs, SidecarArgs},
+    config::{CleanupArgs, ConfigSource, IdentityArgs, LogFormat, RunArgs, SidecarArgs},
+    identity::{
+        client::{CaClient, CaClientConfig, CaClientError},
+        manager::{CertConfig, CertManager},
+        Identity,
+    },
     metrics::Metrics,
     model::{OriginalDst, Store},
     proxy::{NoOriginalDst, Proxy, ProxyConfig, ProxyError, RedirectedOriginalDst},
@@ -64,6 +69,16 @@ pub enum AppError {
     },
     #[error("the control thread panicked")]
     ControlPanicked,
+    #[error(transparent)]
+    Ca(#[from] crate::ca::CaError),
+    #[error(transparent)]
+    CaClient(#[from] CaClientError),
+    #[error("cannot read the mesh CA's root certificate {path}: {source} (check --ca-root-cert)")]
+    CaRoot {
+        path: std::path::PathBuf,
+        #[source]
+        source: io::Error,
+    },
 }
 
 /// Default log filter. kube-runtime's watcher logs some errors (403) at every retry; the
@@ -219,6 +234,11 @@ fn serve(args: RunArgs, mode: Mode) -> Result<(), AppError> {
             // Steered inbound connections keep the pod's address as local address.
             config.inbound_transparent = !args.no_ebpf;
             config.sidecar = mode == Mode::Sidecar;
+            config.trust_domain = args.identity.trust_domain.as_str().into();
+            config.certs = certificates(&args.identity)?;
+            if config.certs.is_none() && mode == Mode::Node {
+                warn!("no --ca-addr: no mTLS, so nothing is sent to pods of other nodes and the HBONE port serves nothing");
+            }
             let proxy = Proxy::bind(
                 config,
                 store.subscribe(),
@@ -244,6 +264,86 @@ fn serve(args: RunArgs, mode: Mode) -> Result<(), AppError> {
         info!("mesh-node stopped; the eBPF programs stay attached, so meshed pods fail closed until it is back");
     }
     Ok(())
+}
+
+/// `mesh-node ca`: the mesh CA, on a small runtime of its own (it signs a few certificates
+/// per pod start, nothing on the data path), until SIGTERM or SIGINT.
+pub fn run_ca(args: crate::config::CaArgs) -> Result<(), AppError> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name("weft-ca")
+        .enable_all()
+        .build()
+        .map_err(|source| AppError::Runtime {
+            runtime: "mesh CA",
+            source,
+        })?;
+    runtime.block_on(async {
+        let mut sigterm = signal(tokio::signal::unix::SignalKind::terminate(), "SIGTERM")?;
+        let mut sigint = signal(tokio::signal::unix::SignalKind::interrupt(), "SIGINT")?;
+        let server = crate::ca::CaServer::bind(args.into()).await?;
+        server
+            .run(async {
+                tokio::select! {
+                    _ = sigterm.recv() => info!("SIGTERM received: shutting down"),
+                    _ = sigint.recv() => info!("SIGINT received: shutting down"),
+                }
+            })
+            .await?;
+        Ok(())
+    })
+}
+
+/// The service account of node proxies (the DaemonSet's), whose identity a node proxy
+/// presents on its HBONE port and expects of its peers.
+pub const NODE_PROXY_NAMESPACE: &str = "weft-system";
+pub const NODE_PROXY_SERVICE_ACCOUNT: &str = "mesh-node";
+/// How long a connection waits for the first certificate of its pod's identity.
+const CERTIFICATE_WAIT: Duration = Duration::from_secs(5);
+/// Deadline of one request to the mesh CA.
+const CA_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The node's certificate manager, fetching from the mesh CA of `--ca-addr`; `None` without
+/// one. Must run on the data runtime, which then runs the renewals.
+fn certificates(args: &IdentityArgs) -> Result<Option<Arc<CertManager>>, AppError> {
+    let Some(address) = &args.ca_addr else {
+        return Ok(None);
+    };
+    let root_cert_pem = match &args.ca_root_cert {
+        Some(path) => std::fs::read_to_string(path).map_err(|source| AppError::CaRoot {
+            path: path.clone(),
+            source,
+        })?,
+        None => {
+            return Err(AppError::CaRoot {
+                path: "(none)".into(),
+                source: io::Error::new(
+                    io::ErrorKind::NotFound,
+                    "--ca-addr needs --ca-root-cert to verify the CA",
+                ),
+            })
+        }
+    };
+    let client = CaClient::new(CaClientConfig {
+        address: address.clone(),
+        root_cert_pem,
+        server_name: args.ca_server_name.clone(),
+        token_file: args.ca_token_file.clone(),
+        timeout: CA_TIMEOUT,
+    })?;
+    info!(ca = %address, trust_domain = %args.trust_domain, "workload certificates come from the mesh CA");
+    Ok(Some(CertManager::new(
+        Arc::new(client),
+        CertConfig {
+            own: Identity::new(
+                &args.trust_domain,
+                NODE_PROXY_NAMESPACE,
+                NODE_PROXY_SERVICE_ACCOUNT,
+            ),
+            ttl: args.workload_cert_ttl,
+            wait: CERTIFICATE_WAIT,
+        },
+    )))
 }
 
 /// `mesh-node cleanup`: detaches and unpins everything of a node.

@@ -3,11 +3,14 @@
 
 use std::{
     fmt,
-    net::{Ipv4Addr, SocketAddr},
+    net::{IpAddr, Ipv4Addr, SocketAddr},
     path::{Path, PathBuf},
+    time::Duration,
 };
 
 use clap::{ArgGroup, Args, Parser, Subcommand, ValueEnum};
+
+use crate::identity::DEFAULT_TRUST_DOMAIN;
 
 /// Default pin directory of Weft's eBPF maps and links on bpffs.
 pub const DEFAULT_BPFFS_ROOT: &str = "/sys/fs/bpf/weft";
@@ -34,6 +37,9 @@ pub enum Command {
     /// `REDIRECT` rules, Istio-style; the original destination comes from `SO_ORIGINAL_DST`.
     /// The redirect rules must exempt the sidecar's own traffic (by uid or mark).
     Sidecar(SidecarArgs),
+    /// Run the mesh CA: signs workload certificates for node proxies over Istio's certificate
+    /// API (`istio.v1.auth.IstioCertificateService`, gRPC over TLS on 15012).
+    Ca(CaArgs),
 }
 
 #[derive(Clone, Debug, Args)]
@@ -81,6 +87,61 @@ pub struct RunArgs {
 
     #[command(flatten)]
     pub server: ServerArgs,
+
+    #[command(flatten)]
+    pub identity: IdentityArgs,
+}
+
+/// Where the node proxy gets its workload certificates: the mesh CA and how to reach it.
+#[derive(Clone, Debug, PartialEq, Eq, Args)]
+pub struct IdentityArgs {
+    /// URL of the mesh CA (`mesh-node ca`), e.g. `https://10.0.0.1:15012`.
+    #[arg(long, env = "WEFT_CA_ADDR", value_name = "URL")]
+    pub ca_addr: Option<String>,
+
+    /// PEM file of the root certificate(s) the mesh CA's serving certificate is verified
+    /// against (the CA's `root-cert.pem`).
+    #[arg(long, env = "WEFT_CA_ROOT_CERT", value_name = "FILE")]
+    pub ca_root_cert: Option<PathBuf>,
+
+    /// File holding the token this node authenticates to the mesh CA with (a projected
+    /// ServiceAccount token in Kubernetes, the node's token file in the virtual cluster);
+    /// re-read on every request.
+    #[arg(long, env = "WEFT_CA_TOKEN_FILE", value_name = "FILE")]
+    pub ca_token_file: Option<PathBuf>,
+
+    /// Name the mesh CA's serving certificate must carry (TLS server name).
+    #[arg(long, env = "WEFT_CA_SERVER_NAME", value_name = "NAME", default_value = DEFAULT_CA_SERVER_NAME)]
+    pub ca_server_name: String,
+
+    /// Trust domain of the mesh's SPIFFE identities.
+    #[arg(long, env = "WEFT_TRUST_DOMAIN", value_name = "DOMAIN", default_value = DEFAULT_TRUST_DOMAIN)]
+    pub trust_domain: String,
+
+    /// Lifetime of the workload certificates requested from the CA (`24h`, `90m`, `1h30m`).
+    #[arg(long, env = "WEFT_WORKLOAD_CERT_TTL", value_name = "DURATION", default_value = DEFAULT_WORKLOAD_CERT_TTL, value_parser = parse_duration)]
+    pub workload_cert_ttl: Duration,
+}
+
+/// Default TLS server name of the mesh CA (its Service name).
+pub const DEFAULT_CA_SERVER_NAME: &str = "weft-ca";
+/// Default lifetime of workload certificates, as Istio's.
+pub const DEFAULT_WORKLOAD_CERT_TTL: &str = "24h";
+/// Default cap on the lifetime of workload certificates, as Istio's.
+pub const DEFAULT_MAX_WORKLOAD_CERT_TTL: &str = "90d";
+
+impl Default for IdentityArgs {
+    /// The command line's defaults (no CA configured).
+    fn default() -> Self {
+        Self {
+            ca_addr: None,
+            ca_root_cert: None,
+            ca_token_file: None,
+            ca_server_name: DEFAULT_CA_SERVER_NAME.into(),
+            trust_domain: DEFAULT_TRUST_DOMAIN.into(),
+            workload_cert_ttl: Duration::from_secs(24 * 3600),
+        }
+    }
 }
 
 /// What the node proxy and the sidecar both serve, and how.
@@ -186,8 +247,165 @@ impl SidecarArgs {
             uplinks: Vec::new(),
             no_ebpf: true,
             server: self.server,
+            identity: IdentityArgs::default(),
         }
     }
+}
+
+#[derive(Clone, Debug, Args)]
+#[command(group(ArgGroup::new("keys").required(true).multiple(true).args(["state_dir", "cacerts_dir"])))]
+#[command(group(ArgGroup::new("callers").required(true).args(["config_dir", "kubernetes"])))]
+pub struct CaArgs {
+    /// Listen address of the gRPC (TLS) certificate service.
+    #[arg(
+        long,
+        env = "WEFT_CA_LISTEN",
+        value_name = "ADDR",
+        default_value = "0.0.0.0:15012"
+    )]
+    pub listen: SocketAddr,
+
+    /// Trust domain of the identities this CA signs.
+    #[arg(long, env = "WEFT_TRUST_DOMAIN", value_name = "DOMAIN", default_value = DEFAULT_TRUST_DOMAIN)]
+    pub trust_domain: String,
+
+    /// Directory of the CA's own state: without --cacerts-dir, the root CA kept across
+    /// restarts (generated on first start: `root-cert.pem`, `ca-cert.pem`, `ca-key.pem`);
+    /// either way the root bundle is written to `root-cert.pem` there for nodes to trust.
+    #[arg(long, env = "WEFT_CA_STATE_DIR", value_name = "DIR")]
+    pub state_dir: Option<PathBuf>,
+
+    /// Directory in Istio's `cacerts` shape (a mounted Secret: `ca-cert.pem`, `ca-key.pem`,
+    /// `cert-chain.pem`, `root-cert.pem`) holding the signing CA; takes precedence over the
+    /// root in --state-dir.
+    #[arg(long, env = "WEFT_CA_CACERTS_DIR", value_name = "DIR")]
+    pub cacerts_dir: Option<PathBuf>,
+
+    /// Local mode: directory of Kubernetes YAML (the nodes' --config-dir) telling which pods
+    /// run on which node.
+    #[arg(
+        long,
+        env = "WEFT_CONFIG_DIR",
+        value_name = "DIR",
+        requires = "node_tokens"
+    )]
+    pub config_dir: Option<PathBuf>,
+
+    /// Local mode: directory of node tokens, one file per node named after it.
+    #[arg(
+        long,
+        env = "WEFT_CA_NODE_TOKENS",
+        value_name = "DIR",
+        requires = "config_dir"
+    )]
+    pub node_tokens: Option<PathBuf>,
+
+    /// Kubernetes mode: authenticate callers with TokenReview and find their node's pods
+    /// through the API server (in-cluster ServiceAccount, else KUBECONFIG).
+    #[arg(long, env = "WEFT_KUBERNETES")]
+    pub kubernetes: bool,
+
+    /// Audiences the callers' tokens must be bound to (repeat, or comma-separate); an empty
+    /// value means the API server's own audience.
+    #[arg(
+        long = "token-audience",
+        env = "WEFT_CA_TOKEN_AUDIENCES",
+        value_name = "AUDIENCE",
+        value_delimiter = ',',
+        default_value = "weft-ca"
+    )]
+    pub token_audiences: Vec<String>,
+
+    /// Service accounts (`namespace/name`) of node proxies, which may obtain the identities of
+    /// the pods on their node (repeat, or comma-separate); in local mode the first is the
+    /// identity of every node.
+    #[arg(
+        long = "node-proxy",
+        env = "WEFT_CA_NODE_PROXIES",
+        value_name = "NS/SA",
+        value_delimiter = ',',
+        default_value = "weft-system/mesh-node",
+        value_parser = parse_service_account
+    )]
+    pub node_proxies: Vec<(String, String)>,
+
+    /// DNS name of the CA's serving certificate (repeat, or comma-separate).
+    #[arg(
+        long = "server-name",
+        env = "WEFT_CA_SERVER_NAMES",
+        value_name = "NAME",
+        value_delimiter = ',',
+        default_values = ["weft-ca", "weft-ca.weft-system.svc", "localhost"]
+    )]
+    pub server_names: Vec<String>,
+
+    /// IP address of the CA's serving certificate (repeat, or comma-separate).
+    #[arg(
+        long = "server-ip",
+        env = "WEFT_CA_SERVER_IPS",
+        value_name = "IP",
+        value_delimiter = ','
+    )]
+    pub server_ips: Vec<IpAddr>,
+
+    /// Lifetime of a workload certificate when the request names none.
+    #[arg(long, env = "WEFT_WORKLOAD_CERT_TTL", value_name = "DURATION", default_value = DEFAULT_WORKLOAD_CERT_TTL, value_parser = parse_duration)]
+    pub workload_cert_ttl: Duration,
+
+    /// Longest lifetime of a workload certificate; longer requests are shortened to it.
+    #[arg(long, env = "WEFT_CA_MAX_WORKLOAD_CERT_TTL", value_name = "DURATION", default_value = DEFAULT_MAX_WORKLOAD_CERT_TTL, value_parser = parse_duration)]
+    pub max_workload_cert_ttl: Duration,
+
+    /// Log output format.
+    #[arg(long, env = "WEFT_LOG_FORMAT", value_enum, default_value_t = LogFormat::Plain)]
+    pub log_format: LogFormat,
+}
+
+/// Parses `namespace/name` of a service account.
+fn parse_service_account(s: &str) -> Result<(String, String), String> {
+    match s.split_once('/') {
+        Some((ns, sa)) if !ns.is_empty() && !sa.is_empty() && !sa.contains('/') => {
+            Ok((ns.into(), sa.into()))
+        }
+        _ => Err(format!(
+            "{s:?} is not a service account: write namespace/name, e.g. weft-system/mesh-node"
+        )),
+    }
+}
+
+/// Parses a duration as Go and Istio write them: one or more `<number><unit>` with the units
+/// `d`, `h`, `m`, `s`, `ms` (`24h`, `90m`, `1h30m`, `30s`).
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let error = || format!("{s:?} is not a duration: write e.g. 24h, 90m, 1h30m or 30s");
+    let mut rest = s.trim();
+    if rest.is_empty() {
+        return Err(error());
+    }
+    let mut total = Duration::ZERO;
+    while !rest.is_empty() {
+        let digits = rest.bytes().take_while(u8::is_ascii_digit).count();
+        if digits == 0 {
+            return Err(error());
+        }
+        let number: u64 = rest[..digits].parse().map_err(|_| error())?;
+        rest = &rest[digits..];
+        let unit_len = rest.bytes().take_while(u8::is_ascii_alphabetic).count();
+        let millis_per_unit: u64 = match &rest[..unit_len] {
+            "ms" => 1,
+            "s" => 1_000,
+            "m" => 60_000,
+            "h" => 3_600_000,
+            "d" => 86_400_000,
+            _ => return Err(error()),
+        };
+        rest = &rest[unit_len..];
+        let part = number
+            .checked_mul(millis_per_unit)
+            .map(Duration::from_millis)
+            .ok_or_else(error)?;
+        total = total.checked_add(part).ok_or_else(error)?;
+    }
+    Ok(total)
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, ValueEnum)]
@@ -356,6 +574,253 @@ mod tests {
         assert_eq!(run.proxy_ip, Ipv4Addr::new(10, 244, 1, 7));
         assert_eq!(run.source(), ConfigSource::Dir(Path::new("/c")));
         assert_eq!(run.server.admin_addr, "0.0.0.0:15020".parse().unwrap());
+    }
+
+    #[test]
+    fn identity_defaults_match_the_command_line() {
+        let Command::Run(args) = parse(&[
+            "run",
+            "--node",
+            "n1",
+            "--config-dir",
+            "/c",
+            "--cgroup",
+            "/g",
+            "--proxy-ip",
+            "10.0.0.1",
+        ])
+        .command
+        else {
+            panic!("expected run");
+        };
+        assert_eq!(args.identity, IdentityArgs::default());
+        assert_eq!(args.identity.trust_domain, "cluster.local");
+        assert_eq!(args.identity.ca_server_name, "weft-ca");
+        assert_eq!(
+            args.identity.workload_cert_ttl,
+            Duration::from_secs(24 * 3600)
+        );
+        let Command::Sidecar(sidecar) = parse(&[
+            "sidecar",
+            "--node",
+            "n1",
+            "--config-dir",
+            "/c",
+            "--pod-ip",
+            "10.244.1.7",
+        ])
+        .command
+        else {
+            panic!("expected sidecar");
+        };
+        assert_eq!(sidecar.into_run_args().identity, IdentityArgs::default());
+    }
+
+    #[test]
+    fn run_with_a_mesh_ca() {
+        let Command::Run(args) = parse(&[
+            "run",
+            "--node",
+            "n1",
+            "--config-dir",
+            "/c",
+            "--cgroup",
+            "/g",
+            "--proxy-ip",
+            "10.0.0.1",
+            "--ca-addr",
+            "https://10.0.0.1:15012",
+            "--ca-root-cert",
+            "/ca/root-cert.pem",
+            "--ca-token-file",
+            "/ca/tokens/n1",
+            "--ca-server-name",
+            "ca.example",
+            "--trust-domain",
+            "example.org",
+            "--workload-cert-ttl",
+            "1h30m",
+        ])
+        .command
+        else {
+            panic!("expected run");
+        };
+        let id = args.identity;
+        assert_eq!(id.ca_addr.as_deref(), Some("https://10.0.0.1:15012"));
+        assert_eq!(id.ca_root_cert, Some(PathBuf::from("/ca/root-cert.pem")));
+        assert_eq!(id.ca_token_file, Some(PathBuf::from("/ca/tokens/n1")));
+        assert_eq!(id.ca_server_name, "ca.example");
+        assert_eq!(id.trust_domain, "example.org");
+        assert_eq!(id.workload_cert_ttl, Duration::from_secs(5400));
+    }
+
+    #[test]
+    fn ca_local_with_defaults() {
+        let Command::Ca(args) = parse(&[
+            "ca",
+            "--state-dir",
+            "/s",
+            "--config-dir",
+            "/c",
+            "--node-tokens",
+            "/t",
+        ])
+        .command
+        else {
+            panic!("expected ca");
+        };
+        assert_eq!(args.listen, "0.0.0.0:15012".parse().unwrap());
+        assert_eq!(args.trust_domain, "cluster.local");
+        assert_eq!(args.state_dir, Some(PathBuf::from("/s")));
+        assert_eq!(args.cacerts_dir, None);
+        assert_eq!(args.config_dir, Some(PathBuf::from("/c")));
+        assert_eq!(args.node_tokens, Some(PathBuf::from("/t")));
+        assert!(!args.kubernetes);
+        assert_eq!(args.token_audiences, ["weft-ca"]);
+        assert_eq!(
+            args.node_proxies,
+            [("weft-system".to_owned(), "mesh-node".to_owned())]
+        );
+        assert_eq!(
+            args.server_names,
+            ["weft-ca", "weft-ca.weft-system.svc", "localhost"]
+        );
+        assert!(args.server_ips.is_empty());
+        assert_eq!(args.workload_cert_ttl, Duration::from_secs(24 * 3600));
+        assert_eq!(
+            args.max_workload_cert_ttl,
+            Duration::from_secs(90 * 24 * 3600)
+        );
+    }
+
+    #[test]
+    fn ca_in_kubernetes_with_every_flag() {
+        let Command::Ca(args) = parse(&[
+            "ca",
+            "--kubernetes",
+            "--cacerts-dir",
+            "/etc/cacerts",
+            "--listen",
+            "127.0.0.1:15012",
+            "--trust-domain",
+            "example.org",
+            "--token-audience",
+            "weft-ca,istio-ca",
+            "--node-proxy",
+            "weft-system/mesh-node",
+            "--node-proxy",
+            "istio-system/ztunnel",
+            "--server-name",
+            "ca.example",
+            "--server-ip",
+            "10.0.0.1",
+            "--server-ip",
+            "fd00::1",
+            "--workload-cert-ttl",
+            "12h",
+            "--max-workload-cert-ttl",
+            "30d",
+            "--log-format",
+            "json",
+        ])
+        .command
+        else {
+            panic!("expected ca");
+        };
+        assert!(args.kubernetes);
+        assert_eq!(args.cacerts_dir, Some(PathBuf::from("/etc/cacerts")));
+        assert_eq!(args.token_audiences, ["weft-ca", "istio-ca"]);
+        assert_eq!(args.node_proxies.len(), 2);
+        assert_eq!(args.node_proxies[1].1, "ztunnel");
+        assert_eq!(args.server_names, ["ca.example"]);
+        assert_eq!(args.server_ips.len(), 2);
+        assert_eq!(args.workload_cert_ttl, Duration::from_secs(12 * 3600));
+        assert_eq!(
+            args.max_workload_cert_ttl,
+            Duration::from_secs(30 * 24 * 3600)
+        );
+        assert_eq!(args.log_format, LogFormat::Json);
+    }
+
+    #[test]
+    fn ca_needs_keys_and_callers() {
+        let err = |args: &[&str]| {
+            Cli::try_parse_from(std::iter::once("mesh-node").chain(args.iter().copied()))
+                .unwrap_err()
+                .kind()
+        };
+        use clap::error::ErrorKind;
+        // No keys.
+        assert_eq!(
+            err(&["ca", "--kubernetes"]),
+            ErrorKind::MissingRequiredArgument
+        );
+        // No callers.
+        assert_eq!(
+            err(&["ca", "--state-dir", "/s"]),
+            ErrorKind::MissingRequiredArgument
+        );
+        // Local mode needs the token directory.
+        assert_eq!(
+            err(&["ca", "--state-dir", "/s", "--config-dir", "/c"]),
+            ErrorKind::MissingRequiredArgument
+        );
+        assert_eq!(
+            err(&[
+                "ca",
+                "--state-dir",
+                "/s",
+                "--kubernetes",
+                "--config-dir",
+                "/c",
+                "--node-tokens",
+                "/t"
+            ]),
+            ErrorKind::ArgumentConflict
+        );
+        assert_eq!(
+            err(&[
+                "ca",
+                "--state-dir",
+                "/s",
+                "--kubernetes",
+                "--node-proxy",
+                "nonamespace"
+            ]),
+            ErrorKind::ValueValidation
+        );
+    }
+
+    #[test]
+    fn durations() {
+        for (text, secs) in [
+            ("24h", 86_400),
+            ("90m", 5_400),
+            ("30s", 30),
+            ("1h30m", 5_400),
+            ("90d", 90 * 86_400),
+            ("1d2h3m4s", 93_784),
+        ] {
+            assert_eq!(
+                parse_duration(text),
+                Ok(Duration::from_secs(secs)),
+                "{text}"
+            );
+        }
+        assert_eq!(parse_duration("1500ms"), Ok(Duration::from_millis(1500)));
+        for bad in [
+            "",
+            "h",
+            "10",
+            "1x",
+            "1h30",
+            "-1h",
+            "1.5h",
+            "99999999999999999999d",
+        ] {
+            let err = parse_duration(bad).unwrap_err();
+            assert!(err.contains("24h"), "{bad}: {err}");
+        }
     }
 
     #[test]

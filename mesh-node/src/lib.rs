@@ -3,7 +3,9 @@
 pub mod admin;
 pub mod agent;
 pub mod app;
+pub mod ca;
 pub mod config;
+pub mod identity;
 pub mod metrics;
 pub mod model;
 pub mod proxy;
@@ -14,3 +16,4 @@ pub mod source;
     reason = "network namespaces and socket options through libc"
 )]
 pub mod sys;
+pub mod tls;

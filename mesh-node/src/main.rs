@@ -21,6 +21,10 @@ fn main() {
             app::init_tracing(LogFormat::Plain);
             app::cleanup(args)
         }
+        Command::Ca(args) => {
+            app::init_tracing(args.log_format);
+            app::run_ca(args)
+        }
     };
     if let Err(e) = result {
         tracing::error!("{e}");

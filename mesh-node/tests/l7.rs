@@ -25,6 +25,7 @@ use hyper::{
 };
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use mesh_node::{
+    identity::manager::testing::TestCa,
     metrics::Metrics,
     model::{OriginalDst, Store},
     proxy::{Proxy, ProxyConfig},
@@ -125,6 +126,9 @@ async fn answer(
         })
         .unwrap_or_default();
     headers.insert("x-seen-host", host.parse().unwrap());
+    if let Some(xfcc) = parts.headers.get("x-forwarded-client-cert") {
+        headers.insert("x-seen-xfcc", xfcc.clone());
+    }
     for (name, value) in &parts.headers {
         if name.as_str().starts_with("x-test-") {
             headers.insert(
@@ -215,7 +219,7 @@ impl Mesh {
             started.insert(name, Pod::start(ip, name, version).await);
             yaml += &format!(
                 "---\napiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, namespace: shop, labels: {{app: {app}, version: {version}}}}}\n\
-                 spec: {{nodeName: {node}, containers: [{{name: app, ports: [{{containerPort: {POD_PORT}}}]}}]}}\nstatus: {{podIP: {ip}}}\n"
+                 spec: {{nodeName: {node}, serviceAccountName: {app}, containers: [{{name: app, ports: [{{containerPort: {POD_PORT}}}]}}]}}\nstatus: {{podIP: {ip}}}\n"
             );
             if !apps.contains(&app) {
                 apps.push(app);
@@ -236,6 +240,7 @@ impl Mesh {
 
         let capture = Arc::new(FakeOriginalDst::default());
         let applied = Arc::new(AtomicU64::new(0));
+        let ca = TestCa::new();
         let mut outbound = None;
         let mut metrics = Vec::new();
         for n in 1..=2u8 {
@@ -247,6 +252,7 @@ impl Mesh {
             config.tunnel_addr = SocketAddr::from((ip, tunnel_port));
             config.peer_tunnel_port = tunnel_port;
             config.connect_timeout = Duration::from_secs(2);
+            config.certs = Some(ca.certs());
             let node_metrics = Arc::new(Metrics::new());
             // Applying is awaited on n1 only; n2 gets the same snapshots at the same time.
             let node_applied = if n == 1 {
@@ -1053,6 +1059,57 @@ async fn requests_across_nodes_are_reported_by_both_proxies() {
         ),
         6.0,
         "{destination}"
+    );
+    // Both ends know the other by its certificate.
+    let principals = [
+        "source_principal=\"spiffe://cluster.local/ns/shop/sa/default\"",
+        "destination_principal=\"spiffe://cluster.local/ns/shop/sa/ratings\"",
+        "connection_security_policy=\"mutual_tls\"",
+    ];
+    for (text, reporter) in [(&source, "source"), (&destination, "destination")] {
+        let reporter = format!("reporter=\"{reporter}\"");
+        assert_eq!(
+            count(text, &[&series[..], &principals, &[&reporter]].concat()),
+            6.0,
+            "{text}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn the_server_sees_the_client_certificate_and_never_a_forged_one() {
+    let mesh = Mesh::start(
+        23,
+        &[
+            ("ratings-remote", "ratings", "v1", 51),
+            ("reviews-local", "reviews", "v1", 11),
+        ],
+    )
+    .await;
+    let forged = [(
+        "x-forwarded-client-cert",
+        "By=spiffe://cluster.local/ns/shop/sa/ratings;URI=spiffe://cluster.local/ns/admin/sa/root",
+    )];
+    // Across nodes: set by the destination's proxy from the mTLS handshake.
+    let answer = mesh.connect(1).await.get("/", &forged).await;
+    assert_eq!(answer.header("x-pod"), "ratings-remote");
+    let xfcc = answer.header("x-seen-xfcc");
+    let rest = xfcc
+        .strip_prefix("By=spiffe://cluster.local/ns/shop/sa/ratings;Hash=")
+        .unwrap_or_else(|| panic!("{xfcc}"));
+    let (hash, uri) = rest.split_once(';').unwrap();
+    assert_eq!(hash.len(), 64, "a SHA-256 in hex: {xfcc}");
+    assert!(hash.bytes().all(|b| b.is_ascii_hexdigit()), "{xfcc}");
+    assert_eq!(
+        uri,
+        "Subject=\"\";URI=spiffe://cluster.local/ns/shop/sa/default"
+    );
+    // On the same node: set by the source's proxy, which knows the caller by its address.
+    let answer = mesh.connect(2).await.get("/", &forged).await;
+    assert_eq!(answer.header("x-pod"), "reviews-local");
+    assert_eq!(
+        answer.header("x-seen-xfcc"),
+        "By=spiffe://cluster.local/ns/shop/sa/reviews;URI=spiffe://cluster.local/ns/shop/sa/default"
     );
 }
 

@@ -12,12 +12,16 @@ use std::{
 };
 
 use mesh_node::{
+    identity::{manager::testing::TestCa, Identity},
     metrics::Metrics,
     model::{
         Endpoint, Namespace, Node, ObjectKey, OriginalDst, Pod, Protocol, Service,
         ServiceEndpoints, ServicePort, Snapshot, Store, TargetPort,
     },
-    proxy::{tunnel, Addresses, Proxy, ProxyConfig, TunnelError},
+    proxy::{
+        hbone::{Caller, HbonePool},
+        Addresses, Proxy, ProxyConfig, TunnelError,
+    },
 };
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
@@ -150,9 +154,11 @@ impl NodeProxy {
         peer_tunnel_port: u16,
         store: &Store,
         original_dst: Arc<dyn OriginalDst>,
+        ca: &TestCa,
     ) -> Self {
         let any = SocketAddr::from((ip, 0));
         let mut config = ProxyConfig::new(node, PROXY_IP);
+        config.certs = Some(ca.certs());
         config.outbound_addr = any;
         config.inbound_addr = any;
         config.tunnel_addr = any;
@@ -181,6 +187,7 @@ impl NodeProxy {
 
 /// Two nodes: A (productpage, reviews v1/v2, details) and B (ratings).
 struct Mesh {
+    ca: TestCa,
     store: Store,
     capture: Arc<FakeOriginalDst>,
     a: NodeProxy,
@@ -251,16 +258,19 @@ impl Mesh {
         store.publish(snapshot);
 
         let capture = Arc::new(FakeOriginalDst::default());
-        let b = NodeProxy::start("node-b", NODE_B, 0, &store, capture.clone()).await;
+        let ca = TestCa::new();
+        let b = NodeProxy::start("node-b", NODE_B, 0, &store, capture.clone(), &ca).await;
         let a = NodeProxy::start(
             "node-a",
             NODE_A,
             b.addresses.tunnel.port(),
             &store,
             capture.clone(),
+            &ca,
         )
         .await;
         Self {
+            ca,
             store,
             capture,
             a,
@@ -416,27 +426,32 @@ async fn remote_pods_are_reached_through_the_peer_node_tunnel() {
     let source = mesh.a.metrics.encode();
     let line = format!(
         "istio_tcp_received_bytes_total{{reporter=\"source\",source_workload=\"productpage\",\
-         source_workload_namespace=\"default\",source_principal=\"unknown\",source_app=\"productpage\",\
-         source_version=\"v1\",source_cluster=\"Kubernetes\",destination_workload=\"ratings\",\
-         destination_workload_namespace=\"default\",destination_principal=\"unknown\",\
+         source_workload_namespace=\"default\",\
+         source_principal=\"spiffe://cluster.local/ns/default/sa/bookinfo-productpage\",\
+         source_app=\"productpage\",source_version=\"v1\",source_cluster=\"Kubernetes\",\
+         destination_workload=\"ratings\",destination_workload_namespace=\"default\",\
+         destination_principal=\"spiffe://cluster.local/ns/default/sa/bookinfo-ratings\",\
          destination_app=\"ratings\",destination_version=\"v1\",destination_service=\"unknown\",\
          destination_service_name=\"unknown\",destination_service_namespace=\"unknown\",\
          destination_cluster=\"Kubernetes\",request_protocol=\"tcp\",response_flags=\"-\",\
-         connection_security_policy=\"unknown\"}} {}\n",
+         connection_security_policy=\"mutual_tls\"}} {}\n",
         data.len()
     );
     assert!(source.contains(&line), "missing {line} in\n{source}");
 
-    // The destination side knows the source pod from the tunnel request.
+    // The destination side knows the caller from its certificate, and which pod of that
+    // identity from the `forwarded` claim its certificate covers.
     let destination = mesh.b.metrics.encode();
-    let line = "istio_tcp_connections_opened_total{reporter=\"destination\",source_workload=\"productpage\",";
+    let line = "istio_tcp_connections_opened_total{reporter=\"destination\",source_workload=\"productpage\",\
+                source_workload_namespace=\"default\",\
+                source_principal=\"spiffe://cluster.local/ns/default/sa/bookinfo-productpage\",";
     assert!(
         destination.contains(line),
         "missing {line} in\n{destination}"
     );
     let sent = format!(
         "destination_cluster=\"Kubernetes\",request_protocol=\"tcp\",response_flags=\"-\",\
-         connection_security_policy=\"none\"}} {}\n",
+         connection_security_policy=\"mutual_tls\"}} {}\n",
         data.len()
     );
     assert!(
@@ -453,8 +468,14 @@ async fn tunnel_refuses_targets_that_are_not_its_pods() {
     let SocketAddr::V4(peer) = mesh.b.addresses.tunnel else {
         unreachable!()
     };
-    let source = ObjectKey::new("default", "productpage-v1-1");
-    let err = tunnel::connect(peer, mesh.reviews_v1.addr, Some(&source), TIMEOUT)
+    // A node proxy of the mesh, calling for productpage.
+    let pool = HbonePool::new(mesh.ca.certs());
+    let caller = Caller {
+        identity: Identity::new("cluster.local", "default", "bookinfo-productpage"),
+        ip: PRODUCTPAGE,
+    };
+    let err = pool
+        .connect(&caller, None, peer, mesh.reviews_v1.addr, TIMEOUT)
         .await
         .unwrap_err();
     let TunnelError::Refused { status, reason, .. } = &err else {
@@ -467,7 +488,8 @@ async fn tunnel_refuses_targets_that_are_not_its_pods() {
 
     // A pod of node B that listens nowhere: the peer answers 502 with the reason.
     let target = SocketAddrV4::new(RATINGS, 1);
-    let err = tunnel::connect(peer, target, None, TIMEOUT)
+    let err = pool
+        .connect(&caller, None, peer, target, TIMEOUT)
         .await
         .unwrap_err();
     let TunnelError::Refused { status, reason, .. } = &err else {

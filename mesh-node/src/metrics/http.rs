@@ -27,6 +27,7 @@ use prometheus_client::{
 };
 
 use super::{Reporter, ResponseFlags, SecurityPolicy, ServiceLabels, Workload};
+use crate::identity::Identity;
 
 /// Envoy's default histogram buckets (milliseconds for durations, bytes for sizes), which
 /// Istio keeps for its request histograms.
@@ -47,7 +48,7 @@ pub struct RequestLabels {
     hash: u64,
 }
 
-#[derive(Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
 struct Peers {
     reporter: Reporter,
     source: Workload,
@@ -70,20 +71,32 @@ impl RequestLabels {
             Reporter::Source => SecurityPolicy::Unknown,
             Reporter::Destination => SecurityPolicy::None,
         };
-        let peers = Peers {
+        Self::of(Peers {
             reporter,
             source,
             destination,
             service,
             grpc,
             connection_security_policy,
-        };
+        })
+    }
+
+    fn of(peers: Peers) -> Self {
         let mut hasher = DefaultHasher::new();
         peers.hash(&mut hasher);
         Self {
             hash: hasher.finish(),
             peers: Arc::new(peers),
         }
+    }
+
+    /// The same labels for a connection authenticated with mutual TLS: both principals known.
+    pub fn mutual_tls(self, source: &Identity, destination: &Identity) -> Self {
+        let mut peers = Arc::unwrap_or_clone(self.peers);
+        peers.source.principal = source.to_string().into();
+        peers.destination.principal = destination.to_string().into();
+        peers.connection_security_policy = SecurityPolicy::MutualTls;
+        Self::of(peers)
     }
 
     pub fn is_grpc(&self) -> bool {

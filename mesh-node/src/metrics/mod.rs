@@ -55,7 +55,10 @@ use prometheus_client::{
     registry::Registry,
 };
 
-use crate::model::{Pod, Service, Store};
+use crate::{
+    identity::Identity,
+    model::{Pod, Service, Store},
+};
 
 mod access;
 mod http;
@@ -443,6 +446,14 @@ impl TcpLabels {
             response_flags: ResponseFlags::NONE,
             connection_security_policy,
         }
+    }
+
+    /// The same labels for a connection authenticated with mutual TLS: both principals known.
+    pub fn mutual_tls(mut self, source: &Identity, destination: &Identity) -> Self {
+        self.source_principal = source.to_string().into();
+        self.destination_principal = destination.to_string().into();
+        self.connection_security_policy = SecurityPolicy::MutualTls;
+        self
     }
 
     pub fn with_response_flags(mut self, flags: ResponseFlags) -> Self {

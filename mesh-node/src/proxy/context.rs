@@ -12,18 +12,21 @@ use arc_swap::ArcSwap;
 
 use super::{
     l7::body::RequestBody,
-    upstream::{cluster::Clusters, pool::Pools, Dialer},
+    upstream::{cluster::Clusters, hbone::HbonePool, pool::Pools, Dialer},
     view::View,
 };
 use crate::{
-    metrics::{HttpMetrics, TcpMetrics},
-    model::OriginalDst,
+    identity::manager::CertManager,
+    metrics::{HttpMetrics, Metrics, TcpMetrics},
+    model::{OriginalDst, Snapshot},
 };
 
 /// How long a TCP connect (to a pod or to a peer node's proxy) may take.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long open connections may finish after shutdown was requested.
 pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a peer may take for the TLS handshake on the HBONE port.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Where the proxy listens and how it reaches the rest of the mesh.
 #[derive(Clone, Debug)]
@@ -45,6 +48,13 @@ pub struct ProxyConfig {
     /// Runs as a sidecar inside one pod's network namespace: every upstream is dialled
     /// directly (the destination's own sidecar captures it inbound), never through a tunnel.
     pub sidecar: bool,
+    /// Trust domain of the mesh's SPIFFE IDs.
+    pub trust_domain: Arc<str>,
+    /// The node's certificates: mTLS between nodes. Without them the proxy serves no tunnel
+    /// and sends nothing to another node.
+    pub certs: Option<Arc<CertManager>>,
+    /// How long an HBONE client may take for its TLS handshake.
+    pub handshake_timeout: Duration,
 }
 
 impl ProxyConfig {
@@ -62,6 +72,9 @@ impl ProxyConfig {
             drain_timeout: DRAIN_TIMEOUT,
             inbound_transparent: false,
             sidecar: false,
+            trust_domain: crate::identity::DEFAULT_TRUST_DOMAIN.into(),
+            certs: None,
+            handshake_timeout: HANDSHAKE_TIMEOUT,
         }
     }
 
@@ -73,6 +86,11 @@ impl ProxyConfig {
             peer_tunnel_port: self.peer_tunnel_port,
             sidecar: self.sidecar,
             connect_timeout: self.connect_timeout,
+            trust_domain: self.trust_domain.clone(),
+            hbone: self
+                .certs
+                .as_ref()
+                .map(|certs| Arc::new(HbonePool::new(certs.clone()))),
         }
     }
 }
@@ -94,6 +112,31 @@ pub(crate) struct Context {
 }
 
 impl Context {
+    /// The shared state of a proxy serving `snapshot` first.
+    pub fn new(
+        config: ProxyConfig,
+        snapshot: Arc<Snapshot>,
+        original_dst: Arc<dyn OriginalDst>,
+        metrics: &Metrics,
+        applied: Arc<AtomicU64>,
+        inbound_port: u16,
+    ) -> Self {
+        let clusters = Clusters::default();
+        let view = View::new(snapshot, None, &clusters);
+        Self {
+            dialer: config.dialer(),
+            config,
+            view: ArcSwap::from_pointee(view),
+            original_dst,
+            metrics: metrics.tcp().clone(),
+            http_metrics: metrics.http().clone(),
+            clusters,
+            pools: Pools::default(),
+            applied,
+            inbound_port,
+        }
+    }
+
     pub fn view(&self) -> Arc<View> {
         self.view.load_full()
     }

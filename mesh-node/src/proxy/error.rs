@@ -10,9 +10,12 @@ use thiserror::Error;
 
 use super::{
     copy::CopyError,
-    upstream::{cluster::ClusterError, tunnel::TunnelError, DialError},
+    upstream::{cluster::ClusterError, hbone::TunnelError, DialError},
 };
-use crate::model::ObjectKey;
+use crate::{
+    identity::{manager::CertError, Identity},
+    model::ObjectKey,
+};
 
 #[derive(Debug, Error)]
 pub enum ProxyError {
@@ -59,6 +62,34 @@ pub enum ProxyError {
         client: SocketAddr,
         target: SocketAddrV4,
         node: Arc<str>,
+    },
+    #[error("this proxy has no mesh CA (--ca-addr), so it serves no tunnel")]
+    NoMtls,
+    #[error("this node proxy cannot serve HBONE: {0} (is the mesh CA reachable?)")]
+    NoCertificate(#[source] CertError),
+    #[error("HBONE client {client} did not complete the TLS handshake within {timeout:?}")]
+    HandshakeTimeout {
+        client: SocketAddr,
+        timeout: std::time::Duration,
+    },
+    #[error("TLS handshake with HBONE client {client} failed: {source} (plaintext, a certificate of another CA, or an expired one?)")]
+    Handshake {
+        client: SocketAddr,
+        #[source]
+        source: io::Error,
+    },
+    #[error("HBONE client {client} has no usable identity: {reason}")]
+    NoPeerIdentity { client: SocketAddr, reason: String },
+    #[error("HBONE client {client} presented {identity}, of a foreign trust domain")]
+    ForeignTrustDomain {
+        client: SocketAddr,
+        identity: Identity,
+    },
+    #[error("HBONE with {client} failed: {source}")]
+    Hbone {
+        client: SocketAddr,
+        #[source]
+        source: hyper::Error,
     },
     #[error(transparent)]
     Cluster(#[from] ClusterError),

@@ -4,17 +4,22 @@
 //! proxy as its peer and the connection is not captured again.
 
 use std::{
-    net::{SocketAddr, SocketAddrV4},
+    convert::Infallible,
+    net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4},
     os::fd::AsFd as _,
     sync::Arc,
-    time::{Duration, Instant},
+    time::Instant,
 };
 
 use bytes::Bytes;
+use http_body_util::Full;
+use hyper::{body::Incoming, server::conn::http2, service::service_fn, Request, Response};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::{
     io::{AsyncRead, AsyncWrite},
     net::TcpStream,
 };
+use tokio_rustls::TlsAcceptor;
 use tracing::{debug, warn};
 
 use super::{
@@ -25,17 +30,18 @@ use super::{
     l7,
     tcp::{self, v4},
     upstream::{
-        tunnel::{IncomingTunnel, Refusal},
+        hbone::{self, Refusal},
         ConnectErrorKind, Stream,
     },
 };
 use crate::{
     metrics::{Reporter, ResponseFlags, ServiceLabels, TcpLabels, Workload, ACCESS_LOG},
     model::{ObjectKey, Pod, Service, Snapshot},
+    tls::Authenticated,
 };
 
-/// How long a tunnel client may take to send its request.
-const TUNNEL_REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+/// Concurrent CONNECT streams one peer connection may carry.
+const HBONE_MAX_CONCURRENT_STREAMS: u32 = 1000;
 
 /// A connection steered to 15006: its local address is the pod address the client dialled.
 pub(super) async fn serve_captured(ctx: Arc<Context>, downstream: TcpStream, client: SocketAddr) {
@@ -45,12 +51,12 @@ pub(super) async fn serve_captured(ctx: Arc<Context>, downstream: TcpStream, cli
     log("inbound", client, target, start, result);
 }
 
-/// A connection on 15008: a tunnel request from another node's proxy.
+/// A connection on 15008: mTLS from another node's proxy, then HBONE streams, each one
+/// connection to a pod of this node.
 pub(super) async fn serve_tunnel(ctx: Arc<Context>, stream: TcpStream, client: SocketAddr) {
-    let start = Instant::now();
-    let mut target = None;
-    let result = tunnel(&ctx, stream, &mut target).await;
-    log("tunnel", client, target, start, result);
+    if let Err(e) = hbone_connection(&ctx, stream, client).await {
+        warn!(direction = "tunnel", %client, "HBONE connection refused: {e}");
+    }
 }
 
 fn log(
@@ -108,7 +114,10 @@ async fn captured(
     let labels = destination_labels(&view.snapshot, source.as_deref(), target);
     let http = Http::of(&view.snapshot, target);
     drop(view);
-    let Some(mut downstream) = http.serve(ctx, downstream, client, target, source).await? else {
+    let Some(mut downstream) = http
+        .serve(ctx, downstream, client, target, source, None)
+        .await?
+    else {
         return Ok(Transferred::default());
     };
     let mut upstream = connect_pod(ctx, target, &labels).await?;
@@ -130,62 +139,144 @@ async fn connect_pod(
         })
 }
 
-async fn tunnel(
+/// The peer of an HBONE connection: who it is (certificate) and where it connects from.
+#[derive(Debug)]
+struct Peer {
+    auth: Arc<Authenticated>,
+    client: SocketAddr,
+}
+
+/// Terminates mTLS and serves the peer's CONNECT streams until it closes the connection.
+async fn hbone_connection(
     ctx: &Arc<Context>,
     stream: TcpStream,
-    log_target: &mut Option<SocketAddrV4>,
-) -> Result<Transferred, ProxyError> {
-    let incoming = IncomingTunnel::read(stream, TUNNEL_REQUEST_TIMEOUT).await?;
-    let target = incoming.target;
-    *log_target = Some(target);
+    client: SocketAddr,
+) -> Result<(), ProxyError> {
+    let certs = ctx.config.certs.as_ref().ok_or(ProxyError::NoMtls)?;
+    // Right after start the node's own certificate may still be on its way.
+    let own = certs
+        .issued(certs.own_identity())
+        .await
+        .map_err(ProxyError::NoCertificate)?;
+    let timeout = ctx.config.handshake_timeout;
+    let tls = tokio::time::timeout(
+        timeout,
+        TlsAcceptor::from(own.server.clone()).accept(stream),
+    )
+    .await
+    .map_err(|_| ProxyError::HandshakeTimeout { client, timeout })?
+    .map_err(|source| ProxyError::Handshake { client, source })?;
+    let auth = tls
+        .get_ref()
+        .1
+        .peer_certificates()
+        .and_then(|chain| chain.first())
+        .ok_or(ProxyError::NoPeerIdentity {
+            client,
+            reason: "no client certificate".into(),
+        })
+        .and_then(|leaf| {
+            Authenticated::of(leaf).map_err(|e| ProxyError::NoPeerIdentity {
+                client,
+                reason: e.to_string(),
+            })
+        })?;
+    if auth.identity.trust_domain() != &*ctx.config.trust_domain {
+        return Err(ProxyError::ForeignTrustDomain {
+            client,
+            identity: auth.identity,
+        });
+    }
+    let peer = Arc::new(Peer {
+        auth: Arc::new(auth),
+        client,
+    });
+    let service = {
+        let ctx = ctx.clone();
+        service_fn(move |request| {
+            let response = hbone_stream(ctx.clone(), peer.clone(), request);
+            async move { Ok::<_, Infallible>(response.await) }
+        })
+    };
+    http2::Builder::new(TokioExecutor::new())
+        .timer(TokioTimer::new())
+        .initial_stream_window_size(hbone::STREAM_WINDOW)
+        .initial_connection_window_size(hbone::CONNECTION_WINDOW)
+        .max_frame_size(hbone::MAX_FRAME)
+        .max_concurrent_streams(HBONE_MAX_CONCURRENT_STREAMS)
+        .serve_connection(TokioIo::new(tls), service)
+        .await
+        .map_err(|source| ProxyError::Hbone { client, source })
+}
 
+/// One CONNECT stream: checks the target, answers, then proxies the stream to the pod.
+async fn hbone_stream(
+    ctx: Arc<Context>,
+    peer: Arc<Peer>,
+    mut request: Request<Incoming>,
+) -> Response<Full<Bytes>> {
+    let client = peer.client;
+    let target = match hbone::target_of(&request) {
+        Ok(target) => target,
+        Err(reason) => {
+            warn!(direction = "tunnel", %client, identity = %peer.auth.identity, "bad HBONE request: {reason}");
+            return Refusal::BadRequest.response(&reason);
+        }
+    };
     let view = ctx.view();
     let snapshot = &view.snapshot;
     let node = &ctx.config.node;
     // Only pods of this node: the tunnel must not become an open relay.
-    let local_pod = snapshot
+    let Some(local_pod) = snapshot
         .pod_by_ip(*target.ip())
-        .filter(|p| p.node.as_deref() == Some(&**node));
-    if local_pod.is_none() {
+        .filter(|p| p.node.as_deref() == Some(&**node))
+    else {
         let error = ProxyError::NotLocalPod {
-            client: incoming.client(),
+            client,
             target,
             node: node.clone(),
         };
-        incoming
-            .refuse(
-                Refusal::Forbidden,
-                &format!("{target} is not a pod on node {node}"),
-            )
-            .await;
-        return Err(error);
-    }
-    let source = incoming
-        .source
-        .as_ref()
-        .and_then(|k| snapshot.pods.get(k))
-        .cloned();
-    let labels = destination_labels(snapshot, source.as_deref(), target);
+        warn!(direction = "tunnel", identity = %peer.auth.identity, "{error}");
+        return Refusal::Forbidden.response(&format!("{target} is not a pod on node {node}"));
+    };
+    let source = claimed_source(snapshot, &peer, hbone::forwarded_for(&request));
+    let labels = destination_labels(snapshot, source.as_deref(), target)
+        .mutual_tls(&peer.auth.identity, &ctx.dialer.identity(local_pod));
+    let auth = Some(peer.auth.clone());
     let http = Http::of(snapshot, target);
     drop(view);
+    let upgrade = hyper::upgrade::on(&mut request);
+    let start = Instant::now();
 
     if matches!(
         http.declared,
         Some(Declared::Http | Declared::Http2 | Declared::Unknown)
     ) {
-        // The pool dials the pod per request: accept the tunnel first.
-        let client = incoming.client();
-        let downstream = incoming.accept().await?;
-        let Some(mut downstream) = http.serve(ctx, downstream, client, target, source).await?
-        else {
-            return Ok(Transferred::default());
-        };
-        // Sniffed as something else than HTTP.
-        let mut upstream = connect_pod(ctx, target, &labels).await?;
-        return tcp::relay(ctx, &mut downstream, &mut upstream, &labels).await;
+        // The pool dials the pod per request: accept the stream first.
+        tokio::spawn(async move {
+            let result = async {
+                let downstream = TokioIo::new(
+                    upgrade
+                        .await
+                        .map_err(|source| ProxyError::Hbone { client, source })?,
+                );
+                let Some(mut downstream) = http
+                    .serve(&ctx, downstream, client, target, source, auth)
+                    .await?
+                else {
+                    return Ok(Transferred::default());
+                };
+                // Sniffed as something else than HTTP.
+                let mut upstream = connect_pod(&ctx, target, &labels).await?;
+                tcp::relay(&ctx, &mut downstream, &mut upstream, &labels).await
+            }
+            .await;
+            log("tunnel", client, Some(target), start, result);
+        });
+        return Response::new(Full::default());
     }
     // Opaque TCP: connect first, so a refusal can tell the source proxy why.
-    let mut upstream = match connect_pod(ctx, target, &labels).await {
+    let mut upstream = match connect_pod(&ctx, target, &labels).await {
         Ok(s) => s,
         Err(e) => {
             let timed_out = matches!(
@@ -197,12 +288,44 @@ async fn tunnel(
             } else {
                 Refusal::BadGateway
             };
-            incoming.refuse(refusal, &e.to_string()).await;
-            return Err(e);
+            let response = refusal.response(&e.to_string());
+            log("tunnel", client, Some(target), start, Err(e));
+            return response;
         }
     };
-    let mut downstream = incoming.accept().await?;
-    tcp::relay(ctx, &mut downstream, &mut upstream, &labels).await
+    tokio::spawn(async move {
+        let result = async {
+            let mut downstream = TokioIo::new(
+                upgrade
+                    .await
+                    .map_err(|source| ProxyError::Hbone { client, source })?,
+            );
+            tcp::relay(&ctx, &mut downstream, &mut upstream, &labels).await
+        }
+        .await;
+        log("tunnel", client, Some(target), start, result);
+    });
+    Response::new(Full::default())
+}
+
+/// The pod a peer says opened the stream, believed only when it is a pod of the
+/// certificate's service account running on the node the connection comes from.
+fn claimed_source(snapshot: &Snapshot, peer: &Peer, claimed: Option<Ipv4Addr>) -> Option<Arc<Pod>> {
+    let pod = snapshot.pod_by_ip(claimed?)?;
+    let identity = &peer.auth.identity;
+    let same_account = *pod.key.namespace == *identity.namespace()
+        && *pod.service_account == *identity.service_account();
+    let from_its_node = pod
+        .node
+        .as_ref()
+        .and_then(|n| snapshot.nodes.get(n))
+        .is_some_and(|n| IpAddr::V4(n.address) == peer.client.ip());
+    if same_account && from_its_node {
+        Some(pod.clone())
+    } else {
+        debug!(identity = %peer.auth.identity, claimed = %pod.key, "HBONE peer claims a pod its certificate does not cover; reported as unknown");
+        None
+    }
 }
 
 /// Whether a pod port speaks HTTP, by the Service port it backs.
@@ -241,6 +364,7 @@ impl Http {
         client: SocketAddr,
         target: SocketAddrV4,
         source: Option<Arc<Pod>>,
+        peer: Option<Arc<Authenticated>>,
     ) -> Result<Option<Rewind<S>>, ProxyError>
     where
         S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
@@ -265,15 +389,14 @@ impl Http {
             return Ok(Some(downstream));
         }
         let client = v4(client).ok_or(ProxyError::NotIpv4 { client })?;
-        let conn = l7::Conn::inbound(
-            ctx.clone(),
-            client,
+        let destination = l7::Destination {
             target,
-            self.service,
+            service: self.service,
             declared,
-            source,
-            self.pod,
-        );
+            pod: self.pod,
+            peer,
+        };
+        let conn = l7::Conn::inbound(ctx.clone(), client, source, destination);
         l7::serve(conn, downstream).await;
         Ok(None)
     }
@@ -321,17 +444,18 @@ fn service_of<'a>(
 mod tests {
     use std::{collections::BTreeMap, net::Ipv4Addr};
 
-    use arc_swap::ArcSwap;
+    use std::time::Duration;
+
     use tokio::net::TcpListener;
 
     use super::*;
     use crate::{
+        identity::{manager::testing::TestCa, Identity},
         metrics::Metrics,
         model::{Endpoint, Protocol, ServiceEndpoints, ServicePort, TargetPort},
         proxy::{
             context::ProxyConfig,
-            upstream::{cluster::Clusters, tunnel, tunnel::TunnelError},
-            view::View,
+            upstream::hbone::{Caller, HbonePool, HboneStream, TunnelError},
             NoOriginalDst,
         },
     };
@@ -542,55 +666,49 @@ mod tests {
         assert_eq!(unknown.source_workload.as_str(), "unknown");
     }
 
-    /// A proxy on node n1 whose configuration is `snapshot`.
-    fn context(snapshot: Snapshot) -> Arc<Context> {
-        let metrics = Metrics::new();
-        let config = ProxyConfig::new("n1", Ipv4Addr::LOCALHOST);
-        let clusters = Clusters::default();
-        let view = View::new(Arc::new(snapshot), None, &clusters);
-        Arc::new(Context {
-            dialer: config.dialer(),
+    /// A proxy on node n1 whose configuration is `snapshot`, with certificates of `ca`.
+    fn context(snapshot: Snapshot, ca: &TestCa) -> Arc<Context> {
+        let mut config = ProxyConfig::new("n1", Ipv4Addr::LOCALHOST);
+        config.certs = Some(ca.certs());
+        Arc::new(Context::new(
             config,
-            view: ArcSwap::from_pointee(view),
-            original_dst: Arc::new(NoOriginalDst),
-            metrics: metrics.tcp().clone(),
-            http_metrics: metrics.http().clone(),
-            clusters,
-            pools: Default::default(),
-            applied: Default::default(),
-            inbound_port: 15006,
-        })
+            Arc::new(snapshot),
+            Arc::new(NoOriginalDst),
+            &Metrics::new(),
+            Default::default(),
+            15006,
+        ))
     }
 
-    /// Asks the tunnel listener of `ctx` for `target`: what the client and the listener saw.
+    /// Asks the tunnel listener of `ctx` for `target` as a pod of bookinfo/default on another
+    /// node: what the client and the listener saw.
     async fn ask_tunnel(
         ctx: Arc<Context>,
+        ca: &TestCa,
         target: SocketAddrV4,
-    ) -> (
-        Result<tunnel::TunnelStream, TunnelError>,
-        Result<Transferred, ProxyError>,
-    ) {
+    ) -> Result<HboneStream, TunnelError> {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let SocketAddr::V4(addr) = listener.local_addr().unwrap() else {
             unreachable!("bound to an IPv4 address")
         };
-        let server = tokio::spawn(async move {
-            let (stream, _) = listener.accept().await.unwrap();
-            let mut logged = None;
-            let result = tunnel(&ctx, stream, &mut logged).await;
-            assert_eq!(logged, Some(target), "the target is logged");
-            result
+        tokio::spawn(async move {
+            let (stream, client) = listener.accept().await.unwrap();
+            let _ = hbone_connection(&ctx, stream, client).await;
         });
-        let source = ObjectKey::new("bookinfo", "productpage-v1");
-        let client = tunnel::connect(addr, target, Some(&source), Duration::from_secs(5)).await;
-        let server = tokio::time::timeout(Duration::from_secs(10), server)
-            .await
-            .expect("the tunnel listener answered")
-            .unwrap();
-        (client, server)
+        let caller = Caller {
+            identity: Identity::new("cluster.local", "bookinfo", "default"),
+            ip: Ipv4Addr::new(10, 244, 2, 20),
+        };
+        let pool = HbonePool::new(ca.certs());
+        tokio::time::timeout(
+            Duration::from_secs(10),
+            pool.connect(&caller, None, addr, target, Duration::from_secs(5)),
+        )
+        .await
+        .expect("the tunnel listener answered")
     }
 
-    fn refused_with(client: &Result<tunnel::TunnelStream, TunnelError>) -> Option<u16> {
+    fn refused_with(client: &Result<HboneStream, TunnelError>) -> Option<u16> {
         match client {
             Err(TunnelError::Refused { status, .. }) => Some(*status),
             _ => None,
@@ -602,22 +720,19 @@ mod tests {
         let mut snapshot = Snapshot::default();
         let remote = Ipv4Addr::new(10, 244, 2, 9);
         add_pod(&mut snapshot, pod("bookinfo", "ratings-v1", remote, "n2"));
-        let ctx = context(snapshot);
+        let ca = TestCa::new();
+        let ctx = context(snapshot, &ca);
         for target in [
             SocketAddrV4::new(remote, 9080),
             // Not a pod at all: the tunnel is no open relay.
             SocketAddrV4::new(Ipv4Addr::new(192, 0, 2, 1), 443),
         ] {
-            let (client, server) = ask_tunnel(ctx.clone(), target).await;
+            let client = ask_tunnel(ctx.clone(), &ca, target).await;
             assert_eq!(
                 refused_with(&client),
                 Some(403),
                 "{target}: {:?}",
                 client.err()
-            );
-            assert!(
-                matches!(server, Err(ProxyError::NotLocalPod { target: t, .. }) if t == target),
-                "{server:?}"
             );
         }
     }
@@ -644,8 +759,12 @@ mod tests {
             pod("data", "db-0", Ipv4Addr::LOCALHOST, "n1"),
         );
         let target = SocketAddrV4::new(Ipv4Addr::LOCALHOST, closed);
-        let (client, server) = ask_tunnel(context(snapshot), target).await;
+        let ca = TestCa::new();
+        let client = ask_tunnel(context(snapshot, &ca), &ca, target).await;
         assert_eq!(refused_with(&client), Some(502), "{:?}", client.err());
-        assert!(matches!(server, Err(ProxyError::Dial(_))), "{server:?}");
+        let Err(TunnelError::Refused { reason, .. }) = client else {
+            unreachable!()
+        };
+        assert!(reason.contains("refused the connection"), "{reason}");
     }
 }

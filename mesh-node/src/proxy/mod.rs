@@ -20,6 +20,7 @@
 //! serving never wait for a configuration change.
 
 use std::{
+    collections::HashSet,
     future::Future,
     net::{SocketAddr, SocketAddrV4},
     os::fd::BorrowedFd,
@@ -30,7 +31,6 @@ use std::{
     time::Duration,
 };
 
-use arc_swap::ArcSwap;
 use tokio::{
     net::{TcpListener, TcpSocket, TcpStream},
     sync::watch,
@@ -39,6 +39,7 @@ use tracing::{debug, info, warn};
 
 use self::{context::Context, view::View};
 use crate::{
+    identity::Identity,
     metrics::Metrics,
     model::{OriginalDst, Snapshot},
 };
@@ -58,7 +59,7 @@ mod view;
 pub use context::{ProxyConfig, CONNECT_TIMEOUT, DRAIN_TIMEOUT};
 pub use copy::{CopyError, Transferred};
 pub use error::ProxyError;
-pub use upstream::{tunnel, tunnel::TunnelError, ConnectError, ConnectErrorKind, Role};
+pub use upstream::{hbone, hbone::TunnelError, ConnectError, ConnectErrorKind, Role};
 
 /// The addresses the listeners are bound to.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -118,20 +119,17 @@ impl Proxy {
         let inbound_port = inbound.local_addr().map_err(ProxyError::Socket)?.port();
         let snapshot = snapshots.borrow_and_update().clone();
         applied.store(snapshot.version, Ordering::Release);
-        let clusters = Default::default();
-        let view = View::new(snapshot, None, &clusters);
-        let ctx = Arc::new(Context {
-            dialer: config.dialer(),
+        if let Some(certs) = &config.certs {
+            certs.retain(local_identities(&config, &snapshot));
+        }
+        let ctx = Arc::new(Context::new(
             config,
-            view: ArcSwap::from_pointee(view),
+            snapshot,
             original_dst,
-            metrics: metrics.tcp().clone(),
-            http_metrics: metrics.http().clone(),
-            clusters,
-            pools: Default::default(),
+            metrics,
             applied,
             inbound_port,
-        });
+        ));
         Ok(Self {
             outbound,
             inbound,
@@ -257,6 +255,17 @@ where
     }
 }
 
+/// The identities of the meshed pods of this node: the certificates to hold before their
+/// first connection.
+fn local_identities(config: &ProxyConfig, snapshot: &Snapshot) -> HashSet<Identity> {
+    snapshot
+        .pods
+        .values()
+        .filter(|p| p.node.as_deref() == Some(&*config.node) && snapshot.is_meshed(p))
+        .map(|p| Identity::new(&config.trust_domain, &p.key.namespace, &p.service_account))
+        .collect()
+}
+
 /// Compiles a view for every published snapshot, off the data path, and swaps it in. A burst
 /// of snapshots compiles only the latest.
 async fn follow(ctx: Arc<Context>, mut snapshots: watch::Receiver<Arc<Snapshot>>) {
@@ -267,6 +276,11 @@ async fn follow(ctx: Arc<Context>, mut snapshots: watch::Receiver<Arc<Snapshot>>
             let ctx = ctx.clone();
             move || {
                 let previous = ctx.view.load();
+                let pods_changed = !previous.snapshot.pods.ptr_eq(&snapshot.pods)
+                    || !previous.snapshot.namespaces.ptr_eq(&snapshot.namespaces);
+                if let (Some(certs), true) = (&ctx.config.certs, pods_changed) {
+                    certs.retain(local_identities(&ctx.config, &snapshot));
+                }
                 View::new(snapshot, Some(&previous), &ctx.clusters)
             }
         };

@@ -17,6 +17,7 @@ use super::{
     error::ProxyError,
     l7,
     tcp::{self, v4, Log},
+    upstream::Via,
 };
 use crate::{metrics::ACCESS_LOG, model::Protocol};
 
@@ -139,12 +140,17 @@ async fn proxy(
     drop(view);
     log.target = Some(target.addr);
     log.via = Some(target.via);
-    let labels = tcp::source_labels(
+    let caller = source.as_deref().and_then(|p| ctx.dialer.caller(p));
+    let mut labels = tcp::source_labels(
         source.as_deref(),
         target.pod.as_deref(),
         target.service.as_deref(),
     );
-    let mut upstream = match target.connect(ctx, source.as_ref().map(|p| &p.key)).await {
+    // Across nodes the connection is HBONE: both ends are known by their certificates.
+    if let (Via::Tunnel { .. }, Some(caller), Some(pod)) = (target.via, &caller, &target.pod) {
+        labels = labels.mutual_tls(&caller.identity, &ctx.dialer.identity(pod));
+    }
+    let mut upstream = match target.connect(ctx, caller.as_ref()).await {
         Ok(u) => u,
         Err(e) => {
             tcp::record_failure(ctx, &labels, crate::metrics::ResponseFlags::UF);

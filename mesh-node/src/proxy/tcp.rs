@@ -23,13 +23,14 @@ use super::{
     error::ProxyError,
     upstream::{
         cluster::{Cluster, ClusterKey, Guard, Outcome, Pick},
+        hbone::Caller,
         Stream, Via,
     },
     view::View,
 };
 use crate::{
     metrics::{Reporter, ResponseFlags, ServiceLabels, TcpLabels, Workload},
-    model::{ObjectKey, Pod, Protocol, Service},
+    model::{Pod, Protocol, Service},
 };
 
 /// What the access log line of a TCP connection reports.
@@ -179,18 +180,18 @@ pub(super) fn choose(
 }
 
 impl Target {
-    /// Connects to the target on behalf of `source`, within the cluster's `connectTimeout`;
+    /// Connects to the target on behalf of `caller`, within the cluster's `connectTimeout`;
     /// the outcome counts for outlier detection.
     pub async fn connect(
         &self,
         ctx: &Context,
-        source: Option<&ObjectKey>,
+        caller: Option<&Caller>,
     ) -> Result<Stream, ProxyError> {
         let timeout = self
             .balanced
             .as_ref()
             .and_then(|b| b.cluster.policy().connect_timeout);
-        let result = ctx.dialer.open(self.addr, self.via, source, timeout).await;
+        let result = ctx.dialer.open(self.addr, self.via, caller, timeout).await;
         if let Some(b) = &self.balanced {
             let outcome = match &result {
                 Ok(_) => Outcome::Success,

@@ -21,6 +21,7 @@ use std::{
 use anyhow::{bail, Context as _, Result};
 use serde::{Deserialize, Serialize};
 
+mod ca;
 mod cgroup;
 mod config;
 mod down;
@@ -251,7 +252,11 @@ fn converge(state: &mut State, diff: &Diff) -> Result<()> {
 
     if state.mesh {
         let bins = state.binaries.clone().context("mesh-node was not built")?;
+        if !diff.new_nodes.is_empty() {
+            ca::start(&bins)?;
+        }
         for node in &diff.new_nodes {
+            ca::enroll(node)?;
             start_proxy(node, &bins)?;
         }
         for node in &state.nodes {
@@ -333,7 +338,8 @@ fn start_proxy(node: &NodeInfo, bins: &Binaries) -> Result<()> {
         .arg("--cgroup")
         .arg(node.cgroup())
         .args(["--proxy-ip", &node.gateway().to_string()])
-        .args(["--uplink", "eth0"]);
+        .args(["--uplink", "eth0"])
+        .args(ca::node_args(node));
     node_log_env(&mut cmd);
     // Directly into the namespace: `ip netns exec` would remount /sys and hide bpffs and
     // the cgroup filesystem from mesh-node.

@@ -46,11 +46,13 @@ use super::{
     route::{self, apply_header_ops, Backend, RequestInfo, RetryPlan, RuleAction, Selection},
     upstream::{
         cluster::{self, Cluster, ClusterKey, ClusterPolicy, Outcome, Pick},
+        hbone::Caller,
         pool::{self, ClusterPool, ConnKey, Dial, PoolError, Proto},
     },
     view::View,
 };
 use crate::{
+    identity::Identity,
     metrics::{
         access_log, access_log_enabled, AccessEntry, ClusterName, Reporter, RequestLabels,
         RequestOutcome, ResponseFlags, ServiceLabels, Workload,
@@ -59,6 +61,7 @@ use crate::{
         traffic::{AbortError, RetryPolicy},
         ObjectKey, Pod, Service,
     },
+    tls::Authenticated,
 };
 
 pub mod body;
@@ -85,6 +88,8 @@ pub(super) struct Conn {
     port: u16,
     declared: Declared,
     source: Option<Arc<Pod>>,
+    /// The client pod as the far node sees it (its certificate), for pooled connections.
+    caller: Option<Caller>,
     /// Set on the destination side: the local pod every request goes to.
     inbound: Option<Inbound>,
     clusters: Mutex<ClusterCache>,
@@ -92,11 +97,27 @@ pub(super) struct Conn {
     labels: Mutex<HashMap<LabelKey, RequestLabels>>,
 }
 
+/// What the destination side knows of a connection before it serves it.
+pub(super) struct Destination {
+    /// The pod's address and port.
+    pub target: SocketAddrV4,
+    /// The Service whose port the target backs.
+    pub service: Option<ObjectKey>,
+    pub declared: Declared,
+    pub pod: Option<Arc<Pod>>,
+    /// The peer node's proxy authenticated the caller with mTLS (HBONE).
+    pub peer: Option<Arc<Authenticated>>,
+}
+
 /// The local pod of a destination-side connection.
 struct Inbound {
     target: SocketAddrV4,
     pod: Option<Arc<Pod>>,
     service: Option<ObjectKey>,
+    /// The peer's mTLS identity and the pod's own, when the connection came through HBONE.
+    mtls: Option<(Arc<Authenticated>, Identity)>,
+    /// `x-forwarded-client-cert` for the pod, built once per connection.
+    forwarded_client_cert: Option<HeaderValue>,
     /// Envoy's `inbound|<port>||`: its own pool and counters, apart from the outbound
     /// clusters; looked up once per connection.
     pool: Arc<ClusterPool<RequestBody>>,
@@ -127,6 +148,7 @@ impl Conn {
         declared: Declared,
         source: Option<Arc<Pod>>,
     ) -> Self {
+        let caller = source.as_deref().and_then(|p| ctx.dialer.caller(p));
         Self {
             ctx,
             client,
@@ -134,23 +156,32 @@ impl Conn {
             port,
             declared,
             source,
+            caller,
             inbound: None,
             clusters: Mutex::default(),
             labels: Mutex::default(),
         }
     }
 
-    /// The destination side of a connection for `target`, a pod of this node, from `source`.
+    /// The destination side of a connection for a pod of this node, from `source`.
     pub(super) fn inbound(
         ctx: Arc<Context>,
         client: SocketAddrV4,
-        target: SocketAddrV4,
-        service: Option<ObjectKey>,
-        declared: Declared,
         source: Option<Arc<Pod>>,
-        pod: Option<Arc<Pod>>,
+        destination: Destination,
     ) -> Self {
+        let Destination {
+            target,
+            service,
+            declared,
+            pod,
+            peer,
+        } = destination;
         let service_key = service.clone().unwrap_or_else(|| ObjectKey::new("", ""));
+        let mtls = peer.zip(pod.as_deref().map(|p| ctx.dialer.identity(p)));
+        let forwarded_client_cert = mtls
+            .as_ref()
+            .and_then(|(peer, own)| HeaderValue::from_str(&peer.forwarded_client_cert(own)).ok());
         let cluster = ClusterKey::new(ObjectKey::new("", "inbound"), target.port(), None);
         let pool = ctx.pools.cluster(&cluster);
         let state = ctx.clusters.state(&cluster);
@@ -159,6 +190,8 @@ impl Conn {
             target,
             pod,
             service,
+            mtls,
+            forwarded_client_cert,
             pool,
             state,
         });
@@ -176,8 +209,34 @@ impl Conn {
             target: pick.addr,
             via,
             proto,
-            source: self.source.as_ref().map(|p| p.key.clone()),
+            caller: self.caller.clone(),
         })
+    }
+
+    /// Names the caller in `x-forwarded-client-cert` on a request to `pod` of this node: the
+    /// kernel vouches for the caller (its address on this node's own interface), as its
+    /// certificate does across nodes, where the destination's proxy sets the header. No
+    /// `Hash`: no certificate was presented.
+    fn name_local_caller(&self, headers: &mut HeaderMap, pod: Option<&Pod>) {
+        let dialer = &self.ctx.dialer;
+        let (Some(caller), Some(pod)) = (&self.caller, pod) else {
+            return;
+        };
+        if dialer.sidecar || dialer.hbone.is_none() || pod.node.as_deref() != Some(&*dialer.node) {
+            return;
+        }
+        let value = format!("By={};URI={}", dialer.identity(pod), caller.identity);
+        if let Ok(value) = HeaderValue::from_str(&value) {
+            headers.insert(request::FORWARDED_CLIENT_CERT, value);
+        }
+    }
+
+    /// Whether requests to `pod` leave this node (through HBONE).
+    fn crosses_nodes(&self, pod: &Pod) -> bool {
+        let dialer = &self.ctx.dialer;
+        !dialer.sidecar
+            && dialer.hbone.is_some()
+            && pod.node.as_deref().is_some_and(|n| *n != *dialer.node)
     }
 
     /// How this connection's requests reach a cluster's endpoints.
@@ -214,6 +273,19 @@ impl Conn {
             ServiceLabels::of_option(service.map(|s| &**s)),
             grpc,
         );
+        // Through HBONE both ends are known by their certificates: on the destination side
+        // from the handshake, on the source side for pods of other nodes.
+        let l = match (&self.inbound, pod) {
+            (Some(inbound), _) => match &inbound.mtls {
+                Some((peer, own)) => l.mutual_tls(&peer.identity, own),
+                None => l,
+            },
+            (None, Some(pod)) if self.crosses_nodes(pod) => match &self.caller {
+                Some(caller) => l.mutual_tls(&caller.identity, &self.ctx.dialer.identity(pod)),
+                None => l,
+            },
+            (None, _) => l,
+        };
         // A long-lived connection to a large service sees many pods; keep the cache small.
         if labels.len() >= 64 {
             labels.clear();

@@ -243,6 +243,8 @@ pub(super) async fn handle(conn: Arc<Conn>, request: Request<Incoming>) -> Reply
     }
 }
 
+pub(super) const FORWARDED_CLIENT_CERT: &str = "x-forwarded-client-cert";
+
 /// The destination side: every request goes to the local pod, on a pooled connection from
 /// the proxy address, and is reported with `reporter="destination"`. Routing, retries and
 /// faults happened on the source side.
@@ -265,7 +267,7 @@ pub(super) async fn forward_inbound(
         target: inbound.target,
         via: conn.ctx.dialer.local(),
         proto: Proto::Http1,
-        source: None,
+        caller: None,
     };
     if is_upgrade(&parts) {
         let upgrade = hyper::upgrade::on(Request::from_parts(parts.clone(), ()));
@@ -280,6 +282,10 @@ pub(super) async fn forward_inbound(
     let key = ConnKey { proto, ..key };
     let authority = report.authority.clone();
     prepare_head(&mut parts, &authority, proto);
+    // The peer the proxy authenticated with mTLS.
+    if let Some(value) = &inbound.forwarded_client_cert {
+        parts.headers.insert(FORWARDED_CLIENT_CERT, value.clone());
+    }
     let (request_body, tape) = RequestBody::record(body);
     report.tape = tape;
     let policy = ClusterPolicy::default();
@@ -348,6 +354,9 @@ pub(super) fn upstream_protocol(
 /// absolute form (`:scheme`, `:authority`) for HTTP/2; drops hop-by-hop headers.
 pub(super) fn prepare_head(parts: &mut Parts, authority: &str, proto: Proto) {
     strip_hop_by_hop(&mut parts.headers);
+    // Only the proxy names the client's certificate (Envoy's SANITIZE_SET): whatever a client
+    // wrote is dropped on both sides, and set again where the proxy knows the caller.
+    parts.headers.remove(FORWARDED_CLIENT_CERT);
     // A rewrite may have changed the authority: the URI or Host now says which.
     let authority = parts
         .uri
@@ -567,18 +576,13 @@ pub(super) fn http_to_grpc(status: StatusCode) -> u32 {
 mod tests {
     use std::net::Ipv4Addr;
 
-    use arc_swap::ArcSwap;
     use http_body_util::BodyExt as _;
 
     use super::*;
     use crate::{
         metrics::Metrics,
         model::{Protocol, ServicePort, Snapshot, TargetPort},
-        proxy::{
-            context::ProxyConfig,
-            upstream::cluster::{ClusterState, Clusters},
-            NoOriginalDst,
-        },
+        proxy::{context::ProxyConfig, upstream::cluster::ClusterState, NoOriginalDst},
     };
 
     fn head(version: Version, uri: &str, headers: &[(&str, &str)]) -> Parts {
@@ -811,21 +815,14 @@ mod tests {
     /// A source-side connection of a proxy with an empty configuration, and its metrics.
     fn conn() -> (Arc<Conn>, Metrics) {
         let metrics = Metrics::new();
-        let config = ProxyConfig::new("n1", Ipv4Addr::LOCALHOST);
-        let clusters = Clusters::default();
-        let view = View::new(Arc::new(Snapshot::default()), None, &clusters);
-        let ctx = Arc::new(Context {
-            dialer: config.dialer(),
-            config,
-            view: ArcSwap::from_pointee(view),
-            original_dst: Arc::new(NoOriginalDst),
-            metrics: metrics.tcp().clone(),
-            http_metrics: metrics.http().clone(),
-            clusters,
-            pools: Default::default(),
-            applied: Default::default(),
-            inbound_port: 15006,
-        });
+        let ctx = Arc::new(Context::new(
+            ProxyConfig::new("n1", Ipv4Addr::LOCALHOST),
+            Arc::new(Snapshot::default()),
+            Arc::new(NoOriginalDst),
+            &metrics,
+            Default::default(),
+            15006,
+        ));
         let conn = Conn::outbound(
             ctx,
             SocketAddrV4::new(Ipv4Addr::new(10, 244, 0, 5), 40000),

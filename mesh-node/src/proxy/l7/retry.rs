@@ -68,7 +68,8 @@ impl Attempts<'_> {
                     None => unreachable!("a retry is only started with a replayable body"),
                 },
             };
-            let request = Request::from_parts(parts.clone(), request_body);
+            let mut request = Request::from_parts(parts.clone(), request_body);
+            conn.name_local_caller(request.headers_mut(), pick.pod.as_deref());
             let send = self.resolved.pool.send(
                 cluster.state(),
                 cluster.policy(),

@@ -19,24 +19,31 @@ use tokio::{
 
 use super::{
     connect::{connect_tcp, ConnectError, Role},
-    tunnel::{self, TunnelError, TunnelStream},
+    hbone::{Caller, HbonePool, HboneStream, TunnelError},
 };
-use crate::model::{ObjectKey, Snapshot};
+use crate::{
+    identity::Identity,
+    model::{Pod, Snapshot},
+};
 
 /// How the proxy reaches a target.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Via {
     /// A TCP connection, from `source` when the target is a pod of this node.
     Direct { source: Option<Ipv4Addr> },
-    /// Through the proxy of the target's node.
-    Tunnel { peer: SocketAddrV4 },
+    /// Through the proxy of the target's node (HBONE), from this node's address when known:
+    /// the peer checks that a caller's pod runs on the node the connection comes from.
+    Tunnel {
+        peer: SocketAddrV4,
+        source: Option<Ipv4Addr>,
+    },
 }
 
 impl fmt::Display for Via {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Via::Direct { .. } => f.write_str("direct"),
-            Via::Tunnel { peer } => write!(f, "tunnel:{peer}"),
+            Via::Tunnel { peer, .. } => write!(f, "tunnel:{peer}"),
         }
     }
 }
@@ -52,6 +59,10 @@ pub enum DialError {
     Connect(#[from] ConnectError),
     #[error(transparent)]
     Tunnel(#[from] TunnelError),
+    #[error("{target} runs on another node and this proxy has no mesh CA (--ca-addr): traffic between nodes is never sent without mTLS")]
+    NoMtls { target: SocketAddrV4 },
+    #[error("{target} runs on another node and the calling pod is unknown to the configuration: without its identity the connection cannot cross nodes")]
+    UnknownCaller { target: SocketAddrV4 },
 }
 
 impl DialError {
@@ -65,7 +76,7 @@ impl DialError {
 }
 
 /// What the dialler needs to know of this proxy.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct Dialer {
     /// This node's name, as in the pods' `spec.nodeName`.
     pub node: Arc<str>,
@@ -77,6 +88,21 @@ pub struct Dialer {
     pub sidecar: bool,
     /// Used when the cluster sets no `connectTimeout`.
     pub connect_timeout: Duration,
+    /// Trust domain of the callers' SPIFFE IDs.
+    pub trust_domain: Arc<str>,
+    /// Connections to the other nodes' proxies; without it nothing crosses nodes.
+    pub hbone: Option<Arc<HbonePool>>,
+}
+
+impl fmt::Debug for Dialer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Dialer")
+            .field("node", &self.node)
+            .field("proxy_ip", &self.proxy_ip)
+            .field("sidecar", &self.sidecar)
+            .field("mtls", &self.hbone.is_some())
+            .finish_non_exhaustive()
+    }
 }
 
 impl Dialer {
@@ -100,6 +126,7 @@ impl Dialer {
                 })?;
                 Via::Tunnel {
                     peer: SocketAddrV4::new(address, self.peer_tunnel_port),
+                    source: snapshot.nodes.get(&self.node).map(|n| n.address),
                 }
             }
             Some(_) => Via::Direct {
@@ -117,13 +144,27 @@ impl Dialer {
         }
     }
 
-    /// Opens a byte stream to `target` the way `via` says, on behalf of the `source` pod
-    /// (the far node learns who is calling), within `timeout` (or the default).
+    /// Who `pod` is when this proxy dials on its behalf: its service account's identity and
+    /// its address. `None` for a pod without an address.
+    pub fn caller(&self, pod: &Pod) -> Option<Caller> {
+        Some(Caller {
+            identity: self.identity(pod),
+            ip: pod.ip?,
+        })
+    }
+
+    /// The SPIFFE identity of `pod`: its service account's.
+    pub fn identity(&self, pod: &Pod) -> Identity {
+        Identity::new(&self.trust_domain, &pod.key.namespace, &pod.service_account)
+    }
+
+    /// Opens a byte stream to `target` the way `via` says, on behalf of `caller` (whose
+    /// certificate the far node sees), within `timeout` (or the default).
     pub async fn open(
         &self,
         target: SocketAddrV4,
         via: Via,
-        source: Option<&ObjectKey>,
+        caller: Option<&Caller>,
         timeout: Option<Duration>,
     ) -> Result<Stream, DialError> {
         let timeout = timeout.unwrap_or(self.connect_timeout);
@@ -131,18 +172,20 @@ impl Dialer {
             Via::Direct { source } => {
                 Stream::Tcp(connect_tcp(target, source, timeout, Role::Upstream).await?)
             }
-            Via::Tunnel { peer } => {
-                Stream::Tunnel(tunnel::connect(peer, target, source, timeout).await?)
+            Via::Tunnel { peer, source } => {
+                let hbone = self.hbone.as_ref().ok_or(DialError::NoMtls { target })?;
+                let caller = caller.ok_or(DialError::UnknownCaller { target })?;
+                Stream::Tunnel(hbone.connect(caller, source, peer, target, timeout).await?)
             }
         })
     }
 }
 
-/// The byte stream to an upstream: a TCP connection or a tunnel through the peer node.
+/// The byte stream to an upstream: a TCP connection or an HBONE stream through the peer node.
 #[derive(Debug)]
 pub enum Stream {
     Tcp(TcpStream),
-    Tunnel(TunnelStream),
+    Tunnel(HboneStream),
 }
 
 impl AsyncRead for Stream {

@@ -4,7 +4,8 @@
 //! set of connection pools.
 //!
 //! - [`connect`]: one TCP connect with a timeout, its failures worded for the operator.
-//! - [`tunnel`]: the node-to-node tunnel protocol (client and server halves).
+//! - [`hbone`]: the node-to-node hop, HTTP/2 CONNECT over mTLS (client half, and the parsing
+//!   and answers of the server half).
 //! - [`dial`]: the one place that decides between a direct connection and the tunnel.
 //! - [`cluster`]: a Service port (and subset) with its DestinationRule: load balancing,
 //!   circuit-breaker budgets, outlier detection; shared by TCP and HTTP.
@@ -13,8 +14,8 @@
 pub mod cluster;
 pub mod connect;
 pub mod dial;
+pub mod hbone;
 pub mod pool;
-pub mod tunnel;
 
 pub use connect::{connect_tcp, ConnectError, ConnectErrorKind, Role};
 pub use dial::{DialError, Dialer, Stream, Via};

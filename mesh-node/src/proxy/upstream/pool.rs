@@ -7,7 +7,7 @@
 //! Whatever does not fit overflows: the caller answers 503 with flag `UO`.
 //!
 //! Connections are keyed by target address, protocol, the way there (direct or through the
-//! peer node's tunnel) and the source pod, so the far end still learns who is calling. The
+//! peer node's tunnel) and the calling pod, whose certificate the far end sees. The
 //! pools know nothing of the requests they carry: any body hyper can write ([`PoolBody`]).
 
 use std::{
@@ -32,8 +32,8 @@ use tracing::debug;
 use super::{
     cluster::{ClusterKey, ClusterPolicy, ClusterState, Guard},
     dial::{DialError, Dialer, Stream, Via},
+    hbone::Caller,
 };
-use crate::model::ObjectKey;
 
 /// How long an unused connection is kept when the DestinationRule sets no idle timeout
 /// (Istio's default is one hour; pods rarely keep idle connections that long).
@@ -52,7 +52,7 @@ pub struct ConnKey {
     pub target: SocketAddrV4,
     pub via: Via,
     pub proto: Proto,
-    pub source: Option<ObjectKey>,
+    pub caller: Option<Caller>,
 }
 
 #[derive(Debug, Error)]
@@ -441,7 +441,7 @@ impl Dial<'_> {
     async fn open(&self, key: &ConnKey) -> Result<Stream, PoolError> {
         Ok(self
             .dialer
-            .open(key.target, key.via, key.source.as_ref(), self.timeout)
+            .open(key.target, key.via, key.caller.as_ref(), self.timeout)
             .await?)
     }
 }
@@ -485,7 +485,7 @@ mod tests {
     };
 
     use super::*;
-    use crate::proxy::upstream::cluster::Limits;
+    use crate::{model::ObjectKey, proxy::upstream::cluster::Limits};
 
     type TestBody = BoxBody<Bytes, Box<dyn StdError + Send + Sync>>;
     type BoxFuture = std::pin::Pin<Box<dyn Future<Output = ()> + Send>>;
@@ -548,6 +548,8 @@ mod tests {
             peer_tunnel_port: 15008,
             sidecar: false,
             connect_timeout: Duration::from_secs(5),
+            trust_domain: "cluster.local".into(),
+            hbone: None,
         }
     }
 
@@ -556,7 +558,7 @@ mod tests {
             target,
             via: Via::Direct { source: None },
             proto,
-            source: None,
+            caller: None,
         }
     }
 

@@ -1,0 +1,320 @@
+//! The mesh CA (`mesh-node ca`): signs short-lived workload certificates for node proxies.
+//!
+//! It speaks Istio's certificate API (`istio.v1.auth.IstioCertificateService`, gRPC over TLS
+//! on 15012) so that either side can be swapped for Istio's: a node proxy may use istiod as
+//! its CA, and this CA answers what ztunnel asks. A node proxy authenticates with a bearer
+//! token and obtains its pods' identities with Istio's `ImpersonatedIdentity` metadata; keys
+//! stay on the nodes, only CSRs travel.
+//!
+//! - [`authority`]: the signing key and chain, from Istio's `cacerts` or a generated root.
+//! - [`auth`]: callers (tokens) and who may obtain which identity, locally or in Kubernetes.
+//! - [`server`]: the gRPC service over both.
+//! - [`proto`]: the API's messages and generated client and server, shared with
+//!   [`crate::identity::client`].
+//!
+//! The CA runs on one small tokio runtime of its own; in local mode a `FileSource` polls the
+//! configuration directory beside the server, so a newly added pod's identity is obtainable
+//! within a poll interval.
+
+pub mod auth;
+pub mod authority;
+pub mod proto;
+pub mod server;
+
+use std::{
+    future::Future,
+    io,
+    net::{IpAddr, SocketAddr},
+    path::PathBuf,
+    sync::Arc,
+    time::Duration,
+};
+
+use thiserror::Error;
+use tokio::sync::watch;
+use tonic::transport::{server::TcpIncoming, Server, ServerTlsConfig};
+use tracing::info;
+
+pub use auth::{AuthError, Caller, KubeAuth, LocalAuth, NodeAuth, ServiceAccount};
+pub use authority::{Authority, AuthorityError, Issued};
+pub use server::CaService;
+
+use crate::{
+    config::CaArgs,
+    identity::Identity,
+    model::Store,
+    source::file::{FileSource, SourceError},
+};
+use proto::istio_certificate_service_server::IstioCertificateServiceServer;
+
+#[derive(Debug, Error)]
+pub enum CaError {
+    #[error("mesh CA keys: {0}")]
+    Authority(#[from] AuthorityError),
+    #[error("mesh CA callers: {0}")]
+    Auth(#[from] AuthError),
+    #[error(transparent)]
+    Source(#[from] SourceError),
+    #[error("Kubernetes client for the mesh CA: {0} (in a pod, check its service account; outside, KUBECONFIG)")]
+    Kube(String),
+    #[error("{identity:?} is not a valid node proxy identity in trust domain {trust_domain}: check --node-proxy and --trust-domain")]
+    NodeIdentity {
+        identity: String,
+        trust_domain: String,
+    },
+    #[error("cannot listen on {addr}: {source} (is another mesh CA running? change --listen)")]
+    Bind { addr: SocketAddr, source: io::Error },
+    #[error("mesh CA TLS: {0}")]
+    Tls(String),
+    #[error("the mesh CA's gRPC server failed: {0}")]
+    Serve(String),
+}
+
+/// Where the signing CA comes from.
+#[derive(Clone, Debug)]
+pub struct KeySource {
+    /// Istio's `cacerts` directory; preferred when set.
+    pub cacerts_dir: Option<PathBuf>,
+    /// Local state: the generated root when there is no `cacerts_dir`, and where the root
+    /// bundle is written either way.
+    pub state_dir: Option<PathBuf>,
+}
+
+/// How callers are authenticated and their nodes' pods found.
+#[derive(Clone, Debug)]
+pub enum CallerSource {
+    /// Local mode: node tokens in files, pods from the nodes' configuration directory.
+    Local {
+        config_dir: PathBuf,
+        node_tokens: PathBuf,
+    },
+    /// Kubernetes: TokenReview and pod lists; `audiences` the tokens must be bound to.
+    Kubernetes { audiences: Vec<String> },
+}
+
+/// Settings of the mesh CA.
+#[derive(Clone, Debug)]
+pub struct CaSettings {
+    pub listen: SocketAddr,
+    pub trust_domain: String,
+    pub keys: KeySource,
+    pub callers: CallerSource,
+    /// Service accounts of node proxies; in local mode the first is every node's identity.
+    pub node_proxies: Vec<ServiceAccount>,
+    /// Names and addresses of the CA's serving certificate.
+    pub server_names: Vec<String>,
+    pub server_ips: Vec<IpAddr>,
+    pub workload_cert_ttl: Duration,
+    pub max_workload_cert_ttl: Duration,
+}
+
+impl From<CaArgs> for CaSettings {
+    fn from(args: CaArgs) -> Self {
+        let callers = match (args.config_dir, args.node_tokens) {
+            (Some(config_dir), Some(node_tokens)) if !args.kubernetes => CallerSource::Local {
+                config_dir,
+                node_tokens,
+            },
+            _ => CallerSource::Kubernetes {
+                audiences: args.token_audiences,
+            },
+        };
+        Self {
+            listen: args.listen,
+            trust_domain: args.trust_domain,
+            keys: KeySource {
+                cacerts_dir: args.cacerts_dir,
+                state_dir: args.state_dir,
+            },
+            callers,
+            node_proxies: args
+                .node_proxies
+                .into_iter()
+                .map(|(ns, sa)| ServiceAccount::new(ns, sa))
+                .collect(),
+            server_names: args.server_names,
+            server_ips: args.server_ips,
+            workload_cert_ttl: args.workload_cert_ttl,
+            max_workload_cert_ttl: args.max_workload_cert_ttl,
+        }
+    }
+}
+
+/// A bound mesh CA, ready to serve.
+pub struct CaServer {
+    incoming: TcpIncoming,
+    local_addr: SocketAddr,
+    tls: ServerTlsConfig,
+    service: CaService,
+    authority: Arc<Authority>,
+    /// The configuration directory's poller (local mode), started by [`CaServer::run`].
+    source: Option<FileSource>,
+}
+
+impl CaServer {
+    /// Loads (or creates) the keys, sets up the callers' authentication and binds the
+    /// listener. Must run inside the tokio runtime that will serve.
+    pub async fn bind(settings: CaSettings) -> Result<Self, CaError> {
+        install_crypto_provider();
+        let authority = Arc::new(load_authority(&settings)?);
+        let (auth, source): (Arc<dyn NodeAuth>, _) = match &settings.callers {
+            CallerSource::Local {
+                config_dir,
+                node_tokens,
+            } => {
+                let store = Store::new();
+                let mut source = FileSource::new(config_dir, store.clone());
+                // A wrong --config-dir stops start-up here instead of refusing every pod.
+                source.poll()?;
+                let node = settings.node_proxies.first().cloned().unwrap_or_else(|| {
+                    ServiceAccount::new(DEFAULT_NODE_PROXY.0, DEFAULT_NODE_PROXY.1)
+                });
+                let uri = format!(
+                    "spiffe://{}/ns/{}/sa/{}",
+                    settings.trust_domain, node.namespace, node.name
+                );
+                let identity: Identity = uri.parse().map_err(|_| CaError::NodeIdentity {
+                    identity: uri.clone(),
+                    trust_domain: settings.trust_domain.clone(),
+                })?;
+                let auth = LocalAuth::new(node_tokens, identity, store)?;
+                (Arc::new(auth), Some(source))
+            }
+            CallerSource::Kubernetes { audiences } => {
+                let config = kube::Config::infer()
+                    .await
+                    .map_err(|e| CaError::Kube(e.to_string()))?;
+                let client =
+                    kube::Client::try_from(config).map_err(|e| CaError::Kube(e.to_string()))?;
+                let auth = KubeAuth::new(
+                    client,
+                    settings.trust_domain.clone(),
+                    audiences.clone(),
+                    settings.node_proxies.clone(),
+                );
+                (Arc::new(auth), None)
+            }
+        };
+        let mut server = Self::bind_with(&settings, authority, auth).await?;
+        server.source = source;
+        Ok(server)
+    }
+
+    /// Binds with a given authority and authentication (tests, or a caller that builds its
+    /// own Kubernetes client).
+    pub async fn bind_with(
+        settings: &CaSettings,
+        authority: Arc<Authority>,
+        auth: Arc<dyn NodeAuth>,
+    ) -> Result<Self, CaError> {
+        install_crypto_provider();
+        let (chain, key) =
+            authority.serving_certificate(&settings.server_names, &settings.server_ips)?;
+        let tls = ServerTlsConfig::new().identity(tonic::transport::Identity::from_pem(chain, key));
+        let listener = tokio::net::TcpListener::bind(settings.listen)
+            .await
+            .map_err(|source| CaError::Bind {
+                addr: settings.listen,
+                source,
+            })?;
+        let local_addr = listener.local_addr().map_err(|source| CaError::Bind {
+            addr: settings.listen,
+            source,
+        })?;
+        let service = CaService::new(
+            authority.clone(),
+            auth,
+            &settings.trust_domain,
+            settings.workload_cert_ttl,
+        );
+        Ok(Self {
+            incoming: TcpIncoming::from(listener).with_nodelay(Some(true)),
+            local_addr,
+            tls,
+            service,
+            authority,
+            source: None,
+        })
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    pub fn authority(&self) -> &Arc<Authority> {
+        &self.authority
+    }
+
+    /// Serves until `shutdown` completes.
+    pub async fn run(self, shutdown: impl Future<Output = ()>) -> Result<(), CaError> {
+        let (stop_tx, stop_rx) = watch::channel(());
+        if let Some(source) = self.source {
+            let mut stop_rx = stop_rx.clone();
+            tokio::spawn(source.run(async move {
+                // Completes when the sender is dropped, i.e. when serving ended.
+                while stop_rx.changed().await.is_ok() {}
+            }));
+        }
+        drop(stop_rx);
+        info!(addr = %self.local_addr, roots = self.authority.roots().len(), "mesh CA serving");
+        let result = Server::builder()
+            .tls_config(self.tls)
+            .map_err(|e| CaError::Tls(e.to_string()))?
+            // The one service of this server: no router needed.
+            .serve_with_incoming_shutdown(
+                IstioCertificateServiceServer::new(self.service),
+                self.incoming,
+                shutdown,
+            )
+            .await
+            .map_err(|e| CaError::Serve(e.to_string()));
+        drop(stop_tx);
+        info!("mesh CA stopped");
+        result
+    }
+}
+
+/// The node proxy's service account unless configured otherwise.
+pub const DEFAULT_NODE_PROXY: (&str, &str) = ("weft-system", "mesh-node");
+
+/// Loads the signing CA as the settings say, and writes the root bundle to the state
+/// directory.
+fn load_authority(settings: &CaSettings) -> Result<Authority, CaError> {
+    let authority = match (&settings.keys.cacerts_dir, &settings.keys.state_dir) {
+        (Some(cacerts), state) => {
+            let authority = Authority::from_cacerts(cacerts)?;
+            info!(dir = %cacerts.display(), chain = authority.chain().len(), "loaded the signing CA from cacerts");
+            if let Some(state) = state {
+                authority.write_root_bundle(state)?;
+            }
+            authority
+        }
+        (None, Some(state)) => {
+            let authority = Authority::load_or_generate(state, &settings.trust_domain)?;
+            info!(dir = %state.display(), "signing with the root CA of the state directory");
+            authority
+        }
+        (None, None) => {
+            return Err(CaError::Authority(AuthorityError::Invalid {
+                path: PathBuf::from("--state-dir"),
+                reason: "neither --state-dir nor --cacerts-dir is set".into(),
+            }))
+        }
+    };
+    Ok(authority.with_max_ttl(settings.max_workload_cert_ttl))
+}
+
+/// Makes aws-lc-rs rustls' process-wide provider, which TLS configurations built without an
+/// explicit provider need when more than one provider is compiled in.
+pub fn install_crypto_provider() {
+    // Already installed (by us or another part of the process) is fine.
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+}
+
+/// Runs the mesh CA until `shutdown` completes.
+pub async fn serve(
+    settings: CaSettings,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), CaError> {
+    CaServer::bind(settings).await?.run(shutdown).await
+}

@@ -1,0 +1,372 @@
+//! The node proxy's certificates: one per identity of the pods on its node, plus its own.
+//!
+//! Each identity gets a task that makes a key (it never leaves this process), asks the CA to
+//! sign it, publishes the result, and renews it half way through its life, retrying with
+//! back-off while the CA cannot sign. A renewed certificate is used for new connections only:
+//! open TLS connections were authenticated once and keep going. Identities whose last pod
+//! left the node are forgotten; a connection asking for one that is not known yet waits for
+//! its first certificate.
+
+use std::{
+    collections::{HashMap, HashSet},
+    fmt,
+    future::Future,
+    pin::Pin,
+    sync::{Arc, Mutex},
+    time::{Duration, SystemTime},
+};
+
+use rustls::{pki_types::PrivateKeyDer, ClientConfig, ServerConfig};
+use thiserror::Error;
+use tokio::{sync::watch, task::JoinHandle};
+use tracing::{info, warn};
+
+use super::Identity;
+use crate::tls::{Credential, TlsError};
+
+/// What signs certificate requests: the mesh CA through its gRPC API, or an in-process
+/// authority in tests.
+pub trait Signer: Send + Sync + 'static {
+    /// Signs `csr_pem` for `identity` and returns the chain, leaf first and root last.
+    /// `impersonate` says the node asks on behalf of a pod, not for itself.
+    fn sign(
+        &self,
+        identity: &Identity,
+        csr_pem: String,
+        ttl: Duration,
+        impersonate: bool,
+    ) -> Pin<Box<dyn Future<Output = Result<Vec<String>, String>> + Send + 'static>>;
+}
+
+#[derive(Debug, Error, Clone)]
+pub enum CertError {
+    #[error("no certificate for {identity} yet: {reason}")]
+    Unavailable { identity: Identity, reason: String },
+    #[error("the certificate manager stopped")]
+    Stopped,
+}
+
+/// A certificate ready to use, with the TLS configurations built from it once.
+pub struct Issued {
+    pub credential: Arc<Credential>,
+    /// Presents this identity to a peer node proxy.
+    pub client: Arc<ClientConfig>,
+    /// Presents this identity to connecting node proxies (used for the node's own identity).
+    pub server: Arc<ServerConfig>,
+}
+
+impl fmt::Debug for Issued {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.credential.fmt(f)
+    }
+}
+
+/// Settings of the certificate manager.
+#[derive(Clone, Debug)]
+pub struct CertConfig {
+    /// The node proxy's own identity: its server certificate on the HBONE port.
+    pub own: Identity,
+    /// Lifetime asked of the CA.
+    pub ttl: Duration,
+    /// How long a connection waits for the first certificate of an identity.
+    pub wait: Duration,
+}
+
+pub struct CertManager {
+    signer: Arc<dyn Signer>,
+    config: CertConfig,
+    slots: Mutex<HashMap<Identity, Arc<Slot>>>,
+}
+
+impl fmt::Debug for CertManager {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("CertManager")
+            .field("own", &self.config.own.to_string())
+            .finish_non_exhaustive()
+    }
+}
+
+/// One identity's current certificate and the task that keeps it fresh.
+struct Slot {
+    issued: watch::Receiver<Option<Arc<Issued>>>,
+    error: Arc<Mutex<Option<String>>>,
+    task: JoinHandle<()>,
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// Back-off between failed attempts: from 100 ms, doubling, at most 10 s.
+const RETRY_FIRST: Duration = Duration::from_millis(100);
+const RETRY_MAX: Duration = Duration::from_secs(10);
+
+impl CertManager {
+    /// Starts fetching the node's own certificate at once. Must be called within a tokio
+    /// runtime, which then runs the renewal tasks.
+    pub fn new(signer: Arc<dyn Signer>, config: CertConfig) -> Arc<Self> {
+        let manager = Arc::new(Self {
+            signer,
+            config,
+            slots: Mutex::default(),
+        });
+        manager.slot(&manager.config.own.clone());
+        manager
+    }
+
+    pub fn own_identity(&self) -> &Identity {
+        &self.config.own
+    }
+
+    /// The current certificate of `identity`, waiting for the first one if needed.
+    pub async fn issued(&self, identity: &Identity) -> Result<Arc<Issued>, CertError> {
+        let slot = self.slot(identity);
+        let mut issued = slot.issued.clone();
+        if let Some(current) = issued.borrow().clone() {
+            return Ok(current);
+        }
+        let wait = tokio::time::timeout(self.config.wait, issued.wait_for(Option::is_some)).await;
+        match wait {
+            Ok(Ok(current)) => Ok(current.clone().expect("waited for Some")),
+            Ok(Err(_)) => Err(CertError::Stopped),
+            Err(_) => Err(CertError::Unavailable {
+                identity: identity.clone(),
+                reason: slot
+                    .error
+                    .lock()
+                    .expect("error slot poisoned")
+                    .clone()
+                    .unwrap_or_else(|| {
+                        format!("the CA did not answer within {:?}", self.config.wait)
+                    }),
+            }),
+        }
+    }
+
+    /// The node's own certificate, if it has one yet.
+    pub fn own_now(&self) -> Option<Arc<Issued>> {
+        let slots = self.slots.lock().expect("slots poisoned");
+        let issued = slots.get(&self.config.own)?.issued.borrow().clone();
+        issued
+    }
+
+    /// Keeps certificates for exactly `wanted` (and the node's own): starts fetching the new
+    /// ones before any connection needs them, forgets the others.
+    pub fn retain(self: &Arc<Self>, wanted: HashSet<Identity>) {
+        let missing: Vec<Identity> = {
+            let mut slots = self.slots.lock().expect("slots poisoned");
+            slots.retain(|identity, _| *identity == self.config.own || wanted.contains(identity));
+            wanted
+                .into_iter()
+                .filter(|identity| !slots.contains_key(identity))
+                .collect()
+        };
+        for identity in missing {
+            self.slot(&identity);
+        }
+    }
+
+    /// The identities with a slot, for status pages and tests.
+    pub fn identities(&self) -> Vec<Identity> {
+        let mut identities: Vec<_> = self
+            .slots
+            .lock()
+            .expect("slots poisoned")
+            .keys()
+            .cloned()
+            .collect();
+        identities.sort();
+        identities
+    }
+
+    fn slot(&self, identity: &Identity) -> Arc<Slot> {
+        let mut slots = self.slots.lock().expect("slots poisoned");
+        if let Some(slot) = slots.get(identity) {
+            return slot.clone();
+        }
+        let (tx, rx) = watch::channel(None);
+        let error = Arc::new(Mutex::new(None));
+        let task = tokio::spawn(keep_fresh(
+            self.signer.clone(),
+            identity.clone(),
+            identity != &self.config.own,
+            self.config.clone(),
+            tx,
+            error.clone(),
+        ));
+        let slot = Arc::new(Slot {
+            issued: rx,
+            error,
+            task,
+        });
+        slots.insert(identity.clone(), slot.clone());
+        slot
+    }
+}
+
+/// Fetches a certificate for `identity`, publishes it, sleeps until half its life, repeats.
+async fn keep_fresh(
+    signer: Arc<dyn Signer>,
+    identity: Identity,
+    impersonate: bool,
+    config: CertConfig,
+    tx: watch::Sender<Option<Arc<Issued>>>,
+    error: Arc<Mutex<Option<String>>>,
+) {
+    let mut retry = RETRY_FIRST;
+    loop {
+        match fetch(&*signer, &identity, impersonate, &config).await {
+            Ok(issued) => {
+                let renew_at = issued.credential.renew_at();
+                info!(
+                    identity = %identity,
+                    expires = %humanize(issued.credential.not_after),
+                    "workload certificate issued"
+                );
+                tx.send_replace(Some(Arc::new(issued)));
+                *error.lock().expect("error slot poisoned") = None;
+                retry = RETRY_FIRST;
+                let wait = renew_at
+                    .duration_since(SystemTime::now())
+                    .unwrap_or_default();
+                tokio::time::sleep(wait).await;
+            }
+            Err(e) => {
+                warn!(identity = %identity, retry_in = ?retry, "cannot obtain a certificate: {e}");
+                *error.lock().expect("error slot poisoned") = Some(e);
+                tokio::time::sleep(retry).await;
+                retry = (retry * 2).min(RETRY_MAX);
+            }
+        }
+    }
+}
+
+async fn fetch(
+    signer: &dyn Signer,
+    identity: &Identity,
+    impersonate: bool,
+    config: &CertConfig,
+) -> Result<Issued, String> {
+    let (csr, key) = request(identity).map_err(|e| format!("making the key failed: {e}"))?;
+    let chain = signer.sign(identity, csr, config.ttl, impersonate).await?;
+    let credential = Credential::from_chain(identity.clone(), &chain, key)
+        .map_err(|e| format!("the CA's answer is unusable: {e}"))?;
+    let client = credential
+        .client_config(config.own.clone())
+        .map_err(|e: TlsError| e.to_string())?;
+    let server = credential.server_config().map_err(|e| e.to_string())?;
+    Ok(Issued {
+        credential: Arc::new(credential),
+        client: Arc::new(client),
+        server: Arc::new(server),
+    })
+}
+
+/// A fresh P-256 key and a CSR for `identity` signed with it.
+pub fn request(identity: &Identity) -> Result<(String, PrivateKeyDer<'static>), rcgen::Error> {
+    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
+    let mut params = rcgen::CertificateParams::default();
+    params.distinguished_name = rcgen::DistinguishedName::new();
+    params.subject_alt_names = vec![rcgen::SanType::URI(rcgen::string::Ia5String::try_from(
+        identity.to_string(),
+    )?)];
+    let csr = params.serialize_request(&key)?.pem()?;
+    let der = PrivateKeyDer::Pkcs8(key.serialize_der().into());
+    Ok((csr, der))
+}
+
+fn humanize(at: SystemTime) -> String {
+    match at.duration_since(SystemTime::now()) {
+        Ok(left) => format!("in {}s", left.as_secs()),
+        Err(_) => "already".into(),
+    }
+}
+
+/// Signs through the mesh CA's gRPC API.
+impl Signer for super::client::CaClient {
+    fn sign(
+        &self,
+        identity: &Identity,
+        csr_pem: String,
+        ttl: Duration,
+        impersonate: bool,
+    ) -> Pin<Box<dyn Future<Output = Result<Vec<String>, String>> + Send + 'static>> {
+        let client = self.clone();
+        let identity = identity.clone();
+        Box::pin(async move {
+            client
+                .sign(&identity, &csr_pem, ttl, impersonate)
+                .await
+                .map_err(|e| e.to_string())
+        })
+    }
+}
+
+/// Signs in this process: the CA's own serving certificate, and tests.
+impl Signer for crate::ca::authority::Authority {
+    fn sign(
+        &self,
+        identity: &Identity,
+        csr_pem: String,
+        ttl: Duration,
+        _impersonate: bool,
+    ) -> Pin<Box<dyn Future<Output = Result<Vec<String>, String>> + Send + 'static>> {
+        let signed = crate::ca::authority::Authority::sign(self, &csr_pem, identity, ttl)
+            .map(|issued| issued.chain)
+            .map_err(|e| e.to_string());
+        Box::pin(async move { signed })
+    }
+}
+
+/// An in-process CA with a fresh root, for tests of everything that needs certificates.
+pub mod testing {
+    use std::{path::Path, sync::Arc, time::Duration};
+
+    use super::{CertConfig, CertManager};
+    use crate::{
+        ca::authority::{generate_root, Authority},
+        identity::{Identity, DEFAULT_TRUST_DOMAIN},
+    };
+
+    pub struct TestCa {
+        pub authority: Arc<Authority>,
+        /// The node proxies' identity.
+        pub node: Identity,
+    }
+
+    impl Default for TestCa {
+        fn default() -> Self {
+            Self::new()
+        }
+    }
+
+    impl TestCa {
+        pub fn new() -> Self {
+            let (cert, key) = generate_root(DEFAULT_TRUST_DOMAIN).expect("a root CA is generated");
+            let authority = Authority::from_pems(Path::new("memory"), &key, &cert, "", &cert)
+                .expect("a generated root signs");
+            Self {
+                authority: Arc::new(authority),
+                node: Identity::new(DEFAULT_TRUST_DOMAIN, "weft-system", "mesh-node"),
+            }
+        }
+
+        /// A certificate manager of a node proxy signed by this CA (one-hour certificates).
+        pub fn certs(&self) -> Arc<CertManager> {
+            self.certs_with_ttl(Duration::from_secs(3600))
+        }
+
+        pub fn certs_with_ttl(&self, ttl: Duration) -> Arc<CertManager> {
+            CertManager::new(
+                self.authority.clone(),
+                CertConfig {
+                    own: self.node.clone(),
+                    ttl,
+                    wait: Duration::from_secs(5),
+                },
+            )
+        }
+    }
+}

@@ -1,0 +1,501 @@
+//! HBONE, the node-to-node hop: HTTP/2 `CONNECT` streams over mutual TLS 1.3 on port 15008,
+//! as Istio's ztunnel speaks it.
+//!
+//! ```text
+//! TLS 1.3, ALPN h2, client certificate = the calling pod's SPIFFE ID, server = a node proxy
+//!   HEADERS  :method CONNECT  :authority 10.244.2.3:9080  forwarded: for=10.244.1.5
+//!   HEADERS  :status 200        then DATA frames carry the application's bytes both ways
+//! ```
+//!
+//! The client side ([`HbonePool`]) keeps TLS connections per (calling identity, peer node)
+//! and opens a stream per proxied connection, up to [`MAX_STREAMS`] on one TLS connection
+//! before it opens another. The server side lives with the listeners (`inbound.rs`); this
+//! module gives it the parsing of what a peer sends ([`target_of`], [`forwarded_for`]) and the
+//! answers ([`Refusal`]).
+//!
+//! Who calls is the certificate's identity, never a header. The `forwarded` header only says
+//! which pod of that identity (for telemetry); the destination believes it only if that pod
+//! has the certificate's service account and runs on the node the connection comes from.
+
+use std::{
+    collections::HashMap,
+    io,
+    net::{Ipv4Addr, SocketAddrV4},
+    pin::Pin,
+    sync::{
+        atomic::{AtomicUsize, Ordering},
+        Arc, Mutex,
+    },
+    task::{Context, Poll},
+    time::Duration,
+};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt as _, Empty, Full, Limited};
+use hyper::{
+    body::Incoming,
+    client::conn::http2::{self, SendRequest},
+    header::HeaderValue,
+    upgrade::Upgraded,
+    Method, Request, Response, StatusCode,
+};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use rustls::pki_types::ServerName;
+use thiserror::Error;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio_rustls::TlsConnector;
+use tracing::debug;
+
+use super::connect::{connect_tcp, ConnectError, Role};
+use crate::identity::{
+    manager::{CertError, CertManager},
+    Identity,
+};
+
+/// Streams on one TLS connection before the pool opens another (ztunnel's default).
+pub const MAX_STREAMS: usize = 100;
+/// HTTP/2 windows: large enough that one stream fills a fast link without waiting for
+/// window updates (one bandwidth-delay product of a 10 Gbit/s link at 3 ms per stream).
+pub const STREAM_WINDOW: u32 = 4 * 1024 * 1024;
+pub const CONNECTION_WINDOW: u32 = 16 * 1024 * 1024;
+pub const MAX_FRAME: u32 = 256 * 1024;
+/// Idle TLS connections are kept this long.
+const IDLE_TIMEOUT: Duration = Duration::from_secs(300);
+/// Largest refusal body read from a peer.
+const MAX_REASON: usize = 1024;
+/// The header naming which pod of the certificate's identity opened the stream (RFC 7239).
+pub const FORWARDED: &str = "forwarded";
+
+#[derive(Debug, Error)]
+pub enum TunnelError {
+    #[error(transparent)]
+    Connect(#[from] ConnectError),
+    #[error("no certificate to present to peer node proxy {peer}: {source}")]
+    Certificate {
+        peer: SocketAddrV4,
+        #[source]
+        source: CertError,
+    },
+    #[error("TLS handshake with peer node proxy {peer} failed: {source} (is it a Weft node proxy of this mesh, and do both trust the same root?)")]
+    Tls {
+        peer: SocketAddrV4,
+        #[source]
+        source: io::Error,
+    },
+    #[error("HTTP/2 with peer node proxy {peer} failed: {source}")]
+    Http2 {
+        peer: SocketAddrV4,
+        #[source]
+        source: hyper::Error,
+    },
+    #[error("peer node proxy {peer} refused the tunnel to {target}: {status}{}", reason_suffix(.reason))]
+    Refused {
+        peer: SocketAddrV4,
+        target: SocketAddrV4,
+        status: u16,
+        reason: String,
+    },
+    #[error("peer node proxy {peer} did not answer the tunnel request for {target} within {timeout:?}: is mesh-node running on that node?")]
+    ResponseTimeout {
+        peer: SocketAddrV4,
+        target: SocketAddrV4,
+        timeout: Duration,
+    },
+    #[error("the tunnel to {target} through {peer} could not become a byte stream: {source}")]
+    Upgrade {
+        peer: SocketAddrV4,
+        target: SocketAddrV4,
+        #[source]
+        source: hyper::Error,
+    },
+}
+
+fn reason_suffix(reason: &str) -> String {
+    if reason.is_empty() {
+        String::new()
+    } else {
+        format!(" ({reason})")
+    }
+}
+
+/// Why a server refuses a tunnel.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Refusal {
+    BadRequest,
+    /// The target is not a pod of this node.
+    Forbidden,
+    /// The target refused the connection or could not be reached.
+    BadGateway,
+    /// The target did not answer in time.
+    GatewayTimeout,
+}
+
+impl Refusal {
+    pub fn status(self) -> StatusCode {
+        match self {
+            Refusal::BadRequest => StatusCode::BAD_REQUEST,
+            Refusal::Forbidden => StatusCode::FORBIDDEN,
+            Refusal::BadGateway => StatusCode::BAD_GATEWAY,
+            Refusal::GatewayTimeout => StatusCode::GATEWAY_TIMEOUT,
+        }
+    }
+
+    /// The answer to a refused `CONNECT`: the status and a one-line reason.
+    pub fn response(self, reason: &str) -> Response<Full<Bytes>> {
+        let reason = reason.replace(['\r', '\n'], " ");
+        let mut response = Response::new(Full::new(Bytes::from(reason)));
+        *response.status_mut() = self.status();
+        response
+            .headers_mut()
+            .insert("content-type", HeaderValue::from_static("text/plain"));
+        response
+    }
+}
+
+/// The pod a `CONNECT` asks for: its `:authority`, an IPv4 address and port.
+pub fn target_of<B>(request: &Request<B>) -> Result<SocketAddrV4, String> {
+    if request.method() != Method::CONNECT {
+        return Err(format!("expected CONNECT, got {}", request.method()));
+    }
+    let authority = request
+        .uri()
+        .authority()
+        .ok_or_else(|| "CONNECT without :authority".to_string())?;
+    parse_target(authority.as_str())
+}
+
+fn parse_target(authority: &str) -> Result<SocketAddrV4, String> {
+    authority
+        .parse::<SocketAddrV4>()
+        .ok()
+        .filter(|t| t.port() != 0)
+        .ok_or_else(|| format!("target {authority:?} is not an IPv4 address and port"))
+}
+
+/// The pod address a peer claims in `forwarded: for=<ip>`, if any and well-formed.
+pub fn forwarded_for<B>(request: &Request<B>) -> Option<Ipv4Addr> {
+    let value = request.headers().get(FORWARDED)?.to_str().ok()?;
+    parse_forwarded(value)
+}
+
+fn parse_forwarded(value: &str) -> Option<Ipv4Addr> {
+    // One element, as this module writes it; anything richer is not a claim we act on.
+    value
+        .split(';')
+        .filter_map(|pair| pair.trim().split_once('='))
+        .find(|(name, _)| name.eq_ignore_ascii_case("for"))
+        .and_then(|(_, ip)| ip.trim_matches('"').parse().ok())
+}
+
+/// The tunnel's parsers of peer input on arbitrary bytes: nothing may panic, and a target that
+/// parses prints back to itself. `fuzz/` feeds this function; a unit test replays its corpus.
+pub fn fuzz_request(data: &[u8]) {
+    let text = String::from_utf8_lossy(data);
+    let (authority, forwarded) = text.split_once('\n').unwrap_or((&text, ""));
+    if let Ok(target) = parse_target(authority) {
+        assert_eq!(parse_target(&target.to_string()), Ok(target));
+    }
+    if let Some(ip) = parse_forwarded(forwarded) {
+        assert_eq!(parse_forwarded(&format!("for={ip}")), Some(ip));
+    }
+}
+
+/// Who opens a stream: the pod's identity (its certificate) and address (`forwarded`).
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct Caller {
+    pub identity: Identity,
+    pub ip: Ipv4Addr,
+}
+
+/// Pooled HBONE connections of the node proxy, per (calling identity, peer node).
+pub struct HbonePool {
+    certs: Arc<CertManager>,
+    conns: Mutex<HashMap<(Identity, SocketAddrV4), Arc<Conns>>>,
+}
+
+/// The connections of one (identity, peer); callers of one key wait for each other.
+type Conns = tokio::sync::Mutex<Vec<Conn>>;
+
+/// One TLS connection and the number of streams open on it.
+#[derive(Clone)]
+struct Conn {
+    sender: SendRequest<Empty<Bytes>>,
+    streams: Arc<AtomicUsize>,
+}
+
+impl HbonePool {
+    pub fn new(certs: Arc<CertManager>) -> Self {
+        Self {
+            certs,
+            conns: Mutex::default(),
+        }
+    }
+
+    pub fn certs(&self) -> &Arc<CertManager> {
+        &self.certs
+    }
+
+    /// Opens a stream to `target` through the node proxy at `peer`, on behalf of `caller`.
+    /// `timeout` bounds getting a connection and, separately, the peer's answer.
+    pub async fn connect(
+        &self,
+        caller: &Caller,
+        source: Option<Ipv4Addr>,
+        peer: SocketAddrV4,
+        target: SocketAddrV4,
+        timeout: Duration,
+    ) -> Result<HboneStream, TunnelError> {
+        let conn = self.conn(&caller.identity, source, peer, timeout).await?;
+        let mut request = Request::builder()
+            .method(Method::CONNECT)
+            .uri(target.to_string())
+            .version(hyper::Version::HTTP_2)
+            .body(Empty::new())
+            .expect("a CONNECT request from valid parts");
+        let forwarded = HeaderValue::from_str(&format!("for={}", caller.ip))
+            .expect("an IPv4 address is a valid header value");
+        request.headers_mut().insert(FORWARDED, forwarded);
+        let guard = StreamGuard::new(conn.streams.clone());
+        let mut sender = conn.sender;
+        let exchange = async {
+            let response = sender
+                .send_request(request)
+                .await
+                .map_err(|source| TunnelError::Http2 { peer, source })?;
+            if response.status() != StatusCode::OK {
+                return Err(refused(peer, target, response).await);
+            }
+            hyper::upgrade::on(response)
+                .await
+                .map_err(|source| TunnelError::Upgrade {
+                    peer,
+                    target,
+                    source,
+                })
+        };
+        let upgraded = tokio::time::timeout(timeout, exchange)
+            .await
+            .map_err(|_| TunnelError::ResponseTimeout {
+                peer,
+                target,
+                timeout,
+            })??;
+        Ok(HboneStream {
+            io: TokioIo::new(upgraded),
+            _guard: guard,
+        })
+    }
+
+    /// A connection to `peer` for `identity` with room for one more stream, opened if needed.
+    async fn conn(
+        &self,
+        identity: &Identity,
+        source: Option<Ipv4Addr>,
+        peer: SocketAddrV4,
+        timeout: Duration,
+    ) -> Result<Conn, TunnelError> {
+        let entry = self
+            .conns
+            .lock()
+            .expect("HBONE pool poisoned")
+            .entry((identity.clone(), peer))
+            .or_default()
+            .clone();
+        // Callers of one key wait for each other, so a burst opens one connection, not many.
+        let mut conns = entry.lock().await;
+        conns.retain(|c| !c.sender.is_closed());
+        if let Some(conn) = conns
+            .iter()
+            .find(|c| c.streams.load(Ordering::Relaxed) < MAX_STREAMS)
+        {
+            return Ok(conn.clone());
+        }
+        let conn = tokio::time::timeout(timeout, self.open(identity, source, peer, timeout))
+            .await
+            .map_err(|_| {
+                TunnelError::Connect(ConnectError {
+                    role: Role::PeerProxy,
+                    target: peer,
+                    kind: super::ConnectErrorKind::Timeout(timeout),
+                    source: None,
+                })
+            })??;
+        conns.push(conn.clone());
+        Ok(conn)
+    }
+
+    async fn open(
+        &self,
+        identity: &Identity,
+        source: Option<Ipv4Addr>,
+        peer: SocketAddrV4,
+        timeout: Duration,
+    ) -> Result<Conn, TunnelError> {
+        let issued = self
+            .certs
+            .issued(identity)
+            .await
+            .map_err(|source| TunnelError::Certificate { peer, source })?;
+        let tcp = connect_tcp(peer, source, timeout, Role::PeerProxy).await?;
+        let name = ServerName::IpAddress((*peer.ip()).into());
+        let tls = TlsConnector::from(issued.client.clone())
+            .connect(name, tcp)
+            .await
+            .map_err(|source| TunnelError::Tls { peer, source })?;
+        let (sender, connection) = http2::Builder::new(TokioExecutor::new())
+            .timer(TokioTimer::new())
+            .initial_stream_window_size(STREAM_WINDOW)
+            .initial_connection_window_size(CONNECTION_WINDOW)
+            .max_frame_size(MAX_FRAME)
+            .keep_alive_interval(Duration::from_secs(30))
+            .keep_alive_while_idle(false)
+            .handshake(TokioIo::new(tls))
+            .await
+            .map_err(|source| TunnelError::Http2 { peer, source })?;
+        let streams = Arc::new(AtomicUsize::new(0));
+        let idle = streams.clone();
+        tokio::spawn(async move {
+            tokio::pin!(connection);
+            // Closes the connection once it has carried no stream for IDLE_TIMEOUT.
+            let mut idle_since = tokio::time::Instant::now();
+            loop {
+                tokio::select! {
+                    result = &mut connection => {
+                        if let Err(e) = result {
+                            debug!(%peer, "HBONE connection ended: {e}");
+                        }
+                        return;
+                    }
+                    _ = tokio::time::sleep(Duration::from_secs(10)) => {
+                        if idle.load(Ordering::Relaxed) > 0 {
+                            idle_since = tokio::time::Instant::now();
+                        } else if idle_since.elapsed() > IDLE_TIMEOUT {
+                            debug!(%peer, "closing idle HBONE connection");
+                            return;
+                        }
+                    }
+                }
+            }
+        });
+        Ok(Conn { sender, streams })
+    }
+}
+
+async fn refused(
+    peer: SocketAddrV4,
+    target: SocketAddrV4,
+    response: Response<Incoming>,
+) -> TunnelError {
+    let status = response.status().as_u16();
+    let reason = match Limited::new(response.into_body(), MAX_REASON)
+        .collect()
+        .await
+    {
+        Ok(body) => String::from_utf8_lossy(&body.to_bytes()).trim().to_owned(),
+        Err(_) => String::new(),
+    };
+    TunnelError::Refused {
+        peer,
+        target,
+        status,
+        reason,
+    }
+}
+
+/// Counts a stream as open on its connection until dropped.
+#[derive(Debug)]
+struct StreamGuard(Arc<AtomicUsize>);
+
+impl StreamGuard {
+    fn new(streams: Arc<AtomicUsize>) -> Self {
+        streams.fetch_add(1, Ordering::Relaxed);
+        Self(streams)
+    }
+}
+
+impl Drop for StreamGuard {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// The byte stream of one HBONE stream.
+#[derive(Debug)]
+pub struct HboneStream {
+    io: TokioIo<Upgraded>,
+    _guard: StreamGuard,
+}
+
+impl AsyncRead for HboneStream {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for HboneStream {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_targets_and_forwarded_claims() {
+        assert_eq!(
+            parse_target("10.244.2.3:9080"),
+            Ok("10.244.2.3:9080".parse().unwrap())
+        );
+        for bad in ["reviews:9080", "[fd00::1]:80", "10.0.0.1", "10.0.0.1:0", ""] {
+            assert!(parse_target(bad).is_err(), "{bad:?}");
+        }
+        assert_eq!(
+            parse_forwarded("for=10.244.1.5"),
+            Some(Ipv4Addr::new(10, 244, 1, 5))
+        );
+        assert_eq!(
+            parse_forwarded("proto=https; For=\"10.244.1.5\""),
+            Some(Ipv4Addr::new(10, 244, 1, 5))
+        );
+        assert_eq!(parse_forwarded("for=unknown"), None);
+        assert_eq!(parse_forwarded("for=\"[2001:db8::1]\""), None);
+    }
+
+    #[test]
+    fn refusals_carry_their_status_and_a_one_line_reason() {
+        let response = Refusal::Forbidden.response("10.0.0.9:80 is not\r\na pod");
+        assert_eq!(response.status(), StatusCode::FORBIDDEN);
+    }
+
+    /// Replays the tunnel fuzz corpus on the stable toolchain (see `fuzz/`).
+    #[test]
+    fn fuzz_corpus_replays_without_panicking() {
+        let dir =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../fuzz/corpus/hbone_request");
+        let mut seeds = 0;
+        for entry in std::fs::read_dir(&dir).expect("the seed corpus of fuzz/ is present") {
+            let data = std::fs::read(entry.unwrap().path()).unwrap();
+            fuzz_request(&data);
+            seeds += 1;
+        }
+        assert!(seeds >= 4, "the seed corpus is missing");
+    }
+}

@@ -1,0 +1,380 @@
+//! TLS between node proxies: rustls configurations for workload certificates, checked against
+//! the mesh's trust bundle, with the peer's SPIFFE ID as the only name that counts.
+//!
+//! Both directions are TLS 1.3 only, with ALPN `h2` (HBONE is HTTP/2). The crypto provider is
+//! aws-lc-rs with the hybrid post-quantum key exchange X25519MLKEM768 offered first; classic
+//! groups (X25519, P-256, P-384) are still accepted, so a peer without ML-KEM still connects.
+//!
+//! Certificates carry no DNS names: a server is checked for the SPIFFE ID the client expects
+//! (the node proxies' identity), a client's SPIFFE ID is read after the handshake and handed to
+//! the destination's handling as the caller's identity.
+
+use std::{
+    fmt,
+    sync::Arc,
+    time::{Duration, SystemTime, UNIX_EPOCH},
+};
+
+use rustls::{
+    client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier},
+    crypto::{CryptoProvider, WebPkiSupportedAlgorithms},
+    pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime},
+    server::{ParsedCertificate, WebPkiClientVerifier},
+    ClientConfig, DigitallySignedStruct, RootCertStore, ServerConfig, SignatureScheme,
+};
+use thiserror::Error;
+
+use crate::identity::Identity;
+
+/// HBONE's ALPN: HTTP/2 over TLS, as Istio's ztunnel offers it.
+pub const ALPN_H2: &[u8] = b"h2";
+
+#[derive(Debug, Error)]
+pub enum TlsError {
+    #[error("certificate is not valid X.509: {0}")]
+    BadCertificate(String),
+    #[error("certificate carries no SPIFFE ID (URI SAN spiffe://...)")]
+    NoIdentity,
+    #[error("certificate carries {0} SPIFFE IDs; a workload certificate has exactly one")]
+    SeveralIdentities(usize),
+    #[error(transparent)]
+    Identity(#[from] crate::identity::IdentityError),
+    #[error("PEM: {0}")]
+    Pem(String),
+    #[error("the trust bundle holds no usable root: {0}")]
+    NoRoots(String),
+    #[error("building the TLS configuration failed: {0}")]
+    Config(#[from] rustls::Error),
+    #[error("client certificate verifier: {0}")]
+    Verifier(#[from] rustls::server::VerifierBuilderError),
+}
+
+/// The crypto provider of every mesh TLS connection: aws-lc-rs, post-quantum hybrid first.
+pub fn provider() -> Arc<CryptoProvider> {
+    static PROVIDER: std::sync::OnceLock<Arc<CryptoProvider>> = std::sync::OnceLock::new();
+    PROVIDER
+        .get_or_init(|| Arc::new(rustls::crypto::aws_lc_rs::default_provider()))
+        .clone()
+}
+
+/// Makes aws-lc-rs the process-wide default, for libraries that build their own TLS
+/// configuration (kube's client, tonic). Calling it again is harmless.
+pub fn install_default_provider() {
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+}
+
+/// The roots every peer certificate must chain to. Several during a root rotation.
+#[derive(Clone)]
+pub struct TrustBundle {
+    roots: Arc<RootCertStore>,
+    ders: Arc<[CertificateDer<'static>]>,
+}
+
+impl fmt::Debug for TrustBundle {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("TrustBundle")
+            .field("roots", &self.ders.len())
+            .finish()
+    }
+}
+
+impl TrustBundle {
+    pub fn from_der(ders: Vec<CertificateDer<'static>>) -> Result<Self, TlsError> {
+        let mut roots = RootCertStore::empty();
+        for der in &ders {
+            roots
+                .add(der.clone())
+                .map_err(|e| TlsError::NoRoots(e.to_string()))?;
+        }
+        if roots.is_empty() {
+            return Err(TlsError::NoRoots("empty".into()));
+        }
+        Ok(Self {
+            roots: Arc::new(roots),
+            ders: ders.into(),
+        })
+    }
+
+    pub fn from_pem(pems: &[impl AsRef<str>]) -> Result<Self, TlsError> {
+        let mut ders = Vec::new();
+        for pem in pems {
+            ders.extend(certs_from_pem(pem.as_ref())?);
+        }
+        Self::from_der(ders)
+    }
+
+    pub fn roots(&self) -> &[CertificateDer<'static>] {
+        &self.ders
+    }
+
+    /// Whether both bundles hold the same roots.
+    pub fn same_as(&self, other: &TrustBundle) -> bool {
+        self.ders == other.ders
+    }
+}
+
+/// A workload certificate with its key: what a node proxy presents for one identity.
+pub struct Credential {
+    pub identity: Identity,
+    /// Leaf first, then intermediates (not the root).
+    pub chain: Vec<CertificateDer<'static>>,
+    key: PrivateKeyDer<'static>,
+    pub not_before: SystemTime,
+    pub not_after: SystemTime,
+    pub bundle: TrustBundle,
+}
+
+// Never print the key.
+impl fmt::Debug for Credential {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Credential")
+            .field("identity", &self.identity.to_string())
+            .field("not_after", &self.not_after)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Credential {
+    /// A credential from a CA's answer: the chain as Istio's certificate API returns it (leaf
+    /// first, root last) and the key the CSR was made with. The leaf must carry `identity`.
+    pub fn from_chain(
+        identity: Identity,
+        chain_pem: &[String],
+        key: PrivateKeyDer<'static>,
+    ) -> Result<Self, TlsError> {
+        let mut chain = Vec::new();
+        for pem in chain_pem {
+            chain.extend(certs_from_pem(pem)?);
+        }
+        if chain.len() < 2 {
+            return Err(TlsError::BadCertificate(
+                "the CA answered without a root after the leaf".into(),
+            ));
+        }
+        let root = chain.pop().expect("at least two certificates");
+        let leaf = chain.first().expect("at least one certificate");
+        let found = identity_of(leaf)?;
+        if found != identity {
+            return Err(TlsError::BadCertificate(format!(
+                "the CA issued {found}, not the requested {identity}"
+            )));
+        }
+        let (not_before, not_after) = validity(leaf)?;
+        Ok(Self {
+            identity,
+            chain,
+            key,
+            not_before,
+            not_after,
+            bundle: TrustBundle::from_der(vec![root])?,
+        })
+    }
+
+    /// When the certificate should be replaced: half way through its life, as Istio does.
+    pub fn renew_at(&self) -> SystemTime {
+        let life = self
+            .not_after
+            .duration_since(self.not_before)
+            .unwrap_or_default();
+        self.not_before + life / 2
+    }
+
+    /// A client configuration presenting this credential and accepting only a server that
+    /// proves `server` (a node proxy's identity) under this credential's trust bundle.
+    pub fn client_config(&self, server: Identity) -> Result<ClientConfig, TlsError> {
+        let provider = provider();
+        let verifier = Arc::new(SpiffeServerVerifier {
+            roots: self.bundle.roots.clone(),
+            expected: server,
+            algorithms: provider.signature_verification_algorithms,
+        });
+        let mut config = ClientConfig::builder_with_provider(provider)
+            .with_protocol_versions(&[&rustls::version::TLS13])?
+            .dangerous()
+            .with_custom_certificate_verifier(verifier)
+            .with_client_auth_cert(self.chain.clone(), self.key.clone_key())?;
+        config.alpn_protocols = vec![ALPN_H2.to_vec()];
+        // Connections are pooled and long-lived; resumption would only save a handshake per
+        // pool connection and keep session secrets around.
+        config.resumption = rustls::client::Resumption::disabled();
+        Ok(config)
+    }
+
+    /// A server configuration presenting this credential and requiring a client certificate
+    /// under the trust bundle.
+    pub fn server_config(&self) -> Result<ServerConfig, TlsError> {
+        let provider = provider();
+        let verifier = WebPkiClientVerifier::builder_with_provider(
+            self.bundle.roots.clone(),
+            provider.clone(),
+        )
+        .build()?;
+        let mut config = ServerConfig::builder_with_provider(provider)
+            .with_protocol_versions(&[&rustls::version::TLS13])?
+            .with_client_cert_verifier(verifier)
+            .with_single_cert(self.chain.clone(), self.key.clone_key())?;
+        config.alpn_protocols = vec![ALPN_H2.to_vec()];
+        config.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+        config.send_tls13_tickets = 0;
+        Ok(config)
+    }
+}
+
+/// A peer that proved its identity in an mTLS handshake.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Authenticated {
+    pub identity: Identity,
+    /// SHA-256 of its certificate (DER), as Envoy's `x-forwarded-client-cert` `Hash`.
+    pub certificate_sha256: [u8; 32],
+}
+
+impl Authenticated {
+    /// The identity and fingerprint of a peer's leaf certificate.
+    pub fn of(leaf: &CertificateDer<'_>) -> Result<Self, TlsError> {
+        let identity = identity_of(leaf)?;
+        let digest = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, leaf.as_ref());
+        let mut certificate_sha256 = [0u8; 32];
+        certificate_sha256.copy_from_slice(digest.as_ref());
+        Ok(Self {
+            identity,
+            certificate_sha256,
+        })
+    }
+
+    /// The `x-forwarded-client-cert` value Envoy sets for this peer on a request to a
+    /// workload whose own identity is `by`.
+    pub fn forwarded_client_cert(&self, by: &Identity) -> String {
+        let hash: String = self
+            .certificate_sha256
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        format!("By={by};Hash={hash};Subject=\"\";URI={}", self.identity)
+    }
+}
+
+/// The SPIFFE ID of a certificate: its one `spiffe://` URI SAN.
+pub fn identity_of(cert: &CertificateDer<'_>) -> Result<Identity, TlsError> {
+    let (_, parsed) = x509_parser::parse_x509_certificate(cert)
+        .map_err(|e| TlsError::BadCertificate(e.to_string()))?;
+    let san = parsed
+        .subject_alternative_name()
+        .map_err(|e| TlsError::BadCertificate(e.to_string()))?;
+    let uris: Vec<&str> = san
+        .iter()
+        .flat_map(|san| san.value.general_names.iter())
+        .filter_map(|name| match name {
+            x509_parser::extensions::GeneralName::URI(uri) if uri.starts_with("spiffe://") => {
+                Some(*uri)
+            }
+            _ => None,
+        })
+        .collect();
+    match uris.as_slice() {
+        [] => Err(TlsError::NoIdentity),
+        [uri] => Ok(uri.parse()?),
+        more => Err(TlsError::SeveralIdentities(more.len())),
+    }
+}
+
+fn validity(cert: &CertificateDer<'_>) -> Result<(SystemTime, SystemTime), TlsError> {
+    let (_, parsed) = x509_parser::parse_x509_certificate(cert)
+        .map_err(|e| TlsError::BadCertificate(e.to_string()))?;
+    let at = |t: x509_parser::time::ASN1Time| {
+        let secs = u64::try_from(t.timestamp()).unwrap_or(0);
+        UNIX_EPOCH + Duration::from_secs(secs)
+    };
+    Ok((
+        at(parsed.validity().not_before),
+        at(parsed.validity().not_after),
+    ))
+}
+
+/// Every certificate of a PEM text.
+pub fn certs_from_pem(pem: &str) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+    use rustls::pki_types::pem::PemObject as _;
+    CertificateDer::pem_slice_iter(pem.as_bytes())
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| TlsError::Pem(e.to_string()))
+}
+
+/// The private key of a PEM text.
+pub fn key_from_pem(pem: &str) -> Result<PrivateKeyDer<'static>, TlsError> {
+    use rustls::pki_types::pem::PemObject as _;
+    PrivateKeyDer::from_pem_slice(pem.as_bytes()).map_err(|e| TlsError::Pem(e.to_string()))
+}
+
+/// Checks a server's chain against the trust bundle and its SPIFFE ID against the one
+/// expected. Server names (DNS, IP) play no part: mesh certificates carry only SPIFFE IDs.
+#[derive(Debug)]
+struct SpiffeServerVerifier {
+    roots: Arc<RootCertStore>,
+    expected: Identity,
+    algorithms: WebPkiSupportedAlgorithms,
+}
+
+impl ServerCertVerifier for SpiffeServerVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp_response: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        let cert = ParsedCertificate::try_from(end_entity)?;
+        rustls::client::verify_server_cert_signed_by_trust_anchor(
+            &cert,
+            &self.roots,
+            intermediates,
+            now,
+            self.algorithms.all,
+        )?;
+        let found = identity_of(end_entity).map_err(|e| {
+            rustls::Error::InvalidCertificate(rustls::CertificateError::Other(rustls::OtherError(
+                Arc::new(e),
+            )))
+        })?;
+        if found != self.expected {
+            return Err(rustls::Error::InvalidCertificate(
+                rustls::CertificateError::Other(rustls::OtherError(Arc::new(IdentityMismatch {
+                    expected: self.expected.clone(),
+                    found,
+                }))),
+            ));
+        }
+        Ok(ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        _message: &[u8],
+        _cert: &CertificateDer<'_>,
+        _dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        // The configuration allows TLS 1.3 only.
+        Err(rustls::Error::PeerIncompatible(
+            rustls::PeerIncompatible::Tls12NotOffered,
+        ))
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.algorithms)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.algorithms.supported_schemes()
+    }
+}
+
+#[derive(Debug, Error)]
+#[error("peer presented {found}, expected {expected}")]
+pub struct IdentityMismatch {
+    pub expected: Identity,
+    pub found: Identity,
+}
