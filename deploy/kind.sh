@@ -42,8 +42,22 @@ KIND
 fi
 
 step "applying deploy/ (CRDs, RBAC, DaemonSet, CA)"
+kubectl create namespace weft-system --dry-run=client -o yaml | kubectl apply -f -
+if ! kubectl -n weft-system get secret cacerts >/dev/null 2>&1; then
+    step "creating the mesh's root CA (Secret cacerts, Istio's shape)"
+    pki=$(mktemp -d)
+    openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 3650 \
+        -keyout "$pki/ca-key.pem" -out "$pki/ca-cert.pem" \
+        -subj "/O=cluster.local/CN=Weft root CA for cluster.local" \
+        -addext basicConstraints=critical,CA:TRUE -addext keyUsage=critical,keyCertSign,cRLSign
+    kubectl -n weft-system create secret generic cacerts \
+        --from-file=ca-cert.pem="$pki/ca-cert.pem" --from-file=ca-key.pem="$pki/ca-key.pem" \
+        --from-file=root-cert.pem="$pki/ca-cert.pem" --from-file=cert-chain.pem="$pki/ca-cert.pem"
+    rm -rf "$pki"
+fi
 kubectl apply -k "$root/deploy"
 kubectl -n weft-system set image daemonset/mesh-node prepare-node="$image" mesh-node="$image"
+kubectl -n weft-system set image deployment/weft-ca ca="$image"
 kubectl -n weft-system rollout status daemonset/mesh-node --timeout=180s
 
 step "meshing the namespace $ns and deploying two demo pods"

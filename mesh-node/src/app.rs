@@ -294,10 +294,6 @@ pub fn run_ca(args: crate::config::CaArgs) -> Result<(), AppError> {
     })
 }
 
-/// The service account of node proxies (the DaemonSet's), whose identity a node proxy
-/// presents on its HBONE port and expects of its peers.
-pub const NODE_PROXY_NAMESPACE: &str = "weft-system";
-pub const NODE_PROXY_SERVICE_ACCOUNT: &str = "mesh-node";
 /// How long a connection waits for the first certificate of its pod's identity.
 const CERTIFICATE_WAIT: Duration = Duration::from_secs(5);
 /// Deadline of one request to the mesh CA.
@@ -335,10 +331,12 @@ fn certificates(args: &IdentityArgs) -> Result<Option<Arc<CertManager>>, AppErro
     Ok(Some(CertManager::new(
         Arc::new(client),
         CertConfig {
+            // The DaemonSet's service account: what a node proxy presents on its HBONE port and
+            // expects of its peers.
             own: Identity::new(
                 &args.trust_domain,
-                NODE_PROXY_NAMESPACE,
-                NODE_PROXY_SERVICE_ACCOUNT,
+                crate::ca::DEFAULT_NODE_PROXY.0,
+                crate::ca::DEFAULT_NODE_PROXY.1,
             ),
             ttl: args.workload_cert_ttl,
             wait: CERTIFICATE_WAIT,

@@ -704,3 +704,22 @@ async fn kubernetes_rejected_tokens_are_unauthenticated() {
     );
     ca.stop().await;
 }
+
+#[tokio::test]
+async fn kubernetes_tokens_of_another_audience_are_unauthenticated() {
+    let api = FakeApi::default();
+    // An authenticator that accepted the token but not for the CA's audience (the pod's
+    // default API-server token, say).
+    api.reviews.lock().unwrap().insert(
+        "api-server-token".into(),
+        json!({"authenticated": true, "audiences": ["https://kubernetes.default.svc"],
+               "user": {"username": "system:serviceaccount:weft-system:mesh-node",
+                        "extra": {"authentication.kubernetes.io/node-name": ["node-1"]}}}),
+    );
+    let (_state, ca, tokens) = kube_ca(&api).await;
+    let client = ca.client(token_file(&tokens, "api-server-token"));
+    let err = sign(&client, NODE_PROXY, false).await.unwrap_err();
+    assert_eq!(err.code(), Some(Code::Unauthenticated), "{err}");
+    assert!(err.to_string().contains("audience weft-ca"), "{err}");
+    ca.stop().await;
+}

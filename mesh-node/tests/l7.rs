@@ -1107,10 +1107,26 @@ async fn the_server_sees_the_client_certificate_and_never_a_forged_one() {
     // On the same node: set by the source's proxy, which knows the caller by its address.
     let answer = mesh.connect(2).await.get("/", &forged).await;
     assert_eq!(answer.header("x-pod"), "reviews-local");
-    assert_eq!(
-        answer.header("x-seen-xfcc"),
-        "By=spiffe://cluster.local/ns/shop/sa/reviews;URI=spiffe://cluster.local/ns/shop/sa/default"
+    let local = "By=spiffe://cluster.local/ns/shop/sa/reviews;URI=spiffe://cluster.local/ns/shop/sa/default";
+    assert_eq!(answer.header("x-seen-xfcc"), local);
+
+    // Requests that ask to switch protocols take their own path: the same rule holds there.
+    let upgrade = [
+        forged[0],
+        ("connection", "upgrade"),
+        ("upgrade", "websocket"),
+    ];
+    let answer = mesh.connect(1).await.get("/", &upgrade).await;
+    assert_eq!(answer.header("x-pod"), "ratings-remote");
+    assert!(
+        answer
+            .header("x-seen-xfcc")
+            .ends_with(";URI=spiffe://cluster.local/ns/shop/sa/default"),
+        "{}",
+        answer.header("x-seen-xfcc")
     );
+    let answer = mesh.connect(2).await.get("/", &upgrade).await;
+    assert_eq!(answer.header("x-seen-xfcc"), local);
 }
 
 #[tokio::test]

@@ -482,7 +482,10 @@ async fn tunnel_refuses_targets_that_are_not_its_pods() {
         panic!("expected a refusal, got {err}");
     };
     assert_eq!(*status, 403);
-    assert!(reason.contains("is not a pod on node node-b"), "{reason}");
+    assert!(
+        reason.contains("is not a meshed pod on node node-b"),
+        "{reason}"
+    );
     assert!(err.to_string().contains("refused the tunnel"), "{err}");
     assert_eq!(mesh.reviews_v1.accepted(), 0);
 

@@ -14,7 +14,8 @@ use crate::{bpf_toolchain, bpf_toolchain_components, cmd, is_root};
 
 /// Debian packages: LLVM for bpf-linker, the tools the virtual cluster drives, load
 /// generators (h2load is also the HTTP/2 client of the L7 tests, curl their HTTP/1.1 one),
-/// and HAProxy (the third-party sidecar of the benchmark).
+/// tcpdump and openssl (the mTLS tests capture the node link and play TLS clients), and
+/// HAProxy (the third-party sidecar of the benchmark).
 const PACKAGES: &[&str] = &[
     "llvm-22-dev",
     "libpolly-22-dev",
@@ -24,6 +25,8 @@ const PACKAGES: &[&str] = &[
     "nftables",
     "iptables",
     "curl",
+    "tcpdump",
+    "openssl",
     "nghttp2-client",
     "wrk",
     "haproxy",
@@ -33,9 +36,16 @@ const BPF_LINKER_VERSION: &str = "0.13.0";
 /// The dependency checker of `cargo xtask test` (licenses, bans, sources; see deny.toml).
 /// 0.20.2 builds with rustc 1.88 and later.
 const CARGO_DENY_VERSION: &str = "0.20.2";
-/// grpcio, the third-party gRPC client of the L7 end-to-end tests
-/// (`xtask/assets/grpc_client.py`); pinned like every tool the tests assert with.
-pub const GRPCIO_VERSION: &str = "1.85.1";
+/// The Python packages of the end-to-end tests' third-party clients, pinned like every tool
+/// the tests assert with: (package, version, module to import). grpcio is the gRPC client of
+/// the L7 tests (`xtask/assets/grpc_client.py`); h2 over Python's `ssl` is the independent
+/// HBONE client of the mTLS tests (`xtask/assets/hbone_probe.py`), cryptography mints its
+/// certificates (CA-issued, expired, self-signed, of a foreign CA).
+pub const PYTHON_PACKAGES: &[(&str, &str, &str)] = &[
+    ("grpcio", "1.85.1", "grpc"),
+    ("h2", "4.3.0", "h2"),
+    ("cryptography", "46.0.3", "cryptography"),
+];
 const BPFFS: &str = "/sys/fs/bpf";
 pub(crate) const CGROUP2: &str = "/sys/fs/cgroup/unified";
 
@@ -46,7 +56,7 @@ pub fn setup() -> Result<()> {
     bpf_linker()?;
     cargo_deny()?;
     crate::manifests::install_validator()?;
-    grpc_client()?;
+    python_packages()?;
     ensure_bpffs()?;
     check_cgroup2()?;
     println!("ok: cgroup v2 at {CGROUP2}");
@@ -129,32 +139,42 @@ pub fn test_python() -> PathBuf {
     crate::workspace_root().join("target/xtask/manifest-venv/bin/python3")
 }
 
-fn grpc_client() -> Result<()> {
+fn python_packages() -> Result<()> {
     let python = test_python();
-    let what = format!(
-        "grpcio {GRPCIO_VERSION} (gRPC client of the L7 tests) in {}",
-        python.display()
-    );
-    let installed = Command::new(&python)
-        .args(["-c", "import grpc; print(grpc.__version__)"])
-        .output()
-        .is_ok_and(|o| {
-            o.status.success() && String::from_utf8_lossy(&o.stdout).trim() == GRPCIO_VERSION
-        });
-    if installed {
-        println!("ok: {what}");
-        return Ok(());
+    for (package, version, module) in PYTHON_PACKAGES {
+        let what = format!(
+            "Python {package} {version} (end-to-end test client) in {}",
+            python.display()
+        );
+        let installed = Command::new(&python)
+            .args([
+                "-c",
+                &format!("import {module}; print({module}.__version__)"),
+            ])
+            .output()
+            .is_ok_and(|o| {
+                o.status.success() && String::from_utf8_lossy(&o.stdout).trim() == *version
+            });
+        if installed {
+            println!("ok: {what}");
+            continue;
+        }
+        println!("installing: {what}");
+        cmd::interactive(Command::new(&python).args([
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "--disable-pip-version-check",
+            &format!("{package}=={version}"),
+        ]))
+        .with_context(|| {
+            format!(
+                "installing {package} (the virtualenv is created by the manifest validator step)"
+            )
+        })?;
     }
-    println!("installing: {what}");
-    cmd::interactive(Command::new(&python).args([
-        "-m",
-        "pip",
-        "install",
-        "--quiet",
-        "--disable-pip-version-check",
-        &format!("grpcio=={GRPCIO_VERSION}"),
-    ]))
-    .context("installing grpcio (the virtualenv is created by the manifest validator step)")
+    Ok(())
 }
 
 fn package_installed(package: &str) -> bool {

@@ -147,8 +147,8 @@ fn e2e_tests(root: &Path) -> Result<()> {
     }
     cluster::binaries()?;
     // Each suite brings up and tears down its own cluster: the mesh mechanics first, then
-    // L7 routing with real clients.
-    for suite in ["e2e", "l7"] {
+    // L7 routing with real clients, then zero trust (CA, HBONE mTLS, PeerAuthentication).
+    for suite in ["e2e", "l7", "mtls"] {
         cargo(
             root,
             &[

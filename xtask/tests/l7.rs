@@ -14,7 +14,6 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet},
-    panic::{self, AssertUnwindSafe},
     path::PathBuf,
     thread,
     time::{Duration, Instant},

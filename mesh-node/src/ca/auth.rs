@@ -148,11 +148,7 @@ pub async fn authorize(
 
 /// Compares secrets in time that depends on their length only.
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    if a.len() != b.len() {
-        return false;
-    }
-    let diff = a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y));
-    std::hint::black_box(diff) == 0
+    aws_lc_rs::constant_time::verify_slices_are_equal(a, b).is_ok()
 }
 
 // ------------------------------------------------------------------------------------------
@@ -344,6 +340,17 @@ impl KubeAuth {
                     self.audiences.join(", ")
                 }
             )));
+        }
+        // An authenticator that ignores audiences (a webhook, OIDC) may accept any token of
+        // the cluster: Kubernetes asks callers that set audiences to check the answer's.
+        if !self.audiences.is_empty() {
+            let granted = status.audiences.unwrap_or_default();
+            if !granted.iter().any(|a| self.audiences.contains(a)) {
+                return Err(AuthError::Unauthenticated(format!(
+                    "the token is not bound to audience {} (it was accepted for {granted:?}): node proxies use a projected token for the CA",
+                    self.audiences.join(", ")
+                )));
+            }
         }
         let user = status.user.unwrap_or_default();
         let username = user.username.unwrap_or_default();

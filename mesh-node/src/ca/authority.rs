@@ -51,6 +51,9 @@ pub const CLOCK_SKEW: Duration = Duration::from_secs(60);
 /// Lifetime of the CA's own serving certificate (issued again at each start).
 pub const SERVING_CERT_TTL: Duration = Duration::from_secs(365 * 24 * 3600);
 
+/// The shortest life a certificate is issued with.
+pub const MIN_ISSUED_LIFE: Duration = Duration::from_secs(60);
+
 #[derive(Debug, Error)]
 pub enum AuthorityError {
     #[error("cannot read {path}: {source} ({hint})")]
@@ -83,6 +86,8 @@ pub enum AuthorityError {
     CsrNames { expected: String, found: String },
     #[error("the public key of the certificate signing request cannot be used: {0} (use ECDSA P-256/P-384, Ed25519 or RSA)")]
     CsrKey(String),
+    #[error("the signing CA certificate expires in {left_secs}s, too soon to issue anything useful: rotate the signing CA (cacerts)")]
+    SigningExpired { left_secs: i64 },
 }
 
 impl AuthorityError {
@@ -368,16 +373,19 @@ impl Authority {
         params.use_authority_key_identifier_extension = true;
         let serial = random_serial()?;
         params.serial_number = Some(SerialNumber::from_slice(&serial));
-        let (not_before, not_after) = self.validity(ttl.min(self.max_ttl));
+        let (not_before, not_after) = self.validity(ttl.min(self.max_ttl))?;
         params.not_before = to_asn1(not_before)?.to_datetime();
         params.not_after = to_asn1(not_after)?.to_datetime();
         let cert = params
             .signed_by(&public_key, &self.issuer)
             .map_err(AuthorityError::Generate)?;
 
+        // As istiod answers: the leaf, the certificates between it and the root, and last the
+        // whole root bundle (several roots during a rotation), so the node learns what to trust.
         let mut chain = Vec::with_capacity(self.chain.len() + 1);
         chain.push(cert.pem());
-        chain.extend(self.chain.iter().cloned());
+        chain.extend(self.chain[..self.chain.len() - 1].iter().cloned());
+        chain.push(self.root_bundle());
         Ok(Issued {
             chain,
             serial: hex(&serial),
@@ -421,7 +429,7 @@ impl Authority {
         params.is_ca = IsCa::ExplicitNoCa;
         params.use_authority_key_identifier_extension = true;
         params.serial_number = Some(SerialNumber::from_slice(&random_serial()?));
-        let (not_before, not_after) = self.validity(SERVING_CERT_TTL);
+        let (not_before, not_after) = self.validity(SERVING_CERT_TTL)?;
         params.not_before = to_asn1(not_before)?.to_datetime();
         params.not_after = to_asn1(not_after)?.to_datetime();
         let cert = params
@@ -435,13 +443,19 @@ impl Authority {
         Ok((chain, key.serialize_pem()))
     }
 
-    /// `(not_before, not_after)` in Unix seconds for a certificate living `ttl` from now.
-    fn validity(&self, ttl: Duration) -> (i64, i64) {
+    /// `(not_before, not_after)` in Unix seconds for a certificate living `ttl` from now, never
+    /// beyond the signing certificate; refused when that leaves less than [`MIN_ISSUED_LIFE`]
+    /// (a certificate already expired, or about to, would only make its holder ask again).
+    fn validity(&self, ttl: Duration) -> Result<(i64, i64), AuthorityError> {
         let now = unix_now();
+        let left_secs = self.signing_not_after.saturating_sub(now);
+        if left_secs < MIN_ISSUED_LIFE.as_secs() as i64 {
+            return Err(AuthorityError::SigningExpired { left_secs });
+        }
         let not_before = now.saturating_sub(CLOCK_SKEW.as_secs() as i64);
         let ttl = i64::try_from(ttl.as_secs()).unwrap_or(i64::MAX);
         let not_after = now.saturating_add(ttl).min(self.signing_not_after);
-        (not_before, not_after)
+        Ok((not_before, not_after))
     }
 }
 

@@ -155,7 +155,7 @@ impl CaServer {
     /// Loads (or creates) the keys, sets up the callers' authentication and binds the
     /// listener. Must run inside the tokio runtime that will serve.
     pub async fn bind(settings: CaSettings) -> Result<Self, CaError> {
-        install_crypto_provider();
+        crate::tls::install_default_provider();
         let authority = Arc::new(load_authority(&settings)?);
         let (auth, source): (Arc<dyn NodeAuth>, _) = match &settings.callers {
             CallerSource::Local {
@@ -207,10 +207,13 @@ impl CaServer {
         authority: Arc<Authority>,
         auth: Arc<dyn NodeAuth>,
     ) -> Result<Self, CaError> {
-        install_crypto_provider();
+        crate::tls::install_default_provider();
         let (chain, key) =
             authority.serving_certificate(&settings.server_names, &settings.server_ips)?;
-        let tls = ServerTlsConfig::new().identity(tonic::transport::Identity::from_pem(chain, key));
+        // A client that opens a connection and never finishes its handshake must not hold it.
+        let tls = ServerTlsConfig::new()
+            .identity(tonic::transport::Identity::from_pem(chain, key))
+            .timeout(HANDSHAKE_TIMEOUT);
         let listener = tokio::net::TcpListener::bind(settings.listen)
             .await
             .map_err(|source| CaError::Bind {
@@ -258,6 +261,10 @@ impl CaServer {
         drop(stop_rx);
         info!(addr = %self.local_addr, roots = self.authority.roots().len(), "mesh CA serving");
         let result = Server::builder()
+            .timeout(REQUEST_TIMEOUT)
+            .concurrency_limit_per_connection(STREAMS_PER_CONNECTION)
+            .max_concurrent_streams(STREAMS_PER_CONNECTION as u32)
+            .http2_keepalive_interval(Some(Duration::from_secs(30)))
             .tls_config(self.tls)
             .map_err(|e| CaError::Tls(e.to_string()))?
             // The one service of this server: no router needed.
@@ -273,6 +280,13 @@ impl CaServer {
         result
     }
 }
+
+/// How long a client may take for its TLS handshake.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long one certificate request may take, TokenReview and pod list included.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(15);
+/// Requests one connection may have in flight (a node asks for a handful at a time).
+const STREAMS_PER_CONNECTION: usize = 32;
 
 /// The node proxy's service account unless configured otherwise.
 pub const DEFAULT_NODE_PROXY: (&str, &str) = ("weft-system", "mesh-node");
@@ -302,13 +316,6 @@ fn load_authority(settings: &CaSettings) -> Result<Authority, CaError> {
         }
     };
     Ok(authority.with_max_ttl(settings.max_workload_cert_ttl))
-}
-
-/// Makes aws-lc-rs rustls' process-wide provider, which TLS configurations built without an
-/// explicit provider need when more than one provider is compiled in.
-pub fn install_crypto_provider() {
-    // Already installed (by us or another part of the process) is fine.
-    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
 }
 
 /// Runs the mesh CA until `shutdown` completes.

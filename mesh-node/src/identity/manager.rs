@@ -99,6 +99,8 @@ impl Drop for Slot {
     }
 }
 
+/// The shortest wait before a renewal.
+const RENEW_FLOOR: Duration = Duration::from_secs(1);
 /// Back-off between failed attempts: from 100 ms, doubling, at most 10 s.
 const RETRY_FIRST: Duration = Duration::from_millis(100);
 const RETRY_MAX: Duration = Duration::from_secs(10);
@@ -228,9 +230,11 @@ async fn keep_fresh(
                 tx.send_replace(Some(Arc::new(issued)));
                 *error.lock().expect("error slot poisoned") = None;
                 retry = RETRY_FIRST;
+                // Never a hot loop, whatever lifetime the CA granted.
                 let wait = renew_at
                     .duration_since(SystemTime::now())
-                    .unwrap_or_default();
+                    .unwrap_or_default()
+                    .max(RENEW_FLOOR);
                 tokio::time::sleep(wait).await;
             }
             Err(e) => {

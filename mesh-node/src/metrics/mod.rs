@@ -560,12 +560,63 @@ impl Rejections {
     }
 }
 
+/// Why the proxy refused a connection or stream for want of (valid) mTLS.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum MtlsRefusal {
+    /// The TLS handshake on the HBONE port failed: plaintext, an unknown CA, an expired or
+    /// revoked certificate...
+    Handshake,
+    /// The peer's certificate carries no usable SPIFFE ID, or one of a foreign trust domain.
+    Identity,
+    /// A CONNECT for an address that is not a meshed pod of this node, or malformed.
+    Target,
+    /// Plaintext to a pod whose PeerAuthentication is STRICT.
+    PlaintextStrict,
+    /// This node has no certificate of its own (the mesh CA is unreachable).
+    NoCertificate,
+}
+
+impl EncodeLabelValue for MtlsRefusal {
+    fn encode(&self, encoder: &mut LabelValueEncoder<'_>) -> Result<(), fmt::Error> {
+        let reason = match self {
+            MtlsRefusal::Handshake => "handshake",
+            MtlsRefusal::Identity => "identity",
+            MtlsRefusal::Target => "target",
+            MtlsRefusal::PlaintextStrict => "plaintext_strict",
+            MtlsRefusal::NoCertificate => "no_certificate",
+        };
+        EncodeLabelValue::encode(&reason, encoder)
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct RefusalLabels {
+    reason: MtlsRefusal,
+}
+
+/// `weft_mtls_refused_total{reason}`: connections and HBONE streams refused for want of mTLS.
+#[derive(Clone, Debug, Default)]
+pub struct MtlsRefusals {
+    family: Family<RefusalLabels, Counter>,
+}
+
+impl MtlsRefusals {
+    pub fn inc(&self, reason: MtlsRefusal) {
+        self.family.get_or_create(&RefusalLabels { reason }).inc();
+    }
+
+    pub fn get(&self, reason: MtlsRefusal) -> u64 {
+        self.family.get_or_create(&RefusalLabels { reason }).get()
+    }
+}
+
 /// Every metric of a node. Built once; [`Metrics::encode`] renders a scrape.
 pub struct Metrics {
     registry: Registry,
     tcp: TcpMetrics,
     http: HttpMetrics,
     rejections: Rejections,
+    refusals: MtlsRefusals,
 }
 
 impl Default for Metrics {
@@ -593,11 +644,18 @@ impl Metrics {
             "Configuration resources rejected, by kind (the last good version stays in force)",
             rejections.family.clone(),
         );
+        let refusals = MtlsRefusals::default();
+        registry.register(
+            "weft_mtls_refused",
+            "Connections and HBONE streams refused for want of valid mTLS, by reason",
+            refusals.family.clone(),
+        );
         Self {
             registry,
             tcp,
             http,
             rejections,
+            refusals,
         }
     }
 
@@ -632,6 +690,10 @@ impl Metrics {
 
     pub fn rejections(&self) -> &Rejections {
         &self.rejections
+    }
+
+    pub fn refusals(&self) -> &MtlsRefusals {
+        &self.refusals
     }
 
     /// Renders every metric in the OpenMetrics text format.

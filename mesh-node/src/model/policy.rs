@@ -8,7 +8,7 @@
 
 use std::{collections::BTreeMap, sync::Arc};
 
-use super::{traffic::IpBlock, Labels, ObjectKey};
+use super::{traffic::IpBlock, Labels, Map, ObjectKey};
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct AuthorizationPolicy {
@@ -128,5 +128,154 @@ impl MtlsMode {
             MtlsMode::Permissive => "PERMISSIVE",
             MtlsMode::Strict => "STRICT",
         }
+    }
+}
+
+/// The namespace whose selector-less policies apply to the whole mesh, as Istio's default.
+pub const ROOT_NAMESPACE: &str = "istio-system";
+
+/// The mTLS mode PeerAuthentications give `pod` on its `port`, with Istio's precedence: a
+/// workload policy (a selector with labels; its `portLevelMtls` first) over the namespace's
+/// over the mesh's (root namespace; a selector without labels counts as none); `UNSET`
+/// inherits from the next; among policies of one level the
+/// first by name wins (Istio takes the oldest, which the model does not record); PERMISSIVE
+/// when nothing decides.
+pub fn mtls_mode(
+    policies: &Map<ObjectKey, Arc<PeerAuthentication>>,
+    namespace: &str,
+    labels: &Labels,
+    port: u16,
+    root_namespace: &str,
+) -> MtlsMode {
+    let workload = policies
+        .values()
+        .filter(|p| *p.key.namespace == *namespace)
+        .filter(|p| {
+            p.selector
+                .as_ref()
+                .is_some_and(|s| !s.is_empty() && s.iter().all(|(k, v)| labels.get(k) == Some(v)))
+        })
+        .min_by(|a, b| a.key.cmp(&b.key))
+        .map(|p| match p.port_level_mtls.get(&port) {
+            Some(mode) if *mode != MtlsMode::Unset => *mode,
+            _ => p.mtls,
+        });
+    let namespace_wide = |ns: &str| {
+        policies
+            .values()
+            // Istio: a selector without labels selects the whole namespace (or mesh).
+            .filter(|p| *p.key.namespace == *ns && p.selector.as_ref().is_none_or(Labels::is_empty))
+            .min_by(|a, b| a.key.cmp(&b.key))
+            .map(|p| p.mtls)
+    };
+    [
+        workload,
+        namespace_wide(namespace),
+        namespace_wide(root_namespace),
+    ]
+    .into_iter()
+    .flatten()
+    .find(|mode| *mode != MtlsMode::Unset)
+    .unwrap_or(MtlsMode::Permissive)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn policy(
+        namespace: &str,
+        name: &str,
+        selector: Option<&[(&str, &str)]>,
+        mtls: MtlsMode,
+        ports: &[(u16, MtlsMode)],
+    ) -> PeerAuthentication {
+        PeerAuthentication {
+            key: ObjectKey::new(namespace, name),
+            selector: selector.map(|s| {
+                s.iter()
+                    .map(|(k, v)| (k.to_string(), v.to_string()))
+                    .collect()
+            }),
+            mtls,
+            port_level_mtls: ports.iter().copied().collect(),
+        }
+    }
+
+    fn labels(app: &str) -> Labels {
+        [("app".to_string(), app.to_string())].into()
+    }
+
+    #[test]
+    fn istio_precedence_workload_over_namespace_over_mesh() {
+        use MtlsMode::*;
+        let mode = |policies: &[PeerAuthentication], ns: &str, app: &str, port| {
+            let policies = policies
+                .iter()
+                .map(|p| (p.key.clone(), Arc::new(p.clone())))
+                .collect();
+            mtls_mode(&policies, ns, &labels(app), port, ROOT_NAMESPACE)
+        };
+        // Nothing: PERMISSIVE, as Istio.
+        assert_eq!(mode(&[], "foo", "a", 80), Permissive);
+
+        let mesh = policy(ROOT_NAMESPACE, "default", None, Strict, &[]);
+        let foo = policy("foo", "default", None, Permissive, &[]);
+        let finance = policy(
+            "foo",
+            "finance",
+            Some(&[("app", "finance")]),
+            Unset,
+            &[(8080, Disable), (9090, Unset)],
+        );
+        let all = [mesh.clone(), foo.clone(), finance.clone()];
+        assert_eq!(
+            mode(std::slice::from_ref(&mesh), "bar", "a", 80),
+            Strict,
+            "mesh-wide"
+        );
+        assert_eq!(mode(&all, "bar", "a", 80), Strict, "another namespace");
+        assert_eq!(
+            mode(&all, "foo", "a", 80),
+            Permissive,
+            "namespace over mesh"
+        );
+        assert_eq!(
+            mode(&all, "foo", "finance", 8080),
+            Disable,
+            "port level of the workload"
+        );
+        assert_eq!(
+            mode(&all, "foo", "finance", 9090),
+            Permissive,
+            "an UNSET port inherits the workload's, which inherits the namespace's"
+        );
+        assert_eq!(mode(&[mesh, finance], "foo", "finance", 80), Strict);
+        // A selector in the root namespace applies to its own workloads only.
+        let root_selected = policy(ROOT_NAMESPACE, "a", Some(&[("app", "a")]), Strict, &[]);
+        assert_eq!(mode(&[root_selected], "foo", "a", 80), Permissive);
+        // An empty selector is namespace-wide (mesh-wide in the root namespace), as in Istio.
+        let empty = |ns: &str, mode| policy(ns, "empty", Some(&[]), mode, &[]);
+        assert_eq!(
+            mode(&[empty(ROOT_NAMESPACE, Strict)], "foo", "a", 80),
+            Strict
+        );
+        assert_eq!(
+            mode(
+                &[
+                    empty("foo", Permissive),
+                    policy("foo", "strict", None, Strict, &[])
+                ],
+                "foo",
+                "a",
+                80
+            ),
+            Permissive,
+            "two namespace-wide policies: the first by name"
+        );
+        // Of two namespace-wide policies the first by name decides.
+        let b = policy("foo", "b", None, Strict, &[]);
+        let a = policy("foo", "a", None, Disable, &[]);
+        assert_eq!(mode(&[b, a], "foo", "x", 80), Disable);
     }
 }

@@ -17,7 +17,7 @@ use super::{
 };
 use crate::{
     identity::manager::CertManager,
-    metrics::{HttpMetrics, Metrics, TcpMetrics},
+    metrics::{HttpMetrics, Metrics, MtlsRefusals, TcpMetrics},
     model::{OriginalDst, Snapshot},
 };
 
@@ -103,6 +103,7 @@ pub(crate) struct Context {
     pub original_dst: Arc<dyn OriginalDst>,
     pub metrics: TcpMetrics,
     pub http_metrics: HttpMetrics,
+    pub refusals: MtlsRefusals,
     /// Health and circuit-breaker state of every cluster, kept across snapshots.
     pub clusters: Clusters,
     /// Upstream HTTP connections of every cluster.
@@ -130,6 +131,7 @@ impl Context {
             original_dst,
             metrics: metrics.tcp().clone(),
             http_metrics: metrics.http().clone(),
+            refusals: metrics.refusals().clone(),
             clusters,
             pools: Pools::default(),
             applied,

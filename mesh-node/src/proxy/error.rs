@@ -57,7 +57,7 @@ pub enum ProxyError {
         client: SocketAddr,
         local: SocketAddr,
     },
-    #[error("tunnel from {client} asks for {target}, which is not a pod on node {node}")]
+    #[error("tunnel from {client} asks for {target}, which is not a meshed pod on node {node}")]
     NotLocalPod {
         client: SocketAddr,
         target: SocketAddrV4,
@@ -90,6 +90,12 @@ pub enum ProxyError {
         client: SocketAddr,
         #[source]
         source: hyper::Error,
+    },
+    #[error("plaintext from {client} to {pod} port {port} refused: its PeerAuthentication is STRICT (clients must be meshed)")]
+    PlaintextRefused {
+        client: SocketAddr,
+        pod: ObjectKey,
+        port: u16,
     },
     #[error(transparent)]
     Cluster(#[from] ClusterError),

@@ -35,8 +35,13 @@ use super::{
     },
 };
 use crate::{
-    metrics::{Reporter, ResponseFlags, ServiceLabels, TcpLabels, Workload, ACCESS_LOG},
-    model::{ObjectKey, Pod, Service, Snapshot},
+    metrics::{
+        MtlsRefusal, Reporter, ResponseFlags, ServiceLabels, TcpLabels, Workload, ACCESS_LOG,
+    },
+    model::{
+        policy::{mtls_mode, MtlsMode, ROOT_NAMESPACE},
+        ObjectKey, Pod, Service, Snapshot,
+    },
     tls::Authenticated,
 };
 
@@ -55,7 +60,24 @@ pub(super) async fn serve_captured(ctx: Arc<Context>, downstream: TcpStream, cli
 /// connection to a pod of this node.
 pub(super) async fn serve_tunnel(ctx: Arc<Context>, stream: TcpStream, client: SocketAddr) {
     if let Err(e) = hbone_connection(&ctx, stream, client).await {
-        warn!(direction = "tunnel", %client, "HBONE connection refused: {e}");
+        let reason = match &e {
+            ProxyError::Handshake { .. } | ProxyError::HandshakeTimeout { .. } => {
+                Some(MtlsRefusal::Handshake)
+            }
+            ProxyError::NoPeerIdentity { .. } | ProxyError::ForeignTrustDomain { .. } => {
+                Some(MtlsRefusal::Identity)
+            }
+            ProxyError::NoMtls | ProxyError::NoCertificate(_) => Some(MtlsRefusal::NoCertificate),
+            // The connection was served; it ended badly.
+            _ => None,
+        };
+        match reason {
+            Some(reason) => {
+                ctx.refusals.inc(reason);
+                warn!(direction = "tunnel", %client, "HBONE connection refused: {e}");
+            }
+            None => debug!(direction = "tunnel", %client, "HBONE connection ended: {e}"),
+        }
     }
 }
 
@@ -110,6 +132,26 @@ async fn captured(
     *log_target = Some(target);
 
     let view = ctx.view();
+    // Plaintext from outside the mesh: refused where a PeerAuthentication says STRICT. (The
+    // benchmark's sidecar mode has no mTLS between sidecars: it does not enforce STRICT.)
+    let enforced = !ctx.config.sidecar;
+    if let Some(pod) = view.snapshot.pod_by_ip(*target.ip()).filter(|_| enforced) {
+        let mode = mtls_mode(
+            &view.snapshot.peer_authentications,
+            &pod.key.namespace,
+            &pod.labels,
+            target.port(),
+            ROOT_NAMESPACE,
+        );
+        if mode == MtlsMode::Strict {
+            ctx.refusals.inc(MtlsRefusal::PlaintextStrict);
+            return Err(ProxyError::PlaintextRefused {
+                client,
+                pod: pod.key.clone(),
+                port: target.port(),
+            });
+        }
+    }
     let source = v4(client).and_then(|c| view.snapshot.pod_by_ip(*c.ip()).cloned());
     let labels = destination_labels(&view.snapshot, source.as_deref(), target);
     let http = Http::of(&view.snapshot, target);
@@ -220,6 +262,7 @@ async fn hbone_stream(
         Ok(target) => target,
         Err(reason) => {
             warn!(direction = "tunnel", %client, identity = %peer.auth.identity, "bad HBONE request: {reason}");
+            ctx.refusals.inc(MtlsRefusal::Target);
             return Refusal::BadRequest.response(&reason);
         }
     };
@@ -227,9 +270,11 @@ async fn hbone_stream(
     let snapshot = &view.snapshot;
     let node = &ctx.config.node;
     // Only pods of this node: the tunnel must not become an open relay.
+    // Only meshed pods of this node: the tunnel must not become an open relay, neither to
+    // other addresses nor to pods that never joined the mesh.
     let Some(local_pod) = snapshot
         .pod_by_ip(*target.ip())
-        .filter(|p| p.node.as_deref() == Some(&**node))
+        .filter(|p| p.node.as_deref() == Some(&**node) && snapshot.is_meshed(p))
     else {
         let error = ProxyError::NotLocalPod {
             client,
@@ -237,7 +282,9 @@ async fn hbone_stream(
             node: node.clone(),
         };
         warn!(direction = "tunnel", identity = %peer.auth.identity, "{error}");
-        return Refusal::Forbidden.response(&format!("{target} is not a pod on node {node}"));
+        ctx.refusals.inc(MtlsRefusal::Target);
+        return Refusal::Forbidden
+            .response(&format!("{target} is not a meshed pod on node {node}"));
     };
     let source = claimed_source(snapshot, &peer, hbone::forwarded_for(&request));
     let labels = destination_labels(snapshot, source.as_deref(), target)
@@ -452,7 +499,7 @@ mod tests {
     use crate::{
         identity::{manager::testing::TestCa, Identity},
         metrics::Metrics,
-        model::{Endpoint, Protocol, ServiceEndpoints, ServicePort, TargetPort},
+        model::{Endpoint, Namespace, Protocol, ServiceEndpoints, ServicePort, TargetPort},
         proxy::{
             context::ProxyConfig,
             upstream::hbone::{Caller, HbonePool, HboneStream, TunnelError},
@@ -531,6 +578,17 @@ mod tests {
     fn add_pod(snapshot: &mut Snapshot, pod: Pod) {
         snapshot.pods.insert(pod.key.clone(), Arc::new(pod));
         snapshot.index();
+    }
+
+    /// Labels `namespace` into the mesh.
+    fn mesh(snapshot: &mut Snapshot, namespace: &str) {
+        snapshot.namespaces.insert(
+            namespace.into(),
+            Namespace {
+                name: namespace.into(),
+                labels: [("weft.io/mesh".to_string(), "enabled".to_string())].into(),
+            },
+        );
     }
 
     /// bookinfo/reviews-v1 at [`POD_IP`], behind Service reviews with `ports`.
@@ -718,14 +776,20 @@ mod tests {
     #[tokio::test]
     async fn the_tunnel_refuses_targets_that_are_not_pods_of_this_node() {
         let mut snapshot = Snapshot::default();
+        mesh(&mut snapshot, "bookinfo");
         let remote = Ipv4Addr::new(10, 244, 2, 9);
         add_pod(&mut snapshot, pod("bookinfo", "ratings-v1", remote, "n2"));
+        // A pod of this node whose namespace never joined the mesh.
+        let unmeshed = Ipv4Addr::new(10, 244, 1, 30);
+        add_pod(&mut snapshot, pod("legacy", "db-0", unmeshed, "n1"));
         let ca = TestCa::new();
         let ctx = context(snapshot, &ca);
         for target in [
             SocketAddrV4::new(remote, 9080),
             // Not a pod at all: the tunnel is no open relay.
             SocketAddrV4::new(Ipv4Addr::new(192, 0, 2, 1), 443),
+            // Nor a way into pods outside the mesh.
+            SocketAddrV4::new(unmeshed, 5432),
         ] {
             let client = ask_tunnel(ctx.clone(), &ca, target).await;
             assert_eq!(
@@ -754,6 +818,7 @@ mod tests {
             Ipv4Addr::LOCALHOST,
             &[(Some("tcp-postgres"), None, 5432, closed)],
         );
+        mesh(&mut snapshot, "data");
         add_pod(
             &mut snapshot,
             pod("data", "db-0", Ipv4Addr::LOCALHOST, "n1"),

@@ -1173,6 +1173,27 @@ fn client_tls(policy: &Fields<'_>) -> Result<Option<ClientTls>> {
             }
         }
     }
+    // What Weft cannot honour is refused, never ignored: traffic the user asked to encrypt
+    // must not leave in plaintext.
+    if matches!(mode, TlsMode::Simple | TlsMode::Mutual) {
+        let name = if mode == TlsMode::Simple {
+            "SIMPLE"
+        } else {
+            "MUTUAL"
+        };
+        return Err(tls.error(
+            "mode",
+            format!("{name} TLS origination is not supported by Weft yet, and the traffic would not be encrypted as asked; remove the tls block, or use ISTIO_MUTUAL (the mesh's mTLS, which Weft applies between nodes)"),
+        ));
+    }
+    for key in ["sni", "subjectAltNames", "insecureSkipVerify"] {
+        if tls.get(key).is_some() {
+            return Err(tls.error(
+                key,
+                "not supported with the mesh's mTLS: Weft's HBONE hop checks the node proxy's identity, not the destination workload's",
+            ));
+        }
+    }
     Ok(Some(ClientTls {
         mode,
         sni: opt_str(&tls, "sni")?,
@@ -2034,6 +2055,10 @@ spec:
             ("{host: reviews, trafficPolicy: {loadBalancer: {consistentHash: {httpHeaderName: x-user, useSourceIp: true}}}}", "spec.trafficPolicy.loadBalancer.consistentHash.useSourceIp", "only one hash key"),
             ("{host: reviews, trafficPolicy: {tls: {mode: STRICT}}}", "spec.trafficPolicy.tls.mode", "expected one of DISABLE, SIMPLE, MUTUAL, ISTIO_MUTUAL"),
             ("{host: reviews, trafficPolicy: {tls: {mode: MUTUAL}}}", "spec.trafficPolicy.tls.clientCertificate", "client certificate required"),
+            ("{host: reviews, trafficPolicy: {tls: {mode: SIMPLE}}}", "spec.trafficPolicy.tls.mode", "SIMPLE TLS origination is not supported"),
+            ("{host: reviews, trafficPolicy: {tls: {mode: MUTUAL, clientCertificate: /c.pem, privateKey: /k.pem}}}", "spec.trafficPolicy.tls.mode", "MUTUAL TLS origination is not supported"),
+            ("{host: reviews, trafficPolicy: {tls: {mode: ISTIO_MUTUAL, subjectAltNames: [spiffe://cluster.local/ns/a/sa/b]}}}", "spec.trafficPolicy.tls.subjectAltNames", "not supported with the mesh's mTLS"),
+            ("{host: reviews, trafficPolicy: {portLevelSettings: [{port: {number: 443}, tls: {mode: SIMPLE, sni: api.example.com}}]}}", "spec.trafficPolicy.portLevelSettings[0].tls.mode", "not supported by Weft yet"),
             ("{host: reviews, trafficPolicy: {portLevelSettings: [{port: {number: 0}, tls: {mode: SIMPLE}}]}}", "spec.trafficPolicy.portLevelSettings[0].port.number", "expected a port number"),
             ("{host: reviews, trafficPolicy: {portLevelSettings: [{tls: {mode: SIMPLE}}]}}", "spec.trafficPolicy.portLevelSettings[0].port", "must have valid port"),
             ("{host: reviews, subsets: [{name: v1, labels: {version: v1}}, {name: v1, labels: {version: v2}}]}", "spec.subsets[1].name", "duplicate subset names: v1"),

@@ -57,8 +57,9 @@ pub fn provider() -> Arc<CryptoProvider> {
         .clone()
 }
 
-/// Makes aws-lc-rs the process-wide default, for libraries that build their own TLS
-/// configuration (kube's client, tonic). Calling it again is harmless.
+/// Makes aws-lc-rs rustls' process-wide provider, for libraries that build their own TLS
+/// configuration (tonic, kube's client) when more than one provider is compiled in. Calling it
+/// again, or after another part of the process did, is harmless.
 pub fn install_default_provider() {
     let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
 }
@@ -135,30 +136,47 @@ impl fmt::Debug for Credential {
 }
 
 impl Credential {
-    /// A credential from a CA's answer: the chain as Istio's certificate API returns it (leaf
-    /// first, root last) and the key the CSR was made with. The leaf must carry `identity`.
+    /// A credential from a CA's answer: the chain as Istio's certificate API returns it (the
+    /// leaf first; the last entry is the root bundle, which may hold several roots during a
+    /// root rotation) and the key the CSR was made with. The leaf must carry `identity`, chain
+    /// to the bundle and be valid now.
     pub fn from_chain(
         identity: Identity,
         chain_pem: &[String],
         key: PrivateKeyDer<'static>,
     ) -> Result<Self, TlsError> {
+        let Some((bundle_pem, certs_pem)) = chain_pem.split_last() else {
+            return Err(TlsError::BadCertificate(
+                "the CA answered no certificate".into(),
+            ));
+        };
         let mut chain = Vec::new();
-        for pem in chain_pem {
+        for pem in certs_pem {
             chain.extend(certs_from_pem(pem)?);
         }
-        if chain.len() < 2 {
-            return Err(TlsError::BadCertificate(
-                "the CA answered without a root after the leaf".into(),
-            ));
-        }
-        let root = chain.pop().expect("at least two certificates");
-        let leaf = chain.first().expect("at least one certificate");
+        let bundle = TrustBundle::from_der(certs_from_pem(bundle_pem)?)?;
+        let leaf = chain.first().ok_or_else(|| {
+            TlsError::BadCertificate("the CA answered without a certificate before the root".into())
+        })?;
         let found = identity_of(leaf)?;
         if found != identity {
             return Err(TlsError::BadCertificate(format!(
                 "the CA issued {found}, not the requested {identity}"
             )));
         }
+        let parsed = ParsedCertificate::try_from(leaf)?;
+        rustls::client::verify_server_cert_signed_by_trust_anchor(
+            &parsed,
+            &bundle.roots,
+            &chain[1..],
+            UnixTime::now(),
+            provider().signature_verification_algorithms.all,
+        )
+        .map_err(|e| {
+            TlsError::BadCertificate(format!(
+                "the issued certificate does not chain to the CA's root bundle, or is not valid now: {e}"
+            ))
+        })?;
         let (not_before, not_after) = validity(leaf)?;
         Ok(Self {
             identity,
@@ -166,7 +184,7 @@ impl Credential {
             key,
             not_before,
             not_after,
-            bundle: TrustBundle::from_der(vec![root])?,
+            bundle,
         })
     }
 
@@ -244,11 +262,7 @@ impl Authenticated {
     /// The `x-forwarded-client-cert` value Envoy sets for this peer on a request to a
     /// workload whose own identity is `by`.
     pub fn forwarded_client_cert(&self, by: &Identity) -> String {
-        let hash: String = self
-            .certificate_sha256
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect();
+        let hash = crate::ca::authority::hex(&self.certificate_sha256);
         format!("By={by};Hash={hash};Subject=\"\";URI={}", self.identity)
     }
 }

@@ -116,6 +116,13 @@ impl Identity {
         body.insert("version".into(), self.version.as_str().into());
         body.insert("pod".into(), self.pod.as_str().into());
         body.insert("peer".into(), peer.to_string().into());
+        // Who the mesh says is calling (Envoy's header, set by the node proxies).
+        if let Some(cert) = request
+            .get("x-forwarded-client-cert")
+            .and_then(|v| v.to_str().ok())
+        {
+            body.insert("client_cert".into(), cert.into());
+        }
         if let Some(received) = received_headers(request) {
             body.insert("request_headers".into(), received);
         }
@@ -356,6 +363,13 @@ mod tests {
         assert_eq!(body["author"], "William Shakespeare");
         assert_eq!(body["year"], 1595);
         assert!(body.get("request_headers").is_none());
+        assert!(body.get("client_cert").is_none());
+
+        let mut request = HeaderMap::new();
+        let xfcc = "By=spiffe://cluster.local/ns/default/sa/details;URI=spiffe://cluster.local/ns/default/sa/productpage";
+        request.insert("x-forwarded-client-cert", xfcc.parse().expect("header"));
+        let body = identity(Role::Details, "v1").body(peer, &request, details(0));
+        assert_eq!(body["client_cert"], xfcc);
     }
 
     #[test]

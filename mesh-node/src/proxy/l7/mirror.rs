@@ -59,6 +59,7 @@ pub(super) fn mirror(
         let Ok(key) = conn.conn_key(view, &pick, proto) else {
             continue;
         };
+        conn.set_forwarded_client_cert(&mut head.headers, pick.pod.as_deref());
         let conn = conn.clone();
         tokio::spawn(async move {
             let cluster = &resolved.cluster;

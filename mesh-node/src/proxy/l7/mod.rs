@@ -124,6 +124,9 @@ struct Inbound {
     state: Arc<cluster::ClusterState>,
 }
 
+/// Envoy's header naming the client certificate the proxy authenticated.
+const FORWARDED_CLIENT_CERT: &str = "x-forwarded-client-cert";
+
 /// Destination pod, destination service, gRPC.
 type LabelKey = (Option<ObjectKey>, Option<ObjectKey>, bool);
 
@@ -213,11 +216,21 @@ impl Conn {
         })
     }
 
-    /// Names the caller in `x-forwarded-client-cert` on a request to `pod` of this node: the
-    /// kernel vouches for the caller (its address on this node's own interface), as its
-    /// certificate does across nodes, where the destination's proxy sets the header. No
-    /// `Hash`: no certificate was presented.
-    fn name_local_caller(&self, headers: &mut HeaderMap, pod: Option<&Pod>) {
+    /// Sets `x-forwarded-client-cert` on a request about to leave for `pod` (Envoy's
+    /// `SANITIZE_SET`): whatever the client wrote is dropped, and the caller is named where
+    /// the proxy knows it — on the destination side the peer it authenticated with mTLS; on the
+    /// source side, for a pod of this node, the calling pod, whom the kernel vouches for (its
+    /// address on this node's own interface), with no `Hash` since no certificate was
+    /// presented. Across nodes the destination's proxy sets it. Every path that sends a
+    /// request upstream (routed, retried, mirrored, upgraded, destination side) calls this.
+    fn set_forwarded_client_cert(&self, headers: &mut HeaderMap, pod: Option<&Pod>) {
+        headers.remove(FORWARDED_CLIENT_CERT);
+        if let Some(inbound) = &self.inbound {
+            if let Some(value) = &inbound.forwarded_client_cert {
+                headers.insert(FORWARDED_CLIENT_CERT, value.clone());
+            }
+            return;
+        }
         let dialer = &self.ctx.dialer;
         let (Some(caller), Some(pod)) = (&self.caller, pod) else {
             return;
@@ -227,7 +240,7 @@ impl Conn {
         }
         let value = format!("By={};URI={}", dialer.identity(pod), caller.identity);
         if let Ok(value) = HeaderValue::from_str(&value) {
-            headers.insert(request::FORWARDED_CLIENT_CERT, value);
+            headers.insert(FORWARDED_CLIENT_CERT, value);
         }
     }
 

@@ -243,8 +243,6 @@ pub(super) async fn handle(conn: Arc<Conn>, request: Request<Incoming>) -> Reply
     }
 }
 
-pub(super) const FORWARDED_CLIENT_CERT: &str = "x-forwarded-client-cert";
-
 /// The destination side: every request goes to the local pod, on a pooled connection from
 /// the proxy address, and is reported with `reporter="destination"`. Routing, retries and
 /// faults happened on the source side.
@@ -282,10 +280,7 @@ pub(super) async fn forward_inbound(
     let key = ConnKey { proto, ..key };
     let authority = report.authority.clone();
     prepare_head(&mut parts, &authority, proto);
-    // The peer the proxy authenticated with mTLS.
-    if let Some(value) = &inbound.forwarded_client_cert {
-        parts.headers.insert(FORWARDED_CLIENT_CERT, value.clone());
-    }
+    conn.set_forwarded_client_cert(&mut parts.headers, None);
     let (request_body, tape) = RequestBody::record(body);
     report.tape = tape;
     let policy = ClusterPolicy::default();
@@ -354,9 +349,6 @@ pub(super) fn upstream_protocol(
 /// absolute form (`:scheme`, `:authority`) for HTTP/2; drops hop-by-hop headers.
 pub(super) fn prepare_head(parts: &mut Parts, authority: &str, proto: Proto) {
     strip_hop_by_hop(&mut parts.headers);
-    // Only the proxy names the client's certificate (Envoy's SANITIZE_SET): whatever a client
-    // wrote is dropped on both sides, and set again where the proxy knows the caller.
-    parts.headers.remove(FORWARDED_CLIENT_CERT);
     // A rewrite may have changed the authority: the URI or Host now says which.
     let authority = parts
         .uri

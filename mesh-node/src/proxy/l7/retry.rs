@@ -69,7 +69,7 @@ impl Attempts<'_> {
                 },
             };
             let mut request = Request::from_parts(parts.clone(), request_body);
-            conn.name_local_caller(request.headers_mut(), pick.pod.as_deref());
+            conn.set_forwarded_client_cert(request.headers_mut(), pick.pod.as_deref());
             let send = self.resolved.pool.send(
                 cluster.state(),
                 cluster.policy(),

@@ -46,6 +46,10 @@ pub(super) async fn send_upgrade(
             return local_reply(report, StatusCode::SERVICE_UNAVAILABLE, ResponseFlags::UF, "upstream connect error or disconnect/reset before headers. reset reason: connection failure");
         }
     };
+    conn.set_forwarded_client_cert(
+        &mut parts.headers,
+        pick.as_ref().and_then(|p| p.pod.as_deref()),
+    );
     // Origin form: the upgrade goes to an HTTP/1.1 server.
     if let Some(pq) = parts.uri.path_and_query() {
         parts.uri = Uri::from(pq.clone());

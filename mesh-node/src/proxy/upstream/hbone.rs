@@ -48,7 +48,7 @@ use tracing::debug;
 
 use super::connect::{connect_tcp, ConnectError, Role};
 use crate::identity::{
-    manager::{CertError, CertManager},
+    manager::{CertError, CertManager, Issued},
     Identity,
 };
 
@@ -216,11 +216,12 @@ pub struct HbonePool {
 /// The connections of one (identity, peer); callers of one key wait for each other.
 type Conns = tokio::sync::Mutex<Vec<Conn>>;
 
-/// One TLS connection and the number of streams open on it.
+/// One TLS connection, the certificate it was opened with, and the streams open on it.
 #[derive(Clone)]
 struct Conn {
     sender: SendRequest<Empty<Bytes>>,
     streams: Arc<AtomicUsize>,
+    issued: Arc<Issued>,
 }
 
 impl HbonePool {
@@ -301,16 +302,23 @@ impl HbonePool {
             .entry((identity.clone(), peer))
             .or_default()
             .clone();
+        let issued = self
+            .certs
+            .issued(identity)
+            .await
+            .map_err(|source| TunnelError::Certificate { peer, source })?;
         // Callers of one key wait for each other, so a burst opens one connection, not many.
         let mut conns = entry.lock().await;
-        conns.retain(|c| !c.sender.is_closed());
+        // Connections opened with a certificate since renewed (or of a rotated root) take no
+        // new streams; their open streams finish on them.
+        conns.retain(|c| !c.sender.is_closed() && Arc::ptr_eq(&c.issued, &issued));
         if let Some(conn) = conns
             .iter()
             .find(|c| c.streams.load(Ordering::Relaxed) < MAX_STREAMS)
         {
             return Ok(conn.clone());
         }
-        let conn = tokio::time::timeout(timeout, self.open(identity, source, peer, timeout))
+        let conn = tokio::time::timeout(timeout, self.open(issued, source, peer, timeout))
             .await
             .map_err(|_| {
                 TunnelError::Connect(ConnectError {
@@ -326,16 +334,11 @@ impl HbonePool {
 
     async fn open(
         &self,
-        identity: &Identity,
+        issued: Arc<Issued>,
         source: Option<Ipv4Addr>,
         peer: SocketAddrV4,
         timeout: Duration,
     ) -> Result<Conn, TunnelError> {
-        let issued = self
-            .certs
-            .issued(identity)
-            .await
-            .map_err(|source| TunnelError::Certificate { peer, source })?;
         let tcp = connect_tcp(peer, source, timeout, Role::PeerProxy).await?;
         let name = ServerName::IpAddress((*peer.ip()).into());
         let tls = TlsConnector::from(issued.client.clone())
@@ -377,7 +380,11 @@ impl HbonePool {
                 }
             }
         });
-        Ok(Conn { sender, streams })
+        Ok(Conn {
+            sender,
+            streams,
+            issued,
+        })
     }
 }
 

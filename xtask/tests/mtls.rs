@@ -1,0 +1,549 @@
+//! End-to-end tests of zero trust on the virtual cluster: the mesh CA, HBONE mTLS between the
+//! node proxies and PeerAuthentication, proved on the wire and tried as an attacker would —
+//! from an unmeshed pod, with Python's `ssl` and `h2` and certificates minted by
+//! `cryptography` (`xtask/assets/hbone_probe.py`), tcpdump on the node link, and a node
+//! asking the CA for what is not its own.
+//!
+//! One cluster serves every case; it is torn down at the end whatever happened, after which
+//! nothing may be left behind. Needs root: without it the suite fails loudly.
+
+use std::{
+    fs,
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    thread,
+    time::{Duration, Instant},
+};
+
+use anyhow::{anyhow, ensure, Context as _, Result};
+use serde_json::Value;
+use xtask::{
+    cluster,
+    probe::{self, curl, metrics, pod_ip, sample_sum},
+};
+
+const CLUSTER: &str = r#"
+apiVersion: v1
+kind: Namespace
+metadata: {name: mesh, labels: {weft.io/mesh: enabled}}
+---
+apiVersion: v1
+kind: Namespace
+metadata: {name: plain}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: client, namespace: mesh, labels: {app: client}}
+spec:
+  nodeName: node-1
+  serviceAccountName: client
+  containers: [{name: main, command: [sleep, infinity]}]
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: web-1, namespace: mesh, labels: {app: web-1}}
+spec:
+  nodeName: node-1
+  serviceAccountName: web
+  containers: [{name: main, command: [weft-demo, http, --port, "8080"], ports: [{containerPort: 8080}]}]
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: web-2, namespace: mesh, labels: {app: web-2}}
+spec:
+  nodeName: node-2
+  serviceAccountName: web-remote
+  containers: [{name: main, command: [weft-demo, http, --port, "8080"], ports: [{containerPort: 8080}]}]
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: outsider, namespace: plain, labels: {app: outsider}}
+spec:
+  nodeName: node-1
+  containers: [{name: main, command: [sleep, infinity]}]
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: plain-web, namespace: plain, labels: {app: plain-web}}
+spec:
+  nodeName: node-2
+  containers: [{name: main, command: [weft-demo, http, --port, "8080"], ports: [{containerPort: 8080}]}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: web-1, namespace: mesh}
+spec: {selector: {app: web-1}, ports: [{name: http, port: 80, targetPort: 8080}]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: web-2, namespace: mesh}
+spec: {selector: {app: web-2}, ports: [{name: http, port: 80, targetPort: 8080}]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: plain-web, namespace: plain}
+spec: {selector: {app: plain-web}, ports: [{name: http, port: 80, targetPort: 8080}]}
+"#;
+
+const STRICT: &str = r#"
+apiVersion: security.istio.io/v1
+kind: PeerAuthentication
+metadata: {name: default, namespace: mesh}
+spec: {mtls: {mode: STRICT}}
+"#;
+
+const WEB_1_PERMISSIVE: &str = r#"
+apiVersion: security.istio.io/v1
+kind: PeerAuthentication
+metadata: {name: web-1, namespace: mesh}
+spec:
+  selector: {matchLabels: {app: web-1}}
+  mtls: {mode: PERMISSIVE}
+"#;
+
+const WEB_1_PORT_PERMISSIVE: &str = r#"
+apiVersion: security.istio.io/v1
+kind: PeerAuthentication
+metadata: {name: web-1, namespace: mesh}
+spec:
+  selector: {matchLabels: {app: web-1}}
+  mtls: {mode: STRICT}
+  portLevelMtls:
+    8080: {mode: PERMISSIVE}
+"#;
+
+const CLIENT: &str = "mesh/client";
+const OUTSIDER: &str = "plain/outsider";
+const NODE_2_HBONE: &str = "172.31.0.12:15008";
+const CLIENT_ID: &str = "spiffe://cluster.local/ns/mesh/sa/client";
+const NODE_ID: &str = "spiffe://cluster.local/ns/weft-system/sa/mesh-node";
+
+fn ca_file(name: &str) -> String {
+    Path::new(cluster::RUN_DIR)
+        .join("ca")
+        .join(name)
+        .display()
+        .to_string()
+}
+
+fn unique(what: &str) -> String {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or_default();
+    format!("weft-{what}-{nanos}")
+}
+
+fn temp_dir() -> Result<PathBuf> {
+    let dir = std::env::temp_dir().join(unique("mtls"));
+    fs::create_dir_all(&dir)?;
+    Ok(dir)
+}
+
+fn apply_yaml(yaml: &str) -> Result<()> {
+    change(yaml, cluster::apply)
+}
+
+fn delete_yaml(yaml: &str) -> Result<()> {
+    change(yaml, cluster::delete)
+}
+
+fn change(yaml: &str, how: fn(&Path) -> Result<()>) -> Result<()> {
+    let dir = temp_dir()?;
+    let path = dir.join("change.yaml");
+    fs::write(&path, yaml)?;
+    let res = how(&path);
+    let _ = fs::remove_dir_all(&dir);
+    res
+}
+
+/// tcpdump on the fabric's ports (every node's uplink on the bridge), which every packet
+/// between nodes crosses; stopped (and its file flushed) when dropped.
+struct Capture {
+    child: Child,
+    file: PathBuf,
+    dir: PathBuf,
+}
+
+impl Capture {
+    fn start() -> Result<Self> {
+        let dir = temp_dir()?;
+        let file = dir.join("fabric.pcap");
+        let log = dir.join("tcpdump.log");
+        // `-i any`: frames switched between the bridge's ports never reach the bridge device
+        // itself. `--immediate-mode`: packets reach the file as they come, not when a buffer
+        // block fills, so nothing is lost when the capture stops.
+        let child = Command::new("ip")
+            .args(["netns", "exec", "weft-fabric", "tcpdump", "-i", "any"])
+            .args(["--immediate-mode", "-U", "-s", "0"])
+            .arg("-w")
+            .arg(&file)
+            .arg("tcp")
+            .stdout(Stdio::null())
+            .stderr(fs::File::create(&log)?)
+            .spawn()
+            .context("starting tcpdump (cargo xtask setup installs it)")?;
+        let capture = Self { child, file, dir };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !fs::read_to_string(&log)
+            .unwrap_or_default()
+            .contains("listening on")
+        {
+            ensure!(
+                Instant::now() < deadline,
+                "tcpdump did not start: {}",
+                fs::read_to_string(&log).unwrap_or_default()
+            );
+            thread::sleep(Duration::from_millis(50));
+        }
+        Ok(capture)
+    }
+
+    /// Stops the capture; returns the packets' bytes and what `read` makes of the file.
+    fn finish<T>(mut self, read: impl FnOnce(&Path) -> Result<T>) -> Result<(Vec<u8>, T)> {
+        self.stop();
+        let bytes =
+            fs::read(&self.file).with_context(|| format!("reading {}", self.file.display()))?;
+        Ok((bytes, read(&self.file)?))
+    }
+
+    /// How many captured packets match a tcpdump filter.
+    fn count(file: &Path, filter: &str) -> Result<usize> {
+        let out = Command::new("tcpdump")
+            .args(["-nn", "-r"])
+            .arg(file)
+            .arg(filter)
+            .output()?;
+        Ok(String::from_utf8_lossy(&out.stdout).lines().count())
+    }
+
+    fn stop(&mut self) {
+        let _ = Command::new("kill")
+            .args(["-INT", &self.child.id().to_string()])
+            .status();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            thread::sleep(Duration::from_millis(50));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Capture {
+    fn drop(&mut self) {
+        self.stop();
+        let _ = fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn contains(haystack: &[u8], needle: &str) -> bool {
+    haystack
+        .windows(needle.len())
+        .any(|w| w == needle.as_bytes())
+}
+
+/// A header the echo server saw, by name.
+fn seen_header(body: &Value, name: &str) -> Option<String> {
+    let headers = body.get("headers")?;
+    match headers.get(name)? {
+        Value::String(s) => Some(s.clone()),
+        Value::Array(values) => values.first()?.as_str().map(str::to_owned),
+        _ => None,
+    }
+}
+
+fn cross_node_traffic_is_mtls_on_the_wire() -> Result<()> {
+    let capture = Capture::start()?;
+    // The control: plaintext between two unmeshed pods of the two nodes is in the capture.
+    let control = unique("plaintext");
+    let (status, _) = curl(OUTSIDER, &format!("http://plain-web.plain/{control}"), &[])?;
+    ensure!(status == 200, "unmeshed request answered {status}");
+    let secret = unique("secret");
+    let (status, body) = curl(
+        CLIENT,
+        &format!("http://web-2/{secret}"),
+        &[("x-marker", &secret)],
+    )?;
+    ensure!(
+        status == 200,
+        "meshed request across nodes answered {status}"
+    );
+    let (packets, hbone) = capture.finish(|file| Capture::count(file, "tcp port 15008"))?;
+    ensure!(
+        contains(&packets, &control),
+        "the capture ({} bytes) misses the unmeshed request: it would not see plaintext either",
+        packets.len()
+    );
+    ensure!(
+        !contains(&packets, &secret),
+        "the meshed request crossed the node link in plaintext"
+    );
+    println!("    node link: {hbone} packets on 15008, the secret absent; the control found in plaintext");
+    ensure!(hbone > 0, "no packet on the HBONE port");
+
+    // The server sees who called, from the certificate.
+    let xfcc = seen_header(&body, "x-forwarded-client-cert")
+        .ok_or_else(|| anyhow!("no x-forwarded-client-cert reached the server: {body}"))?;
+    println!("    x-forwarded-client-cert: {xfcc}");
+    ensure!(
+        xfcc.starts_with("By=spiffe://cluster.local/ns/mesh/sa/web-remote;Hash=")
+            && xfcc.ends_with(&format!(";Subject=\"\";URI={CLIENT_ID}")),
+        "unexpected x-forwarded-client-cert {xfcc}"
+    );
+    // Both reporters name both principals.
+    let destination = metrics("node-2")?;
+    let labels = [
+        ("reporter", "destination"),
+        ("source_principal", CLIENT_ID),
+        (
+            "destination_principal",
+            "spiffe://cluster.local/ns/mesh/sa/web-remote",
+        ),
+        ("connection_security_policy", "mutual_tls"),
+    ];
+    ensure!(
+        sample_sum(&destination, "istio_requests_total", &labels) >= 1.0,
+        "node-2 did not report the request as mutual_tls with both principals"
+    );
+    Ok(())
+}
+
+/// The status curl got from the unmeshed pod; 0 when the connection was refused or closed.
+fn outsider_status(url: &str) -> Result<u16> {
+    let cmd: Vec<String> = [
+        "curl",
+        "-s",
+        "-o",
+        "/dev/null",
+        "--max-time",
+        "5",
+        "-w",
+        "%{http_code}",
+        url,
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let out = cluster::exec(OUTSIDER, &cmd)?;
+    let code = String::from_utf8_lossy(&out.stdout);
+    code.trim()
+        .parse()
+        .with_context(|| format!("curl {url} printed {code:?}"))
+}
+
+fn strict_refuses_plaintext_and_overrides_apply() -> Result<()> {
+    ensure!(
+        outsider_status("http://web-1.mesh/")? == 200,
+        "PERMISSIVE (the default) must accept plaintext"
+    );
+    let refused = |m: &str| {
+        sample_sum(
+            m,
+            "weft_mtls_refused_total",
+            &[("reason", "plaintext_strict")],
+        )
+    };
+    let before = refused(&metrics("node-1")?);
+    apply_yaml(STRICT)?;
+    let status = outsider_status("http://web-1.mesh/")?;
+    ensure!(status == 0, "STRICT answered plaintext with {status}");
+    ensure!(
+        refused(&metrics("node-1")?) > before,
+        "the refusal was not counted"
+    );
+    // Meshed callers are unaffected, on the same node and across nodes.
+    ensure!(curl(CLIENT, "http://web-1/", &[])?.0 == 200);
+    ensure!(curl(CLIENT, "http://web-2/", &[])?.0 == 200);
+    println!("    STRICT: plaintext from plain/outsider refused, meshed client served");
+
+    apply_yaml(WEB_1_PERMISSIVE)?;
+    ensure!(
+        outsider_status("http://web-1.mesh/")? == 200,
+        "a workload PERMISSIVE policy overrides the namespace's STRICT"
+    );
+    apply_yaml(WEB_1_PORT_PERMISSIVE)?;
+    ensure!(
+        outsider_status("http://web-1.mesh/")? == 200,
+        "portLevelMtls PERMISSIVE on 8080 overrides the workload's STRICT"
+    );
+    println!("    workload selector and portLevelMtls overrides applied");
+    delete_yaml(WEB_1_PORT_PERMISSIVE)?;
+    ensure!(
+        outsider_status("http://web-1.mesh/")? == 0,
+        "without the override the namespace's STRICT applies again"
+    );
+    delete_yaml(STRICT)?;
+    ensure!(outsider_status("http://web-1.mesh/")? == 200);
+    Ok(())
+}
+
+/// Runs the independent HBONE client in `pod` and returns its JSON report.
+fn probe(pod: &str, args: &[&str]) -> Result<Value> {
+    let python = xtask::setup::test_python().display().to_string();
+    let script = xtask::workspace_root()
+        .join("xtask/assets/hbone_probe.py")
+        .display()
+        .to_string();
+    let mut cmd = vec![python.as_str(), script.as_str()];
+    cmd.extend_from_slice(args);
+    let out = probe::run(pod, &cmd)?;
+    serde_json::from_str(out.trim()).with_context(|| format!("probe printed {out:?}"))
+}
+
+fn connect_as(cert: &str, target: &str, send: &str) -> Result<Value> {
+    let (root, key) = (ca_file("root-cert.pem"), ca_file("ca-key.pem"));
+    probe(
+        OUTSIDER,
+        &[
+            "connect",
+            NODE_2_HBONE,
+            target,
+            "--root",
+            &root,
+            "--ca-key",
+            &key,
+            "--identity",
+            CLIENT_ID,
+            "--cert",
+            cert,
+            "--send",
+            send,
+        ],
+    )
+}
+
+fn hbone_port_speaks_only_mtls() -> Result<()> {
+    let web_2 = format!("{}:8080", pod_ip("mesh/web-2")?);
+    let refused = |m: &str| sample_sum(m, "weft_mtls_refused_total", &[("reason", "handshake")]);
+    let before = refused(&metrics("node-2")?);
+
+    let plaintext = probe(OUTSIDER, &["plaintext", NODE_2_HBONE, &web_2])?;
+    let reply = plaintext["reply"].as_str().unwrap_or_default();
+    ensure!(
+        !reply.contains(" 200"),
+        "plaintext CONNECT was answered {reply:?}"
+    );
+    for cert in ["none", "self-signed", "expired", "foreign-ca"] {
+        let report = connect_as(cert, &web_2, "")?;
+        println!("    {cert}: {report}");
+        ensure!(
+            report["status"].is_null(),
+            "a client with a {cert} certificate got an answer: {report}"
+        );
+    }
+    let counted = refused(&metrics("node-2")?) - before;
+    ensure!(
+        counted >= 5.0,
+        "node-2 counted {counted} refused handshakes, not the 5 made"
+    );
+
+    // A certificate the mesh CA issued: Python's h2 over ssl opens a stream to the pod.
+    let request = "GET /through-hbone HTTP/1.1\r\nHost: web-2\r\nConnection: close\r\n\r\n";
+    let report = connect_as("ca", &web_2, request)?;
+    println!(
+        "    CA-issued: status {}, server {}, ALPN {}",
+        report["status"], report["server_identity"], report["alpn"]
+    );
+    ensure!(report["status"] == 200, "the stream was refused: {report}");
+    ensure!(
+        report["server_identity"] == NODE_ID,
+        "the node proxy presented {}",
+        report["server_identity"]
+    );
+    ensure!(report["alpn"] == "h2");
+    let reply = report["reply"].as_str().unwrap_or_default();
+    ensure!(
+        reply.starts_with("HTTP/1.1 200") && reply.contains("/through-hbone"),
+        "the pod's answer did not come back: {reply:?}"
+    );
+    ensure!(
+        reply.contains(&format!("URI={CLIENT_ID}")),
+        "the pod did not learn the client's identity: {reply}"
+    );
+    // Valid certificate, but a target that is not a pod of node-2: no open relay.
+    let elsewhere = format!("{}:8080", pod_ip("mesh/web-1")?);
+    for target in [elsewhere.as_str(), "172.31.0.2:15012"] {
+        let report = connect_as("ca", target, "")?;
+        ensure!(
+            report["status"] == 403,
+            "CONNECT {target} answered {report}"
+        );
+    }
+    Ok(())
+}
+
+fn the_ca_gives_a_node_only_its_own_pods_identities() -> Result<()> {
+    let ask = |identity: &str| -> Result<Value> {
+        probe(
+            "node/node-1",
+            &[
+                "csr",
+                "--ca",
+                "172.31.0.2:15012",
+                "--root",
+                &ca_file("root-cert.pem"),
+                "--token-file",
+                &ca_file("nodes/node-1"),
+                "--identity",
+                identity,
+            ],
+        )
+    };
+    let own = ask(CLIENT_ID)?;
+    ensure!(
+        own["code"] == "OK" && own["chain"].as_u64() >= Some(2),
+        "node-1 was refused its own pod's identity: {own}"
+    );
+    let foreign = "spiffe://cluster.local/ns/mesh/sa/web-remote";
+    let refused = ask(foreign)?;
+    println!("    {}: {}", refused["code"], refused["details"]);
+    ensure!(
+        refused["code"] == "PERMISSION_DENIED",
+        "node-1 obtained {foreign}: {refused}"
+    );
+    let details = refused["details"].as_str().unwrap_or_default();
+    ensure!(
+        details.contains(foreign) && details.contains("node-1"),
+        "the refusal does not name the identity and the node: {details}"
+    );
+    Ok(())
+}
+
+fn main() {
+    if !xtask::is_root() {
+        eprintln!("mtls: these tests need root (network namespaces, cgroups, eBPF); run `sudo cargo xtask test`");
+        println!("mtls: 0 passed, 1 failed");
+        std::process::exit(1);
+    }
+    let cases: &[probe::Case] = &[
+        (
+            "cross_node_traffic_is_mtls_on_the_wire",
+            cross_node_traffic_is_mtls_on_the_wire,
+        ),
+        (
+            "strict_refuses_plaintext_and_overrides_apply",
+            strict_refuses_plaintext_and_overrides_apply,
+        ),
+        ("hbone_port_speaks_only_mtls", hbone_port_speaks_only_mtls),
+        (
+            "the_ca_gives_a_node_only_its_own_pods_identities",
+            the_ca_gives_a_node_only_its_own_pods_identities,
+        ),
+    ];
+    probe::run_suite(
+        "mtls",
+        || {
+            cluster::down().context("cleaning up an earlier cluster")?;
+            let dir = temp_dir()?;
+            fs::write(dir.join("cluster.yaml"), CLUSTER)?;
+            let res = cluster::up(&dir);
+            let _ = fs::remove_dir_all(&dir);
+            res
+        },
+        cases,
+    )
+}
