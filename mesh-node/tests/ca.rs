@@ -723,3 +723,74 @@ async fn kubernetes_tokens_of_another_audience_are_unauthenticated() {
     assert!(err.to_string().contains("audience weft-ca"), "{err}");
     ca.stop().await;
 }
+
+/// Every certificate of a PEM text, DER.
+fn ders(pem: &str) -> Vec<Vec<u8>> {
+    use rustls_pki_types::pem::PemObject as _;
+    rustls_pki_types::CertificateDer::pem_slice_iter(pem.as_bytes())
+        .map(|c| c.unwrap().to_vec())
+        .collect()
+}
+
+/// Whether the certificate `leaf` (PEM) was signed by the key of `issuer` (PEM).
+fn signed_by(leaf: &str, issuer: &str) -> bool {
+    let (leaf, issuer) = (der(leaf), der(issuer));
+    let (_, leaf) = x509_parser::parse_x509_certificate(&leaf).unwrap();
+    let (_, issuer) = x509_parser::parse_x509_certificate(&issuer).unwrap();
+    leaf.verify_signature(Some(issuer.public_key())).is_ok()
+}
+
+/// Signs for the node's own identity until `done` holds of the chain, for up to 20 s (the CA
+/// checks its key files every 2 s).
+async fn signed_until(client: &CaClient, done: impl Fn(&[String]) -> bool) -> Vec<String> {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let chain = sign(client, NODE_PROXY, false).await.unwrap();
+        if done(&chain) {
+            return chain;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the CA did not take the change: {chain:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+#[tokio::test]
+async fn the_root_rotates_in_istios_three_steps_without_a_restart() {
+    let local = local().await;
+    let client = local.ca.client(Some(local.tokens.join("node-1")));
+    let old = local.ca.root.clone();
+    let (new_root, new_key) = mesh_node::ca::authority::generate_root("cluster.local").unwrap();
+    let state = &local.state;
+
+    // 1. Both roots trusted; the old one still signs.
+    write_atomically(&state.join("root-cert.pem"), &format!("{old}{new_root}"));
+    let chain = signed_until(&client, |c| ders(c.last().unwrap()).len() == 2).await;
+    assert!(
+        signed_by(&chain[0], &old),
+        "the old root still signs in step 1"
+    );
+    assert_eq!(ders(chain.last().unwrap()), [der(&old), der(&new_root)]);
+
+    // 2. The new root signs; both still trusted. The key goes first, then the certificate:
+    //    in between the files do not match and the CA keeps signing with the old pair.
+    write_atomically(&state.join("ca-key.pem"), &new_key);
+    write_atomically(&state.join("ca-cert.pem"), &new_root);
+    let chain = signed_until(&client, |c| signed_by(&c[0], &new_root)).await;
+    assert_eq!(ders(chain.last().unwrap()).len(), 2, "both roots in step 2");
+
+    // 3. The old root is gone from the bundle.
+    write_atomically(&state.join("root-cert.pem"), &new_root);
+    let chain = signed_until(&client, |c| ders(c.last().unwrap()).len() == 1).await;
+    assert_eq!(ders(chain.last().unwrap()), [der(&new_root)]);
+    assert!(signed_by(&chain[0], &new_root));
+
+    // A change that does not load keeps the authority in force.
+    write_atomically(&state.join("ca-key.pem"), "not a key");
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let chain = sign(&client, NODE_PROXY, false).await.unwrap();
+    assert!(signed_by(&chain[0], &new_root));
+    local.ca.stop().await;
+}

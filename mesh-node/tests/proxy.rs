@@ -155,10 +155,11 @@ impl NodeProxy {
         store: &Store,
         original_dst: Arc<dyn OriginalDst>,
         ca: &TestCa,
+        ttl: Duration,
     ) -> Self {
         let any = SocketAddr::from((ip, 0));
         let mut config = ProxyConfig::new(node, PROXY_IP);
-        config.certs = Some(ca.certs());
+        config.certs = Some(ca.certs_with_ttl(ttl));
         config.outbound_addr = any;
         config.inbound_addr = any;
         config.tunnel_addr = any;
@@ -200,6 +201,11 @@ struct Mesh {
 
 impl Mesh {
     async fn start() -> Self {
+        Self::start_with_ttl(Duration::from_secs(3600)).await
+    }
+
+    /// The mesh with workload certificates living `ttl`.
+    async fn start_with_ttl(ttl: Duration) -> Self {
         let reviews_v1 = Backend::echo(REVIEWS_V1).await;
         let reviews_v2 = Backend::echo(REVIEWS_V2).await;
         let details = Backend::echo(DETAILS).await;
@@ -259,7 +265,7 @@ impl Mesh {
 
         let capture = Arc::new(FakeOriginalDst::default());
         let ca = TestCa::new();
-        let b = NodeProxy::start("node-b", NODE_B, 0, &store, capture.clone(), &ca).await;
+        let b = NodeProxy::start("node-b", NODE_B, 0, &store, capture.clone(), &ca, ttl).await;
         let a = NodeProxy::start(
             "node-a",
             NODE_A,
@@ -267,6 +273,7 @@ impl Mesh {
             &store,
             capture.clone(),
             &ca,
+            ttl,
         )
         .await;
         Self {
@@ -460,6 +467,34 @@ async fn remote_pods_are_reached_through_the_peer_node_tunnel() {
             && format!("{l}\n").ends_with(&sent)),
         "missing destination sent bytes in\n{destination}"
     );
+}
+
+#[tokio::test]
+async fn certificate_renewal_breaks_no_connection() {
+    // Certificates of 3 s are renewed about every 1.5 s (half their life).
+    let mesh = Mesh::start_with_ttl(Duration::from_secs(3)).await;
+    let mut open = mesh.dial(PRODUCTPAGE, mesh.ratings.addr).await;
+    let started = tokio::time::Instant::now();
+    let mut round = 0u8;
+    // Over three lifetimes: the open connection keeps carrying bytes across the renewals, and
+    // a new connection each round is served with whatever certificate is current.
+    while started.elapsed() < Duration::from_secs(9) {
+        round += 1;
+        open.write_all(&[round]).await.unwrap();
+        let mut byte = [0u8; 1];
+        tokio::time::timeout(TIMEOUT, open.read_exact(&mut byte))
+            .await
+            .expect("the open connection still answers")
+            .unwrap();
+        assert_eq!(byte, [round]);
+        let fresh = mesh.dial(PRODUCTPAGE, mesh.ratings.addr).await;
+        let data = pattern(4096, round);
+        assert!(exchange(fresh, &data).await == data, "round {round}");
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    assert!(round > 20, "only {round} rounds");
+    // Every round's new connection reached the pod; the first one is still open.
+    assert_eq!(mesh.ratings.accepted(), usize::from(round) + 1);
 }
 
 #[tokio::test]

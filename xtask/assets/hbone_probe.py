@@ -5,16 +5,16 @@ Speaks HBONE the way Istio's ztunnel does, with nothing of Weft's code: TLS 1.3 
 `cryptography`. Each run prints one JSON object.
 
 usage:
-  hbone_probe.py connect PEER TARGET --root ROOT [--ca-key KEY] [--identity ID]
+  hbone_probe.py connect PEER TARGET --root ROOT [--ca-key KEY] [--trust BUNDLE] [--identity ID]
                  [--cert ca|expired|self-signed|foreign-ca|none] [--send TEXT]
   hbone_probe.py plaintext PEER TARGET
   hbone_probe.py csr --ca ADDR --root ROOT --token-file FILE --identity ID
 
-connect: a client certificate for ID (signed by the mesh root unless --cert says otherwise),
-  the TLS handshake with PEER (host:port, the HBONE port of a node), then CONNECT TARGET
+connect: a client certificate for ID (signed by ROOT and KEY unless --cert says otherwise),
+  the TLS handshake with PEER (verified against BUNDLE, else ROOT) (host:port, the HBONE port of a node), then CONNECT TARGET
   (pod ip:port); with a 200, TEXT is sent and whatever comes back within a second is reported.
-  Prints {"handshake": "ok"|error, "server_identity": URI, "status": int|null, "reply": str,
-  "error": str|null}.
+  Prints {"handshake": "ok"|error, "server_identity": URI, "server_issuer": CN,
+  "status": int|null, "reply": str, "error": str|null}.
 plaintext: an HTTP/1.1 CONNECT without TLS; prints what came back.
 csr: asks the mesh CA (Istio's IstioCertificateService/CreateCertificate, the request encoded
   by hand) for ID with ImpersonatedIdentity, authenticated with the token in FILE; prints
@@ -130,7 +130,7 @@ def connect(args):
         ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
         ctx.minimum_version = ssl.TLSVersion.TLSv1_3
         ctx.check_hostname = False  # mesh certificates carry SPIFFE IDs, not names
-        ctx.load_verify_locations(args.root)
+        ctx.load_verify_locations(args.trust or args.root)
         ctx.set_alpn_protocols(["h2"])
         if files:
             ctx.load_cert_chain(*files)
@@ -141,9 +141,14 @@ def connect(args):
             out["handshake"] = f"failed: {e}"
             return out
         out["handshake"] = "ok"
-        for kind, value in tls.getpeercert().get("subjectAltName", ()):
+        peer = tls.getpeercert()
+        for kind, value in peer.get("subjectAltName", ()):
             if kind == "URI":
                 out["server_identity"] = value
+        for rdn in peer.get("issuer", ()):
+            for key, value in rdn:
+                if key == "commonName":
+                    out["server_issuer"] = value
         out["alpn"] = tls.selected_alpn_protocol()
         # h2 asks every request for :path and :scheme; an HBONE CONNECT (RFC 9113 8.5) has
         # neither, so outbound validation is off for this one request.
@@ -286,6 +291,7 @@ def main():
     c.add_argument("target")
     c.add_argument("--root", required=True)
     c.add_argument("--ca-key")
+    c.add_argument("--trust", help="roots to verify the server with (default: --root)")
     c.add_argument("--identity", default="spiffe://cluster.local/ns/mesh/sa/default")
     c.add_argument("--cert", default="ca")
     c.add_argument("--send", default="")

@@ -396,6 +396,19 @@ fn probe(pod: &str, args: &[&str]) -> Result<Value> {
 
 fn connect_as(cert: &str, target: &str, send: &str) -> Result<Value> {
     let (root, key) = (ca_file("root-cert.pem"), ca_file("ca-key.pem"));
+    connect_with(&root, &key, &root, cert, target, send)
+}
+
+/// The independent client from the unmeshed pod to node-2's HBONE port, with a certificate
+/// minted from `root` and `key` (as `cert` says), verifying node-2 against `trust`.
+fn connect_with(
+    root: &str,
+    key: &str,
+    trust: &str,
+    cert: &str,
+    target: &str,
+    send: &str,
+) -> Result<Value> {
     probe(
         OUTSIDER,
         &[
@@ -403,9 +416,11 @@ fn connect_as(cert: &str, target: &str, send: &str) -> Result<Value> {
             NODE_2_HBONE,
             target,
             "--root",
-            &root,
+            root,
             "--ca-key",
-            &key,
+            key,
+            "--trust",
+            trust,
             "--identity",
             CLIENT_ID,
             "--cert",
@@ -513,6 +528,146 @@ fn the_ca_gives_a_node_only_its_own_pods_identities() -> Result<()> {
     Ok(())
 }
 
+/// The lifetime of the cluster's workload certificates: renewed every 20 s, so the suite
+/// sees renewals, and a root rotation takes effect within a minute.
+const CERT_TTL: &str = "40s";
+/// Long enough for every certificate issued before a change to have been renewed since.
+const RENEWED: Duration = Duration::from_secs(25);
+
+/// Replaces a file the way the CA should see it: whole, or not at all.
+fn replace_file(path: &Path, content: &str) -> Result<()> {
+    let tmp = path.with_extension("rotating");
+    fs::write(&tmp, content)?;
+    fs::rename(&tmp, path).with_context(|| format!("replacing {}", path.display()))
+}
+
+fn root_rotation_and_renewals_fail_no_request() -> Result<()> {
+    let dir = temp_dir()?;
+    let result = rotate(&dir);
+    let _ = fs::remove_dir_all(&dir);
+    result
+}
+
+/// Istio's three steps of a root rotation, on the CA's files, under steady cross-node load:
+/// (1) the bundle holds the old and the new root, (2) the new root signs, (3) the old root
+/// leaves the bundle; each step given time for every certificate to be renewed.
+fn rotate(dir: &Path) -> Result<()> {
+    let (new_root, new_key) = (dir.join("new-root.pem"), dir.join("new-key.pem"));
+    // The new root, made as an operator would make one.
+    let openssl = Command::new("openssl")
+        .args([
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+        ])
+        .args([
+            "-nodes",
+            "-days",
+            "3650",
+            "-subj",
+            "/O=cluster.local/CN=Weft rotated root",
+        ])
+        .args(["-addext", "basicConstraints=critical,CA:TRUE"])
+        .args(["-addext", "keyUsage=critical,keyCertSign,cRLSign"])
+        .arg("-keyout")
+        .arg(&new_key)
+        .arg("-out")
+        .arg(&new_root)
+        .output()?;
+    ensure!(
+        openssl.status.success(),
+        "openssl: {}",
+        String::from_utf8_lossy(&openssl.stderr)
+    );
+    let state = Path::new(cluster::RUN_DIR).join("ca");
+    let old_root = fs::read_to_string(state.join("root-cert.pem"))?;
+    let old_key = ca_file("ca-key.pem");
+    let old_copy = dir.join("old-key.pem");
+    fs::copy(&old_key, &old_copy)?;
+    let both = dir.join("both.pem");
+    fs::write(
+        &both,
+        format!("{old_root}{}", fs::read_to_string(&new_root)?),
+    )?;
+    let (old_root_file, old_key_file) = (dir.join("old-root.pem"), old_copy);
+    fs::write(&old_root_file, &old_root)?;
+    let path = |p: &Path| p.display().to_string();
+    let web_2 = format!("{}:8080", pod_ip("mesh/web-2")?);
+    let status_with = |root: &Path, key: &Path| -> Result<Value> {
+        let report = connect_with(&path(root), &path(key), &path(&both), "ca", &web_2, "")?;
+        Ok(report["status"].clone())
+    };
+
+    // Requests from node-1 to node-2 the whole time, each on a new connection.
+    let load = thread::spawn(|| {
+        let script = "end=$((SECONDS+95)); while [ $SECONDS -lt $end ]; do \
+                      curl -s -o /dev/null -w '%{http_code}\\n' --max-time 5 http://web-2/; done";
+        cluster::exec(CLIENT, &["bash".into(), "-c".into(), script.into()])
+    });
+    let started = Instant::now();
+
+    ensure!(
+        status_with(&new_root, &new_key)?.is_null(),
+        "a certificate of the new root was accepted before the rotation"
+    );
+    // 1. Both roots trusted, the old one signs.
+    replace_file(&state.join("root-cert.pem"), &fs::read_to_string(&both)?)?;
+    thread::sleep(RENEWED);
+    ensure!(
+        status_with(&new_root, &new_key)? == 200
+            && status_with(&old_root_file, &old_key_file)? == 200,
+        "step 1: node-2 does not trust both roots"
+    );
+    println!("    step 1 (old + new roots trusted): node-2 accepts certificates of both roots");
+    // 2. The new root signs (the key first: in between the files do not match and the CA
+    //    keeps the old pair).
+    replace_file(&state.join("ca-key.pem"), &fs::read_to_string(&new_key)?)?;
+    replace_file(&state.join("ca-cert.pem"), &fs::read_to_string(&new_root)?)?;
+    thread::sleep(RENEWED);
+    let report = connect_with(
+        &path(&new_root),
+        &path(&new_key),
+        &path(&both),
+        "ca",
+        &web_2,
+        "",
+    )?;
+    ensure!(
+        report["server_issuer"] == "Weft rotated root",
+        "step 2: node-2 still presents a certificate of {}",
+        report["server_issuer"]
+    );
+    println!("    step 2 (new root signs): node-2 presents a certificate of the new root");
+    // 3. The old root leaves the bundle.
+    replace_file(
+        &state.join("root-cert.pem"),
+        &fs::read_to_string(&new_root)?,
+    )?;
+    thread::sleep(RENEWED);
+    ensure!(
+        status_with(&old_root_file, &old_key_file)?.is_null(),
+        "step 3: node-2 still accepts a certificate of the removed root"
+    );
+    ensure!(status_with(&new_root, &new_key)? == 200);
+    println!("    step 3 (old root removed): node-2 refuses certificates of the old root");
+
+    let out = load.join().map_err(|_| anyhow!("the load panicked"))??;
+    let statuses = String::from_utf8_lossy(&out.stdout);
+    let total = statuses.lines().count();
+    let failed: Vec<&str> = statuses.lines().filter(|s| *s != "200").collect();
+    println!(
+        "    {total} requests node-1 -> node-2 over {:.0?}, certificates renewed every 20 s: {} failed",
+        started.elapsed(),
+        failed.len()
+    );
+    ensure!(total > 100, "the load made only {total} requests");
+    ensure!(failed.is_empty(), "failed requests: {failed:?}");
+    Ok(())
+}
+
 fn main() {
     if !xtask::is_root() {
         eprintln!("mtls: these tests need root (network namespaces, cgroups, eBPF); run `sudo cargo xtask test`");
@@ -533,7 +688,14 @@ fn main() {
             "the_ca_gives_a_node_only_its_own_pods_identities",
             the_ca_gives_a_node_only_its_own_pods_identities,
         ),
+        // Last: it changes the CA's root for good.
+        (
+            "root_rotation_and_renewals_fail_no_request",
+            root_rotation_and_renewals_fail_no_request,
+        ),
     ];
+    // Set before the cluster starts: its nodes read it once.
+    std::env::set_var(cluster::CERT_TTL_ENV, CERT_TTL);
     probe::run_suite(
         "mtls",
         || {

@@ -30,10 +30,11 @@ use std::{
     time::Duration,
 };
 
+use arc_swap::ArcSwap;
 use thiserror::Error;
 use tokio::sync::watch;
 use tonic::transport::{server::TcpIncoming, Server, ServerTlsConfig};
-use tracing::info;
+use tracing::{info, warn};
 
 pub use auth::{AuthError, Caller, KubeAuth, LocalAuth, NodeAuth, ServiceAccount};
 pub use authority::{Authority, AuthorityError, Issued};
@@ -146,7 +147,10 @@ pub struct CaServer {
     local_addr: SocketAddr,
     tls: ServerTlsConfig,
     service: CaService,
-    authority: Arc<Authority>,
+    authority: Arc<ArcSwap<Authority>>,
+    /// Where the keys came from and what the files held when loaded, watched for a rotation
+    /// (`None`: the authority was given by the caller).
+    keys: Option<(CaSettings, u64)>,
     /// The configuration directory's poller (local mode), started by [`CaServer::run`].
     source: Option<FileSource>,
 }
@@ -157,6 +161,8 @@ impl CaServer {
     pub async fn bind(settings: CaSettings) -> Result<Self, CaError> {
         crate::tls::install_default_provider();
         let authority = Arc::new(load_authority(&settings)?);
+        // Taken now, not when serving starts: a change in between is then seen as one.
+        let fingerprint = key_fingerprint(&settings.keys);
         let (auth, source): (Arc<dyn NodeAuth>, _) = match &settings.callers {
             CallerSource::Local {
                 config_dir,
@@ -197,6 +203,7 @@ impl CaServer {
         };
         let mut server = Self::bind_with(&settings, authority, auth).await?;
         server.source = source;
+        server.keys = Some((settings, fingerprint));
         Ok(server)
     }
 
@@ -224,6 +231,7 @@ impl CaServer {
             addr: settings.listen,
             source,
         })?;
+        let authority = Arc::new(ArcSwap::new(authority));
         let service = CaService::new(
             authority.clone(),
             auth,
@@ -236,6 +244,7 @@ impl CaServer {
             tls,
             service,
             authority,
+            keys: None,
             source: None,
         })
     }
@@ -244,8 +253,9 @@ impl CaServer {
         self.local_addr
     }
 
-    pub fn authority(&self) -> &Arc<Authority> {
-        &self.authority
+    /// The signing CA now in force.
+    pub fn authority(&self) -> Arc<Authority> {
+        self.authority.load_full()
     }
 
     /// Serves until `shutdown` completes.
@@ -258,8 +268,17 @@ impl CaServer {
                 while stop_rx.changed().await.is_ok() {}
             }));
         }
+        if let Some((settings, loaded)) = self.keys {
+            let mut stop_rx = stop_rx.clone();
+            tokio::spawn(watch_keys(
+                settings,
+                loaded,
+                self.authority.clone(),
+                async move { while stop_rx.changed().await.is_ok() {} },
+            ));
+        }
         drop(stop_rx);
-        info!(addr = %self.local_addr, roots = self.authority.roots().len(), "mesh CA serving");
+        info!(addr = %self.local_addr, roots = self.authority.load().roots().len(), "mesh CA serving");
         let result = Server::builder()
             .timeout(REQUEST_TIMEOUT)
             .concurrency_limit_per_connection(STREAMS_PER_CONNECTION)
@@ -290,6 +309,78 @@ const STREAMS_PER_CONNECTION: usize = 32;
 
 /// The node proxy's service account unless configured otherwise.
 pub const DEFAULT_NODE_PROXY: (&str, &str) = ("weft-system", "mesh-node");
+
+/// How often the key files are checked for a rotation.
+const KEY_POLL: Duration = Duration::from_secs(2);
+
+/// Reloads the signing CA when its files change: the three steps of a root rotation (a root
+/// bundle with the old and the new root; then the new signing CA; then the bundle without the
+/// old root) take effect for the next certificates, without a restart. A change that does not
+/// load (half written, a key that does not match) keeps the authority in force and is retried.
+async fn watch_keys(
+    settings: CaSettings,
+    loaded: u64,
+    authority: Arc<ArcSwap<Authority>>,
+    stop: impl Future<Output = ()>,
+) {
+    tokio::pin!(stop);
+    let mut seen = loaded;
+    let mut tick = tokio::time::interval(KEY_POLL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = &mut stop => return,
+            _ = tick.tick() => {}
+        }
+        let now = key_fingerprint(&settings.keys);
+        if now == seen {
+            continue;
+        }
+        // A state directory emptied meanwhile is a mistake to report, not a reason for a new
+        // root that no node trusts.
+        let root_gone = settings.keys.cacerts_dir.is_none()
+            && settings
+                .keys
+                .state_dir
+                .as_ref()
+                .is_some_and(|d| !d.join(authority::ROOT_CERT_FILE).exists());
+        if root_gone {
+            warn!("the root of the state directory is gone: still signing with the one loaded");
+            seen = now;
+            continue;
+        }
+        match load_authority(&settings) {
+            Ok(loaded) => {
+                info!(
+                    roots = loaded.roots().len(),
+                    chain = loaded.chain().len(),
+                    "the signing CA or root bundle changed: issuing with it from now on"
+                );
+                authority.store(Arc::new(loaded));
+                seen = now;
+            }
+            Err(e) => warn!("the CA's key files changed but do not load (kept the previous): {e}"),
+        }
+    }
+}
+
+/// What the key files hold now, to tell a change.
+fn key_fingerprint(keys: &KeySource) -> u64 {
+    use std::hash::{Hash as _, Hasher as _};
+    let mut hasher = std::hash::DefaultHasher::new();
+    // The state directory only receives the bundle when cacerts is the source.
+    if let Some(dir) = keys.cacerts_dir.as_ref().or(keys.state_dir.as_ref()) {
+        for file in [
+            authority::CA_CERT_FILE,
+            authority::CA_KEY_FILE,
+            authority::CERT_CHAIN_FILE,
+            authority::ROOT_CERT_FILE,
+        ] {
+            std::fs::read(dir.join(file)).ok().hash(&mut hasher);
+        }
+    }
+    hasher.finish()
+}
 
 /// Loads the signing CA as the settings say, and writes the root bundle to the state
 /// directory.

@@ -3,6 +3,7 @@
 
 use std::{sync::Arc, time::Duration};
 
+use arc_swap::ArcSwap;
 use tonic::{Request, Response, Status};
 use tracing::{info, warn};
 
@@ -19,7 +20,8 @@ use crate::identity::Identity;
 /// The certificate service: the signing [`Authority`] behind a [`NodeAuth`].
 #[derive(Clone)]
 pub struct CaService {
-    authority: Arc<Authority>,
+    /// Swapped when the signing CA or the root bundle is rotated.
+    authority: Arc<ArcSwap<Authority>>,
     auth: Arc<dyn NodeAuth>,
     trust_domain: Arc<str>,
     /// Lifetime of a certificate whose request names none.
@@ -28,7 +30,7 @@ pub struct CaService {
 
 impl CaService {
     pub fn new(
-        authority: Arc<Authority>,
+        authority: Arc<ArcSwap<Authority>>,
         auth: Arc<dyn NodeAuth>,
         trust_domain: &str,
         default_ttl: Duration,
@@ -83,6 +85,7 @@ impl CaService {
             .map_or(self.default_ttl, Duration::from_secs);
         let issued = self
             .authority
+            .load()
             .sign(&request.csr, &requested, ttl)
             .map_err(|e| {
                 warn!(identity = %requested, node, reason = %e, "certificate refused");

@@ -221,7 +221,7 @@ async fn keep_fresh(
     loop {
         match fetch(&*signer, &identity, impersonate, &config).await {
             Ok(issued) => {
-                let renew_at = issued.credential.renew_at();
+                let renew_at = issued.credential.renew_at(SystemTime::now());
                 info!(
                     identity = %identity,
                     expires = %humanize(issued.credential.not_after),
@@ -372,5 +372,60 @@ pub mod testing {
                 },
             )
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{testing::TestCa, *};
+
+    #[tokio::test]
+    async fn certificates_are_renewed_at_half_life_and_forgotten_with_their_pods() {
+        let ca = TestCa::new();
+        let certs = ca.certs_with_ttl(Duration::from_secs(2));
+        let pod = Identity::new("cluster.local", "bookinfo", "reviews");
+        certs.retain([pod.clone()].into());
+        let first = certs.issued(&pod).await.unwrap();
+        assert_eq!(first.credential.identity, pod);
+        // Half of two seconds later a new certificate is in force.
+        tokio::time::sleep(Duration::from_millis(1600)).await;
+        let second = certs.issued(&pod).await.unwrap();
+        assert!(!Arc::ptr_eq(&first, &second), "not renewed");
+        assert!(second.credential.not_after > first.credential.not_after);
+        assert_eq!(certs.identities(), [pod.clone(), ca.node.clone()], "sorted");
+        // The last pod of the identity left: only the node's own certificate is kept.
+        certs.retain(HashSet::new());
+        assert_eq!(certs.identities(), std::slice::from_ref(&ca.node));
+    }
+
+    #[tokio::test]
+    async fn a_signer_that_refuses_names_its_reason_to_the_waiting_connection() {
+        struct Refusing;
+        impl Signer for Refusing {
+            fn sign(
+                &self,
+                _identity: &Identity,
+                _csr_pem: String,
+                _ttl: Duration,
+                _impersonate: bool,
+            ) -> Pin<Box<dyn Future<Output = Result<Vec<String>, String>> + Send + 'static>>
+            {
+                Box::pin(async { Err("node n1 may not obtain it".to_string()) })
+            }
+        }
+        let own = Identity::new("cluster.local", "weft-system", "mesh-node");
+        let certs = CertManager::new(
+            Arc::new(Refusing),
+            CertConfig {
+                own: own.clone(),
+                ttl: Duration::from_secs(60),
+                wait: Duration::from_millis(300),
+            },
+        );
+        let err = certs.issued(&own).await.unwrap_err();
+        assert!(
+            err.to_string().contains("node n1 may not obtain it"),
+            "{err}"
+        );
     }
 }

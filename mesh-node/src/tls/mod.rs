@@ -188,13 +188,12 @@ impl Credential {
         })
     }
 
-    /// When the certificate should be replaced: half way through its life, as Istio does.
-    pub fn renew_at(&self) -> SystemTime {
-        let life = self
-            .not_after
-            .duration_since(self.not_before)
-            .unwrap_or_default();
-        self.not_before + life / 2
+    /// When the certificate, received at `received`, should be replaced: half way through the
+    /// life it had left then, as Istio does. (Its `not_before` is back-dated for clock skew, so
+    /// it does not count.)
+    pub fn renew_at(&self, received: SystemTime) -> SystemTime {
+        let left = self.not_after.duration_since(received).unwrap_or_default();
+        received + left / 2
     }
 
     /// A client configuration presenting this credential and accepting only a server that

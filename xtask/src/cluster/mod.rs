@@ -51,6 +51,10 @@ pub const PROFILE_ENV: &str = "WEFT_PROFILE";
 /// unset: `info`, access logs off, as Istio ships).
 pub const NODE_LOG_ENV: &str = "WEFT_CLUSTER_NODE_LOG";
 
+/// Lifetime of the workload certificates the node proxies ask for (`--workload-cert-ttl`, 24 h
+/// when unset): short ones let tests watch renewals and root rotations happen.
+pub const CERT_TTL_ENV: &str = "WEFT_CLUSTER_CERT_TTL";
+
 /// Sets the `RUST_LOG` of a mesh-node process: [`NODE_LOG_ENV`] if set, else none at all, so
 /// that the cluster measures and shows what a default install does.
 pub fn node_log_env(cmd: &mut Command) -> &mut Command {
@@ -340,6 +344,9 @@ fn start_proxy(node: &NodeInfo, bins: &Binaries) -> Result<()> {
         .args(["--proxy-ip", &node.gateway().to_string()])
         .args(["--uplink", "eth0"])
         .args(ca::node_args(node));
+    if let Ok(ttl) = std::env::var(CERT_TTL_ENV) {
+        cmd.args(["--workload-cert-ttl", &ttl]);
+    }
     node_log_env(&mut cmd);
     // Directly into the namespace: `ip netns exec` would remount /sys and hide bpffs and
     // the cgroup filesystem from mesh-node.
