@@ -296,6 +296,8 @@ pub fn run_ca(args: crate::config::CaArgs) -> Result<(), AppError> {
 
 /// How long a connection waits for the first certificate of its pod's identity.
 const CERTIFICATE_WAIT: Duration = Duration::from_secs(5);
+/// How often the mesh CA's revocation list is fetched.
+const REVOCATION_POLL: Duration = Duration::from_secs(5);
 /// Deadline of one request to the mesh CA.
 const CA_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -340,6 +342,7 @@ fn certificates(args: &IdentityArgs) -> Result<Option<Arc<CertManager>>, AppErro
             ),
             ttl: args.workload_cert_ttl,
             wait: CERTIFICATE_WAIT,
+            revocation_poll: REVOCATION_POLL,
         },
     )))
 }

@@ -281,6 +281,12 @@ pub struct CaArgs {
     #[arg(long, env = "WEFT_CA_CACERTS_DIR", value_name = "DIR")]
     pub cacerts_dir: Option<PathBuf>,
 
+    /// File of revoked certificates, one serial number per line in hex as the CA logs them
+    /// (`#` starts a comment); watched, and published as a CRL the node proxies poll. Default:
+    /// `revoked` in --state-dir.
+    #[arg(long, env = "WEFT_CA_REVOKED", value_name = "FILE")]
+    pub revoked: Option<PathBuf>,
+
     /// Local mode: directory of Kubernetes YAML (the nodes' --config-dir) telling which pods
     /// run on which node.
     #[arg(

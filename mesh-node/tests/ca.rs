@@ -83,6 +83,7 @@ fn settings(state: &Path, callers: CallerSource) -> CaSettings {
         keys: KeySource {
             cacerts_dir: None,
             state_dir: Some(state.into()),
+            revoked: None,
         },
         callers,
         node_proxies: vec![ServiceAccount::new("weft-system", "mesh-node")],
@@ -792,5 +793,48 @@ async fn the_root_rotates_in_istios_three_steps_without_a_restart() {
     tokio::time::sleep(Duration::from_secs(3)).await;
     let chain = sign(&client, NODE_PROXY, false).await.unwrap();
     assert!(signed_by(&chain[0], &new_root));
+    local.ca.stop().await;
+}
+
+#[tokio::test]
+async fn revoked_serials_are_published_as_a_signed_revocation_list() {
+    let local = local().await;
+    let client = local.ca.client(Some(local.tokens.join("node-1")));
+    let chain = sign(&client, REVIEWS, true).await.unwrap();
+    let leaf = der(&chain[0]);
+    let (_, leaf) = x509_parser::parse_x509_certificate(&leaf).unwrap();
+    let serial = mesh_node::ca::authority::trim_serial(leaf.raw_serial()).to_vec();
+    let listed = |crls: &[Vec<u8>]| {
+        let (_, crl) = x509_parser::parse_x509_crl(&crls[0]).unwrap();
+        let root = der(&local.ca.root);
+        let (_, root) = x509_parser::parse_x509_certificate(&root).unwrap();
+        assert!(
+            crl.verify_signature(root.public_key()).is_ok(),
+            "signed by the CA"
+        );
+        crl.iter_revoked_certificates()
+            .map(|r| mesh_node::ca::authority::trim_serial(r.raw_serial()).to_vec())
+            .collect::<Vec<_>>()
+    };
+    assert!(listed(&client.revocation_lists().await.unwrap()).is_empty());
+
+    // The operator lists the serial the CA logged (hex), with a comment.
+    let hex: String = serial.iter().map(|b| format!("{b:02x}")).collect();
+    write_atomically(
+        &local.state.join("revoked"),
+        &format!("# key of reviews-v1 leaked\n{hex}\nnot-a-serial\n"),
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let revoked = listed(&client.revocation_lists().await.unwrap());
+        if revoked == [serial.clone()] {
+            break;
+        }
+        assert!(Instant::now() < deadline, "not published: {revoked:?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // Only callers the CA authenticates get it.
+    let stranger = local.ca.client(None);
+    assert!(stranger.revocation_lists().await.is_err());
     local.ca.stop().await;
 }

@@ -498,6 +498,38 @@ async fn certificate_renewal_breaks_no_connection() {
 }
 
 #[tokio::test]
+async fn a_revoked_certificate_closes_its_connections_and_is_replaced() {
+    let mesh = Mesh::start().await;
+    let productpage = Identity::new("cluster.local", "default", "bookinfo-productpage");
+    let mut open = mesh.dial(PRODUCTPAGE, mesh.ratings.addr).await;
+    open.write_all(b"x").await.unwrap();
+    let mut byte = [0u8; 1];
+    open.read_exact(&mut byte).await.unwrap();
+    let issued = mesh.ca.issued(&productpage);
+    assert!(mesh.ca.revoke(&productpage) >= 1);
+
+    // Node B learns of the revocation (it polls every 100 ms here) and closes the connection
+    // that presented the certificate, with the stream of the open connection on it.
+    let mut rest = Vec::new();
+    let closed = tokio::time::timeout(TIMEOUT, open.read_to_end(&mut rest)).await;
+    assert!(closed.is_ok(), "the connection stayed open");
+    // Node A asked for a new certificate at once, and new connections work with it.
+    let deadline = tokio::time::Instant::now() + TIMEOUT;
+    while mesh.ca.issued(&productpage) == issued {
+        assert!(tokio::time::Instant::now() < deadline, "no new certificate");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let data = pattern(4096, 3);
+    let fresh = mesh.dial(PRODUCTPAGE, mesh.ratings.addr).await;
+    assert!(exchange(fresh, &data).await == data);
+    let refused = mesh.b.metrics.encode();
+    assert!(
+        refused.contains("weft_mtls_refused_total{reason=\"revoked\"} 1"),
+        "{refused}"
+    );
+}
+
+#[tokio::test]
 async fn tunnel_refuses_targets_that_are_not_its_pods() {
     let mesh = Mesh::start().await;
     let SocketAddr::V4(peer) = mesh.b.addresses.tunnel else {

@@ -6,7 +6,7 @@ Speaks HBONE the way Istio's ztunnel does, with nothing of Weft's code: TLS 1.3 
 
 usage:
   hbone_probe.py connect PEER TARGET --root ROOT [--ca-key KEY] [--trust BUNDLE] [--identity ID]
-                 [--cert ca|expired|self-signed|foreign-ca|none] [--send TEXT]
+                 [--cert ca|expired|self-signed|foreign-ca|none] [--serial HEX] [--send TEXT]
   hbone_probe.py plaintext PEER TARGET
   hbone_probe.py csr --ca ADDR --root ROOT --token-file FILE --identity ID
 
@@ -38,7 +38,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 TIMEOUT = 5.0
 
 
-def mint(identity, issuer_cert, issuer_key, not_before, not_after):
+def mint(identity, issuer_cert, issuer_key, not_before, not_after, serial=None):
     """A P-256 key and a certificate for `identity`, signed by the issuer (self if None)."""
     key = ec.generate_private_key(ec.SECP256R1())
     subject = x509.Name([])
@@ -48,7 +48,7 @@ def mint(identity, issuer_cert, issuer_key, not_before, not_after):
         .issuer_name(issuer_cert.subject if issuer_cert else x509.Name(
             [x509.NameAttribute(NameOID.ORGANIZATION_NAME, "attacker")]))
         .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
+        .serial_number(serial or x509.random_serial_number())
         .not_valid_before(not_before)
         .not_valid_after(not_after)
         .add_extension(
@@ -94,7 +94,8 @@ def client_files(args, workdir):
             root_key = serialization.load_pem_private_key(f.read(), None)
         if args.cert == "expired":
             valid = (now - datetime.timedelta(days=2), now - datetime.timedelta(days=1))
-        key, cert = mint(args.identity, root, root_key, *valid)
+        serial = int(args.serial, 16) if args.serial else None
+        key, cert = mint(args.identity, root, root_key, *valid, serial=serial)
     elif args.cert == "self-signed":
         key, cert = mint(args.identity, None, None, *valid)
     elif args.cert == "foreign-ca":
@@ -295,6 +296,7 @@ def main():
     c.add_argument("--identity", default="spiffe://cluster.local/ns/mesh/sa/default")
     c.add_argument("--cert", default="ca")
     c.add_argument("--send", default="")
+    c.add_argument("--serial", help="serial number of the minted certificate, hex")
     p = sub.add_parser("plaintext")
     p.add_argument("peer")
     p.add_argument("target")

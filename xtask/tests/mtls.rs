@@ -528,6 +528,67 @@ fn the_ca_gives_a_node_only_its_own_pods_identities() -> Result<()> {
     Ok(())
 }
 
+fn a_revoked_certificate_is_refused() -> Result<()> {
+    let web_2 = format!("{}:8080", pod_ip("mesh/web-2")?);
+    let (root, key) = (ca_file("root-cert.pem"), ca_file("ca-key.pem"));
+    // A certificate the CA's key signed, with a serial the test knows.
+    let serial = format!("{:x}", 0x5eed_0000_u64 + u64::from(std::process::id()));
+    let with_serial = || -> Result<Value> {
+        let report = probe(
+            OUTSIDER,
+            &[
+                "connect",
+                NODE_2_HBONE,
+                &web_2,
+                "--root",
+                &root,
+                "--ca-key",
+                &key,
+                "--identity",
+                CLIENT_ID,
+                "--serial",
+                &serial,
+            ],
+        )?;
+        Ok(report["status"].clone())
+    };
+    ensure!(
+        with_serial()? == 200,
+        "the certificate is refused before it is revoked"
+    );
+    let revoked = |m: &str| sample_sum(m, "weft_mtls_refused_total", &[("reason", "handshake")]);
+    let before = revoked(&metrics("node-2")?);
+    // The operator lists the serial; the CA publishes a new list within 2 s, nodes fetch it
+    // every 5 s.
+    let file = Path::new(cluster::RUN_DIR).join("ca/revoked");
+    fs::write(&file, format!("# minted by the mTLS tests\n{serial}\n"))?;
+    let start = Instant::now();
+    loop {
+        let status = with_serial()?;
+        if status.is_null() {
+            break;
+        }
+        ensure!(
+            start.elapsed() < Duration::from_secs(20),
+            "the revoked certificate is still accepted after {:?}",
+            start.elapsed()
+        );
+        thread::sleep(Duration::from_millis(500));
+    }
+    println!(
+        "    revoked serial {serial}: refused at handshake after {:.1?}",
+        start.elapsed()
+    );
+    ensure!(
+        revoked(&metrics("node-2")?) > before,
+        "the refusal was not counted"
+    );
+    // Other certificates of the same CA are still served.
+    ensure!(connect_as("ca", &web_2, "")?["status"] == 200);
+    fs::remove_file(&file)?;
+    Ok(())
+}
+
 /// The lifetime of the cluster's workload certificates: renewed every 20 s, so the suite
 /// sees renewals, and a root rotation takes effect within a minute.
 const CERT_TTL: &str = "40s";
@@ -687,6 +748,10 @@ fn main() {
         (
             "the_ca_gives_a_node_only_its_own_pods_identities",
             the_ca_gives_a_node_only_its_own_pods_identities,
+        ),
+        (
+            "a_revoked_certificate_is_refused",
+            a_revoked_certificate_is_refused,
         ),
         // Last: it changes the CA's root for good.
         (

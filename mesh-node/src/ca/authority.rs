@@ -21,9 +21,10 @@ use std::{
 };
 
 use rcgen::{
-    string::Ia5String, BasicConstraints, CertificateParams, DistinguishedName, DnType,
-    ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose, SanType, SerialNumber,
-    SubjectPublicKeyInfo, PKCS_ECDSA_P256_SHA256,
+    string::Ia5String, BasicConstraints, CertificateParams, CertificateRevocationListParams,
+    DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyIdMethod, KeyPair,
+    KeyUsagePurpose, RevokedCertParams, SanType, SerialNumber, SubjectPublicKeyInfo,
+    PKCS_ECDSA_P256_SHA256,
 };
 use rustls_pki_types::{pem::PemObject as _, CertificateDer, CertificateSigningRequestDer};
 use thiserror::Error;
@@ -50,6 +51,9 @@ pub const ROOT_TTL: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
 pub const CLOCK_SKEW: Duration = Duration::from_secs(60);
 /// Lifetime of the CA's own serving certificate (issued again at each start).
 pub const SERVING_CERT_TTL: Duration = Duration::from_secs(365 * 24 * 3600);
+
+/// How long a revocation list is valid; the CA publishes a new one well before.
+pub const CRL_VALIDITY: Duration = Duration::from_secs(24 * 3600);
 
 /// The shortest life a certificate is issued with.
 pub const MIN_ISSUED_LIFE: Duration = Duration::from_secs(60);
@@ -307,6 +311,37 @@ impl Authority {
     /// The signing certificate and those above it, the root last (PEM).
     pub fn chain(&self) -> &[String] {
         &self.chain
+    }
+
+    /// The certificate revocation list of the signing CA (DER): `revoked` serial numbers,
+    /// valid for [`CRL_VALIDITY`], numbered `number` (a CRL replaces those of lower numbers).
+    pub fn revocation_list(
+        &self,
+        revoked: &[Vec<u8>],
+        number: u64,
+    ) -> Result<Vec<u8>, AuthorityError> {
+        let now = unix_now();
+        let this_update = to_asn1(now.saturating_sub(CLOCK_SKEW.as_secs() as i64))?.to_datetime();
+        let params = CertificateRevocationListParams {
+            this_update,
+            next_update: to_asn1(now.saturating_add(CRL_VALIDITY.as_secs() as i64))?.to_datetime(),
+            crl_number: SerialNumber::from(number),
+            issuing_distribution_point: None,
+            revoked_certs: revoked
+                .iter()
+                .map(|serial| RevokedCertParams {
+                    serial_number: SerialNumber::from_slice(serial),
+                    revocation_time: this_update,
+                    reason_code: None,
+                    invalidity_date: None,
+                })
+                .collect(),
+            key_identifier_method: KeyIdMethod::Sha256,
+        };
+        let crl = params
+            .signed_by(&self.issuer)
+            .map_err(AuthorityError::Generate)?;
+        Ok(crl.der().to_vec())
     }
 
     /// Writes the trust bundle to `dir/root-cert.pem`, where the virtual cluster hands it to
@@ -606,6 +641,31 @@ fn random_serial() -> Result<[u8; 16], AuthorityError> {
     random_bytes(&mut serial)?;
     serial[0] = (serial[0] & 0x7f) | 0x40;
     Ok(serial)
+}
+
+/// A serial number as the CA logs it and `revoked` files list it: bytes of the DER integer
+/// without leading zeros.
+pub fn serial_bytes(hex: &str) -> Option<Vec<u8>> {
+    let hex = hex.trim().trim_start_matches("0x").replace(':', "");
+    if hex.is_empty() || hex.len() > 40 || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return None;
+    }
+    let hex = if hex.len() % 2 == 1 {
+        format!("0{hex}")
+    } else {
+        hex
+    };
+    let bytes: Vec<u8> = (0..hex.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&hex[i..i + 2], 16).ok())
+        .collect::<Option<_>>()?;
+    Some(trim_serial(&bytes).to_vec())
+}
+
+/// A serial number without the leading zero bytes a DER integer may carry.
+pub fn trim_serial(serial: &[u8]) -> &[u8] {
+    let start = serial.iter().position(|b| *b != 0).unwrap_or(serial.len());
+    &serial[start..]
 }
 
 pub(crate) fn hex(bytes: &[u8]) -> String {

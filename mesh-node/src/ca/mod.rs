@@ -25,7 +25,7 @@ use std::{
     future::Future,
     io,
     net::{IpAddr, SocketAddr},
-    path::PathBuf,
+    path::{Path, PathBuf},
     sync::Arc,
     time::Duration,
 };
@@ -38,7 +38,7 @@ use tracing::{info, warn};
 
 pub use auth::{AuthError, Caller, KubeAuth, LocalAuth, NodeAuth, ServiceAccount};
 pub use authority::{Authority, AuthorityError, Issued};
-pub use server::CaService;
+pub use server::{CaService, RevocationService};
 
 use crate::{
     config::CaArgs,
@@ -46,7 +46,10 @@ use crate::{
     model::Store,
     source::file::{FileSource, SourceError},
 };
-use proto::istio_certificate_service_server::IstioCertificateServiceServer;
+use proto::{
+    istio_certificate_service_server::IstioCertificateServiceServer,
+    revocations_server::RevocationsServer,
+};
 
 #[derive(Debug, Error)]
 pub enum CaError {
@@ -79,6 +82,40 @@ pub struct KeySource {
     /// Local state: the generated root when there is no `cacerts_dir`, and where the root
     /// bundle is written either way.
     pub state_dir: Option<PathBuf>,
+    /// Revoked serial numbers, one per line (hex); default `revoked` in `state_dir`.
+    pub revoked: Option<PathBuf>,
+}
+
+impl KeySource {
+    fn revoked_file(&self) -> Option<PathBuf> {
+        self.revoked
+            .clone()
+            .or_else(|| self.state_dir.as_ref().map(|d| d.join(REVOKED_FILE)))
+    }
+}
+
+/// The revoked serials beside the CA's state.
+pub const REVOKED_FILE: &str = "revoked";
+
+/// The serial numbers of a `revoked` file; a line that is not one is reported and skipped.
+fn read_revoked(path: Option<&PathBuf>) -> Vec<Vec<u8>> {
+    let Some(path) = path else {
+        return Vec::new();
+    };
+    let Ok(text) = std::fs::read_to_string(path) else {
+        return Vec::new();
+    };
+    text.lines()
+        .map(|line| line.split('#').next().unwrap_or_default().trim())
+        .filter(|line| !line.is_empty())
+        .filter_map(|line| {
+            let serial = authority::serial_bytes(line);
+            if serial.is_none() {
+                warn!(file = %path.display(), line, "not a serial number in hex: ignored");
+            }
+            serial
+        })
+        .collect()
 }
 
 /// How callers are authenticated and their nodes' pods found.
@@ -126,6 +163,7 @@ impl From<CaArgs> for CaSettings {
             keys: KeySource {
                 cacerts_dir: args.cacerts_dir,
                 state_dir: args.state_dir,
+                revoked: args.revoked,
             },
             callers,
             node_proxies: args
@@ -147,7 +185,10 @@ pub struct CaServer {
     local_addr: SocketAddr,
     tls: ServerTlsConfig,
     service: CaService,
+    revocations: RevocationService,
     authority: Arc<ArcSwap<Authority>>,
+    /// The revocation list of the signing CA, as published.
+    crls: Arc<ArcSwap<Vec<Vec<u8>>>>,
     /// Where the keys came from and what the files held when loaded, watched for a rotation
     /// (`None`: the authority was given by the caller).
     keys: Option<(CaSettings, u64)>,
@@ -231,10 +272,13 @@ impl CaServer {
             addr: settings.listen,
             source,
         })?;
+        let crl =
+            authority.revocation_list(&read_revoked(settings.keys.revoked_file().as_ref()), 1)?;
+        let crls = Arc::new(ArcSwap::from_pointee(vec![crl]));
         let authority = Arc::new(ArcSwap::new(authority));
         let service = CaService::new(
             authority.clone(),
-            auth,
+            auth.clone(),
             &settings.trust_domain,
             settings.workload_cert_ttl,
         );
@@ -243,7 +287,9 @@ impl CaServer {
             local_addr,
             tls,
             service,
+            revocations: RevocationService::new(auth, crls.clone()),
             authority,
+            crls,
             keys: None,
             source: None,
         })
@@ -270,12 +316,13 @@ impl CaServer {
         }
         if let Some((settings, loaded)) = self.keys {
             let mut stop_rx = stop_rx.clone();
-            tokio::spawn(watch_keys(
-                settings,
-                loaded,
-                self.authority.clone(),
-                async move { while stop_rx.changed().await.is_ok() {} },
-            ));
+            let published = Published {
+                authority: self.authority.clone(),
+                crls: self.crls.clone(),
+            };
+            tokio::spawn(watch_keys(settings, loaded, published, async move {
+                while stop_rx.changed().await.is_ok() {}
+            }));
         }
         drop(stop_rx);
         info!(addr = %self.local_addr, roots = self.authority.load().roots().len(), "mesh CA serving");
@@ -286,12 +333,9 @@ impl CaServer {
             .http2_keepalive_interval(Some(Duration::from_secs(30)))
             .tls_config(self.tls)
             .map_err(|e| CaError::Tls(e.to_string()))?
-            // The one service of this server: no router needed.
-            .serve_with_incoming_shutdown(
-                IstioCertificateServiceServer::new(self.service),
-                self.incoming,
-                shutdown,
-            )
+            .add_service(IstioCertificateServiceServer::new(self.service))
+            .add_service(RevocationsServer::new(self.revocations))
+            .serve_with_incoming_shutdown(self.incoming, shutdown)
             .await
             .map_err(|e| CaError::Serve(e.to_string()));
         drop(stop_tx);
@@ -310,6 +354,16 @@ const STREAMS_PER_CONNECTION: usize = 32;
 /// The node proxy's service account unless configured otherwise.
 pub const DEFAULT_NODE_PROXY: (&str, &str) = ("weft-system", "mesh-node");
 
+/// What the CA publishes, replaced as its files change.
+struct Published {
+    authority: Arc<ArcSwap<Authority>>,
+    crls: Arc<ArcSwap<Vec<Vec<u8>>>>,
+}
+
+/// How often a new revocation list is signed even when nothing changed (it is valid for a
+/// day).
+const CRL_REFRESH: Duration = Duration::from_secs(3600);
+
 /// How often the key files are checked for a rotation.
 const KEY_POLL: Duration = Duration::from_secs(2);
 
@@ -320,17 +374,45 @@ const KEY_POLL: Duration = Duration::from_secs(2);
 async fn watch_keys(
     settings: CaSettings,
     loaded: u64,
-    authority: Arc<ArcSwap<Authority>>,
+    published: Published,
     stop: impl Future<Output = ()>,
 ) {
     tokio::pin!(stop);
     let mut seen = loaded;
     let mut tick = tokio::time::interval(KEY_POLL);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let revoked_file = settings.keys.revoked_file();
+    let mut revoked_seen = std::fs::read(revoked_file.as_ref().map_or(Path::new(""), |p| p)).ok();
+    let mut crl_number = 1;
+    let mut crl_issued = tokio::time::Instant::now();
     loop {
         tokio::select! {
             _ = &mut stop => return,
             _ = tick.tick() => {}
+        }
+        // The revocation list: again when the revoked serials change, and well before it
+        // expires.
+        let revoked_now = std::fs::read(revoked_file.as_ref().map_or(Path::new(""), |p| p)).ok();
+        if revoked_now != revoked_seen || crl_issued.elapsed() > CRL_REFRESH {
+            crl_number += 1;
+            let revoked = read_revoked(revoked_file.as_ref());
+            match published
+                .authority
+                .load()
+                .revocation_list(&revoked, crl_number)
+            {
+                Ok(crl) => {
+                    info!(
+                        revoked = revoked.len(),
+                        number = crl_number,
+                        "published a revocation list"
+                    );
+                    published.crls.store(Arc::new(vec![crl]));
+                    revoked_seen = revoked_now;
+                    crl_issued = tokio::time::Instant::now();
+                }
+                Err(e) => warn!("cannot sign the revocation list: {e}"),
+            }
         }
         let now = key_fingerprint(&settings.keys);
         if now == seen {
@@ -356,8 +438,10 @@ async fn watch_keys(
                     chain = loaded.chain().len(),
                     "the signing CA or root bundle changed: issuing with it from now on"
                 );
-                authority.store(Arc::new(loaded));
+                published.authority.store(Arc::new(loaded));
                 seen = now;
+                // The new signing CA signs the list from now on.
+                revoked_seen = None;
             }
             Err(e) => warn!("the CA's key files changed but do not load (kept the previous): {e}"),
         }

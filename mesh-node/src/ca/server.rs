@@ -11,8 +11,9 @@ use super::{
     auth::{self, NodeAuth},
     authority::Authority,
     proto::{
-        istio_certificate_service_server::IstioCertificateService, IstioCertificateRequest,
-        IstioCertificateResponse, IMPERSONATED_IDENTITY,
+        istio_certificate_service_server::IstioCertificateService, revocations_server::Revocations,
+        IstioCertificateRequest, IstioCertificateResponse, RevocationListRequest,
+        RevocationListResponse, IMPERSONATED_IDENTITY,
     },
 };
 use crate::identity::Identity;
@@ -126,6 +127,43 @@ impl IstioCertificateService for CaService {
         self.create(token, request.get_ref())
             .await
             .map(Response::new)
+    }
+}
+
+/// `weft.ca.v1.Revocations`: the signing CA's revocation list, for any caller the CA
+/// authenticates (node proxies poll it).
+#[derive(Clone)]
+pub struct RevocationService {
+    auth: Arc<dyn NodeAuth>,
+    /// DER, replaced when the revoked serials or the signing CA change.
+    crls: Arc<ArcSwap<Vec<Vec<u8>>>>,
+}
+
+impl RevocationService {
+    pub fn new(auth: Arc<dyn NodeAuth>, crls: Arc<ArcSwap<Vec<Vec<u8>>>>) -> Self {
+        Self { auth, crls }
+    }
+}
+
+#[tonic::async_trait]
+impl Revocations for RevocationService {
+    async fn list(
+        &self,
+        request: Request<RevocationListRequest>,
+    ) -> Result<Response<RevocationListResponse>, Status> {
+        let token = request
+            .metadata()
+            .get("authorization")
+            .and_then(|v| v.to_str().ok())
+            .and_then(bearer)
+            .ok_or_else(|| Status::unauthenticated("no bearer token"))?;
+        self.auth
+            .authenticate(token)
+            .await
+            .map_err(|e| e.status())?;
+        Ok(Response::new(RevocationListResponse {
+            crls: self.crls.load().as_ref().clone(),
+        }))
     }
 }
 

@@ -22,7 +22,8 @@ use tonic::{
 
 use crate::{
     ca::proto::{
-        istio_certificate_service_client::IstioCertificateServiceClient, IstioCertificateRequest,
+        istio_certificate_service_client::IstioCertificateServiceClient,
+        revocations_client::RevocationsClient, IstioCertificateRequest, RevocationListRequest,
         IMPERSONATED_IDENTITY,
     },
     identity::Identity,
@@ -160,6 +161,43 @@ impl CaClient {
         if impersonate {
             message.set_metadata_string(IMPERSONATED_IDENTITY, &identity.to_string());
         }
+        let request = self.authorized(message).await?;
+        let response = IstioCertificateServiceClient::new(self.channel())
+            .create_certificate(request)
+            .await
+            .map_err(|status| self.error(identity, &status))?;
+        let chain = response.into_inner().cert_chain;
+        if chain.is_empty() {
+            return Err(CaClientError::EmptyChain {
+                identity: identity.to_string(),
+            });
+        }
+        Ok(chain)
+    }
+
+    /// The CA's revocation lists (DER), Weft's `weft.ca.v1.Revocations/List`.
+    pub async fn revocation_lists(&self) -> Result<Vec<Vec<u8>>, CaClientError> {
+        let request = self.authorized(RevocationListRequest {}).await?;
+        let response = RevocationsClient::new(self.channel())
+            .list(request)
+            .await
+            .map_err(|status| CaClientError::Failed {
+                identity: "(revocation list)".into(),
+                code: status.code(),
+                message: describe(&status),
+            })?;
+        Ok(response.into_inner().crls)
+    }
+
+    /// The channel, which spawns its worker on the runtime of its first use.
+    fn channel(&self) -> Channel {
+        self.channel
+            .get_or_init(|| self.endpoint.connect_lazy())
+            .clone()
+    }
+
+    /// `message` with the bearer token, read now (projected tokens rotate).
+    async fn authorized<T>(&self, message: T) -> Result<tonic::Request<T>, CaClientError> {
         let mut request = tonic::Request::new(message);
         if let Some(path) = &self.token_file {
             let token =
@@ -181,22 +219,7 @@ impl CaClient {
                 .map_err(|_| bad("not a valid header value"))?;
             request.metadata_mut().insert("authorization", value);
         }
-        // The channel spawns its worker on the runtime of its first use.
-        let channel = self
-            .channel
-            .get_or_init(|| self.endpoint.connect_lazy())
-            .clone();
-        let response = IstioCertificateServiceClient::new(channel)
-            .create_certificate(request)
-            .await
-            .map_err(|status| self.error(identity, &status))?;
-        let chain = response.into_inner().cert_chain;
-        if chain.is_empty() {
-            return Err(CaClientError::EmptyChain {
-                identity: identity.to_string(),
-            });
-        }
-        Ok(chain)
+        Ok(request)
     }
 
     fn error(&self, identity: &Identity, status: &tonic::Status) -> CaClientError {

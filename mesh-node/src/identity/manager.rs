@@ -12,17 +12,25 @@ use std::{
     fmt,
     future::Future,
     pin::Pin,
-    sync::{Arc, Mutex},
+    sync::{Arc, Mutex, Weak},
     time::{Duration, SystemTime},
 };
 
 use rustls::{pki_types::PrivateKeyDer, ClientConfig, ServerConfig};
 use thiserror::Error;
-use tokio::{sync::watch, task::JoinHandle};
+use tokio::{
+    sync::{watch, Notify},
+    task::JoinHandle,
+};
 use tracing::{info, warn};
 
 use super::Identity;
-use crate::tls::{Credential, TlsError};
+use crate::tls::{revoked_serials, serial_of, Credential, Revoked, TlsError};
+
+/// A chain of PEM certificates, leaf first, or why there is none.
+pub type SignFuture = Pin<Box<dyn Future<Output = Result<Vec<String>, String>> + Send + 'static>>;
+/// DER revocation lists, or why there are none.
+pub type CrlFuture = Pin<Box<dyn Future<Output = Result<Vec<Vec<u8>>, String>> + Send + 'static>>;
 
 /// What signs certificate requests: the mesh CA through its gRPC API, or an in-process
 /// authority in tests.
@@ -35,7 +43,12 @@ pub trait Signer: Send + Sync + 'static {
         csr_pem: String,
         ttl: Duration,
         impersonate: bool,
-    ) -> Pin<Box<dyn Future<Output = Result<Vec<String>, String>> + Send + 'static>>;
+    ) -> SignFuture;
+
+    /// The CA's certificate revocation lists (DER). A CA without any publishes none.
+    fn revocations(&self) -> CrlFuture {
+        Box::pin(async { Ok(Vec::new()) })
+    }
 }
 
 #[derive(Debug, Error, Clone)]
@@ -70,12 +83,16 @@ pub struct CertConfig {
     pub ttl: Duration,
     /// How long a connection waits for the first certificate of an identity.
     pub wait: Duration,
+    /// How often the CA's revocation list is fetched.
+    pub revocation_poll: Duration,
 }
 
 pub struct CertManager {
     signer: Arc<dyn Signer>,
     config: CertConfig,
     slots: Mutex<HashMap<Identity, Arc<Slot>>>,
+    /// The serials the CA revoked, as last fetched.
+    revoked: watch::Sender<Arc<HashSet<Vec<u8>>>>,
 }
 
 impl fmt::Debug for CertManager {
@@ -90,6 +107,8 @@ impl fmt::Debug for CertManager {
 struct Slot {
     issued: watch::Receiver<Option<Arc<Issued>>>,
     error: Arc<Mutex<Option<String>>>,
+    /// Asks for a new certificate now (the current one was revoked).
+    renew: Arc<Notify>,
     task: JoinHandle<()>,
 }
 
@@ -113,9 +132,41 @@ impl CertManager {
             signer,
             config,
             slots: Mutex::default(),
+            revoked: watch::Sender::new(Arc::default()),
         });
         manager.slot(&manager.config.own.clone());
+        tokio::spawn(follow_revocations(Arc::downgrade(&manager)));
         manager
+    }
+
+    /// The serials the CA revoked: every handshake checks them, and open connections watch
+    /// them.
+    pub fn revoked(&self) -> Revoked {
+        self.revoked.subscribe()
+    }
+
+    /// Takes a new revocation list: connections with revoked certificates are refused and
+    /// closed from now on, and identities of this node whose certificate was revoked get a
+    /// new one at once.
+    fn apply_revocations(&self, revoked: HashSet<Vec<u8>>) {
+        let revoked = Arc::new(revoked);
+        let slots: Vec<Arc<Slot>> = self
+            .slots
+            .lock()
+            .expect("slots poisoned")
+            .values()
+            .cloned()
+            .collect();
+        for slot in slots {
+            let current = slot.issued.borrow().clone();
+            let hit = current
+                .and_then(|issued| serial_of(issued.credential.chain.first()?).ok())
+                .is_some_and(|serial| revoked.contains(&serial));
+            if hit {
+                slot.renew.notify_one();
+            }
+        }
+        self.revoked.send_replace(revoked);
     }
 
     pub fn own_identity(&self) -> &Identity {
@@ -190,17 +241,23 @@ impl CertManager {
         }
         let (tx, rx) = watch::channel(None);
         let error = Arc::new(Mutex::new(None));
+        let renew = Arc::new(Notify::new());
         let task = tokio::spawn(keep_fresh(
             self.signer.clone(),
             identity.clone(),
             identity != &self.config.own,
-            self.config.clone(),
+            Fresh {
+                config: self.config.clone(),
+                revoked: self.revoked(),
+                renew: renew.clone(),
+            },
             tx,
             error.clone(),
         ));
         let slot = Arc::new(Slot {
             issued: rx,
             error,
+            renew,
             task,
         });
         slots.insert(identity.clone(), slot.clone());
@@ -208,18 +265,31 @@ impl CertManager {
     }
 }
 
-/// Fetches a certificate for `identity`, publishes it, sleeps until half its life, repeats.
+/// What an identity's task needs besides its identity.
+struct Fresh {
+    config: CertConfig,
+    revoked: Revoked,
+    renew: Arc<Notify>,
+}
+
+/// Fetches a certificate for `identity`, publishes it, sleeps until half its life (or until
+/// it is revoked), repeats.
 async fn keep_fresh(
     signer: Arc<dyn Signer>,
     identity: Identity,
     impersonate: bool,
-    config: CertConfig,
+    fresh: Fresh,
     tx: watch::Sender<Option<Arc<Issued>>>,
     error: Arc<Mutex<Option<String>>>,
 ) {
+    let Fresh {
+        config,
+        revoked,
+        renew,
+    } = fresh;
     let mut retry = RETRY_FIRST;
     loop {
-        match fetch(&*signer, &identity, impersonate, &config).await {
+        match fetch(&*signer, &identity, impersonate, &config, &revoked).await {
             Ok(issued) => {
                 let renew_at = issued.credential.renew_at(SystemTime::now());
                 info!(
@@ -235,7 +305,12 @@ async fn keep_fresh(
                     .duration_since(SystemTime::now())
                     .unwrap_or_default()
                     .max(RENEW_FLOOR);
-                tokio::time::sleep(wait).await;
+                tokio::select! {
+                    _ = tokio::time::sleep(wait) => {}
+                    _ = renew.notified() => {
+                        warn!(identity = %identity, "this node's certificate was revoked: asking for a new one");
+                    }
+                }
             }
             Err(e) => {
                 warn!(identity = %identity, retry_in = ?retry, "cannot obtain a certificate: {e}");
@@ -252,20 +327,65 @@ async fn fetch(
     identity: &Identity,
     impersonate: bool,
     config: &CertConfig,
+    revoked: &Revoked,
 ) -> Result<Issued, String> {
     let (csr, key) = request(identity).map_err(|e| format!("making the key failed: {e}"))?;
     let chain = signer.sign(identity, csr, config.ttl, impersonate).await?;
     let credential = Credential::from_chain(identity.clone(), &chain, key)
         .map_err(|e| format!("the CA's answer is unusable: {e}"))?;
     let client = credential
-        .client_config(config.own.clone())
+        .client_config(config.own.clone(), revoked.clone())
         .map_err(|e: TlsError| e.to_string())?;
-    let server = credential.server_config().map_err(|e| e.to_string())?;
+    let server = credential
+        .server_config(revoked.clone())
+        .map_err(|e| e.to_string())?;
     Ok(Issued {
         credential: Arc::new(credential),
         client: Arc::new(client),
         server: Arc::new(server),
     })
+}
+
+/// Fetches the CA's revocation lists every `revocation_poll` while the manager lives, and
+/// applies what changed. A list is believed only when signed by a CA the node trusts.
+async fn follow_revocations(manager: Weak<CertManager>) {
+    let mut last: Option<Vec<Vec<u8>>> = None;
+    loop {
+        let Some(this) = manager.upgrade() else {
+            return;
+        };
+        let poll = this.config.revocation_poll;
+        match this.signer.revocations().await {
+            Ok(crls) if last.as_ref() != Some(&crls) => {
+                // The issuers to check the lists with: the roots and chain of the node's own
+                // certificate (the CA signs with the certificate that issued it).
+                let issuers = this.own_now().map(|own| {
+                    let credential = &own.credential;
+                    let mut issuers = credential.bundle.roots().to_vec();
+                    issuers.extend(credential.chain.iter().skip(1).cloned());
+                    issuers
+                });
+                if let Some(issuers) = issuers {
+                    let (revoked, errors) = revoked_serials(&crls, &issuers);
+                    for e in errors {
+                        warn!("{e}");
+                    }
+                    if *this.revoked.borrow() != Arc::new(revoked.clone()) {
+                        info!(
+                            revoked = revoked.len(),
+                            "the mesh CA's revocation list changed"
+                        );
+                    }
+                    this.apply_revocations(revoked);
+                    last = Some(crls);
+                }
+            }
+            Ok(_) => {}
+            Err(e) => warn!("cannot fetch the mesh CA's revocation list: {e}"),
+        }
+        drop(this);
+        tokio::time::sleep(poll).await;
+    }
 }
 
 /// A fresh P-256 key and a CSR for `identity` signed with it.
@@ -290,13 +410,18 @@ fn humanize(at: SystemTime) -> String {
 
 /// Signs through the mesh CA's gRPC API.
 impl Signer for super::client::CaClient {
+    fn revocations(&self) -> CrlFuture {
+        let client = self.clone();
+        Box::pin(async move { client.revocation_lists().await.map_err(|e| e.to_string()) })
+    }
+
     fn sign(
         &self,
         identity: &Identity,
         csr_pem: String,
         ttl: Duration,
         impersonate: bool,
-    ) -> Pin<Box<dyn Future<Output = Result<Vec<String>, String>> + Send + 'static>> {
+    ) -> SignFuture {
         let client = self.clone();
         let identity = identity.clone();
         Box::pin(async move {
@@ -308,36 +433,67 @@ impl Signer for super::client::CaClient {
     }
 }
 
-/// Signs in this process: the CA's own serving certificate, and tests.
-impl Signer for crate::ca::authority::Authority {
-    fn sign(
-        &self,
-        identity: &Identity,
-        csr_pem: String,
-        ttl: Duration,
-        _impersonate: bool,
-    ) -> Pin<Box<dyn Future<Output = Result<Vec<String>, String>> + Send + 'static>> {
-        let signed = crate::ca::authority::Authority::sign(self, &csr_pem, identity, ttl)
-            .map(|issued| issued.chain)
-            .map_err(|e| e.to_string());
-        Box::pin(async move { signed })
-    }
-}
-
-/// An in-process CA with a fresh root, for tests of everything that needs certificates.
+/// An in-process CA with a fresh root, for tests of everything that needs certificates: it
+/// signs what it is asked, remembers the serial of each certificate, and publishes a
+/// revocation list of what a test revokes.
 pub mod testing {
-    use std::{path::Path, sync::Arc, time::Duration};
+    use std::{
+        path::Path,
+        sync::{Arc, Mutex},
+        time::Duration,
+    };
 
-    use super::{CertConfig, CertManager};
+    use super::{CertConfig, CertManager, CrlFuture, SignFuture, Signer};
     use crate::{
         ca::authority::{generate_root, Authority},
         identity::{Identity, DEFAULT_TRUST_DOMAIN},
     };
 
     pub struct TestCa {
-        pub authority: Arc<Authority>,
+        signer: Arc<TestSigner>,
         /// The node proxies' identity.
         pub node: Identity,
+    }
+
+    struct TestSigner {
+        authority: Authority,
+        /// `(identity, serial)` of every certificate issued, oldest first.
+        issued: Mutex<Vec<(Identity, Vec<u8>)>>,
+        revoked: Mutex<Vec<Vec<u8>>>,
+    }
+
+    impl Signer for TestSigner {
+        fn sign(
+            &self,
+            identity: &Identity,
+            csr_pem: String,
+            ttl: Duration,
+            _impersonate: bool,
+        ) -> SignFuture {
+            let signed = self
+                .authority
+                .sign(&csr_pem, identity, ttl)
+                .map(|issued| {
+                    let serial = crate::ca::authority::serial_bytes(&issued.serial);
+                    self.issued
+                        .lock()
+                        .expect("poisoned")
+                        .push((identity.clone(), serial.unwrap_or_default()));
+                    issued.chain
+                })
+                .map_err(|e| e.to_string());
+            Box::pin(async move { signed })
+        }
+
+        fn revocations(&self) -> CrlFuture {
+            let revoked = self.revoked.lock().expect("poisoned").clone();
+            let crl = self
+                .authority
+                .revocation_list(&revoked, revoked.len() as u64 + 1)
+                .map(|crl| vec![crl])
+                .map_err(|e| e.to_string());
+            Box::pin(async move { crl })
+        }
     }
 
     impl Default for TestCa {
@@ -352,7 +508,11 @@ pub mod testing {
             let authority = Authority::from_pems(Path::new("memory"), &key, &cert, "", &cert)
                 .expect("a generated root signs");
             Self {
-                authority: Arc::new(authority),
+                signer: Arc::new(TestSigner {
+                    authority,
+                    issued: Mutex::default(),
+                    revoked: Mutex::default(),
+                }),
                 node: Identity::new(DEFAULT_TRUST_DOMAIN, "weft-system", "mesh-node"),
             }
         }
@@ -362,15 +522,48 @@ pub mod testing {
             self.certs_with_ttl(Duration::from_secs(3600))
         }
 
+        /// Certificates living `ttl`; the revocation list is fetched every 100 ms.
         pub fn certs_with_ttl(&self, ttl: Duration) -> Arc<CertManager> {
             CertManager::new(
-                self.authority.clone(),
+                self.signer.clone(),
                 CertConfig {
                     own: self.node.clone(),
                     ttl,
                     wait: Duration::from_secs(5),
+                    revocation_poll: Duration::from_millis(100),
                 },
             )
+        }
+
+        /// Revokes every certificate issued for `identity` so far; returns how many.
+        pub fn revoke(&self, identity: &Identity) -> usize {
+            let serials: Vec<Vec<u8>> = self
+                .signer
+                .issued
+                .lock()
+                .expect("poisoned")
+                .iter()
+                .filter(|(id, _)| id == identity)
+                .map(|(_, serial)| serial.clone())
+                .collect();
+            let count = serials.len();
+            self.signer
+                .revoked
+                .lock()
+                .expect("poisoned")
+                .extend(serials);
+            count
+        }
+
+        /// How many certificates were issued for `identity`.
+        pub fn issued(&self, identity: &Identity) -> usize {
+            self.signer
+                .issued
+                .lock()
+                .expect("poisoned")
+                .iter()
+                .filter(|(id, _)| id == identity)
+                .count()
         }
     }
 }
@@ -408,8 +601,7 @@ mod tests {
                 _csr_pem: String,
                 _ttl: Duration,
                 _impersonate: bool,
-            ) -> Pin<Box<dyn Future<Output = Result<Vec<String>, String>> + Send + 'static>>
-            {
+            ) -> SignFuture {
                 Box::pin(async { Err("node n1 may not obtain it".to_string()) })
             }
         }
@@ -420,6 +612,7 @@ mod tests {
                 own: own.clone(),
                 ttl: Duration::from_secs(60),
                 wait: Duration::from_millis(300),
+                revocation_poll: Duration::from_secs(60),
             },
         );
         let err = certs.issued(&own).await.unwrap_err();

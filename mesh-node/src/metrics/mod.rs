@@ -574,6 +574,8 @@ pub enum MtlsRefusal {
     PlaintextStrict,
     /// This node has no certificate of its own (the mesh CA is unreachable).
     NoCertificate,
+    /// An open HBONE connection whose peer's certificate the mesh CA revoked, closed.
+    Revoked,
 }
 
 impl EncodeLabelValue for MtlsRefusal {
@@ -584,6 +586,7 @@ impl EncodeLabelValue for MtlsRefusal {
             MtlsRefusal::Target => "target",
             MtlsRefusal::PlaintextStrict => "plaintext_strict",
             MtlsRefusal::NoCertificate => "no_certificate",
+            MtlsRefusal::Revoked => "revoked",
         };
         EncodeLabelValue::encode(&reason, encoder)
     }

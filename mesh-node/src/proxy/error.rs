@@ -85,6 +85,11 @@ pub enum ProxyError {
         client: SocketAddr,
         identity: Identity,
     },
+    #[error("HBONE client {client} ({identity}): its certificate was revoked by the mesh CA; the connection and its streams are closed")]
+    Revoked {
+        client: SocketAddr,
+        identity: Identity,
+    },
     #[error("HBONE with {client} failed: {source}")]
     Hbone {
         client: SocketAddr,

@@ -42,7 +42,7 @@ use crate::{
         policy::{mtls_mode, MtlsMode, ROOT_NAMESPACE},
         ObjectKey, Pod, Service, Snapshot,
     },
-    tls::Authenticated,
+    tls::{self, Authenticated},
 };
 
 /// Concurrent CONNECT streams one peer connection may carry.
@@ -68,6 +68,7 @@ pub(super) async fn serve_tunnel(ctx: Arc<Context>, stream: TcpStream, client: S
                 Some(MtlsRefusal::Identity)
             }
             ProxyError::NoMtls | ProxyError::NoCertificate(_) => Some(MtlsRefusal::NoCertificate),
+            ProxyError::Revoked { .. } => Some(MtlsRefusal::Revoked),
             // The connection was served; it ended badly.
             _ => None,
         };
@@ -208,7 +209,7 @@ async fn hbone_connection(
     .await
     .map_err(|_| ProxyError::HandshakeTimeout { client, timeout })?
     .map_err(|source| ProxyError::Handshake { client, source })?;
-    let auth = tls
+    let leaf = tls
         .get_ref()
         .1
         .peer_certificates()
@@ -216,13 +217,13 @@ async fn hbone_connection(
         .ok_or(ProxyError::NoPeerIdentity {
             client,
             reason: "no client certificate".into(),
-        })
-        .and_then(|leaf| {
-            Authenticated::of(leaf).map_err(|e| ProxyError::NoPeerIdentity {
-                client,
-                reason: e.to_string(),
-            })
         })?;
+    let no_identity = |e: tls::TlsError| ProxyError::NoPeerIdentity {
+        client,
+        reason: e.to_string(),
+    };
+    let auth = Authenticated::of(leaf).map_err(no_identity)?;
+    let serial = tls::serial_of(leaf).map_err(no_identity)?;
     if auth.identity.trust_domain() != &*ctx.config.trust_domain {
         return Err(ProxyError::ForeignTrustDomain {
             client,
@@ -233,6 +234,7 @@ async fn hbone_connection(
         auth: Arc::new(auth),
         client,
     });
+    let identity = peer.auth.identity.clone();
     let service = {
         let ctx = ctx.clone();
         service_fn(move |request| {
@@ -240,15 +242,32 @@ async fn hbone_connection(
             async move { Ok::<_, Infallible>(response.await) }
         })
     };
-    http2::Builder::new(TokioExecutor::new())
+    let serving = http2::Builder::new(TokioExecutor::new())
         .timer(TokioTimer::new())
         .initial_stream_window_size(hbone::STREAM_WINDOW)
         .initial_connection_window_size(hbone::CONNECTION_WINDOW)
         .max_frame_size(hbone::MAX_FRAME)
         .max_concurrent_streams(HBONE_MAX_CONCURRENT_STREAMS)
-        .serve_connection(TokioIo::new(tls), service)
-        .await
-        .map_err(|source| ProxyError::Hbone { client, source })
+        .serve_connection(TokioIo::new(tls), service);
+    tokio::pin!(serving);
+    // A certificate revoked while the connection is open ends it, and every stream on it.
+    let mut revoked = certs.revoked();
+    loop {
+        tokio::select! {
+            served = &mut serving => {
+                return served.map_err(|source| ProxyError::Hbone { client, source });
+            }
+            changed = revoked.changed() => {
+                if changed.is_err() {
+                    // The manager is gone: the proxy is stopping.
+                    return serving.await.map_err(|source| ProxyError::Hbone { client, source });
+                }
+                if revoked.borrow().contains(&serial) {
+                    return Err(ProxyError::Revoked { client, identity });
+                }
+            }
+        }
+    }
 }
 
 /// One CONNECT stream: checks the target, answers, then proxies the stream to the pod.

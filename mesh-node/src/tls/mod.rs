@@ -10,6 +10,7 @@
 //! the destination's handling as the caller's identity.
 
 use std::{
+    collections::HashSet,
     fmt,
     sync::Arc,
     time::{Duration, SystemTime, UNIX_EPOCH},
@@ -19,12 +20,21 @@ use rustls::{
     client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier},
     crypto::{CryptoProvider, WebPkiSupportedAlgorithms},
     pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime},
-    server::{ParsedCertificate, WebPkiClientVerifier},
-    ClientConfig, DigitallySignedStruct, RootCertStore, ServerConfig, SignatureScheme,
+    server::{
+        danger::{ClientCertVerified, ClientCertVerifier},
+        ParsedCertificate, WebPkiClientVerifier,
+    },
+    ClientConfig, DigitallySignedStruct, DistinguishedName, RootCertStore, ServerConfig,
+    SignatureScheme,
 };
 use thiserror::Error;
+use tokio::sync::watch;
 
 use crate::identity::Identity;
+
+/// The serial numbers the mesh CA revoked (without leading zero bytes), as the node last
+/// fetched them: consulted at every handshake, both ways, and by open connections.
+pub type Revoked = watch::Receiver<Arc<HashSet<Vec<u8>>>>;
 
 /// HBONE's ALPN: HTTP/2 over TLS, as Istio's ztunnel offers it.
 pub const ALPN_H2: &[u8] = b"h2";
@@ -197,13 +207,19 @@ impl Credential {
     }
 
     /// A client configuration presenting this credential and accepting only a server that
-    /// proves `server` (a node proxy's identity) under this credential's trust bundle.
-    pub fn client_config(&self, server: Identity) -> Result<ClientConfig, TlsError> {
+    /// proves `server` (a node proxy's identity) under this credential's trust bundle, with a
+    /// certificate not `revoked`.
+    pub fn client_config(
+        &self,
+        server: Identity,
+        revoked: Revoked,
+    ) -> Result<ClientConfig, TlsError> {
         let provider = provider();
         let verifier = Arc::new(SpiffeServerVerifier {
             roots: self.bundle.roots.clone(),
             expected: server,
             algorithms: provider.signature_verification_algorithms,
+            revoked,
         });
         let mut config = ClientConfig::builder_with_provider(provider)
             .with_protocol_versions(&[&rustls::version::TLS13])?
@@ -218,14 +234,17 @@ impl Credential {
     }
 
     /// A server configuration presenting this credential and requiring a client certificate
-    /// under the trust bundle.
-    pub fn server_config(&self) -> Result<ServerConfig, TlsError> {
+    /// under the trust bundle, not `revoked`.
+    pub fn server_config(&self, revoked: Revoked) -> Result<ServerConfig, TlsError> {
         let provider = provider();
-        let verifier = WebPkiClientVerifier::builder_with_provider(
-            self.bundle.roots.clone(),
-            provider.clone(),
-        )
-        .build()?;
+        let verifier = Arc::new(RevocationChecking {
+            inner: WebPkiClientVerifier::builder_with_provider(
+                self.bundle.roots.clone(),
+                provider.clone(),
+            )
+            .build()?,
+            revoked,
+        });
         let mut config = ServerConfig::builder_with_provider(provider)
             .with_protocol_versions(&[&rustls::version::TLS13])?
             .with_client_cert_verifier(verifier)
@@ -317,13 +336,129 @@ pub fn key_from_pem(pem: &str) -> Result<PrivateKeyDer<'static>, TlsError> {
     PrivateKeyDer::from_pem_slice(pem.as_bytes()).map_err(|e| TlsError::Pem(e.to_string()))
 }
 
-/// Checks a server's chain against the trust bundle and its SPIFFE ID against the one
-/// expected. Server names (DNS, IP) play no part: mesh certificates carry only SPIFFE IDs.
+/// The serial number of a certificate, without leading zero bytes.
+pub fn serial_of(cert: &CertificateDer<'_>) -> Result<Vec<u8>, TlsError> {
+    let (_, parsed) = x509_parser::parse_x509_certificate(cert)
+        .map_err(|e| TlsError::BadCertificate(e.to_string()))?;
+    Ok(crate::ca::authority::trim_serial(parsed.raw_serial()).to_vec())
+}
+
+/// The serials revoked by `crls` (DER) whose signature verifies with one of `issuers`; a list
+/// no issuer signed is skipped and described in the second part.
+pub fn revoked_serials(
+    crls: &[Vec<u8>],
+    issuers: &[CertificateDer<'_>],
+) -> (HashSet<Vec<u8>>, Vec<String>) {
+    let mut revoked = HashSet::new();
+    let mut errors = Vec::new();
+    let issuers: Vec<_> = issuers
+        .iter()
+        .filter_map(|c| x509_parser::parse_x509_certificate(c).ok().map(|(_, c)| c))
+        .collect();
+    for der in crls {
+        let crl = match x509_parser::parse_x509_crl(der) {
+            Ok((_, crl)) => crl,
+            Err(e) => {
+                errors.push(format!("a revocation list does not parse: {e}"));
+                continue;
+            }
+        };
+        let signed = issuers.iter().any(|issuer| {
+            issuer.subject() == crl.issuer() && crl.verify_signature(issuer.public_key()).is_ok()
+        });
+        if !signed {
+            errors.push(format!(
+                "the revocation list of {} is not signed by a CA this node trusts",
+                crl.issuer()
+            ));
+            continue;
+        }
+        for entry in crl.iter_revoked_certificates() {
+            revoked.insert(crate::ca::authority::trim_serial(entry.raw_serial()).to_vec());
+        }
+    }
+    (revoked, errors)
+}
+
+fn refuse_revoked(revoked: &Revoked, cert: &CertificateDer<'_>) -> Result<(), rustls::Error> {
+    let serial = serial_of(cert).map_err(|e| {
+        rustls::Error::InvalidCertificate(rustls::CertificateError::Other(rustls::OtherError(
+            Arc::new(e),
+        )))
+    })?;
+    if revoked.borrow().contains(&serial) {
+        return Err(rustls::Error::InvalidCertificate(
+            rustls::CertificateError::Revoked,
+        ));
+    }
+    Ok(())
+}
+
+/// The WebPKI client verifier, then the mesh CA's revocations.
+#[derive(Debug)]
+struct RevocationChecking {
+    inner: Arc<dyn ClientCertVerifier>,
+    revoked: Revoked,
+}
+
+impl ClientCertVerifier for RevocationChecking {
+    fn offer_client_auth(&self) -> bool {
+        self.inner.offer_client_auth()
+    }
+
+    fn client_auth_mandatory(&self) -> bool {
+        self.inner.client_auth_mandatory()
+    }
+
+    fn root_hint_subjects(&self) -> &[DistinguishedName] {
+        self.inner.root_hint_subjects()
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<ClientCertVerified, rustls::Error> {
+        let verified = self
+            .inner
+            .verify_client_cert(end_entity, intermediates, now)?;
+        refuse_revoked(&self.revoked, end_entity)?;
+        Ok(verified)
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.inner.supported_verify_schemes()
+    }
+}
+
+/// Checks a server's chain against the trust bundle, its revocation, and its SPIFFE ID
+/// against the one expected. Server names (DNS, IP) play no part: mesh certificates carry only
+/// SPIFFE IDs.
 #[derive(Debug)]
 struct SpiffeServerVerifier {
     roots: Arc<RootCertStore>,
     expected: Identity,
     algorithms: WebPkiSupportedAlgorithms,
+    revoked: Revoked,
 }
 
 impl ServerCertVerifier for SpiffeServerVerifier {
@@ -343,6 +478,7 @@ impl ServerCertVerifier for SpiffeServerVerifier {
             now,
             self.algorithms.all,
         )?;
+        refuse_revoked(&self.revoked, end_entity)?;
         let found = identity_of(end_entity).map_err(|e| {
             rustls::Error::InvalidCertificate(rustls::CertificateError::Other(rustls::OtherError(
                 Arc::new(e),

@@ -345,6 +345,13 @@ impl HbonePool {
             .connect(name, tcp)
             .await
             .map_err(|source| TunnelError::Tls { peer, source })?;
+        let server_serial = tls
+            .get_ref()
+            .1
+            .peer_certificates()
+            .and_then(|chain| chain.first())
+            .and_then(|leaf| crate::tls::serial_of(leaf).ok());
+        let mut revoked = self.certs.revoked();
         let (sender, connection) = http2::Builder::new(TokioExecutor::new())
             .timer(TokioTimer::new())
             .initial_stream_window_size(STREAM_WINDOW)
@@ -368,6 +375,13 @@ impl HbonePool {
                             debug!(%peer, "HBONE connection ended: {e}");
                         }
                         return;
+                    }
+                    // The peer's certificate revoked: this connection and its streams end.
+                    Ok(()) = revoked.changed() => {
+                        if server_serial.as_ref().is_some_and(|s| revoked.borrow().contains(s)) {
+                            tracing::warn!(%peer, "the peer node proxy's certificate was revoked: closing the connection");
+                            return;
+                        }
                     }
                     _ = tokio::time::sleep(Duration::from_secs(10)) => {
                         if idle.load(Ordering::Relaxed) > 0 {
