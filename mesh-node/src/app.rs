@@ -235,7 +235,7 @@ fn serve(args: RunArgs, mode: Mode) -> Result<(), AppError> {
             config.inbound_transparent = !args.no_ebpf;
             config.sidecar = mode == Mode::Sidecar;
             config.trust_domain = args.identity.trust_domain.as_str().into();
-            config.certs = certificates(&args.identity)?;
+            config.certs = certificates(&args.identity, &metrics)?;
             if config.certs.is_none() && mode == Mode::Node {
                 warn!("no --ca-addr: no mTLS, so nothing is sent to pods of other nodes and the HBONE port serves nothing");
             }
@@ -303,7 +303,10 @@ const CA_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// The node's certificate manager, fetching from the mesh CA of `--ca-addr`; `None` without
 /// one. Must run on the data runtime, which then runs the renewals.
-fn certificates(args: &IdentityArgs) -> Result<Option<Arc<CertManager>>, AppError> {
+fn certificates(
+    args: &IdentityArgs,
+    metrics: &Metrics,
+) -> Result<Option<Arc<CertManager>>, AppError> {
     let Some(address) = &args.ca_addr else {
         return Ok(None);
     };
@@ -343,6 +346,7 @@ fn certificates(args: &IdentityArgs) -> Result<Option<Arc<CertManager>>, AppErro
             ttl: args.workload_cert_ttl,
             wait: CERTIFICATE_WAIT,
             revocation_poll: REVOCATION_POLL,
+            metrics: metrics.certificates().clone(),
         },
     )))
 }

@@ -13,7 +13,7 @@ use std::{
     future::Future,
     pin::Pin,
     sync::{Arc, Mutex, Weak},
-    time::{Duration, SystemTime},
+    time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
 use rustls::{pki_types::PrivateKeyDer, ClientConfig, ServerConfig};
@@ -24,11 +24,38 @@ use tokio::{
 };
 use tracing::{info, warn};
 
-use super::Identity;
-use crate::tls::{revoked_serials, serial_of, Credential, Revoked, TlsError};
+use super::{client::CaClientError, Identity};
+use crate::{
+    metrics::{CertificateMetrics, CertificateResult},
+    tls::{revoked_serials, serial_of, Credential, Revoked, TlsError},
+};
 
 /// A chain of PEM certificates, leaf first, or why there is none.
-pub type SignFuture = Pin<Box<dyn Future<Output = Result<Vec<String>, String>> + Send + 'static>>;
+pub type SignFuture =
+    Pin<Box<dyn Future<Output = Result<Vec<String>, SignError>> + Send + 'static>>;
+
+/// Why the CA gave no certificate, as an operator acts on it.
+#[derive(Clone, Debug, Error)]
+pub enum SignError {
+    /// The CA answered no (a pod not on this node, a bad token, a bad request).
+    #[error("{0}")]
+    Refused(String),
+    /// The CA could not be reached, or not verified.
+    #[error("{0}")]
+    Unreachable(String),
+    #[error("{0}")]
+    Failed(String),
+}
+
+impl SignError {
+    fn result(&self) -> CertificateResult {
+        match self {
+            SignError::Refused(_) => CertificateResult::Refused,
+            SignError::Unreachable(_) => CertificateResult::Unreachable,
+            SignError::Failed(_) => CertificateResult::Failed,
+        }
+    }
+}
 /// DER revocation lists, or why there are none.
 pub type CrlFuture = Pin<Box<dyn Future<Output = Result<Vec<Vec<u8>>, String>> + Send + 'static>>;
 
@@ -85,6 +112,8 @@ pub struct CertConfig {
     pub wait: Duration,
     /// How often the CA's revocation list is fetched.
     pub revocation_poll: Duration,
+    /// Where requests and expiries are counted.
+    pub metrics: CertificateMetrics,
 }
 
 pub struct CertManager {
@@ -210,7 +239,13 @@ impl CertManager {
     pub fn retain(self: &Arc<Self>, wanted: HashSet<Identity>) {
         let missing: Vec<Identity> = {
             let mut slots = self.slots.lock().expect("slots poisoned");
-            slots.retain(|identity, _| *identity == self.config.own || wanted.contains(identity));
+            slots.retain(|identity, _| {
+                let keep = *identity == self.config.own || wanted.contains(identity);
+                if !keep {
+                    self.config.metrics.forget(&identity.to_string());
+                }
+                keep
+            });
             wanted
                 .into_iter()
                 .filter(|identity| !slots.contains_key(identity))
@@ -291,6 +326,13 @@ async fn keep_fresh(
     loop {
         match fetch(&*signer, &identity, impersonate, &config, &revoked).await {
             Ok(issued) => {
+                config.metrics.request(CertificateResult::Issued);
+                let expiry = issued
+                    .credential
+                    .not_after
+                    .duration_since(UNIX_EPOCH)
+                    .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX));
+                config.metrics.expires(&identity.to_string(), expiry);
                 let renew_at = issued.credential.renew_at(SystemTime::now());
                 info!(
                     identity = %identity,
@@ -313,8 +355,9 @@ async fn keep_fresh(
                 }
             }
             Err(e) => {
+                config.metrics.request(e.result());
                 warn!(identity = %identity, retry_in = ?retry, "cannot obtain a certificate: {e}");
-                *error.lock().expect("error slot poisoned") = Some(e);
+                *error.lock().expect("error slot poisoned") = Some(e.to_string());
                 tokio::time::sleep(retry).await;
                 retry = (retry * 2).min(RETRY_MAX);
             }
@@ -328,17 +371,19 @@ async fn fetch(
     impersonate: bool,
     config: &CertConfig,
     revoked: &Revoked,
-) -> Result<Issued, String> {
-    let (csr, key) = request(identity).map_err(|e| format!("making the key failed: {e}"))?;
+) -> Result<Issued, SignError> {
+    let failed = SignError::Failed;
+    let (csr, key) =
+        request(identity).map_err(|e| failed(format!("making the key failed: {e}")))?;
     let chain = signer.sign(identity, csr, config.ttl, impersonate).await?;
     let credential = Credential::from_chain(identity.clone(), &chain, key)
-        .map_err(|e| format!("the CA's answer is unusable: {e}"))?;
+        .map_err(|e| failed(format!("the CA's answer is unusable: {e}")))?;
     let client = credential
         .client_config(config.own.clone(), revoked.clone())
-        .map_err(|e: TlsError| e.to_string())?;
+        .map_err(|e: TlsError| failed(e.to_string()))?;
     let server = credential
         .server_config(revoked.clone())
-        .map_err(|e| e.to_string())?;
+        .map_err(|e| failed(e.to_string()))?;
     Ok(Issued {
         credential: Arc::new(credential),
         client: Arc::new(client),
@@ -428,7 +473,11 @@ impl Signer for super::client::CaClient {
             client
                 .sign(&identity, &csr_pem, ttl, impersonate)
                 .await
-                .map_err(|e| e.to_string())
+                .map_err(|e| match e {
+                    CaClientError::Refused { .. } => SignError::Refused(e.to_string()),
+                    CaClientError::Unreachable { .. } => SignError::Unreachable(e.to_string()),
+                    e => SignError::Failed(e.to_string()),
+                })
         })
     }
 }
@@ -443,7 +492,7 @@ pub mod testing {
         time::Duration,
     };
 
-    use super::{CertConfig, CertManager, CrlFuture, SignFuture, Signer};
+    use super::{CertConfig, CertManager, CrlFuture, SignError, SignFuture, Signer};
     use crate::{
         ca::authority::{generate_root, Authority},
         identity::{Identity, DEFAULT_TRUST_DOMAIN},
@@ -481,7 +530,7 @@ pub mod testing {
                         .push((identity.clone(), serial.unwrap_or_default()));
                     issued.chain
                 })
-                .map_err(|e| e.to_string());
+                .map_err(|e| SignError::Refused(e.to_string()));
             Box::pin(async move { signed })
         }
 
@@ -531,6 +580,7 @@ pub mod testing {
                     ttl,
                     wait: Duration::from_secs(5),
                     revocation_poll: Duration::from_millis(100),
+                    metrics: Default::default(),
                 },
             )
         }
@@ -602,10 +652,11 @@ mod tests {
                 _ttl: Duration,
                 _impersonate: bool,
             ) -> SignFuture {
-                Box::pin(async { Err("node n1 may not obtain it".to_string()) })
+                Box::pin(async { Err(SignError::Refused("node n1 may not obtain it".into())) })
             }
         }
         let own = Identity::new("cluster.local", "weft-system", "mesh-node");
+        let metrics = CertificateMetrics::default();
         let certs = CertManager::new(
             Arc::new(Refusing),
             CertConfig {
@@ -613,9 +664,14 @@ mod tests {
                 ttl: Duration::from_secs(60),
                 wait: Duration::from_millis(300),
                 revocation_poll: Duration::from_secs(60),
+                metrics: metrics.clone(),
             },
         );
         let err = certs.issued(&own).await.unwrap_err();
+        assert!(
+            metrics.requests(CertificateResult::Refused) >= 1,
+            "refusals are counted"
+        );
         assert!(
             err.to_string().contains("node n1 may not obtain it"),
             "{err}"

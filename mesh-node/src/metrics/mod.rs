@@ -49,7 +49,7 @@ use prometheus_client::{
     metrics::{
         counter::{ConstCounter, Counter},
         family::Family,
-        gauge::ConstGauge,
+        gauge::{ConstGauge, Gauge},
         MetricType,
     },
     registry::Registry,
@@ -613,6 +613,78 @@ impl MtlsRefusals {
     }
 }
 
+/// How a request for a workload certificate ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum CertificateResult {
+    Issued,
+    /// The CA answered no (a pod not on this node, a bad token...): see the node's log.
+    Refused,
+    /// The CA could not be reached (or its TLS identity not verified).
+    Unreachable,
+    /// Anything else: the CA failed, or its answer was unusable.
+    Failed,
+}
+
+impl EncodeLabelValue for CertificateResult {
+    fn encode(&self, encoder: &mut LabelValueEncoder<'_>) -> Result<(), fmt::Error> {
+        let result = match self {
+            CertificateResult::Issued => "issued",
+            CertificateResult::Refused => "refused",
+            CertificateResult::Unreachable => "unreachable",
+            CertificateResult::Failed => "failed",
+        };
+        EncodeLabelValue::encode(&result, encoder)
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct CertificateResultLabels {
+    result: CertificateResult,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct IdentityLabels {
+    identity: String,
+}
+
+/// `weft_certificate_requests_total{result}` and
+/// `weft_certificate_expiry_timestamp_seconds{identity}`: the node's workload certificates.
+#[derive(Clone, Debug, Default)]
+pub struct CertificateMetrics {
+    requests: Family<CertificateResultLabels, Counter>,
+    expiry: Family<IdentityLabels, Gauge>,
+}
+
+impl CertificateMetrics {
+    pub fn request(&self, result: CertificateResult) {
+        self.requests
+            .get_or_create(&CertificateResultLabels { result })
+            .inc();
+    }
+
+    pub fn requests(&self, result: CertificateResult) -> u64 {
+        self.requests
+            .get_or_create(&CertificateResultLabels { result })
+            .get()
+    }
+
+    /// The certificate in force for `identity` expires at `unix_seconds`.
+    pub fn expires(&self, identity: &str, unix_seconds: i64) {
+        self.expiry
+            .get_or_create(&IdentityLabels {
+                identity: identity.into(),
+            })
+            .set(unix_seconds);
+    }
+
+    /// This node holds no certificate for `identity` any more.
+    pub fn forget(&self, identity: &str) {
+        self.expiry.remove(&IdentityLabels {
+            identity: identity.into(),
+        });
+    }
+}
+
 /// Every metric of a node. Built once; [`Metrics::encode`] renders a scrape.
 pub struct Metrics {
     registry: Registry,
@@ -620,6 +692,7 @@ pub struct Metrics {
     http: HttpMetrics,
     rejections: Rejections,
     refusals: MtlsRefusals,
+    certificates: CertificateMetrics,
 }
 
 impl Default for Metrics {
@@ -653,12 +726,24 @@ impl Metrics {
             "Connections and HBONE streams refused for want of valid mTLS, by reason",
             refusals.family.clone(),
         );
+        let certificates = CertificateMetrics::default();
+        registry.register(
+            "weft_certificate_requests",
+            "Workload certificate requests to the mesh CA, by result",
+            certificates.requests.clone(),
+        );
+        registry.register(
+            "weft_certificate_expiry_timestamp_seconds",
+            "When the certificate this node holds for an identity expires (Unix seconds)",
+            certificates.expiry.clone(),
+        );
         Self {
             registry,
             tcp,
             http,
             rejections,
             refusals,
+            certificates,
         }
     }
 
@@ -697,6 +782,10 @@ impl Metrics {
 
     pub fn refusals(&self) -> &MtlsRefusals {
         &self.refusals
+    }
+
+    pub fn certificates(&self) -> &CertificateMetrics {
+        &self.certificates
     }
 
     /// Renders every metric in the OpenMetrics text format.
