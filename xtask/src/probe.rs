@@ -356,6 +356,24 @@ pub fn leftovers() -> Vec<String> {
     left
 }
 
+/// Brings up a cluster of the resources in `yaml` (an earlier cluster is removed first).
+pub fn up_with(yaml: &str) -> Result<()> {
+    cluster::down().context("cleaning up an earlier cluster")?;
+    let dir = std::env::temp_dir().join(format!(
+        "weft-suite-{}-{}",
+        std::process::id(),
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or_default()
+    ));
+    std::fs::create_dir_all(&dir)?;
+    std::fs::write(dir.join("cluster.yaml"), yaml)?;
+    let result = cluster::up(&dir);
+    let _ = std::fs::remove_dir_all(&dir);
+    result
+}
+
 /// One end-to-end case: a name and what it checks.
 pub type Case = (&'static str, fn() -> Result<()>);
 
@@ -364,6 +382,11 @@ pub type Case = (&'static str, fn() -> Result<()>);
 /// time; the cluster is torn down whatever happened, then nothing may be left behind. Exits
 /// the process with the outcome, as a `harness = false` test does.
 pub fn run_suite(suite: &str, up: impl FnOnce() -> Result<()>, cases: &[Case]) -> ! {
+    if !crate::is_root() {
+        eprintln!("{suite}: these tests need root (network namespaces, cgroups, eBPF); run `sudo cargo xtask test`");
+        println!("{suite}: 0 passed, 1 failed");
+        std::process::exit(1);
+    }
     let filter = std::env::args().nth(1).filter(|a| !a.starts_with('-'));
     let (mut passed, mut failed) = (0, 0);
     match up() {

@@ -1,7 +1,9 @@
 //! The destination side: connections for pods of this node, either steered to the inbound
-//! listener (15006) by the TC program, or arriving through the tunnel (15008) from another
-//! node's proxy. Both connect to the pod from the proxy address, so the pod sees the node
-//! proxy as its peer and the connection is not captured again.
+//! listener (15006) by the TC program (plaintext from outside the mesh, refused where a
+//! PeerAuthentication says STRICT), or arriving over HBONE (15008) from another node's proxy:
+//! mTLS, then one HTTP/2 CONNECT stream per connection, the caller known by its certificate.
+//! Both connect to the pod from the proxy address, so the pod sees the node proxy as its peer
+//! and the connection is not captured again.
 
 use std::{
     convert::Infallible,
@@ -196,19 +198,23 @@ async fn hbone_connection(
     client: SocketAddr,
 ) -> Result<(), ProxyError> {
     let certs = ctx.config.certs.as_ref().ok_or(ProxyError::NoMtls)?;
-    // Right after start the node's own certificate may still be on its way.
-    let own = certs
-        .issued(certs.own_identity())
-        .await
-        .map_err(ProxyError::NoCertificate)?;
+    // One deadline for everything before the peer is known: right after start the node's own
+    // certificate may still be on its way, and a client must not hold a connection by
+    // stalling its handshake.
     let timeout = ctx.config.handshake_timeout;
-    let tls = tokio::time::timeout(
-        timeout,
-        TlsAcceptor::from(own.server.clone()).accept(stream),
-    )
-    .await
-    .map_err(|_| ProxyError::HandshakeTimeout { client, timeout })?
-    .map_err(|source| ProxyError::Handshake { client, source })?;
+    let handshake = async {
+        let own = certs
+            .issued(certs.own_identity())
+            .await
+            .map_err(ProxyError::NoCertificate)?;
+        TlsAcceptor::from(own.server.clone())
+            .accept(stream)
+            .await
+            .map_err(|source| ProxyError::Handshake { client, source })
+    };
+    let tls = tokio::time::timeout(timeout, handshake)
+        .await
+        .map_err(|_| ProxyError::HandshakeTimeout { client, timeout })??;
     let leaf = tls
         .get_ref()
         .1
@@ -288,7 +294,6 @@ async fn hbone_stream(
     let view = ctx.view();
     let snapshot = &view.snapshot;
     let node = &ctx.config.node;
-    // Only pods of this node: the tunnel must not become an open relay.
     // Only meshed pods of this node: the tunnel must not become an open relay, neither to
     // other addresses nor to pods that never joined the mesh.
     let Some(local_pod) = snapshot

@@ -1,5 +1,5 @@
 //! The node proxy: listeners for captured outbound connections (15001), captured inbound
-//! connections (15006) and the node-to-node tunnel (15008).
+//! connections (15006) and the node-to-node tunnel (15008, HBONE: HTTP/2 CONNECT over mTLS).
 //!
 //! The modules form layers whose imports only point down:
 //!
@@ -10,7 +10,7 @@
 //!    │
 //! configuration    context (shared state), view (a snapshot compiled), route (route tables), error
 //!    │
-//! upstream         connect, dial (direct or tunnel), tunnel, cluster (balancing, limits,
+//! upstream         connect, dial (direct or HBONE), hbone, cluster (balancing, limits,
 //!                  outlier detection), pool (HTTP connections)
 //! ```
 //!
