@@ -456,6 +456,35 @@ fn hbone_port_speaks_only_mtls() -> Result<()> {
         "node-2 counted {counted} refused handshakes, not the 5 made"
     );
 
+    // Signed by the mesh's own CA key, but for another trust domain: the chain is fine, the
+    // identity is not.
+    let identity = |m: &str| sample_sum(m, "weft_mtls_refused_total", &[("reason", "identity")]);
+    let before = identity(&metrics("node-2")?);
+    let (root, key) = (ca_file("root-cert.pem"), ca_file("ca-key.pem"));
+    let foreign = probe(
+        OUTSIDER,
+        &[
+            "connect",
+            NODE_2_HBONE,
+            &web_2,
+            "--root",
+            &root,
+            "--ca-key",
+            &key,
+            "--identity",
+            "spiffe://evil.example/ns/mesh/sa/client",
+        ],
+    )?;
+    println!("    foreign trust domain: {foreign}");
+    ensure!(
+        foreign["status"].is_null(),
+        "a certificate of a foreign trust domain got an answer: {foreign}"
+    );
+    ensure!(
+        identity(&metrics("node-2")?) > before,
+        "the foreign trust domain was not counted as an identity refusal"
+    );
+
     // A certificate the mesh CA issued: Python's h2 over ssl opens a stream to the pod.
     let request = "GET /through-hbone HTTP/1.1\r\nHost: web-2\r\nConnection: close\r\n\r\n";
     let report = connect_as("ca", &web_2, request)?;

@@ -527,3 +527,140 @@ pub struct IdentityMismatch {
     pub expected: Identity,
     pub found: Identity,
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use rustls::NamedGroup;
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+
+    use super::*;
+    use crate::identity::manager::testing::TestCa;
+
+    /// Two node proxies' configurations, as the certificate manager builds them.
+    async fn pair() -> (Arc<ClientConfig>, Arc<ServerConfig>) {
+        let ca = TestCa::new();
+        let certs = ca.certs();
+        let caller = Identity::new("cluster.local", "bookinfo", "productpage");
+        certs.retain([caller.clone()].into());
+        let client = certs.issued(&caller).await.unwrap().client.clone();
+        let server = certs.issued(&ca.node).await.unwrap().server.clone();
+        (client, server)
+    }
+
+    #[tokio::test]
+    async fn node_proxies_agree_on_tls13_with_post_quantum_key_exchange() {
+        let (client, server) = pair().await;
+        let (a, b) = tokio::io::duplex(64 * 1024);
+        let accept = tokio::spawn(async move {
+            let mut tls = tokio_rustls::TlsAcceptor::from(server)
+                .accept(b)
+                .await
+                .unwrap();
+            let peer = tls.get_ref().1.peer_certificates().unwrap()[0].clone();
+            let mut byte = [0u8; 1];
+            tls.read_exact(&mut byte).await.unwrap();
+            identity_of(&peer).unwrap()
+        });
+        let name = ServerName::IpAddress(std::net::Ipv4Addr::LOCALHOST.into());
+        let mut tls = tokio_rustls::TlsConnector::from(client)
+            .connect(name, a)
+            .await
+            .unwrap();
+        tls.write_all(b"x").await.unwrap();
+        let (_, conn) = tls.get_ref();
+        assert_eq!(
+            conn.protocol_version(),
+            Some(rustls::ProtocolVersion::TLSv1_3)
+        );
+        assert_eq!(
+            conn.negotiated_key_exchange_group().map(|g| g.name()),
+            Some(NamedGroup::X25519MLKEM768),
+            "the hybrid post-quantum group is preferred"
+        );
+        assert_eq!(conn.alpn_protocol(), Some(ALPN_H2));
+        assert_eq!(
+            accept.await.unwrap().to_string(),
+            "spiffe://cluster.local/ns/bookinfo/sa/productpage",
+            "the server knows the caller by its certificate"
+        );
+    }
+
+    #[tokio::test]
+    async fn classic_key_exchange_is_still_accepted() {
+        let (_, server) = pair().await;
+        // A client offering only X25519, like one without ML-KEM.
+        let mut provider = rustls::crypto::aws_lc_rs::default_provider();
+        provider.kx_groups = vec![rustls::crypto::aws_lc_rs::kx_group::X25519];
+        let config = ClientConfig::builder_with_provider(Arc::new(provider))
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .unwrap()
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(AcceptAnything))
+            .with_no_client_auth();
+        let (a, b) = tokio::io::duplex(64 * 1024);
+        let accept = tokio::spawn(async move {
+            // No client certificate: refused, but only after the key exchange succeeded.
+            tokio_rustls::TlsAcceptor::from(server).accept(b).await
+        });
+        let name = ServerName::IpAddress(std::net::Ipv4Addr::LOCALHOST.into());
+        let connected = tokio_rustls::TlsConnector::from(Arc::new(config))
+            .connect(name, a)
+            .await;
+        // In TLS 1.3 the client is done once the key exchange worked; the server then wants
+        // the client certificate this client does not have.
+        let connected = connected.expect("the server agreed to X25519");
+        assert_eq!(
+            connected
+                .get_ref()
+                .1
+                .negotiated_key_exchange_group()
+                .map(|g| g.name()),
+            Some(NamedGroup::X25519)
+        );
+        let refused = accept.await.unwrap().unwrap_err().to_string();
+        assert!(refused.contains("certificate"), "{refused}");
+    }
+
+    /// Accepts any server: only for seeing which key exchange a server agrees to.
+    #[derive(Debug)]
+    struct AcceptAnything;
+
+    impl ServerCertVerifier for AcceptAnything {
+        fn verify_server_cert(
+            &self,
+            _end_entity: &CertificateDer<'_>,
+            _intermediates: &[CertificateDer<'_>],
+            _server_name: &ServerName<'_>,
+            _ocsp_response: &[u8],
+            _now: UnixTime,
+        ) -> Result<ServerCertVerified, rustls::Error> {
+            Ok(ServerCertVerified::assertion())
+        }
+
+        fn verify_tls12_signature(
+            &self,
+            _message: &[u8],
+            _cert: &CertificateDer<'_>,
+            _dss: &DigitallySignedStruct,
+        ) -> Result<HandshakeSignatureValid, rustls::Error> {
+            Ok(HandshakeSignatureValid::assertion())
+        }
+
+        fn verify_tls13_signature(
+            &self,
+            _message: &[u8],
+            _cert: &CertificateDer<'_>,
+            _dss: &DigitallySignedStruct,
+        ) -> Result<HandshakeSignatureValid, rustls::Error> {
+            Ok(HandshakeSignatureValid::assertion())
+        }
+
+        fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+            provider()
+                .signature_verification_algorithms
+                .supported_schemes()
+        }
+    }
+}
