@@ -50,6 +50,11 @@ pub struct AccessEntry<'a> {
     pub user_agent: Option<&'a str>,
     pub request_id: Option<&'a str>,
     pub downstream_remote_address: SocketAddr,
+    /// The client's SPIFFE ID, where the request crossed nodes over mTLS (Envoy's
+    /// `%DOWNSTREAM_PEER_URI_SAN%`).
+    pub downstream_peer: Option<&'a str>,
+    /// The server's SPIFFE ID, likewise (Envoy's `%UPSTREAM_PEER_URI_SAN%`).
+    pub upstream_peer: Option<&'a str>,
 }
 
 /// Istio's cluster name: `outbound|9080|v2|reviews.default.svc.cluster.local`, or
@@ -124,6 +129,8 @@ pub fn access_log(entry: &AccessEntry<'_>) {
         user_agent = or_dash(entry.user_agent),
         request_id = or_dash(entry.request_id),
         downstream_remote_address = %entry.downstream_remote_address,
+        downstream_peer_uri_san = or_dash(entry.downstream_peer),
+        upstream_peer_uri_san = or_dash(entry.upstream_peer),
         "request"
     );
 }
@@ -275,6 +282,8 @@ mod tests {
             user_agent: Some("curl/8.5.0"),
             request_id: Some("4f1a"),
             downstream_remote_address: "10.244.1.5:40000".parse().unwrap(),
+            downstream_peer: Some("spiffe://cluster.local/ns/default/sa/productpage"),
+            upstream_peer: None,
         };
         tracing::subscriber::with_default(subscriber, || {
             assert!(access_log_enabled());
@@ -296,6 +305,11 @@ mod tests {
             ("user_agent", "curl/8.5.0"),
             ("request_id", "4f1a"),
             ("downstream_remote_address", "10.244.1.5:40000"),
+            (
+                "downstream_peer_uri_san",
+                "spiffe://cluster.local/ns/default/sa/productpage",
+            ),
+            ("upstream_peer_uri_san", "-"),
         ] {
             assert_eq!(line[field], value, "{field} in {out}");
         }

@@ -26,7 +26,7 @@ use prometheus_client::{
     metrics::{counter::Counter, histogram::Histogram, MetricType},
 };
 
-use super::{Reporter, ResponseFlags, SecurityPolicy, ServiceLabels, Workload};
+use super::{Label, Reporter, ResponseFlags, SecurityPolicy, ServiceLabels, Workload};
 use crate::identity::Identity;
 
 /// Envoy's default histogram buckets (milliseconds for durations, bytes for sizes), which
@@ -105,6 +105,18 @@ impl RequestLabels {
 
     pub fn reporter(&self) -> Reporter {
         self.peers.reporter
+    }
+
+    /// The principals both ends were authenticated as (`None` where `unknown`): the source's,
+    /// then the destination's.
+    pub fn principals(&self) -> (Option<&str>, Option<&str>) {
+        fn known(label: &Label) -> Option<&str> {
+            Some(label.as_str()).filter(|p| *p != "unknown")
+        }
+        (
+            known(&self.peers.source.principal),
+            known(&self.peers.destination.principal),
+        )
     }
 
     /// `destination_service`, the host in Istio's cluster name (see

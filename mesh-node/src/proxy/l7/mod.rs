@@ -452,6 +452,8 @@ impl Report {
                 user_agent: self.user_agent.as_ref().and_then(|v| v.to_str().ok()),
                 request_id: self.request_id.as_ref().and_then(|v| v.to_str().ok()),
                 downstream_remote_address: SocketAddr::V4(self.conn.client),
+                downstream_peer: labels.principals().0,
+                upstream_peer: labels.principals().1,
             });
         }
         // Frees the circuit-breaker slots, the pooled connection and the in-flight count.
