@@ -161,8 +161,9 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 /// `FileSource`).
 pub struct LocalAuth {
     tokens_dir: PathBuf,
-    /// `(node, token)` as last read.
-    tokens: Mutex<Vec<(String, String)>>,
+    /// `(node, token)` as last read, and the directory's modification time then: a node
+    /// added, replaced or removed (files are replaced by rename) changes it.
+    tokens: Mutex<(Vec<NodeToken>, Option<std::time::SystemTime>)>,
     node_identity: Identity,
     store: Store,
 }
@@ -175,13 +176,14 @@ impl LocalAuth {
         store: Store,
     ) -> Result<Self, AuthError> {
         let tokens_dir = tokens_dir.into();
+        let modified = modified(&tokens_dir);
         let tokens = read_tokens(&tokens_dir)?;
         if tokens.is_empty() {
             tracing::warn!(dir = %tokens_dir.display(), "no node tokens yet: no node can obtain a certificate until one is written");
         }
         Ok(Self {
             tokens_dir,
-            tokens: Mutex::new(tokens),
+            tokens: Mutex::new((tokens, modified)),
             node_identity,
             store,
         })
@@ -205,13 +207,20 @@ impl LocalAuth {
         let tokens = self.tokens.lock().unwrap_or_else(|e| e.into_inner());
         // Every token is compared, so the time taken does not tell which node matched.
         let mut found = None;
-        for (node, expected) in tokens.iter() {
+        for (node, expected) in tokens.0.iter() {
             if constant_time_eq(expected.as_bytes(), token.as_bytes()) {
                 found = Some(node.clone());
             }
         }
         found
     }
+}
+
+/// `(node, token)`.
+type NodeToken = (String, String);
+
+fn modified(dir: &Path) -> Option<std::time::SystemTime> {
+    std::fs::metadata(dir).and_then(|m| m.modified()).ok()
 }
 
 /// The tokens of a directory: `(file name, trimmed content)`, skipping hidden (temporary)
@@ -251,12 +260,14 @@ impl NodeAuth for LocalAuth {
                 node: Some(node),
                 node_proxy: true,
             };
-            if let Some(node) = self.find(token) {
-                return Ok(caller(node));
+            // Nodes may have been added, their tokens replaced or removed since the last read:
+            // a removed token stops working at once.
+            let now = modified(&self.tokens_dir);
+            let stale = self.tokens.lock().unwrap_or_else(|e| e.into_inner()).1 != now;
+            if stale || now.is_none() {
+                let tokens = read_tokens(&self.tokens_dir)?;
+                *self.tokens.lock().unwrap_or_else(|e| e.into_inner()) = (tokens, now);
             }
-            // Nodes may have been added (or their tokens replaced) since the last read.
-            let tokens = read_tokens(&self.tokens_dir)?;
-            *self.tokens.lock().unwrap_or_else(|e| e.into_inner()) = tokens;
             match self.find(token) {
                 Some(node) => Ok(caller(node)),
                 None => Err(AuthError::Unauthenticated(
@@ -530,6 +541,10 @@ mod tests {
         let token3 = LocalAuth::write_token(dir.path(), "node-3").unwrap();
         let caller = auth.authenticate(&token3).await.unwrap();
         assert_eq!(caller.node.as_deref(), Some("node-3"));
+        // A node removed is refused at once.
+        std::fs::remove_file(dir.path().join("node-3")).unwrap();
+        let err = auth.authenticate(&token3).await.unwrap_err();
+        assert!(matches!(err, AuthError::Unauthenticated(_)), "{err}");
     }
 
     #[tokio::test]
