@@ -563,8 +563,15 @@ impl Rejections {
 /// Why the proxy refused a connection or stream for want of (valid) mTLS.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum MtlsRefusal {
-    /// The TLS handshake on the HBONE port failed: plaintext, an unknown CA, an expired or
-    /// revoked certificate...
+    /// Not TLS at all on the HBONE port.
+    Plaintext,
+    /// TLS without a client certificate.
+    NoClientCertificate,
+    /// A client certificate of a CA this node does not trust.
+    UnknownCa,
+    /// An expired (or not yet valid) client certificate.
+    Expired,
+    /// Any other failed handshake (a timeout, a protocol error...).
     Handshake,
     /// The peer's certificate carries no usable SPIFFE ID, or one of a foreign trust domain.
     Identity,
@@ -574,13 +581,17 @@ pub enum MtlsRefusal {
     PlaintextStrict,
     /// This node has no certificate of its own (the mesh CA is unreachable).
     NoCertificate,
-    /// An open HBONE connection whose peer's certificate the mesh CA revoked, closed.
+    /// A certificate the mesh CA revoked: refused at handshake, or its open connection closed.
     Revoked,
 }
 
 impl EncodeLabelValue for MtlsRefusal {
     fn encode(&self, encoder: &mut LabelValueEncoder<'_>) -> Result<(), fmt::Error> {
         let reason = match self {
+            MtlsRefusal::Plaintext => "plaintext",
+            MtlsRefusal::NoClientCertificate => "no_client_certificate",
+            MtlsRefusal::UnknownCa => "unknown_ca",
+            MtlsRefusal::Expired => "expired",
             MtlsRefusal::Handshake => "handshake",
             MtlsRefusal::Identity => "identity",
             MtlsRefusal::Target => "target",

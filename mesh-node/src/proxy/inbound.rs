@@ -63,9 +63,8 @@ pub(super) async fn serve_captured(ctx: Arc<Context>, downstream: TcpStream, cli
 pub(super) async fn serve_tunnel(ctx: Arc<Context>, stream: TcpStream, client: SocketAddr) {
     if let Err(e) = hbone_connection(&ctx, stream, client).await {
         let reason = match &e {
-            ProxyError::Handshake { .. } | ProxyError::HandshakeTimeout { .. } => {
-                Some(MtlsRefusal::Handshake)
-            }
+            ProxyError::Handshake { source, .. } => Some(handshake_refusal(source)),
+            ProxyError::HandshakeTimeout { .. } => Some(MtlsRefusal::Handshake),
             ProxyError::NoPeerIdentity { .. } | ProxyError::ForeignTrustDomain { .. } => {
                 Some(MtlsRefusal::Identity)
             }
@@ -182,6 +181,29 @@ async fn connect_pod(
             tcp::record_failure(ctx, labels, ResponseFlags::UF);
             e.into()
         })
+}
+
+/// What an operator should know of a failed handshake: plaintext, no certificate, a foreign
+/// CA, an expired certificate, or something else.
+fn handshake_refusal(error: &std::io::Error) -> MtlsRefusal {
+    use rustls::{CertificateError, Error};
+    match error.get_ref().and_then(|e| e.downcast_ref::<Error>()) {
+        Some(Error::InvalidMessage(_) | Error::InappropriateMessage { .. }) => {
+            MtlsRefusal::Plaintext
+        }
+        Some(Error::NoCertificatesPresented) => MtlsRefusal::NoClientCertificate,
+        Some(Error::InvalidCertificate(
+            CertificateError::UnknownIssuer | CertificateError::BadSignature,
+        )) => MtlsRefusal::UnknownCa,
+        Some(Error::InvalidCertificate(
+            CertificateError::Expired
+            | CertificateError::ExpiredContext { .. }
+            | CertificateError::NotValidYet
+            | CertificateError::NotValidYetContext { .. },
+        )) => MtlsRefusal::Expired,
+        Some(Error::InvalidCertificate(CertificateError::Revoked)) => MtlsRefusal::Revoked,
+        _ => MtlsRefusal::Handshake,
+    }
 }
 
 /// The peer of an HBONE connection: who it is (certificate) and where it connects from.
