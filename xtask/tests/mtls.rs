@@ -409,12 +409,9 @@ fn connect_with(
     target: &str,
     send: &str,
 ) -> Result<Value> {
-    probe(
-        OUTSIDER,
+    connect_to_node_2(
+        target,
         &[
-            "connect",
-            NODE_2_HBONE,
-            target,
             "--root",
             root,
             "--ca-key",
@@ -429,6 +426,14 @@ fn connect_with(
             send,
         ],
     )
+}
+
+/// The independent client from the unmeshed pod to node-2's HBONE port, CONNECT `target`,
+/// with the probe's options `args`.
+fn connect_to_node_2(target: &str, args: &[&str]) -> Result<Value> {
+    let mut argv = vec!["connect", NODE_2_HBONE, target];
+    argv.extend_from_slice(args);
+    probe(OUTSIDER, &argv)
 }
 
 fn hbone_port_speaks_only_mtls() -> Result<()> {
@@ -473,12 +478,9 @@ fn hbone_port_speaks_only_mtls() -> Result<()> {
     let identity = |m: &str| sample_sum(m, "weft_mtls_refused_total", &[("reason", "identity")]);
     let before = identity(&metrics("node-2")?);
     let (root, key) = (ca_file("root-cert.pem"), ca_file("ca-key.pem"));
-    let foreign = probe(
-        OUTSIDER,
+    let foreign = connect_to_node_2(
+        &web_2,
         &[
-            "connect",
-            NODE_2_HBONE,
-            &web_2,
             "--root",
             &root,
             "--ca-key",
@@ -575,12 +577,9 @@ fn a_revoked_certificate_is_refused() -> Result<()> {
     // A certificate the CA's key signed, with a serial the test knows.
     let serial = format!("{:x}", 0x5eed_0000_u64 + u64::from(std::process::id()));
     let with_serial = || -> Result<Value> {
-        let report = probe(
-            OUTSIDER,
+        let report = connect_to_node_2(
+            &web_2,
             &[
-                "connect",
-                NODE_2_HBONE,
-                &web_2,
                 "--root",
                 &root,
                 "--ca-key",

@@ -85,7 +85,7 @@ pub(super) fn choose(
         let node = pod.as_ref().and_then(|p| p.node.clone());
         let via = ctx
             .dialer
-            .via(snapshot, dialled, node.as_ref())
+            .via(snapshot, dialled, node.as_ref(), pod.as_deref())
             .map_err(|e| Unroutable {
                 error: e.into(),
                 flags: ResponseFlags::UH,
@@ -164,7 +164,7 @@ pub(super) fn choose(
         })?;
     let via = ctx
         .dialer
-        .via(snapshot, pick.addr, pick.node.as_ref())
+        .via(snapshot, pick.addr, pick.node.as_ref(), pick.pod.as_deref())
         .map_err(|e| fail(e.into(), ResponseFlags::UH))?;
     Ok(Target {
         addr: pick.addr,

@@ -90,6 +90,9 @@ pub(super) struct Conn {
     source: Option<Arc<Pod>>,
     /// The client pod as the far node sees it (its certificate), for pooled connections.
     caller: Option<Caller>,
+    /// The last `x-forwarded-client-cert` written for a pod of this node, by the pod's
+    /// namespace and service account: requests to one service reuse it.
+    local_xfcc: Mutex<Option<LocalXfcc>>,
     /// Set on the destination side: the local pod every request goes to.
     inbound: Option<Inbound>,
     clusters: Mutex<ClusterCache>,
@@ -123,6 +126,9 @@ struct Inbound {
     pool: Arc<ClusterPool<RequestBody>>,
     state: Arc<cluster::ClusterState>,
 }
+
+/// A pod's namespace and service account, and the `x-forwarded-client-cert` for it.
+type LocalXfcc = (Arc<str>, Arc<str>, HeaderValue);
 
 /// Envoy's header naming the client certificate the proxy authenticated.
 const FORWARDED_CLIENT_CERT: &str = "x-forwarded-client-cert";
@@ -160,6 +166,7 @@ impl Conn {
             declared,
             source,
             caller,
+            local_xfcc: Mutex::default(),
             inbound: None,
             clusters: Mutex::default(),
             labels: Mutex::default(),
@@ -204,10 +211,12 @@ impl Conn {
     /// The pooled connection that reaches a picked endpoint: directly on this node, through
     /// the peer node's tunnel otherwise, on behalf of this connection's client pod.
     fn conn_key(&self, view: &View, pick: &Pick, proto: Proto) -> Result<ConnKey, ProxyError> {
-        let via = self
-            .ctx
-            .dialer
-            .via(&view.snapshot, pick.addr, pick.node.as_ref())?;
+        let via = self.ctx.dialer.via(
+            &view.snapshot,
+            pick.addr,
+            pick.node.as_ref(),
+            pick.pod.as_deref(),
+        )?;
         Ok(ConnKey {
             target: pick.addr,
             via,
@@ -238,9 +247,17 @@ impl Conn {
         if dialer.sidecar || dialer.hbone.is_none() || pod.node.as_deref() != Some(&*dialer.node) {
             return;
         }
-        let value = format!("By={};URI={}", dialer.identity(pod), caller.identity);
-        if let Ok(value) = HeaderValue::from_str(&value) {
-            headers.insert(FORWARDED_CLIENT_CERT, value);
+        let mut cached = self.local_xfcc.lock().expect("xfcc cache poisoned");
+        let fresh = !matches!(&*cached, Some((ns, sa, _))
+            if *ns == pod.key.namespace && *sa == pod.service_account);
+        if fresh {
+            let value = format!("By={};URI={}", dialer.identity(pod), caller.identity);
+            *cached = HeaderValue::from_str(&value)
+                .ok()
+                .map(|v| (pod.key.namespace.clone(), pod.service_account.clone(), v));
+        }
+        if let Some((_, _, value)) = &*cached {
+            headers.insert(FORWARDED_CLIENT_CERT, value.clone());
         }
     }
 

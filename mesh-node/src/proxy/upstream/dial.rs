@@ -106,7 +106,7 @@ impl fmt::Debug for Dialer {
 }
 
 impl Dialer {
-    /// How to reach `target`, a pod on `node` if known: directly when it is on this node (from
+    /// How to reach `target`, `pod` on `node` if known: directly when it is on this node (from
     /// the proxy address, so it is not captured again), or not a pod of the mesh (there is no
     /// peer to authenticate: it is dialled as the client would have, as Istio's ambient mode
     /// does), else through the proxy of its node.
@@ -115,12 +115,9 @@ impl Dialer {
         snapshot: &Snapshot,
         target: SocketAddrV4,
         node: Option<&Arc<str>>,
+        pod: Option<&Pod>,
     ) -> Result<Via, DialError> {
-        let meshed = || {
-            snapshot
-                .pod_by_ip(*target.ip())
-                .is_some_and(|p| snapshot.is_meshed(p))
-        };
+        let meshed = || pod.is_some_and(|p| snapshot.is_meshed(p));
         Ok(match node {
             _ if self.sidecar => Via::Direct { source: None },
             Some(node) if **node != *self.node && !meshed() => Via::Direct { source: None },
