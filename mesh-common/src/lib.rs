@@ -59,6 +59,8 @@ pub mod limits {
 pub mod dest_kind {
     pub const SERVICE: u32 = 1;
     pub const POD: u32 = 2;
+    /// An address a ServiceEntry host resolves to (its endpoints).
+    pub const ENTRY: u32 = 3;
 }
 
 /// The destination a captured socket originally dialled.

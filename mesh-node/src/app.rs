@@ -38,6 +38,7 @@ use crate::{
     model::{OriginalDst, Store},
     proxy::{NoOriginalDst, Proxy, ProxyConfig, ProxyError, RedirectedOriginalDst},
     source::{
+        dns,
         file::{FileSource, SourceError},
         kube::{self as kube_source, KubeConfig, KubeError, KubeSource},
     },
@@ -446,6 +447,7 @@ impl Control {
         tokio::spawn(trim_heap_every(HEAP_TRIM_PERIOD, stop()));
         tokio::spawn(admin::serve_health(health, readiness.clone(), stop()));
         tokio::spawn(admin::serve_admin(admin_listener, state, stop()));
+        tokio::spawn(dns::run(store.clone(), stop()));
         match source {
             Running::File(source) => tokio::spawn(source.run(stop())),
             Running::Kube(source) => {

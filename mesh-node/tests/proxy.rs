@@ -124,6 +124,7 @@ fn service(name: &str, vip: SocketAddrV4, endpoints: Vec<Endpoint>) -> (Service,
                 app_protocol: None,
             }],
             selector: None,
+            entry: None,
         },
         ServiceEndpoints {
             by_port: BTreeMap::from([(vip.port(), endpoints)]),

@@ -924,6 +924,7 @@ mod tests {
             cluster_ip: None,
             ports: vec![],
             selector: None,
+            entry: None,
         };
         let labels = TcpLabels::new(
             Reporter::Source,

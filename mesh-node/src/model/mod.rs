@@ -32,6 +32,9 @@ pub type Labels = BTreeMap<String, String>;
 /// The map type of a [`Snapshot`]: cloned in O(1), updated in O(log n), diffed in O(changes).
 pub type Map<K, V> = imbl::OrdMap<K, V>;
 
+/// Names of `DNS` ServiceEntries → their IPv4 addresses.
+pub type Resolved = Map<Arc<str>, Arc<[Ipv4Addr]>>;
+
 /// `namespace/name` of a namespaced object.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct ObjectKey {
@@ -136,12 +139,107 @@ pub struct Service {
     pub ports: Vec<ServicePort>,
     /// `None` for a Service without selector (endpoints come from EndpointSlices only).
     pub selector: Option<Labels>,
+    /// Set for a host of a `ServiceEntry`, whose key is then `entry namespace/host`.
+    pub entry: Option<Arc<EntryHost>>,
 }
 
 impl Service {
-    /// `name.namespace.svc.cluster.local`, as Istio's `destination_service` label.
+    /// `name.namespace.svc.cluster.local`, as Istio's `destination_service` label; the host
+    /// itself for a ServiceEntry host.
     pub fn hostname(&self) -> String {
-        format!("{}.{}.svc.cluster.local", self.key.name, self.key.namespace)
+        match &self.entry {
+            Some(_) => self.key.name.to_string(),
+            None => format!("{}.{}.svc.cluster.local", self.key.name, self.key.namespace),
+        }
+    }
+}
+
+/// What a host of a `ServiceEntry` brings beyond a Service: how its endpoints are found.
+///
+/// Each host of an entry is a Service of the model (Istio builds one service per host too),
+/// keyed `namespace/host`, with the entry's ports; its endpoints are the entry's `endpoints`
+/// (`STATIC`), the addresses its host or endpoint names resolve to (`DNS`,
+/// `DNS_ROUND_ROBIN`), or none (`NONE`: connections go where the client dialled).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct EntryHost {
+    /// The `ServiceEntry` the host comes from.
+    pub entry: ObjectKey,
+    pub resolution: traffic::Resolution,
+    pub location: traffic::MeshLocation,
+    pub endpoints: Arc<[traffic::WorkloadEndpoint]>,
+    pub export_to: Arc<[Arc<str>]>,
+    /// Port number → (port name, the endpoints' port unless an endpoint names its own).
+    pub ports: Arc<[(u16, Arc<str>, u16)]>,
+}
+
+impl EntryHost {
+    /// Visible to clients of `namespace` (`exportTo` empty or `*`, `.` for the entry's own
+    /// namespace, or the namespace itself); `None` is a client outside the mesh.
+    pub fn exported_to(&self, namespace: Option<&str>) -> bool {
+        self.export_to.is_empty()
+            || self.export_to.iter().any(|e| {
+                &**e == "*"
+                    || Some(&**e) == namespace
+                    || (&**e == "." && Some(&*self.entry.namespace) == namespace)
+            })
+    }
+
+    /// The names a resolver has to look up for this host (`DNS` resolutions only): the
+    /// host itself when the entry lists no endpoints, else the endpoints that are names.
+    pub fn dns_names<'a>(&'a self, host: &'a str) -> Vec<&'a str> {
+        if !matches!(
+            self.resolution,
+            traffic::Resolution::Dns | traffic::Resolution::DnsRoundRobin
+        ) {
+            return Vec::new();
+        }
+        if self.endpoints.is_empty() {
+            return vec![host];
+        }
+        self.endpoints
+            .iter()
+            .map(|e| &*e.address)
+            .filter(|a| {
+                !a.is_empty() && a.parse::<Ipv4Addr>().is_err() && !a.starts_with("unix://")
+            })
+            .collect()
+    }
+
+    /// The endpoints by service port, with names looked up in `resolved` (a name not there
+    /// yet has no address). IPv6 and unix-socket endpoints are left out: the data path is
+    /// IPv4.
+    pub fn endpoints_by_port(
+        &self,
+        host: &str,
+        resolved: &Resolved,
+    ) -> BTreeMap<u16, Vec<Endpoint>> {
+        let addresses = |name: &str| -> Vec<Ipv4Addr> {
+            match name.parse::<Ipv4Addr>() {
+                Ok(ip) => vec![ip],
+                Err(_) if self.resolution == traffic::Resolution::Static => Vec::new(),
+                Err(_) => resolved.get(name).map(|a| a.to_vec()).unwrap_or_default(),
+            }
+        };
+        let mut by_port = BTreeMap::new();
+        if self.resolution == traffic::Resolution::None {
+            return by_port;
+        }
+        for (number, name, target) in self.ports.iter() {
+            let mut list = Vec::new();
+            if self.endpoints.is_empty() {
+                for ip in addresses(host) {
+                    list.push(Endpoint::external(ip, *target));
+                }
+            }
+            for e in self.endpoints.iter() {
+                let port = e.ports.get(name).copied().unwrap_or(*target);
+                for ip in addresses(&e.address) {
+                    list.push(Endpoint::external(ip, port));
+                }
+            }
+            by_port.insert(*number, list);
+        }
+        by_port
     }
 }
 
@@ -154,6 +252,19 @@ pub struct Endpoint {
     pub pod: Option<ObjectKey>,
     pub node: Option<Arc<str>>,
     pub ready: bool,
+}
+
+impl Endpoint {
+    /// An endpoint outside the cluster's pods (a ServiceEntry's).
+    pub fn external(ip: Ipv4Addr, port: u16) -> Self {
+        Self {
+            ip,
+            port,
+            pod: None,
+            node: None,
+            ready: true,
+        }
+    }
 }
 
 /// Endpoints of one Service, from its EndpointSlices (or derived from its selector).
@@ -188,6 +299,9 @@ pub struct Snapshot {
     /// [`Snapshot::index`] for snapshots filled by hand.
     pub pods_by_ip: Map<Ipv4Addr, ObjectKey>,
     pub services_by_ip: Map<Ipv4Addr, ObjectKey>,
+    /// What the names of `DNS` ServiceEntries resolve to (IPv4), as the [`Store`]'s resolver
+    /// last saw it; the endpoints of those entries' hosts follow it.
+    pub resolved: Resolved,
 }
 
 impl Snapshot {
@@ -222,6 +336,81 @@ impl Snapshot {
                 .is_some_and(Namespace::mesh_enabled)
     }
 
+    /// The Service of a ServiceEntry host as a client of `namespace` sees it: the entry of
+    /// its own namespace, else the first (by namespace) exported to it.
+    pub fn entry_service(&self, host: &str, namespace: Option<&str>) -> Option<&Arc<Service>> {
+        let visible =
+            |s: &&Arc<Service>| s.entry.as_ref().is_some_and(|e| e.exported_to(namespace));
+        if let Some(own) = namespace.and_then(|ns| self.services.get(&ObjectKey::new(ns, host))) {
+            if own.entry.is_some() {
+                return Some(own);
+            }
+        }
+        self.service_entries
+            .values()
+            .filter(|e| e.hosts.iter().any(|h| &**h == host))
+            .filter_map(|e| self.services.get(&ObjectKey::new(&e.key.namespace, host)))
+            .find(visible)
+    }
+
+    /// The ServiceEntry host whose endpoints include `addr` (a client that dialled an address
+    /// an entry resolved to, rather than the entry's own address), first by key. O(entries).
+    pub fn entry_by_endpoint(&self, addr: std::net::SocketAddrV4) -> Option<&Arc<Service>> {
+        self.service_entries
+            .values()
+            .flat_map(|e| e.hosts.iter().map(|h| ObjectKey::new(&e.key.namespace, h)))
+            .filter_map(|key| self.services.get(&key))
+            .find(|s| {
+                s.ports.iter().any(|p| p.port == addr.port())
+                    && self
+                        .endpoints(&s.key, addr.port())
+                        .iter()
+                        .any(|e| e.ip == *addr.ip())
+            })
+    }
+
+    /// Every name the `DNS` ServiceEntries need resolved.
+    pub fn dns_names(&self) -> std::collections::BTreeSet<Arc<str>> {
+        let mut names = std::collections::BTreeSet::new();
+        for entry in self.service_entries.values() {
+            for host in entry.hosts.iter() {
+                let key = ObjectKey::new(&entry.key.namespace, host);
+                if let Some(e) = self.services.get(&key).and_then(|s| s.entry.as_ref()) {
+                    names.extend(e.dns_names(host).into_iter().map(Arc::from));
+                }
+            }
+        }
+        names
+    }
+
+    /// Replaces the endpoints of every `DNS` entry host by what `resolved` says, keeping the
+    /// `Arc` of those that did not change. O(entries).
+    fn apply_resolution(&mut self, resolved: Resolved, previous: &Snapshot) {
+        self.resolved = resolved;
+        let hosts: Vec<ObjectKey> = self
+            .service_entries
+            .values()
+            .filter(|e| {
+                matches!(
+                    e.resolution,
+                    traffic::Resolution::Dns | traffic::Resolution::DnsRoundRobin
+                )
+            })
+            .flat_map(|e| e.hosts.iter().map(|h| ObjectKey::new(&e.key.namespace, h)))
+            .collect();
+        for key in hosts {
+            let Some(entry) = self.services.get(&key).and_then(|s| s.entry.clone()) else {
+                continue;
+            };
+            let by_port = entry.endpoints_by_port(&key.name, &self.resolved);
+            let endpoints = match previous.endpoints.get(&key) {
+                Some(e) if e.by_port == by_port => e.clone(),
+                _ => Arc::new(ServiceEndpoints { by_port }),
+            };
+            self.endpoints.insert(key, endpoints);
+        }
+    }
+
     pub fn pod_by_ip(&self, ip: Ipv4Addr) -> Option<&Arc<Pod>> {
         self.pods_by_ip.get(&ip).and_then(|k| self.pods.get(k))
     }
@@ -243,9 +432,14 @@ impl Snapshot {
 }
 
 /// Publishes snapshots to every consumer. Cloning is cheap; readers never block writers.
+///
+/// Two writers feed it: the configuration source ([`Store::publish`]) and the resolver of
+/// `DNS` ServiceEntries ([`Store::set_resolved`]); every snapshot carries the latest of both.
 #[derive(Clone)]
 pub struct Store {
     tx: Arc<watch::Sender<Arc<Snapshot>>>,
+    /// Held while publishing, so the two writers do not undo each other.
+    resolved: Arc<std::sync::Mutex<Resolved>>,
 }
 
 impl Default for Store {
@@ -257,7 +451,10 @@ impl Default for Store {
 impl Store {
     pub fn new() -> Self {
         let (tx, _) = watch::channel(Arc::new(Snapshot::default()));
-        Self { tx: Arc::new(tx) }
+        Self {
+            tx: Arc::new(tx),
+            resolved: Arc::default(),
+        }
     }
 
     /// Stamps `snapshot` with the next version and makes it current, rebuilding its indexes
@@ -270,10 +467,30 @@ impl Store {
     /// Like [`Store::publish`], for a snapshot whose indexes are current (the assembler's):
     /// O(1) whatever the size of the snapshot.
     pub fn publish_indexed(&self, mut snapshot: Snapshot) -> u64 {
-        let version = self.tx.borrow().version + 1;
-        snapshot.version = version;
+        let resolved = self.resolved.lock().unwrap_or_else(|e| e.into_inner());
+        let previous = self.tx.borrow().clone();
+        snapshot.apply_resolution(resolved.clone(), &previous);
+        snapshot.version = previous.version + 1;
+        let version = snapshot.version;
         self.tx.send_replace(Arc::new(snapshot));
         version
+    }
+
+    /// Publishes what the names of `DNS` ServiceEntries resolve to, when it changed: the
+    /// current snapshot again, with those entries' endpoints following it.
+    pub fn set_resolved(&self, addresses: Resolved) -> Option<u64> {
+        let mut resolved = self.resolved.lock().unwrap_or_else(|e| e.into_inner());
+        if *resolved == addresses {
+            return None;
+        }
+        *resolved = addresses.clone();
+        let previous = self.tx.borrow().clone();
+        let mut snapshot = (*previous).clone();
+        snapshot.apply_resolution(addresses, &previous);
+        snapshot.version = previous.version + 1;
+        let version = snapshot.version;
+        self.tx.send_replace(Arc::new(snapshot));
+        Some(version)
     }
 
     pub fn current(&self) -> Arc<Snapshot> {

@@ -612,15 +612,25 @@ pub struct OutlierDetection {
     pub min_health_percent: Option<u32>,
 }
 
-#[derive(Clone, Debug, PartialEq, Eq)]
+/// Istio's `ClientTLSSettings`. File paths are read on the node that originates TLS.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct ClientTls {
     pub mode: TlsMode,
     pub sni: Option<Arc<str>>,
     pub subject_alt_names: Arc<[Arc<str>]>,
     pub credential_name: Option<Arc<str>>,
+    /// PEM file of the client certificate chain (`MUTUAL`).
+    pub client_certificate: Option<Arc<str>>,
+    /// PEM file of the client's private key (`MUTUAL`).
+    pub private_key: Option<Arc<str>>,
+    /// PEM file of the CAs that verify the server; `None`: the system's roots.
+    pub ca_certificates: Option<Arc<str>>,
+    /// PEM file of certificate revocation lists.
+    pub ca_crl: Option<Arc<str>>,
+    pub insecure_skip_verify: bool,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum TlsMode {
     Disable,
     Simple,

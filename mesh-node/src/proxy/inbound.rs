@@ -601,6 +601,7 @@ mod tests {
                 })
                 .collect(),
             selector: None,
+            entry: None,
         };
         let by_port = ports
             .iter()

@@ -83,7 +83,11 @@ async fn proxy(
     let view = ctx.view();
     let snapshot = &view.snapshot;
     let source = snapshot.pod_by_ip(*client.ip()).cloned();
-    let service = snapshot.service_by_ip(*dialled.ip()).cloned();
+    // A Service's address, else an address a ServiceEntry host resolves to.
+    let service = snapshot
+        .service_by_ip(*dialled.ip())
+        .or_else(|| snapshot.entry_by_endpoint(dialled))
+        .cloned();
 
     let declared = service.as_ref().and_then(|s| {
         s.ports
@@ -113,7 +117,8 @@ async fn proxy(
             dialled.port(),
             declared,
             source,
-        );
+        )
+        .dialled(dialled);
         drop(view);
         l7::serve(conn, downstream).await;
         return Ok(Served::Http);

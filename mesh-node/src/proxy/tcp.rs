@@ -31,6 +31,7 @@ use super::{
 use crate::{
     metrics::{Reporter, ResponseFlags, ServiceLabels, TcpLabels, Workload},
     model::{Pod, Protocol, Service},
+    tls::origination::Alpn,
 };
 
 /// What the access log line of a TCP connection reports.
@@ -147,7 +148,7 @@ pub(super) fn choose(
         .map_err(|e| fail(ProxyError::Cluster(e), ResponseFlags::UH))?;
     let hash = cluster.connection_hash(*client.ip());
     let pick = cluster
-        .pick(hash, None, Instant::now())
+        .pick_for(Some(dialled), hash, None, Instant::now())
         .ok_or_else(|| fail(no_endpoint(), ResponseFlags::UH))?;
     let slot = cluster
         .state()
@@ -191,7 +192,15 @@ impl Target {
             .balanced
             .as_ref()
             .and_then(|b| b.cluster.policy().connect_timeout);
-        let result = ctx.dialer.open(self.addr, self.via, caller, timeout).await;
+        let tls = self
+            .balanced
+            .as_ref()
+            .and_then(|b| b.cluster.origination())
+            .map(|o| (&**o, Alpn::None));
+        let result = ctx
+            .dialer
+            .open_with(self.addr, self.via, caller, timeout, tls)
+            .await;
         if let Some(b) = &self.balanced {
             let outcome = match &result {
                 Ok(_) => Outcome::Success,

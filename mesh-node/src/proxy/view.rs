@@ -191,6 +191,7 @@ mod tests {
                     app_protocol: None,
                 }],
                 selector: None,
+                entry: None,
             });
             snapshot.services.insert(service.key.clone(), service);
             snapshot

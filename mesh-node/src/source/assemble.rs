@@ -11,14 +11,14 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap, HashSet},
-    net::Ipv4Addr,
+    net::{IpAddr, Ipv4Addr},
     sync::Arc,
 };
 
 use super::objects::{EndpointSlice, Kind, Object, ResourceId};
 use crate::model::{
-    Endpoint, Labels, Map, ObjectKey, Pod, Protocol, Service, ServiceEndpoints, Snapshot, Store,
-    TargetPort,
+    Endpoint, EntryHost, Labels, Map, ObjectKey, Pod, Protocol, Service, ServiceEndpoints,
+    ServiceEntry, ServicePort, Snapshot, Store, TargetPort,
 };
 
 /// The assembled state, kept between batches.
@@ -39,6 +39,11 @@ pub struct Assembler {
     service_ips: HashMap<Ipv4Addr, BTreeSet<ObjectKey>>,
     /// Services whose endpoints the current batch may have changed.
     dirty: HashSet<ObjectKey>,
+    /// The Service of each ServiceEntry host (`namespace/host`), per entry declaring it: the
+    /// smallest entry key wins a host two entries of a namespace declare.
+    entry_hosts: HashMap<ObjectKey, BTreeMap<ObjectKey, Service>>,
+    /// The hosts each entry declares.
+    entry_keys: HashMap<ObjectKey, Vec<ObjectKey>>,
 }
 
 impl Assembler {
@@ -61,7 +66,10 @@ impl Assembler {
             Object::EndpointSlice(e) => self.set_slice(&e.key, Some(e)),
             Object::VirtualService(v) => replace_arc(&mut s.virtual_services, &v.key, v),
             Object::DestinationRule(d) => replace_arc(&mut s.destination_rules, &d.key, d),
-            Object::ServiceEntry(e) => replace_arc(&mut s.service_entries, &e.key, e),
+            Object::ServiceEntry(e) => {
+                replace_arc(&mut s.service_entries, &e.key, e);
+                self.set_entry(&e.key, Some(e));
+            }
             Object::AuthorizationPolicy(a) => replace_arc(&mut s.authorization_policies, &a.key, a),
             Object::PeerAuthentication(p) => replace_arc(&mut s.peer_authentications, &p.key, p),
             Object::HttpRoute(r) => replace_arc(&mut s.http_routes, &r.key, r),
@@ -91,6 +99,7 @@ impl Assembler {
             }
             Kind::ServiceEntry => {
                 s.service_entries.remove(key);
+                self.set_entry(key, None);
             }
             Kind::AuthorizationPolicy => {
                 s.authorization_policies.remove(key);
@@ -208,6 +217,55 @@ impl Assembler {
         self.dirty.insert(key.clone());
     }
 
+    /// Replaces the hosts entry `key` declares by those of `new`.
+    fn set_entry(&mut self, key: &ObjectKey, new: Option<&ServiceEntry>) {
+        let mut touched: BTreeSet<ObjectKey> = self
+            .entry_keys
+            .remove(key)
+            .unwrap_or_default()
+            .into_iter()
+            .collect();
+        for host in &touched {
+            if let Some(by_entry) = self.entry_hosts.get_mut(host) {
+                by_entry.remove(key);
+                if by_entry.is_empty() {
+                    self.entry_hosts.remove(host);
+                }
+            }
+        }
+        let services = new.map(entry_services).unwrap_or_default();
+        if !services.is_empty() {
+            self.entry_keys.insert(
+                key.clone(),
+                services.iter().map(|s| s.key.clone()).collect(),
+            );
+        }
+        for service in services {
+            touched.insert(service.key.clone());
+            self.entry_hosts
+                .entry(service.key.clone())
+                .or_default()
+                .insert(key.clone(), service);
+        }
+        for host in touched {
+            // A Service of the cluster under the same key (a host without a dot) stays.
+            if self
+                .snapshot
+                .services
+                .get(&host)
+                .is_some_and(|s| s.entry.is_none())
+            {
+                continue;
+            }
+            let winner = self
+                .entry_hosts
+                .get(&host)
+                .and_then(|by_entry| by_entry.values().next())
+                .cloned();
+            self.set_service(&host, winner.as_ref());
+        }
+    }
+
     fn set_slice(&mut self, key: &ObjectKey, new: Option<&EndpointSlice>) {
         if let Some(service) = self.slice_service.remove(key) {
             let slices = self.slices.get_mut(&service);
@@ -285,6 +343,12 @@ impl Assembler {
             return;
         };
         let by_port = match (self.slices.get(key), &service.selector) {
+            // Names of DNS entries are resolved when the snapshot is published.
+            _ if service.entry.is_some() && service.selector.is_none() => service
+                .entry
+                .as_ref()
+                .map(|e| e.endpoints_by_port(&key.name, &Map::new()))
+                .unwrap_or_default(),
             (Some(slices), _) => from_slices(&service, slices.values(), &self.snapshot.pods),
             (None, Some(selector)) => from_selector(&service, selector, &self.snapshot.pods),
             (None, None) => BTreeMap::new(),
@@ -300,6 +364,50 @@ impl Assembler {
                 .insert(key.clone(), Arc::new(ServiceEndpoints { by_port }));
         }
     }
+}
+
+/// The Service of each host of `entry` (Istio's one service per host), with the entry's
+/// first single address as its ClusterIP.
+fn entry_services(entry: &ServiceEntry) -> Vec<Service> {
+    let cluster_ip = entry.addresses.iter().find_map(|block| match block.addr {
+        IpAddr::V4(ip) if block.prefix_len == 32 => Some(ip),
+        _ => None,
+    });
+    let ports: Vec<ServicePort> = entry
+        .ports
+        .iter()
+        .map(|p| ServicePort {
+            name: Some(p.name.clone()),
+            port: p.number,
+            target_port: TargetPort::Number(p.target_port.unwrap_or(p.number)),
+            protocol: Protocol::Tcp,
+            app_protocol: p.protocol.as_ref().map(|p| p.to_ascii_lowercase().into()),
+        })
+        .collect();
+    let host = Arc::new(EntryHost {
+        entry: entry.key.clone(),
+        resolution: entry.resolution,
+        location: entry.location,
+        endpoints: entry.endpoints.clone(),
+        export_to: entry.export_to.clone(),
+        ports: entry
+            .ports
+            .iter()
+            .map(|p| (p.number, p.name.clone(), p.target_port.unwrap_or(p.number)))
+            .collect(),
+    });
+    entry
+        .hosts
+        .iter()
+        .map(|h| Service {
+            key: ObjectKey::new(&entry.key.namespace, h),
+            cluster_ip,
+            ports: ports.clone(),
+            // A `workloadSelector` picks pods as a Service selector does.
+            selector: entry.workload_selector.clone(),
+            entry: Some(host.clone()),
+        })
+        .collect()
 }
 
 /// Builds a snapshot from translated objects in one batch (duplicates must already be resolved).
@@ -523,6 +631,7 @@ mod tests {
                 app_protocol: None,
             }],
             selector: app.map(|a| labels(&[("app", a)])),
+            entry: None,
         })
     }
 

@@ -184,6 +184,7 @@ pub(super) fn service(fields: &Fields<'_>) -> Result<Service, FieldError> {
         cluster_ip,
         ports,
         selector,
+        entry: None,
     })
 }
 

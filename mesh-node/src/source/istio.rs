@@ -1173,31 +1173,41 @@ fn client_tls(policy: &Fields<'_>) -> Result<Option<ClientTls>> {
             }
         }
     }
-    // What Weft cannot honour is refused, never ignored: traffic the user asked to encrypt
-    // must not leave in plaintext.
-    if matches!(mode, TlsMode::Simple | TlsMode::Mutual) {
-        let name = if mode == TlsMode::Simple {
-            "SIMPLE"
-        } else {
-            "MUTUAL"
-        };
+    if let Some(name) = &credential_name {
         return Err(tls.error(
-            "mode",
-            format!("{name} TLS origination is not supported by Weft yet, and the traffic would not be encrypted as asked; remove the tls block, or use ISTIO_MUTUAL (the mesh's mTLS, which Weft applies between nodes)"),
+            "credentialName",
+            format!("reading certificates from Secret {name:?} is not supported by Weft yet; give caCertificates, clientCertificate and privateKey as files on the nodes"),
         ));
     }
-    for key in ["sni", "subjectAltNames", "insecureSkipVerify"] {
-        if tls.get(key).is_some() {
-            return Err(tls.error(
-                key,
-                "not supported with the mesh's mTLS: Weft's HBONE hop checks the node proxy's identity, not the destination workload's",
-            ));
+    let ca_crl = opt_str(&tls, "caCrl")?;
+    if mode == TlsMode::IstioMutual {
+        for key in [
+            "sni",
+            "subjectAltNames",
+            "insecureSkipVerify",
+            "caCertificates",
+            "caCrl",
+            "clientCertificate",
+            "privateKey",
+        ] {
+            if tls.get(key).is_some() {
+                return Err(tls.error(
+                    key,
+                    "not supported with the mesh's mTLS: Weft's HBONE hop checks the node proxy's identity with the mesh CA, not the destination workload's",
+                ));
+            }
         }
     }
+    let insecure_skip_verify = tls.bool("insecureSkipVerify")?.unwrap_or(false);
     Ok(Some(ClientTls {
         mode,
         sni: opt_str(&tls, "sni")?,
         subject_alt_names: strings(&tls, "subjectAltNames", any)?,
+        client_certificate: opt_str(&tls, "clientCertificate")?,
+        private_key: opt_str(&tls, "privateKey")?,
+        ca_certificates: opt_str(&tls, "caCertificates")?,
+        ca_crl,
+        insecure_skip_verify,
         credential_name,
     }))
 }
@@ -1270,6 +1280,21 @@ pub(super) fn service_entry(fields: &Fields<'_>) -> Result<ServiceEntry> {
         return Err(spec.error(
             "addresses",
             "CIDR addresses are allowed only for NONE/STATIC resolution types",
+        ));
+    }
+    // The capture layer matches exact IPv4 destinations; a range or an IPv6 address would be
+    // accepted and then not captured.
+    if let Some((i, block)) = addresses
+        .iter()
+        .enumerate()
+        .find(|(_, b)| !b.addr.is_ipv4() || b.prefix_len != 32)
+    {
+        return Err(spec.error(
+            &format!("addresses[{i}]"),
+            format!(
+                "{}/{} is not supported by Weft: only single IPv4 addresses are captured; list the addresses one by one",
+                block.addr, block.prefix_len
+            ),
         ));
     }
 
@@ -1387,10 +1412,23 @@ fn workload_endpoint(
                 format!("{path} is not an absolute path to a file"),
             ));
         }
+        return Err(e.error(
+            "address",
+            format!("{address} is not supported by Weft: a node proxy cannot reach a unix socket inside a workload"),
+        ));
+    } else if address.parse::<std::net::Ipv6Addr>().is_ok() {
+        return Err(e.error(
+            "address",
+            format!("{address} is not supported by Weft: the data path is IPv4"),
+        ));
     } else if address.is_empty() {
         if !e.has("network") {
             return Err(e.error("address", "address is required"));
         }
+        return Err(e.error(
+            "address",
+            "an endpoint reached through another network's gateway is not supported by Weft; give its address",
+        ));
     } else if address.parse::<std::net::IpAddr>().is_err() {
         if resolution == Resolution::Static {
             return Err(e.error(
@@ -2055,10 +2093,11 @@ spec:
             ("{host: reviews, trafficPolicy: {loadBalancer: {consistentHash: {httpHeaderName: x-user, useSourceIp: true}}}}", "spec.trafficPolicy.loadBalancer.consistentHash.useSourceIp", "only one hash key"),
             ("{host: reviews, trafficPolicy: {tls: {mode: STRICT}}}", "spec.trafficPolicy.tls.mode", "expected one of DISABLE, SIMPLE, MUTUAL, ISTIO_MUTUAL"),
             ("{host: reviews, trafficPolicy: {tls: {mode: MUTUAL}}}", "spec.trafficPolicy.tls.clientCertificate", "client certificate required"),
-            ("{host: reviews, trafficPolicy: {tls: {mode: SIMPLE}}}", "spec.trafficPolicy.tls.mode", "SIMPLE TLS origination is not supported"),
-            ("{host: reviews, trafficPolicy: {tls: {mode: MUTUAL, clientCertificate: /c.pem, privateKey: /k.pem}}}", "spec.trafficPolicy.tls.mode", "MUTUAL TLS origination is not supported"),
+            ("{host: reviews, trafficPolicy: {tls: {mode: SIMPLE, credentialName: api-ca}}}", "spec.trafficPolicy.tls.credentialName", "not supported by Weft yet"),
+            ("{host: reviews, trafficPolicy: {tls: {mode: MUTUAL, clientCertificate: /c.pem}}}", "spec.trafficPolicy.tls.privateKey", "private key required"),
+            ("{host: reviews, trafficPolicy: {tls: {mode: SIMPLE, insecureSkipVerify: maybe}}}", "spec.trafficPolicy.tls.insecureSkipVerify", "expected true or false"),
             ("{host: reviews, trafficPolicy: {tls: {mode: ISTIO_MUTUAL, subjectAltNames: [spiffe://cluster.local/ns/a/sa/b]}}}", "spec.trafficPolicy.tls.subjectAltNames", "not supported with the mesh's mTLS"),
-            ("{host: reviews, trafficPolicy: {portLevelSettings: [{port: {number: 443}, tls: {mode: SIMPLE, sni: api.example.com}}]}}", "spec.trafficPolicy.portLevelSettings[0].tls.mode", "not supported by Weft yet"),
+            ("{host: reviews, trafficPolicy: {portLevelSettings: [{port: {number: 443}, tls: {mode: ISTIO_MUTUAL, caCertificates: /ca.pem}}]}}", "spec.trafficPolicy.portLevelSettings[0].tls.caCertificates", "not supported with the mesh's mTLS"),
             ("{host: reviews, trafficPolicy: {portLevelSettings: [{port: {number: 0}, tls: {mode: SIMPLE}}]}}", "spec.trafficPolicy.portLevelSettings[0].port.number", "expected a port number"),
             ("{host: reviews, trafficPolicy: {portLevelSettings: [{tls: {mode: SIMPLE}}]}}", "spec.trafficPolicy.portLevelSettings[0].port", "must have valid port"),
             ("{host: reviews, subsets: [{name: v1, labels: {version: v1}}, {name: v1, labels: {version: v2}}]}", "spec.subsets[1].name", "duplicate subset names: v1"),
@@ -2109,7 +2148,7 @@ spec:
   hosts:
   - mymongodb.somedomain
   addresses:
-  - 192.192.192.192/24
+  - 192.192.192.192
   ports:
   - number: 27018
     name: mongodb
@@ -2125,7 +2164,7 @@ spec:
       zone: a
 "#,
         );
-        assert_eq!(se.addresses[0].prefix_len, 24);
+        assert_eq!(se.addresses[0].prefix_len, 32);
         assert_eq!(se.location, MeshLocation::Internal);
         assert_eq!(se.endpoints.len(), 2);
         assert_eq!(se.endpoints[1].ports[&Arc::from("mongodb")], 27019);
@@ -2142,6 +2181,8 @@ spec:
             ("{hosts: ['*'], ports: [{number: 443, name: https}]}", "spec.hosts[0]", "invalid host *"),
             ("{hosts: [a.example], addresses: [10.0.0.0/40]}", "spec.addresses[0]", "not a valid CIDR block"),
             ("{hosts: [a.example], addresses: [10.0.0.0/8], resolution: DNS}", "spec.addresses", "CIDR addresses are allowed only for NONE/STATIC"),
+            ("{hosts: [a.example], addresses: [10.0.0.1, 192.192.192.192/24], resolution: STATIC}", "spec.addresses[1]", "only single IPv4 addresses are captured"),
+            ("{hosts: [a.example], addresses: ['2001:db8::1']}", "spec.addresses[0]", "only single IPv4 addresses are captured"),
             ("{hosts: [a.example], ports: [{number: 443, name: https, protocol: QUIC}]}", "spec.ports[0].protocol", "unsupported protocol: QUIC"),
             ("{hosts: [a.example], ports: [{number: 443}]}", "spec.ports[0].name", "invalid port name"),
             ("{hosts: [a.example], ports: [{number: 443, name: a}, {number: 443, name: b}]}", "spec.ports[1].number", "already defined"),

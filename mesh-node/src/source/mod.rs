@@ -6,6 +6,7 @@
 //! | layer | modules | imports from `source/` |
 //! |---|---|---|
 //! | sources | [`file`], [`kube`] | `ledger`, `objects` |
+//! | resolver of `DNS` ServiceEntries | [`dns`] | nothing (it writes through the `Store`) |
 //! | the rule and assembly | [`ledger`] → [`assemble`] | `objects` |
 //! | dispatcher | [`objects`]: kind → translator | the translators, `fields` |
 //! | translators | `core`, `istio`, `gateway`, `security` | `fields`, `validate` |
@@ -18,6 +19,7 @@
 //! snapshots.
 
 pub mod assemble;
+pub mod dns;
 pub mod file;
 pub mod kube;
 pub mod ledger;

@@ -32,6 +32,8 @@ use tokio::sync::watch;
 
 use crate::identity::Identity;
 
+pub mod origination;
+
 /// The serial numbers the mesh CA revoked (without leading zero bytes), as the node last
 /// fetched them: consulted at every handshake, both ways, and by open connections.
 pub type Revoked = watch::Receiver<Arc<HashSet<Vec<u8>>>>;

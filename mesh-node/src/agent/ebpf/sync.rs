@@ -114,6 +114,8 @@ struct Desired {
     pods: HashMap<ObjectKey, PodEntries>,
     /// Pods of this node.
     local: BTreeSet<ObjectKey>,
+    /// The addresses of ServiceEntry endpoints.
+    entry_ips: BTreeSet<u32>,
 }
 
 impl Desired {
@@ -171,6 +173,16 @@ impl Desired {
         for key in pods {
             self.pod(cfg, new, &key, interface_of);
         }
+        // Clients dial the addresses a ServiceEntry host resolves to: they are captured like
+        // ClusterIPs. Entries are few; their addresses are recomputed whole.
+        let entry_ips = entry_endpoint_ips(new);
+        for ip in self.entry_ips.difference(&entry_ips) {
+            self.mesh_dests.remove(ip, dest_kind::ENTRY);
+        }
+        for ip in entry_ips.difference(&self.entry_ips) {
+            self.mesh_dests.add(*ip, dest_kind::ENTRY);
+        }
+        self.entry_ips = entry_ips;
     }
 
     fn service(&mut self, service: &Service, add: bool) {
@@ -227,6 +239,23 @@ impl Desired {
         }
         self.pods.insert(key.clone(), entries);
     }
+}
+
+/// The endpoint addresses of every ServiceEntry host.
+fn entry_endpoint_ips(snapshot: &Snapshot) -> BTreeSet<u32> {
+    snapshot
+        .service_entries
+        .values()
+        .flat_map(|e| e.hosts.iter().map(|h| ObjectKey::new(&e.key.namespace, h)))
+        .filter(|key| {
+            snapshot
+                .services
+                .get(key)
+                .is_some_and(|s| s.entry.is_some())
+        })
+        .filter_map(|key| snapshot.endpoints.get(&key))
+        .flat_map(|e| e.by_port.values().flatten().map(|e| ip_key(e.ip)))
+        .collect()
 }
 
 fn pod_entries(
@@ -558,6 +587,7 @@ mod tests {
                 cluster_ip: Some(Ipv4Addr::new(10, 96, 0, 10)),
                 ports: vec![],
                 selector: None,
+                entry: None,
             }),
         );
         s.index();
@@ -672,6 +702,7 @@ mod tests {
                 cluster_ip: Some(Ipv4Addr::from(ip)),
                 ports: vec![],
                 selector: None,
+                entry: None,
             })
         };
         next.services

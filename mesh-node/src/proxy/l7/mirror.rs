@@ -56,7 +56,7 @@ pub(super) fn mirror(
         } else {
             Proto::Http1
         };
-        let Ok(key) = conn.conn_key(view, &pick, proto) else {
+        let Ok(key) = conn.conn_key(view, &resolved.cluster, &pick, proto) else {
             continue;
         };
         conn.set_forwarded_client_cert(&mut head.headers, pick.pod.as_deref());

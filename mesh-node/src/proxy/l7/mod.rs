@@ -86,6 +86,8 @@ pub(super) struct Conn {
     /// The Service the client dialled, and the port.
     service: ObjectKey,
     port: u16,
+    /// The address the client dialled, where an original-destination cluster sends requests.
+    dialled: Option<SocketAddrV4>,
     declared: Declared,
     source: Option<Arc<Pod>>,
     /// The client pod as the far node sees it (its certificate), for pooled connections.
@@ -163,6 +165,7 @@ impl Conn {
             client,
             service,
             port,
+            dialled: None,
             declared,
             source,
             caller,
@@ -208,9 +211,31 @@ impl Conn {
         conn
     }
 
+    /// Sets the address the client dialled (outbound connections).
+    pub(super) fn dialled(mut self, dialled: SocketAddrV4) -> Self {
+        self.dialled = Some(dialled);
+        self
+    }
+
+    /// The endpoint of `cluster` for a request on this connection (see [`Cluster::pick_for`]).
+    fn pick(
+        &self,
+        cluster: &Cluster,
+        hash: Option<u64>,
+        avoid: Option<SocketAddrV4>,
+    ) -> Option<Pick> {
+        cluster.pick_for(self.dialled, hash, avoid, Instant::now())
+    }
+
     /// The pooled connection that reaches a picked endpoint: directly on this node, through
     /// the peer node's tunnel otherwise, on behalf of this connection's client pod.
-    fn conn_key(&self, view: &View, pick: &Pick, proto: Proto) -> Result<ConnKey, ProxyError> {
+    fn conn_key(
+        &self,
+        view: &View,
+        cluster: &Cluster,
+        pick: &Pick,
+        proto: Proto,
+    ) -> Result<ConnKey, ProxyError> {
         let via = self.ctx.dialer.via(
             &view.snapshot,
             pick.addr,
@@ -222,6 +247,7 @@ impl Conn {
             via,
             proto,
             caller: self.caller.clone(),
+            tls: cluster.origination().cloned(),
         })
     }
 
@@ -261,12 +287,14 @@ impl Conn {
         }
     }
 
-    /// Whether requests to `pod` leave this node (through HBONE).
+    /// Whether requests to `pod` leave this node through HBONE: a meshed pod of another node
+    /// (an unmeshed one is dialled directly, as the client would have).
     fn crosses_nodes(&self, pod: &Pod) -> bool {
         let dialer = &self.ctx.dialer;
         !dialer.sidecar
             && dialer.hbone.is_some()
             && pod.node.as_deref().is_some_and(|n| *n != *dialer.node)
+            && self.ctx.view().snapshot.is_meshed(pod)
     }
 
     /// How this connection's requests reach a cluster's endpoints.

@@ -266,6 +266,7 @@ pub(super) async fn forward_inbound(
         via: conn.ctx.dialer.local(),
         proto: Proto::Http1,
         caller: None,
+        tls: None,
     };
     if is_upgrade(&parts) {
         let upgrade = hyper::upgrade::on(Request::from_parts(parts.clone(), ()));
@@ -744,6 +745,7 @@ mod tests {
             cluster_ip: Some(Ipv4Addr::new(10, 96, 0, 10)),
             ports,
             selector: None,
+            entry: None,
         }
     }
 

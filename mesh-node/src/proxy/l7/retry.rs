@@ -49,10 +49,10 @@ impl Attempts<'_> {
         let mut retried = false;
         let mut retry_slot;
         loop {
-            let Some(pick) = cluster.pick(hash, avoid, Instant::now()) else {
+            let Some(pick) = conn.pick(cluster, hash, avoid) else {
                 return Err(NO_HEALTHY_UPSTREAM);
             };
-            let key = match conn.conn_key(self.view, &pick, self.proto) {
+            let key = match conn.conn_key(self.view, cluster, &pick, self.proto) {
                 Ok(key) => key,
                 Err(e) => {
                     info!("{e}");
@@ -115,14 +115,22 @@ impl Attempts<'_> {
                     return Err((StatusCode::SERVICE_UNAVAILABLE, ResponseFlags::UO, "upstream connect error or disconnect/reset before headers. reset reason: overflow"));
                 }
                 Ok(Err(e)) if e.before_request() => {
-                    debug!("{e}");
+                    // A certificate that does not verify is a configuration problem an
+                    // operator has to see; a refused connection is routine.
+                    let details = if e.is_tls() {
+                        info!("{e}");
+                        "upstream connect error or disconnect/reset before headers. reset reason: connection failure, transport failure reason: TLS error"
+                    } else {
+                        debug!("{e}");
+                        "upstream connect error or disconnect/reset before headers. reset reason: connection failure"
+                    };
                     cluster.report(&pick, Outcome::ConnectFailure, now);
                     (
                         self.plan.on(RetryPolicy::ConnectFailure)
                             || self.plan.on(RetryPolicy::ResetBeforeRequest)
                             || self.plan.on(RetryPolicy::FiveXx)
                             || self.plan.on(RetryPolicy::GatewayError),
-                        (StatusCode::SERVICE_UNAVAILABLE, ResponseFlags::UF, "upstream connect error or disconnect/reset before headers. reset reason: connection failure"),
+                        (StatusCode::SERVICE_UNAVAILABLE, ResponseFlags::UF, details),
                     )
                 }
                 Ok(Err(e)) => {

@@ -16,10 +16,10 @@ pub(super) async fn forward_upgrade(
     let conn = report.conn.clone();
     let cluster = &resolved.cluster;
     let hash = cluster.request_hash(&parts.headers, &parts.uri, *conn.client.ip());
-    let Some(pick) = cluster.pick(hash, None, Instant::now()) else {
+    let Some(pick) = conn.pick(cluster, hash, None) else {
         return local_failure(report, NO_HEALTHY_UPSTREAM);
     };
-    let Ok(key) = conn.conn_key(view, &pick, Proto::Http1) else {
+    let Ok(key) = conn.conn_key(view, cluster, &pick, Proto::Http1) else {
         return local_failure(report, NO_HEALTHY_UPSTREAM);
     };
     report.upstream = Some(pick.addr);

@@ -93,8 +93,18 @@ pub(super) fn fqdn(key: &ObjectKey) -> String {
 }
 
 /// The Service a host names, relative to `namespace`: `name`, `name.ns`, `name.ns.svc`,
-/// `name.ns.svc.cluster.local`.
+/// `name.ns.svc.cluster.local`, else a ServiceEntry host visible in `namespace`.
 pub(super) fn resolve_host<'s>(
+    snapshot: &'s Snapshot,
+    host: &str,
+    namespace: &Arc<str>,
+) -> Option<&'s Arc<Service>> {
+    service_host(snapshot, host, namespace)
+        .filter(|s| s.entry.is_none())
+        .or_else(|| snapshot.entry_service(host, Some(namespace)))
+}
+
+fn service_host<'s>(
     snapshot: &'s Snapshot,
     host: &str,
     namespace: &Arc<str>,

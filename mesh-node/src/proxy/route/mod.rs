@@ -12,8 +12,9 @@
 //! - A VirtualService applies when it is bound to the mesh (`gateways` empty or naming `mesh`)
 //!   and one of its `hosts` names the Service: a short name (in the VirtualService's
 //!   namespace), `name.ns`, `name.ns.svc`, `name.ns.svc.cluster.local`, or a wildcard
-//!   (`*.ns.svc.cluster.local`, `*`) matched against the FQDN. Hosts that are not Services
-//!   (ServiceEntry hosts, external names) are ignored here.
+//!   (`*.ns.svc.cluster.local`, `*`) matched against the FQDN. A ServiceEntry host is named by
+//!   the host itself (the entry in the VirtualService's namespace first, else one exported to
+//!   it); other hosts are ignored here.
 //! - Several VirtualServices for one Service: the most specific host wins (an exact host before
 //!   wildcards, longer wildcard suffixes first, as Envoy picks virtual hosts); then the one in
 //!   the client's namespace, then the one in the Service's namespace, then the smallest
@@ -443,7 +444,7 @@ impl RouteIndex {
                         snapshot
                             .services
                             .values()
-                            .map(|s| (fqdn(&s.key), s))
+                            .map(|s| (s.hostname(), s))
                             .collect()
                     });
                     for (name, service) in fqdns.iter() {

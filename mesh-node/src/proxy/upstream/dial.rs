@@ -21,9 +21,12 @@ use super::{
     connect::{connect_tcp, ConnectError, Role},
     hbone::{Caller, HbonePool, HboneStream, TunnelError},
 };
+use tokio_rustls::client::TlsStream;
+
 use crate::{
     identity::Identity,
     model::{Pod, Snapshot},
+    tls::origination::{Alpn, Origination},
 };
 
 /// How the proxy reaches a target.
@@ -63,6 +66,18 @@ pub enum DialError {
     NoMtls { target: SocketAddrV4 },
     #[error("{target} runs on another node and the calling pod is unknown to the configuration: without its identity the connection cannot cross nodes")]
     UnknownCaller { target: SocketAddrV4 },
+    #[error(transparent)]
+    Tls(Box<TlsFailure>),
+}
+
+/// TLS the proxy originated did not come up (boxed: rare, and large).
+#[derive(Debug, Error)]
+#[error("TLS origination to {target} (server name {server_name}) failed: {source}")]
+pub struct TlsFailure {
+    pub target: SocketAddrV4,
+    pub server_name: String,
+    #[source]
+    pub source: io::Error,
 }
 
 impl DialError {
@@ -183,13 +198,50 @@ impl Dialer {
             }
         })
     }
+
+    /// Like [`Dialer::open`], then originates `tls` over the stream when the cluster asks
+    /// for it (DestinationRule `SIMPLE`/`MUTUAL`), the handshake within the same `timeout`.
+    pub async fn open_with(
+        &self,
+        target: SocketAddrV4,
+        via: Via,
+        caller: Option<&Caller>,
+        timeout: Option<Duration>,
+        tls: Option<(&Origination, Alpn)>,
+    ) -> Result<Stream, DialError> {
+        let started = tokio::time::Instant::now();
+        let stream = self.open(target, via, caller, timeout).await?;
+        let Some((origination, alpn)) = tls else {
+            return Ok(stream);
+        };
+        let left = timeout
+            .unwrap_or(self.connect_timeout)
+            .saturating_sub(started.elapsed());
+        let failed = |source| {
+            DialError::Tls(Box::new(TlsFailure {
+                target,
+                server_name: origination.server_name().to_str().into_owned(),
+                source,
+            }))
+        };
+        match tokio::time::timeout(left, origination.connect(stream, alpn)).await {
+            Ok(Ok(tls)) => Ok(Stream::Tls(Box::new(tls))),
+            Ok(Err(e)) => Err(failed(e)),
+            Err(_) => Err(failed(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "no TLS handshake within the connect timeout",
+            ))),
+        }
+    }
 }
 
-/// The byte stream to an upstream: a TCP connection or an HBONE stream through the peer node.
+/// The byte stream to an upstream: a TCP connection or an HBONE stream through the peer node,
+/// possibly with TLS the proxy originates on top.
 #[derive(Debug)]
 pub enum Stream {
     Tcp(TcpStream),
     Tunnel(HboneStream),
+    Tls(Box<TlsStream<Stream>>),
 }
 
 impl AsyncRead for Stream {
@@ -201,6 +253,7 @@ impl AsyncRead for Stream {
         match self.get_mut() {
             Stream::Tcp(s) => Pin::new(s).poll_read(cx, buf),
             Stream::Tunnel(s) => Pin::new(s).poll_read(cx, buf),
+            Stream::Tls(s) => Pin::new(s).poll_read(cx, buf),
         }
     }
 }
@@ -214,6 +267,7 @@ impl AsyncWrite for Stream {
         match self.get_mut() {
             Stream::Tcp(s) => Pin::new(s).poll_write(cx, buf),
             Stream::Tunnel(s) => Pin::new(s).poll_write(cx, buf),
+            Stream::Tls(s) => Pin::new(s).poll_write(cx, buf),
         }
     }
 
@@ -225,6 +279,7 @@ impl AsyncWrite for Stream {
         match self.get_mut() {
             Stream::Tcp(s) => Pin::new(s).poll_write_vectored(cx, bufs),
             Stream::Tunnel(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+            Stream::Tls(s) => Pin::new(s).poll_write_vectored(cx, bufs),
         }
     }
 
@@ -232,6 +287,7 @@ impl AsyncWrite for Stream {
         match self {
             Stream::Tcp(s) => s.is_write_vectored(),
             Stream::Tunnel(s) => s.is_write_vectored(),
+            Stream::Tls(s) => s.is_write_vectored(),
         }
     }
 
@@ -239,6 +295,7 @@ impl AsyncWrite for Stream {
         match self.get_mut() {
             Stream::Tcp(s) => Pin::new(s).poll_flush(cx),
             Stream::Tunnel(s) => Pin::new(s).poll_flush(cx),
+            Stream::Tls(s) => Pin::new(s).poll_flush(cx),
         }
     }
 
@@ -246,6 +303,7 @@ impl AsyncWrite for Stream {
         match self.get_mut() {
             Stream::Tcp(s) => Pin::new(s).poll_shutdown(cx),
             Stream::Tunnel(s) => Pin::new(s).poll_shutdown(cx),
+            Stream::Tls(s) => Pin::new(s).poll_shutdown(cx),
         }
     }
 }

@@ -34,6 +34,7 @@ use super::{
     dial::{DialError, Dialer, Stream, Via},
     hbone::Caller,
 };
+use crate::tls::origination::{Alpn, Origination};
 
 /// How long an unused connection is kept when the DestinationRule sets no idle timeout
 /// (Istio's default is one hour; pods rarely keep idle connections that long).
@@ -53,6 +54,8 @@ pub struct ConnKey {
     pub via: Via,
     pub proto: Proto,
     pub caller: Option<Caller>,
+    /// TLS the proxy originates on the connection.
+    pub tls: Option<Arc<Origination>>,
 }
 
 #[derive(Debug, Error)]
@@ -79,6 +82,11 @@ pub enum PoolError {
 }
 
 impl PoolError {
+    /// TLS origination failed (the certificate, the name, the handshake).
+    pub fn is_tls(&self) -> bool {
+        matches!(self, PoolError::Dial(DialError::Tls(_)))
+    }
+
     /// Whether no byte of the request reached the upstream.
     pub fn before_request(&self) -> bool {
         !matches!(self, PoolError::Reset { .. })
@@ -439,9 +447,19 @@ pub struct Dial<'a> {
 
 impl Dial<'_> {
     async fn open(&self, key: &ConnKey) -> Result<Stream, PoolError> {
+        let alpn = match key.proto {
+            Proto::Http1 => Alpn::Http1,
+            Proto::Http2 => Alpn::Http2,
+        };
         Ok(self
             .dialer
-            .open(key.target, key.via, key.caller.as_ref(), self.timeout)
+            .open_with(
+                key.target,
+                key.via,
+                key.caller.as_ref(),
+                self.timeout,
+                key.tls.as_deref().map(|t| (t, alpn)),
+            )
             .await?)
     }
 }
@@ -559,6 +577,7 @@ mod tests {
             via: Via::Direct { source: None },
             proto,
             caller: None,
+            tls: None,
         }
     }
 

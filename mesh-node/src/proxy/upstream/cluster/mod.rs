@@ -36,8 +36,10 @@
 //! The policy of a cluster is Istio's `MergeTrafficPolicy`: the top-level policy, each of its
 //! fields (`loadBalancer`, `connectionPool`, `outlierDetection`) replaced by the subset's when the
 //! subset sets it; at each level a `portLevelSettings` entry for the service port replaces all
-//! of those fields, unset ones included (Istio: port-level policies do not inherit). `tls` is not
-//! applied here.
+//! of those fields, unset ones included (Istio: port-level policies do not inherit). `tls`
+//! merges the same way; `SIMPLE` and `MUTUAL` become the cluster's TLS origination
+//! ([`crate::tls::origination`]), `ISTIO_MUTUAL` is the HBONE hop every cross-node connection
+//! takes anyway, `DISABLE` changes nothing.
 //!
 //! # Defaults and mappings
 //!
@@ -107,11 +109,12 @@ pub use self::{limits::*, outlier::*, policy::*};
 
 use crate::model::{
     traffic::{
-        ConnectionPool, DestinationRule, H2UpgradePolicy, HashKey, LbPolicy, LoadBalancer,
-        OutlierDetection, SimpleLb, TrafficPolicy,
+        ClientTls, ConnectionPool, DestinationRule, H2UpgradePolicy, HashKey, LbPolicy,
+        LoadBalancer, OutlierDetection, Resolution, SimpleLb, TlsMode, TrafficPolicy,
     },
     Endpoint, Labels, ObjectKey, Pod, Snapshot,
 };
+use crate::tls::origination::{Origination, OriginationError};
 
 /// Istio's default `meshConfig.rootNamespace`: rules there apply to the whole mesh.
 pub const ROOT_NAMESPACE: &str = "istio-system";
@@ -168,6 +171,11 @@ pub struct Cluster {
     policy: ClusterPolicy,
     state: Arc<ClusterState>,
     members: Box<[Member]>,
+    /// A ServiceEntry host with resolution `NONE`: requests go where the client dialled
+    /// (Envoy's original-destination cluster).
+    passthrough: bool,
+    /// TLS originated to the endpoints (DestinationRule `SIMPLE`/`MUTUAL`).
+    origination: Option<Arc<Origination>>,
 }
 
 #[derive(Debug)]
@@ -272,12 +280,78 @@ impl Cluster {
             // Health no cluster refers to any more belongs to endpoints that are gone.
             health.retain(|_, h| Arc::strong_count(h) > 1);
         }
+        let service = snapshot.services.get(&key.service);
+        let passthrough = service.is_some_and(|s| {
+            s.selector.is_none()
+                && s.entry
+                    .as_ref()
+                    .is_some_and(|e| e.resolution == Resolution::None)
+        });
+        let origination = match &policy.tls {
+            Some(tls) => {
+                let host = service.map_or_else(
+                    || {
+                        format!(
+                            "{}.{}.{SERVICE_DOMAIN}",
+                            key.service.name, key.service.namespace
+                        )
+                    },
+                    |s| s.hostname(),
+                );
+                Origination::new(tls, &host)
+                    .map_err(|reason| ClusterError::Tls {
+                        service: key.service.clone(),
+                        port: key.port,
+                        rule: policy.rule.clone(),
+                        reason: Box::new(reason),
+                    })?
+                    .map(Arc::new)
+            }
+            None => None,
+        };
         Ok(Self {
             key,
             policy,
             state,
             members: members.into_boxed_slice(),
+            passthrough,
+            origination,
         })
+    }
+
+    /// The TLS this cluster originates, if any.
+    pub fn origination(&self) -> Option<&Arc<Origination>> {
+        self.origination.as_ref()
+    }
+
+    /// The endpoint of a request on a connection to `dialled`: one of the cluster's, or the
+    /// dialled address itself for an original-destination cluster.
+    pub fn pick_for(
+        &self,
+        dialled: Option<SocketAddrV4>,
+        hash: Option<u64>,
+        avoid: Option<SocketAddrV4>,
+        now: Instant,
+    ) -> Option<Pick> {
+        match dialled {
+            Some(addr) if self.passthrough => {
+                let health = Arc::new(EndpointHealth::new(addr, self.state.epoch));
+                health.active.fetch_add(1, Ordering::Relaxed);
+                Some(Pick {
+                    addr,
+                    pod: None,
+                    node: None,
+                    health: health.clone(),
+                    _active: ActiveRequest(health),
+                })
+            }
+            _ => self.pick(hash, avoid, now),
+        }
+    }
+
+    /// Whether requests go where the client dialled.
+    pub fn is_passthrough(&self) -> bool {
+        self.passthrough
     }
 
     pub fn key(&self) -> &ClusterKey {

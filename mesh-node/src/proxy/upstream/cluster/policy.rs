@@ -48,6 +48,8 @@ pub struct ClusterPolicy {
     pub subset: SubsetMatch,
     /// The rule the policy comes from (the first by name when several are merged).
     pub rule: Option<ObjectKey>,
+    /// TLS the source proxy originates to the endpoints (`SIMPLE`, `MUTUAL`).
+    pub tls: Option<ClientTls>,
 }
 
 /// Why a cluster cannot be built. The configuration has to change before a retry can help; the
@@ -60,6 +62,13 @@ pub enum ClusterError {
         subset: Arc<str>,
         /// The rule that applies to the client, if any.
         rule: Option<ObjectKey>,
+    },
+    #[error("DestinationRule {} asks port {port} of {service} for TLS that cannot be set up: {reason}", .rule.as_ref().map_or_else(|| "(none)".to_string(), ToString::to_string))]
+    Tls {
+        service: ObjectKey,
+        port: u16,
+        rule: Option<ObjectKey>,
+        reason: Box<OriginationError>,
     },
 }
 
@@ -111,10 +120,19 @@ pub(super) fn applicable_rules<'a>(
     service: &ObjectKey,
     client: Option<&str>,
 ) -> Vec<&'a DestinationRule> {
-    let fqdn = format!("{}.{}.{SERVICE_DOMAIN}", service.name, service.namespace);
+    // A ServiceEntry host is its own name.
+    let entry = snapshot
+        .services
+        .get(service)
+        .is_some_and(|s| s.entry.is_some());
+    let fqdn = match entry {
+        true => service.name.to_string(),
+        false => format!("{}.{}.{SERVICE_DOMAIN}", service.name, service.namespace),
+    };
     let target = Target {
         service,
         fqdn: &fqdn,
+        entry,
     };
     let select = |namespace: &str,
                   eligible: &dyn Fn(&DestinationRule) -> bool,
@@ -161,6 +179,8 @@ pub(super) fn applicable_rules<'a>(
 pub(super) struct Target<'a> {
     pub(super) service: &'a ObjectKey,
     pub(super) fqdn: &'a str,
+    /// A ServiceEntry host: a rule names it by the very host.
+    pub(super) entry: bool,
 }
 
 /// How well a rule's host matches a service: any exact match beats any wildcard, a longer
@@ -190,6 +210,9 @@ impl RuleExt for DestinationRule {
                 .fqdn
                 .ends_with(suffix)
                 .then_some(Specificity::Wildcard(host.len()));
+        }
+        if target.entry {
+            return (host == target.fqdn).then_some(Specificity::Exact);
         }
         let (name, namespace) = match host.split_once('.') {
             None => (host, &*self.key.namespace),
@@ -235,6 +258,7 @@ pub(super) struct Effective<'a> {
     pub(super) load_balancer: Option<&'a LoadBalancer>,
     pub(super) connection_pool: Option<&'a ConnectionPool>,
     pub(super) outlier_detection: Option<&'a OutlierDetection>,
+    pub(super) tls: Option<&'a ClientTls>,
 }
 
 impl<'a> Effective<'a> {
@@ -249,11 +273,15 @@ impl<'a> Effective<'a> {
         if let Some(outlier) = &policy.outlier_detection {
             self.outlier_detection = Some(outlier);
         }
+        if let Some(tls) = &policy.tls {
+            self.tls = Some(tls);
+        }
         if let Some(level) = policy.port_level_settings.iter().find(|p| p.port == port) {
             *self = Effective {
                 load_balancer: level.load_balancer.as_ref(),
                 connection_pool: level.connection_pool.as_ref(),
                 outlier_detection: level.outlier_detection.as_ref(),
+                tls: level.tls.as_ref(),
             };
         }
     }
@@ -293,6 +321,10 @@ impl<'a> Effective<'a> {
             use_client_protocol: http.is_some_and(|h| h.use_client_protocol),
             subset: SubsetMatch::All,
             rule: None,
+            tls: self
+                .tls
+                .filter(|t| matches!(t.mode, TlsMode::Simple | TlsMode::Mutual))
+                .cloned(),
         }
     }
 }
