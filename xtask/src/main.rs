@@ -54,7 +54,7 @@ enum Task {
         /// target/bench/churn.json, and no chart or table).
         #[arg(long)]
         out: Option<PathBuf>,
-        /// Only this scenario (repeatable), e.g. `cross-node-grpc`.
+        /// Only this scenario (repeatable), e.g. `cross-node-grpc` or `cross-node-bulk-8`.
         #[arg(long = "scenario", value_name = "NAME")]
         scenarios: Vec<String>,
     },

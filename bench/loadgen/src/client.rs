@@ -95,9 +95,7 @@ struct Tally {
 impl Tally {
     fn new() -> Self {
         Self {
-            // 1 ns .. 100 s at 3 significant digits.
-            histogram: Histogram::new_with_bounds(1, 100_000_000_000, 3)
-                .expect("valid histogram bounds"),
+            histogram: latency_histogram(),
             requests: 0,
             total: 0,
             errors: 0,
@@ -154,6 +152,11 @@ impl Tally {
             max_us: round1(self.histogram.max() as f64 / 1000.0),
         }
     }
+}
+
+/// Latencies in nanoseconds, 1 ns .. 100 s at 3 significant digits.
+pub fn latency_histogram() -> Histogram<u64> {
+    Histogram::new_with_bounds(1, 100_000_000_000, 3).expect("valid histogram bounds")
 }
 
 fn round1(v: f64) -> f64 {

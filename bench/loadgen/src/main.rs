@@ -2,11 +2,15 @@
 //! benchmark (`cargo xtask bench`).
 //!
 //! - `serve`: a raw-TCP port, an HTTP/1.1 port and a gRPC port answering each request with
-//!   1 KB;
+//!   1 KB, a bulk port that counts what it receives, and a 1-byte echo port;
 //! - `run ADDR`: fixed-rate load with latency from each request's intended send time (no
-//!   coordinated omission), or closed-loop saturation with `--rate 0`; one JSON line out.
+//!   coordinated omission), or closed-loop saturation with `--rate 0`; one JSON line out;
+//! - `bulk ADDR` and `echo ADDR`: ztunnel's two benchmarks, bulk throughput one way over N
+//!   connections and a new connection plus a 1-byte echo; one JSON line out.
 
+mod bulk;
 mod client;
+mod echo;
 mod grpc;
 mod protocol;
 mod server;
@@ -38,12 +42,18 @@ enum Command {
     Serve(server::Args),
     /// Send load to a server and print one JSON report.
     Run(client::Args),
+    /// Send bytes one way to a server's bulk port and print the throughput (JSON).
+    Bulk(bulk::Args),
+    /// Connect, echo one byte and close, again and again; print the latencies (JSON).
+    Echo(echo::Args),
 }
 
 fn main() -> ExitCode {
     let result = match Cli::parse().command {
         Command::Serve(args) => server::run(args),
         Command::Run(args) => client::run(args),
+        Command::Bulk(args) => bulk::run(args),
+        Command::Echo(args) => echo::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -92,6 +102,37 @@ mod tests {
                 client::run(args).unwrap();
             }
         }
+        runtime.shutdown_timeout(Duration::from_secs(1));
+    }
+
+    /// Bulk over one and several connections, and the echo, against the server on loopback.
+    #[test]
+    fn bulk_and_echo_against_the_server_on_loopback() {
+        let runtime = tokio::runtime::Runtime::new().unwrap();
+        let bind = || {
+            runtime
+                .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+                .unwrap()
+        };
+        let (bulk_listener, echo_listener) = (bind(), bind());
+        let bulk_addr = bulk_listener.local_addr().unwrap().to_string();
+        let echo_addr = echo_listener.local_addr().unwrap().to_string();
+        runtime.spawn(bulk::serve(bulk_listener));
+        runtime.spawn(echo::serve(echo_listener));
+        for conns in [1, 3] {
+            bulk::run(bulk::Args {
+                addr: bulk_addr.clone(),
+                bytes: 3 << 20,
+                conns,
+            })
+            .unwrap();
+        }
+        echo::run(echo::Args {
+            addr: echo_addr,
+            count: 20,
+            warmup: 5,
+        })
+        .unwrap();
         runtime.shutdown_timeout(Duration::from_secs(1));
     }
 }

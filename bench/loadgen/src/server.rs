@@ -1,5 +1,6 @@
 //! `serve`: answers every request with a 1 KB response, on a raw-TCP port, an HTTP/1.1 port
-//! and a gRPC (HTTP/2 cleartext) port.
+//! and a gRPC (HTTP/2 cleartext) port; counts bulk transfers on a fourth port and echoes bytes
+//! on a fifth.
 
 use std::net::{Ipv4Addr, SocketAddr};
 
@@ -10,7 +11,7 @@ use tokio::{
 };
 
 use crate::{
-    grpc,
+    bulk, echo, grpc,
     protocol::{Framing, Protocol},
 };
 
@@ -25,6 +26,12 @@ pub struct Args {
     /// Port of the gRPC server (HTTP/2 cleartext).
     #[arg(long, default_value_t = 9090)]
     pub grpc_port: u16,
+    /// Port receiving bulk transfers (`weft-loadgen bulk`).
+    #[arg(long, default_value_t = 7001)]
+    pub bulk_port: u16,
+    /// Port echoing every byte (`weft-loadgen echo`).
+    #[arg(long, default_value_t = 7002)]
+    pub echo_port: u16,
     /// Bytes of each response body.
     #[arg(long, default_value_t = 1024)]
     pub response_bytes: usize,
@@ -42,18 +49,25 @@ pub fn run(args: Args) -> Result<()> {
             let tcp = bind(args.tcp_port).await?;
             let http = bind(args.http_port).await?;
             let grpc = bind(args.grpc_port).await?;
+            let bulk = bind(args.bulk_port).await?;
+            let echo = bind(args.echo_port).await?;
             eprintln!(
-                "weft-loadgen: serving {} byte responses on tcp {}, http {} and grpc {}",
+                "weft-loadgen: serving {} byte responses on tcp {}, http {} and grpc {}; bulk \
+                 on {}, echo on {}",
                 args.response_bytes,
                 tcp.local_addr()?,
                 http.local_addr()?,
-                grpc.local_addr()?
+                grpc.local_addr()?,
+                bulk.local_addr()?,
+                echo.local_addr()?
             );
             let body = args.response_bytes;
             tokio::select! {
                 r = serve(tcp, Protocol::Tcp, body) => r,
                 r = serve(http, Protocol::Http, body) => r,
                 r = serve(grpc, Protocol::Grpc, body) => r,
+                r = bulk::serve(bulk) => r,
+                r = echo::serve(echo) => r,
                 r = tokio::signal::ctrl_c() => r.context("waiting for SIGINT"),
             }
         })

@@ -8,6 +8,10 @@
 //! client pod on node-1 and a server pod on node-1 (same-node) and node-2 (cross-node). Every
 //! run goes through every scenario and, within it, every mode (in an order that rotates from
 //! run to run), so slow drifts of the machine hit all modes alike.
+//!
+//! Besides the request/response scenarios, the two of ztunnel's own benchmark, so that Weft can
+//! be set beside ztunnel as ratios to no mesh: bulk throughput one way over 1 and 8
+//! connections, and a new connection plus a 1-byte echo.
 
 use std::{
     fmt, fs,
@@ -17,7 +21,7 @@ use std::{
 };
 
 use anyhow::{bail, Context as _, Result};
-use serde::Deserialize;
+use serde::{de::DeserializeOwned, Deserialize};
 
 use crate::{cluster, cmd, is_root, workspace_root};
 
@@ -52,8 +56,9 @@ impl Options {
         }
     }
 
-    /// The quick one: one run of 10 s windows, into `target/bench/`, without
-    /// `same-node-grpc` to stay under five minutes (the full run has it).
+    /// The quick one: one run of 10 s windows, 256 MiB bulk transfers and 1000 echoes, into
+    /// `target/bench/`, without `same-node-grpc` to stay under five minutes (the full run has
+    /// it).
     pub fn quick() -> Self {
         Self {
             quick: true,
@@ -61,7 +66,7 @@ impl Options {
             out: workspace_root().join("target/bench/quick.json"),
             scenarios: Scenario::ALL
                 .into_iter()
-                .filter(|s| s.cross_node || s.protocol != Protocol::Grpc)
+                .filter(|s| s.cross_node || s.workload != Workload::Requests(Protocol::Grpc))
                 .collect(),
         }
     }
@@ -98,6 +103,9 @@ impl Options {
                 fixed_warmup_s: 0.5,
                 saturation_s: 1.5,
                 saturation_warmup_s: 0.25,
+                bulk_bytes: 256 * MIB,
+                echo_count: 1000,
+                echo_warmup: 50,
             }
         } else {
             Timing {
@@ -105,17 +113,41 @@ impl Options {
                 fixed_warmup_s: 2.0,
                 saturation_s: 10.0,
                 saturation_warmup_s: 1.0,
+                bulk_bytes: GIB,
+                echo_count: 2000,
+                echo_warmup: 100,
             }
         }
     }
 }
 
+/// How long (or how much) each measurement of a run is.
 #[derive(Clone, Copy, Debug)]
 struct Timing {
     fixed_s: f64,
     fixed_warmup_s: f64,
     saturation_s: f64,
     saturation_warmup_s: f64,
+    /// Bytes of one bulk measurement, shared by its connections.
+    bulk_bytes: u64,
+    /// Connections of one echo measurement, after `echo_warmup` unrecorded ones.
+    echo_count: u64,
+    echo_warmup: u64,
+}
+
+impl Timing {
+    /// About how long one mode of `workload` takes, seconds (for the estimate printed first).
+    fn seconds(&self, workload: Workload) -> f64 {
+        match workload {
+            Workload::Requests(_) => {
+                self.fixed_s + self.fixed_warmup_s + self.saturation_s + self.saturation_warmup_s
+            }
+            // At 2 Gbit/s, slower than any mode has carried here.
+            Workload::Bulk { .. } => self.bulk_bytes as f64 * 8.0 / 2e9,
+            // At 1 ms a connection, about twice the slowest mode's time here.
+            Workload::ConnectEcho => (self.echo_count + self.echo_warmup) as f64 / 1000.0,
+        }
+    }
 }
 
 /// The fixed rate and its connections (Istio's method), and the saturation connections.
@@ -126,6 +158,10 @@ pub const RESPONSE_BYTES: usize = 1024;
 const TCP_PORT: u16 = 7000;
 const HTTP_PORT: u16 = 8080;
 const GRPC_PORT: u16 = 9090;
+const BULK_PORT: u16 = 7001;
+const ECHO_PORT: u16 = 7002;
+const MIB: u64 = 1 << 20;
+const GIB: u64 = 1 << 30;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Mode {
@@ -196,26 +232,63 @@ impl Protocol {
     }
 }
 
+/// What a scenario's client does.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Workload {
+    /// 64-byte requests answered with 1 KB: at a fixed rate, then closed loop.
+    Requests(Protocol),
+    /// ztunnel's throughput benchmark: the run's bulk bytes one way, shared by `conns`
+    /// connections (port `tcp-bulk`).
+    Bulk { conns: usize },
+    /// ztunnel's connections benchmark: a new connection, 1 byte there and back, close; one
+    /// after the other (port `tcp-echo`).
+    ConnectEcho,
+}
+
+impl Workload {
+    /// The scenario name's second half.
+    pub fn name(self) -> String {
+        match self {
+            Workload::Requests(protocol) => protocol.name().into(),
+            Workload::Bulk { conns } => format!("bulk-{conns}"),
+            Workload::ConnectEcho => "connect-echo".into(),
+        }
+    }
+
+    fn port(self) -> u16 {
+        match self {
+            Workload::Requests(protocol) => protocol.port(),
+            Workload::Bulk { .. } => BULK_PORT,
+            Workload::ConnectEcho => ECHO_PORT,
+        }
+    }
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Scenario {
     pub cross_node: bool,
-    pub protocol: Protocol,
+    pub workload: Workload,
 }
 
 impl Scenario {
-    pub const ALL: [Scenario; 6] = [
-        Scenario::new(false, Protocol::Tcp),
-        Scenario::new(false, Protocol::Http),
-        Scenario::new(false, Protocol::Grpc),
-        Scenario::new(true, Protocol::Tcp),
-        Scenario::new(true, Protocol::Http),
-        Scenario::new(true, Protocol::Grpc),
+    pub const ALL: [Scenario; 10] = [
+        Scenario::new(false, Workload::Requests(Protocol::Tcp)),
+        Scenario::new(false, Workload::Requests(Protocol::Http)),
+        Scenario::new(false, Workload::Requests(Protocol::Grpc)),
+        Scenario::new(true, Workload::Requests(Protocol::Tcp)),
+        Scenario::new(true, Workload::Requests(Protocol::Http)),
+        Scenario::new(true, Workload::Requests(Protocol::Grpc)),
+        // ztunnel's: across two node proxies, as its figures are.
+        Scenario::new(true, Workload::Bulk { conns: 1 }),
+        Scenario::new(true, Workload::Bulk { conns: 8 }),
+        Scenario::new(false, Workload::ConnectEcho),
+        Scenario::new(true, Workload::ConnectEcho),
     ];
 
-    const fn new(cross_node: bool, protocol: Protocol) -> Self {
+    const fn new(cross_node: bool, workload: Workload) -> Self {
         Self {
             cross_node,
-            protocol,
+            workload,
         }
     }
 
@@ -227,7 +300,7 @@ impl Scenario {
             } else {
                 "same-node"
             },
-            self.protocol.name()
+            self.workload.name()
         )
     }
 
@@ -255,17 +328,138 @@ pub struct LoadReport {
     pub p999_us: f64,
 }
 
+/// One `weft-loadgen bulk` report (the fields the benchmark reads).
+#[derive(Clone, Debug, Deserialize)]
+pub struct BulkReport {
+    pub bytes: u64,
+    pub seconds: f64,
+    pub gbit_s: f64,
+}
+
+/// One `weft-loadgen echo` report (the fields the benchmark reads).
+#[derive(Clone, Debug, Deserialize)]
+pub struct EchoReport {
+    pub total_connections: u64,
+    pub errors: u64,
+    #[serde(default)]
+    pub first_error: Option<String>,
+    pub mean_us: f64,
+    pub p50_us: f64,
+    pub p90_us: f64,
+    pub p99_us: f64,
+    pub p999_us: f64,
+}
+
 /// One (mode, scenario) measurement of one run.
 #[derive(Clone, Debug)]
 pub struct Sample {
     pub mode: Mode,
     pub scenario: Scenario,
-    pub fixed: LoadReport,
-    pub saturation: LoadReport,
-    /// CPU seconds of the mode's mesh processes per 1,000 requests of the fixed-rate window.
-    pub cpu_s_per_1k: f64,
-    /// Peak RSS (VmHWM) of the largest mesh process during the fixed-rate window, MiB.
-    pub rss_mb: f64,
+    pub measured: Measured,
+}
+
+/// What one measurement found, by workload.
+#[derive(Clone, Debug)]
+pub enum Measured {
+    Requests {
+        fixed: LoadReport,
+        saturation: LoadReport,
+        /// CPU seconds of the mode's mesh processes per 1,000 requests of the fixed-rate
+        /// window.
+        cpu_s_per_1k: f64,
+        /// Peak RSS (VmHWM) of the largest mesh process during the fixed-rate window, MiB.
+        rss_mb: f64,
+    },
+    Bulk {
+        report: BulkReport,
+        /// CPU seconds of the mode's mesh processes per GiB carried.
+        cpu_s_per_gib: f64,
+    },
+    Echo {
+        report: EchoReport,
+        /// CPU seconds of the mode's mesh processes per 1,000 connections.
+        cpu_s_per_1k: f64,
+    },
+}
+
+impl Measured {
+    /// A figure as measured, before any comparison with `none` (see `report::FIGURES`); `None`
+    /// when this workload has no such figure.
+    pub fn figure(&self, name: &str) -> Option<f64> {
+        Some(match self {
+            Measured::Requests {
+                fixed,
+                saturation,
+                cpu_s_per_1k,
+                rss_mb,
+            } => match name {
+                "p50_us" => fixed.p50_us,
+                "p90_us" => fixed.p90_us,
+                "p99_us" => fixed.p99_us,
+                "p999_us" => fixed.p999_us,
+                "rps" => saturation.rps,
+                "cpu_s_per_1k" => *cpu_s_per_1k,
+                "rss_mb" => *rss_mb,
+                "fixed_rps" => fixed.rps,
+                "errors" => (fixed.errors + saturation.errors) as f64,
+                "saturation_p99_us" => saturation.p99_us,
+                _ => return None,
+            },
+            Measured::Bulk {
+                report,
+                cpu_s_per_gib,
+            } => match name {
+                "gbit_s" => report.gbit_s,
+                "seconds" => report.seconds,
+                "cpu_s_per_gib" => *cpu_s_per_gib,
+                _ => return None,
+            },
+            Measured::Echo {
+                report,
+                cpu_s_per_1k,
+            } => match name {
+                "mean_us" => report.mean_us,
+                "p50_us" => report.p50_us,
+                "p90_us" => report.p90_us,
+                "p99_us" => report.p99_us,
+                "p999_us" => report.p999_us,
+                "cpu_s_per_1k" => *cpu_s_per_1k,
+                "errors" => report.errors as f64,
+                _ => return None,
+            },
+        })
+    }
+
+    /// One line for the progress output.
+    fn summary(&self) -> String {
+        match self {
+            Measured::Requests {
+                fixed,
+                saturation,
+                cpu_s_per_1k,
+                rss_mb,
+            } => format!(
+                "p50 {:>7.1} µs  p99 {:>7.1} µs  p99.9 {:>7.1} µs  sat {:>7.0} rps  cpu {cpu_s_per_1k:.3} s/1k  rss {rss_mb:.1} MiB",
+                fixed.p50_us, fixed.p99_us, fixed.p999_us, saturation.rps,
+            ),
+            Measured::Bulk {
+                report,
+                cpu_s_per_gib,
+            } => format!(
+                "{:>6.2} Gbit/s  ({} MiB in {:.3} s)  cpu {cpu_s_per_gib:.3} s/GiB",
+                report.gbit_s,
+                report.bytes / MIB,
+                report.seconds,
+            ),
+            Measured::Echo {
+                report,
+                cpu_s_per_1k,
+            } => format!(
+                "mean {:>7.1} µs  p50 {:>7.1} µs  p99 {:>7.1} µs  errors {}  cpu {cpu_s_per_1k:.3} s/1k conns",
+                report.mean_us, report.p50_us, report.p99_us, report.errors,
+            ),
+        }
+    }
 }
 
 /// Runs the data-plane benchmark and writes its JSON, chart and table.
@@ -290,12 +484,11 @@ pub fn data_plane(options: &Options) -> Result<()> {
     let timing = options.timing();
     let scenarios = options.scenarios();
     let estimate = options.runs as f64
-        * (Mode::ALL.len() * scenarios.len()) as f64
-        * (timing.fixed_s
-            + timing.fixed_warmup_s
-            + timing.saturation_s
-            + timing.saturation_warmup_s
-            + 1.0);
+        * Mode::ALL.len() as f64
+        * scenarios
+            .iter()
+            .map(|s| timing.seconds(s.workload) + 1.0)
+            .sum::<f64>();
     println!(
         "==> benchmark: {} run(s) x {} modes x {} scenarios, about {:.0} minutes of load",
         options.runs,
@@ -386,15 +579,19 @@ pub fn manifest_yaml(loadgen: &Path) -> String {
                  namespace: {ns}\n  labels:\n    app: server-{service}{annotations}\nspec:\n  \
                  nodeName: {node}\n  containers:\n  - name: server\n    command: [{loadgen}, \
                  serve, --tcp-port, \"{TCP_PORT}\", --http-port, \"{HTTP_PORT}\", \
-                 --grpc-port, \"{GRPC_PORT}\", --response-bytes, \"{RESPONSE_BYTES}\"]\n    \
+                 --grpc-port, \"{GRPC_PORT}\", --bulk-port, \"{BULK_PORT}\", --echo-port, \
+                 \"{ECHO_PORT}\", --response-bytes, \"{RESPONSE_BYTES}\"]\n    \
                  ports:\n    - containerPort: {TCP_PORT}\n    - containerPort: {HTTP_PORT}\n    \
-                 - containerPort: {GRPC_PORT}\n\
+                 - containerPort: {GRPC_PORT}\n    - containerPort: {BULK_PORT}\n    \
+                 - containerPort: {ECHO_PORT}\n\
                  ---\napiVersion: v1\nkind: Service\nmetadata:\n  name: {service}\n  \
                  namespace: {ns}\nspec:\n  selector:\n    app: server-{service}\n  ports:\n  \
                  - name: tcp\n    port: {TCP_PORT}\n    targetPort: {TCP_PORT}\n  \
                  - name: http\n    port: {HTTP_PORT}\n    targetPort: {HTTP_PORT}\n    \
                  appProtocol: http\n  - name: grpc\n    port: {GRPC_PORT}\n    \
-                 targetPort: {GRPC_PORT}\n    appProtocol: grpc\n"
+                 targetPort: {GRPC_PORT}\n    appProtocol: grpc\n  \
+                 - name: tcp-bulk\n    port: {BULK_PORT}\n    targetPort: {BULK_PORT}\n  \
+                 - name: tcp-echo\n    port: {ECHO_PORT}\n    targetPort: {ECHO_PORT}\n"
             ));
         }
     }
@@ -452,17 +649,12 @@ fn measure_all(
                 let sample = measure(mode, scenario, timing, loadgen)
                     .with_context(|| format!("run {}: {mode} {}", run + 1, scenario.name()))?;
                 println!(
-                    "[{:>2}/{total}] run {} {:<16} {:<15} p50 {:>7.1} µs  p99 {:>7.1} µs  p99.9 {:>7.1} µs  sat {:>7.0} rps  cpu {:.3} s/1k  rss {:.1} MiB",
+                    "[{:>2}/{total}] run {} {:<23} {:<15} {}",
                     samples.len() + 1,
                     run + 1,
                     scenario.name(),
                     mode.name(),
-                    sample.fixed.p50_us,
-                    sample.fixed.p99_us,
-                    sample.fixed.p999_us,
-                    sample.saturation.rps,
-                    sample.cpu_s_per_1k,
-                    sample.rss_mb,
+                    sample.measured.summary(),
                 );
                 samples.push(sample);
             }
@@ -474,46 +666,101 @@ fn measure_all(
 fn measure(mode: Mode, scenario: Scenario, timing: Timing, loadgen: &Path) -> Result<Sample> {
     let ns = mode.namespace();
     let vip = cluster::cluster_ip(&format!("{ns}/{}", scenario.service()))?;
-    let addr = format!("{vip}:{}", scenario.protocol.port());
+    let addr = format!("{vip}:{}", scenario.workload.port());
     let client = format!("{ns}/client");
     let pids = mesh_pids(mode)?;
-    for pid in &pids {
-        reset_peak_rss(*pid);
-    }
-    let cpu_before = cpu_ticks(&pids);
-    let fixed = load(
-        &client,
-        loadgen,
-        &addr,
-        scenario,
-        RATE,
-        RATE_CONNS,
-        timing.fixed_s,
-        timing.fixed_warmup_s,
-    )?;
-    let cpu = (cpu_ticks(&pids) - cpu_before) as f64 / clock_ticks();
-    let rss_mb = pids
-        .iter()
-        .filter_map(|pid| peak_rss_kib(*pid))
-        .max()
-        .map_or(0.0, |kib| kib as f64 / 1024.0);
-    let saturation = load(
-        &client,
-        loadgen,
-        &addr,
-        scenario,
-        0,
-        SATURATION_CONNS,
-        timing.saturation_s,
-        timing.saturation_warmup_s,
-    )?;
+    let loadgen = loadgen.display().to_string();
+    let measured = match scenario.workload {
+        Workload::Requests(protocol) => {
+            for pid in &pids {
+                reset_peak_rss(*pid);
+            }
+            let cpu_before = cpu_ticks(&pids);
+            let fixed = load(
+                &client,
+                &loadgen,
+                &addr,
+                protocol,
+                RATE,
+                RATE_CONNS,
+                timing.fixed_s,
+                timing.fixed_warmup_s,
+            )?;
+            let cpu = cpu_seconds_since(&pids, cpu_before);
+            let rss_mb = pids
+                .iter()
+                .filter_map(|pid| peak_rss_kib(*pid))
+                .max()
+                .map_or(0.0, |kib| kib as f64 / 1024.0);
+            let saturation = load(
+                &client,
+                &loadgen,
+                &addr,
+                protocol,
+                0,
+                SATURATION_CONNS,
+                timing.saturation_s,
+                timing.saturation_warmup_s,
+            )?;
+            Measured::Requests {
+                cpu_s_per_1k: cpu / (fixed.total_requests.max(1) as f64 / 1000.0),
+                rss_mb,
+                fixed,
+                saturation,
+            }
+        }
+        Workload::Bulk { conns } => {
+            let cpu_before = cpu_ticks(&pids);
+            let report: BulkReport = run_loadgen(
+                &client,
+                &[
+                    &loadgen,
+                    "bulk",
+                    &addr,
+                    "--bytes",
+                    &timing.bulk_bytes.to_string(),
+                    "--conns",
+                    &conns.to_string(),
+                ],
+            )?;
+            let cpu = cpu_seconds_since(&pids, cpu_before);
+            Measured::Bulk {
+                cpu_s_per_gib: cpu / (report.bytes.max(1) as f64 / GIB as f64),
+                report,
+            }
+        }
+        Workload::ConnectEcho => {
+            let cpu_before = cpu_ticks(&pids);
+            let report: EchoReport = run_loadgen(
+                &client,
+                &[
+                    &loadgen,
+                    "echo",
+                    &addr,
+                    "--count",
+                    &timing.echo_count.to_string(),
+                    "--warmup",
+                    &timing.echo_warmup.to_string(),
+                ],
+            )?;
+            let cpu = cpu_seconds_since(&pids, cpu_before);
+            if report.errors > 0 {
+                eprintln!(
+                    "warning: {} failed connection(s) towards {addr} from {client}: {}",
+                    report.errors,
+                    report.first_error.as_deref().unwrap_or("?")
+                );
+            }
+            Measured::Echo {
+                cpu_s_per_1k: cpu / (report.total_connections.max(1) as f64 / 1000.0),
+                report,
+            }
+        }
+    };
     Ok(Sample {
         mode,
         scenario,
-        cpu_s_per_1k: cpu / (fixed.total_requests.max(1) as f64 / 1000.0),
-        rss_mb,
-        fixed,
-        saturation,
+        measured,
     })
 }
 
@@ -523,31 +770,47 @@ fn measure(mode: Mode, scenario: Scenario, timing: Timing, loadgen: &Path) -> Re
 )]
 fn load(
     client: &str,
-    loadgen: &Path,
+    loadgen: &str,
     addr: &str,
-    scenario: Scenario,
+    protocol: Protocol,
     rate: u64,
     conns: usize,
     duration_s: f64,
     warmup_s: f64,
 ) -> Result<LoadReport> {
-    let argv: Vec<String> = vec![
-        loadgen.display().to_string(),
-        "run".into(),
-        addr.into(),
-        "--protocol".into(),
-        scenario.protocol.name().into(),
-        "--rate".into(),
-        rate.to_string(),
-        "--conns".into(),
-        conns.to_string(),
-        "--duration-s".into(),
-        duration_s.to_string(),
-        "--warmup-s".into(),
-        warmup_s.to_string(),
-        "--response-bytes".into(),
-        RESPONSE_BYTES.to_string(),
-    ];
+    let report: LoadReport = run_loadgen(
+        client,
+        &[
+            loadgen,
+            "run",
+            addr,
+            "--protocol",
+            protocol.name(),
+            "--rate",
+            &rate.to_string(),
+            "--conns",
+            &conns.to_string(),
+            "--duration-s",
+            &duration_s.to_string(),
+            "--warmup-s",
+            &warmup_s.to_string(),
+            "--response-bytes",
+            &RESPONSE_BYTES.to_string(),
+        ],
+    )?;
+    if report.errors > 0 {
+        eprintln!(
+            "warning: {} failed request(s) towards {addr} from {client}: {}",
+            report.errors,
+            report.first_error.as_deref().unwrap_or("?")
+        );
+    }
+    Ok(report)
+}
+
+/// Runs the load generator in the client pod and reads the one JSON report it prints.
+fn run_loadgen<T: DeserializeOwned>(client: &str, argv: &[&str]) -> Result<T> {
+    let argv: Vec<String> = argv.iter().map(|a| (*a).to_string()).collect();
     let out = cluster::exec(client, &argv)?;
     let stdout = String::from_utf8_lossy(&out.stdout);
     if !out.status.success() {
@@ -558,16 +821,8 @@ fn load(
             stdout.trim()
         );
     }
-    let report: LoadReport = serde_json::from_str(stdout.trim())
-        .with_context(|| format!("the load generator printed {stdout:?}"))?;
-    if report.errors > 0 {
-        eprintln!(
-            "warning: {} failed request(s) towards {addr} from {client}: {}",
-            report.errors,
-            report.first_error.as_deref().unwrap_or("?")
-        );
-    }
-    Ok(report)
+    serde_json::from_str(stdout.trim())
+        .with_context(|| format!("the load generator printed {stdout:?}"))
 }
 
 /// The processes whose cost the mode adds: both node proxies for Weft, every sidecar of the
@@ -609,6 +864,11 @@ fn cpu_ticks(pids: &[u32]) -> u64 {
         .filter_map(|pid| fs::read_to_string(format!("/proc/{pid}/stat")).ok())
         .filter_map(|stat| stat_cpu_ticks(&stat))
         .sum()
+}
+
+/// CPU seconds the processes spent since `before` (from [`cpu_ticks`]).
+fn cpu_seconds_since(pids: &[u32], before: u64) -> f64 {
+    cpu_ticks(pids).saturating_sub(before) as f64 / clock_ticks()
 }
 
 /// Fields 14 and 15 of `/proc/<pid>/stat`, counted after the `)` that ends the command name
@@ -672,6 +932,10 @@ mod tests {
         assert!(yaml.contains(
             "- name: grpc\n    port: 9090\n    targetPort: 9090\n    appProtocol: grpc\n"
         ));
+        // ztunnel's scenarios: TCP by Istio's port naming, for every proxy.
+        assert!(yaml.contains("- name: tcp-bulk\n    port: 7001\n    targetPort: 7001\n"));
+        assert!(yaml.contains("- name: tcp-echo\n    port: 7002\n    targetPort: 7002\n"));
+        assert!(yaml.contains("--bulk-port, \"7001\", --echo-port, \"7002\""));
     }
 
     #[test]
@@ -685,7 +949,11 @@ mod tests {
                 "same-node-grpc",
                 "cross-node-tcp",
                 "cross-node-http",
-                "cross-node-grpc"
+                "cross-node-grpc",
+                "cross-node-bulk-1",
+                "cross-node-bulk-8",
+                "same-node-connect-echo",
+                "cross-node-connect-echo",
             ]
         );
         assert_eq!(Options::full().scenarios(), Scenario::ALL);
@@ -695,12 +963,58 @@ mod tests {
             .map(|s| s.name())
             .collect();
         assert!(!quick.contains(&"same-node-grpc".to_string()));
-        assert_eq!(quick.len(), 5);
+        assert_eq!(quick.len(), 9);
         let mut grpc = Options::quick();
         grpc.only(&["same-node-grpc".into(), "cross-node-grpc".into()])
             .unwrap();
         assert_eq!(grpc.scenarios(), [Scenario::ALL[2], Scenario::ALL[5]]);
         let err = grpc.only(&["same-node-udp".into()]).unwrap_err();
-        assert!(err.to_string().contains("cross-node-grpc"), "{err}");
+        assert!(err.to_string().contains("cross-node-connect-echo"), "{err}");
+        let mut ztunnel = Options::quick();
+        ztunnel
+            .only(&["cross-node-connect-echo".into(), "cross-node-bulk-8".into()])
+            .unwrap();
+        assert_eq!(
+            ztunnel.scenarios(),
+            [
+                Scenario::new(true, Workload::Bulk { conns: 8 }),
+                Scenario::new(true, Workload::ConnectEcho)
+            ]
+        );
+    }
+
+    #[test]
+    fn loadgen_reports_parse() {
+        let bulk: BulkReport =
+            serde_json::from_str(r#"{"bytes":268435456,"conns":8,"seconds":0.5,"gbit_s":4.295}"#)
+                .unwrap();
+        assert_eq!(bulk.bytes, 256 * MIB);
+        let echo: EchoReport = serde_json::from_str(
+            r#"{"connections":1000,"total_connections":1050,"errors":0,"mean_us":250.1,
+                "p50_us":240.0,"p90_us":300.0,"p99_us":500.0,"p999_us":900.0,"max_us":1200.0}"#,
+        )
+        .unwrap();
+        assert_eq!(echo.first_error, None);
+        let measured = Measured::Echo {
+            report: echo,
+            cpu_s_per_1k: 0.0,
+        };
+        assert_eq!(measured.figure("mean_us"), Some(250.1));
+        assert_eq!(measured.figure("rps"), None);
+        assert!(measured.summary().contains("mean   250.1 µs"));
+        let measured = Measured::Bulk {
+            report: bulk,
+            cpu_s_per_gib: 1.0,
+        };
+        assert_eq!(measured.figure("gbit_s"), Some(4.295));
+        assert!(measured.summary().contains("256 MiB"));
+    }
+
+    #[test]
+    fn estimates_cover_every_workload() {
+        let quick = Options::quick().timing();
+        assert!(quick.seconds(Workload::Bulk { conns: 1 }) > 0.5);
+        assert!(quick.seconds(Workload::ConnectEcho) > 0.5);
+        assert_eq!(quick.seconds(Workload::Requests(Protocol::Tcp)), 12.25);
     }
 }

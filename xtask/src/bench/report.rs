@@ -1,13 +1,14 @@
 //! What a benchmark run produces: medians with min and max over the runs, the targets of the
-//! benchmark issue checked (reported, never asserted), the JSON, a Markdown table and an SVG
-//! chart of the latency percentiles.
+//! benchmark issue checked (reported, never asserted), the JSON, Markdown tables (one per kind
+//! of workload) and an SVG chart of the request/response latency percentiles.
 
 use std::{fmt::Write as _, fs, process::Command};
 
 use serde_json::{json, Map, Value};
 
 use super::{
-    Mode, Options, Protocol, Sample, Scenario, RATE, RATE_CONNS, RESPONSE_BYTES, SATURATION_CONNS,
+    Mode, Options, Protocol, Sample, Scenario, Workload, GIB, MIB, RATE, RATE_CONNS,
+    RESPONSE_BYTES, SATURATION_CONNS,
 };
 use crate::{cmd, workspace_root};
 
@@ -40,8 +41,9 @@ impl Stat {
     }
 }
 
-/// The figures of one (mode, scenario), in the order the JSON lists them.
-pub const FIGURES: [&str; 13] = [
+/// The figures of one request/response (mode, scenario), in the order the JSON lists them.
+/// `added_X` is X minus `none`'s X in the same run.
+pub const REQUEST_FIGURES: [&str; 13] = [
     "p50_us",
     "p90_us",
     "p99_us",
@@ -57,26 +59,67 @@ pub const FIGURES: [&str; 13] = [
     "saturation_p99_us",
 ];
 
+/// The figures of one bulk (mode, scenario). `ratio_to_none` is the throughput over `none`'s
+/// in the same run.
+pub const BULK_FIGURES: [&str; 4] = ["gbit_s", "ratio_to_none", "seconds", "cpu_s_per_gib"];
+
+/// The figures of one connect + echo (mode, scenario). `ratio_to_none` is the mean over
+/// `none`'s in the same run; `cpu_s_per_1k` is per 1,000 connections.
+pub const ECHO_FIGURES: [&str; 8] = [
+    "mean_us",
+    "p50_us",
+    "p90_us",
+    "p99_us",
+    "p999_us",
+    "ratio_to_none",
+    "cpu_s_per_1k",
+    "errors",
+];
+
+/// The figures of a workload, in the order the JSON lists them.
+pub fn figures(workload: Workload) -> &'static [&'static str] {
+    match workload {
+        Workload::Requests(_) => &REQUEST_FIGURES,
+        Workload::Bulk { .. } => &BULK_FIGURES,
+        Workload::ConnectEcho => &ECHO_FIGURES,
+    }
+}
+
+/// The figure `ratio_to_none` compares: what ztunnel's benchmark reports for the workload.
+fn headline(workload: Workload) -> &'static str {
+    match workload {
+        Workload::Requests(_) => "rps",
+        Workload::Bulk { .. } => "gbit_s",
+        Workload::ConnectEcho => "mean_us",
+    }
+}
+
 #[derive(Clone, Debug)]
 pub struct Row {
     pub mode: Mode,
     pub scenario: Scenario,
-    /// Same order as [`FIGURES`].
+    /// Same order as [`figures`] of the scenario's workload.
     pub stats: Vec<Stat>,
 }
 
 impl Row {
+    /// A figure of the row's workload.
     pub fn get(&self, figure: &str) -> Stat {
-        let i = FIGURES
+        self.find(figure).expect("a figure of the row's workload")
+    }
+
+    /// A figure, `None` when the row's workload has no such figure.
+    pub fn find(&self, figure: &str) -> Option<Stat> {
+        let i = figures(self.scenario.workload)
             .iter()
-            .position(|f| *f == figure)
-            .expect("a known figure");
-        self.stats[i]
+            .position(|f| *f == figure)?;
+        Some(self.stats[i])
     }
 }
 
 /// Per (mode, scenario), in the order of [`Scenario::ALL`] then [`Mode::ALL`]. Added latency
-/// is taken run by run against `none` of the same run and scenario, then summarised.
+/// and ratios are taken run by run against `none` of the same run and scenario, then
+/// summarised.
 pub fn aggregate(samples: &[Sample], runs: usize) -> Vec<Row> {
     let mut rows = Vec::new();
     for scenario in Scenario::ALL {
@@ -93,29 +136,30 @@ pub fn aggregate(samples: &[Sample], runs: usize) -> Vec<Row> {
                 continue;
             }
             debug_assert!(mine.len() <= runs);
-            let added = |f: fn(&Sample) -> f64| -> Vec<f64> {
-                mine.iter().zip(&none).map(|(m, n)| f(m) - f(n)).collect()
+            let raw = |s: &Sample, figure: &str| s.measured.figure(figure).unwrap_or(f64::NAN);
+            let paired = |figure: &str, f: fn(f64, f64) -> f64| -> Vec<f64> {
+                mine.iter()
+                    .zip(&none)
+                    .map(|(m, n)| f(raw(m, figure), raw(n, figure)))
+                    .collect()
             };
-            let per = |f: fn(&Sample) -> f64| -> Vec<f64> { mine.iter().map(|s| f(s)).collect() };
-            let values: [Vec<f64>; 13] = [
-                per(|s| s.fixed.p50_us),
-                per(|s| s.fixed.p90_us),
-                per(|s| s.fixed.p99_us),
-                per(|s| s.fixed.p999_us),
-                added(|s| s.fixed.p50_us),
-                added(|s| s.fixed.p90_us),
-                added(|s| s.fixed.p99_us),
-                per(|s| s.saturation.rps),
-                per(|s| s.cpu_s_per_1k),
-                per(|s| s.rss_mb),
-                per(|s| s.fixed.rps),
-                per(|s| (s.fixed.errors + s.saturation.errors) as f64),
-                per(|s| s.saturation.p99_us),
-            ];
+            let stats = figures(scenario.workload)
+                .iter()
+                .map(|figure| {
+                    let values: Vec<f64> = if let Some(base) = figure.strip_prefix("added_") {
+                        paired(base, |m, n| m - n)
+                    } else if *figure == "ratio_to_none" {
+                        paired(headline(scenario.workload), |m, n| m / n)
+                    } else {
+                        mine.iter().map(|m| raw(m, figure)).collect()
+                    };
+                    Stat::of(&values)
+                })
+                .collect();
             rows.push(Row {
                 mode,
                 scenario,
-                stats: values.iter().map(|v| Stat::of(v)).collect(),
+                stats,
             });
         }
     }
@@ -132,6 +176,8 @@ pub struct Target {
     pub met: bool,
 }
 
+/// Weft against the aims of the benchmark issue: against the best sidecar for requests,
+/// against no mesh (as ratios, like ztunnel's figures) for bulk and connect + echo.
 pub fn targets(rows: &[Row]) -> Vec<Target> {
     let find = |mode: Mode, scenario: Scenario| {
         rows.iter()
@@ -139,6 +185,31 @@ pub fn targets(rows: &[Row]) -> Vec<Target> {
     };
     let mut out = Vec::new();
     for scenario in Scenario::ALL {
+        let ratio = find(Mode::Weft, scenario).and_then(|w| w.find("ratio_to_none"));
+        match (scenario.workload, ratio) {
+            (Workload::Requests(_), _) => {}
+            (Workload::Bulk { .. }, Some(ratio)) if scenario.cross_node => {
+                out.push(Target {
+                    what: "bulk throughput at least 0.45× no mesh (ratio)".into(),
+                    scenario: scenario.name(),
+                    weft: ratio.median,
+                    bound: 0.45,
+                    met: ratio.median >= 0.45,
+                });
+                continue;
+            }
+            (Workload::ConnectEcho, Some(ratio)) if scenario.cross_node => {
+                out.push(Target {
+                    what: "connect + echo at most 2.5× no mesh (ratio of means)".into(),
+                    scenario: scenario.name(),
+                    weft: ratio.median,
+                    bound: 2.5,
+                    met: ratio.median <= 2.5,
+                });
+                continue;
+            }
+            _ => continue,
+        }
         let (Some(weft), Some(sidecar)) =
             (find(Mode::Weft, scenario), find(Mode::Sidecar, scenario))
         else {
@@ -164,7 +235,7 @@ pub fn targets(rows: &[Row]) -> Vec<Target> {
             bound: 2.0 * s,
             met: w >= 2.0 * s,
         });
-        if !scenario.cross_node && scenario.protocol == Protocol::Tcp {
+        if !scenario.cross_node && scenario.workload == Workload::Requests(Protocol::Tcp) {
             if let Some(none) = find(Mode::None, scenario) {
                 for (figure, what) in [
                     ("p50_us", "p50 within 10% of no mesh (µs)"),
@@ -217,7 +288,7 @@ pub fn json(commit: &str, machine: &str, options: &Options, rows: &[Row]) -> Val
             obj.insert("mode".into(), json!(row.mode.name()));
             obj.insert("scenario".into(), json!(row.scenario.name()));
             let (mut min, mut max) = (Map::new(), Map::new());
-            for (figure, stat) in FIGURES.iter().zip(&row.stats) {
+            for (figure, stat) in figures(row.scenario.workload).iter().zip(&row.stats) {
                 obj.insert((*figure).into(), json!(round(stat.median)));
                 min.insert((*figure).into(), json!(round(stat.min)));
                 max.insert((*figure).into(), json!(round(stat.max)));
@@ -248,7 +319,12 @@ pub fn json(commit: &str, machine: &str, options: &Options, rows: &[Row]) -> Val
             "saturation_s": timing.saturation_s,
             "response_bytes": RESPONSE_BYTES,
             "latency": "from each request's intended send time (open loop)",
-            "figures": "median of the runs; min and max alongside",
+            "bulk_bytes": timing.bulk_bytes,
+            "bulk": "bulk_bytes one way, shared evenly by the scenario's connections, opened and warmed first; timed to the server's acknowledgement of the last byte",
+            "echo_connections": timing.echo_count,
+            "echo_warmup_connections": timing.echo_warmup,
+            "echo": "one connection after another: connect, 1 byte there and back, close; latency from connect to the byte back",
+            "figures": "median of the runs; min and max alongside; added_* and ratio_to_none against none of the same run",
         },
         "results": results,
         "targets": targets,
@@ -308,23 +384,21 @@ pub fn commit() -> String {
     }
 }
 
-/// The results as Markdown: the table, then the targets.
+/// The results as Markdown: a table per kind of workload measured, then the targets.
 pub fn markdown(rows: &[Row], commit: &str, machine: &str, options: &Options) -> String {
     let timing = options.timing();
+    let of = |kind: fn(Workload) -> bool| -> Vec<&Row> {
+        rows.iter().filter(|r| kind(r.scenario.workload)).collect()
+    };
+    let requests = of(|w| matches!(w, Workload::Requests(_)));
+    let bulk = of(|w| matches!(w, Workload::Bulk { .. }));
+    let echo = of(|w| w == Workload::ConnectEcho);
     let mut md = String::new();
     let _ = writeln!(
         md,
-        "Commit `{commit}`; {machine}. {} run(s), each figure the median (min–max in brackets). \
-         Fixed rate: {RATE} requests/s over {RATE_CONNS} connections for {} s, latency from \
-         each request's intended send time; saturation: closed loop over {SATURATION_CONNS} \
-         connections for {} s; {RESPONSE_BYTES}-byte responses.\n",
-        options.runs, timing.fixed_s, timing.saturation_s
+        "Commit `{commit}`; {machine}. {} run(s), each figure the median (min–max in brackets).",
+        options.runs
     );
-    let _ = writeln!(
-        md,
-        "| scenario | mode | p50 µs | p90 µs | p99 µs | p99.9 µs | added p90 µs | added p99 µs | saturation req/s | CPU s / 1k req | peak RSS MiB |"
-    );
-    let _ = writeln!(md, "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
     let range = |s: Stat, digits: usize| {
         if (s.max - s.min).abs() < f64::EPSILON {
             format!("{:.digits$}", s.median)
@@ -335,48 +409,117 @@ pub fn markdown(rows: &[Row], commit: &str, machine: &str, options: &Options) ->
             )
         }
     };
-    for row in rows {
-        let added = |f: &str| {
-            if row.mode == Mode::None {
-                "–".to_string()
-            } else {
-                range(row.get(f), 0)
-            }
-        };
-        let cost = |f: &str, digits: usize| {
-            if row.mode == Mode::None {
-                "–".to_string()
-            } else {
-                format!("{:.digits$}", row.get(f).median)
-            }
-        };
+    // A figure only meaningful with a mesh: a dash for `none`.
+    let meshed = |row: &Row, figure: &str, digits: usize, spread: bool| {
+        if row.mode == Mode::None {
+            "–".to_string()
+        } else if spread {
+            range(row.get(figure), digits)
+        } else {
+            format!("{:.digits$}", row.get(figure).median)
+        }
+    };
+    if !requests.is_empty() {
         let _ = writeln!(
             md,
-            "| {} | {} | {:.0} | {:.0} | {} | {:.0} | {} | {} | {} | {} | {} |",
-            row.scenario.name(),
-            row.mode.name(),
-            row.get("p50_us").median,
-            row.get("p90_us").median,
-            range(row.get("p99_us"), 0),
-            row.get("p999_us").median,
-            added("added_p90_us"),
-            added("added_p99_us"),
-            range(row.get("rps"), 0),
-            cost("cpu_s_per_1k", 3),
-            cost("rss_mb", 1),
+            "\nRequests. Fixed rate: {RATE} requests/s over {RATE_CONNS} connections for {} s, \
+             latency from each request's intended send time; saturation: closed loop over \
+             {SATURATION_CONNS} connections for {} s; {RESPONSE_BYTES}-byte responses.\n",
+            timing.fixed_s, timing.saturation_s
         );
+        let _ = writeln!(
+            md,
+            "| scenario | mode | p50 µs | p90 µs | p99 µs | p99.9 µs | added p90 µs | added p99 µs | saturation req/s | CPU s / 1k req | peak RSS MiB |"
+        );
+        let _ = writeln!(md, "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+        for row in requests {
+            let _ = writeln!(
+                md,
+                "| {} | {} | {:.0} | {:.0} | {} | {:.0} | {} | {} | {} | {} | {} |",
+                row.scenario.name(),
+                row.mode.name(),
+                row.get("p50_us").median,
+                row.get("p90_us").median,
+                range(row.get("p99_us"), 0),
+                row.get("p999_us").median,
+                meshed(row, "added_p90_us", 0, true),
+                meshed(row, "added_p99_us", 0, true),
+                range(row.get("rps"), 0),
+                meshed(row, "cpu_s_per_1k", 3, false),
+                meshed(row, "rss_mb", 1, false),
+            );
+        }
     }
-    let errors: f64 = rows.iter().map(|r| r.get("errors").max).sum();
+    if !bulk.is_empty() {
+        let _ = writeln!(
+            md,
+            "\nBulk throughput (ztunnel's benchmark): {} one way, shared evenly by the \
+             connections, opened and warmed first; timed to the server's acknowledgement of the \
+             last byte. × no mesh is taken run by run.\n",
+            size(timing.bulk_bytes)
+        );
+        let _ = writeln!(md, "| scenario | mode | Gbit/s | × no mesh | CPU s / GiB |");
+        let _ = writeln!(md, "|---|---|---:|---:|---:|");
+        for row in bulk {
+            let _ = writeln!(
+                md,
+                "| {} | {} | {} | {} | {} |",
+                row.scenario.name(),
+                row.mode.name(),
+                range(row.get("gbit_s"), 2),
+                meshed(row, "ratio_to_none", 2, true),
+                meshed(row, "cpu_s_per_gib", 2, false),
+            );
+        }
+    }
+    if !echo.is_empty() {
+        let _ = writeln!(
+            md,
+            "\nNew connection + 1-byte echo (ztunnel's benchmark): {} connections one after \
+             the other (after {} not recorded), each connect, 1 byte there and back, close; \
+             latency from connect to the byte back. × no mesh is of the means, run by run.\n",
+            timing.echo_count, timing.echo_warmup
+        );
+        let _ = writeln!(
+            md,
+            "| scenario | mode | mean µs | p50 µs | p90 µs | p99 µs | × no mesh | CPU s / 1k conns |"
+        );
+        let _ = writeln!(md, "|---|---|---:|---:|---:|---:|---:|---:|");
+        for row in echo {
+            let _ = writeln!(
+                md,
+                "| {} | {} | {} | {:.0} | {:.0} | {} | {} | {} |",
+                row.scenario.name(),
+                row.mode.name(),
+                range(row.get("mean_us"), 0),
+                row.get("p50_us").median,
+                row.get("p90_us").median,
+                range(row.get("p99_us"), 0),
+                meshed(row, "ratio_to_none", 2, true),
+                meshed(row, "cpu_s_per_1k", 3, false),
+            );
+        }
+    }
+    let errors: f64 = rows
+        .iter()
+        .filter_map(|r| r.find("errors"))
+        .map(|s| s.max)
+        .sum();
     if errors > 0.0 {
-        let _ = writeln!(md, "\nSome requests failed (see the JSON's `errors`).");
+        let _ = writeln!(
+            md,
+            "\nSome requests or connections failed (see the JSON's `errors`)."
+        );
     }
     let _ = writeln!(md, "\nTargets (reported, not asserted):\n");
     let _ = writeln!(md, "| scenario | target | Weft | bound | met |");
     let _ = writeln!(md, "|---|---|---:|---:|---|");
     for t in targets(rows) {
+        // Ratios need two decimals; requests/s and MiB read better with one.
+        let digits = if t.bound.abs() < 10.0 { 2 } else { 1 };
         let _ = writeln!(
             md,
-            "| {} | {} | {:.1} | {:.1} | {} |",
+            "| {} | {} | {:.digits$} | {:.digits$} | {} |",
             t.scenario,
             t.what,
             t.weft,
@@ -387,9 +530,21 @@ pub fn markdown(rows: &[Row], commit: &str, machine: &str, options: &Options) ->
     md
 }
 
+/// `1 GiB`, `256 MiB`, or bytes.
+fn size(bytes: u64) -> String {
+    if bytes.is_multiple_of(GIB) {
+        format!("{} GiB", bytes / GIB)
+    } else if bytes.is_multiple_of(MIB) {
+        format!("{} MiB", bytes / MIB)
+    } else {
+        format!("{bytes} bytes")
+    }
+}
+
 const COLORS: [&str; 4] = ["#7f7f7f", "#d62728", "#ff7f0e", "#1f77b4"];
 
-/// Latency percentiles per mode, one panel per scenario (grouped bars, linear axis).
+/// Latency percentiles per mode, one panel per request/response scenario (grouped bars, linear
+/// axis).
 pub fn chart_svg(rows: &[Row], commit: &str) -> String {
     const PANEL_W: f64 = 470.0;
     const PANEL_H: f64 = 300.0;
@@ -402,8 +557,10 @@ pub fn chart_svg(rows: &[Row], commit: &str) -> String {
         ("p99", "p99_us"),
         ("p99.9", "p999_us"),
     ];
+    // Bulk and connect + echo have tables of their own, not percentiles at a fixed rate.
     let scenarios: Vec<Scenario> = Scenario::ALL
         .into_iter()
+        .filter(|s| matches!(s.workload, Workload::Requests(_)))
         .filter(|s| rows.iter().any(|r| r.scenario == *s))
         .collect();
     let width = 2.0 * PANEL_W + 20.0;
@@ -518,7 +675,7 @@ fn nice_axis(max: f64) -> (f64, f64) {
 
 #[cfg(test)]
 mod tests {
-    use super::super::LoadReport;
+    use super::super::{BulkReport, EchoReport, LoadReport, Measured};
     use super::*;
 
     fn report(p: f64, rps: f64) -> LoadReport {
@@ -539,10 +696,47 @@ mod tests {
         Sample {
             mode,
             scenario,
-            fixed: report(p, 1000.0),
-            saturation: report(p, rps),
-            cpu_s_per_1k: 0.1,
-            rss_mb: 10.0,
+            measured: Measured::Requests {
+                fixed: report(p, 1000.0),
+                saturation: report(p, rps),
+                cpu_s_per_1k: 0.1,
+                rss_mb: 10.0,
+            },
+        }
+    }
+
+    fn bulk(mode: Mode, conns: usize, gbit_s: f64) -> Sample {
+        Sample {
+            mode,
+            scenario: Scenario::new(true, Workload::Bulk { conns }),
+            measured: Measured::Bulk {
+                report: BulkReport {
+                    bytes: 1 << 30,
+                    seconds: 8.0 / gbit_s,
+                    gbit_s,
+                },
+                cpu_s_per_gib: 0.5,
+            },
+        }
+    }
+
+    fn echo(mode: Mode, cross_node: bool, mean_us: f64) -> Sample {
+        Sample {
+            mode,
+            scenario: Scenario::new(cross_node, Workload::ConnectEcho),
+            measured: Measured::Echo {
+                report: EchoReport {
+                    total_connections: 2100,
+                    errors: 0,
+                    first_error: None,
+                    mean_us,
+                    p50_us: mean_us - 10.0,
+                    p90_us: mean_us + 50.0,
+                    p99_us: 2.0 * mean_us,
+                    p999_us: 3.0 * mean_us,
+                },
+                cpu_s_per_1k: 0.2,
+            },
         }
     }
 
@@ -614,6 +808,127 @@ mod tests {
         assert!(md.contains("| same-node-tcp | weft |"), "{md}");
         let svg = chart_svg(&rows, "abc");
         assert!(svg.starts_with("<svg") && svg.trim_end().ends_with("</svg>"));
+    }
+
+    /// ztunnel's scenarios: ratios to `none` paired run by run, their own figures in the JSON,
+    /// their own tables, their targets, and no panel in the latency chart.
+    #[test]
+    fn bulk_and_echo_are_ratios_to_no_mesh() {
+        let samples = vec![
+            // Run 1.
+            bulk(Mode::None, 1, 16.0),
+            bulk(Mode::Sidecar, 1, 4.0),
+            bulk(Mode::Weft, 1, 8.0),
+            bulk(Mode::None, 8, 20.0),
+            bulk(Mode::Weft, 8, 8.0),
+            echo(Mode::None, true, 200.0),
+            echo(Mode::Weft, true, 600.0),
+            echo(Mode::None, false, 100.0),
+            echo(Mode::Weft, false, 150.0),
+            // Run 2: a machine twice as slow; Weft's ratios differ from run 1's.
+            bulk(Mode::None, 1, 8.0),
+            bulk(Mode::Sidecar, 1, 2.0),
+            bulk(Mode::Weft, 1, 2.4),
+            bulk(Mode::None, 8, 10.0),
+            bulk(Mode::Weft, 8, 6.0),
+            echo(Mode::None, true, 400.0),
+            echo(Mode::Weft, true, 800.0),
+            echo(Mode::None, false, 200.0),
+            echo(Mode::Weft, false, 300.0),
+        ];
+        let rows = aggregate(&samples, 2);
+        let row = |mode: Mode, name: &str| {
+            rows.iter()
+                .find(|r| r.mode == mode && r.scenario.name() == name)
+                .unwrap()
+        };
+        // Paired run by run: 8/16 and 2.4/8, not the ratio of the medians (5.2/12).
+        let weft_bulk = row(Mode::Weft, "cross-node-bulk-1");
+        assert_eq!(weft_bulk.get("ratio_to_none").min, 0.3);
+        assert_eq!(weft_bulk.get("ratio_to_none").max, 0.5);
+        assert!((weft_bulk.get("gbit_s").median - 5.2).abs() < 1e-9);
+        assert_eq!(
+            row(Mode::None, "cross-node-bulk-1")
+                .get("ratio_to_none")
+                .median,
+            1.0
+        );
+        let ratio = row(Mode::Weft, "cross-node-bulk-8").get("ratio_to_none");
+        assert!((ratio.median - 0.5).abs() < 1e-9, "{ratio:?}");
+        let weft_echo = row(Mode::Weft, "cross-node-connect-echo");
+        assert_eq!(weft_echo.get("ratio_to_none").median, 2.5);
+        assert_eq!(weft_echo.get("mean_us").median, 700.0);
+        assert_eq!(weft_echo.find("rss_mb"), None);
+        assert_eq!(
+            row(Mode::Weft, "same-node-connect-echo")
+                .get("ratio_to_none")
+                .median,
+            1.5
+        );
+
+        let targets = targets(&rows);
+        let target = |scenario: &str| {
+            targets
+                .iter()
+                .find(|t| t.scenario == scenario)
+                .unwrap_or_else(|| panic!("no target for {scenario}"))
+        };
+        assert!(!target("cross-node-bulk-1").met);
+        assert!(target("cross-node-bulk-8").met);
+        assert!(target("cross-node-connect-echo").met);
+        assert!(targets
+            .iter()
+            .all(|t| t.scenario != "same-node-connect-echo"));
+
+        let options = Options::quick();
+        let json = json("abc", "machine", &options, &rows);
+        let results = json["results"].as_array().unwrap();
+        let weft = results
+            .iter()
+            .find(|r| r["mode"] == "weft" && r["scenario"] == "cross-node-bulk-1")
+            .unwrap();
+        assert_eq!(weft["gbit_s"], 5.2);
+        assert_eq!(weft["min"]["ratio_to_none"], 0.3);
+        assert!(weft.get("p99_us").is_none());
+        let weft = results
+            .iter()
+            .find(|r| r["mode"] == "weft" && r["scenario"] == "cross-node-connect-echo")
+            .unwrap();
+        for key in ECHO_FIGURES {
+            assert!(weft[key].is_number(), "{key}");
+        }
+        assert_eq!(json["method"]["bulk_bytes"], 256 * MIB);
+        assert_eq!(json["method"]["echo_connections"], 1000);
+
+        let md = markdown(&rows, "abc", "machine", &options);
+        assert!(md.contains("256 MiB one way"), "{md}");
+        assert!(
+            md.contains("| scenario | mode | Gbit/s | × no mesh | CPU s / GiB |"),
+            "{md}"
+        );
+        for line in [
+            "| cross-node-bulk-1 | weft | 5.20 (2.40–8.00) | 0.40 (0.30–0.50) | 0.50 |",
+            "| cross-node-bulk-1 | none | 12.00 (8.00–16.00) | – | – |",
+            "| cross-node-connect-echo | weft | 700 (600–800) | 690 |",
+            "| cross-node-bulk-1 | bulk throughput at least 0.45× no mesh (ratio) | 0.40 | 0.45 | **no** |",
+            "| cross-node-connect-echo | connect + echo at most 2.5× no mesh (ratio of means) | 2.50 | 2.50 | yes |",
+        ] {
+            assert!(md.contains(line), "{line}\n{md}");
+        }
+        // No request/response table when no such scenario ran.
+        assert!(!md.contains("saturation req/s"), "{md}");
+        let svg = chart_svg(&rows, "abc");
+        assert!(
+            !svg.contains("bulk") && !svg.contains("connect-echo"),
+            "{svg}"
+        );
+    }
+
+    #[test]
+    fn sizes() {
+        assert_eq!(size(GIB), "1 GiB");
+        assert_eq!(size(256 * MIB), "256 MiB");
+        assert_eq!(size(1000), "1000 bytes");
     }
 
     #[test]
