@@ -236,6 +236,7 @@ fn serve(args: RunArgs, mode: Mode) -> Result<(), AppError> {
             config.inbound_transparent = !args.no_ebpf;
             config.sidecar = mode == Mode::Sidecar;
             config.trust_domain = args.identity.trust_domain.as_str().into();
+            config.tls_origination_dir = args.server.tls_origination_dir.clone();
             config.certs = certificates(&args.identity, &metrics)?;
             if config.certs.is_none() && mode == Mode::Node {
                 warn!("no --ca-addr: no mTLS, so nothing is sent to pods of other nodes and the HBONE port serves nothing");
@@ -334,16 +335,22 @@ fn certificates(
         timeout: CA_TIMEOUT,
     })?;
     info!(ca = %address, trust_domain = %args.trust_domain, "workload certificates come from the mesh CA");
+    let node = Identity::new(
+        &args.trust_domain,
+        crate::ca::DEFAULT_NODE_PROXY.0,
+        crate::ca::DEFAULT_NODE_PROXY.1,
+    );
     Ok(Some(CertManager::new(
         Arc::new(client),
         CertConfig {
             // The DaemonSet's service account: what a node proxy presents on its HBONE port and
-            // expects of its peers.
-            own: Identity::new(
-                &args.trust_domain,
-                crate::ca::DEFAULT_NODE_PROXY.0,
-                crate::ca::DEFAULT_NODE_PROXY.1,
-            ),
+            // expects of its peers. A sidecar presents its pod's, and its peers are workloads.
+            own: match &args.workload {
+                Some((namespace, account)) => Identity::new(&args.trust_domain, namespace, account),
+                None => node.clone(),
+            },
+            peer: args.workload.is_none().then(|| node.clone()),
+            workload: args.workload.is_some(),
             ttl: args.workload_cert_ttl,
             wait: CERTIFICATE_WAIT,
             revocation_poll: REVOCATION_POLL,

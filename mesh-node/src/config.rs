@@ -121,6 +121,11 @@ pub struct IdentityArgs {
     /// Lifetime of the workload certificates requested from the CA (`24h`, `90m`, `1h30m`).
     #[arg(long, env = "WEFT_WORKLOAD_CERT_TTL", value_name = "DURATION", default_value = DEFAULT_WORKLOAD_CERT_TTL, value_parser = parse_duration)]
     pub workload_cert_ttl: Duration,
+
+    /// Set by `mesh-node sidecar --service-account`: the pod's identity (namespace, service
+    /// account), which the sidecar presents instead of the node proxies'.
+    #[arg(skip)]
+    pub workload: Option<(String, String)>,
 }
 
 /// Default TLS server name of the mesh CA (its Service name).
@@ -140,6 +145,7 @@ impl Default for IdentityArgs {
             ca_server_name: DEFAULT_CA_SERVER_NAME.into(),
             trust_domain: DEFAULT_TRUST_DOMAIN.into(),
             workload_cert_ttl: Duration::from_secs(24 * 3600),
+            workload: None,
         }
     }
 }
@@ -172,7 +178,16 @@ pub struct ServerArgs {
     /// Worker threads of the data-plane runtime (the proxy's connections).
     #[arg(long, env = "WEFT_DATA_WORKERS", value_name = "N", default_value_t = DEFAULT_DATA_WORKERS, value_parser = clap::value_parser!(u16).range(1..))]
     pub data_workers: u16,
+
+    /// The only directory DestinationRule `tls` files (`caCertificates`, `clientCertificate`,
+    /// `privateKey`, `caCrl`) are read from: a rule naming any other file is not applied, so a
+    /// tenant's rule cannot make the node proxy use the node's own keys.
+    #[arg(long, env = "WEFT_TLS_ORIGINATION_DIR", value_name = "DIR", default_value = DEFAULT_TLS_ORIGINATION_DIR)]
+    pub tls_origination_dir: PathBuf,
 }
+
+/// Default of `--tls-origination-dir` (mount the Secrets of egress certificates there).
+pub const DEFAULT_TLS_ORIGINATION_DIR: &str = "/etc/weft/tls-origination";
 
 /// Default worker threads of the data-plane runtime.
 pub const DEFAULT_DATA_WORKERS: u16 = 2;
@@ -230,8 +245,17 @@ pub struct SidecarArgs {
     #[arg(long, env = "WEFT_POD_IP", value_name = "IPV4")]
     pub pod_ip: Ipv4Addr,
 
+    /// The pod's `NAMESPACE/SERVICE_ACCOUNT`: with `--ca-addr`, the sidecar presents this
+    /// identity and speaks HBONE mTLS to the sidecars of pods labelled
+    /// `security.istio.io/tlsMode: istio` (Istio's mark of an injected pod).
+    #[arg(long, env = "WEFT_SERVICE_ACCOUNT", value_name = "NAMESPACE/NAME", value_parser = parse_service_account)]
+    pub service_account: Option<(String, String)>,
+
     #[command(flatten)]
     pub server: ServerArgs,
+
+    #[command(flatten)]
+    pub identity: IdentityArgs,
 }
 
 impl SidecarArgs {
@@ -247,7 +271,10 @@ impl SidecarArgs {
             uplinks: Vec::new(),
             no_ebpf: true,
             server: self.server,
-            identity: IdentityArgs::default(),
+            identity: IdentityArgs {
+                workload: self.service_account,
+                ..self.identity
+            },
         }
     }
 }
@@ -580,6 +607,33 @@ mod tests {
         assert_eq!(run.proxy_ip, Ipv4Addr::new(10, 244, 1, 7));
         assert_eq!(run.source(), ConfigSource::Dir(Path::new("/c")));
         assert_eq!(run.server.admin_addr, "0.0.0.0:15020".parse().unwrap());
+
+        let Command::Sidecar(args) = parse(&[
+            "sidecar",
+            "--node",
+            "n1",
+            "--config-dir",
+            "/c",
+            "--pod-ip",
+            "10.244.1.7",
+            "--service-account",
+            "bench/client",
+            "--ca-addr",
+            "https://10.0.0.2:15012",
+        ])
+        .command
+        else {
+            panic!("expected sidecar");
+        };
+        let run = args.into_run_args();
+        assert_eq!(
+            run.identity.workload,
+            Some(("bench".to_string(), "client".to_string()))
+        );
+        assert_eq!(
+            run.identity.ca_addr.as_deref(),
+            Some("https://10.0.0.2:15012")
+        );
     }
 
     #[test]

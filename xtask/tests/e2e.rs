@@ -121,14 +121,14 @@ metadata: {name: side}
 ---
 apiVersion: v1
 kind: Pod
-metadata: {name: client-s, namespace: side, labels: {app: client-s}, annotations: {weft.io/bench-sidecar: weft}}
+metadata: {name: client-s, namespace: side, labels: {app: client-s, security.istio.io/tlsMode: istio}, annotations: {weft.io/bench-sidecar: weft}}
 spec:
   nodeName: node-1
   containers: [{name: main, command: [sleep, infinity]}]
 ---
 apiVersion: v1
 kind: Pod
-metadata: {name: peer-s, namespace: side, labels: {app: peer-s}, annotations: {weft.io/bench-sidecar: weft}}
+metadata: {name: peer-s, namespace: side, labels: {app: peer-s, security.istio.io/tlsMode: istio}, annotations: {weft.io/bench-sidecar: weft}}
 spec:
   nodeName: node-2
   containers: [{name: main, command: [weft-demo, peer, --port, "8080"], ports: [{containerPort: 8080}]}]
@@ -326,8 +326,9 @@ fn unlabelled_namespace_is_untouched() -> Result<()> {
 }
 
 /// The benchmark's sidecar mode: nftables redirection into `mesh-node sidecar` in both pods,
-/// original destinations from `SO_ORIGINAL_DST`, and no eBPF capture (the namespace is not
-/// meshed).
+/// original destinations from `SO_ORIGINAL_DST`, HBONE mTLS between the two sidecars with the
+/// pods' own identities (both are labelled as injected), and no eBPF capture (the namespace is
+/// not meshed).
 fn sidecar_mode_carries_traffic_through_both_sidecars() -> Result<()> {
     let vip = resolve("side/client-s", "peer-s.side")?;
     let server_ip = pod_ip("side/peer-s")?;
@@ -362,11 +363,18 @@ fn sidecar_mode_carries_traffic_through_both_sidecars() -> Result<()> {
         sample_sum(&client_after, m, &src) - sample_sum(&client_before, m, &src) >= 1.0,
         "the client's sidecar did not report the outbound connection"
     );
-    let dst = [("reporter", "destination")];
+    let dst = [
+        ("reporter", "destination"),
+        ("connection_security_policy", "mutual_tls"),
+        (
+            "source_principal",
+            "spiffe://cluster.local/ns/side/sa/default",
+        ),
+    ];
     let server_after = sidecar_metrics("side/peer-s")?;
     ensure!(
         sample_sum(&server_after, m, &dst) - sample_sum(&server_before, m, &dst) >= 1.0,
-        "the server's sidecar did not report the inbound connection"
+        "the server's sidecar did not report the inbound connection as mTLS from the client's identity"
     );
     let ebpf_after = ebpf_counters("node-1")?;
     ensure!(

@@ -801,7 +801,8 @@ fn curl_external(ip: &str, path: &str) -> Result<(u16, String)> {
 fn tls_origination_to_a_service_entry() -> Result<()> {
     // A server outside the mesh (unmeshed namespace, other node) that speaks only TLS, with a
     // certificate from its own CA for the external name.
-    let ca = Path::new(cluster::RUN_DIR).join("tls-echo/ca.pem");
+    // Where the node proxies may read origination files from.
+    let ca = cluster::tls_origination_dir().join("tls-echo-ca.pem");
     let _ = fs::remove_file(&ca);
     let python = xtask::setup::test_python().display().to_string();
     let script = xtask::workspace_root().join("xtask/assets/tls_echo.py");
@@ -918,6 +919,23 @@ spec:
             .filter(|l| l.starts_with("istio_requests_total") && l.contains(EXTERNAL_HOST))
             .collect::<Vec<_>>()
             .join("\n")
+    );
+
+    // A tenant's rule naming a file outside the directory the operator gave for them (here
+    // the mesh CA's signing key) is not applied: the request fails, the node says why.
+    let key = ca_file("ca-key.pem");
+    apply_yaml(&origination(&format!(", caCrl: \"{key}\"")))?;
+    let (status, body) = curl_external(&ip, "/outside")?;
+    ensure!(
+        status == 503,
+        "a rule naming {key} answered {status}: {body}"
+    );
+    let log = Path::new(cluster::RUN_DIR).join("logs/node-node-1.log");
+    let said = fs::read_to_string(&log).unwrap_or_default();
+    ensure!(
+        said.contains(&format!("caCrl {key} is outside")),
+        "node-1's log ({}) does not say why the rule was not applied",
+        log.display()
     );
     delete_yaml(&origination(""))?;
     delete_yaml(&server)?;

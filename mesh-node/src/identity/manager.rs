@@ -106,6 +106,13 @@ impl fmt::Debug for Issued {
 pub struct CertConfig {
     /// The node proxy's own identity: its server certificate on the HBONE port.
     pub own: Identity,
+    /// What a peer's server certificate must prove: the node proxies' identity, or `None`
+    /// for any identity under the trust bundle (the benchmark's sidecars, whose peers are
+    /// workloads).
+    pub peer: Option<Identity>,
+    /// The own identity is a workload's (a sidecar's), asked for with its node's credential
+    /// on the pod's behalf, as a node proxy asks for its pods.
+    pub workload: bool,
     /// Lifetime asked of the CA.
     pub ttl: Duration,
     /// How long a connection waits for the first certificate of an identity.
@@ -280,7 +287,7 @@ impl CertManager {
         let task = tokio::spawn(keep_fresh(
             self.signer.clone(),
             identity.clone(),
-            identity != &self.config.own,
+            identity != &self.config.own || self.config.workload,
             Fresh {
                 config: self.config.clone(),
                 revoked: self.revoked(),
@@ -379,7 +386,7 @@ async fn fetch(
     let credential = Credential::from_chain(identity.clone(), &chain, key)
         .map_err(|e| failed(format!("the CA's answer is unusable: {e}")))?;
     let client = credential
-        .client_config(config.own.clone(), revoked.clone())
+        .client_config(config.peer.clone(), revoked.clone())
         .map_err(|e: TlsError| failed(e.to_string()))?;
     let server = credential
         .server_config(revoked.clone())
@@ -577,6 +584,8 @@ pub mod testing {
                 self.signer.clone(),
                 CertConfig {
                     own: self.node.clone(),
+                    peer: Some(self.node.clone()),
+                    workload: false,
                     ttl,
                     wait: Duration::from_secs(5),
                     revocation_poll: Duration::from_millis(100),
@@ -661,6 +670,8 @@ mod tests {
             Arc::new(Refusing),
             CertConfig {
                 own: own.clone(),
+                peer: Some(own.clone()),
+                workload: false,
                 ttl: Duration::from_secs(60),
                 wait: Duration::from_millis(300),
                 revocation_poll: Duration::from_secs(60),

@@ -167,6 +167,9 @@ pub struct EntryHost {
     pub resolution: traffic::Resolution,
     pub location: traffic::MeshLocation,
     pub endpoints: Arc<[traffic::WorkloadEndpoint]>,
+    /// The entry's `addresses`: what clients dial for it (never a Service's ClusterIP: a
+    /// Kubernetes Service keeps its address whatever an entry claims).
+    pub addresses: Arc<[Ipv4Addr]>,
     pub export_to: Arc<[Arc<str>]>,
     /// Port number → (port name, the endpoints' port unless an endpoint names its own).
     pub ports: Arc<[(u16, Arc<str>, u16)]>,
@@ -353,19 +356,30 @@ impl Snapshot {
             .find(visible)
     }
 
-    /// The ServiceEntry host whose endpoints include `addr` (a client that dialled an address
-    /// an entry resolved to, rather than the entry's own address), first by key. O(entries).
-    pub fn entry_by_endpoint(&self, addr: std::net::SocketAddrV4) -> Option<&Arc<Service>> {
+    /// The ServiceEntry host a client of `namespace` reaches by dialling `addr`: an entry
+    /// exported to that namespace, declaring the port, whose `addresses` or endpoints hold
+    /// the address (first by entry key). O(entries). Addresses of Services and of meshed
+    /// pods are never an entry's: the caller asks only for other addresses.
+    pub fn entry_for(
+        &self,
+        addr: std::net::SocketAddrV4,
+        namespace: Option<&str>,
+    ) -> Option<&Arc<Service>> {
         self.service_entries
             .values()
             .flat_map(|e| e.hosts.iter().map(|h| ObjectKey::new(&e.key.namespace, h)))
             .filter_map(|key| self.services.get(&key))
             .find(|s| {
-                s.ports.iter().any(|p| p.port == addr.port())
-                    && self
-                        .endpoints(&s.key, addr.port())
-                        .iter()
-                        .any(|e| e.ip == *addr.ip())
+                let Some(entry) = &s.entry else {
+                    return false;
+                };
+                entry.exported_to(namespace)
+                    && s.ports.iter().any(|p| p.port == addr.port())
+                    && (entry.addresses.contains(addr.ip())
+                        || self
+                            .endpoints(&s.key, addr.port())
+                            .iter()
+                            .any(|e| e.ip == *addr.ip()))
             })
     }
 

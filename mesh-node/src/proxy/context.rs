@@ -4,6 +4,7 @@
 
 use std::{
     net::{Ipv4Addr, SocketAddr},
+    path::PathBuf,
     sync::{atomic::AtomicU64, Arc},
     time::Duration,
 };
@@ -55,6 +56,8 @@ pub struct ProxyConfig {
     pub certs: Option<Arc<CertManager>>,
     /// How long an HBONE client may take for its TLS handshake.
     pub handshake_timeout: Duration,
+    /// Where DestinationRule `tls` files may be read from.
+    pub tls_origination_dir: PathBuf,
 }
 
 impl ProxyConfig {
@@ -75,6 +78,7 @@ impl ProxyConfig {
             trust_domain: crate::identity::DEFAULT_TRUST_DOMAIN.into(),
             certs: None,
             handshake_timeout: HANDSHAKE_TIMEOUT,
+            tls_origination_dir: crate::config::DEFAULT_TLS_ORIGINATION_DIR.into(),
         }
     }
 
@@ -122,7 +126,7 @@ impl Context {
         applied: Arc<AtomicU64>,
         inbound_port: u16,
     ) -> Self {
-        let clusters = Clusters::default();
+        let clusters = Clusters::new(config.tls_origination_dir.clone());
         let view = View::new(snapshot, None, &clusters);
         Self {
             dialer: config.dialer(),

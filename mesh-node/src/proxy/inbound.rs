@@ -316,12 +316,13 @@ async fn hbone_stream(
     let view = ctx.view();
     let snapshot = &view.snapshot;
     let node = &ctx.config.node;
-    // Only meshed pods of this node: the tunnel must not become an open relay, neither to
-    // other addresses nor to pods that never joined the mesh.
-    let Some(local_pod) = snapshot
-        .pod_by_ip(*target.ip())
-        .filter(|p| p.node.as_deref() == Some(&**node) && snapshot.is_meshed(p))
-    else {
+    // Only meshed pods of this node (a sidecar: its own pod): the tunnel must not become an
+    // open relay, neither to other addresses nor to pods that never joined the mesh.
+    let sidecar = ctx.config.sidecar;
+    let Some(local_pod) = snapshot.pod_by_ip(*target.ip()).filter(|p| match sidecar {
+        true => p.ip == Some(ctx.dialer.proxy_ip),
+        false => p.node.as_deref() == Some(&**node) && snapshot.is_meshed(p),
+    }) else {
         let error = ProxyError::NotLocalPod {
             client,
             target,
@@ -332,7 +333,7 @@ async fn hbone_stream(
         return Refusal::Forbidden
             .response(&format!("{target} is not a meshed pod on node {node}"));
     };
-    let source = claimed_source(snapshot, &peer, hbone::forwarded_for(&request));
+    let source = claimed_source(snapshot, &peer, hbone::forwarded_for(&request), sidecar);
     let labels = destination_labels(snapshot, source.as_deref(), target)
         .mutual_tls(&peer.auth.identity, &ctx.dialer.identity(local_pod));
     let auth = Some(peer.auth.clone());
@@ -402,17 +403,26 @@ async fn hbone_stream(
 }
 
 /// The pod a peer says opened the stream, believed only when it is a pod of the
-/// certificate's service account running on the node the connection comes from.
-fn claimed_source(snapshot: &Snapshot, peer: &Peer, claimed: Option<Ipv4Addr>) -> Option<Arc<Pod>> {
+/// certificate's service account running on the node the connection comes from (between
+/// sidecars: the pod the connection comes from).
+fn claimed_source(
+    snapshot: &Snapshot,
+    peer: &Peer,
+    claimed: Option<Ipv4Addr>,
+    sidecar: bool,
+) -> Option<Arc<Pod>> {
     let pod = snapshot.pod_by_ip(claimed?)?;
     let identity = &peer.auth.identity;
     let same_account = *pod.key.namespace == *identity.namespace()
         && *pod.service_account == *identity.service_account();
-    let from_its_node = pod
-        .node
-        .as_ref()
-        .and_then(|n| snapshot.nodes.get(n))
-        .is_some_and(|n| IpAddr::V4(n.address) == peer.client.ip());
+    let from_its_node = match sidecar {
+        true => pod.ip.map(IpAddr::V4) == Some(peer.client.ip()),
+        false => pod
+            .node
+            .as_ref()
+            .and_then(|n| snapshot.nodes.get(n))
+            .is_some_and(|n| IpAddr::V4(n.address) == peer.client.ip()),
+    };
     if same_account && from_its_node {
         Some(pod.clone())
     } else {

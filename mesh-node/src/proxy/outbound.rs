@@ -83,10 +83,19 @@ async fn proxy(
     let view = ctx.view();
     let snapshot = &view.snapshot;
     let source = snapshot.pod_by_ip(*client.ip()).cloned();
-    // A Service's address, else an address a ServiceEntry host resolves to.
+    // A Service's address, else (unless it is a meshed pod's) an address of a ServiceEntry
+    // host the client's namespace sees.
     let service = snapshot
         .service_by_ip(*dialled.ip())
-        .or_else(|| snapshot.entry_by_endpoint(dialled))
+        .or_else(|| {
+            let meshed = snapshot
+                .pod_by_ip(*dialled.ip())
+                .is_some_and(|p| snapshot.is_meshed(p));
+            let namespace = source.as_ref().map(|p| &*p.key.namespace);
+            (!meshed)
+                .then(|| snapshot.entry_for(dialled, namespace))
+                .flatten()
+        })
         .cloned();
 
     let declared = service.as_ref().and_then(|s| {

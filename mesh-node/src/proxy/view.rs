@@ -107,6 +107,17 @@ fn build(
     namespace: Option<&str>,
 ) -> Result<Arc<Cluster>, ClusterError> {
     let policy = cluster::policy_for(snapshot, key, namespace);
+    // A rule's files are read only from the directory the operator gave for them.
+    if let Some(tls) = &policy.tls {
+        crate::tls::origination::check_files(tls, states.tls_files()).map_err(|reason| {
+            ClusterError::Tls {
+                service: key.service.clone(),
+                port: key.port,
+                rule: policy.rule.clone(),
+                reason: Box::new(reason),
+            }
+        })?;
+    }
     Cluster::build(snapshot, key.clone(), policy, states.state(key)).map(Arc::new)
 }
 

@@ -366,13 +366,17 @@ impl Assembler {
     }
 }
 
-/// The Service of each host of `entry` (Istio's one service per host), with the entry's
-/// first single address as its ClusterIP.
+/// The Service of each host of `entry` (Istio's one service per host). Its addresses are not
+/// a ClusterIP: they never take a Service's address over.
 fn entry_services(entry: &ServiceEntry) -> Vec<Service> {
-    let cluster_ip = entry.addresses.iter().find_map(|block| match block.addr {
-        IpAddr::V4(ip) if block.prefix_len == 32 => Some(ip),
-        _ => None,
-    });
+    let addresses = entry
+        .addresses
+        .iter()
+        .filter_map(|block| match block.addr {
+            IpAddr::V4(ip) if block.prefix_len == 32 => Some(ip),
+            _ => None,
+        })
+        .collect();
     let ports: Vec<ServicePort> = entry
         .ports
         .iter()
@@ -389,6 +393,7 @@ fn entry_services(entry: &ServiceEntry) -> Vec<Service> {
         resolution: entry.resolution,
         location: entry.location,
         endpoints: entry.endpoints.clone(),
+        addresses,
         export_to: entry.export_to.clone(),
         ports: entry
             .ports
@@ -401,7 +406,7 @@ fn entry_services(entry: &ServiceEntry) -> Vec<Service> {
         .iter()
         .map(|h| Service {
             key: ObjectKey::new(&entry.key.namespace, h),
-            cluster_ip,
+            cluster_ip: None,
             ports: ports.clone(),
             // A `workloadSelector` picks pods as a Service selector does.
             selector: entry.workload_selector.clone(),
@@ -589,6 +594,8 @@ fn sort(list: &mut [Endpoint]) {
 
 #[cfg(test)]
 mod tests {
+    use std::net::SocketAddrV4;
+
     use super::*;
     use crate::{
         model::{Namespace, ServicePort},
@@ -662,6 +669,76 @@ mod tests {
             .iter()
             .map(|e| (e.ip.octets()[3], e.port, e.node.as_deref().map(Into::into)))
             .collect()
+    }
+
+    fn entry(yaml: &str) -> Object {
+        crate::source::objects::translate_one(yaml).expect("valid ServiceEntry")
+    }
+
+    #[test]
+    fn service_entry_hosts_are_services_that_never_take_a_service_address() {
+        let mut assembler = Assembler::new();
+        assembler.upsert(&service("web", 10, Some("web")));
+        assembler.upsert(&pod("db-1", 7, "db", "n1"));
+        // Claims the ClusterIP of ns/web and a pod address, exported only to `ns`.
+        let claims = entry(
+            "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {name: hijack, namespace: ns}\nspec: {hosts: [api.example.com, www.example.com], addresses: [10.96.0.10], ports: [{number: 80, name: http, protocol: HTTP}], resolution: STATIC, endpoints: [{address: 192.0.2.1}], exportTo: [.]}",
+        );
+        assembler.upsert(&claims);
+        let selected = entry(
+            "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {name: db, namespace: ns}\nspec: {hosts: [db.internal], ports: [{number: 5432, name: tcp-pg, protocol: TCP, targetPort: 6432}], resolution: STATIC, location: MESH_INTERNAL, workloadSelector: {labels: {app: db}}}",
+        );
+        assembler.upsert(&selected);
+        let snapshot = assembler.snapshot();
+
+        let web = ObjectKey::new("ns", "web");
+        assert_eq!(
+            snapshot
+                .service_by_ip(Ipv4Addr::new(10, 96, 0, 10))
+                .map(|s| &s.key),
+            Some(&web),
+            "the Service keeps its ClusterIP"
+        );
+        let api = snapshot
+            .services
+            .get(&key("api.example.com"))
+            .expect("one Service per host");
+        assert_eq!(api.hostname(), "api.example.com");
+        assert!(snapshot.services.contains_key(&key("www.example.com")));
+        let dialled = |ip: [u8; 4]| SocketAddrV4::new(ip.into(), 80);
+        for (addr, namespace, found) in [
+            (dialled([10, 96, 0, 10]), Some("ns"), true),
+            (dialled([192, 0, 2, 1]), Some("ns"), true),
+            (dialled([192, 0, 2, 1]), Some("other"), false),
+            (
+                SocketAddrV4::new([192, 0, 2, 1].into(), 443),
+                Some("ns"),
+                false,
+            ),
+            (dialled([192, 0, 2, 2]), Some("ns"), false),
+        ] {
+            assert_eq!(
+                snapshot.entry_for(addr, namespace).is_some(),
+                found,
+                "{addr} from {namespace:?}"
+            );
+        }
+        // workloadSelector: the pods it selects, on the entry's target port.
+        let pg: Vec<_> = snapshot
+            .endpoints(&key("db.internal"), 5432)
+            .iter()
+            .map(|e| (e.ip, e.port, e.pod.clone()))
+            .collect();
+        assert_eq!(
+            pg,
+            [(Ipv4Addr::new(10, 244, 0, 7), 6432, Some(key("db-1")))]
+        );
+
+        assembler.delete(&claims.id());
+        let snapshot = assembler.snapshot();
+        assert!(!snapshot.services.contains_key(&key("api.example.com")));
+        assert!(snapshot.endpoints.get(&key("api.example.com")).is_none());
+        assert!(snapshot.services.contains_key(&key("db.internal")));
     }
 
     /// Applies `changes` one batch at a time and checks each result against a snapshot

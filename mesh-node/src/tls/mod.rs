@@ -213,7 +213,7 @@ impl Credential {
     /// certificate not `revoked`.
     pub fn client_config(
         &self,
-        server: Identity,
+        server: Option<Identity>,
         revoked: Revoked,
     ) -> Result<ClientConfig, TlsError> {
         let provider = provider();
@@ -458,7 +458,8 @@ impl ClientCertVerifier for RevocationChecking {
 #[derive(Debug)]
 struct SpiffeServerVerifier {
     roots: Arc<RootCertStore>,
-    expected: Identity,
+    /// `None`: any SPIFFE ID under the roots.
+    expected: Option<Identity>,
     algorithms: WebPkiSupportedAlgorithms,
     revoked: Revoked,
 }
@@ -486,10 +487,10 @@ impl ServerCertVerifier for SpiffeServerVerifier {
                 Arc::new(e),
             )))
         })?;
-        if found != self.expected {
+        if let Some(expected) = self.expected.as_ref().filter(|e| **e != found) {
             return Err(rustls::Error::InvalidCertificate(
                 rustls::CertificateError::Other(rustls::OtherError(Arc::new(IdentityMismatch {
-                    expected: self.expected.clone(),
+                    expected: expected.clone(),
                     found,
                 }))),
             ));

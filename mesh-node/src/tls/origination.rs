@@ -47,6 +47,12 @@ pub enum OriginationError {
         path: Arc<str>,
         reason: String,
     },
+    #[error("{field} {path} is outside {dir}, the only directory TLS origination files are read from (--tls-origination-dir)")]
+    OutsideDir {
+        field: &'static str,
+        path: Arc<str>,
+        dir: String,
+    },
     #[error("sni {0:?} is not a valid server name")]
     ServerName(String),
     #[error("TLS configuration: {0}")]
@@ -151,6 +157,42 @@ impl Origination {
             .connect(self.server_name.clone(), io)
             .await
     }
+}
+
+/// Refuses settings naming a file outside `dir` (after symbolic links are followed). A file
+/// that does not exist is left for [`Origination::new`] to report.
+pub fn check_files(settings: &ClientTls, dir: &Path) -> Result<(), OriginationError> {
+    let allowed = dir.canonicalize().unwrap_or_else(|_| dir.to_path_buf());
+    let files = [
+        ("caCertificates", &settings.ca_certificates),
+        ("clientCertificate", &settings.client_certificate),
+        ("privateKey", &settings.private_key),
+        ("caCrl", &settings.ca_crl),
+    ];
+    for (field, path) in files {
+        let Some(path) = path else { continue };
+        let resolved = Path::new(&**path).canonicalize();
+        let inside = match &resolved {
+            Ok(resolved) => resolved.starts_with(&allowed),
+            // Not there (yet): judged by its name, `..` refused outright.
+            Err(_) => {
+                let p = Path::new(&**path);
+                p.is_absolute()
+                    && p.starts_with(dir)
+                    && !p
+                        .components()
+                        .any(|c| matches!(c, std::path::Component::ParentDir))
+            }
+        };
+        if !inside {
+            return Err(OriginationError::OutsideDir {
+                field,
+                path: path.clone(),
+                dir: dir.display().to_string(),
+            });
+        }
+    }
+    Ok(())
 }
 
 fn read(field: &'static str, path: &Arc<str>) -> Result<String, OriginationError> {
@@ -617,6 +659,41 @@ mod tests {
             .unwrap()
             .unwrap();
         assert!(talk(&simple, addr, Alpn::None).await.is_err());
+    }
+
+    #[test]
+    fn files_are_read_only_from_the_origination_directory() {
+        let pki = Pki::new();
+        let dir = pki.dir.path();
+        let ok = settings(&pki, TlsMode::Simple);
+        assert_eq!(check_files(&ok, dir), Ok(()));
+        let outside = tempfile::tempdir().unwrap();
+        std::fs::write(outside.path().join("key.pem"), "secret").unwrap();
+        std::os::unix::fs::symlink(outside.path().join("key.pem"), dir.join("link.pem")).unwrap();
+        let escape = |path: String| {
+            let mut s = settings(&pki, TlsMode::Mutual);
+            s.client_certificate = Some(pki.path("ca.pem"));
+            s.private_key = Some(path.into());
+            check_files(&s, dir)
+        };
+        for path in [
+            "/etc/shadow".to_string(),
+            outside.path().join("key.pem").display().to_string(),
+            dir.join("link.pem").display().to_string(),
+            dir.join("../escape/key.pem").display().to_string(),
+            "relative.pem".to_string(),
+        ] {
+            let err = escape(path.clone()).unwrap_err();
+            assert!(
+                err.to_string()
+                    .starts_with(&format!("privateKey {path} is outside")),
+                "{err}"
+            );
+        }
+        assert_eq!(
+            escape(dir.join("not-yet.pem").display().to_string()),
+            Ok(())
+        );
     }
 
     #[test]

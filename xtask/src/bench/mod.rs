@@ -560,9 +560,16 @@ pub fn manifest_yaml(loadgen: &Path) -> String {
         } else {
             ""
         };
+        // Weft's sidecars speak HBONE mTLS to each other, as Istio's sidecars speak mTLS:
+        // Istio's label of an injected pod tells a sidecar its peer has one. (HAProxy's
+        // sidecars stay plaintext: HAProxy cannot get the mesh's certificates.)
+        let tls_mode = match mode {
+            Mode::Sidecar => "\n    security.istio.io/tlsMode: istio",
+            _ => "",
+        };
         let annotations = match mode.sidecar() {
             Some(kind) => format!(
-                "\n  annotations:\n    {}: {kind}",
+                "{tls_mode}\n  annotations:\n    {}: {kind}",
                 cluster::SIDECAR_ANNOTATION
             ),
             None => String::new(),

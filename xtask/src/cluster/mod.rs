@@ -343,6 +343,8 @@ fn start_proxy(node: &NodeInfo, bins: &Binaries) -> Result<()> {
         .arg(node.cgroup())
         .args(["--proxy-ip", &node.gateway().to_string()])
         .args(["--uplink", "eth0"])
+        .arg("--tls-origination-dir")
+        .arg(tls_origination_dir())
         .args(ca::node_args(node));
     if let Ok(ttl) = std::env::var(CERT_TTL_ENV) {
         cmd.args(["--workload-cert-ttl", &ttl]);
@@ -360,11 +362,17 @@ fn start_proxy(node: &NodeInfo, bins: &Binaries) -> Result<()> {
     Ok(())
 }
 
+/// Where the node proxies read DestinationRule `tls` files from (`--tls-origination-dir`):
+/// a test or a user of the virtual cluster puts the CAs and keys of external services there.
+pub fn tls_origination_dir() -> PathBuf {
+    Path::new(RUN_DIR).join("tls-origination")
+}
+
 fn start_pod(state: &State, pod: &PodInfo) -> Result<()> {
     let obj = resource_of(state, pod).context("pod without its resource")?;
     let node = state.node(&pod.node).context("pod on an unknown node")?;
     if let Some(kind) = sidecar::kind(obj)? {
-        sidecar::start(state, pod, node, kind)?;
+        sidecar::start(state, pod, obj, node, kind)?;
     }
     for container in launch::containers(obj, pod, node, state.binaries.as_ref())? {
         let mut cmd = Command::new("ip");

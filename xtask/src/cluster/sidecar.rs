@@ -15,7 +15,8 @@
 use std::{
     collections::BTreeSet,
     fs,
-    path::PathBuf,
+    os::unix::fs::PermissionsExt as _,
+    path::{Path, PathBuf},
     process::Command,
     thread,
     time::{Duration, Instant},
@@ -25,6 +26,7 @@ use anyhow::{bail, Context as _, Result};
 use serde_json::Value;
 
 use super::{
+    ca,
     config::{kind_of, str_at},
     nft,
     plan::as_port,
@@ -66,7 +68,13 @@ pub fn kind(pod: &Value) -> Result<Option<Kind>> {
 
 /// Installs the redirect rules in the pod's namespace, starts its sidecar and waits until it
 /// listens; before the pod's containers start, as Istio's init container orders it.
-pub fn start(state: &State, pod: &PodInfo, node: &NodeInfo, kind: Kind) -> Result<()> {
+pub fn start(
+    state: &State,
+    pod: &PodInfo,
+    resource: &Value,
+    node: &NodeInfo,
+    kind: Kind,
+) -> Result<()> {
     nft::apply(&pod.netns, &rules())
         .with_context(|| format!("redirect rules of the sidecar of {}", pod.key()))?;
     let bins = state.binaries.as_ref();
@@ -84,11 +92,19 @@ pub fn start(state: &State, pod: &PodInfo, node: &NodeInfo, kind: Kind) -> Resul
             let mesh_node = bins
                 .map(|b| b.mesh_node.clone())
                 .context("mesh-node is not built")?;
+            let account = str_at(resource, "/spec/serviceAccountName").unwrap_or("default");
             cmd.arg(mesh_node)
                 .args(["sidecar", "--node", &node.name])
                 .arg("--config-dir")
                 .arg(state::config_dir())
-                .args(["--pod-ip", &pod.ip.to_string()]);
+                .args(["--pod-ip", &pod.ip.to_string()])
+                .args(["--service-account", &format!("{}/{account}", pod.namespace)])
+                .arg("--tls-origination-dir")
+                .arg(super::tls_origination_dir())
+                .args(credentials(pod, node)?);
+            if let Ok(ttl) = std::env::var(super::CERT_TTL_ENV) {
+                cmd.args(["--workload-cert-ttl", &ttl]);
+            }
             super::node_log_env(&mut cmd);
         }
         Kind::Haproxy => {
@@ -121,6 +137,26 @@ pub fn start(state: &State, pod: &PodInfo, node: &NodeInfo, kind: Kind) -> Resul
 }
 
 /// The sidecar's log file.
+/// The CA flags of a Weft sidecar: its node's credential and the CA's root, copied where the
+/// proxy's uid may read them (Istio's sidecars authenticate with their pod's token; the
+/// virtual cluster's pods have none, and the CA accepts a node's token for its pods).
+fn credentials(pod: &PodInfo, node: &NodeInfo) -> Result<Vec<String>> {
+    let dir = Path::new(state::RUN_DIR).join("sidecars");
+    fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    let token = dir.join(format!("{}_{}.token", pod.namespace, pod.name));
+    let root = dir.join("root-cert.pem");
+    fs::copy(ca::token_file(node), &token).context("copying the node's CA token")?;
+    fs::copy(ca::root_cert(), &root).context("copying the CA's root certificate")?;
+    std::os::unix::fs::chown(&token, Some(PROXY_UID), Some(PROXY_UID))?;
+    fs::set_permissions(&token, fs::Permissions::from_mode(0o400))?;
+    let mut args = ca::node_args(node);
+    for (flag, path) in [("--ca-root-cert", &root), ("--ca-token-file", &token)] {
+        let at = args.iter().position(|a| a == flag).context("CA flags")?;
+        args[at + 1] = path.display().to_string();
+    }
+    Ok(args)
+}
+
 pub fn log(pod: &PodInfo) -> PathBuf {
     state::log_dir().join(format!("{}_{}.sidecar.log", pod.namespace, pod.name))
 }

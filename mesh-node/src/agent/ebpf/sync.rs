@@ -241,21 +241,22 @@ impl Desired {
     }
 }
 
-/// The endpoint addresses of every ServiceEntry host.
+/// The addresses and endpoint addresses of every ServiceEntry host.
 fn entry_endpoint_ips(snapshot: &Snapshot) -> BTreeSet<u32> {
-    snapshot
-        .service_entries
-        .values()
-        .flat_map(|e| e.hosts.iter().map(|h| ObjectKey::new(&e.key.namespace, h)))
-        .filter(|key| {
-            snapshot
-                .services
-                .get(key)
-                .is_some_and(|s| s.entry.is_some())
-        })
-        .filter_map(|key| snapshot.endpoints.get(&key))
-        .flat_map(|e| e.by_port.values().flatten().map(|e| ip_key(e.ip)))
-        .collect()
+    let mut ips = BTreeSet::new();
+    for entry in snapshot.service_entries.values() {
+        for host in entry.hosts.iter() {
+            let key = ObjectKey::new(&entry.key.namespace, host);
+            let Some(own) = snapshot.services.get(&key).and_then(|s| s.entry.as_ref()) else {
+                continue;
+            };
+            ips.extend(own.addresses.iter().map(|ip| ip_key(*ip)));
+            if let Some(endpoints) = snapshot.endpoints.get(&key) {
+                ips.extend(endpoints.by_port.values().flatten().map(|e| ip_key(e.ip)));
+            }
+        }
+    }
+    ips
 }
 
 fn pod_entries(

@@ -287,14 +287,9 @@ impl Conn {
         }
     }
 
-    /// Whether requests to `pod` leave this node through HBONE: a meshed pod of another node
-    /// (an unmeshed one is dialled directly, as the client would have).
+    /// Whether requests to `pod` go through HBONE (see [`Dialer::tunnels_to`]).
     fn crosses_nodes(&self, pod: &Pod) -> bool {
-        let dialer = &self.ctx.dialer;
-        !dialer.sidecar
-            && dialer.hbone.is_some()
-            && pod.node.as_deref().is_some_and(|n| *n != *dialer.node)
-            && self.ctx.view().snapshot.is_meshed(pod)
+        self.ctx.dialer.tunnels_to(&self.ctx.view().snapshot, pod)
     }
 
     /// How this connection's requests reach a cluster's endpoints.

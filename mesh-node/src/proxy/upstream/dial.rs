@@ -134,7 +134,14 @@ impl Dialer {
     ) -> Result<Via, DialError> {
         let meshed = || pod.is_some_and(|p| snapshot.is_meshed(p));
         Ok(match node {
-            _ if self.sidecar => Via::Direct { source: None },
+            // A sidecar tunnels to the sidecar of an injected pod, with mTLS when it has a CA.
+            _ if self.sidecar => match pod.filter(|p| self.hbone.is_some() && injected(p)) {
+                Some(_) => Via::Tunnel {
+                    peer: SocketAddrV4::new(*target.ip(), self.peer_tunnel_port),
+                    source: None,
+                },
+                None => Via::Direct { source: None },
+            },
             Some(node) if **node != *self.node && !meshed() => Via::Direct { source: None },
             Some(node) if **node != *self.node => {
                 let address = snapshot.nodes.get(node).map(|n| n.address).ok_or_else(|| {
@@ -154,6 +161,19 @@ impl Dialer {
             // Not a pod of the mesh: dialled like the client would have.
             None => Via::Direct { source: None },
         })
+    }
+
+    /// Whether connections to `pod` go through HBONE: a meshed pod of another node, or for a
+    /// sidecar an injected pod.
+    pub fn tunnels_to(&self, snapshot: &Snapshot, pod: &Pod) -> bool {
+        match self.sidecar {
+            true => self.hbone.is_some() && injected(pod),
+            false => {
+                self.hbone.is_some()
+                    && pod.node.as_deref().is_some_and(|n| *n != *self.node)
+                    && snapshot.is_meshed(pod)
+            }
+        }
     }
 
     /// The way to a pod of this node, from the destination side.
@@ -235,6 +255,13 @@ impl Dialer {
     }
 }
 
+/// Istio's label of a pod with an injected sidecar, whose endpoints speak mTLS.
+pub const TLS_MODE_LABEL: &str = "security.istio.io/tlsMode";
+
+fn injected(pod: &Pod) -> bool {
+    pod.labels.get(TLS_MODE_LABEL).map(String::as_str) == Some("istio")
+}
+
 /// The byte stream to an upstream: a TCP connection or an HBONE stream through the peer node,
 /// possibly with TLS the proxy originates on top.
 #[derive(Debug)]
@@ -305,5 +332,74 @@ impl AsyncWrite for Stream {
             Stream::Tunnel(s) => Pin::new(s).poll_shutdown(cx),
             Stream::Tls(s) => Pin::new(s).poll_shutdown(cx),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{identity::manager::testing::TestCa, model::ObjectKey};
+
+    fn pod(name: &str, ip: [u8; 4], node: &str, injected: bool) -> Pod {
+        let mut labels = crate::model::Labels::new();
+        if injected {
+            labels.insert(TLS_MODE_LABEL.into(), "istio".into());
+        }
+        Pod {
+            key: ObjectKey::new("side", name),
+            uid: None,
+            labels,
+            annotations: Default::default(),
+            node: Some(node.into()),
+            ip: Some(ip.into()),
+            service_account: "default".into(),
+            ports: vec![],
+        }
+    }
+
+    #[tokio::test]
+    async fn a_sidecar_tunnels_only_to_injected_pods_and_only_with_a_ca() {
+        let ca = TestCa::new();
+        let mut dialer = Dialer {
+            node: "node-1".into(),
+            proxy_ip: Ipv4Addr::new(10, 244, 1, 2),
+            peer_tunnel_port: 15008,
+            sidecar: true,
+            connect_timeout: Duration::from_secs(1),
+            trust_domain: "cluster.local".into(),
+            hbone: Some(Arc::new(HbonePool::new(ca.certs()))),
+        };
+        let snapshot = Snapshot::default();
+        let target = SocketAddrV4::new(Ipv4Addr::new(10, 244, 2, 3), 8080);
+        let injected = pod("peer", [10, 244, 2, 3], "node-2", true);
+        let plain = pod("plain", [10, 244, 2, 3], "node-2", false);
+        let node = Some(Arc::<str>::from("node-2"));
+        assert_eq!(
+            dialer
+                .via(&snapshot, target, node.as_ref(), Some(&injected))
+                .unwrap(),
+            Via::Tunnel {
+                peer: SocketAddrV4::new(*target.ip(), 15008),
+                source: None
+            },
+            "the peer's own sidecar, on its HBONE port"
+        );
+        assert!(dialer.tunnels_to(&snapshot, &injected));
+        for (pod, why) in [(Some(&plain), "not injected"), (None, "not a pod")] {
+            assert_eq!(
+                dialer.via(&snapshot, target, node.as_ref(), pod).unwrap(),
+                Via::Direct { source: None },
+                "{why}"
+            );
+        }
+        dialer.hbone = None;
+        assert_eq!(
+            dialer
+                .via(&snapshot, target, node.as_ref(), Some(&injected))
+                .unwrap(),
+            Via::Direct { source: None },
+            "without a CA the sidecars speak plaintext"
+        );
+        assert!(!dialer.tunnels_to(&snapshot, &injected));
     }
 }

@@ -169,9 +169,17 @@ impl ClusterState {
 
 /// The proxy's [`ClusterState`]s by key, so health and counters survive configuration changes.
 /// Looked up when a cluster is built, never per request.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Clusters {
     pub(super) registry: Mutex<Registry>,
+    /// Where DestinationRule `tls` files may be read from.
+    pub(super) tls_files: std::path::PathBuf,
+}
+
+impl Default for Clusters {
+    fn default() -> Self {
+        Self::new(crate::config::DEFAULT_TLS_ORIGINATION_DIR.into())
+    }
 }
 
 #[derive(Debug, Default)]
@@ -187,6 +195,19 @@ pub(super) struct Entry {
 }
 
 impl Clusters {
+    /// A registry whose clusters read DestinationRule `tls` files from `tls_files` only.
+    pub fn new(tls_files: std::path::PathBuf) -> Self {
+        Self {
+            registry: Mutex::default(),
+            tls_files,
+        }
+    }
+
+    /// Where DestinationRule `tls` files may be read from.
+    pub fn tls_files(&self) -> &std::path::Path {
+        &self.tls_files
+    }
+
     pub fn state(&self, key: &ClusterKey) -> Arc<ClusterState> {
         let now = Instant::now();
         let mut registry = lock(&self.registry);
