@@ -68,9 +68,25 @@ pub fn running() -> bool {
 }
 
 /// Starts the CA (once per cluster) and waits until it serves.
-pub fn start(bins: &Binaries) -> Result<()> {
+pub fn start(bins: &Binaries, nodes: &[NodeInfo]) -> Result<()> {
+    // Pods reach the CA as they reach a Service of the cluster (the benchmark's sidecars ask
+    // it for their certificates): the fabric routes each node's pod CIDR to the node.
+    // `replace`, so it runs again whenever a node joins.
+    let route = |node: &NodeInfo| {
+        crate::cmd::run(Command::new("ip").args([
+            "-n",
+            net::FABRIC_NETNS,
+            "route",
+            "replace",
+            &node.pod_cidr(),
+            "via",
+            &node.address().to_string(),
+            "dev",
+            "br0",
+        ]))
+    };
     if running() {
-        return Ok(());
+        return nodes.iter().try_for_each(route);
     }
     fs::create_dir_all(tokens_dir())
         .with_context(|| format!("creating {}", tokens_dir().display()))?;
@@ -85,6 +101,7 @@ pub fn start(bins: &Binaries) -> Result<()> {
         "dev",
         "br0",
     ]))?;
+    nodes.iter().try_for_each(route)?;
     cgroup::create(&cgroup())?;
     let mut cmd = Command::new(&bins.mesh_node);
     cmd.arg("ca")

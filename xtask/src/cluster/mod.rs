@@ -257,7 +257,7 @@ fn converge(state: &mut State, diff: &Diff) -> Result<()> {
     if state.mesh {
         let bins = state.binaries.clone().context("mesh-node was not built")?;
         if !diff.new_nodes.is_empty() {
-            ca::start(&bins)?;
+            ca::start(&bins, &state.nodes)?;
         }
         for node in &diff.new_nodes {
             ca::enroll(node)?;
