@@ -6,18 +6,21 @@
 //! - `run ADDR`: fixed-rate load with latency from each request's intended send time (no
 //!   coordinated omission), or closed-loop saturation with `--rate 0`; one JSON line out;
 //! - `bulk ADDR` and `echo ADDR`: ztunnel's two benchmarks, bulk throughput one way over N
-//!   connections and a new connection plus a 1-byte echo; one JSON line out.
+//!   connections and a new connection plus a 1-byte echo; one JSON line out;
+//! - `hold ADDR`: N connections opened, echoed once and held idle, so that what an idle
+//!   connection costs the mesh can be measured; a JSON line when open and one when closed.
 
 mod bulk;
 mod client;
 mod echo;
 mod grpc;
+mod hold;
 mod protocol;
 mod server;
 // The only module allowed `unsafe` (the workspace denies it elsewhere).
 #[allow(
     unsafe_code,
-    reason = "the timer slack of the load generator's threads"
+    reason = "the timer slack of the load generator's threads, its open-file limit"
 )]
 mod sys;
 
@@ -46,6 +49,9 @@ enum Command {
     Bulk(bulk::Args),
     /// Connect, echo one byte and close, again and again; print the latencies (JSON).
     Echo(echo::Args),
+    /// Open connections, echo one byte on each, hold them idle, close; print when open and
+    /// when closed (JSON).
+    Hold(hold::Args),
 }
 
 fn main() -> ExitCode {
@@ -54,6 +60,7 @@ fn main() -> ExitCode {
         Command::Run(args) => client::run(args),
         Command::Bulk(args) => bulk::run(args),
         Command::Echo(args) => echo::run(args),
+        Command::Hold(args) => hold::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -105,7 +112,8 @@ mod tests {
         runtime.shutdown_timeout(Duration::from_secs(1));
     }
 
-    /// Bulk over one and several connections, and the echo, against the server on loopback.
+    /// Bulk over one and several connections, the echo and the hold, against the server on
+    /// loopback.
     #[test]
     fn bulk_and_echo_against_the_server_on_loopback() {
         let runtime = tokio::runtime::Runtime::new().unwrap();
@@ -128,9 +136,17 @@ mod tests {
             .unwrap();
         }
         echo::run(echo::Args {
-            addr: echo_addr,
+            addr: echo_addr.clone(),
             count: 20,
             warmup: 5,
+        })
+        .unwrap();
+        hold::run(hold::Args {
+            addr: echo_addr,
+            conns: 50,
+            seconds: 0.2,
+            until_eof: false,
+            parallel: 4,
         })
         .unwrap();
         runtime.shutdown_timeout(Duration::from_secs(1));

@@ -13,7 +13,12 @@ use tokio::{
 use crate::{
     bulk, echo, grpc,
     protocol::{Framing, Protocol},
+    sys,
 };
+
+/// Open files the server asks for: every connection of a 10,000-connection `hold` at once,
+/// with room to spare (the limit it gets is printed).
+const OPEN_FILES: u64 = 65_536;
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
@@ -41,6 +46,7 @@ pub struct Args {
 }
 
 pub fn run(args: Args) -> Result<()> {
+    let open_files = sys::raise_open_files(OPEN_FILES).context("raising RLIMIT_NOFILE")?;
     tokio::runtime::Builder::new_multi_thread()
         .worker_threads(args.threads.max(1))
         .enable_all()
@@ -53,7 +59,7 @@ pub fn run(args: Args) -> Result<()> {
             let echo = bind(args.echo_port).await?;
             eprintln!(
                 "weft-loadgen: serving {} byte responses on tcp {}, http {} and grpc {}; bulk \
-                 on {}, echo on {}",
+                 on {}, echo on {}; up to {open_files} open files",
                 args.response_bytes,
                 tcp.local_addr()?,
                 http.local_addr()?,

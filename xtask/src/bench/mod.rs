@@ -11,13 +11,15 @@
 //!
 //! Besides the request/response scenarios, the two of ztunnel's own benchmark, so that Weft can
 //! be set beside ztunnel as ratios to no mesh: bulk throughput one way over 1 and 8
-//! connections, and a new connection plus a 1-byte echo.
+//! connections, and a new connection plus a 1-byte echo. And what idle connections cost: the
+//! RSS of the mesh processes before and while 1,000 (or 10,000) connections are held open.
 
 use std::{
     fmt, fs,
+    io::{BufRead as _, BufReader, Lines, Read as _},
     path::{Path, PathBuf},
-    process::Command,
-    time::Instant,
+    process::{Child, ChildStdout, Command},
+    time::{Duration, Instant},
 };
 
 use anyhow::{bail, Context as _, Result};
@@ -56,9 +58,9 @@ impl Options {
         }
     }
 
-    /// The quick one: one run of 10 s windows, 256 MiB bulk transfers and 1000 echoes, into
-    /// `target/bench/`, without `same-node-grpc` to stay under five minutes (the full run has
-    /// it).
+    /// The quick one: one run of 10 s windows, 256 MiB bulk transfers, 1000 echoes and 1,000
+    /// connections held 2 s, into `target/bench/`, without `same-node-grpc` and the
+    /// 10,000-connection hold to stay under five minutes (the full run has them).
     pub fn quick() -> Self {
         Self {
             quick: true,
@@ -66,7 +68,11 @@ impl Options {
             out: workspace_root().join("target/bench/quick.json"),
             scenarios: Scenario::ALL
                 .into_iter()
-                .filter(|s| s.cross_node || s.workload != Workload::Requests(Protocol::Grpc))
+                .filter(|s| match s.workload {
+                    Workload::Requests(Protocol::Grpc) => s.cross_node,
+                    Workload::Idle { conns } => conns <= QUICK_IDLE_CONNS,
+                    _ => true,
+                })
                 .collect(),
         }
     }
@@ -106,6 +112,7 @@ impl Options {
                 bulk_bytes: 256 * MIB,
                 echo_count: 1000,
                 echo_warmup: 50,
+                hold_s: 2.0,
             }
         } else {
             Timing {
@@ -116,6 +123,7 @@ impl Options {
                 bulk_bytes: GIB,
                 echo_count: 2000,
                 echo_warmup: 100,
+                hold_s: 10.0,
             }
         }
     }
@@ -133,6 +141,9 @@ struct Timing {
     /// Connections of one echo measurement, after `echo_warmup` unrecorded ones.
     echo_count: u64,
     echo_warmup: u64,
+    /// How long the connections of an idle measurement stay open and idle before the mesh's
+    /// RSS is read, seconds.
+    hold_s: f64,
 }
 
 impl Timing {
@@ -146,6 +157,8 @@ impl Timing {
             Workload::Bulk { .. } => self.bulk_bytes as f64 * 8.0 / 2e9,
             // At 1 ms a connection, about twice the slowest mode's time here.
             Workload::ConnectEcho => (self.echo_count + self.echo_warmup) as f64 / 1000.0,
+            // Opened 8 at a time at about 1 ms each, then held.
+            Workload::Idle { conns } => conns as f64 / 8000.0 + self.hold_s,
         }
     }
 }
@@ -162,6 +175,11 @@ const BULK_PORT: u16 = 7001;
 const ECHO_PORT: u16 = 7002;
 const MIB: u64 = 1 << 20;
 const GIB: u64 = 1 << 30;
+/// The largest idle measurement of the quick run.
+const QUICK_IDLE_CONNS: usize = 1000;
+/// How much longer than the idle window `hold` is told to hold: it is ended by closing its
+/// stdin once the RSS is read, and holds no longer than this if that never comes.
+const HOLD_SLACK_S: f64 = 60.0;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Mode {
@@ -243,6 +261,9 @@ pub enum Workload {
     /// ztunnel's connections benchmark: a new connection, 1 byte there and back, close; one
     /// after the other (port `tcp-echo`).
     ConnectEcho,
+    /// What idle connections cost the mesh: `conns` connections opened, echoed once and held
+    /// open and idle (port `tcp-echo`); the mesh processes' RSS before and while held.
+    Idle { conns: usize },
 }
 
 impl Workload {
@@ -252,6 +273,7 @@ impl Workload {
             Workload::Requests(protocol) => protocol.name().into(),
             Workload::Bulk { conns } => format!("bulk-{conns}"),
             Workload::ConnectEcho => "connect-echo".into(),
+            Workload::Idle { conns } => format!("idle-{conns}"),
         }
     }
 
@@ -259,7 +281,7 @@ impl Workload {
         match self {
             Workload::Requests(protocol) => protocol.port(),
             Workload::Bulk { .. } => BULK_PORT,
-            Workload::ConnectEcho => ECHO_PORT,
+            Workload::ConnectEcho | Workload::Idle { .. } => ECHO_PORT,
         }
     }
 }
@@ -271,7 +293,7 @@ pub struct Scenario {
 }
 
 impl Scenario {
-    pub const ALL: [Scenario; 10] = [
+    pub const ALL: [Scenario; 12] = [
         Scenario::new(false, Workload::Requests(Protocol::Tcp)),
         Scenario::new(false, Workload::Requests(Protocol::Http)),
         Scenario::new(false, Workload::Requests(Protocol::Grpc)),
@@ -283,6 +305,10 @@ impl Scenario {
         Scenario::new(true, Workload::Bulk { conns: 8 }),
         Scenario::new(false, Workload::ConnectEcho),
         Scenario::new(true, Workload::ConnectEcho),
+        // Across nodes, where every connection through Weft is one HBONE stream between the
+        // node proxies, pooled on their shared mTLS connections.
+        Scenario::new(true, Workload::Idle { conns: 1000 }),
+        Scenario::new(true, Workload::Idle { conns: 10_000 }),
     ];
 
     const fn new(cross_node: bool, workload: Workload) -> Self {
@@ -350,6 +376,39 @@ pub struct EchoReport {
     pub p999_us: f64,
 }
 
+/// One line of `weft-loadgen hold` (the fields the benchmark reads): once when the
+/// connections are open (`phase` `open`), once when they are closed (`closed`).
+#[derive(Clone, Debug, Deserialize)]
+pub struct HoldReport {
+    pub phase: String,
+    pub conns: usize,
+    pub established: usize,
+    pub failed: usize,
+    #[serde(default)]
+    pub first_error: Option<String>,
+    pub open_s: f64,
+    pub held_s: f64,
+    pub closed_early: usize,
+}
+
+/// RSS of the mesh processes, KiB, read twice in an idle measurement.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Rss {
+    /// All of the mode's mesh processes together.
+    pub total_kib: u64,
+    /// The largest of them (for Weft, the larger node proxy).
+    pub largest_kib: u64,
+}
+
+impl Rss {
+    fn of(kib: impl IntoIterator<Item = u64>) -> Self {
+        kib.into_iter().fold(Self::default(), |rss, kib| Self {
+            total_kib: rss.total_kib + kib,
+            largest_kib: rss.largest_kib.max(kib),
+        })
+    }
+}
+
 /// One (mode, scenario) measurement of one run.
 #[derive(Clone, Debug)]
 pub struct Sample {
@@ -379,6 +438,16 @@ pub enum Measured {
         report: EchoReport,
         /// CPU seconds of the mode's mesh processes per 1,000 connections.
         cpu_s_per_1k: f64,
+    },
+    Idle {
+        /// `hold`'s report once it closed the connections.
+        report: HoldReport,
+        /// The mode's mesh processes (none for no mesh: no RSS figures then).
+        processes: usize,
+        /// Before the connections were opened.
+        before: Rss,
+        /// At the end of the idle window, every connection still open.
+        held: Rss,
     },
 }
 
@@ -427,6 +496,25 @@ impl Measured {
                 "errors" => report.errors as f64,
                 _ => return None,
             },
+            Measured::Idle {
+                report,
+                processes,
+                before,
+                held,
+            } => {
+                let mib = |kib: u64| kib as f64 / 1024.0;
+                let meshed = |v: f64| if *processes == 0 { f64::NAN } else { v };
+                match name {
+                    "established" => report.established as f64,
+                    "errors" => (report.failed + report.closed_early) as f64,
+                    "processes" => *processes as f64,
+                    "rss_before_mb" => meshed(mib(before.total_kib)),
+                    "rss_held_mb" => meshed(mib(held.total_kib)),
+                    "rss_largest_mb" => meshed(mib(held.largest_kib)),
+                    "kib_per_conn" => meshed(kib_per_conn(before, held, report.established)),
+                    _ => return None,
+                }
+            }
         })
     }
 
@@ -458,8 +546,39 @@ impl Measured {
                 "mean {:>7.1} µs  p50 {:>7.1} µs  p99 {:>7.1} µs  errors {}  cpu {cpu_s_per_1k:.3} s/1k conns",
                 report.mean_us, report.p50_us, report.p99_us, report.errors,
             ),
+            Measured::Idle {
+                report,
+                processes: 0,
+                ..
+            } => format!(
+                "{} of {} conns open {:.1} s  no mesh processes",
+                report.established, report.conns, report.held_s,
+            ),
+            Measured::Idle {
+                report,
+                processes,
+                before,
+                held,
+            } => format!(
+                "{} of {} conns open {:.1} s  rss of {processes} mesh procs {:.1} -> {:.1} MiB  {:.2} KiB/conn",
+                report.established,
+                report.conns,
+                report.held_s,
+                before.total_kib as f64 / 1024.0,
+                held.total_kib as f64 / 1024.0,
+                kib_per_conn(before, held, report.established),
+            ),
         }
     }
+}
+
+/// What each established connection added to the mesh processes' RSS, KiB (negative when
+/// the processes gave back more memory than the connections took).
+fn kib_per_conn(before: &Rss, held: &Rss, established: usize) -> f64 {
+    if established == 0 {
+        return f64::NAN;
+    }
+    (held.total_kib as f64 - before.total_kib as f64) / established as f64
 }
 
 /// Runs the data-plane benchmark and writes its JSON, chart and table.
@@ -763,6 +882,27 @@ fn measure(mode: Mode, scenario: Scenario, timing: Timing, loadgen: &Path) -> Re
                 report,
             }
         }
+        Workload::Idle { conns } => {
+            let before = Rss::of(pids.iter().filter_map(|pid| rss_kib(*pid)));
+            let (report, held) = hold(&client, &loadgen, &addr, conns, timing.hold_s, || {
+                Rss::of(pids.iter().filter_map(|pid| rss_kib(*pid)))
+            })?;
+            if report.failed + report.closed_early > 0 {
+                eprintln!(
+                    "warning: {} of {conns} connection(s) towards {addr} from {client} failed, \
+                     {} closed while idle: {}",
+                    report.failed,
+                    report.closed_early,
+                    report.first_error.as_deref().unwrap_or("?")
+                );
+            }
+            Measured::Idle {
+                report,
+                processes: pids.len(),
+                before,
+                held,
+            }
+        }
     };
     Ok(Sample {
         mode,
@@ -810,6 +950,87 @@ fn load(
             "warning: {} failed request(s) towards {addr} from {client}: {}",
             report.errors,
             report.first_error.as_deref().unwrap_or("?")
+        );
+    }
+    Ok(report)
+}
+
+/// `weft-loadgen hold` in the client pod: once it says every connection is open, waits
+/// `hold_s` with them idle, reads `measure`, then closes its stdin, which ends the hold.
+fn hold<T>(
+    client: &str,
+    loadgen: &str,
+    addr: &str,
+    conns: usize,
+    hold_s: f64,
+    measure: impl FnOnce() -> T,
+) -> Result<(HoldReport, T)> {
+    let argv: Vec<String> = [
+        loadgen,
+        "hold",
+        addr,
+        "--conns",
+        &conns.to_string(),
+        "--seconds",
+        &(hold_s + HOLD_SLACK_S).to_string(),
+        "--until-eof",
+    ]
+    .iter()
+    .map(|a| (*a).to_string())
+    .collect();
+    let mut child = cluster::spawn(client, &argv)?;
+    let stdout = child.stdout.take().context("the load generator's stdout")?;
+    let mut lines = BufReader::new(stdout).lines();
+    let open = hold_line(&mut lines, &mut child, "open")?;
+    if open.established == 0 {
+        // Nothing is held: the path is broken. Report it (every connection failed) and go on
+        // with the other modes rather than lose the run.
+        drop(child.stdin.take());
+        let closed = hold_line(&mut lines, &mut child, "closed")?;
+        let _ = child.wait();
+        return Ok((closed, measure()));
+    }
+    std::thread::sleep(Duration::from_secs_f64(hold_s));
+    let measured = measure();
+    drop(child.stdin.take());
+    let closed = hold_line(&mut lines, &mut child, "closed")?;
+    let status = child.wait().context("waiting for the load generator")?;
+    if !status.success() {
+        bail!("the load generator failed ({status}) after {closed:?}");
+    }
+    Ok((closed, measured))
+}
+
+/// The next line `hold` prints, which must be of `phase`; when there is none, why.
+fn hold_line(
+    lines: &mut Lines<BufReader<ChildStdout>>,
+    child: &mut Child,
+    phase: &str,
+) -> Result<HoldReport> {
+    let line = match lines.next() {
+        Some(line) => line.context("reading the load generator's output")?,
+        None => {
+            let status = child.wait().context("waiting for the load generator")?;
+            let mut stderr = String::new();
+            if let Some(mut err) = child.stderr.take() {
+                let _ = err.read_to_string(&mut stderr);
+            }
+            bail!(
+                "the load generator ended ({status}) before its {phase:?} line: {}",
+                stderr.trim()
+            );
+        }
+    };
+    parse_hold_line(&line, phase)
+}
+
+fn parse_hold_line(line: &str, phase: &str) -> Result<HoldReport> {
+    let report: HoldReport = serde_json::from_str(line.trim())
+        .with_context(|| format!("the load generator printed {line:?}"))?;
+    if report.phase != phase {
+        bail!(
+            "the load generator printed a {:?} line, not {phase:?}: {line}",
+            report.phase
         );
     }
     Ok(report)
@@ -901,11 +1122,27 @@ fn reset_peak_rss(pid: u32) {
     let _ = fs::write(format!("/proc/{pid}/clear_refs"), "5");
 }
 
+/// Peak RSS since the last reset (VmHWM), KiB.
 fn peak_rss_kib(pid: u32) -> Option<u64> {
-    let status = fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status_kib(
+        &fs::read_to_string(format!("/proc/{pid}/status")).ok()?,
+        "VmHWM:",
+    )
+}
+
+/// RSS now (VmRSS), KiB.
+fn rss_kib(pid: u32) -> Option<u64> {
+    status_kib(
+        &fs::read_to_string(format!("/proc/{pid}/status")).ok()?,
+        "VmRSS:",
+    )
+}
+
+/// A `kB` field of `/proc/<pid>/status`.
+fn status_kib(status: &str, field: &str) -> Option<u64> {
     status
         .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))?
+        .find_map(|l| l.strip_prefix(field))?
         .split_whitespace()
         .next()?
         .parse()
@@ -961,6 +1198,8 @@ mod tests {
                 "cross-node-bulk-8",
                 "same-node-connect-echo",
                 "cross-node-connect-echo",
+                "cross-node-idle-1000",
+                "cross-node-idle-10000",
             ]
         );
         assert_eq!(Options::full().scenarios(), Scenario::ALL);
@@ -970,13 +1209,21 @@ mod tests {
             .map(|s| s.name())
             .collect();
         assert!(!quick.contains(&"same-node-grpc".to_string()));
-        assert_eq!(quick.len(), 9);
+        assert!(quick.contains(&"cross-node-idle-1000".to_string()));
+        assert!(!quick.contains(&"cross-node-idle-10000".to_string()));
+        assert_eq!(quick.len(), 10);
         let mut grpc = Options::quick();
         grpc.only(&["same-node-grpc".into(), "cross-node-grpc".into()])
             .unwrap();
         assert_eq!(grpc.scenarios(), [Scenario::ALL[2], Scenario::ALL[5]]);
         let err = grpc.only(&["same-node-udp".into()]).unwrap_err();
-        assert!(err.to_string().contains("cross-node-connect-echo"), "{err}");
+        assert!(err.to_string().contains("cross-node-idle-10000"), "{err}");
+        let mut idle = Options::quick();
+        idle.only(&["cross-node-idle-10000".into()]).unwrap();
+        assert_eq!(
+            idle.scenarios(),
+            [Scenario::new(true, Workload::Idle { conns: 10_000 })]
+        );
         let mut ztunnel = Options::quick();
         ztunnel
             .only(&["cross-node-connect-echo".into(), "cross-node-bulk-8".into()])
@@ -1018,10 +1265,94 @@ mod tests {
     }
 
     #[test]
+    fn hold_lines_parse() {
+        let open = parse_hold_line(
+            r#"{"phase":"open","conns":1000,"established":999,"failed":1,
+                "first_error":"connecting to 10.96.0.3:7002: timed out","open_s":0.8,
+                "held_s":0.0,"closed_early":0,"open_files_limit":20000}"#,
+            "open",
+        )
+        .unwrap();
+        assert_eq!((open.established, open.failed), (999, 1));
+        assert!(open.first_error.unwrap().contains("timed out"));
+        let closed = parse_hold_line(
+            r#"{"phase":"closed","conns":1000,"established":1000,"failed":0,"open_s":0.8,
+                "held_s":2.001,"closed_early":3,"open_files_limit":20000}"#,
+            "closed",
+        )
+        .unwrap();
+        assert_eq!(closed.closed_early, 3);
+        let err = parse_hold_line(r#"{"phase":"open","conns":1}"#, "open").unwrap_err();
+        assert!(err.to_string().contains("printed"), "{err}");
+        let err = parse_hold_line(
+            r#"{"phase":"closed","conns":1,"established":1,"failed":0,"open_s":0.1,
+                "held_s":0.1,"closed_early":0}"#,
+            "open",
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("not \"open\""), "{err}");
+    }
+
+    #[test]
+    fn reads_rss_fields() {
+        let status =
+            "Name:\tmesh-node\nVmPeak:\t  90000 kB\nVmHWM:\t   21000 kB\nVmRSS:\t   18500 kB\n";
+        assert_eq!(status_kib(status, "VmRSS:"), Some(18_500));
+        assert_eq!(status_kib(status, "VmHWM:"), Some(21_000));
+        assert_eq!(status_kib(status, "VmSwap:"), None);
+        assert_eq!(
+            Rss::of([1000, 3000, 2000]),
+            Rss {
+                total_kib: 6000,
+                largest_kib: 3000
+            }
+        );
+    }
+
+    #[test]
+    fn idle_figures() {
+        let report = parse_hold_line(
+            r#"{"phase":"closed","conns":1000,"established":1000,"failed":0,"open_s":0.8,
+                "held_s":2.0,"closed_early":0}"#,
+            "closed",
+        )
+        .unwrap();
+        let measured = Measured::Idle {
+            report: report.clone(),
+            processes: 2,
+            before: Rss::of([10_240, 10_240]),
+            held: Rss::of([11_264, 11_240]),
+        };
+        assert_eq!(measured.figure("rss_before_mb"), Some(20.0));
+        assert_eq!(measured.figure("kib_per_conn"), Some(2.024));
+        assert_eq!(measured.figure("rss_largest_mb"), Some(11.0));
+        assert_eq!(measured.figure("errors"), Some(0.0));
+        assert_eq!(measured.figure("rps"), None);
+        assert!(
+            measured
+                .summary()
+                .contains("20.0 -> 22.0 MiB  2.02 KiB/conn"),
+            "{}",
+            measured.summary()
+        );
+        // No mesh: no RSS to speak of, said so.
+        let none = Measured::Idle {
+            report,
+            processes: 0,
+            before: Rss::default(),
+            held: Rss::default(),
+        };
+        assert!(none.figure("kib_per_conn").unwrap().is_nan());
+        assert_eq!(none.figure("processes"), Some(0.0));
+        assert!(none.summary().contains("no mesh processes"));
+    }
+
+    #[test]
     fn estimates_cover_every_workload() {
         let quick = Options::quick().timing();
         assert!(quick.seconds(Workload::Bulk { conns: 1 }) > 0.5);
         assert!(quick.seconds(Workload::ConnectEcho) > 0.5);
+        assert!(quick.seconds(Workload::Idle { conns: 1000 }) < 5.0);
         assert_eq!(quick.seconds(Workload::Requests(Protocol::Tcp)), 12.25);
     }
 }

@@ -76,12 +76,32 @@ pub const ECHO_FIGURES: [&str; 8] = [
     "errors",
 ];
 
+/// The figures of one idle (mode, scenario): the RSS of all the mode's mesh processes before
+/// the connections opened and while they were held (MiB), what each established connection
+/// added (KiB), that as a ratio to the best sidecar mode's of the same run, the largest single
+/// process while held (MiB), how many processes, and the connections established and lost.
+/// The RSS figures are null for `none`, which has no mesh processes.
+pub const IDLE_FIGURES: [&str; 8] = [
+    "rss_before_mb",
+    "rss_held_mb",
+    "kib_per_conn",
+    "ratio_to_sidecar",
+    "rss_largest_mb",
+    "processes",
+    "established",
+    "errors",
+];
+
+/// Issue 13's bound on what an idle connection may cost, KiB (2 KB).
+pub const IDLE_KIB_PER_CONN_BOUND: f64 = 2000.0 / 1024.0;
+
 /// The figures of a workload, in the order the JSON lists them.
 pub fn figures(workload: Workload) -> &'static [&'static str] {
     match workload {
         Workload::Requests(_) => &REQUEST_FIGURES,
         Workload::Bulk { .. } => &BULK_FIGURES,
         Workload::ConnectEcho => &ECHO_FIGURES,
+        Workload::Idle { .. } => &IDLE_FIGURES,
     }
 }
 
@@ -91,6 +111,7 @@ fn headline(workload: Workload) -> &'static str {
         Workload::Requests(_) => "rps",
         Workload::Bulk { .. } => "gbit_s",
         Workload::ConnectEcho => "mean_us",
+        Workload::Idle { .. } => "kib_per_conn",
     }
 }
 
@@ -118,8 +139,8 @@ impl Row {
 }
 
 /// Per (mode, scenario), in the order of [`Scenario::ALL`] then [`Mode::ALL`]. Added latency
-/// and ratios are taken run by run against `none` of the same run and scenario, then
-/// summarised.
+/// and ratios are taken run by run against `none` of the same run and scenario (against the
+/// better of the two sidecar modes for `ratio_to_sidecar`), then summarised.
 pub fn aggregate(samples: &[Sample], runs: usize) -> Vec<Row> {
     let mut rows = Vec::new();
     for scenario in Scenario::ALL {
@@ -130,6 +151,10 @@ pub fn aggregate(samples: &[Sample], runs: usize) -> Vec<Row> {
                 .collect()
         };
         let none = of(Mode::None);
+        let best_sidecar = best_per_run(
+            &[of(Mode::Sidecar), of(Mode::SidecarHaproxy)],
+            headline(scenario.workload),
+        );
         for mode in Mode::ALL {
             let mine = of(mode);
             if mine.is_empty() {
@@ -150,6 +175,19 @@ pub fn aggregate(samples: &[Sample], runs: usize) -> Vec<Row> {
                         paired(base, |m, n| m - n)
                     } else if *figure == "ratio_to_none" {
                         paired(headline(scenario.workload), |m, n| m / n)
+                    } else if *figure == "ratio_to_sidecar" {
+                        let figure = headline(scenario.workload);
+                        mine.iter()
+                            .zip(&best_sidecar)
+                            .map(|(m, best)| {
+                                // A sidecar that grew by nothing leaves no ratio to take.
+                                if *best > 0.0 {
+                                    raw(m, figure) / best
+                                } else {
+                                    f64::NAN
+                                }
+                            })
+                            .collect()
                     } else {
                         mine.iter().map(|m| raw(m, figure)).collect()
                     };
@@ -166,6 +204,21 @@ pub fn aggregate(samples: &[Sample], runs: usize) -> Vec<Row> {
     rows
 }
 
+/// Run by run, the lowest `figure` of the modes' samples (each list in run order; a mode
+/// without a sample or figure in a run is left out of that run).
+fn best_per_run(modes: &[Vec<&Sample>], figure: &str) -> Vec<f64> {
+    let runs = modes.iter().map(Vec::len).max().unwrap_or(0);
+    (0..runs)
+        .map(|run| {
+            modes
+                .iter()
+                .filter_map(|samples| samples.get(run)?.measured.figure(figure))
+                .filter(|v| !v.is_nan())
+                .fold(f64::NAN, f64::min)
+        })
+        .collect()
+}
+
 /// One target of the benchmark issue, as measured.
 #[derive(Clone, Debug)]
 pub struct Target {
@@ -176,8 +229,9 @@ pub struct Target {
     pub met: bool,
 }
 
-/// Weft against the aims of the benchmark issue: against the best sidecar for requests,
-/// against no mesh (as ratios, like ztunnel's figures) for bulk and connect + echo.
+/// Weft against the aims of the benchmark issues: against the best sidecar for requests,
+/// against no mesh (as ratios, like ztunnel's figures) for bulk and connect + echo, against
+/// issue 13's 2 KB for an idle connection.
 pub fn targets(rows: &[Row]) -> Vec<Target> {
     let find = |mode: Mode, scenario: Scenario| {
         rows.iter()
@@ -196,6 +250,19 @@ pub fn targets(rows: &[Row]) -> Vec<Target> {
                     bound: 0.45,
                     met: ratio.median >= 0.45,
                 });
+                continue;
+            }
+            (Workload::Idle { .. }, _) => {
+                if let Some(weft) = find(Mode::Weft, scenario) {
+                    let kib = weft.get("kib_per_conn").median;
+                    out.push(Target {
+                        what: "idle connection under 2 KB of mesh RSS (KiB per connection)".into(),
+                        scenario: scenario.name(),
+                        weft: kib,
+                        bound: IDLE_KIB_PER_CONN_BOUND,
+                        met: kib < IDLE_KIB_PER_CONN_BOUND,
+                    });
+                }
                 continue;
             }
             (Workload::ConnectEcho, Some(ratio)) if scenario.cross_node => {
@@ -324,6 +391,8 @@ pub fn json(commit: &str, machine: &str, options: &Options, rows: &[Row]) -> Val
             "echo_connections": timing.echo_count,
             "echo_warmup_connections": timing.echo_warmup,
             "echo": "one connection after another: connect, 1 byte there and back, close; latency from connect to the byte back",
+            "hold_s": timing.hold_s,
+            "idle": "the scenario's connections opened 8 at a time, each proven with a 1-byte echo, then held idle for hold_s; RSS (VmRSS) of all the mode's mesh processes read before they open and at the end of hold_s; kib_per_conn is the increase over the established connections",
             "figures": "median of the runs; min and max alongside; added_* and ratio_to_none against none of the same run",
         },
         "results": results,
@@ -393,6 +462,7 @@ pub fn markdown(rows: &[Row], commit: &str, machine: &str, options: &Options) ->
     let requests = of(|w| matches!(w, Workload::Requests(_)));
     let bulk = of(|w| matches!(w, Workload::Bulk { .. }));
     let echo = of(|w| w == Workload::ConnectEcho);
+    let idle = of(|w| matches!(w, Workload::Idle { .. }));
     let mut md = String::new();
     let _ = writeln!(
         md,
@@ -400,7 +470,9 @@ pub fn markdown(rows: &[Row], commit: &str, machine: &str, options: &Options) ->
         options.runs
     );
     let range = |s: Stat, digits: usize| {
-        if (s.max - s.min).abs() < f64::EPSILON {
+        if s.median.is_nan() {
+            "–".to_string()
+        } else if (s.max - s.min).abs() < f64::EPSILON {
             format!("{:.digits$}", s.median)
         } else {
             format!(
@@ -497,6 +569,51 @@ pub fn markdown(rows: &[Row], commit: &str, machine: &str, options: &Options) ->
                 range(row.get("p99_us"), 0),
                 meshed(row, "ratio_to_none", 2, true),
                 meshed(row, "cpu_s_per_1k", 3, false),
+            );
+        }
+    }
+    if !idle.is_empty() {
+        let _ = writeln!(
+            md,
+            "\nIdle connections: the scenario's connections opened, each proven with a 1-byte \
+             echo, then held idle for {} s; resident memory (VmRSS) of all the mode's mesh \
+             processes before they opened and at the end of the hold (Weft: both node proxies; \
+             sidecar modes: the three sidecars). KiB / conn is the increase over the connections \
+             established; × best sidecar is that over the better sidecar mode's, run by run.\n",
+            timing.hold_s
+        );
+        let _ = writeln!(
+            md,
+            "| scenario | mode | connections | mesh RSS before MiB | mesh RSS held MiB | KiB / conn | × best sidecar | largest process MiB |"
+        );
+        let _ = writeln!(md, "|---|---|---:|---:|---:|---:|---:|---:|");
+        for row in idle {
+            let held = format!(
+                "{:.0} of {}",
+                row.get("established").median,
+                match row.scenario.workload {
+                    Workload::Idle { conns } => conns,
+                    _ => 0,
+                }
+            );
+            if row.mode == Mode::None {
+                let _ = writeln!(
+                    md,
+                    "| {} | none | {held} | no mesh processes | – | – | – | – |",
+                    row.scenario.name(),
+                );
+                continue;
+            }
+            let _ = writeln!(
+                md,
+                "| {} | {} | {held} | {:.1} | {:.1} | {} | {} | {:.1} |",
+                row.scenario.name(),
+                row.mode.name(),
+                row.get("rss_before_mb").median,
+                row.get("rss_held_mb").median,
+                range(row.get("kib_per_conn"), 2),
+                range(row.get("ratio_to_sidecar"), 2),
+                row.get("rss_largest_mb").median,
             );
         }
     }
@@ -675,7 +792,7 @@ fn nice_axis(max: f64) -> (f64, f64) {
 
 #[cfg(test)]
 mod tests {
-    use super::super::{BulkReport, EchoReport, LoadReport, Measured};
+    use super::super::{BulkReport, EchoReport, HoldReport, LoadReport, Measured, Rss};
     use super::*;
 
     fn report(p: f64, rps: f64) -> LoadReport {
@@ -922,6 +1039,106 @@ mod tests {
             !svg.contains("bulk") && !svg.contains("connect-echo"),
             "{svg}"
         );
+    }
+
+    fn idle(mode: Mode, conns: usize, before_kib: u64, held_kib: u64) -> Sample {
+        let processes = match mode {
+            Mode::None => 0,
+            Mode::Weft => 2,
+            Mode::Sidecar | Mode::SidecarHaproxy => 3,
+        };
+        Sample {
+            mode,
+            scenario: Scenario::new(true, Workload::Idle { conns }),
+            measured: Measured::Idle {
+                report: HoldReport {
+                    phase: "closed".into(),
+                    conns,
+                    established: conns,
+                    failed: 0,
+                    first_error: None,
+                    open_s: 1.0,
+                    held_s: 2.0,
+                    closed_early: 0,
+                },
+                processes,
+                before: Rss {
+                    total_kib: before_kib,
+                    largest_kib: before_kib / 2,
+                },
+                held: Rss {
+                    total_kib: held_kib,
+                    largest_kib: held_kib / 2,
+                },
+            },
+        }
+    }
+
+    /// Idle connections: KiB per connection from the RSS increase, ratios to the better
+    /// sidecar run by run, nothing for `none` but what it is, issue 13's target.
+    #[test]
+    fn idle_connections_per_connection_and_against_the_best_sidecar() {
+        let samples = vec![
+            // Run 1: sidecar 10 KiB/conn, HAProxy 20, Weft 1.5.
+            idle(Mode::None, 1000, 0, 0),
+            idle(Mode::Sidecar, 1000, 30_000, 40_000),
+            idle(Mode::SidecarHaproxy, 1000, 20_000, 40_000),
+            idle(Mode::Weft, 1000, 20_000, 21_500),
+            // Run 2: HAProxy is the better sidecar (8 against 12), Weft 3.6.
+            idle(Mode::None, 1000, 0, 0),
+            idle(Mode::Sidecar, 1000, 30_000, 42_000),
+            idle(Mode::SidecarHaproxy, 1000, 20_000, 28_000),
+            idle(Mode::Weft, 1000, 20_000, 23_600),
+        ];
+        let rows = aggregate(&samples, 2);
+        let row = |mode: Mode| rows.iter().find(|r| r.mode == mode).unwrap();
+        let weft = row(Mode::Weft);
+        assert_eq!(weft.get("kib_per_conn").min, 1.5);
+        assert_eq!(weft.get("kib_per_conn").max, 3.6);
+        // 1.5 / 10 in run 1, 3.6 / 8 in run 2.
+        assert!((weft.get("ratio_to_sidecar").min - 0.15).abs() < 1e-9);
+        assert!((weft.get("ratio_to_sidecar").max - 0.45).abs() < 1e-9);
+        assert_eq!(weft.get("processes").median, 2.0);
+        assert!(row(Mode::None).get("kib_per_conn").median.is_nan());
+
+        let targets = targets(&rows);
+        let target = targets
+            .iter()
+            .find(|t| t.scenario == "cross-node-idle-1000")
+            .unwrap();
+        assert!(!target.met, "{target:?}");
+        assert!((target.bound - 1.953).abs() < 1e-3);
+
+        let options = Options::quick();
+        let json = json("abc", "machine", &options, &rows);
+        let results = json["results"].as_array().unwrap();
+        let of = |mode: &str| {
+            results
+                .iter()
+                .find(|r| r["mode"] == mode && r["scenario"] == "cross-node-idle-1000")
+                .unwrap()
+        };
+        for key in IDLE_FIGURES {
+            assert!(of("weft")[key].is_number(), "{key}");
+        }
+        assert!(of("weft").get("p99_us").is_none());
+        assert!(of("none")["kib_per_conn"].is_null());
+        assert_eq!(of("none")["processes"], 0.0);
+        assert_eq!(of("none")["established"], 1000.0);
+        assert_eq!(json["method"]["hold_s"], 2.0);
+
+        let md = markdown(&rows, "abc", "machine", &options);
+        for line in [
+            "held idle for 2 s",
+            "| scenario | mode | connections | mesh RSS before MiB | mesh RSS held MiB | KiB / conn | × best sidecar | largest process MiB |",
+            "| cross-node-idle-1000 | none | 1000 of 1000 | no mesh processes | – | – | – | – |",
+            "| cross-node-idle-1000 | weft | 1000 of 1000 | 19.5 | 22.0 | 2.55 (1.50–3.60) | 0.30 (0.15–0.45) | 11.0 |",
+            "| cross-node-idle-1000 | sidecar-haproxy | 1000 of 1000 | 19.5 | 33.2 | 14.00 (8.00–20.00) | 1.50 (1.00–2.00) | 16.6 |",
+            "| cross-node-idle-1000 | idle connection under 2 KB of mesh RSS (KiB per connection) | 2.55 | 1.95 | **no** |",
+        ] {
+            assert!(md.contains(line), "{line}\n{md}");
+        }
+        assert!(!md.contains("failed"), "{md}");
     }
 
     #[test]

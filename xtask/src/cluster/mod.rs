@@ -15,7 +15,7 @@ use std::{
     fs,
     net::Ipv4Addr,
     path::{Path, PathBuf},
-    process::{Command, Output},
+    process::{Child, Command, Output, Stdio},
 };
 
 use anyhow::{bail, Context as _, Result};
@@ -539,9 +539,20 @@ fn exec_command(target: &str, cmd: &[String]) -> Result<Command> {
 pub fn exec(target: &str, cmd: &[String]) -> Result<Output> {
     let mut command = exec_command(target, cmd)?;
     command
-        .stdin(std::process::Stdio::null())
+        .stdin(Stdio::null())
         .output()
         .with_context(|| format!("running {cmd:?} in {target}"))
+}
+
+/// Starts `cmd` in `ns/pod` or `node/NAME` with its standard streams piped, for a command
+/// the caller talks to while it runs; closing its stdin is the caller's way to end it.
+pub fn spawn(target: &str, cmd: &[String]) -> Result<Child> {
+    exec_command(target, cmd)?
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .with_context(|| format!("starting {cmd:?} in {target}"))
 }
 
 /// Runs `cmd` in `ns/pod` or `node/NAME` with this terminal and returns its exit code
