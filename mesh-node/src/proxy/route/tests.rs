@@ -1274,3 +1274,65 @@ fn updating_compiles_only_the_routes_that_changed() {
     assert!(updated.get(&ratings_key).is_none());
     assert!(!updated.compiled.virtual_services.contains_key(&ratings_key));
 }
+
+/// Istio's egress TLS origination task: the entry host is a service that VirtualServices and
+/// DestinationRules name by the host, and its port 80 originates TLS to 443.
+#[test]
+fn service_entry_hosts_route_and_take_their_destination_rule() {
+    use crate::proxy::upstream::cluster::{policy_for, ClusterKey};
+
+    let example = include_str!("../../../../examples/egress/tls-origination.yaml");
+    let vs = r#"
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: cnn, namespace: other}
+spec:
+  hosts: [edition.cnn.com]
+  http:
+  - match: [{uri: {prefix: /politics}}]
+    route: [{destination: {host: edition.cnn.com, port: {number: 443}}}]
+  - route: [{destination: {host: edition.cnn.com}}]
+"#;
+    let snapshot = snapshot(&[BOOKINFO, EXTRA, example, vs]);
+    let cnn = ObjectKey::new("default", "edition.cnn.com");
+    let service = snapshot
+        .services
+        .get(&cnn)
+        .expect("the entry host is a service");
+    assert_eq!(service.hostname(), "edition.cnn.com");
+
+    let routes = RouteIndex::build(&snapshot);
+    let table = routes
+        .get(&cnn)
+        .expect("the VirtualService names the entry host");
+    let client = snapshot
+        .pods
+        .values()
+        .next()
+        .map(|p| Pod {
+            key: ObjectKey::new("other", "client"),
+            ..(**p).clone()
+        })
+        .unwrap();
+    for (path, port) in [("/politics/today", Some(443)), ("/sport", None)] {
+        let parts = Request::get(path).body(()).unwrap().into_parts().0;
+        let s = selected(table, &parts, 80, Some(&client));
+        let backend = s.rule.pick(0).expect("one backend");
+        assert_eq!(backend.service.as_ref(), Some(&cnn), "{path}");
+        assert_eq!(backend.port, port, "{path}");
+    }
+
+    // Port 80 originates TLS; 443 (already TLS from the client) does not.
+    let policy = |port| {
+        policy_for(
+            &snapshot,
+            &ClusterKey::new(cnn.clone(), port, None),
+            Some("other"),
+        )
+    };
+    assert_eq!(
+        policy(80).tls.map(|t| t.mode),
+        Some(crate::model::traffic::TlsMode::Simple)
+    );
+    assert_eq!(policy(443).tls, None);
+}
