@@ -8,8 +8,6 @@
 
 use std::{
     fs,
-    panic::{self, AssertUnwindSafe},
-    path::Path,
     time::{Duration, Instant},
 };
 
@@ -333,7 +331,7 @@ fn sidecar_mode_carries_traffic_through_both_sidecars() -> Result<()> {
     let vip = resolve("side/client-s", "peer-s.side")?;
     let server_ip = pod_ip("side/peer-s")?;
     let sidecar_metrics = |pod: &str| {
-        xtask::probe::run(pod, &["curl", "-sf", "http://127.0.0.1:15020/metrics"])
+        probe::run(pod, &["curl", "-sf", "http://127.0.0.1:15020/metrics"])
             .with_context(|| format!("reading the metrics of {pod}'s sidecar"))
     };
     let (client_before, server_before) = (
