@@ -34,6 +34,7 @@ const NODES: &str = "/api/v1/nodes";
 const PODS: &str = "/api/v1/pods";
 const SERVICES: &str = "/api/v1/services";
 const SLICES: &str = "/apis/discovery.k8s.io/v1/endpointslices";
+const SECRETS: &str = "/api/v1/secrets";
 
 // ------------------------------------------------------------------------------------------
 // The fake API server
@@ -75,7 +76,7 @@ struct OpenWatch {
 impl FakeApi {
     fn new() -> Self {
         let api = Self::default();
-        for path in [NAMESPACES, NODES, PODS, SERVICES, SLICES] {
+        for path in [NAMESPACES, NODES, PODS, SERVICES, SLICES, SECRETS] {
             api.lock()
                 .collections
                 .insert(path.into(), Collection::default());
@@ -814,6 +815,104 @@ async fn watch_events_are_batched_into_a_new_snapshot() {
         .await;
     assert!(!snap.pods.contains_key(&key("bookinfo", "reviews-v2-0")));
     assert!(snap.pod_by_ip(ip("10.244.2.6")).is_none());
+    running.stop().await;
+}
+
+/// A Secret as the API server serves it (`data` in base64).
+fn secret(namespace: &str, name: &str, kind: &str, data: &[(&str, &str)]) -> Value {
+    use base64::Engine as _;
+    let data: serde_json::Map<String, Value> = data
+        .iter()
+        .map(|(k, v)| {
+            let encoded = base64::engine::general_purpose::STANDARD.encode(v);
+            ((*k).to_string(), json!(encoded))
+        })
+        .collect();
+    json!({"apiVersion": "v1", "kind": "Secret", "type": kind,
+           "metadata": {"name": name, "namespace": namespace, "managedFields": managed_fields()},
+           "data": data})
+}
+
+#[tokio::test]
+async fn secrets_hold_only_tls_material_and_follow_changes() {
+    const CERT: &str = "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n";
+    const KEY: &str = "-----BEGIN PRIVATE KEY-----\nMIIE\n-----END PRIVATE KEY-----\n";
+    let api = bookinfo();
+    let tls = |ca: &str| {
+        secret(
+            "shop",
+            "db-client",
+            "kubernetes.io/tls",
+            &[
+                ("tls.crt", CERT),
+                ("tls.key", KEY),
+                ("ca.crt", ca),
+                ("password", "hunter2"),
+            ],
+        )
+    };
+    api.apply(SECRETS, tls(CERT));
+    // Helm releases and ServiceAccount tokens are never listed; other Secrets are not held.
+    api.apply(
+        SECRETS,
+        secret("shop", "release", "helm.sh/release.v1", &[("cert", CERT)]),
+    );
+    api.apply(
+        SECRETS,
+        secret(
+            "shop",
+            "app",
+            "Opaque",
+            &[("key", "sk-live-123"), ("token", KEY)],
+        ),
+    );
+    let running = start(&api, config());
+    let snap = running
+        .wait_for("the Secret", |s| !s.secrets.is_empty())
+        .await;
+    assert_eq!(
+        snap.secrets.keys().cloned().collect::<Vec<_>>(),
+        [key("shop", "db-client")]
+    );
+    let held = &snap.secrets[&key("shop", "db-client")];
+    assert_eq!(
+        (
+            held.cert.as_deref(),
+            held.private_key.as_deref(),
+            held.ca.as_deref()
+        ),
+        (Some(CERT), Some(KEY), Some(CERT))
+    );
+    let requests = running.api.requests();
+    assert!(
+        requests
+            .iter()
+            .any(|r| r.starts_with("GET /api/v1/secrets?")
+                && r.contains("type!=helm.sh/release.v1")
+                && r.contains("type!=kubernetes.io/service-account-token")),
+        "{requests:#?}"
+    );
+    assert_eq!(running.watch("v1 Secret (TLS material)").objects, 1);
+
+    // Rotated in place, then emptied of TLS material: the model follows.
+    api.apply(
+        SECRETS,
+        tls("-----BEGIN CERTIFICATE-----\nNEW\n-----END CERTIFICATE-----\n"),
+    );
+    running
+        .wait_for("the rotated CA", |s| {
+            s.secrets
+                .get(&key("shop", "db-client"))
+                .is_some_and(|s| s.ca.as_deref().is_some_and(|ca| ca.contains("NEW")))
+        })
+        .await;
+    api.apply(
+        SECRETS,
+        secret("shop", "db-client", "Opaque", &[("password", "x")]),
+    );
+    running
+        .wait_for("the emptied Secret", |s| s.secrets.is_empty())
+        .await;
     running.stop().await;
 }
 

@@ -2,7 +2,10 @@
 
 It makes its own CA and a certificate for the names given (`cryptography`), writes the CA to
 `--ca-out` for the DestinationRule's `caCertificates`, and answers every request with JSON
-saying what it saw: the SNI the client sent, the TLS version, the method and the path.
+saying what it saw: the SNI the client sent, the TLS version, the client certificate's common
+name (asked for, not required), the method and the path. With `--client-out`, it also issues a
+client certificate (common name `tls-echo-client`) and writes it, its key and the CA there as
+JSON, for a Secret.
 """
 
 import argparse
@@ -38,26 +41,31 @@ def issue(names):
         .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
         .sign(ca_key, hashes.SHA256())
     )
-    key = ec.generate_private_key(ec.SECP256R1())
-    leaf = (
-        x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, names[0])]))
-        .issuer_name(ca_name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(
-            x509.SubjectAlternativeName([x509.DNSName(n) for n in names]), critical=False
+
+    def leaf(common_name, sans):
+        key = ec.generate_private_key(ec.SECP256R1())
+        builder = (
+            x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)]))
+            .issuer_name(ca_name)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(days=1))
         )
-        .sign(ca_key, hashes.SHA256())
-    )
-    key_pem = key.private_bytes(
-        serialization.Encoding.PEM,
-        serialization.PrivateFormat.PKCS8,
-        serialization.NoEncryption(),
-    )
-    return pem(ca), pem(leaf), key_pem
+        if sans:
+            builder = builder.add_extension(
+                x509.SubjectAlternativeName([x509.DNSName(n) for n in sans]), critical=False
+            )
+        cert = builder.sign(ca_key, hashes.SHA256())
+        key_pem = key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+        return pem(cert), key_pem
+
+    return pem(ca), leaf(names[0], names), leaf("tls-echo-client", [])
 
 
 class Handler(http.server.BaseHTTPRequestHandler):
@@ -67,9 +75,14 @@ class Handler(http.server.BaseHTTPRequestHandler):
         length = int(self.headers.get("content-length") or 0)
         if length:
             self.rfile.read(length)
+        client = None
+        peer = self.connection.getpeercert()
+        if peer:
+            client = dict(pair for rdn in peer["subject"] for pair in rdn).get("commonName")
         body = json.dumps(
             {
                 "sni": getattr(self.connection, "weft_sni", None),
+                "client": client,
                 "tls": self.connection.version(),
                 "method": self.command,
                 "path": self.path,
@@ -94,9 +107,13 @@ def main():
     parser.add_argument("--port", type=int, default=8443)
     parser.add_argument("--name", action="append", required=True)
     parser.add_argument("--ca-out", required=True)
+    parser.add_argument("--client-out")
     args = parser.parse_args()
 
-    ca, leaf, key = issue(args.name)
+    ca, (leaf, key), (client, client_key) = issue(args.name)
+    if args.client_out:
+        with open(args.client_out, "w") as f:
+            json.dump({"cert": client.decode(), "key": client_key.decode(), "ca": ca.decode()}, f)
     with tempfile.TemporaryDirectory() as tmp:
         cert_path = os.path.join(tmp, "cert.pem")
         key_path = os.path.join(tmp, "key.pem")
@@ -106,6 +123,9 @@ def main():
             f.write(key)
         context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         context.load_cert_chain(cert_path, key_path)
+    # Client certificates are asked for and checked when sent, not required.
+    context.verify_mode = ssl.CERT_OPTIONAL
+    context.load_verify_locations(cadata=ca.decode())
 
     def remember_sni(sock, name, _context):
         sock.weft_sni = name

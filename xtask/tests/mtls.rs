@@ -804,6 +804,8 @@ fn tls_origination_to_a_service_entry() -> Result<()> {
     // Where the node proxies may read origination files from.
     let ca = cluster::tls_origination_dir().join("tls-echo-ca.pem");
     let _ = fs::remove_file(&ca);
+    // A client certificate the server trusts, for a Secret (it is not read by the nodes).
+    let client = Path::new(cluster::RUN_DIR).join("tls-echo-client.json");
     let python = xtask::setup::test_python().display().to_string();
     let script = xtask::workspace_root().join("xtask/assets/tls_echo.py");
     let server = format!(
@@ -813,10 +815,11 @@ kind: Pod
 metadata: {{name: tls-echo, namespace: plain, labels: {{app: tls-echo}}}}
 spec:
   nodeName: node-2
-  containers: [{{name: main, command: ["{python}", "{}", --port, "8443", --name, {EXTERNAL_HOST}, --ca-out, "{}"]}}]
+  containers: [{{name: main, command: ["{python}", "{}", --port, "8443", --name, {EXTERNAL_HOST}, --ca-out, "{}", --client-out, "{}"]}}]
 "#,
         script.display(),
-        ca.display()
+        ca.display(),
+        client.display()
     );
     apply_yaml(&server)?;
     let deadline = Instant::now() + Duration::from_secs(20);
@@ -827,7 +830,7 @@ spec:
     let ip = pod_ip("plain/tls-echo")?;
     // Istio's egress TLS origination task, with the server's CA instead of the system's roots:
     // plain HTTP on port 80 leaves the source proxy as TLS to 8443.
-    let origination = |extra: &str| {
+    let with_tls = |tls: &str| {
         format!(
             r#"
 apiVersion: networking.istio.io/v1
@@ -848,10 +851,15 @@ spec:
   trafficPolicy:
     portLevelSettings:
     - port: {{number: 80}}
-      tls: {{mode: SIMPLE, caCertificates: "{}"{extra}}}
-"#,
-            ca.display()
+      tls: {{{tls}}}
+"#
         )
+    };
+    let origination = |extra: &str| {
+        with_tls(&format!(
+            "mode: SIMPLE, caCertificates: \"{}\"{extra}",
+            ca.display()
+        ))
     };
     apply_yaml(&origination(""))?;
 
@@ -937,8 +945,53 @@ spec:
         "node-1's log ({}) does not say why the rule was not applied",
         log.display()
     );
-    delete_yaml(&origination(""))?;
+
+    // Istio's `credentialName`: the client certificate, its key and the CA come from a Secret
+    // of the rule's namespace. Named before the Secret exists, the rule fails and the node
+    // says why; once the Secret is applied, the server sees the client's certificate.
+    let mutual = with_tls("mode: MUTUAL, credentialName: tls-echo-client");
+    apply_yaml(&mutual)?;
+    let (status, body) = curl_external(&ip, "/no-secret")?;
+    ensure!(
+        status == 503,
+        "a rule naming a missing Secret answered {status}: {body}"
+    );
+    let said = fs::read_to_string(&log).unwrap_or_default();
+    ensure!(
+        said.contains("Secret mesh/tls-echo-client does not exist"),
+        "node-1's log ({}) does not name the missing Secret",
+        log.display()
+    );
+    let material: Value = serde_json::from_str(&fs::read_to_string(&client)?)?;
+    let secret = serde_json::to_string(&serde_json::json!({
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "type": "kubernetes.io/tls",
+        "metadata": {"name": "tls-echo-client", "namespace": "mesh"},
+        "stringData": {"tls.crt": material["cert"], "tls.key": material["key"], "ca.crt": material["ca"]},
+    }))?;
+    apply_yaml(&secret)?;
+    let (status, body) = curl_external(&ip, "/credential")?;
+    ensure!(
+        status == 200,
+        "with the Secret applied, the request answered {status}: {body}"
+    );
+    let seen: Value =
+        serde_json::from_str(&body).with_context(|| format!("server said {body:?}"))?;
+    println!("    with credentialName, the server saw {seen}");
+    ensure!(
+        seen["client"] == "tls-echo-client" && seen["sni"] == EXTERNAL_HOST,
+        "the server did not see the Secret's client certificate: {seen}"
+    );
+    let said = fs::read_to_string(&log).unwrap_or_default();
+    ensure!(
+        !said.contains("PRIVATE KEY"),
+        "node-1's log shows a private key"
+    );
+    delete_yaml(&secret)?;
+    delete_yaml(&mutual)?;
     delete_yaml(&server)?;
+    let _ = fs::remove_file(&client);
     Ok(())
 }
 

@@ -19,7 +19,7 @@ pub mod policy;
 pub mod traffic;
 
 pub use policy::{AuthorizationPolicy, PeerAuthentication};
-pub use traffic::{DestinationRule, GrpcRoute, HttpRoute, ServiceEntry, VirtualService};
+pub use traffic::{DestinationRule, GrpcRoute, HttpRoute, ServiceEntry, TlsSecret, VirtualService};
 
 /// Namespace label that opts a namespace into the mesh (`enabled`).
 pub const MESH_LABEL: &str = "weft.io/mesh";
@@ -298,6 +298,8 @@ pub struct Snapshot {
     /// Gateway API routes, including those whose parents are Gateways rather than Services.
     pub http_routes: Map<ObjectKey, Arc<HttpRoute>>,
     pub grpc_routes: Map<ObjectKey, Arc<GrpcRoute>>,
+    /// Secrets with TLS material, for DestinationRules' `credentialName`.
+    pub secrets: Map<ObjectKey, Arc<TlsSecret>>,
     /// Indexes by address: kept in step by the incremental assembler, rebuilt by
     /// [`Snapshot::index`] for snapshots filled by hand.
     pub pods_by_ip: Map<Ipv4Addr, ObjectKey>,

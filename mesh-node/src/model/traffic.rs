@@ -612,7 +612,8 @@ pub struct OutlierDetection {
     pub min_health_percent: Option<u32>,
 }
 
-/// Istio's `ClientTLSSettings`. File paths are read on the node that originates TLS.
+/// Istio's `ClientTLSSettings`. File paths are read on the node that originates TLS; a
+/// `credential_name` names a [`TlsSecret`] in the rule's namespace instead of the files.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct ClientTls {
     pub mode: TlsMode,
@@ -628,6 +629,38 @@ pub struct ClientTls {
     /// PEM file of certificate revocation lists.
     pub ca_crl: Option<Arc<str>>,
     pub insecure_skip_verify: bool,
+}
+
+/// The TLS material of a Kubernetes Secret, for DestinationRule `credentialName`. Istio's two
+/// shapes are read: a `kubernetes.io/tls` Secret (`tls.crt`, `tls.key`, `ca.crt`, `ca.crl`) and
+/// a generic one (`cert`, `key`, `cacert`, `crl`). Only values that are PEM are kept, so a
+/// Secret of some other application is never held.
+#[derive(Clone, PartialEq, Eq, Hash)]
+pub struct TlsSecret {
+    pub key: ObjectKey,
+    /// Client certificate chain.
+    pub cert: Option<Arc<str>>,
+    /// Private key of `cert`; never printed.
+    pub private_key: Option<Arc<str>>,
+    /// CAs that verify the server.
+    pub ca: Option<Arc<str>>,
+    /// Certificate revocation lists.
+    pub crl: Option<Arc<str>>,
+}
+
+impl fmt::Debug for TlsSecret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("TlsSecret")
+            .field("key", &self.key)
+            .field("cert", &self.cert.is_some())
+            .field(
+                "private_key",
+                &self.private_key.as_ref().map(|_| "<redacted>"),
+            )
+            .field("ca", &self.ca.is_some())
+            .field("crl", &self.crl.is_some())
+            .finish()
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]

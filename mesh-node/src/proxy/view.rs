@@ -5,12 +5,15 @@
 use std::{
     collections::HashMap,
     sync::{Arc, RwLock},
+    time::{Duration, Instant},
 };
 
 use super::{
     route::RouteIndex,
     upstream::cluster::{self, Cluster, ClusterError, ClusterKey, Clusters},
 };
+use tracing::warn;
+
 use crate::model::{Map, Snapshot};
 
 /// A cluster as a client namespace sees it (`exportTo` makes rules namespace-dependent).
@@ -21,10 +24,18 @@ pub(crate) struct View {
     pub snapshot: Arc<Snapshot>,
     /// HTTP and TCP routes of every Service that has any.
     pub routes: Arc<RouteIndex>,
-    /// Clusters connections asked for, built once per view; carried into the next view when
-    /// the change did not touch them.
-    clusters: RwLock<HashMap<ClusterSlot, Arc<Cluster>>>,
+    /// Clusters connections asked for, built once per view (a cluster that cannot be built
+    /// too: its error is logged once, not per request); carried into the next view when the
+    /// change did not touch them.
+    clusters: RwLock<HashMap<ClusterSlot, Built>>,
 }
+
+/// A cluster, or why it could not be built and when that was found.
+type Built = Result<Arc<Cluster>, (ClusterError, Instant)>;
+
+/// How long a cluster that could not be built answers with that error before it is tried
+/// again: files named by a rule may appear on the node without any configuration change.
+const RETRY_FAILED: Duration = Duration::from_secs(5);
 
 impl View {
     /// Compiles `snapshot`. What `previous` compiled is reused where its inputs are the same
@@ -49,7 +60,7 @@ impl View {
             let rules_unchanged = same_entries(
                 &previous.snapshot.destination_rules,
                 &snapshot.destination_rules,
-            );
+            ) && same_entries(&previous.snapshot.secrets, &snapshot.secrets);
             let old = previous.clusters.read().unwrap_or_else(|e| e.into_inner());
             for ((key, namespace), cluster) in old.iter() {
                 let endpoints_unchanged = match (
@@ -60,14 +71,16 @@ impl View {
                     (None, None) => true,
                     _ => false,
                 };
-                let reused = (rules_unchanged
+                let unchanged = rules_unchanged
                     && endpoints_unchanged
-                    && pods_unchanged(&previous.snapshot, &snapshot, key))
-                .then(|| cluster.clone())
-                .or_else(|| build(&snapshot, states, key, namespace.as_deref()).ok());
-                if let Some(cluster) = reused {
-                    clusters.insert((key.clone(), namespace.clone()), cluster);
-                }
+                    && pods_unchanged(&previous.snapshot, &snapshot, key);
+                let reused = if unchanged {
+                    cluster.clone()
+                } else {
+                    let failed = cluster.as_ref().err();
+                    build(&snapshot, states, key, namespace.as_deref(), failed)
+                };
+                clusters.insert((key.clone(), namespace.clone()), reused);
             }
         }
         Self {
@@ -86,17 +99,30 @@ impl View {
         namespace: Option<&Arc<str>>,
     ) -> Result<Arc<Cluster>, ClusterError> {
         let slot = (key.clone(), namespace.cloned());
-        if let Some(cluster) = self
+        let failed = match self
             .clusters
             .read()
             .unwrap_or_else(|e| e.into_inner())
             .get(&slot)
         {
-            return Ok(cluster.clone());
-        }
-        let cluster = build(&self.snapshot, states, key, namespace.map(|n| &**n))?;
+            Some(Ok(cluster)) => return Ok(cluster.clone()),
+            Some(Err((error, at))) if at.elapsed() < RETRY_FAILED => return Err(error.clone()),
+            Some(Err(failed)) => Some(failed.clone()),
+            None => None,
+        };
+        let built = build(
+            &self.snapshot,
+            states,
+            key,
+            namespace.map(|n| &**n),
+            failed.as_ref(),
+        );
         let mut clusters = self.clusters.write().unwrap_or_else(|e| e.into_inner());
-        Ok(clusters.entry(slot).or_insert(cluster).clone())
+        let entry = clusters.entry(slot).or_insert(built.clone());
+        if failed.is_some() {
+            *entry = built;
+        }
+        entry.clone().map_err(|(error, _)| error)
     }
 }
 
@@ -105,20 +131,33 @@ fn build(
     states: &Clusters,
     key: &ClusterKey,
     namespace: Option<&str>,
-) -> Result<Arc<Cluster>, ClusterError> {
+    failed: Option<&(ClusterError, Instant)>,
+) -> Built {
     let policy = cluster::policy_for(snapshot, key, namespace);
     // A rule's files are read only from the directory the operator gave for them.
-    if let Some(tls) = &policy.tls {
-        crate::tls::origination::check_files(tls, states.tls_files()).map_err(|reason| {
-            ClusterError::Tls {
-                service: key.service.clone(),
-                port: key.port,
-                rule: policy.rule.clone(),
-                reason: Box::new(reason),
-            }
-        })?;
-    }
-    Cluster::build(snapshot, key.clone(), policy, states.state(key)).map(Arc::new)
+    let checked = match &policy.tls {
+        Some(tls) => {
+            crate::tls::origination::check_files(tls, states.tls_files()).map_err(|reason| {
+                ClusterError::Tls {
+                    service: key.service.clone(),
+                    port: key.port,
+                    rule: policy.rule.clone(),
+                    reason: Box::new(reason),
+                }
+            })
+        }
+        None => Ok(()),
+    };
+    let built = checked
+        .and_then(|()| Cluster::build(snapshot, key.clone(), policy, states.state(key)))
+        .map(Arc::new);
+    built.map_err(|error| {
+        // A rule's TLS the proxy may not or cannot set up: the operator has to see it, once.
+        if matches!(error, ClusterError::Tls { .. }) && failed.is_none_or(|(f, _)| *f != error) {
+            warn!("{error}");
+        }
+        (error, Instant::now())
+    })
 }
 
 /// Whether the routes of `old` are all still there in `new`, as the same objects. With the
@@ -270,7 +309,7 @@ mod tests {
         let second = View::new(Arc::new(second), Some(&first), &states);
         let a_again = second.cluster(&states, &key("a"), None).unwrap();
         assert!(!Arc::ptr_eq(&a, &a_again));
-        let pick = a_again.pick(None, None, std::time::Instant::now()).unwrap();
+        let pick = a_again.pick(None, None, Instant::now()).unwrap();
         assert_eq!(pick.pod.unwrap().version(), "v2");
     }
 

@@ -74,6 +74,7 @@ impl Assembler {
             Object::PeerAuthentication(p) => replace_arc(&mut s.peer_authentications, &p.key, p),
             Object::HttpRoute(r) => replace_arc(&mut s.http_routes, &r.key, r),
             Object::GrpcRoute(r) => replace_arc(&mut s.grpc_routes, &r.key, r),
+            Object::Secret(secret) => replace_arc(&mut s.secrets, &secret.key, secret),
         }
     }
 
@@ -112,6 +113,9 @@ impl Assembler {
             }
             Kind::GrpcRoute => {
                 s.grpc_routes.remove(key);
+            }
+            Kind::Secret => {
+                s.secrets.remove(key);
             }
         }
     }

@@ -1,5 +1,5 @@
 //! Translation of the core Kubernetes kinds the model uses: `Namespace`, `Node`, `Pod`,
-//! `Service` and `discovery.k8s.io/v1` `EndpointSlice`.
+//! `Service`, `Secret` (TLS material only) and `discovery.k8s.io/v1` `EndpointSlice`.
 
 use std::{net::Ipv4Addr, sync::Arc};
 
@@ -7,7 +7,8 @@ use super::yaml::Value;
 
 use super::fields::{metadata, show, FieldError, Fields};
 use crate::model::{
-    Namespace, Node, ObjectKey, Pod, Protocol, Service, ServicePort, TargetPort, CGROUP_ANNOTATION,
+    Namespace, Node, ObjectKey, Pod, Protocol, Service, ServicePort, TargetPort, TlsSecret,
+    CGROUP_ANNOTATION,
 };
 
 /// Label of an EndpointSlice naming the Service it belongs to.
@@ -277,4 +278,82 @@ pub(super) fn endpoint_slice(fields: &Fields<'_>) -> Result<Option<EndpointSlice
         ports,
         endpoints,
     }))
+}
+
+/// The keys of a Secret Istio reads TLS material from, in both of its shapes, by what they hold.
+const SECRET_KEYS: [(&str, SecretPart); 8] = [
+    ("tls.crt", SecretPart::Cert),
+    ("cert", SecretPart::Cert),
+    ("tls.key", SecretPart::Key),
+    ("key", SecretPart::Key),
+    ("ca.crt", SecretPart::Ca),
+    ("cacert", SecretPart::Ca),
+    ("ca.crl", SecretPart::Crl),
+    ("crl", SecretPart::Crl),
+];
+
+/// Whether a Secret's key is one Istio reads TLS material from.
+pub fn is_tls_secret_key(name: &str) -> bool {
+    SECRET_KEYS.iter().any(|(key, _)| *key == name)
+}
+
+#[derive(Clone, Copy)]
+enum SecretPart {
+    Cert,
+    Key,
+    Ca,
+    Crl,
+}
+
+/// A Secret's TLS material: the PEM values under Istio's keys (`data`, base64, or
+/// `stringData`). `None` when it has none: most Secrets belong to other applications, and
+/// their values are never kept.
+pub(super) fn secret(fields: &Fields<'_>) -> Result<Option<TlsSecret>, FieldError> {
+    use base64::Engine as _;
+    let meta = metadata(fields, true)?;
+    let mut secret = TlsSecret {
+        key: ObjectKey {
+            namespace: meta.namespace,
+            name: meta.name,
+        },
+        cert: None,
+        private_key: None,
+        ca: None,
+        crl: None,
+    };
+    let mut values = std::collections::HashMap::new();
+    for (name, encoded) in fields.str_map("data")? {
+        if !is_tls_secret_key(name) {
+            continue;
+        }
+        let bytes = base64::engine::general_purpose::STANDARD
+            .decode(encoded.trim())
+            .map_err(|e| FieldError {
+                field: fields.path(&format!("data.{name}")),
+                reason: format!("not base64: {e}"),
+            })?;
+        if let Ok(text) = String::from_utf8(bytes) {
+            values.insert(name, text);
+        }
+    }
+    // `stringData` wins over `data`, as the API server merges them.
+    for (name, value) in fields.str_map("stringData")? {
+        values.insert(name, value.to_string());
+    }
+    let mut found = false;
+    // Both shapes' keys given: the Kubernetes TLS shape's (first in the table) wins.
+    for (name, part) in SECRET_KEYS.iter().rev() {
+        let Some(pem) = values.remove(name).filter(|v| v.contains("-----BEGIN ")) else {
+            continue;
+        };
+        let slot = match part {
+            SecretPart::Cert => &mut secret.cert,
+            SecretPart::Key => &mut secret.private_key,
+            SecretPart::Ca => &mut secret.ca,
+            SecretPart::Crl => &mut secret.crl,
+        };
+        *slot = Some(pem.into());
+        found = true;
+    }
+    Ok(found.then_some(secret))
 }

@@ -1173,12 +1173,6 @@ fn client_tls(policy: &Fields<'_>) -> Result<Option<ClientTls>> {
             }
         }
     }
-    if let Some(name) = &credential_name {
-        return Err(tls.error(
-            "credentialName",
-            format!("reading certificates from Secret {name:?} is not supported by Weft yet; give caCertificates, clientCertificate and privateKey as files on the nodes"),
-        ));
-    }
     let ca_crl = opt_str(&tls, "caCrl")?;
     if mode == TlsMode::IstioMutual {
         for key in [
@@ -1189,6 +1183,7 @@ fn client_tls(policy: &Fields<'_>) -> Result<Option<ClientTls>> {
             "caCrl",
             "clientCertificate",
             "privateKey",
+            "credentialName",
         ] {
             if tls.get(key).is_some() {
                 return Err(tls.error(
@@ -2093,7 +2088,8 @@ spec:
             ("{host: reviews, trafficPolicy: {loadBalancer: {consistentHash: {httpHeaderName: x-user, useSourceIp: true}}}}", "spec.trafficPolicy.loadBalancer.consistentHash.useSourceIp", "only one hash key"),
             ("{host: reviews, trafficPolicy: {tls: {mode: STRICT}}}", "spec.trafficPolicy.tls.mode", "expected one of DISABLE, SIMPLE, MUTUAL, ISTIO_MUTUAL"),
             ("{host: reviews, trafficPolicy: {tls: {mode: MUTUAL}}}", "spec.trafficPolicy.tls.clientCertificate", "client certificate required"),
-            ("{host: reviews, trafficPolicy: {tls: {mode: SIMPLE, credentialName: api-ca}}}", "spec.trafficPolicy.tls.credentialName", "not supported by Weft yet"),
+            ("{host: reviews, trafficPolicy: {tls: {mode: SIMPLE, credentialName: api-ca, caCertificates: /ca.pem}}}", "spec.trafficPolicy.tls.caCertificates", "If credentialName is set"),
+            ("{host: reviews, trafficPolicy: {tls: {mode: ISTIO_MUTUAL, credentialName: api-ca}}}", "spec.trafficPolicy.tls.credentialName", "not supported with the mesh's mTLS"),
             ("{host: reviews, trafficPolicy: {tls: {mode: MUTUAL, clientCertificate: /c.pem}}}", "spec.trafficPolicy.tls.privateKey", "private key required"),
             ("{host: reviews, trafficPolicy: {tls: {mode: SIMPLE, insecureSkipVerify: maybe}}}", "spec.trafficPolicy.tls.insecureSkipVerify", "expected true or false"),
             ("{host: reviews, trafficPolicy: {tls: {mode: ISTIO_MUTUAL, subjectAltNames: [spiffe://cluster.local/ns/a/sa/b]}}}", "spec.trafficPolicy.tls.subjectAltNames", "not supported with the mesh's mTLS"),

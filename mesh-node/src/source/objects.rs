@@ -9,7 +9,9 @@ use std::{fmt, sync::Arc};
 use super::yaml::Value;
 use serde::Serialize;
 
-pub use super::core::{EndpointSlice, SliceEndpoint, SlicePort, SERVICE_NAME_LABEL};
+pub use super::core::{
+    is_tls_secret_key, EndpointSlice, SliceEndpoint, SlicePort, SERVICE_NAME_LABEL,
+};
 use super::{
     core,
     fields::{FieldError, Fields},
@@ -17,7 +19,7 @@ use super::{
 };
 use crate::model::{
     AuthorizationPolicy, DestinationRule, GrpcRoute, HttpRoute, Namespace, Node, ObjectKey,
-    PeerAuthentication, Pod, Service, ServiceEntry, VirtualService,
+    PeerAuthentication, Pod, Service, ServiceEntry, TlsSecret, VirtualService,
 };
 
 /// The kinds of Kubernetes objects the model is built from.
@@ -35,6 +37,7 @@ pub enum Kind {
     PeerAuthentication,
     HttpRoute,
     GrpcRoute,
+    Secret,
 }
 
 impl Kind {
@@ -52,6 +55,7 @@ impl Kind {
             Kind::PeerAuthentication => "PeerAuthentication",
             Kind::HttpRoute => "HTTPRoute",
             Kind::GrpcRoute => "GRPCRoute",
+            Kind::Secret => "Secret",
         }
     }
 
@@ -99,6 +103,7 @@ pub enum Object {
     PeerAuthentication(Arc<PeerAuthentication>),
     HttpRoute(Arc<HttpRoute>),
     GrpcRoute(Arc<GrpcRoute>),
+    Secret(Arc<TlsSecret>),
 }
 
 impl Object {
@@ -116,6 +121,7 @@ impl Object {
             Object::PeerAuthentication(p) => (Kind::PeerAuthentication, p.key.clone()),
             Object::HttpRoute(r) => (Kind::HttpRoute, r.key.clone()),
             Object::GrpcRoute(r) => (Kind::GrpcRoute, r.key.clone()),
+            Object::Secret(s) => (Kind::Secret, s.key.clone()),
         };
         ResourceId { kind, key }
     }
@@ -185,6 +191,7 @@ fn translate_into(doc: &Value, prefix: &str, out: &mut Vec<Result<Object, Invali
         ("v1", "Node") => Kind::Node,
         ("v1", "Pod") => Kind::Pod,
         ("v1", "Service") => Kind::Service,
+        ("v1", "Secret") => Kind::Secret,
         ("discovery.k8s.io/v1" | "discovery.k8s.io/v1beta1", "EndpointSlice") => {
             Kind::EndpointSlice
         }
@@ -238,6 +245,7 @@ fn translate_into(doc: &Value, prefix: &str, out: &mut Vec<Result<Object, Invali
         Kind::GrpcRoute => {
             gateway::grpc_route(&fields).map(|r| Some(Object::GrpcRoute(Arc::new(r))))
         }
+        Kind::Secret => core::secret(&fields).map(|s| s.map(|s| Object::Secret(Arc::new(s)))),
     };
     match result {
         Ok(object) => out.extend(object.map(Ok)),
@@ -332,6 +340,60 @@ mod tests {
         let mut out = translate(&value);
         assert_eq!(out.len(), 1, "{out:?}");
         out.remove(0).map_err(Box::new)
+    }
+
+    #[test]
+    fn secrets_yield_only_their_pem_tls_material() {
+        use base64::Engine as _;
+        let b64 = |s: &str| base64::engine::general_purpose::STANDARD.encode(s);
+        let pem = |label: &str| format!("-----BEGIN {label}-----\nMIIB\n-----END {label}-----\n");
+        let yaml = format!(
+            "apiVersion: v1\nkind: Secret\nmetadata: {{name: db-client, namespace: shop}}\n\
+             type: kubernetes.io/tls\ndata:\n  tls.crt: {}\n  tls.key: {}\n  cert: {}\n  \
+             password: {}\nstringData:\n  ca.crt: |\n    -----BEGIN CERTIFICATE-----\n    \
+             MIIC\n    -----END CERTIFICATE-----\n",
+            b64(&pem("CERTIFICATE")),
+            b64(&pem("PRIVATE KEY")),
+            b64("not pem"),
+            b64(&pem("PRIVATE KEY")),
+        );
+        let Object::Secret(secret) = one(&yaml).unwrap() else {
+            panic!()
+        };
+        assert_eq!(secret.key, ObjectKey::new("shop", "db-client"));
+        assert_eq!(secret.cert.as_deref(), Some(&*pem("CERTIFICATE")));
+        assert_eq!(secret.private_key.as_deref(), Some(&*pem("PRIVATE KEY")));
+        assert!(secret
+            .ca
+            .as_deref()
+            .unwrap()
+            .starts_with("-----BEGIN CERTIFICATE-----\nMIIC"));
+        assert_eq!(secret.crl, None);
+
+        // Istio's generic shape, and a Secret of another application (nothing kept).
+        let generic = format!(
+            "apiVersion: v1\nkind: Secret\nmetadata: {{name: api-ca, namespace: shop}}\n\
+             data: {{cacert: {}, crl: {}}}\n",
+            b64(&pem("CERTIFICATE")),
+            b64(&pem("X509 CRL"))
+        );
+        let Object::Secret(secret) = one(&generic).unwrap() else {
+            panic!()
+        };
+        assert!(secret.ca.is_some() && secret.crl.is_some() && secret.cert.is_none());
+        let other = format!(
+            "apiVersion: v1\nkind: Secret\nmetadata: {{name: app}}\ndata: {{key: {}, token: {}}}\n",
+            b64("sk-live-123"),
+            b64(&pem("PRIVATE KEY"))
+        );
+        let value: Value = crate::source::yaml::parse(&other).unwrap();
+        assert!(translate(&value).is_empty());
+
+        let bad = "apiVersion: v1\nkind: Secret\nmetadata: {name: db, namespace: shop}\ndata: {tls.crt: '%%%'}\n";
+        let err = one(bad).unwrap_err();
+        assert_eq!(err.field, "data.tls.crt");
+        assert!(err.reason.starts_with("not base64"), "{}", err.reason);
+        assert_eq!(err.name.as_deref(), Some("shop/db"));
     }
 
     #[test]

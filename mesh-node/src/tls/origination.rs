@@ -4,14 +4,19 @@
 //! - SNI: `sni` when set, else the destination's host (the ServiceEntry host, or the
 //!   Service's `name.namespace.svc.cluster.local`) — Istio's automatic SNI for the host.
 //! - The server is verified against `caCertificates` (a PEM file on the node), else the
-//!   system's roots; revocation lists from `caCrl` are honoured. Its name is checked against
+//!   system's roots; revocation lists from `caCrl` are honoured. With `credentialName`, the
+//!   CA, revocation lists and client certificate come from that Secret in the rule's
+//!   namespace instead (a CA may also be in a Secret named `<credentialName>-cacert`, as in
+//!   Istio), and a CA is required: Istio verifies such a server only against the Secret's CA. Its name is checked against
 //!   `subjectAltNames` (DNS or URI SANs, any one matching) when set, else against the SNI, as
 //!   Istio's automatic SAN validation does. `insecureSkipVerify: true` skips both checks (the
 //!   handshake's signature still has to verify).
-//! - `MUTUAL` presents `clientCertificate` with `privateKey`.
+//! - `MUTUAL` presents `clientCertificate` with `privateKey` (or the Secret's certificate and
+//!   key).
 //! - ALPN: `http/1.1` or `h2` for HTTP connections (what the pool speaks), none for TCP.
 //!
-//! Files are read when the cluster is built (a configuration change), never per connection.
+//! Files and Secrets are read when the cluster is built (a configuration change), never per
+//! connection; a changed Secret makes new clusters whose connections are pooled apart.
 //! Unlike HBONE (TLS 1.3 only), TLS 1.2 is offered too: external servers still speak it.
 
 use std::{fmt, hash::Hash, path::Path, sync::Arc};
@@ -29,7 +34,10 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio_rustls::{client::TlsStream, TlsConnector};
 
 use super::{certs_from_pem, key_from_pem, provider};
-use crate::model::traffic::{ClientTls, TlsMode};
+use crate::model::{
+    traffic::{ClientTls, TlsMode},
+    Map, ObjectKey, TlsSecret,
+};
 
 /// The application protocol a connection carries, for ALPN.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -53,15 +61,132 @@ pub enum OriginationError {
         path: Arc<str>,
         dir: String,
     },
+    #[error("credentialName: Secret {0} does not exist or holds no PEM certificate, key or CA under Istio's keys (tls.crt, tls.key, ca.crt, ca.crl or cert, key, cacert, crl)")]
+    NoSecret(ObjectKey),
+    #[error("credentialName: Secret {secret} has no {what}")]
+    SecretLacks {
+        secret: ObjectKey,
+        what: &'static str,
+    },
     #[error("sni {0:?} is not a valid server name")]
     ServerName(String),
     #[error("TLS configuration: {0}")]
     Config(String),
 }
 
+/// Where the certificates, key and CAs of a rule's TLS come from.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub enum Material {
+    /// The files the settings name, on the node.
+    Files,
+    /// The Secret `credentialName` names, and the CA-only `<name>-cacert` Secret if any.
+    Secret {
+        secret: Arc<TlsSecret>,
+        ca: Option<Arc<TlsSecret>>,
+    },
+}
+
+impl Material {
+    /// The material of `settings` in a rule of `namespace`: its Secret, looked up only in the
+    /// rule's own namespace (a rule can never use another tenant's Secret), or its files.
+    pub fn of(
+        settings: &ClientTls,
+        namespace: &str,
+        secrets: &Map<ObjectKey, Arc<TlsSecret>>,
+    ) -> Result<Self, OriginationError> {
+        let Some(name) = &settings.credential_name else {
+            return Ok(Material::Files);
+        };
+        let key = ObjectKey::new(namespace, name);
+        let secret = secrets
+            .get(&key)
+            .cloned()
+            .ok_or(OriginationError::NoSecret(key))?;
+        let ca = secrets
+            .get(&ObjectKey::new(namespace, &format!("{name}-cacert")))
+            .cloned();
+        Ok(Material::Secret { secret, ca })
+    }
+
+    /// The PEM text of one part, and where it came from (for errors).
+    fn pem(
+        &self,
+        settings: &ClientTls,
+        part: Part,
+    ) -> Result<Option<(String, Source)>, OriginationError> {
+        match self {
+            Material::Files => {
+                let (field, path) = match part {
+                    Part::Cert => ("clientCertificate", &settings.client_certificate),
+                    Part::Key => ("privateKey", &settings.private_key),
+                    Part::Ca => ("caCertificates", &settings.ca_certificates),
+                    Part::Crl => ("caCrl", &settings.ca_crl),
+                };
+                let Some(path) = path else { return Ok(None) };
+                let text = read(field, path)?;
+                Ok(Some((
+                    text,
+                    Source {
+                        field,
+                        origin: path.clone(),
+                    },
+                )))
+            }
+            Material::Secret { secret, ca } => {
+                let of = |s: &TlsSecret| match part {
+                    Part::Cert => s.cert.clone(),
+                    Part::Key => s.private_key.clone(),
+                    Part::Ca => s.ca.clone(),
+                    Part::Crl => s.crl.clone(),
+                };
+                let found = of(secret).map(|pem| (pem, &secret.key)).or_else(|| {
+                    let ca = ca
+                        .as_ref()
+                        .filter(|_| matches!(part, Part::Ca | Part::Crl))?;
+                    of(ca).map(|pem| (pem, &ca.key))
+                });
+                Ok(found.map(|(pem, key)| {
+                    (
+                        pem.to_string(),
+                        Source {
+                            field: "credentialName",
+                            origin: format!("Secret {key}").into(),
+                        },
+                    )
+                }))
+            }
+        }
+    }
+}
+
+#[derive(Clone, Copy)]
+enum Part {
+    Cert,
+    Key,
+    Ca,
+    Crl,
+}
+
+/// Where a piece of PEM was read from.
+struct Source {
+    field: &'static str,
+    origin: Arc<str>,
+}
+
+impl Source {
+    fn error(&self, e: impl fmt::Display) -> OriginationError {
+        OriginationError::File {
+            field: self.field,
+            path: self.origin.clone(),
+            reason: e.to_string(),
+        }
+    }
+}
+
 /// The TLS a cluster originates: one client configuration per ALPN, and the server name.
 pub struct Origination {
     settings: ClientTls,
+    material: Material,
     server_name: ServerName<'static>,
     configs: [Arc<ClientConfig>; 3],
 }
@@ -79,7 +204,9 @@ impl fmt::Debug for Origination {
 /// pooled connection of one serves the other.
 impl PartialEq for Origination {
     fn eq(&self, other: &Self) -> bool {
-        self.settings == other.settings && self.server_name == other.server_name
+        self.settings == other.settings
+            && self.material == other.material
+            && self.server_name == other.server_name
     }
 }
 
@@ -88,21 +215,26 @@ impl Eq for Origination {}
 impl Hash for Origination {
     fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
         self.settings.hash(state);
+        self.material.hash(state);
         self.server_name.to_str().hash(state);
     }
 }
 
 impl Origination {
-    /// Builds the TLS `settings` ask for towards `host` (the destination's hostname). `None`
-    /// for a mode that originates nothing (`DISABLE`, `ISTIO_MUTUAL`).
-    pub fn new(settings: &ClientTls, host: &str) -> Result<Option<Self>, OriginationError> {
+    /// Builds the TLS `settings` ask for towards `host` (the destination's hostname), from
+    /// `material`. `None` for a mode that originates nothing (`DISABLE`, `ISTIO_MUTUAL`).
+    pub fn new(
+        settings: &ClientTls,
+        host: &str,
+        material: Material,
+    ) -> Result<Option<Self>, OriginationError> {
         if !matches!(settings.mode, TlsMode::Simple | TlsMode::Mutual) {
             return Ok(None);
         }
         let sni = settings.sni.as_deref().unwrap_or(host);
         let server_name = ServerName::try_from(sni.to_string())
             .map_err(|_| OriginationError::ServerName(sni.into()))?;
-        let verifier = verifier(settings)?;
+        let verifier = verifier(settings, &material)?;
         let builder = ClientConfig::builder_with_provider(provider())
             .with_safe_default_protocol_versions()
             .map_err(|e| OriginationError::Config(e.to_string()))?
@@ -110,20 +242,24 @@ impl Origination {
             .with_custom_certificate_verifier(verifier);
         let base = match settings.mode {
             TlsMode::Mutual => {
-                let chain_path = settings.client_certificate.as_ref();
-                let key_path = settings.private_key.as_ref();
-                let (Some(chain_path), Some(key_path)) = (chain_path, key_path) else {
-                    return Err(OriginationError::Config(
-                        "MUTUAL needs clientCertificate and privateKey".into(),
-                    ));
+                let chain = material.pem(settings, Part::Cert)?;
+                let key = material.pem(settings, Part::Key)?;
+                let (Some((chain, chain_source)), Some((key, key_source))) = (chain, key) else {
+                    return Err(match &material {
+                        Material::Secret { secret, .. } => OriginationError::SecretLacks {
+                            secret: secret.key.clone(),
+                            what: "client certificate and key (tls.crt and tls.key, or cert and key) for MUTUAL",
+                        },
+                        Material::Files => OriginationError::Config(
+                            "MUTUAL needs clientCertificate and privateKey".into(),
+                        ),
+                    });
                 };
-                let chain = certs_from_pem(&read("clientCertificate", chain_path)?)
-                    .map_err(|e| file_error("clientCertificate", chain_path, e))?;
-                let key = key_from_pem(&read("privateKey", key_path)?)
-                    .map_err(|e| file_error("privateKey", key_path, e))?;
+                let chain = certs_from_pem(&chain).map_err(|e| chain_source.error(e))?;
+                let key = key_from_pem(&key).map_err(|e| key_source.error(e))?;
                 builder
                     .with_client_auth_cert(chain, key)
-                    .map_err(|e| OriginationError::Config(e.to_string()))?
+                    .map_err(|e| key_source.error(e))?
             }
             _ => builder.with_no_client_auth(),
         };
@@ -134,6 +270,7 @@ impl Origination {
         };
         Ok(Some(Self {
             settings: settings.clone(),
+            material,
             server_name,
             configs: [with(&[]), with(&[b"http/1.1"]), with(&[b"h2"])],
         }))
@@ -203,34 +340,30 @@ fn read(field: &'static str, path: &Arc<str>) -> Result<String, OriginationError
     })
 }
 
-fn file_error(field: &'static str, path: &Arc<str>, e: impl fmt::Display) -> OriginationError {
-    OriginationError::File {
-        field,
-        path: path.clone(),
-        reason: e.to_string(),
-    }
-}
-
-fn verifier(settings: &ClientTls) -> Result<Arc<dyn ServerCertVerifier>, OriginationError> {
+fn verifier(
+    settings: &ClientTls,
+    material: &Material,
+) -> Result<Arc<dyn ServerCertVerifier>, OriginationError> {
     let algorithms = provider().signature_verification_algorithms;
     if settings.insecure_skip_verify {
         return Ok(Arc::new(SkipVerify { algorithms }));
     }
     let mut roots = RootCertStore::empty();
-    match &settings.ca_certificates {
-        Some(path) => {
-            let certs = certs_from_pem(&read("caCertificates", path)?)
-                .map_err(|e| file_error("caCertificates", path, e))?;
+    match (material.pem(settings, Part::Ca)?, material) {
+        (Some((pem, source)), _) => {
+            let certs = certs_from_pem(&pem).map_err(|e| source.error(e))?;
             let (added, _) = roots.add_parsable_certificates(certs);
             if added == 0 {
-                return Err(file_error(
-                    "caCertificates",
-                    path,
-                    "no usable CA certificate",
-                ));
+                return Err(source.error("no usable CA certificate"));
             }
         }
-        None => {
+        (None, Material::Secret { secret, .. }) => {
+            return Err(OriginationError::SecretLacks {
+                secret: secret.key.clone(),
+                what: "CA certificate (ca.crt or cacert, here or in a Secret named <credentialName>-cacert) to verify the server with",
+            });
+        }
+        (None, Material::Files) => {
             let found = rustls_native_certs::load_native_certs();
             roots.add_parsable_certificates(found.certs);
             if roots.is_empty() {
@@ -241,12 +374,11 @@ fn verifier(settings: &ClientTls) -> Result<Arc<dyn ServerCertVerifier>, Origina
         }
     }
     let mut builder = WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider());
-    if let Some(path) = &settings.ca_crl {
+    if let Some((text, source)) = material.pem(settings, Part::Crl)? {
         use rustls::pki_types::pem::PemObject as _;
-        let text = read("caCrl", path)?;
         let crls = CertificateRevocationListDer::pem_slice_iter(text.as_bytes())
             .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| file_error("caCrl", path, e))?;
+            .map_err(|e| source.error(e))?;
         builder = builder.with_crls(crls);
     }
     let inner = builder
@@ -566,9 +698,13 @@ mod tests {
     async fn simple_sends_the_host_as_sni_and_verifies_the_server_against_the_ca() {
         let pki = Pki::new();
         let addr = server(&pki, &["api.example.test"], false).await;
-        let tls = Origination::new(&settings(&pki, TlsMode::Simple), "api.example.test")
-            .unwrap()
-            .unwrap();
+        let tls = Origination::new(
+            &settings(&pki, TlsMode::Simple),
+            "api.example.test",
+            Material::Files,
+        )
+        .unwrap()
+        .unwrap();
         assert_eq!(
             talk(&tls, addr, Alpn::Http1).await.unwrap(),
             "api.example.test http/1.1 0"
@@ -581,7 +717,7 @@ mod tests {
         // `sni` replaces the host; the certificate must then be valid for it.
         let mut other = settings(&pki, TlsMode::Simple);
         other.sni = Some("other.example.test".into());
-        let tls = Origination::new(&other, "api.example.test")
+        let tls = Origination::new(&other, "api.example.test", Material::Files)
             .unwrap()
             .unwrap();
         let err = talk(&tls, addr, Alpn::Http2).await.unwrap_err();
@@ -606,7 +742,7 @@ mod tests {
             (vec!["a.b.example.test"], false),
         ] {
             wanted.subject_alt_names = sans.iter().map(|s| Arc::from(*s)).collect();
-            let tls = Origination::new(&wanted, "api.example.test")
+            let tls = Origination::new(&wanted, "api.example.test", Material::Files)
                 .unwrap()
                 .unwrap();
             let result = talk(&tls, addr, Alpn::Http1).await;
@@ -622,15 +758,19 @@ mod tests {
         let pki = Pki::new();
         let stranger = Pki::new();
         let addr = server(&stranger, &["api.example.test"], false).await;
-        let tls = Origination::new(&settings(&pki, TlsMode::Simple), "api.example.test")
-            .unwrap()
-            .unwrap();
+        let tls = Origination::new(
+            &settings(&pki, TlsMode::Simple),
+            "api.example.test",
+            Material::Files,
+        )
+        .unwrap()
+        .unwrap();
         let err = talk(&tls, addr, Alpn::Http1).await.unwrap_err();
         assert!(err.to_string().contains("UnknownIssuer"), "{err}");
 
         let mut skip = settings(&pki, TlsMode::Simple);
         skip.insecure_skip_verify = true;
-        let tls = Origination::new(&skip, "api.example.test")
+        let tls = Origination::new(&skip, "api.example.test", Material::Files)
             .unwrap()
             .unwrap();
         assert!(talk(&tls, addr, Alpn::Http1).await.is_ok());
@@ -646,7 +786,7 @@ mod tests {
         let mut mutual = settings(&pki, TlsMode::Mutual);
         mutual.client_certificate = Some(pki.path("client.pem"));
         mutual.private_key = Some(pki.path("client.key"));
-        let tls = Origination::new(&mutual, "db.example.test")
+        let tls = Origination::new(&mutual, "db.example.test", Material::Files)
             .unwrap()
             .unwrap();
         assert_eq!(
@@ -655,10 +795,131 @@ mod tests {
         );
 
         // Without it the server refuses the handshake.
-        let simple = Origination::new(&settings(&pki, TlsMode::Simple), "db.example.test")
+        let simple = Origination::new(
+            &settings(&pki, TlsMode::Simple),
+            "db.example.test",
+            Material::Files,
+        )
+        .unwrap()
+        .unwrap();
+        assert!(talk(&simple, addr, Alpn::None).await.is_err());
+    }
+
+    fn secrets(list: &[TlsSecret]) -> Map<ObjectKey, Arc<TlsSecret>> {
+        list.iter()
+            .map(|s| (s.key.clone(), Arc::new(s.clone())))
+            .collect()
+    }
+
+    fn secret(name: &str) -> TlsSecret {
+        TlsSecret {
+            key: ObjectKey::new("shop", name),
+            cert: None,
+            private_key: None,
+            ca: None,
+            crl: None,
+        }
+    }
+
+    #[tokio::test]
+    async fn credential_name_reads_the_secret_of_the_rules_namespace() {
+        let pki = Pki::new();
+        let addr = server(&pki, &["db.example.test"], true).await;
+        let (_, _, cert_pem, key_pem) = pki.leaf(&["client.example.test"]);
+        let mut mutual = settings(&pki, TlsMode::Mutual);
+        mutual.ca_certificates = None;
+        mutual.credential_name = Some("db-client".into());
+        let full = TlsSecret {
+            cert: Some(cert_pem.clone().into()),
+            private_key: Some(key_pem.clone().into()),
+            ca: Some(pki.ca.pem().into()),
+            ..secret("db-client")
+        };
+        let in_force = secrets(std::slice::from_ref(&full));
+        let material = Material::of(&mutual, "shop", &in_force).unwrap();
+        let tls = Origination::new(&mutual, "db.example.test", material)
             .unwrap()
             .unwrap();
-        assert!(talk(&simple, addr, Alpn::None).await.is_err());
+        assert_eq!(
+            talk(&tls, addr, Alpn::None).await.unwrap(),
+            "db.example.test - 1"
+        );
+
+        // Another tenant's rule naming the same Secret finds nothing in its own namespace.
+        let err = Material::of(&mutual, "other", &in_force).unwrap_err();
+        assert_eq!(
+            err,
+            OriginationError::NoSecret(ObjectKey::new("other", "db-client"))
+        );
+        assert!(err
+            .to_string()
+            .contains("Secret other/db-client does not exist"));
+
+        // The CA may come from `<name>-cacert`; a changed Secret is another origination.
+        let split = secrets(&[
+            TlsSecret {
+                ca: None,
+                ..full.clone()
+            },
+            TlsSecret {
+                ca: Some(pki.ca.pem().into()),
+                ..secret("db-client-cacert")
+            },
+        ]);
+        let material = Material::of(&mutual, "shop", &split).unwrap();
+        let rotated = Origination::new(&mutual, "db.example.test", material)
+            .unwrap()
+            .unwrap();
+        assert_ne!(rotated, tls);
+        assert_eq!(
+            talk(&rotated, addr, Alpn::None).await.unwrap(),
+            "db.example.test - 1"
+        );
+
+        // A Secret without a CA, or MUTUAL without a key, is refused by name; the key
+        // never appears in what is printed.
+        for (lacking, what) in [
+            (
+                TlsSecret {
+                    ca: None,
+                    ..full.clone()
+                },
+                "no CA certificate",
+            ),
+            (
+                TlsSecret {
+                    private_key: None,
+                    ..full.clone()
+                },
+                "no client certificate and key",
+            ),
+        ] {
+            let material = Material::of(&mutual, "shop", &secrets(&[lacking])).unwrap();
+            let err = Origination::new(&mutual, "db.example.test", material).unwrap_err();
+            assert!(
+                err.to_string()
+                    .starts_with(&format!("credentialName: Secret shop/db-client has {what}")),
+                "{err}"
+            );
+        }
+        let printed = format!("{full:?} {:?}", Material::of(&mutual, "shop", &in_force));
+        assert!(!printed.contains("PRIVATE KEY"), "{printed}");
+        assert!(printed.contains("<redacted>"), "{printed}");
+
+        // A key that is not one: the Secret is named.
+        let broken = TlsSecret {
+            private_key: Some(
+                "-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----\n".into(),
+            ),
+            ..full
+        };
+        let material = Material::of(&mutual, "shop", &secrets(&[broken])).unwrap();
+        let err = Origination::new(&mutual, "db.example.test", material).unwrap_err();
+        assert!(
+            err.to_string()
+                .starts_with("cannot read credentialName Secret shop/db-client"),
+            "{err}"
+        );
     }
 
     #[test]
@@ -705,16 +966,18 @@ mod tests {
                 .to_string_lossy()
                 .into(),
         );
-        let err = Origination::new(&missing, "api.example.test").unwrap_err();
+        let err = Origination::new(&missing, "api.example.test", Material::Files).unwrap_err();
         assert!(
             err.to_string()
                 .starts_with("cannot read caCertificates /nonexistent/ca.pem"),
             "{err}"
         );
         for mode in [TlsMode::Disable, TlsMode::IstioMutual] {
-            assert!(Origination::new(&settings(&pki, mode), "x.test")
-                .unwrap()
-                .is_none());
+            assert!(
+                Origination::new(&settings(&pki, mode), "x.test", Material::Files)
+                    .unwrap()
+                    .is_none()
+            );
         }
     }
 }

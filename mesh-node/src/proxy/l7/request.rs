@@ -162,12 +162,7 @@ pub(super) async fn handle(conn: Arc<Conn>, request: Request<Incoming>) -> Reply
     let resolved = match conn.cluster(&view, key) {
         Ok(r) => r,
         Err(e) => {
-            // A rule's TLS files the proxy may not or cannot read: the operator has to see it.
-            if matches!(e, cluster::ClusterError::Tls { .. }) {
-                info!("{e}");
-            } else {
-                debug!("{e}");
-            }
+            debug!("{e}");
             return local_reply(
                 report,
                 StatusCode::SERVICE_UNAVAILABLE,

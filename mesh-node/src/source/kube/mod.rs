@@ -7,6 +7,7 @@
 //! | Pods on this node                  | `spec.nodeName=<node>`, not terminated            | full object |
 //! | Pods on other nodes                | `spec.nodeName!=<node>`, not terminated           | slim (`slim.rs`): name, labels, IP, node, service account, ports |
 //! | Nodes                              | cluster                                           | slim: name, addresses |
+//! | Secrets (not Helm releases or ServiceAccount tokens) | cluster                         | only the keys TLS material is read from; kept only if PEM |
 //! | mesh CRDs (Istio, Gateway API)     | cluster, the first served of the versions Weft reads | dynamic object |
 //!
 //! Every object is stripped of `managedFields`, converted to JSON and translated by
@@ -218,7 +219,7 @@ impl KubeSource {
     }
 }
 
-/// One watch of the source: the six core ones, then one per mesh CRD kind.
+/// One watch of the source: the seven core ones, then one per mesh CRD kind.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub(crate) enum Slot {
     Namespaces,
@@ -229,17 +230,20 @@ pub(crate) enum Slot {
     RemotePods,
     Services,
     EndpointSlices,
+    /// Secrets holding TLS material (DestinationRule `credentialName`).
+    Secrets,
     Crd(usize),
 }
 
 impl Slot {
-    const CORE: [Slot; 6] = [
+    const CORE: [Slot; 7] = [
         Slot::Namespaces,
         Slot::Nodes,
         Slot::LocalPods,
         Slot::RemotePods,
         Slot::Services,
         Slot::EndpointSlices,
+        Slot::Secrets,
     ];
 
     fn all() -> impl Iterator<Item = Slot> {
@@ -265,6 +269,7 @@ impl fmt::Display for Slot {
             Slot::RemotePods => f.write_str("v1 Pod (other nodes)"),
             Slot::Services => f.write_str("v1 Service"),
             Slot::EndpointSlices => f.write_str("discovery.k8s.io/v1 EndpointSlice"),
+            Slot::Secrets => f.write_str("v1 Secret (TLS material)"),
             Slot::Crd(i) => write!(f, "{}/* {}", CRD_KINDS[*i].group, CRD_KINDS[*i].kind),
         }
     }

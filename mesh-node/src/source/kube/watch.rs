@@ -9,7 +9,7 @@ use std::{
 
 use futures::StreamExt;
 use k8s_openapi::api::{
-    core::v1::{Namespace, ObjectReference, Pod, Service},
+    core::v1::{Namespace, ObjectReference, Pod, Secret, Service},
     discovery::v1::EndpointSlice,
 };
 use kube::{
@@ -35,6 +35,9 @@ const LAST_APPLIED: &str = "kubectl.kubernetes.io/last-applied-configuration";
 
 /// Terminated pods keep their IP in `status.podIP` after it was handed to another pod.
 const RUNNING_PODS: &str = "status.phase!=Succeeded,status.phase!=Failed";
+
+/// Secrets that never hold TLS material for DestinationRules (Istio filters the same ones).
+const TLS_SECRETS: &str = "type!=helm.sh/release.v1,type!=kubernetes.io/service-account-token";
 
 /// What every watch task needs.
 #[derive(Clone)]
@@ -163,8 +166,23 @@ pub(super) fn spawn_core(ctx: &Ctx, tasks: &mut JoinSet<()>) {
         ctx.clone(),
         Slot::EndpointSlices,
         Api::<EndpointSlice>::all(client.clone()),
-        base,
+        base.clone(),
         convert_full,
+    ));
+    tasks.spawn(run(
+        ctx.clone(),
+        Slot::Secrets,
+        Api::<Secret>::all(client.clone()),
+        base.fields(TLS_SECRETS),
+        |mut secret: Secret| {
+            // Only the keys TLS material is read from are translated (and so ever held).
+            if let Some(data) = &mut secret.data {
+                data.retain(|key, _| objects::is_tls_secret_key(key));
+            }
+            secret.string_data = None;
+            let received = convert_full(secret)?;
+            (!received.results.is_empty()).then_some(received)
+        },
     ));
 }
 

@@ -114,7 +114,7 @@ use crate::model::{
     },
     Endpoint, Labels, ObjectKey, Pod, Snapshot,
 };
-use crate::tls::origination::{Origination, OriginationError};
+use crate::tls::origination::{Material, Origination, OriginationError};
 
 /// Istio's default `meshConfig.rootNamespace`: rules there apply to the whole mesh.
 pub const ROOT_NAMESPACE: &str = "istio-system";
@@ -298,7 +298,10 @@ impl Cluster {
                     },
                     |s| s.hostname(),
                 );
-                Origination::new(tls, &host)
+                // TLS settings come from a rule: its namespace holds the Secret it names.
+                let namespace = policy.rule.as_ref().map_or("", |r| &*r.namespace);
+                Material::of(tls, namespace, &snapshot.secrets)
+                    .and_then(|material| Origination::new(tls, &host, material))
                     .map_err(|reason| ClusterError::Tls {
                         service: key.service.clone(),
                         port: key.port,
