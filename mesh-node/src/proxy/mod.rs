@@ -169,20 +169,28 @@ impl Proxy {
         // Every connection task holds a receiver; the sender sees when all are gone.
         let (drain_tx, drain_rx) = watch::channel(());
         let follower = tokio::spawn(follow(ctx.clone(), snapshots));
-        tokio::select! {
-            _ = shutdown => {}
-            _ = accept_loop(outbound, drain_rx.clone(), {
+        // The accept loops are tasks of the data runtime's workers, not of the thread that
+        // runs this future: a connection is then accepted and served on the worker whose
+        // I/O driver saw it, without waking another thread first.
+        let loops = [
+            tokio::spawn(accept_loop(outbound, drain_rx.clone(), {
                 let ctx = ctx.clone();
                 move |stream, peer| outbound::serve(ctx.clone(), stream, peer)
-            }) => {}
-            _ = accept_loop(inbound, drain_rx.clone(), {
+            })),
+            tokio::spawn(accept_loop(inbound, drain_rx.clone(), {
                 let ctx = ctx.clone();
                 move |stream, peer| inbound::serve_captured(ctx.clone(), stream, peer)
-            }) => {}
-            _ = accept_loop(tunnel, drain_rx.clone(), {
+            })),
+            tokio::spawn(accept_loop(tunnel, drain_rx.clone(), {
                 let ctx = ctx.clone();
                 move |stream, peer| inbound::serve_tunnel(ctx.clone(), stream, peer)
-            }) => {}
+            })),
+        ];
+        shutdown.await;
+        // Stop accepting: the listeners close with their loops.
+        for accepting in loops {
+            accepting.abort();
+            let _ = accepting.await;
         }
         follower.abort();
         drop(drain_rx);
