@@ -16,7 +16,8 @@
 //! - ALPN: `http/1.1` or `h2` for HTTP connections (what the pool speaks), none for TCP.
 //!
 //! Files and Secrets are read when the cluster is built (a configuration change), never per
-//! connection; a changed Secret makes new clusters whose connections are pooled apart.
+//! connection; a changed Secret makes new clusters whose connections are pooled apart. The
+//! system's roots are read once, at their first use.
 //! Unlike HBONE (TLS 1.3 only), TLS 1.2 is offered too: external servers still speak it.
 
 use std::{fmt, hash::Hash, path::Path, sync::Arc};
@@ -340,6 +341,12 @@ fn read(field: &'static str, path: &Arc<str>) -> Result<String, OriginationError
     })
 }
 
+/// The system's CA certificates, read once: every cluster without `caCertificates` uses them.
+fn system_roots() -> &'static [CertificateDer<'static>] {
+    static ROOTS: std::sync::OnceLock<Vec<CertificateDer<'static>>> = std::sync::OnceLock::new();
+    ROOTS.get_or_init(|| rustls_native_certs::load_native_certs().certs)
+}
+
 fn verifier(
     settings: &ClientTls,
     material: &Material,
@@ -364,8 +371,7 @@ fn verifier(
             });
         }
         (None, Material::Files) => {
-            let found = rustls_native_certs::load_native_certs();
-            roots.add_parsable_certificates(found.certs);
+            roots.add_parsable_certificates(system_roots().iter().cloned());
             if roots.is_empty() {
                 return Err(OriginationError::Config(
                     "the system has no CA certificates to verify the server with; set caCertificates".into(),
