@@ -2,6 +2,12 @@
 //!
 //! Both run on the control runtime, away from the data-plane threads, and read only atomics
 //! and the current snapshot, so a slow scraper cannot hold up connections.
+//!
+//! The admin port answers `/metrics` (what Prometheus scrapes) on every address, and the rest
+//! (`/debug/config`: every pod, label, service account and rule of the mesh) only on
+//! connections made to a loopback address — `127.0.0.1:15020` on the node, where operators and
+//! the node's own tools reach it — as Istio keeps Envoy's admin port local. The kernel never
+//! delivers a packet from another host or a pod's network namespace to the node's loopback.
 
 use std::{
     convert::Infallible,
@@ -121,7 +127,13 @@ pub async fn serve_admin(
     state: Arc<AdminState>,
     shutdown: impl Future<Output = ()>,
 ) {
-    serve("admin", listener, move |req| admin(&state, req), shutdown).await;
+    serve(
+        "admin",
+        listener,
+        move |req, local| admin(&state, req, local),
+        shutdown,
+    )
+    .await;
 }
 
 /// Serves `/healthz` and `/ready` until `shutdown` completes.
@@ -133,7 +145,7 @@ pub async fn serve_health(
     serve(
         "health",
         listener,
-        move |req| health(&readiness, req),
+        move |req, _| health(&readiness, req),
         shutdown,
     )
     .await;
@@ -145,7 +157,7 @@ async fn serve<H>(
     handler: H,
     shutdown: impl Future<Output = ()>,
 ) where
-    H: Fn(&Request<Incoming>) -> Response<Full<Bytes>> + Send + Sync + 'static,
+    H: Fn(&Request<Incoming>, Local) -> Response<Full<Bytes>> + Send + Sync + 'static,
 {
     if let Ok(addr) = listener.local_addr() {
         info!(%addr, "{server} server listening");
@@ -164,9 +176,13 @@ async fn serve<H>(
             },
         };
         let handler = handler.clone();
+        let local = match stream.local_addr() {
+            Ok(addr) if addr.ip().is_loopback() => Local::Loopback,
+            _ => Local::Other,
+        };
         tokio::spawn(async move {
             let service = service_fn(move |req| {
-                let response = handler(&req);
+                let response = handler(&req, local);
                 async move { Ok::<_, Infallible>(response) }
             });
             if let Err(e) = http1::Builder::new()
@@ -177,6 +193,13 @@ async fn serve<H>(
             }
         });
     }
+}
+
+/// The kind of address a connection was made to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Local {
+    Loopback,
+    Other,
 }
 
 fn text(status: StatusCode, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
@@ -196,11 +219,18 @@ fn only_get(req: &Request<Incoming>) -> Option<Response<Full<Bytes>>> {
         .then(|| text(StatusCode::METHOD_NOT_ALLOWED, "only GET is supported\n"))
 }
 
-fn admin(state: &AdminState, req: &Request<Incoming>) -> Response<Full<Bytes>> {
+fn admin(state: &AdminState, req: &Request<Incoming>, local: Local) -> Response<Full<Bytes>> {
     if let Some(refused) = only_get(req) {
         return refused;
     }
-    match req.uri().path() {
+    let path = req.uri().path();
+    if local == Local::Other && !matches!(path, "/metrics" | "/stats/prometheus") {
+        return text(
+            StatusCode::FORBIDDEN,
+            "only /metrics answers on this address; the rest of the admin answers on the node's loopback (127.0.0.1:15020)\n",
+        );
+    }
+    match path {
         "/metrics" | "/stats/prometheus" => response(
             StatusCode::OK,
             metrics::CONTENT_TYPE,

@@ -503,6 +503,56 @@ fn plaintext_to_meshed_pod_is_captured_inbound() -> Result<()> {
     Ok(())
 }
 
+/// HTTP status and body of a GET from a pod (curl: a status of 000 is no answer).
+fn curl(pod: &str, url: &str) -> Result<(u16, String)> {
+    let out = probe::run(
+        pod,
+        &["curl", "-s", "--max-time", "5", "-w", "\n%{http_code}", url],
+    )?;
+    let (body, code) = out
+        .trim_end()
+        .rsplit_once('\n')
+        .ok_or_else(|| anyhow!("curl {url}: no status line in {out:?}"))?;
+    Ok((code.parse()?, body.to_string()))
+}
+
+fn admin_port_gives_pods_only_metrics() -> Result<()> {
+    // A pod of any tenant, meshed or not, reaching the node's address: Prometheus's view, and
+    // nothing of the mesh's inventory.
+    for pod in ["mesh/client-1", "plain/client-p"] {
+        for node in ["172.31.0.11", "172.31.0.12"] {
+            let (status, body) = curl(pod, &format!("http://{node}:15020/metrics"))?;
+            ensure!(
+                status == 200 && body.contains("weft_config_version"),
+                "{pod}: /metrics of {node} answered {status}"
+            );
+            for path in ["/debug/config", "/", "/debug/config?x=1", "//debug/config"] {
+                let (status, body) = curl(pod, &format!("http://{node}:15020{path}"))?;
+                ensure!(
+                    status == 403 && !body.contains("serviceAccount"),
+                    "{pod}: {path} of {node} answered {status}: {body}"
+                );
+            }
+        }
+    }
+    // On the node's loopback the full admin answers (what the cluster's tools use).
+    let config = probe::run(
+        "node/node-1",
+        &[
+            "curl",
+            "-s",
+            "--max-time",
+            "5",
+            "http://127.0.0.1:15020/debug/config",
+        ],
+    )?;
+    ensure!(
+        config.contains("\"resources\""),
+        "the node's loopback did not get /debug/config: {config}"
+    );
+    Ok(())
+}
+
 fn proxy_down_fails_closed_and_recovers() -> Result<()> {
     cluster::stop_node("node-1")?;
     let err = dial_fails("mesh/client-1", "peer-1:80")?;
@@ -548,6 +598,10 @@ fn main() {
         (
             "sidecar_mode_carries_traffic_through_both_sidecars",
             sidecar_mode_carries_traffic_through_both_sidecars,
+        ),
+        (
+            "admin_port_gives_pods_only_metrics",
+            admin_port_gives_pods_only_metrics,
         ),
         (
             "proxy_down_fails_closed_and_recovers",
