@@ -36,7 +36,7 @@ use crate::{
     },
     metrics::Metrics,
     model::{OriginalDst, Store},
-    proxy::{NoOriginalDst, Proxy, ProxyConfig, ProxyError, RedirectedOriginalDst},
+    proxy::{HttpLimits, NoOriginalDst, Proxy, ProxyConfig, ProxyError, RedirectedOriginalDst},
     source::{
         dns,
         file::{FileSource, SourceError},
@@ -237,6 +237,12 @@ fn serve(args: RunArgs, mode: Mode) -> Result<(), AppError> {
             config.sidecar = mode == Mode::Sidecar;
             config.trust_domain = args.identity.trust_domain.as_str().into();
             config.tls_origination_dir = args.server.tls_origination_dir.clone();
+            config.http = HttpLimits {
+                max_head_bytes: args.server.max_request_headers_kb as usize * 1024,
+                max_headers: args.server.max_request_headers as usize,
+                header_read_timeout: args.server.http_header_read_timeout,
+                idle_timeout: args.server.http_idle_timeout,
+            };
             config.certs = certificates(&args.identity, &metrics)?;
             if config.certs.is_none() && mode == Mode::Node {
                 warn!("no --ca-addr: no mTLS, so nothing is sent to pods of other nodes and the HBONE port serves nothing");

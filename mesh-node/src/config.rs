@@ -184,6 +184,26 @@ pub struct ServerArgs {
     /// tenant's rule cannot make the node proxy use the node's own keys.
     #[arg(long, env = "WEFT_TLS_ORIGINATION_DIR", value_name = "DIR", default_value = DEFAULT_TLS_ORIGINATION_DIR)]
     pub tls_origination_dir: PathBuf,
+
+    /// Largest request head a client may send, in KiB (Envoy's `max_request_headers_kb`):
+    /// larger ones are answered 431.
+    #[arg(long, env = "WEFT_MAX_REQUEST_HEADERS_KB", value_name = "KIB", default_value_t = 60, value_parser = clap::value_parser!(u32).range(8..=8192))]
+    pub max_request_headers_kb: u32,
+
+    /// Most request headers a client may send (Envoy's `max_headers_count`): more are
+    /// answered 431.
+    #[arg(long, env = "WEFT_MAX_REQUEST_HEADERS", value_name = "N", default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..=10000))]
+    pub max_request_headers: u32,
+
+    /// How long an HTTP/1 client may take to send a request head, from its first byte (or
+    /// from the end of the previous response): a slower one is disconnected.
+    #[arg(long, env = "WEFT_HTTP_HEADER_READ_TIMEOUT", value_name = "DURATION", default_value = "30s", value_parser = parse_duration)]
+    pub http_header_read_timeout: Duration,
+
+    /// How long a client's HTTP connection may go without a request in flight before it is
+    /// closed (Istio's default: 1 hour).
+    #[arg(long, env = "WEFT_HTTP_IDLE_TIMEOUT", value_name = "DURATION", default_value = "1h", value_parser = parse_duration)]
+    pub http_idle_timeout: Duration,
 }
 
 /// Default of `--tls-origination-dir` (mount the Secrets of egress certificates there).

@@ -78,7 +78,12 @@ impl Pod {
                         let b = b.clone();
                         async move { Ok::<_, Infallible>(answer(request, name, version, &b).await) }
                     });
-                    let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                    let mut builder =
+                        hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+                    // The pods take more headers than a client may send: what the proxies
+                    // add must not hit the pod's own limit.
+                    builder.http1().max_headers(200);
+                    let _ = builder
                         .serve_connection(TokioIo::new(stream), service)
                         .await;
                 });
@@ -126,6 +131,14 @@ async fn answer(
         })
         .unwrap_or_default();
     headers.insert("x-seen-host", host.parse().unwrap());
+    for name in ["upgrade", "http2-settings"] {
+        if let Some(value) = parts.headers.get(name) {
+            headers.insert(
+                http::HeaderName::from_bytes(format!("x-seen-{name}").as_bytes()).unwrap(),
+                value.clone(),
+            );
+        }
+    }
     if let Some(xfcc) = parts.headers.get("x-forwarded-client-cert") {
         headers.insert("x-seen-xfcc", xfcc.clone());
     }
@@ -253,6 +266,8 @@ impl Mesh {
             config.peer_tunnel_port = tunnel_port;
             config.connect_timeout = Duration::from_secs(2);
             config.certs = Some(ca.certs());
+            // Short, for the slow-head case; every other client sends its heads at once.
+            config.http.header_read_timeout = Duration::from_secs(2);
             let node_metrics = Arc::new(Metrics::new());
             // Applying is awaited on n1 only; n2 gets the same snapshots at the same time.
             let node_applied = if n == 1 {
@@ -1079,7 +1094,7 @@ async fn requests_across_nodes_are_reported_by_both_proxies() {
 #[tokio::test]
 async fn the_server_sees_the_client_certificate_and_never_a_forged_one() {
     let mesh = Mesh::start(
-        23,
+        28,
         &[
             ("ratings-remote", "ratings", "v1", 51),
             ("reviews-local", "reviews", "v1", 11),
@@ -1174,5 +1189,124 @@ spec:\n  hosts: [ratings]\n  http:\n  - route: [{destination: {host: ratings}}]\
         ),
         1.0,
         "{metrics}"
+    );
+}
+
+/// Sends `request` as is on a new connection from the client pod and reads the answer until
+/// the proxy closes the connection (or 10 s).
+async fn raw_request(mesh: &Mesh, app_index: u8, request: &[u8]) -> String {
+    let mut stream = mesh.dial(app_index).await;
+    let _ = stream.write_all(request).await;
+    let mut answer = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut answer));
+    let ended = read.await;
+    let text = String::from_utf8_lossy(&answer).into_owned();
+    assert!(
+        ended.is_ok(),
+        "the proxy did not end the connection, after: {text}"
+    );
+    text
+}
+
+#[tokio::test]
+async fn client_limits_hold_on_every_hop_and_bad_clients_get_4xx() {
+    let mesh = Mesh::start(27, &[("ratings-remote", "ratings", "v1", 51)]).await;
+    let mut client = mesh.connect(1).await;
+    let header = |n: usize| (format!("x-many-{n}"), "v".to_string());
+    // 99 headers with `host`: under the limit at the first hop, and still at the second hop
+    // once the first added its own (request id, forwarding).
+    let mut many: Vec<(String, String)> = (0..97).map(header).collect();
+    many.push(("x-test-last".into(), "v".into()));
+    let many: Vec<(&str, &str)> = many.iter().map(|(n, v)| (&**n, &**v)).collect();
+    let answer = client.get("/", &many).await;
+    assert_eq!(answer.status, StatusCode::OK, "{:?}", answer.body);
+    assert_eq!(answer.header("x-pod"), "ratings-remote");
+    assert_eq!(answer.header("x-seen-x-test-last"), "v");
+
+    // One more than Envoy's 100, or a head over 60 KiB: 431 from the first hop.
+    let mut head = String::from("GET / HTTP/1.1\r\nhost: ratings\r\nconnection: close\r\n");
+    for n in 0..100 {
+        head += &format!("x-many-{n}: v\r\n");
+    }
+    let answer = raw_request(&mesh, 1, format!("{head}\r\n").as_bytes()).await;
+    assert!(answer.starts_with("HTTP/1.1 431"), "{answer}");
+    let big = format!(
+        "GET / HTTP/1.1\r\nhost: ratings\r\nconnection: close\r\nx-big: {}\r\n\r\n",
+        "a".repeat(61 * 1024)
+    );
+    let answer = raw_request(&mesh, 1, big.as_bytes()).await;
+    assert!(answer.starts_with("HTTP/1.1 431"), "{answer}");
+    // An HTTP/2 client past the limits is refused too.
+    let mut h2 = mesh.connect_h2(1).await;
+    let too_many: Vec<(String, String)> = (0..101).map(header).collect();
+    let too_many: Vec<(&str, &str)> = too_many.iter().map(|(n, v)| (&**n, &**v)).collect();
+    assert_eq!(
+        h2.get("/", &too_many).await.status,
+        StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE
+    );
+
+    // Invalid chunked framing is the client's error: 400 DPE, not an upstream failure.
+    let answer = raw_request(
+        &mesh,
+        1,
+        b"POST / HTTP/1.1\r\nhost: ratings\r\ntransfer-encoding: chunked\r\n\r\n5\r\nhello\r\nzz\r\n",
+    )
+    .await;
+    assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
+    let metrics = mesh.metrics();
+    assert_eq!(
+        count(
+            &metrics,
+            &["response_code=\"400\"", "response_flags=\"DPE\""]
+        ),
+        1.0,
+        "{metrics}"
+    );
+    assert_eq!(
+        count(&metrics, &["response_code=\"503\""]),
+        0.0,
+        "{metrics}"
+    );
+
+    // An upgrade to h2c is removed, as Envoy does: the request is served as HTTP/1.1 (curl's
+    // `--http2` on an `http://` URL sends this; the connection stays HTTP/1.1).
+    let mut stream = mesh.dial(1).await;
+    stream
+        .write_all(b"GET / HTTP/1.1\r\nhost: ratings\r\nconnection: Upgrade, HTTP2-Settings\r\nupgrade: h2c\r\nhttp2-settings: AAMAAABkAAQCAAAAAAIAAAAA\r\n\r\n")
+        .await
+        .unwrap();
+    let mut head = Vec::new();
+    let read_head = async {
+        let mut byte = [0u8; 1];
+        while !head.ends_with(b"\r\n\r\n") && stream.read(&mut byte).await.unwrap() == 1 {
+            head.push(byte[0]);
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(10), read_head)
+        .await
+        .expect("an answer in time");
+    let answer = String::from_utf8_lossy(&head).into_owned();
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert!(answer.contains("x-pod: ratings-remote"), "{answer}");
+    assert!(!answer.contains("x-seen-upgrade"), "{answer}");
+    assert!(!answer.contains("x-seen-http2-settings"), "{answer}");
+
+    // A head that trickles in is cut off after the header-read timeout (2 s here), while
+    // an idle keep-alive connection outlives it, and other clients are served meanwhile.
+    let mut slow = mesh.dial(1).await;
+    slow.write_all(b"GET / HTTP/1.1\r\nhost: ra").await.unwrap();
+    let started = Instant::now();
+    let mut idle = mesh.connect(1).await;
+    assert_eq!(idle.get("/", &[]).await.status, StatusCode::OK);
+    let mut rest = Vec::new();
+    let closed = tokio::time::timeout(Duration::from_secs(10), slow.read_to_end(&mut rest)).await;
+    assert!(closed.is_ok(), "the slow head was not cut off");
+    assert!(started.elapsed() >= Duration::from_secs(2));
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let answer = idle.get("/", &[]).await;
+    assert_eq!(
+        answer.status,
+        StatusCode::OK,
+        "the idle connection was closed"
     );
 }

@@ -786,6 +786,105 @@ fn tcp_route_splits_connections() -> Result<()> {
 }
 
 /// The tools the cases run, checked before anything is built.
+/// Envoy's client limits, with real clients: 99 headers pass both hops across nodes, 101 or
+/// a 61 KiB head get 431 from the first, `Upgrade: h2c` is removed (curl's `--http2` on an
+/// `http://` URL), invalid chunked framing is the client's error (400 `DPE`), and a head that
+/// trickles in is cut off (the suite starts the nodes with a 3 s header-read timeout) while the
+/// proxy goes on serving.
+fn client_limits_hold_across_nodes() -> Result<()> {
+    let mut many = Vec::new();
+    for n in 0..96 {
+        many.push("-H".to_string());
+        many.push(format!("x-many-{n}: v"));
+    }
+    let args: Vec<&str> = many.iter().map(String::as_str).collect();
+    // curl adds Host, User-Agent and Accept: 99 headers.
+    let replies = requests(1, "http://echo-v2/", &args)?;
+    ensure!(
+        replies[0].status == 200 && replies[0].field("pod") == "echo-v2",
+        "99 headers across nodes answered {} by {:?}",
+        replies[0].status,
+        replies[0].field("pod")
+    );
+    let mut more = many.clone();
+    more.extend(["-H".to_string(), "x-one-too-many: v".to_string()]);
+    more.extend(["-H".to_string(), "x-two-too-many: v".to_string()]);
+    let args: Vec<&str> = more.iter().map(String::as_str).collect();
+    let (replies, counted_431) = counted("echo-v2", &[("response_code", "431")], || {
+        requests(1, "http://echo-v2/", &args)
+    })?;
+    ensure!(
+        replies[0].status == 431 && counted_431 == 1.0,
+        "101 headers answered {} (431s counted by the source: {counted_431})",
+        replies[0].status
+    );
+    let big = format!("x-big: {}", "a".repeat(61 * 1024));
+    let replies = requests(1, "http://echo-v2/", &["-H", &big])?;
+    ensure!(
+        replies[0].status == 431,
+        "a 61 KiB head answered {}",
+        replies[0].status
+    );
+
+    let replies = requests(1, "http://echo-v2/", &["--http2", "-v"])?;
+    let seen = &replies[0].body["headers"];
+    ensure!(
+        replies[0].status == 200
+            && seen.get("upgrade").is_none()
+            && seen.get("http2-settings").is_none(),
+        "an h2c upgrade reached the server: {} {seen}",
+        replies[0].status
+    );
+
+    const SCRIPT: &str = r#"
+import socket, sys, time
+def exchange(data, wait):
+    s = socket.create_connection(("echo-v2", 80), timeout=wait)
+    s.sendall(data)
+    out = b""
+    start = time.monotonic()
+    try:
+        while True:
+            chunk = s.recv(4096)
+            if not chunk:
+                break
+            out += chunk
+    except socket.timeout:
+        return "timeout", out
+    return "%.1f" % (time.monotonic() - start), out
+took, out = exchange(b"POST / HTTP/1.1\r\nHost: echo-v2\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n5\r\nhello\r\nzz\r\n", 10)
+print(out.split(b"\r\n")[0].decode())
+took, out = exchange(b"GET / HTTP/1.1\r\nHost: ech", 20)
+print(took, len(out))
+"#;
+    let python = xtask::setup::test_python().display().to_string();
+    let (out, dpe) = counted(
+        "echo-v2",
+        &[("response_code", "400"), ("response_flags", "DPE")],
+        || probe::run(CLIENT, &[python.as_str(), "-c", SCRIPT]),
+    )?;
+    let mut lines = out.lines();
+    let (chunked, slow) = (lines.next().unwrap_or(""), lines.next().unwrap_or(""));
+    println!(
+        "    invalid chunked: {chunked:?} (400 DPE counted: {dpe}); slow head closed after {slow}"
+    );
+    ensure!(
+        chunked.contains(" 400 ") && dpe == 1.0,
+        "invalid chunked framing answered {chunked:?}, 400 DPE counted {dpe} times"
+    );
+    let closed_after: f64 = slow
+        .split_whitespace()
+        .next()
+        .and_then(|t| t.parse().ok())
+        .ok_or_else(|| anyhow!("the slow head was never cut off: {slow:?}"))?;
+    ensure!(
+        (3.0..15.0).contains(&closed_after),
+        "the slow head was cut off after {closed_after} s, not after the 3 s timeout"
+    );
+    // Still serving.
+    all_ok(&requests(5, "http://echo/", &[])?)
+}
+
 fn prerequisites() -> Result<()> {
     for tool in ["curl", "h2load"] {
         let found = std::process::Command::new(tool)
@@ -865,7 +964,14 @@ fn main() {
             config_change_spares_requests_in_flight,
         ),
         ("tcp_route_splits_connections", tcp_route_splits_connections),
+        (
+            "client_limits_hold_across_nodes",
+            client_limits_hold_across_nodes,
+        ),
     ];
+    // The nodes inherit it (mesh-node's `--http-header-read-timeout`): the slow-head case
+    // then takes seconds, not the default 30.
+    std::env::set_var("WEFT_HTTP_HEADER_READ_TIMEOUT", "3s");
     probe::run_suite(
         "l7",
         || {

@@ -58,6 +58,54 @@ pub struct ProxyConfig {
     pub handshake_timeout: Duration,
     /// Where DestinationRule `tls` files may be read from.
     pub tls_origination_dir: PathBuf,
+    /// What an HTTP client may send.
+    pub http: HttpLimits,
+}
+
+/// Limits on what HTTP clients send, with Envoy's defaults. They are enforced where a request
+/// enters the mesh (the source proxy, or the destination's for a client outside the mesh);
+/// between node proxies they are raised by [`HttpLimits::MESH_MARGIN`], so a request accepted
+/// by the first hop is never refused by the second for the headers the first one added.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct HttpLimits {
+    /// Largest request head, in bytes.
+    pub max_head_bytes: usize,
+    /// Most request headers.
+    pub max_headers: usize,
+    /// Longest time to receive an HTTP/1 request head, from its first byte.
+    pub header_read_timeout: Duration,
+    /// Longest time a client connection may have no request in flight (HTTP/1 and HTTP/2).
+    pub idle_timeout: Duration,
+}
+
+impl Default for HttpLimits {
+    fn default() -> Self {
+        Self {
+            max_head_bytes: 60 * 1024,
+            max_headers: 100,
+            header_read_timeout: Duration::from_secs(30),
+            // Istio's default (DestinationRule `http.idleTimeout`, Envoy's `idle_timeout`).
+            idle_timeout: Duration::from_secs(3600),
+        }
+    }
+}
+
+impl HttpLimits {
+    /// What the hop between node proxies allows beyond a client's limits: the headers and
+    /// bytes the source proxy may add (request id, forwarding and rules' headers).
+    pub const MESH_MARGIN: (usize, usize) = (100, 64 * 1024);
+
+    /// The limits of a hop: a client's, or (`from_mesh`) a peer node proxy's.
+    pub fn of_hop(self, from_mesh: bool) -> Self {
+        if !from_mesh {
+            return self;
+        }
+        Self {
+            max_headers: self.max_headers + Self::MESH_MARGIN.0,
+            max_head_bytes: self.max_head_bytes + Self::MESH_MARGIN.1,
+            ..self
+        }
+    }
 }
 
 impl ProxyConfig {
@@ -79,6 +127,7 @@ impl ProxyConfig {
             certs: None,
             handshake_timeout: HANDSHAKE_TIMEOUT,
             tls_origination_dir: crate::config::DEFAULT_TLS_ORIGINATION_DIR.into(),
+            http: HttpLimits::default(),
         }
     }
 

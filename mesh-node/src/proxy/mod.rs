@@ -56,7 +56,7 @@ mod tcp;
 pub mod upstream;
 mod view;
 
-pub use context::{ProxyConfig, CONNECT_TIMEOUT, DRAIN_TIMEOUT};
+pub use context::{HttpLimits, ProxyConfig, CONNECT_TIMEOUT, DRAIN_TIMEOUT};
 pub use copy::{CopyError, Transferred};
 pub use error::ProxyError;
 pub use upstream::{hbone, hbone::TunnelError, ConnectError, ConnectErrorKind, Role};

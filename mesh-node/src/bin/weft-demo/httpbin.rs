@@ -140,7 +140,13 @@ async fn serve_connection(stream: TcpStream, peer: SocketAddr, server: Arc<Serve
     let handler = service_fn(move |request| handle(Arc::clone(&server), peer, request));
     // `auto` tells HTTP/2 prior knowledge from HTTP/1.1 by the connection preface.
     let mut builder = auto::Builder::new(TokioExecutor::new());
-    builder.http1().timer(TokioTimer::new()).keep_alive(true);
+    // Headers as a Go or Node server takes them (hyper's own default is 100): the mesh's
+    // limits are what the tests exercise, with the headers the proxies add on top.
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .keep_alive(true)
+        .max_headers(1000);
     builder.http2().timer(TokioTimer::new());
     let result = builder
         .serve_connection_with_upgrades(TokioIo::new(stream), handler)

@@ -49,6 +49,8 @@ struct TapeState {
     bytes: u64,
     complete: bool,
     overflowed: bool,
+    /// The client's body broke off or was malformed (invalid chunked framing...).
+    failed: bool,
     trailers: Option<HeaderMap>,
 }
 
@@ -56,6 +58,12 @@ impl Tape {
     /// Bytes of request body forwarded so far.
     pub fn bytes(&self) -> u64 {
         self.0.lock().expect("tape poisoned").bytes
+    }
+
+    /// Whether reading the client's body failed: what went wrong upstream is then the
+    /// client's doing (`400 DPE`), not the upstream's.
+    pub fn downstream_failed(&self) -> bool {
+        self.0.lock().expect("tape poisoned").failed
     }
 
     /// The body again, if it was read to the end and was small enough to keep.
@@ -124,7 +132,10 @@ impl Body for RequestBody {
                             state.complete = true;
                         }
                     }
-                    Some(Err(_)) => state.overflowed = true,
+                    Some(Err(_)) => {
+                        state.overflowed = true;
+                        state.failed = true;
+                    }
                 }
                 Poll::Ready(frame.map(|f| f.map_err(Into::into)))
             }

@@ -38,9 +38,12 @@ use hyper_util::{
 use tokio::io::{AsyncRead, AsyncWrite};
 use tracing::{debug, info};
 
-use self::body::{Finish, RequestBody, ResponseBody, Tape};
+use self::{
+    body::{Finish, RequestBody, ResponseBody, Tape},
+    deadline::{Deadlines, Held, Requests},
+};
 use super::{
-    context::Context,
+    context::{Context, HttpLimits},
     detect::Declared,
     error::ProxyError,
     route::{self, apply_header_ops, Backend, RequestInfo, RetryPlan, RuleAction, Selection},
@@ -65,6 +68,7 @@ use crate::{
 };
 
 pub mod body;
+mod deadline;
 mod mirror;
 mod request;
 mod retry;
@@ -73,8 +77,10 @@ mod upgrade;
 use self::{
     mirror::mirror,
     request::{chance, handle, local_failure, local_reply, service_port},
-    retry::{default_retries, replay, Attempts, Failure, NO_HEALTHY_UPSTREAM},
-    upgrade::{forward_upgrade, is_upgrade, send_upgrade},
+    retry::{
+        default_retries, replay, Attempts, Failure, DOWNSTREAM_PROTOCOL_ERROR, NO_HEALTHY_UPSTREAM,
+    },
+    upgrade::{forward_upgrade, is_upgrade, send_upgrade, strip_h2c_upgrade},
 };
 
 type InFlight = pool::InFlight<RequestBody>;
@@ -151,6 +157,13 @@ struct Resolved {
 }
 
 impl Conn {
+    /// What a client of this connection may send: the hop from a peer node proxy allows for
+    /// what the source proxy added.
+    fn limits(&self) -> HttpLimits {
+        let from_mesh = self.inbound.as_ref().is_some_and(|i| i.mtls.is_some());
+        self.ctx.config.http.of_hop(from_mesh)
+    }
+
     pub(super) fn outbound(
         ctx: Arc<Context>,
         client: SocketAddrV4,
@@ -375,17 +388,39 @@ pub(super) async fn serve<S>(conn: Conn, io: S)
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
+    let limits = conn.limits();
     let conn = Arc::new(conn);
+    let in_flight = Arc::new(Requests::default());
+    let io = Deadlines::new(
+        io,
+        in_flight.clone(),
+        limits.header_read_timeout,
+        limits.idle_timeout,
+    );
     let service = service_fn(move |request| {
         let conn = conn.clone();
-        async move { Ok::<_, Infallible>(handle(conn, request).await) }
+        let busy = in_flight.start();
+        async move {
+            let reply = handle(conn, request).await;
+            Ok::<_, Infallible>(reply.map(|body| Held::new(body, busy)))
+        }
     });
     let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        // `Deadlines` times heads and idleness; hyper's timer would close idle keep-alive
+        // connections as early as slow heads.
+        .header_read_timeout(None)
+        // What hyper buffers of a head, and the headers it parses, stay near the limits
+        // (over them, hyper answers 431 itself); `handle` counts exactly.
+        .max_buf_size((limits.max_head_bytes + 4096).max(8192))
+        .max_headers(limits.max_headers + 1);
     builder
         .http2()
         .timer(hyper_util::rt::TokioTimer::new())
         .adaptive_window(true)
-        .max_concurrent_streams(1024);
+        .max_concurrent_streams(1024)
+        .max_header_list_size(u32::try_from(limits.max_head_bytes).unwrap_or(u32::MAX));
     if let Err(e) = builder
         .serve_connection_with_upgrades(TokioIo::new(io), service)
         .await

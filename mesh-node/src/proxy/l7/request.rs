@@ -33,6 +33,18 @@ pub(super) async fn handle(conn: Arc<Conn>, request: Request<Incoming>) -> Reply
         pick: None,
         recorded: false,
     };
+    // hyper bounds what it buffers; the limits themselves are counted here, the same way
+    // for HTTP/1 and HTTP/2.
+    let limits = conn.limits();
+    if parts.headers.len() > limits.max_headers || head_size(&parts) > limits.max_head_bytes {
+        return local_reply(
+            report,
+            StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            ResponseFlags::NONE,
+            "request headers too large",
+        );
+    }
+    strip_h2c_upgrade(&mut parts.headers);
     if !parts.headers.contains_key(REQUEST_ID) {
         parts.headers.insert(
             REQUEST_ID,
@@ -307,7 +319,10 @@ pub(super) async fn forward_inbound(
         }
         Err(e) => {
             debug!("{e}");
-            let (status, flags, text) = if e.before_request() {
+            let client_failed = report.tape.as_deref().is_some_and(Tape::downstream_failed);
+            let (status, flags, text) = if client_failed {
+                DOWNSTREAM_PROTOCOL_ERROR
+            } else if e.before_request() {
                 (
                     StatusCode::SERVICE_UNAVAILABLE,
                     ResponseFlags::UF,
@@ -392,6 +407,21 @@ pub(super) fn prepare_head(parts: &mut Parts, authority: &str, proto: Proto) {
     parts
         .headers
         .insert(FORWARDED_PROTO, HeaderValue::from_static("http"));
+}
+
+/// The size of a request head as Envoy counts it against `max_request_headers_kb`: the
+/// request line's parts and every header's name and value.
+fn head_size(parts: &Parts) -> usize {
+    let uri = &parts.uri;
+    let line = parts.method.as_str().len()
+        + uri.authority().map_or(0, |a| a.as_str().len())
+        + uri.path_and_query().map_or(0, |p| p.as_str().len());
+    parts
+        .headers
+        .iter()
+        .map(|(name, value)| name.as_str().len() + value.len())
+        .sum::<usize>()
+        + line
 }
 
 pub(super) const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");

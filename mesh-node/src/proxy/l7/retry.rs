@@ -31,6 +31,13 @@ pub(super) const NO_HEALTHY_UPSTREAM: Failure = (
     "no healthy upstream",
 );
 
+/// The client's request body was malformed or broke off (Envoy's `DPE`).
+pub(super) const DOWNSTREAM_PROTOCOL_ERROR: Failure = (
+    StatusCode::BAD_REQUEST,
+    ResponseFlags::DPE,
+    "downstream protocol error",
+);
+
 impl Attempts<'_> {
     pub(super) async fn run(
         &self,
@@ -132,6 +139,11 @@ impl Attempts<'_> {
                             || self.plan.on(RetryPolicy::GatewayError),
                         (StatusCode::SERVICE_UNAVAILABLE, ResponseFlags::UF, details),
                     )
+                }
+                Ok(Err(e)) if tape.is_some_and(Tape::downstream_failed) => {
+                    // The client's body was malformed or cut: not the upstream's failure.
+                    debug!("request body from the client failed: {e}");
+                    return Err(DOWNSTREAM_PROTOCOL_ERROR);
                 }
                 Ok(Err(e)) => {
                     debug!("{e}");

@@ -91,6 +91,43 @@ pub(super) async fn send_upgrade(
     Response::from_parts(head, ResponseBody::upstream(upstream_body, report))
 }
 
+/// Removes an HTTP/1.1 upgrade to cleartext HTTP/2 (`Upgrade: h2c` with `HTTP2-Settings`), as
+/// Envoy does: passed on, it would turn the connection into a pipe no rule or policy sees. The
+/// request goes on as plain HTTP/1.1; other upgrades (WebSocket) are left alone.
+pub(super) fn strip_h2c_upgrade(headers: &mut HeaderMap) {
+    let h2c = headers.get_all(header::UPGRADE).iter().any(|v| {
+        v.to_str()
+            .is_ok_and(|v| v.split(',').any(|p| p.trim().eq_ignore_ascii_case("h2c")))
+    });
+    if !h2c {
+        headers.remove(HTTP2_SETTINGS);
+        return;
+    }
+    headers.remove(header::UPGRADE);
+    headers.remove(HTTP2_SETTINGS);
+    let kept: Vec<String> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(str::trim)
+        .filter(|t| {
+            !t.is_empty()
+                && !t.eq_ignore_ascii_case("upgrade")
+                && !t.eq_ignore_ascii_case("http2-settings")
+        })
+        .map(str::to_owned)
+        .collect();
+    headers.remove(header::CONNECTION);
+    if !kept.is_empty() {
+        if let Ok(value) = HeaderValue::from_str(&kept.join(", ")) {
+            headers.insert(header::CONNECTION, value);
+        }
+    }
+}
+
+const HTTP2_SETTINGS: HeaderName = HeaderName::from_static("http2-settings");
+
 pub(super) fn is_upgrade(parts: &Parts) -> bool {
     parts.version == Version::HTTP_11
         && parts.headers.contains_key(header::UPGRADE)
@@ -107,6 +144,36 @@ pub(super) fn is_upgrade(parts: &Parts) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_h2c_upgrade_is_removed_and_other_upgrades_kept() {
+        let strip = |headers: &[(&str, &str)]| {
+            let mut parts = head(Version::HTTP_11, headers);
+            strip_h2c_upgrade(&mut parts.headers);
+            let mut left: Vec<_> = parts
+                .headers
+                .iter()
+                .map(|(n, v)| format!("{n}: {}", v.to_str().unwrap()))
+                .collect();
+            left.sort();
+            left
+        };
+        assert_eq!(
+            strip(&[
+                ("connection", "Upgrade, HTTP2-Settings, keep-alive"),
+                ("upgrade", "h2c"),
+                ("http2-settings", "AAMAAABkAAQCAAAAAAIAAAAA"),
+                ("x-kept", "1"),
+            ]),
+            ["connection: keep-alive", "x-kept: 1"]
+        );
+        assert_eq!(
+            strip(&[("connection", "upgrade"), ("upgrade", "websocket")]),
+            ["connection: upgrade", "upgrade: websocket"]
+        );
+        // A stray HTTP2-Settings never reaches a backend.
+        assert_eq!(strip(&[("http2-settings", "AAA")]), Vec::<String>::new());
+    }
 
     fn head(version: Version, headers: &[(&str, &str)]) -> Parts {
         let mut builder = Request::builder().version(version).uri("/chat");

@@ -1,0 +1,348 @@
+//! The deadlines of a client's HTTP connection, kept by its reads: a slow request head
+//! (HTTP/1), and idleness (no request in flight) in either protocol.
+//!
+//! hyper's own HTTP/1 header-read timer also runs while a keep-alive connection waits for its
+//! next request, so it would close idle connections as early as slow ones. Here the two are
+//! apart, as in Envoy: the head deadline starts with the first byte of a request head, the
+//! idle deadline with the end of the last response. A connection past either deadline reads
+//! an error, and hyper closes it.
+
+use std::{
+    future::Future as _,
+    io,
+    pin::Pin,
+    sync::{
+        atomic::{AtomicUsize, Ordering},
+        Arc,
+    },
+    task::{Context, Poll},
+    time::Duration,
+};
+
+use bytes::Bytes;
+use futures::task::AtomicWaker;
+use hyper::body::{Body, Frame, SizeHint};
+use tokio::{
+    io::{AsyncRead, AsyncWrite, ReadBuf},
+    time::{Instant, Sleep},
+};
+
+/// The client preface of HTTP/2: such a connection has no HTTP/1 heads to time.
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// Requests of one connection whose responses have not ended.
+#[derive(Debug, Default)]
+pub(super) struct Requests {
+    count: AtomicUsize,
+    /// Requests started so far: a head that became a request is no slow head any more.
+    started: AtomicUsize,
+    /// The connection's reader, woken when the last response ends (its deadlines start).
+    reader: AtomicWaker,
+}
+
+impl Requests {
+    /// Counts a request until the guard is dropped (when its response body ends).
+    pub(super) fn start(self: &Arc<Self>) -> Busy {
+        self.count.fetch_add(1, Ordering::AcqRel);
+        self.started.fetch_add(1, Ordering::AcqRel);
+        Busy(self.clone())
+    }
+
+    fn idle(&self) -> bool {
+        self.count.load(Ordering::Acquire) == 0
+    }
+}
+
+/// One request in flight.
+#[derive(Debug)]
+pub(super) struct Busy(Arc<Requests>);
+
+impl Drop for Busy {
+    fn drop(&mut self) {
+        if self.0.count.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.0.reader.wake();
+        }
+    }
+}
+
+/// A response body that holds its request's [`Busy`] until it ends.
+pub(super) struct Held<B> {
+    body: B,
+    busy: Option<Busy>,
+}
+
+impl<B> Held<B> {
+    pub(super) fn new(body: B, busy: Busy) -> Self {
+        Self {
+            body,
+            busy: Some(busy),
+        }
+    }
+}
+
+impl<B: Body<Data = Bytes> + Unpin> Body for Held<B> {
+    type Data = Bytes;
+    type Error = B::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
+        let frame = Pin::new(&mut self.body).poll_frame(cx);
+        if matches!(frame, Poll::Ready(None)) || self.body.is_end_stream() {
+            self.busy = None;
+        }
+        frame
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.body.size_hint()
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Phase {
+    /// A request is in flight: the request's own timeouts apply.
+    Busy,
+    /// Nothing in flight and nothing received since.
+    Idle,
+    /// Part of an HTTP/1 request head received.
+    Head,
+}
+
+/// A client connection's reads, with its deadlines.
+pub(super) struct Deadlines<IO> {
+    io: IO,
+    in_flight: Arc<Requests>,
+    head_timeout: Duration,
+    idle_timeout: Duration,
+    phase: Phase,
+    timer: Pin<Box<Sleep>>,
+    /// The connection's first bytes, until they tell HTTP/2 from HTTP/1.
+    preface: Option<Vec<u8>>,
+    /// [`Requests::started`] as last seen.
+    started: usize,
+}
+
+impl<IO> Deadlines<IO> {
+    pub(super) fn new(
+        io: IO,
+        in_flight: Arc<Requests>,
+        head_timeout: Duration,
+        idle_timeout: Duration,
+    ) -> Self {
+        Self {
+            io,
+            in_flight,
+            head_timeout,
+            idle_timeout,
+            phase: Phase::Idle,
+            timer: Box::pin(tokio::time::sleep(idle_timeout)),
+            preface: Some(Vec::new()),
+            started: 0,
+        }
+    }
+
+    fn arm(&mut self, phase: Phase, timeout: Duration) {
+        self.phase = phase;
+        self.timer.as_mut().reset(Instant::now() + timeout);
+    }
+
+    /// Whether the bytes read so far may still be an HTTP/2 preface (judged on the first 24).
+    fn note_preface(&mut self, read: &[u8]) -> bool {
+        let Some(seen) = &mut self.preface else {
+            return false;
+        };
+        let wanted = H2_PREFACE.len() - seen.len();
+        seen.extend_from_slice(&read[..read.len().min(wanted)]);
+        if !H2_PREFACE.starts_with(seen) {
+            self.preface = None;
+            return false;
+        }
+        true
+    }
+}
+
+impl<IO: AsyncRead + Unpin> AsyncRead for Deadlines<IO> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let before = buf.filled().len();
+        let read = Pin::new(&mut self.io).poll_read(cx, buf);
+        let got = buf.filled().len() - before;
+        let h2 = got > 0 && {
+            let bytes = buf.filled()[before..].to_vec();
+            self.note_preface(&bytes)
+        };
+        let started = self.in_flight.started.load(Ordering::Acquire);
+        if started != self.started {
+            // Requests came (and maybe went) since the last read: the head was complete.
+            self.started = started;
+            self.phase = Phase::Busy;
+        }
+        if !self.in_flight.idle() {
+            self.phase = Phase::Busy;
+            // Woken when the last response ends, to start the deadlines.
+            self.in_flight.reader.register(cx.waker());
+        }
+        if self.in_flight.idle() {
+            if got > 0 && self.phase != Phase::Head && !h2 && self.preface.is_none() {
+                // The first byte of an HTTP/1 head: it has the head timeout to be complete.
+                let timeout = self.head_timeout;
+                self.arm(Phase::Head, timeout);
+            } else if self.phase == Phase::Busy {
+                // The last response ended: idle from now (HTTP/2 frames such as PINGs do not
+                // make a connection busy, requests do).
+                let timeout = self.idle_timeout;
+                self.arm(Phase::Idle, timeout);
+            }
+        }
+        if read.is_ready() && got > 0 {
+            return read;
+        }
+        if self.phase != Phase::Busy && self.timer.as_mut().poll(cx).is_ready() {
+            let what = match self.phase {
+                Phase::Head => "the request head was not received in time",
+                _ => "the connection was idle too long",
+            };
+            return Poll::Ready(Err(io::Error::new(io::ErrorKind::TimedOut, what)));
+        }
+        read
+    }
+}
+
+impl<IO: AsyncWrite + Unpin> AsyncWrite for Deadlines<IO> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use tokio::io::{duplex, AsyncReadExt, AsyncWriteExt};
+
+    use super::*;
+
+    const HEAD: Duration = Duration::from_secs(10);
+    const IDLE: Duration = Duration::from_secs(3600);
+
+    async fn read_error(reader: &mut Deadlines<tokio::io::DuplexStream>) -> io::Error {
+        let mut buf = [0u8; 64];
+        loop {
+            match reader.read(&mut buf).await {
+                Ok(0) => panic!("closed instead of timing out"),
+                Ok(_) => continue,
+                Err(e) => return e,
+            }
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_slow_head_times_out_from_its_first_byte() {
+        let (mut client, server) = duplex(1024);
+        let in_flight = Arc::new(Requests::default());
+        let mut reader = Deadlines::new(server, in_flight, HEAD, IDLE);
+        // Idle before the first byte: only the idle deadline runs.
+        tokio::time::sleep(Duration::from_secs(60)).await;
+        client.write_all(b"GET / HTTP/1.1\r\nHo").await.unwrap();
+        let start = Instant::now();
+        let err = read_error(&mut reader).await;
+        assert_eq!(err.kind(), io::ErrorKind::TimedOut);
+        assert!(err.to_string().contains("request head"), "{err}");
+        assert_eq!(start.elapsed(), HEAD);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn requests_in_flight_hold_off_the_deadlines_and_idle_follows() {
+        let (mut client, server) = duplex(1024);
+        let in_flight = Arc::new(Requests::default());
+        let mut reader = Deadlines::new(server, in_flight.clone(), HEAD, IDLE);
+        client.write_all(b"POST / HTTP/1.1\r\n").await.unwrap();
+        let mut buf = [0u8; 64];
+        assert!(reader.read(&mut buf).await.unwrap() > 0);
+        // The head completed: a request is in flight, its body trickles for longer than
+        // the head timeout.
+        let busy = in_flight.start();
+        for _ in 0..5 {
+            tokio::time::sleep(HEAD).await;
+            client.write_all(b"x").await.unwrap();
+            assert!(reader.read(&mut buf).await.unwrap() > 0);
+        }
+        // The response ended: idle now, and only the idle deadline applies.
+        drop(busy);
+        let start = Instant::now();
+        let err = read_error(&mut reader).await;
+        assert!(err.to_string().contains("idle"), "{err}");
+        assert_eq!(start.elapsed(), IDLE);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_request_answered_between_two_reads_leaves_the_connection_idle() {
+        let (mut client, server) = duplex(1024);
+        let in_flight = Arc::new(Requests::default());
+        let mut reader = Deadlines::new(server, in_flight.clone(), HEAD, IDLE);
+        client.write_all(b"GET / HTTP/1.1\r\n\r\n").await.unwrap();
+        let mut buf = [0u8; 64];
+        assert!(reader.read(&mut buf).await.unwrap() > 0);
+        // Served and answered without another read in between.
+        drop(in_flight.start());
+        let start = Instant::now();
+        let err = read_error(&mut reader).await;
+        assert!(err.to_string().contains("idle"), "{err}");
+        assert_eq!(start.elapsed(), IDLE);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn http2_frames_while_idle_are_no_slow_head() {
+        let (mut client, server) = duplex(1024);
+        let in_flight = Arc::new(Requests::default());
+        let opened = Instant::now();
+        let mut reader = Deadlines::new(server, in_flight, HEAD, IDLE);
+        client.write_all(H2_PREFACE).await.unwrap();
+        let mut buf = [0u8; 64];
+        assert!(reader.read(&mut buf).await.unwrap() > 0);
+        // A PING now and then, well past the head timeout, with no stream: neither a slow
+        // head nor activity that keeps the connection from being idle.
+        for _ in 0..3 {
+            tokio::time::sleep(HEAD * 2).await;
+            client
+                .write_all(b"\0\0\x08\x06\0\0\0\0\0pingpong")
+                .await
+                .unwrap();
+            assert!(reader.read(&mut buf).await.unwrap() > 0);
+        }
+        let err = read_error(&mut reader).await;
+        assert!(err.to_string().contains("idle"), "{err}");
+        assert_eq!(opened.elapsed(), IDLE);
+    }
+}
