@@ -130,6 +130,7 @@ fn serve(args: RunArgs, mode: Mode) -> Result<(), AppError> {
         source = %args.source(),
         ebpf = !args.no_ebpf,
         ?mode,
+        fips = crate::tls::provider().fips(),
         "starting mesh-node"
     );
     // A missing Kubernetes configuration stops start-up before anything is attached.

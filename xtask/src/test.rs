@@ -135,7 +135,27 @@ fn ebpf_clippy(root: &Path) -> Result<()> {
 /// Unit and in-process tests of every crate. The end-to-end targets are `test = false` in
 /// xtask's manifest, so they run only in the next step.
 fn unit_tests(root: &Path) -> Result<()> {
-    cargo(root, &["test", "--workspace", "--exclude", "mesh-ebpf"])
+    cargo(root, &["test", "--workspace", "--exclude", "mesh-ebpf"])?;
+    // The FIPS build (`--features fips`: aws-lc's FIPS module, approved algorithms only) runs
+    // the TLS, certificate and CA tests again, so the switch is known to work.
+    println!(
+        "==> unit tests of TLS, certificates and the CA with the FIPS module (--features fips)"
+    );
+    cargo(
+        root,
+        &[
+            "test",
+            "-p",
+            "mesh-node",
+            "--features",
+            "fips",
+            "--lib",
+            "--",
+            "tls::",
+            "identity::",
+            "ca::",
+        ],
+    )
 }
 
 fn e2e_tests(root: &Path) -> Result<()> {

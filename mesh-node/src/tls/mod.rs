@@ -4,6 +4,8 @@
 //! Both directions are TLS 1.3 only, with ALPN `h2` (HBONE is HTTP/2). The crypto provider is
 //! aws-lc-rs with the hybrid post-quantum key exchange X25519MLKEM768 offered first; classic
 //! groups (X25519, P-256, P-384) are still accepted, so a peer without ML-KEM still connects.
+//! Built with the `fips` feature, aws-lc-rs is its FIPS 140-3 module and rustls offers only
+//! approved algorithms (X25519MLKEM768, P-256, P-384: no X25519 alone, no ChaCha20).
 //!
 //! Certificates carry no DNS names: a server is checked for the SPIFFE ID the client expects
 //! (the node proxies' identity), a client's SPIFFE ID is read after the handshake and handed to
@@ -61,7 +63,8 @@ pub enum TlsError {
     Verifier(#[from] rustls::server::VerifierBuilderError),
 }
 
-/// The crypto provider of every mesh TLS connection: aws-lc-rs, post-quantum hybrid first.
+/// The crypto provider of every mesh TLS connection: aws-lc-rs, post-quantum hybrid first (its
+/// FIPS module, approved algorithms only, when built with the `fips` feature).
 pub fn provider() -> Arc<CryptoProvider> {
     static PROVIDER: std::sync::OnceLock<Arc<CryptoProvider>> = std::sync::OnceLock::new();
     PROVIDER
@@ -590,12 +593,29 @@ mod tests {
         );
     }
 
+    #[test]
+    fn the_provider_is_the_fips_module_exactly_when_built_so() {
+        assert_eq!(provider().fips(), cfg!(feature = "fips"));
+    }
+
     #[tokio::test]
     async fn classic_key_exchange_is_still_accepted() {
         let (_, server) = pair().await;
-        // A client offering only X25519, like one without ML-KEM.
+        // A client offering only a classic group, like one without ML-KEM (X25519 alone is
+        // not a FIPS-approved group: P-256 then).
+        let (group, group_name) = if cfg!(feature = "fips") {
+            (
+                rustls::crypto::aws_lc_rs::kx_group::SECP256R1,
+                NamedGroup::secp256r1,
+            )
+        } else {
+            (
+                rustls::crypto::aws_lc_rs::kx_group::X25519,
+                NamedGroup::X25519,
+            )
+        };
         let mut provider = rustls::crypto::aws_lc_rs::default_provider();
-        provider.kx_groups = vec![rustls::crypto::aws_lc_rs::kx_group::X25519];
+        provider.kx_groups = vec![group];
         let config = ClientConfig::builder_with_provider(Arc::new(provider))
             .with_protocol_versions(&[&rustls::version::TLS13])
             .unwrap()
@@ -613,14 +633,14 @@ mod tests {
             .await;
         // In TLS 1.3 the client is done once the key exchange worked; the server then wants
         // the client certificate this client does not have.
-        let connected = connected.expect("the server agreed to X25519");
+        let connected = connected.expect("the server agreed to a classic group");
         assert_eq!(
             connected
                 .get_ref()
                 .1
                 .negotiated_key_exchange_group()
                 .map(|g| g.name()),
-            Some(NamedGroup::X25519)
+            Some(group_name)
         );
         let refused = accept.await.unwrap().unwrap_err().to_string();
         assert!(refused.contains("certificate"), "{refused}");
