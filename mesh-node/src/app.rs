@@ -244,6 +244,7 @@ fn serve(args: RunArgs, mode: Mode) -> Result<(), AppError> {
                 header_read_timeout: args.server.http_header_read_timeout,
                 idle_timeout: args.server.http_idle_timeout,
             };
+            config.tcp_idle_timeout = args.server.tcp_idle_timeout;
             config.certs = certificates(&args.identity, &metrics)?;
             if config.certs.is_none() && mode == Mode::Node {
                 warn!("no --ca-addr: no mTLS, so nothing is sent to pods of other nodes and the HBONE port serves nothing");

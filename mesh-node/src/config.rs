@@ -204,6 +204,11 @@ pub struct ServerArgs {
     /// closed (Istio's default: 1 hour).
     #[arg(long, env = "WEFT_HTTP_IDLE_TIMEOUT", value_name = "DURATION", default_value = "1h", value_parser = parse_duration)]
     pub http_idle_timeout: Duration,
+
+    /// How long a TCP connection may move no byte either way before it is closed (Istio's
+    /// default: 1 hour; 0s: never). A DestinationRule's `tcp.idleTimeout` overrides it.
+    #[arg(long, env = "WEFT_TCP_IDLE_TIMEOUT", value_name = "DURATION", default_value = "1h", value_parser = parse_duration)]
+    pub tcp_idle_timeout: Duration,
 }
 
 /// Default of `--tls-origination-dir` (mount the Secrets of egress certificates there).

@@ -1310,3 +1310,54 @@ async fn client_limits_hold_on_every_hop_and_bad_clients_get_4xx() {
         "the idle connection was closed"
     );
 }
+
+#[tokio::test]
+async fn tcp_idle_timeout_comes_from_the_destination_rule() {
+    let net = 29;
+    let mut mesh = Mesh::start_with_port(
+        net,
+        &[("blue-1", "blue", "v1", 11), ("green-1", "green", "v1", 12)],
+        "tcp-web",
+    )
+    .await;
+    mesh.apply(
+        "idle.yaml",
+        &format!("{TCP_RULE}    connectionPool: {{tcp: {{idleTimeout: 1s}}}}\n"),
+    )
+    .await;
+    // One exchange on each Service, then silence.
+    let mut open = Vec::new();
+    for app_index in [1, 2] {
+        let mut stream = mesh.dial(app_index).await;
+        stream
+            .write_all(b"GET / HTTP/1.1\r\nhost: web\r\n\r\n")
+            .await
+            .unwrap();
+        let mut head = [0u8; 12];
+        stream.read_exact(&mut head).await.unwrap();
+        assert_eq!(&head, b"HTTP/1.1 200");
+        open.push(stream);
+    }
+    let started = Instant::now();
+    let mut rest = Vec::new();
+    let closed = tokio::time::timeout(Duration::from_secs(5), open[0].read_to_end(&mut rest)).await;
+    let waited = started.elapsed();
+    assert!(
+        closed.is_ok(),
+        "blue's connection outlived its 1 s idle timeout"
+    );
+    assert!(
+        waited >= Duration::from_millis(900),
+        "closed after {waited:?}"
+    );
+    // green has no rule: the proxy's default (an hour) keeps it open once the rest of the
+    // answer is read.
+    let mut buf = [0u8; 1024];
+    loop {
+        match tokio::time::timeout(Duration::from_secs(1), open[1].read(&mut buf)).await {
+            Err(_) => break,
+            Ok(Ok(n)) if n > 0 => continue,
+            ended => panic!("green's connection was closed: {ended:?}"),
+        }
+    }
+}

@@ -60,6 +60,9 @@ pub struct ProxyConfig {
     pub tls_origination_dir: PathBuf,
     /// What an HTTP client may send.
     pub http: HttpLimits,
+    /// TCP connections that move nothing either way for this long are closed (0: never);
+    /// a DestinationRule's `tcp.idleTimeout` overrides it for its Service.
+    pub tcp_idle_timeout: Duration,
 }
 
 /// Limits on what HTTP clients send, with Envoy's defaults. They are enforced where a request
@@ -128,6 +131,8 @@ impl ProxyConfig {
             handshake_timeout: HANDSHAKE_TIMEOUT,
             tls_origination_dir: crate::config::DEFAULT_TLS_ORIGINATION_DIR.into(),
             http: HttpLimits::default(),
+            // Istio's default (DestinationRule `tcp.idleTimeout`).
+            tcp_idle_timeout: Duration::from_secs(3600),
         }
     }
 
@@ -166,6 +171,11 @@ pub(crate) struct Context {
 }
 
 impl Context {
+    /// The idle timeout of TCP connections no cluster's rule speaks for (inbound).
+    pub(super) fn tcp_idle_timeout(&self) -> Option<Duration> {
+        Some(self.config.tcp_idle_timeout).filter(|t| !t.is_zero())
+    }
+
     /// The shared state of a proxy serving `snapshot` first.
     pub fn new(
         config: ProxyConfig,

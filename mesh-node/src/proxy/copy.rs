@@ -3,19 +3,25 @@
 //! Both directions are driven by one future, so no task or lock is added per connection. When
 //! one side reaches end of stream, the write half of the other side is shut down (TCP FIN) and
 //! the other direction keeps flowing until it ends too: half-closed connections behave exactly
-//! as without the proxy. Buffers start small, so idle connections cost little, and grow for
-//! connections that keep filling them.
+//! as without the proxy. Buffers start small, so idle connections cost little, grow for
+//! connections that keep filling them, and go back to the smallest size once a connection has
+//! moved nothing for [`SHRINK_AFTER`]. A connection that moves nothing either way for its idle
+//! timeout (Istio's TCP `idleTimeout`, 1 hour by default) is closed.
 
 use std::{
     fmt,
-    future::poll_fn,
+    future::{poll_fn, Future as _},
     io,
     pin::Pin,
     task::{ready, Context, Poll},
+    time::Duration,
 };
 
 use thiserror::Error;
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::{
+    io::{AsyncRead, AsyncWrite, ReadBuf},
+    time::{Instant, Sleep},
+};
 
 use crate::metrics::ConnectionMetrics;
 
@@ -23,6 +29,8 @@ use crate::metrics::ConnectionMetrics;
 /// buffer [`GROW_AFTER`] times in a row moves to the next size.
 const BUFFER_SIZES: [usize; 3] = [4 * 1024, 32 * 1024, 256 * 1024];
 const GROW_AFTER: u32 = 4;
+/// Grown buffers of a connection that moved nothing for this long go back to the smallest.
+pub const SHRINK_AFTER: Duration = Duration::from_secs(2);
 
 /// Counts bytes as they are written, so long-lived connections show up in metrics while open.
 pub trait Meter {
@@ -65,6 +73,8 @@ pub enum Operation {
     Read,
     Write,
     Shutdown,
+    /// Nothing moved either way for the idle timeout.
+    Idle,
 }
 
 /// A copy that ended with an I/O error: which side, doing what.
@@ -84,6 +94,7 @@ impl CopyError {
             Operation::Read => "reading from",
             Operation::Write => "writing to",
             Operation::Shutdown => "closing the write side of",
+            Operation::Idle => "the idle timeout closed",
         }
     }
 
@@ -94,15 +105,16 @@ impl CopyError {
         }
     }
 
-    /// A reset by either peer is how many applications end connections; it is not a proxy
-    /// failure worth a warning.
+    /// A reset by either peer is how many applications end connections, and an idle timeout
+    /// is policy: neither is a proxy failure worth a warning.
     pub fn is_reset(&self) -> bool {
-        matches!(
-            self.source.kind(),
-            io::ErrorKind::ConnectionReset
-                | io::ErrorKind::BrokenPipe
-                | io::ErrorKind::ConnectionAborted
-        )
+        self.operation == Operation::Idle
+            || matches!(
+                self.source.kind(),
+                io::ErrorKind::ConnectionReset
+                    | io::ErrorKind::BrokenPipe
+                    | io::ErrorKind::ConnectionAborted
+            )
     }
 }
 
@@ -117,6 +129,22 @@ where
     U: AsyncRead + AsyncWrite + Unpin + ?Sized,
     M: Meter + ?Sized,
 {
+    bidirectional_with(downstream, upstream, meter, None).await
+}
+
+/// [`bidirectional`], ended with an [`Operation::Idle`] error once nothing has moved either
+/// way for `idle_timeout`.
+pub async fn bidirectional_with<D, U, M>(
+    downstream: &mut D,
+    upstream: &mut U,
+    meter: &M,
+    idle_timeout: Option<Duration>,
+) -> Result<Transferred, CopyError>
+where
+    D: AsyncRead + AsyncWrite + Unpin + ?Sized,
+    U: AsyncRead + AsyncWrite + Unpin + ?Sized,
+    M: Meter + ?Sized,
+{
     let mut up = Pipe::new();
     let mut down = Pipe::new();
     let mut up_done = false;
@@ -125,7 +153,9 @@ where
         to_upstream: up.total,
         to_downstream: down.total,
     };
+    let mut idle = IdleClock::new(idle_timeout);
     poll_fn(|cx| {
+        let moved = up.moved + down.moved;
         if !up_done {
             match up.poll_copy(cx, &mut *downstream, &mut *upstream, |n| {
                 meter.to_upstream(n)
@@ -134,7 +164,7 @@ where
                 Poll::Ready(Err((op, e))) => {
                     let side = match op {
                         Operation::Read => Side::Downstream,
-                        Operation::Write | Operation::Shutdown => Side::Upstream,
+                        Operation::Write | Operation::Shutdown | Operation::Idle => Side::Upstream,
                     };
                     return Poll::Ready(Err(CopyError {
                         side,
@@ -154,7 +184,9 @@ where
                 Poll::Ready(Err((op, e))) => {
                     let side = match op {
                         Operation::Read => Side::Upstream,
-                        Operation::Write | Operation::Shutdown => Side::Downstream,
+                        Operation::Write | Operation::Shutdown | Operation::Idle => {
+                            Side::Downstream
+                        }
                     };
                     return Poll::Ready(Err(CopyError {
                         side,
@@ -167,12 +199,86 @@ where
             }
         }
         if up_done && down_done {
-            Poll::Ready(Ok(transferred(&up, &down)))
-        } else {
-            Poll::Pending
+            return Poll::Ready(Ok(transferred(&up, &down)));
+        }
+        if up.moved + down.moved != moved {
+            idle.moved();
+        }
+        match idle.poll(cx, [&mut up, &mut down]) {
+            Poll::Ready(()) => Poll::Ready(Err(CopyError {
+                side: Side::Downstream,
+                operation: Operation::Idle,
+                transferred: transferred(&up, &down),
+                source: io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    format!(
+                        "no byte either way for {:?}",
+                        idle_timeout.unwrap_or_default()
+                    ),
+                ),
+            })),
+            Poll::Pending => Poll::Pending,
         }
     })
     .await
+}
+
+/// When a copy last moved a byte, and the one timer that shrinks its buffers and ends it once
+/// it idled too long. The timer is moved only when it fires early, not on every byte.
+struct IdleClock {
+    timeout: Option<Duration>,
+    last: Instant,
+    shrunk: bool,
+    timer: Option<Pin<Box<Sleep>>>,
+}
+
+impl IdleClock {
+    fn new(timeout: Option<Duration>) -> Self {
+        Self {
+            timeout: timeout.filter(|t| !t.is_zero()),
+            last: Instant::now(),
+            shrunk: true,
+            timer: None,
+        }
+    }
+
+    fn moved(&mut self) {
+        self.last = Instant::now();
+        self.shrunk = false;
+    }
+
+    /// Ready when the idle timeout has passed; shrinks the pipes' buffers on the way.
+    fn poll(&mut self, cx: &mut Context<'_>, mut pipes: [&mut Pipe; 2]) -> Poll<()> {
+        loop {
+            let grown = pipes.iter().any(|p| p.size_index > 0);
+            let shrink_at = (!self.shrunk && grown).then(|| self.last + SHRINK_AFTER);
+            let close_at = self.timeout.map(|t| self.last + t);
+            let Some(due) = [shrink_at, close_at].into_iter().flatten().min() else {
+                return Poll::Pending;
+            };
+            let timer = self
+                .timer
+                .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(due)));
+            if timer.deadline() > due {
+                timer.as_mut().reset(due);
+            }
+            if timer.as_mut().poll(cx).is_pending() {
+                return Poll::Pending;
+            }
+            if Instant::now() < due {
+                // Bytes moved since the timer was set: wait for the real deadline.
+                timer.as_mut().reset(due);
+                continue;
+            }
+            if close_at == Some(due) {
+                return Poll::Ready(());
+            }
+            for pipe in &mut pipes {
+                pipe.shrink();
+            }
+            self.shrunk = true;
+        }
+    }
 }
 
 /// One direction of a copy.
@@ -185,6 +291,8 @@ struct Pipe {
     read_done: bool,
     need_flush: bool,
     total: u64,
+    /// Reads that returned bytes.
+    moved: u64,
 }
 
 impl fmt::Debug for Pipe {
@@ -207,6 +315,7 @@ impl Pipe {
             read_done: false,
             need_flush: false,
             total: 0,
+            moved: 0,
         }
     }
 
@@ -239,6 +348,7 @@ impl Pipe {
                             };
                             self.pos = 0;
                             self.cap = n;
+                            self.moved += 1;
                         }
                     }
                     Poll::Ready(Err(e)) => return Poll::Ready(Err((Operation::Read, e))),
@@ -280,6 +390,17 @@ impl Pipe {
                     Ok(()) => Poll::Ready(Ok(())),
                 };
             }
+        }
+    }
+
+    /// Back to the smallest buffer, if it is empty (bytes waiting for the writer stay).
+    fn shrink(&mut self) {
+        if self.size_index > 0 && self.pos == self.cap {
+            self.size_index = 0;
+            self.full_reads = 0;
+            self.pos = 0;
+            self.cap = 0;
+            self.buf = vec![0; BUFFER_SIZES[0]].into_boxed_slice();
         }
     }
 
@@ -373,6 +494,60 @@ mod tests {
         pipe.full_reads = GROW_AFTER;
         pipe.maybe_grow();
         assert_eq!(pipe.buf.len(), BUFFER_SIZES[2]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn grown_buffers_shrink_once_the_connection_idles() {
+        let (mut up, mut down) = (Pipe::new(), Pipe::new());
+        for _ in 0..2 {
+            up.full_reads = GROW_AFTER;
+            up.maybe_grow();
+        }
+        // Bytes waiting for the writer keep their buffer.
+        down.full_reads = GROW_AFTER;
+        down.maybe_grow();
+        down.cap = 10;
+        let mut clock = IdleClock::new(None);
+        clock.moved();
+        let start = Instant::now();
+        let waited = tokio::time::timeout(
+            SHRINK_AFTER * 3,
+            poll_fn(|cx| clock.poll(cx, [&mut up, &mut down])),
+        )
+        .await;
+        assert!(waited.is_err(), "no idle timeout was set");
+        assert_eq!(up.buf.len(), BUFFER_SIZES[0]);
+        assert_eq!(down.buf.len(), BUFFER_SIZES[1]);
+        assert_eq!(start.elapsed(), SHRINK_AFTER * 3);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_connection_idle_for_its_timeout_is_closed_and_traffic_postpones_it() {
+        let (mut client, mut a) = duplex(1024);
+        let (mut b, mut server) = duplex(1024);
+        let timeout = Duration::from_secs(60);
+        let copy = tokio::spawn(async move {
+            let start = Instant::now();
+            let result = bidirectional_with(&mut a, &mut b, &(), Some(timeout)).await;
+            (result, start.elapsed())
+        });
+        // A byte every 50 s keeps it open...
+        for _ in 0..3 {
+            tokio::time::sleep(Duration::from_secs(50)).await;
+            client.write_all(b"x").await.unwrap();
+            let mut byte = [0u8; 1];
+            server.read_exact(&mut byte).await.unwrap();
+        }
+        // ...then silence: closed 60 s after the last byte.
+        let (result, elapsed) = copy.await.unwrap();
+        let err = result.unwrap_err();
+        assert_eq!(err.operation, Operation::Idle);
+        assert!(err.is_reset(), "an idle timeout is no proxy failure");
+        assert_eq!(err.transferred.to_upstream, 3);
+        assert_eq!(elapsed, Duration::from_secs(150) + timeout);
+        // Both sides see the connection end.
+        let mut rest = Vec::new();
+        assert_eq!(client.read_to_end(&mut rest).await.unwrap(), 0);
     }
 
     struct Failing;

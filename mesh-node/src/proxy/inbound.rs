@@ -165,7 +165,14 @@ async fn captured(
         return Ok(Transferred::default());
     };
     let mut upstream = connect_pod(ctx, target, &labels).await?;
-    tcp::relay(ctx, &mut downstream, &mut upstream, &labels).await
+    tcp::relay(
+        ctx,
+        &mut downstream,
+        &mut upstream,
+        &labels,
+        ctx.tcp_idle_timeout(),
+    )
+    .await
 }
 
 /// Connects to `target`, a pod of this node, from the proxy address; a failure is counted.
@@ -362,7 +369,14 @@ async fn hbone_stream(
                 };
                 // Sniffed as something else than HTTP.
                 let mut upstream = connect_pod(&ctx, target, &labels).await?;
-                tcp::relay(&ctx, &mut downstream, &mut upstream, &labels).await
+                tcp::relay(
+                    &ctx,
+                    &mut downstream,
+                    &mut upstream,
+                    &labels,
+                    ctx.tcp_idle_timeout(),
+                )
+                .await
             }
             .await;
             log("tunnel", client, Some(target), start, result);
@@ -394,7 +408,14 @@ async fn hbone_stream(
                     .await
                     .map_err(|source| ProxyError::Hbone { client, source })?,
             );
-            tcp::relay(&ctx, &mut downstream, &mut upstream, &labels).await
+            tcp::relay(
+                &ctx,
+                &mut downstream,
+                &mut upstream,
+                &labels,
+                ctx.tcp_idle_timeout(),
+            )
+            .await
         }
         .await;
         log("tunnel", client, Some(target), start, result);

@@ -171,7 +171,9 @@ async fn proxy(
             return Err(e);
         }
     };
-    let transferred = tcp::relay(ctx, &mut downstream, &mut upstream, &labels).await?;
+    let idle_timeout = target.idle_timeout(ctx);
+    let transferred =
+        tcp::relay(ctx, &mut downstream, &mut upstream, &labels, idle_timeout).await?;
     // Held until here: the endpoint's active count and the cluster's connection slot.
     drop(target);
     Ok(Served::Tcp(transferred))

@@ -12,7 +12,7 @@
 use std::{
     net::{SocketAddr, SocketAddrV4},
     sync::Arc,
-    time::Instant,
+    time::{Duration, Instant},
 };
 
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -52,6 +52,20 @@ pub(super) struct Target {
     /// The Service whose cluster was used (the route's destination, else the dialled one).
     pub service: Option<Arc<Service>>,
     balanced: Option<Balanced>,
+}
+
+impl Target {
+    /// The idle timeout of the connection: the cluster's `tcp.idleTimeout` (0: none), else
+    /// the proxy's.
+    pub fn idle_timeout(&self, ctx: &Context) -> Option<Duration> {
+        let configured = self
+            .balanced
+            .as_ref()
+            .and_then(|b| b.cluster.policy().tcp_idle_timeout);
+        configured
+            .or(Some(ctx.config.tcp_idle_timeout))
+            .filter(|t| !t.is_zero())
+    }
 }
 
 /// An endpoint picked from a cluster: counted as active (least request) and holding a slot of
@@ -215,12 +229,13 @@ impl Target {
 }
 
 /// Copies bytes both ways between `downstream` and `upstream`, counted as one connection
-/// under `labels`.
+/// under `labels`, until both ends close or nothing moved for `idle_timeout`.
 pub(super) async fn relay<D, U>(
     ctx: &Context,
     downstream: &mut D,
     upstream: &mut U,
     labels: &TcpLabels,
+    idle_timeout: Option<Duration>,
 ) -> Result<Transferred, ProxyError>
 where
     D: AsyncRead + AsyncWrite + Unpin,
@@ -228,7 +243,7 @@ where
 {
     let conn = ctx.metrics.connection(labels);
     conn.opened();
-    let result = copy::bidirectional(downstream, upstream, &conn).await;
+    let result = copy::bidirectional_with(downstream, upstream, &conn, idle_timeout).await;
     conn.closed();
     Ok(result?)
 }

@@ -36,6 +36,8 @@ pub struct ClusterPolicy {
     pub connect_timeout: Option<Duration>,
     /// `http.idleTimeout`, else `tcp.idleTimeout`.
     pub idle_timeout: Option<Duration>,
+    /// `tcp.idleTimeout`: TCP connections through the cluster (0: none).
+    pub tcp_idle_timeout: Option<Duration>,
     pub max_connection_duration: Option<Duration>,
     pub max_requests_per_connection: Option<u32>,
     pub max_concurrent_streams: Option<u32>,
@@ -314,6 +316,7 @@ impl<'a> Effective<'a> {
             idle_timeout: http
                 .and_then(|h| h.idle_timeout)
                 .or_else(|| tcp.and_then(|t| t.idle_timeout)),
+            tcp_idle_timeout: tcp.and_then(|t| t.idle_timeout),
             max_connection_duration: tcp.and_then(|t| t.max_connection_duration),
             max_requests_per_connection: positive(http.and_then(|h| h.max_requests_per_connection)),
             max_concurrent_streams: positive(http.and_then(|h| h.max_concurrent_streams)),
