@@ -36,7 +36,10 @@ use crate::{
     },
     metrics::Metrics,
     model::{OriginalDst, Store},
-    proxy::{HttpLimits, NoOriginalDst, Proxy, ProxyConfig, ProxyError, RedirectedOriginalDst},
+    proxy::{
+        HttpLimits, NoOriginalDst, Proxy, ProxyConfig, ProxyError, RedirectedOriginalDst,
+        SourceLimits,
+    },
     source::{
         dns,
         file::{FileSource, SourceError},
@@ -245,6 +248,10 @@ fn serve(args: RunArgs, mode: Mode) -> Result<(), AppError> {
                 idle_timeout: args.server.http_idle_timeout,
             };
             config.tcp_idle_timeout = args.server.tcp_idle_timeout;
+            config.sources = SourceLimits {
+                max_connections: args.server.max_connections_per_source as usize,
+                max_requests: args.server.max_requests_per_source as usize,
+            };
             config.certs = certificates(&args.identity, &metrics)?;
             if config.certs.is_none() && mode == Mode::Node {
                 warn!("no --ca-addr: no mTLS, so nothing is sent to pods of other nodes and the HBONE port serves nothing");

@@ -209,6 +209,16 @@ pub struct ServerArgs {
     /// default: 1 hour; 0s: never). A DestinationRule's `tcp.idleTimeout` overrides it.
     #[arg(long, env = "WEFT_TCP_IDLE_TIMEOUT", value_name = "DURATION", default_value = "1h", value_parser = parse_duration)]
     pub tcp_idle_timeout: Duration,
+
+    /// Connections one client address (a pod, or a client outside the mesh) may hold open on
+    /// each listener; more are closed at accept and counted.
+    #[arg(long, env = "WEFT_MAX_CONNECTIONS_PER_SOURCE", value_name = "N", default_value_t = 16_384, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_connections_per_source: u32,
+
+    /// HTTP requests one pod may have in flight through its node proxy; more are answered 503
+    /// with flag UO and counted.
+    #[arg(long, env = "WEFT_MAX_REQUESTS_PER_SOURCE", value_name = "N", default_value_t = 4_096, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_requests_per_source: u32,
 }
 
 /// Default of `--tls-origination-dir` (mount the Secrets of egress certificates there).

@@ -28,7 +28,7 @@ use mesh_node::{
     identity::manager::testing::TestCa,
     metrics::Metrics,
     model::{OriginalDst, Store},
-    proxy::{Proxy, ProxyConfig},
+    proxy::{Proxy, ProxyConfig, SourceLimits},
     source::file::FileSource,
 };
 use tempfile::TempDir;
@@ -217,6 +217,16 @@ impl Mesh {
         pods: &[(&'static str, &'static str, &'static str, u8)],
         port_name: &str,
     ) -> Self {
+        Self::start_configured(net, pods, port_name, |_| {}).await
+    }
+
+    /// `start_with_port` with both proxies' configuration changed by `configure`.
+    async fn start_configured(
+        net: u8,
+        pods: &[(&'static str, &'static str, &'static str, u8)],
+        port_name: &str,
+        configure: impl Fn(&mut ProxyConfig),
+    ) -> Self {
         let mut yaml = BASE.replace("NET", &net.to_string());
         let mut started = HashMap::new();
         let mut apps: Vec<&str> = Vec::new();
@@ -268,6 +278,7 @@ impl Mesh {
             config.certs = Some(ca.certs());
             // Short, for the slow-head case; every other client sends its heads at once.
             config.http.header_read_timeout = Duration::from_secs(2);
+            configure(&mut config);
             let node_metrics = Arc::new(Metrics::new());
             // Applying is awaited on n1 only; n2 gets the same snapshots at the same time.
             let node_applied = if n == 1 {
@@ -1360,4 +1371,56 @@ async fn tcp_idle_timeout_comes_from_the_destination_rule() {
             ended => panic!("green's connection was closed: {ended:?}"),
         }
     }
+}
+
+#[tokio::test]
+async fn one_pod_cannot_hold_more_than_its_share() {
+    let mesh = Mesh::start_configured(30, &[("ratings-v1", "ratings", "v1", 11)], "http", |c| {
+        c.sources = SourceLimits {
+            max_connections: 3,
+            max_requests: 2,
+        };
+    })
+    .await;
+    // Two requests whose bodies take long hold the pod's two slots, on two connections.
+    let mut slow = Vec::new();
+    for _ in 0..2 {
+        let mut client = mesh.connect(1).await;
+        let pending = tokio::spawn(async move { client.get("/slowbody/3000", &[]).await });
+        slow.push(pending);
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // The third connection is admitted; its request is refused while the two are in flight.
+    let mut third = mesh.connect(1).await;
+    let answer = third.get("/", &[]).await;
+    assert_eq!(answer.status, StatusCode::SERVICE_UNAVAILABLE);
+    let metrics = mesh.metrics();
+    assert_eq!(
+        count(
+            &metrics,
+            &["response_code=\"503\"", "response_flags=\"UO\""]
+        ),
+        1.0,
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("weft_source_limit_refused_total{limit=\"requests\"} 1"),
+        "{metrics}"
+    );
+    // A fourth connection is closed at once.
+    let mut fourth = mesh.dial(1).await;
+    let mut rest = Vec::new();
+    let closed = tokio::time::timeout(Duration::from_secs(5), fourth.read_to_end(&mut rest)).await;
+    assert!(matches!(closed, Ok(Ok(0)) | Ok(Err(_))), "{closed:?}");
+    assert!(
+        mesh.metrics()
+            .contains("weft_source_limit_refused_total{limit=\"connections\"} 1"),
+        "{}",
+        mesh.metrics()
+    );
+    // Once the slow requests end, the pod's requests go through again.
+    for pending in slow {
+        assert_eq!(pending.await.unwrap().status, StatusCode::OK);
+    }
+    assert_eq!(third.get("/", &[]).await.status, StatusCode::OK);
 }

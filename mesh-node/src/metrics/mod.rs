@@ -14,6 +14,7 @@
 //! | `weft_config_version` | gauge | | newest configuration snapshot |
 //! | `weft_config_applied_version` | gauge | `consumer` = `proxy`, `ebpf` | snapshot each consumer applied |
 //! | `weft_config_rejected_total` | counter | `kind` | resources rejected (each time their file changed) |
+//! | `weft_source_limit_refused_total` | counter | `limit` = `connections`, `requests` | connections closed at accept and requests answered `503 UO` because their client address held its cap |
 //!
 //! Istio's TCP labels: `reporter` (`source` on the client's node, `destination` on the
 //! server's node), `source_*` / `destination_*` workload, namespace, principal, app, version
@@ -624,6 +625,48 @@ impl MtlsRefusals {
     }
 }
 
+/// A cap a client address holds (see `proxy::sources`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum SourceLimit {
+    Connections,
+    Requests,
+}
+
+impl EncodeLabelValue for SourceLimit {
+    fn encode(&self, encoder: &mut LabelValueEncoder<'_>) -> Result<(), fmt::Error> {
+        let limit = match self {
+            SourceLimit::Connections => "connections",
+            SourceLimit::Requests => "requests",
+        };
+        EncodeLabelValue::encode(&limit, encoder)
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct SourceLimitLabels {
+    limit: SourceLimit,
+}
+
+/// `weft_source_limit_refused_total{limit}`: what client addresses over their caps were refused.
+#[derive(Clone, Debug, Default)]
+pub struct SourceRefusals {
+    family: Family<SourceLimitLabels, Counter>,
+}
+
+impl SourceRefusals {
+    pub fn inc(&self, limit: SourceLimit) {
+        self.family
+            .get_or_create(&SourceLimitLabels { limit })
+            .inc();
+    }
+
+    pub fn get(&self, limit: SourceLimit) -> u64 {
+        self.family
+            .get_or_create(&SourceLimitLabels { limit })
+            .get()
+    }
+}
+
 /// How a request for a workload certificate ended.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum CertificateResult {
@@ -703,6 +746,7 @@ pub struct Metrics {
     http: HttpMetrics,
     rejections: Rejections,
     refusals: MtlsRefusals,
+    source_refusals: SourceRefusals,
     certificates: CertificateMetrics,
 }
 
@@ -737,6 +781,12 @@ impl Metrics {
             "Connections and HBONE streams refused for want of valid mTLS, by reason",
             refusals.family.clone(),
         );
+        let source_refusals = SourceRefusals::default();
+        registry.register(
+            "weft_source_limit_refused",
+            "Connections and requests refused because their client address held its cap, by cap",
+            source_refusals.family.clone(),
+        );
         let certificates = CertificateMetrics::default();
         registry.register(
             "weft_certificate_requests",
@@ -754,6 +804,7 @@ impl Metrics {
             http,
             rejections,
             refusals,
+            source_refusals,
             certificates,
         }
     }
@@ -793,6 +844,10 @@ impl Metrics {
 
     pub fn refusals(&self) -> &MtlsRefusals {
         &self.refusals
+    }
+
+    pub fn source_refusals(&self) -> &SourceRefusals {
+        &self.source_refusals
     }
 
     pub fn certificates(&self) -> &CertificateMetrics {

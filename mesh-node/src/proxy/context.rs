@@ -13,6 +13,7 @@ use arc_swap::ArcSwap;
 
 use super::{
     l7::body::RequestBody,
+    sources::{SourceLimits, Sources},
     upstream::{cluster::Clusters, hbone::HbonePool, pool::Pools, Dialer},
     view::View,
 };
@@ -63,6 +64,8 @@ pub struct ProxyConfig {
     /// TCP connections that move nothing either way for this long are closed (0: never);
     /// a DestinationRule's `tcp.idleTimeout` overrides it for its Service.
     pub tcp_idle_timeout: Duration,
+    /// What one client address may hold.
+    pub sources: SourceLimits,
 }
 
 /// Limits on what HTTP clients send, with Envoy's defaults. They are enforced where a request
@@ -133,6 +136,7 @@ impl ProxyConfig {
             http: HttpLimits::default(),
             // Istio's default (DestinationRule `tcp.idleTimeout`).
             tcp_idle_timeout: Duration::from_secs(3600),
+            sources: SourceLimits::default(),
         }
     }
 
@@ -168,6 +172,8 @@ pub(crate) struct Context {
     pub pools: Pools<RequestBody>,
     pub applied: Arc<AtomicU64>,
     pub inbound_port: u16,
+    /// What each client address holds, against [`ProxyConfig::sources`].
+    pub sources: Arc<Sources>,
 }
 
 impl Context {
@@ -186,6 +192,7 @@ impl Context {
         inbound_port: u16,
     ) -> Self {
         let clusters = Clusters::new(config.tls_origination_dir.clone());
+        let sources = Sources::new(config.sources, metrics.source_refusals().clone());
         let view = View::new(snapshot, None, &clusters);
         Self {
             dialer: config.dialer(),
@@ -195,10 +202,12 @@ impl Context {
             metrics: metrics.tcp().clone(),
             http_metrics: metrics.http().clone(),
             refusals: metrics.refusals().clone(),
+
             clusters,
             pools: Pools::default(),
             applied,
             inbound_port,
+            sources,
         }
     }
 

@@ -37,7 +37,11 @@ use tokio::{
 };
 use tracing::{debug, info, warn};
 
-use self::{context::Context, view::View};
+use self::{
+    context::Context,
+    sources::{SourceConnection, Sources},
+    view::View,
+};
 use crate::{
     identity::Identity,
     metrics::Metrics,
@@ -52,6 +56,7 @@ mod inbound;
 pub mod l7;
 mod outbound;
 pub mod route;
+mod sources;
 mod tcp;
 pub mod upstream;
 mod view;
@@ -59,6 +64,7 @@ mod view;
 pub use context::{HttpLimits, ProxyConfig, CONNECT_TIMEOUT, DRAIN_TIMEOUT};
 pub use copy::{CopyError, Transferred};
 pub use error::ProxyError;
+pub use sources::SourceLimits;
 pub use upstream::{hbone, hbone::TunnelError, ConnectError, ConnectErrorKind, Role};
 
 /// The addresses the listeners are bound to.
@@ -173,18 +179,37 @@ impl Proxy {
         // runs this future: a connection is then accepted and served on the worker whose
         // I/O driver saw it, without waking another thread first.
         let loops = [
-            tokio::spawn(accept_loop(outbound, drain_rx.clone(), {
-                let ctx = ctx.clone();
-                move |stream, peer| outbound::serve(ctx.clone(), stream, peer)
-            })),
-            tokio::spawn(accept_loop(inbound, drain_rx.clone(), {
-                let ctx = ctx.clone();
-                move |stream, peer| inbound::serve_captured(ctx.clone(), stream, peer)
-            })),
-            tokio::spawn(accept_loop(tunnel, drain_rx.clone(), {
-                let ctx = ctx.clone();
-                move |stream, peer| inbound::serve_tunnel(ctx.clone(), stream, peer)
-            })),
+            tokio::spawn(accept_loop(
+                outbound,
+                drain_rx.clone(),
+                ctx.sources.clone(),
+                {
+                    let ctx = ctx.clone();
+                    move |stream, peer, held| outbound::serve(ctx.clone(), stream, peer, held)
+                },
+            )),
+            tokio::spawn(accept_loop(
+                inbound,
+                drain_rx.clone(),
+                ctx.sources.clone(),
+                {
+                    let ctx = ctx.clone();
+                    move |stream, peer, held| {
+                        held_by(held, inbound::serve_captured(ctx.clone(), stream, peer))
+                    }
+                },
+            )),
+            tokio::spawn(accept_loop(
+                tunnel,
+                drain_rx.clone(),
+                ctx.sources.clone(),
+                {
+                    let ctx = ctx.clone();
+                    move |stream, peer, held| {
+                        held_by(held, inbound::serve_tunnel(ctx.clone(), stream, peer))
+                    }
+                },
+            )),
         ];
         shutdown.await;
         // Stop accepting: the listeners close with their loops.
@@ -238,16 +263,30 @@ fn listen(
     socket.listen(BACKLOG).map_err(error)
 }
 
-async fn accept_loop<F, Fut>(listener: TcpListener, drain: watch::Receiver<()>, serve: F)
-where
-    F: Fn(TcpStream, SocketAddr) -> Fut,
+/// Serves a connection that holds its client address's slot until it ends.
+async fn held_by(held: SourceConnection, connection: impl Future<Output = ()>) {
+    connection.await;
+    drop(held);
+}
+
+async fn accept_loop<F, Fut>(
+    listener: TcpListener,
+    drain: watch::Receiver<()>,
+    sources: Arc<Sources>,
+    serve: F,
+) where
+    F: Fn(TcpStream, SocketAddr, SourceConnection) -> Fut,
     Fut: Future<Output = ()> + Send + 'static,
 {
     loop {
         match listener.accept().await {
             Ok((stream, peer)) => {
+                // A client address at its cap: closed at once (and counted).
+                let Some(held) = sources.connect(peer.ip()) else {
+                    continue;
+                };
                 let _ = stream.set_nodelay(true);
-                let connection = serve(stream, peer);
+                let connection = serve(stream, peer, held);
                 let drain = drain.clone();
                 tokio::spawn(async move {
                     connection.await;

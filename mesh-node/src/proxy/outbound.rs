@@ -16,15 +16,21 @@ use super::{
     detect::{self, Declared, Rewind, Sniffed, SNIFF_TIMEOUT},
     error::ProxyError,
     l7,
+    sources::SourceConnection,
     tcp::{self, v4, Log},
     upstream::Via,
 };
 use crate::{metrics::ACCESS_LOG, model::Protocol};
 
-pub(super) async fn serve(ctx: Arc<Context>, downstream: TcpStream, client: SocketAddr) {
+pub(super) async fn serve(
+    ctx: Arc<Context>,
+    downstream: TcpStream,
+    client: SocketAddr,
+    held: SourceConnection,
+) {
     let start = Instant::now();
     let mut log = Log::default();
-    let result = proxy(&ctx, downstream, client, &mut log).await;
+    let result = proxy(&ctx, downstream, client, held, &mut log).await;
     let dialled = log.dialled.map(|d| d.to_string()).unwrap_or_default();
     let upstream = log.target.map(|t| t.to_string()).unwrap_or_default();
     let via = log.via.map(|v| v.to_string()).unwrap_or_default();
@@ -71,6 +77,7 @@ async fn proxy(
     ctx: &Arc<Context>,
     downstream: TcpStream,
     client: SocketAddr,
+    held: SourceConnection,
     log: &mut Log,
 ) -> Result<Served, ProxyError> {
     let client = v4(client).ok_or(ProxyError::NotIpv4 { client })?;
@@ -127,7 +134,8 @@ async fn proxy(
             declared,
             source,
         )
-        .dialled(dialled);
+        .dialled(dialled)
+        .held_by(held);
         drop(view);
         l7::serve(conn, downstream).await;
         return Ok(Served::Http);

@@ -27,6 +27,8 @@ use tokio::{
     time::{Instant, Sleep},
 };
 
+use crate::proxy::sources::SourceRequest;
+
 /// The client preface of HTTP/2: such a connection has no HTTP/1 heads to time.
 const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
@@ -65,17 +67,18 @@ impl Drop for Busy {
     }
 }
 
-/// A response body that holds its request's [`Busy`] until it ends.
+/// A response body that holds its request's [`Busy`], and its client address's slot, until
+/// it ends.
 pub(super) struct Held<B> {
     body: B,
-    busy: Option<Busy>,
+    busy: Option<(Busy, Option<SourceRequest>)>,
 }
 
 impl<B> Held<B> {
-    pub(super) fn new(body: B, busy: Busy) -> Self {
+    pub(super) fn new(body: B, busy: Busy, slot: Option<SourceRequest>) -> Self {
         Self {
             body,
-            busy: Some(busy),
+            busy: Some((busy, slot)),
         }
     }
 }

@@ -47,6 +47,7 @@ use super::{
     detect::Declared,
     error::ProxyError,
     route::{self, apply_header_ops, Backend, RequestInfo, RetryPlan, RuleAction, Selection},
+    sources::SourceConnection,
     upstream::{
         cluster::{self, Cluster, ClusterKey, ClusterPolicy, Outcome, Pick},
         hbone::Caller,
@@ -76,7 +77,7 @@ mod upgrade;
 
 use self::{
     mirror::mirror,
-    request::{chance, handle, local_failure, local_reply, service_port},
+    request::{chance, handle, local_failure, local_reply, service_port, source_overflow},
     retry::{
         default_retries, replay, Attempts, Failure, DOWNSTREAM_PROTOCOL_ERROR, NO_HEALTHY_UPSTREAM,
     },
@@ -106,6 +107,8 @@ pub(super) struct Conn {
     clusters: Mutex<ClusterCache>,
     /// Metric labels by destination pod and service: building them hashes every label.
     labels: Mutex<HashMap<LabelKey, RequestLabels>>,
+    /// The client address's slot, whose requests in flight are capped (source side).
+    held: Option<SourceConnection>,
 }
 
 /// What the destination side knows of a connection before it serves it.
@@ -186,6 +189,7 @@ impl Conn {
             inbound: None,
             clusters: Mutex::default(),
             labels: Mutex::default(),
+            held: None,
         }
     }
 
@@ -222,6 +226,13 @@ impl Conn {
             state,
         });
         conn
+    }
+
+    /// Caps the requests in flight of this connection's client address with the others' of
+    /// that address (outbound connections).
+    pub(super) fn held_by(mut self, held: SourceConnection) -> Self {
+        self.held = Some(held);
+        self
     }
 
     /// Sets the address the client dialled (outbound connections).
@@ -401,8 +412,19 @@ where
         let conn = conn.clone();
         let busy = in_flight.start();
         async move {
+            // Requests of one client address over its cap are refused before any work.
+            let slot = match &conn.held {
+                Some(held) => match held.request() {
+                    Some(slot) => Some(slot),
+                    None => {
+                        let reply = source_overflow(conn, request);
+                        return Ok(reply.map(|body| Held::new(body, busy, None)));
+                    }
+                },
+                None => None,
+            };
             let reply = handle(conn, request).await;
-            Ok::<_, Infallible>(reply.map(|body| Held::new(body, busy)))
+            Ok::<_, Infallible>(reply.map(|body| Held::new(body, busy, slot)))
         }
     });
     let mut builder = auto::Builder::new(TokioExecutor::new());

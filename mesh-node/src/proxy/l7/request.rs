@@ -409,6 +409,42 @@ pub(super) fn prepare_head(parts: &mut Parts, authority: &str, proto: Proto) {
         .insert(FORWARDED_PROTO, HeaderValue::from_static("http"));
 }
 
+/// The answer to a request its client address has no slot for: `503 UO`, reported like any
+/// other local reply.
+pub(super) fn source_overflow(conn: Arc<Conn>, request: Request<Incoming>) -> Reply {
+    let view = conn.ctx.view();
+    let (parts, _) = request.into_parts();
+    let report = Report {
+        conn: conn.clone(),
+        start: Instant::now(),
+        method: parts.method.clone(),
+        uri: parts.uri.clone(),
+        authority: authority_of(&parts),
+        version: parts.version,
+        request_id: None,
+        user_agent: parts.headers.get(header::USER_AGENT).cloned(),
+        grpc: is_grpc(&parts.headers),
+        status: 0,
+        grpc_status: None,
+        flags: ResponseFlags::NONE,
+        route: None,
+        upstream: None,
+        cluster: None,
+        destination: None,
+        service: view.snapshot.services.get(&conn.service).cloned(),
+        tape: None,
+        hold: None,
+        pick: None,
+        recorded: false,
+    };
+    local_reply(
+        report,
+        StatusCode::SERVICE_UNAVAILABLE,
+        ResponseFlags::UO,
+        "too many requests in flight from this client",
+    )
+}
+
 /// The size of a request head as Envoy counts it against `max_request_headers_kb`: the
 /// request line's parts and every header's name and value.
 fn head_size(parts: &Parts) -> usize {
