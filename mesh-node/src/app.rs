@@ -2,8 +2,9 @@
 //!
 //! | thread / runtime                        | runs                                            |
 //! |-----------------------------------------|-------------------------------------------------|
-//! | `weft-control`, current-thread runtime  | config source, eBPF sync, admin and health servers, signals |
-//! | main + `weft-data` workers (2, `--data-workers`) | proxy listeners 15001, 15006, 15008 and their connections |
+//! | `weft-control`, current-thread runtime  | config source, eBPF sync, signals |
+//! | `weft-admin`, current-thread runtime    | admin and health servers |
+//! | `weft-data` workers (2, `--data-workers`) | proxy listeners 15001, 15006, 15008 and their connections |
 //!
 //! The two halves meet only in the [`Store`] (snapshots) and a few atomics (applied versions,
 //! readiness). The configuration comes from a directory (`--config-dir`) or from the
@@ -467,8 +468,7 @@ impl Control {
             },
         });
         tokio::spawn(trim_heap_every(HEAP_TRIM_PERIOD, stop()));
-        tokio::spawn(admin::serve_health(health, readiness.clone(), stop()));
-        tokio::spawn(admin::serve_admin(admin_listener, state, stop()));
+        serve_admin_apart(health, admin_listener, readiness.clone(), state, &shutdown)?;
         tokio::spawn(dns::run(store.clone(), stop()));
         match source {
             Running::File(source) => tokio::spawn(source.run(stop())),
@@ -503,6 +503,48 @@ impl Control {
         shutdown.send_replace(true);
         Ok(())
     }
+}
+
+/// Serves health and admin on a thread of their own (`weft-admin`): parsing a large resource
+/// or a burst of watch events keeps the control thread busy for seconds, and kubelet's probes
+/// and Prometheus's scrapes must not wait for it.
+fn serve_admin_apart(
+    health: tokio::net::TcpListener,
+    admin_listener: tokio::net::TcpListener,
+    readiness: Arc<Readiness>,
+    state: Arc<AdminState>,
+    shutdown: &watch::Sender<bool>,
+) -> Result<(), AppError> {
+    let runtime_error = |source| AppError::Runtime {
+        runtime: "admin",
+        source,
+    };
+    let health = health.into_std().map_err(runtime_error)?;
+    let admin_listener = admin_listener.into_std().map_err(runtime_error)?;
+    let stop = shutdown.subscribe();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(runtime_error)?;
+    std::thread::Builder::new()
+        .name("weft-admin".into())
+        .spawn(move || {
+            runtime.block_on(async move {
+                let (Ok(health), Ok(admin_listener)) = (
+                    tokio::net::TcpListener::from_std(health),
+                    tokio::net::TcpListener::from_std(admin_listener),
+                ) else {
+                    error!("the admin and health listeners could not be moved to their thread");
+                    return;
+                };
+                tokio::join!(
+                    admin::serve_health(health, readiness, shutdown_signal(stop.clone())),
+                    admin::serve_admin(admin_listener, state, shutdown_signal(stop)),
+                );
+            })
+        })
+        .map_err(runtime_error)?;
+    Ok(())
 }
 
 /// How often freed heap memory goes back to the kernel.

@@ -553,6 +553,73 @@ fn admin_port_gives_pods_only_metrics() -> Result<()> {
     Ok(())
 }
 
+/// kubelet's probes are answered while a node parses and compiles large resources (32,000
+/// routes, seconds of work): the health server has a thread of its own.
+fn health_is_served_while_a_large_resource_is_applied() -> Result<()> {
+    // Four VirtualServices of 8,000 routes (Weft accepts up to 10,000 per resource).
+    let mut yaml = String::new();
+    for k in 0..4 {
+        yaml += &format!(
+            "---\napiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {{name: large-{k}, namespace: mesh}}\nspec:\n  hosts: [large-{k}.example.test]\n  http:\n"
+        );
+        for i in 0..8_000 {
+            yaml += &format!(
+                "  - match: [{{uri: {{exact: /p{i}}}}}]\n    route: [{{destination: {{host: peer-1}}}}]\n"
+            );
+        }
+    }
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let poller = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let (mut answered, mut failed) = (0u32, Vec::new());
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let out = probe::run(
+                    "node/node-1",
+                    &[
+                        "curl",
+                        "-s",
+                        "-o",
+                        "/dev/null",
+                        "-w",
+                        "%{http_code}",
+                        "--max-time",
+                        "1",
+                        "http://127.0.0.1:15021/healthz",
+                    ],
+                );
+                match out {
+                    Ok(code) if code.trim() == "200" => answered += 1,
+                    other => failed.push(format!("{other:?}")),
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            (answered, failed)
+        })
+    };
+    let started = Instant::now();
+    let applied = apply_yaml(&yaml);
+    let took = started.elapsed();
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (answered, failed) = poller.join().map_err(|_| anyhow!("the poller panicked"))?;
+    let dir = tempfile_dir()?;
+    let path = dir.join("large.yaml");
+    fs::write(&path, &yaml)?;
+    let removed = cluster::delete(&path);
+    let _ = fs::remove_dir_all(&dir);
+    applied?;
+    removed?;
+    println!(
+        "    applied in {took:.1?}; /healthz answered {answered} times, failed {}",
+        failed.len()
+    );
+    ensure!(
+        failed.is_empty() && answered > 0,
+        "/healthz did not answer while the resource was applied: {failed:?}"
+    );
+    Ok(())
+}
+
 fn proxy_down_fails_closed_and_recovers() -> Result<()> {
     cluster::stop_node("node-1")?;
     let err = dial_fails("mesh/client-1", "peer-1:80")?;
@@ -602,6 +669,10 @@ fn main() {
         (
             "admin_port_gives_pods_only_metrics",
             admin_port_gives_pods_only_metrics,
+        ),
+        (
+            "health_is_served_while_a_large_resource_is_applied",
+            health_is_served_while_a_large_resource_is_applied,
         ),
         (
             "proxy_down_fails_closed_and_recovers",
