@@ -80,6 +80,24 @@ fn key_of(namespace: &Arc<str>, name: &Arc<str>) -> ObjectKey {
 // ---------------------------------------------------------------------------------------------
 // VirtualService
 
+/// Weft's bounds on one VirtualService, so that one resource cannot exhaust the node proxies
+/// that every tenant shares (each route costs a few KiB in every proxy). Istio has none; these
+/// are far above what hand-written and generated rules use.
+const MAX_HOSTS: usize = 1_000;
+const MAX_ROUTES: usize = 10_000;
+const MAX_MATCHES: usize = 100;
+
+/// Refuses a list of `len` items under `key` over `max`, naming the limit.
+fn at_most(fields: &Fields<'_>, key: &str, len: usize, max: usize) -> Result<()> {
+    if len > max {
+        return Err(fields.error(
+            key,
+            format!("{len} items: Weft accepts at most {max} per VirtualService (a limit that keeps one resource from exhausting the node proxies)"),
+        ));
+    }
+    Ok(())
+}
+
 pub(super) fn virtual_service(fields: &Fields<'_>) -> Result<VirtualService> {
     let meta = metadata(fields, true)?;
     let spec = fields.required_obj("spec")?;
@@ -94,6 +112,7 @@ pub(super) fn virtual_service(fields: &Fields<'_>) -> Result<VirtualService> {
             "required (delegate VirtualServices, which have no hosts, are not supported)",
         ));
     }
+    at_most(&spec, "hosts", hosts.len(), MAX_HOSTS)?;
     for (path, host) in &hosts {
         if let Err(reason) = validate::wildcard_domain(host) {
             if host.parse::<std::net::IpAddr>().is_err() {
@@ -128,6 +147,8 @@ pub(super) fn virtual_service(fields: &Fields<'_>) -> Result<VirtualService> {
     }
     let http = spec.list("http")?;
     let tcp = spec.list("tcp")?;
+    at_most(&spec, "http", http.len(), MAX_ROUTES)?;
+    at_most(&spec, "tcp", tcp.len(), MAX_ROUTES)?;
     if http.is_empty() && tcp.is_empty() {
         return Err(spec.error(
             "http",
@@ -154,8 +175,9 @@ fn http_rule(rule: &Fields<'_>, for_gateway: bool) -> Result<HttpRule> {
             "delegating routes to other VirtualServices is not supported",
         ));
     }
-    let matches = rule
-        .list("match")?
+    let matches = rule.list("match")?;
+    at_most(rule, "match", matches.len(), MAX_MATCHES)?;
+    let matches = matches
         .iter()
         .map(|m| http_match(m, for_gateway))
         .collect::<Result<Arc<[_]>>>()?;
@@ -792,8 +814,9 @@ fn mirrors(rule: &Fields<'_>) -> Result<Arc<[Mirror]>> {
 }
 
 fn tcp_rule(rule: &Fields<'_>) -> Result<TcpRule> {
-    let matches = rule
-        .list("match")?
+    let matches = rule.list("match")?;
+    at_most(rule, "match", matches.len(), MAX_MATCHES)?;
+    let matches = matches
         .iter()
         .map(|m| {
             let source_namespace = opt_str(m, "sourceNamespace")?;
@@ -2105,6 +2128,37 @@ spec:
         ] {
             assert_rejected(&dr(spec), "DestinationRule", "bookinfo/reviews", field, reason);
         }
+    }
+
+    #[test]
+    fn a_virtual_service_is_bounded_and_the_rejection_names_the_limit() {
+        let routes = |n: usize| {
+            let mut yaml = String::from("apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: big, namespace: shop}\nspec:\n  hosts: [reviews]\n  http:\n");
+            for i in 0..n {
+                yaml += &format!("  - match: [{{uri: {{exact: /p{i}}}}}]\n    route: [{{destination: {{host: reviews}}}}]\n");
+            }
+            yaml
+        };
+        let value = crate::source::yaml::parse(&routes(MAX_ROUTES)).unwrap();
+        assert!(crate::source::objects::translate(&value)[0].is_ok());
+        assert_rejected(
+            &routes(MAX_ROUTES + 1),
+            "VirtualService",
+            "shop/big",
+            "spec.http",
+            "10001 items: Weft accepts at most 10000",
+        );
+        let matches: String = (0..=MAX_MATCHES)
+            .map(|i| format!("{{uri: {{exact: /m{i}}}}}, "))
+            .collect();
+        let yaml = format!("apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {{name: big, namespace: shop}}\nspec:\n  hosts: [reviews]\n  http:\n  - match: [{matches}]\n    route: [{{destination: {{host: reviews}}}}]\n");
+        assert_rejected(
+            &yaml,
+            "VirtualService",
+            "shop/big",
+            "spec.http[0].match",
+            "101 items",
+        );
     }
 
     #[test]
