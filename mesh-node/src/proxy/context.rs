@@ -12,6 +12,7 @@ use std::{
 use arc_swap::ArcSwap;
 
 use super::{
+    copy::Lifetime,
     l7::body::RequestBody,
     sources::{SourceLimits, Sources},
     upstream::{cluster::Clusters, hbone::HbonePool, pool::Pools, Dialer},
@@ -177,9 +178,12 @@ pub(crate) struct Context {
 }
 
 impl Context {
-    /// The idle timeout of TCP connections no cluster's rule speaks for (inbound).
-    pub(super) fn tcp_idle_timeout(&self) -> Option<Duration> {
-        Some(self.config.tcp_idle_timeout).filter(|t| !t.is_zero())
+    /// How long TCP connections no cluster's rule speaks for may last (inbound).
+    pub(super) fn tcp_lifetime(&self) -> Lifetime {
+        Lifetime {
+            idle_timeout: Some(self.config.tcp_idle_timeout).filter(|t| !t.is_zero()),
+            max_duration: None,
+        }
     }
 
     /// The shared state of a proxy serving `snapshot` first.

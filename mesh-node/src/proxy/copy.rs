@@ -75,6 +75,8 @@ pub enum Operation {
     Shutdown,
     /// Nothing moved either way for the idle timeout.
     Idle,
+    /// The connection reached its maximum duration.
+    Expired,
 }
 
 /// A copy that ended with an I/O error: which side, doing what.
@@ -95,6 +97,7 @@ impl CopyError {
             Operation::Write => "writing to",
             Operation::Shutdown => "closing the write side of",
             Operation::Idle => "the idle timeout closed",
+            Operation::Expired => "the maximum connection duration closed",
         }
     }
 
@@ -108,7 +111,7 @@ impl CopyError {
     /// A reset by either peer is how many applications end connections, and an idle timeout
     /// is policy: neither is a proxy failure worth a warning.
     pub fn is_reset(&self) -> bool {
-        self.operation == Operation::Idle
+        matches!(self.operation, Operation::Idle | Operation::Expired)
             || matches!(
                 self.source.kind(),
                 io::ErrorKind::ConnectionReset
@@ -129,16 +132,25 @@ where
     U: AsyncRead + AsyncWrite + Unpin + ?Sized,
     M: Meter + ?Sized,
 {
-    bidirectional_with(downstream, upstream, meter, None).await
+    bidirectional_with(downstream, upstream, meter, Lifetime::default()).await
+}
+
+/// How long a copy may last (`None`: no bound).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Lifetime {
+    /// Without a byte either way (Istio's TCP `idleTimeout`).
+    pub idle_timeout: Option<Duration>,
+    /// In all (Istio's TCP `maxConnectionDuration`).
+    pub max_duration: Option<Duration>,
 }
 
 /// [`bidirectional`], ended with an [`Operation::Idle`] error once nothing has moved either
-/// way for `idle_timeout`.
+/// way for the idle timeout, or [`Operation::Expired`] at the maximum duration.
 pub async fn bidirectional_with<D, U, M>(
     downstream: &mut D,
     upstream: &mut U,
     meter: &M,
-    idle_timeout: Option<Duration>,
+    lifetime: Lifetime,
 ) -> Result<Transferred, CopyError>
 where
     D: AsyncRead + AsyncWrite + Unpin + ?Sized,
@@ -153,7 +165,7 @@ where
         to_upstream: up.total,
         to_downstream: down.total,
     };
-    let mut idle = IdleClock::new(idle_timeout);
+    let mut idle = IdleClock::new(lifetime);
     poll_fn(|cx| {
         let moved = up.moved + down.moved;
         if !up_done {
@@ -164,7 +176,7 @@ where
                 Poll::Ready(Err((op, e))) => {
                     let side = match op {
                         Operation::Read => Side::Downstream,
-                        Operation::Write | Operation::Shutdown | Operation::Idle => Side::Upstream,
+                        _ => Side::Upstream,
                     };
                     return Poll::Ready(Err(CopyError {
                         side,
@@ -184,9 +196,7 @@ where
                 Poll::Ready(Err((op, e))) => {
                     let side = match op {
                         Operation::Read => Side::Upstream,
-                        Operation::Write | Operation::Shutdown | Operation::Idle => {
-                            Side::Downstream
-                        }
+                        _ => Side::Downstream,
                     };
                     return Poll::Ready(Err(CopyError {
                         side,
@@ -205,18 +215,21 @@ where
             idle.moved();
         }
         match idle.poll(cx, [&mut up, &mut down]) {
-            Poll::Ready(()) => Poll::Ready(Err(CopyError {
-                side: Side::Downstream,
-                operation: Operation::Idle,
-                transferred: transferred(&up, &down),
-                source: io::Error::new(
-                    io::ErrorKind::TimedOut,
-                    format!(
+            Poll::Ready(operation) => {
+                let why = match operation {
+                    Operation::Idle => format!(
                         "no byte either way for {:?}",
-                        idle_timeout.unwrap_or_default()
+                        lifetime.idle_timeout.unwrap_or_default()
                     ),
-                ),
-            })),
+                    _ => format!("open for {:?}", lifetime.max_duration.unwrap_or_default()),
+                };
+                Poll::Ready(Err(CopyError {
+                    side: Side::Downstream,
+                    operation,
+                    transferred: transferred(&up, &down),
+                    source: io::Error::new(io::ErrorKind::TimedOut, why),
+                }))
+            }
             Poll::Pending => Poll::Pending,
         }
     })
@@ -224,19 +237,26 @@ where
 }
 
 /// When a copy last moved a byte, and the one timer that shrinks its buffers and ends it once
-/// it idled too long. The timer is moved only when it fires early, not on every byte.
+/// it idled too long or reached its maximum duration. The timer is moved only when it fires
+/// early, not on every byte.
 struct IdleClock {
     timeout: Option<Duration>,
+    end: Option<Instant>,
     last: Instant,
     shrunk: bool,
     timer: Option<Pin<Box<Sleep>>>,
 }
 
 impl IdleClock {
-    fn new(timeout: Option<Duration>) -> Self {
+    fn new(lifetime: Lifetime) -> Self {
+        let now = Instant::now();
         Self {
-            timeout: timeout.filter(|t| !t.is_zero()),
-            last: Instant::now(),
+            timeout: lifetime.idle_timeout.filter(|t| !t.is_zero()),
+            end: lifetime
+                .max_duration
+                .filter(|t| !t.is_zero())
+                .map(|t| now + t),
+            last: now,
             shrunk: true,
             timer: None,
         }
@@ -247,13 +267,13 @@ impl IdleClock {
         self.shrunk = false;
     }
 
-    /// Ready when the idle timeout has passed; shrinks the pipes' buffers on the way.
-    fn poll(&mut self, cx: &mut Context<'_>, mut pipes: [&mut Pipe; 2]) -> Poll<()> {
+    /// Ready with why the copy ends (idle, or expired); shrinks the pipes' buffers on the way.
+    fn poll(&mut self, cx: &mut Context<'_>, mut pipes: [&mut Pipe; 2]) -> Poll<Operation> {
         loop {
             let grown = pipes.iter().any(|p| p.size_index > 0);
             let shrink_at = (!self.shrunk && grown).then(|| self.last + SHRINK_AFTER);
             let close_at = self.timeout.map(|t| self.last + t);
-            let Some(due) = [shrink_at, close_at].into_iter().flatten().min() else {
+            let Some(due) = [shrink_at, close_at, self.end].into_iter().flatten().min() else {
                 return Poll::Pending;
             };
             let timer = self
@@ -270,8 +290,11 @@ impl IdleClock {
                 timer.as_mut().reset(due);
                 continue;
             }
+            if self.end == Some(due) {
+                return Poll::Ready(Operation::Expired);
+            }
             if close_at == Some(due) {
-                return Poll::Ready(());
+                return Poll::Ready(Operation::Idle);
             }
             for pipe in &mut pipes {
                 pipe.shrink();
@@ -507,7 +530,7 @@ mod tests {
         down.full_reads = GROW_AFTER;
         down.maybe_grow();
         down.cap = 10;
-        let mut clock = IdleClock::new(None);
+        let mut clock = IdleClock::new(Lifetime::default());
         clock.moved();
         let start = Instant::now();
         let waited = tokio::time::timeout(
@@ -528,7 +551,11 @@ mod tests {
         let timeout = Duration::from_secs(60);
         let copy = tokio::spawn(async move {
             let start = Instant::now();
-            let result = bidirectional_with(&mut a, &mut b, &(), Some(timeout)).await;
+            let lifetime = Lifetime {
+                idle_timeout: Some(timeout),
+                max_duration: None,
+            };
+            let result = bidirectional_with(&mut a, &mut b, &(), lifetime).await;
             (result, start.elapsed())
         });
         // A byte every 50 s keeps it open...
@@ -548,6 +575,39 @@ mod tests {
         // Both sides see the connection end.
         let mut rest = Vec::new();
         assert_eq!(client.read_to_end(&mut rest).await.unwrap(), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_connection_is_closed_at_its_maximum_duration_however_busy() {
+        let (mut client, mut a) = duplex(1024);
+        let (mut b, mut server) = duplex(1024);
+        let copy = tokio::spawn(async move {
+            let start = Instant::now();
+            let lifetime = Lifetime {
+                idle_timeout: Some(Duration::from_secs(5)),
+                max_duration: Some(Duration::from_secs(12)),
+            };
+            let result = bidirectional_with(&mut a, &mut b, &(), lifetime).await;
+            (result, start.elapsed())
+        });
+        let talk = tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                if client.write_all(b"x").await.is_err() {
+                    return;
+                }
+                let mut byte = [0u8; 1];
+                if server.read_exact(&mut byte).await.is_err() {
+                    return;
+                }
+            }
+        });
+        let (result, elapsed) = copy.await.unwrap();
+        let err = result.unwrap_err();
+        assert_eq!(err.operation, Operation::Expired);
+        assert!(err.is_reset());
+        assert_eq!(elapsed, Duration::from_secs(12));
+        talk.abort();
     }
 
     struct Failing;

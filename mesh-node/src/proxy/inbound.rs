@@ -170,7 +170,7 @@ async fn captured(
         &mut downstream,
         &mut upstream,
         &labels,
-        ctx.tcp_idle_timeout(),
+        ctx.tcp_lifetime(),
     )
     .await
 }
@@ -374,7 +374,7 @@ async fn hbone_stream(
                     &mut downstream,
                     &mut upstream,
                     &labels,
-                    ctx.tcp_idle_timeout(),
+                    ctx.tcp_lifetime(),
                 )
                 .await
             }
@@ -413,7 +413,7 @@ async fn hbone_stream(
                 &mut downstream,
                 &mut upstream,
                 &labels,
-                ctx.tcp_idle_timeout(),
+                ctx.tcp_lifetime(),
             )
             .await
         }

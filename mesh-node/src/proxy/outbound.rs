@@ -179,9 +179,8 @@ async fn proxy(
             return Err(e);
         }
     };
-    let idle_timeout = target.idle_timeout(ctx);
-    let transferred =
-        tcp::relay(ctx, &mut downstream, &mut upstream, &labels, idle_timeout).await?;
+    let lifetime = target.lifetime(ctx);
+    let transferred = tcp::relay(ctx, &mut downstream, &mut upstream, &labels, lifetime).await?;
     // Held until here: the endpoint's active count and the cluster's connection slot.
     drop(target);
     Ok(Served::Tcp(transferred))

@@ -12,14 +12,14 @@
 use std::{
     net::{SocketAddr, SocketAddrV4},
     sync::Arc,
-    time::{Duration, Instant},
+    time::Instant,
 };
 
 use tokio::io::{AsyncRead, AsyncWrite};
 
 use super::{
     context::Context,
-    copy::{self, Transferred},
+    copy::{self, Lifetime, Transferred},
     error::ProxyError,
     upstream::{
         cluster::{Cluster, ClusterKey, Guard, Outcome, Pick},
@@ -55,16 +55,17 @@ pub(super) struct Target {
 }
 
 impl Target {
-    /// The idle timeout of the connection: the cluster's `tcp.idleTimeout` (0: none), else
-    /// the proxy's.
-    pub fn idle_timeout(&self, ctx: &Context) -> Option<Duration> {
-        let configured = self
-            .balanced
-            .as_ref()
-            .and_then(|b| b.cluster.policy().tcp_idle_timeout);
-        configured
-            .or(Some(ctx.config.tcp_idle_timeout))
-            .filter(|t| !t.is_zero())
+    /// How long the connection may last: the cluster's `tcp.idleTimeout` (0: none), else the
+    /// proxy's, and its `tcp.maxConnectionDuration`.
+    pub fn lifetime(&self, ctx: &Context) -> Lifetime {
+        let policy = self.balanced.as_ref().map(|b| b.cluster.policy());
+        Lifetime {
+            idle_timeout: policy
+                .and_then(|p| p.tcp_idle_timeout)
+                .or(Some(ctx.config.tcp_idle_timeout))
+                .filter(|t| !t.is_zero()),
+            max_duration: policy.and_then(|p| p.max_connection_duration),
+        }
     }
 }
 
@@ -229,13 +230,13 @@ impl Target {
 }
 
 /// Copies bytes both ways between `downstream` and `upstream`, counted as one connection
-/// under `labels`, until both ends close or nothing moved for `idle_timeout`.
+/// under `labels`, until both ends close or its `lifetime` ends.
 pub(super) async fn relay<D, U>(
     ctx: &Context,
     downstream: &mut D,
     upstream: &mut U,
     labels: &TcpLabels,
-    idle_timeout: Option<Duration>,
+    lifetime: Lifetime,
 ) -> Result<Transferred, ProxyError>
 where
     D: AsyncRead + AsyncWrite + Unpin,
@@ -243,7 +244,7 @@ where
 {
     let conn = ctx.metrics.connection(labels);
     conn.opened();
-    let result = copy::bidirectional_with(downstream, upstream, &conn, idle_timeout).await;
+    let result = copy::bidirectional_with(downstream, upstream, &conn, lifetime).await;
     conn.closed();
     Ok(result?)
 }
