@@ -885,6 +885,125 @@ print(took, len(out))
     all_ok(&requests(5, "http://echo/", &[])?)
 }
 
+/// A DestinationRule's `tcp.idleTimeout` closes a TCP connection that went silent (a plain
+/// socket on echo-v2's `tcp` port), not one that keeps talking.
+fn tcp_idle_timeout_closes_silent_connections() -> Result<()> {
+    apply("destination-rule-echo-v2-tcp-idle.yaml")?;
+    const SCRIPT: &str = r#"
+import socket, time
+def talk(s):
+    s.sendall(b"GET /get HTTP/1.1\r\nHost: echo-v2\r\n\r\n")
+    head = b""
+    while b"\r\n\r\n" not in head:
+        head += s.recv(4096)
+    head, body = head.split(b"\r\n\r\n", 1)
+    length = int([l.split(b":")[1] for l in head.split(b"\r\n") if l.lower().startswith(b"content-length")][0])
+    while len(body) < length:
+        body += s.recv(4096)
+busy = socket.create_connection(("echo-v2", 7070), timeout=20)
+silent = socket.create_connection(("echo-v2", 7070), timeout=20)
+talk(busy)
+talk(silent)
+start = time.monotonic()
+# busy talks every second for 4 s, past the 2 s timeout.
+for _ in range(4):
+    time.sleep(1)
+    talk(busy)
+silent.settimeout(20)
+closed = silent.recv(1) == b""
+print("%s %.1f" % (closed, time.monotonic() - start))
+talk(busy)
+print("busy ok")
+"#;
+    let python = xtask::setup::test_python().display().to_string();
+    let out = probe::run(CLIENT, &[python.as_str(), "-c", SCRIPT]);
+    remove("destination-rule-echo-v2-tcp-idle.yaml")?;
+    let out = out?;
+    println!("    {}", out.trim().replace('\n', "; "));
+    let mut lines = out.lines();
+    let silent = lines.next().unwrap_or("");
+    let (closed, after) = silent.split_once(' ').unwrap_or(("", ""));
+    let after: f64 = after.parse().unwrap_or(f64::NAN);
+    ensure!(
+        closed == "True" && (1.5..10.0).contains(&after),
+        "the silent connection: {silent:?} (closed, seconds after the last exchange)"
+    );
+    ensure!(
+        lines.next() == Some("busy ok"),
+        "the busy connection was closed: {out}"
+    );
+    Ok(())
+}
+
+/// One pod holds at most its share: the suite starts the nodes with 200 connections and 64
+/// requests in flight per client address. The 201st connection is closed at once, requests
+/// over 64 in flight get 503 `UO`; both are counted, and the pod is served again afterwards.
+fn one_pod_holds_at_most_its_share() -> Result<()> {
+    const SCRIPT: &str = r#"
+import socket
+conns = [socket.create_connection(("echo", 80), timeout=10) for _ in range(230)]
+answered = closed = 0
+for c in conns:
+    try:
+        c.sendall(b"GET /get HTTP/1.1\r\nHost: echo\r\n\r\n")
+        data = c.recv(12)
+        if data.startswith(b"HTTP/1.1 200"):
+            answered += 1
+        else:
+            closed += 1
+    except OSError:
+        closed += 1
+print(answered, closed)
+"#;
+    let python = xtask::setup::test_python().display().to_string();
+    let refused = |limit: &str| -> Result<f64> {
+        Ok(sample_sum(
+            &metrics(CLIENT_NODE)?,
+            "weft_source_limit_refused_total",
+            &[("limit", limit)],
+        ))
+    };
+    let before = refused("connections")?;
+    let out = probe::run(CLIENT, &[python.as_str(), "-c", SCRIPT])?;
+    let counts: Vec<u32> = out
+        .split_whitespace()
+        .filter_map(|n| n.parse().ok())
+        .collect();
+    let refused_connections = refused("connections")? - before;
+    println!(
+        "    230 connections: {out:?} answered/closed; {refused_connections} refused at accept"
+    );
+    ensure!(
+        counts == [200, 30] && refused_connections == 30.0,
+        "expected 200 answered and 30 closed, got {counts:?} ({refused_connections} counted)"
+    );
+
+    let before = refused("requests")?;
+    let report = h2load(
+        CLIENT,
+        &[
+            "-n",
+            "300",
+            "-c",
+            "1",
+            "-m",
+            "100",
+            "http://echo:81/delay/300",
+        ],
+    )?;
+    let refused_requests = refused("requests")? - before;
+    println!("    100 streams in flight: {report:?}; {refused_requests} refused");
+    ensure!(
+        report.classes[0] > 0 && report.classes[3] > 0 && refused_requests > 0.0,
+        "expected some 2xx and some 503 UO over 64 in flight: {report:?}"
+    );
+    ensure!(
+        report.classes[0] + report.classes[3] == 300,
+        "every request is answered 2xx or 503: {report:?}"
+    );
+    all_ok(&requests(5, "http://echo/", &[])?)
+}
+
 fn prerequisites() -> Result<()> {
     for tool in ["curl", "h2load"] {
         let found = std::process::Command::new(tool)
@@ -968,10 +1087,22 @@ fn main() {
             "client_limits_hold_across_nodes",
             client_limits_hold_across_nodes,
         ),
+        (
+            "tcp_idle_timeout_closes_silent_connections",
+            tcp_idle_timeout_closes_silent_connections,
+        ),
+        (
+            "one_pod_holds_at_most_its_share",
+            one_pod_holds_at_most_its_share,
+        ),
     ];
     // The nodes inherit it (mesh-node's `--http-header-read-timeout`): the slow-head case
     // then takes seconds, not the default 30.
     std::env::set_var("WEFT_HTTP_HEADER_READ_TIMEOUT", "3s");
+    // Per-pod caps small enough to reach (the defaults are 16,384 and 4,096), large enough for
+    // every other case (h2load's 40 streams at most).
+    std::env::set_var("WEFT_MAX_CONNECTIONS_PER_SOURCE", "200");
+    std::env::set_var("WEFT_MAX_REQUESTS_PER_SOURCE", "64");
     probe::run_suite(
         "l7",
         || {
