@@ -77,6 +77,14 @@ impl Conditions {
         }
     }
 
+    /// Whether the match concerns every client on every port (what the path index needs).
+    pub(super) fn applies_to_all(&self) -> bool {
+        self.mesh
+            && self.port.is_none()
+            && self.source_labels.is_empty()
+            && self.source_namespace.is_none()
+    }
+
     /// Whether the match concerns this client and port at all.
     pub(super) fn applies(&self, request: &RequestInfo<'_>) -> bool {
         self.mesh

@@ -314,6 +314,101 @@ struct CompiledVs {
     export_to: Arc<[Arc<str>]>,
     http: Box<[HttpEntry]>,
     tcp: Box<[TcpEntry]>,
+    /// For a VirtualService with many matches: where to look first.
+    index: Option<PathIndex>,
+}
+
+/// Below this many match conditions a VirtualService is tried rule by rule: the index costs
+/// more than it saves.
+const INDEX_FROM: usize = 32;
+
+/// One match condition of a VirtualService: `(rule, match)`, `match` [`CATCH_ALL`] for a rule
+/// without matches. Ordered as Istio tries them.
+type Position = (u32, u32);
+const CATCH_ALL: u32 = u32::MAX;
+
+/// The HTTP match conditions of a VirtualService by path, so a request tries only those whose
+/// path can match it, in Istio's order: exact and prefix paths (case-sensitive, for every
+/// client and port) by their value, every other condition in the rest list. The first
+/// condition in order among the candidates that matches wins, as without the index.
+#[derive(Debug, Default)]
+struct PathIndex {
+    exact: HashMap<Arc<str>, Vec<Position>>,
+    prefix: HashMap<Arc<str>, Vec<Position>>,
+    /// The lengths of the indexed prefixes, each once.
+    prefix_lengths: Vec<usize>,
+    rest: Vec<Position>,
+    /// Some indexed condition concerns every request (so a request no rule matches is `NoMatch`).
+    any_indexed: bool,
+}
+
+impl PathIndex {
+    fn new(http: &[HttpEntry]) -> Self {
+        let mut index = Self::default();
+        for (e, entry) in http.iter().enumerate() {
+            let e = e as u32;
+            if entry.matches.is_empty() {
+                index.rest.push((e, CATCH_ALL));
+                continue;
+            }
+            for (m, conditions) in entry.matches.iter().enumerate() {
+                let position = (e, m as u32);
+                let key = conditions.applies_to_all().then_some(&conditions.path);
+                match key {
+                    Some(PathCondition::Exact {
+                        value,
+                        ignore_case: false,
+                    }) => index.exact.entry(value.clone()).or_default().push(position),
+                    Some(PathCondition::Prefix {
+                        value,
+                        ignore_case: false,
+                    }) => {
+                        index.prefix_lengths.push(value.len());
+                        index
+                            .prefix
+                            .entry(value.clone())
+                            .or_default()
+                            .push(position);
+                    }
+                    _ => {
+                        index.rest.push(position);
+                        continue;
+                    }
+                }
+                index.any_indexed = true;
+            }
+        }
+        index.prefix_lengths.sort_unstable();
+        index.prefix_lengths.dedup();
+        index
+    }
+
+    /// The positions a request for `path` has to try, in order: the sorted lists that can
+    /// match it, merged as they are read.
+    fn candidates<'a>(&'a self, path: &str) -> impl Iterator<Item = Position> + 'a {
+        let mut lists: Vec<&'a [Position]> = vec![&self.rest];
+        if let Some(list) = self.exact.get(path) {
+            lists.push(list);
+        }
+        for &len in &self.prefix_lengths {
+            if len > path.len() {
+                break;
+            }
+            if let Some(list) = path.get(..len).and_then(|p| self.prefix.get(p)) {
+                lists.push(list);
+            }
+        }
+        std::iter::from_fn(move || {
+            let (i, _) = lists
+                .iter()
+                .enumerate()
+                .filter_map(|(i, l)| l.first().map(|p| (i, *p)))
+                .min_by_key(|(_, p)| *p)?;
+            let (&next, rest) = lists[i].split_first()?;
+            lists[i] = rest;
+            Some(next)
+        })
+    }
 }
 
 #[derive(Debug)]
@@ -606,11 +701,15 @@ impl CompiledVs {
                 route: tcp_route(vs, i, rule, snapshot),
             })
             .collect();
+        let http: Box<[HttpEntry]> = http;
+        let conditions: usize = http.iter().map(|e| e.matches.len().max(1)).sum();
+        let index = (conditions >= INDEX_FROM).then(|| PathIndex::new(&http));
         Self {
             key: vs.key.clone(),
             export_to: vs.export_to.clone(),
             http,
             tcp,
+            index,
         }
     }
 
@@ -625,6 +724,14 @@ impl CompiledVs {
     }
 
     fn select<'a>(&'a self, request: &RequestInfo<'_>) -> Selection<'a> {
+        match &self.index {
+            Some(index) => self.select_indexed(index, request),
+            None => self.select_linear(request),
+        }
+    }
+
+    /// The first rule, in order, with a match that concerns the request and holds.
+    fn select_linear<'a>(&'a self, request: &RequestInfo<'_>) -> Selection<'a> {
         let mut applicable = false;
         for entry in self.http.iter() {
             if entry.matches.is_empty() {
@@ -648,6 +755,43 @@ impl CompiledVs {
                 }
             }
         }
+        if applicable {
+            Selection::NoMatch
+        } else {
+            Selection::Unrouted
+        }
+    }
+}
+
+impl CompiledVs {
+    /// [`CompiledVs::select`] through the path index: the same answer, trying only the
+    /// conditions whose path can match.
+    fn select_indexed<'a>(&'a self, index: &PathIndex, request: &RequestInfo<'_>) -> Selection<'a> {
+        for (e, m) in index.candidates(request.uri.path()) {
+            let entry = &self.http[e as usize];
+            if m == CATCH_ALL {
+                return Selection::Rule(Selected {
+                    rule: &entry.rule,
+                    matched_prefix: Some("/"),
+                    port: request.port,
+                });
+            }
+            let conditions = &entry.matches[m as usize];
+            if !conditions.applies(request) {
+                continue;
+            }
+            if let Some(matched_prefix) = conditions.matches(request) {
+                return Selection::Rule(Selected {
+                    rule: &entry.rule,
+                    matched_prefix,
+                    port: request.port,
+                });
+            }
+        }
+        let applicable = index.any_indexed
+            || index.rest.iter().any(|&(e, m)| {
+                m != CATCH_ALL && self.http[e as usize].matches[m as usize].applies(request)
+            });
         if applicable {
             Selection::NoMatch
         } else {

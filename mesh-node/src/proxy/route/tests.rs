@@ -1336,3 +1336,63 @@ spec:
     );
     assert_eq!(policy(443).tls, None);
 }
+
+#[test]
+fn the_path_index_picks_what_trying_every_rule_picks() {
+    for catch_all in [false, true] {
+        let mut yaml = String::from(
+            "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: many, namespace: default}\nspec:\n  hosts: [reviews]\n  http:\n",
+        );
+        for i in 0..60 {
+            let m = match i % 6 {
+                0 => format!("[{{uri: {{exact: /p{}}}}}]", i % 7),
+                1 => format!("[{{uri: {{prefix: /p{}}}}}]", i % 5),
+                2 => format!(
+                    "[{{uri: {{prefix: /p{}}}, headers: {{x-user: {{exact: jason}}}}}}]",
+                    i % 4
+                ),
+                3 => format!("[{{uri: {{regex: '/p[0-9]+/{}'}}}}]", i % 3),
+                4 => format!("[{{uri: {{exact: /p{}}}, port: 9080}}]", i % 7),
+                _ => format!(
+                    "[{{uri: {{prefix: /P{}}}, ignoreUriCase: true}}, {{method: {{exact: POST}}}}]",
+                    i % 3
+                ),
+            };
+            yaml += &format!(
+                "  - name: r{i}\n    match: {m}\n    route: [{{destination: {{host: reviews}}}}]\n"
+            );
+        }
+        if catch_all {
+            yaml += "  - name: last\n    route: [{destination: {host: reviews}}]\n";
+        }
+        let snap = snapshot(&[BOOKINFO, &yaml]);
+        let vs = &snap.virtual_services[&key("default", "many")];
+        let compiled = CompiledVs::new(vs, &snap);
+        let index = compiled.index.as_ref().expect("60 rules are indexed");
+        let describe = |selection: Selection<'_>| match selection {
+            Selection::Rule(s) => format!("{} {:?}", s.rule.name, s.matched_prefix),
+            Selection::NoMatch => "no match".into(),
+            Selection::Unrouted => "unrouted".into(),
+        };
+        let mut seen = std::collections::BTreeSet::new();
+        for path in [
+            "/", "/p0", "/p1", "/p12", "/p3/x", "/P2", "/p2", "/p10/1", "/q", "/p6", "/p4",
+        ] {
+            for method in ["GET", "POST"] {
+                for headers in [&[][..], &[("x-user", "jason")][..]] {
+                    for port in [9080, 80] {
+                        let parts = head(method, &format!("http://reviews{path}"), headers);
+                        let request = info(&parts, port, None);
+                        let indexed = describe(compiled.select_indexed(index, &request));
+                        let linear = describe(compiled.select_linear(&request));
+                        assert_eq!(indexed, linear, "{method} {path} {headers:?} port {port}");
+                        seen.insert(linear);
+                    }
+                }
+            }
+        }
+        // The cases cover several rules, and both answers without one.
+        assert!(seen.len() > 8, "{seen:?}");
+        assert_eq!(seen.contains("no match"), !catch_all, "{seen:?}");
+    }
+}
