@@ -12,7 +12,7 @@ use std::{
     io,
     pin::Pin,
     sync::{
-        atomic::{AtomicUsize, Ordering},
+        atomic::{AtomicBool, AtomicUsize, Ordering},
         Arc,
     },
     task::{Context, Poll},
@@ -38,6 +38,8 @@ pub(super) struct Requests {
     count: AtomicUsize,
     /// Requests started so far: a head that became a request is no slow head any more.
     started: AtomicUsize,
+    /// The connection switched protocols (`101`): a tunnel now, whose deadlines are not these.
+    upgraded: AtomicBool,
     /// The connection's reader, woken when the last response ends (its deadlines start).
     reader: AtomicWaker,
 }
@@ -48,6 +50,11 @@ impl Requests {
         self.count.fetch_add(1, Ordering::AcqRel);
         self.started.fetch_add(1, Ordering::AcqRel);
         Busy(self.clone())
+    }
+
+    /// The connection became a tunnel (WebSocket...): its reads are no longer timed.
+    pub(super) fn upgraded(&self) {
+        self.upgraded.store(true, Ordering::Release);
     }
 
     fn idle(&self) -> bool {
@@ -176,13 +183,23 @@ impl<IO: AsyncRead + Unpin> AsyncRead for Deadlines<IO> {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
+        if self.in_flight.upgraded.load(Ordering::Acquire) {
+            return Pin::new(&mut self.io).poll_read(cx, buf);
+        }
         let before = buf.filled().len();
         let read = Pin::new(&mut self.io).poll_read(cx, buf);
         let got = buf.filled().len() - before;
-        let h2 = got > 0 && {
-            let bytes = buf.filled()[before..].to_vec();
-            self.note_preface(&bytes)
-        };
+        // Only the first 24 bytes are looked at, once.
+        let h2 = got > 0
+            && self
+                .preface
+                .as_ref()
+                .is_some_and(|p| p.len() < H2_PREFACE.len())
+            && {
+                let bytes = buf.filled()[before..].to_vec();
+                self.note_preface(&bytes)
+            };
+        let h2 = h2 || self.preface.is_some();
         let started = self.in_flight.started.load(Ordering::Acquire);
         if started != self.started {
             // Requests came (and maybe went) since the last read: the head was complete.

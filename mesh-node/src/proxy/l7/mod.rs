@@ -411,6 +411,7 @@ where
     let service = service_fn(move |request| {
         let conn = conn.clone();
         let busy = in_flight.start();
+        let requests = in_flight.clone();
         async move {
             // Requests of one client address over its cap are refused before any work.
             let slot = match &conn.held {
@@ -424,6 +425,9 @@ where
                 None => None,
             };
             let reply = handle(conn, request).await;
+            if reply.status() == StatusCode::SWITCHING_PROTOCOLS {
+                requests.upgraded();
+            }
             Ok::<_, Infallible>(reply.map(|body| Held::new(body, busy, slot)))
         }
     });

@@ -74,6 +74,8 @@ pub(super) async fn send_upgrade(
     report.status = response.status().as_u16();
     if response.status() == StatusCode::SWITCHING_PROTOCOLS {
         let upstream = hyper::upgrade::on(&mut response);
+        // The tunnel keeps the downstream connection's slot of its client address.
+        let held = conn.clone();
         tokio::spawn(async move {
             let (Ok(down), Ok(up)) = (downstream.await, upstream.await) else {
                 debug!("protocol upgrade did not complete");
@@ -85,6 +87,7 @@ pub(super) async fn send_upgrade(
                 debug!("upgraded connection ended: {e}");
             }
             drop(pick);
+            drop(held);
         });
     }
     let (head, upstream_body) = response.into_parts();
