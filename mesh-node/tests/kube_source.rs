@@ -852,6 +852,20 @@ async fn secrets_hold_only_tls_material_and_follow_changes() {
         )
     };
     api.apply(SECRETS, tls(CERT));
+    // The snapshot holds the Secrets a DestinationRule names.
+    api.serve_crd(
+        "networking.istio.io",
+        "v1",
+        "destinationrules",
+        "DestinationRule",
+    );
+    api.apply(
+        "/apis/networking.istio.io/v1/destinationrules",
+        json!({"apiVersion": "networking.istio.io/v1", "kind": "DestinationRule",
+               "metadata": {"name": "db", "namespace": "shop"},
+               "spec": {"host": "db.example.test",
+                        "trafficPolicy": {"tls": {"mode": "MUTUAL", "credentialName": "db-client"}}}}),
+    );
     // Helm releases and ServiceAccount tokens are never listed; other Secrets are not held.
     api.apply(
         SECRETS,

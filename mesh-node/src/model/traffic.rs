@@ -493,6 +493,21 @@ impl DestinationRule {
     pub fn subset(&self, name: &str) -> Option<&Subset> {
         self.subsets.iter().find(|s| &*s.name == name)
     }
+
+    /// The `credentialName`s of the rule's TLS settings (every level: rule, ports, subsets).
+    pub fn credential_names(&self) -> impl Iterator<Item = &Arc<str>> {
+        let policies = self.traffic_policy.iter().chain(
+            self.subsets
+                .iter()
+                .filter_map(|s| s.traffic_policy.as_ref()),
+        );
+        policies.flat_map(|p| {
+            p.tls
+                .iter()
+                .chain(p.port_level_settings.iter().filter_map(|l| l.tls.as_ref()))
+                .filter_map(|t| t.credential_name.as_ref())
+        })
+    }
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -613,7 +628,7 @@ pub struct OutlierDetection {
 }
 
 /// Istio's `ClientTLSSettings`. File paths are read on the node that originates TLS; a
-/// `credential_name` names a [`TlsSecret`] in the rule's namespace instead of the files.
+/// `credential_name` names a [`TlsSecret`] in the client's namespace instead of the files.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct ClientTls {
     pub mode: TlsMode,

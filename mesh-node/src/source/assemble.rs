@@ -18,7 +18,7 @@ use std::{
 use super::objects::{EndpointSlice, Kind, Object, ResourceId};
 use crate::model::{
     Endpoint, EntryHost, Labels, Map, ObjectKey, Pod, Protocol, Service, ServiceEndpoints,
-    ServiceEntry, ServicePort, Snapshot, Store, TargetPort,
+    ServiceEntry, ServicePort, Snapshot, Store, TargetPort, TlsSecret,
 };
 
 /// The assembled state, kept between batches.
@@ -44,6 +44,11 @@ pub struct Assembler {
     entry_hosts: HashMap<ObjectKey, BTreeMap<ObjectKey, Service>>,
     /// The hosts each entry declares.
     entry_keys: HashMap<ObjectKey, Vec<ObjectKey>>,
+    /// Every Secret with TLS material; the snapshot holds only those a DestinationRule names
+    /// (`credentialName`, or its `-cacert` companion), in any namespace.
+    tls_secrets: BTreeMap<ObjectKey, Arc<TlsSecret>>,
+    /// The Secret names the DestinationRules ask for.
+    secret_names: HashSet<String>,
 }
 
 impl Assembler {
@@ -65,7 +70,10 @@ impl Assembler {
             Object::Service(svc) => self.set_service(&svc.key, Some(svc)),
             Object::EndpointSlice(e) => self.set_slice(&e.key, Some(e)),
             Object::VirtualService(v) => replace_arc(&mut s.virtual_services, &v.key, v),
-            Object::DestinationRule(d) => replace_arc(&mut s.destination_rules, &d.key, d),
+            Object::DestinationRule(d) => {
+                replace_arc(&mut s.destination_rules, &d.key, d);
+                self.refresh_secrets();
+            }
             Object::ServiceEntry(e) => {
                 replace_arc(&mut s.service_entries, &e.key, e);
                 self.set_entry(&e.key, Some(e));
@@ -74,7 +82,10 @@ impl Assembler {
             Object::PeerAuthentication(p) => replace_arc(&mut s.peer_authentications, &p.key, p),
             Object::HttpRoute(r) => replace_arc(&mut s.http_routes, &r.key, r),
             Object::GrpcRoute(r) => replace_arc(&mut s.grpc_routes, &r.key, r),
-            Object::Secret(secret) => replace_arc(&mut s.secrets, &secret.key, secret),
+            Object::Secret(secret) => {
+                self.tls_secrets.insert(secret.key.clone(), secret.clone());
+                self.secret_changed(&secret.key);
+            }
         }
     }
 
@@ -97,6 +108,7 @@ impl Assembler {
             }
             Kind::DestinationRule => {
                 s.destination_rules.remove(key);
+                self.refresh_secrets();
             }
             Kind::ServiceEntry => {
                 s.service_entries.remove(key);
@@ -115,7 +127,8 @@ impl Assembler {
                 s.grpc_routes.remove(key);
             }
             Kind::Secret => {
-                s.secrets.remove(key);
+                self.tls_secrets.remove(key);
+                self.secret_changed(key);
             }
         }
     }
@@ -133,6 +146,52 @@ impl Assembler {
     pub fn publish(&mut self, store: &Store) -> u64 {
         let snapshot = self.snapshot();
         store.publish_indexed(snapshot)
+    }
+
+    /// Puts in the snapshot the Secrets some DestinationRule names, and only those: the
+    /// Secrets of other applications stay out of the data path (and their changes rebuild
+    /// nothing).
+    fn refresh_secrets(&mut self) {
+        let names: HashSet<String> = self
+            .snapshot
+            .destination_rules
+            .values()
+            .flat_map(|r| r.credential_names())
+            .flat_map(|n| [n.to_string(), format!("{n}-cacert")])
+            .collect();
+        if names == self.secret_names {
+            return;
+        }
+        self.secret_names = names;
+        let names = &self.secret_names;
+        let s = &mut self.snapshot;
+        let gone: Vec<ObjectKey> = s
+            .secrets
+            .keys()
+            .filter(|k| !names.contains(&*k.name) || !self.tls_secrets.contains_key(*k))
+            .cloned()
+            .collect();
+        for key in gone {
+            s.secrets.remove(&key);
+        }
+        for (key, secret) in &self.tls_secrets {
+            if names.contains(&*key.name) {
+                replace_arc(&mut s.secrets, key, secret);
+            }
+        }
+    }
+
+    /// One Secret changed: in the snapshot if a rule names it.
+    fn secret_changed(&mut self, key: &ObjectKey) {
+        let s = &mut self.snapshot;
+        match self.tls_secrets.get(key) {
+            Some(secret) if self.secret_names.contains(&*key.name) => {
+                replace_arc(&mut s.secrets, key, secret)
+            }
+            _ => {
+                s.secrets.remove(key);
+            }
+        }
     }
 
     fn set_pod(&mut self, key: &ObjectKey, new: Option<&Pod>) {
@@ -747,6 +806,47 @@ mod tests {
 
     /// Applies `changes` one batch at a time and checks each result against a snapshot
     /// assembled from scratch out of the same objects.
+    #[test]
+    fn only_secrets_a_destination_rule_names_reach_the_snapshot() {
+        let secret = |name: &str| {
+            Object::Secret(Arc::new(TlsSecret {
+                key: ObjectKey::new("shop", name),
+                cert: None,
+                private_key: None,
+                ca: Some("-----BEGIN CERTIFICATE-----".into()),
+                crl: None,
+            }))
+        };
+        let rule = |credential: &str| {
+            let yaml = format!("apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {{name: api, namespace: shop}}\nspec:\n  host: api.example.test\n  trafficPolicy: {{portLevelSettings: [{{port: {{number: 443}}, tls: {{mode: SIMPLE, credentialName: {credential}}}}}]}}\n");
+            crate::source::objects::translate_one(&yaml).unwrap()
+        };
+        let mut assembler = Assembler::new();
+        for name in ["api-client", "api-client-cacert", "ingress-cert"] {
+            assembler.upsert(&secret(name));
+        }
+        let names = |a: &mut Assembler| {
+            a.snapshot()
+                .secrets
+                .keys()
+                .map(|k| k.name.to_string())
+                .collect::<Vec<_>>()
+        };
+        assert!(names(&mut assembler).is_empty(), "no rule names any");
+        assembler.upsert(&rule("api-client"));
+        assert_eq!(names(&mut assembler), ["api-client", "api-client-cacert"]);
+        // A Secret arriving after its rule, and a rule naming another one.
+        assembler.upsert(&rule("late"));
+        assert!(names(&mut assembler).is_empty());
+        assembler.upsert(&secret("late"));
+        assert_eq!(names(&mut assembler), ["late"]);
+        assembler.delete(&ResourceId {
+            kind: Kind::Secret,
+            key: ObjectKey::new("shop", "late"),
+        });
+        assert!(names(&mut assembler).is_empty());
+    }
+
     #[test]
     fn every_batch_gives_what_assembly_from_scratch_gives() {
         let namespace = Object::Namespace(Namespace {

@@ -5,7 +5,7 @@
 //!   Service's `name.namespace.svc.cluster.local`) — Istio's automatic SNI for the host.
 //! - The server is verified against `caCertificates` (a PEM file on the node), else the
 //!   system's roots; revocation lists from `caCrl` are honoured. With `credentialName`, the
-//!   CA, revocation lists and client certificate come from that Secret in the rule's
+//!   CA, revocation lists and client certificate come from that Secret in the client's
 //!   namespace instead (a CA may also be in a Secret named `<credentialName>-cacert`, as in
 //!   Istio), and a CA is required: Istio verifies such a server only against the Secret's CA. Its name is checked against
 //!   `subjectAltNames` (DNS or URI SANs, any one matching) when set, else against the SNI, as
@@ -88,15 +88,21 @@ pub enum Material {
 }
 
 impl Material {
-    /// The material of `settings` in a rule of `namespace`: its Secret, looked up only in the
-    /// rule's own namespace (a rule can never use another tenant's Secret), or its files.
+    /// The material of `settings` for clients of `namespace`: its Secret, looked up only in
+    /// the client's namespace (Istio: the namespace of the proxy using it), so no rule can make
+    /// one tenant's traffic carry another's certificate; or its files.
     pub fn of(
         settings: &ClientTls,
-        namespace: &str,
+        namespace: Option<&str>,
         secrets: &Map<ObjectKey, Arc<TlsSecret>>,
     ) -> Result<Self, OriginationError> {
         let Some(name) = &settings.credential_name else {
             return Ok(Material::Files);
+        };
+        let Some(namespace) = namespace else {
+            return Err(OriginationError::Config(
+                "credentialName: the client is no pod of the mesh, so it has no namespace to read the Secret from".into(),
+            ));
         };
         let key = ObjectKey::new(namespace, name);
         let secret = secrets
@@ -828,7 +834,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn credential_name_reads_the_secret_of_the_rules_namespace() {
+    async fn credential_name_reads_the_secret_of_the_clients_namespace() {
         let pki = Pki::new();
         let addr = server(&pki, &["db.example.test"], true).await;
         let (_, _, cert_pem, key_pem) = pki.leaf(&["client.example.test"]);
@@ -842,7 +848,7 @@ mod tests {
             ..secret("db-client")
         };
         let in_force = secrets(std::slice::from_ref(&full));
-        let material = Material::of(&mutual, "shop", &in_force).unwrap();
+        let material = Material::of(&mutual, Some("shop"), &in_force).unwrap();
         let tls = Origination::new(&mutual, "db.example.test", material)
             .unwrap()
             .unwrap();
@@ -851,8 +857,8 @@ mod tests {
             "db.example.test - 1"
         );
 
-        // Another tenant's rule naming the same Secret finds nothing in its own namespace.
-        let err = Material::of(&mutual, "other", &in_force).unwrap_err();
+        // A client of another namespace finds nothing in its own, whatever rule applies.
+        let err = Material::of(&mutual, Some("other"), &in_force).unwrap_err();
         assert_eq!(
             err,
             OriginationError::NoSecret(ObjectKey::new("other", "db-client"))
@@ -872,7 +878,7 @@ mod tests {
                 ..secret("db-client-cacert")
             },
         ]);
-        let material = Material::of(&mutual, "shop", &split).unwrap();
+        let material = Material::of(&mutual, Some("shop"), &split).unwrap();
         let rotated = Origination::new(&mutual, "db.example.test", material)
             .unwrap()
             .unwrap();
@@ -900,7 +906,7 @@ mod tests {
                 "no client certificate and key",
             ),
         ] {
-            let material = Material::of(&mutual, "shop", &secrets(&[lacking])).unwrap();
+            let material = Material::of(&mutual, Some("shop"), &secrets(&[lacking])).unwrap();
             let err = Origination::new(&mutual, "db.example.test", material).unwrap_err();
             assert!(
                 err.to_string()
@@ -908,7 +914,10 @@ mod tests {
                 "{err}"
             );
         }
-        let printed = format!("{full:?} {:?}", Material::of(&mutual, "shop", &in_force));
+        let printed = format!(
+            "{full:?} {:?}",
+            Material::of(&mutual, Some("shop"), &in_force)
+        );
         assert!(!printed.contains("PRIVATE KEY"), "{printed}");
         assert!(printed.contains("<redacted>"), "{printed}");
 
@@ -919,7 +928,7 @@ mod tests {
             ),
             ..full
         };
-        let material = Material::of(&mutual, "shop", &secrets(&[broken])).unwrap();
+        let material = Material::of(&mutual, Some("shop"), &secrets(&[broken])).unwrap();
         let err = Origination::new(&mutual, "db.example.test", material).unwrap_err();
         assert!(
             err.to_string()

@@ -298,9 +298,9 @@ impl Cluster {
                     },
                     |s| s.hostname(),
                 );
-                // TLS settings come from a rule: its namespace holds the Secret it names.
-                let namespace = policy.rule.as_ref().map_or("", |r| &*r.namespace);
-                Material::of(tls, namespace, &snapshot.secrets)
+                // A Secret is the client's, as in Istio (the namespace of the proxy that uses
+                // it): a rule exported to other namespaces never lends them its own.
+                Material::of(tls, policy.client_namespace.as_deref(), &snapshot.secrets)
                     .and_then(|material| Origination::new(tls, &host, material))
                     .map_err(|reason| ClusterError::Tls {
                         service: key.service.clone(),
@@ -734,8 +734,14 @@ mod tests {
         snapshot_with(&[("v1", 1), ("v1", 2), ("v2", 3), ("v3", 4)], rules)
     }
 
+    /// The rules' part of the policy for a client of `client` (which the policy records).
     fn policy(snapshot: &Snapshot, subset: Option<&str>, client: Option<&str>) -> ClusterPolicy {
-        policy_for(snapshot, &key(PORT, subset), client)
+        let policy = policy_for(snapshot, &key(PORT, subset), client);
+        assert_eq!(policy.client_namespace.as_deref(), client);
+        ClusterPolicy {
+            client_namespace: None,
+            ..policy
+        }
     }
 
     fn build(snapshot: &Snapshot, subset: Option<&str>) -> Cluster {

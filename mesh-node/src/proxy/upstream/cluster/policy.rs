@@ -52,6 +52,8 @@ pub struct ClusterPolicy {
     pub rule: Option<ObjectKey>,
     /// TLS the source proxy originates to the endpoints (`SIMPLE`, `MUTUAL`).
     pub tls: Option<ClientTls>,
+    /// The namespace of the clients the policy is for (`credentialName` Secrets are theirs).
+    pub client_namespace: Option<Arc<str>>,
 }
 
 /// Why a cluster cannot be built. The configuration has to change before a retry can help; the
@@ -112,6 +114,7 @@ pub fn policy_for(
     ClusterPolicy {
         subset,
         rule: rules.first().map(|r| r.key.clone()),
+        client_namespace: client_namespace.map(Arc::from),
         ..effective.policy()
     }
 }
@@ -324,6 +327,7 @@ impl<'a> Effective<'a> {
             use_client_protocol: http.is_some_and(|h| h.use_client_protocol),
             subset: SubsetMatch::All,
             rule: None,
+            client_namespace: None,
             tls: self
                 .tls
                 .filter(|t| matches!(t.mode, TlsMode::Simple | TlsMode::Mutual))
