@@ -217,11 +217,15 @@ impl EntryHost {
         resolved: &Resolved,
     ) -> BTreeMap<u16, Vec<Endpoint>> {
         let addresses = |name: &str| -> Vec<Ipv4Addr> {
-            match name.parse::<Ipv4Addr>() {
+            let mut found = match name.parse::<Ipv4Addr>() {
                 Ok(ip) => vec![ip],
                 Err(_) if self.resolution == traffic::Resolution::Static => Vec::new(),
                 Err(_) => resolved.get(name).map(|a| a.to_vec()).unwrap_or_default(),
-            }
+            };
+            // A name resolving to the node's own loopback or to link-local addresses (a
+            // cloud's metadata service) would have the node proxy connect there for a tenant.
+            found.retain(|ip| !node_local(*ip));
+            found
         };
         let mut by_port = BTreeMap::new();
         if self.resolution == traffic::Resolution::None {
@@ -527,4 +531,10 @@ pub trait OriginalDst: Send + Sync + 'static {
         socket: std::os::fd::BorrowedFd<'_>,
         client: std::net::SocketAddrV4,
     ) -> Option<std::net::SocketAddrV4>;
+}
+
+/// Addresses a node proxy must never connect to on a tenant's behalf: its own loopback (where
+/// the node's admin port answers), "this host", and link-local (a cloud's metadata service).
+pub fn node_local(ip: Ipv4Addr) -> bool {
+    ip.is_loopback() || ip.is_unspecified() || ip.is_link_local()
 }

@@ -1300,6 +1300,18 @@ pub(super) fn service_entry(fields: &Fields<'_>) -> Result<ServiceEntry> {
             "CIDR addresses are allowed only for NONE/STATIC resolution types",
         ));
     }
+    if let Some((i, block)) = addresses.iter().enumerate().find(|(_, b)| match b.addr {
+        std::net::IpAddr::V4(ip) => crate::model::node_local(ip),
+        std::net::IpAddr::V6(_) => false,
+    }) {
+        return Err(spec.error(
+            &format!("addresses[{i}]"),
+            format!(
+                "{} is refused: it is the node's own (loopback or link-local)",
+                block.addr
+            ),
+        ));
+    }
     // The capture layer matches exact IPv4 destinations; a range or an IPv6 address would be
     // accepted and then not captured.
     if let Some((i, block)) = addresses
@@ -1438,6 +1450,14 @@ fn workload_endpoint(
         return Err(e.error(
             "address",
             format!("{address} is not supported by Weft: the data path is IPv4"),
+        ));
+    } else if address
+        .parse::<std::net::Ipv4Addr>()
+        .is_ok_and(crate::model::node_local)
+    {
+        return Err(e.error(
+            "address",
+            format!("{address} is refused: the node proxy would connect to it from the node's own network (its loopback, or a link-local metadata service)"),
         ));
     } else if address.is_empty() {
         if !e.has("network") {
@@ -2128,6 +2148,30 @@ spec:
         ] {
             assert_rejected(&dr(spec), "DestinationRule", "bookinfo/reviews", field, reason);
         }
+    }
+
+    #[test]
+    fn service_entries_cannot_point_the_node_proxy_at_the_node_itself() {
+        let entry = |endpoint: &str| {
+            format!("apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {{name: sneaky, namespace: shop}}\nspec:\n  hosts: [admin.example.test]\n  ports: [{{number: 80, name: http, protocol: HTTP, targetPort: 15020}}]\n  resolution: STATIC\n  endpoints: [{{address: {endpoint}}}]\n")
+        };
+        for address in ["127.0.0.1", "0.0.0.0", "169.254.169.254"] {
+            assert_rejected(
+                &entry(address),
+                "ServiceEntry",
+                "shop/sneaky",
+                "spec.endpoints[0].address",
+                "is refused",
+            );
+        }
+        let addresses = "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {name: sneaky, namespace: shop}\nspec:\n  hosts: [admin.example.test]\n  addresses: [127.0.0.2]\n  ports: [{number: 80, name: http, protocol: HTTP}]\n  resolution: NONE\n";
+        assert_rejected(
+            addresses,
+            "ServiceEntry",
+            "shop/sneaky",
+            "spec.addresses[0]",
+            "is refused",
+        );
     }
 
     #[test]
