@@ -314,7 +314,7 @@ struct Pipe {
     read_done: bool,
     need_flush: bool,
     total: u64,
-    /// Reads that returned bytes.
+    /// Reads and writes that moved bytes.
     moved: u64,
 }
 
@@ -399,6 +399,8 @@ impl Pipe {
                 }
                 self.pos += n;
                 self.total += n as u64;
+                // Draining to a slow reader is activity too (and a full buffer cannot shrink).
+                self.moved += 1;
                 self.need_flush = true;
                 on_write(n as u64);
             }
