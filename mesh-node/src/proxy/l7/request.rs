@@ -7,32 +7,10 @@ pub(super) async fn handle(conn: Arc<Conn>, request: Request<Incoming>) -> Reply
     let start = Instant::now();
     let view = conn.ctx.view();
     let (mut parts, body) = request.into_parts();
-    let authority = authority_of(&parts);
-    let grpc = is_grpc(&parts.headers);
     let dialled_service = view.snapshot.services.get(&conn.service).cloned();
-    let mut report = Report {
-        conn: conn.clone(),
-        start,
-        method: parts.method.clone(),
-        uri: parts.uri.clone(),
-        authority: authority.clone(),
-        version: parts.version,
-        request_id: None,
-        user_agent: parts.headers.get(header::USER_AGENT).cloned(),
-        grpc,
-        status: 0,
-        grpc_status: None,
-        flags: ResponseFlags::NONE,
-        route: None,
-        upstream: None,
-        cluster: None,
-        destination: None,
-        service: dialled_service.clone(),
-        tape: None,
-        hold: None,
-        pick: None,
-        recorded: false,
-    };
+    let mut report = Report::new(conn.clone(), &parts, dialled_service.clone(), start);
+    let authority = report.authority.clone();
+    let grpc = report.grpc;
     // hyper bounds what it buffers; the limits themselves are counted here, the same way
     // for HTTP/1 and HTTP/2.
     let limits = conn.limits();
@@ -412,37 +390,50 @@ pub(super) fn prepare_head(parts: &mut Parts, authority: &str, proto: Proto) {
 /// The answer to a request its client address has no slot for: `503 UO`, reported like any
 /// other local reply.
 pub(super) fn source_overflow(conn: Arc<Conn>, request: Request<Incoming>) -> Reply {
-    let view = conn.ctx.view();
     let (parts, _) = request.into_parts();
-    let report = Report {
-        conn: conn.clone(),
-        start: Instant::now(),
-        method: parts.method.clone(),
-        uri: parts.uri.clone(),
-        authority: authority_of(&parts),
-        version: parts.version,
-        request_id: None,
-        user_agent: parts.headers.get(header::USER_AGENT).cloned(),
-        grpc: is_grpc(&parts.headers),
-        status: 0,
-        grpc_status: None,
-        flags: ResponseFlags::NONE,
-        route: None,
-        upstream: None,
-        cluster: None,
-        destination: None,
-        service: view.snapshot.services.get(&conn.service).cloned(),
-        tape: None,
-        hold: None,
-        pick: None,
-        recorded: false,
-    };
+    let service = conn
+        .ctx
+        .view()
+        .snapshot
+        .services
+        .get(&conn.service)
+        .cloned();
+    let report = Report::new(conn, &parts, service, Instant::now());
     local_reply(
         report,
         StatusCode::SERVICE_UNAVAILABLE,
         ResponseFlags::UO,
         "too many requests in flight from this client",
     )
+}
+
+impl Report {
+    /// The report of a request as received, before anything is decided about it.
+    fn new(conn: Arc<Conn>, parts: &Parts, service: Option<Arc<Service>>, start: Instant) -> Self {
+        Self {
+            conn,
+            start,
+            method: parts.method.clone(),
+            uri: parts.uri.clone(),
+            authority: authority_of(parts),
+            version: parts.version,
+            request_id: None,
+            user_agent: parts.headers.get(header::USER_AGENT).cloned(),
+            grpc: is_grpc(&parts.headers),
+            status: 0,
+            grpc_status: None,
+            flags: ResponseFlags::NONE,
+            route: None,
+            upstream: None,
+            cluster: None,
+            destination: None,
+            service,
+            tape: None,
+            hold: None,
+            pick: None,
+            recorded: false,
+        }
+    }
 }
 
 /// The size of a request head as Envoy counts it against `max_request_headers_kb`: the
