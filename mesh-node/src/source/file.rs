@@ -299,6 +299,11 @@ fn parse_generation(path: &Path, raw: &[u8]) -> Option<u64> {
     }
 }
 
+/// The largest document read: what Kubernetes stores in one object (etcd's default request
+/// limit). Parsing builds a tree some 70 times the text's size, so a larger document is
+/// rejected before it is parsed, not after it took the proxy's memory.
+pub const MAX_DOCUMENT_BYTES: usize = 1536 * 1024;
+
 /// Translates one file, each result with where it was read (`name:line`).
 fn results(name: &str, content: &[u8]) -> Results {
     parse_documents(name, content)
@@ -329,6 +334,14 @@ pub fn parse_documents(
     let is_json = name.ends_with(".json");
     let mut out = Vec::new();
     for (line, chunk) in split_documents(text, is_json) {
+        if chunk.len() > MAX_DOCUMENT_BYTES {
+            let reason = format!(
+                "the document is {} bytes, over the {MAX_DOCUMENT_BYTES} bytes Kubernetes stores in one object: split it",
+                chunk.len()
+            );
+            out.push((line, Err(unnamed("(document)", reason))));
+            continue;
+        }
         let parsed: Result<Value, (usize, String)> = if is_json {
             match serde_json::from_str::<serde_json::Value>(chunk) {
                 Ok(v) => yaml::from_json(v).map_err(|e| (0, format!("JSON: {e}"))),
@@ -649,6 +662,49 @@ mod tests {
         assert_eq!(rejected.len(), 1);
         assert!(
             rejected[0].reason.contains("YAML syntax error"),
+            "{:?}",
+            rejected[0]
+        );
+        assert!(
+            rejected[0].origin.starts_with("a.yaml:"),
+            "{:?}",
+            rejected[0]
+        );
+    }
+
+    #[test]
+    fn a_document_larger_than_kubernetes_stores_is_rejected_before_parsing() {
+        let mut f = Fixture::new();
+        f.write("a.yaml", &pod("p1", "10.244.1.5", "{app: a}", "[]"));
+        f.poll();
+        let mut huge = String::from(
+            "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: huge, namespace: bookinfo}\nspec:\n  hosts: [huge.example.test]\n  http:\n",
+        );
+        let mut i = 0;
+        while huge.len() <= MAX_DOCUMENT_BYTES {
+            huge.push_str(&format!(
+                "  - match: [{{uri: {{exact: /p{i}}}}}]\n    route: [{{destination: {{host: echo}}}}]\n"
+            ));
+            i += 1;
+        }
+        f.write(
+            "a.yaml",
+            &format!("{}---\n{huge}", pod("p1", "10.244.1.7", "{app: a}", "[]")),
+        );
+        f.poll();
+        let snap = f.snapshot();
+        assert_eq!(
+            snap.pods[&key("p1")].ip,
+            Some(Ipv4Addr::new(10, 244, 1, 7)),
+            "the file's other documents apply"
+        );
+        assert!(snap.virtual_services.is_empty());
+        let rejected = f.source.status().rejected();
+        assert_eq!(rejected.len(), 1);
+        assert!(
+            rejected[0].reason.contains(&format!(
+                "over the {MAX_DOCUMENT_BYTES} bytes Kubernetes stores in one object"
+            )),
             "{:?}",
             rejected[0]
         );
