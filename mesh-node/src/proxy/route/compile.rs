@@ -2,6 +2,13 @@
 
 use super::*;
 
+/// Most route matches one Service gathers from the HTTPRoutes and GRPCRoutes attached to it
+/// (per namespace they live in), as a VirtualService may hold at most 10,000 routes: each
+/// resource is bounded by its CRD, but any number of them may attach to one Service. Routes
+/// are attached in order of namespace and name; one that would take a Service past the limit
+/// is not attached at all (and logged), so a tenant cannot grow another's route table.
+pub const MAX_SERVICE_MATCHES: usize = 10_000;
+
 pub(super) struct Builder {
     service: Arc<Service>,
     virtual_services: Vec<Candidate>,
@@ -50,6 +57,18 @@ impl Builder {
         } else {
             self.consumers.entry(route.namespace.clone()).or_default()
         };
+        let matches: usize = rules.iter().map(|r| r.matches.len()).sum();
+        if table.len() + matches > MAX_SERVICE_MATCHES {
+            tracing::warn!(
+                route = %route,
+                service = %self.service.key,
+                matches,
+                attached = table.len(),
+                limit = MAX_SERVICE_MATCHES,
+                "route not attached: the Service would have more than {MAX_SERVICE_MATCHES} route matches"
+            );
+            return;
+        }
         for rule in rules {
             for (conditions, precedence) in &rule.matches {
                 table.push((

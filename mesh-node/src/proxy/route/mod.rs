@@ -94,7 +94,7 @@ mod compile;
 mod matching;
 mod rewrite;
 
-pub use self::rewrite::apply_header_ops;
+pub use self::{compile::MAX_SERVICE_MATCHES, rewrite::apply_header_ops};
 use self::{compile::*, matching::*};
 use crate::model::{
     traffic::{

@@ -1396,3 +1396,34 @@ fn the_path_index_picks_what_trying_every_rule_picks() {
         assert_eq!(seen.contains("no match"), !catch_all, "{seen:?}");
     }
 }
+
+#[test]
+fn routes_that_would_take_a_service_past_its_match_limit_are_not_attached() {
+    // 16 rules of 7 matches: 112 matches per HTTPRoute (a route may have fewer than 128),
+    // so the 90th attached to `reviews` would pass 10,000.
+    let routes: Vec<String> = (0..90)
+        .map(|r| {
+            let rules: String = (0..16)
+                .map(|i| {
+                    let matches: Vec<String> = (0..7)
+                        .map(|m| format!("{{path: {{type: Exact, value: /r{r}/{i}/{m}}}}}"))
+                        .collect();
+                    rule_to("reviews-v1", &format!("[{}]", matches.join(", ")))
+                })
+                .collect();
+            http_route(&format!("r{r:02}"), "default", REVIEWS, &rules)
+        })
+        .collect();
+    let docs: Vec<&str> = routes.iter().map(String::as_str).collect();
+    let index = build(&docs);
+    let routes = index.get(&key("default", "reviews"));
+    let route = |uri: &str| outcome(routes, &head("GET", uri, &[]), 9080, None);
+    assert_eq!(route("/r0/0/0"), "HTTPRoute default/r00 rules[0]");
+    assert_eq!(route("/r88/15/6"), "HTTPRoute default/r88 rules[15]");
+    assert_eq!(
+        route("/r89/0/0"),
+        "no match",
+        "the 90th route is not attached"
+    );
+    const { assert!(89 * 112 <= MAX_SERVICE_MATCHES && 90 * 112 > MAX_SERVICE_MATCHES) };
+}
