@@ -38,8 +38,8 @@ use crate::{
     metrics::Metrics,
     model::{OriginalDst, Store},
     proxy::{
-        HttpLimits, NoOriginalDst, Proxy, ProxyConfig, ProxyError, RedirectedOriginalDst,
-        SourceLimits,
+        HttpLimits, MemoryBudget, NoOriginalDst, Proxy, ProxyConfig, ProxyError,
+        RedirectedOriginalDst, SourceLimits,
     },
     source::{
         dns,
@@ -253,6 +253,10 @@ fn serve(args: RunArgs, mode: Mode) -> Result<(), AppError> {
                 max_connections: args.server.max_connections_per_source as usize,
                 max_requests: args.server.max_requests_per_source as usize,
             };
+            config.memory = MemoryBudget::detect(args.server.memory_limit);
+            if config.memory.is_none() {
+                info!("overload manager off: no --memory-limit and no cgroup memory limit");
+            }
             config.certs = certificates(&args.identity, &metrics)?;
             if config.certs.is_none() && mode == Mode::Node {
                 warn!("no --ca-addr: no mTLS, so nothing is sent to pods of other nodes and the HBONE port serves nothing");

@@ -219,6 +219,12 @@ pub struct ServerArgs {
     /// with flag UO and counted.
     #[arg(long, env = "WEFT_MAX_REQUESTS_PER_SOURCE", value_name = "N", default_value_t = 4_096, value_parser = clap::value_parser!(u32).range(1..))]
     pub max_requests_per_source: u32,
+
+    /// The memory the overload manager keeps the proxy under (e.g. 512Mi, 1Gi, or bytes;
+    /// 0: none), measured as the process's RSS. Without it, the limit of the proxy's cgroup
+    /// (the container's `resources.limits.memory`) is kept, measured as the kubelet does.
+    #[arg(long, env = "WEFT_MEMORY_LIMIT", value_name = "SIZE", value_parser = parse_size)]
+    pub memory_limit: Option<u64>,
 }
 
 /// Default of `--tls-origination-dir` (mount the Secrets of egress certificates there).
@@ -476,6 +482,29 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
     Ok(total)
 }
 
+/// Parses a size as Kubernetes writes memory: bytes, or with `Ki`, `Mi`, `Gi` (or `k`, `M`,
+/// `G` for powers of ten).
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let error = || format!("{s:?} is not a size: write e.g. 512Mi, 1Gi or 268435456");
+    let s = s.trim();
+    let digits = s.bytes().take_while(u8::is_ascii_digit).count();
+    if digits == 0 {
+        return Err(error());
+    }
+    let number: u64 = s[..digits].parse().map_err(|_| error())?;
+    let unit: u64 = match &s[digits..] {
+        "" => 1,
+        "k" => 1_000,
+        "M" => 1_000_000,
+        "G" => 1_000_000_000,
+        "Ki" => 1 << 10,
+        "Mi" => 1 << 20,
+        "Gi" => 1 << 30,
+        _ => return Err(error()),
+    };
+    number.checked_mul(unit).ok_or_else(error)
+}
+
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, ValueEnum)]
 pub enum LogFormat {
     /// Human-readable lines.
@@ -494,6 +523,19 @@ mod tests {
     fn parse(args: &[&str]) -> Cli {
         Cli::try_parse_from(std::iter::once("mesh-node").chain(args.iter().copied()))
             .expect("valid command line")
+    }
+
+    #[test]
+    fn sizes_are_read_as_kubernetes_writes_them() {
+        assert_eq!(parse_size("512Mi"), Ok(512 << 20));
+        assert_eq!(parse_size("1Gi"), Ok(1 << 30));
+        assert_eq!(parse_size("64k"), Ok(64_000));
+        assert_eq!(parse_size("1048576"), Ok(1 << 20));
+        assert_eq!(parse_size("0"), Ok(0));
+        for bad in ["", "Mi", "12MB", "-1", "1.5Gi", "99999999999999999999Gi"] {
+            let err = parse_size(bad).unwrap_err();
+            assert!(err.contains("512Mi"), "{bad}: {err}");
+        }
     }
 
     #[test]

@@ -19,7 +19,7 @@ use std::{
 /// namespace of the already opened `netns` file, in that order.
 pub(crate) fn place_before_exec(
     cmd: &mut Command,
-    cgroup_procs: Option<File>,
+    cgroup_procs: Vec<File>,
     netns: Option<File>,
     new_session: bool,
 ) {
@@ -30,7 +30,7 @@ pub(crate) fn place_before_exec(
                 return Err(io::Error::last_os_error());
             }
         }
-        if let Some(procs) = &cgroup_procs {
+        for procs in &cgroup_procs {
             write_pid(procs.as_raw_fd())?;
         }
         if let Some(ns) = &netns {

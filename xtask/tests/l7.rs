@@ -1015,6 +1015,109 @@ print(answered, closed)
     all_ok(&requests(5, "http://echo/", &[])?)
 }
 
+/// One pod's bulk load across nodes (190 connections that each move 900 kB and stay open)
+/// against node-2 restarted with a small memory limit: the overload manager steps in, the
+/// kernel never kills the proxy, the group's peak stays under its limit, and once the load
+/// ends requests through node-2 succeed again. node-2 gets its usual limit back afterwards.
+fn overload_keeps_a_node_proxy_under_its_memory_limit() -> Result<()> {
+    const LIMIT: u64 = 112 << 20;
+    const SCRIPT: &str = r#"
+import socket
+body = b"b" * 900_000
+conns = []
+for _ in range(190):
+    s = socket.create_connection(("echo-v2", 7070), timeout=20)
+    s.sendall(b"POST /anything HTTP/1.1\r\nHost: echo-v2\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
+    got = b""
+    while b"\r\n\r\n" not in got:
+        chunk = s.recv(65536)
+        if not chunk:
+            break
+        got += chunk
+    head, _, rest = got.partition(b"\r\n\r\n")
+    length = int([l.split(b":")[1] for l in head.split(b"\r\n") if l.lower().startswith(b"content-length")][0])
+    while len(rest) < length:
+        chunk = s.recv(65536)
+        if not chunk:
+            break
+        rest += chunk
+    assert len(rest) == length, (len(rest), length)
+    conns.append(s)
+print(len(conns))
+"#;
+    let restart = |limit: Option<u64>| -> Result<()> {
+        cluster::stop_node("node-2")?;
+        match limit {
+            Some(bytes) => std::env::set_var(cluster::PROXY_MEMORY_ENV, bytes.to_string()),
+            None => std::env::remove_var(cluster::PROXY_MEMORY_ENV),
+        }
+        let started = cluster::start_node("node-2");
+        std::env::remove_var(cluster::PROXY_MEMORY_ENV);
+        started
+    };
+    restart(Some(LIMIT))?;
+    let result = (|| -> Result<()> {
+        let pids = cluster::pids("node/node-2")?;
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let sampler = {
+            let stop = stop.clone();
+            thread::spawn(move || {
+                let mut highest = 0.0f64;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    if let Ok(text) = metrics("node-2") {
+                        highest = highest.max(sample_sum(&text, "weft_overload_level", &[]));
+                    }
+                    thread::sleep(Duration::from_millis(100));
+                }
+                highest
+            })
+        };
+        let python = xtask::setup::test_python().display().to_string();
+        let moved = probe::run(CLIENT, &[python.as_str(), "-c", SCRIPT]);
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let highest = sampler
+            .join()
+            .map_err(|_| anyhow!("the sampler panicked"))?;
+        let memory = cluster::proxy_memory("node-2")?
+            .context("this machine has no memory cgroup controller to limit the proxy with")?;
+        println!(
+            "    {} transfers; highest overload level {highest}; peak {} MiB of {} MiB, {} OOM kills",
+            moved.as_deref().map(str::trim).unwrap_or("no"),
+            memory.peak >> 20,
+            memory.limit >> 20,
+            memory.oom_kills
+        );
+        let moved = moved?;
+        ensure!(moved.trim() == "190", "every transfer completed: {moved}");
+        ensure!(
+            memory.limit == LIMIT,
+            "node-2 ran under {LIMIT} bytes: {memory:?}"
+        );
+        ensure!(
+            memory.oom_kills == 0 && cluster::pids("node/node-2")? == pids,
+            "the kernel killed node-2's proxy: {memory:?}"
+        );
+        ensure!(memory.peak < LIMIT, "node-2 reached its limit: {memory:?}");
+        ensure!(highest >= 1.0, "the overload manager never stepped in");
+        // The load is over: node-2 serves again (once its memory is back down).
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            let replies = requests(5, "http://echo-v2/", &[])?;
+            if statuses(&replies) == BTreeMap::from([(200, 5)]) {
+                return Ok(());
+            }
+            ensure!(
+                Instant::now() < deadline,
+                "node-2 still refuses after the load: {:?}",
+                statuses(&replies)
+            );
+            thread::sleep(Duration::from_millis(500));
+        }
+    })();
+    let restored = restart(None);
+    result.and(restored)
+}
+
 fn prerequisites() -> Result<()> {
     for tool in ["curl", "h2load"] {
         let found = std::process::Command::new(tool)
@@ -1105,6 +1208,10 @@ fn main() {
         (
             "one_pod_holds_at_most_its_share",
             one_pod_holds_at_most_its_share,
+        ),
+        (
+            "overload_keeps_a_node_proxy_under_its_memory_limit",
+            overload_keeps_a_node_proxy_under_its_memory_limit,
         ),
     ];
     // The nodes inherit it (mesh-node's `--http-header-read-timeout`): the slow-head case

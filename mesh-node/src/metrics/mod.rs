@@ -15,6 +15,11 @@
 //! | `weft_config_applied_version` | gauge | `consumer` = `proxy`, `ebpf` | snapshot each consumer applied |
 //! | `weft_config_rejected_total` | counter | `kind` | resources rejected (each time their file changed) |
 //! | `weft_source_limit_refused_total` | counter | `limit` = `connections`, `requests` | connections closed at accept and requests answered `503 UO` because their client address held its cap |
+//! | `weft_memory_budget_bytes` | gauge | | the memory the overload manager keeps the proxy under (its cgroup's limit, or `--memory-limit`; 0: none) |
+//! | `weft_memory_used_bytes` | gauge | | the memory it measured last (the cgroup's working set, or the process's RSS) |
+//! | `weft_overload_level` | gauge | | 0 normal, 1 pressure (buffers stop growing, HTTP/1 keep-alive off), 2 shedding (the heaviest client refused), 3 critical (every new connection and request refused, idle connections closed) |
+//! | `weft_overload_refused_total` | counter | `what` = `connections`, `requests` | connections closed at accept and requests answered `503 OM` by the overload manager |
+//! | `weft_overload_closed_idle_total` | counter | | idle connections it closed to give memory back |
 //!
 //! Istio's TCP labels: `reporter` (`source` on the client's node, `destination` on the
 //! server's node), `source_*` / `destination_*` workload, namespace, principal, app, version
@@ -739,6 +744,93 @@ impl CertificateMetrics {
     }
 }
 
+/// What the overload manager refused (see `proxy::overload`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum OverloadRefusal {
+    Connections,
+    Requests,
+}
+
+impl EncodeLabelValue for OverloadRefusal {
+    fn encode(&self, encoder: &mut LabelValueEncoder<'_>) -> Result<(), fmt::Error> {
+        let what = match self {
+            OverloadRefusal::Connections => "connections",
+            OverloadRefusal::Requests => "requests",
+        };
+        EncodeLabelValue::encode(&what, encoder)
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct OverloadLabels {
+    what: OverloadRefusal,
+}
+
+/// The overload manager's gauges and counters.
+#[derive(Clone, Debug, Default)]
+pub struct OverloadMetrics {
+    budget: Gauge,
+    used: Gauge,
+    level: Gauge,
+    refused: Family<OverloadLabels, Counter>,
+    closed_idle: Counter,
+}
+
+impl OverloadMetrics {
+    fn register(&self, registry: &mut Registry) {
+        registry.register(
+            "weft_memory_budget_bytes",
+            "Memory the overload manager keeps the node proxy under (0: no budget)",
+            self.budget.clone(),
+        );
+        registry.register(
+            "weft_memory_used_bytes",
+            "Memory the overload manager measured last",
+            self.used.clone(),
+        );
+        registry.register(
+            "weft_overload_level",
+            "0 normal, 1 pressure, 2 shedding the heaviest client, 3 critical",
+            self.level.clone(),
+        );
+        registry.register(
+            "weft_overload_refused",
+            "Connections and requests refused by the overload manager",
+            self.refused.clone(),
+        );
+        registry.register(
+            "weft_overload_closed_idle",
+            "Idle connections the overload manager closed to give memory back",
+            self.closed_idle.clone(),
+        );
+    }
+
+    pub fn set_budget(&self, bytes: u64) {
+        self.budget.set(i64::try_from(bytes).unwrap_or(i64::MAX));
+    }
+
+    pub fn set_used(&self, bytes: u64, level: u8) {
+        self.used.set(i64::try_from(bytes).unwrap_or(i64::MAX));
+        self.level.set(i64::from(level));
+    }
+
+    pub fn refused(&self, what: OverloadRefusal) {
+        self.refused.get_or_create(&OverloadLabels { what }).inc();
+    }
+
+    pub fn refused_count(&self, what: OverloadRefusal) -> u64 {
+        self.refused.get_or_create(&OverloadLabels { what }).get()
+    }
+
+    pub fn closed_idle(&self) {
+        self.closed_idle.inc();
+    }
+
+    pub fn closed_idle_count(&self) -> u64 {
+        self.closed_idle.get()
+    }
+}
+
 /// Every metric of a node. Built once; [`Metrics::encode`] renders a scrape.
 pub struct Metrics {
     registry: Registry,
@@ -747,6 +839,7 @@ pub struct Metrics {
     rejections: Rejections,
     refusals: MtlsRefusals,
     source_refusals: SourceRefusals,
+    overload: OverloadMetrics,
     certificates: CertificateMetrics,
 }
 
@@ -787,6 +880,8 @@ impl Metrics {
             "Connections and requests refused because their client address held its cap, by cap",
             source_refusals.family.clone(),
         );
+        let overload = OverloadMetrics::default();
+        overload.register(&mut registry);
         let certificates = CertificateMetrics::default();
         registry.register(
             "weft_certificate_requests",
@@ -805,6 +900,7 @@ impl Metrics {
             rejections,
             refusals,
             source_refusals,
+            overload,
             certificates,
         }
     }
@@ -848,6 +944,10 @@ impl Metrics {
 
     pub fn source_refusals(&self) -> &SourceRefusals {
         &self.source_refusals
+    }
+
+    pub fn overload(&self) -> &OverloadMetrics {
+        &self.overload
     }
 
     pub fn certificates(&self) -> &CertificateMetrics {

@@ -14,6 +14,7 @@ use arc_swap::ArcSwap;
 use super::{
     copy::Lifetime,
     l7::body::RequestBody,
+    overload::{MemoryBudget, Overload},
     sources::{SourceLimits, Sources},
     upstream::{cluster::Clusters, hbone::HbonePool, pool::Pools, Dialer},
     view::View,
@@ -67,6 +68,8 @@ pub struct ProxyConfig {
     pub tcp_idle_timeout: Duration,
     /// What one client address may hold.
     pub sources: SourceLimits,
+    /// The memory the overload manager keeps the proxy under (`None`: no budget).
+    pub memory: Option<MemoryBudget>,
 }
 
 /// Limits on what HTTP clients send, with Envoy's defaults. They are enforced where a request
@@ -138,6 +141,7 @@ impl ProxyConfig {
             // Istio's default (DestinationRule `tcp.idleTimeout`).
             tcp_idle_timeout: Duration::from_secs(3600),
             sources: SourceLimits::default(),
+            memory: None,
         }
     }
 
@@ -196,7 +200,8 @@ impl Context {
         inbound_port: u16,
     ) -> Self {
         let clusters = Clusters::new(config.tls_origination_dir.clone());
-        let sources = Sources::new(config.sources, metrics.source_refusals().clone());
+        let overload = Overload::new(metrics.overload().clone());
+        let sources = Sources::new(config.sources, metrics.source_refusals().clone(), overload);
         let view = View::new(snapshot, None, &clusters);
         Self {
             dialer: config.dialer(),
@@ -213,6 +218,10 @@ impl Context {
             inbound_port,
             sources,
         }
+    }
+
+    pub(super) fn overload(&self) -> &Overload {
+        self.sources.overload()
     }
 
     pub fn view(&self) -> Arc<View> {

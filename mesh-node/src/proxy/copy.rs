@@ -6,7 +6,9 @@
 //! as without the proxy. Buffers start small, so idle connections cost little, grow for
 //! connections that keep filling them, and go back to the smallest size once a connection has
 //! moved nothing for [`SHRINK_AFTER`]. A connection that moves nothing either way for its idle
-//! timeout (Istio's TCP `idleTimeout`, 1 hour by default) is closed.
+//! timeout (Istio's TCP `idleTimeout`, 1 hour by default) is closed. Under memory pressure
+//! (the [`Overload`] manager), buffers stop growing and shrink as soon as they are empty, and
+//! at the critical level a connection idle for [`SHED_IDLE`] is closed.
 
 use std::{
     fmt,
@@ -23,6 +25,7 @@ use tokio::{
     time::{Instant, Sleep},
 };
 
+use super::overload::{Overload, SHED_IDLE};
 use crate::metrics::ConnectionMetrics;
 
 /// Buffer sizes: a new connection starts with the first; a direction whose reads fill its
@@ -77,6 +80,8 @@ pub enum Operation {
     Idle,
     /// The connection reached its maximum duration.
     Expired,
+    /// Closed while idle by the overload manager, to give memory back.
+    Shed,
 }
 
 /// A copy that ended with an I/O error: which side, doing what.
@@ -98,6 +103,7 @@ impl CopyError {
             Operation::Shutdown => "closing the write side of",
             Operation::Idle => "the idle timeout closed",
             Operation::Expired => "the maximum connection duration closed",
+            Operation::Shed => "the overload manager closed the idle",
         }
     }
 
@@ -111,13 +117,15 @@ impl CopyError {
     /// A reset by either peer is how many applications end connections, and an idle timeout
     /// is policy: neither is a proxy failure worth a warning.
     pub fn is_reset(&self) -> bool {
-        matches!(self.operation, Operation::Idle | Operation::Expired)
-            || matches!(
-                self.source.kind(),
-                io::ErrorKind::ConnectionReset
-                    | io::ErrorKind::BrokenPipe
-                    | io::ErrorKind::ConnectionAborted
-            )
+        matches!(
+            self.operation,
+            Operation::Idle | Operation::Expired | Operation::Shed
+        ) || matches!(
+            self.source.kind(),
+            io::ErrorKind::ConnectionReset
+                | io::ErrorKind::BrokenPipe
+                | io::ErrorKind::ConnectionAborted
+        )
     }
 }
 
@@ -132,7 +140,7 @@ where
     U: AsyncRead + AsyncWrite + Unpin + ?Sized,
     M: Meter + ?Sized,
 {
-    bidirectional_with(downstream, upstream, meter, Lifetime::default()).await
+    bidirectional_with(downstream, upstream, meter, Lifetime::default(), None).await
 }
 
 /// How long a copy may last (`None`: no bound).
@@ -145,12 +153,15 @@ pub struct Lifetime {
 }
 
 /// [`bidirectional`], ended with an [`Operation::Idle`] error once nothing has moved either
-/// way for the idle timeout, or [`Operation::Expired`] at the maximum duration.
+/// way for the idle timeout, or [`Operation::Expired`] at the maximum duration; its buffers
+/// kept small under memory pressure and, idle at the critical level, closed
+/// ([`Operation::Shed`]).
 pub async fn bidirectional_with<D, U, M>(
     downstream: &mut D,
     upstream: &mut U,
     meter: &M,
     lifetime: Lifetime,
+    overload: Option<&Overload>,
 ) -> Result<Transferred, CopyError>
 where
     D: AsyncRead + AsyncWrite + Unpin + ?Sized,
@@ -166,10 +177,12 @@ where
         to_downstream: down.total,
     };
     let mut idle = IdleClock::new(lifetime);
+    let mut shed = overload.map(|o| Box::pin(o.shed_signal()));
     poll_fn(|cx| {
         let moved = up.moved + down.moved;
+        let grow = overload.is_none_or(Overload::may_grow);
         if !up_done {
-            match up.poll_copy(cx, &mut *downstream, &mut *upstream, |n| {
+            match up.poll_copy(cx, grow, &mut *downstream, &mut *upstream, |n| {
                 meter.to_upstream(n)
             }) {
                 Poll::Ready(Ok(())) => up_done = true,
@@ -189,7 +202,7 @@ where
             }
         }
         if !down_done {
-            match down.poll_copy(cx, &mut *upstream, &mut *downstream, |n| {
+            match down.poll_copy(cx, grow, &mut *upstream, &mut *downstream, |n| {
                 meter.to_downstream(n)
             }) {
                 Poll::Ready(Ok(())) => down_done = true,
@@ -213,6 +226,25 @@ where
         }
         if up.moved + down.moved != moved {
             idle.moved();
+        }
+        if let (Some(overload), Some(signal)) = (overload, shed.as_mut()) {
+            while signal.as_mut().poll(cx).is_ready() {
+                signal.set(overload.shed_signal());
+                up.shrink();
+                down.shrink();
+                if overload.sheds_idle() && idle.last.elapsed() >= SHED_IDLE {
+                    overload.metrics().closed_idle();
+                    return Poll::Ready(Err(CopyError {
+                        side: Side::Downstream,
+                        operation: Operation::Shed,
+                        transferred: transferred(&up, &down),
+                        source: io::Error::new(
+                            io::ErrorKind::TimedOut,
+                            "idle while the node proxy is short of memory",
+                        ),
+                    }));
+                }
+            }
         }
         match idle.poll(cx, [&mut up, &mut down]) {
             Poll::Ready(operation) => {
@@ -345,6 +377,7 @@ impl Pipe {
     fn poll_copy<R, W>(
         &mut self,
         cx: &mut Context<'_>,
+        grow: bool,
         reader: &mut R,
         writer: &mut W,
         mut on_write: impl FnMut(u64),
@@ -356,7 +389,11 @@ impl Pipe {
         loop {
             // Refill only when everything read so far has been written.
             if self.pos == self.cap && !self.read_done {
-                self.maybe_grow();
+                if grow {
+                    self.maybe_grow();
+                } else {
+                    self.shrink();
+                }
                 let mut buf = ReadBuf::new(&mut self.buf);
                 match Pin::new(&mut *reader).poll_read(cx, &mut buf) {
                     Poll::Ready(Ok(())) => {
@@ -521,6 +558,69 @@ mod tests {
         assert_eq!(pipe.buf.len(), BUFFER_SIZES[2]);
     }
 
+    #[tokio::test]
+    async fn under_memory_pressure_buffers_do_not_grow_and_grown_ones_shrink() {
+        let (mut source, mut reader) = duplex(1 << 20);
+        let (mut writer, _sink) = duplex(1 << 20);
+        source.write_all(&pattern(512 * 1024, 1)).await.unwrap();
+        let mut pipe = Pipe::new();
+        pipe.full_reads = GROW_AFTER;
+        pipe.maybe_grow();
+        assert_eq!(pipe.buf.len(), BUFFER_SIZES[1]);
+        poll_fn(|cx| {
+            let polled = pipe.poll_copy(cx, false, &mut reader, &mut writer, |_| {});
+            assert!(polled.is_pending());
+            Poll::Ready(())
+        })
+        .await;
+        assert!(pipe.total > 0);
+        assert_eq!(pipe.buf.len(), BUFFER_SIZES[0], "back to the smallest");
+        assert_eq!(pipe.size_index, 0, "and it did not grow again");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn at_the_critical_level_idle_copies_are_closed_and_busy_ones_are_not() {
+        use crate::{metrics::OverloadMetrics, proxy::overload::Level};
+        let overload = Overload::new(OverloadMetrics::default());
+        let (_client, mut a) = duplex(1024);
+        let (mut b, _server) = duplex(1024);
+        let idle = {
+            let overload = overload.clone();
+            tokio::spawn(async move {
+                let lifetime = Lifetime::default();
+                bidirectional_with(&mut a, &mut b, &(), lifetime, Some(&overload)).await
+            })
+        };
+        let (mut busy_client, mut c) = duplex(1024);
+        let (mut d, mut busy_server) = duplex(1024);
+        let busy = {
+            let overload = overload.clone();
+            tokio::spawn(async move {
+                let lifetime = Lifetime::default();
+                bidirectional_with(&mut c, &mut d, &(), lifetime, Some(&overload)).await
+            })
+        };
+        // Pressure alone closes nothing.
+        tokio::time::sleep(SHED_IDLE * 2).await;
+        overload.force(Level::Pressure);
+        tokio::task::yield_now().await;
+        assert!(!idle.is_finished());
+
+        busy_client.write_all(b"ping").await.unwrap();
+        let mut got = [0u8; 4];
+        busy_server.read_exact(&mut got).await.unwrap();
+        overload.force(Level::Critical);
+        let err = idle.await.unwrap().unwrap_err();
+        assert_eq!(err.operation, Operation::Shed);
+        assert!(err.is_reset(), "not a proxy failure");
+        assert_eq!(overload.metrics().closed_idle_count(), 1);
+        // The other one moved bytes within the last second: it stays, and still works.
+        busy_client.write_all(b"pong").await.unwrap();
+        busy_server.read_exact(&mut got).await.unwrap();
+        assert_eq!(&got, b"pong");
+        assert!(!busy.is_finished());
+    }
+
     #[tokio::test(start_paused = true)]
     async fn grown_buffers_shrink_once_the_connection_idles() {
         let (mut up, mut down) = (Pipe::new(), Pipe::new());
@@ -557,7 +657,7 @@ mod tests {
                 idle_timeout: Some(timeout),
                 max_duration: None,
             };
-            let result = bidirectional_with(&mut a, &mut b, &(), lifetime).await;
+            let result = bidirectional_with(&mut a, &mut b, &(), lifetime, None).await;
             (result, start.elapsed())
         });
         // A byte every 50 s keeps it open...
@@ -589,7 +689,7 @@ mod tests {
                 idle_timeout: Some(Duration::from_secs(5)),
                 max_duration: Some(Duration::from_secs(12)),
             };
-            let result = bidirectional_with(&mut a, &mut b, &(), lifetime).await;
+            let result = bidirectional_with(&mut a, &mut b, &(), lifetime, None).await;
             (result, start.elapsed())
         });
         let talk = tokio::spawn(async move {

@@ -38,7 +38,8 @@ use super::{
 };
 use crate::{
     metrics::{
-        MtlsRefusal, Reporter, ResponseFlags, ServiceLabels, TcpLabels, Workload, ACCESS_LOG,
+        MtlsRefusal, OverloadRefusal, Reporter, ResponseFlags, ServiceLabels, TcpLabels, Workload,
+        ACCESS_LOG,
     },
     model::{
         policy::{mtls_mode, MtlsMode, ROOT_NAMESPACE},
@@ -312,6 +313,12 @@ async fn hbone_stream(
     mut request: Request<Incoming>,
 ) -> Response<Full<Bytes>> {
     let client = peer.client;
+    if !ctx.overload().admits_new() {
+        ctx.overload()
+            .metrics()
+            .refused(OverloadRefusal::Connections);
+        return Refusal::Unavailable.response("node proxy overloaded");
+    }
     let target = match hbone::target_of(&request) {
         Ok(target) => target,
         Err(reason) => {

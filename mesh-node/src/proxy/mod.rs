@@ -55,6 +55,7 @@ mod error;
 mod inbound;
 pub mod l7;
 mod outbound;
+pub mod overload;
 pub mod route;
 mod sources;
 mod tcp;
@@ -64,6 +65,7 @@ mod view;
 pub use context::{HttpLimits, ProxyConfig, CONNECT_TIMEOUT, DRAIN_TIMEOUT};
 pub use copy::{CopyError, Transferred};
 pub use error::ProxyError;
+pub use overload::{MemoryBudget, MemoryMeter};
 pub use sources::SourceLimits;
 pub use upstream::{hbone, hbone::TunnelError, ConnectError, ConnectErrorKind, Role};
 
@@ -136,6 +138,9 @@ impl Proxy {
             applied,
             inbound_port,
         ));
+        if let Some(budget) = ctx.config.memory.clone() {
+            overload::monitor(ctx.sources.overload(), &ctx.sources, budget);
+        }
         Ok(Self {
             outbound,
             inbound,
@@ -281,8 +286,9 @@ async fn accept_loop<F, Fut>(
     loop {
         match listener.accept().await {
             Ok((stream, peer)) => {
-                // A client address at its cap: closed at once (and counted).
-                let Some(held) = sources.connect(peer.ip()) else {
+                // A client address at its cap, or refused while the proxy sheds load: closed
+                // at once (and counted).
+                let Ok(held) = sources.connect(peer.ip()) else {
                     continue;
                 };
                 let _ = stream.set_nodelay(true);

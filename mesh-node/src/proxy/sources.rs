@@ -2,20 +2,24 @@
 //! its open connections and its HTTP requests in flight, each capped, so one pod cannot take
 //! the proxy every pod of its node depends on. A connection over the cap is closed as soon as
 //! it is accepted; a request over the cap is answered `503` with flag `UO`. Both are counted
-//! in `weft_source_limit_refused_total{limit}`.
+//! in `weft_source_limit_refused_total{limit}`. The [`Overload`] manager refuses through the
+//! same doors: everyone's new connections and requests when memory is critical, and those of
+//! the heaviest addresses while it sheds load (`503` with flag `OM`, counted in
+//! `weft_overload_refused_total`).
 
 use std::{
     collections::HashMap,
     net::IpAddr,
     sync::{
-        atomic::{AtomicUsize, Ordering},
+        atomic::{AtomicBool, AtomicUsize, Ordering},
         Arc, Mutex,
     },
 };
 
-use tracing::debug;
+use tracing::{debug, warn};
 
-use crate::metrics::{SourceLimit, SourceRefusals};
+use super::overload::Overload;
+use crate::metrics::{OverloadRefusal, SourceLimit, SourceRefusals};
 
 /// The caps, per client address.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -37,10 +41,11 @@ impl Default for SourceLimits {
 
 /// Every client address with something open.
 #[derive(Debug)]
-pub(super) struct Sources {
+pub(crate) struct Sources {
     limits: SourceLimits,
     table: Mutex<HashMap<IpAddr, Arc<Held>>>,
     refused: SourceRefusals,
+    overload: Arc<Overload>,
 }
 
 /// What one address holds.
@@ -48,44 +53,112 @@ pub(super) struct Sources {
 struct Held {
     connections: AtomicUsize,
     requests: AtomicUsize,
+    /// Refused anything new by the overload manager.
+    shed: AtomicBool,
+}
+
+impl Held {
+    /// How much of the proxy the address holds, to find the heaviest: a request in flight
+    /// holds buffers on both sides, an open connection at least its own.
+    fn weight(&self) -> usize {
+        self.connections.load(Ordering::Relaxed) + 4 * self.requests.load(Ordering::Relaxed)
+    }
+
+    fn is_empty(&self) -> bool {
+        self.connections.load(Ordering::Relaxed) == 0
+            && self.requests.load(Ordering::Relaxed) == 0
+            && !self.shed.load(Ordering::Relaxed)
+    }
+}
+
+/// Why something new was not taken.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Refused {
+    /// The client address holds its cap (`UO`).
+    Cap,
+    /// The overload manager sheds load (`OM`).
+    Overload,
 }
 
 impl Sources {
-    pub(super) fn new(limits: SourceLimits, refused: SourceRefusals) -> Arc<Self> {
+    pub(super) fn new(
+        limits: SourceLimits,
+        refused: SourceRefusals,
+        overload: Arc<Overload>,
+    ) -> Arc<Self> {
         Arc::new(Self {
             limits,
             table: Mutex::default(),
             refused,
+            overload,
         })
     }
 
-    /// Admits one more connection from `ip`, or `None` (counted) when it holds its cap.
-    pub(super) fn connect(self: &Arc<Self>, ip: IpAddr) -> Option<SourceConnection> {
+    pub(super) fn overload(&self) -> &Arc<Overload> {
+        &self.overload
+    }
+
+    /// Admits one more connection from `ip`, or says (and counts) why not.
+    pub(super) fn connect(self: &Arc<Self>, ip: IpAddr) -> Result<SourceConnection, Refused> {
         let mut table = self.table.lock().unwrap_or_else(|e| e.into_inner());
         let held = table.entry(ip).or_default().clone();
+        if !self.overload.admits_new() || held.shed.load(Ordering::Relaxed) {
+            drop(table);
+            self.release(ip);
+            self.overload
+                .metrics()
+                .refused(OverloadRefusal::Connections);
+            debug!(%ip, "connection refused: the proxy sheds load");
+            return Err(Refused::Overload);
+        }
         if held.connections.load(Ordering::Relaxed) >= self.limits.max_connections {
             drop(table);
             self.refused.inc(SourceLimit::Connections);
             debug!(%ip, limit = self.limits.max_connections, "connection refused: the source holds its cap");
-            return None;
+            return Err(Refused::Cap);
         }
         held.connections.fetch_add(1, Ordering::Relaxed);
-        Some(SourceConnection {
+        Ok(SourceConnection {
             sources: self.clone(),
             ip,
             held,
         })
     }
 
-    /// Forgets `ip` once it holds nothing.
+    /// Refuses anything new from the heaviest address not refused yet; whether there was one.
+    pub(super) fn shed_heaviest(&self) -> bool {
+        let table = self.table.lock().unwrap_or_else(|e| e.into_inner());
+        let Some((ip, held)) = table
+            .iter()
+            .filter(|(_, held)| !held.shed.load(Ordering::Relaxed))
+            .max_by_key(|(_, held)| held.weight())
+        else {
+            return false;
+        };
+        held.shed.store(true, Ordering::Relaxed);
+        warn!(
+            %ip,
+            connections = held.connections.load(Ordering::Relaxed),
+            requests = held.requests.load(Ordering::Relaxed),
+            "overload: refusing new connections and requests from the heaviest client"
+        );
+        true
+    }
+
+    /// Takes new connections and requests from every address again.
+    pub(super) fn forgive(&self) {
+        let mut table = self.table.lock().unwrap_or_else(|e| e.into_inner());
+        for held in table.values() {
+            held.shed.store(false, Ordering::Relaxed);
+        }
+        table.retain(|_, held| !held.is_empty());
+    }
+
+    /// Forgets `ip` once it holds nothing (and is not refused by the overload manager).
     fn release(&self, ip: IpAddr) {
         let mut table = self.table.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(held) = table.get(&ip) {
-            if held.connections.load(Ordering::Relaxed) == 0
-                && held.requests.load(Ordering::Relaxed) == 0
-            {
-                table.remove(&ip);
-            }
+        if table.get(&ip).is_some_and(|held| held.is_empty()) {
+            table.remove(&ip);
         }
     }
 
@@ -105,8 +178,14 @@ pub(super) struct SourceConnection {
 }
 
 impl SourceConnection {
-    /// Admits one more request in flight, or `None` (counted) when the address holds its cap.
-    pub(super) fn request(&self) -> Option<SourceRequest> {
+    /// Admits one more request in flight, or says (and counts) why not.
+    pub(super) fn request(&self) -> Result<SourceRequest, Refused> {
+        let overload = &self.sources.overload;
+        if !overload.admits_new() || self.held.shed.load(Ordering::Relaxed) {
+            overload.metrics().refused(OverloadRefusal::Requests);
+            debug!(ip = %self.ip, "request refused: the proxy sheds load");
+            return Err(Refused::Overload);
+        }
         let max = self.sources.limits.max_requests;
         let admitted = self
             .held
@@ -118,9 +197,9 @@ impl SourceConnection {
         if !admitted {
             self.sources.refused.inc(SourceLimit::Requests);
             debug!(ip = %self.ip, limit = max, "request refused: the source holds its cap");
-            return None;
+            return Err(Refused::Cap);
         }
-        Some(SourceRequest {
+        Ok(SourceRequest {
             sources: self.sources.clone(),
             ip: self.ip,
             held: self.held.clone(),
@@ -155,6 +234,45 @@ impl Drop for SourceRequest {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::{metrics::OverloadMetrics, proxy::overload::Level};
+
+    #[test]
+    fn the_overload_manager_refuses_the_heaviest_address_then_everyone() {
+        let overload = Overload::new(OverloadMetrics::default());
+        let sources = Sources::new(
+            SourceLimits::default(),
+            SourceRefusals::default(),
+            overload.clone(),
+        );
+        let heavy: IpAddr = "10.244.1.5".parse().unwrap();
+        let light: IpAddr = "10.244.1.6".parse().unwrap();
+        let heavy_conns: Vec<_> = (0..6).map(|_| sources.connect(heavy).unwrap()).collect();
+        let light_conn = sources.connect(light).unwrap();
+        let _request = light_conn.request().unwrap();
+
+        assert!(sources.shed_heaviest());
+        assert_eq!(sources.connect(heavy).err(), Some(Refused::Overload));
+        assert_eq!(heavy_conns[0].request().err(), Some(Refused::Overload));
+        assert!(
+            sources.connect(light).is_ok(),
+            "only the heaviest is refused"
+        );
+        assert!(light_conn.request().is_ok());
+        // The mark outlives the address's connections.
+        drop(heavy_conns);
+        assert_eq!(sources.connect(heavy).err(), Some(Refused::Overload));
+
+        overload.force(Level::Critical);
+        assert_eq!(sources.connect(light).err(), Some(Refused::Overload));
+        assert_eq!(light_conn.request().err(), Some(Refused::Overload));
+        let refused = |what| overload.metrics().refused_count(what);
+        assert_eq!(refused(OverloadRefusal::Connections), 3);
+        assert_eq!(refused(OverloadRefusal::Requests), 2);
+
+        overload.force(Level::Normal);
+        sources.forgive();
+        assert!(sources.connect(heavy).is_ok());
+    }
 
     #[test]
     fn caps_hold_per_address_and_release_with_the_guards() {
@@ -165,12 +283,17 @@ mod tests {
                 max_requests: 3,
             },
             refused.clone(),
+            Overload::new(OverloadMetrics::default()),
         );
         let a: IpAddr = "10.244.1.5".parse().unwrap();
         let b: IpAddr = "10.244.1.6".parse().unwrap();
         let first = sources.connect(a).unwrap();
         let second = sources.connect(a).unwrap();
-        assert!(sources.connect(a).is_none(), "a third connection from a");
+        assert_eq!(
+            sources.connect(a).err(),
+            Some(Refused::Cap),
+            "a third connection from a"
+        );
         // Another pod is not held back by the first.
         let other = sources.connect(b).unwrap();
         assert_eq!(refused.get(SourceLimit::Connections), 1);
@@ -180,14 +303,14 @@ mod tests {
             .iter()
             .map(|c| c.request().unwrap())
             .collect();
-        assert!(second.request().is_none());
-        assert!(other.request().is_some(), "b has its own budget");
+        assert_eq!(second.request().err(), Some(Refused::Cap));
+        assert!(other.request().is_ok(), "b has its own budget");
         assert_eq!(refused.get(SourceLimit::Requests), 1);
         drop(requests);
-        assert!(first.request().is_some());
+        assert!(first.request().is_ok());
 
         drop((first, second));
-        assert!(sources.connect(a).is_some());
+        assert!(sources.connect(a).is_ok());
         drop(other);
         assert_eq!(
             sources.len(),

@@ -244,7 +244,8 @@ where
 {
     let conn = ctx.metrics.connection(labels);
     conn.opened();
-    let result = copy::bidirectional_with(downstream, upstream, &conn, lifetime).await;
+    let result =
+        copy::bidirectional_with(downstream, upstream, &conn, lifetime, Some(ctx.overload())).await;
     conn.closed();
     Ok(result?)
 }

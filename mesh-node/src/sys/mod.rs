@@ -81,6 +81,13 @@ pub fn trim_heap() {
     }
 }
 
+/// The size of a memory page.
+pub fn page_size() -> u64 {
+    // SAFETY: sysconf has no preconditions.
+    let size = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    u64::try_from(size).unwrap_or(4096)
+}
+
 #[cfg(test)]
 mod tests {
     use std::{net::TcpListener, os::fd::AsFd};

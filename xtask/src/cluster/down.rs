@@ -47,6 +47,7 @@ pub fn down() -> Result<()> {
     }
     step(remove_etc_netns(&ours));
     step(cgroup::remove_tree(Path::new(CGROUP_ROOT)));
+    step(cgroup::remove_tree(Path::new(cgroup::MEMORY_V1_ROOT)));
     step(remove_dir_all(Path::new(RUN_DIR)));
 
     match errors.len() {

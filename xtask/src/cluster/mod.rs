@@ -350,16 +350,39 @@ fn start_proxy(node: &NodeInfo, bins: &Binaries) -> Result<()> {
         cmd.args(["--workload-cert-ttl", &ttl]);
     }
     node_log_env(&mut cmd);
+    let limit = memory_limit()?;
+    let memory_v1 = cgroup::limit_proxy_memory(Path::new(CGROUP_ROOT), &node.cgroup(), limit)?;
     // Directly into the namespace: `ip netns exec` would remount /sys and hide bpffs and
     // the cgroup filesystem from mesh-node.
-    Placement::new()
-        .cgroup(&node.proxy_cgroup())?
-        .netns(&node.netns())?
-        .detached()
-        .install(&mut cmd);
+    let mut placement = Placement::new().cgroup(&node.proxy_cgroup())?;
+    if let Some(dir) = memory_v1 {
+        placement = placement.cgroup(&dir)?;
+    }
+    placement.netns(&node.netns())?.detached().install(&mut cmd);
     proc::spawn_logged(&mut cmd, &node.log())
         .with_context(|| format!("starting mesh-node of {}", node.name))?;
     Ok(())
+}
+
+/// The environment variable that sets the node proxies' memory limit (bytes, or `Mi`/`Gi`),
+/// for tests that want the overload manager to act at a smaller load.
+pub const PROXY_MEMORY_ENV: &str = "WEFT_CLUSTER_PROXY_MEMORY";
+
+fn memory_limit() -> Result<u64> {
+    let Ok(text) = std::env::var(PROXY_MEMORY_ENV) else {
+        return Ok(cgroup::PROXY_MEMORY_LIMIT);
+    };
+    let (digits, unit) = text.split_at(text.trim_end_matches(char::is_alphabetic).len());
+    let shift = match unit {
+        "" => 0,
+        "Mi" => 20,
+        "Gi" => 30,
+        _ => bail!("{PROXY_MEMORY_ENV}={text}: write bytes, or a number with Mi or Gi"),
+    };
+    let n: u64 = digits
+        .parse()
+        .with_context(|| format!("{PROXY_MEMORY_ENV}={text}: not a size"))?;
+    Ok(n << shift)
 }
 
 /// Where the node proxies read DestinationRule `tls` files from (`--tls-origination-dir`):
@@ -439,6 +462,25 @@ pub fn pids(target: &str) -> Result<Vec<u32>> {
             .cgroup(),
     };
     Ok(cgroup::procs(&dir))
+}
+
+/// What the kernel counts of a node proxy's memory, in the group that limits it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ProxyMemory {
+    pub limit: u64,
+    /// The group's highest usage so far.
+    pub peak: u64,
+    /// Processes the kernel's OOM killer killed in the group.
+    pub oom_kills: u64,
+}
+
+/// The memory group of `node`'s mesh-node (`None`: the machine has no memory controller).
+pub fn proxy_memory(node: &str) -> Result<Option<ProxyMemory>> {
+    let state = load_state()?;
+    let node = state
+        .node(node)
+        .with_context(|| format!("no node {node}"))?;
+    Ok(cgroup::proxy_memory(&node.proxy_cgroup(), &node.name))
 }
 
 /// A pod's address (`ns/pod`).

@@ -21,7 +21,7 @@ use crate::sys;
 /// async-signal-safe calls, so it must not allocate or open paths itself.
 #[derive(Default)]
 pub struct Placement {
-    cgroup_procs: Option<File>,
+    cgroup_procs: Vec<File>,
     netns: Option<File>,
     new_session: bool,
 }
@@ -32,10 +32,11 @@ impl Placement {
     }
 
     /// Join the cgroup `dir` (before any namespace change: `ip netns exec` remounts /sys,
-    /// after which the cgroup filesystem is out of sight).
+    /// after which the cgroup filesystem is out of sight). Called again, the groups of other
+    /// hierarchies (cgroup v1 controllers) are joined too.
     pub fn cgroup(mut self, dir: &Path) -> Result<Self> {
         let path = dir.join("cgroup.procs");
-        self.cgroup_procs = Some(
+        self.cgroup_procs.push(
             OpenOptions::new()
                 .write(true)
                 .open(&path)

@@ -5,7 +5,8 @@
 //! next request, so it would close idle connections as early as slow ones. Here the two are
 //! apart, as in Envoy: the head deadline starts with the first byte of a request head, the
 //! idle deadline with the end of the last response. A connection past either deadline reads
-//! an error, and hyper closes it.
+//! an error, and hyper closes it; so does an idle connection when the overload manager is
+//! critical and it has been idle for [`SHED_IDLE`].
 
 use std::{
     future::Future as _,
@@ -27,7 +28,11 @@ use tokio::{
     time::{Instant, Sleep},
 };
 
-use crate::proxy::sources::SourceRequest;
+use crate::proxy::{
+    overload::{Overload, SHED_IDLE},
+    sources::SourceRequest,
+};
+use tokio::sync::futures::OwnedNotified;
 
 /// The client preface of HTTP/2: such a connection has no HTTP/1 heads to time.
 const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
@@ -136,6 +141,10 @@ pub(super) struct Deadlines<IO> {
     preface: Option<Vec<u8>>,
     /// [`Requests::started`] as last seen.
     started: usize,
+    overload: Arc<Overload>,
+    shed: Pin<Box<OwnedNotified>>,
+    /// When the connection last became idle.
+    idle_since: Instant,
 }
 
 impl<IO> Deadlines<IO> {
@@ -144,6 +153,7 @@ impl<IO> Deadlines<IO> {
         in_flight: Arc<Requests>,
         head_timeout: Duration,
         idle_timeout: Duration,
+        overload: Arc<Overload>,
     ) -> Self {
         Self {
             io,
@@ -154,12 +164,32 @@ impl<IO> Deadlines<IO> {
             timer: Box::pin(tokio::time::sleep(idle_timeout)),
             preface: Some(Vec::new()),
             started: 0,
+            shed: Box::pin(overload.shed_signal()),
+            overload,
+            idle_since: Instant::now(),
         }
     }
 
     fn arm(&mut self, phase: Phase, timeout: Duration) {
         self.phase = phase;
-        self.timer.as_mut().reset(Instant::now() + timeout);
+        let now = Instant::now();
+        if phase == Phase::Idle {
+            self.idle_since = now;
+        }
+        self.timer.as_mut().reset(now + timeout);
+    }
+
+    /// Whether the overload manager wants this idle connection closed.
+    fn shed(&mut self, cx: &mut Context<'_>) -> bool {
+        let mut told = false;
+        while self.shed.as_mut().poll(cx).is_ready() {
+            let signal = self.overload.shed_signal();
+            self.shed.set(signal);
+            told = true;
+        }
+        told && self.phase == Phase::Idle
+            && self.overload.sheds_idle()
+            && self.idle_since.elapsed() >= SHED_IDLE
     }
 
     /// Whether the bytes read so far may still be an HTTP/2 preface (judged on the first 24).
@@ -233,6 +263,13 @@ impl<IO: AsyncRead + Unpin> AsyncRead for Deadlines<IO> {
             };
             return Poll::Ready(Err(io::Error::new(io::ErrorKind::TimedOut, what)));
         }
+        if self.shed(cx) {
+            self.overload.metrics().closed_idle();
+            return Poll::Ready(Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "idle while the node proxy is short of memory",
+            )));
+        }
         read
     }
 }
@@ -276,6 +313,10 @@ mod tests {
     const HEAD: Duration = Duration::from_secs(10);
     const IDLE: Duration = Duration::from_secs(3600);
 
+    fn unlimited() -> Arc<Overload> {
+        Overload::new(crate::metrics::OverloadMetrics::default())
+    }
+
     async fn read_error(reader: &mut Deadlines<tokio::io::DuplexStream>) -> io::Error {
         let mut buf = [0u8; 64];
         loop {
@@ -291,7 +332,7 @@ mod tests {
     async fn a_slow_head_times_out_from_its_first_byte() {
         let (mut client, server) = duplex(1024);
         let in_flight = Arc::new(Requests::default());
-        let mut reader = Deadlines::new(server, in_flight, HEAD, IDLE);
+        let mut reader = Deadlines::new(server, in_flight, HEAD, IDLE, unlimited());
         // Idle before the first byte: only the idle deadline runs.
         tokio::time::sleep(Duration::from_secs(60)).await;
         client.write_all(b"GET / HTTP/1.1\r\nHo").await.unwrap();
@@ -306,7 +347,7 @@ mod tests {
     async fn requests_in_flight_hold_off_the_deadlines_and_idle_follows() {
         let (mut client, server) = duplex(1024);
         let in_flight = Arc::new(Requests::default());
-        let mut reader = Deadlines::new(server, in_flight.clone(), HEAD, IDLE);
+        let mut reader = Deadlines::new(server, in_flight.clone(), HEAD, IDLE, unlimited());
         client.write_all(b"POST / HTTP/1.1\r\n").await.unwrap();
         let mut buf = [0u8; 64];
         assert!(reader.read(&mut buf).await.unwrap() > 0);
@@ -330,7 +371,7 @@ mod tests {
     async fn a_request_answered_between_two_reads_leaves_the_connection_idle() {
         let (mut client, server) = duplex(1024);
         let in_flight = Arc::new(Requests::default());
-        let mut reader = Deadlines::new(server, in_flight.clone(), HEAD, IDLE);
+        let mut reader = Deadlines::new(server, in_flight.clone(), HEAD, IDLE, unlimited());
         client.write_all(b"GET / HTTP/1.1\r\n\r\n").await.unwrap();
         let mut buf = [0u8; 64];
         assert!(reader.read(&mut buf).await.unwrap() > 0);
@@ -343,11 +384,48 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
+    async fn an_idle_connection_is_closed_when_memory_is_critical_a_busy_one_is_not() {
+        use crate::proxy::overload::Level;
+        let overload = unlimited();
+        let (mut client, server) = duplex(1024);
+        let in_flight = Arc::new(Requests::default());
+        let mut busy_reader =
+            Deadlines::new(server, in_flight.clone(), HEAD, IDLE, overload.clone());
+        let (_idle_client, idle_server) = duplex(1024);
+        let mut idle_reader = Deadlines::new(
+            idle_server,
+            Arc::new(Requests::default()),
+            HEAD,
+            IDLE,
+            overload.clone(),
+        );
+        client.write_all(b"GET / HTTP/1.1\r\n\r\n").await.unwrap();
+        let mut buf = [0u8; 64];
+        assert!(busy_reader.read(&mut buf).await.unwrap() > 0);
+        let busy = in_flight.start();
+        tokio::time::sleep(SHED_IDLE).await;
+
+        let start = Instant::now();
+        let closing = tokio::spawn(async move { read_error(&mut idle_reader).await });
+        tokio::task::yield_now().await;
+        overload.force(Level::Critical);
+        let err = closing.await.unwrap();
+        assert!(err.to_string().contains("short of memory"), "{err}");
+        assert_eq!(start.elapsed(), Duration::ZERO, "closed when told");
+        assert_eq!(overload.metrics().closed_idle_count(), 1);
+
+        // The connection with a request in flight keeps reading.
+        client.write_all(b"x").await.unwrap();
+        assert_eq!(busy_reader.read(&mut buf).await.unwrap(), 1);
+        drop(busy);
+    }
+
+    #[tokio::test(start_paused = true)]
     async fn http2_frames_while_idle_are_no_slow_head() {
         let (mut client, server) = duplex(1024);
         let in_flight = Arc::new(Requests::default());
         let opened = Instant::now();
-        let mut reader = Deadlines::new(server, in_flight, HEAD, IDLE);
+        let mut reader = Deadlines::new(server, in_flight, HEAD, IDLE, unlimited());
         client.write_all(H2_PREFACE).await.unwrap();
         let mut buf = [0u8; 64];
         assert!(reader.read(&mut buf).await.unwrap() > 0);

@@ -47,7 +47,7 @@ use super::{
     detect::Declared,
     error::ProxyError,
     route::{self, apply_header_ops, Backend, RequestInfo, RetryPlan, RuleAction, Selection},
-    sources::SourceConnection,
+    sources::{Refused, SourceConnection},
     upstream::{
         cluster::{self, Cluster, ClusterKey, ClusterPolicy, Outcome, Pick},
         hbone::Caller,
@@ -77,7 +77,7 @@ mod upgrade;
 
 use self::{
     mirror::mirror,
-    request::{chance, handle, local_failure, local_reply, service_port, source_overflow},
+    request::{chance, handle, local_failure, local_reply, refused_reply, service_port},
     retry::{
         default_retries, replay, Attempts, Failure, DOWNSTREAM_PROTOCOL_ERROR, NO_HEALTHY_UPSTREAM,
     },
@@ -407,26 +407,32 @@ where
         in_flight.clone(),
         limits.header_read_timeout,
         limits.idle_timeout,
+        conn.ctx.sources.overload().clone(),
     );
     let service = service_fn(move |request| {
         let conn = conn.clone();
         let busy = in_flight.start();
         let requests = in_flight.clone();
         async move {
-            // Requests of one client address over its cap are refused before any work.
-            let slot = match &conn.held {
-                Some(held) => match held.request() {
-                    Some(slot) => Some(slot),
-                    None => {
-                        let reply = source_overflow(conn, request);
-                        return Ok(reply.map(|body| Held::new(body, busy, None)));
-                    }
-                },
+            // Requests of one client address over its cap, or refused while the proxy sheds
+            // load, are answered before any work.
+            let slot = match conn.held.as_ref().map(SourceConnection::request) {
+                Some(Ok(slot)) => Some(slot),
+                Some(Err(refused)) => {
+                    let reply = refused_reply(conn, request, refused);
+                    return Ok(reply.map(|body| Held::new(body, busy, None)));
+                }
                 None => None,
             };
-            let reply = handle(conn, request).await;
+            // Under memory pressure HTTP/1 connections are not kept for a next request.
+            let close = request.version() < Version::HTTP_2 && !conn.ctx.overload().keep_alive();
+            let mut reply = handle(conn, request).await;
             if reply.status() == StatusCode::SWITCHING_PROTOCOLS {
                 requests.upgraded();
+            } else if close {
+                reply
+                    .headers_mut()
+                    .insert(header::CONNECTION, HeaderValue::from_static("close"));
             }
             Ok::<_, Infallible>(reply.map(|body| Held::new(body, busy, slot)))
         }
@@ -440,6 +446,10 @@ where
         // What hyper buffers of a head, and the headers it parses, stay near the limits
         // (over them, hyper answers 431 itself); `handle` counts exactly.
         .max_buf_size((limits.max_head_bytes + 4096).max(8192))
+        // Bodies are queued, never copied into one buffer: over an HBONE stream (which takes
+        // no vectored writes) hyper would otherwise copy them into a buffer that grows to
+        // `max_buf_size` and stays that large for as long as the connection is kept.
+        .writev(true)
         .max_headers(limits.max_headers + 1);
     builder
         .http2()

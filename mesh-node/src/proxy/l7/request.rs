@@ -387,9 +387,14 @@ pub(super) fn prepare_head(parts: &mut Parts, authority: &str, proto: Proto) {
         .insert(FORWARDED_PROTO, HeaderValue::from_static("http"));
 }
 
-/// The answer to a request its client address has no slot for: `503 UO`, reported like any
-/// other local reply.
-pub(super) fn source_overflow(conn: Arc<Conn>, request: Request<Incoming>) -> Reply {
+/// The answer to a request refused before any work, reported like any other local reply:
+/// `503 UO` when its client address has no slot left, `503 OM` when the overload manager sheds
+/// load.
+pub(super) fn refused_reply(
+    conn: Arc<Conn>,
+    request: Request<Incoming>,
+    refused: Refused,
+) -> Reply {
     let (parts, _) = request.into_parts();
     let service = conn
         .ctx
@@ -399,12 +404,14 @@ pub(super) fn source_overflow(conn: Arc<Conn>, request: Request<Incoming>) -> Re
         .get(&conn.service)
         .cloned();
     let report = Report::new(conn, &parts, service, Instant::now());
-    local_reply(
-        report,
-        StatusCode::SERVICE_UNAVAILABLE,
-        ResponseFlags::UO,
-        "too many requests in flight from this client",
-    )
+    let (flags, body) = match refused {
+        Refused::Cap => (
+            ResponseFlags::UO,
+            "too many requests in flight from this client",
+        ),
+        Refused::Overload => (ResponseFlags::OM, "node proxy overloaded"),
+    };
+    local_reply(report, StatusCode::SERVICE_UNAVAILABLE, flags, body)
 }
 
 impl Report {

@@ -2,6 +2,7 @@
 //! connection; after `101 Switching Protocols` both sides are joined byte for byte.
 
 use super::*;
+use crate::proxy::copy::{self, Lifetime};
 
 /// A request that switches protocols (WebSocket): sent alone on a fresh connection; after
 /// `101` both sides are joined byte for byte.
@@ -83,7 +84,14 @@ pub(super) async fn send_upgrade(
             };
             let mut down = TokioIo::new(down);
             let mut up = TokioIo::new(up);
-            if let Err(e) = crate::proxy::copy::bidirectional(&mut down, &mut up, &()).await {
+            let copied = copy::bidirectional_with(
+                &mut down,
+                &mut up,
+                &(),
+                Lifetime::default(),
+                Some(held.ctx.overload()),
+            );
+            if let Err(e) = copied.await {
                 debug!("upgraded connection ended: {e}");
             }
             drop(pick);

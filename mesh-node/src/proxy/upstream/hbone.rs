@@ -128,6 +128,8 @@ pub enum Refusal {
     BadGateway,
     /// The target did not answer in time.
     GatewayTimeout,
+    /// The node proxy sheds load (its overload manager).
+    Unavailable,
 }
 
 impl Refusal {
@@ -137,6 +139,7 @@ impl Refusal {
             Refusal::Forbidden => StatusCode::FORBIDDEN,
             Refusal::BadGateway => StatusCode::BAD_GATEWAY,
             Refusal::GatewayTimeout => StatusCode::GATEWAY_TIMEOUT,
+            Refusal::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
         }
     }
 

@@ -350,7 +350,9 @@ impl<B: PoolBody> ClusterPool<B> {
         io: Stream,
         slot: Guard,
     ) -> Result<http1::SendRequest<B>, PoolError> {
+        // Bodies queued, not flattened into a buffer kept at its largest (see `l7::serve`).
         let (sender, connection) = http1::Builder::new()
+            .writev(true)
             .handshake(TokioIo::new(io))
             .await
             .map_err(|source| PoolError::Handshake { target, source })?;
@@ -473,6 +475,7 @@ pub async fn upgrade_connection<B: PoolBody>(
     let io = dial.open(key).await?;
     let target = key.target;
     let (sender, connection) = http1::Builder::new()
+        .writev(true)
         .handshake(TokioIo::new(io))
         .await
         .map_err(|source| PoolError::Handshake { target, source })?;
