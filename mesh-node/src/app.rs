@@ -247,6 +247,7 @@ fn serve(args: RunArgs, mode: Mode) -> Result<(), AppError> {
                 max_headers: args.server.max_request_headers as usize,
                 header_read_timeout: args.server.http_header_read_timeout,
                 idle_timeout: args.server.http_idle_timeout,
+                max_concurrent_streams: args.server.http2_max_concurrent_streams,
             };
             config.tcp_idle_timeout = args.server.tcp_idle_timeout;
             config.sources = SourceLimits {

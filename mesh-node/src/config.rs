@@ -205,6 +205,11 @@ pub struct ServerArgs {
     #[arg(long, env = "WEFT_HTTP_IDLE_TIMEOUT", value_name = "DURATION", default_value = "1h", value_parser = parse_duration)]
     pub http_idle_timeout: Duration,
 
+    /// Streams one HTTP/2 client connection may have open at once (announced in SETTINGS;
+    /// a client opening more gets them refused).
+    #[arg(long, env = "WEFT_HTTP2_MAX_CONCURRENT_STREAMS", value_name = "N", default_value_t = 1024, value_parser = clap::value_parser!(u32).range(1..))]
+    pub http2_max_concurrent_streams: u32,
+
     /// How long a TCP connection may move no byte either way before it is closed (Istio's
     /// default: 1 hour; 0s: never). A DestinationRule's `tcp.idleTimeout` overrides it.
     #[arg(long, env = "WEFT_TCP_IDLE_TIMEOUT", value_name = "DURATION", default_value = "1h", value_parser = parse_duration)]

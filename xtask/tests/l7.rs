@@ -1015,6 +1015,65 @@ print(answered, closed)
     all_ok(&requests(5, "http://echo/", &[])?)
 }
 
+/// An HTTP/2 client is told the stream limit (100 in this suite) and the header list size in
+/// the proxy's SETTINGS; one that ignores them and opens a 101st stream gets it refused
+/// (`RST_STREAM` `REFUSED_STREAM`) while the other 100 are answered.
+fn http2_stream_limit_is_announced_and_held() -> Result<()> {
+    const SCRIPT: &str = r#"
+import json, socket
+import hpack
+import hyperframe.frame as f
+s = socket.create_connection(("echo", 81), timeout=10)
+s.sendall(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + f.SettingsFrame(0).serialize())
+enc = hpack.Encoder()
+frames = b""
+for i in range(101):
+    headers = [(":method", "GET"), (":scheme", "http"), (":path", "/delay/1000"), (":authority", "echo:81")]
+    frames += f.HeadersFrame(1 + 2 * i, data=enc.encode(headers), flags=["END_HEADERS", "END_STREAM"]).serialize()
+s.sendall(frames)
+settings, resets, answered, data = None, {}, set(), b""
+while len(answered) + len(resets) < 101:
+    chunk = s.recv(65536)
+    if not chunk:
+        break
+    data += chunk
+    while len(data) >= 9:
+        frame, length = f.Frame.parse_frame_header(memoryview(data[:9]))
+        if len(data) < 9 + length:
+            break
+        frame.parse_body(memoryview(data[9:9 + length]))
+        data = data[9 + length:]
+        if isinstance(frame, f.SettingsFrame) and "ACK" not in frame.flags:
+            settings = dict(frame.settings)
+        elif isinstance(frame, f.RstStreamFrame):
+            resets[frame.stream_id] = frame.error_code
+        elif isinstance(frame, f.HeadersFrame):
+            answered.add(frame.stream_id)
+print(json.dumps({"settings": settings, "resets": resets, "answered": len(answered)}))
+"#;
+    let python = xtask::setup::test_python().display().to_string();
+    let out = probe::run(CLIENT, &[python.as_str(), "-c", SCRIPT])?;
+    println!("    {}", out.trim());
+    let seen: serde_json::Value =
+        serde_json::from_str(out.trim()).context("the script's report")?;
+    // SETTINGS_MAX_CONCURRENT_STREAMS is 3, SETTINGS_MAX_HEADER_LIST_SIZE 6.
+    ensure!(
+        seen["settings"]["3"] == 100,
+        "stream limit announced: {seen}"
+    );
+    ensure!(
+        seen["settings"]["6"] == 60 * 1024 + 32 * 100,
+        "header list size announced (60 KiB and 32 bytes per header): {seen}"
+    );
+    // Stream 201 is the 101st; REFUSED_STREAM is 7. The first 100 are answered (200, or
+    // 503 UO past this suite's 64 requests in flight per pod).
+    ensure!(
+        seen["resets"]["201"] == 7 && seen["answered"] == 100,
+        "the 101st stream refused, the others answered: {seen}"
+    );
+    all_ok(&requests(3, "http://echo:81/", &[])?)
+}
+
 /// One pod's bulk load across nodes (190 connections that each move 900 kB and stay open)
 /// against node-2 restarted with a small memory limit: the overload manager steps in, the
 /// kernel never kills the proxy, the group's peak stays under its limit, and once the load
@@ -1210,6 +1269,10 @@ fn main() {
             one_pod_holds_at_most_its_share,
         ),
         (
+            "http2_stream_limit_is_announced_and_held",
+            http2_stream_limit_is_announced_and_held,
+        ),
+        (
             "overload_keeps_a_node_proxy_under_its_memory_limit",
             overload_keeps_a_node_proxy_under_its_memory_limit,
         ),
@@ -1221,6 +1284,8 @@ fn main() {
     // every other case (h2load's 40 streams at most).
     std::env::set_var("WEFT_MAX_CONNECTIONS_PER_SOURCE", "200");
     std::env::set_var("WEFT_MAX_REQUESTS_PER_SOURCE", "64");
+    // A stream limit a raw HTTP/2 client can pass (the default is 1,024).
+    std::env::set_var("WEFT_HTTP2_MAX_CONCURRENT_STREAMS", "100");
     probe::run_suite(
         "l7",
         || {

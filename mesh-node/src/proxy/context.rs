@@ -86,6 +86,8 @@ pub struct HttpLimits {
     pub header_read_timeout: Duration,
     /// Longest time a client connection may have no request in flight (HTTP/1 and HTTP/2).
     pub idle_timeout: Duration,
+    /// Streams one HTTP/2 client connection may have open at once.
+    pub max_concurrent_streams: u32,
 }
 
 impl Default for HttpLimits {
@@ -96,6 +98,7 @@ impl Default for HttpLimits {
             header_read_timeout: Duration::from_secs(30),
             // Istio's default (DestinationRule `http.idleTimeout`, Envoy's `idle_timeout`).
             idle_timeout: Duration::from_secs(3600),
+            max_concurrent_streams: 1024,
         }
     }
 }

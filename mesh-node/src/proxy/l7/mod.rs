@@ -455,8 +455,12 @@ where
         .http2()
         .timer(hyper_util::rt::TokioTimer::new())
         .adaptive_window(true)
-        .max_concurrent_streams(1024)
-        .max_header_list_size(u32::try_from(limits.max_head_bytes).unwrap_or(u32::MAX));
+        .max_concurrent_streams(limits.max_concurrent_streams)
+        // HTTP/2 counts 32 bytes more per header than the head itself holds (RFC 9113
+        // 6.5.2): with that allowance it refuses nothing `handle` would accept.
+        .max_header_list_size(
+            u32::try_from(limits.max_head_bytes + 32 * limits.max_headers).unwrap_or(u32::MAX),
+        );
     if let Err(e) = builder
         .serve_connection_with_upgrades(TokioIo::new(io), service)
         .await

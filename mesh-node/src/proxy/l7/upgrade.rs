@@ -106,10 +106,11 @@ pub(super) async fn send_upgrade(
 /// Envoy does: passed on, it would turn the connection into a pipe no rule or policy sees. The
 /// request goes on as plain HTTP/1.1; other upgrades (WebSocket) are left alone.
 pub(super) fn strip_h2c_upgrade(headers: &mut HeaderMap) {
-    let h2c = headers.get_all(header::UPGRADE).iter().any(|v| {
-        v.to_str()
-            .is_ok_and(|v| v.split(',').any(|p| p.trim().eq_ignore_ascii_case("h2c")))
-    });
+    // Read as bytes: a value with a byte outside ASCII must not hide an `h2c` token.
+    let h2c = headers
+        .get_all(header::UPGRADE)
+        .iter()
+        .any(|v| tokens(v).any(|t| t.eq_ignore_ascii_case(b"h2c")));
     if !h2c {
         headers.remove(HTTP2_SETTINGS);
         return;
@@ -139,17 +140,22 @@ pub(super) fn strip_h2c_upgrade(headers: &mut HeaderMap) {
 
 const HTTP2_SETTINGS: HeaderName = HeaderName::from_static("http2-settings");
 
+/// The comma-separated tokens of a header value, trimmed.
+fn tokens(value: &HeaderValue) -> impl Iterator<Item = &[u8]> {
+    value
+        .as_bytes()
+        .split(|b| *b == b',')
+        .map(<[u8]>::trim_ascii)
+}
+
 pub(super) fn is_upgrade(parts: &Parts) -> bool {
     parts.version == Version::HTTP_11
         && parts.headers.contains_key(header::UPGRADE)
         && parts
             .headers
-            .get(header::CONNECTION)
-            .and_then(|v| v.to_str().ok())
-            .is_some_and(|v| {
-                v.split(',')
-                    .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
-            })
+            .get_all(header::CONNECTION)
+            .iter()
+            .any(|v| tokens(v).any(|t| t.eq_ignore_ascii_case(b"upgrade")))
 }
 
 #[cfg(test)]
@@ -184,6 +190,15 @@ mod tests {
         );
         // A stray HTTP2-Settings never reaches a backend.
         assert_eq!(strip(&[("http2-settings", "AAA")]), Vec::<String>::new());
+
+        // A byte outside ASCII in the value does not hide the token.
+        let mut parts = head(Version::HTTP_11, &[("connection", "upgrade")]);
+        parts.headers.insert(
+            header::UPGRADE,
+            HeaderValue::from_bytes(b"h2c, x\xff").unwrap(),
+        );
+        strip_h2c_upgrade(&mut parts.headers);
+        assert!(!parts.headers.contains_key(header::UPGRADE));
     }
 
     fn head(version: Version, headers: &[(&str, &str)]) -> Parts {
