@@ -96,23 +96,32 @@ pub fn resolve(pod: &str, name: &str) -> Result<String> {
 
 /// `curl` from inside `pod`; returns the HTTP status and the body parsed as JSON (or a string).
 pub fn curl(pod: &str, url: &str, headers: &[(&str, &str)]) -> Result<(u16, serde_json::Value)> {
-    let mut cmd = vec!["curl", "-s", "--max-time", "5", "-w", "\n%{http_code}"];
     let headers: Vec<String> = headers.iter().map(|(k, v)| format!("{k}: {v}")).collect();
+    let mut args = Vec::new();
     for h in &headers {
-        cmd.extend(["-H", h.as_str()]);
+        args.extend(["-H", h.as_str()]);
     }
-    cmd.push(url);
-    let out = run(pod, &cmd)?;
-    let (body, code) = out
-        .trim_end()
-        .rsplit_once('\n')
-        .ok_or_else(|| anyhow!("{pod}: curl {url}: no status line in {out:?}"))?;
+    args.push(url);
+    let (status, body) = curl_text(pod, &args)?;
+    let body = serde_json::from_str(&body).unwrap_or_else(|_| body.into());
+    Ok((status, body))
+}
+
+/// `curl` from inside `pod` with `args` (options, then the URL), for one transfer of at most
+/// 5 s; returns the HTTP status (0: no response) and the body.
+pub fn curl_text(pod: &str, args: &[&str]) -> Result<(u16, String)> {
+    let mut cmd = vec!["curl", "-s", "--max-time", "5", "-w", "\n%{http_code}"];
+    cmd.extend_from_slice(args);
+    // curl exits non-zero for a transfer that got no response: that is a status 0 here.
+    let out = cluster::exec(pod, &self::args(&cmd))?;
+    let out = String::from_utf8_lossy(&out.stdout);
+    let what = args.join(" ");
+    let (body, code) = out.trim_end().rsplit_once('\n').unwrap_or(("", out.trim()));
     let status = code
         .trim()
         .parse()
-        .with_context(|| format!("{pod}: curl {url}: bad status {code:?}"))?;
-    let body = serde_json::from_str(body).unwrap_or_else(|_| body.into());
-    Ok((status, body))
+        .with_context(|| format!("{pod}: curl {what}: bad status {code:?} in {out:?}"))?;
+    Ok((status, body.to_owned()))
 }
 
 /// One HTTP exchange as curl saw it.

@@ -503,17 +503,9 @@ fn plaintext_to_meshed_pod_is_captured_inbound() -> Result<()> {
     Ok(())
 }
 
-/// HTTP status and body of a GET from a pod (curl: a status of 000 is no answer).
+/// HTTP status and body of a GET from a pod (0: no answer).
 fn curl(pod: &str, url: &str) -> Result<(u16, String)> {
-    let out = probe::run(
-        pod,
-        &["curl", "-s", "--max-time", "5", "-w", "\n%{http_code}", url],
-    )?;
-    let (body, code) = out
-        .trim_end()
-        .rsplit_once('\n')
-        .ok_or_else(|| anyhow!("curl {url}: no status line in {out:?}"))?;
-    Ok((code.parse()?, body.to_string()))
+    probe::curl_text(pod, &[url])
 }
 
 fn admin_port_gives_pods_only_metrics() -> Result<()> {

@@ -777,25 +777,68 @@ const EXTERNAL_HOST: &str = "secure.example.test";
 fn curl_external(ip: &str, path: &str) -> Result<(u16, String)> {
     let resolve = format!("{EXTERNAL_HOST}:80:{ip}");
     let url = format!("http://{EXTERNAL_HOST}{path}");
-    let out = probe::run(
-        CLIENT,
-        &[
-            "curl",
-            "-s",
-            "--max-time",
-            "5",
-            "--resolve",
-            &resolve,
-            "-w",
-            "\n%{http_code}",
-            &url,
-        ],
-    )?;
-    let (body, code) = out
-        .trim_end()
-        .rsplit_once('\n')
-        .ok_or_else(|| anyhow!("curl {url}: no status line in {out:?}"))?;
-    Ok((code.parse()?, body.to_string()))
+    probe::curl_text(CLIENT, &["--resolve", &resolve, &url])
+}
+
+/// A tenant's ServiceEntry cannot turn the node proxy against its own node: an endpoint on
+/// the node's loopback (where the full admin answers) is rejected, and a DNS host that
+/// resolves there gets no endpoint. The client then reaches nothing, least of all the admin.
+fn a_service_entry_cannot_reach_the_node_itself() -> Result<()> {
+    const ENTRIES: &str = r#"
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: node-admin, namespace: mesh}
+spec:
+  hosts: [admin.evil.test]
+  addresses: [240.0.0.10]
+  ports: [{number: 80, name: http, protocol: HTTP, targetPort: 15020}]
+  resolution: STATIC
+  location: MESH_EXTERNAL
+  endpoints: [{address: 127.0.0.1}]
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: node-localhost, namespace: mesh}
+spec:
+  hosts: [localhost]
+  addresses: [240.0.0.11]
+  ports: [{number: 80, name: http, protocol: HTTP, targetPort: 15020}]
+  resolution: DNS
+  location: MESH_EXTERNAL
+"#;
+    let rejected = || -> Result<f64> {
+        Ok(sample_sum(
+            &metrics("node-1")?,
+            "weft_config_rejected_total",
+            &[("kind", "ServiceEntry")],
+        ))
+    };
+    let before = rejected()?;
+    apply_yaml(ENTRIES)?;
+    let result = (|| -> Result<()> {
+        ensure!(
+            rejected()? - before >= 1.0,
+            "the ServiceEntry with a loopback endpoint was not rejected"
+        );
+        // Give the agent a DNS round (every 5 s) for `localhost`.
+        thread::sleep(Duration::from_secs(6));
+        for (address, host) in [
+            ("240.0.0.10", "admin.evil.test"),
+            ("240.0.0.11", "localhost"),
+        ] {
+            let resolve = format!("{host}:80:{address}");
+            let url = format!("http://{host}/debug/config");
+            let (status, body) = probe::curl_text(CLIENT, &["--resolve", &resolve, &url])?;
+            println!("    {url} via {address}: {status}");
+            ensure!(
+                status != 200 && !body.contains("serviceAccount") && !body.contains("weft_"),
+                "{url} reached the node's admin: {status} {body}"
+            );
+        }
+        Ok(())
+    })();
+    let removed = delete_yaml(ENTRIES);
+    result.and(removed)
 }
 
 fn tls_origination_to_a_service_entry() -> Result<()> {
@@ -1006,6 +1049,10 @@ fn main() {
             strict_refuses_plaintext_and_overrides_apply,
         ),
         ("hbone_port_speaks_only_mtls", hbone_port_speaks_only_mtls),
+        (
+            "a_service_entry_cannot_reach_the_node_itself",
+            a_service_entry_cannot_reach_the_node_itself,
+        ),
         (
             "tls_origination_to_a_service_entry",
             tls_origination_to_a_service_entry,
