@@ -79,7 +79,8 @@ fn tasks() -> Result<()> {
     step("The legacy namespace (no label) calls its own inventory service on node-2");
     let client_ip = pod_ip("legacy/client")?;
     let before = counters()?;
-    let (_, body) = curl("legacy/client", "http://inventory:9080/details/0", &[])?;
+    let (status, body) = curl("legacy/client", "http://inventory:9080/details/0", &[])?;
+    ensure!(status == 200, "inventory answered {status}: {body}");
     let after = counters()?;
     println!(
         "    inventory saw its client as {}; legacy/client is {client_ip}: untouched by Weft",
@@ -107,7 +108,8 @@ fn tasks() -> Result<()> {
     cluster::apply(&workspace_root().join("examples/demo/legacy-meshed.yaml"))?;
     let applied = start.elapsed();
     let before = counters()?;
-    let (_, body) = curl("legacy/client", "http://inventory:9080/details/0", &[])?;
+    let (status, body) = curl("legacy/client", "http://inventory:9080/details/0", &[])?;
+    ensure!(status == 200, "inventory answered {status}: {body}");
     let after = counters()?;
     println!(
         "    applied in {applied:.0?}; inventory now sees its client as {}; no pod restarted",

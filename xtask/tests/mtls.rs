@@ -817,22 +817,25 @@ spec:
     apply_yaml(ENTRIES)?;
     let result = (|| -> Result<()> {
         ensure!(
-            rejected()? - before >= 1.0,
-            "the ServiceEntry with a loopback endpoint was not rejected"
+            rejected()? - before == 1.0,
+            "only the ServiceEntry with a loopback endpoint is rejected: {} rejections",
+            rejected()? - before
         );
         // Give the agent a DNS round (every 5 s) for `localhost`.
         thread::sleep(Duration::from_secs(6));
-        for (address, host) in [
-            ("240.0.0.10", "admin.evil.test"),
-            ("240.0.0.11", "localhost"),
+        // The rejected entry's address leads nowhere (0: no answer); the DNS one has no
+        // endpoint (503).
+        for (address, host, want) in [
+            ("240.0.0.10", "admin.evil.test", 0),
+            ("240.0.0.11", "localhost", 503),
         ] {
             let resolve = format!("{host}:80:{address}");
             let url = format!("http://{host}/debug/config");
             let (status, body) = probe::curl_text(CLIENT, &["--resolve", &resolve, &url])?;
             println!("    {url} via {address}: {status}");
             ensure!(
-                status != 200 && !body.contains("serviceAccount") && !body.contains("weft_"),
-                "{url} reached the node's admin: {status} {body}"
+                status == want && !body.contains("serviceAccount") && !body.contains("weft_"),
+                "{url} answered {status} (expected {want}): {body}"
             );
         }
         Ok(())

@@ -19,7 +19,7 @@
 //! | `weft_memory_used_bytes` | gauge | | the memory it measured last (the cgroup's working set, or the process's RSS) |
 //! | `weft_overload_level` | gauge | | 0 normal, 1 pressure (buffers stop growing, HTTP/1 keep-alive off), 2 shedding (the heaviest client refused), 3 critical (every new connection and request refused, idle connections closed) |
 //! | `weft_overload_refused_total` | counter | `what` = `connections`, `requests` | connections closed at accept and requests answered `503 OM` by the overload manager |
-//! | `weft_overload_closed_idle_total` | counter | | idle connections it closed to give memory back |
+//! | `weft_overload_closed_total` | counter | `why` = `idle`, `heaviest` | connections it closed to give memory back: idle ones, and those of the clients it refused (at the critical level) |
 //!
 //! Istio's TCP labels: `reporter` (`source` on the client's node, `destination` on the
 //! server's node), `source_*` / `destination_*` workload, namespace, principal, app, version
@@ -766,6 +766,30 @@ struct OverloadLabels {
     what: OverloadRefusal,
 }
 
+/// Why the overload manager closed a connection.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum OverloadClose {
+    /// It moved nothing for a while.
+    Idle,
+    /// Its client address is one the manager refuses.
+    Heaviest,
+}
+
+impl EncodeLabelValue for OverloadClose {
+    fn encode(&self, encoder: &mut LabelValueEncoder<'_>) -> Result<(), fmt::Error> {
+        let why = match self {
+            OverloadClose::Idle => "idle",
+            OverloadClose::Heaviest => "heaviest",
+        };
+        EncodeLabelValue::encode(&why, encoder)
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct CloseLabels {
+    why: OverloadClose,
+}
+
 /// The overload manager's gauges and counters.
 #[derive(Clone, Debug, Default)]
 pub struct OverloadMetrics {
@@ -773,7 +797,7 @@ pub struct OverloadMetrics {
     used: Gauge,
     level: Gauge,
     refused: Family<OverloadLabels, Counter>,
-    closed_idle: Counter,
+    closed: Family<CloseLabels, Counter>,
 }
 
 impl OverloadMetrics {
@@ -799,9 +823,9 @@ impl OverloadMetrics {
             self.refused.clone(),
         );
         registry.register(
-            "weft_overload_closed_idle",
-            "Idle connections the overload manager closed to give memory back",
-            self.closed_idle.clone(),
+            "weft_overload_closed",
+            "Connections the overload manager closed to give memory back, by why",
+            self.closed.clone(),
         );
     }
 
@@ -822,12 +846,12 @@ impl OverloadMetrics {
         self.refused.get_or_create(&OverloadLabels { what }).get()
     }
 
-    pub fn closed_idle(&self) {
-        self.closed_idle.inc();
+    pub fn closed(&self, why: OverloadClose) {
+        self.closed.get_or_create(&CloseLabels { why }).inc();
     }
 
-    pub fn closed_idle_count(&self) -> u64 {
-        self.closed_idle.get()
+    pub fn closed_count(&self, why: OverloadClose) -> u64 {
+        self.closed.get_or_create(&CloseLabels { why }).get()
     }
 }
 

@@ -223,7 +223,7 @@ impl Context {
         }
     }
 
-    pub(super) fn overload(&self) -> &Overload {
+    pub(super) fn overload(&self) -> &Arc<Overload> {
         self.sources.overload()
     }
 

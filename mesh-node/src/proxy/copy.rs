@@ -8,13 +8,14 @@
 //! moved nothing for [`SHRINK_AFTER`]. A connection that moves nothing either way for its idle
 //! timeout (Istio's TCP `idleTimeout`, 1 hour by default) is closed. Under memory pressure
 //! (the [`Overload`] manager), buffers stop growing and shrink as soon as they are empty, and
-//! at the critical level a connection idle for [`SHED_IDLE`] is closed.
+//! at the critical level a connection idle for [`SHED_IDLE_TCP`] is closed.
 
 use std::{
     fmt,
     future::{poll_fn, Future as _},
     io,
     pin::Pin,
+    sync::Arc,
     task::{ready, Context, Poll},
     time::Duration,
 };
@@ -25,7 +26,7 @@ use tokio::{
     time::{Instant, Sleep},
 };
 
-use super::overload::{Overload, SHED_IDLE};
+use super::overload::{Overload, ShedSignal, SHED_IDLE_TCP};
 use crate::metrics::ConnectionMetrics;
 
 /// Buffer sizes: a new connection starts with the first; a direction whose reads fill its
@@ -161,7 +162,7 @@ pub async fn bidirectional_with<D, U, M>(
     upstream: &mut U,
     meter: &M,
     lifetime: Lifetime,
-    overload: Option<&Overload>,
+    overload: Option<&Arc<Overload>>,
 ) -> Result<Transferred, CopyError>
 where
     D: AsyncRead + AsyncWrite + Unpin + ?Sized,
@@ -177,10 +178,10 @@ where
         to_downstream: down.total,
     };
     let mut idle = IdleClock::new(lifetime);
-    let mut shed = overload.map(|o| Box::pin(o.shed_signal()));
+    let mut shed = overload.map(ShedSignal::new);
     poll_fn(|cx| {
         let moved = up.moved + down.moved;
-        let grow = overload.is_none_or(Overload::may_grow);
+        let grow = overload.is_none_or(|o| o.may_grow());
         if !up_done {
             match up.poll_copy(cx, grow, &mut *downstream, &mut *upstream, |n| {
                 meter.to_upstream(n)
@@ -227,21 +228,16 @@ where
         if up.moved + down.moved != moved {
             idle.moved();
         }
-        if let (Some(overload), Some(signal)) = (overload, shed.as_mut()) {
-            while signal.as_mut().poll(cx).is_ready() {
-                signal.set(overload.shed_signal());
+        if let Some(signal) = shed.as_mut() {
+            if signal.poll_told(cx) {
                 up.shrink();
                 down.shrink();
-                if overload.sheds_idle() && idle.last.elapsed() >= SHED_IDLE {
-                    overload.metrics().closed_idle();
+                if signal.closes_idle(idle.last, SHED_IDLE_TCP) {
                     return Poll::Ready(Err(CopyError {
                         side: Side::Downstream,
                         operation: Operation::Shed,
                         transferred: transferred(&up, &down),
-                        source: io::Error::new(
-                            io::ErrorKind::TimedOut,
-                            "idle while the node proxy is short of memory",
-                        ),
+                        source: ShedSignal::error(),
                     }));
                 }
             }
@@ -580,7 +576,10 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn at_the_critical_level_idle_copies_are_closed_and_busy_ones_are_not() {
-        use crate::{metrics::OverloadMetrics, proxy::overload::Level};
+        use crate::{
+            metrics::{OverloadClose, OverloadMetrics},
+            proxy::overload::Level,
+        };
         let overload = Overload::new(OverloadMetrics::default());
         let (_client, mut a) = duplex(1024);
         let (mut b, _server) = duplex(1024);
@@ -601,7 +600,7 @@ mod tests {
             })
         };
         // Pressure alone closes nothing.
-        tokio::time::sleep(SHED_IDLE * 2).await;
+        tokio::time::sleep(SHED_IDLE_TCP * 2).await;
         overload.force(Level::Pressure);
         tokio::task::yield_now().await;
         assert!(!idle.is_finished());
@@ -613,7 +612,7 @@ mod tests {
         let err = idle.await.unwrap().unwrap_err();
         assert_eq!(err.operation, Operation::Shed);
         assert!(err.is_reset(), "not a proxy failure");
-        assert_eq!(overload.metrics().closed_idle_count(), 1);
+        assert_eq!(overload.metrics().closed_count(OverloadClose::Idle), 1);
         // The other one moved bytes within the last second: it stays, and still works.
         busy_client.write_all(b"pong").await.unwrap();
         busy_server.read_exact(&mut got).await.unwrap();

@@ -30,7 +30,9 @@ use super::{
     detect::{self, Declared, Rewind, Sniffed, SNIFF_TIMEOUT},
     error::ProxyError,
     l7,
+    sources::{Refused, SourceConnection},
     tcp::{self, v4},
+    unless_cut,
     upstream::{
         hbone::{self, Refusal},
         ConnectErrorKind, Stream,
@@ -38,8 +40,7 @@ use super::{
 };
 use crate::{
     metrics::{
-        MtlsRefusal, OverloadRefusal, Reporter, ResponseFlags, ServiceLabels, TcpLabels, Workload,
-        ACCESS_LOG,
+        MtlsRefusal, Reporter, ResponseFlags, ServiceLabels, TcpLabels, Workload, ACCESS_LOG,
     },
     model::{
         policy::{mtls_mode, MtlsMode, ROOT_NAMESPACE},
@@ -160,7 +161,17 @@ async fn captured(
     let http = Http::of(&view.snapshot, target);
     drop(view);
     let Some(mut downstream) = http
-        .serve(ctx, downstream, client, target, source, None)
+        .serve(
+            ctx,
+            downstream,
+            client,
+            target,
+            Caller {
+                source,
+                peer: None,
+                held: &mut None,
+            },
+        )
         .await?
     else {
         return Ok(Transferred::default());
@@ -313,12 +324,6 @@ async fn hbone_stream(
     mut request: Request<Incoming>,
 ) -> Response<Full<Bytes>> {
     let client = peer.client;
-    if !ctx.overload().admits_new() {
-        ctx.overload()
-            .metrics()
-            .refused(OverloadRefusal::Connections);
-        return Refusal::Unavailable.response("node proxy overloaded");
-    }
     let target = match hbone::target_of(&request) {
         Ok(target) => target,
         Err(reason) => {
@@ -348,6 +353,23 @@ async fn hbone_stream(
             .response(&format!("{target} is not a meshed pod on node {node}"));
     };
     let source = claimed_source(snapshot, &peer, hbone::forwarded_for(&request), sidecar);
+    // A stream is a connection of the pod it comes from (of the peer node when unknown):
+    // that pod's caps apply, and the overload manager refuses and cuts per pod, not per node.
+    let from = source
+        .as_ref()
+        .and_then(|p| p.ip)
+        .map_or(client.ip(), IpAddr::V4);
+    let held = match ctx.sources.connect(from) {
+        Ok(held) => held,
+        Err(refused) => {
+            let why = match refused {
+                Refused::Cap => "too many connections from this client",
+                Refused::Overload => "node proxy overloaded",
+            };
+            return Refusal::Unavailable.response(why);
+        }
+    };
+    let cut = held.cut_signal();
     let labels = destination_labels(snapshot, source.as_deref(), target)
         .mutual_tls(&peer.auth.identity, &ctx.dialer.identity(local_pod));
     let auth = Some(peer.auth.clone());
@@ -361,16 +383,22 @@ async fn hbone_stream(
         Some(Declared::Http | Declared::Http2 | Declared::Unknown)
     ) {
         // The pool dials the pod per request: accept the stream first.
-        tokio::spawn(async move {
+        let overload = ctx.overload().clone();
+        tokio::spawn(unless_cut(overload, cut, async move {
+            let mut held = Some(held);
             let result = async {
                 let downstream = TokioIo::new(
                     upgrade
                         .await
                         .map_err(|source| ProxyError::Hbone { client, source })?,
                 );
-                let Some(mut downstream) = http
-                    .serve(&ctx, downstream, client, target, source, auth)
-                    .await?
+                let caller = Caller {
+                    source,
+                    peer: auth,
+                    held: &mut held,
+                };
+                let Some(mut downstream) =
+                    http.serve(&ctx, downstream, client, target, caller).await?
                 else {
                     return Ok(Transferred::default());
                 };
@@ -387,7 +415,7 @@ async fn hbone_stream(
             }
             .await;
             log("tunnel", client, Some(target), start, result);
-        });
+        }));
         return Response::new(Full::default());
     }
     // Opaque TCP: connect first, so a refusal can tell the source proxy why.
@@ -408,7 +436,8 @@ async fn hbone_stream(
             return response;
         }
     };
-    tokio::spawn(async move {
+    let overload = ctx.overload().clone();
+    tokio::spawn(unless_cut(overload, cut, async move {
         let result = async {
             let mut downstream = TokioIo::new(
                 upgrade
@@ -426,8 +455,19 @@ async fn hbone_stream(
         }
         .await;
         log("tunnel", client, Some(target), start, result);
-    });
+        drop(held);
+    }));
     Response::new(Full::default())
+}
+
+/// Who a connection to a pod comes from.
+struct Caller<'a> {
+    source: Option<Arc<Pod>>,
+    /// Its identity, proved by mTLS (HBONE).
+    peer: Option<Arc<Authenticated>>,
+    /// Its slot in [`super::sources::Sources`], taken when the connection is served as HTTP
+    /// (its requests then count there too).
+    held: &'a mut Option<SourceConnection>,
 }
 
 /// The pod a peer says opened the stream, believed only when it is a pod of the
@@ -494,8 +534,7 @@ impl Http {
         mut downstream: S,
         client: SocketAddr,
         target: SocketAddrV4,
-        source: Option<Arc<Pod>>,
-        peer: Option<Arc<Authenticated>>,
+        caller: Caller<'_>,
     ) -> Result<Option<Rewind<S>>, ProxyError>
     where
         S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
@@ -525,9 +564,12 @@ impl Http {
             service: self.service,
             declared,
             pod: self.pod,
-            peer,
+            peer: caller.peer,
         };
-        let conn = l7::Conn::inbound(ctx.clone(), client, source, destination);
+        let mut conn = l7::Conn::inbound(ctx.clone(), client, caller.source, destination);
+        if let Some(held) = caller.held.take() {
+            conn = conn.held_by(held);
+        }
         l7::serve(conn, downstream).await;
         Ok(None)
     }

@@ -33,18 +33,19 @@ use std::{
 
 use tokio::{
     net::{TcpListener, TcpSocket, TcpStream},
-    sync::watch,
+    sync::{futures::OwnedNotified, watch},
 };
 use tracing::{debug, info, warn};
 
 use self::{
     context::Context,
+    overload::Overload,
     sources::{SourceConnection, Sources},
     view::View,
 };
 use crate::{
     identity::Identity,
-    metrics::Metrics,
+    metrics::{Metrics, OverloadClose},
     model::{OriginalDst, Snapshot},
 };
 
@@ -268,6 +269,15 @@ fn listen(
     socket.listen(BACKLOG).map_err(error)
 }
 
+/// Runs `work` (a connection) until it ends or the overload manager cuts its client's
+/// connections (`cut`), dropping it then, whatever it holds.
+async fn unless_cut(overload: Arc<Overload>, cut: OwnedNotified, work: impl Future<Output = ()>) {
+    tokio::select! {
+        () = work => {}
+        () = cut => overload.metrics().closed(OverloadClose::Heaviest),
+    }
+}
+
 /// Serves a connection that holds its client address's slot until it ends.
 async fn held_by(held: SourceConnection, connection: impl Future<Output = ()>) {
     connection.await;
@@ -292,12 +302,13 @@ async fn accept_loop<F, Fut>(
                     continue;
                 };
                 let _ = stream.set_nodelay(true);
+                let cut = held.cut_signal();
                 let connection = serve(stream, peer, held);
                 let drain = drain.clone();
-                tokio::spawn(async move {
+                tokio::spawn(unless_cut(sources.overload().clone(), cut, async move {
                     connection.await;
                     drop(drain);
-                });
+                }));
             }
             Err(e) => {
                 // Out of file descriptors and the like: back off instead of spinning.

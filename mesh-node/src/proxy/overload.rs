@@ -13,28 +13,41 @@
 //! what they hold is what the budget is for.
 
 use std::{
-    fmt, fs, io,
+    fmt, fs,
+    future::Future as _,
+    io,
     path::{Path, PathBuf},
+    pin::Pin,
     sync::{
-        atomic::{AtomicU8, Ordering},
+        atomic::{AtomicBool, AtomicU8, Ordering},
         Arc, Weak,
     },
+    task::Context,
     thread,
-    time::{Duration, Instant},
+    time::Duration,
 };
 
-use tokio::sync::{futures::OwnedNotified, Notify};
+use tokio::{
+    sync::{futures::OwnedNotified, Notify},
+    time::Instant,
+};
 use tracing::{info, warn};
 
 use super::sources::Sources;
-use crate::metrics::OverloadMetrics;
+use crate::metrics::{OverloadClose, OverloadMetrics};
 
 /// How often memory is measured.
 pub const SAMPLE_EVERY: Duration = Duration::from_millis(100);
-/// A connection that moved nothing for this long is closed at the critical level.
+/// An HTTP connection with no request in flight and no byte received for this long is closed
+/// at the critical level (its client may retry on a new one).
 pub const SHED_IDLE: Duration = Duration::from_secs(1);
+/// An opaque TCP connection (a database pool, a subscriber) that moved nothing for this long
+/// is closed at the critical level.
+pub const SHED_IDLE_TCP: Duration = Duration::from_secs(10);
 /// While shedding and memory still grows, the next heaviest client is refused this often.
 const SHED_NEXT_AFTER: Duration = Duration::from_secs(1);
+/// Failed measurements in a row after which the level goes back to normal.
+const FAIL_OPEN_AFTER: u32 = 10;
 
 /// Fractions of the budget where each level starts, and how far below it is left.
 const THRESHOLDS: [(Level, f64); 3] = [
@@ -131,6 +144,13 @@ impl Overload {
         self.level() < Level::Critical
     }
 
+    /// Whether something new from an address is refused (`shed`: the address is marked).
+    /// Marks count only while shedding: below it they are on their way out.
+    pub(super) fn refuses(&self, shed: &AtomicBool) -> bool {
+        let level = self.level();
+        level == Level::Critical || (level == Level::Shedding && shed.load(Ordering::Relaxed))
+    }
+
     /// Whether an idle connection should be closed now.
     pub fn sheds_idle(&self) -> bool {
         self.level() == Level::Critical
@@ -164,6 +184,55 @@ impl Overload {
         if level >= Level::Pressure {
             self.shed.notify_waiters();
         }
+    }
+}
+
+/// A connection's ear for the overload manager: told when memory should be given back, and
+/// whether the connection, idle since a given instant, is to close now.
+pub struct ShedSignal {
+    overload: Arc<Overload>,
+    told: Pin<Box<OwnedNotified>>,
+}
+
+impl ShedSignal {
+    pub fn new(overload: &Arc<Overload>) -> Self {
+        Self {
+            told: Box::pin(overload.shed_signal()),
+            overload: overload.clone(),
+        }
+    }
+
+    pub fn overload(&self) -> &Overload {
+        &self.overload
+    }
+
+    /// Whether the manager spoke since the last poll (the next word wakes `cx`).
+    pub fn poll_told(&mut self, cx: &mut Context<'_>) -> bool {
+        let mut told = false;
+        while self.told.as_mut().poll(cx).is_ready() {
+            let next = self.overload.shed_signal();
+            self.told.set(next);
+            told = true;
+        }
+        told
+    }
+
+    /// Whether a connection idle since `since` is to close now, `after` being its idle
+    /// threshold; counted when so.
+    pub fn closes_idle(&self, since: Instant, after: Duration) -> bool {
+        let close = self.overload.sheds_idle() && since.elapsed() >= after;
+        if close {
+            self.overload.metrics.closed(OverloadClose::Idle);
+        }
+        close
+    }
+
+    /// The error an idle connection it closes ends with.
+    pub fn error() -> io::Error {
+        io::Error::new(
+            io::ErrorKind::TimedOut,
+            "idle while the node proxy is short of memory",
+        )
     }
 }
 
@@ -242,18 +311,32 @@ impl MemoryBudget {
     /// memory limit of the process's cgroup (v2, or v1's memory controller) or of its nearest
     /// limited ancestor; `None` when nothing limits the proxy.
     pub fn detect(flag: Option<u64>) -> Option<Self> {
-        if let Some(limit) = flag {
-            return (limit > 0).then_some(Self {
+        let budget = match flag {
+            Some(limit) => (limit > 0).then_some(Self {
                 limit,
                 meter: MemoryMeter::Rss,
-            });
+            }),
+            None => {
+                let cgroups = fs::read_to_string("/proc/self/cgroup").ok()?;
+                let mounts = fs::read_to_string("/proc/self/mountinfo").ok()?;
+                Self::of_cgroups(&cgroups, &mounts, Path::new("/"))
+            }
+        }?;
+        if let Ok(used) = budget.meter.read() {
+            if used as f64 >= budget.limit as f64 * THRESHOLDS[2].1 {
+                warn!(
+                    used_mib = used >> 20,
+                    budget_mib = budget.limit >> 20,
+                    "the memory budget is hardly above what the proxy uses at start: it will shed load at once"
+                );
+            }
         }
-        let cgroups = fs::read_to_string("/proc/self/cgroup").ok()?;
-        let mounts = fs::read_to_string("/proc/self/mountinfo").ok()?;
-        Self::of_cgroups(&cgroups, &mounts, Path::new("/"))
+        Some(budget)
     }
 
-    /// The budget given `/proc/self/cgroup` and `/proc/self/mountinfo`, files read under `root`.
+    /// The budget given `/proc/self/cgroup` and `/proc/self/mountinfo`, files read under `root`:
+    /// the smallest limit from the process's own group up to the top of the mount, measured
+    /// in the group that sets it (what the kernel compares with that limit).
     fn of_cgroups(cgroups: &str, mountinfo: &str, root: &Path) -> Option<Self> {
         for line in cgroups.lines() {
             let mut fields = line.splitn(3, ':');
@@ -267,42 +350,34 @@ impl MemoryBudget {
                 c if c.split(',').any(|c| c == "memory") => true,
                 _ => continue,
             };
-            let Some((mount_root, mount_point)) = mount_of(mountinfo, v1) else {
+            let Some((mount_root, mount_point)) = mount_of(mountinfo, v1, Path::new(path)) else {
                 continue;
             };
             let Ok(relative) = Path::new(path).strip_prefix(&mount_root) else {
                 continue;
             };
             let top = root.join(mount_point.strip_prefix("/").unwrap_or(&mount_point));
-            let own = top.join(relative);
             let file = if v1 {
                 "memory.limit_in_bytes"
             } else {
                 "memory.max"
             };
-            if !own.join(file).exists() {
-                // cgroup v2 without the memory controller here.
-                continue;
-            }
-            // The smallest limit on the way up to the mount.
-            let mut dir = own.as_path();
-            let mut limit: Option<u64> = None;
+            let mut dir = top.join(relative);
+            let mut smallest: Option<(u64, PathBuf)> = None;
             loop {
-                if let Ok(Some(l)) = read_number(&dir.join(file)) {
-                    limit = Some(limit.map_or(l, |m| m.min(l)));
+                if let Ok(Some(limit)) = read_number(&dir.join(file)) {
+                    if limit > 0 && smallest.as_ref().is_none_or(|(l, _)| limit < *l) {
+                        smallest = Some((limit, dir.clone()));
+                    }
                 }
-                if dir == top {
+                if dir == top || !dir.pop() || !dir.starts_with(&top) {
                     break;
                 }
-                match dir.parent() {
-                    Some(parent) if parent.starts_with(&top) => dir = parent,
-                    _ => break,
-                }
             }
-            if let Some(limit) = limit {
+            if let Some((limit, dir)) = smallest {
                 return Some(Self {
                     limit,
-                    meter: MemoryMeter::Cgroup { dir: own, v1 },
+                    meter: MemoryMeter::Cgroup { dir, v1 },
                 });
             }
         }
@@ -310,26 +385,56 @@ impl MemoryBudget {
     }
 }
 
-/// The root and mount point of the cgroup2 mount (or of cgroup v1's memory controller).
-fn mount_of(mountinfo: &str, v1: bool) -> Option<(PathBuf, PathBuf)> {
-    mountinfo.lines().find_map(|line| {
-        let (mount, fs) = line.split_once(" - ")?;
-        let mut fs = fs.split_whitespace();
-        let fstype = fs.next()?;
-        let options = fs.nth(1).unwrap_or("");
-        let wanted = if v1 {
-            fstype == "cgroup" && options.split(',').any(|o| o == "memory")
-        } else {
-            fstype == "cgroup2"
-        };
-        if !wanted {
-            return None;
+/// The root and mount point of the cgroup2 mount (or of cgroup v1's memory controller) that
+/// holds `path`: of several (a host's tree mounted in a container too), the one whose root is
+/// the longest prefix of it. A root outside the cgroup namespace (`/..`) holds nothing.
+fn mount_of(mountinfo: &str, v1: bool, path: &Path) -> Option<(PathBuf, PathBuf)> {
+    mountinfo
+        .lines()
+        .filter_map(|line| {
+            let (mount, fs) = line.split_once(" - ")?;
+            let mut fs = fs.split_whitespace();
+            let fstype = fs.next()?;
+            let options = fs.nth(1).unwrap_or("");
+            let wanted = if v1 {
+                fstype == "cgroup" && options.split(',').any(|o| o == "memory")
+            } else {
+                fstype == "cgroup2"
+            };
+            if !wanted {
+                return None;
+            }
+            let mut fields = mount.split_whitespace();
+            let root = unescape(fields.nth(3)?);
+            let point = unescape(fields.next()?);
+            (!root.starts_with("/..") && path.starts_with(&root))
+                .then(|| (PathBuf::from(root), PathBuf::from(point)))
+        })
+        .max_by_key(|(root, _)| root.as_os_str().len())
+}
+
+/// A mountinfo field with its octal escapes (`\040` for a space) decoded.
+fn unescape(field: &str) -> String {
+    let bytes = field.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let octal = bytes.get(i + 1..i + 4).and_then(|d| {
+            let d = std::str::from_utf8(d).ok()?;
+            u8::from_str_radix(d, 8).ok()
+        });
+        match (bytes[i], octal) {
+            (b'\\', Some(byte)) => {
+                out.push(byte);
+                i += 4;
+            }
+            (b, _) => {
+                out.push(b);
+                i += 1;
+            }
         }
-        let mut fields = mount.split_whitespace();
-        let root = fields.nth(3)?;
-        let point = fields.next()?;
-        Some((PathBuf::from(root), PathBuf::from(point)))
-    })
+    }
+    String::from_utf8_lossy(&out).into_owned()
 }
 
 /// Measures memory every [`SAMPLE_EVERY`] on a thread of its own (never behind the data
@@ -352,8 +457,10 @@ pub(super) fn monitor(overload: &Arc<Overload>, sources: &Arc<Sources>, budget: 
 }
 
 fn run(overload: &Weak<Overload>, sources: &Weak<Sources>, budget: &MemoryBudget) {
-    let mut failing = false;
+    let mut failing = 0u32;
     // When a client was last refused for being the heaviest, and memory then.
+    // The thread's own clock (not tokio's, which tests may pause).
+    use std::time::Instant;
     let mut shed: Option<(Instant, u64)> = None;
     let mut trimmed = Instant::now();
     loop {
@@ -363,14 +470,21 @@ fn run(overload: &Weak<Overload>, sources: &Weak<Sources>, budget: &MemoryBudget
         };
         let used = match budget.meter.read() {
             Ok(used) => {
-                failing = false;
+                failing = 0;
                 used
             }
             Err(e) => {
-                if !failing {
-                    warn!(meter = %budget.meter, error = %e, "measuring memory failed; the last level stays");
+                failing += 1;
+                if failing == 1 {
+                    warn!(meter = %budget.meter, error = %e, "measuring memory failed; the last level stays for a second");
                 }
-                failing = true;
+                if failing == FAIL_OPEN_AFTER {
+                    // Blind, the proxy must not refuse every pod of its node for good.
+                    warn!(meter = %budget.meter, "memory cannot be measured: back to the normal level until it can");
+                    overload.observe(0, budget.limit);
+                    sources.forgive();
+                    shed = None;
+                }
                 continue;
             }
         };
@@ -398,7 +512,10 @@ fn run(overload: &Weak<Overload>, sources: &Weak<Sources>, budget: &MemoryBudget
             if next && sources.shed_heaviest() {
                 shed = Some((Instant::now(), used));
             }
-        } else if level == Level::Normal && shed.take().is_some() {
+            if level == Level::Critical {
+                sources.cut_shed();
+            }
+        } else if shed.take().is_some() {
             sources.forgive();
         }
     }
@@ -444,7 +561,14 @@ mod tests {
         let cgroups = "4:memory:/pods/p1/proxy\n1:cpu:/\n0::/\n";
         let budget = MemoryBudget::of_cgroups(cgroups, mounts, root).unwrap();
         assert_eq!(budget.limit, 512 << 20);
-        assert_eq!(budget.meter, MemoryMeter::Cgroup { dir: v1, v1: true });
+        assert_eq!(
+            budget.meter,
+            MemoryMeter::Cgroup {
+                dir: v1.parent().unwrap().into(),
+                v1: true
+            },
+            "measured where the limit is set"
+        );
 
         // v2 (as in a container with its own cgroup namespace): memory.max of the group.
         let v2 = root.join("sys/fs/cgroup/unified/kubepods/pod1");
@@ -453,14 +577,64 @@ mod tests {
         let budget = MemoryBudget::of_cgroups("0::/kubepods/pod1\n", mounts, root).unwrap();
         assert_eq!(budget.limit, 256 << 20);
 
-        // Nothing limited anywhere: no budget.
+        // A container's group without the memory files (controller not enabled for it):
+        // its parent's limit holds.
+        let container = v2.join("app");
+        fs::create_dir_all(&container).unwrap();
+        let budget = MemoryBudget::of_cgroups("0::/kubepods/pod1/app\n", mounts, root).unwrap();
+        assert_eq!(budget.limit, 256 << 20);
+        assert_eq!(
+            budget.meter,
+            MemoryMeter::Cgroup {
+                dir: v2.clone(),
+                v1: false
+            }
+        );
+
+        // Nothing limited anywhere (or a limit of 0): no budget.
         fs::write(v2.join("memory.max"), "max\n").unwrap();
+        assert_eq!(
+            MemoryBudget::of_cgroups("0::/kubepods/pod1\n", mounts, root),
+            None
+        );
+        fs::write(v2.join("memory.max"), "0\n").unwrap();
         assert_eq!(
             MemoryBudget::of_cgroups("0::/kubepods/pod1\n", mounts, root),
             None
         );
         // v2 without the memory controller: no budget from it.
         assert_eq!(MemoryBudget::of_cgroups("0::/\n", mounts, root), None);
+    }
+
+    #[test]
+    fn in_a_container_the_mount_holding_the_group_is_used() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        // The host's tree mounted in the container too (as the DaemonSet does), listed first:
+        // seen from the container's cgroup namespace its root is outside (`/..`).
+        let own = root.join("sys/fs/cgroup");
+        fs::create_dir_all(&own).unwrap();
+        fs::write(own.join("memory.max"), "536870912\n").unwrap();
+        let mounts = "\
+40 30 0:26 /../../.. /host/sys/fs/cgroup rw,relatime - cgroup2 cgroup2 rw
+41 30 0:26 / /sys/fs/cgroup rw,relatime - cgroup2 cgroup2 rw
+";
+        let budget = MemoryBudget::of_cgroups("0::/\n", mounts, root).unwrap();
+        assert_eq!(budget.limit, 512 << 20);
+        assert_eq!(
+            budget.meter,
+            MemoryMeter::Cgroup {
+                dir: own,
+                v1: false
+            }
+        );
+        // Escaped characters in a mount point are decoded.
+        let spaced = root.join("cg roup");
+        fs::create_dir_all(&spaced).unwrap();
+        fs::write(spaced.join("memory.max"), "1048576\n").unwrap();
+        let mounts = "41 30 0:26 / /cg\\040roup rw - cgroup2 cgroup2 rw\n";
+        let budget = MemoryBudget::of_cgroups("0::/\n", mounts, root).unwrap();
+        assert_eq!(budget.limit, 1 << 20);
     }
 
     #[test]

@@ -5,7 +5,9 @@
 //! in `weft_source_limit_refused_total{limit}`. The [`Overload`] manager refuses through the
 //! same doors: everyone's new connections and requests when memory is critical, and those of
 //! the heaviest addresses while it sheds load (`503` with flag `OM`, counted in
-//! `weft_overload_refused_total`).
+//! `weft_overload_refused_total`); at the critical level the connections of those addresses are
+//! cut, busy or not ([`SourceConnection::cut_signal`]). Behind a node proxy's HBONE port each
+//! stream counts for the pod it comes from, not for the peer node's address.
 
 use std::{
     collections::HashMap,
@@ -16,6 +18,7 @@ use std::{
     },
 };
 
+use tokio::sync::{futures::OwnedNotified, Notify};
 use tracing::{debug, warn};
 
 use super::overload::Overload;
@@ -55,6 +58,8 @@ struct Held {
     requests: AtomicUsize,
     /// Refused anything new by the overload manager.
     shed: AtomicBool,
+    /// Told when the overload manager cuts the address's connections.
+    cut: Arc<Notify>,
 }
 
 impl Held {
@@ -102,7 +107,7 @@ impl Sources {
     pub(super) fn connect(self: &Arc<Self>, ip: IpAddr) -> Result<SourceConnection, Refused> {
         let mut table = self.table.lock().unwrap_or_else(|e| e.into_inner());
         let held = table.entry(ip).or_default().clone();
-        if !self.overload.admits_new() || held.shed.load(Ordering::Relaxed) {
+        if self.overload.refuses(&held.shed) {
             drop(table);
             self.release(ip);
             self.overload
@@ -132,10 +137,12 @@ impl Sources {
             .iter()
             .filter(|(_, held)| !held.shed.load(Ordering::Relaxed))
             .max_by_key(|(_, held)| held.weight())
+            .map(|(ip, held)| (*ip, held.clone()))
         else {
             return false;
         };
         held.shed.store(true, Ordering::Relaxed);
+        drop(table);
         warn!(
             %ip,
             connections = held.connections.load(Ordering::Relaxed),
@@ -143,6 +150,14 @@ impl Sources {
             "overload: refusing new connections and requests from the heaviest client"
         );
         true
+    }
+
+    /// Cuts every connection of the addresses refused so far (the critical level).
+    pub(super) fn cut_shed(&self) {
+        let table = self.table.lock().unwrap_or_else(|e| e.into_inner());
+        for held in table.values().filter(|h| h.shed.load(Ordering::Relaxed)) {
+            held.cut.notify_waiters();
+        }
     }
 
     /// Takes new connections and requests from every address again.
@@ -178,10 +193,16 @@ pub(super) struct SourceConnection {
 }
 
 impl SourceConnection {
+    /// Completes when the overload manager cuts this address's connections: whoever serves
+    /// the connection then drops it.
+    pub(super) fn cut_signal(&self) -> OwnedNotified {
+        self.held.cut.clone().notified_owned()
+    }
+
     /// Admits one more request in flight, or says (and counts) why not.
     pub(super) fn request(&self) -> Result<SourceRequest, Refused> {
         let overload = &self.sources.overload;
-        if !overload.admits_new() || self.held.shed.load(Ordering::Relaxed) {
+        if overload.refuses(&self.held.shed) {
             overload.metrics().refused(OverloadRefusal::Requests);
             debug!(ip = %self.ip, "request refused: the proxy sheds load");
             return Err(Refused::Overload);
@@ -236,8 +257,8 @@ mod tests {
     use super::*;
     use crate::{metrics::OverloadMetrics, proxy::overload::Level};
 
-    #[test]
-    fn the_overload_manager_refuses_the_heaviest_address_then_everyone() {
+    #[tokio::test]
+    async fn the_overload_manager_refuses_the_heaviest_address_then_everyone() {
         let overload = Overload::new(OverloadMetrics::default());
         let sources = Sources::new(
             SourceLimits::default(),
@@ -250,6 +271,7 @@ mod tests {
         let light_conn = sources.connect(light).unwrap();
         let _request = light_conn.request().unwrap();
 
+        overload.force(Level::Shedding);
         assert!(sources.shed_heaviest());
         assert_eq!(sources.connect(heavy).err(), Some(Refused::Overload));
         assert_eq!(heavy_conns[0].request().err(), Some(Refused::Overload));
@@ -258,6 +280,13 @@ mod tests {
             "only the heaviest is refused"
         );
         assert!(light_conn.request().is_ok());
+        // At the critical level the marked address's connections are cut, not the others'.
+        let heavy_cut = heavy_conns[0].cut_signal();
+        let light_cut = light_conn.cut_signal();
+        tokio::pin!(heavy_cut, light_cut);
+        sources.cut_shed();
+        assert!(futures::poll!(heavy_cut.as_mut()).is_ready());
+        assert!(futures::poll!(light_cut.as_mut()).is_pending());
         // The mark outlives the address's connections.
         drop(heavy_conns);
         assert_eq!(sources.connect(heavy).err(), Some(Refused::Overload));
@@ -269,7 +298,9 @@ mod tests {
         assert_eq!(refused(OverloadRefusal::Connections), 3);
         assert_eq!(refused(OverloadRefusal::Requests), 2);
 
-        overload.force(Level::Normal);
+        // Below shedding the marks no longer count, and are then cleared.
+        overload.force(Level::Pressure);
+        assert!(sources.connect(heavy).is_ok());
         sources.forgive();
         assert!(sources.connect(heavy).is_ok());
     }

@@ -253,6 +253,14 @@ impl FileSource {
             let path = self.dir.join(&name);
             // `metadata` follows symlinks, as mounted ConfigMaps use them.
             match std::fs::metadata(&path) {
+                Ok(m) if m.is_file() && m.len() > MAX_FILE_BYTES => {
+                    warn!(path = %path.display(), bytes = m.len(), limit = MAX_FILE_BYTES, "configuration file too large to read; keeping its previous content");
+                    reads.push(Read {
+                        name,
+                        content: None,
+                    });
+                    continue;
+                }
                 Ok(m) if m.is_file() => {}
                 Ok(_) => continue,
                 Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
@@ -302,7 +310,10 @@ fn parse_generation(path: &Path, raw: &[u8]) -> Option<u64> {
 /// The largest document read: what Kubernetes stores in one object (etcd's default request
 /// limit). Parsing builds a tree some 70 times the text's size, so a larger document is
 /// rejected before it is parsed, not after it took the proxy's memory.
+/// A JSON file is one document, and so is a `kind: List`: both are held to it too.
 pub const MAX_DOCUMENT_BYTES: usize = 1536 * 1024;
+/// The largest file read at all (its documents are then held to [`MAX_DOCUMENT_BYTES`]).
+pub const MAX_FILE_BYTES: u64 = 64 * 1024 * 1024;
 
 /// Translates one file, each result with where it was read (`name:line`).
 fn results(name: &str, content: &[u8]) -> Results {

@@ -65,6 +65,8 @@ pub fn limit_proxy_memory(root: &Path, node: &Path, limit: u64) -> Result<Option
     create(&proxy)?;
     fs::write(proxy.join("memory.limit_in_bytes"), limit.to_string())
         .with_context(|| format!("limiting the memory of {}", proxy.display()))?;
+    // The peak is the new process's from here (v2's groups start afresh with each node).
+    let _ = fs::write(proxy.join("memory.max_usage_in_bytes"), "0");
     Ok(Some(proxy))
 }
 

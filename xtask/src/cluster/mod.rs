@@ -382,7 +382,10 @@ fn memory_limit() -> Result<u64> {
     let n: u64 = digits
         .parse()
         .with_context(|| format!("{PROXY_MEMORY_ENV}={text}: not a size"))?;
-    Ok(n << shift)
+    match n.checked_mul(1 << shift) {
+        Some(bytes) if bytes >= 16 << 20 => Ok(bytes),
+        _ => bail!("{PROXY_MEMORY_ENV}={text}: a node proxy needs at least 16Mi"),
+    }
 }
 
 /// Where the node proxies read DestinationRule `tls` files from (`--tls-origination-dir`):

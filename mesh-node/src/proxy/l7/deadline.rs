@@ -6,7 +6,7 @@
 //! apart, as in Envoy: the head deadline starts with the first byte of a request head, the
 //! idle deadline with the end of the last response. A connection past either deadline reads
 //! an error, and hyper closes it; so does an idle connection when the overload manager is
-//! critical and it has been idle for [`SHED_IDLE`].
+//! critical and it has received nothing for [`SHED_IDLE`] (idle, or stalled in a head).
 
 use std::{
     future::Future as _,
@@ -29,10 +29,13 @@ use tokio::{
 };
 
 use crate::proxy::{
-    overload::{Overload, SHED_IDLE},
+    overload::{Overload, ShedSignal, SHED_IDLE},
     sources::SourceRequest,
 };
-use tokio::sync::futures::OwnedNotified;
+
+/// Writes of several buffers up to this size in all are joined into one for a stream that takes
+/// one buffer at a time.
+const JOIN_WRITES_UP_TO: usize = 16 * 1024;
 
 /// The client preface of HTTP/2: such a connection has no HTTP/1 heads to time.
 const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
@@ -141,10 +144,9 @@ pub(super) struct Deadlines<IO> {
     preface: Option<Vec<u8>>,
     /// [`Requests::started`] as last seen.
     started: usize,
-    overload: Arc<Overload>,
-    shed: Pin<Box<OwnedNotified>>,
-    /// When the connection last became idle.
-    idle_since: Instant,
+    shed: ShedSignal,
+    /// When the connection last received bytes or became idle.
+    progress: Instant,
 }
 
 impl<IO> Deadlines<IO> {
@@ -164,32 +166,24 @@ impl<IO> Deadlines<IO> {
             timer: Box::pin(tokio::time::sleep(idle_timeout)),
             preface: Some(Vec::new()),
             started: 0,
-            shed: Box::pin(overload.shed_signal()),
-            overload,
-            idle_since: Instant::now(),
+            shed: ShedSignal::new(&overload),
+            progress: Instant::now(),
         }
     }
 
     fn arm(&mut self, phase: Phase, timeout: Duration) {
         self.phase = phase;
         let now = Instant::now();
-        if phase == Phase::Idle {
-            self.idle_since = now;
-        }
+        self.progress = now;
         self.timer.as_mut().reset(now + timeout);
     }
 
-    /// Whether the overload manager wants this idle connection closed.
+    /// Whether the overload manager wants this connection closed: no request in flight, and
+    /// nothing received for a while.
     fn shed(&mut self, cx: &mut Context<'_>) -> bool {
-        let mut told = false;
-        while self.shed.as_mut().poll(cx).is_ready() {
-            let signal = self.overload.shed_signal();
-            self.shed.set(signal);
-            told = true;
-        }
-        told && self.phase == Phase::Idle
-            && self.overload.sheds_idle()
-            && self.idle_since.elapsed() >= SHED_IDLE
+        self.shed.poll_told(cx)
+            && self.phase != Phase::Busy
+            && self.shed.closes_idle(self.progress, SHED_IDLE)
     }
 
     /// Whether the bytes read so far may still be an HTTP/2 preface (judged on the first 24).
@@ -254,6 +248,7 @@ impl<IO: AsyncRead + Unpin> AsyncRead for Deadlines<IO> {
             }
         }
         if read.is_ready() && got > 0 {
+            self.progress = Instant::now();
             return read;
         }
         if self.phase != Phase::Busy && self.timer.as_mut().poll(cx).is_ready() {
@@ -264,11 +259,7 @@ impl<IO: AsyncRead + Unpin> AsyncRead for Deadlines<IO> {
             return Poll::Ready(Err(io::Error::new(io::ErrorKind::TimedOut, what)));
         }
         if self.shed(cx) {
-            self.overload.metrics().closed_idle();
-            return Poll::Ready(Err(io::Error::new(
-                io::ErrorKind::TimedOut,
-                "idle while the node proxy is short of memory",
-            )));
+            return Poll::Ready(Err(ShedSignal::error()));
         }
         read
     }
@@ -288,11 +279,30 @@ impl<IO: AsyncWrite + Unpin> AsyncWrite for Deadlines<IO> {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
+        if self.io.is_write_vectored() {
+            return Pin::new(&mut self.io).poll_write_vectored(cx, bufs);
+        }
+        // Underneath, one write at a time (an HBONE stream: one HTTP/2 DATA frame each): a
+        // response head and a small body go out together, joined, rather than one by one.
+        let small: usize = bufs.iter().map(|b| b.len()).sum();
+        if bufs.len() > 1 && small <= JOIN_WRITES_UP_TO {
+            let mut joined = Vec::with_capacity(small);
+            for buf in bufs {
+                joined.extend_from_slice(buf);
+            }
+            return Pin::new(&mut self.io).poll_write(cx, &joined);
+        }
+        let first = bufs
+            .iter()
+            .find(|b| !b.is_empty())
+            .map_or(&[][..], |b| &**b);
+        Pin::new(&mut self.io).poll_write(cx, first)
     }
 
+    /// Always: hyper then queues bodies instead of copying them into a buffer it keeps (see
+    /// `poll_write_vectored` for a stream without vectored writes).
     fn is_write_vectored(&self) -> bool {
-        self.io.is_write_vectored()
+        true
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
@@ -385,7 +395,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn an_idle_connection_is_closed_when_memory_is_critical_a_busy_one_is_not() {
-        use crate::proxy::overload::Level;
+        use crate::{metrics::OverloadClose, proxy::overload::Level};
         let overload = unlimited();
         let (mut client, server) = duplex(1024);
         let in_flight = Arc::new(Requests::default());
@@ -412,12 +422,69 @@ mod tests {
         let err = closing.await.unwrap();
         assert!(err.to_string().contains("short of memory"), "{err}");
         assert_eq!(start.elapsed(), Duration::ZERO, "closed when told");
-        assert_eq!(overload.metrics().closed_idle_count(), 1);
+        assert_eq!(overload.metrics().closed_count(OverloadClose::Idle), 1);
 
-        // The connection with a request in flight keeps reading.
+        // The connection with a request in flight is told too, and keeps waiting for bytes.
+        let waited = tokio::time::timeout(SHED_IDLE, busy_reader.read(&mut buf)).await;
+        assert!(
+            waited.is_err(),
+            "a busy connection is not closed: {waited:?}"
+        );
         client.write_all(b"x").await.unwrap();
         assert_eq!(busy_reader.read(&mut buf).await.unwrap(), 1);
         drop(busy);
+    }
+
+    /// A writer that takes one buffer at a time, and records each write.
+    #[derive(Default)]
+    struct OneAtATime(Vec<usize>);
+
+    impl AsyncWrite for OneAtATime {
+        fn poll_write(
+            mut self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            buf: &[u8],
+        ) -> Poll<io::Result<usize>> {
+            self.0.push(buf.len());
+            Poll::Ready(Ok(buf.len()))
+        }
+
+        fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+
+        fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    #[tokio::test]
+    async fn small_buffers_go_out_in_one_write_to_a_stream_without_vectored_writes() {
+        let mut writer = Deadlines::new(
+            OneAtATime::default(),
+            Arc::new(Requests::default()),
+            HEAD,
+            IDLE,
+            unlimited(),
+        );
+        assert!(writer.is_write_vectored(), "hyper queues bodies then");
+        let head = [b'h'; 100];
+        let body = [b'b'; 200];
+        let n = writer
+            .write_vectored(&[io::IoSlice::new(&head), io::IoSlice::new(&body)])
+            .await
+            .unwrap();
+        assert_eq!(n, 300);
+        let large = vec![b'l'; 20 * 1024];
+        let n = writer
+            .write_vectored(&[io::IoSlice::new(&head), io::IoSlice::new(&large)])
+            .await
+            .unwrap();
+        assert_eq!(
+            n, 100,
+            "a large body is not copied: the head goes first, alone"
+        );
+        assert_eq!(writer.io.0, [300, 100]);
     }
 
     #[tokio::test(start_paused = true)]

@@ -58,8 +58,8 @@ use super::{
 use crate::{
     identity::Identity,
     metrics::{
-        access_log, access_log_enabled, AccessEntry, ClusterName, Reporter, RequestLabels,
-        RequestOutcome, ResponseFlags, ServiceLabels, Workload,
+        access_log, access_log_enabled, AccessEntry, ClusterName, OverloadRefusal, Reporter,
+        RequestLabels, RequestOutcome, ResponseFlags, ServiceLabels, Workload,
     },
     model::{
         traffic::{AbortError, RetryPolicy},
@@ -414,27 +414,41 @@ where
         let busy = in_flight.start();
         let requests = in_flight.clone();
         async move {
-            // Requests of one client address over its cap, or refused while the proxy sheds
-            // load, are answered before any work.
-            let slot = match conn.held.as_ref().map(SourceConnection::request) {
-                Some(Ok(slot)) => Some(slot),
-                Some(Err(refused)) => {
-                    let reply = refused_reply(conn, request, refused);
-                    return Ok(reply.map(|body| Held::new(body, busy, None)));
-                }
-                None => None,
-            };
             // Under memory pressure HTTP/1 connections are not kept for a next request.
             let close = request.version() < Version::HTTP_2 && !conn.ctx.overload().keep_alive();
-            let mut reply = handle(conn, request).await;
+            let close_on = |mut reply: Reply| {
+                if close && reply.status() != StatusCode::SWITCHING_PROTOCOLS {
+                    reply
+                        .headers_mut()
+                        .insert(header::CONNECTION, HeaderValue::from_static("close"));
+                }
+                reply
+            };
+            // Requests of one client address over its cap, or refused while the proxy sheds
+            // load, are answered before any work.
+            let admitted = match &conn.held {
+                Some(held) => held.request().map(Some),
+                None if !conn.ctx.overload().admits_new() => {
+                    conn.ctx
+                        .overload()
+                        .metrics()
+                        .refused(OverloadRefusal::Requests);
+                    Err(Refused::Overload)
+                }
+                None => Ok(None),
+            };
+            let slot = match admitted {
+                Ok(slot) => slot,
+                Err(refused) => {
+                    let reply = close_on(refused_reply(conn, request, refused));
+                    return Ok(reply.map(|body| Held::new(body, busy, None)));
+                }
+            };
+            let reply = handle(conn, request).await;
             if reply.status() == StatusCode::SWITCHING_PROTOCOLS {
                 requests.upgraded();
-            } else if close {
-                reply
-                    .headers_mut()
-                    .insert(header::CONNECTION, HeaderValue::from_static("close"));
             }
-            Ok::<_, Infallible>(reply.map(|body| Held::new(body, busy, slot)))
+            Ok::<_, Infallible>(close_on(reply).map(|body| Held::new(body, busy, slot)))
         }
     });
     let mut builder = auto::Builder::new(TokioExecutor::new());

@@ -2,7 +2,10 @@
 //! connection; after `101 Switching Protocols` both sides are joined byte for byte.
 
 use super::*;
-use crate::proxy::copy::{self, Lifetime};
+use crate::{
+    metrics::OverloadClose,
+    proxy::copy::{self, Lifetime},
+};
 
 /// A request that switches protocols (WebSocket): sent alone on a fresh connection; after
 /// `101` both sides are joined byte for byte.
@@ -75,8 +78,10 @@ pub(super) async fn send_upgrade(
     report.status = response.status().as_u16();
     if response.status() == StatusCode::SWITCHING_PROTOCOLS {
         let upstream = hyper::upgrade::on(&mut response);
-        // The tunnel keeps the downstream connection's slot of its client address.
+        // The tunnel keeps the downstream connection's slot of its client address, and is
+        // cut with its connections by the overload manager.
         let held = conn.clone();
+        let cut = conn.held.as_ref().map(SourceConnection::cut_signal);
         tokio::spawn(async move {
             let (Ok(down), Ok(up)) = (downstream.await, upstream.await) else {
                 debug!("protocol upgrade did not complete");
@@ -91,8 +96,17 @@ pub(super) async fn send_upgrade(
                 Lifetime::default(),
                 Some(held.ctx.overload()),
             );
-            if let Err(e) = copied.await {
-                debug!("upgraded connection ended: {e}");
+            let cut = async move {
+                match cut {
+                    Some(cut) => cut.await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                copied = copied => if let Err(e) = copied {
+                    debug!("upgraded connection ended: {e}");
+                },
+                () = cut => held.ctx.overload().metrics().closed(OverloadClose::Heaviest),
             }
             drop(pick);
             drop(held);

@@ -4,9 +4,9 @@ use super::*;
 
 /// Most route matches one Service gathers from the HTTPRoutes and GRPCRoutes attached to it
 /// (per namespace they live in), as a VirtualService may hold at most 10,000 routes: each
-/// resource is bounded by its CRD, but any number of them may attach to one Service. Routes
-/// are attached in order of namespace and name; one that would take a Service past the limit
-/// is not attached at all (and logged), so a tenant cannot grow another's route table.
+/// resource is bounded by its CRD, but any number of them may attach to one Service. HTTPRoutes
+/// are attached first, then GRPCRoutes, each in order of namespace and name; one that would
+/// take a table past the limit is not attached at all (and logged at each compile).
 pub const MAX_SERVICE_MATCHES: usize = 10_000;
 
 pub(super) struct Builder {
