@@ -7,10 +7,10 @@
 //! |---|---|---|
 //! | pressure | 80 % | copy buffers stop growing and grown ones shrink as soon as they are empty; HTTP/1 responses close their connection (`Connection: close`) |
 //! | shedding | 90 % | the heaviest client address (most connections and requests) gets no new connection and no new request (`503`, flag `OM`), another one each second while memory still grows |
-//! | critical | 95 % | no new connection or request from anyone; connections idle for [`SHED_IDLE`] are closed |
+//! | critical | 95 % | no new connection or request from anyone; the refused addresses' connections are cut, busy or not; others idle for [`SHED_IDLE`] (HTTP) or [`SHED_IDLE_TCP`] (TCP) are closed |
 //!
-//! A level is left once memory is 5 % below its threshold. Connections in use are never cut:
-//! what they hold is what the budget is for.
+//! A level is left once memory is 5 % below its threshold. Other clients' busy connections are
+//! never cut: what they hold is what the budget is for.
 
 use std::{
     fmt, fs,
