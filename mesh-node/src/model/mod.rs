@@ -15,6 +15,7 @@ use std::{collections::BTreeMap, net::Ipv4Addr, sync::Arc};
 
 use tokio::sync::watch;
 
+pub mod authz;
 pub mod policy;
 pub mod traffic;
 

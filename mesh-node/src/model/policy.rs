@@ -22,6 +22,8 @@ pub struct AuthorizationPolicy {
     /// A request matches the policy when any rule matches. No rules: an ALLOW policy matches
     /// nothing (so it denies everything); `rules: [{}]` matches every request.
     pub rules: Arc<[AuthzRule]>,
+    /// `istio.io/dry-run: "true"`: evaluated and reported, never enforced.
+    pub dry_run: bool,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

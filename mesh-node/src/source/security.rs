@@ -19,6 +19,9 @@ use crate::model::{
 
 type Result<T> = std::result::Result<T, FieldError>;
 
+/// The annotation that makes an AuthorizationPolicy a dry run.
+const DRY_RUN: &str = "istio.io/dry-run";
+
 static NULL: Value = Value::Null;
 
 const SOURCE_FIELDS: [&str; 10] = [
@@ -124,6 +127,25 @@ pub(super) fn authorization_policy(fields: &Fields<'_>) -> Result<AuthorizationP
         .iter()
         .map(|rule| authz_rule(rule, action))
         .collect::<Result<_>>()?;
+    // Istio's `validateDryRunAnnotation`: a boolean, and not on CUSTOM policies.
+    let annotation = format!("metadata.annotations[{DRY_RUN}]");
+    let dry_run = match meta.annotations.get(DRY_RUN).map(String::as_str) {
+        None => false,
+        Some("true" | "True" | "TRUE" | "1" | "t" | "T") if action == AuthzAction::Custom => {
+            return at(
+                &annotation,
+                Err("dry-run is not supported with CUSTOM action".into()),
+            )
+        }
+        Some("true" | "True" | "TRUE" | "1" | "t" | "T") => true,
+        Some("false" | "False" | "FALSE" | "0" | "f" | "F") => false,
+        Some(value) => {
+            return at(
+                &annotation,
+                Err(format!("invalid (expected a boolean): {value:?}")),
+            )
+        }
+    };
     Ok(AuthorizationPolicy {
         key: ObjectKey {
             namespace: meta.namespace,
@@ -134,6 +156,7 @@ pub(super) fn authorization_policy(fields: &Fields<'_>) -> Result<AuthorizationP
         action,
         provider: provider.filter(|p| !p.is_empty()).map(Arc::from),
         rules,
+        dry_run,
     })
 }
 
@@ -643,6 +666,31 @@ spec:
 
         let custom = policy("apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: ext-authz, namespace: foo}\nspec: {action: CUSTOM, provider: {name: my-ext-authz}, rules: [{to: [{operation: {paths: [/admin]}}]}]}");
         assert_eq!(custom.provider.as_deref(), Some("my-ext-authz"));
+    }
+
+    #[test]
+    fn the_dry_run_annotation_is_a_boolean_and_not_for_custom() {
+        let ap = |annotation: &str, spec: &str| {
+            format!("apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {{name: httpbin, namespace: foo, annotations: {{istio.io/dry-run: '{annotation}'}}}}\nspec: {spec}")
+        };
+        assert!(policy(&ap("true", "{rules: [{}]}")).dry_run);
+        assert!(!policy(&ap("false", "{rules: [{}]}")).dry_run);
+        assert!(!policy("apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: a, namespace: foo}\nspec: {}").dry_run);
+        let field = "metadata.annotations[istio.io/dry-run]";
+        assert_rejected(
+            &ap("yes", "{rules: [{}]}"),
+            "AuthorizationPolicy",
+            "foo/httpbin",
+            field,
+            "expected a boolean",
+        );
+        assert_rejected(
+            &ap("true", "{action: CUSTOM, provider: {name: x}, rules: [{}]}"),
+            "AuthorizationPolicy",
+            "foo/httpbin",
+            field,
+            "not supported with CUSTOM",
+        );
     }
 
     #[test]

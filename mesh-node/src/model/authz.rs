@@ -1,0 +1,475 @@
+//! `AuthorizationPolicy` decisions with Istio's semantics, for one request (HTTP) or one
+//! connection (TCP), from the attributes the destination's node proxy knows.
+//!
+//! - Which policies apply to a workload ([`applies_to`]): the root namespace's (mesh-wide, or
+//!   matching workloads of every namespace with a selector), its namespace's without selector,
+//!   those whose selector its labels match, and those whose `targetRefs` name a Service it
+//!   backs.
+//! - Order ([`decide`]): DENY first, then ALLOW; once any ALLOW policy applies, what no ALLOW
+//!   rule matches is denied; no policy allows. AUDIT policies are reported, never decide.
+//!   Policies with `istio.io/dry-run: "true"` are evaluated apart, as if they were the only
+//!   ones, and only reported.
+//! - A rule matches when any `from`, any `to` and every `when` match; in each, a listed field
+//!   must match (its `not` form must not). Values take Istio's `*`, `prefix*` and `*suffix`
+//!   forms; paths also `{*}` (one segment) and `{**}` (the rest) templates.
+//! - On a connection without HTTP attributes (a TCP port), an ALLOW rule with an HTTP-only
+//!   field matches nothing, and in a DENY or AUDIT rule the HTTP-only fields are left out (the
+//!   rest must still match), as Istio builds its TCP filter.
+//! - Principals written with the mesh's trust domain, one of its aliases or `cluster.local`
+//!   match identities of the trust domain and of every alias (Istio's trust domain migration).
+
+use std::net::IpAddr;
+
+use http::HeaderMap;
+
+use super::{
+    policy::{AuthorizationPolicy, AuthzAction, AuthzRule, Condition, Operation, Source},
+    traffic::IpBlock,
+    Labels, ObjectKey,
+};
+
+/// What is known of a request (or, with `http: None`, of a connection) at its destination.
+#[derive(Clone, Copy, Debug)]
+pub struct Attributes<'a> {
+    /// The caller's SPIFFE ID without the scheme (`cluster.local/ns/foo/sa/bar`): from its
+    /// certificate, or from the kernel on the same node. `None`: not in the mesh.
+    pub principal: Option<&'a str>,
+    /// The caller's namespace (from its identity).
+    pub namespace: Option<&'a str>,
+    /// The address of the connection's peer (the calling pod).
+    pub source_ip: IpAddr,
+    /// The original client's address (the same in the mesh).
+    pub remote_ip: IpAddr,
+    pub destination_ip: IpAddr,
+    pub destination_port: u16,
+    /// The TLS server name the client asked for, if any.
+    pub sni: Option<&'a str>,
+    pub http: Option<Http<'a>>,
+}
+
+/// The HTTP attributes of a request.
+#[derive(Clone, Copy, Debug)]
+pub struct Http<'a> {
+    /// `:authority` or `Host`.
+    pub host: &'a str,
+    pub method: &'a str,
+    /// The request target; a query is ignored.
+    pub path: &'a str,
+    pub headers: &'a HeaderMap,
+}
+
+/// The mesh's trust domain and its aliases.
+#[derive(Clone, Copy, Debug)]
+pub struct TrustDomains<'a> {
+    pub local: &'a str,
+    pub aliases: &'a [&'a str],
+}
+
+impl TrustDomains<'_> {
+    fn contains(&self, domain: &str) -> bool {
+        self.local == domain || self.aliases.contains(&domain)
+    }
+}
+
+/// What the policies of a workload decide about a request.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Verdict<'p> {
+    pub allowed: bool,
+    /// The DENY policy that matched, or the ALLOW policy that did; `None` when no policy
+    /// applies (allowed) or when ALLOW policies apply and none matched (denied).
+    pub policy: Option<&'p ObjectKey>,
+    /// AUDIT policies that matched.
+    pub audited: Vec<&'p ObjectKey>,
+    /// What the dry-run policies would have decided, when any applies.
+    pub dry_run: Option<DryRun<'p>>,
+}
+
+/// The decision of the dry-run policies alone.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DryRun<'p> {
+    pub allowed: bool,
+    pub policy: Option<&'p ObjectKey>,
+}
+
+/// Whether `policy` applies to a workload of `namespace` with `labels`, backing `services`.
+pub fn applies_to(
+    policy: &AuthorizationPolicy,
+    root_namespace: &str,
+    namespace: &str,
+    labels: &Labels,
+    services: &[&ObjectKey],
+) -> bool {
+    let ns = &*policy.key.namespace;
+    let root = ns == root_namespace;
+    if ns != namespace && !root {
+        return false;
+    }
+    if !policy.target_refs.is_empty() {
+        return policy.target_refs.iter().any(|t| {
+            t.group.is_empty()
+                && &*t.kind == "Service"
+                && services
+                    .iter()
+                    .any(|s| *s.namespace == *ns && s.name == t.name)
+        });
+    }
+    match &policy.selector {
+        None => true,
+        Some(selector) => selector.iter().all(|(k, v)| labels.get(k) == Some(v)),
+    }
+}
+
+/// Decides `request` against the policies that apply to its workload.
+pub fn decide<'p>(
+    policies: &[&'p AuthorizationPolicy],
+    request: &Attributes<'_>,
+    trust: TrustDomains<'_>,
+) -> Verdict<'p> {
+    let (enforced, dry): (Vec<_>, Vec<_>) = policies.iter().partition(|p| !p.dry_run);
+    let (allowed, policy) = decide_among(&enforced, request, trust);
+    let audited = enforced
+        .iter()
+        .filter(|p| p.action == AuthzAction::Audit && matches(p, request, trust))
+        .map(|p| &p.key)
+        .collect();
+    let dry_run = dry
+        .iter()
+        .any(|p| matches!(p.action, AuthzAction::Allow | AuthzAction::Deny))
+        .then(|| {
+            let (allowed, policy) = decide_among(&dry, request, trust);
+            DryRun { allowed, policy }
+        });
+    Verdict {
+        allowed,
+        policy,
+        audited,
+        dry_run,
+    }
+}
+
+fn decide_among<'p>(
+    policies: &[&'p AuthorizationPolicy],
+    request: &Attributes<'_>,
+    trust: TrustDomains<'_>,
+) -> (bool, Option<&'p ObjectKey>) {
+    let of = |action| policies.iter().filter(move |p| p.action == action);
+    if let Some(deny) = of(AuthzAction::Deny).find(|p| matches(p, request, trust)) {
+        return (false, Some(&deny.key));
+    }
+    let mut allows = of(AuthzAction::Allow).peekable();
+    if allows.peek().is_none() {
+        return (true, None);
+    }
+    match allows.find(|p| matches(p, request, trust)) {
+        Some(allow) => (true, Some(&allow.key)),
+        None => (false, None),
+    }
+}
+
+/// Whether any rule of `policy` matches.
+fn matches(
+    policy: &AuthorizationPolicy,
+    request: &Attributes<'_>,
+    trust: TrustDomains<'_>,
+) -> bool {
+    policy
+        .rules
+        .iter()
+        .any(|rule| rule_matches(rule, policy.action, request, trust))
+}
+
+fn rule_matches(
+    rule: &AuthzRule,
+    action: AuthzAction,
+    request: &Attributes<'_>,
+    trust: TrustDomains<'_>,
+) -> bool {
+    if request.http.is_none() && action == AuthzAction::Allow && has_http_only(rule) {
+        return false;
+    }
+    (rule.from.is_empty() || rule.from.iter().any(|s| source_matches(s, request, trust)))
+        && (rule.to.is_empty() || rule.to.iter().any(|o| operation_matches(o, request)))
+        && rule
+            .when
+            .iter()
+            .all(|c| condition_matches(c, request, trust))
+}
+
+/// Whether a rule names something only an HTTP request has.
+fn has_http_only(rule: &AuthzRule) -> bool {
+    rule.to.iter().any(|o| {
+        !(o.hosts.is_empty()
+            && o.not_hosts.is_empty()
+            && o.methods.is_empty()
+            && o.not_methods.is_empty()
+            && o.paths.is_empty()
+            && o.not_paths.is_empty())
+    }) || rule.when.iter().any(|c| is_http_only(&c.key))
+        || rule
+            .from
+            .iter()
+            .any(|s| !(s.request_principals.is_empty() && s.not_request_principals.is_empty()))
+}
+
+fn is_http_only(key: &str) -> bool {
+    key.starts_with("request.")
+}
+
+/// A field's verdict: listed values must match (any), `not` values must not (none); an empty
+/// list says nothing.
+fn field<T>(listed: &[T], not: &[T], matches: impl Fn(&T) -> bool) -> bool {
+    (listed.is_empty() || listed.iter().any(&matches)) && !not.iter().any(matches)
+}
+
+fn source_matches(source: &Source, request: &Attributes<'_>, trust: TrustDomains<'_>) -> bool {
+    let principal = |p: &std::sync::Arc<str>| {
+        request
+            .principal
+            .is_some_and(|r| principal_matches(p, r, trust))
+    };
+    let namespace = |n: &std::sync::Arc<str>| request.namespace.is_some_and(|r| wild(n, r));
+    field(&source.principals, &source.not_principals, principal)
+        && field(&source.namespaces, &source.not_namespaces, namespace)
+        && field(&source.ip_blocks, &source.not_ip_blocks, |b| {
+            b.contains(request.source_ip)
+        })
+        && field(&source.remote_ip_blocks, &source.not_remote_ip_blocks, |b| {
+            b.contains(request.remote_ip)
+        })
+        // Request principals come from JWTs, which Weft does not verify (validation refuses
+        // them): nothing matches a listed one.
+        && source.request_principals.is_empty()
+}
+
+fn operation_matches(operation: &Operation, request: &Attributes<'_>) -> bool {
+    let port = field(&operation.ports, &operation.not_ports, |p| {
+        *p == request.destination_port
+    });
+    let Some(http) = request.http else {
+        // A DENY or AUDIT rule on a connection: its HTTP-only fields are left out.
+        return port;
+    };
+    port && field(&operation.hosts, &operation.not_hosts, |h| {
+        host_matches(h, http.host)
+    }) && field(&operation.methods, &operation.not_methods, |m| {
+        wild(m, http.method)
+    }) && field(&operation.paths, &operation.not_paths, |p| {
+        path_matches(p, path_of(http.path))
+    })
+}
+
+fn condition_matches(
+    condition: &Condition,
+    request: &Attributes<'_>,
+    trust: TrustDomains<'_>,
+) -> bool {
+    let key = &*condition.key;
+    let value_matches = |v: &std::sync::Arc<str>| -> bool {
+        if let Some(name) = key
+            .strip_prefix("request.headers[")
+            .and_then(|k| k.strip_suffix(']'))
+        {
+            return request.http.is_some_and(|h| {
+                h.headers
+                    .get_all(name)
+                    .iter()
+                    .filter_map(|value| value.to_str().ok())
+                    .any(|value| wild(v, value))
+            });
+        }
+        match key {
+            "source.ip" => ip_matches(v, request.source_ip),
+            "remote.ip" => ip_matches(v, request.remote_ip),
+            "destination.ip" => ip_matches(v, request.destination_ip),
+            "destination.port" => v.parse() == Ok(request.destination_port),
+            "source.namespace" => request.namespace.is_some_and(|n| wild(v, n)),
+            "source.principal" => request
+                .principal
+                .is_some_and(|p| principal_matches(v, p, trust)),
+            "connection.sni" => request.sni.is_some_and(|s| wild(v, s)),
+            // Validation refuses every other key.
+            _ => false,
+        }
+    };
+    if request.http.is_none() && is_http_only(key) {
+        // Only DENY and AUDIT rules get here on a connection: the condition is left out.
+        return true;
+    }
+    field(&condition.values, &condition.not_values, value_matches)
+}
+
+/// Istio's string match: `*` (anything), `prefix*`, `*suffix`, or exact.
+fn wild(pattern: &str, value: &str) -> bool {
+    if pattern == "*" {
+        return true;
+    }
+    if let Some(prefix) = pattern.strip_suffix('*') {
+        return value.starts_with(prefix);
+    }
+    if let Some(suffix) = pattern.strip_prefix('*') {
+        return value.ends_with(suffix);
+    }
+    pattern == value
+}
+
+/// A principal pattern against an identity, both without the scheme. A pattern in the mesh's
+/// trust domain, one of its aliases or `cluster.local` matches the same workload in any of
+/// them.
+fn principal_matches(pattern: &str, principal: &str, trust: TrustDomains<'_>) -> bool {
+    if wild(pattern, principal) {
+        return true;
+    }
+    let (Some((pattern_domain, pattern_rest)), Some((domain, rest))) =
+        (pattern.split_once('/'), principal.split_once('/'))
+    else {
+        return false;
+    };
+    let known = |d: &str| trust.contains(d) || d == "cluster.local";
+    !pattern_domain.contains('*')
+        && known(pattern_domain)
+        && trust.contains(domain)
+        && wild(pattern_rest, rest)
+}
+
+/// Hosts compare without case, and without the request's port when the pattern has none.
+fn host_matches(pattern: &str, host: &str) -> bool {
+    let pattern = pattern.to_ascii_lowercase();
+    let host = host.to_ascii_lowercase();
+    if wild(&pattern, &host) {
+        return true;
+    }
+    match host.rsplit_once(':') {
+        Some((name, port))
+            if !pattern.contains(':') && port.bytes().all(|b| b.is_ascii_digit()) =>
+        {
+            wild(&pattern, name)
+        }
+        _ => false,
+    }
+}
+
+fn ip_matches(value: &str, ip: IpAddr) -> bool {
+    value
+        .parse::<IpBlock>()
+        .is_ok_and(|block| block.contains(ip))
+}
+
+/// The path of a request target, without its query or fragment.
+fn path_of(target: &str) -> &str {
+    target.split(['?', '#']).next().unwrap_or(target)
+}
+
+/// A path pattern: Istio's string forms, or a template where `{*}` is one segment and a final
+/// `{**}` the rest.
+fn path_matches(pattern: &str, path: &str) -> bool {
+    if !pattern.contains("{*}") && !pattern.contains("{**}") {
+        return wild(pattern, path);
+    }
+    let mut want = pattern.split('/');
+    let mut have = path.split('/');
+    loop {
+        match (want.next(), have.next()) {
+            (None, None) => return true,
+            (Some("{**}"), Some(segment)) => return !segment.is_empty() || have.next().is_some(),
+            (Some("{*}"), Some(segment)) if !segment.is_empty() => {}
+            (Some(w), Some(h)) if w == h => {}
+            _ => return false,
+        }
+    }
+}
+
+/// Policy decisions on arbitrary input: `fuzz/` feeds this function and a unit test replays
+/// its corpus. The bytes before the first NUL are resources (YAML, as the file source reads
+/// them); the rest describe a request, one `name: value` per line (`principal`, `ip`,
+/// `port`, `method`, `path`, `host`, `sni`, `header` as `name=value`; no `method`: a TCP
+/// connection). Every policy read is applied, as if it selected the workload. Panics on a
+/// panic, or on a verdict the policies cannot give (a denial naming an ALLOW policy, an
+/// allowance naming a DENY one, an allowance by no policy while an ALLOW policy applies).
+pub fn fuzz_decide(data: &[u8]) {
+    let (config, request) = match data.iter().position(|&b| b == 0) {
+        Some(i) => (&data[..i], &data[i + 1..]),
+        None => (data, &[][..]),
+    };
+    let policies: Vec<_> = crate::source::file::parse_documents("input.yaml", config)
+        .into_iter()
+        .filter_map(|(_, r)| match r {
+            Ok(crate::source::objects::Object::AuthorizationPolicy(p)) => Some(p),
+            _ => None,
+        })
+        .collect();
+    let text = String::from_utf8_lossy(request);
+    let mut headers = HeaderMap::new();
+    let (mut principal, mut ip, mut port, mut sni) = (None, None, 80, None);
+    let (mut method, mut path, mut host) = (None, "/", "");
+    for line in text.lines() {
+        let Some((name, value)) = line.split_once(": ") else {
+            continue;
+        };
+        match name {
+            "principal" => principal = Some(value),
+            "ip" => ip = value.parse().ok(),
+            "port" => port = value.parse().unwrap_or(port),
+            "method" => method = Some(value),
+            "path" => path = value,
+            "host" => host = value,
+            "sni" => sni = Some(value),
+            "header" => {
+                if let Some((n, v)) = value.split_once('=') {
+                    if let (Ok(n), Ok(v)) = (
+                        http::HeaderName::from_bytes(n.as_bytes()),
+                        http::HeaderValue::from_str(v),
+                    ) {
+                        headers.append(n, v);
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+    let source_ip = ip.unwrap_or(IpAddr::from([10, 244, 1, 7]));
+    let request = Attributes {
+        principal,
+        namespace: principal.and_then(|p| p.split('/').nth(2)),
+        source_ip,
+        remote_ip: source_ip,
+        destination_ip: IpAddr::from([10, 244, 2, 5]),
+        destination_port: port,
+        sni,
+        http: method.map(|method| Http {
+            host,
+            method,
+            path,
+            headers: &headers,
+        }),
+    };
+    let all: Vec<&AuthorizationPolicy> = policies.iter().map(|p| &**p).collect();
+    let trust = TrustDomains {
+        local: "cluster.local",
+        aliases: &["old-td"],
+    };
+    let verdict = decide(&all, &request, trust);
+    let action_of = |key: &ObjectKey| {
+        all.iter()
+            .find(|p| p.key == *key && !p.dry_run)
+            .map(|p| p.action)
+    };
+    match (verdict.allowed, verdict.policy) {
+        (false, Some(key)) => assert_eq!(action_of(key), Some(AuthzAction::Deny)),
+        (true, Some(key)) => assert_eq!(action_of(key), Some(AuthzAction::Allow)),
+        (true, None) => assert!(
+            !all.iter()
+                .any(|p| p.action == AuthzAction::Allow && !p.dry_run),
+            "allowed by no policy while an ALLOW policy applies"
+        ),
+        (false, None) => assert!(all
+            .iter()
+            .any(|p| p.action == AuthzAction::Allow && !p.dry_run)),
+    }
+    let labels = Labels::default();
+    for policy in &all {
+        let _ = applies_to(policy, "istio-system", "foo", &labels, &[]);
+    }
+}
+
+#[cfg(test)]
+mod tests;
