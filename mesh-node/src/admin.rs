@@ -33,7 +33,10 @@ use tracing::{debug, info};
 
 use crate::{
     metrics::{self, Metrics},
-    model::{ObjectKey, Snapshot, TargetPort, CGROUP_ANNOTATION},
+    model::{
+        authz::policies_for, policy::ROOT_NAMESPACE, ObjectKey, Snapshot, TargetPort,
+        CGROUP_ANNOTATION,
+    },
     source::SourceStatus,
 };
 
@@ -352,6 +355,14 @@ fn resources(snapshot: &Snapshot) -> Vec<Value> {
             "labels": p.labels,
             "cgroup": p.annotations.get(CGROUP_ANNOTATION),
             "meshed": snapshot.is_meshed(p),
+            "authorizationPolicies": policies_for(snapshot, p, ROOT_NAMESPACE)
+                .iter()
+                .map(|ap| json!({
+                    "policy": ap.key.to_string(),
+                    "action": ap.action.as_str(),
+                    "dryRun": ap.dry_run,
+                }))
+                .collect::<Vec<_>>(),
             "ports": p.ports.iter().map(|(name, port)| json!({
                 "name": name.as_deref(),
                 "containerPort": port,
@@ -436,7 +447,7 @@ fn mesh_config(snapshot: &Snapshot) -> Vec<Value> {
     out.extend(entries(
         "AuthorizationPolicy",
         &snapshot.authorization_policies,
-        |ap| json!({"action": ap.action.as_str(), "rules": ap.rules.len()}),
+        |ap| json!({"action": ap.action.as_str(), "rules": ap.rules.len(), "dryRun": ap.dry_run}),
     ));
     out.extend(entries(
         "PeerAuthentication",
@@ -509,6 +520,31 @@ mod tests {
         assert!(r.check().unwrap_err().contains("proxy has not applied"));
         r.proxy_applied_version.store(3, Ordering::Release);
         assert_eq!(r.check(), Ok(()));
+    }
+
+    #[test]
+    fn the_authorization_policies_in_force_are_listed_per_pod() {
+        let docs = "apiVersion: v1\nkind: List\nitems:\n\
+            - {apiVersion: v1, kind: Pod, metadata: {name: httpbin-1, namespace: foo, labels: {app: httpbin}}, spec: {nodeName: n1, containers: [{name: app}]}, status: {podIP: 10.244.1.5}}\n\
+            - {apiVersion: v1, kind: Service, metadata: {name: web, namespace: foo}, spec: {clusterIP: 10.96.0.9, selector: {app: httpbin}, ports: [{port: 80}]}}\n\
+            - {apiVersion: security.istio.io/v1, kind: AuthorizationPolicy, metadata: {name: mesh, namespace: istio-system}, spec: {action: DENY, rules: [{to: [{operation: {paths: [/admin]}}]}]}}\n\
+            - {apiVersion: security.istio.io/v1, kind: AuthorizationPolicy, metadata: {name: by-service, namespace: foo, annotations: {istio.io/dry-run: 'true'}}, spec: {targetRefs: [{kind: Service, group: '', name: web}], rules: [{}]}}\n\
+            - {apiVersion: security.istio.io/v1, kind: AuthorizationPolicy, metadata: {name: others, namespace: foo}, spec: {selector: {matchLabels: {app: other}}}}\n\
+            - {apiVersion: security.istio.io/v1, kind: AuthorizationPolicy, metadata: {name: elsewhere, namespace: bar}, spec: {}}\n";
+        let value = crate::source::yaml::parse(docs).unwrap();
+        let objects: Vec<_> = objects::translate(&value)
+            .into_iter()
+            .map(Result::unwrap)
+            .collect();
+        let listed = resources(&assemble(&objects, None));
+        let pod = listed.iter().find(|r| r["kind"] == "Pod").unwrap();
+        assert_eq!(
+            pod["authorizationPolicies"],
+            json!([
+                {"policy": "foo/by-service", "action": "ALLOW", "dryRun": true},
+                {"policy": "istio-system/mesh", "action": "DENY", "dryRun": false},
+            ])
+        );
     }
 
     #[test]

@@ -25,7 +25,7 @@ use http::HeaderMap;
 use super::{
     policy::{AuthorizationPolicy, AuthzAction, AuthzRule, Condition, Operation, Source},
     traffic::IpBlock,
-    Labels, ObjectKey,
+    Labels, ObjectKey, Pod, Snapshot,
 };
 
 /// What is known of a request (or, with `http: None`, of a connection) at its destination.
@@ -117,6 +117,42 @@ pub fn applies_to(
         None => true,
         Some(selector) => selector.iter().all(|(k, v)| labels.get(k) == Some(v)),
     }
+}
+
+/// The policies of `snapshot` that apply to `pod`, in key order (a Service it backs is one
+/// whose selector its labels match).
+pub fn policies_for<'s>(
+    snapshot: &'s Snapshot,
+    pod: &Pod,
+    root_namespace: &str,
+) -> Vec<&'s AuthorizationPolicy> {
+    let services: Vec<&ObjectKey> = snapshot
+        .services
+        .values()
+        .filter(|s| {
+            s.key.namespace == pod.key.namespace
+                && s.selector.as_ref().is_some_and(|sel| {
+                    !sel.is_empty() && sel.iter().all(|(k, v)| pod.labels.get(k) == Some(v))
+                })
+        })
+        .map(|s| &s.key)
+        .collect();
+    let mut policies: Vec<&AuthorizationPolicy> = snapshot
+        .authorization_policies
+        .values()
+        .map(|p| &**p)
+        .filter(|p| {
+            applies_to(
+                p,
+                root_namespace,
+                &pod.key.namespace,
+                &pod.labels,
+                &services,
+            )
+        })
+        .collect();
+    policies.sort_by(|a, b| a.key.cmp(&b.key));
+    policies
 }
 
 /// Decides `request` against the policies that apply to its workload.
