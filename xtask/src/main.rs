@@ -67,6 +67,9 @@ Environment:
   WEFT_PROFILE=release       cargo profile of mesh-node and weft-demo (default: debug)
   WEFT_CLUSTER_NODE_LOG=...  RUST_LOG of the node proxies and Weft sidecars (default:
                              mesh-node's: info, access logs off)
+  WEFT_CLUSTER_PROXY_MEMORY=256Mi
+                             memory limit of each node proxy, enforced by the kernel
+                             (default: the DaemonSet's 512Mi)
 
 State, effective configuration and logs are under /run/weft-cluster.")]
 enum ClusterCommand {
