@@ -7,16 +7,18 @@
 //!   backs.
 //! - Order ([`decide`]): DENY first, then ALLOW; once any ALLOW policy applies, what no ALLOW
 //!   rule matches is denied; no policy allows. AUDIT policies are reported, never decide.
-//!   Policies with `istio.io/dry-run: "true"` are evaluated apart, as if they were the only
-//!   ones, and only reported.
+//!   Policies with `istio.io/dry-run: "true"` are evaluated apart and only reported, the
+//!   DENY and the ALLOW results apart as Istio does.
 //! - A rule matches when any `from`, any `to` and every `when` match; in each, a listed field
-//!   must match (its `not` form must not). Values take Istio's `*`, `prefix*` and `*suffix`
-//!   forms; paths also `{*}` (one segment) and `{**}` (the rest) templates.
+//!   must match (its `not` form must not). Values take Istio's `*`, `*suffix` and `prefix*`
+//!   forms, namespaces are globs; paths are normalized first and also take `{*}` (one
+//!   segment) and `{**}` (any run) templates; hosts compare exactly, port included.
 //! - On a connection without HTTP attributes (a TCP port), an ALLOW rule with an HTTP-only
 //!   field matches nothing, and in a DENY or AUDIT rule the HTTP-only fields are left out (the
 //!   rest must still match), as Istio builds its TCP filter.
-//! - Principals written with the mesh's trust domain, one of its aliases or `cluster.local`
-//!   match identities of the trust domain and of every alias (Istio's trust domain migration).
+//! - Principals are expanded as Istio's `ReplaceTrustDomainAliases` does: a five-segment
+//!   principal in the mesh's trust domain, an alias or `cluster.local` stands for the same
+//!   workload in every domain of the mesh (Istio's trust domain migration).
 
 use std::net::IpAddr;
 
@@ -53,7 +55,8 @@ pub struct Http<'a> {
     /// `:authority` or `Host`.
     pub host: &'a str,
     pub method: &'a str,
-    /// The request target; a query is ignored.
+    /// The request target as received; it is normalized ([`normalize_path`]) before it is
+    /// matched.
     pub path: &'a str,
     pub headers: &'a HeaderMap,
 }
@@ -65,12 +68,6 @@ pub struct TrustDomains<'a> {
     pub aliases: &'a [&'a str],
 }
 
-impl TrustDomains<'_> {
-    fn contains(&self, domain: &str) -> bool {
-        self.local == domain || self.aliases.contains(&domain)
-    }
-}
-
 /// What the policies of a workload decide about a request.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Verdict<'p> {
@@ -80,14 +77,18 @@ pub struct Verdict<'p> {
     pub policy: Option<&'p ObjectKey>,
     /// AUDIT policies that matched.
     pub audited: Vec<&'p ObjectKey>,
-    /// What the dry-run policies would have decided, when any applies.
-    pub dry_run: Option<DryRun<'p>>,
+    /// What the dry-run DENY policies would have decided, when any applies.
+    pub dry_run_deny: Option<Shadow<'p>>,
+    /// What the dry-run ALLOW policies would have decided, when any applies and no enforced
+    /// DENY policy denied the request already (Istio reports the two apart).
+    pub dry_run_allow: Option<Shadow<'p>>,
 }
 
-/// The decision of the dry-run policies alone.
+/// The decision some dry-run policies would have given.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct DryRun<'p> {
+pub struct Shadow<'p> {
     pub allowed: bool,
+    /// The policy that would have decided (`None`: none matched).
     pub policy: Option<&'p ObjectKey>,
 }
 
@@ -168,18 +169,23 @@ pub fn decide<'p>(
         .filter(|p| p.action == AuthzAction::Audit && matches(p, request, trust))
         .map(|p| &p.key)
         .collect();
-    let dry_run = dry
-        .iter()
-        .any(|p| matches!(p.action, AuthzAction::Allow | AuthzAction::Deny))
-        .then(|| {
-            let (allowed, policy) = decide_among(&dry, request, trust);
-            DryRun { allowed, policy }
-        });
+    let shadow = |action| {
+        let mut of = dry.iter().filter(|p| p.action == action).peekable();
+        of.peek()?;
+        let matched = of.find(|p| matches(p, request, trust)).map(|p| &p.key);
+        let allowed = (action == AuthzAction::Allow) == matched.is_some();
+        Some(Shadow {
+            allowed,
+            policy: matched,
+        })
+    };
+    let denied_by_deny = !allowed && policy.is_some();
     Verdict {
         allowed,
         policy,
         audited,
-        dry_run,
+        dry_run_deny: shadow(AuthzAction::Deny),
+        dry_run_allow: shadow(AuthzAction::Allow).filter(|_| !denied_by_deny),
     }
 }
 
@@ -263,7 +269,7 @@ fn source_matches(source: &Source, request: &Attributes<'_>, trust: TrustDomains
             .principal
             .is_some_and(|r| principal_matches(p, r, trust))
     };
-    let namespace = |n: &std::sync::Arc<str>| request.namespace.is_some_and(|r| wild(n, r));
+    let namespace = |n: &std::sync::Arc<str>| request.namespace.is_some_and(|r| glob(n, r));
     field(&source.principals, &source.not_principals, principal)
         && field(&source.namespaces, &source.not_namespaces, namespace)
         && field(&source.ip_blocks, &source.not_ip_blocks, |b| {
@@ -289,9 +295,12 @@ fn operation_matches(operation: &Operation, request: &Attributes<'_>) -> bool {
         host_matches(h, http.host)
     }) && field(&operation.methods, &operation.not_methods, |m| {
         wild(m, http.method)
-    }) && field(&operation.paths, &operation.not_paths, |p| {
-        path_matches(p, path_of(http.path))
-    })
+    }) && {
+        let path = normalize_path(http.path);
+        field(&operation.paths, &operation.not_paths, |p| {
+            path_matches(p, &path)
+        })
+    }
 }
 
 fn condition_matches(
@@ -305,20 +314,34 @@ fn condition_matches(
             .strip_prefix("request.headers[")
             .and_then(|k| k.strip_suffix(']'))
         {
-            return request.http.is_some_and(|h| {
-                h.headers
-                    .get_all(name)
-                    .iter()
-                    .filter_map(|value| value.to_str().ok())
-                    .any(|value| wild(v, value))
-            });
+            let Some(h) = request.http else {
+                return false;
+            };
+            // Pseudo-headers are the request's own attributes; a header sent several times
+            // is matched once, its values joined with `,` (as Envoy does, so a second value
+            // cannot slip past a `notValues`).
+            let joined = match name {
+                ":authority" => Some(h.host.to_owned()),
+                ":method" => Some(h.method.to_owned()),
+                ":path" => Some(h.path.to_owned()),
+                _ => {
+                    let values: Vec<&str> = h
+                        .headers
+                        .get_all(name)
+                        .iter()
+                        .map(|value| value.to_str().unwrap_or_default())
+                        .collect();
+                    (!values.is_empty()).then(|| values.join(","))
+                }
+            };
+            return joined.is_some_and(|value| wild(v, &value));
         }
         match key {
             "source.ip" => ip_matches(v, request.source_ip),
             "remote.ip" => ip_matches(v, request.remote_ip),
             "destination.ip" => ip_matches(v, request.destination_ip),
             "destination.port" => v.parse() == Ok(request.destination_port),
-            "source.namespace" => request.namespace.is_some_and(|n| wild(v, n)),
+            "source.namespace" => request.namespace.is_some_and(|n| glob(v, n)),
             "source.principal" => request
                 .principal
                 .is_some_and(|p| principal_matches(v, p, trust)),
@@ -334,54 +357,78 @@ fn condition_matches(
     field(&condition.values, &condition.not_values, value_matches)
 }
 
-/// Istio's string match: `*` (anything), `prefix*`, `*suffix`, or exact.
+/// Istio's string match: `*` (anything), `*suffix`, `prefix*` (a leading `*` is read first,
+/// as Envoy's matchers do), or exact.
 fn wild(pattern: &str, value: &str) -> bool {
     if pattern == "*" {
         return true;
     }
-    if let Some(prefix) = pattern.strip_suffix('*') {
-        return value.starts_with(prefix);
-    }
     if let Some(suffix) = pattern.strip_prefix('*') {
         return value.ends_with(suffix);
+    }
+    if let Some(prefix) = pattern.strip_suffix('*') {
+        return value.starts_with(prefix);
     }
     pattern == value
 }
 
-/// A principal pattern against an identity, both without the scheme. A pattern in the mesh's
-/// trust domain, one of its aliases or `cluster.local` matches the same workload in any of
-/// them.
-fn principal_matches(pattern: &str, principal: &str, trust: TrustDomains<'_>) -> bool {
-    if wild(pattern, principal) {
-        return true;
-    }
-    let (Some((pattern_domain, pattern_rest)), Some((domain, rest))) =
-        (pattern.split_once('/'), principal.split_once('/'))
-    else {
+/// A glob where every `*` stands for any run of characters (namespaces, as Istio matches them).
+fn glob(pattern: &str, value: &str) -> bool {
+    let mut parts = pattern.split('*');
+    let first = parts.next().unwrap_or_default();
+    let Some(mut rest) = value.strip_prefix(first) else {
         return false;
     };
-    let known = |d: &str| trust.contains(d) || d == "cluster.local";
-    !pattern_domain.contains('*')
-        && known(pattern_domain)
-        && trust.contains(domain)
-        && wild(pattern_rest, rest)
+    let parts: Vec<&str> = parts.collect();
+    let Some((last, middle)) = parts.split_last() else {
+        return rest.is_empty();
+    };
+    for part in middle {
+        match rest.find(part) {
+            Some(at) => rest = &rest[at + part.len()..],
+            None => return false,
+        }
+    }
+    rest.ends_with(last)
 }
 
-/// Hosts compare without case, and without the request's port when the pattern has none.
+/// A principal pattern against an identity, both without the scheme, after Istio's trust
+/// domain expansion ([`expand_principal`]).
+fn principal_matches(pattern: &str, principal: &str, trust: TrustDomains<'_>) -> bool {
+    expand_principal(pattern, trust)
+        .iter()
+        .any(|p| wild(p, principal))
+}
+
+/// Istio's `ReplaceTrustDomainAliases`: a principal of five segments (`td/ns/x/sa/y`) whose
+/// trust domain is the mesh's, an alias (either may hold a `*`) or `cluster.local` stands for
+/// the same workload in every domain of the mesh; any other pattern stands for itself.
+fn expand_principal(pattern: &str, trust: TrustDomains<'_>) -> Vec<String> {
+    let segments: Vec<&str> = pattern.split('/').collect();
+    let domain = segments[0];
+    if segments.len() != 5 || domain == "*" || domain.is_empty() {
+        return vec![pattern.to_owned()];
+    }
+    let bundle = std::iter::once(trust.local).chain(trust.aliases.iter().copied());
+    let known =
+        domain == "cluster.local" || bundle.clone().any(|d| wild(domain, d) || wild(d, domain));
+    if !known {
+        return vec![pattern.to_owned()];
+    }
+    let rest = &pattern[domain.len()..];
+    bundle
+        .map(|d| match domain.strip_prefix('*') {
+            // `*local/ns/...` stays as written for the domains it already matches.
+            Some(suffix) if d.ends_with(suffix) => pattern.to_owned(),
+            _ => format!("{d}{rest}"),
+        })
+        .collect()
+}
+
+/// Hosts compare without case and exactly, port included, as Istio does: write
+/// `example.com:*` too to match a host with a port.
 fn host_matches(pattern: &str, host: &str) -> bool {
-    let pattern = pattern.to_ascii_lowercase();
-    let host = host.to_ascii_lowercase();
-    if wild(&pattern, &host) {
-        return true;
-    }
-    match host.rsplit_once(':') {
-        Some((name, port))
-            if !pattern.contains(':') && port.bytes().all(|b| b.is_ascii_digit()) =>
-        {
-            wild(&pattern, name)
-        }
-        _ => false,
-    }
+    wild(&pattern.to_ascii_lowercase(), &host.to_ascii_lowercase())
 }
 
 fn ip_matches(value: &str, ip: IpAddr) -> bool {
@@ -390,28 +437,64 @@ fn ip_matches(value: &str, ip: IpAddr) -> bool {
         .is_ok_and(|block| block.contains(ip))
 }
 
-/// The path of a request target, without its query or fragment.
-fn path_of(target: &str) -> &str {
-    target.split(['?', '#']).next().unwrap_or(target)
+/// The path policies see, as Istio's default (`BASE`) normalization gives it: the query and
+/// fragment dropped, a backslash read as `/`, and `.` and `..` segments resolved (RFC 3986). The
+/// request must be forwarded with this same path.
+pub fn normalize_path(target: &str) -> String {
+    let path = target.split(['?', '#']).next().unwrap_or(target);
+    let path = path.replace('\\', "/");
+    let mut out: Vec<&str> = Vec::new();
+    let segments: Vec<&str> = path.split('/').collect();
+    let last = segments.len().saturating_sub(1);
+    for (i, segment) in segments.iter().enumerate() {
+        match *segment {
+            "." => {
+                if i == last {
+                    out.push("");
+                }
+            }
+            ".." => {
+                if out.len() > 1 {
+                    out.pop();
+                }
+                if i == last {
+                    out.push("");
+                }
+            }
+            s => out.push(s),
+        }
+    }
+    let joined = out.join("/");
+    if joined.starts_with('/') {
+        joined
+    } else {
+        format!("/{joined}")
+    }
 }
 
-/// A path pattern: Istio's string forms, or a template where `{*}` is one segment and a final
-/// `{**}` the rest.
+/// A path pattern: Istio's string forms, or a template where `{*}` is one non-empty segment
+/// and `{**}` (the last operator) any run of characters, `/` included.
 fn path_matches(pattern: &str, path: &str) -> bool {
     if !pattern.contains("{*}") && !pattern.contains("{**}") {
         return wild(pattern, path);
     }
-    let mut want = pattern.split('/');
-    let mut have = path.split('/');
-    loop {
-        match (want.next(), have.next()) {
-            (None, None) => return true,
-            (Some("{**}"), Some(segment)) => return !segment.is_empty() || have.next().is_some(),
-            (Some("{*}"), Some(segment)) if !segment.is_empty() => {}
-            (Some(w), Some(h)) if w == h => {}
-            _ => return false,
+    let mut expression = String::from("^");
+    let mut rest = pattern;
+    while !rest.is_empty() {
+        if let Some(after) = rest.strip_prefix("{**}") {
+            expression.push_str(".*");
+            rest = after;
+        } else if let Some(after) = rest.strip_prefix("{*}") {
+            expression.push_str("[^/]+");
+            rest = after;
+        } else {
+            let next = rest.find('{').filter(|&i| i > 0).unwrap_or(rest.len());
+            expression.push_str(&regex::escape(&rest[..next]));
+            rest = &rest[next..];
         }
     }
+    expression.push('$');
+    regex::Regex::new(&expression).is_ok_and(|re| re.is_match(path))
 }
 
 /// Policy decisions on arbitrary input: `fuzz/` feeds this function and a unit test replays

@@ -180,6 +180,9 @@ fn principals_namespaces_and_their_wildcards_and_not_forms() {
     let suffix = [with("{principals: ['*/sa/sleep']}")];
     assert!(allowed(&suffix, &Req::from_sa("bar", "sleep")));
     assert!(!allowed(&suffix, &Req::from_sa("bar", "curl")));
+    let glob = [with("{namespaces: ['team-*-prod']}")];
+    assert!(allowed(&glob, &Req::from_sa("team-a-prod", "sleep")));
+    assert!(!allowed(&glob, &Req::from_sa("team-a-dev", "sleep")));
     let namespace = [with("{namespaces: [foo]}")];
     assert!(allowed(&namespace, &Req::sleep()));
     assert!(!allowed(&namespace, &Req::from_sa("bar", "sleep")));
@@ -223,9 +226,11 @@ fn operations_hosts_ports_methods_paths_and_templates() {
     let hosts = with("{hosts: [HTTPBIN.foo, '*.example.com']}");
     assert!(allowed(&hosts, &Req::sleep()));
     assert!(
-        allowed(&hosts, &Req::sleep().host("httpbin.foo:8000")),
-        "without the port"
+        !allowed(&hosts, &Req::sleep().host("httpbin.foo:8000")),
+        "the port is part of the host, as in Istio"
     );
+    let with_port = with("{hosts: [httpbin.foo, 'httpbin.foo:*']}");
+    assert!(allowed(&with_port, &Req::sleep().host("httpbin.foo:8000")));
     assert!(allowed(&hosts, &Req::sleep().host("a.example.com")));
     assert!(!allowed(&hosts, &Req::sleep().host("other.foo")));
     let ports = with("{ports: ['8000']}");
@@ -241,7 +246,7 @@ fn operations_hosts_ports_methods_paths_and_templates() {
     for no in ["/ip", "/status/500", "/headers/x"] {
         assert!(!allowed(&paths, &Req::sleep().get("GET", no)), "{no}");
     }
-    let template = with("{paths: ['/store/{*}/items', '/files/{**}']}");
+    let template = with("{paths: ['/store/{*}/items', '/files/{**}', '/foo/{*}/bar/{**}']}");
     assert!(allowed(
         &template,
         &Req::sleep().get("GET", "/store/a1/items")
@@ -251,7 +256,24 @@ fn operations_hosts_ports_methods_paths_and_templates() {
         &Req::sleep().get("GET", "/store/a/b/items")
     ));
     assert!(allowed(&template, &Req::sleep().get("GET", "/files/a/b/c")));
+    assert!(allowed(&template, &Req::sleep().get("GET", "/files/")));
     assert!(!allowed(&template, &Req::sleep().get("GET", "/files")));
+    assert!(allowed(
+        &template,
+        &Req::sleep().get("GET", "/foo/buzz/bar/")
+    ));
+    // Paths are normalized before they are matched: dot segments cannot slip past a DENY.
+    let deny_admin = [policy(
+        "metadata: {name: deny-admin, namespace: foo}\nspec: {action: DENY, rules: [{to: [{operation: {paths: ['/admin*']}}]}]}",
+    )];
+    for sneaky in ["/./admin", "/x/../admin/users", "/admin?x", "\\admin"] {
+        assert!(
+            !allowed(&deny_admin, &Req::sleep().get("GET", sneaky)),
+            "{sneaky}"
+        );
+    }
+    assert_eq!(normalize_path("/a/./b/../c/?q"), "/a/c/");
+    assert_eq!(normalize_path("/../.."), "/");
 }
 
 #[test]
@@ -265,6 +287,19 @@ fn conditions_on_headers_and_connection_attributes() {
     assert!(allowed(&header, &Req::sleep().header("version", "v2-beta")));
     assert!(!allowed(&header, &Req::sleep().header("version", "v3")));
     assert!(!allowed(&header, &Req::sleep()), "no header, no match");
+    // A header sent twice is matched once, its values joined: a second value cannot slip
+    // past the first.
+    let token = with("{key: 'request.headers[x-token]', values: [admin]}");
+    assert!(allowed(&token, &Req::sleep().header("x-token", "admin")));
+    assert!(!allowed(
+        &token,
+        &Req::sleep()
+            .header("x-token", "admin")
+            .header("x-token", "other")
+    ));
+    let pseudo = with("{key: 'request.headers[:method]', values: [GET]}");
+    assert!(allowed(&pseudo, &Req::sleep()));
+    assert!(!allowed(&pseudo, &Req::sleep().get("PUT", "/ip")));
     let not_header = with("{key: 'request.headers[x-debug]', notValues: ['*']}");
     assert!(allowed(&not_header, &Req::sleep()));
     assert!(!allowed(&not_header, &Req::sleep().header("x-debug", "1")));
@@ -335,6 +370,44 @@ fn trust_domain_migration_matches_old_and_alias_domains() {
         "metadata: {name: p, namespace: foo}\nspec: {rules: [{from: [{source: {principals: [cluster.local/ns/foo/sa/sleep]}}]}]}",
     );
     assert!(decide(&[&*local], &req.attributes(), without_alias).allowed);
+    // Istio's expansion rules: only five-segment principals are expanded, a wildcard domain
+    // that matches a mesh domain is kept for the domains it matches and substituted for the
+    // others, and `cluster.local` stands for the mesh's domains only.
+    let matches =
+        |pattern: &str, principal: &str, trust| principal_matches(pattern, principal, trust);
+    let local_and_old = TrustDomains {
+        local: "cluster.local",
+        aliases: &["old-td"],
+    };
+    assert!(matches(
+        "*-td/ns/foo/sa/sleep",
+        "cluster.local/ns/foo/sa/sleep",
+        local_and_old
+    ));
+    assert!(matches(
+        "old*/ns/foo/sa/sleep",
+        "new-td/ns/foo/sa/sleep",
+        with_alias
+    ));
+    assert!(
+        !matches("old-td/ns/foo/*", "new-td/ns/foo/sa/sleep", with_alias),
+        "four segments"
+    );
+    assert!(
+        !matches(
+            "cluster.local/ns/foo/sa/sleep",
+            "cluster.local/ns/foo/sa/sleep",
+            with_alias
+        ),
+        "cluster.local is not one of this mesh's domains"
+    );
+    assert!(!matches(
+        "other-td/ns/foo/sa/sleep",
+        "new-td/ns/foo/sa/sleep",
+        with_alias
+    ));
+    // Envoy reads a leading `*` first: `*ET*` ends with `ET*`.
+    assert!(wild("*ET*", "GET*") && !wild("*ET*", "*ETX"));
     // Another namespace's identity is not matched, whatever the domain.
     req.principal = Some("new-td/ns/bar/sa/sleep".into());
     assert!(!decide(&policies, &req.attributes(), with_alias).allowed);
@@ -345,41 +418,34 @@ fn dry_run_and_audit_policies_report_without_deciding() {
     let dry_deny = policy(
         "metadata: {name: deny-path-headers, namespace: foo, annotations: {istio.io/dry-run: 'true'}}\nspec: {action: DENY, rules: [{to: [{operation: {paths: [/headers]}}]}]}",
     );
+    let dry_allow = policy(
+        "metadata: {name: allow-post, namespace: foo, annotations: {istio.io/dry-run: 'true'}}\nspec: {rules: [{to: [{operation: {methods: [POST]}}]}]}",
+    );
     let audit =
         policy("metadata: {name: audit-all, namespace: foo}\nspec: {action: AUDIT, rules: [{}]}");
-    let policies = [&*dry_deny, &*audit];
+    let policies = [&*dry_deny, &*dry_allow, &*audit];
     let v = verdict(&policies, &Req::sleep().get("GET", "/headers"));
     assert!(v.allowed, "a dry run enforces nothing");
-    assert_eq!(
-        v.dry_run,
-        Some(DryRun {
-            allowed: false,
-            policy: Some(&dry_deny.key)
-        })
-    );
-    assert_eq!(v.audited, [&audit.key]);
     assert_eq!(v.policy, None);
-    let v = verdict(&policies, &Req::sleep().get("GET", "/ip"));
+    assert_eq!(v.audited, [&audit.key]);
+    // The two results are reported apart, as Istio does: the DENY one does not hide the other.
+    let shadow = |allowed, policy| Some(Shadow { allowed, policy });
+    assert_eq!(v.dry_run_deny, shadow(false, Some(&dry_deny.key)));
     assert_eq!(
-        v.dry_run,
-        Some(DryRun {
-            allowed: true,
-            policy: None
-        })
+        v.dry_run_allow,
+        shadow(false, None),
+        "no dry-run ALLOW matches a GET"
     );
-    // A dry-run ALLOW alone would deny what it does not match.
-    let dry_allow = policy(
-        "metadata: {name: p, namespace: foo, annotations: {istio.io/dry-run: 'true'}}\nspec: {rules: [{to: [{operation: {methods: [POST]}}]}]}",
-    );
-    let v = verdict(&[&*dry_allow], &Req::sleep());
-    assert!(v.allowed);
-    assert_eq!(
-        v.dry_run,
-        Some(DryRun {
-            allowed: false,
-            policy: None
-        })
-    );
+    let v = verdict(&policies, &Req::sleep().get("POST", "/ip"));
+    assert_eq!(v.dry_run_deny, shadow(true, None));
+    assert_eq!(v.dry_run_allow, shadow(true, Some(&dry_allow.key)));
+    // Without dry-run policies of an action nothing is reported for it, and the ALLOW result
+    // is not computed for a request an enforced DENY refused.
+    let deny =
+        policy("metadata: {name: deny-all, namespace: foo}\nspec: {action: DENY, rules: [{}]}");
+    let v = verdict(&[&*deny, &*dry_allow], &Req::sleep().get("POST", "/ip"));
+    assert!(!v.allowed);
+    assert_eq!((v.dry_run_deny, v.dry_run_allow), (None, None));
 }
 
 #[test]
@@ -411,6 +477,7 @@ fn which_policies_apply_to_a_workload() {
         "foo"
     ));
     assert!(applies("metadata: {name: p, namespace: foo}\nspec: {targetRefs: [{kind: Service, group: '', name: httpbin}]}", "foo"));
+    assert!(applies("metadata: {name: p, namespace: foo}\nspec: {targetRefs: [{kind: Service, group: core, name: httpbin}]}", "foo"), "`core` is the core group");
     assert!(!applies("metadata: {name: p, namespace: foo}\nspec: {targetRefs: [{kind: Service, group: '', name: other}]}", "foo"));
 }
 
