@@ -522,6 +522,16 @@ mod tests {
         assert_eq!(r.check(), Ok(()));
     }
 
+    /// What `/debug/config` lists for the resources of a YAML `List`.
+    fn listed(docs: &str) -> Vec<Value> {
+        let value = crate::source::yaml::parse(docs).unwrap();
+        let objects: Vec<_> = objects::translate(&value)
+            .into_iter()
+            .map(Result::unwrap)
+            .collect();
+        resources(&assemble(&objects, None))
+    }
+
     #[test]
     fn the_authorization_policies_in_force_are_listed_per_pod() {
         let docs = "apiVersion: v1\nkind: List\nitems:\n\
@@ -531,12 +541,7 @@ mod tests {
             - {apiVersion: security.istio.io/v1, kind: AuthorizationPolicy, metadata: {name: by-service, namespace: foo, annotations: {istio.io/dry-run: 'true'}}, spec: {targetRefs: [{kind: Service, group: '', name: web}], rules: [{}]}}\n\
             - {apiVersion: security.istio.io/v1, kind: AuthorizationPolicy, metadata: {name: others, namespace: foo}, spec: {selector: {matchLabels: {app: other}}}}\n\
             - {apiVersion: security.istio.io/v1, kind: AuthorizationPolicy, metadata: {name: elsewhere, namespace: bar}, spec: {}}\n";
-        let value = crate::source::yaml::parse(docs).unwrap();
-        let objects: Vec<_> = objects::translate(&value)
-            .into_iter()
-            .map(Result::unwrap)
-            .collect();
-        let listed = resources(&assemble(&objects, None));
+        let listed = listed(docs);
         let pod = listed.iter().find(|r| r["kind"] == "Pod").unwrap();
         assert_eq!(
             pod["authorizationPolicies"],
@@ -552,12 +557,7 @@ mod tests {
         let docs = "apiVersion: v1\nkind: List\nitems:\n\
             - {apiVersion: networking.istio.io/v1, kind: VirtualService, metadata: {name: reviews, namespace: bookinfo}, spec: {hosts: [reviews], http: [{route: [{destination: {host: reviews, subset: v2}}]}]}}\n\
             - {apiVersion: security.istio.io/v1, kind: PeerAuthentication, metadata: {name: default, namespace: bookinfo}, spec: {mtls: {mode: STRICT}}}\n";
-        let value = crate::source::yaml::parse(docs).unwrap();
-        let objects: Vec<_> = objects::translate(&value)
-            .into_iter()
-            .map(Result::unwrap)
-            .collect();
-        let listed = resources(&assemble(&objects, None));
+        let listed = listed(docs);
         assert_eq!(
             listed,
             [

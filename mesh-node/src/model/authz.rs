@@ -162,6 +162,15 @@ pub fn decide<'p>(
     request: &Attributes<'_>,
     trust: TrustDomains<'_>,
 ) -> Verdict<'p> {
+    // Normalized once, for every rule that looks at the path.
+    let path = request.http.map(|h| normalize_path(h.path));
+    let request = &Attributes {
+        http: request
+            .http
+            .zip(path.as_deref())
+            .map(|(h, path)| Http { path, ..h }),
+        ..*request
+    };
     let (enforced, dry): (Vec<_>, Vec<_>) = policies.iter().partition(|p| !p.dry_run);
     let (allowed, policy) = decide_among(&enforced, request, trust);
     let audited = enforced
@@ -295,12 +304,9 @@ fn operation_matches(operation: &Operation, request: &Attributes<'_>) -> bool {
         host_matches(h, http.host)
     }) && field(&operation.methods, &operation.not_methods, |m| {
         wild(m, http.method)
-    }) && {
-        let path = normalize_path(http.path);
-        field(&operation.paths, &operation.not_paths, |p| {
-            path_matches(p, &path)
-        })
-    }
+    }) && field(&operation.paths, &operation.not_paths, |p| {
+        path_matches(p, http.path)
+    })
 }
 
 fn condition_matches(

@@ -463,6 +463,17 @@ mod tests {
             self.source.poll().unwrap()
         }
 
+        /// The source rejected one thing, read at `origin` (a prefix), for `reason`.
+        fn assert_one_rejection(&self, origin: &str, reason: &str) {
+            let rejected = self.source.status().rejected();
+            assert_eq!(rejected.len(), 1, "{rejected:?}");
+            assert!(
+                rejected[0].reason.contains(reason) && rejected[0].origin.starts_with(origin),
+                "{:?}",
+                rejected[0]
+            );
+        }
+
         fn snapshot(&self) -> Arc<Snapshot> {
             self.store.current()
         }
@@ -669,18 +680,7 @@ mod tests {
         assert_eq!(snap.pods[&key("p1")].ip, Some(Ipv4Addr::new(10, 244, 1, 7)));
         assert_eq!(snap.pods[&key("p2")].ip, Some(Ipv4Addr::new(10, 244, 1, 6)));
         assert!(!snap.namespaces["bookinfo"].mesh_enabled());
-        let rejected = f.source.status().rejected();
-        assert_eq!(rejected.len(), 1);
-        assert!(
-            rejected[0].reason.contains("YAML syntax error"),
-            "{:?}",
-            rejected[0]
-        );
-        assert!(
-            rejected[0].origin.starts_with("a.yaml:"),
-            "{:?}",
-            rejected[0]
-        );
+        f.assert_one_rejection("a.yaml:", "YAML syntax error");
     }
 
     #[test]
@@ -710,19 +710,9 @@ mod tests {
             "the file's other documents apply"
         );
         assert!(snap.virtual_services.is_empty());
-        let rejected = f.source.status().rejected();
-        assert_eq!(rejected.len(), 1);
-        assert!(
-            rejected[0].reason.contains(&format!(
-                "over the {MAX_DOCUMENT_BYTES} bytes Kubernetes stores in one object"
-            )),
-            "{:?}",
-            rejected[0]
-        );
-        assert!(
-            rejected[0].origin.starts_with("a.yaml:"),
-            "{:?}",
-            rejected[0]
+        f.assert_one_rejection(
+            "a.yaml:",
+            &format!("over the {MAX_DOCUMENT_BYTES} bytes Kubernetes stores in one object"),
         );
     }
 

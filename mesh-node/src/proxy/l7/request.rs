@@ -893,29 +893,12 @@ mod tests {
     }
 
     fn report(conn: &Arc<Conn>, grpc: bool) -> Report {
-        Report {
-            conn: conn.clone(),
-            start: Instant::now(),
-            method: Method::GET,
-            uri: Uri::from_static("/reviews/1"),
-            authority: "reviews:9080".into(),
-            version: Version::HTTP_11,
-            request_id: None,
-            user_agent: None,
-            grpc,
-            status: 0,
-            grpc_status: None,
-            flags: ResponseFlags::NONE,
-            route: None,
-            upstream: None,
-            cluster: None,
-            destination: None,
-            service: None,
-            tape: None,
-            hold: None,
-            pick: None,
-            recorded: false,
+        let mut request = Request::builder().uri("http://reviews:9080/reviews/1");
+        if grpc {
+            request = request.header(header::CONTENT_TYPE, "application/grpc");
         }
+        let (parts, ()) = request.body(()).unwrap().into_parts();
+        Report::new(conn.clone(), &parts, None, Instant::now())
     }
 
     /// The `istio_requests_total` series recorded so far.
