@@ -643,6 +643,7 @@ mod tests {
             field: "spec.http[0].route[1].weight".into(),
             reason: "must not be negative".into(),
             kept_last_good: kept,
+            failed_closed: false,
         };
         let mut resources = vec![json!({
             "kind": "VirtualService", "namespace": "bookinfo", "name": "reviews", "status": "accepted",

@@ -20,12 +20,14 @@
 //!   principal in the mesh's trust domain, an alias or `cluster.local` stands for the same
 //!   workload in every domain of the mesh (Istio's trust domain migration).
 
-use std::net::IpAddr;
+use std::{borrow::Borrow, net::IpAddr};
 
 use http::HeaderMap;
 
 use super::{
-    policy::{AuthorizationPolicy, AuthzAction, AuthzRule, Condition, Operation, Source},
+    policy::{
+        AuthorizationPolicy, AuthzAction, AuthzRule, Condition, Operation, PathPattern, Source,
+    },
     traffic::IpBlock,
     Labels, ObjectKey, Pod, Snapshot,
 };
@@ -65,7 +67,7 @@ pub struct Http<'a> {
 #[derive(Clone, Copy, Debug)]
 pub struct TrustDomains<'a> {
     pub local: &'a str,
-    pub aliases: &'a [&'a str],
+    pub aliases: &'a [std::sync::Arc<str>],
 }
 
 /// What the policies of a workload decide about a request.
@@ -157,8 +159,8 @@ pub fn policies_for<'s>(
 }
 
 /// Decides `request` against the policies that apply to its workload.
-pub fn decide<'p>(
-    policies: &[&'p AuthorizationPolicy],
+pub fn decide<'p, P: Borrow<AuthorizationPolicy>>(
+    policies: &'p [P],
     request: &Attributes<'_>,
     trust: TrustDomains<'_>,
 ) -> Verdict<'p> {
@@ -171,15 +173,15 @@ pub fn decide<'p>(
             .map(|(h, path)| Http { path, ..h }),
         ..*request
     };
-    let (enforced, dry): (Vec<_>, Vec<_>) = policies.iter().partition(|p| !p.dry_run);
-    let (allowed, policy) = decide_among(&enforced, request, trust);
-    let audited = enforced
-        .iter()
+    let all = || policies.iter().map(|p| p.borrow());
+    let enforced = || all().filter(|p| !p.dry_run);
+    let (allowed, policy) = decide_among(enforced, request, trust);
+    let audited = enforced()
         .filter(|p| p.action == AuthzAction::Audit && matches(p, request, trust))
         .map(|p| &p.key)
         .collect();
     let shadow = |action| {
-        let mut of = dry.iter().filter(|p| p.action == action).peekable();
+        let mut of = all().filter(|p| p.dry_run && p.action == action).peekable();
         of.peek()?;
         let matched = of.find(|p| matches(p, request, trust)).map(|p| &p.key);
         let allowed = (action == AuthzAction::Allow) == matched.is_some();
@@ -198,12 +200,12 @@ pub fn decide<'p>(
     }
 }
 
-fn decide_among<'p>(
-    policies: &[&'p AuthorizationPolicy],
+fn decide_among<'p, I: Iterator<Item = &'p AuthorizationPolicy>>(
+    policies: impl Fn() -> I,
     request: &Attributes<'_>,
     trust: TrustDomains<'_>,
 ) -> (bool, Option<&'p ObjectKey>) {
-    let of = |action| policies.iter().filter(move |p| p.action == action);
+    let of = |action| policies().filter(move |p| p.action == action);
     if let Some(deny) = of(AuthzAction::Deny).find(|p| matches(p, request, trust)) {
         return (false, Some(&deny.key));
     }
@@ -398,37 +400,52 @@ fn glob(pattern: &str, value: &str) -> bool {
     rest.ends_with(last)
 }
 
-/// A principal pattern against an identity, both without the scheme, after Istio's trust
-/// domain expansion ([`expand_principal`]).
+/// A principal pattern against an identity, both without the scheme, after Istio's
+/// `ReplaceTrustDomainAliases`: a principal of five segments (`td/ns/x/sa/y`) whose trust
+/// domain is the mesh's, an alias (either may hold a `*`) or `cluster.local` stands for the
+/// same workload in every domain of the mesh; any other pattern stands for itself. Nothing is
+/// allocated: each expanded form is matched as its two halves.
 fn principal_matches(pattern: &str, principal: &str, trust: TrustDomains<'_>) -> bool {
-    expand_principal(pattern, trust)
-        .iter()
-        .any(|p| wild(p, principal))
+    let Some((domain, rest)) = expandable(pattern, trust) else {
+        return wild(pattern, principal);
+    };
+    let mut bundle = std::iter::once(trust.local).chain(trust.aliases.iter().map(|a| &**a));
+    bundle.any(|d| match domain.strip_prefix('*') {
+        // `*local/ns/...` stays as written for the domains it already matches.
+        Some(suffix) if d.ends_with(suffix) => wild(pattern, principal),
+        _ => wild_joined(d, rest, principal),
+    })
 }
 
-/// Istio's `ReplaceTrustDomainAliases`: a principal of five segments (`td/ns/x/sa/y`) whose
-/// trust domain is the mesh's, an alias (either may hold a `*`) or `cluster.local` stands for
-/// the same workload in every domain of the mesh; any other pattern stands for itself.
-fn expand_principal(pattern: &str, trust: TrustDomains<'_>) -> Vec<String> {
-    let segments: Vec<&str> = pattern.split('/').collect();
-    let domain = segments[0];
-    if segments.len() != 5 || domain == "*" || domain.is_empty() {
-        return vec![pattern.to_owned()];
+/// The trust domain of a principal pattern Istio expands, and the rest (from its first `/`).
+fn expandable<'a>(pattern: &'a str, trust: TrustDomains<'_>) -> Option<(&'a str, &'a str)> {
+    if pattern.split('/').count() != 5 {
+        return None;
     }
-    let bundle = std::iter::once(trust.local).chain(trust.aliases.iter().copied());
-    let known =
-        domain == "cluster.local" || bundle.clone().any(|d| wild(domain, d) || wild(d, domain));
-    if !known {
-        return vec![pattern.to_owned()];
+    let (domain, _) = pattern.split_once('/')?;
+    if domain == "*" || domain.is_empty() {
+        return None;
     }
-    let rest = &pattern[domain.len()..];
-    bundle
-        .map(|d| match domain.strip_prefix('*') {
-            // `*local/ns/...` stays as written for the domains it already matches.
-            Some(suffix) if d.ends_with(suffix) => pattern.to_owned(),
-            _ => format!("{d}{rest}"),
-        })
-        .collect()
+    let mut bundle = std::iter::once(trust.local).chain(trust.aliases.iter().map(|a| &**a));
+    let known = domain == "cluster.local" || bundle.any(|d| wild(domain, d) || wild(d, domain));
+    known.then(|| (domain, &pattern[domain.len()..]))
+}
+
+/// [`wild`] with the pattern `head` + `tail`, where `tail` is not empty and starts with `/`.
+fn wild_joined(head: &str, tail: &str, value: &str) -> bool {
+    if let Some(head) = head.strip_prefix('*') {
+        // A suffix: the value ends with `tail`, and before it with the rest of `head`.
+        return value
+            .strip_suffix(tail)
+            .is_some_and(|before| before.ends_with(head));
+    }
+    let Some(after) = value.strip_prefix(head) else {
+        return false;
+    };
+    match tail.strip_suffix('*') {
+        Some(prefix) => after.starts_with(prefix),
+        None => after == tail,
+    }
 }
 
 /// Hosts compare without case and exactly, port included, as Istio does: write
@@ -478,29 +495,12 @@ pub fn normalize_path(target: &str) -> String {
     }
 }
 
-/// A path pattern: Istio's string forms, or a template where `{*}` is one non-empty segment
-/// and `{**}` (the last operator) any run of characters, `/` included.
-fn path_matches(pattern: &str, path: &str) -> bool {
-    if !pattern.contains("{*}") && !pattern.contains("{**}") {
-        return wild(pattern, path);
+/// A path pattern against a normalized path: its compiled template, or Istio's string forms.
+fn path_matches(pattern: &PathPattern, path: &str) -> bool {
+    match pattern.template() {
+        Some(template) => template.is_match(path),
+        None => wild(&pattern.text, path),
     }
-    let mut expression = String::from("^");
-    let mut rest = pattern;
-    while !rest.is_empty() {
-        if let Some(after) = rest.strip_prefix("{**}") {
-            expression.push_str(".*");
-            rest = after;
-        } else if let Some(after) = rest.strip_prefix("{*}") {
-            expression.push_str("[^/]+");
-            rest = after;
-        } else {
-            let next = rest.find('{').filter(|&i| i > 0).unwrap_or(rest.len());
-            expression.push_str(&regex::escape(&rest[..next]));
-            rest = &rest[next..];
-        }
-    }
-    expression.push('$');
-    regex::Regex::new(&expression).is_ok_and(|re| re.is_match(path))
 }
 
 /// Policy decisions on arbitrary input: `fuzz/` feeds this function and a unit test replays
@@ -568,9 +568,10 @@ pub fn fuzz_decide(data: &[u8]) {
         }),
     };
     let all: Vec<&AuthorizationPolicy> = policies.iter().map(|p| &**p).collect();
+    let aliases = ["old-td".into()];
     let trust = TrustDomains {
         local: "cluster.local",
-        aliases: &["old-td"],
+        aliases: &aliases,
     };
     let verdict = decide(&all, &request, trust);
     let action_of = |key: &ObjectKey| {

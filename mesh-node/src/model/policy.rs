@@ -90,8 +90,63 @@ pub struct Operation {
     pub not_ports: Arc<[u16]>,
     pub methods: Arc<[Arc<str>]>,
     pub not_methods: Arc<[Arc<str>]>,
-    pub paths: Arc<[Arc<str>]>,
-    pub not_paths: Arc<[Arc<str>]>,
+    pub paths: Arc<[PathPattern]>,
+    pub not_paths: Arc<[PathPattern]>,
+}
+
+/// A path of an operation: Istio's string forms (`*`, `prefix*`, `*suffix`, exact), or a
+/// template where `{*}` is one non-empty segment and `{**}` (the last operator) any run of
+/// characters, `/` included. Templates are compiled once, when the policy is read.
+#[derive(Clone, Debug)]
+pub struct PathPattern {
+    pub text: Arc<str>,
+    template: Option<Arc<regex::Regex>>,
+}
+
+impl PathPattern {
+    pub fn new(text: &str) -> Self {
+        let template = (text.contains("{*}") || text.contains("{**}"))
+            .then(|| template_regex(text))
+            .flatten()
+            .map(Arc::new);
+        Self {
+            text: text.into(),
+            template,
+        }
+    }
+
+    /// The compiled template, for a path with one.
+    pub fn template(&self) -> Option<&regex::Regex> {
+        self.template.as_deref()
+    }
+}
+
+impl PartialEq for PathPattern {
+    fn eq(&self, other: &Self) -> bool {
+        self.text == other.text
+    }
+}
+
+impl Eq for PathPattern {}
+
+fn template_regex(pattern: &str) -> Option<regex::Regex> {
+    let mut expression = String::from("^");
+    let mut rest = pattern;
+    while !rest.is_empty() {
+        if let Some(after) = rest.strip_prefix("{**}") {
+            expression.push_str(".*");
+            rest = after;
+        } else if let Some(after) = rest.strip_prefix("{*}") {
+            expression.push_str("[^/]+");
+            rest = after;
+        } else {
+            let next = rest.find('{').filter(|&i| i > 0).unwrap_or(rest.len());
+            expression.push_str(&regex::escape(&rest[..next]));
+            rest = &rest[next..];
+        }
+    }
+    expression.push('$');
+    regex::Regex::new(&expression).ok()
 }
 
 /// `key` is one of Istio's attributes (`request.headers[x-token]`, `source.ip`...).

@@ -337,6 +337,7 @@ pub fn parse_documents(
         name: None,
         field: field.into(),
         reason,
+        fallback: None,
     };
     let text = match std::str::from_utf8(content) {
         Ok(t) => t,
@@ -651,6 +652,96 @@ mod tests {
             Some(Ipv4Addr::new(10, 244, 1, 50))
         );
         assert!(f.source.status().rejected().is_empty());
+    }
+
+    #[test]
+    fn a_refused_new_authorization_policy_fails_closed() {
+        use crate::model::policy::AuthzAction;
+        let mut f = Fixture::new();
+        let policy = |name: &str, annotations: &str, spec: &str| {
+            format!(
+                "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\n\
+                 metadata: {{name: {name}, namespace: foo{annotations}}}\nspec: {spec}\n"
+            )
+        };
+        let jwt = "rules: [{from: [{source: {requestPrincipals: ['*']}}]}]}";
+        f.write(
+            "p.yaml",
+            &[
+                policy("deny-jwt", "", &format!("{{action: DENY, {jwt}")),
+                policy(
+                    "allow-jwt",
+                    "",
+                    &format!("{{selector: {{matchLabels: {{app: a}}}}, {jwt}"),
+                ),
+                policy(
+                    "custom",
+                    "",
+                    "{action: CUSTOM, provider: {name: ext}, rules: [{}]}",
+                ),
+                policy("audit-jwt", "", &format!("{{action: AUDIT, {jwt}")),
+                policy(
+                    "dry-deny-jwt",
+                    ", annotations: {istio.io/dry-run: 'true'}",
+                    &format!("{{action: DENY, {jwt}"),
+                ),
+            ]
+            .join("---\n"),
+        );
+        f.poll();
+        let snap = f.snapshot();
+        let in_force = |name: &str| {
+            snap.authorization_policies
+                .get(&ObjectKey::new("foo", name))
+        };
+        // A DENY Weft cannot honour denies everything; so does a CUSTOM (it exists to deny).
+        for name in ["deny-jwt", "custom"] {
+            let p = in_force(name).unwrap_or_else(|| panic!("{name} is not in force"));
+            assert_eq!(p.action, AuthzAction::Deny, "{name}");
+            assert_eq!(p.rules.len(), 1, "{name}: one rule that matches everything");
+            assert_eq!(p.rules[0], Default::default(), "{name}");
+        }
+        // An ALLOW matches nothing, in its own scope.
+        let allow = in_force("allow-jwt").expect("allow-jwt is in force");
+        assert_eq!(allow.action, AuthzAction::Allow);
+        assert!(allow.rules.is_empty());
+        assert_eq!(
+            allow
+                .selector
+                .as_ref()
+                .and_then(|s| s.get("app"))
+                .map(String::as_str),
+            Some("a")
+        );
+        // AUDIT and dry-run policies decide nothing: nothing stands for them.
+        assert!(in_force("audit-jwt").is_none());
+        assert!(in_force("dry-deny-jwt").is_none());
+        let rejected = f.source.status().rejected();
+        assert_eq!(rejected.len(), 5, "{rejected:?}");
+        let deny = rejected.iter().find(|r| r.name == "foo/deny-jwt").unwrap();
+        assert!(deny.failed_closed && !deny.kept_last_good);
+        assert!(deny.to_string().contains("failing closed"), "{deny}");
+
+        // A policy that was good keeps its last good version when an update is refused.
+        f.write(
+            "p.yaml",
+            &policy(
+                "deny-jwt",
+                "",
+                "{action: DENY, rules: [{to: [{operation: {paths: [/admin]}}]}]}",
+            ),
+        );
+        f.poll();
+        f.write(
+            "p.yaml",
+            &policy("deny-jwt", "", &format!("{{action: DENY, {jwt}")),
+        );
+        f.poll();
+        let snap = f.snapshot();
+        let kept = &snap.authorization_policies[&ObjectKey::new("foo", "deny-jwt")];
+        assert_eq!(&*kept.rules[0].to[0].paths[0].text, "/admin");
+        let rejected = f.source.status().rejected();
+        assert!(rejected[0].kept_last_good && !rejected[0].failed_closed);
     }
 
     #[test]

@@ -40,6 +40,10 @@ pub struct Rejection {
     pub reason: String,
     /// Whether an earlier version of the same resource is still applied.
     pub kept_last_good: bool,
+    /// Whether, with no earlier version, a fail-closed stand-in is in force instead (a
+    /// refused AuthorizationPolicy).
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub failed_closed: bool,
 }
 
 impl fmt::Display for Rejection {
@@ -51,6 +55,8 @@ impl fmt::Display for Rejection {
         )?;
         if self.kept_last_good {
             f.write_str(" (the last good version stays in force)")?;
+        } else if self.failed_closed {
+            f.write_str(" (failing closed until fixed: a DENY denies everything its workloads receive, an ALLOW allows nothing)")?;
         }
         Ok(())
     }
@@ -128,15 +134,18 @@ impl<O: Ord + std::hash::Hash + Clone> Ledger<O> {
                         .and_then(|id| old.get(id).or_else(|| self.in_force(id)))
                         .cloned();
                     unnamed_failure |= invalid.id.is_none();
+                    let kept_last_good = last_good.is_some();
+                    let in_force = last_good.or(invalid.fallback);
                     rejected.push(Rejection {
                         origin: at,
                         kind: invalid.kind.unwrap_or_else(|| "unknown".into()),
                         name: invalid.name.unwrap_or_else(|| unknown_name.into()),
                         field: invalid.field,
                         reason: invalid.reason,
-                        kept_last_good: last_good.is_some(),
+                        kept_last_good,
+                        failed_closed: !kept_last_good && in_force.is_some(),
                     });
-                    if let Some(object) = last_good {
+                    if let Some(object) = in_force {
                         new.entry(object.id()).or_insert(object);
                     }
                 }
@@ -269,6 +278,7 @@ mod tests {
             name: name.map(Into::into),
             field: "metadata.labels".into(),
             reason: "broken".into(),
+            fallback: None,
         }
     }
 

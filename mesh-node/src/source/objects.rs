@@ -141,7 +141,7 @@ fn in_group(api_version: &str, group: &str, versions: &[&str]) -> bool {
 
 /// A document that could not be translated: which resource (as far as it could be read) and
 /// which field.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct Invalid {
     pub kind: Option<String>,
     pub id: Option<ResourceId>,
@@ -149,6 +149,10 @@ pub struct Invalid {
     pub name: Option<String>,
     pub field: String,
     pub reason: String,
+    /// What stands in force instead when no earlier version does: a refused
+    /// AuthorizationPolicy fails closed
+    /// ([`security::refused_authorization_policy`]).
+    pub fallback: Option<Object>,
 }
 
 /// Translates one document. `Ok(vec![])` for kinds Weft does not use (yet) and for empty
@@ -249,7 +253,14 @@ fn translate_into(doc: &Value, prefix: &str, out: &mut Vec<Result<Object, Invali
     };
     match result {
         Ok(object) => out.extend(object.map(Ok)),
-        Err(e) => out.push(Err(invalid(Some(kind), id, name, e))),
+        Err(e) => {
+            let mut invalid = invalid(Some(kind), id, name, e);
+            if known == Kind::AuthorizationPolicy {
+                invalid.fallback = security::refused_authorization_policy(&fields)
+                    .map(|p| Object::AuthorizationPolicy(Arc::new(p)));
+            }
+            out.push(Err(invalid));
+        }
     }
 }
 
@@ -299,6 +310,7 @@ fn invalid(
         name,
         field: e.field,
         reason: e.reason,
+        fallback: None,
     }
 }
 

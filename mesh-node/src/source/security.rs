@@ -11,7 +11,7 @@ use super::{
 };
 use crate::model::{
     policy::{
-        AuthorizationPolicy, AuthzAction, AuthzRule, Condition, MtlsMode, Operation,
+        AuthorizationPolicy, AuthzAction, AuthzRule, Condition, MtlsMode, Operation, PathPattern,
         PeerAuthentication, PolicyTargetRef, Source,
     },
     ObjectKey,
@@ -167,6 +167,53 @@ pub(super) fn authorization_policy(fields: &Fields<'_>) -> Result<AuthorizationP
         provider: provider.filter(|p| !p.is_empty()).map(Arc::from),
         rules,
         dry_run,
+    })
+}
+
+/// What stands in force for an AuthorizationPolicy Weft refuses, when no earlier version of it
+/// does. Like Istio with a policy it cannot honour, it fails closed: a DENY (or a CUSTOM, which
+/// exists to deny) denies every request and connection of its workloads, an ALLOW matches
+/// none (so what no other ALLOW policy allows is denied). AUDIT and dry-run policies decide
+/// nothing, so nothing stands for them; nor when even the policy's scope (metadata,
+/// selector, targetRefs) or action cannot be read.
+pub(super) fn refused_authorization_policy(fields: &Fields<'_>) -> Option<AuthorizationPolicy> {
+    let meta = metadata(fields, true).ok()?;
+    let dry_run = meta
+        .annotations
+        .get(DRY_RUN)
+        .is_some_and(|v| !matches!(v.as_str(), "false" | "False" | "FALSE" | "0" | "f" | "F"));
+    let spec = fields.obj("spec").ok()??;
+    let selector = workload_selector(&spec, "selector").ok()?;
+    let mut target_refs = Vec::new();
+    if let Some(target) = spec.obj("targetRef").ok()? {
+        target_refs.push(target_ref(&target).ok()?);
+    }
+    for target in spec.list("targetRefs").ok()? {
+        target_refs.push(target_ref(&target).ok()?);
+    }
+    let action = match spec.str("action").ok()?.unwrap_or("ALLOW") {
+        "ALLOW" => AuthzAction::Allow,
+        "DENY" | "CUSTOM" => AuthzAction::Deny,
+        _ => return None,
+    };
+    if dry_run {
+        return None;
+    }
+    let rules: Arc<[AuthzRule]> = match action {
+        AuthzAction::Deny => Arc::from([AuthzRule::default()]),
+        _ => Arc::from([]),
+    };
+    Some(AuthorizationPolicy {
+        key: ObjectKey {
+            namespace: meta.namespace,
+            name: meta.name,
+        },
+        selector,
+        target_refs: target_refs.into(),
+        action,
+        provider: None,
+        rules,
+        dry_run: false,
     })
 }
 
@@ -383,12 +430,12 @@ fn authz_rule(rule: &Fields<'_>, action: AuthzAction) -> Result<AuthzRule> {
                     reason: "`to.operation` must not be empty".into(),
                 });
             }
-            let paths = |key: &str| -> Result<Arc<[Arc<str>]>> {
+            let paths = |key: &str| -> Result<Arc<[PathPattern]>> {
                 let list = non_empty_values(&op, key)?;
                 for (i, p) in list.iter().enumerate() {
                     at(&op.path(&format!("{key}[{i}]")), path_template(p))?;
                 }
-                Ok(list)
+                Ok(list.iter().map(|p| PathPattern::new(p)).collect())
             };
             Ok(Operation {
                 hosts: non_empty_values(&op, "hosts")?,
@@ -690,7 +737,7 @@ spec:
             ]
         );
         assert_eq!(source.not_remote_ip_blocks.len(), 1);
-        assert_eq!(&*p.rules[1].to[0].not_paths, [Arc::from("/healthz")]);
+        assert_eq!(&*p.rules[1].to[0].not_paths, [PathPattern::new("/healthz")]);
     }
 
     #[test]

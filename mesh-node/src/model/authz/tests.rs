@@ -102,7 +102,7 @@ impl Req {
     }
 }
 
-fn verdict<'p>(policies: &[&'p AuthorizationPolicy], req: &Req) -> Verdict<'p> {
+fn verdict<'p>(policies: &'p [&'p AuthorizationPolicy], req: &Req) -> Verdict<'p> {
     decide(policies, &req.attributes(), TRUST)
 }
 
@@ -361,7 +361,7 @@ fn trust_domain_migration_matches_old_and_alias_domains() {
     };
     let with_alias = TrustDomains {
         local: "new-td",
-        aliases: &["old-td"],
+        aliases: &[Arc::from("old-td")],
     };
     assert!(!decide(&policies, &req.attributes(), without_alias).allowed);
     assert!(decide(&policies, &req.attributes(), with_alias).allowed);
@@ -377,7 +377,7 @@ fn trust_domain_migration_matches_old_and_alias_domains() {
         |pattern: &str, principal: &str, trust| principal_matches(pattern, principal, trust);
     let local_and_old = TrustDomains {
         local: "cluster.local",
-        aliases: &["old-td"],
+        aliases: &[Arc::from("old-td")],
     };
     assert!(matches(
         "*-td/ns/foo/sa/sleep",
@@ -443,7 +443,8 @@ fn dry_run_and_audit_policies_report_without_deciding() {
     // is not computed for a request an enforced DENY refused.
     let deny =
         policy("metadata: {name: deny-all, namespace: foo}\nspec: {action: DENY, rules: [{}]}");
-    let v = verdict(&[&*deny, &*dry_allow], &Req::sleep().get("POST", "/ip"));
+    let both = [&*deny, &*dry_allow];
+    let v = verdict(&both, &Req::sleep().get("POST", "/ip"));
     assert!(!v.allowed);
     assert_eq!((v.dry_run_deny, v.dry_run_allow), (None, None));
 }

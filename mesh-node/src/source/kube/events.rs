@@ -71,6 +71,8 @@ impl Emitter {
         let mut note = format!("{}: {}", rejection.field, rejection.reason);
         if rejection.kept_last_good {
             note.push_str(" (the last good version stays in force)");
+        } else if rejection.failed_closed {
+            note.push_str(" (failing closed until fixed)");
         }
         if note.len() > NOTE_LIMIT {
             let mut end = NOTE_LIMIT - 3;

@@ -418,6 +418,7 @@ pub(super) fn convert(reference: ObjectReference, value: serde_json::Value) -> R
             name: Some(key.clone()),
             field: "(document)".into(),
             reason: format!("cannot convert the object: {error}"),
+            fallback: None,
         })],
     };
     Received {
