@@ -241,6 +241,13 @@ fn serve(args: RunArgs, mode: Mode) -> Result<(), AppError> {
             config.inbound_transparent = !args.no_ebpf;
             config.sidecar = mode == Mode::Sidecar;
             config.trust_domain = args.identity.trust_domain.as_str().into();
+            config.trust_domain_aliases = args
+                .identity
+                .trust_domain_aliases
+                .iter()
+                .filter(|a| !a.is_empty())
+                .map(|a| a.as_str().into())
+                .collect();
             config.tls_origination_dir = args.server.tls_origination_dir.clone();
             config.http = HttpLimits {
                 max_head_bytes: args.server.max_request_headers_kb as usize * 1024,

@@ -118,6 +118,16 @@ pub struct IdentityArgs {
     #[arg(long, env = "WEFT_TRUST_DOMAIN", value_name = "DOMAIN", default_value = DEFAULT_TRUST_DOMAIN)]
     pub trust_domain: String,
 
+    /// Trust domains that stand for this mesh's in AuthorizationPolicy principals (Istio's
+    /// MeshConfig `trustDomainAliases`, for a trust domain migration), comma-separated.
+    #[arg(
+        long,
+        env = "WEFT_TRUST_DOMAIN_ALIASES",
+        value_name = "DOMAIN,...",
+        value_delimiter = ','
+    )]
+    pub trust_domain_aliases: Vec<String>,
+
     /// Lifetime of the workload certificates requested from the CA (`24h`, `90m`, `1h30m`).
     #[arg(long, env = "WEFT_WORKLOAD_CERT_TTL", value_name = "DURATION", default_value = DEFAULT_WORKLOAD_CERT_TTL, value_parser = parse_duration)]
     pub workload_cert_ttl: Duration,
@@ -144,6 +154,7 @@ impl Default for IdentityArgs {
             ca_token_file: None,
             ca_server_name: DEFAULT_CA_SERVER_NAME.into(),
             trust_domain: DEFAULT_TRUST_DOMAIN.into(),
+            trust_domain_aliases: Vec::new(),
             workload_cert_ttl: Duration::from_secs(24 * 3600),
             workload: None,
         }

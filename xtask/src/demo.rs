@@ -1,6 +1,7 @@
 //! `cargo xtask demo`: Bookinfo on a two-node virtual cluster, traffic through the mesh within
 //! and across nodes, a namespace outside the mesh, mutual TLS required (what the servers see,
-//! plaintext refused), that namespace opted in live, then Istio's Bookinfo traffic-management
+//! plaintext refused), Istio's HTTP authorization task (allowed and denied requests, what the
+//! node proxies counted), that namespace opted in live, then Istio's Bookinfo traffic-management
 //! tasks with the rules of `examples/bookinfo-traffic/`.
 //! Prints what each step did and what the node proxies and eBPF programs counted.
 
@@ -102,6 +103,7 @@ fn tasks() -> Result<()> {
     );
     print_deltas(&before, &after, &["inbound_captured"]);
     mutual_tls()?;
+    authorization()?;
 
     step("Opt the legacy namespace in (kubectl label namespace legacy weft.io/mesh=enabled)");
     let start = Instant::now();
@@ -166,6 +168,64 @@ fn mutual_tls() -> Result<()> {
     );
     cluster::delete(&policy)?;
     println!("    removed the policy again (PERMISSIVE, Istio's default)");
+    Ok(())
+}
+
+/// Istio's HTTP traffic authorization task on Bookinfo: a request allowed, requests denied,
+/// and what the operator sees; the policies are removed again afterwards.
+fn authorization() -> Result<()> {
+    let policies = workspace_root().join("examples/demo/authz-bookinfo.yaml");
+    step("Authorize Bookinfo as Istio's HTTP traffic task does (examples/demo/authz-bookinfo.yaml): nothing allowed, then GET on each service from its one caller");
+    cluster::apply(&policies)?;
+    let (status, page) = curl("default/sleep", "http://productpage:9080/productpage", &[])?;
+    let outcome = page_outcome(status, &page);
+    ensure!(
+        status == 200 && outcome == "complete",
+        "productpage under the policies: {outcome}: {page}"
+    );
+    println!("    sleep GET productpage: HTTP {status}, page {outcome} (each call allowed by its callee's policy: on one node by the caller's node proxy, across nodes by the callee's, with the caller's mTLS identity)");
+    let denied = [
+        (
+            "default/sleep",
+            "POST",
+            "http://productpage:9080/productpage",
+            "only GET is allowed",
+        ),
+        (
+            "default/sleep",
+            "GET",
+            "http://details:9080/details/0",
+            "details admits productpage's identity only",
+        ),
+        (
+            "legacy/client",
+            "GET",
+            "http://ratings.default:9080/ratings/0",
+            "plaintext has no identity",
+        ),
+    ];
+    for (from, method, url, why) in denied {
+        let (status, body) = probe::curl_text(from, &["-X", method, url])?;
+        ensure!(
+            status == 403 && body == "RBAC: access denied",
+            "{from} {method} {url} answered {status}: {body}"
+        );
+        println!("    {from} {method} {url}: HTTP {status} {body:?} ({why})");
+    }
+    for node in NODES {
+        let text = probe::metrics(node)?;
+        let lines: Vec<String> = text
+            .lines()
+            .filter(|l| l.starts_with("weft_authz_decisions_total{"))
+            .map(|l| format!("      {l}"))
+            .collect();
+        println!(
+            "    {node} weft_authz_decisions_total:\n{}",
+            lines.join("\n")
+        );
+    }
+    cluster::delete(&policies)?;
+    println!("    removed the policies again");
     Ok(())
 }
 
@@ -293,7 +353,7 @@ fn traffic_management() -> Result<()> {
                     .as_str()
                     .unwrap_or("-")
                     .to_owned()),
-                tally(&pages, page_outcome),
+                tally(&pages, |p| page_outcome(p.status, &p.body)),
             );
             println!("      proxies counted (code and flags): {counted}");
         }
@@ -374,14 +434,14 @@ fn label<'a>(line: &'a str, name: &str) -> Option<&'a str> {
 }
 
 /// What the page shows: everything, or which upstream it had to do without.
-fn page_outcome(page: &Reply) -> String {
-    let reviews = &page.body["reviews"];
+fn page_outcome(status: u16, page: &Value) -> String {
+    let reviews = &page["reviews"];
     if !reviews["error"].is_null() {
         format!("reviews unavailable ({})", reviews["status"])
     } else if !reviews["ratings"]["error"].is_null() {
         format!("ratings unavailable ({})", reviews["ratings"]["status"])
-    } else if page.status != 200 {
-        format!("HTTP {}", page.status)
+    } else if status != 200 {
+        format!("HTTP {status}")
     } else {
         "complete".to_owned()
     }

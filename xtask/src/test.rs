@@ -167,8 +167,9 @@ fn e2e_tests(root: &Path) -> Result<()> {
     }
     cluster::binaries()?;
     // Each suite brings up and tears down its own cluster: the mesh mechanics first, then
-    // L7 routing with real clients, then zero trust (CA, HBONE mTLS, PeerAuthentication).
-    for suite in ["e2e", "l7", "mtls"] {
+    // L7 routing with real clients, then zero trust (CA, HBONE mTLS, PeerAuthentication),
+    // then authorization.
+    for suite in ["e2e", "l7", "mtls", "authz"] {
         cargo(
             root,
             &[

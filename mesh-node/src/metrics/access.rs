@@ -34,6 +34,9 @@ pub struct AccessEntry<'a> {
     /// 0 when no response was sent.
     pub response_code: u16,
     pub response_flags: ResponseFlags,
+    /// Why the proxy answered itself where no flag says it (Envoy's
+    /// `%RESPONSE_CODE_DETAILS%`), e.g. `rbac_access_denied_matched_policy[ns[foo]-policy[deny]]`.
+    pub response_code_details: Option<&'a str>,
     /// Body bytes from the client.
     pub bytes_received: u64,
     /// Body bytes to the client.
@@ -118,6 +121,7 @@ pub fn access_log(entry: &AccessEntry<'_>) {
         protocol = protocol(entry.protocol),
         response_code = entry.response_code,
         response_flags = %entry.response_flags,
+        response_code_details = or_dash(entry.response_code_details),
         bytes_received = entry.bytes_received,
         bytes_sent = entry.bytes_sent,
         duration = u64::try_from(entry.duration.as_millis()).unwrap_or(u64::MAX),
@@ -271,6 +275,7 @@ mod tests {
             protocol: http::Version::HTTP_11,
             response_code: 503,
             response_flags: ResponseFlags::DI | ResponseFlags::FI,
+            response_code_details: None,
             bytes_received: 0,
             bytes_sent: 18,
             duration: Duration::from_micros(5_400),

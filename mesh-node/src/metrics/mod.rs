@@ -20,6 +20,7 @@
 //! | `weft_overload_level` | gauge | | 0 normal, 1 pressure (buffers stop growing, HTTP/1 keep-alive off), 2 shedding (the heaviest client refused), 3 critical (every new connection and request refused, idle connections closed) |
 //! | `weft_overload_refused_total` | counter | `what` = `connections`, `requests` | connections closed at accept and requests answered `503 OM` by the overload manager |
 //! | `weft_overload_closed_total` | counter | `why` = `idle`, `heaviest` | connections it closed to give memory back: idle ones, and those of the clients it refused (at the critical level) |
+//! | `weft_authz_decisions_total` | counter | `action` (`ALLOW`, `DENY`, `AUDIT`), `policy` (`namespace/name`, `none`), `result` (`allowed`, `denied`, `audited`, `dry_run_allowed`, `dry_run_denied`) | requests and connections to workloads with AuthorizationPolicies, by the policy that decided; AUDIT and dry-run policies counted apart |
 //!
 //! Istio's TCP labels: `reporter` (`source` on the client's node, `destination` on the
 //! server's node), `source_*` / `destination_*` workload, namespace, principal, app, version
@@ -855,6 +856,72 @@ impl OverloadMetrics {
     }
 }
 
+#[derive(Clone, Debug, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct AuthzLabels {
+    action: &'static str,
+    policy: Label,
+    result: &'static str,
+}
+
+/// What an authorization decision was, for `weft_authz_decisions_total{result}`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AuthzResult {
+    Allowed,
+    Denied,
+    /// An AUDIT policy matched.
+    Audited,
+    /// What dry-run policies would have decided.
+    DryRunAllowed,
+    DryRunDenied,
+}
+
+impl AuthzResult {
+    fn as_str(self) -> &'static str {
+        match self {
+            AuthzResult::Allowed => "allowed",
+            AuthzResult::Denied => "denied",
+            AuthzResult::Audited => "audited",
+            AuthzResult::DryRunAllowed => "dry_run_allowed",
+            AuthzResult::DryRunDenied => "dry_run_denied",
+        }
+    }
+}
+
+/// `weft_authz_decisions_total{action, policy, result}`: requests and connections the
+/// AuthorizationPolicies of their destination decided, by the policy that decided (`none`:
+/// ALLOW policies applied and none matched, or DENY policies applied and none matched);
+/// AUDIT and dry-run policies apart.
+#[derive(Clone, Debug, Default)]
+pub struct AuthzMetrics {
+    family: Family<AuthzLabels, Counter>,
+}
+
+impl AuthzMetrics {
+    /// Counts one decision of a policy (`None`: no policy of `action` matched).
+    pub fn inc(&self, action: &'static str, policy: Option<&str>, result: AuthzResult) {
+        self.family
+            .get_or_create(&AuthzLabels {
+                action,
+                policy: policy.map_or_else(|| UNKNOWN_POLICY.clone(), Label::from),
+                result: result.as_str(),
+            })
+            .inc();
+    }
+
+    pub fn get(&self, action: &'static str, policy: Option<&str>, result: AuthzResult) -> u64 {
+        self.family
+            .get_or_create(&AuthzLabels {
+                action,
+                policy: policy.map_or_else(|| UNKNOWN_POLICY.clone(), Label::from),
+                result: result.as_str(),
+            })
+            .get()
+    }
+}
+
+/// The `policy` label of a decision no policy made.
+static UNKNOWN_POLICY: LazyLock<Label> = LazyLock::new(|| "none".into());
+
 /// Every metric of a node. Built once; [`Metrics::encode`] renders a scrape.
 pub struct Metrics {
     registry: Registry,
@@ -865,6 +932,7 @@ pub struct Metrics {
     source_refusals: SourceRefusals,
     overload: OverloadMetrics,
     certificates: CertificateMetrics,
+    authz: AuthzMetrics,
 }
 
 impl Default for Metrics {
@@ -917,6 +985,12 @@ impl Metrics {
             "When the certificate this node holds for an identity expires (Unix seconds)",
             certificates.expiry.clone(),
         );
+        let authz = AuthzMetrics::default();
+        registry.register(
+            "weft_authz_decisions",
+            "Requests and connections decided by AuthorizationPolicies, by action, deciding policy and result (AUDIT and dry-run policies apart)",
+            authz.family.clone(),
+        );
         Self {
             registry,
             tcp,
@@ -926,6 +1000,7 @@ impl Metrics {
             source_refusals,
             overload,
             certificates,
+            authz,
         }
     }
 
@@ -976,6 +1051,10 @@ impl Metrics {
 
     pub fn certificates(&self) -> &CertificateMetrics {
         &self.certificates
+    }
+
+    pub fn authz(&self) -> &AuthzMetrics {
+        &self.authz
     }
 
     /// Renders every metric in the OpenMetrics text format.

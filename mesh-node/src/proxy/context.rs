@@ -21,7 +21,7 @@ use super::{
 };
 use crate::{
     identity::manager::CertManager,
-    metrics::{HttpMetrics, Metrics, MtlsRefusals, TcpMetrics},
+    metrics::{AuthzMetrics, HttpMetrics, Metrics, MtlsRefusals, TcpMetrics},
     model::{OriginalDst, Snapshot},
 };
 
@@ -54,6 +54,9 @@ pub struct ProxyConfig {
     pub sidecar: bool,
     /// Trust domain of the mesh's SPIFFE IDs.
     pub trust_domain: Arc<str>,
+    /// Trust domains AuthorizationPolicy principals read as the mesh's (trust domain
+    /// migration).
+    pub trust_domain_aliases: Arc<[Arc<str>]>,
     /// The node's certificates: mTLS between nodes. Without them the proxy serves no tunnel
     /// and sends nothing to another node.
     pub certs: Option<Arc<CertManager>>,
@@ -137,6 +140,7 @@ impl ProxyConfig {
             inbound_transparent: false,
             sidecar: false,
             trust_domain: crate::identity::DEFAULT_TRUST_DOMAIN.into(),
+            trust_domain_aliases: Arc::from([]),
             certs: None,
             handshake_timeout: HANDSHAKE_TIMEOUT,
             tls_origination_dir: crate::config::DEFAULT_TLS_ORIGINATION_DIR.into(),
@@ -174,6 +178,7 @@ pub(crate) struct Context {
     pub metrics: TcpMetrics,
     pub http_metrics: HttpMetrics,
     pub refusals: MtlsRefusals,
+    pub authz: AuthzMetrics,
     /// Health and circuit-breaker state of every cluster, kept across snapshots.
     pub clusters: Clusters,
     /// Upstream HTTP connections of every cluster.
@@ -214,6 +219,7 @@ impl Context {
             metrics: metrics.tcp().clone(),
             http_metrics: metrics.http().clone(),
             refusals: metrics.refusals().clone(),
+            authz: metrics.authz().clone(),
 
             clusters,
             pools: Pools::default(),

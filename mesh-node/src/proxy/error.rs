@@ -102,6 +102,13 @@ pub enum ProxyError {
         pod: ObjectKey,
         port: u16,
     },
+    #[error("connection from {client} to {pod} ({target}) denied by its AuthorizationPolicies: {detail}")]
+    Denied {
+        client: SocketAddr,
+        pod: ObjectKey,
+        target: SocketAddrV4,
+        detail: String,
+    },
     #[error(transparent)]
     Cluster(#[from] ClusterError),
     #[error(transparent)]

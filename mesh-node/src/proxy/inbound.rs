@@ -25,6 +25,7 @@ use tokio_rustls::TlsAcceptor;
 use tracing::{debug, warn};
 
 use super::{
+    authz,
     context::Context,
     copy::Transferred,
     detect::{self, Declared, Rewind, Sniffed, SNIFF_TIMEOUT},
@@ -111,6 +112,13 @@ fn log(
             duration_ms,
             "connection reset: {e}"
         ),
+        Err(ProxyError::Denied { detail, .. }) => debug!(
+            target: ACCESS_LOG,
+            direction, %client, %upstream,
+            connection_termination_details = %detail,
+            duration_ms,
+            "connection denied"
+        ),
         Err(e) => {
             warn!(direction, %client, %upstream, duration_ms, "{direction} connection failed: {e}")
         }
@@ -159,6 +167,7 @@ async fn captured(
     let source = v4(client).and_then(|c| view.snapshot.pod_by_ip(*c.ip()).cloned());
     let labels = destination_labels(&view.snapshot, source.as_deref(), target);
     let http = Http::of(&view.snapshot, target);
+    let pod = http.pod.clone();
     drop(view);
     let Some(mut downstream) = http
         .serve(
@@ -176,6 +185,9 @@ async fn captured(
     else {
         return Ok(Transferred::default());
     };
+    // Plaintext: only the client's address is known.
+    let peer = authz::Peer::plaintext(client.ip());
+    authorize_connection(ctx, pod.as_ref(), target, &peer, client, &labels)?;
     let mut upstream = connect_pod(ctx, target, &labels).await?;
     tcp::relay(
         ctx,
@@ -185,6 +197,36 @@ async fn captured(
         ctx.tcp_lifetime(),
     )
     .await
+}
+
+/// Decides a TCP connection to `pod` against its AuthorizationPolicies, with the current
+/// configuration, before the pod is dialled; a denied one is counted as opened and closed.
+fn authorize_connection(
+    ctx: &Context,
+    pod: Option<&Arc<Pod>>,
+    target: SocketAddrV4,
+    peer: &authz::Peer,
+    client: SocketAddr,
+    labels: &TcpLabels,
+) -> Result<(), ProxyError> {
+    let Some(pod) = pod else {
+        return Ok(());
+    };
+    let view = ctx.view();
+    let target_of = authz::Target {
+        pod,
+        addr: target,
+        sni: None,
+    };
+    authz::check(ctx, &view, target_of, peer, None).map_err(|denied| {
+        tcp::record_failure(ctx, labels, ResponseFlags::NONE);
+        ProxyError::Denied {
+            client,
+            pod: pod.key.clone(),
+            target,
+            detail: denied.detail,
+        }
+    })
 }
 
 /// Connects to `target`, a pod of this node, from the proxy address; a failure is counted.
@@ -374,6 +416,9 @@ async fn hbone_stream(
         .mutual_tls(&peer.auth.identity, &ctx.dialer.identity(local_pod));
     let auth = Some(peer.auth.clone());
     let http = Http::of(snapshot, target);
+    let pod = local_pod.clone();
+    // The caller: the pod it claimed when its certificate covers it, else the peer node.
+    let policy_peer = authz::Peer::authenticated(&peer.auth.identity, from);
     drop(view);
     let upgrade = hyper::upgrade::on(&mut request);
     let start = Instant::now();
@@ -403,6 +448,7 @@ async fn hbone_stream(
                     return Ok(Transferred::default());
                 };
                 // Sniffed as something else than HTTP.
+                authorize_connection(&ctx, Some(&pod), target, &policy_peer, client, &labels)?;
                 let mut upstream = connect_pod(&ctx, target, &labels).await?;
                 tcp::relay(
                     &ctx,
@@ -418,7 +464,11 @@ async fn hbone_stream(
         }));
         return Response::new(Full::default());
     }
-    // Opaque TCP: connect first, so a refusal can tell the source proxy why.
+    // Opaque TCP: decide and connect first, so a refusal can tell the source proxy why.
+    if let Err(e) = authorize_connection(&ctx, Some(&pod), target, &policy_peer, client, &labels) {
+        log("tunnel", client, Some(target), start, Err(e));
+        return Refusal::Forbidden.response(authz::DENIED_BODY);
+    }
     let mut upstream = match connect_pod(&ctx, target, &labels).await {
         Ok(s) => s,
         Err(e) => {
@@ -926,6 +976,64 @@ mod tests {
                 client.err()
             );
         }
+    }
+
+    #[tokio::test]
+    async fn the_tunnel_refuses_a_tcp_connection_the_pods_policies_deny() {
+        use crate::model::policy::{AuthorizationPolicy, AuthzAction, AuthzRule, Source};
+        let server = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = server.local_addr().unwrap().port();
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = server.accept().await {
+                drop(stream);
+            }
+        });
+        let mut snapshot = Snapshot::default();
+        add_service(
+            &mut snapshot,
+            "data",
+            "db",
+            Ipv4Addr::LOCALHOST,
+            &[(Some("tcp-postgres"), None, 5432, port)],
+        );
+        mesh(&mut snapshot, "data");
+        add_pod(
+            &mut snapshot,
+            pod("data", "db-0", Ipv4Addr::LOCALHOST, "n1"),
+        );
+        let target = SocketAddrV4::new(Ipv4Addr::LOCALHOST, port);
+        let ca = TestCa::new();
+        // The control: no policy, the stream is accepted.
+        let open = ask_tunnel(context(snapshot.clone(), &ca), &ca, target).await;
+        assert!(open.is_ok(), "{:?}", open.err());
+
+        // Only bookinfo/admin may connect; the caller is bookinfo/default.
+        let key = ObjectKey::new("data", "admins-only");
+        let only_admin = AuthorizationPolicy {
+            key: key.clone(),
+            selector: None,
+            target_refs: Arc::from([]),
+            action: AuthzAction::Allow,
+            provider: None,
+            rules: Arc::from([AuthzRule {
+                from: Arc::from([Source {
+                    principals: Arc::from([Arc::from("cluster.local/ns/bookinfo/sa/admin")]),
+                    ..Default::default()
+                }]),
+                ..Default::default()
+            }]),
+            dry_run: false,
+        };
+        snapshot
+            .authorization_policies
+            .insert(key, Arc::new(only_admin));
+        let ctx = context(snapshot, &ca);
+        let denied = ask_tunnel(ctx.clone(), &ca, target).await;
+        assert_eq!(refused_with(&denied), Some(403), "{:?}", denied.err());
+        let counted = ctx
+            .authz
+            .get("ALLOW", None, crate::metrics::AuthzResult::Denied);
+        assert_eq!(counted, 1, "the denial is counted once");
     }
 
     #[tokio::test]

@@ -6,7 +6,8 @@
 //! ```text
 //! listeners        mod (accept loops, config follower), outbound (15001), inbound (15006, 15008)
 //!    │
-//! protocols        tcp (opaque TCP), l7 (HTTP/1.1, HTTP/2, gRPC), detect, copy
+//! protocols        tcp (opaque TCP), l7 (HTTP/1.1, HTTP/2, gRPC), authz (AuthorizationPolicy),
+//!                  detect, copy
 //!    │
 //! configuration    context (shared state), view (a snapshot compiled), route (route tables), error
 //!    │
@@ -49,6 +50,7 @@ use crate::{
     model::{OriginalDst, Snapshot},
 };
 
+mod authz;
 mod context;
 pub mod copy;
 mod detect;

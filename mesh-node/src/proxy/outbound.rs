@@ -4,13 +4,19 @@
 //! (declared, or sniffed when undeclared) is served by the L7 router, request by request;
 //! anything else is opaque TCP, balanced by the Service's cluster ([`super::tcp`]).
 
-use std::{net::SocketAddr, os::fd::AsFd as _, sync::Arc, time::Instant};
+use std::{
+    net::{IpAddr, SocketAddr},
+    os::fd::AsFd as _,
+    sync::Arc,
+    time::Instant,
+};
 
 use bytes::Bytes;
 use tokio::net::TcpStream;
 use tracing::{debug, warn};
 
 use super::{
+    authz::{self, Peer},
     context::Context,
     copy::Transferred,
     detect::{self, Declared, Rewind, Sniffed, SNIFF_TIMEOUT},
@@ -57,6 +63,14 @@ pub(super) async fn serve(
             sent = e.transferred.to_downstream,
             duration_ms,
             "connection reset: {e}"
+        ),
+        Err(ProxyError::Denied { detail, .. }) => debug!(
+            target: ACCESS_LOG,
+            direction = "outbound",
+            %client, %dialled, %upstream, %via,
+            connection_termination_details = %detail,
+            duration_ms,
+            "connection denied"
         ),
         Err(e) => warn!(
             direction = "outbound",
@@ -158,8 +172,6 @@ async fn proxy(
             return Err(unroutable.error);
         }
     };
-    // The snapshot is not needed while bytes flow; do not keep it alive for hours.
-    drop(view);
     log.target = Some(target.addr);
     log.via = Some(target.via);
     let caller = source.as_deref().and_then(|p| ctx.dialer.caller(p));
@@ -168,6 +180,29 @@ async fn proxy(
         target.pod.as_deref(),
         target.service.as_deref(),
     );
+    // A meshed pod of this node: no other proxy sees the connection, its policies decide here.
+    if let Some(pod) = (target.pod.as_ref()).filter(|p| authz::at_source(ctx, &view.snapshot, p)) {
+        let peer = match &caller {
+            Some(caller) => Peer::authenticated(&caller.identity, IpAddr::V4(caller.ip)),
+            None => Peer::plaintext(IpAddr::V4(*client.ip())),
+        };
+        let decided = authz::Target {
+            pod,
+            addr: target.addr,
+            sni: None,
+        };
+        if let Err(denied) = authz::check(ctx, &view, decided, &peer, None) {
+            tcp::record_failure(ctx, &labels, crate::metrics::ResponseFlags::NONE);
+            return Err(ProxyError::Denied {
+                client: client.into(),
+                pod: pod.key.clone(),
+                target: target.addr,
+                detail: denied.detail,
+            });
+        }
+    }
+    // The snapshot is not needed while bytes flow; do not keep it alive for hours.
+    drop(view);
     // Across nodes the connection is HBONE: both ends are known by their certificates.
     if let (Via::Tunnel { .. }, Some(caller), Some(pod)) = (target.via, &caller, &target.pod) {
         labels = labels.mutual_tls(&caller.identity, &ctx.dialer.identity(pod));

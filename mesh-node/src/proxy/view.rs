@@ -14,7 +14,11 @@ use super::{
 };
 use tracing::warn;
 
-use crate::model::{Map, Snapshot};
+use crate::model::{
+    authz,
+    policy::{AuthorizationPolicy, ROOT_NAMESPACE},
+    Map, ObjectKey, Pod, Snapshot,
+};
 
 /// A cluster as a client namespace sees it (`exportTo` makes rules namespace-dependent).
 type ClusterSlot = (ClusterKey, Option<Arc<str>>);
@@ -28,7 +32,12 @@ pub(crate) struct View {
     /// too: its error is logged once, not per request); carried into the next view when the
     /// change did not touch them.
     clusters: RwLock<HashMap<ClusterSlot, Built>>,
+    /// The AuthorizationPolicies of each pod asked about, found once per view.
+    policies: RwLock<HashMap<ObjectKey, PodPolicies>>,
 }
+
+/// The AuthorizationPolicies that apply to a pod, in key order.
+pub(crate) type PodPolicies = Arc<[Arc<AuthorizationPolicy>]>;
 
 /// A cluster, or why it could not be built and when that was found.
 type Built = Result<Arc<Cluster>, (ClusterError, Instant)>;
@@ -87,7 +96,31 @@ impl View {
             snapshot,
             routes,
             clusters: RwLock::new(clusters),
+            policies: RwLock::default(),
         }
+    }
+
+    /// The AuthorizationPolicies that apply to `pod` (`None`: none does).
+    pub fn policies(&self, pod: &Pod) -> Option<PodPolicies> {
+        if self.snapshot.authorization_policies.is_empty() {
+            return None;
+        }
+        let cached = self
+            .policies
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&pod.key)
+            .cloned();
+        let policies = cached.unwrap_or_else(|| {
+            let found: PodPolicies = authz::policies_for(&self.snapshot, pod, ROOT_NAMESPACE)
+                .into_iter()
+                .filter_map(|p| self.snapshot.authorization_policies.get(&p.key).cloned())
+                .collect();
+            let mut cache = self.policies.write().unwrap_or_else(|e| e.into_inner());
+            cache.insert(pod.key.clone(), found.clone());
+            found
+        });
+        (!policies.is_empty()).then_some(policies)
     }
 
     /// The cluster `key` names, as a client in `namespace` sees it (`None`: a client that is

@@ -59,6 +59,13 @@ pub(super) fn mirror(
         let Ok(key) = conn.conn_key(view, &resolved.cluster, &pick, proto) else {
             continue;
         };
+        // A pod of this node whose policies deny the copy does not get it.
+        if conn
+            .authorize_local(view, pick.pod.as_ref(), pick.addr, &head)
+            .is_err()
+        {
+            continue;
+        }
         conn.set_forwarded_client_cert(&mut head.headers, pick.pod.as_deref());
         let conn = conn.clone();
         tokio::spawn(async move {

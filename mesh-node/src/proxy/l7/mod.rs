@@ -19,8 +19,8 @@
 use std::{
     collections::HashMap,
     convert::Infallible,
-    net::{SocketAddr, SocketAddrV4},
-    sync::{Arc, Mutex},
+    net::{IpAddr, SocketAddr, SocketAddrV4},
+    sync::{Arc, Mutex, OnceLock},
     time::{Duration, Instant},
 };
 
@@ -43,6 +43,7 @@ use self::{
     deadline::{Deadlines, Held, Requests},
 };
 use super::{
+    authz::{self, Denied, Peer},
     context::{Context, HttpLimits},
     detect::Declared,
     error::ProxyError,
@@ -62,6 +63,7 @@ use crate::{
         RequestLabels, RequestOutcome, ResponseFlags, ServiceLabels, Workload,
     },
     model::{
+        authz::{normalize_path, Http},
         traffic::{AbortError, RetryPolicy},
         ObjectKey, Pod, Service,
     },
@@ -77,7 +79,9 @@ mod upgrade;
 
 use self::{
     mirror::mirror,
-    request::{chance, handle, local_failure, local_reply, refused_reply, service_port},
+    request::{
+        chance, denied_reply, handle, local_failure, local_reply, refused_reply, service_port,
+    },
     retry::{
         default_retries, replay, Attempts, Failure, DOWNSTREAM_PROTOCOL_ERROR, NO_HEALTHY_UPSTREAM,
     },
@@ -109,6 +113,9 @@ pub(super) struct Conn {
     labels: Mutex<HashMap<LabelKey, RequestLabels>>,
     /// The client address's slot, whose requests in flight are capped (source side).
     held: Option<SourceConnection>,
+    /// The client as the policies of a pod of this node see it (source side: the kernel
+    /// vouches for the pod behind the address), found on first use.
+    local_peer: OnceLock<Peer>,
 }
 
 /// What the destination side knows of a connection before it serves it.
@@ -132,6 +139,8 @@ struct Inbound {
     mtls: Option<(Arc<Authenticated>, Identity)>,
     /// `x-forwarded-client-cert` for the pod, built once per connection.
     forwarded_client_cert: Option<HeaderValue>,
+    /// The caller as the pod's AuthorizationPolicies see it.
+    peer: Peer,
     /// Envoy's `inbound|<port>||`: its own pool and counters, apart from the outbound
     /// clusters; looked up once per connection.
     pool: Arc<ClusterPool<RequestBody>>,
@@ -190,6 +199,7 @@ impl Conn {
             clusters: Mutex::default(),
             labels: Mutex::default(),
             held: None,
+            local_peer: OnceLock::new(),
         }
     }
 
@@ -212,6 +222,16 @@ impl Conn {
         let forwarded_client_cert = mtls
             .as_ref()
             .and_then(|(peer, own)| HeaderValue::from_str(&peer.forwarded_client_cert(own)).ok());
+        // Through HBONE the caller is the pod the peer claimed, when its certificate covers
+        // it, else the peer node; the identity is the certificate's. Plaintext: an address.
+        let caller_ip = source
+            .as_ref()
+            .and_then(|p| p.ip)
+            .map_or(IpAddr::V4(*client.ip()), IpAddr::V4);
+        let peer = match &mtls {
+            Some((auth, _)) => Peer::authenticated(&auth.identity, caller_ip),
+            None => Peer::plaintext(IpAddr::V4(*client.ip())),
+        };
         let cluster = ClusterKey::new(ObjectKey::new("", "inbound"), target.port(), None);
         let pool = ctx.pools.cluster(&cluster);
         let state = ctx.clusters.state(&cluster);
@@ -222,6 +242,7 @@ impl Conn {
             service,
             mtls,
             forwarded_client_cert,
+            peer,
             pool,
             state,
         });
@@ -309,6 +330,37 @@ impl Conn {
         if let Some((_, _, value)) = &*cached {
             headers.insert(FORWARDED_CLIENT_CERT, value.clone());
         }
+    }
+
+    /// Decides a request this proxy sends to `pod` itself, a meshed pod of this node, against
+    /// the pod's AuthorizationPolicies, as its caller: no other proxy sees the request. Any
+    /// other destination decides at its own node's proxy.
+    fn authorize_local(
+        &self,
+        view: &View,
+        pod: Option<&Arc<Pod>>,
+        addr: SocketAddrV4,
+        parts: &Parts,
+    ) -> Result<(), Denied> {
+        let Some(pod) = pod.filter(|p| authz::at_source(&self.ctx, &view.snapshot, p)) else {
+            return Ok(());
+        };
+        let peer = self.local_peer.get_or_init(|| match &self.caller {
+            Some(caller) => Peer::authenticated(&caller.identity, IpAddr::V4(caller.ip)),
+            None => Peer::plaintext(IpAddr::V4(*self.client.ip())),
+        });
+        let target = authz::Target {
+            pod,
+            addr,
+            sni: None,
+        };
+        authz::check(
+            &self.ctx,
+            view,
+            target,
+            peer,
+            Some(request::http_attributes(parts)),
+        )
     }
 
     /// Whether requests to `pod` go through HBONE (see [`Dialer::tunnels_to`]).
@@ -498,6 +550,9 @@ pub(super) struct Report {
     /// `grpc-status` sent in the response headers (a trailers-only answer).
     grpc_status: Option<u32>,
     flags: ResponseFlags,
+    /// Why the proxy answered itself, where a flag does not say it (Envoy's
+    /// `%RESPONSE_CODE_DETAILS%`): the policy that denied the request.
+    details: Option<String>,
     route: Option<Arc<str>>,
     upstream: Option<SocketAddrV4>,
     cluster: Option<ClusterKey>,
@@ -568,6 +623,7 @@ impl Report {
                 protocol: self.version,
                 response_code: self.status,
                 response_flags: flags,
+                response_code_details: self.details.as_deref(),
                 bytes_received: request_bytes,
                 bytes_sent: end.bytes,
                 duration,

@@ -23,6 +23,8 @@ pub(super) async fn handle(conn: Arc<Conn>, request: Request<Incoming>) -> Reply
         );
     }
     strip_h2c_upgrade(&mut parts.headers);
+    // What policies match and what is routed and forwarded is the same path.
+    normalize_request_path(&mut parts);
     if !parts.headers.contains_key(REQUEST_ID) {
         parts.headers.insert(
             REQUEST_ID,
@@ -251,6 +253,17 @@ pub(super) async fn forward_inbound(
         .and_then(|k| view.snapshot.services.get(k))
         .cloned();
     report.upstream = Some(inbound.target);
+    if let Some(pod) = &inbound.pod {
+        let target = authz::Target {
+            pod,
+            addr: inbound.target,
+            sni: None,
+        };
+        let http = http_attributes(&parts);
+        if let Err(denied) = authz::check(&conn.ctx, view, target, &inbound.peer, Some(http)) {
+            return denied_reply(report, denied);
+        }
+    }
     let key = ConnKey {
         target: inbound.target,
         via: conn.ctx.dialer.local(),
@@ -315,6 +328,68 @@ pub(super) async fn forward_inbound(
             };
             local_reply(report, status, flags, text)
         }
+    }
+}
+
+/// The answer to a request the destination's AuthorizationPolicies denied, as Envoy's RBAC
+/// filter gives it: `403 RBAC: access denied` (gRPC: `PERMISSION_DENIED`), the policy in the
+/// access log's response code details.
+pub(super) fn denied_reply(mut report: Report, denied: Denied) -> Reply {
+    report.details = Some(denied.detail);
+    local_reply(
+        report,
+        StatusCode::FORBIDDEN,
+        ResponseFlags::NONE,
+        authz::DENIED_BODY,
+    )
+}
+
+/// What AuthorizationPolicies see of a request.
+pub(super) fn http_attributes(parts: &Parts) -> Http<'_> {
+    Http {
+        host: host_of(parts),
+        method: parts.method.as_str(),
+        path: parts.uri.path_and_query().map_or("/", |p| p.as_str()),
+        headers: &parts.headers,
+    }
+}
+
+/// `:authority` for HTTP/2, else the `Host` header (as [`authority_of`], borrowed).
+fn host_of(parts: &Parts) -> &str {
+    parts
+        .uri
+        .authority()
+        .map(|a| a.as_str())
+        .or_else(|| {
+            parts
+                .headers
+                .get(header::HOST)
+                .and_then(|h| h.to_str().ok())
+        })
+        .unwrap_or("")
+}
+
+/// Normalizes the request's path as Istio's default (`BASE`) does before anything matches
+/// it: a backslash read as `/`, `.` and `..` segments resolved; the query stays. Routes,
+/// policies and the upstream all see the normalized path, so `/public/../admin` cannot match
+/// one rule and reach another.
+fn normalize_request_path(parts: &mut Parts) {
+    let path = parts.uri.path();
+    if !(path.contains('\\') || path.contains("/.")) {
+        return;
+    }
+    let normalized = normalize_path(path);
+    let with_query = match parts.uri.query() {
+        Some(query) => format!("{normalized}?{query}"),
+        None => normalized,
+    };
+    let Ok(path_and_query) = with_query.parse() else {
+        return;
+    };
+    let mut uri = parts.uri.clone().into_parts();
+    uri.path_and_query = Some(path_and_query);
+    if let Ok(uri) = Uri::from_parts(uri) {
+        parts.uri = uri;
     }
 }
 
@@ -430,6 +505,7 @@ impl Report {
             status: 0,
             grpc_status: None,
             flags: ResponseFlags::NONE,
+            details: None,
             route: None,
             upstream: None,
             cluster: None,
@@ -683,6 +759,31 @@ mod tests {
         assert!(
             other_te.headers.get("te").is_none(),
             "only `te: trailers` may be forwarded"
+        );
+    }
+
+    #[test]
+    fn paths_are_normalized_before_routes_and_policies_see_them() {
+        let normalized = |version, uri: &str| {
+            let mut parts = head(version, uri, &[]);
+            normalize_request_path(&mut parts);
+            parts.uri.to_string()
+        };
+        assert_eq!(
+            normalized(Version::HTTP_11, "/public/../admin?x=1"),
+            "/admin?x=1"
+        );
+        assert_eq!(normalized(Version::HTTP_11, "/a/./b/"), "/a/b/");
+        assert_eq!(normalized(Version::HTTP_11, "/a\\..\\admin"), "/admin");
+        assert_eq!(normalized(Version::HTTP_11, "/../.."), "/");
+        assert_eq!(
+            normalized(Version::HTTP_11, "/plain?q=/../"),
+            "/plain?q=/../"
+        );
+        // HTTP/2's absolute form keeps its scheme and authority.
+        assert_eq!(
+            normalized(Version::HTTP_2, "http://echo:80/x/../y"),
+            "http://echo:80/y"
         );
     }
 

@@ -31,6 +31,13 @@ pub(super) const NO_HEALTHY_UPSTREAM: Failure = (
     "no healthy upstream",
 );
 
+/// A request the AuthorizationPolicies of a pod of this node denied.
+pub(super) const DENIED: Failure = (
+    StatusCode::FORBIDDEN,
+    ResponseFlags::NONE,
+    authz::DENIED_BODY,
+);
+
 /// The client's request body was malformed or broke off (Envoy's `DPE`).
 pub(super) const DOWNSTREAM_PROTOCOL_ERROR: Failure = (
     StatusCode::BAD_REQUEST,
@@ -68,6 +75,12 @@ impl Attempts<'_> {
             };
             report.upstream = Some(pick.addr);
             report.destination = pick.pod.clone();
+            if let Err(denied) =
+                conn.authorize_local(self.view, pick.pod.as_ref(), pick.addr, parts)
+            {
+                report.details = Some(denied.detail);
+                return Err(DENIED);
+            }
             let request_body = match body.take() {
                 Some(b) => b,
                 None => match replay(tape) {

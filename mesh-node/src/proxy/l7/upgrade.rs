@@ -28,6 +28,9 @@ pub(super) async fn forward_upgrade(
     };
     report.upstream = Some(pick.addr);
     report.destination = pick.pod.clone();
+    if let Err(denied) = conn.authorize_local(view, pick.pod.as_ref(), pick.addr, &parts) {
+        return denied_reply(report, denied);
+    }
     send_upgrade(report, key, parts, body, downstream, Some(pick)).await
 }
 
