@@ -597,6 +597,60 @@ fn when_conditions() -> Result<()> {
     })
 }
 
+/// Whether a TCP client from `pod` that starts with a TLS ClientHello for `name` reaches
+/// `weft-demo peer` on `addr` (it speaks first once connected; a denied client is closed).
+fn tls_client_reaches(pod: &str, addr: &str, name: &str) -> Result<bool> {
+    const SCRIPT: &str = r#"
+import socket, ssl, sys
+host, port = sys.argv[1].rsplit(":", 1)
+incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+tls = ssl.create_default_context().wrap_bio(incoming, outgoing, server_hostname=sys.argv[2])
+try:
+    tls.do_handshake()
+except ssl.SSLWantReadError:
+    pass
+s = socket.create_connection((host, int(port)), timeout=5)
+s.sendall(outgoing.read())
+try:
+    said = s.recv(100)
+except OSError:
+    said = b""
+print("reached" if said.startswith(b"peer=") else "closed")
+"#;
+    let python = xtask::setup::test_python().display().to_string();
+    let out = probe::run(pod, &[python.as_str(), "-c", SCRIPT, addr, name])?;
+    Ok(out.trim() == "reached")
+}
+
+/// `connection.sni` on a TCP port: the server name of the client's TLS ClientHello.
+fn tcp_connection_sni() -> Result<()> {
+    let deny = policy(
+        "foo",
+        "deny-sni",
+        "",
+        "{selector: {matchLabels: {app: tcp-echo}}, action: DENY, rules: [{when: [{key: connection.sni, values: ['*.blocked.example']}]}]}",
+    );
+    with(&[deny], || {
+        for pod in [FOO, LOCAL] {
+            for (name, reaches) in [("db.blocked.example", false), ("db.ok.example", true)] {
+                let got = tls_client_reaches(pod, "tcp-echo.foo:9000", name)?;
+                ensure!(
+                    got == reaches,
+                    "{pod}: a ClientHello for {name} {}",
+                    if got {
+                        "reached the server"
+                    } else {
+                        "was closed"
+                    }
+                );
+            }
+            // A client that does not start with TLS has no server name: not denied.
+            expect_tcp(pod, "tcp-echo.foo:9000", true)?;
+        }
+        Ok(())
+    })
+}
+
 /// gRPC callers get `PERMISSION_DENIED`, as Envoy's RBAC filter answers them.
 fn grpc_caller_gets_permission_denied() -> Result<()> {
     let deny = policy(
@@ -904,6 +958,7 @@ fn main() {
             unmeshed_caller_only_ip_rules_allow,
         ),
         ("when_conditions", when_conditions),
+        ("tcp_connection_sni", tcp_connection_sni),
         (
             "grpc_caller_gets_permission_denied",
             grpc_caller_gets_permission_denied,

@@ -14,11 +14,13 @@ use std::{
     fmt,
     net::{IpAddr, SocketAddrV4},
     sync::Arc,
+    time::Duration,
 };
 
+use tokio::io::AsyncRead;
 use tracing::{debug, info};
 
-use super::{context::Context, view::View};
+use super::{context::Context, detect::Rewind, view::View};
 use crate::{
     identity::Identity,
     metrics::AuthzResult,
@@ -130,6 +132,36 @@ pub(super) fn check(
 /// the destination's sidecar.
 pub(super) fn at_source(ctx: &Context, snapshot: &Snapshot, pod: &Pod) -> bool {
     !ctx.config.sidecar && pod.node.as_deref() == Some(&*ctx.config.node) && snapshot.is_meshed(pod)
+}
+
+/// How long a TCP client has to send its TLS ClientHello, where a policy of its destination
+/// tests `connection.sni` (a client that starts with something else is answered at once).
+pub(super) const SNI_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// Whether a policy of `pod` tests `connection.sni`: only then is a TCP client's ClientHello
+/// read before the connection is decided.
+pub(super) fn wants_sni(view: &View, pod: &Pod) -> bool {
+    view.policies(pod).is_some_and(|policies| {
+        policies.iter().any(|p| {
+            p.rules
+                .iter()
+                .any(|r| r.when.iter().any(|c| &*c.key == "connection.sni"))
+        })
+    })
+}
+
+/// The TLS server name a TCP client of `pod` starts with, read (and kept for replay) only
+/// where one of the pod's policies tests it.
+pub(super) async fn sni_for<S: AsyncRead + Unpin>(
+    ctx: &Context,
+    pod: Option<&Arc<Pod>>,
+    downstream: &mut Rewind<S>,
+) -> Option<String> {
+    let pod = pod?;
+    if !wants_sni(&ctx.view(), pod) {
+        return None;
+    }
+    downstream.peek_sni(SNI_TIMEOUT).await
 }
 
 /// What a log line says of the request or connection decided.

@@ -147,6 +147,69 @@ impl<S> Rewind<S> {
     }
 }
 
+/// The most a ClientHello may take before its server name is given up on (a record's
+/// largest payload and its header).
+const MAX_CLIENT_HELLO: usize = 16 * 1024 + 5;
+
+impl<S: AsyncRead + Unpin> Rewind<S> {
+    /// The server name (SNI) of the TLS ClientHello the client starts with, read within
+    /// `timeout`; what is read is kept to be replayed. `None` when the client sends something
+    /// else, nothing in time, or a ClientHello without a name.
+    pub async fn peek_sni(&mut self, timeout: Duration) -> Option<String> {
+        let mut buf = BytesMut::from(&self.prefix[..]);
+        let deadline = tokio::time::Instant::now() + timeout;
+        let name = loop {
+            match client_hello_name(&buf) {
+                Hello::Name(name) => break Some(name),
+                Hello::Not => break None,
+                Hello::Partial if buf.len() >= MAX_CLIENT_HELLO => break None,
+                Hello::Partial => {}
+            }
+            match tokio::time::timeout_at(deadline, self.inner.read_buf(&mut buf)).await {
+                Ok(Ok(n)) if n > 0 => {}
+                _ => break None,
+            }
+        };
+        self.prefix = buf.freeze();
+        name
+    }
+}
+
+/// What the first bytes of a connection say of a TLS ClientHello.
+enum Hello {
+    Name(String),
+    /// Not TLS, or a ClientHello without a server name.
+    Not,
+    /// Not all of it yet.
+    Partial,
+}
+
+/// Parses the bytes read so far as a ClientHello (rustls reads it; nothing is answered).
+fn client_hello_name(bytes: &[u8]) -> Hello {
+    // A handshake record.
+    match bytes.first() {
+        None => return Hello::Partial,
+        Some(0x16) => {}
+        Some(_) => return Hello::Not,
+    }
+    let mut acceptor = rustls::server::Acceptor::default();
+    let mut rest = bytes;
+    while !rest.is_empty() {
+        match acceptor.read_tls(&mut rest) {
+            Ok(0) | Err(_) => break,
+            Ok(_) => {}
+        }
+    }
+    match acceptor.accept() {
+        Ok(Some(accepted)) => accepted
+            .client_hello()
+            .server_name()
+            .map_or(Hello::Not, |name| Hello::Name(name.to_owned())),
+        Ok(None) => Hello::Partial,
+        Err(_) => Hello::Not,
+    }
+}
+
 impl<S: AsyncRead + Unpin> AsyncRead for Rewind<S> {
     fn poll_read(
         mut self: Pin<&mut Self>,
@@ -210,6 +273,78 @@ mod tests {
             protocol: Protocol::Tcp,
             app_protocol: app.map(Arc::from),
         }
+    }
+
+    /// The first flight of a TLS client for `name`, as it goes on the wire.
+    fn client_hello(name: &str) -> Vec<u8> {
+        let config = rustls::ClientConfig::builder_with_provider(crate::tls::provider())
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(rustls::RootCertStore::empty())
+            .with_no_client_auth();
+        let name = rustls::pki_types::ServerName::try_from(name.to_owned()).unwrap();
+        let mut client = rustls::ClientConnection::new(Arc::new(config), name).unwrap();
+        let mut hello = Vec::new();
+        client.write_tls(&mut hello).unwrap();
+        hello
+    }
+
+    #[tokio::test]
+    async fn a_tls_clients_server_name_is_read_and_its_bytes_replayed() {
+        let hello = client_hello("db.example");
+        let (mut client, server) = tokio::io::duplex(64 * 1024);
+        // The ClientHello arrives in two pieces.
+        client.write_all(&hello[..10]).await.unwrap();
+        let rest = hello[10..].to_vec();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            client.write_all(&rest).await.unwrap();
+            client.write_all(b"after").await.unwrap();
+            drop(client);
+        });
+        let mut stream = Rewind::new(Bytes::new(), server);
+        let name = stream.peek_sni(Duration::from_secs(5)).await;
+        assert_eq!(name.as_deref(), Some("db.example"));
+        let mut replayed = Vec::new();
+        stream.read_to_end(&mut replayed).await.unwrap();
+        assert_eq!(
+            &replayed[..hello.len()],
+            &hello[..],
+            "the ClientHello is replayed"
+        );
+        assert_eq!(&replayed[hello.len()..], b"after");
+    }
+
+    #[tokio::test]
+    async fn no_server_name_without_tls() {
+        // Plaintext: answered at once, the bytes replayed.
+        let (mut client, server) = tokio::io::duplex(1024);
+        client.write_all(b"SELECT 1;").await.unwrap();
+        let mut stream = Rewind::new(Bytes::new(), server);
+        assert_eq!(stream.peek_sni(Duration::from_secs(5)).await, None);
+        drop(client);
+        let mut replayed = Vec::new();
+        stream.read_to_end(&mut replayed).await.unwrap();
+        assert_eq!(replayed, b"SELECT 1;");
+        // A silent client: nothing within the time given.
+        let (_client, server) = tokio::io::duplex(1024);
+        let mut silent = Rewind::new(Bytes::new(), server);
+        assert_eq!(silent.peek_sni(Duration::from_millis(50)).await, None);
+        // TLS with no server name (an IP address).
+        let config = rustls::ClientConfig::builder_with_provider(crate::tls::provider())
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(rustls::RootCertStore::empty())
+            .with_no_client_auth();
+        let ip =
+            rustls::pki_types::ServerName::IpAddress(std::net::Ipv4Addr::new(10, 0, 0, 1).into());
+        let mut tls = rustls::ClientConnection::new(Arc::new(config), ip).unwrap();
+        let mut hello = Vec::new();
+        tls.write_tls(&mut hello).unwrap();
+        let (mut client, server) = tokio::io::duplex(64 * 1024);
+        client.write_all(&hello).await.unwrap();
+        let mut nameless = Rewind::new(Bytes::new(), server);
+        assert_eq!(nameless.peek_sni(Duration::from_secs(5)).await, None);
     }
 
     #[test]

@@ -187,7 +187,16 @@ async fn captured(
     };
     // Plaintext: only the client's address is known.
     let peer = authz::Peer::plaintext(client.ip());
-    authorize_connection(ctx, pod.as_ref(), target, &peer, client, &labels)?;
+    let sni = authz::sni_for(ctx, pod.as_ref(), &mut downstream).await;
+    authorize_connection(
+        ctx,
+        pod.as_ref(),
+        target,
+        &peer,
+        client,
+        sni.as_deref(),
+        &labels,
+    )?;
     let mut upstream = connect_pod(ctx, target, &labels).await?;
     tcp::relay(
         ctx,
@@ -207,6 +216,7 @@ fn authorize_connection(
     target: SocketAddrV4,
     peer: &authz::Peer,
     client: SocketAddr,
+    sni: Option<&str>,
     labels: &TcpLabels,
 ) -> Result<(), ProxyError> {
     let Some(pod) = pod else {
@@ -216,7 +226,7 @@ fn authorize_connection(
     let target_of = authz::Target {
         pod,
         addr: target,
-        sni: None,
+        sni,
     };
     authz::check(ctx, &view, target_of, peer, None).map_err(|denied| {
         tcp::record_failure(ctx, labels, ResponseFlags::NONE);
@@ -419,14 +429,18 @@ async fn hbone_stream(
     let pod = local_pod.clone();
     // The caller: the pod it claimed when its certificate covers it, else the peer node.
     let policy_peer = authz::Peer::authenticated(&peer.auth.identity, from);
-    drop(view);
     let upgrade = hyper::upgrade::on(&mut request);
     let start = Instant::now();
 
-    if matches!(
-        http.declared,
-        Some(Declared::Http | Declared::Http2 | Declared::Unknown)
-    ) {
+    // A policy on the TLS server name needs the client's first bytes: accept the stream first.
+    let sni_first = authz::wants_sni(&view, &pod);
+    drop(view);
+    if sni_first
+        || matches!(
+            http.declared,
+            Some(Declared::Http | Declared::Http2 | Declared::Unknown)
+        )
+    {
         // The pool dials the pod per request: accept the stream first.
         let overload = ctx.overload().clone();
         tokio::spawn(unless_cut(overload, cut, async move {
@@ -447,8 +461,17 @@ async fn hbone_stream(
                 else {
                     return Ok(Transferred::default());
                 };
-                // Sniffed as something else than HTTP.
-                authorize_connection(&ctx, Some(&pod), target, &policy_peer, client, &labels)?;
+                // Sniffed as something else than HTTP (or opaque, accepted to read its SNI).
+                let sni = authz::sni_for(&ctx, Some(&pod), &mut downstream).await;
+                authorize_connection(
+                    &ctx,
+                    Some(&pod),
+                    target,
+                    &policy_peer,
+                    client,
+                    sni.as_deref(),
+                    &labels,
+                )?;
                 let mut upstream = connect_pod(&ctx, target, &labels).await?;
                 tcp::relay(
                     &ctx,
@@ -465,7 +488,15 @@ async fn hbone_stream(
         return Response::new(Full::default());
     }
     // Opaque TCP: decide and connect first, so a refusal can tell the source proxy why.
-    if let Err(e) = authorize_connection(&ctx, Some(&pod), target, &policy_peer, client, &labels) {
+    if let Err(e) = authorize_connection(
+        &ctx,
+        Some(&pod),
+        target,
+        &policy_peer,
+        client,
+        None,
+        &labels,
+    ) {
         log("tunnel", client, Some(target), start, Err(e));
         return Refusal::Forbidden.response(authz::DENIED_BODY);
     }

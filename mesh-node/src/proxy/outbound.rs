@@ -186,10 +186,11 @@ async fn proxy(
             Some(caller) => Peer::authenticated(&caller.identity, IpAddr::V4(caller.ip)),
             None => Peer::plaintext(IpAddr::V4(*client.ip())),
         };
+        let sni = authz::sni_for(ctx, Some(pod), &mut downstream).await;
         let decided = authz::Target {
             pod,
             addr: target.addr,
-            sni: None,
+            sni: sni.as_deref(),
         };
         if let Err(denied) = authz::check(ctx, &view, decided, &peer, None) {
             tcp::record_failure(ctx, &labels, crate::metrics::ResponseFlags::NONE);
