@@ -20,7 +20,10 @@
 //!   principal in the mesh's trust domain, an alias or `cluster.local` stands for the same
 //!   workload in every domain of the mesh (Istio's trust domain migration).
 
-use std::{borrow::Borrow, net::IpAddr};
+use std::{
+    borrow::{Borrow, Cow},
+    net::IpAddr,
+};
 
 use http::HeaderMap;
 
@@ -460,12 +463,22 @@ fn ip_matches(value: &str, ip: IpAddr) -> bool {
         .is_ok_and(|block| block.contains(ip))
 }
 
-/// The path policies see, as Istio's default (`BASE`) normalization gives it: the query and
-/// fragment dropped, a backslash read as `/`, and `.` and `..` segments resolved (RFC 3986). The
-/// request must be forwarded with this same path.
-pub fn normalize_path(target: &str) -> String {
+/// The path policies see, as Istio's default (`BASE`) normalization gives it (Envoy's
+/// `normalize_path`, RFC 3986 §6): the query and fragment dropped, percent-encoded unreserved
+/// characters decoded (`%2e` is a `.`, `%61` an `a`) and other escapes upper-cased (`%2f` stays
+/// an escape, never a `/`), a backslash read as `/`, and `.` and `..` segments resolved. The
+/// request must be forwarded with this same path. Borrowed when there is nothing to change.
+pub fn normalize_path(target: &str) -> Cow<'_, str> {
+    let clean = target.starts_with('/')
+        && !target
+            .bytes()
+            .any(|b| matches!(b, b'?' | b'#' | b'%' | b'\\'))
+        && !target.contains("/.");
+    if clean {
+        return Cow::Borrowed(target);
+    }
     let path = target.split(['?', '#']).next().unwrap_or(target);
-    let path = path.replace('\\', "/");
+    let path = decode_unreserved(path).replace('\\', "/");
     let mut out: Vec<&str> = Vec::new();
     let segments: Vec<&str> = path.split('/').collect();
     let last = segments.len().saturating_sub(1);
@@ -488,11 +501,42 @@ pub fn normalize_path(target: &str) -> String {
         }
     }
     let joined = out.join("/");
-    if joined.starts_with('/') {
+    Cow::Owned(if joined.starts_with('/') {
         joined
     } else {
         format!("/{joined}")
+    })
+}
+
+/// Decodes `%XX` escapes of unreserved characters (ALPHA, DIGIT, `-._~`) and upper-cases the
+/// hex digits of the others; a `%` not followed by two hex digits stays as it is.
+fn decode_unreserved(path: &str) -> String {
+    let bytes = path.as_bytes();
+    let mut out = String::with_capacity(path.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let escape = (bytes[i] == b'%')
+            .then(|| path.get(i + 1..i + 3))
+            .flatten()
+            .filter(|hex| hex.bytes().all(|b| b.is_ascii_hexdigit()));
+        match escape.and_then(|hex| u8::from_str_radix(hex, 16).ok().map(|b| (hex, b))) {
+            Some((_, byte)) if byte.is_ascii_alphanumeric() || b"-._~".contains(&byte) => {
+                out.push(char::from(byte));
+                i += 3;
+            }
+            Some((hex, _)) => {
+                out.push('%');
+                out.push_str(&hex.to_ascii_uppercase());
+                i += 3;
+            }
+            None => {
+                let next = path[i..].chars().next().unwrap_or_default();
+                out.push(next);
+                i += next.len_utf8().max(1);
+            }
+        }
     }
+    out
 }
 
 /// A path pattern against a normalized path: its compiled template, or Istio's string forms.

@@ -13,7 +13,7 @@
 use std::{
     fmt,
     net::{IpAddr, SocketAddrV4},
-    sync::Arc,
+    sync::{Arc, OnceLock},
     time::Duration,
 };
 
@@ -35,11 +35,13 @@ use crate::{
 pub(super) const DENIED_BODY: &str = "RBAC: access denied";
 
 /// Who calls, as the destination's proxy knows it.
-#[derive(Clone, Debug)]
+#[derive(Debug)]
 pub(super) struct Peer {
-    /// `<trust domain>/ns/<namespace>/sa/<service account>`; `None`: plaintext.
-    principal: Option<Arc<str>>,
-    namespace: Option<Arc<str>>,
+    /// `None`: plaintext.
+    identity: Option<Identity>,
+    /// `<trust domain>/ns/<namespace>/sa/<service account>`, written on first use (only
+    /// workloads with policies need it).
+    principal: OnceLock<Option<Box<str>>>,
     ip: IpAddr,
 }
 
@@ -47,16 +49,8 @@ impl Peer {
     /// A caller whose identity is proved: by its certificate, or by the kernel on this node.
     pub fn authenticated(identity: &Identity, ip: IpAddr) -> Self {
         Self {
-            principal: Some(
-                format!(
-                    "{}/ns/{}/sa/{}",
-                    identity.trust_domain(),
-                    identity.namespace(),
-                    identity.service_account()
-                )
-                .into(),
-            ),
-            namespace: Some(identity.namespace().into()),
+            identity: Some(identity.clone()),
+            principal: OnceLock::new(),
             ip,
         }
     }
@@ -64,10 +58,30 @@ impl Peer {
     /// A plaintext caller: only its address is known.
     pub fn plaintext(ip: IpAddr) -> Self {
         Self {
-            principal: None,
-            namespace: None,
+            identity: None,
+            principal: OnceLock::new(),
             ip,
         }
+    }
+
+    fn principal(&self) -> Option<&str> {
+        self.principal
+            .get_or_init(|| {
+                self.identity.as_ref().map(|id| {
+                    format!(
+                        "{}/ns/{}/sa/{}",
+                        id.trust_domain(),
+                        id.namespace(),
+                        id.service_account()
+                    )
+                    .into()
+                })
+            })
+            .as_deref()
+    }
+
+    fn namespace(&self) -> Option<&str> {
+        self.identity.as_ref().map(Identity::namespace)
     }
 }
 
@@ -96,12 +110,19 @@ pub(super) fn check(
     peer: &Peer,
     http: Option<Http<'_>>,
 ) -> Result<(), Denied> {
-    let Some(policies) = view.policies(target.pod) else {
+    // The pod as this view knows it (a connection may have looked it up long ago).
+    let pod = view
+        .snapshot
+        .pods
+        .get(&target.pod.key)
+        .map_or(target.pod, |p| &**p);
+    let Some(policies) = view.policies(pod) else {
         return Ok(());
     };
+    let target = Target { pod, ..target };
     let attributes = Attributes {
-        principal: peer.principal.as_deref(),
-        namespace: peer.namespace.as_deref(),
+        principal: peer.principal(),
+        namespace: peer.namespace(),
         source_ip: peer.ip,
         // In the mesh the connection's peer is the original client.
         remote_ip: peer.ip,
@@ -198,7 +219,7 @@ fn report(
     let log = |what: &str, policy: Option<&ObjectKey>| {
         debug!(
             pod = %target.pod.key,
-            principal = peer.principal.as_deref().unwrap_or("-"),
+            principal = peer.principal().unwrap_or("-"),
             source = %peer.ip,
             %request,
             policy = policy.map_or_else(|| "none".to_owned(), ToString::to_string),
@@ -240,7 +261,7 @@ fn report(
         if !shadow.allowed {
             info!(
                 pod = %target.pod.key,
-                principal = peer.principal.as_deref().unwrap_or("-"),
+                principal = peer.principal().unwrap_or("-"),
                 source = %peer.ip,
                 %request,
                 policy = shadow.policy.map_or_else(|| "none".to_owned(), ToString::to_string),

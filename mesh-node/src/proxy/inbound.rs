@@ -169,6 +169,16 @@ async fn captured(
     let http = Http::of(&view.snapshot, target);
     let pod = http.pod.clone();
     drop(view);
+    // Steered here for a pod this configuration does not know (yet, or any more): whose
+    // policies apply cannot be told, so nothing gets through (as ztunnel refuses unknown
+    // workloads).
+    if pod.is_none() && enforced {
+        return Err(ProxyError::NotLocalPod {
+            client,
+            target,
+            node: ctx.config.node.clone(),
+        });
+    }
     let Some(mut downstream) = http
         .serve(
             ctx,

@@ -181,14 +181,16 @@ async fn proxy(
         target.service.as_deref(),
     );
     // A meshed pod of this node: no other proxy sees the connection, its policies decide here.
-    if let Some(pod) = (target.pod.as_ref()).filter(|p| authz::at_source(ctx, &view.snapshot, p)) {
+    // The pod that owns the address, whatever an endpoint's `targetRef` claims.
+    let owner = view.snapshot.pod_by_ip(*target.addr.ip()).cloned();
+    if let Some(pod) = owner.filter(|p| authz::at_source(ctx, &view.snapshot, p)) {
         let peer = match &caller {
             Some(caller) => Peer::authenticated(&caller.identity, IpAddr::V4(caller.ip)),
             None => Peer::plaintext(IpAddr::V4(*client.ip())),
         };
-        let sni = authz::sni_for(ctx, Some(pod), &mut downstream).await;
+        let sni = authz::sni_for(ctx, Some(&pod), &mut downstream).await;
         let decided = authz::Target {
-            pod,
+            pod: &pod,
             addr: target.addr,
             sni: sni.as_deref(),
         };

@@ -107,10 +107,18 @@ pub(super) fn pod(fields: &Fields<'_>) -> Result<Pod, FieldError> {
             }
         }
     }
-    let ip = match fields.obj("status")? {
-        Some(status) => status.ipv4("podIP")?,
-        None => None,
+    let (ip, phase) = match fields.obj("status")? {
+        Some(status) => (status.ipv4("podIP")?, status.str("phase")?),
+        None => (None, None),
     };
+    // A finished pod's address may already be another pod's, and a host-network pod's is its
+    // node's: neither names the pod, nor decides whose policies and identity an address has.
+    let host_network = match &spec {
+        Some(spec) => spec.bool("hostNetwork")?.unwrap_or(false),
+        None => false,
+    };
+    let finished = matches!(phase, Some("Succeeded" | "Failed"));
+    let ip = ip.filter(|_| !finished && !host_network);
     Ok(Pod {
         key: ObjectKey {
             namespace: meta.namespace,

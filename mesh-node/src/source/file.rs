@@ -655,6 +655,27 @@ mod tests {
     }
 
     #[test]
+    fn finished_and_host_network_pods_own_no_address() {
+        let mut f = Fixture::new();
+        let running = pod("new", "10.244.1.7", "{app: a}", "[]");
+        let finished = pod("aaa-old", "10.244.1.7", "{app: b}", "[]") + "  phase: Succeeded\n";
+        let host = pod("agent", "172.31.0.11", "{app: c}", "[]")
+            .replace("  nodeName: n1\n", "  nodeName: n1\n  hostNetwork: true\n");
+        f.write("a.yaml", &[running, finished, host].join("---\n"));
+        f.poll();
+        let snap = f.snapshot();
+        // The finished pod sorts first, yet the address is the running pod's.
+        assert_eq!(
+            snap.pod_by_ip(Ipv4Addr::new(10, 244, 1, 7))
+                .map(|p| &*p.key.name),
+            Some("new")
+        );
+        assert_eq!(snap.pods[&key("aaa-old")].ip, None);
+        assert_eq!(snap.pods[&key("agent")].ip, None);
+        assert!(snap.pod_by_ip(Ipv4Addr::new(172, 31, 0, 11)).is_none());
+    }
+
+    #[test]
     fn a_refused_new_authorization_policy_fails_closed() {
         use crate::model::policy::AuthzAction;
         let mut f = Fixture::new();
@@ -721,6 +742,30 @@ mod tests {
         let deny = rejected.iter().find(|r| r.name == "foo/deny-jwt").unwrap();
         assert!(deny.failed_closed && !deny.kept_last_good);
         assert!(deny.to_string().contains("failing closed"), "{deny}");
+
+        // Still refused but for other workloads: the stand-in follows the new scope (a
+        // stand-in is no last good version).
+        f.write(
+            "p.yaml",
+            &policy(
+                "allow-jwt",
+                "",
+                &format!("{{selector: {{matchLabels: {{app: b}}}}, {jwt}"),
+            ),
+        );
+        f.poll();
+        let snap = f.snapshot();
+        let moved = &snap.authorization_policies[&ObjectKey::new("foo", "allow-jwt")];
+        assert_eq!(
+            moved
+                .selector
+                .as_ref()
+                .and_then(|s| s.get("app"))
+                .map(String::as_str),
+            Some("b")
+        );
+        let rejected = f.source.status().rejected();
+        assert!(rejected[0].failed_closed && !rejected[0].kept_last_good);
 
         // A policy that was good keeps its last good version when an update is refused.
         f.write(

@@ -11,7 +11,7 @@
 //! a change costs what it touches.
 
 use std::{
-    collections::{BTreeSet, HashMap},
+    collections::{BTreeSet, HashMap, HashSet},
     fmt,
     sync::Arc,
 };
@@ -87,6 +87,9 @@ pub struct Ledger<O> {
     held: HashMap<O, HashMap<ResourceId, Object>>,
     /// Origins holding each resource, in order: the first one is in force.
     owners: HashMap<ResourceId, BTreeSet<O>>,
+    /// Resources an origin holds as a fail-closed stand-in ([`Invalid::fallback`]): never a
+    /// last good version.
+    stand_ins: HashSet<(O, ResourceId)>,
     assembler: Assembler,
 }
 
@@ -95,6 +98,7 @@ impl<O> Default for Ledger<O> {
         Self {
             held: HashMap::new(),
             owners: HashMap::new(),
+            stand_ins: HashSet::new(),
             assembler: Assembler::new(),
         }
     }
@@ -118,6 +122,11 @@ impl<O: Ord + std::hash::Hash + Clone> Ledger<O> {
     /// document does not say its name.
     pub fn apply(&mut self, origin: O, results: Results, unknown_name: &str) -> Applied<O> {
         let old = self.held.remove(&origin).unwrap_or_default();
+        let old_stand_ins: HashSet<ResourceId> = old
+            .keys()
+            .filter(|id| self.stand_ins.remove(&(origin.clone(), (*id).clone())))
+            .cloned()
+            .collect();
         let mut new: HashMap<ResourceId, Object> = HashMap::with_capacity(results.len());
         let mut rejected = Vec::new();
         let mut unnamed_failure = false;
@@ -128,10 +137,16 @@ impl<O: Ord + std::hash::Hash + Clone> Ledger<O> {
                     new.entry(object.id()).or_insert(object);
                 }
                 Err(invalid) => {
+                    // A stand-in is no last good version: the refused resource's own scope
+                    // and action decide the next one.
                     let last_good = invalid
                         .id
                         .as_ref()
-                        .and_then(|id| old.get(id).or_else(|| self.in_force(id)))
+                        .and_then(|id| {
+                            old.get(id)
+                                .filter(|_| !old_stand_ins.contains(id))
+                                .or_else(|| self.good_in_force(id))
+                        })
                         .cloned();
                     unnamed_failure |= invalid.id.is_none();
                     let kept_last_good = last_good.is_some();
@@ -146,6 +161,9 @@ impl<O: Ord + std::hash::Hash + Clone> Ledger<O> {
                         failed_closed: !kept_last_good && in_force.is_some(),
                     });
                     if let Some(object) = in_force {
+                        if !kept_last_good {
+                            self.stand_ins.insert((origin.clone(), object.id()));
+                        }
                         new.entry(object.id()).or_insert(object);
                     }
                 }
@@ -156,6 +174,9 @@ impl<O: Ord + std::hash::Hash + Clone> Ledger<O> {
                 if !new.contains_key(id) {
                     debug!(resource = %id, "keeping the last good version");
                     new.insert(id.clone(), object.clone());
+                    if old_stand_ins.contains(id) {
+                        self.stand_ins.insert((origin.clone(), id.clone()));
+                    }
                 }
             }
         }
@@ -193,6 +214,7 @@ impl<O: Ord + std::hash::Hash + Clone> Ledger<O> {
         let Some(old) = self.held.remove(origin) else {
             return false;
         };
+        self.stand_ins.retain(|(o, _)| o != origin);
         for id in old.keys() {
             if let Some(owners) = self.owners.get_mut(id) {
                 owners.remove(origin);
@@ -216,6 +238,15 @@ impl<O: Ord + std::hash::Hash + Clone> Ledger<O> {
     /// The version of a resource in force.
     pub fn in_force(&self, id: &ResourceId) -> Option<&Object> {
         let first = self.owners.get(id)?.first()?;
+        self.held.get(first)?.get(id)
+    }
+
+    /// The version of a resource in force, unless it is a fail-closed stand-in.
+    fn good_in_force(&self, id: &ResourceId) -> Option<&Object> {
+        let first = self.owners.get(id)?.first()?;
+        if self.stand_ins.contains(&(first.clone(), id.clone())) {
+            return None;
+        }
         self.held.get(first)?.get(id)
     }
 

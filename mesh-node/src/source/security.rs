@@ -178,10 +178,11 @@ pub(super) fn authorization_policy(fields: &Fields<'_>) -> Result<AuthorizationP
 /// selector, targetRefs) or action cannot be read.
 pub(super) fn refused_authorization_policy(fields: &Fields<'_>) -> Option<AuthorizationPolicy> {
     let meta = metadata(fields, true).ok()?;
+    // Only a valid `true` makes it a dry run; anything else fails closed.
     let dry_run = meta
         .annotations
         .get(DRY_RUN)
-        .is_some_and(|v| !matches!(v.as_str(), "false" | "False" | "FALSE" | "0" | "f" | "F"));
+        .is_some_and(|v| matches!(v.as_str(), "true" | "True" | "TRUE" | "1" | "t" | "T"));
     let spec = fields.obj("spec").ok()??;
     let selector = workload_selector(&spec, "selector").ok()?;
     let mut target_refs = Vec::new();

@@ -274,6 +274,13 @@ fn operations_hosts_ports_methods_paths_and_templates() {
     }
     assert_eq!(normalize_path("/a/./b/../c/?q"), "/a/c/");
     assert_eq!(normalize_path("/../.."), "/");
+    // Escapes of unreserved characters are decoded first: dot segments cannot hide in them.
+    assert_eq!(normalize_path("/public/%2e%2E/admin"), "/admin");
+    assert_eq!(normalize_path("/%61dmin"), "/admin");
+    // Other escapes stay escapes (upper-cased): `%2F` is no `/`.
+    assert_eq!(normalize_path("/a%2fb/%c3%A9"), "/a%2Fb/%C3%A9");
+    assert_eq!(normalize_path("/100%/x%4"), "/100%/x%4");
+    assert!(matches!(normalize_path("/plain/path"), Cow::Borrowed(_)));
 }
 
 #[test]

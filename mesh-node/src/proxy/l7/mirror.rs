@@ -60,10 +60,7 @@ pub(super) fn mirror(
             continue;
         };
         // A pod of this node whose policies deny the copy does not get it.
-        if conn
-            .authorize_local(view, pick.pod.as_ref(), pick.addr, &head)
-            .is_err()
-        {
+        if conn.authorize_local(view, pick.addr, &head).is_err() {
             continue;
         }
         conn.set_forwarded_client_cert(&mut head.headers, pick.pod.as_deref());

@@ -332,17 +332,21 @@ impl Conn {
         }
     }
 
-    /// Decides a request this proxy sends to `pod` itself, a meshed pod of this node, against
-    /// the pod's AuthorizationPolicies, as its caller: no other proxy sees the request. Any
-    /// other destination decides at its own node's proxy.
+    /// Decides a request this proxy sends to `addr` itself, the address of a meshed pod of
+    /// this node, against that pod's AuthorizationPolicies, as its caller: no other proxy sees
+    /// the request. Any other destination decides at its own node's proxy. The pod is the one
+    /// that owns the address, whatever an endpoint's `targetRef` claims.
     fn authorize_local(
         &self,
         view: &View,
-        pod: Option<&Arc<Pod>>,
         addr: SocketAddrV4,
         parts: &Parts,
     ) -> Result<(), Denied> {
-        let Some(pod) = pod.filter(|p| authz::at_source(&self.ctx, &view.snapshot, p)) else {
+        let Some(pod) = view
+            .snapshot
+            .pod_by_ip(*addr.ip())
+            .filter(|p| authz::at_source(&self.ctx, &view.snapshot, p))
+        else {
             return Ok(());
         };
         let peer = self.local_peer.get_or_init(|| match &self.caller {

@@ -375,13 +375,13 @@ fn host_of(parts: &Parts) -> &str {
 /// one rule and reach another.
 fn normalize_request_path(parts: &mut Parts) {
     let path = parts.uri.path();
-    if !(path.contains('\\') || path.contains("/.")) {
+    let normalized = normalize_path(path);
+    if normalized == path {
         return;
     }
-    let normalized = normalize_path(path);
     let with_query = match parts.uri.query() {
         Some(query) => format!("{normalized}?{query}"),
-        None => normalized,
+        None => normalized.into_owned(),
     };
     let Ok(path_and_query) = with_query.parse() else {
         return;
@@ -776,6 +776,10 @@ mod tests {
         assert_eq!(normalized(Version::HTTP_11, "/a/./b/"), "/a/b/");
         assert_eq!(normalized(Version::HTTP_11, "/a\\..\\admin"), "/admin");
         assert_eq!(normalized(Version::HTTP_11, "/../.."), "/");
+        assert_eq!(
+            normalized(Version::HTTP_11, "/public/%2e%2E/admin?q=%2e"),
+            "/admin?q=%2e"
+        );
         assert_eq!(
             normalized(Version::HTTP_11, "/plain?q=/../"),
             "/plain?q=/../"

@@ -75,9 +75,7 @@ impl Attempts<'_> {
             };
             report.upstream = Some(pick.addr);
             report.destination = pick.pod.clone();
-            if let Err(denied) =
-                conn.authorize_local(self.view, pick.pod.as_ref(), pick.addr, parts)
-            {
+            if let Err(denied) = conn.authorize_local(self.view, pick.addr, parts) {
                 report.details = Some(denied.detail);
                 return Err(DENIED);
             }

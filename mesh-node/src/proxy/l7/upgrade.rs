@@ -28,7 +28,7 @@ pub(super) async fn forward_upgrade(
     };
     report.upstream = Some(pick.addr);
     report.destination = pick.pod.clone();
-    if let Err(denied) = conn.authorize_local(view, pick.pod.as_ref(), pick.addr, &parts) {
+    if let Err(denied) = conn.authorize_local(view, pick.addr, &parts) {
         return denied_reply(report, denied);
     }
     send_upgrade(report, key, parts, body, downstream, Some(pick)).await
@@ -57,7 +57,13 @@ pub(super) async fn send_upgrade(
         &mut parts.headers,
         pick.as_ref().and_then(|p| p.pod.as_deref()),
     );
-    // Origin form: the upgrade goes to an HTTP/1.1 server.
+    // Origin form: the upgrade goes to an HTTP/1.1 server, with the host that routes and
+    // policies saw (an absolute form's authority wins over `Host`, as in `prepare_head`).
+    if let Some(authority) = parts.uri.authority() {
+        if let Ok(host) = HeaderValue::from_str(authority.as_str()) {
+            parts.headers.insert(header::HOST, host);
+        }
+    }
     if let Some(pq) = parts.uri.path_and_query() {
         parts.uri = Uri::from(pq.clone());
     }
