@@ -370,13 +370,13 @@ fn host_of(parts: &Parts) -> &str {
 }
 
 /// Normalizes the request's path as Istio's default (`BASE`) does before anything matches
-/// it: a backslash read as `/`, `.` and `..` segments resolved; the query stays. Routes,
-/// policies and the upstream all see the normalized path, so `/public/../admin` cannot match
-/// one rule and reach another.
+/// it ([`normalize_path`]: escapes of unreserved characters decoded, backslashes read as `/`,
+/// `.` and `..` segments resolved); the query stays. Routes, policies and the upstream all see
+/// the normalized path, so `/public/%2e%2e/admin` cannot match one rule and reach another.
 fn normalize_request_path(parts: &mut Parts) {
     let path = parts.uri.path();
     let normalized = normalize_path(path);
-    if normalized == path {
+    if matches!(normalized, std::borrow::Cow::Borrowed(_)) || normalized == path {
         return;
     }
     let with_query = match parts.uri.query() {
