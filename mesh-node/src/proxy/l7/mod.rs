@@ -85,7 +85,7 @@ use self::{
     retry::{
         default_retries, replay, Attempts, Failure, DOWNSTREAM_PROTOCOL_ERROR, NO_HEALTHY_UPSTREAM,
     },
-    upgrade::{forward_upgrade, is_upgrade, send_upgrade, strip_h2c_upgrade},
+    upgrade::{forward_upgrade, is_upgrade, is_websocket, send_upgrade, strip_h2c_upgrade},
 };
 
 type InFlight = pool::InFlight<RequestBody>;

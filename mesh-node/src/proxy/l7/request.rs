@@ -23,6 +23,15 @@ pub(super) async fn handle(conn: Arc<Conn>, request: Request<Incoming>) -> Reply
         );
     }
     strip_h2c_upgrade(&mut parts.headers);
+    if is_upgrade(&parts) && !is_websocket(&parts) {
+        report.details = Some("upgrade_failed".to_owned());
+        return local_reply(
+            report,
+            StatusCode::FORBIDDEN,
+            ResponseFlags::NONE,
+            "upgrade not allowed",
+        );
+    }
     // What policies match and what is routed and forwarded is the same path.
     normalize_request_path(&mut parts);
     if !parts.headers.contains_key(REQUEST_ID) {

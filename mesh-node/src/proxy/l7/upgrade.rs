@@ -181,6 +181,17 @@ pub(super) fn is_upgrade(parts: &Parts) -> bool {
             .any(|v| tokens(v).any(|t| t.eq_ignore_ascii_case(b"upgrade")))
 }
 
+/// Whether an upgrade asks for WebSocket, the one upgrade Istio's proxies accept (Envoy's
+/// `upgrade_configs`); any other is refused before routing, so no stream the mesh cannot read
+/// as HTTP passes its routes and policies.
+pub(super) fn is_websocket(parts: &Parts) -> bool {
+    let mut upgrades = parts.headers.get_all(header::UPGRADE).iter();
+    matches!(
+        (upgrades.next(), upgrades.next()),
+        (Some(value), None) if value.as_bytes().trim_ascii().eq_ignore_ascii_case(b"websocket")
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -252,5 +263,22 @@ mod tests {
             &[("connection", "upgrade")]
         )));
         assert!(!is_upgrade(&head(Version::HTTP_11, &[])));
+    }
+
+    #[test]
+    fn only_websocket_upgrades_are_accepted() {
+        let upgrade = |value: &[&str]| {
+            let mut headers = vec![("connection", "upgrade")];
+            headers.extend(value.iter().map(|v| ("upgrade", *v)));
+            is_websocket(&head(Version::HTTP_11, &headers))
+        };
+        assert!(upgrade(&["websocket"]));
+        assert!(upgrade(&["WebSocket"]));
+        assert!(!upgrade(&["tcp"]));
+        assert!(!upgrade(&["websocket, tcp"]));
+        assert!(
+            !upgrade(&["websocket", "tcp"]),
+            "a second value is no websocket"
+        );
     }
 }
