@@ -432,7 +432,10 @@ fn mesh_config(snapshot: &Snapshot) -> Vec<Value> {
             .collect()
     }
     let strings = |list: &[Arc<str>]| list.iter().map(|s| s.to_string()).collect::<Vec<_>>();
-    let mut out = Vec::new();
+    let mut out = vec![json!({
+        "kind": "MeshConfig",
+        "trustDomainAliases": strings(&snapshot.mesh_config.trust_domain_aliases),
+    })];
     out.extend(entries("VirtualService", &snapshot.virtual_services, |vs| {
         json!({"hosts": strings(&vs.hosts), "mesh": vs.applies_to_mesh(), "httpRules": vs.http.len(), "tcpRules": vs.tcp.len()})
     }));
@@ -556,11 +559,13 @@ mod tests {
     fn mesh_config_is_listed() {
         let docs = "apiVersion: v1\nkind: List\nitems:\n\
             - {apiVersion: networking.istio.io/v1, kind: VirtualService, metadata: {name: reviews, namespace: bookinfo}, spec: {hosts: [reviews], http: [{route: [{destination: {host: reviews, subset: v2}}]}]}}\n\
-            - {apiVersion: security.istio.io/v1, kind: PeerAuthentication, metadata: {name: default, namespace: bookinfo}, spec: {mtls: {mode: STRICT}}}\n";
+            - {apiVersion: security.istio.io/v1, kind: PeerAuthentication, metadata: {name: default, namespace: bookinfo}, spec: {mtls: {mode: STRICT}}}\n\
+            - {apiVersion: v1, kind: ConfigMap, metadata: {name: istio, namespace: istio-system}, data: {mesh: 'trustDomainAliases: [old-td]'}}\n";
         let listed = listed(docs);
         assert_eq!(
             listed,
             [
+                json!({"kind": "MeshConfig", "trustDomainAliases": ["old-td"]}),
                 json!({"kind": "VirtualService", "namespace": "bookinfo", "name": "reviews",
                        "hosts": ["reviews"], "mesh": true, "httpRules": 1, "tcpRules": 0}),
                 json!({"kind": "PeerAuthentication", "namespace": "bookinfo", "name": "default", "mtls": "STRICT"}),

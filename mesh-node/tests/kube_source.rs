@@ -35,6 +35,7 @@ const PODS: &str = "/api/v1/pods";
 const SERVICES: &str = "/api/v1/services";
 const SLICES: &str = "/apis/discovery.k8s.io/v1/endpointslices";
 const SECRETS: &str = "/api/v1/secrets";
+const CONFIG_MAPS: &str = "/api/v1/namespaces/istio-system/configmaps";
 
 // ------------------------------------------------------------------------------------------
 // The fake API server
@@ -76,7 +77,15 @@ struct OpenWatch {
 impl FakeApi {
     fn new() -> Self {
         let api = Self::default();
-        for path in [NAMESPACES, NODES, PODS, SERVICES, SLICES, SECRETS] {
+        for path in [
+            NAMESPACES,
+            NODES,
+            PODS,
+            SERVICES,
+            SLICES,
+            SECRETS,
+            CONFIG_MAPS,
+        ] {
             api.lock()
                 .collections
                 .insert(path.into(), Collection::default());
@@ -926,6 +935,84 @@ async fn secrets_hold_only_tls_material_and_follow_changes() {
     );
     running
         .wait_for("the emptied Secret", |s| s.secrets.is_empty())
+        .await;
+    running.stop().await;
+}
+
+fn config_map(name: &str, mesh: &str) -> Value {
+    json!({"apiVersion": "v1", "kind": "ConfigMap",
+           "metadata": {"name": name, "namespace": "istio-system", "managedFields": managed_fields()},
+           "data": {"mesh": mesh}})
+}
+
+#[tokio::test]
+async fn mesh_config_trust_domain_aliases_follow_the_istio_config_map() {
+    let api = bookinfo();
+    api.apply(
+        CONFIG_MAPS,
+        config_map(
+            "istio",
+            "accessLogFile: /dev/stdout\ntrustDomainAliases: [old-td, legacy.example]\n",
+        ),
+    );
+    api.apply(
+        CONFIG_MAPS,
+        config_map("other", "trustDomainAliases: [evil]\n"),
+    );
+    let running = start(&api, config());
+    let aliases = |s: &Snapshot| -> Vec<String> {
+        s.mesh_config
+            .trust_domain_aliases
+            .iter()
+            .map(ToString::to_string)
+            .collect()
+    };
+    let snap = running
+        .wait_for("the MeshConfig", |s| {
+            !s.mesh_config.trust_domain_aliases.is_empty()
+        })
+        .await;
+    assert_eq!(aliases(&snap), ["old-td", "legacy.example"]);
+    let requests = running.api.requests();
+    assert!(
+        requests.iter().any(
+            |r| r.starts_with("GET /api/v1/namespaces/istio-system/configmaps?")
+                && r.contains("metadata.name=istio")
+        ),
+        "only the istio ConfigMap is asked for: {requests:#?}"
+    );
+
+    // A bad alias is rejected; the last good version stays.
+    api.apply(
+        CONFIG_MAPS,
+        config_map("istio", "trustDomainAliases: [\"a/b\"]\n"),
+    );
+    eventually("the rejection", || {
+        running
+            .source_status
+            .rejected()
+            .iter()
+            .any(|r| r.field == "data.mesh.trustDomainAliases[0]")
+    })
+    .await;
+    assert_eq!(
+        aliases(&running.store.current()),
+        ["old-td", "legacy.example"]
+    );
+
+    // Changed, then deleted: the model follows.
+    api.apply(
+        CONFIG_MAPS,
+        config_map("istio", "trustDomainAliases: [new-td]\n"),
+    );
+    running
+        .wait_for("the new alias", |s| aliases(s) == ["new-td"])
+        .await;
+    api.delete(CONFIG_MAPS, "istio-system/istio");
+    running
+        .wait_for("no MeshConfig", |s| {
+            s.mesh_config.trust_domain_aliases.is_empty()
+        })
         .await;
     running.stop().await;
 }

@@ -711,8 +711,8 @@ fn scope_selector_target_refs_and_root() -> Result<()> {
 }
 
 /// Istio's trust domain migration: the nodes' trust domain is `cluster.local` with alias
-/// `old-td`; a policy written for `old-td` still names the workload, one for an unrelated
-/// domain does not.
+/// `old-td` (`--trust-domain-aliases`); a policy written for `old-td` still names the
+/// workload, one for an unrelated domain does not; an alias in MeshConfig works alike.
 fn trust_domain_alias_principal() -> Result<()> {
     let old = policy(
         "foo",
@@ -730,7 +730,21 @@ fn trust_domain_alias_principal() -> Result<()> {
         "",
         "{action: ALLOW, rules: [{from: [{source: {principals: [other-td/ns/foo/sa/sleep]}}]}]}",
     );
-    with(&[foreign], || get(FOO, "/get", 403))
+    with(&[foreign], || get(FOO, "/get", 403))?;
+    // Istio's way to declare an alias: MeshConfig `trustDomainAliases`, in the `istio`
+    // ConfigMap of the root namespace; it applies without a restart, and goes with it.
+    let mesh_config = "apiVersion: v1\nkind: ConfigMap\n\
+                       metadata: {name: istio, namespace: istio-system}\n\
+                       data:\n  mesh: |\n    trustDomainAliases: [mesh-td]\n"
+        .to_owned();
+    let by_mesh_alias = policy(
+        "foo",
+        "allow-mesh-td",
+        "",
+        "{action: ALLOW, rules: [{from: [{source: {principals: [mesh-td/ns/foo/sa/sleep]}}]}]}",
+    );
+    with(&[by_mesh_alias.clone()], || get(FOO, "/get", 403))?;
+    with(&[mesh_config, by_mesh_alias], || get(FOO, "/get", 200))
 }
 
 /// Istio's dry run: the policy denies nothing, and what it would have denied is counted.

@@ -19,7 +19,7 @@ pub mod authz;
 pub mod policy;
 pub mod traffic;
 
-pub use policy::{AuthorizationPolicy, PeerAuthentication};
+pub use policy::{AuthorizationPolicy, MeshConfig, PeerAuthentication};
 pub use traffic::{DestinationRule, GrpcRoute, HttpRoute, ServiceEntry, TlsSecret, VirtualService};
 
 /// Namespace label that opts a namespace into the mesh (`enabled`).
@@ -305,6 +305,8 @@ pub struct Snapshot {
     pub grpc_routes: Map<ObjectKey, Arc<GrpcRoute>>,
     /// Secrets with TLS material, for DestinationRules' `credentialName`.
     pub secrets: Map<ObjectKey, Arc<TlsSecret>>,
+    /// The mesh-wide settings of Istio's `istio` ConfigMap (root namespace, key `mesh`).
+    pub mesh_config: Arc<MeshConfig>,
     /// Indexes by address: kept in step by the incremental assembler, rebuilt by
     /// [`Snapshot::index`] for snapshots filled by hand.
     pub pods_by_ip: Map<Ipv4Addr, ObjectKey>,

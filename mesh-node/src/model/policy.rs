@@ -188,6 +188,18 @@ impl MtlsMode {
     }
 }
 
+/// The settings of Istio's MeshConfig Weft uses, from the `mesh` key of the `istio` ConfigMap
+/// in the root namespace.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct MeshConfig {
+    /// `trustDomainAliases`: trust domains AuthorizationPolicy principals read as the mesh's
+    /// (Istio's trust domain migration).
+    pub trust_domain_aliases: Arc<[Arc<str>]>,
+}
+
+/// Name of the ConfigMap holding the MeshConfig, in the root namespace (Istio's).
+pub const MESH_CONFIG_MAP: &str = "istio";
+
 /// The namespace whose selector-less policies apply to the whole mesh, as Istio's default.
 pub const ROOT_NAMESPACE: &str = "istio-system";
 

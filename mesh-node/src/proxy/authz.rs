@@ -134,9 +134,23 @@ pub(super) fn check(
         sni: target.sni,
         http,
     };
+    // The aliases of `--trust-domain-aliases` and of MeshConfig's `trustDomainAliases`.
+    let (flag, mesh) = (
+        &ctx.config.trust_domain_aliases,
+        &view.snapshot.mesh_config.trust_domain_aliases,
+    );
+    let both: Vec<Arc<str>>;
+    let aliases: &[Arc<str>] = match (flag.is_empty(), mesh.is_empty()) {
+        (_, true) => flag,
+        (true, false) => mesh,
+        (false, false) => {
+            both = [&**flag, &**mesh].concat();
+            &both
+        }
+    };
     let trust = TrustDomains {
         local: &ctx.config.trust_domain,
-        aliases: &ctx.config.trust_domain_aliases,
+        aliases,
     };
     let verdict = authz::decide(&policies, &attributes, trust);
     report(ctx, &policies, &verdict, target, peer, http);

@@ -86,6 +86,7 @@ impl Assembler {
                 self.tls_secrets.insert(secret.key.clone(), secret.clone());
                 self.secret_changed(&secret.key);
             }
+            Object::MeshConfig(mesh) => s.mesh_config = mesh.clone(),
         }
     }
 
@@ -130,6 +131,7 @@ impl Assembler {
                 self.tls_secrets.remove(key);
                 self.secret_changed(key);
             }
+            Kind::MeshConfig => s.mesh_config = Arc::default(),
         }
     }
 

@@ -18,8 +18,9 @@ use super::{
     gateway, istio, security,
 };
 use crate::model::{
-    AuthorizationPolicy, DestinationRule, GrpcRoute, HttpRoute, Namespace, Node, ObjectKey,
-    PeerAuthentication, Pod, Service, ServiceEntry, TlsSecret, VirtualService,
+    policy::{MESH_CONFIG_MAP, ROOT_NAMESPACE},
+    AuthorizationPolicy, DestinationRule, GrpcRoute, HttpRoute, MeshConfig, Namespace, Node,
+    ObjectKey, PeerAuthentication, Pod, Service, ServiceEntry, TlsSecret, VirtualService,
 };
 
 /// The kinds of Kubernetes objects the model is built from.
@@ -38,6 +39,8 @@ pub enum Kind {
     HttpRoute,
     GrpcRoute,
     Secret,
+    /// Istio's `istio` ConfigMap of the root namespace.
+    MeshConfig,
 }
 
 impl Kind {
@@ -56,6 +59,7 @@ impl Kind {
             Kind::HttpRoute => "HTTPRoute",
             Kind::GrpcRoute => "GRPCRoute",
             Kind::Secret => "Secret",
+            Kind::MeshConfig => "ConfigMap",
         }
     }
 
@@ -104,6 +108,7 @@ pub enum Object {
     HttpRoute(Arc<HttpRoute>),
     GrpcRoute(Arc<GrpcRoute>),
     Secret(Arc<TlsSecret>),
+    MeshConfig(Arc<MeshConfig>),
 }
 
 impl Object {
@@ -122,6 +127,10 @@ impl Object {
             Object::HttpRoute(r) => (Kind::HttpRoute, r.key.clone()),
             Object::GrpcRoute(r) => (Kind::GrpcRoute, r.key.clone()),
             Object::Secret(s) => (Kind::Secret, s.key.clone()),
+            Object::MeshConfig(_) => (
+                Kind::MeshConfig,
+                ObjectKey::new(ROOT_NAMESPACE, MESH_CONFIG_MAP),
+            ),
         };
         ResourceId { kind, key }
     }
@@ -196,6 +205,8 @@ fn translate_into(doc: &Value, prefix: &str, out: &mut Vec<Result<Object, Invali
         ("v1", "Pod") => Kind::Pod,
         ("v1", "Service") => Kind::Service,
         ("v1", "Secret") => Kind::Secret,
+        // Of ConfigMaps only Istio's MeshConfig.
+        ("v1", "ConfigMap") if is_mesh_config(&fields) => Kind::MeshConfig,
         ("discovery.k8s.io/v1" | "discovery.k8s.io/v1beta1", "EndpointSlice") => {
             Kind::EndpointSlice
         }
@@ -250,6 +261,9 @@ fn translate_into(doc: &Value, prefix: &str, out: &mut Vec<Result<Object, Invali
             gateway::grpc_route(&fields).map(|r| Some(Object::GrpcRoute(Arc::new(r))))
         }
         Kind::Secret => core::secret(&fields).map(|s| s.map(|s| Object::Secret(Arc::new(s)))),
+        Kind::MeshConfig => {
+            security::mesh_config(&fields).map(|m| Some(Object::MeshConfig(Arc::new(m))))
+        }
     };
     match result {
         Ok(object) => out.extend(object.map(Ok)),
@@ -262,6 +276,13 @@ fn translate_into(doc: &Value, prefix: &str, out: &mut Vec<Result<Object, Invali
             out.push(Err(invalid));
         }
     }
+}
+
+/// Whether a ConfigMap is Istio's MeshConfig: `istio` in the root namespace.
+fn is_mesh_config(fields: &Fields<'_>) -> bool {
+    let metadata = fields.obj("metadata").ok().flatten();
+    let read = |key| metadata.as_ref().and_then(|m| m.str(key).ok().flatten());
+    read("name") == Some(MESH_CONFIG_MAP) && read("namespace") == Some(ROOT_NAMESPACE)
 }
 
 /// The identity of a document, read leniently so even a broken document can be named.
@@ -352,6 +373,48 @@ mod tests {
         let mut out = translate(&value);
         assert_eq!(out.len(), 1, "{out:?}");
         out.remove(0).map_err(Box::new)
+    }
+
+    #[test]
+    fn only_istios_config_map_is_read_as_mesh_config() {
+        let map = |namespace: &str, name: &str, mesh: &str| {
+            format!(
+                "apiVersion: v1\nkind: ConfigMap\nmetadata: {{name: {name}, namespace: {namespace}}}\n\
+                 data:\n  mesh: |\n    {mesh}\n"
+            )
+        };
+        let Object::MeshConfig(mesh) = one(&map(
+            "istio-system",
+            "istio",
+            "trustDomainAliases: [old-td, '*.corp']",
+        ))
+        .unwrap() else {
+            panic!()
+        };
+        let aliases: Vec<&str> = mesh.trust_domain_aliases.iter().map(|a| &**a).collect();
+        assert_eq!(aliases, ["old-td", "*.corp"]);
+        // Any other ConfigMap is not Weft's business.
+        for (namespace, name) in [("default", "istio"), ("istio-system", "istio-sidecar")] {
+            let value = crate::source::yaml::parse(&map(namespace, name, "{}")).unwrap();
+            assert!(translate(&value).is_empty(), "{namespace}/{name}");
+        }
+        // No `mesh` key, or an empty one: defaults.
+        let bare =
+            "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: istio, namespace: istio-system}\n";
+        assert!(
+            matches!(one(bare), Ok(Object::MeshConfig(m)) if m.trust_domain_aliases.is_empty())
+        );
+        for (mesh, field) in [
+            (
+                "trustDomainAliases: [a/b]",
+                "data.mesh.trustDomainAliases[0]",
+            ),
+            ("trustDomainAliases: old-td", "data.mesh.trustDomainAliases"),
+            ("[unclosed", "data.mesh"),
+        ] {
+            let err = one(&map("istio-system", "istio", mesh)).unwrap_err();
+            assert_eq!(err.field, field, "{mesh}: {}", err.reason);
+        }
     }
 
     #[test]

@@ -11,8 +11,8 @@ use super::{
 };
 use crate::model::{
     policy::{
-        AuthorizationPolicy, AuthzAction, AuthzRule, Condition, MtlsMode, Operation, PathPattern,
-        PeerAuthentication, PolicyTargetRef, Source,
+        AuthorizationPolicy, AuthzAction, AuthzRule, Condition, MeshConfig, MtlsMode, Operation,
+        PathPattern, PeerAuthentication, PolicyTargetRef, Source,
     },
     ObjectKey,
 };
@@ -562,6 +562,40 @@ fn check_value(key: &str, rule: ValueRule, value: &str) -> std::result::Result<(
             .map(|_| ())
             .map_err(|_| format!("bad port ({value})")),
     }
+}
+
+/// Istio's MeshConfig, from the `mesh` key (YAML) of the `istio` ConfigMap in the root
+/// namespace. Weft reads `trustDomainAliases`; the mesh's own `trustDomain` is the nodes'
+/// `--trust-domain` (their certificates carry it), and the other settings are not used.
+pub(super) fn mesh_config(fields: &Fields<'_>) -> Result<MeshConfig> {
+    let data = fields.obj("data")?;
+    let Some(text) = data.as_ref().map(|d| d.str("mesh")).transpose()?.flatten() else {
+        return Ok(MeshConfig::default());
+    };
+    let value = super::yaml::parse(text)
+        .map_err(|e| fields.error("data.mesh", format!("not valid YAML: {e}")))?;
+    if value.is_null() {
+        return Ok(MeshConfig::default());
+    }
+    let mesh = Fields::root(&value, "data.mesh")?;
+    let mut aliases: Vec<Arc<str>> = Vec::new();
+    for (path, alias) in mesh.str_list("trustDomainAliases")? {
+        let valid = !alias.is_empty()
+            && alias.len() <= 255
+            && alias
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'*'));
+        if !valid {
+            return Err(FieldError {
+                field: path,
+                reason: format!("{alias:?} is not a trust domain"),
+            });
+        }
+        aliases.push(alias.into());
+    }
+    Ok(MeshConfig {
+        trust_domain_aliases: aliases.into(),
+    })
 }
 
 pub(super) fn peer_authentication(fields: &Fields<'_>) -> Result<PeerAuthentication> {

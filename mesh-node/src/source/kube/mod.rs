@@ -8,6 +8,7 @@
 //! | Pods on other nodes                | `spec.nodeName!=<node>`, not terminated           | slim (`slim.rs`): name, labels, IP, node, service account, ports |
 //! | Nodes                              | cluster                                           | slim: name, addresses |
 //! | Secrets (not Helm releases or ServiceAccount tokens) | cluster                         | only the keys TLS material is read from; kept only if PEM |
+//! | ConfigMap `istio` (MeshConfig)     | the root namespace, `metadata.name=istio`         | full object |
 //! | mesh CRDs (Istio, Gateway API)     | cluster, the first served of the versions Weft reads | dynamic object |
 //!
 //! Every object is stripped of `managedFields`, converted to JSON and translated by
@@ -232,11 +233,13 @@ pub(crate) enum Slot {
     EndpointSlices,
     /// Secrets holding TLS material (DestinationRule `credentialName`).
     Secrets,
+    /// Istio's MeshConfig: the `istio` ConfigMap of the root namespace.
+    MeshConfig,
     Crd(usize),
 }
 
 impl Slot {
-    const CORE: [Slot; 7] = [
+    const CORE: [Slot; 8] = [
         Slot::Namespaces,
         Slot::Nodes,
         Slot::LocalPods,
@@ -244,6 +247,7 @@ impl Slot {
         Slot::Services,
         Slot::EndpointSlices,
         Slot::Secrets,
+        Slot::MeshConfig,
     ];
 
     fn all() -> impl Iterator<Item = Slot> {
@@ -270,6 +274,7 @@ impl fmt::Display for Slot {
             Slot::Services => f.write_str("v1 Service"),
             Slot::EndpointSlices => f.write_str("discovery.k8s.io/v1 EndpointSlice"),
             Slot::Secrets => f.write_str("v1 Secret (TLS material)"),
+            Slot::MeshConfig => f.write_str("v1 ConfigMap istio-system/istio (MeshConfig)"),
             Slot::Crd(i) => write!(f, "{}/* {}", CRD_KINDS[*i].group, CRD_KINDS[*i].kind),
         }
     }

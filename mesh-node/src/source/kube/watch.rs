@@ -9,7 +9,7 @@ use std::{
 
 use futures::StreamExt;
 use k8s_openapi::api::{
-    core::v1::{Namespace, ObjectReference, Pod, Secret, Service},
+    core::v1::{ConfigMap, Namespace, ObjectReference, Pod, Secret, Service},
     discovery::v1::EndpointSlice,
 };
 use kube::{
@@ -28,7 +28,10 @@ use super::{
     slim::{SlimNode, SlimPod},
     KubeConfig, Received, Slot, Update,
 };
-use crate::source::objects;
+use crate::{
+    model::policy::{MESH_CONFIG_MAP, ROOT_NAMESPACE},
+    source::objects,
+};
 
 /// kubectl's copy of the whole object; it can be as large as the object itself.
 const LAST_APPLIED: &str = "kubectl.kubernetes.io/last-applied-configuration";
@@ -167,6 +170,14 @@ pub(super) fn spawn_core(ctx: &Ctx, tasks: &mut JoinSet<()>) {
         Slot::EndpointSlices,
         Api::<EndpointSlice>::all(client.clone()),
         base.clone(),
+        convert_full,
+    ));
+    tasks.spawn(run(
+        ctx.clone(),
+        Slot::MeshConfig,
+        Api::<ConfigMap>::namespaced(client.clone(), ROOT_NAMESPACE),
+        base.clone()
+            .fields(&format!("metadata.name={MESH_CONFIG_MAP}")),
         convert_full,
     ));
     tasks.spawn(run(
