@@ -365,11 +365,31 @@ pub fn leftovers() -> Vec<String> {
     left
 }
 
-/// Brings up a cluster of the resources in `yaml` (an earlier cluster is removed first).
-pub fn up_with(yaml: &str) -> Result<()> {
-    cluster::down().context("cleaning up an earlier cluster")?;
+/// Merges the resources of `yaml` into the running cluster (`cluster apply`).
+pub fn apply_yaml(yaml: &str) -> Result<()> {
+    through_file(yaml, cluster::apply)
+}
+
+/// Removes the resources named in `yaml` from the running cluster (`cluster delete`).
+pub fn delete_yaml(yaml: &str) -> Result<()> {
+    through_file(yaml, cluster::delete)
+}
+
+/// Writes `yaml` to a file of a fresh temporary directory for `how`, then removes it.
+fn through_file(yaml: &str, how: fn(&std::path::Path) -> Result<()>) -> Result<()> {
+    let dir = temp_dir("change")?;
+    let path = dir.join("change.yaml");
+    let result = std::fs::write(&path, yaml)
+        .map_err(Into::into)
+        .and_then(|()| how(&path));
+    let _ = std::fs::remove_dir_all(&dir);
+    result
+}
+
+/// A fresh directory under the system's temporary directory, named after `what`.
+pub fn temp_dir(what: &str) -> Result<std::path::PathBuf> {
     let dir = std::env::temp_dir().join(format!(
-        "weft-suite-{}-{}",
+        "weft-{what}-{}-{}",
         std::process::id(),
         std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
@@ -377,6 +397,13 @@ pub fn up_with(yaml: &str) -> Result<()> {
             .unwrap_or_default()
     ));
     std::fs::create_dir_all(&dir)?;
+    Ok(dir)
+}
+
+/// Brings up a cluster of the resources in `yaml` (an earlier cluster is removed first).
+pub fn up_with(yaml: &str) -> Result<()> {
+    cluster::down().context("cleaning up an earlier cluster")?;
+    let dir = temp_dir("suite")?;
     std::fs::write(dir.join("cluster.yaml"), yaml)?;
     let result = cluster::up(&dir);
     let _ = std::fs::remove_dir_all(&dir);

@@ -44,7 +44,14 @@ const STEPS: &[Step] = &[
                     "-D",
                     "warnings",
                 ],
-            )
+            )?;
+            // `--all-targets` leaves out the end-to-end suites (`test = false`).
+            let mut args = vec!["clippy", "-p", "xtask"];
+            for suite in SUITES {
+                args.extend(["--test", suite]);
+            }
+            args.extend(["--", "-D", "warnings"]);
+            cargo(root, &args)
         },
     },
     Step {
@@ -158,6 +165,9 @@ fn unit_tests(root: &Path) -> Result<()> {
     )
 }
 
+/// The end-to-end suites, in the order they run.
+const SUITES: [&str; 4] = ["e2e", "l7", "mtls", "authz"];
+
 fn e2e_tests(root: &Path) -> Result<()> {
     if !is_root() {
         bail!(
@@ -169,7 +179,7 @@ fn e2e_tests(root: &Path) -> Result<()> {
     // Each suite brings up and tears down its own cluster: the mesh mechanics first, then
     // L7 routing with real clients, then zero trust (CA, HBONE mTLS, PeerAuthentication),
     // then authorization.
-    for suite in ["e2e", "l7", "mtls", "authz"] {
+    for suite in SUITES {
         cargo(
             root,
             &[

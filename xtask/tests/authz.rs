@@ -129,33 +129,12 @@ fn policy(namespace: &str, name: &str, annotations: &str, spec: &str) -> String 
     )
 }
 
-fn temp_file(yaml: &str) -> Result<std::path::PathBuf> {
-    let nanos = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_nanos())
-        .unwrap_or_default();
-    let dir = std::env::temp_dir().join(format!("weft-authz-{}-{nanos}", std::process::id()));
-    fs::create_dir_all(&dir)?;
-    let path = dir.join("policies.yaml");
-    fs::write(&path, yaml)?;
-    Ok(path)
-}
-
-fn change(yaml: &str, how: fn(&Path) -> Result<()>) -> Result<()> {
-    let path = temp_file(yaml)?;
-    let result = how(&path);
-    if let Some(dir) = path.parent() {
-        let _ = fs::remove_dir_all(dir);
-    }
-    result
-}
-
 /// Applies `policies` (YAML documents), runs `check`, and removes them whatever happened.
 fn with<T>(policies: &[String], check: impl FnOnce() -> Result<T>) -> Result<T> {
     let yaml = policies.join("---\n");
-    change(&yaml, cluster::apply)?;
+    probe::apply_yaml(&yaml)?;
     let result = check();
-    let removed = change(&yaml, cluster::delete);
+    let removed = probe::delete_yaml(&yaml);
     let value = result?;
     removed.map(|()| value)
 }
@@ -743,7 +722,9 @@ fn trust_domain_alias_principal() -> Result<()> {
         "",
         "{action: ALLOW, rules: [{from: [{source: {principals: [mesh-td/ns/foo/sa/sleep]}}]}]}",
     );
-    with(&[by_mesh_alias.clone()], || get(FOO, "/get", 403))?;
+    with(std::slice::from_ref(&by_mesh_alias), || {
+        get(FOO, "/get", 403)
+    })?;
     with(&[mesh_config, by_mesh_alias], || get(FOO, "/get", 200))
 }
 

@@ -216,27 +216,8 @@ fn args(a: &[&str]) -> Vec<String> {
     a.iter().map(|s| s.to_string()).collect()
 }
 
-fn apply_yaml(yaml: &str) -> Result<()> {
-    let dir = tempfile_dir()?;
-    let path = dir.join("change.yaml");
-    fs::write(&path, yaml)?;
-    let res = cluster::apply(&path);
-    let _ = fs::remove_dir_all(&dir);
-    res
-}
-
 fn tempfile_dir() -> Result<std::path::PathBuf> {
-    let dir =
-        std::env::temp_dir().join(format!("weft-e2e-{}-{}", std::process::id(), rand_suffix()));
-    fs::create_dir_all(&dir)?;
-    Ok(dir)
-}
-
-fn rand_suffix() -> u128 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_nanos())
-        .unwrap_or_default()
+    probe::temp_dir("e2e")
 }
 
 const PROXY_1: &str = "10.244.1.1";
@@ -405,7 +386,7 @@ fn labelling_at_runtime_captures_and_releases() -> Result<()> {
     ensure!(dial("late/client-l", "peer-p.plain:80")?.server_saw == client_ip);
 
     let start = Instant::now();
-    apply_yaml(LATE_MESHED)?;
+    probe::apply_yaml(LATE_MESHED)?;
     let took = eventually(
         start,
         Duration::from_secs(1),
@@ -415,7 +396,7 @@ fn labelling_at_runtime_captures_and_releases() -> Result<()> {
     println!("    namespace labelled: captured after {took:?}");
 
     let start = Instant::now();
-    apply_yaml(CLIENT_L_OPTED_OUT)?;
+    probe::apply_yaml(CLIENT_L_OPTED_OUT)?;
     let took = eventually(
         start,
         Duration::from_secs(1),
@@ -430,7 +411,7 @@ fn labelling_at_runtime_captures_and_releases() -> Result<()> {
         "a pod labelled weft.io/mesh=disabled was captured"
     );
 
-    apply_yaml(LATE_UNMESHED)?;
+    probe::apply_yaml(LATE_UNMESHED)?;
     ensure!(
         dial("late/client-l", "peer-p.plain:80")?.server_saw == client_ip,
         "unlabelled namespace still captured"
@@ -590,7 +571,7 @@ fn health_is_served_while_a_large_resource_is_applied() -> Result<()> {
         })
     };
     let started = Instant::now();
-    let applied = apply_yaml(&yaml);
+    let applied = probe::apply_yaml(&yaml);
     let took = started.elapsed();
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let (answered, failed) = poller.join().map_err(|_| anyhow!("the poller panicked"))?;

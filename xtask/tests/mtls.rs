@@ -135,26 +135,7 @@ fn unique(what: &str) -> String {
 }
 
 fn temp_dir() -> Result<PathBuf> {
-    let dir = std::env::temp_dir().join(unique("mtls"));
-    fs::create_dir_all(&dir)?;
-    Ok(dir)
-}
-
-fn apply_yaml(yaml: &str) -> Result<()> {
-    change(yaml, cluster::apply)
-}
-
-fn delete_yaml(yaml: &str) -> Result<()> {
-    change(yaml, cluster::delete)
-}
-
-fn change(yaml: &str, how: fn(&Path) -> Result<()>) -> Result<()> {
-    let dir = temp_dir()?;
-    let path = dir.join("change.yaml");
-    fs::write(&path, yaml)?;
-    let res = how(&path);
-    let _ = fs::remove_dir_all(&dir);
-    res
+    probe::temp_dir("mtls")
 }
 
 /// tcpdump on the fabric's ports (every node's uplink on the bridge), which every packet
@@ -348,7 +329,7 @@ fn strict_refuses_plaintext_and_overrides_apply() -> Result<()> {
         )
     };
     let before = refused(&metrics("node-1")?);
-    apply_yaml(STRICT)?;
+    probe::apply_yaml(STRICT)?;
     let status = outsider_status("http://web-1.mesh/")?;
     ensure!(status == 0, "STRICT answered plaintext with {status}");
     ensure!(
@@ -360,23 +341,23 @@ fn strict_refuses_plaintext_and_overrides_apply() -> Result<()> {
     ensure!(curl(CLIENT, "http://web-2/", &[])?.0 == 200);
     println!("    STRICT: plaintext from plain/outsider refused, meshed client served");
 
-    apply_yaml(WEB_1_PERMISSIVE)?;
+    probe::apply_yaml(WEB_1_PERMISSIVE)?;
     ensure!(
         outsider_status("http://web-1.mesh/")? == 200,
         "a workload PERMISSIVE policy overrides the namespace's STRICT"
     );
-    apply_yaml(WEB_1_PORT_PERMISSIVE)?;
+    probe::apply_yaml(WEB_1_PORT_PERMISSIVE)?;
     ensure!(
         outsider_status("http://web-1.mesh/")? == 200,
         "portLevelMtls PERMISSIVE on 8080 overrides the workload's STRICT"
     );
     println!("    workload selector and portLevelMtls overrides applied");
-    delete_yaml(WEB_1_PORT_PERMISSIVE)?;
+    probe::delete_yaml(WEB_1_PORT_PERMISSIVE)?;
     ensure!(
         outsider_status("http://web-1.mesh/")? == 0,
         "without the override the namespace's STRICT applies again"
     );
-    delete_yaml(STRICT)?;
+    probe::delete_yaml(STRICT)?;
     ensure!(outsider_status("http://web-1.mesh/")? == 200);
     Ok(())
 }
@@ -814,7 +795,7 @@ spec:
         ))
     };
     let before = rejected()?;
-    apply_yaml(ENTRIES)?;
+    probe::apply_yaml(ENTRIES)?;
     let result = (|| -> Result<()> {
         ensure!(
             rejected()? - before == 1.0,
@@ -840,7 +821,7 @@ spec:
         }
         Ok(())
     })();
-    let removed = delete_yaml(ENTRIES);
+    let removed = probe::delete_yaml(ENTRIES);
     result.and(removed)
 }
 
@@ -867,7 +848,7 @@ spec:
         ca.display(),
         client.display()
     );
-    apply_yaml(&server)?;
+    probe::apply_yaml(&server)?;
     let deadline = Instant::now() + Duration::from_secs(20);
     while !ca.exists() {
         ensure!(Instant::now() < deadline, "the TLS server did not start");
@@ -907,7 +888,7 @@ spec:
             ca.display()
         ))
     };
-    apply_yaml(&origination(""))?;
+    probe::apply_yaml(&origination(""))?;
 
     let capture = Capture::start()?;
     let secret = unique("origination");
@@ -951,7 +932,7 @@ spec:
 
     // A name the certificate does not carry: the request fails, flagged as a connect failure
     // whose reason is TLS, and the server never sees it.
-    apply_yaml(&origination(", subjectAltNames: [wrong.example.test]"))?;
+    probe::apply_yaml(&origination(", subjectAltNames: [wrong.example.test]"))?;
     let (status, body) = curl_external(&ip, "/wrong-san")?;
     println!("    with a wrong subjectAltNames: {status} {body:?}");
     ensure!(
@@ -978,7 +959,7 @@ spec:
     // A tenant's rule naming a file outside the directory the operator gave for them (here
     // the mesh CA's signing key) is not applied: the request fails, the node says why.
     let key = ca_file("ca-key.pem");
-    apply_yaml(&origination(&format!(", caCrl: \"{key}\"")))?;
+    probe::apply_yaml(&origination(&format!(", caCrl: \"{key}\"")))?;
     let (status, body) = curl_external(&ip, "/outside")?;
     ensure!(
         status == 503,
@@ -996,7 +977,7 @@ spec:
     // of the rule's namespace. Named before the Secret exists, the rule fails and the node
     // says why; once the Secret is applied, the server sees the client's certificate.
     let mutual = with_tls("mode: MUTUAL, credentialName: tls-echo-client");
-    apply_yaml(&mutual)?;
+    probe::apply_yaml(&mutual)?;
     let (status, body) = curl_external(&ip, "/no-secret")?;
     ensure!(
         status == 503,
@@ -1016,7 +997,7 @@ spec:
         "metadata": {"name": "tls-echo-client", "namespace": "mesh"},
         "stringData": {"tls.crt": material["cert"], "tls.key": material["key"], "ca.crt": material["ca"]},
     }))?;
-    apply_yaml(&secret)?;
+    probe::apply_yaml(&secret)?;
     let (status, body) = curl_external(&ip, "/credential")?;
     ensure!(
         status == 200,
@@ -1034,9 +1015,9 @@ spec:
         !said.contains("PRIVATE KEY"),
         "node-1's log shows a private key"
     );
-    delete_yaml(&secret)?;
-    delete_yaml(&mutual)?;
-    delete_yaml(&server)?;
+    probe::delete_yaml(&secret)?;
+    probe::delete_yaml(&mutual)?;
+    probe::delete_yaml(&server)?;
     let _ = fs::remove_file(&client);
     Ok(())
 }

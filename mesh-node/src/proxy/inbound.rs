@@ -1019,16 +1019,9 @@ mod tests {
         }
     }
 
-    #[tokio::test]
-    async fn the_tunnel_refuses_a_tcp_connection_the_pods_policies_deny() {
-        use crate::model::policy::{AuthorizationPolicy, AuthzAction, AuthzRule, Source};
-        let server = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let port = server.local_addr().unwrap().port();
-        tokio::spawn(async move {
-            while let Ok((stream, _)) = server.accept().await {
-                drop(stream);
-            }
-        });
+    /// data/db-0, a meshed pod of this node at 127.0.0.1, behind Service db's opaque TCP
+    /// port 5432 → `port`.
+    fn database(port: u16) -> Snapshot {
         let mut snapshot = Snapshot::default();
         add_service(
             &mut snapshot,
@@ -1042,6 +1035,20 @@ mod tests {
             &mut snapshot,
             pod("data", "db-0", Ipv4Addr::LOCALHOST, "n1"),
         );
+        snapshot
+    }
+
+    #[tokio::test]
+    async fn the_tunnel_refuses_a_tcp_connection_the_pods_policies_deny() {
+        use crate::model::policy::{AuthorizationPolicy, AuthzAction, AuthzRule, Source};
+        let server = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = server.local_addr().unwrap().port();
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = server.accept().await {
+                drop(stream);
+            }
+        });
+        let mut snapshot = database(port);
         let target = SocketAddrV4::new(Ipv4Addr::LOCALHOST, port);
         let ca = TestCa::new();
         // The control: no policy, the stream is accepted.
@@ -1086,19 +1093,7 @@ mod tests {
             .local_addr()
             .unwrap()
             .port();
-        let mut snapshot = Snapshot::default();
-        add_service(
-            &mut snapshot,
-            "data",
-            "db",
-            Ipv4Addr::LOCALHOST,
-            &[(Some("tcp-postgres"), None, 5432, closed)],
-        );
-        mesh(&mut snapshot, "data");
-        add_pod(
-            &mut snapshot,
-            pod("data", "db-0", Ipv4Addr::LOCALHOST, "n1"),
-        );
+        let snapshot = database(closed);
         let target = SocketAddrV4::new(Ipv4Addr::LOCALHOST, closed);
         let ca = TestCa::new();
         let client = ask_tunnel(context(snapshot, &ca), &ca, target).await;

@@ -363,7 +363,7 @@ pub(super) fn http_attributes(parts: &Parts) -> Http<'_> {
     }
 }
 
-/// `:authority` for HTTP/2, else the `Host` header (as [`authority_of`], borrowed).
+/// `:authority` for HTTP/2, else the `Host` header.
 fn host_of(parts: &Parts) -> &str {
     parts
         .uri
@@ -578,18 +578,7 @@ pub(super) fn strip_hop_by_hop(headers: &mut HeaderMap) {
 
 /// `:authority` for HTTP/2, else the `Host` header.
 pub(super) fn authority_of(parts: &Parts) -> Arc<str> {
-    parts
-        .uri
-        .authority()
-        .map(|a| a.as_str())
-        .or_else(|| {
-            parts
-                .headers
-                .get(header::HOST)
-                .and_then(|h| h.to_str().ok())
-        })
-        .unwrap_or("")
-        .into()
+    host_of(parts).into()
 }
 
 pub(super) fn is_grpc(headers: &HeaderMap) -> bool {
