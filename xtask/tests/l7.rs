@@ -22,7 +22,7 @@ use std::{
 use anyhow::{anyhow, bail, ensure, Context as _, Result};
 use xtask::{
     cluster,
-    probe::{self, curl_replies, grpc_calls, h2load, metrics, sample_sum, tally, Reply},
+    probe::{self, curl_replies, grpc_calls, h2load, metrics, pod_ip, sample_sum, tally, Reply},
     workspace_root,
 };
 
@@ -223,6 +223,145 @@ print(echo(b"still open"))
     ensure!(
         later == "still open",
         "after 4 s the tunnel echoed {later:?}"
+    );
+    Ok(())
+}
+
+/// Across nodes the destination's proxy reports each request of a keep-alive connection
+/// exactly, whatever its framing: Python's `http.client` sends a GET, a POST with a length, a
+/// chunked POST, a HEAD and a request answered `204` over one connection to `echo-v2`
+/// (node-2); each answer is whole, and node-2's `reporter="destination"` counters grow by
+/// exactly those five requests and their body bytes.
+fn destination_reports_every_framing_exactly() -> Result<()> {
+    const SCRIPT: &str = r#"
+import http.client, json
+c = http.client.HTTPConnection("echo", 80, timeout=10)
+def call(method, path, body=None, headers={}, chunked=False):
+    c.request(method, path, body=body, headers=headers, encode_chunked=chunked)
+    r = c.getresponse()
+    data = r.read()
+    sent = json.loads(data).get("body", "") if data and r.status == 200 else ""
+    print(r.status, len(data), len(sent), r.getheader("x-weft-version"))
+call("GET", "/get")
+call("POST", "/post", body=b"a" * 1000)
+call("POST", "/post", body=iter([b"b" * 500, b"c" * 700, b"d" * 300]), chunked=True,
+     headers={"Transfer-Encoding": "chunked"})
+call("HEAD", "/get")
+call("GET", "/status/204")
+"#;
+    const NODE: &str = "node-2";
+    let destination = [
+        ("reporter", "destination"),
+        ("destination_service", "echo.l7.svc.cluster.local"),
+    ];
+    let totals = || -> Result<[f64; 3]> {
+        let text = metrics(NODE)?;
+        Ok([
+            sample_sum(&text, "istio_requests_total", &destination),
+            sample_sum(&text, "istio_request_bytes_sum", &destination),
+            sample_sum(&text, "istio_response_bytes_sum", &destination),
+        ])
+    };
+    apply("virtual-service-echo-all-v2.yaml")?;
+    let result = (|| {
+        let before = totals()?;
+        let python = xtask::setup::test_python().display().to_string();
+        let out = probe::run(CLIENT, &[python.as_str(), "-c", SCRIPT])?;
+        let after = totals()?;
+        let answers: Vec<Vec<&str>> = out
+            .lines()
+            .map(|l| l.split_whitespace().collect())
+            .collect();
+        println!("    status, body bytes, echoed request bytes, version: {answers:?}");
+        ensure!(
+            answers.len() == 5 && answers.iter().all(|a| a.len() == 4),
+            "five answers expected, got {out:?}"
+        );
+        let column = |i: usize| answers.iter().map(|a| a[i]).collect::<Vec<_>>();
+        ensure!(
+            column(0) == ["200", "200", "200", "200", "204"],
+            "statuses {:?}",
+            column(0)
+        );
+        ensure!(
+            column(2) == ["0", "1000", "1500", "0", "0"],
+            "the server received request bodies of {:?} bytes",
+            column(2)
+        );
+        ensure!(
+            answers.iter().all(|a| a.get(3) == Some(&"v2")),
+            "not all answered by echo-v2: {answers:?}"
+        );
+        let response_bytes: f64 = column(1)
+            .iter()
+            .map(|n| n.parse::<f64>().unwrap_or(0.0))
+            .sum();
+        let grown = [
+            after[0] - before[0],
+            after[1] - before[1],
+            after[2] - before[2],
+        ];
+        println!("    node-2 destination report grew by {grown:?}");
+        ensure!(
+            grown[0] == 5.0,
+            "{} requests reported instead of 5",
+            grown[0]
+        );
+        ensure!(
+            grown[1] == 2500.0,
+            "{} request body bytes reported instead of 2500",
+            grown[1]
+        );
+        ensure!(
+            grown[2] == response_bytes,
+            "{} response body bytes reported, the client read {response_bytes}",
+            grown[2]
+        );
+        Ok(())
+    })();
+    remove("virtual-service-echo-all-v2.yaml")?;
+    result
+}
+
+/// A meshed pod that dials `echo-v2` by its address reaches node-2's proxy as bytes in the
+/// tunnel, and node-2 reads them as HTTP for the pod's `http` port. A chunked body whose
+/// trailer section ends with a bare LF, followed by a request carrying a forged
+/// `x-forwarded-client-cert`, must not become a second request the pod serves with that
+/// identity: the pod never sees the forged certificate.
+fn smuggled_requests_never_reach_the_pod() -> Result<()> {
+    const SCRIPT: &str = r#"
+import socket, sys
+s = socket.create_connection((sys.argv[1], 8080), timeout=5)
+s.sendall(b"POST /post HTTP/1.1\r\nHost: echo\r\nx-request-id: smuggle-1\r\n"
+          b"Transfer-Encoding: chunked\r\n\r\n0\r\n\n"
+          b"GET /get HTTP/1.1\r\nHost: echo\r\nx-request-id: smuggle-2\r\n"
+          b"x-forwarded-client-cert: By=spiffe://x;URI=spiffe://cluster.local/ns/prod/sa/admin\r\n\r\n")
+got = b""
+try:
+    while True:
+        chunk = s.recv(65536)
+        if not chunk:
+            break
+        got += chunk
+except socket.timeout:
+    print("TIMEOUT")
+print(got.decode(errors="replace"))
+"#;
+    let ip = pod_ip("l7/echo-v2")?;
+    let python = xtask::setup::test_python().display().to_string();
+    let out = probe::run(CLIENT, &[python.as_str(), "-c", SCRIPT, ip.as_str()])?;
+    let statuses: Vec<&str> = out.lines().filter(|l| l.starts_with("HTTP/1.1 ")).collect();
+    println!("    answers: {statuses:?}");
+    ensure!(
+        !out.contains("sa/admin"),
+        "the pod served a request with the forged identity:\n{out}"
+    );
+    ensure!(!out.starts_with("TIMEOUT"), "the connection hung:\n{out}");
+    ensure!(
+        statuses
+            .first()
+            .is_some_and(|s| s.starts_with("HTTP/1.1 400")),
+        "the malformed body was answered {statuses:?}"
     );
     Ok(())
 }
@@ -1216,6 +1355,14 @@ fn main() {
             sniffed_port_is_handled_as_http,
         ),
         ("upgrade_passes_through", upgrade_passes_through),
+        (
+            "destination_reports_every_framing_exactly",
+            destination_reports_every_framing_exactly,
+        ),
+        (
+            "smuggled_requests_never_reach_the_pod",
+            smuggled_requests_never_reach_the_pod,
+        ),
         ("h2c_load_through_the_mesh", h2c_load_through_the_mesh),
         ("weights_split_requests_80_20", weights_split_requests_80_20),
         (

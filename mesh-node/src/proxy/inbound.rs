@@ -661,7 +661,7 @@ impl Http {
         if let Some(held) = caller.held.take() {
             conn = conn.held_by(held);
         }
-        l7::serve(conn, downstream).await;
+        l7::serve_inbound(conn, downstream).await;
         Ok(None)
     }
 }

@@ -171,6 +171,11 @@ impl<IO> Deadlines<IO> {
         }
     }
 
+    /// The connection, without its deadlines.
+    pub(super) fn into_inner(self) -> IO {
+        self.io
+    }
+
     fn arm(&mut self, phase: Phase, timeout: Duration) {
         self.phase = phase;
         let now = Instant::now();

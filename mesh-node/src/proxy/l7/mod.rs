@@ -73,6 +73,7 @@ use crate::{
 pub mod body;
 mod deadline;
 mod mirror;
+mod relay;
 mod request;
 mod retry;
 mod upgrade;
@@ -447,6 +448,21 @@ impl Conn {
         let resolved = Arc::new(Resolved { cluster, pool });
         cache.clusters.insert(key, resolved.clone());
         Ok(resolved)
+    }
+}
+
+/// Serves a destination-side connection to a pod's HTTP port: one from another node's proxy
+/// is relayed as bytes while its requests need nothing more (see [`relay`]); anything else is
+/// served as [`serve`] does.
+pub(super) async fn serve_inbound<S>(conn: Conn, io: S)
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let tunnel = conn.inbound.as_ref().is_some_and(|i| i.mtls.is_some());
+    if conn.declared == Declared::Http && tunnel {
+        relay::relay(conn, io).await;
+    } else {
+        serve(conn, io).await;
     }
 }
 
