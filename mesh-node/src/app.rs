@@ -4,7 +4,7 @@
 //! |-----------------------------------------|-------------------------------------------------|
 //! | `weft-control`, current-thread runtime  | config source, eBPF sync, signals |
 //! | `weft-admin`, current-thread runtime    | admin and health servers |
-//! | `weft-data` workers (2, `--data-workers`) | proxy listeners 15001, 15006, 15008 and their connections |
+//! | `weft-data` workers (half the CPUs, 1 to 4; `--data-workers`) | proxy listeners 15001, 15006, 15008 and their connections |
 //!
 //! The two halves meet only in the [`Store`] (snapshots) and a few atomics (applied versions,
 //! readiness). The configuration comes from a directory (`--config-dir`) or from the
@@ -226,7 +226,11 @@ fn serve(args: RunArgs, mode: Mode) -> Result<(), AppError> {
     };
 
     let data = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(usize::from(args.server.data_workers))
+        .worker_threads(usize::from(
+            args.server
+                .data_workers
+                .unwrap_or_else(crate::config::default_data_workers),
+        ))
         .thread_name("weft-data")
         .enable_all()
         .build()

@@ -186,9 +186,10 @@ pub struct ServerArgs {
     #[arg(long, env = "WEFT_LOG_FORMAT", value_enum, default_value_t = LogFormat::Plain)]
     pub log_format: LogFormat,
 
-    /// Worker threads of the data-plane runtime (the proxy's connections).
-    #[arg(long, env = "WEFT_DATA_WORKERS", value_name = "N", default_value_t = DEFAULT_DATA_WORKERS, value_parser = clap::value_parser!(u16).range(1..))]
-    pub data_workers: u16,
+    /// Worker threads of the data-plane runtime (the proxy's connections). Default: half
+    /// the CPUs this process may run on (affinity and cgroup quota), between 1 and 4.
+    #[arg(long, env = "WEFT_DATA_WORKERS", value_name = "N", value_parser = clap::value_parser!(u16).range(1..))]
+    pub data_workers: Option<u16>,
 
     /// The only directory DestinationRule `tls` files (`caCertificates`, `clientCertificate`,
     /// `privateKey`, `caCrl`) are read from: a rule naming any other file is not applied, so a
@@ -246,8 +247,21 @@ pub struct ServerArgs {
 /// Default of `--tls-origination-dir` (mount the Secrets of egress certificates there).
 pub const DEFAULT_TLS_ORIGINATION_DIR: &str = "/etc/weft/tls-origination";
 
-/// Default worker threads of the data-plane runtime.
-pub const DEFAULT_DATA_WORKERS: u16 = 2;
+/// The data-plane runtime's worker threads when `--data-workers` is not given: half the CPUs
+/// the process may use, between 1 and [`MAX_DEFAULT_DATA_WORKERS`]. A node proxy shares its
+/// node's CPUs with the node's pods, and its requests hop between tasks (client connection,
+/// upstream connection, tunnel): each hop from one worker to another is a thread wake-up.
+/// On 2 vCPUs shared with the pods, one worker carried 30–45% more HTTP than two
+/// (bench/RESULTS.md).
+pub fn default_data_workers() -> u16 {
+    let cpus = std::thread::available_parallelism().map_or(1, std::num::NonZero::get);
+    u16::try_from(cpus / 2)
+        .unwrap_or(u16::MAX)
+        .clamp(1, MAX_DEFAULT_DATA_WORKERS)
+}
+
+/// The most worker threads the data-plane runtime gets by default.
+pub const MAX_DEFAULT_DATA_WORKERS: u16 = 4;
 
 impl RunArgs {
     /// Where the configuration comes from (clap guarantees exactly one).
@@ -583,7 +597,7 @@ mod tests {
         assert_eq!(args.server.admin_addr, "0.0.0.0:15020".parse().unwrap());
         assert_eq!(args.server.health_addr, "0.0.0.0:15021".parse().unwrap());
         assert_eq!(args.server.log_format, LogFormat::Plain);
-        assert_eq!(args.server.data_workers, DEFAULT_DATA_WORKERS);
+        assert_eq!(args.server.data_workers, None);
         assert_eq!(args.source(), ConfigSource::Dir(Path::new("/etc/weft")));
     }
 
@@ -668,7 +682,7 @@ mod tests {
         assert!(args.no_ebpf);
         assert_eq!(args.bpffs_root, PathBuf::from("/b"));
         assert_eq!(args.server.log_format, LogFormat::Json);
-        assert_eq!(args.server.data_workers, 1);
+        assert_eq!(args.server.data_workers, Some(1));
     }
 
     #[test]
