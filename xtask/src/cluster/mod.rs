@@ -47,6 +47,8 @@ pub const NO_MESH_ENV: &str = "WEFT_CLUSTER_NO_MESH";
 /// Cargo profile the binaries are built with (`debug` by default, or `release`, or any
 /// custom profile).
 pub const PROFILE_ENV: &str = "WEFT_PROFILE";
+/// A `mesh-node` binary the nodes run instead of the workspace's build.
+pub const MESH_NODE_ENV: &str = "WEFT_MESH_NODE";
 /// Overrides `RUST_LOG` of the node proxies and Weft sidecars (mesh-node's own default when
 /// unset: `info`, access logs off, as Istio ships).
 pub const NODE_LOG_ENV: &str = "WEFT_CLUSTER_NODE_LOG";
@@ -83,7 +85,11 @@ pub fn binaries() -> Result<Binaries> {
             .current_dir(crate::workspace_root()),
     )
     .context("building mesh-node and weft-demo")?;
-    let bins = binary_paths(&dir);
+    let mut bins = binary_paths(&dir);
+    // Another build of the node (an upgrade to try, a baseline to measure against).
+    if let Some(other) = std::env::var_os(MESH_NODE_ENV) {
+        bins.mesh_node = PathBuf::from(other);
+    }
     for path in [&bins.mesh_node, &bins.weft_demo] {
         if !path.is_file() {
             bail!("the build did not produce {}", path.display());
