@@ -323,6 +323,52 @@ call("GET", "/status/204")
     result
 }
 
+/// A client that gives up on a slow request across nodes cancels it at the destination too:
+/// node-2 reports it at once as `0 DC` (Envoy's "downstream disconnected"), while the pod is
+/// still working, rather than when the pod answers.
+fn abandoned_requests_are_cancelled_at_the_destination() -> Result<()> {
+    const NODE: &str = "node-2";
+    let abandoned = [
+        ("reporter", "destination"),
+        ("destination_service", "echo.l7.svc.cluster.local"),
+        ("response_code", "0"),
+        ("response_flags", "DC"),
+    ];
+    apply("virtual-service-echo-all-v2.yaml")?;
+    let result = (|| {
+        let before = sample_sum(&metrics(NODE)?, "istio_requests_total", &abandoned);
+        let started = Instant::now();
+        // curl gives up after 1 s; the pod would answer after 4.
+        let replies = curl_replies(CLIENT, &["--max-time", "1", "http://echo/delay/4000"]);
+        ensure!(
+            replies.is_err()
+                || replies
+                    .as_ref()
+                    .is_ok_and(|r| r.iter().all(|r| r.status == 0)),
+            "the slow request was answered: {replies:?}"
+        );
+        // Reported while the pod still works on it.
+        let reported = loop {
+            let now = sample_sum(&metrics(NODE)?, "istio_requests_total", &abandoned);
+            if now > before || started.elapsed() > Duration::from_millis(3500) {
+                break now - before;
+            }
+            thread::sleep(Duration::from_millis(100));
+        };
+        println!(
+            "    0 DC reported by node-2 {:.1} s after the request: +{reported}",
+            started.elapsed().as_secs_f64()
+        );
+        ensure!(
+            reported == 1.0 && started.elapsed() < Duration::from_millis(3500),
+            "node-2 did not report the abandoned request before the pod answered (+{reported})"
+        );
+        Ok(())
+    })();
+    remove("virtual-service-echo-all-v2.yaml")?;
+    result
+}
+
 /// A meshed pod that dials `echo-v2` by its address reaches node-2's proxy as bytes in the
 /// tunnel, and node-2 reads them as HTTP for the pod's `http` port. A chunked body whose
 /// trailer section ends with a bare LF, followed by a request carrying a forged
@@ -1362,6 +1408,10 @@ fn main() {
         (
             "smuggled_requests_never_reach_the_pod",
             smuggled_requests_never_reach_the_pod,
+        ),
+        (
+            "abandoned_requests_are_cancelled_at_the_destination",
+            abandoned_requests_are_cancelled_at_the_destination,
         ),
         ("h2c_load_through_the_mesh", h2c_load_through_the_mesh),
         ("weights_split_requests_80_20", weights_split_requests_80_20),

@@ -43,7 +43,8 @@ const MAX_HEADERS: usize = 128;
 const READ_SIZE: usize = 16 * 1024;
 /// The largest response head taken from the pod.
 const MAX_RESPONSE_HEAD: usize = 96 * 1024;
-/// The most a chunk's extensions, or a body's trailers, may take (hyper's bound).
+/// The most a body's chunk extensions, all together, or its trailers may take (hyper's
+/// bound).
 const MAX_CHUNK_EXTRA: usize = 16 * 1024;
 /// How long a pod connection is kept without a request (the pool's default idle timeout).
 const POD_IDLE: Duration = Duration::from_secs(300);
@@ -368,7 +369,8 @@ where
         if length.is_some() && chunked {
             return None;
         }
-        let host = std::str::from_utf8(host?).ok()?;
+        let host = host.filter(|h| h.iter().all(u8::is_ascii_graphic))?;
+        let host = std::str::from_utf8(host).ok()?;
         let request_id = std::str::from_utf8(request_id?)
             .ok()
             .filter(|id| !id.is_empty())?;
@@ -441,6 +443,22 @@ where
         self.request_body.clear();
         self.response_body.clear();
         let mut report = Pending {
+            exchange: Exchange {
+                head_sent: 0,
+                request: plan.body,
+                request_out: 0,
+                request_done: false,
+                response: Phase::Head,
+                response_out: 0,
+                head_method: plan.head_method,
+                status: 0,
+                final_head: false,
+                responded: false,
+                partial: false,
+                close: plan.close,
+                request_bytes: 0,
+                response_bytes: 0,
+            },
             ctx: self.conn.ctx.clone(),
             labels: self.labels.clone(),
             logged: plan.logged,
@@ -450,22 +468,7 @@ where
             recorded: false,
             _held: (busy, slot),
         };
-        let mut exchange = Exchange {
-            head_sent: 0,
-            request: plan.body,
-            request_out: 0,
-            request_done: false,
-            response: Phase::Head,
-            response_out: 0,
-            head_method: plan.head_method,
-            status: 0,
-            final_head: false,
-            responded: false,
-            partial: false,
-            close: plan.close,
-            request_bytes: 0,
-            response_bytes: 0,
-        };
+        let exchange = &mut report.exchange;
         let Self {
             down,
             up,
@@ -509,9 +512,6 @@ where
                 (false, Some(("503 Service Unavailable", REMOTE_RESET)))
             }
         };
-        if !exchange.responded {
-            exchange.status = 0;
-        }
         // Nothing of a final answer went out: answer as the full path does.
         if let Some((status, text)) = answer.filter(|_| exchange.can_answer()) {
             let reply = format!(
@@ -520,6 +520,7 @@ where
                 text.len()
             );
             if self.down.write_all(reply.as_bytes()).await.is_ok() {
+                exchange.responded = true;
                 exchange.status = status[..3].parse().unwrap_or(0);
                 exchange.response_bytes = text.len() as u64;
             } else {
@@ -529,7 +530,7 @@ where
         if !keep {
             self.up = None;
         }
-        report.record(&exchange, flags);
+        report.record(flags);
         keep
     }
 }
@@ -546,6 +547,7 @@ struct Buffers<'a> {
 /// A request's report, made when it ends — or, should the connection be dropped first (the
 /// overload manager cuts it), as a client that left (`0`, `DC`), as on the full path.
 struct Pending {
+    exchange: Exchange,
     ctx: Arc<Context>,
     labels: Option<RequestLabels>,
     logged: Option<Logged>,
@@ -560,23 +562,21 @@ struct Pending {
 impl Drop for Pending {
     fn drop(&mut self) {
         if !self.recorded {
-            self.write(0, ResponseFlags::DC, 0, 0);
+            self.record(ResponseFlags::DC);
         }
     }
 }
 
 impl Pending {
-    fn record(&mut self, exchange: &Exchange, flags: ResponseFlags) {
-        self.write(
-            exchange.status,
-            flags,
-            exchange.request_bytes,
-            exchange.response_bytes,
-        );
-    }
-
-    fn write(&mut self, status: u16, flags: ResponseFlags, received: u64, sent: u64) {
+    fn record(&mut self, flags: ResponseFlags) {
         self.recorded = true;
+        let exchange = &self.exchange;
+        let status = if exchange.responded {
+            exchange.status
+        } else {
+            0
+        };
+        let (received, sent) = (exchange.request_bytes, exchange.response_bytes);
         let Some(labels) = &self.labels else {
             return;
         };
@@ -663,9 +663,9 @@ struct Exchange {
 
 impl Exchange {
     /// Whether the client may still get an answer of the proxy's: nothing of a final head
-    /// went out, nor half of an informational one.
+    /// went out, nor half of an informational one (a whole one may precede it).
     fn can_answer(&self) -> bool {
-        !self.responded && !self.final_head && !self.partial
+        !self.responded && !self.partial
     }
 
     fn poll<D, U>(
@@ -680,16 +680,23 @@ impl Exchange {
         U: AsyncRead + AsyncWrite + Unpin,
     {
         let sent = match self.poll_request(cx, down, up, buffers) {
-            // The client stopped sending while the answer is under way: finish the answer.
-            Poll::Ready(Err(Failed::Client(_))) if self.responded => {
-                self.request_done = true;
-                self.close = true;
-                Poll::Ready(())
-            }
             Poll::Ready(Err(failed)) => return Poll::Ready(Err(failed)),
             Poll::Ready(Ok(())) => Poll::Ready(()),
             Poll::Pending => Poll::Pending,
         };
+        // Sent whole, the client is still watched: one that leaves (or resets) while the pod
+        // works cancels the request, as on the full path, and what it sends meanwhile waits
+        // for its turn (a bounded amount).
+        if sent.is_ready() && buffers.dbuf.len() < READ_SIZE {
+            buffers.dbuf.reserve(READ_SIZE);
+            match poll_read_buf(Pin::new(&mut *down), cx, buffers.dbuf) {
+                Poll::Ready(Ok(0)) => {
+                    return Poll::Ready(Err(Failed::Client(io::ErrorKind::UnexpectedEof.into())))
+                }
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(Failed::Client(e))),
+                Poll::Ready(Ok(_)) | Poll::Pending => {}
+            }
+        }
         let answered = match self.poll_response(cx, down, up, buffers) {
             Poll::Ready(Err(failed)) => return Poll::Ready(Err(failed)),
             Poll::Ready(Ok(())) => Poll::Ready(()),
@@ -969,7 +976,8 @@ fn response_head(buf: &[u8], head_method: bool) -> Result<Option<ResponseHead>, 
 }
 
 /// Whether `buf` holds, past `from` (minus what a line end spans), the empty line that ends a
-/// head: CRLF CRLF, or with bare LFs, which `plan` leaves to the full path.
+/// head: CRLF CRLF, or with bare LFs (httparse reads those as hyper does; the head leaves
+/// rewritten with CRLFs).
 fn head_ended(buf: &[u8], from: usize) -> bool {
     (from.saturating_sub(2)..buf.len()).any(|i| {
         buf[i] == b'\n'
@@ -1050,7 +1058,7 @@ struct Chunked {
     /// Bytes left in the current chunk's data; the size as it is read.
     size: u64,
     digits: u8,
-    /// Bytes of the current chunk's extensions, or of the trailers so far.
+    /// Bytes of the body's chunk extensions, then of its trailers, so far.
     extra: usize,
 }
 
@@ -1116,8 +1124,8 @@ impl Chunked {
                 }
                 ChunkState::SizeLf if b == b'\n' => {
                     self.digits = 0;
-                    self.extra = 0;
                     if self.size == 0 {
+                        self.extra = 0;
                         ChunkState::Trailer
                     } else {
                         let _ = write!(out, "{:x}\r\n", self.size);
@@ -1251,6 +1259,16 @@ mod tests {
             }
             assert!(failed, "{:?} was accepted", String::from_utf8_lossy(bad));
         }
+    }
+
+    /// Extensions count for the whole body, as hyper counts them: many chunks each under the
+    /// bound do not add up to more than it.
+    #[test]
+    fn chunk_extensions_are_bounded_for_the_whole_body() {
+        let chunk = format!("1;{}\r\na\r\n", "x".repeat(MAX_CHUNK_EXTRA / 2));
+        let mut framing = Framing::Chunked(Chunked::default());
+        let (mut buf, mut staged) = (BytesMut::from(chunk.repeat(3).as_bytes()), BytesMut::new());
+        assert!(framing.take(&mut buf, &mut staged).is_err());
     }
 
     #[test]
