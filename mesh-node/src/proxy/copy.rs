@@ -11,6 +11,7 @@
 //! at the critical level a connection idle for [`SHED_IDLE_TCP`] is closed.
 
 use std::{
+    cell::RefCell,
     fmt,
     future::{poll_fn, Future as _},
     io,
@@ -298,7 +299,7 @@ impl IdleClock {
     /// Ready with why the copy ends (idle, or expired); shrinks the pipes' buffers on the way.
     fn poll(&mut self, cx: &mut Context<'_>, mut pipes: [&mut Pipe; 2]) -> Poll<Operation> {
         loop {
-            let grown = pipes.iter().any(|p| p.size_index > 0);
+            let grown = pipes.iter().any(|p| p.holds());
             let shrink_at = (!self.shrunk && grown).then(|| self.last + SHRINK_AFTER);
             let close_at = self.timeout.map(|t| self.last + t);
             let Some(due) = [shrink_at, close_at, self.end].into_iter().flatten().min() else {
@@ -332,9 +333,13 @@ impl IdleClock {
     }
 }
 
-/// One direction of a copy.
+/// One direction of a copy. Reads go to the worker thread's scratch buffer and on to the
+/// writer at once; a pipe keeps a buffer of its own only for what the writer did not take,
+/// and for as long as the connection stays busy. An idle connection holds no buffer.
 struct Pipe {
+    /// Bytes read and not written yet (`pos..cap`); empty when the pipe holds none.
     buf: Box<[u8]>,
+    /// How much one read may take: an index into [`BUFFER_SIZES`].
     size_index: usize,
     full_reads: u32,
     pos: usize,
@@ -344,6 +349,13 @@ struct Pipe {
     total: u64,
     /// Reads and writes that moved bytes.
     moved: u64,
+}
+
+thread_local! {
+    /// Where a pipe without a buffer of its own reads; one per thread, as large as the
+    /// largest read.
+    static SCRATCH: RefCell<Box<[u8]>> =
+        RefCell::new(vec![0; BUFFER_SIZES[BUFFER_SIZES.len() - 1]].into_boxed_slice());
 }
 
 impl fmt::Debug for Pipe {
@@ -358,7 +370,7 @@ impl fmt::Debug for Pipe {
 impl Pipe {
     fn new() -> Self {
         Self {
-            buf: vec![0; BUFFER_SIZES[0]].into_boxed_slice(),
+            buf: Box::default(),
             size_index: 0,
             full_reads: 0,
             pos: 0,
@@ -368,6 +380,12 @@ impl Pipe {
             total: 0,
             moved: 0,
         }
+    }
+
+    /// Whether the pipe holds memory an idle connection gives back: a buffer, or a read size
+    /// above the smallest.
+    fn holds(&self) -> bool {
+        self.size_index > 0 || !self.buf.is_empty()
     }
 
     fn poll_copy<R, W>(
@@ -390,24 +408,22 @@ impl Pipe {
                 } else {
                     self.shrink();
                 }
-                let mut buf = ReadBuf::new(&mut self.buf);
-                match Pin::new(&mut *reader).poll_read(cx, &mut buf) {
-                    Poll::Ready(Ok(())) => {
-                        let n = buf.filled().len();
-                        if n == 0 {
-                            self.read_done = true;
+                let read = if self.buf.is_empty() {
+                    self.poll_read_through(cx, reader, writer, &mut on_write)
+                } else {
+                    self.poll_read_own(cx, reader)
+                };
+                match read {
+                    Poll::Ready(Ok(0)) => self.read_done = true,
+                    Poll::Ready(Ok(n)) => {
+                        self.full_reads = if n == BUFFER_SIZES[self.size_index] {
+                            self.full_reads + 1
                         } else {
-                            self.full_reads = if n == self.buf.len() {
-                                self.full_reads + 1
-                            } else {
-                                0
-                            };
-                            self.pos = 0;
-                            self.cap = n;
-                            self.moved += 1;
-                        }
+                            0
+                        };
+                        self.moved += 1;
                     }
-                    Poll::Ready(Err(e)) => return Poll::Ready(Err((Operation::Read, e))),
+                    Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
                     Poll::Pending => {
                         // Nothing more to read for now: push out what was written.
                         if self.need_flush {
@@ -424,18 +440,7 @@ impl Pipe {
                 let n =
                     ready!(Pin::new(&mut *writer).poll_write(cx, &self.buf[self.pos..self.cap]))
                         .map_err(|e| (Operation::Write, e))?;
-                if n == 0 {
-                    return Poll::Ready(Err((
-                        Operation::Write,
-                        io::Error::new(io::ErrorKind::WriteZero, "the peer accepts no more data"),
-                    )));
-                }
-                self.pos += n;
-                self.total += n as u64;
-                // Draining to a slow reader is activity too (and a full buffer cannot shrink).
-                self.moved += 1;
-                self.need_flush = true;
-                on_write(n as u64);
+                self.pos += self.wrote(n, &mut on_write)?;
             }
 
             if self.pos == self.cap && self.read_done {
@@ -451,22 +456,117 @@ impl Pipe {
         }
     }
 
-    /// Back to the smallest buffer, if it is empty (bytes waiting for the writer stay).
+    /// Reads into the thread's scratch buffer and writes what it read on at once; what the
+    /// writer does not take is kept in a buffer of the pipe's own. Ready with the bytes read.
+    fn poll_read_through<R, W>(
+        &mut self,
+        cx: &mut Context<'_>,
+        reader: &mut R,
+        writer: &mut W,
+        on_write: &mut impl FnMut(u64),
+    ) -> Poll<Result<usize, (Operation, io::Error)>>
+    where
+        R: AsyncRead + Unpin + ?Sized,
+        W: AsyncWrite + Unpin + ?Sized,
+    {
+        let limit = BUFFER_SIZES[self.size_index];
+        SCRATCH.with(|scratch| {
+            let Ok(mut scratch) = scratch.try_borrow_mut() else {
+                // Only a reader or writer that copies on this thread could get here.
+                self.keep(&[]);
+                return self.poll_read_own(cx, reader);
+            };
+            let mut buf = ReadBuf::new(&mut scratch[..limit]);
+            ready!(Pin::new(&mut *reader).poll_read(cx, &mut buf))
+                .map_err(|e| (Operation::Read, e))?;
+            let read = buf.filled().len();
+            let mut written = 0;
+            while written < read {
+                match Pin::new(&mut *writer).poll_write(cx, &scratch[written..read]) {
+                    Poll::Ready(Ok(n)) => written += self.wrote(n, on_write)?,
+                    Poll::Ready(Err(e)) => return Poll::Ready(Err((Operation::Write, e))),
+                    Poll::Pending => {
+                        self.keep(&scratch[written..read]);
+                        break;
+                    }
+                }
+            }
+            Poll::Ready(Ok(read))
+        })
+    }
+
+    /// Reads into the pipe's own buffer. Ready with the bytes read.
+    fn poll_read_own<R>(
+        &mut self,
+        cx: &mut Context<'_>,
+        reader: &mut R,
+    ) -> Poll<Result<usize, (Operation, io::Error)>>
+    where
+        R: AsyncRead + Unpin + ?Sized,
+    {
+        let mut buf = ReadBuf::new(&mut self.buf);
+        ready!(Pin::new(&mut *reader).poll_read(cx, &mut buf)).map_err(|e| (Operation::Read, e))?;
+        let read = buf.filled().len();
+        self.pos = 0;
+        self.cap = read;
+        Poll::Ready(Ok(read))
+    }
+
+    /// Takes `bytes` into a buffer of the pipe's own, at least as large as one read.
+    fn keep(&mut self, bytes: &[u8]) {
+        let size = BUFFER_SIZES
+            .iter()
+            .copied()
+            .find(|&s| s >= bytes.len())
+            .unwrap_or(bytes.len())
+            .max(BUFFER_SIZES[self.size_index]);
+        let mut buf = vec![0; size].into_boxed_slice();
+        buf[..bytes.len()].copy_from_slice(bytes);
+        self.buf = buf;
+        self.pos = 0;
+        self.cap = bytes.len();
+    }
+
+    /// Counts `n` bytes the writer took; a writer that takes none is gone.
+    fn wrote(
+        &mut self,
+        n: usize,
+        on_write: &mut impl FnMut(u64),
+    ) -> Result<usize, (Operation, io::Error)> {
+        if n == 0 {
+            return Err((
+                Operation::Write,
+                io::Error::new(io::ErrorKind::WriteZero, "the peer accepts no more data"),
+            ));
+        }
+        self.total += n as u64;
+        // Draining to a slow reader is activity too (and a full buffer cannot shrink).
+        self.moved += 1;
+        self.need_flush = true;
+        on_write(n as u64);
+        Ok(n)
+    }
+
+    /// Gives the buffer back and reads small again, if nothing waits for the writer.
     fn shrink(&mut self) {
-        if self.size_index > 0 && self.pos == self.cap {
+        if self.holds() && self.pos == self.cap {
             self.size_index = 0;
             self.full_reads = 0;
             self.pos = 0;
             self.cap = 0;
-            self.buf = vec![0; BUFFER_SIZES[0]].into_boxed_slice();
+            self.buf = Box::default();
         }
     }
 
+    /// Reads larger after [`GROW_AFTER`] full reads in a row; a buffer of the pipe's own
+    /// grows with them.
     fn maybe_grow(&mut self) {
         if self.full_reads >= GROW_AFTER && self.size_index + 1 < BUFFER_SIZES.len() {
             self.size_index += 1;
             self.full_reads = 0;
-            self.buf = vec![0; BUFFER_SIZES[self.size_index]].into_boxed_slice();
+            if !self.buf.is_empty() {
+                self.buf = vec![0; BUFFER_SIZES[self.size_index]].into_boxed_slice();
+            }
         }
     }
 }
@@ -475,7 +575,7 @@ impl Pipe {
 mod tests {
     use std::sync::atomic::{AtomicU64, Ordering};
 
-    use tokio::io::{duplex, AsyncReadExt, AsyncWriteExt};
+    use tokio::io::{duplex, AsyncReadExt, AsyncWriteExt, DuplexStream};
 
     use super::*;
 
@@ -541,37 +641,103 @@ mod tests {
         assert_eq!(count.down.load(Ordering::Relaxed), response.len() as u64);
     }
 
-    #[tokio::test]
-    async fn buffers_grow_for_bulk_transfers() {
-        let mut pipe = Pipe::new();
-        pipe.full_reads = GROW_AFTER;
-        pipe.maybe_grow();
-        assert_eq!(pipe.buf.len(), BUFFER_SIZES[1]);
-        pipe.full_reads = GROW_AFTER;
-        pipe.maybe_grow();
-        pipe.full_reads = GROW_AFTER;
-        pipe.maybe_grow();
-        assert_eq!(pipe.buf.len(), BUFFER_SIZES[2]);
+    /// Polls `pipe` once, copying from `reader` to `writer`.
+    async fn poll_once(
+        pipe: &mut Pipe,
+        grow: bool,
+        reader: &mut DuplexStream,
+        writer: &mut DuplexStream,
+    ) -> Poll<Result<(), (Operation, io::Error)>> {
+        poll_fn(|cx| Poll::Ready(pipe.poll_copy(cx, grow, reader, writer, |_| {}))).await
     }
 
     #[tokio::test]
-    async fn under_memory_pressure_buffers_do_not_grow_and_grown_ones_shrink() {
+    async fn a_writer_that_keeps_up_leaves_the_pipe_without_a_buffer() {
+        let (mut client, mut reader) = duplex(64 * 1024);
+        let (mut writer, mut server) = duplex(64 * 1024);
+        let mut pipe = Pipe::new();
+        for round in 0..3u8 {
+            let message = pattern(1000, round);
+            client.write_all(&message).await.unwrap();
+            assert!(poll_once(&mut pipe, true, &mut reader, &mut writer)
+                .await
+                .is_pending());
+            let mut got = vec![0; message.len()];
+            server.read_exact(&mut got).await.unwrap();
+            assert!(got == message, "round {round} differs");
+            assert!(!pipe.holds(), "round {round}: {pipe:?}");
+        }
+        assert_eq!(pipe.total, 3000);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_slow_writer_gets_what_it_did_not_take_later_and_the_buffer_goes_when_idle() {
+        let (mut client, mut reader) = duplex(64 * 1024);
+        let (mut writer, mut server) = duplex(16);
+        let message = pattern(1000, 3);
+        client.write_all(&message).await.unwrap();
+        let mut pipe = Pipe::new();
+        assert!(poll_once(&mut pipe, true, &mut reader, &mut writer)
+            .await
+            .is_pending());
+        assert_eq!(pipe.total, 16, "the writer took what it had room for");
+        assert_eq!(pipe.cap - pipe.pos, 1000 - 16, "the rest is kept");
+        let copy = poll_fn(|cx| {
+            let _ = pipe.poll_copy(cx, true, &mut reader, &mut writer, |_| {});
+            match pipe.total {
+                1000 => Poll::Ready(()),
+                _ => Poll::Pending,
+            }
+        });
+        let mut got = vec![0; message.len()];
+        let (_, read) = tokio::join!(copy, server.read_exact(&mut got));
+        read.unwrap();
+        assert!(got == message, "the bytes differ");
+        assert!(pipe.holds(), "a busy pipe keeps its buffer");
+        let mut other = Pipe::new();
+        let mut clock = IdleClock::new(Lifetime::default());
+        clock.moved();
+        let waited = tokio::time::timeout(
+            SHRINK_AFTER * 2,
+            poll_fn(|cx| clock.poll(cx, [&mut pipe, &mut other])),
+        )
+        .await;
+        assert!(waited.is_err(), "no idle timeout was set");
+        assert!(!pipe.holds(), "idle, the buffer is given back: {pipe:?}");
+    }
+
+    #[tokio::test]
+    async fn reads_grow_for_bulk_transfers() {
+        let (mut source, mut reader) = duplex(1 << 20);
+        let (mut writer, _sink) = duplex(4 << 20);
+        source.write_all(&pattern(1 << 20, 1)).await.unwrap();
+        let mut pipe = Pipe::new();
+        assert!(poll_once(&mut pipe, true, &mut reader, &mut writer)
+            .await
+            .is_pending());
+        assert_eq!(pipe.total, 1 << 20);
+        assert_eq!(pipe.size_index, BUFFER_SIZES.len() - 1, "the largest reads");
+        assert!(pipe.buf.is_empty(), "and no buffer: the writer kept up");
+    }
+
+    #[tokio::test]
+    async fn under_memory_pressure_reads_do_not_grow_and_grown_ones_shrink() {
         let (mut source, mut reader) = duplex(1 << 20);
         let (mut writer, _sink) = duplex(1 << 20);
         source.write_all(&pattern(512 * 1024, 1)).await.unwrap();
         let mut pipe = Pipe::new();
         pipe.full_reads = GROW_AFTER;
         pipe.maybe_grow();
+        pipe.keep(&[]);
         assert_eq!(pipe.buf.len(), BUFFER_SIZES[1]);
-        poll_fn(|cx| {
-            let polled = pipe.poll_copy(cx, false, &mut reader, &mut writer, |_| {});
-            assert!(polled.is_pending());
-            Poll::Ready(())
-        })
-        .await;
-        assert!(pipe.total > 0);
-        assert_eq!(pipe.buf.len(), BUFFER_SIZES[0], "back to the smallest");
-        assert_eq!(pipe.size_index, 0, "and it did not grow again");
+        while pipe.total < 512 * 1024 {
+            assert!(poll_once(&mut pipe, false, &mut reader, &mut writer)
+                .await
+                .is_pending());
+            tokio::task::yield_now().await;
+        }
+        assert!(pipe.buf.is_empty(), "the buffer is given back");
+        assert_eq!(pipe.size_index, 0, "and reads did not grow again");
     }
 
     #[tokio::test(start_paused = true)]
@@ -621,7 +787,7 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
-    async fn grown_buffers_shrink_once_the_connection_idles() {
+    async fn grown_pipes_shrink_once_the_connection_idles() {
         let (mut up, mut down) = (Pipe::new(), Pipe::new());
         for _ in 0..2 {
             up.full_reads = GROW_AFTER;
@@ -630,7 +796,7 @@ mod tests {
         // Bytes waiting for the writer keep their buffer.
         down.full_reads = GROW_AFTER;
         down.maybe_grow();
-        down.cap = 10;
+        down.keep(&[7; 10]);
         let mut clock = IdleClock::new(Lifetime::default());
         clock.moved();
         let start = Instant::now();
@@ -640,8 +806,9 @@ mod tests {
         )
         .await;
         assert!(waited.is_err(), "no idle timeout was set");
-        assert_eq!(up.buf.len(), BUFFER_SIZES[0]);
+        assert!(!up.holds());
         assert_eq!(down.buf.len(), BUFFER_SIZES[1]);
+        assert_eq!(down.cap - down.pos, 10);
         assert_eq!(start.elapsed(), SHRINK_AFTER * 3);
     }
 
