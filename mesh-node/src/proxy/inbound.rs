@@ -179,25 +179,20 @@ async fn captured(
             node: ctx.config.node.clone(),
         });
     }
-    let Some(mut downstream) = http
-        .serve(
-            ctx,
-            downstream,
-            client,
-            target,
-            Caller {
-                source,
-                peer: None,
-                held: &mut None,
-            },
-        )
-        .await?
+    // Boxed, as every path here that only some connections take (see `outbound::proxy`).
+    let caller = Caller {
+        source,
+        peer: None,
+        held: &mut None,
+    };
+    let Some(mut downstream) =
+        Box::pin(http.serve(ctx, downstream, client, target, caller)).await?
     else {
         return Ok(Transferred::default());
     };
     // Plaintext: only the client's address is known.
     let peer = authz::Peer::plaintext(client.ip());
-    let sni = authz::sni_for(ctx, pod.as_ref(), &mut downstream).await;
+    let sni = Box::pin(authz::sni_for(ctx, pod.as_ref(), &mut downstream)).await;
     authorize_connection(
         ctx,
         pod.as_ref(),
@@ -207,7 +202,7 @@ async fn captured(
         sni.as_deref(),
         &labels,
     )?;
-    let mut upstream = connect_pod(ctx, target, &labels).await?;
+    let mut upstream = Box::pin(connect_pod(ctx, target, &labels)).await?;
     tcp::relay(
         ctx,
         &mut downstream,
@@ -466,13 +461,14 @@ async fn hbone_stream(
                     peer: auth,
                     held: &mut held,
                 };
+                // Boxed: the relay below does not hold the HTTP path's state.
                 let Some(mut downstream) =
-                    http.serve(&ctx, downstream, client, target, caller).await?
+                    Box::pin(http.serve(&ctx, downstream, client, target, caller)).await?
                 else {
                     return Ok(Transferred::default());
                 };
                 // Sniffed as something else than HTTP (or opaque, accepted to read its SNI).
-                let sni = authz::sni_for(&ctx, Some(&pod), &mut downstream).await;
+                let sni = Box::pin(authz::sni_for(&ctx, Some(&pod), &mut downstream)).await;
                 authorize_connection(
                     &ctx,
                     Some(&pod),
@@ -482,7 +478,7 @@ async fn hbone_stream(
                     sni.as_deref(),
                     &labels,
                 )?;
-                let mut upstream = connect_pod(&ctx, target, &labels).await?;
+                let mut upstream = Box::pin(connect_pod(&ctx, target, &labels)).await?;
                 tcp::relay(
                     &ctx,
                     &mut downstream,

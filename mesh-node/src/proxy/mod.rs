@@ -25,13 +25,16 @@ use std::{
     future::Future,
     net::{SocketAddr, SocketAddrV4},
     os::fd::BorrowedFd,
+    pin::Pin,
     sync::{
         atomic::{AtomicU64, Ordering},
         Arc,
     },
+    task::{self, Poll},
     time::Duration,
 };
 
+use pin_project_lite::pin_project;
 use tokio::{
     net::{TcpListener, TcpSocket, TcpStream},
     sync::{futures::OwnedNotified, watch},
@@ -271,19 +274,75 @@ fn listen(
     socket.listen(BACKLOG).map_err(error)
 }
 
+pin_project! {
+    /// A connection's work, until it ends or the overload manager cuts its client's
+    /// connections, dropping it then, whatever it holds. (A struct, not an `async fn`: an
+    /// `async fn` would hold `work` twice, as its argument and as the future it awaits.)
+    pub(super) struct UnlessCut<F> {
+        #[pin]
+        work: F,
+        #[pin]
+        cut: OwnedNotified,
+        overload: Arc<Overload>,
+    }
+}
+
+impl<F: Future<Output = ()>> Future for UnlessCut<F> {
+    type Output = ();
+
+    fn poll(self: Pin<&mut Self>, cx: &mut task::Context<'_>) -> Poll<()> {
+        let this = self.project();
+        if this.work.poll(cx).is_ready() {
+            return Poll::Ready(());
+        }
+        if this.cut.poll(cx).is_ready() {
+            this.overload.metrics().closed(OverloadClose::Heaviest);
+            return Poll::Ready(());
+        }
+        Poll::Pending
+    }
+}
+
 /// Runs `work` (a connection) until it ends or the overload manager cuts its client's
-/// connections (`cut`), dropping it then, whatever it holds.
-async fn unless_cut(overload: Arc<Overload>, cut: OwnedNotified, work: impl Future<Output = ()>) {
-    tokio::select! {
-        () = work => {}
-        () = cut => overload.metrics().closed(OverloadClose::Heaviest),
+/// connections (`cut`).
+fn unless_cut<F: Future<Output = ()>>(
+    overload: Arc<Overload>,
+    cut: OwnedNotified,
+    work: F,
+) -> UnlessCut<F> {
+    UnlessCut {
+        work,
+        cut,
+        overload,
+    }
+}
+
+pin_project! {
+    /// A future that keeps `held` until it ends.
+    struct Holding<F, H> {
+        #[pin]
+        work: F,
+        held: H,
+    }
+}
+
+impl<F: Future<Output = ()>, H> Future for Holding<F, H> {
+    type Output = ();
+
+    fn poll(self: Pin<&mut Self>, cx: &mut task::Context<'_>) -> Poll<()> {
+        self.project().work.poll(cx)
     }
 }
 
 /// Serves a connection that holds its client address's slot until it ends.
-async fn held_by(held: SourceConnection, connection: impl Future<Output = ()>) {
-    connection.await;
-    drop(held);
+fn held_by<F: Future<Output = ()>>(
+    held: SourceConnection,
+    connection: F,
+) -> Holding<F, SourceConnection> {
+    Holding {
+        work: connection,
+        held,
+    }
 }
 
 async fn accept_loop<F, Fut>(
@@ -306,11 +365,12 @@ async fn accept_loop<F, Fut>(
                 let _ = stream.set_nodelay(true);
                 let cut = held.cut_signal();
                 let connection = serve(stream, peer, held);
-                let drain = drain.clone();
-                tokio::spawn(unless_cut(sources.overload().clone(), cut, async move {
-                    connection.await;
-                    drop(drain);
-                }));
+                // Every connection task holds a receiver of `drain` until it ends.
+                let connection = Holding {
+                    work: connection,
+                    held: drain.clone(),
+                };
+                tokio::spawn(unless_cut(sources.overload().clone(), cut, connection));
             }
             Err(e) => {
                 // Out of file descriptors and the like: back off instead of spinning.

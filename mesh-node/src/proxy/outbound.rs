@@ -130,7 +130,7 @@ async fn proxy(
     let http = match declared {
         Some(Declared::Http | Declared::Http2) => true,
         Some(Declared::Unknown) => {
-            let (verdict, bytes) = detect::sniff(&mut downstream, SNIFF_TIMEOUT)
+            let (verdict, bytes) = Box::pin(detect::sniff(&mut downstream, SNIFF_TIMEOUT))
                 .await
                 .map_err(ProxyError::Socket)?;
             sniffed = bytes;
@@ -151,7 +151,9 @@ async fn proxy(
         .dialled(dialled)
         .held_by(held);
         drop(view);
-        l7::serve(conn, downstream).await;
+        // Boxed, as every path here that only some connections take: a connection's task then
+        // holds the state of the path it is on, not of the largest one.
+        Box::pin(l7::serve(conn, downstream)).await;
         return Ok(Served::Http);
     }
 
@@ -188,7 +190,7 @@ async fn proxy(
             Some(caller) => Peer::authenticated(&caller.identity, IpAddr::V4(caller.ip)),
             None => Peer::plaintext(IpAddr::V4(*client.ip())),
         };
-        let sni = authz::sni_for(ctx, Some(&pod), &mut downstream).await;
+        let sni = Box::pin(authz::sni_for(ctx, Some(&pod), &mut downstream)).await;
         let decided = authz::Target {
             pod: &pod,
             addr: target.addr,
@@ -210,7 +212,7 @@ async fn proxy(
     if let (Via::Tunnel { .. }, Some(caller), Some(pod)) = (target.via, &caller, &target.pod) {
         labels = labels.mutual_tls(&caller.identity, &ctx.dialer.identity(pod));
     }
-    let mut upstream = match target.connect(ctx, caller.as_ref()).await {
+    let mut upstream = match Box::pin(target.connect(ctx, caller.as_ref())).await {
         Ok(u) => u,
         Err(e) => {
             tcp::record_failure(ctx, &labels, crate::metrics::ResponseFlags::UF);
