@@ -94,7 +94,7 @@ pub enum ProxyError {
     Hbone {
         client: SocketAddr,
         #[source]
-        source: hyper::Error,
+        source: h2::Error,
     },
     #[error("plaintext from {client} to {pod} port {port} refused: its PeerAuthentication is STRICT (clients must be meshed)")]
     PlaintextRefused {

@@ -6,7 +6,6 @@
 //! and the connection is not captured again.
 
 use std::{
-    convert::Infallible,
     net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4},
     os::fd::AsFd as _,
     sync::Arc,
@@ -14,9 +13,8 @@ use std::{
 };
 
 use bytes::Bytes;
-use http_body_util::Full;
-use hyper::{body::Incoming, server::conn::http2, service::service_fn, Request, Response};
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use h2::{server::SendResponse, RecvStream};
+use hyper::Request;
 use tokio::{
     io::{AsyncRead, AsyncWrite},
     net::TcpStream,
@@ -52,6 +50,8 @@ use crate::{
 
 /// Concurrent CONNECT streams one peer connection may carry.
 const HBONE_MAX_CONCURRENT_STREAMS: u32 = 1000;
+/// Largest header block taken from a peer (hyper's default).
+const HBONE_MAX_HEADER_LIST: u32 = 16 * 1024;
 
 /// A connection steered to 15006: its local address is the pod address the client dialled.
 pub(super) async fn serve_captured(ctx: Arc<Context>, downstream: TcpStream, client: SocketAddr) {
@@ -339,34 +339,33 @@ async fn hbone_connection(
         client,
     });
     let identity = peer.auth.identity.clone();
-    let service = {
-        let ctx = ctx.clone();
-        service_fn(move |request| {
-            let response = hbone_stream(ctx.clone(), peer.clone(), request);
-            async move { Ok::<_, Infallible>(response.await) }
-        })
-    };
-    let serving = http2::Builder::new(TokioExecutor::new())
-        .timer(TokioTimer::new())
-        .initial_stream_window_size(hbone::STREAM_WINDOW)
+    let hbone = |source| ProxyError::Hbone { client, source };
+    let mut connection = h2::server::Builder::new()
+        .initial_window_size(hbone::STREAM_WINDOW)
         .initial_connection_window_size(hbone::CONNECTION_WINDOW)
         .max_frame_size(hbone::MAX_FRAME)
         .max_concurrent_streams(HBONE_MAX_CONCURRENT_STREAMS)
-        .serve_connection(TokioIo::new(tls), service);
-    tokio::pin!(serving);
+        .max_header_list_size(HBONE_MAX_HEADER_LIST)
+        .handshake(tls)
+        .await
+        .map_err(hbone)?;
     // A certificate revoked while the connection is open ends it, and every stream on it.
     let mut revoked = certs.revoked();
+    let mut watching = true;
     loop {
         tokio::select! {
-            served = &mut serving => {
-                return served.map_err(|source| ProxyError::Hbone { client, source });
-            }
-            changed = revoked.changed() => {
-                if changed.is_err() {
-                    // The manager is gone: the proxy is stopping.
-                    return serving.await.map_err(|source| ProxyError::Hbone { client, source });
+            // Accepting also drives the connection: every stream's bytes move through it.
+            accepted = connection.accept() => match accepted {
+                Some(Ok((request, respond))) => {
+                    tokio::spawn(hbone_stream(ctx.clone(), peer.clone(), request, respond));
                 }
-                if revoked.borrow().contains(&serial) {
+                Some(Err(e)) => return Err(hbone(e)),
+                None => return Ok(()),
+            },
+            changed = revoked.changed(), if watching => {
+                // An error: the manager is gone, the proxy is stopping.
+                watching = changed.is_ok();
+                if watching && revoked.borrow().contains(&serial) {
                     return Err(ProxyError::Revoked { client, identity });
                 }
             }
@@ -378,15 +377,16 @@ async fn hbone_connection(
 async fn hbone_stream(
     ctx: Arc<Context>,
     peer: Arc<Peer>,
-    mut request: Request<Incoming>,
-) -> Response<Full<Bytes>> {
+    request: Request<RecvStream>,
+    mut respond: SendResponse<Bytes>,
+) {
     let client = peer.client;
     let target = match hbone::target_of(&request) {
         Ok(target) => target,
         Err(reason) => {
             warn!(direction = "tunnel", %client, identity = %peer.auth.identity, "bad HBONE request: {reason}");
             ctx.refusals.inc(MtlsRefusal::Target);
-            return Refusal::BadRequest.response(&reason);
+            return hbone::refuse(&mut respond, Refusal::BadRequest, &reason);
         }
     };
     let view = ctx.view();
@@ -406,8 +406,8 @@ async fn hbone_stream(
         };
         warn!(direction = "tunnel", identity = %peer.auth.identity, "{error}");
         ctx.refusals.inc(MtlsRefusal::Target);
-        return Refusal::Forbidden
-            .response(&format!("{target} is not a meshed pod on node {node}"));
+        let reason = format!("{target} is not a meshed pod on node {node}");
+        return hbone::refuse(&mut respond, Refusal::Forbidden, &reason);
     };
     let source = claimed_source(snapshot, &peer, hbone::forwarded_for(&request), sidecar);
     // A stream is a connection of the pod it comes from (of the peer node when unknown):
@@ -423,7 +423,7 @@ async fn hbone_stream(
                 Refused::Cap => "too many connections from this client",
                 Refused::Overload => "node proxy overloaded",
             };
-            return Refusal::Unavailable.response(why);
+            return hbone::refuse(&mut respond, Refusal::Unavailable, why);
         }
     };
     let cut = held.cut_signal();
@@ -434,7 +434,6 @@ async fn hbone_stream(
     let pod = local_pod.clone();
     // The caller: the pod it claimed when its certificate covers it, else the peer node.
     let policy_peer = authz::Peer::authenticated(&peer.auth.identity, from);
-    let upgrade = hyper::upgrade::on(&mut request);
     let start = Instant::now();
 
     // A policy on the TLS server name needs the client's first bytes: accept the stream first.
@@ -447,15 +446,13 @@ async fn hbone_stream(
         )
     {
         // The pool dials the pod per request: accept the stream first.
+        let Some(downstream) = hbone::accept(respond, request) else {
+            return;
+        };
         let overload = ctx.overload().clone();
-        tokio::spawn(unless_cut(overload, cut, async move {
+        unless_cut(overload, cut, async move {
             let mut held = Some(held);
             let result = async {
-                let downstream = TokioIo::new(
-                    upgrade
-                        .await
-                        .map_err(|source| ProxyError::Hbone { client, source })?,
-                );
                 let caller = Caller {
                     source,
                     peer: auth,
@@ -490,8 +487,9 @@ async fn hbone_stream(
             }
             .await;
             log("tunnel", client, Some(target), start, result);
-        }));
-        return Response::new(Full::default());
+        })
+        .await;
+        return;
     }
     // Opaque TCP: decide and connect first, so a refusal can tell the source proxy why.
     if let Err(e) = authorize_connection(
@@ -504,9 +502,9 @@ async fn hbone_stream(
         &labels,
     ) {
         log("tunnel", client, Some(target), start, Err(e));
-        return Refusal::Forbidden.response(authz::DENIED_BODY);
+        return hbone::refuse(&mut respond, Refusal::Forbidden, authz::DENIED_BODY);
     }
-    let mut upstream = match connect_pod(&ctx, target, &labels).await {
+    let mut upstream = match Box::pin(connect_pod(&ctx, target, &labels)).await {
         Ok(s) => s,
         Err(e) => {
             let timed_out = matches!(
@@ -518,33 +516,22 @@ async fn hbone_stream(
             } else {
                 Refusal::BadGateway
             };
-            let response = refusal.response(&e.to_string());
+            hbone::refuse(&mut respond, refusal, &e.to_string());
             log("tunnel", client, Some(target), start, Err(e));
-            return response;
+            return;
         }
     };
+    let Some(mut downstream) = hbone::accept(respond, request) else {
+        return;
+    };
     let overload = ctx.overload().clone();
-    tokio::spawn(unless_cut(overload, cut, async move {
-        let result = async {
-            let mut downstream = TokioIo::new(
-                upgrade
-                    .await
-                    .map_err(|source| ProxyError::Hbone { client, source })?,
-            );
-            tcp::relay(
-                &ctx,
-                &mut downstream,
-                &mut upstream,
-                &labels,
-                ctx.tcp_lifetime(),
-            )
-            .await
-        }
-        .await;
+    unless_cut(overload, cut, async move {
+        let lifetime = ctx.tcp_lifetime();
+        let result = tcp::relay(&ctx, &mut downstream, &mut upstream, &labels, lifetime).await;
         log("tunnel", client, Some(target), start, result);
         drop(held);
-    }));
-    Response::new(Full::default())
+    })
+    .await;
 }
 
 /// Who a connection to a pod comes from.

@@ -11,7 +11,8 @@
 //! and opens a stream per proxied connection, up to [`MAX_STREAMS`] on one TLS connection
 //! before it opens another. The server side lives with the listeners (`inbound.rs`); this
 //! module gives it the parsing of what a peer sends ([`target_of`], [`forwarded_for`]) and the
-//! answers ([`Refusal`]).
+//! answers ([`refuse`], [`accept`]). Both ends use the `h2` crate directly: a stream is an
+//! [`H2Io`], with no task or channel of its own.
 //!
 //! Who calls is the certificate's identity, never a header. The `forwarded` header only says
 //! which pod of that identity (for telemetry); the destination believes it only if that pod
@@ -19,27 +20,21 @@
 
 use std::{
     collections::HashMap,
+    future::poll_fn,
     io,
     net::{Ipv4Addr, SocketAddrV4},
     pin::Pin,
     sync::{
-        atomic::{AtomicUsize, Ordering},
+        atomic::{AtomicBool, AtomicUsize, Ordering},
         Arc, Mutex,
     },
-    task::{Context, Poll},
+    task::{ready, Context, Poll},
     time::Duration,
 };
 
-use bytes::Bytes;
-use http_body_util::{BodyExt as _, Empty, Full, Limited};
-use hyper::{
-    body::Incoming,
-    client::conn::http2::{self, SendRequest},
-    header::HeaderValue,
-    upgrade::Upgraded,
-    Method, Request, Response, StatusCode,
-};
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use bytes::{Buf as _, Bytes};
+use h2::{client::SendRequest, server::SendResponse, Ping, RecvStream, SendStream};
+use hyper::{header::HeaderValue, Method, Request, Response, StatusCode};
 use rustls::pki_types::ServerName;
 use thiserror::Error;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
@@ -61,6 +56,12 @@ pub const CONNECTION_WINDOW: u32 = 16 * 1024 * 1024;
 pub const MAX_FRAME: u32 = 256 * 1024;
 /// Idle TLS connections are kept this long.
 const IDLE_TIMEOUT: Duration = Duration::from_secs(300);
+/// While streams are open, a connection is PINGed this often, and closed when the peer does
+/// not answer within [`PING_TIMEOUT`] (a peer node that vanished without a FIN).
+const PING_INTERVAL: Duration = Duration::from_secs(30);
+const PING_TIMEOUT: Duration = Duration::from_secs(20);
+/// Largest header block taken from a peer (hyper's default).
+const MAX_HEADER_LIST: u32 = 16 * 1024;
 /// Largest refusal body read from a peer.
 const MAX_REASON: usize = 1024;
 /// The header naming which pod of the certificate's identity opened the stream (RFC 7239).
@@ -86,7 +87,7 @@ pub enum TunnelError {
     Http2 {
         peer: SocketAddrV4,
         #[source]
-        source: hyper::Error,
+        source: h2::Error,
     },
     #[error("peer node proxy {peer} refused the tunnel to {target}: {status}{}", reason_suffix(.reason))]
     Refused {
@@ -100,13 +101,6 @@ pub enum TunnelError {
         peer: SocketAddrV4,
         target: SocketAddrV4,
         timeout: Duration,
-    },
-    #[error("the tunnel to {target} through {peer} could not become a byte stream: {source}")]
-    Upgrade {
-        peer: SocketAddrV4,
-        target: SocketAddrV4,
-        #[source]
-        source: hyper::Error,
     },
 }
 
@@ -144,15 +138,30 @@ impl Refusal {
     }
 
     /// The answer to a refused `CONNECT`: the status and a one-line reason.
-    pub fn response(self, reason: &str) -> Response<Full<Bytes>> {
+    pub fn response(self, reason: &str) -> Response<Bytes> {
         let reason = reason.replace(['\r', '\n'], " ");
-        let mut response = Response::new(Full::new(Bytes::from(reason)));
+        let mut response = Response::new(Bytes::from(reason));
         *response.status_mut() = self.status();
         response
             .headers_mut()
             .insert("content-type", HeaderValue::from_static("text/plain"));
         response
     }
+}
+
+/// Answers a `CONNECT` with `refusal`, its body the one-line `reason`.
+pub fn refuse(respond: &mut SendResponse<Bytes>, refusal: Refusal, reason: &str) {
+    let (head, body) = refusal.response(reason).into_parts();
+    if let Ok(mut send) = respond.send_response(Response::from_parts(head, ()), false) {
+        let _ = send.send_data(body, true);
+    }
+}
+
+/// Answers a `CONNECT` with `200`: the stream is the client's byte stream from now on.
+/// `None` when the client reset it meanwhile.
+pub fn accept(mut respond: SendResponse<Bytes>, request: Request<RecvStream>) -> Option<H2Io> {
+    let send = respond.send_response(Response::new(()), false).ok()?;
+    Some(H2Io::new(send, request.into_body()))
 }
 
 /// The pod a `CONNECT` asks for: its `:authority`, an IPv4 address and port.
@@ -222,9 +231,11 @@ type Conns = tokio::sync::Mutex<Vec<Conn>>;
 /// One TLS connection, the certificate it was opened with, and the streams open on it.
 #[derive(Clone)]
 struct Conn {
-    sender: SendRequest<Empty<Bytes>>,
+    sender: SendRequest<Bytes>,
     streams: Arc<AtomicUsize>,
     issued: Arc<Issued>,
+    /// Set once the connection has ended.
+    closed: Arc<AtomicBool>,
 }
 
 impl HbonePool {
@@ -250,44 +261,36 @@ impl HbonePool {
         timeout: Duration,
     ) -> Result<HboneStream, TunnelError> {
         let conn = self.conn(&caller.identity, source, peer, timeout).await?;
-        let mut request = Request::builder()
+        let request = Request::builder()
             .method(Method::CONNECT)
             .uri(target.to_string())
             .version(hyper::Version::HTTP_2)
-            .body(Empty::new())
+            .header(FORWARDED, format!("for={}", caller.ip))
+            .body(())
             .expect("a CONNECT request from valid parts");
-        let forwarded = HeaderValue::from_str(&format!("for={}", caller.ip))
-            .expect("an IPv4 address is a valid header value");
-        request.headers_mut().insert(FORWARDED, forwarded);
         let guard = StreamGuard::new(conn.streams.clone());
-        let mut sender = conn.sender;
         let exchange = async {
-            let response = sender
-                .send_request(request)
-                .await
-                .map_err(|source| TunnelError::Http2 { peer, source })?;
-            if response.status() != StatusCode::OK {
-                return Err(refused(peer, target, response).await);
+            let http2 = |source| TunnelError::Http2 { peer, source };
+            let mut sender = conn.sender.ready().await.map_err(http2)?;
+            let (response, send) = sender.send_request(request, false).map_err(http2)?;
+            let response = response.await.map_err(http2)?;
+            let status = response.status();
+            let recv = response.into_body();
+            if status != StatusCode::OK {
+                return Err(refused(peer, target, status, recv).await);
             }
-            hyper::upgrade::on(response)
-                .await
-                .map_err(|source| TunnelError::Upgrade {
-                    peer,
-                    target,
-                    source,
-                })
+            Ok(HboneStream {
+                io: H2Io::new(send, recv),
+                _guard: guard,
+            })
         };
-        let upgraded = tokio::time::timeout(timeout, exchange)
+        tokio::time::timeout(timeout, exchange)
             .await
             .map_err(|_| TunnelError::ResponseTimeout {
                 peer,
                 target,
                 timeout,
-            })??;
-        Ok(HboneStream {
-            io: TokioIo::new(upgraded),
-            _guard: guard,
-        })
+            })?
     }
 
     /// A connection to `peer` for `identity` with room for one more stream, opened if needed.
@@ -314,7 +317,7 @@ impl HbonePool {
         let mut conns = entry.lock().await;
         // Connections opened with a certificate since renewed (or of a rotated root) take no
         // new streams; their open streams finish on them.
-        conns.retain(|c| !c.sender.is_closed() && Arc::ptr_eq(&c.issued, &issued));
+        conns.retain(|c| !c.closed.load(Ordering::Relaxed) && Arc::ptr_eq(&c.issued, &issued));
         if let Some(conn) = conns
             .iter()
             .find(|c| c.streams.load(Ordering::Relaxed) < MAX_STREAMS)
@@ -355,52 +358,76 @@ impl HbonePool {
             .and_then(|chain| chain.first())
             .and_then(|leaf| crate::tls::serial_of(leaf).ok());
         let mut revoked = self.certs.revoked();
-        let (sender, connection) = http2::Builder::new(TokioExecutor::new())
-            .timer(TokioTimer::new())
-            .initial_stream_window_size(STREAM_WINDOW)
+        let (sender, mut connection) = h2::client::Builder::new()
+            .enable_push(false)
+            .max_header_list_size(MAX_HEADER_LIST)
+            .initial_window_size(STREAM_WINDOW)
             .initial_connection_window_size(CONNECTION_WINDOW)
             .max_frame_size(MAX_FRAME)
-            .keep_alive_interval(Duration::from_secs(30))
-            .keep_alive_while_idle(false)
-            .handshake(TokioIo::new(tls))
+            .handshake(tls)
             .await
             .map_err(|source| TunnelError::Http2 { peer, source })?;
         let streams = Arc::new(AtomicUsize::new(0));
-        let idle = streams.clone();
+        let closed = Arc::new(AtomicBool::new(false));
+        let (open, ended) = (streams.clone(), closed.clone());
+        let mut pings = connection
+            .ping_pong()
+            .expect("a new connection's PING handle");
         tokio::spawn(async move {
-            tokio::pin!(connection);
-            // Closes the connection once it has carried no stream for IDLE_TIMEOUT.
+            // Closes the connection once it has carried no stream for IDLE_TIMEOUT, or when a
+            // PING sent while streams are open goes unanswered.
             let mut idle_since = tokio::time::Instant::now();
+            let mut last_ping = tokio::time::Instant::now();
+            let mut awaiting_pong: Option<tokio::time::Instant> = None;
             loop {
                 tokio::select! {
                     result = &mut connection => {
                         if let Err(e) = result {
                             debug!(%peer, "HBONE connection ended: {e}");
                         }
-                        return;
+                        break;
                     }
                     // The peer's certificate revoked: this connection and its streams end.
                     Ok(()) = revoked.changed() => {
                         if server_serial.as_ref().is_some_and(|s| revoked.borrow().contains(s)) {
                             tracing::warn!(%peer, "the peer node proxy's certificate was revoked: closing the connection");
-                            return;
+                            break;
                         }
                     }
+                    pong = poll_fn(|cx| pings.poll_pong(cx)), if awaiting_pong.is_some() => {
+                        if pong.is_err() {
+                            break;
+                        }
+                        awaiting_pong = None;
+                    }
                     _ = tokio::time::sleep(Duration::from_secs(10)) => {
-                        if idle.load(Ordering::Relaxed) > 0 {
-                            idle_since = tokio::time::Instant::now();
+                        let now = tokio::time::Instant::now();
+                        if awaiting_pong.is_some_and(|sent| now - sent > PING_TIMEOUT) {
+                            tracing::warn!(%peer, "the peer node proxy did not answer a PING within {PING_TIMEOUT:?}: closing the connection");
+                            break;
+                        }
+                        if open.load(Ordering::Relaxed) > 0 {
+                            idle_since = now;
+                            if awaiting_pong.is_none() && now - last_ping >= PING_INTERVAL {
+                                last_ping = now;
+                                if pings.send_ping(Ping::opaque()).is_ok() {
+                                    awaiting_pong = Some(now);
+                                }
+                            }
                         } else if idle_since.elapsed() > IDLE_TIMEOUT {
                             debug!(%peer, "closing idle HBONE connection");
-                            return;
+                            break;
                         }
                     }
                 }
             }
+            ended.store(true, Ordering::Relaxed);
         });
         Ok(Conn {
             sender,
             streams,
             issued,
+            closed,
         })
     }
 }
@@ -408,21 +435,28 @@ impl HbonePool {
 async fn refused(
     peer: SocketAddrV4,
     target: SocketAddrV4,
-    response: Response<Incoming>,
+    status: StatusCode,
+    mut body: RecvStream,
 ) -> TunnelError {
-    let status = response.status().as_u16();
-    let reason = match Limited::new(response.into_body(), MAX_REASON)
-        .collect()
-        .await
-    {
-        Ok(body) => String::from_utf8_lossy(&body.to_bytes()).trim().to_owned(),
-        Err(_) => String::new(),
-    };
+    let mut reason = Vec::new();
+    while reason.len() < MAX_REASON {
+        match body.data().await {
+            Some(Ok(chunk)) => {
+                let _ = body.flow_control().release_capacity(chunk.len());
+                reason.extend_from_slice(&chunk[..chunk.len().min(MAX_REASON - reason.len())]);
+            }
+            Some(Err(_)) => {
+                reason.clear();
+                break;
+            }
+            None => break,
+        }
+    }
     TunnelError::Refused {
         peer,
         target,
-        status,
-        reason,
+        status: status.as_u16(),
+        reason: String::from_utf8_lossy(&reason).trim().to_owned(),
     }
 }
 
@@ -446,7 +480,7 @@ impl Drop for StreamGuard {
 /// The byte stream of one HBONE stream.
 #[derive(Debug)]
 pub struct HboneStream {
-    io: TokioIo<Upgraded>,
+    io: H2Io,
     _guard: StreamGuard,
 }
 
@@ -475,6 +509,113 @@ impl AsyncWrite for HboneStream {
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+}
+
+/// An HTTP/2 stream as a byte stream: DATA frames read and written in place, with the
+/// stream's flow control as back-pressure, `END_STREAM` as end of file (and a shutdown sends
+/// it), `RST_STREAM` as a reset. No task or channel of its own: the connection's task sends
+/// what is written.
+#[derive(Debug)]
+pub struct H2Io {
+    send: SendStream<Bytes>,
+    recv: RecvStream,
+    /// Received and not read yet.
+    buf: Bytes,
+    /// `END_STREAM` sent.
+    ended: bool,
+}
+
+impl H2Io {
+    pub fn new(send: SendStream<Bytes>, recv: RecvStream) -> Self {
+        Self {
+            send,
+            recv,
+            buf: Bytes::new(),
+            ended: false,
+        }
+    }
+}
+
+/// A stream reset by the peer is a reset connection to whoever reads or writes it.
+fn h2_io_error(e: h2::Error) -> io::Error {
+    if e.is_io() {
+        return e.into_io().expect("an I/O error");
+    }
+    let kind = if e.is_reset() || e.is_go_away() {
+        io::ErrorKind::ConnectionReset
+    } else {
+        io::ErrorKind::Other
+    };
+    io::Error::new(kind, e)
+}
+
+impl AsyncRead for H2Io {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        while self.buf.is_empty() {
+            match ready!(self.recv.poll_data(cx)) {
+                Some(Ok(data)) => self.buf = data,
+                Some(Err(e)) => return Poll::Ready(Err(h2_io_error(e))),
+                None => return Poll::Ready(Ok(())),
+            }
+        }
+        let n = self.buf.len().min(buf.remaining());
+        buf.put_slice(&self.buf[..n]);
+        self.buf.advance(n);
+        let _ = self.recv.flow_control().release_capacity(n);
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl AsyncWrite for H2Io {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        data: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        if data.is_empty() {
+            return Poll::Ready(Ok(0));
+        }
+        self.send.reserve_capacity(data.len());
+        while self.send.capacity() == 0 {
+            match ready!(self.send.poll_capacity(cx)) {
+                Some(Ok(_)) => {}
+                Some(Err(e)) => return Poll::Ready(Err(h2_io_error(e))),
+                None => {
+                    // No longer sending: the peer reset the stream, or it was ended.
+                    let e = match ready!(self.send.poll_reset(cx)) {
+                        Ok(reason) => h2_io_error(reason.into()),
+                        Err(e) => h2_io_error(e),
+                    };
+                    return Poll::Ready(Err(e));
+                }
+            }
+        }
+        let n = self.send.capacity().min(data.len());
+        self.send
+            .send_data(Bytes::copy_from_slice(&data[..n]), false)
+            .map_err(h2_io_error)?;
+        Poll::Ready(Ok(n))
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+        // The connection's task writes what was sent as soon as it can.
+        Poll::Ready(Ok(()))
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+        if !self.ended {
+            self.ended = true;
+            // Sending only fails once the stream is reset: nobody is left to tell.
+            if let Err(e) = self.send.send_data(Bytes::new(), true) {
+                return Poll::Ready(Err(io::Error::new(io::ErrorKind::NotConnected, e)));
+            }
+        }
+        Poll::Ready(Ok(()))
     }
 }
 
