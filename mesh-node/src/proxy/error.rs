@@ -67,7 +67,7 @@ pub enum ProxyError {
     NoMtls,
     #[error("this node proxy cannot serve HBONE: {0} (is the mesh CA reachable?)")]
     NoCertificate(#[source] CertError),
-    #[error("HBONE client {client} did not complete the TLS handshake within {timeout:?}")]
+    #[error("HBONE client {client} did not complete the TLS handshake and HTTP/2 preface within {timeout:?}")]
     HandshakeTimeout {
         client: SocketAddr,
         timeout: std::time::Duration,

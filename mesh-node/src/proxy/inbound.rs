@@ -340,14 +340,17 @@ async fn hbone_connection(
     });
     let identity = peer.auth.identity.clone();
     let hbone = |source| ProxyError::Hbone { client, source };
-    let mut connection = h2::server::Builder::new()
+    // The HTTP/2 preface within the same deadline: a peer that stalls gets no connection.
+    let preface = h2::server::Builder::new()
         .initial_window_size(hbone::STREAM_WINDOW)
         .initial_connection_window_size(hbone::CONNECTION_WINDOW)
         .max_frame_size(hbone::MAX_FRAME)
         .max_concurrent_streams(HBONE_MAX_CONCURRENT_STREAMS)
         .max_header_list_size(HBONE_MAX_HEADER_LIST)
-        .handshake(tls)
+        .handshake(tls);
+    let mut connection = tokio::time::timeout(timeout, preface)
         .await
+        .map_err(|_| ProxyError::HandshakeTimeout { client, timeout })?
         .map_err(hbone)?;
     // A certificate revoked while the connection is open ends it, and every stream on it.
     let mut revoked = certs.revoked();
@@ -449,8 +452,9 @@ async fn hbone_stream(
         let Some(downstream) = hbone::accept(respond, request) else {
             return;
         };
+        // A task of its own: this one, with the request's head, ends here.
         let overload = ctx.overload().clone();
-        unless_cut(overload, cut, async move {
+        tokio::spawn(unless_cut(overload, cut, async move {
             let mut held = Some(held);
             let result = async {
                 let caller = Caller {
@@ -487,8 +491,7 @@ async fn hbone_stream(
             }
             .await;
             log("tunnel", client, Some(target), start, result);
-        })
-        .await;
+        }));
         return;
     }
     // Opaque TCP: decide and connect first, so a refusal can tell the source proxy why.
@@ -525,13 +528,12 @@ async fn hbone_stream(
         return;
     };
     let overload = ctx.overload().clone();
-    unless_cut(overload, cut, async move {
+    tokio::spawn(unless_cut(overload, cut, async move {
         let lifetime = ctx.tcp_lifetime();
         let result = tcp::relay(&ctx, &mut downstream, &mut upstream, &labels, lifetime).await;
         log("tunnel", client, Some(target), start, result);
         drop(held);
-    })
-    .await;
+    }));
 }
 
 /// Who a connection to a pod comes from.
@@ -965,6 +967,47 @@ mod tests {
         )
         .await
         .expect("the tunnel listener answered")
+    }
+
+    #[tokio::test]
+    async fn a_peer_that_never_sends_the_http2_preface_is_dropped_at_the_handshake_deadline() {
+        let ca = TestCa::new();
+        let mut config = ProxyConfig::new("n1", Ipv4Addr::LOCALHOST);
+        config.certs = Some(ca.certs());
+        config.handshake_timeout = Duration::from_millis(300);
+        let ctx = Arc::new(Context::new(
+            config,
+            Arc::new(Snapshot::default()),
+            Arc::new(NoOriginalDst),
+            &Metrics::new(),
+            Default::default(),
+            15006,
+        ));
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let served = tokio::spawn(async move {
+            let (stream, client) = listener.accept().await.unwrap();
+            hbone_connection(&ctx, stream, client).await
+        });
+        // A meshed peer: a valid certificate, the TLS handshake done, then nothing.
+        let identity = Identity::new("cluster.local", "bookinfo", "default");
+        let issued = ca.certs().issued(&identity).await.unwrap();
+        let tcp = TcpStream::connect(addr).await.unwrap();
+        let name = rustls::pki_types::ServerName::IpAddress(Ipv4Addr::LOCALHOST.into());
+        let tls = tokio_rustls::TlsConnector::from(issued.client.clone())
+            .connect(name, tcp)
+            .await
+            .expect("the TLS handshake completes");
+        let ended = tokio::time::timeout(Duration::from_secs(5), served)
+            .await
+            .expect("the listener gave up on the silent peer")
+            .unwrap();
+        assert!(
+            matches!(ended, Err(ProxyError::HandshakeTimeout { .. })),
+            "{ended:?}"
+        );
+        // The peer was connected all along.
+        drop(tls);
     }
 
     fn refused_with(client: &Result<HboneStream, TunnelError>) -> Option<u16> {
