@@ -470,29 +470,39 @@ impl Pipe {
         W: AsyncWrite + Unpin + ?Sized,
     {
         let limit = BUFFER_SIZES[self.size_index];
-        SCRATCH.with(|scratch| {
-            let Ok(mut scratch) = scratch.try_borrow_mut() else {
-                // Only a reader or writer that copies on this thread could get here.
-                self.keep(&[]);
-                return self.poll_read_own(cx, reader);
-            };
+        let through = SCRATCH.try_with(|scratch| {
+            // Only a reader or writer that copies on this thread could find it borrowed.
+            let mut scratch = scratch.try_borrow_mut().ok()?;
             let mut buf = ReadBuf::new(&mut scratch[..limit]);
-            ready!(Pin::new(&mut *reader).poll_read(cx, &mut buf))
-                .map_err(|e| (Operation::Read, e))?;
-            let read = buf.filled().len();
+            let read = match Pin::new(&mut *reader).poll_read(cx, &mut buf) {
+                Poll::Ready(Ok(())) => buf.filled().len(),
+                Poll::Ready(Err(e)) => return Some(Poll::Ready(Err((Operation::Read, e)))),
+                Poll::Pending => return Some(Poll::Pending),
+            };
             let mut written = 0;
             while written < read {
                 match Pin::new(&mut *writer).poll_write(cx, &scratch[written..read]) {
-                    Poll::Ready(Ok(n)) => written += self.wrote(n, on_write)?,
-                    Poll::Ready(Err(e)) => return Poll::Ready(Err((Operation::Write, e))),
+                    Poll::Ready(Ok(n)) => match self.wrote(n, on_write) {
+                        Ok(n) => written += n,
+                        Err(e) => return Some(Poll::Ready(Err(e))),
+                    },
+                    Poll::Ready(Err(e)) => return Some(Poll::Ready(Err((Operation::Write, e)))),
                     Poll::Pending => {
                         self.keep(&scratch[written..read]);
                         break;
                     }
                 }
             }
-            Poll::Ready(Ok(read))
-        })
+            Some(Poll::Ready(Ok(read)))
+        });
+        match through {
+            Ok(Some(polled)) => polled,
+            // The thread's scratch buffer is in use, or gone (the thread is ending).
+            _ => {
+                self.keep(&[]);
+                self.poll_read_own(cx, reader)
+            }
+        }
     }
 
     /// Reads into the pipe's own buffer. Ready with the bytes read.

@@ -6,6 +6,7 @@
 //! and the connection is not captured again.
 
 use std::{
+    future::poll_fn,
     net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4},
     os::fd::AsFd as _,
     sync::Arc,
@@ -300,6 +301,7 @@ async fn hbone_connection(
     // certificate may still be on its way, and a client must not hold a connection by
     // stalling its handshake.
     let timeout = ctx.config.handshake_timeout;
+    let deadline = tokio::time::Instant::now() + timeout;
     let handshake = async {
         let own = certs
             .issued(certs.own_identity())
@@ -310,7 +312,7 @@ async fn hbone_connection(
             .await
             .map_err(|source| ProxyError::Handshake { client, source })
     };
-    let tls = tokio::time::timeout(timeout, handshake)
+    let tls = tokio::time::timeout_at(deadline, handshake)
         .await
         .map_err(|_| ProxyError::HandshakeTimeout { client, timeout })??;
     let leaf = tls
@@ -348,7 +350,7 @@ async fn hbone_connection(
         .max_concurrent_streams(HBONE_MAX_CONCURRENT_STREAMS)
         .max_header_list_size(HBONE_MAX_HEADER_LIST)
         .handshake(tls);
-    let mut connection = tokio::time::timeout(timeout, preface)
+    let mut connection = tokio::time::timeout_at(deadline, preface)
         .await
         .map_err(|_| ProxyError::HandshakeTimeout { client, timeout })?
         .map_err(hbone)?;
@@ -507,7 +509,16 @@ async fn hbone_stream(
         log("tunnel", client, Some(target), start, Err(e));
         return hbone::refuse(&mut respond, Refusal::Forbidden, authz::DENIED_BODY);
     }
-    let mut upstream = match Box::pin(connect_pod(&ctx, target, &labels)).await {
+    // A stream the peer resets meanwhile needs no pod connection: stop dialling.
+    let connecting = Box::pin(connect_pod(&ctx, target, &labels));
+    let connected = tokio::select! {
+        connected = connecting => connected,
+        _ = poll_fn(|cx| respond.poll_reset(cx)) => {
+            debug!(direction = "tunnel", %client, %target, "the peer reset the stream before it was answered");
+            return;
+        }
+    };
+    let mut upstream = match connected {
         Ok(s) => s,
         Err(e) => {
             let timed_out = matches!(

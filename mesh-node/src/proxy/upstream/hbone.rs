@@ -33,7 +33,7 @@ use std::{
 };
 
 use bytes::{Buf as _, Bytes};
-use h2::{client::SendRequest, server::SendResponse, Ping, RecvStream, SendStream};
+use h2::{client::SendRequest, server::SendResponse, Ping, Reason, RecvStream, SendStream};
 use hyper::{header::HeaderValue, Method, Request, Response, StatusCode};
 use rustls::pki_types::ServerName;
 use thiserror::Error;
@@ -62,6 +62,8 @@ const PING_INTERVAL: Duration = Duration::from_secs(30);
 const PING_TIMEOUT: Duration = Duration::from_secs(20);
 /// Largest header block taken from a peer (hyper's default).
 const MAX_HEADER_LIST: u32 = 16 * 1024;
+/// Bytes a stream may have queued for sending (hyper's client default).
+const MAX_SEND_BUFFER: usize = 1024 * 1024;
 /// Largest refusal body read from a peer.
 const MAX_REASON: usize = 1024;
 /// The header naming which pod of the certificate's identity opened the stream (RFC 7239).
@@ -234,8 +236,8 @@ struct Conn {
     sender: SendRequest<Bytes>,
     streams: Arc<AtomicUsize>,
     issued: Arc<Issued>,
-    /// Set once the connection has ended.
-    closed: Arc<AtomicBool>,
+    /// Set once the connection takes no new streams: it ended, or it can open no more.
+    retired: Arc<AtomicBool>,
 }
 
 impl HbonePool {
@@ -260,37 +262,61 @@ impl HbonePool {
         target: SocketAddrV4,
         timeout: Duration,
     ) -> Result<HboneStream, TunnelError> {
-        let conn = self.conn(&caller.identity, source, peer, timeout).await?;
-        let request = Request::builder()
-            .method(Method::CONNECT)
-            .uri(target.to_string())
-            .version(hyper::Version::HTTP_2)
-            .header(FORWARDED, format!("for={}", caller.ip))
-            .body(())
-            .expect("a CONNECT request from valid parts");
-        let guard = StreamGuard::new(conn.streams.clone());
-        let exchange = async {
-            let http2 = |source| TunnelError::Http2 { peer, source };
-            let mut sender = conn.sender.ready().await.map_err(http2)?;
-            let (response, send) = sender.send_request(request, false).map_err(http2)?;
-            let response = response.await.map_err(http2)?;
+        let request = || {
+            Request::builder()
+                .method(Method::CONNECT)
+                .uri(target.to_string())
+                .version(hyper::Version::HTTP_2)
+                .header(FORWARDED, format!("for={}", caller.ip))
+                .body(())
+                .expect("a CONNECT request from valid parts")
+        };
+        let http2 = |source| TunnelError::Http2 { peer, source };
+        let too_late = |_| TunnelError::ResponseTimeout {
+            peer,
+            target,
+            timeout,
+        };
+        let mut retried = false;
+        loop {
+            let conn = self.conn(&caller.identity, source, peer, timeout).await?;
+            let guard = StreamGuard::new(conn.streams.clone());
+            let deadline = tokio::time::Instant::now() + timeout;
+            let opening = async {
+                let mut sender = conn.sender.clone().ready().await?;
+                let (response, send) = sender.send_request(request(), false)?;
+                Ok::<_, h2::Error>((response.await?, send))
+            };
+            let (response, send) = match tokio::time::timeout_at(deadline, opening)
+                .await
+                .map_err(too_late)?
+            {
+                Ok(opened) => opened,
+                // The connection opens no more streams (its peer sent GOAWAY, or its stream
+                // ids ran out): it takes no new ones, and this one is asked for once more on
+                // another. Its open streams go on.
+                Err(e) if !e.is_reset() || e.is_go_away() => {
+                    conn.retired.store(true, Ordering::Relaxed);
+                    if std::mem::replace(&mut retried, true) {
+                        return Err(http2(e));
+                    }
+                    continue;
+                }
+                Err(e) => return Err(http2(e)),
+            };
             let status = response.status();
             let recv = response.into_body();
             if status != StatusCode::OK {
-                return Err(refused(peer, target, status, recv).await);
+                let reading = refused(peer, target, status, recv);
+                return Err(tokio::time::timeout_at(deadline, reading)
+                    .await
+                    .map_err(too_late)?);
             }
-            Ok(HboneStream {
+            return Ok(HboneStream {
                 io: H2Io::new(send, recv),
                 _guard: guard,
-            })
-        };
-        tokio::time::timeout(timeout, exchange)
-            .await
-            .map_err(|_| TunnelError::ResponseTimeout {
-                peer,
-                target,
-                timeout,
-            })?
+            });
+        }
     }
 
     /// A connection to `peer` for `identity` with room for one more stream, opened if needed.
@@ -317,7 +343,7 @@ impl HbonePool {
         let mut conns = entry.lock().await;
         // Connections opened with a certificate since renewed (or of a rotated root) take no
         // new streams; their open streams finish on them.
-        conns.retain(|c| !c.closed.load(Ordering::Relaxed) && Arc::ptr_eq(&c.issued, &issued));
+        conns.retain(|c| !c.retired.load(Ordering::Relaxed) && Arc::ptr_eq(&c.issued, &issued));
         if let Some(conn) = conns
             .iter()
             .find(|c| c.streams.load(Ordering::Relaxed) < MAX_STREAMS)
@@ -361,6 +387,8 @@ impl HbonePool {
         let (sender, mut connection) = h2::client::Builder::new()
             .enable_push(false)
             .max_header_list_size(MAX_HEADER_LIST)
+            .initial_max_send_streams(MAX_STREAMS)
+            .max_send_buffer_size(MAX_SEND_BUFFER)
             .initial_window_size(STREAM_WINDOW)
             .initial_connection_window_size(CONNECTION_WINDOW)
             .max_frame_size(MAX_FRAME)
@@ -368,8 +396,8 @@ impl HbonePool {
             .await
             .map_err(|source| TunnelError::Http2 { peer, source })?;
         let streams = Arc::new(AtomicUsize::new(0));
-        let closed = Arc::new(AtomicBool::new(false));
-        let (open, ended) = (streams.clone(), closed.clone());
+        let retired = Arc::new(AtomicBool::new(false));
+        let (open, ended) = (streams.clone(), retired.clone());
         let mut pings = connection
             .ping_pong()
             .expect("a new connection's PING handle");
@@ -378,7 +406,10 @@ impl HbonePool {
             // PING sent while streams are open goes unanswered.
             let mut idle_since = tokio::time::Instant::now();
             let mut last_ping = tokio::time::Instant::now();
-            let mut awaiting_pong: Option<tokio::time::Instant> = None;
+            // When the PING in flight must be answered by.
+            let mut pong_due: Option<tokio::time::Instant> = None;
+            let mut tick = tokio::time::interval(Duration::from_secs(10));
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
                 tokio::select! {
                     result = &mut connection => {
@@ -394,27 +425,26 @@ impl HbonePool {
                             break;
                         }
                     }
-                    pong = poll_fn(|cx| pings.poll_pong(cx)), if awaiting_pong.is_some() => {
+                    pong = poll_fn(|cx| pings.poll_pong(cx)), if pong_due.is_some() => {
                         if pong.is_err() {
                             break;
                         }
-                        awaiting_pong = None;
+                        pong_due = None;
                     }
-                    _ = tokio::time::sleep(Duration::from_secs(10)) => {
-                        let now = tokio::time::Instant::now();
-                        if awaiting_pong.is_some_and(|sent| now - sent > PING_TIMEOUT) {
-                            tracing::warn!(%peer, "the peer node proxy did not answer a PING within {PING_TIMEOUT:?}: closing the connection");
-                            break;
-                        }
+                    () = tokio::time::sleep_until(pong_due.unwrap_or_else(tokio::time::Instant::now)), if pong_due.is_some() => {
+                        tracing::warn!(%peer, "the peer node proxy did not answer a PING within {PING_TIMEOUT:?}: closing the connection");
+                        break;
+                    }
+                    now = tick.tick() => {
                         if open.load(Ordering::Relaxed) > 0 {
                             idle_since = now;
-                            if awaiting_pong.is_none() && now - last_ping >= PING_INTERVAL {
+                            if pong_due.is_none() && now - last_ping >= PING_INTERVAL {
                                 last_ping = now;
                                 if pings.send_ping(Ping::opaque()).is_ok() {
-                                    awaiting_pong = Some(now);
+                                    pong_due = Some(now + PING_TIMEOUT);
                                 }
                             }
-                        } else if idle_since.elapsed() > IDLE_TIMEOUT {
+                        } else if now - idle_since > IDLE_TIMEOUT {
                             debug!(%peer, "closing idle HBONE connection");
                             break;
                         }
@@ -427,7 +457,7 @@ impl HbonePool {
             sender,
             streams,
             issued,
-            closed,
+            retired,
         })
     }
 }
@@ -514,8 +544,9 @@ impl AsyncWrite for HboneStream {
 
 /// An HTTP/2 stream as a byte stream: DATA frames read and written in place, with the
 /// stream's flow control as back-pressure, `END_STREAM` as end of file (and a shutdown sends
-/// it), `RST_STREAM` as a reset. No task or channel of its own: the connection's task sends
-/// what is written.
+/// it). A `RST_STREAM` reads as hyper's upgraded streams read it: `NO_ERROR` or `CANCEL` as end
+/// of file, `STREAM_CLOSED` as a broken pipe, any other code as an error. No task or channel
+/// of its own: the connection's task sends what is written.
 #[derive(Debug)]
 pub struct H2Io {
     send: SendStream<Bytes>,
@@ -537,17 +568,12 @@ impl H2Io {
     }
 }
 
-/// A stream reset by the peer is a reset connection to whoever reads or writes it.
+/// An `h2` error as an I/O error, as hyper's upgraded streams report them.
 fn h2_io_error(e: h2::Error) -> io::Error {
     if e.is_io() {
         return e.into_io().expect("an I/O error");
     }
-    let kind = if e.is_reset() || e.is_go_away() {
-        io::ErrorKind::ConnectionReset
-    } else {
-        io::ErrorKind::Other
-    };
-    io::Error::new(kind, e)
+    io::Error::other(e)
 }
 
 impl AsyncRead for H2Io {
@@ -559,6 +585,13 @@ impl AsyncRead for H2Io {
         while self.buf.is_empty() {
             match ready!(self.recv.poll_data(cx)) {
                 Some(Ok(data)) => self.buf = data,
+                // The peer stopped sending without END_STREAM: the end of its bytes.
+                Some(Err(e)) if matches!(e.reason(), Some(Reason::NO_ERROR | Reason::CANCEL)) => {
+                    return Poll::Ready(Ok(()));
+                }
+                Some(Err(e)) if e.reason() == Some(Reason::STREAM_CLOSED) => {
+                    return Poll::Ready(Err(io::ErrorKind::BrokenPipe.into()));
+                }
                 Some(Err(e)) => return Poll::Ready(Err(h2_io_error(e))),
                 None => return Poll::Ready(Ok(())),
             }
@@ -588,6 +621,9 @@ impl AsyncWrite for H2Io {
                 None => {
                     // No longer sending: the peer reset the stream, or it was ended.
                     let e = match ready!(self.send.poll_reset(cx)) {
+                        Ok(Reason::NO_ERROR | Reason::CANCEL | Reason::STREAM_CLOSED) => {
+                            io::ErrorKind::BrokenPipe.into()
+                        }
                         Ok(reason) => h2_io_error(reason.into()),
                         Err(e) => h2_io_error(e),
                     };
@@ -622,6 +658,7 @@ impl AsyncWrite for H2Io {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::identity::manager::testing::TestCa;
 
     #[test]
     fn parses_targets_and_forwarded_claims() {
@@ -648,6 +685,58 @@ mod tests {
     fn refusals_carry_their_status_and_a_one_line_reason() {
         let response = Refusal::Forbidden.response("10.0.0.9:80 is not\r\na pod");
         assert_eq!(response.status(), StatusCode::FORBIDDEN);
+    }
+
+    /// A peer that answers every CONNECT with 200 and echoes nothing; after its first stream
+    /// it sends GOAWAY (as a draining server does) and keeps the connection open. Counts the
+    /// TLS connections it accepted.
+    async fn draining_peer(ca: &TestCa) -> (SocketAddrV4, Arc<AtomicUsize>) {
+        let certs = ca.certs();
+        let own = certs.issued(certs.own_identity()).await.unwrap();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let std::net::SocketAddr::V4(addr) = listener.local_addr().unwrap() else {
+            unreachable!("bound to an IPv4 address")
+        };
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let count = accepted.clone();
+        tokio::spawn(async move {
+            while let Ok((tcp, _)) = listener.accept().await {
+                count.fetch_add(1, Ordering::Relaxed);
+                let acceptor = tokio_rustls::TlsAcceptor::from(own.server.clone());
+                tokio::spawn(async move {
+                    let tls = acceptor.accept(tcp).await.unwrap();
+                    let mut conn = h2::server::handshake(tls).await.unwrap();
+                    let mut streams = Vec::new();
+                    while let Some(Ok((request, mut respond))) = conn.accept().await {
+                        let send = respond.send_response(Response::new(()), false).unwrap();
+                        streams.push((request, send));
+                        conn.graceful_shutdown();
+                    }
+                });
+            }
+        });
+        (addr, accepted)
+    }
+
+    #[tokio::test]
+    async fn a_connection_its_peer_drains_takes_no_new_streams() {
+        let ca = TestCa::new();
+        let (peer, accepted) = draining_peer(&ca).await;
+        let pool = HbonePool::new(ca.certs());
+        let caller = Caller {
+            identity: Identity::new("cluster.local", "bookinfo", "default"),
+            ip: Ipv4Addr::new(10, 244, 1, 5),
+        };
+        let target = SocketAddrV4::new(Ipv4Addr::new(10, 244, 2, 9), 9080);
+        let timeout = Duration::from_secs(5);
+        let first = pool.connect(&caller, None, peer, target, timeout).await;
+        assert!(first.is_ok(), "{first:?}");
+        // The GOAWAY reaches the client while the first stream stays open.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let second = pool.connect(&caller, None, peer, target, timeout).await;
+        assert!(second.is_ok(), "a new connection carries it: {second:?}");
+        assert_eq!(accepted.load(Ordering::Relaxed), 2);
+        drop(first);
     }
 
     /// Replays the tunnel fuzz corpus on the stable toolchain (see `fuzz/`).
