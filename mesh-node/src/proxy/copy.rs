@@ -382,8 +382,8 @@ impl Pipe {
         }
     }
 
-    /// Whether the pipe holds memory an idle connection gives back: a buffer, or a read size
-    /// above the smallest.
+    /// Whether idling changes the pipe: it holds a buffer, or reads more than the smallest
+    /// size.
     fn holds(&self) -> bool {
         self.size_index > 0 || !self.buf.is_empty()
     }
@@ -416,7 +416,7 @@ impl Pipe {
                 match read {
                     Poll::Ready(Ok(0)) => self.read_done = true,
                     Poll::Ready(Ok(n)) => {
-                        self.full_reads = if n == BUFFER_SIZES[self.size_index] {
+                        self.full_reads = if n >= BUFFER_SIZES[self.size_index] {
                             self.full_reads + 1
                         } else {
                             0
