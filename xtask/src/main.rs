@@ -39,8 +39,10 @@ enum Task {
     /// (control plane at 10,000 Services) or `churn` (new connections while the
     /// configuration changes 10 times a second; no root).
     Bench {
-        /// `scale` or `churn`; nothing for the data-plane benchmark.
-        #[arg(value_parser = ["scale", "churn"])]
+        /// `scale` or `churn`; nothing for the data-plane benchmark; `render` to write a run's
+        /// table, chart and targets again from its JSON (--out, default
+        /// bench/results/latest.json).
+        #[arg(value_parser = ["scale", "churn", "render"])]
         name: Option<String>,
         /// 10 s windows and one run (under 5 minutes), into target/bench/quick.json; with
         /// `churn`: 5 s windows.
@@ -153,6 +155,13 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             scenarios,
         } => match name.as_deref() {
             Some("scale") => xtask::bench::scale()?,
+            Some("render") => {
+                let json = match out {
+                    Some(out) => std::env::current_dir()?.join(out),
+                    None => xtask::workspace_root().join("bench/results/latest.json"),
+                };
+                xtask::bench::render(&json)?;
+            }
             Some("churn") => {
                 if runs.is_some() || !scenarios.is_empty() {
                     anyhow::bail!("`bench churn` takes --quick and --out only");

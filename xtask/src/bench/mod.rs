@@ -648,6 +648,36 @@ pub fn data_plane(options: &Options) -> Result<()> {
     Ok(())
 }
 
+/// Renders the Markdown table, the chart and the targets of a run's JSON again (after the
+/// targets changed), keeping its figures, commit and machine.
+pub fn render(json_path: &Path) -> Result<()> {
+    let text = fs::read_to_string(json_path)
+        .with_context(|| format!("reading {}", json_path.display()))?;
+    let mut json: serde_json::Value =
+        serde_json::from_str(&text).with_context(|| format!("parsing {}", json_path.display()))?;
+    let rows = report::rows_from_json(&json["results"])?;
+    let mut options = if json["quick"].as_bool().unwrap_or(false) {
+        Options::quick()
+    } else {
+        Options::full()
+    };
+    options.runs = json["runs"].as_u64().unwrap_or(1) as usize;
+    options.out = json_path.to_path_buf();
+    let commit = json["commit"].as_str().unwrap_or("unknown").to_owned();
+    let machine = json["machine"].as_str().unwrap_or("").to_owned();
+    json["targets"] = report::json(&commit, &machine, &options, &rows)["targets"].take();
+    fs::write(json_path, serde_json::to_string_pretty(&json)? + "\n")
+        .with_context(|| format!("writing {}", json_path.display()))?;
+    let md = json_path.with_extension("md");
+    fs::write(&md, report::markdown(&rows, &commit, &machine, &options))
+        .with_context(|| format!("writing {}", md.display()))?;
+    let svg = json_path.with_extension("svg");
+    fs::write(&svg, report::chart_svg(&rows, &commit))
+        .with_context(|| format!("writing {}", svg.display()))?;
+    println!("==> rendered {} and {} again", md.display(), svg.display());
+    Ok(())
+}
+
 /// `cargo build --release -p weft-loadgen`, and the binary's path.
 fn build_loadgen() -> Result<PathBuf> {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
@@ -998,7 +1028,47 @@ fn hold<T>(
     if !status.success() {
         bail!("the load generator failed ({status}) after {closed:?}");
     }
+    wait_drained(client);
     Ok((closed, measured))
+}
+
+/// How long the pods of a mode may take to close what a hold left open.
+const DRAIN_WAIT: Duration = Duration::from_secs(180);
+
+/// Waits until the client and remote server pods of `client`'s namespace hold no more than a
+/// closed loop's connections: a sidecar still working through thousands of held connections
+/// (HAProxy at its `maxconn`, accepting the rest only as slots free) would fail the next
+/// scenario's requests.
+fn wait_drained(client: &str) {
+    let namespace = client.split('/').next().unwrap_or_default();
+    let pods = [client.to_owned(), format!("{namespace}/server-remote")];
+    let established = |pod: &str| {
+        let argv = ["ss", "-Htn", "state", "established"].map(String::from);
+        cluster::exec(pod, &argv)
+            .map(|out| String::from_utf8_lossy(&out.stdout).lines().count())
+            .unwrap_or(0)
+    };
+    let started = Instant::now();
+    loop {
+        let open: usize = pods.iter().map(|p| established(p)).sum();
+        if open <= SATURATION_CONNS {
+            break;
+        }
+        if started.elapsed() > DRAIN_WAIT {
+            eprintln!(
+                "warning: {open} connections still open in {namespace} {} s after a hold",
+                DRAIN_WAIT.as_secs()
+            );
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    if started.elapsed() > Duration::from_secs(2) {
+        eprintln!(
+            "note: {namespace} took {:.0} s to close the connections of a hold",
+            started.elapsed().as_secs_f64()
+        );
+    }
 }
 
 /// The next line `hold` prints, which must be of `phase`; when there is none, why.
