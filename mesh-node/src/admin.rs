@@ -63,6 +63,9 @@ pub struct Readiness {
     pub proxy_applied_version: Arc<AtomicU64>,
     /// The proxy's listeners are bound.
     pub proxy_listening: AtomicBool,
+    /// The next mesh-node of the node holds the listening sockets too and is starting: this
+    /// one answers not ready, so that probes (which reach either) tell the two apart.
+    pub handing_over: AtomicBool,
 }
 
 impl Readiness {
@@ -75,6 +78,7 @@ impl Readiness {
             ebpf_applied_version: Arc::default(),
             proxy_applied_version: Arc::default(),
             proxy_listening: AtomicBool::new(false),
+            handing_over: AtomicBool::new(false),
         }
     }
 
@@ -85,6 +89,9 @@ impl Readiness {
     /// `Err(reason)` while not ready.
     pub fn check(&self) -> Result<(), String> {
         let mut missing = Vec::new();
+        if self.handing_over.load(Ordering::Acquire) {
+            missing.push("the node is being handed over to the next mesh-node".to_owned());
+        }
         if self.ebpf_required {
             if !self.ebpf_attached.load(Ordering::Acquire) {
                 missing.push("the eBPF programs are not attached".to_owned());

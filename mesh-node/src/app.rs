@@ -12,12 +12,21 @@
 //! snapshot, never from the empty one the store starts with. On SIGTERM or SIGINT the proxy
 //! stops accepting and drains; the eBPF programs stay attached and pinned, so meshed pods fail
 //! closed until `mesh-node` is back.
+//!
+//! A node's mesh-node first asks the one serving before it (if any) for its listening sockets
+//! ([`handover`]), and offers its own the same way once it serves: the one that gave them away
+//! drains and exits (or waits for SIGTERM, `--after-handover=wait`), and no connection is
+//! refused in between.
 
 use std::{
     future::Future,
     io::{self, IsTerminal},
     net::SocketAddr,
-    sync::{atomic::Ordering, Arc},
+    path::{Path, PathBuf},
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc,
+    },
     time::Duration,
 };
 
@@ -29,7 +38,10 @@ use tracing_subscriber::EnvFilter;
 use crate::{
     admin::{self, AdminError, AdminState, Readiness},
     agent::{self, Agent, AgentConfig, AgentError},
-    config::{CleanupArgs, ConfigSource, IdentityArgs, LogFormat, RunArgs, SidecarArgs},
+    config::{
+        AfterHandover, CleanupArgs, ConfigSource, IdentityArgs, LogFormat, RunArgs, SidecarArgs,
+    },
+    handover,
     identity::{
         client::{CaClient, CaClientConfig, CaClientError},
         manager::{CertConfig, CertManager},
@@ -38,7 +50,7 @@ use crate::{
     metrics::Metrics,
     model::{OriginalDst, Store},
     proxy::{
-        HttpLimits, MemoryBudget, NoOriginalDst, Proxy, ProxyConfig, ProxyError,
+        Bound, HttpLimits, MemoryBudget, NoOriginalDst, Proxy, ProxyConfig, ProxyError,
         RedirectedOriginalDst, SourceLimits,
     },
     source::{
@@ -60,6 +72,8 @@ pub enum AppError {
     Proxy(#[from] ProxyError),
     #[error(transparent)]
     Admin(#[from] AdminError),
+    #[error(transparent)]
+    Handover(#[from] handover::HandoverError),
     #[error("cannot start the {runtime} runtime: {source}")]
     Runtime {
         runtime: &'static str,
@@ -80,7 +94,7 @@ pub enum AppError {
     CaClient(#[from] CaClientError),
     #[error("cannot read the mesh CA's root certificate {path}: {source} (check --ca-root-cert)")]
     CaRoot {
-        path: std::path::PathBuf,
+        path: PathBuf,
         #[source]
         source: io::Error,
     },
@@ -204,6 +218,78 @@ fn serve(args: RunArgs, mode: Mode) -> Result<(), AppError> {
 
     let (shutdown_tx, _) = watch::channel(false);
     let shutdown_tx = Arc::new(shutdown_tx);
+    let handed_over = Arc::new(AtomicBool::new(false));
+
+    let data = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(usize::from(
+            args.server
+                .data_workers
+                .unwrap_or_else(crate::config::default_data_workers),
+        ))
+        .thread_name("weft-data")
+        .enable_all()
+        .build()
+        .map_err(|source| AppError::Runtime {
+            runtime: "data",
+            source,
+        })?;
+    let mut config = ProxyConfig::new(&args.node, args.proxy_ip);
+    // Steered inbound connections keep the pod's address as local address.
+    config.inbound_transparent = !args.no_ebpf;
+    let handovers = config.handovers.clone();
+    // A node's mesh-node takes the listening sockets of the one before it, if one serves.
+    let handover_socket = args
+        .handover_socket
+        .as_ref()
+        .filter(|p| !p.as_os_str().is_empty());
+    let (listeners, handover) = match (handover_socket, mode) {
+        (Some(path), Mode::Node) => {
+            let addresses = handover::Addresses {
+                outbound: config.outbound_addr,
+                inbound: config.inbound_addr,
+                tunnel: config.tunnel_addr,
+                admin: args.server.admin_addr,
+                health: args.server.health_addr,
+            };
+            let (listeners, confirmation) = data.block_on(listeners_of_node(
+                path,
+                &args.node,
+                &addresses,
+                config.inbound_transparent,
+            ))?;
+            let offer = listeners
+                .offer(&args.node)
+                .map_err(|source| AppError::Runtime {
+                    runtime: "handover",
+                    source,
+                })?;
+            (
+                Some(listeners),
+                Some(Handover {
+                    path: path.clone(),
+                    offer,
+                    confirmation,
+                }),
+            )
+        }
+        _ => (None, None),
+    };
+    let taken_over = handover.as_ref().is_some_and(|h| h.confirmation.is_some());
+    // A SIGTERM that arrives while a handed-over mesh-node drains is still seen after it.
+    let terminated = (args.after_handover == AfterHandover::Wait && mode == Mode::Node)
+        .then(watch_termination)
+        .transpose()?;
+    let (proxy_listeners, admin_listeners) = match listeners {
+        Some(l) => (
+            Some(Bound {
+                outbound: l.outbound,
+                inbound: l.inbound,
+                tunnel: l.tunnel,
+            }),
+            Some((l.admin, l.health)),
+        ),
+        None => (None, None),
+    };
 
     let control = {
         let control = Control {
@@ -211,6 +297,10 @@ fn serve(args: RunArgs, mode: Mode) -> Result<(), AppError> {
             agent,
             admin_addr: args.server.admin_addr,
             health_addr: args.server.health_addr,
+            listeners: admin_listeners,
+            handover,
+            handovers,
+            handed_over: handed_over.clone(),
             store: store.clone(),
             metrics: metrics.clone(),
             readiness: readiness.clone(),
@@ -225,24 +315,8 @@ fn serve(args: RunArgs, mode: Mode) -> Result<(), AppError> {
             })?
     };
 
-    let data = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(usize::from(
-            args.server
-                .data_workers
-                .unwrap_or_else(crate::config::default_data_workers),
-        ))
-        .thread_name("weft-data")
-        .enable_all()
-        .build()
-        .map_err(|source| AppError::Runtime {
-            runtime: "data",
-            source,
-        });
-    let data_result = data.and_then(|data| {
+    let data_result = {
         data.block_on(async {
-            let mut config = ProxyConfig::new(&args.node, args.proxy_ip);
-            // Steered inbound connections keep the pod's address as local address.
-            config.inbound_transparent = !args.no_ebpf;
             config.sidecar = mode == Mode::Sidecar;
             config.trust_domain = args.identity.trust_domain.as_str().into();
             config.trust_domain_aliases = args
@@ -273,31 +347,90 @@ fn serve(args: RunArgs, mode: Mode) -> Result<(), AppError> {
             if config.certs.is_none() && mode == Mode::Node {
                 warn!("no --ca-addr: no mTLS, so nothing is sent to pods of other nodes and the HBONE port serves nothing");
             }
-            let proxy = Proxy::bind(
-                config,
-                store.subscribe(),
-                original_dst,
-                &metrics,
-                readiness.proxy_applied_version.clone(),
-            )
-            .await?;
+            let applied = readiness.proxy_applied_version.clone();
+            if taken_over {
+                // The previous mesh-node serves until this one has a configuration to serve
+                // with (from Kubernetes, the first complete list).
+                let mut snapshots = store.subscribe();
+                tokio::select! {
+                    _ = snapshots.wait_for(|s| s.version > 0) => {}
+                    () = shutdown_signal(shutdown_tx.subscribe()) => return Ok(()),
+                }
+            }
+            let proxy = match proxy_listeners {
+                Some(listeners) => Proxy::on(
+                    config,
+                    listeners,
+                    store.subscribe(),
+                    original_dst,
+                    &metrics,
+                    applied,
+                )?,
+                None => {
+                    Proxy::bind(config, store.subscribe(), original_dst, &metrics, applied).await?
+                }
+            };
             readiness.proxy_listening.store(true, Ordering::Release);
             proxy.run(shutdown_signal(shutdown_tx.subscribe())).await;
             readiness.proxy_listening.store(false, Ordering::Release);
             Ok::<_, AppError>(())
         })
-    });
+    };
+    // Connections still open after the drain are closed with the runtime.
+    data.shutdown_timeout(Duration::from_secs(1));
     // Whatever ended the data plane ends the control plane too.
     shutdown_tx.send_replace(true);
     let control_result = control.join().map_err(|_| AppError::ControlPanicked)?;
     data_result?;
     control_result?;
+    if handed_over.load(Ordering::Acquire) {
+        info!("drained after handing the node over to the next mesh-node");
+        if let Some(terminated) = terminated {
+            info!("waiting for SIGTERM (--after-handover=wait)");
+            let _ = terminated.recv();
+        }
+        return Ok(());
+    }
     if args.no_ebpf || mode == Mode::Sidecar {
         info!("mesh-node stopped");
     } else {
         info!("mesh-node stopped; the eBPF programs stay attached, so meshed pods fail closed until it is back");
     }
     Ok(())
+}
+
+/// A thread that reports the first SIGTERM or SIGINT, whenever it comes: a mesh-node that
+/// handed its node over stays until its pod is deleted, so that its container is not
+/// restarted (and takes the node back).
+fn watch_termination() -> Result<std::sync::mpsc::Receiver<()>, AppError> {
+    let error = |source| AppError::Runtime {
+        runtime: "termination",
+        source,
+    };
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(error)?;
+    let (terminated, rx) = std::sync::mpsc::channel();
+    let (mut sigterm, mut sigint) = runtime.block_on(async {
+        Ok::<_, AppError>((
+            signal(tokio::signal::unix::SignalKind::terminate(), "SIGTERM")?,
+            signal(tokio::signal::unix::SignalKind::interrupt(), "SIGINT")?,
+        ))
+    })?;
+    std::thread::Builder::new()
+        .name("weft-signals".into())
+        .spawn(move || {
+            runtime.block_on(async {
+                tokio::select! {
+                    _ = sigterm.recv() => {}
+                    _ = sigint.recv() => {}
+                }
+            });
+            let _ = terminated.send(());
+        })
+        .map_err(error)?;
+    Ok(rx)
 }
 
 /// `mesh-node ca`: the mesh CA, on a small runtime of its own (it signs a few certificates
@@ -405,7 +538,7 @@ pub async fn shutdown_signal(mut rx: watch::Receiver<bool>) {
 
 /// The configuration source chosen on the command line.
 enum Chosen {
-    Dir(std::path::PathBuf),
+    Dir(PathBuf),
     Kube(Box<kube::Config>),
 }
 
@@ -428,6 +561,14 @@ struct Control {
     agent: Option<Agent>,
     admin_addr: SocketAddr,
     health_addr: SocketAddr,
+    /// Admin and health sockets bound before (or taken from the previous mesh-node).
+    listeners: Option<(std::net::TcpListener, std::net::TcpListener)>,
+    /// Where to offer the listening sockets to the next mesh-node, and their duplicates.
+    handover: Option<Handover>,
+    /// Where open connections go to, or come from, across a handover.
+    handovers: crate::proxy::Handovers,
+    /// Set once the next mesh-node took the sockets.
+    handed_over: Arc<AtomicBool>,
     store: Store,
     metrics: Arc<Metrics>,
     readiness: Arc<Readiness>,
@@ -456,6 +597,10 @@ impl Control {
             agent,
             admin_addr,
             health_addr,
+            listeners,
+            handover,
+            handovers,
+            handed_over,
             store,
             metrics,
             readiness,
@@ -465,8 +610,19 @@ impl Control {
         let mut sigterm = signal(tokio::signal::unix::SignalKind::terminate(), "SIGTERM")?;
         let mut sigint = signal(tokio::signal::unix::SignalKind::interrupt(), "SIGINT")?;
 
-        let health = admin::bind("health", health_addr).await?;
-        let admin_listener = admin::bind("admin", admin_addr).await?;
+        let (admin_listener, health) = match listeners {
+            Some((admin_listener, health)) => (admin_listener, health),
+            None => (
+                admin::bind("admin", admin_addr)
+                    .await?
+                    .into_std()
+                    .map_err(runtime_error)?,
+                admin::bind("health", health_addr)
+                    .await?
+                    .into_std()
+                    .map_err(runtime_error)?,
+            ),
+        };
         let source = match source {
             Source::File(source) => Running::File(source),
             Source::Kube(client, config) => Running::Kube(
@@ -485,6 +641,15 @@ impl Control {
         });
         tokio::spawn(trim_heap_every(HEAP_TRIM_PERIOD, stop()));
         serve_admin_apart(health, admin_listener, readiness.clone(), state, &shutdown)?;
+        if let Some(handover) = handover {
+            tokio::spawn(offer_handover(
+                handover,
+                handovers,
+                readiness.clone(),
+                shutdown.clone(),
+                handed_over,
+            ));
+        }
         tokio::spawn(dns::run(store.clone(), stop()));
         match source {
             Running::File(source) => tokio::spawn(source.run(stop())),
@@ -525,18 +690,12 @@ impl Control {
 /// or a burst of watch events keeps the control thread busy for seconds, and kubelet's probes
 /// and Prometheus's scrapes must not wait for it.
 fn serve_admin_apart(
-    health: tokio::net::TcpListener,
-    admin_listener: tokio::net::TcpListener,
+    health: std::net::TcpListener,
+    admin_listener: std::net::TcpListener,
     readiness: Arc<Readiness>,
     state: Arc<AdminState>,
     shutdown: &watch::Sender<bool>,
 ) -> Result<(), AppError> {
-    let runtime_error = |source| AppError::Runtime {
-        runtime: "admin",
-        source,
-    };
-    let health = health.into_std().map_err(runtime_error)?;
-    let admin_listener = admin_listener.into_std().map_err(runtime_error)?;
     let stop = shutdown.subscribe();
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -546,10 +705,13 @@ fn serve_admin_apart(
         .name("weft-admin".into())
         .spawn(move || {
             runtime.block_on(async move {
-                let (Ok(health), Ok(admin_listener)) = (
-                    tokio::net::TcpListener::from_std(health),
-                    tokio::net::TcpListener::from_std(admin_listener),
-                ) else {
+                let register = |listener: std::net::TcpListener| {
+                    listener
+                        .set_nonblocking(true)
+                        .and_then(|()| tokio::net::TcpListener::from_std(listener))
+                };
+                let (Ok(health), Ok(admin_listener)) = (register(health), register(admin_listener))
+                else {
                     error!("the admin and health listeners could not be moved to their thread");
                     return;
                 };
@@ -561,6 +723,126 @@ fn serve_admin_apart(
         })
         .map_err(runtime_error)?;
     Ok(())
+}
+
+fn runtime_error(source: io::Error) -> AppError {
+    AppError::Runtime {
+        runtime: "admin",
+        source,
+    }
+}
+
+/// How long a new mesh-node tries to get its ports while another one holds them without
+/// offering them yet (it is still starting).
+const PORTS_WAIT: Duration = Duration::from_secs(10);
+
+/// A node's mesh-node's part in handovers: where it offers its sockets, their duplicates, and
+/// the confirmation it owes the mesh-node it took them from, if any.
+struct Handover {
+    path: PathBuf,
+    offer: handover::Offer,
+    confirmation: Option<handover::Confirmation>,
+}
+
+/// The listening sockets of a node's mesh-node: taken from the one serving before it on
+/// `path` (with the confirmation it waits for), else bound afresh.
+async fn listeners_of_node(
+    path: &Path,
+    node: &str,
+    addresses: &handover::Addresses,
+    inbound_transparent: bool,
+) -> Result<(handover::Listeners, Option<handover::Confirmation>), AppError> {
+    let deadline = tokio::time::Instant::now() + PORTS_WAIT;
+    loop {
+        match handover::take_over(path, node, addresses) {
+            Ok(Some(taken)) => {
+                info!(path = %path.display(), "took the listening sockets over from the previous mesh-node");
+                return Ok((taken.listeners, Some(taken.confirmation)));
+            }
+            Ok(None) => {}
+            // A predecessor too busy to answer in time, or one that failed half-way: its
+            // offer stands, ask again.
+            Err(e @ handover::HandoverError::Exchange { .. })
+                if tokio::time::Instant::now() < deadline =>
+            {
+                warn!("{e}; asking again");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                continue;
+            }
+            Err(e) => return Err(e.into()),
+        }
+        match handover::bind_listeners(addresses, inbound_transparent) {
+            Ok(bound) => return Ok((bound, None)),
+            Err(handover::HandoverError::Bind { source, .. })
+                if source.kind() == io::ErrorKind::AddrInUse
+                    && tokio::time::Instant::now() < deadline =>
+            {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+}
+
+/// Once the proxy serves (its first configuration applied), tells the mesh-node it took the
+/// sockets from, which then drains, and offers them to the node's next mesh-node; when one
+/// serves on them, this one stops accepting and drains.
+async fn offer_handover(
+    handover: Handover,
+    handovers: crate::proxy::Handovers,
+    readiness: Arc<Readiness>,
+    shutdown: Arc<watch::Sender<bool>>,
+    handed_over: Arc<AtomicBool>,
+) {
+    let Handover {
+        path,
+        offer,
+        confirmation,
+    } = handover;
+    let stop = shutdown_signal(shutdown.subscribe());
+    tokio::pin!(stop);
+    let mut tick = tokio::time::interval(Duration::from_millis(50));
+    while !readiness.proxy_listening.load(Ordering::Acquire) || readiness.check().is_err() {
+        tokio::select! {
+            () = &mut stop => return,
+            _ = tick.tick() => {}
+        }
+    }
+    if let Some(confirmation) = confirmation {
+        match tokio::task::spawn_blocking(move || confirmation.confirm()).await {
+            Ok(Ok(stream)) => {
+                info!("serving: the previous mesh-node drains");
+                handovers.adopt_from(stream);
+            }
+            // It is gone already (it was told to stop): the sockets are this one's anyway.
+            Ok(Err(e)) => warn!("the previous mesh-node was not told it may drain: {e}"),
+            Err(e) => warn!("the previous mesh-node was not told it may drain: {e}"),
+        }
+    }
+    let listener = match handover::bind(&path) {
+        Ok(listener) => listener,
+        Err(e) => {
+            warn!("no handover will be offered to the next mesh-node: {e}");
+            return;
+        }
+    };
+    info!(path = %path.display(), "offering the listening sockets to the next mesh-node");
+    tokio::select! {
+        () = &mut stop => {}
+        successor = handover::offer(listener, offer, &readiness.handing_over) => {
+            info!("the next mesh-node serves: draining");
+            match successor.into_std().and_then(|s| s.set_nonblocking(false).map(|()| s)) {
+                Ok(stream) => {
+                    let _ = handovers
+                        .successor
+                        .set(Arc::new(crate::proxy::Successor::new(stream)));
+                }
+                Err(e) => warn!("open connections cannot go to the next mesh-node: {e}"),
+            }
+            handed_over.store(true, Ordering::Release);
+            shutdown.send_replace(true);
+        }
+    }
 }
 
 /// How often freed heap memory goes back to the kernel.

@@ -14,6 +14,8 @@ use crate::identity::DEFAULT_TRUST_DOMAIN;
 
 /// Default pin directory of Weft's eBPF maps and links on bpffs.
 pub const DEFAULT_BPFFS_ROOT: &str = "/sys/fs/bpf/weft";
+/// Where a node's mesh-node offers its listening sockets to the next one.
+pub const DEFAULT_HANDOVER_SOCKET: &str = "/var/run/weft/handover.sock";
 
 #[derive(Debug, Parser)]
 #[command(
@@ -85,11 +87,31 @@ pub struct RunArgs {
     #[arg(long, env = "WEFT_NO_EBPF")]
     pub no_ebpf: bool,
 
+    /// Unix socket a running mesh-node of this node hands its listening sockets over on: a
+    /// new mesh-node takes them from the one before it (a rollout), which then drains and
+    /// exits; with nobody there, it binds its own. Its directory is made private to its user
+    /// (a directory of another user, or one others may write to, is refused). Empty: none.
+    #[arg(long, env = "WEFT_HANDOVER_SOCKET", value_name = "PATH", default_value = DEFAULT_HANDOVER_SOCKET)]
+    pub handover_socket: Option<PathBuf>,
+
+    /// What a mesh-node does once it handed its sockets over and drained: `exit`, or `wait`
+    /// for SIGTERM (in a DaemonSet, whose kubelet would otherwise restart the container that
+    /// exited before it deletes the old pod).
+    #[arg(long, env = "WEFT_AFTER_HANDOVER", value_enum, default_value_t = AfterHandover::Exit)]
+    pub after_handover: AfterHandover,
+
     #[command(flatten)]
     pub server: ServerArgs,
 
     #[command(flatten)]
     pub identity: IdentityArgs,
+}
+
+/// See [`RunArgs::after_handover`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum AfterHandover {
+    Exit,
+    Wait,
 }
 
 /// Where the node proxy gets its workload certificates: the mesh CA and how to reach it.
@@ -341,6 +363,9 @@ impl SidecarArgs {
             bpffs_root: PathBuf::from(DEFAULT_BPFFS_ROOT),
             uplinks: Vec::new(),
             no_ebpf: true,
+            // A pod's proxy restarts with its pod.
+            handover_socket: None,
+            after_handover: AfterHandover::Exit,
             server: self.server,
             identity: IdentityArgs {
                 workload: self.service_account,

@@ -5,6 +5,7 @@ pub mod agent;
 pub mod app;
 pub mod ca;
 pub mod config;
+pub mod handover;
 pub mod identity;
 pub mod metrics;
 pub mod model;

@@ -99,6 +99,16 @@ enum ClusterCommand {
         /// `namespace/pod` or `node/NAME`
         target: String,
     },
+    /// Replace a node's mesh-node as a DaemonSet rollout does (`node/NAME`): a new process
+    /// takes the listening sockets while the old one drains and exits. The new process runs
+    /// the binary named by WEFT_MESH_NODE if set (an upgrade), else the cluster's.
+    Restart {
+        /// `node/NAME`
+        target: String,
+        /// Kill the running mesh-node first (SIGKILL: a crash), then start a new one.
+        #[arg(long)]
+        kill: bool,
+    },
     /// Show nodes, pods and Services.
     Status,
     /// Remove everything the cluster created (also after a crash).
@@ -125,6 +135,17 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 print!("{}", cluster::status()?);
             }
             ClusterCommand::Apply { path } => cluster::apply(&path)?,
+            ClusterCommand::Restart { target, kill } => {
+                let Some(node) = target.strip_prefix("node/") else {
+                    anyhow::bail!("restart takes node/NAME, not {target:?}");
+                };
+                let how = if kill {
+                    cluster::Restart::Kill
+                } else {
+                    cluster::Restart::Handover
+                };
+                cluster::restart_node(node, how)?;
+            }
             ClusterCommand::Delete { path } => cluster::delete(&path)?,
             ClusterCommand::Exec { target, command } => {
                 let code = cluster::exec_status(&target, &command)?;

@@ -114,6 +114,30 @@ metadata: {name: peer-p, namespace: plain}
 spec: {selector: {app: peer-p}, ports: [{name: tcp-peer, port: 80, targetPort: 8080}]}
 ---
 apiVersion: v1
+kind: Pod
+metadata: {name: web-1, namespace: mesh, labels: {app: web-1}}
+spec:
+  nodeName: node-1
+  containers: [{name: main, command: [weft-demo, http, --port, "8000"], ports: [{containerPort: 8000}]}]
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: web-2, namespace: mesh, labels: {app: web-2}}
+spec:
+  nodeName: node-2
+  containers: [{name: main, command: [weft-demo, http, --port, "8000"], ports: [{containerPort: 8000}]}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: web-1, namespace: mesh}
+spec: {selector: {app: web-1}, ports: [{name: http, port: 80, targetPort: 8000}, {name: grpc, port: 9090, targetPort: 8000}]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: web-2, namespace: mesh}
+spec: {selector: {app: web-2}, ports: [{name: http, port: 80, targetPort: 8000}, {name: grpc, port: 9090, targetPort: 8000}]}
+---
+apiVersion: v1
 kind: Namespace
 metadata: {name: side}
 ---
@@ -609,6 +633,275 @@ fn proxy_down_fails_closed_and_recovers() -> Result<()> {
     Ok(())
 }
 
+/// A steady client, as applications would call: for each target, one process opening a new
+/// HTTP/1.1 connection per request and one keeping a connection alive (Python's `http.client`,
+/// which reconnects only when a response says `Connection: close`), and one gRPC channel
+/// (grpcio: one HTTP/2 connection, replaced when its server sends GOAWAY), each at 200
+/// requests/s. Prints `ready` once every stream has answers, runs until its stdin closes, then
+/// prints one JSON object: per stream the answers, the failures and the longest gap between two
+/// answers.
+const STEADY_CLIENT: &str = r#"
+import http.client, json, multiprocessing, os, sys, time
+
+os.environ.setdefault("GRPC_DNS_RESOLVER", "native")
+RATE = 200
+
+def run(name, host, kind, stop, out):
+    s = {"ok": 0, "failed": [], "gap_ms": 0.0}
+    conn = call = None
+    if kind == "grpc":
+        import grpc
+        channel = grpc.insecure_channel(host, options=[("grpc.enable_http_proxy", 0)])
+        call = channel.unary_unary("/weft.demo.Echo/Hello")
+    last = None
+    announced = False
+    due = time.monotonic()
+    while not stop.is_set():
+        try:
+            if kind == "grpc":
+                call(b"hi", timeout=5)
+            else:
+                if conn is None:
+                    conn = http.client.HTTPConnection(host, timeout=5)
+                conn.request("GET", "/status/200",
+                             headers={} if kind == "keep-alive" else {"Connection": "close"})
+                response = conn.getresponse()
+                response.read()
+                if response.status != 200:
+                    raise RuntimeError(f"status {response.status}")
+                if kind != "keep-alive":
+                    conn.close()
+                    conn = None
+            s["ok"] += 1
+            now = time.monotonic()
+            if last is not None:
+                s["gap_ms"] = max(s["gap_ms"], (now - last) * 1000)
+            last = now
+        except Exception as e:
+            s["failed"].append(f"{time.strftime('%H:%M:%S')} {type(e).__name__}: {e}")
+            if conn is not None:
+                conn.close()
+            conn = None
+        if s["ok"] == 20 and not announced:
+            announced = True
+            out.put((name, None))
+        due += 1 / RATE
+        pause = due - time.monotonic()
+        if pause > 0:
+            time.sleep(pause)
+        else:
+            due = time.monotonic()
+    out.put((name, s))
+
+if __name__ == "__main__":
+    multiprocessing.set_start_method("fork")
+    stop, out = multiprocessing.Event(), multiprocessing.Queue()
+    streams = []
+    for host in sys.argv[1:]:
+        for kind in ("new connection per request", "keep-alive", "grpc"):
+            target = host.replace(":80", ":9090") if kind == "grpc" else host
+            name = f"{target} {kind}"
+            p = multiprocessing.Process(target=run, args=(name, target, kind, stop, out),
+                                        daemon=True)
+            p.start()
+            streams.append(p)
+    for _ in streams:
+        out.get(timeout=60)
+    print("ready", flush=True)
+    sys.stdin.read()
+    stop.set()
+    report = dict(out.get(timeout=60) for _ in streams)
+    print(json.dumps(report), flush=True)
+"#;
+
+/// Restarts every node's mesh-node in turn (a handover each), then upgrades both to another
+/// build, while a client sends 200 requests/s per stream (HTTP/1.1 with a new connection per
+/// request, HTTP/1.1 keep-alive, gRPC) to a pod of its own node and one of the other node: not
+/// one request may fail.
+fn restarts_and_upgrades_fail_no_request() -> Result<()> {
+    use std::io::{BufRead as _, BufReader, Read as _};
+
+    let upgrade = cluster::other_build()?;
+    let python = xtask::setup::test_python().display().to_string();
+    let mut client = cluster::spawn(
+        "mesh/client-1",
+        &args(&[python.as_str(), "-c", STEADY_CLIENT, "web-1:80", "web-2:80"]),
+    )?;
+    let mut stdout = BufReader::new(client.stdout.take().context("client stdout")?);
+    // Read apart, so that a chatty client cannot block on a full pipe.
+    let mut stderr = client.stderr.take().context("client stderr")?;
+    let errors = std::thread::spawn(move || {
+        let mut text = String::new();
+        let _ = stderr.read_to_string(&mut text);
+        text
+    });
+    let mut line = String::new();
+    stdout.read_line(&mut line)?;
+    let steps = (|| -> Result<Vec<String>> {
+        ensure!(line.trim() == "ready", "the client did not start: {line:?}");
+        let mut done = Vec::new();
+        let mut restart = |node: &str, binary: Option<&std::path::Path>| -> Result<()> {
+            std::thread::sleep(Duration::from_secs(1));
+            let before = cluster::pids(&format!("node/{node}"))?;
+            match binary {
+                Some(b) => std::env::set_var(cluster::MESH_NODE_ENV, b),
+                None => std::env::remove_var(cluster::MESH_NODE_ENV),
+            }
+            let restarted = cluster::restart_node(node, cluster::Restart::Handover);
+            std::env::remove_var(cluster::MESH_NODE_ENV);
+            restarted?;
+            let after = cluster::pids(&format!("node/{node}"))?;
+            ensure!(
+                after.len() == 1 && !before.contains(&after[0]),
+                "{node}: mesh-node {before:?} was not replaced: now {after:?}"
+            );
+            let exe = fs::read_link(format!("/proc/{}/exe", after[0]))?;
+            done.push(format!(
+                "{node}: {before:?} -> {after:?} ({})",
+                exe.display()
+            ));
+            Ok(())
+        };
+        restart("node-1", None)?;
+        restart("node-2", None)?;
+        restart("node-1", Some(&upgrade))?;
+        restart("node-2", Some(&upgrade))?;
+        std::thread::sleep(Duration::from_secs(1));
+        Ok(done)
+    })();
+    drop(client.stdin.take());
+    let mut report = String::new();
+    stdout.read_to_string(&mut report)?;
+    let _ = client.wait();
+    let errors = errors.join().unwrap_or_default();
+    let steps = steps.with_context(|| format!("the client's errors: {errors}"))?;
+    for step in &steps {
+        println!("    restarted {step}");
+    }
+    let streams: serde_json::Value = serde_json::from_str(report.trim())
+        .with_context(|| format!("the client's report: {report:?}; its errors: {errors}"))?;
+    let streams = streams.as_object().context("streams")?;
+    ensure!(streams.len() == 6, "expected six streams: {streams:?}");
+    let mut failures = Vec::new();
+    for (name, s) in streams {
+        let ok = s["ok"].as_u64().unwrap_or(0);
+        let failed = s["failed"].as_array().cloned().unwrap_or_default();
+        println!(
+            "    {name}: {ok} answered, {} failed, longest gap {:.0} ms",
+            failed.len(),
+            s["gap_ms"].as_f64().unwrap_or(0.0)
+        );
+        // 200/s through at least the 5 s of pauses around the restarts.
+        if ok < 500 || !failed.is_empty() {
+            failures.push(format!("{name}: {ok} answered, failed: {failed:?}"));
+        }
+    }
+    ensure!(
+        failures.is_empty(),
+        "requests failed across restarts: {failures:#?}"
+    );
+    // Each node's log holds every mesh-node it ran: two restarts each, two takeovers.
+    for node in ["node-1", "node-2"] {
+        let log = fs::read_to_string(cluster::log_path(&format!("node/{node}"))?)?;
+        let takeovers = log
+            .matches("took the listening sockets over from the previous mesh-node")
+            .count();
+        ensure!(
+            takeovers >= 2,
+            "{node}'s mesh-nodes took the sockets over {takeovers} times, not at each restart"
+        );
+    }
+    Ok(())
+}
+
+/// An echo conversation on one TCP connection, as a database client's: every 10 ms a chunk of
+/// numbered bytes goes out and must come back exactly. Prints `ready` after the first round
+/// trips, runs until stdin closes, then one JSON line: bytes echoed, and the first error or
+/// mismatch.
+const ECHO_CONVERSATION: &str = r#"
+import json, socket, sys, threading, time
+host, port = sys.argv[1].rsplit(":", 1)
+s = socket.create_connection((host, int(port)), timeout=10)
+stop = threading.Event()
+threading.Thread(target=lambda: (sys.stdin.read(), stop.set()), daemon=True).start()
+echoed, error, n = 0, None, 0
+while not stop.is_set() and error is None:
+    chunk = bytes((n * 7 + i) % 251 for i in range(1000 + n % 500))
+    n += 1
+    try:
+        s.sendall(chunk)
+        got = b""
+        while len(got) < len(chunk):
+            more = s.recv(len(chunk) - len(got))
+            if not more:
+                raise ConnectionError("closed by the other end")
+            got += more
+        if got != chunk:
+            error = f"round {n}: {len(chunk)} bytes sent, different bytes back"
+        echoed += len(chunk)
+    except Exception as e:
+        error = f"round {n}: {type(e).__name__}: {e}"
+    if n == 20:
+        print("ready", flush=True)
+    time.sleep(0.01)
+print(json.dumps({"echoed": echoed, "rounds": n, "error": error}), flush=True)
+"#;
+
+/// A TCP connection between two pods of one node stays open, byte for byte, while that node's
+/// mesh-node is restarted twice: the relay's two sockets go to the next mesh-node.
+fn an_open_connection_survives_restarts_of_its_node() -> Result<()> {
+    use std::io::{BufRead as _, BufReader, Read as _};
+
+    let mut client = cluster::spawn(
+        "mesh/client-1",
+        &args(&["python3", "-c", ECHO_CONVERSATION, "echo-1:7000"]),
+    )?;
+    let mut stdout = BufReader::new(client.stdout.take().context("client stdout")?);
+    let mut line = String::new();
+    stdout.read_line(&mut line)?;
+    let restarted = (|| -> Result<()> {
+        ensure!(
+            line.trim() == "ready",
+            "the conversation did not start: {line:?}"
+        );
+        for _ in 0..2 {
+            std::thread::sleep(Duration::from_secs(1));
+            cluster::restart_node("node-1", cluster::Restart::Handover)?;
+        }
+        std::thread::sleep(Duration::from_secs(1));
+        Ok(())
+    })();
+    drop(client.stdin.take());
+    let mut report = String::new();
+    stdout.read_to_string(&mut report)?;
+    let mut errors = String::new();
+    if let Some(mut e) = client.stderr.take() {
+        let _ = e.read_to_string(&mut errors);
+    }
+    let _ = client.wait();
+    restarted?;
+    let report: serde_json::Value = serde_json::from_str(report.trim())
+        .with_context(|| format!("the conversation's report: {report:?}; errors: {errors}"))?;
+    println!(
+        "    {} bytes echoed over {} rounds through two restarts of node-1",
+        report["echoed"], report["rounds"]
+    );
+    ensure!(
+        report["error"].is_null(),
+        "the connection did not survive: {}",
+        report["error"]
+    );
+    Ok(())
+}
+
+/// A crashed mesh-node (SIGKILL) is replaced, and traffic flows again.
+fn a_killed_node_proxy_is_replaced() -> Result<()> {
+    cluster::restart_node("node-1", cluster::Restart::Kill)?;
+    ensure!(dial("mesh/client-1", "peer-1:80")?.server_saw == PROXY_1);
+    ensure!(dial("mesh/client-1", "peer-2:80")?.server_saw == PROXY_2);
+    Ok(())
+}
+
 fn main() {
     let cases: &[probe::Case] = &[
         (
@@ -650,6 +943,18 @@ fn main() {
         (
             "proxy_down_fails_closed_and_recovers",
             proxy_down_fails_closed_and_recovers,
+        ),
+        (
+            "restarts_and_upgrades_fail_no_request",
+            restarts_and_upgrades_fail_no_request,
+        ),
+        (
+            "an_open_connection_survives_restarts_of_its_node",
+            an_open_connection_survives_restarts_of_its_node,
+        ),
+        (
+            "a_killed_node_proxy_is_replaced",
+            a_killed_node_proxy_is_replaced,
         ),
     ];
     probe::run_suite("e2e", || probe::up_with(CLUSTER), cases)

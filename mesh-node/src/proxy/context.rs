@@ -10,6 +10,7 @@ use std::{
 };
 
 use arc_swap::ArcSwap;
+use tokio_util::sync::CancellationToken;
 
 use super::{
     copy::Lifetime,
@@ -37,6 +38,8 @@ pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 pub struct ProxyConfig {
     /// This node's name, as in the pods' `spec.nodeName`.
     pub node: Arc<str>,
+    /// Where open connections go to the next mesh-node, and come from the previous one.
+    pub handovers: super::adopt::Handovers,
     /// Source address of connections to local pods (so they do not get captured again).
     pub proxy_ip: Ipv4Addr,
     pub outbound_addr: SocketAddr,
@@ -149,6 +152,7 @@ impl ProxyConfig {
             tcp_idle_timeout: Duration::from_secs(3600),
             sources: SourceLimits::default(),
             memory: None,
+            handovers: super::adopt::Handovers::default(),
         }
     }
 
@@ -187,6 +191,11 @@ pub(crate) struct Context {
     pub inbound_port: u16,
     /// What each client address holds, against [`ProxyConfig::sources`].
     pub sources: Arc<Sources>,
+    /// Cancelled when the proxy stops accepting: connections end at their next boundary.
+    pub draining: CancellationToken,
+    /// Cancelled just before `draining` when the next mesh-node took the sockets: relays of
+    /// two local sockets pause and go to it ([`super::adopt`]).
+    pub handover: CancellationToken,
 }
 
 impl Context {
@@ -226,7 +235,15 @@ impl Context {
             applied,
             inbound_port,
             sources,
+            draining: CancellationToken::new(),
+            handover: CancellationToken::new(),
         }
+    }
+
+    /// Whether the proxy is draining: HTTP/1.1 responses say `Connection: close`, and the
+    /// destination's relay hands each connection to the full path, which says it too.
+    pub(super) fn draining(&self) -> bool {
+        self.draining.is_cancelled()
     }
 
     pub(super) fn overload(&self) -> &Arc<Overload> {

@@ -154,6 +154,47 @@ pub struct Lifetime {
     pub max_duration: Option<Duration>,
 }
 
+/// How a pausable copy ended.
+#[derive(Debug)]
+pub enum Copied {
+    /// Both directions reached end of stream.
+    Done(Transferred),
+    /// Paused on request: nothing more was read; what was read and not written yet is here,
+    /// for whoever takes the connection on.
+    Paused(Paused),
+}
+
+/// A copy stopped between two reads, for another process to continue.
+#[derive(Debug, Default)]
+pub struct Paused {
+    /// Read from the client and not written to the server yet.
+    pub to_upstream: Vec<u8>,
+    /// Read from the server and not written to the client yet.
+    pub to_downstream: Vec<u8>,
+    pub transferred: Transferred,
+}
+
+/// How long a pausing copy tries to write out what it holds before it hands it on instead.
+const PAUSE_FLUSH: Duration = Duration::from_secs(1);
+
+/// [`bidirectional_with`] that also ends, between two reads, once `pause` is cancelled: see
+/// [`Paused`].
+pub async fn bidirectional_pausable<D, U, M>(
+    downstream: &mut D,
+    upstream: &mut U,
+    meter: &M,
+    lifetime: Lifetime,
+    overload: Option<&Arc<Overload>>,
+    pause: &tokio_util::sync::CancellationToken,
+) -> Result<Copied, CopyError>
+where
+    D: AsyncRead + AsyncWrite + Unpin + ?Sized,
+    U: AsyncRead + AsyncWrite + Unpin + ?Sized,
+    M: Meter + ?Sized,
+{
+    copy(downstream, upstream, meter, lifetime, overload, Some(pause)).await
+}
+
 /// [`bidirectional`], ended with an [`Operation::Idle`] error once nothing has moved either
 /// way for the idle timeout, or [`Operation::Expired`] at the maximum duration; its buffers
 /// kept small under memory pressure and, idle at the critical level, closed
@@ -170,6 +211,29 @@ where
     U: AsyncRead + AsyncWrite + Unpin + ?Sized,
     M: Meter + ?Sized,
 {
+    match copy(downstream, upstream, meter, lifetime, overload, None).await? {
+        Copied::Done(transferred) => Ok(transferred),
+        Copied::Paused(paused) => Ok(paused.transferred),
+    }
+}
+
+async fn copy<D, U, M>(
+    downstream: &mut D,
+    upstream: &mut U,
+    meter: &M,
+    lifetime: Lifetime,
+    overload: Option<&Arc<Overload>>,
+    pause: Option<&tokio_util::sync::CancellationToken>,
+) -> Result<Copied, CopyError>
+where
+    D: AsyncRead + AsyncWrite + Unpin + ?Sized,
+    U: AsyncRead + AsyncWrite + Unpin + ?Sized,
+    M: Meter + ?Sized,
+{
+    let mut pause = pause.map(|p| Box::pin(p.clone().cancelled_owned()));
+    // Set once paused: until when what the pipes hold is still written out.
+    let mut flush_until: Option<Instant> = None;
+    let mut flush_timer: Option<Pin<Box<Sleep>>> = None;
     let mut up = Pipe::new();
     let mut down = Pipe::new();
     let mut up_done = false;
@@ -181,6 +245,38 @@ where
     let mut idle = IdleClock::new(lifetime);
     let mut shed = overload.map(ShedSignal::new);
     poll_fn(|cx| {
+        if let Some(signal) = pause.as_mut() {
+            if signal.as_mut().poll(cx).is_ready() {
+                pause = None;
+                let until = Instant::now() + PAUSE_FLUSH;
+                flush_until = Some(until);
+                flush_timer = Some(Box::pin(tokio::time::sleep_until(until)));
+            }
+        }
+        if let Some(until) = flush_until {
+            // Paused: no more reads; what the pipes hold goes out while the writers take it,
+            // and what they do not take by `until` is handed on.
+            let up_flushed = up_done
+                || up
+                    .poll_write_out(cx, &mut *upstream, |n| meter.to_upstream(n))
+                    .is_ready();
+            let down_flushed = down_done
+                || down
+                    .poll_write_out(cx, &mut *downstream, |n| meter.to_downstream(n))
+                    .is_ready();
+            let timed_out = Instant::now() >= until
+                || flush_timer
+                    .as_mut()
+                    .is_some_and(|t| t.as_mut().poll(cx).is_ready());
+            if (up_flushed && down_flushed) || timed_out {
+                return Poll::Ready(Ok(Copied::Paused(Paused {
+                    to_upstream: up.held().to_vec(),
+                    to_downstream: down.held().to_vec(),
+                    transferred: transferred(&up, &down),
+                })));
+            }
+            return Poll::Pending;
+        }
         let moved = up.moved + down.moved;
         let grow = overload.is_none_or(|o| o.may_grow());
         if !up_done {
@@ -224,7 +320,7 @@ where
             }
         }
         if up_done && down_done {
-            return Poll::Ready(Ok(transferred(&up, &down)));
+            return Poll::Ready(Ok(Copied::Done(transferred(&up, &down))));
         }
         if up.moved + down.moved != moved {
             idle.moved();
@@ -557,6 +653,41 @@ impl Pipe {
         Ok(n)
     }
 
+    /// What was read and not written yet.
+    fn held(&self) -> &[u8] {
+        &self.buf[self.pos..self.cap]
+    }
+
+    /// Writes out what the pipe holds, and flushes; ready when nothing is left (errors count
+    /// as done: the connection is past saving, and its successor will see the same error).
+    fn poll_write_out<W>(
+        &mut self,
+        cx: &mut Context<'_>,
+        writer: &mut W,
+        mut on_write: impl FnMut(u64),
+    ) -> Poll<()>
+    where
+        W: AsyncWrite + Unpin + ?Sized,
+    {
+        while self.pos < self.cap {
+            match Pin::new(&mut *writer).poll_write(cx, &self.buf[self.pos..self.cap]) {
+                Poll::Ready(Ok(n)) => match self.wrote(n, &mut on_write) {
+                    Ok(n) => self.pos += n,
+                    Err(_) => return Poll::Ready(()),
+                },
+                Poll::Ready(Err(_)) => return Poll::Ready(()),
+                Poll::Pending => return Poll::Pending,
+            }
+        }
+        if self.need_flush {
+            match Pin::new(&mut *writer).poll_flush(cx) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(_) => self.need_flush = false,
+            }
+        }
+        Poll::Ready(())
+    }
+
     /// Gives the buffer back and reads small again, if nothing waits for the writer.
     fn shrink(&mut self) {
         if self.holds() && self.pos == self.cap {
@@ -714,6 +845,53 @@ mod tests {
         .await;
         assert!(waited.is_err(), "no idle timeout was set");
         assert!(!pipe.holds(), "idle, the buffer is given back: {pipe:?}");
+    }
+
+    /// Paused, a copy reads nothing more, writes out what its writers take within a second and
+    /// hands the rest on: what reached the server, then what is carried, then what stayed
+    /// unread make the client's bytes, exactly and in order.
+    #[tokio::test(start_paused = true)]
+    async fn a_paused_copy_stops_between_reads_and_carries_what_its_writer_did_not_take() {
+        let (mut client, mut a) = duplex(64 * 1024);
+        // The server reads nothing while the copy runs: its side fills at 256 bytes.
+        let (mut b, mut server) = duplex(256);
+        let message = pattern(10_000, 5);
+        client.write_all(&message).await.unwrap();
+        let pause = tokio_util::sync::CancellationToken::new();
+        let copying = tokio::spawn({
+            let pause = pause.clone();
+            async move {
+                let copied =
+                    bidirectional_pausable(&mut a, &mut b, &(), Lifetime::default(), None, &pause)
+                        .await;
+                (copied, a)
+            }
+        });
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        pause.cancel();
+        let after = pattern(500, 9);
+        client.write_all(&after).await.unwrap();
+        let (copied, mut a) = copying.await.unwrap();
+        let Copied::Paused(paused) = copied.unwrap() else {
+            panic!("the copy was not paused");
+        };
+        assert!(
+            paused.to_downstream.is_empty(),
+            "nothing came from the server"
+        );
+        assert!(
+            !paused.to_upstream.is_empty(),
+            "the server took only 256 bytes"
+        );
+        let mut whole = vec![0; 256];
+        server.read_exact(&mut whole).await.unwrap();
+        whole.extend_from_slice(&paused.to_upstream);
+        let mut unread = vec![0; message.len() + after.len() - whole.len()];
+        a.read_exact(&mut unread).await.unwrap();
+        whole.extend_from_slice(&unread);
+        let mut sent = message;
+        sent.extend_from_slice(&after);
+        assert!(whole == sent, "every byte is somewhere, once, in order");
     }
 
     #[tokio::test]

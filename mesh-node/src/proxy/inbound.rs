@@ -357,8 +357,15 @@ async fn hbone_connection(
     // A certificate revoked while the connection is open ends it, and every stream on it.
     let mut revoked = certs.revoked();
     let mut watching = true;
+    let mut goaway_sent = false;
     loop {
         tokio::select! {
+            // The proxy drains: GOAWAY, so that the peer opens new streams on a new connection
+            // (to this node's next mesh-node); the open streams finish here.
+            () = ctx.draining.cancelled(), if !goaway_sent => {
+                goaway_sent = true;
+                connection.graceful_shutdown();
+            }
             // Accepting also drives the connection: every stream's bytes move through it.
             accepted = connection.accept() => match accepted {
                 Some(Ok((request, respond))) => {

@@ -53,6 +53,7 @@ use crate::{
     model::{OriginalDst, Snapshot},
 };
 
+mod adopt;
 mod authz;
 mod context;
 pub mod copy;
@@ -68,6 +69,7 @@ mod tcp;
 pub mod upstream;
 mod view;
 
+pub use adopt::{Handovers, Successor};
 pub use context::{HttpLimits, ProxyConfig, CONNECT_TIMEOUT, DRAIN_TIMEOUT};
 pub use copy::{CopyError, Transferred};
 pub use error::ProxyError;
@@ -118,7 +120,7 @@ impl Proxy {
     /// of each snapshot the proxy starts using is stored into `applied`.
     pub async fn bind(
         config: ProxyConfig,
-        mut snapshots: watch::Receiver<Arc<Snapshot>>,
+        snapshots: watch::Receiver<Arc<Snapshot>>,
         original_dst: Arc<dyn OriginalDst>,
         metrics: &Metrics,
         applied: Arc<AtomicU64>,
@@ -130,6 +132,54 @@ impl Proxy {
             config.inbound_transparent,
         )?;
         let tunnel = listen("node tunnel", config.tunnel_addr, false)?;
+        Self::start(
+            config,
+            [outbound, inbound, tunnel],
+            snapshots,
+            original_dst,
+            metrics,
+            applied,
+        )
+    }
+
+    /// As [`bind`](Self::bind), on listening sockets bound before (taken over from the
+    /// previous mesh-node of the node). Must be called on the runtime that will serve them.
+    pub fn on(
+        config: ProxyConfig,
+        listeners: Bound,
+        snapshots: watch::Receiver<Arc<Snapshot>>,
+        original_dst: Arc<dyn OriginalDst>,
+        metrics: &Metrics,
+        applied: Arc<AtomicU64>,
+    ) -> Result<Self, ProxyError> {
+        let register = |listener: std::net::TcpListener| {
+            listener
+                .set_nonblocking(true)
+                .and_then(|()| TcpListener::from_std(listener))
+                .map_err(ProxyError::Socket)
+        };
+        Self::start(
+            config,
+            [
+                register(listeners.outbound)?,
+                register(listeners.inbound)?,
+                register(listeners.tunnel)?,
+            ],
+            snapshots,
+            original_dst,
+            metrics,
+            applied,
+        )
+    }
+
+    fn start(
+        config: ProxyConfig,
+        [outbound, inbound, tunnel]: [TcpListener; 3],
+        mut snapshots: watch::Receiver<Arc<Snapshot>>,
+        original_dst: Arc<dyn OriginalDst>,
+        metrics: &Metrics,
+        applied: Arc<AtomicU64>,
+    ) -> Result<Self, ProxyError> {
         let inbound_port = inbound.local_addr().map_err(ProxyError::Socket)?.port();
         let snapshot = snapshots.borrow_and_update().clone();
         applied.store(snapshot.version, Ordering::Release);
@@ -186,6 +236,11 @@ impl Proxy {
         // Every connection task holds a receiver; the sender sees when all are gone.
         let (drain_tx, drain_rx) = watch::channel(());
         let follower = tokio::spawn(follow(ctx.clone(), snapshots));
+        // The previous mesh-node's open connections, once this one serves.
+        let adopting = tokio::spawn({
+            let (ctx, drain) = (ctx.clone(), drain_rx.clone());
+            async move { ctx.config.handovers.adopt(ctx.clone(), drain).await }
+        });
         // The accept loops are tasks of the data runtime's workers, not of the thread that
         // runs this future: a connection is then accepted and served on the worker whose
         // I/O driver saw it, without waking another thread first.
@@ -223,12 +278,20 @@ impl Proxy {
             )),
         ];
         shutdown.await;
-        // Stop accepting: the listeners close with their loops.
+        // Stop accepting: the listeners close with their loops (in this process: after a
+        // handover the next mesh-node accepts on the same sockets).
         for accepting in loops {
             accepting.abort();
             let _ = accepting.await;
         }
+        // With a successor serving, relays of two local sockets go to it first.
+        let successor = ctx.config.handovers.successor.get().cloned();
+        if successor.is_some() {
+            ctx.handover.cancel();
+        }
+        ctx.draining.cancel();
         follower.abort();
+        adopting.abort();
         drop(drain_rx);
         let open = drain_tx.receiver_count();
         if open > 0 {
@@ -243,10 +306,21 @@ impl Proxy {
                 "connections still open after the drain timeout are closed"
             );
         }
+        if let Some(successor) = successor {
+            successor.done();
+        }
     }
 }
 
-/// Listen backlog: bursts of new connections must not be dropped while workers are busy.
+/// Listening sockets bound before the proxy starts: see [`Proxy::on`].
+pub struct Bound {
+    pub outbound: std::net::TcpListener,
+    pub inbound: std::net::TcpListener,
+    pub tunnel: std::net::TcpListener,
+}
+
+/// Listen backlog: bursts of new connections must not be dropped while workers are busy (or,
+/// during a handover, while the next mesh-node starts accepting).
 const BACKLOG: u32 = 1024;
 
 fn listen(
@@ -254,24 +328,43 @@ fn listen(
     addr: SocketAddr,
     transparent: bool,
 ) -> Result<TcpListener, ProxyError> {
-    let error = |source| ProxyError::Bind {
-        listener,
-        addr,
-        source,
-    };
+    listen_on(addr, transparent).map_err(|e| match e {
+        Listen::Transparent(source) => ProxyError::Transparent { addr, source },
+        Listen::Socket(source) => ProxyError::Bind {
+            listener,
+            addr,
+            source,
+        },
+    })
+}
+
+/// A listening socket as the proxy binds its own, for another runtime or process: `SO_REUSEADDR`,
+/// `IP_TRANSPARENT` if asked, the proxy's backlog. Must be called on a runtime.
+pub fn listen_std(addr: SocketAddr, transparent: bool) -> std::io::Result<std::net::TcpListener> {
+    match listen_on(addr, transparent) {
+        Ok(listener) => listener.into_std(),
+        Err(Listen::Transparent(e) | Listen::Socket(e)) => Err(e),
+    }
+}
+
+enum Listen {
+    Transparent(std::io::Error),
+    Socket(std::io::Error),
+}
+
+fn listen_on(addr: SocketAddr, transparent: bool) -> Result<TcpListener, Listen> {
     let socket = match addr {
         SocketAddr::V4(_) => TcpSocket::new_v4(),
         SocketAddr::V6(_) => TcpSocket::new_v6(),
     }
-    .map_err(error)?;
+    .map_err(Listen::Socket)?;
     // A restarted proxy must get its ports back while old connections linger in TIME_WAIT.
-    socket.set_reuseaddr(true).map_err(error)?;
+    socket.set_reuseaddr(true).map_err(Listen::Socket)?;
     if transparent {
-        crate::sys::set_ip_transparent(&socket)
-            .map_err(|source| ProxyError::Transparent { addr, source })?;
+        crate::sys::set_ip_transparent(&socket).map_err(Listen::Transparent)?;
     }
-    socket.bind(addr).map_err(error)?;
-    socket.listen(BACKLOG).map_err(error)
+    socket.bind(addr).map_err(Listen::Socket)?;
+    socket.listen(BACKLOG).map_err(Listen::Socket)
 }
 
 pin_project! {

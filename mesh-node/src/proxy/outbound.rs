@@ -16,6 +16,7 @@ use tokio::net::TcpStream;
 use tracing::{debug, warn};
 
 use super::{
+    adopt,
     authz::{self, Peer},
     context::Context,
     copy::Transferred,
@@ -24,7 +25,7 @@ use super::{
     l7,
     sources::SourceConnection,
     tcp::{self, v4, Log},
-    upstream::Via,
+    upstream::{Stream, Via},
 };
 use crate::{metrics::ACCESS_LOG, model::Protocol};
 
@@ -220,8 +221,41 @@ async fn proxy(
         }
     };
     let lifetime = target.lifetime(ctx);
-    let transferred = tcp::relay(ctx, &mut downstream, &mut upstream, &labels, lifetime).await?;
-    // Held until here: the endpoint's active count and the cluster's connection slot.
-    drop(target);
+    // Two sockets of this node (a pod to a pod): a restart hands them to the next mesh-node.
+    if !matches!(upstream, Stream::Tcp(_)) {
+        let transferred =
+            tcp::relay(ctx, &mut downstream, &mut upstream, &labels, lifetime).await?;
+        // Held until here: the endpoint's active count and the cluster's connection slot.
+        drop(target);
+        return Ok(Served::Tcp(transferred));
+    }
+    let relayed =
+        tcp::relay_pausable(ctx, &mut downstream, &mut upstream, &labels, lifetime).await?;
+    let mut paused = match relayed {
+        tcp::Relayed::Done(transferred) => {
+            drop(target);
+            return Ok(Served::Tcp(transferred));
+        }
+        tcp::Relayed::Paused(paused) => paused,
+    };
+    let (Some(successor), Stream::Tcp(upstream)) =
+        (ctx.config.handovers.successor.get().cloned(), upstream)
+    else {
+        return Ok(Served::Tcp(paused.transferred));
+    };
+    let (unread, downstream) = downstream.into_parts();
+    // Held bytes first, then what the sniffer read and the copy did not.
+    paused.to_upstream.extend_from_slice(&unread);
+    let transferred = paused.transferred;
+    // Boxed: only connections open at a restart take this path.
+    Box::pin(successor.hand_over(
+        adopt::Direction::Outbound,
+        (client, dialled, target.addr),
+        paused,
+        downstream,
+        upstream,
+    ))
+    .await
+    .map_err(ProxyError::Socket)?;
     Ok(Served::Tcp(transferred))
 }

@@ -250,6 +250,46 @@ where
     Ok(result?)
 }
 
+/// How a relay that may be handed over ended.
+pub(super) enum Relayed {
+    Done(Transferred),
+    /// Paused for the next mesh-node: the connection is not closed, and not counted closed.
+    Paused(copy::Paused),
+}
+
+/// [`relay`], paused between two reads once the next mesh-node took the sockets (see
+/// [`super::adopt`]).
+pub(super) async fn relay_pausable<D, U>(
+    ctx: &Context,
+    downstream: &mut D,
+    upstream: &mut U,
+    labels: &TcpLabels,
+    lifetime: Lifetime,
+) -> Result<Relayed, ProxyError>
+where
+    D: AsyncRead + AsyncWrite + Unpin,
+    U: AsyncRead + AsyncWrite + Unpin,
+{
+    let conn = ctx.metrics.connection(labels);
+    conn.opened();
+    let copied = copy::bidirectional_pausable(
+        downstream,
+        upstream,
+        &conn,
+        lifetime,
+        Some(ctx.overload()),
+        &ctx.handover,
+    )
+    .await?;
+    Ok(match copied {
+        copy::Copied::Done(transferred) => {
+            conn.closed();
+            Relayed::Done(transferred)
+        }
+        copy::Copied::Paused(paused) => Relayed::Paused(paused),
+    })
+}
+
 /// Counts a connection that never reached its upstream, with Envoy's flag for why.
 pub(super) fn record_failure(ctx: &Context, labels: &TcpLabels, flags: ResponseFlags) {
     let conn = ctx

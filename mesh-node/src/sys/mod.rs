@@ -4,7 +4,7 @@
 use std::{
     io,
     net::{Ipv4Addr, SocketAddrV4},
-    os::fd::{AsRawFd, BorrowedFd},
+    os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd},
 };
 
 /// Sets `IP_TRANSPARENT` on a listening socket. Connections the inbound classifier assigns to
@@ -88,6 +88,154 @@ pub fn page_size() -> u64 {
     u64::try_from(size).unwrap_or(4096)
 }
 
+/// The most file descriptors one [`send_fds`] message carries.
+pub const MAX_FDS: usize = 16;
+
+/// Sends `data` and the descriptors `fds` (`SCM_RIGHTS`) in one message on a Unix stream
+/// socket: the receiver gets its own descriptors of the same open files.
+pub fn send_fds(socket: BorrowedFd<'_>, data: &[u8], fds: &[BorrowedFd<'_>]) -> io::Result<()> {
+    if data.is_empty() || fds.len() > MAX_FDS {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "a message carries at least one byte and at most MAX_FDS descriptors",
+        ));
+    }
+    let raw: Vec<RawFd> = fds.iter().map(AsRawFd::as_raw_fd).collect();
+    let payload = size_of_val(raw.as_slice());
+    // SAFETY: CMSG_SPACE is arithmetic on its argument.
+    let space = unsafe { libc::CMSG_SPACE(payload as u32) } as usize;
+    // u64 words keep the control buffer aligned for `cmsghdr`.
+    let mut control = vec![0u64; space.div_ceil(8).max(1)];
+    let mut iov = libc::iovec {
+        iov_base: data.as_ptr().cast_mut().cast(),
+        iov_len: data.len(),
+    };
+    // SAFETY: msghdr is plain old data; all-zero is a valid value.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = &mut iov;
+    msg.msg_iovlen = 1;
+    if !raw.is_empty() {
+        msg.msg_control = control.as_mut_ptr().cast();
+        msg.msg_controllen = space;
+        // SAFETY: the control buffer is `space` bytes, room for one header and `raw`; the
+        // header pointer is non-null because msg_controllen holds a header.
+        unsafe {
+            let header = libc::CMSG_FIRSTHDR(&msg);
+            (*header).cmsg_level = libc::SOL_SOCKET;
+            (*header).cmsg_type = libc::SCM_RIGHTS;
+            (*header).cmsg_len = libc::CMSG_LEN(payload as u32) as usize;
+            std::ptr::copy_nonoverlapping(
+                raw.as_ptr().cast::<u8>(),
+                libc::CMSG_DATA(header),
+                payload,
+            );
+        }
+    }
+    // SAFETY: `msg` points at live buffers for the duration of the call.
+    let sent = unsafe { libc::sendmsg(socket.as_raw_fd(), &msg, libc::MSG_NOSIGNAL) };
+    match sent {
+        n if n < 0 => Err(io::Error::last_os_error()),
+        n if n as usize != data.len() => Err(io::Error::new(
+            io::ErrorKind::WriteZero,
+            "the message was sent in part",
+        )),
+        _ => Ok(()),
+    }
+}
+
+/// Receives one message of [`send_fds`]: its bytes into `buf` and the descriptors it carried
+/// (close-on-exec). Zero bytes means the peer closed the socket.
+pub fn recv_fds(socket: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<(usize, Vec<OwnedFd>)> {
+    // SAFETY: CMSG_SPACE is arithmetic on its argument.
+    let space = unsafe { libc::CMSG_SPACE((MAX_FDS * size_of::<RawFd>()) as u32) } as usize;
+    let mut control = vec![0u64; space.div_ceil(8)];
+    let mut iov = libc::iovec {
+        iov_base: buf.as_mut_ptr().cast(),
+        iov_len: buf.len(),
+    };
+    // SAFETY: msghdr is plain old data; all-zero is a valid value.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = &mut iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = control.as_mut_ptr().cast();
+    msg.msg_controllen = space;
+    // SAFETY: `msg` points at live buffers for the duration of the call.
+    let n = unsafe { libc::recvmsg(socket.as_raw_fd(), &mut msg, libc::MSG_CMSG_CLOEXEC) };
+    if n < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let mut fds = Vec::new();
+    // SAFETY: the kernel filled `msg`'s control buffer; the CMSG_* macros walk only within
+    // msg_controllen, and every SCM_RIGHTS payload is an array of descriptors now ours.
+    unsafe {
+        let mut header = libc::CMSG_FIRSTHDR(&msg);
+        while !header.is_null() {
+            if (*header).cmsg_level == libc::SOL_SOCKET && (*header).cmsg_type == libc::SCM_RIGHTS {
+                let bytes = (*header).cmsg_len - libc::CMSG_LEN(0) as usize;
+                let data = libc::CMSG_DATA(header);
+                for i in 0..bytes / size_of::<RawFd>() {
+                    let fd = std::ptr::read_unaligned(data.cast::<RawFd>().add(i));
+                    fds.push(OwnedFd::from_raw_fd(fd));
+                }
+            }
+            header = libc::CMSG_NXTHDR(&msg, header);
+        }
+    }
+    if msg.msg_flags & libc::MSG_CTRUNC != 0 {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            "more descriptors than a message may carry",
+        ));
+    }
+    Ok((n as usize, fds))
+}
+
+/// The process id and user id of the peer of a Unix socket, as the kernel recorded them when
+/// it connected (`SO_PEERCRED`). The process id is `None` when the peer's process is not
+/// visible here (another pid namespace: another pod).
+pub fn peer_credentials(socket: BorrowedFd<'_>) -> io::Result<(Option<u32>, u32)> {
+    // SAFETY: ucred is plain old data; all-zero is a valid value.
+    let mut cred: libc::ucred = unsafe { std::mem::zeroed() };
+    let mut len = size_of::<libc::ucred>() as libc::socklen_t;
+    // SAFETY: valid fd; `cred` and `len` are live and `len` is the size of `cred`.
+    let ret = unsafe {
+        libc::getsockopt(
+            socket.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_PEERCRED,
+            std::ptr::from_mut(&mut cred).cast(),
+            &mut len,
+        )
+    };
+    if ret != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let pid = u32::try_from(cred.pid).ok().filter(|pid| *pid != 0);
+    Ok((pid, cred.uid))
+}
+
+/// The cookie of the network namespace a socket lives in (`SO_NETNS_COOKIE`, Linux 5.14): two
+/// sockets of one namespace have the same, whatever process holds them.
+pub fn netns_cookie(socket: BorrowedFd<'_>) -> io::Result<u64> {
+    let mut cookie: u64 = 0;
+    let mut len = size_of::<u64>() as libc::socklen_t;
+    // SAFETY: valid fd; `cookie` and `len` are live and `len` is the size of `cookie`.
+    let ret = unsafe {
+        libc::getsockopt(
+            socket.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_NETNS_COOKIE,
+            std::ptr::from_mut(&mut cookie).cast(),
+            &mut len,
+        )
+    };
+    if ret == 0 {
+        Ok(cookie)
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::{net::TcpListener, os::fd::AsFd};
@@ -107,5 +255,36 @@ mod tests {
             "{err}"
         );
         drop(client);
+    }
+
+    #[test]
+    fn a_listening_socket_passed_over_a_unix_socket_accepts_in_the_receiver() {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (a, b) = std::os::unix::net::UnixStream::pair().unwrap();
+        send_fds(a.as_fd(), b"listeners", &[listener.as_fd()]).unwrap();
+        drop(listener);
+        let mut buf = [0u8; 64];
+        let (n, mut fds) = recv_fds(b.as_fd(), &mut buf).unwrap();
+        assert_eq!(&buf[..n], b"listeners");
+        assert_eq!(fds.len(), 1);
+        // The sender's descriptor is closed: the socket lives on in the receiver's.
+        let taken = TcpListener::from(fds.pop().unwrap());
+        assert_eq!(taken.local_addr().unwrap(), addr);
+        let client = std::net::TcpStream::connect(addr).unwrap();
+        let (accepted, _) = taken.accept().unwrap();
+        assert_eq!(accepted.peer_addr().unwrap(), client.local_addr().unwrap());
+    }
+
+    #[test]
+    fn a_message_without_descriptors_and_a_closed_peer() {
+        let (a, b) = std::os::unix::net::UnixStream::pair().unwrap();
+        send_fds(a.as_fd(), b"x", &[]).unwrap();
+        let mut buf = [0u8; 8];
+        let (n, fds) = recv_fds(b.as_fd(), &mut buf).unwrap();
+        assert_eq!((n, fds.len()), (1, 0));
+        drop(a);
+        assert_eq!(recv_fds(b.as_fd(), &mut buf).unwrap().0, 0);
+        assert!(send_fds(b.as_fd(), b"", &[]).is_err());
     }
 }

@@ -16,6 +16,7 @@ use std::{
     net::Ipv4Addr,
     path::{Path, PathBuf},
     process::{Child, Command, Output, Stdio},
+    time::{Duration, Instant},
 };
 
 use anyhow::{bail, Context as _, Result};
@@ -96,6 +97,30 @@ pub fn binaries() -> Result<Binaries> {
         }
     }
     Ok(bins)
+}
+
+/// A build of mesh-node other than the one the cluster runs, to upgrade to: the release
+/// build when the cluster runs another profile, else the debug build (built if needed).
+pub fn other_build() -> Result<PathBuf> {
+    let (_, dir) = profile();
+    let (args, other): (&[&str], &str) = if dir == "release" {
+        (&[], "debug")
+    } else {
+        (&["--release"], "release")
+    };
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    crate::cmd::interactive(
+        Command::new(cargo)
+            .args(["build", "-p", "mesh-node", "--bin", "mesh-node"])
+            .args(args)
+            .current_dir(crate::workspace_root()),
+    )
+    .with_context(|| format!("building mesh-node ({other})"))?;
+    let path = binary_paths(other).mesh_node;
+    if !path.is_file() {
+        bail!("the build did not produce {}", path.display());
+    }
+    Ok(path)
 }
 
 fn profile() -> (Vec<String>, String) {
@@ -339,10 +364,12 @@ fn write_config(state: &State) -> Result<()> {
     )
 }
 
-fn start_proxy(node: &NodeInfo, bins: &Binaries) -> Result<()> {
+fn start_proxy(node: &NodeInfo, bins: &Binaries) -> Result<u32> {
     let mut cmd = Command::new(&bins.mesh_node);
     cmd.arg("run")
         .args(["--node", &node.name])
+        .arg("--handover-socket")
+        .arg(handover_socket(node))
         .arg("--config-dir")
         .arg(state::config_dir())
         .arg("--cgroup")
@@ -366,8 +393,16 @@ fn start_proxy(node: &NodeInfo, bins: &Binaries) -> Result<()> {
     }
     placement.netns(&node.netns())?.detached().install(&mut cmd);
     proc::spawn_logged(&mut cmd, &node.log())
-        .with_context(|| format!("starting mesh-node of {}", node.name))?;
-    Ok(())
+        .with_context(|| format!("starting mesh-node of {}", node.name))
+}
+
+/// Where a node's mesh-node offers its listening sockets to the next one: one per node, as
+/// the nodes share this machine's filesystem.
+fn handover_socket(node: &NodeInfo) -> PathBuf {
+    Path::new(RUN_DIR)
+        .join("handover")
+        .join(&node.name)
+        .join("handover.sock")
 }
 
 /// The environment variable that sets the node proxies' memory limit (bytes, or `Mi`/`Gi`),
@@ -454,6 +489,90 @@ pub fn start_node(node: &str) -> Result<()> {
     let bins = state.binaries.as_ref().context("mesh-node was not built")?;
     start_proxy(node, bins)?;
     ready::wait_node(node, state.generation)
+}
+
+/// How [`restart_node`] replaces a node's mesh-node.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Restart {
+    /// As a DaemonSet rollout with `maxSurge`: the new process takes the listening sockets
+    /// over, the old one drains and exits.
+    Handover,
+    /// A crash: SIGKILL, then a new process.
+    Kill,
+}
+
+/// How long an old mesh-node may take to drain and exit after a handover (its drain timeout
+/// is 5 s).
+const DRAIN_WAIT: Duration = Duration::from_secs(30);
+
+/// Replaces the mesh-node of `node` with a new process of the binary named by
+/// [`MESH_NODE_ENV`] (an upgrade) or else the cluster's, and waits until the old one is gone
+/// and the new one ready on the current configuration.
+pub fn restart_node(node: &str, how: Restart) -> Result<()> {
+    require_root()?;
+    let state = load_state()?;
+    let node = state
+        .node(node)
+        .with_context(|| format!("no node {node}"))?;
+    if !state.mesh {
+        bail!("the cluster runs without mesh-node ({NO_MESH_ENV})");
+    }
+    let mut bins = state.binaries.clone().context("mesh-node was not built")?;
+    if let Some(other) = std::env::var_os(MESH_NODE_ENV) {
+        bins.mesh_node = PathBuf::from(other);
+        if !bins.mesh_node.is_file() {
+            bail!("{MESH_NODE_ENV}={}: no such file", bins.mesh_node.display());
+        }
+    }
+    let old = cgroup::procs(&node.proxy_cgroup());
+    if how == Restart::Kill {
+        cgroup::kill(&node.proxy_cgroup())?;
+    }
+    let new = start_proxy(node, &bins)?;
+    eprintln!(
+        "node {}: mesh-node {new} started ({}){}",
+        node.name,
+        bins.mesh_node.display(),
+        match how {
+            Restart::Handover => format!(", taking over from {old:?}"),
+            Restart::Kill => format!(" after killing {old:?}"),
+        }
+    );
+    let deadline = Instant::now() + DRAIN_WAIT;
+    while old.iter().any(|pid| alive(*pid)) {
+        if !alive(new) {
+            bail!(
+                "the new mesh-node of {} exited; the end of {}:\n{}",
+                node.name,
+                node.log().display(),
+                proc::tail(&node.log(), 40)
+            );
+        }
+        if Instant::now() > deadline {
+            bail!(
+                "the old mesh-node of {} ({old:?}) still runs {} s after the new one started; \
+                 the end of {}:\n{}",
+                node.name,
+                DRAIN_WAIT.as_secs(),
+                node.log().display(),
+                proc::tail(&node.log(), 40)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    proc::reap();
+    ready::wait_node(node, state.generation)?;
+    eprintln!("node {}: mesh-node {new} ready", node.name);
+    Ok(())
+}
+
+/// Whether process `pid` runs (a zombie does not).
+fn alive(pid: u32) -> bool {
+    fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
+        !stat
+            .rsplit_once(')')
+            .is_some_and(|(_, rest)| rest.trim_start().starts_with('Z'))
+    })
 }
 
 /// The processes of `ns/pod` (its containers and sidecar) or of `node/NAME` (its mesh-node).

@@ -20,7 +20,10 @@ use std::{
     collections::HashMap,
     convert::Infallible,
     net::{IpAddr, SocketAddr, SocketAddrV4},
-    sync::{Arc, Mutex, OnceLock},
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc, Mutex, OnceLock,
+    },
     time::{Duration, Instant},
 };
 
@@ -473,6 +476,11 @@ where
 {
     let limits = conn.limits();
     let conn = Arc::new(conn);
+    let draining = conn.ctx.draining.clone();
+    // Whether the client speaks HTTP/2 (known at its first request), and a wake-up for an
+    // HTTP/2 request that arrives once the proxy drains.
+    let http2 = Arc::new(AtomicBool::new(false));
+    let http2_draining = Arc::new(tokio::sync::Notify::new());
     let in_flight = Arc::new(Requests::default());
     let io = Deadlines::new(
         io,
@@ -481,13 +489,23 @@ where
         limits.idle_timeout,
         conn.ctx.sources.overload().clone(),
     );
+    let (seen_http2, goaway) = (http2.clone(), http2_draining.clone());
     let service = service_fn(move |request| {
         let conn = conn.clone();
         let busy = in_flight.start();
         let requests = in_flight.clone();
+        if request.version() == Version::HTTP_2 {
+            seen_http2.store(true, Ordering::Relaxed);
+            if conn.ctx.draining() {
+                goaway.notify_one();
+            }
+        }
         async move {
-            // Under memory pressure HTTP/1 connections are not kept for a next request.
-            let close = request.version() < Version::HTTP_2 && !conn.ctx.overload().keep_alive();
+            // Under memory pressure, and once the proxy drains, HTTP/1 connections are not
+            // kept for a next request: the client takes it elsewhere (after a restart, to the
+            // next mesh-node).
+            let close = request.version() < Version::HTTP_2
+                && (!conn.ctx.overload().keep_alive() || conn.ctx.draining());
             let close_on = |mut reply: Reply| {
                 if close && reply.status() != StatusCode::SWITCHING_PROTOCOLS {
                     reply
@@ -547,10 +565,30 @@ where
         .max_header_list_size(
             u32::try_from(limits.max_head_bytes + 32 * limits.max_headers).unwrap_or(u32::MAX),
         );
-    if let Err(e) = builder
-        .serve_connection_with_upgrades(TokioIo::new(io), service)
-        .await
-    {
+    let connection = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
+    tokio::pin!(connection);
+    // Once the proxy drains, an HTTP/2 client gets GOAWAY and finishes its streams here (one
+    // not known to be HTTP/2 yet gets it at its first request). An HTTP/1 connection is closed
+    // after its next response (which says so), never while the client may be sending a
+    // request on it; one that stays idle ends with the drain.
+    let (mut drain_seen, mut goaway_sent) = (false, false);
+    let ended = loop {
+        tokio::select! {
+            ended = connection.as_mut() => break ended,
+            () = draining.cancelled(), if !drain_seen => {
+                drain_seen = true;
+                if http2.load(Ordering::Relaxed) {
+                    connection.as_mut().graceful_shutdown();
+                    goaway_sent = true;
+                }
+            }
+            () = http2_draining.notified(), if drain_seen && !goaway_sent => {
+                connection.as_mut().graceful_shutdown();
+                goaway_sent = true;
+            }
+        }
+    };
+    if let Err(e) = ended {
         debug!("downstream HTTP connection ended: {e}");
     }
 }

@@ -17,7 +17,7 @@
 //! policies, HTTP/2, HTTP/1.0, an upgrade, `Expect`, `TE`, gRPC, a head over the limits, a
 //! repeated `Host` or request id, a path normalization would change or with characters outside
 //! RFC 3986's, framing or hop-by-hop headers the full path would refuse or strip, a client over
-//! its cap, an overloaded proxy, a pod that cannot be dialled. So this path changes what a
+//! its cap, an overloaded or draining proxy, a pod that cannot be dialled. So this path changes what a
 //! request costs, not what happens to it.
 
 use std::{
@@ -177,8 +177,10 @@ where
                 return Ok(Next::Fallback);
             }
             // Over its cap, or refused under load: the full path answers (and reports) it.
+            // Draining: the full path answers it with `Connection: close`, so that the source
+            // node's proxy takes its next request to this node's next mesh-node.
             let overload = ctx.overload();
-            if !overload.keep_alive() {
+            if !overload.keep_alive() || ctx.draining() {
                 return Ok(Next::Fallback);
             }
             let slot = match &self.conn.held {

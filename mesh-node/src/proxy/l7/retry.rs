@@ -100,6 +100,8 @@ impl Attempts<'_> {
                 None => Ok(send.await),
             };
             let now = Instant::now();
+            // Not processed upstream: as safe to send again as one never sent.
+            let refused = matches!(&result, Ok(Err(e)) if e.refused());
             // What went wrong, whether the policy retries it, and how it is answered if not.
             let (retry_on, failure): (bool, Failure) = match result {
                 Ok(Ok((response, in_flight))) => {
@@ -131,6 +133,17 @@ impl Attempts<'_> {
                 Ok(Err(PoolError::Overflow(limit))) => {
                     debug!(cluster = %cluster.key(), "circuit breaker open: {limit}");
                     return Err((StatusCode::SERVICE_UNAVAILABLE, ResponseFlags::UO, "upstream connect error or disconnect/reset before headers. reset reason: overflow"));
+                }
+                Ok(Err(e)) if e.refused() => {
+                    // A draining server's GOAWAY, or REFUSED_STREAM: the request was not
+                    // processed (RFC 9113 §8.7), whatever its method; not the endpoint's failure.
+                    debug!("{e}");
+                    (
+                        self.plan.on(RetryPolicy::RefusedStream)
+                            || self.plan.on(RetryPolicy::ResetBeforeRequest)
+                            || self.plan.on(RetryPolicy::Reset),
+                        (StatusCode::SERVICE_UNAVAILABLE, ResponseFlags::UR, "upstream connect error or disconnect/reset before headers. reset reason: remote refused stream reset"),
+                    )
                 }
                 Ok(Err(e)) if e.before_request() => {
                     // A certificate that does not verify is a configuration problem an
@@ -177,7 +190,7 @@ impl Attempts<'_> {
                     )
                 }
             };
-            let before_request = failure.1 == ResponseFlags::UF;
+            let before_request = failure.1 == ResponseFlags::UF || refused;
             // `maxRetries` bounds the retries in flight in the cluster: the slot is held until
             // the next attempt ends.
             retry_slot =

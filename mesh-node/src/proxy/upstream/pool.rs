@@ -72,6 +72,15 @@ pub enum PoolError {
         #[source]
         source: hyper::Error,
     },
+    /// The upstream refused an HTTP/2 request without processing it: `REFUSED_STREAM`, or a
+    /// stream its graceful `GOAWAY` left out (a draining server, RFC 9113 §8.7). Safe to send
+    /// again, as if it had never been sent.
+    #[error("upstream {target} refused the request unprocessed: {source}")]
+    Refused {
+        target: SocketAddrV4,
+        #[source]
+        source: hyper::Error,
+    },
     /// The request was sent (maybe in part) and the exchange failed (Envoy's `UR`/`UC`).
     #[error("upstream {target} reset the request: {source}")]
     Reset {
@@ -89,7 +98,12 @@ impl PoolError {
 
     /// Whether no byte of the request reached the upstream.
     pub fn before_request(&self) -> bool {
-        !matches!(self, PoolError::Reset { .. })
+        !matches!(self, PoolError::Reset { .. } | PoolError::Refused { .. })
+    }
+
+    /// Whether the upstream refused the request unprocessed (see [`PoolError::Refused`]).
+    pub fn refused(&self) -> bool {
+        matches!(self, PoolError::Refused { .. })
     }
 }
 
@@ -152,7 +166,11 @@ impl<B> Default for ClusterPool<B> {
 
 struct Endpoint<B> {
     idle: Mutex<Vec<Idle<B>>>,
-    h2: tokio::sync::Mutex<Option<http2::SendRequest<B>>>,
+    /// The shared HTTP/2 connection, numbered so that a request that found it gone away
+    /// forgets that one and not a newer one.
+    h2: tokio::sync::Mutex<Option<(u64, http2::SendRequest<B>)>>,
+    /// The number of the next HTTP/2 connection.
+    h2_opened: std::sync::atomic::AtomicU64,
 }
 
 impl<B> Default for Endpoint<B> {
@@ -160,6 +178,7 @@ impl<B> Default for Endpoint<B> {
         Self {
             idle: Mutex::default(),
             h2: tokio::sync::Mutex::default(),
+            h2_opened: std::sync::atomic::AtomicU64::new(0),
         }
     }
 }
@@ -239,24 +258,52 @@ impl<B: PoolBody> ClusterPool<B> {
                     .await
             }
             Proto::Http2 => {
-                let mut sender = self
-                    .http2_sender(state, policy, key, dial, &endpoint)
-                    .await?;
-                let response =
-                    sender
-                        .send_request(request)
-                        .await
-                        .map_err(|source| PoolError::Reset {
-                            target: key.target,
-                            source,
-                        })?;
-                Ok((
-                    response,
-                    InFlight {
-                        _request: request_slot,
-                        _lease: None,
-                    },
-                ))
+                let mut request = request;
+                // A connection whose server drains (GOAWAY) takes no new request: it goes on a
+                // new connection, at most twice.
+                for attempt in 0.. {
+                    let (number, mut sender) = self
+                        .http2_sender(state, policy, key, dial, &endpoint)
+                        .await?;
+                    let target = key.target;
+                    match sender.try_send_request(request).await {
+                        Ok(response) => {
+                            return Ok((
+                                response,
+                                InFlight {
+                                    _request: request_slot,
+                                    _lease: None,
+                                },
+                            ))
+                        }
+                        Err(mut e) => match e.take_message() {
+                            Some(unsent) => {
+                                if attempt == 2 {
+                                    // Never sent: as unprocessed as a refused stream.
+                                    return Err(PoolError::Refused {
+                                        target,
+                                        source: e.into_error(),
+                                    });
+                                }
+                                debug!(%target, "HTTP/2 connection gone away; sending on a new one");
+                                let mut shared = endpoint.h2.lock().await;
+                                if shared.as_ref().is_some_and(|(n, _)| *n == number) {
+                                    *shared = None;
+                                }
+                                request = unsent;
+                            }
+                            None => {
+                                let source = e.into_error();
+                                return Err(if refused_unprocessed(&source) {
+                                    PoolError::Refused { target, source }
+                                } else {
+                                    PoolError::Reset { target, source }
+                                });
+                            }
+                        },
+                    }
+                }
+                unreachable!("the loop returns")
             }
         }
     }
@@ -374,7 +421,7 @@ impl<B: PoolBody> ClusterPool<B> {
         key: &ConnKey,
         dial: Dial<'_>,
         endpoint: &Endpoint<B>,
-    ) -> Result<http2::SendRequest<B>, PoolError> {
+    ) -> Result<(u64, http2::SendRequest<B>), PoolError> {
         let mut pending = None;
         loop {
             let freed = self.freed.notified();
@@ -382,8 +429,8 @@ impl<B: PoolBody> ClusterPool<B> {
             freed.as_mut().enable();
             {
                 let mut shared = endpoint.h2.lock().await;
-                if let Some(sender) = shared.as_ref().filter(|s| !s.is_closed()) {
-                    return Ok(sender.clone());
+                if let Some((number, sender)) = shared.as_ref().filter(|(_, s)| !s.is_closed()) {
+                    return Ok((*number, sender.clone()));
                 }
                 if let Some(slot) = state.try_connection(&policy.limits) {
                     let io = dial.open(key).await?;
@@ -409,8 +456,11 @@ impl<B: PoolBody> ClusterPool<B> {
                         drop(slot);
                         freed.notify_waiters();
                     });
-                    *shared = Some(sender.clone());
-                    return Ok(sender);
+                    let number = endpoint
+                        .h2_opened
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    *shared = Some((number, sender.clone()));
+                    return Ok((number, sender));
                 }
             }
             if pending.is_none() {
@@ -423,6 +473,23 @@ impl<B: PoolBody> ClusterPool<B> {
             freed.await;
         }
     }
+}
+
+/// Whether an HTTP/2 request failed without the server processing it: `REFUSED_STREAM`, or a
+/// graceful `GOAWAY` that left its stream out (a stream the server keeps is finished, not
+/// failed, by a graceful `GOAWAY`).
+fn refused_unprocessed(error: &hyper::Error) -> bool {
+    let mut source = StdError::source(error);
+    while let Some(cause) = source {
+        if let Some(h2) = cause.downcast_ref::<h2::Error>() {
+            return h2.reason() == Some(h2::Reason::REFUSED_STREAM)
+                || (h2.is_go_away()
+                    && h2.is_remote()
+                    && h2.reason() == Some(h2::Reason::NO_ERROR));
+        }
+        source = cause.source();
+    }
+    false
 }
 
 fn take_idle<B>(endpoint: &Endpoint<B>, idle_timeout: Duration) -> Option<Idle<B>> {
@@ -661,6 +728,76 @@ mod tests {
             }
         })
         .await;
+    }
+
+    /// An HTTP/2 server whose first connection goes away (GOAWAY, as a draining server
+    /// does) once its first request arrived, and answers that request only when `release` is
+    /// notified: the connection stays open, taking no new stream, meanwhile.
+    async fn draining_upstream(release: Arc<Notify>) -> SocketAddrV4 {
+        let (listener, addr) = bind().await;
+        tokio::spawn(async move {
+            for n in 1.. {
+                let (io, _) = listener.accept().await.unwrap();
+                let first = n == 1;
+                let arrived = Arc::new(Notify::new());
+                let service = service_fn({
+                    let (arrived, release) = (arrived.clone(), release.clone());
+                    move |_: Request<Incoming>| {
+                        let (arrived, release) = (arrived.clone(), release.clone());
+                        async move {
+                            if first {
+                                arrived.notify_one();
+                                release.notified().await;
+                            }
+                            Ok::<_, Infallible>(Response::new(Full::new(Bytes::from(format!(
+                                "connection {n}"
+                            )))))
+                        }
+                    }
+                });
+                tokio::spawn(async move {
+                    let connection = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                        .serve_connection(TokioIo::new(io), service);
+                    tokio::pin!(connection);
+                    if first {
+                        tokio::select! {
+                            _ = connection.as_mut() => return,
+                            () = arrived.notified() => connection.as_mut().graceful_shutdown(),
+                        }
+                    }
+                    let _ = connection.await;
+                });
+            }
+        });
+        addr
+    }
+
+    /// A request for a connection its server drains is sent on a new connection, not failed;
+    /// the request the server kept is answered on the old one.
+    #[tokio::test]
+    async fn an_http2_request_after_the_servers_goaway_goes_on_a_new_connection() {
+        let release = Arc::new(Notify::new());
+        let addr = draining_upstream(release.clone()).await;
+        let client = Client::new(ClusterPolicy::default());
+        let first = tokio::spawn({
+            let client = client.clone();
+            async move {
+                within(client.get(addr, Proto::Http2))
+                    .await
+                    .map(|(body, _)| body)
+            }
+        });
+        // The first request arrived and the GOAWAY followed; the client reads it meanwhile.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let second = within(client.get(addr, Proto::Http2))
+            .await
+            .map(|(body, _)| body);
+        assert_eq!(
+            second.expect("sent again on a new connection"),
+            "connection 2"
+        );
+        release.notify_one();
+        assert_eq!(first.await.unwrap().unwrap(), "connection 1");
     }
 
     #[tokio::test]
