@@ -802,7 +802,19 @@ async fn offer_handover(
     let stop = shutdown_signal(shutdown.subscribe());
     tokio::pin!(stop);
     let mut tick = tokio::time::interval(Duration::from_millis(50));
+    // A successor not ready in time gives up (its predecessor takes its offer back later).
+    let ready_by = tokio::time::Instant::now() + handover::READY_TIMEOUT;
     while !readiness.proxy_listening.load(Ordering::Acquire) || readiness.check().is_err() {
+        if confirmation.is_some() && tokio::time::Instant::now() > ready_by {
+            error!(
+                "not ready {} s after taking the listening sockets over ({}): exiting, the \
+                 previous mesh-node serves on",
+                handover::READY_TIMEOUT.as_secs(),
+                readiness.check().err().unwrap_or_default()
+            );
+            shutdown.send_replace(true);
+            return;
+        }
         tokio::select! {
             () = &mut stop => return,
             _ = tick.tick() => {}
@@ -814,9 +826,13 @@ async fn offer_handover(
                 info!("serving: the previous mesh-node drains");
                 handovers.adopt_from(stream);
             }
-            // It is gone already (it was told to stop): the sockets are this one's anyway.
-            Ok(Err(e)) => warn!("the previous mesh-node was not told it may drain: {e}"),
-            Err(e) => warn!("the previous mesh-node was not told it may drain: {e}"),
+            // It is gone (it crashed, or was told to stop): it serves no more, and this one
+            // holds the sockets. (It takes an offer back only after `READY_TIMEOUT`, by when
+            // this one has given up.)
+            Ok(Err(e)) => {
+                warn!("the previous mesh-node is gone before it heard this one serves: {e}")
+            }
+            Err(e) => warn!("the previous mesh-node is gone before it heard this one serves: {e}"),
         }
     }
     let listener = match handover::bind(&path) {
@@ -831,11 +847,9 @@ async fn offer_handover(
         () = &mut stop => {}
         successor = handover::offer(listener, offer, &readiness.handing_over) => {
             info!("the next mesh-node serves: draining");
-            match successor.into_std().and_then(|s| s.set_nonblocking(false).map(|()| s)) {
-                Ok(stream) => {
-                    let _ = handovers
-                        .successor
-                        .set(Arc::new(crate::proxy::Successor::new(stream)));
+            match successor.into_std().and_then(crate::proxy::Successor::new) {
+                Ok(successor) => {
+                    let _ = handovers.successor.set(Arc::new(successor));
                 }
                 Err(e) => warn!("open connections cannot go to the next mesh-node: {e}"),
             }

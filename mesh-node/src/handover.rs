@@ -14,9 +14,13 @@
 //!   taken\n                      ──▶   stops accepting, drains its connections, exits
 //! ```
 //!
-//! Each side checks the other with the kernel's word (`SO_PEERCRED`): the same user, and a
-//! process in the same network namespace; the successor also checks the node name and that
-//! every socket is bound where it is configured to listen. The sockets are the same kernel
+//! Each side checks the other with the kernel's word: the same user (`SO_PEERCRED`), and the
+//! same network namespace (the successor sends a socket of its own with its request, the
+//! predecessor its listening sockets, and each compares their `SO_NETNS_COOKIE` with its own);
+//! the successor also checks the node name and that every socket is bound where it is
+//! configured to listen. A root process of another pod that can reach the socket's directory
+//! (a hostPath) and runs in the node's network namespace (`hostNetwork`) passes these checks:
+//! such a process can already bind the node's ports whenever no mesh-node holds them. The sockets are the same kernel
 //! objects in both processes, so a connection that arrives during the handover waits in the
 //! listen backlog until one of them accepts it: none is refused, none reset. The successor
 //! says `taken` only once it serves (its first configuration applied); until then both accept,
@@ -51,6 +55,11 @@ const REQUEST: &[u8] = b"weft-handover 1\n";
 const TAKEN: &[u8] = b"taken\n";
 /// How long the request and the answer may take, all together.
 const EXCHANGE_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a predecessor waits for its successor to serve; the successor gives up before
+/// ([`READY_TIMEOUT`]), so that both never serve on their own.
+const TAKE_TIMEOUT: Duration = Duration::from_secs(120);
+/// How long a successor may take to be ready to serve before it gives up and exits.
+pub const READY_TIMEOUT: Duration = Duration::from_secs(90);
 /// The longest message either side reads.
 const MAX_MESSAGE: usize = 1024;
 
@@ -295,8 +304,10 @@ pub fn take_over(
         .set_read_timeout(Some(EXCHANGE_TIMEOUT))
         .and_then(|()| stream.set_write_timeout(Some(EXCHANGE_TIMEOUT)))
         .map_err(failed("setting timeouts"))?;
-    stream
-        .write_all(REQUEST)
+    // With the request, a socket of this process's network namespace: the predecessor gives
+    // its sockets only to a process of its own namespace, by the kernel's account.
+    let probe = std::net::UdpSocket::bind("127.0.0.1:0").map_err(failed("a namespace probe"))?;
+    sys::send_fds(stream.as_fd(), REQUEST, &[probe.as_fd()])
         .map_err(failed("asking for the sockets"))?;
     let mut buf = vec![0u8; MAX_MESSAGE];
     let (mut n, fds) =
@@ -449,13 +460,20 @@ pub async fn offer(
         // away (then the offer stands).
         handing_over.store(true, Ordering::Release);
         let mut taken = [0u8; TAKEN.len()];
-        match stream.read_exact(&mut taken).await {
-            Ok(_) if taken == TAKEN => {
+        match tokio::time::timeout(TAKE_TIMEOUT, stream.read_exact(&mut taken)).await {
+            Ok(Ok(_)) if taken == TAKEN => {
                 info!("the next mesh-node serves on the listening sockets");
                 return stream;
             }
-            Ok(_) => warn!("the next mesh-node did not confirm; still serving"),
-            Err(e) => warn!("the next mesh-node went away before it served ({e}); still serving"),
+            Ok(Ok(_)) => warn!("the next mesh-node did not confirm; still serving"),
+            Ok(Err(e)) => {
+                warn!("the next mesh-node went away before it served ({e}); still serving");
+            }
+            // It gives up by then too (it is not ready: no configuration, no certificates).
+            Err(_) => warn!(
+                "the next mesh-node did not serve within {} s; still serving",
+                TAKE_TIMEOUT.as_secs()
+            ),
         }
         handing_over.store(false, Ordering::Release);
     }
@@ -465,13 +483,28 @@ pub async fn offer(
 fn give(stream: &UnixStream, offer: &Offer) -> io::Result<()> {
     stream.set_nonblocking(false)?;
     stream.set_write_timeout(Some(EXCHANGE_TIMEOUT))?;
+    stream.set_read_timeout(Some(EXCHANGE_TIMEOUT))?;
+    let deadline = Instant::now() + EXCHANGE_TIMEOUT;
     let mut request = [0u8; REQUEST.len()];
-    read_exact_by(stream, &mut request, Instant::now() + EXCHANGE_TIMEOUT)?;
+    let (n, probe) = sys::recv_fds(stream.as_fd(), &mut request)?;
+    read_exact_by(stream, &mut request[n..], deadline)?;
     if request != REQUEST {
         return Err(io::Error::new(
             io::ErrorKind::InvalidData,
             "not a handover request",
         ));
+    }
+    // The successor's probe socket says which network namespace it runs in: this one's, or
+    // it is not this node's mesh-node (a process of another pod that reached the socket).
+    let ours = own_netns_cookie()?;
+    match probe.as_slice() {
+        [probe] if sys::netns_cookie(probe.as_fd()).ok() == Some(ours) => {}
+        _ => {
+            return Err(io::Error::new(
+                io::ErrorKind::PermissionDenied,
+                "the peer is not of this network namespace",
+            ))
+        }
     }
     let answer = Sockets {
         version: VERSION,
@@ -712,6 +745,47 @@ mod tests {
             err.to_string().contains("socket tunnel listens on"),
             "{err}"
         );
+        let taken = take(&path, "node-1", expected).await.unwrap().unwrap();
+        tokio::task::spawn_blocking(move || taken.confirmation.confirm().map(drop))
+            .await
+            .unwrap()
+            .unwrap();
+        ended(offered).await;
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// A process of another network namespace (another pod, with the same user) that asks as
+    /// a successor does gets no socket; the offer stands.
+    #[tokio::test]
+    async fn a_process_of_another_network_namespace_gets_nothing() {
+        let dir = tempfile_dir();
+        let path = dir.join("handover.sock");
+        let listeners = bind_listeners(&loopback(), false).unwrap();
+        let expected = bound(&listeners);
+        let unix = bind(&path).unwrap();
+        let offered = offering(unix, listeners.offer("node-1").unwrap());
+        let got = {
+            let path = path.clone();
+            tokio::task::spawn_blocking(move || {
+                std::thread::spawn(move || {
+                    sys::unshare_network().expect("a network namespace of its own needs root");
+                    let probe = std::net::UdpSocket::bind("0.0.0.0:0").unwrap();
+                    let stream = UnixStream::connect(&path).unwrap();
+                    sys::send_fds(stream.as_fd(), REQUEST, &[probe.as_fd()]).unwrap();
+                    let mut buf = [0u8; 64];
+                    match sys::recv_fds(stream.as_fd(), &mut buf) {
+                        Ok((n, fds)) => (n, fds.len()),
+                        Err(e) if e.kind() == io::ErrorKind::ConnectionReset => (0, 0),
+                        Err(e) => panic!("{e}"),
+                    }
+                })
+                .join()
+                .unwrap()
+            })
+            .await
+            .unwrap()
+        };
+        assert_eq!(got, (0, 0), "closed without a socket");
         let taken = take(&path, "node-1", expected).await.unwrap().unwrap();
         tokio::task::spawn_blocking(move || taken.confirmation.confirm().map(drop))
             .await

@@ -5,27 +5,32 @@
 //! After `taken`, the handover socket stays open. At the drain, each relay of two plain TCP
 //! sockets (a client of this node and a pod of this node) pauses between two reads
 //! ([`super::copy::bidirectional_pausable`]), writes out what it holds (or carries what its writers
-//! did not take within a second), and its two sockets go over with one message:
+//! did not take within a second), and its two sockets go over with one message, its length
+//! (4 bytes, big-endian) then JSON, the sockets attached to its first byte:
 //!
 //! ```text
 //! {"kind":"tcp","direction":"outbound","client":"10.244.1.5:40112","dialled":"10.96.0.12:5432",
-//!  "target":"10.244.1.9:5432","to_upstream":"<base64>","to_downstream":"<base64>"}\n + 2 fds
+//!  "target":"10.244.1.9:5432","to_upstream":"<base64>","to_downstream":"<base64>"} + 2 fds
 //! ```
 //!
 //! The kernel keeps what the sockets received and not read yet, and the `sk_msg` fast path
-//! keeps redirecting between them (the sockets are the same). The successor writes the carried
-//! bytes first, then copies as any connection. A `{"kind":"done"}` line ends the stream.
+//! keeps redirecting between them (the sockets are the same). The successor's copy starts with
+//! the carried bytes as its own held bytes. A `{"kind":"done"}` message ends the stream. A
+//! stalled successor costs a connection, not the drain: every send has a deadline.
 
 use std::{
     io::{self, Read as _},
     net::{SocketAddr, SocketAddrV4},
-    os::{fd::AsFd as _, unix::net::UnixStream},
+    os::{
+        fd::{AsFd as _, OwnedFd},
+        unix::net::UnixStream,
+    },
     sync::{Arc, Mutex},
 };
 
 use base64::{engine::general_purpose::STANDARD, Engine as _};
 use serde::{Deserialize, Serialize};
-use tokio::{io::AsyncWriteExt as _, net::TcpStream};
+use tokio::net::TcpStream;
 use tracing::{debug, info, warn};
 
 use super::{context::Context, copy::Paused, tcp};
@@ -33,6 +38,17 @@ use crate::sys;
 
 /// The largest message: two carried buffers of the largest read, base64, and the rest.
 const MAX_MESSAGE: usize = 1024 * 1024;
+/// How long one message may take to go out to a successor that reads slowly or not at all.
+const SEND_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// A message with its length before it.
+fn frame(message: &Message) -> io::Result<Vec<u8>> {
+    let json = serde_json::to_vec(message).map_err(io::Error::other)?;
+    let len = u32::try_from(json.len()).map_err(io::Error::other)?;
+    let mut framed = len.to_be_bytes().to_vec();
+    framed.extend_from_slice(&json);
+    Ok(framed)
+}
 
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "lowercase")]
@@ -105,10 +121,12 @@ pub struct Successor {
 }
 
 impl Successor {
-    pub fn new(stream: UnixStream) -> Self {
-        Self {
+    pub fn new(stream: UnixStream) -> io::Result<Self> {
+        stream.set_nonblocking(false)?;
+        stream.set_write_timeout(Some(SEND_TIMEOUT))?;
+        Ok(Self {
             stream: Mutex::new(stream),
-        }
+        })
     }
 
     /// Sends a paused connection: its two sockets, what it carried, where it goes.
@@ -132,24 +150,29 @@ impl Successor {
         let (down, up) = (downstream.into_std()?, upstream.into_std()?);
         let successor = self.clone();
         tokio::task::spawn_blocking(move || {
-            let mut line = serde_json::to_vec(&message).map_err(io::Error::other)?;
-            line.push(b'\n');
+            let framed = frame(&message)?;
             let stream = successor
                 .stream
                 .lock()
                 .map_err(|_| io::Error::other("poisoned"))?;
-            sys::send_fds(stream.as_fd(), &line, &[down.as_fd(), up.as_fd()])
+            sys::send_fds(stream.as_fd(), &framed, &[down.as_fd(), up.as_fd()])
             // Our descriptors close here; the successor's carry the connection.
         })
         .await
         .map_err(io::Error::other)?
     }
 
-    /// Tells the successor no more connections come.
-    pub fn done(&self) {
-        if let Ok(stream) = self.stream.lock() {
-            let _ = sys::send_fds(stream.as_fd(), b"{\"kind\":\"done\"}\n", &[]);
-        }
+    /// Tells the successor no more connections come (off the runtime: it may wait for the
+    /// last send's deadline).
+    pub async fn done(self: Arc<Self>) {
+        let _ = tokio::task::spawn_blocking(move || {
+            let stream = self
+                .stream
+                .lock()
+                .map_err(|_| io::Error::other("poisoned"))?;
+            sys::send_fds(stream.as_fd(), &frame(&Message::Done)?, &[])
+        })
+        .await;
     }
 }
 
@@ -161,26 +184,17 @@ fn adopt(
     runtime: tokio::runtime::Handle,
     drain: tokio::sync::watch::Receiver<()>,
 ) {
-    let mut buf = vec![0u8; MAX_MESSAGE];
     let mut adopted = 0usize;
     loop {
-        let (mut n, fds) = match sys::recv_fds(stream.as_fd(), &mut buf) {
-            Ok(got) => got,
+        let (buf, fds) = match read_message(&mut stream) {
+            Ok(Some(message)) => message,
+            Ok(None) => break,
             Err(e) => {
                 warn!("receiving connections from the previous mesh-node: {e}");
                 break;
             }
         };
-        while n > 0 && n < buf.len() && buf[n - 1] != b'\n' {
-            match stream.read(&mut buf[n..]) {
-                Ok(0) | Err(_) => break,
-                Ok(more) => n += more,
-            }
-        }
-        if n == 0 {
-            break;
-        }
-        match serde_json::from_slice::<Message>(buf[..n].trim_ascii_end()) {
+        match serde_json::from_slice::<Message>(&buf) {
             Ok(Message::Done) => break,
             Ok(Message::Tcp(handed)) if fds.len() == 2 => {
                 let mut fds = fds.into_iter();
@@ -204,6 +218,28 @@ fn adopt(
     info!(adopted, "took the previous mesh-node's open connections on");
 }
 
+/// One framed message and the descriptors that came with it; `None` at the end of the stream.
+/// The length alone is read first: the descriptors come with it, and nothing of the next
+/// message (whose descriptors a plain read would drop) is read with this one.
+fn read_message(stream: &mut UnixStream) -> io::Result<Option<(Vec<u8>, Vec<OwnedFd>)>> {
+    let mut len = [0u8; 4];
+    let (n, fds) = sys::recv_fds(stream.as_fd(), &mut len)?;
+    if n == 0 {
+        return Ok(None);
+    }
+    stream.read_exact(&mut len[n..])?;
+    let len = u32::from_be_bytes(len) as usize;
+    if len > MAX_MESSAGE {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            "message too large",
+        ));
+    }
+    let mut buf = vec![0u8; len];
+    stream.read_exact(&mut buf)?;
+    Ok(Some((buf, fds)))
+}
+
 /// Carries an adopted connection on: the carried bytes first, then the copy, counted under the
 /// labels this proxy gives the connection's addresses.
 async fn resume(
@@ -221,12 +257,13 @@ async fn resume(
     // Its client's slot, as for any connection it accepts (an adopted connection is kept
     // even over the cap: it was admitted before).
     let _held = ctx.sources.connect(SocketAddr::V4(handed.client).ip()).ok();
-    up.write_all(&decode(&handed.to_upstream))
-        .await
-        .map_err(socket)?;
-    down.write_all(&decode(&handed.to_downstream))
-        .await
-        .map_err(socket)?;
+    // The carried bytes are the copy's own to write, both ways at once: writing one way
+    // first could wait for a peer that waits for the other.
+    let held = Paused {
+        to_upstream: decode(&handed.to_upstream),
+        to_downstream: decode(&handed.to_downstream),
+        ..Paused::default()
+    };
     let labels = {
         let view = ctx.view();
         let snapshot = &view.snapshot;
@@ -239,7 +276,8 @@ async fn resume(
             service.map(|s| &**s),
         )
     };
-    let relayed = tcp::relay_pausable(ctx, &mut down, &mut up, &labels, ctx.tcp_lifetime()).await?;
+    let relayed =
+        tcp::relay_pausable(ctx, &mut down, &mut up, &labels, ctx.tcp_lifetime(), held).await?;
     // This mesh-node hands over in turn: the connection goes on to the next one.
     if let (tcp::Relayed::Paused(paused), Some(successor)) =
         (relayed, ctx.config.handovers.successor.get().cloned())
@@ -251,4 +289,52 @@ async fn resume(
             .map_err(socket)?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Messages larger than the socket's buffer, one after another, each with its socket:
+    /// each arrives whole, with its own.
+    #[test]
+    fn framed_messages_keep_their_bytes_and_their_descriptors() {
+        let (a, mut b) = UnixStream::pair().unwrap();
+        let held = vec![7u8; 300 * 1024];
+        let sender = std::thread::spawn(move || {
+            for n in 0..3u16 {
+                let message = Message::Tcp(HandedTcp {
+                    direction: Direction::Outbound,
+                    client: SocketAddrV4::new([10, 0, 0, 1].into(), n),
+                    dialled: SocketAddrV4::new([10, 0, 0, 2].into(), 80),
+                    target: SocketAddrV4::new([10, 0, 0, 3].into(), 80),
+                    to_upstream: STANDARD.encode(&held),
+                    to_downstream: String::new(),
+                });
+                let probe = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+                sys::send_fds(a.as_fd(), &frame(&message).unwrap(), &[probe.as_fd()]).unwrap();
+            }
+            sys::send_fds(a.as_fd(), &frame(&Message::Done).unwrap(), &[]).unwrap();
+        });
+        for n in 0..3u16 {
+            let (buf, fds) = read_message(&mut b).unwrap().expect("a message");
+            let Message::Tcp(handed) = serde_json::from_slice(&buf).unwrap() else {
+                panic!("not a connection");
+            };
+            assert_eq!(handed.client.port(), n);
+            assert_eq!(
+                STANDARD.decode(handed.to_upstream).unwrap().len(),
+                300 * 1024
+            );
+            assert_eq!(fds.len(), 1, "message {n} kept its socket");
+        }
+        let (buf, fds) = read_message(&mut b).unwrap().unwrap();
+        assert!(matches!(
+            serde_json::from_slice(&buf).unwrap(),
+            Message::Done
+        ));
+        assert!(fds.is_empty());
+        sender.join().unwrap();
+        assert!(read_message(&mut b).unwrap().is_none());
+    }
 }

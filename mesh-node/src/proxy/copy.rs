@@ -186,13 +186,23 @@ pub async fn bidirectional_pausable<D, U, M>(
     lifetime: Lifetime,
     overload: Option<&Arc<Overload>>,
     pause: &tokio_util::sync::CancellationToken,
+    held: Paused,
 ) -> Result<Copied, CopyError>
 where
     D: AsyncRead + AsyncWrite + Unpin + ?Sized,
     U: AsyncRead + AsyncWrite + Unpin + ?Sized,
     M: Meter + ?Sized,
 {
-    copy(downstream, upstream, meter, lifetime, overload, Some(pause)).await
+    copy(
+        downstream,
+        upstream,
+        meter,
+        lifetime,
+        overload,
+        Some(pause),
+        held,
+    )
+    .await
 }
 
 /// [`bidirectional`], ended with an [`Operation::Idle`] error once nothing has moved either
@@ -211,7 +221,17 @@ where
     U: AsyncRead + AsyncWrite + Unpin + ?Sized,
     M: Meter + ?Sized,
 {
-    match copy(downstream, upstream, meter, lifetime, overload, None).await? {
+    match copy(
+        downstream,
+        upstream,
+        meter,
+        lifetime,
+        overload,
+        None,
+        Paused::default(),
+    )
+    .await?
+    {
         Copied::Done(transferred) => Ok(transferred),
         Copied::Paused(paused) => Ok(paused.transferred),
     }
@@ -224,6 +244,7 @@ async fn copy<D, U, M>(
     lifetime: Lifetime,
     overload: Option<&Arc<Overload>>,
     pause: Option<&tokio_util::sync::CancellationToken>,
+    held: Paused,
 ) -> Result<Copied, CopyError>
 where
     D: AsyncRead + AsyncWrite + Unpin + ?Sized,
@@ -236,6 +257,13 @@ where
     let mut flush_timer: Option<Pin<Box<Sleep>>> = None;
     let mut up = Pipe::new();
     let mut down = Pipe::new();
+    // What another process read and did not write: written first, as if read here.
+    if !held.to_upstream.is_empty() {
+        up.keep(&held.to_upstream);
+    }
+    if !held.to_downstream.is_empty() {
+        down.keep(&held.to_downstream);
+    }
     let mut up_done = false;
     let mut down_done = false;
     let transferred = |up: &Pipe, down: &Pipe| Transferred {
@@ -861,9 +889,16 @@ mod tests {
         let copying = tokio::spawn({
             let pause = pause.clone();
             async move {
-                let copied =
-                    bidirectional_pausable(&mut a, &mut b, &(), Lifetime::default(), None, &pause)
-                        .await;
+                let copied = bidirectional_pausable(
+                    &mut a,
+                    &mut b,
+                    &(),
+                    Lifetime::default(),
+                    None,
+                    &pause,
+                    Paused::default(),
+                )
+                .await;
                 (copied, a)
             }
         });

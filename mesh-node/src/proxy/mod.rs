@@ -307,7 +307,7 @@ impl Proxy {
             );
         }
         if let Some(successor) = successor {
-            successor.done();
+            successor.done().await;
         }
     }
 }

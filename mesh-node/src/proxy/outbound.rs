@@ -19,7 +19,7 @@ use super::{
     adopt,
     authz::{self, Peer},
     context::Context,
-    copy::Transferred,
+    copy::{Paused, Transferred},
     detect::{self, Declared, Rewind, Sniffed, SNIFF_TIMEOUT},
     error::ProxyError,
     l7,
@@ -221,7 +221,8 @@ async fn proxy(
         }
     };
     let lifetime = target.lifetime(ctx);
-    // Two sockets of this node (a pod to a pod): a restart hands them to the next mesh-node.
+    // A plain TCP upstream of this proxy (a pod of the node, or outside the mesh): a restart
+    // hands the two sockets to the next mesh-node.
     if !matches!(upstream, Stream::Tcp(_)) {
         let transferred =
             tcp::relay(ctx, &mut downstream, &mut upstream, &labels, lifetime).await?;
@@ -229,8 +230,15 @@ async fn proxy(
         drop(target);
         return Ok(Served::Tcp(transferred));
     }
-    let relayed =
-        tcp::relay_pausable(ctx, &mut downstream, &mut upstream, &labels, lifetime).await?;
+    let relayed = tcp::relay_pausable(
+        ctx,
+        &mut downstream,
+        &mut upstream,
+        &labels,
+        lifetime,
+        Paused::default(),
+    )
+    .await?;
     let mut paused = match relayed {
         tcp::Relayed::Done(transferred) => {
             drop(target);

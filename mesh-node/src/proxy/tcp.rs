@@ -258,13 +258,14 @@ pub(super) enum Relayed {
 }
 
 /// [`relay`], paused between two reads once the next mesh-node took the sockets (see
-/// [`super::adopt`]).
+/// [`super::adopt`]), and starting with the bytes `held` to write (an adopted connection's).
 pub(super) async fn relay_pausable<D, U>(
     ctx: &Context,
     downstream: &mut D,
     upstream: &mut U,
     labels: &TcpLabels,
     lifetime: Lifetime,
+    held: copy::Paused,
 ) -> Result<Relayed, ProxyError>
 where
     D: AsyncRead + AsyncWrite + Unpin,
@@ -279,6 +280,7 @@ where
         lifetime,
         Some(ctx.overload()),
         &ctx.handover,
+        held,
     )
     .await?;
     Ok(match copied {

@@ -133,14 +133,34 @@ pub fn send_fds(socket: BorrowedFd<'_>, data: &[u8], fds: &[BorrowedFd<'_>]) -> 
     }
     // SAFETY: `msg` points at live buffers for the duration of the call.
     let sent = unsafe { libc::sendmsg(socket.as_raw_fd(), &msg, libc::MSG_NOSIGNAL) };
-    match sent {
-        n if n < 0 => Err(io::Error::last_os_error()),
-        n if n as usize != data.len() => Err(io::Error::new(
-            io::ErrorKind::WriteZero,
-            "the message was sent in part",
-        )),
-        _ => Ok(()),
+    if sent < 0 {
+        return Err(io::Error::last_os_error());
     }
+    // The descriptors went with the first bytes; a message larger than the socket's buffer
+    // goes on as plain writes.
+    let mut rest = &data[sent as usize..];
+    while !rest.is_empty() {
+        // SAFETY: `rest` is a live slice; send(2) reads at most its length.
+        let n = unsafe {
+            libc::send(
+                socket.as_raw_fd(),
+                rest.as_ptr().cast(),
+                rest.len(),
+                libc::MSG_NOSIGNAL,
+            )
+        };
+        match n {
+            n if n < 0 => {
+                let e = io::Error::last_os_error();
+                if e.kind() != io::ErrorKind::Interrupted {
+                    return Err(e);
+                }
+            }
+            0 => return Err(io::ErrorKind::WriteZero.into()),
+            n => rest = &rest[n as usize..],
+        }
+    }
+    Ok(())
 }
 
 /// Receives one message of [`send_fds`]: its bytes into `buf` and the descriptors it carried
