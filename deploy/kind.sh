@@ -22,7 +22,7 @@ cargo build --release -p mesh-node --manifest-path "$root/Cargo.toml"
 step "building the image $image"
 ctx=$(mktemp -d)
 trap 'rm -rf "$ctx"' EXIT
-cp "$root/target/release/mesh-node" "$root/target/release/weft-demo" "$ctx/"
+cp "$root/target/release/mesh-node" "$root/target/release/weft-cni" "$root/target/release/weft-demo" "$ctx/"
 docker build -t "$image" -f "$root/deploy/Dockerfile" "$ctx"
 
 if [[ -n $cluster ]]; then

@@ -245,7 +245,9 @@ impl AgentRun {
             .build()
             .map_err(|e| e.to_string())?;
         let rx = store.subscribe();
-        rt.spawn(agent.run(rx, applied));
+        // No container runtime here: nothing enrolls pods.
+        let (_enroll, enrollments) = tokio::sync::mpsc::channel(1);
+        rt.spawn(agent.run(rx, applied, enrollments));
         Ok((run, rt))
     }
 }

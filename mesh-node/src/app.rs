@@ -298,6 +298,10 @@ fn serve(args: RunArgs, mode: Mode) -> Result<(), AppError> {
             admin_addr: args.server.admin_addr,
             health_addr: args.server.health_addr,
             listeners: admin_listeners,
+            cni_socket: args
+                .cni_socket
+                .clone()
+                .filter(|p| !p.as_os_str().is_empty() && mode == Mode::Node),
             handover,
             handovers,
             handed_over: handed_over.clone(),
@@ -563,6 +567,8 @@ struct Control {
     health_addr: SocketAddr,
     /// Admin and health sockets bound before (or taken from the previous mesh-node).
     listeners: Option<(std::net::TcpListener, std::net::TcpListener)>,
+    /// Where the container runtime's `weft-cni` enrolls new pods.
+    cni_socket: Option<PathBuf>,
     /// Where to offer the listening sockets to the next mesh-node, and their duplicates.
     handover: Option<Handover>,
     /// Where open connections go to, or come from, across a handover.
@@ -598,6 +604,7 @@ impl Control {
             admin_addr,
             health_addr,
             listeners,
+            cni_socket,
             handover,
             handovers,
             handed_over,
@@ -659,6 +666,25 @@ impl Control {
             }
         };
 
+        // The container runtime enrolls new pods through the agent (its sync meshes them).
+        let (enroll, enrollments) = tokio::sync::mpsc::channel(64);
+        if let (Some(path), true) = (&cni_socket, agent.is_some()) {
+            match handover::bind_private(path).and_then(|l| handover::own_uid().map(|uid| (l, uid)))
+            {
+                Ok((listener, uid)) => {
+                    let server = Arc::new(agent::cni::CniServer {
+                        store: store.clone(),
+                        readiness: readiness.clone(),
+                        enroll,
+                        dir: path.parent().map(Path::to_path_buf).unwrap_or_default(),
+                    });
+                    info!(path = %path.display(), "enrolling new pods for the container runtime (weft-cni)");
+                    tokio::spawn(server.clone().keep_namespaces());
+                    tokio::spawn(server.serve(listener, uid));
+                }
+                Err(e) => warn!(path = %path.display(), "weft-cni cannot reach this agent: {e}"),
+            }
+        }
         let sync = async {
             match agent {
                 Some(agent) => {
@@ -669,7 +695,11 @@ impl Control {
                         return;
                     }
                     agent
-                        .run(snapshots, readiness.ebpf_applied_version.clone())
+                        .run(
+                            snapshots,
+                            readiness.ebpf_applied_version.clone(),
+                            enrollments,
+                        )
                         .await
                 }
                 None => std::future::pending().await,

@@ -14,6 +14,8 @@ use crate::identity::DEFAULT_TRUST_DOMAIN;
 
 /// Default pin directory of Weft's eBPF maps and links on bpffs.
 pub const DEFAULT_BPFFS_ROOT: &str = "/sys/fs/bpf/weft";
+/// Where the node agent answers the `weft-cni` plugin.
+pub const DEFAULT_CNI_SOCKET: &str = "/var/run/weft/cni.sock";
 /// Where a node's mesh-node offers its listening sockets to the next one.
 pub const DEFAULT_HANDOVER_SOCKET: &str = "/var/run/weft/handover.sock";
 
@@ -93,6 +95,12 @@ pub struct RunArgs {
     /// (a directory of another user, or one others may write to, is refused). Empty: none.
     #[arg(long, env = "WEFT_HANDOVER_SOCKET", value_name = "PATH", default_value = DEFAULT_HANDOVER_SOCKET)]
     pub handover_socket: Option<PathBuf>,
+
+    /// Unix socket the `weft-cni` plugin enrolls new pods on (root's alone; its directory
+    /// also gets `namespaces.json`, what the plugin decides with while the agent is down).
+    /// Empty: none.
+    #[arg(long, env = "WEFT_CNI_SOCKET", value_name = "PATH", default_value = DEFAULT_CNI_SOCKET)]
+    pub cni_socket: Option<PathBuf>,
 
     /// What a mesh-node does once it handed its sockets over and drained: `exit`, or `wait`
     /// for SIGTERM (in a DaemonSet, whose kubelet would otherwise restart the container that
@@ -365,6 +373,7 @@ impl SidecarArgs {
             no_ebpf: true,
             // A pod's proxy restarts with its pod.
             handover_socket: None,
+            cni_socket: None,
             after_handover: AfterHandover::Exit,
             server: self.server,
             identity: IdentityArgs {

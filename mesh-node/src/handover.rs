@@ -217,7 +217,7 @@ fn netns_of(process: &str) -> io::Result<u64> {
 }
 
 /// This process's effective user.
-fn own_uid() -> io::Result<u32> {
+pub(crate) fn own_uid() -> io::Result<u32> {
     Ok(std::fs::metadata("/proc/self")?.uid())
 }
 
@@ -371,10 +371,16 @@ pub fn take_over(
 /// Binds the handover socket at `path` (replacing a predecessor's), in a directory only this
 /// process's user may enter, readable and writable by that user alone.
 pub fn bind(path: &Path) -> Result<tokio::net::UnixListener, HandoverError> {
-    let error = |source| HandoverError::Socket {
+    bind_private(path).map_err(|source| HandoverError::Socket {
         path: path.to_owned(),
         source,
-    };
+    })
+}
+
+/// Binds a Unix socket at `path` (replacing what is there) in a directory only this process's
+/// user may enter (one it owns is made so; a shared one is refused), mode 0600.
+pub fn bind_private(path: &Path) -> io::Result<tokio::net::UnixListener> {
+    let error = |source: io::Error| source;
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::DirBuilder::new()
             .recursive(true)

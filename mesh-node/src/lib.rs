@@ -4,6 +4,7 @@ pub mod admin;
 pub mod agent;
 pub mod app;
 pub mod ca;
+pub mod cni;
 pub mod config;
 pub mod handover;
 pub mod identity;

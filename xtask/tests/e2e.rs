@@ -894,6 +894,86 @@ fn an_open_connection_survives_restarts_of_its_node() -> Result<()> {
     Ok(())
 }
 
+/// Two pods created on node-2 while its mesh-node is stopped: one of a meshed namespace, one
+/// of an unmeshed one.
+const PODS_WHILE_STOPPED: &str = r#"
+apiVersion: v1
+kind: Pod
+metadata: {name: new-m, namespace: mesh, labels: {app: new-m}}
+spec:
+  nodeName: node-2
+  containers: [{name: main, command: [sleep, infinity]}]
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: new-p, namespace: plain, labels: {app: new-p}}
+spec:
+  nodeName: node-2
+  containers: [{name: main, command: [sleep, infinity]}]
+"#;
+
+/// The container runtime calls weft-cni for every pod: with its node's mesh-node stopped, a
+/// pod of a meshed namespace does not start (so it cannot connect anywhere) while one of an
+/// unmeshed namespace does; once mesh-node is back the first starts, meshed, with no restart
+/// by hand. A runtime that pairs a pod with another pod's network namespace is refused.
+fn pods_wait_for_their_node_to_enroll_them() -> Result<()> {
+    let dir = tempfile_dir()?;
+    let path = dir.join("pods.yaml");
+    fs::write(&path, PODS_WHILE_STOPPED)?;
+    cluster::stop_node("node-2")?;
+    let applying = std::thread::spawn({
+        let path = path.clone();
+        move || cluster::apply(&path)
+    });
+    let checked = (|| -> Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while cluster::pids("plain/new-p").unwrap_or_default().is_empty() {
+            ensure!(
+                Instant::now() < deadline,
+                "the unmeshed namespace's pod did not start while node-2's mesh-node was stopped"
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        std::thread::sleep(Duration::from_secs(3));
+        ensure!(
+            cluster::pids("mesh/new-m")?.is_empty(),
+            "a meshed pod started while its node's mesh-node was stopped"
+        );
+        println!("    node-2 stopped: plain/new-p runs, mesh/new-m waits for its network");
+        Ok(())
+    })();
+    let started = cluster::start_node("node-2");
+    let applied = applying
+        .join()
+        .map_err(|_| anyhow!("applying the pods panicked"))?;
+    checked?;
+    started?;
+    applied?;
+    ensure!(
+        !cluster::pids("mesh/new-m")?.is_empty(),
+        "mesh/new-m did not start"
+    );
+    // Meshed: its connection across nodes reaches peer-1 from node-1's proxy.
+    let dial = dial("mesh/new-m", "peer-1:80")?;
+    ensure!(
+        dial.server_saw == PROXY_1,
+        "mesh/new-m is not meshed: peer-1 saw {}",
+        dial.server_saw
+    );
+    println!("    node-2 back: mesh/new-m started, meshed (peer-1 saw {PROXY_1})");
+    // The wrong network namespace for the pod's address.
+    let out = cluster::cni_add_with_netns_of("mesh/new-m", "plain/client-p2")?;
+    let answer = String::from_utf8_lossy(&out.stdout);
+    ensure!(
+        !out.status.success() && answer.contains("\"code\":100"),
+        "weft-cni accepted another pod's network namespace: {answer}"
+    );
+    println!("    paired with another pod's network namespace: refused");
+    cluster::delete(&path)?;
+    let _ = fs::remove_dir_all(&dir);
+    Ok(())
+}
+
 /// A crashed mesh-node (SIGKILL) is replaced, and traffic flows again.
 fn a_killed_node_proxy_is_replaced() -> Result<()> {
     cluster::restart_node("node-1", cluster::Restart::Kill)?;
@@ -955,6 +1035,10 @@ fn main() {
         (
             "a_killed_node_proxy_is_replaced",
             a_killed_node_proxy_is_replaced,
+        ),
+        (
+            "pods_wait_for_their_node_to_enroll_them",
+            pods_wait_for_their_node_to_enroll_them,
         ),
     ];
     probe::run_suite("e2e", || probe::up_with(CLUSTER), cases)

@@ -5,6 +5,7 @@
 //! enforcing the mesh while `mesh-node` restarts: meshed pods' new connections are refused until
 //! the proxy listens again (fail closed), and a restarted agent takes the pinned maps over.
 
+pub mod cni;
 mod ebpf;
 mod route;
 
@@ -91,7 +92,14 @@ impl Agent {
 
     /// Applies every snapshot to the maps and the interface attachments, and re-checks pod
     /// cgroups and interfaces every second (they can appear after the pod object).
-    pub async fn run(self, mut snapshots: watch::Receiver<Arc<Snapshot>>, applied: Arc<AtomicU64>) {
+    /// Enrollments from the container runtime ([`cni`]) are applied at once, and answered
+    /// once the maps hold them.
+    pub async fn run(
+        self,
+        mut snapshots: watch::Receiver<Arc<Snapshot>>,
+        applied: Arc<AtomicU64>,
+        mut enrollments: tokio::sync::mpsc::Receiver<cni::Enroll>,
+    ) {
         let Self { cfg, data_path } = self;
         let mut sync = ebpf::Sync::new(cfg, data_path);
         let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
@@ -106,6 +114,15 @@ impl Agent {
                     }
                 }
                 _ = tick.tick() => {}
+                Some(request) = enrollments.recv() => match request {
+                    cni::Enroll::Add(enrollment) => {
+                        sync.enroll(enrollment.key.clone(), enrollment.ip, enrollment.uid);
+                        let snapshot = snapshots.borrow().clone();
+                        sync.apply(&snapshot, &applied);
+                        let _ = enrollment.reply.send(sync.enrolled(&enrollment.key));
+                    }
+                    cni::Enroll::Remove(key) => sync.forget(&key),
+                },
             }
         }
     }

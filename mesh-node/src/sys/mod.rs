@@ -256,6 +256,54 @@ pub fn netns_cookie(socket: BorrowedFd<'_>) -> io::Result<u64> {
     }
 }
 
+/// The IPv4 addresses of the interfaces of the network namespace at `netns` (a bind-mounted
+/// namespace, as `/var/run/netns/NAME`, or `/proc/PID/ns/net`), read from a thread of its own
+/// that enters the namespace and ends with it.
+pub fn ipv4_addresses_in(netns: &std::path::Path) -> io::Result<Vec<Ipv4Addr>> {
+    let file = std::fs::File::open(netns)?;
+    std::thread::scope(|scope| {
+        scope
+            .spawn(|| {
+                // SAFETY: setns(2) takes an open namespace descriptor and a type flag; it
+                // changes only this thread, which ends here.
+                if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+                    return Err(io::Error::last_os_error());
+                }
+                interface_addresses()
+            })
+            .join()
+            .unwrap_or_else(|_| Err(io::Error::other("the namespace reader panicked")))
+    })
+}
+
+/// The IPv4 addresses of this thread's network namespace (`getifaddrs`).
+fn interface_addresses() -> io::Result<Vec<Ipv4Addr>> {
+    let mut list: *mut libc::ifaddrs = std::ptr::null_mut();
+    // SAFETY: getifaddrs fills `list` with a list we free below.
+    if unsafe { libc::getifaddrs(&mut list) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let mut addresses = Vec::new();
+    let mut entry = list;
+    while !entry.is_null() {
+        // SAFETY: `entry` is a node of the list getifaddrs returned, not yet freed.
+        let ifa = unsafe { &*entry };
+        if !ifa.ifa_addr.is_null() {
+            // SAFETY: ifa_addr points at a sockaddr; its family says which kind.
+            let family = i32::from(unsafe { (*ifa.ifa_addr).sa_family });
+            if family == libc::AF_INET {
+                // SAFETY: an AF_INET address is a sockaddr_in.
+                let sin = unsafe { &*ifa.ifa_addr.cast::<libc::sockaddr_in>() };
+                addresses.push(Ipv4Addr::from(u32::from_be(sin.sin_addr.s_addr)));
+            }
+        }
+        entry = ifa.ifa_next;
+    }
+    // SAFETY: `list` came from getifaddrs and is freed once.
+    unsafe { libc::freeifaddrs(list) };
+    Ok(addresses)
+}
+
 #[cfg(test)]
 mod tests {
     use std::{net::TcpListener, os::fd::AsFd};
@@ -294,6 +342,13 @@ mod tests {
         let client = std::net::TcpStream::connect(addr).unwrap();
         let (accepted, _) = taken.accept().unwrap();
         assert_eq!(accepted.peer_addr().unwrap(), client.local_addr().unwrap());
+    }
+
+    #[test]
+    fn the_addresses_of_this_network_namespace() {
+        let here = ipv4_addresses_in(std::path::Path::new("/proc/self/ns/net")).unwrap();
+        assert!(here.contains(&Ipv4Addr::LOCALHOST), "{here:?}");
+        assert!(ipv4_addresses_in(std::path::Path::new("/nonexistent")).is_err());
     }
 
     #[test]

@@ -311,6 +311,7 @@ mod tests {
         Binaries {
             mesh_node: "/t/debug/mesh-node".into(),
             weft_demo: "/t/debug/weft-demo".into(),
+            weft_cni: "/t/debug/weft-cni".into(),
         }
     }
 

@@ -24,6 +24,7 @@ use serde::{Deserialize, Serialize};
 
 mod ca;
 mod cgroup;
+mod cni;
 mod config;
 mod down;
 mod launch;
@@ -72,6 +73,9 @@ pub fn node_log_env(cmd: &mut Command) -> &mut Command {
 pub struct Binaries {
     pub mesh_node: PathBuf,
     pub weft_demo: PathBuf,
+    /// The chained CNI plugin the cluster's runtime calls for every pod.
+    #[serde(default)]
+    pub weft_cni: PathBuf,
 }
 
 /// Builds `mesh-node` and `weft-demo` (`cargo build -p mesh-node --bins`, profile from
@@ -91,7 +95,7 @@ pub fn binaries() -> Result<Binaries> {
     if let Some(other) = std::env::var_os(MESH_NODE_ENV) {
         bins.mesh_node = PathBuf::from(other);
     }
-    for path in [&bins.mesh_node, &bins.weft_demo] {
+    for path in [&bins.mesh_node, &bins.weft_demo, &bins.weft_cni] {
         if !path.is_file() {
             bail!("the build did not produce {}", path.display());
         }
@@ -141,6 +145,7 @@ fn binary_paths(profile_dir: &str) -> Binaries {
     Binaries {
         mesh_node: target.join("mesh-node"),
         weft_demo: target.join("weft-demo"),
+        weft_cni: target.join("weft-cni"),
     }
 }
 
@@ -262,7 +267,7 @@ fn converge(state: &mut State, diff: &Diff) -> Result<()> {
     // Recorded first, so that `down` knows every node and pod even if this fails half-way.
     state.save()?;
     for pod in &diff.removed {
-        teardown_pod(pod).with_context(|| format!("removing pod {}", pod.key()))?;
+        teardown_pod(state, pod).with_context(|| format!("removing pod {}", pod.key()))?;
         eprintln!("pod {}: removed", pod.key());
     }
     for node in &diff.new_nodes {
@@ -295,6 +300,13 @@ fn converge(state: &mut State, diff: &Diff) -> Result<()> {
             start_proxy(node, &bins)?;
         }
         for node in &state.nodes {
+            if state.stopped.contains(&node.name) {
+                eprintln!(
+                    "node {}: mesh-node stopped; its new meshed pods wait for it",
+                    node.name
+                );
+                continue;
+            }
             ready::wait_node(node, state.generation)?;
             if diff.new_nodes.contains(node) {
                 eprintln!("node {}: mesh-node ready", node.name);
@@ -302,18 +314,59 @@ fn converge(state: &mut State, diff: &Diff) -> Result<()> {
         }
     }
 
-    for pod in &diff.added {
-        start_pod(state, pod)?;
-    }
-    for pod in &diff.added {
-        ready::wait_pod(pod)?;
-        eprintln!("pod {}: ready ({}, {})", pod.key(), pod.ip, pod.node);
-    }
-    Ok(())
+    // Each pod on its own, as kubelets do: one whose network waits (its node's mesh-node is
+    // stopped) holds up no other.
+    let started: Vec<Result<()>> = std::thread::scope(|scope| {
+        let starting: Vec<_> = diff
+            .added
+            .iter()
+            .map(|pod| {
+                let state = &*state;
+                scope.spawn(move || {
+                    start_pod(state, pod)?;
+                    ready::wait_pod(pod)?;
+                    eprintln!("pod {}: ready ({}, {})", pod.key(), pod.ip, pod.node);
+                    Ok(())
+                })
+            })
+            .collect();
+        starting
+            .into_iter()
+            .map(|t| {
+                t.join()
+                    .unwrap_or_else(|_| Err(anyhow::anyhow!("starting a pod panicked")))
+            })
+            .collect()
+    });
+    started.into_iter().collect()
 }
 
-fn teardown_pod(pod: &PodInfo) -> Result<()> {
+/// Runs `weft-cni ADD` for `pod` as the runtime would, but with the network namespace of pod
+/// `netns_of`: what a runtime that paired them wrongly would ask.
+pub fn cni_add_with_netns_of(pod: &str, netns_of: &str) -> Result<Output> {
+    let state = load_state()?;
+    let mut info = state
+        .pods
+        .get(pod)
+        .with_context(|| format!("no pod {pod}"))?
+        .clone();
+    info.netns = state
+        .pods
+        .get(netns_of)
+        .with_context(|| format!("no pod {netns_of}"))?
+        .netns
+        .clone();
+    let node = state.node(&info.node).context("pod on an unknown node")?;
+    let bins = state.binaries.as_ref().context("not built")?;
+    cni::call(&bins.weft_cni, "ADD", &info, node)
+}
+
+fn teardown_pod(state: &State, pod: &PodInfo) -> Result<()> {
     cgroup::kill(&pod.cgroup())?;
+    if let (true, Some(bins), Some(node)) = (state.mesh, &state.binaries, state.node(&pod.node)) {
+        // As a runtime does when a pod goes; DEL never fails.
+        let _ = cni::call(&bins.weft_cni, "DEL", pod, node);
+    }
     if net::list_netns()?.contains(&pod.netns) {
         net::delete_netns(&pod.netns)?;
     } else {
@@ -370,6 +423,8 @@ fn start_proxy(node: &NodeInfo, bins: &Binaries) -> Result<u32> {
         .args(["--node", &node.name])
         .arg("--handover-socket")
         .arg(handover_socket(node))
+        .arg("--cni-socket")
+        .arg(node.cni_socket())
         .arg("--config-dir")
         .arg(state::config_dir())
         .arg("--cgroup")
@@ -438,6 +493,11 @@ pub fn tls_origination_dir() -> PathBuf {
 fn start_pod(state: &State, pod: &PodInfo) -> Result<()> {
     let obj = resource_of(state, pod).context("pod without its resource")?;
     let node = state.node(&pod.node).context("pod on an unknown node")?;
+    // As a container runtime: the network plugins before any container, retried while they
+    // say "try again later" (the node's mesh-node is not there to enroll a meshed pod).
+    if let (true, Some(bins)) = (state.mesh, &state.binaries) {
+        cni::add(&bins.weft_cni, pod, node)?;
+    }
     if let Some(kind) = sidecar::kind(obj)? {
         sidecar::start(state, pod, obj, node, kind)?;
     }
@@ -468,7 +528,11 @@ pub fn stop_node(node: &str) -> Result<()> {
     let state = load_state()?;
     let node = state
         .node(node)
-        .with_context(|| format!("no node {node}"))?;
+        .with_context(|| format!("no node {node}"))?
+        .clone();
+    let mut state = state;
+    state.stopped.insert(node.name.clone());
+    state.save()?;
     cgroup::kill(&node.proxy_cgroup())
 }
 
@@ -488,7 +552,11 @@ pub fn start_node(node: &str) -> Result<()> {
     }
     let bins = state.binaries.as_ref().context("mesh-node was not built")?;
     start_proxy(node, bins)?;
-    ready::wait_node(node, state.generation)
+    ready::wait_node(node, state.generation)?;
+    let name = node.name.clone();
+    let mut state = state;
+    state.stopped.remove(&name);
+    state.save()
 }
 
 /// How [`restart_node`] replaces a node's mesh-node.

@@ -74,6 +74,7 @@ pub fn plan(prev: &State, resources: Vec<Value>) -> Result<(State, Diff)> {
         nodes: prev.nodes.clone(),
         pods: BTreeMap::new(),
         services: BTreeMap::new(),
+        stopped: prev.stopped.clone(),
     };
     let mut diff = Diff::default();
 

@@ -72,6 +72,15 @@ impl NodeInfo {
     pub fn log(&self) -> PathBuf {
         log_dir().join(format!("node-{}.log", self.name))
     }
+
+    /// Where its mesh-node answers the container runtime's `weft-cni` (one per node, as the
+    /// nodes share this machine's filesystem).
+    pub fn cni_socket(&self) -> PathBuf {
+        Path::new(RUN_DIR)
+            .join("cni")
+            .join(&self.name)
+            .join("cni.sock")
+    }
 }
 
 /// One pod: a network namespace behind a veth into its node, and a cgroup under the node's.
@@ -127,6 +136,10 @@ pub struct State {
     pub pods: BTreeMap<String, PodInfo>,
     /// Allocated ClusterIPs, keyed by `namespace/name`.
     pub services: BTreeMap<String, Ipv4Addr>,
+    /// Nodes whose mesh-node was stopped on purpose (`stop_node`): changes do not wait for
+    /// them, and their new meshed pods wait for them.
+    #[serde(default)]
+    pub stopped: std::collections::BTreeSet<String>,
 }
 
 impl State {

@@ -241,6 +241,44 @@ impl Desired {
     }
 }
 
+/// `snapshot` with the enrolled pods it has no address for, or does not have yet (a pod of
+/// node `node` whose labels are not known: meshed as its namespace is). Enrollments the
+/// snapshot has caught up with (the same address) are dropped.
+fn with_enrolled(
+    enrolled: &mut BTreeMap<ObjectKey, (Ipv4Addr, Option<Arc<str>>)>,
+    node: &str,
+    snapshot: &Arc<Snapshot>,
+) -> Arc<Snapshot> {
+    enrolled.retain(|key, (ip, _)| snapshot.pods.get(key).is_none_or(|p| p.ip != Some(*ip)));
+    let missing: Vec<_> = enrolled
+        .iter()
+        .filter(|(key, _)| snapshot.pods.get(*key).is_none_or(|p| p.ip.is_none()))
+        .collect();
+    if missing.is_empty() {
+        return snapshot.clone();
+    }
+    let mut patched = (**snapshot).clone();
+    for (key, (ip, uid)) in missing {
+        let mut pod = match snapshot.pods.get(key) {
+            Some(known) => (**known).clone(),
+            None => Pod {
+                key: key.clone(),
+                uid: uid.clone(),
+                labels: Default::default(),
+                annotations: Default::default(),
+                node: Some(node.into()),
+                ip: None,
+                service_account: "default".into(),
+                ports: Vec::new(),
+            },
+        };
+        pod.ip = Some(*ip);
+        patched.pods.insert(key.clone(), Arc::new(pod));
+        patched.pods_by_ip.insert(*ip, key.clone());
+    }
+    Arc::new(patched)
+}
+
 /// The addresses and endpoint addresses of every ServiceEntry host.
 fn entry_endpoint_ips(snapshot: &Snapshot) -> BTreeSet<u32> {
     let mut ips = BTreeSet::new();
@@ -307,6 +345,10 @@ pub struct Sync {
     base: Option<Arc<Snapshot>>,
     desired: Desired,
     written: Written,
+    /// Pods the container runtime enrolled (`weft-cni ADD`) with the address it gave them,
+    /// before the Kubernetes API has that address (kubelet writes it into the pod's status
+    /// only once the network is set up): meshed with it until the snapshot has one.
+    enrolled: BTreeMap<ObjectKey, (Ipv4Addr, Option<Arc<str>>)>,
 }
 
 fn ip_key(ip: Ipv4Addr) -> u32 {
@@ -321,10 +363,40 @@ impl Sync {
             base: None,
             desired: Desired::default(),
             written: Written::default(),
+            enrolled: BTreeMap::new(),
         }
     }
 
+    /// Meshes pod `key` with address `ip` from now on, whatever the snapshot says of its
+    /// address (until it says one).
+    pub fn enroll(&mut self, key: ObjectKey, ip: Ipv4Addr, uid: Option<Arc<str>>) {
+        self.enrolled.insert(key, (ip, uid));
+    }
+
+    pub fn forget(&mut self, key: &ObjectKey) {
+        self.enrolled.remove(key);
+    }
+
+    /// Whether the maps mesh pod `key` (as the last pass wrote them): its address steered to
+    /// the proxy, and its cgroup captured.
+    pub fn enrolled(&self, key: &ObjectKey) -> Result<(), String> {
+        let Some(entries) = self.desired.pods.get(key) else {
+            return Err(format!("pod {key} is not in the maps yet"));
+        };
+        if entries.local_meshed.is_none() {
+            return Err(format!("pod {key} has no address in the maps yet"));
+        }
+        if entries.cgroups.is_empty() {
+            return Err(format!("the cgroup of pod {key} is not found yet"));
+        }
+        if self.base.is_none() {
+            return Err("the last write to the maps failed".into());
+        }
+        Ok(())
+    }
+
     pub fn apply(&mut self, snapshot: &Arc<Snapshot>, applied_version: &AtomicU64) {
+        let snapshot = &with_enrolled(&mut self.enrolled, &self.cfg.node, snapshot);
         let (base, from_scratch) = match self.base.take() {
             Some(base) => (base, false),
             None => {
@@ -593,6 +665,58 @@ mod tests {
         );
         s.index();
         s
+    }
+
+    /// A pod the runtime enrolled before the API has its address (or the pod at all) is
+    /// meshed with the runtime's address; once the snapshot has it, the snapshot decides.
+    #[test]
+    fn an_enrolled_pod_is_meshed_before_its_status_has_an_address() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = config(dir.path());
+        let mut base = snapshot(dir.path());
+        // Known without an address (kubelet has not written it), and not known at all.
+        let mut pending = pod("mesh", "new", "n1", [0, 0, 0, 0], &[]);
+        pending.ip = None;
+        fs::create_dir_all(dir.path().join("poduid-new")).unwrap();
+        base.pods.insert(pending.key.clone(), Arc::new(pending));
+        fs::create_dir_all(dir.path().join("poduid-unseen")).unwrap();
+        let base = Arc::new(base);
+        let mut enrolled = BTreeMap::from([
+            (
+                ObjectKey::new("mesh", "new"),
+                (Ipv4Addr::new(10, 244, 1, 9), None),
+            ),
+            (
+                ObjectKey::new("mesh", "unseen"),
+                (Ipv4Addr::new(10, 244, 1, 10), Some(Arc::from("uid-unseen"))),
+            ),
+        ]);
+        let patched = with_enrolled(&mut enrolled, "n1", &base);
+        let d = from_scratch(&cfg, &patched);
+        let local = d.local_meshed_pods.effective();
+        for ip in [[10, 244, 1, 9], [10, 244, 1, 10]] {
+            assert!(
+                local.contains_key(&ip_key(Ipv4Addr::from(ip))),
+                "{ip:?}: {local:?}"
+            );
+        }
+        assert!(!d.pods[&ObjectKey::new("mesh", "unseen")].cgroups.is_empty());
+        // The snapshot catches up with the same address: the enrollment is done with.
+        let mut caught_up = (*patched).clone();
+        caught_up.pods.remove(&ObjectKey::new("mesh", "unseen"));
+        let caught_up = Arc::new(caught_up);
+        with_enrolled(&mut enrolled, "n1", &caught_up);
+        assert_eq!(
+            enrolled.len(),
+            1,
+            "only the one the snapshot lacks stays: {enrolled:?}"
+        );
+        // Untouched when nothing is enrolled.
+        enrolled.clear();
+        assert!(Arc::ptr_eq(
+            &with_enrolled(&mut enrolled, "n1", &base),
+            &base
+        ));
     }
 
     #[test]
