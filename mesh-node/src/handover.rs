@@ -602,6 +602,23 @@ mod tests {
             .unwrap();
     }
 
+    /// This node's real successor still gets the sockets, says it serves, and the offer ends.
+    async fn the_offer_still_stands(
+        path: &Path,
+        expected: Addresses,
+        offered: tokio::task::JoinHandle<()>,
+    ) {
+        let taken = take(path, "node-1", expected)
+            .await
+            .unwrap()
+            .expect("the offer stands");
+        tokio::task::spawn_blocking(move || taken.confirmation.confirm().map(drop))
+            .await
+            .unwrap()
+            .unwrap();
+        ended(offered).await;
+    }
+
     /// A peer that says anything, as far as it gets: `(bytes, descriptors)` received.
     fn poke(path: &Path, says: &[u8]) -> (usize, usize) {
         let mut stream = UnixStream::connect(path).unwrap();
@@ -690,12 +707,7 @@ mod tests {
         let offered = offering(unix, listeners.offer("node-1").unwrap());
         // Takes the sockets, then dies without confirming.
         drop(take(&path, "node-1", expected).await.unwrap().unwrap());
-        let taken = take(&path, "node-1", expected).await.unwrap().unwrap();
-        tokio::task::spawn_blocking(move || taken.confirmation.confirm().map(drop))
-            .await
-            .unwrap()
-            .unwrap();
-        ended(offered).await;
+        the_offer_still_stands(&path, expected, offered).await;
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
@@ -721,13 +733,7 @@ mod tests {
             .err()
             .expect("another node's sockets are refused");
         assert!(other.to_string().contains("serves node node-1"), "{other}");
-        let taken = take(&path, "node-1", expected).await.unwrap();
-        let taken = taken.expect("a real successor still gets the sockets");
-        tokio::task::spawn_blocking(move || taken.confirmation.confirm().map(drop))
-            .await
-            .unwrap()
-            .unwrap();
-        ended(offered).await;
+        the_offer_still_stands(&path, expected, offered).await;
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
@@ -751,12 +757,7 @@ mod tests {
             err.to_string().contains("socket tunnel listens on"),
             "{err}"
         );
-        let taken = take(&path, "node-1", expected).await.unwrap().unwrap();
-        tokio::task::spawn_blocking(move || taken.confirmation.confirm().map(drop))
-            .await
-            .unwrap()
-            .unwrap();
-        ended(offered).await;
+        the_offer_still_stands(&path, expected, offered).await;
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
@@ -792,12 +793,7 @@ mod tests {
             .unwrap()
         };
         assert_eq!(got, (0, 0), "closed without a socket");
-        let taken = take(&path, "node-1", expected).await.unwrap().unwrap();
-        tokio::task::spawn_blocking(move || taken.confirmation.confirm().map(drop))
-            .await
-            .unwrap()
-            .unwrap();
-        ended(offered).await;
+        the_offer_still_stands(&path, expected, offered).await;
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
@@ -847,12 +843,7 @@ mod tests {
         );
         assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "0 0");
         // The offer stands for this node's next mesh-node.
-        let taken = take(&path, "node-1", expected).await.unwrap().unwrap();
-        tokio::task::spawn_blocking(move || taken.confirmation.confirm().map(drop))
-            .await
-            .unwrap()
-            .unwrap();
-        ended(offered).await;
+        the_offer_still_stands(&path, expected, offered).await;
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
