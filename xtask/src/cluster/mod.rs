@@ -91,16 +91,21 @@ pub fn binaries() -> Result<Binaries> {
     )
     .context("building mesh-node and weft-demo")?;
     let mut bins = binary_paths(&dir);
-    // Another build of the node (an upgrade to try, a baseline to measure against).
-    if let Some(other) = std::env::var_os(MESH_NODE_ENV) {
-        bins.mesh_node = PathBuf::from(other);
-    }
+    with_other_mesh_node(&mut bins);
     for path in [&bins.mesh_node, &bins.weft_demo, &bins.weft_cni] {
         if !path.is_file() {
             bail!("the build did not produce {}", path.display());
         }
     }
     Ok(bins)
+}
+
+/// Another build of the node, when [`MESH_NODE_ENV`] names one (an upgrade to try, a baseline
+/// to measure against).
+fn with_other_mesh_node(bins: &mut Binaries) {
+    if let Some(other) = std::env::var_os(MESH_NODE_ENV) {
+        bins.mesh_node = PathBuf::from(other);
+    }
 }
 
 /// A build of mesh-node other than the one the cluster runs, to upgrade to: the release
@@ -586,11 +591,9 @@ pub fn restart_node(node: &str, how: Restart) -> Result<()> {
         bail!("the cluster runs without mesh-node ({NO_MESH_ENV})");
     }
     let mut bins = state.binaries.clone().context("mesh-node was not built")?;
-    if let Some(other) = std::env::var_os(MESH_NODE_ENV) {
-        bins.mesh_node = PathBuf::from(other);
-        if !bins.mesh_node.is_file() {
-            bail!("{MESH_NODE_ENV}={}: no such file", bins.mesh_node.display());
-        }
+    with_other_mesh_node(&mut bins);
+    if !bins.mesh_node.is_file() {
+        bail!("no mesh-node at {}", bins.mesh_node.display());
     }
     let old = cgroup::procs(&node.proxy_cgroup());
     if how == Restart::Kill {
@@ -631,6 +634,12 @@ pub fn restart_node(node: &str, how: Restart) -> Result<()> {
     proc::reap();
     ready::wait_node(node, state.generation)?;
     eprintln!("node {}: mesh-node {new} ready", node.name);
+    // A node that was stopped runs again: changes wait for it from now on.
+    let name = node.name.clone();
+    let mut state = state;
+    if state.stopped.remove(&name) {
+        state.save()?;
+    }
     Ok(())
 }
 
