@@ -36,13 +36,14 @@ enum Task {
     /// Bookinfo on the virtual cluster.
     Demo,
     /// The data-plane benchmark (no mesh, sidecar, HAProxy sidecar, Weft; root), `scale`
-    /// (control plane at 10,000 Services) or `churn` (new connections while the
-    /// configuration changes 10 times a second; no root).
+    /// (control plane at 10,000 Services), `churn` (new connections while the configuration
+    /// changes 10 times a second; no root), `chaos` (mixed load while node proxies and the CA
+    /// are restarted and killed; root) or `soak` (mixed load for 30 minutes; root).
     Bench {
-        /// `scale` or `churn`; nothing for the data-plane benchmark; `render` to write a run's
-        /// table, chart and targets again from its JSON (--out, default
+        /// `scale`, `churn`, `chaos` or `soak`; nothing for the data-plane benchmark; `render`
+        /// to write a run's table, chart and targets again from its JSON (--out, default
         /// bench/results/latest.json).
-        #[arg(value_parser = ["scale", "churn", "render"])]
+        #[arg(value_parser = ["scale", "churn", "chaos", "soak", "render"])]
         name: Option<String>,
         /// 10 s windows and one run (under 5 minutes), into target/bench/quick.json; with
         /// `churn`: 5 s windows.
@@ -59,6 +60,9 @@ enum Task {
         /// Only this scenario (repeatable), e.g. `cross-node-grpc` or `cross-node-bulk-8`.
         #[arg(long = "scenario", value_name = "NAME")]
         scenarios: Vec<String>,
+        /// `chaos` and `soak`: minutes of load (default 10 and 30; 2 and 3 with --quick).
+        #[arg(long)]
+        minutes: Option<f64>,
     },
 }
 
@@ -101,13 +105,18 @@ enum ClusterCommand {
     },
     /// Replace a node's mesh-node as a DaemonSet rollout does (`node/NAME`): a new process
     /// takes the listening sockets while the old one drains and exits. The new process runs
-    /// the binary named by WEFT_MESH_NODE if set (an upgrade), else the cluster's.
+    /// the binary named by WEFT_MESH_NODE if set (an upgrade), else the cluster's. `ca`
+    /// kills the mesh CA and starts it again.
     Restart {
-        /// `node/NAME`
+        /// `node/NAME` or `ca`
         target: String,
         /// Kill the running mesh-node first (SIGKILL: a crash), then start a new one.
-        #[arg(long)]
+        #[arg(long, conflicts_with = "term")]
         kill: bool,
+        /// Stop the running mesh-node with SIGTERM and wait until it exited, then start a new
+        /// one (a container restart with no successor waiting).
+        #[arg(long)]
+        term: bool,
     },
     /// Show nodes, pods and Services.
     Status,
@@ -135,14 +144,21 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 print!("{}", cluster::status()?);
             }
             ClusterCommand::Apply { path } => cluster::apply(&path)?,
-            ClusterCommand::Restart { target, kill } => {
+            ClusterCommand::Restart { target, kill, term } => {
+                if target == "ca" {
+                    if term {
+                        anyhow::bail!("the mesh CA has no SIGTERM restart: `restart ca` kills it");
+                    }
+                    cluster::restart_ca(std::time::Duration::ZERO)?;
+                    return Ok(ExitCode::SUCCESS);
+                }
                 let Some(node) = target.strip_prefix("node/") else {
-                    anyhow::bail!("restart takes node/NAME, not {target:?}");
+                    anyhow::bail!("restart takes node/NAME or ca, not {target:?}");
                 };
-                let how = if kill {
-                    cluster::Restart::Kill
-                } else {
-                    cluster::Restart::Handover
+                let how = match (kill, term) {
+                    (true, _) => cluster::Restart::Kill,
+                    (_, true) => cluster::Restart::Term,
+                    _ => cluster::Restart::Handover,
                 };
                 cluster::restart_node(node, how)?;
             }
@@ -174,7 +190,37 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             runs,
             out,
             scenarios,
+            minutes,
         } => match name.as_deref() {
+            _ if minutes.is_some() && !matches!(name.as_deref(), Some("chaos" | "soak")) => {
+                anyhow::bail!("--minutes is for `bench chaos` and `bench soak`");
+            }
+            Some(kind @ ("chaos" | "soak")) => {
+                if runs.is_some() || !scenarios.is_empty() {
+                    anyhow::bail!("`bench {kind}` takes --quick, --minutes and --out only");
+                }
+                let out = out.map(|o| std::env::current_dir().map(|d| d.join(o)));
+                let out = out.transpose()?;
+                if kind == "chaos" {
+                    let mut options = if quick {
+                        xtask::bench::ChaosOptions::quick()
+                    } else {
+                        xtask::bench::ChaosOptions::full()
+                    };
+                    options.minutes = minutes.unwrap_or(options.minutes);
+                    options.out = out.unwrap_or(options.out);
+                    xtask::bench::chaos(&options)?;
+                } else {
+                    let mut options = if quick {
+                        xtask::bench::SoakOptions::quick()
+                    } else {
+                        xtask::bench::SoakOptions::full()
+                    };
+                    options.minutes = minutes.unwrap_or(options.minutes);
+                    options.out = out.unwrap_or(options.out);
+                    xtask::bench::soak(&options)?;
+                }
+            }
             Some("scale") => xtask::bench::scale()?,
             Some("render") => {
                 let json = match out {

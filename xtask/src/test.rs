@@ -89,6 +89,18 @@ const STEPS: &[Step] = &[
             crate::bench::data_plane(&options)
         },
     },
+    Step {
+        name: "chaos smoke (bench chaos, every fault once; results not asserted)",
+        lint: false,
+        run: |root| {
+            let mut options = crate::bench::ChaosOptions::quick();
+            // A fault every 9 s with 9 s of calm at both ends: each of the seven once.
+            options.minutes = 1.2;
+            options.every_s = 9.0;
+            options.out = root.join("target/bench/ci-chaos.json");
+            crate::bench::chaos(&options)
+        },
+    },
 ];
 
 /// Runs every step; prints a header per step.

@@ -27,8 +27,9 @@ use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
 use crate::{
     grpc,
-    protocol::{Framing, Protocol},
+    protocol::{self, Framing, Protocol},
     sys,
+    timeline::{self, Interval, Timeline},
 };
 
 #[derive(Debug, clap::Args)]
@@ -56,6 +57,14 @@ pub struct Args {
     /// Worker threads of the closed loop.
     #[arg(long, default_value_t = 2)]
     pub threads: usize,
+    /// Fixed rate only: also report the measured window cut into intervals of this many
+    /// seconds (requests, failures and latency in each).
+    #[arg(long)]
+    pub interval_s: Option<f64>,
+    /// Fixed rate only: a new connection for every request (its connect counts in the
+    /// latency), as a client without keep-alive.
+    #[arg(long)]
+    pub new_conn: bool,
 }
 
 /// What `run` prints, one JSON object.
@@ -81,6 +90,12 @@ pub struct Report {
     pub p99_us: f64,
     pub p999_us: f64,
     pub max_us: f64,
+    /// With `--interval-s`: when the window opened (ms since the Unix epoch), and the window
+    /// cut into intervals.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub window_start_unix_ms: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub intervals: Option<Vec<Interval>>,
 }
 
 /// Samples and counts of one connection (or of all, merged).
@@ -150,6 +165,8 @@ impl Tally {
             p99_us: round1(us(0.99)),
             p999_us: round1(us(0.999)),
             max_us: round1(self.histogram.max() as f64 / 1000.0),
+            window_start_unix_ms: None,
+            intervals: None,
         }
     }
 }
@@ -163,9 +180,16 @@ fn round1(v: f64) -> f64 {
     (v * 10.0).round() / 10.0
 }
 
-pub fn run(args: Args) -> Result<()> {
+/// The load `args` describe, and its report.
+pub fn measure(args: &Args) -> Result<Report> {
     if args.conns == 0 {
         bail!("--conns must be at least 1");
+    }
+    if args.rate == 0 && (args.interval_s.is_some() || args.new_conn) {
+        bail!("--interval-s and --new-conn are for a fixed rate, not the closed loop (--rate 0)");
+    }
+    if args.interval_s.is_some_and(|s| s.is_nan() || s < 0.001) {
+        bail!("--interval-s must be at least 0.001");
     }
     let addr = args
         .addr
@@ -173,11 +197,15 @@ pub fn run(args: Args) -> Result<()> {
         .with_context(|| format!("resolving {}", args.addr))?
         .next()
         .with_context(|| format!("{} has no address", args.addr))?;
-    let report = if args.rate == 0 {
-        closed_loop(&args, addr)?
+    if args.rate == 0 {
+        closed_loop(args, addr)
     } else {
-        fixed_rate(&args, addr)?
-    };
+        fixed_rate(args, addr)
+    }
+}
+
+pub fn run(args: Args) -> Result<()> {
+    let report = measure(&args)?;
     println!("{}", serde_json::to_string(&report)?);
     if report.requests == 0 {
         bail!(
@@ -215,73 +243,133 @@ fn fixed_rate(args: &Args, addr: SocketAddr) -> Result<Report> {
     let protocol = args.protocol;
     let body = args.response_bytes;
     // Connections first, so the schedule does not start with connects.
-    let conns: Vec<FixedConn> = (0..args.conns)
-        .map(|_| FixedConn::open(addr, protocol, body))
+    let conns: Vec<Option<FixedConn>> = (0..args.conns)
+        .map(|_| {
+            if args.new_conn {
+                Ok(None)
+            } else {
+                FixedConn::open(addr, protocol, body).map(Some)
+            }
+        })
         .collect::<Result<_>>()?;
     let start = Instant::now() + Duration::from_millis(10);
     let measure_from = start + Duration::from_secs_f64(args.warmup_s);
     let end = measure_from + Duration::from_secs_f64(args.duration_s);
+    let timeline = args.interval_s.is_some();
     let threads: Vec<_> = conns
         .into_iter()
         .enumerate()
         .map(|(i, conn)| {
             let schedule = Schedule::new(start, args.rate, args.conns, i);
+            let window = Window {
+                measure_from,
+                end,
+                timeline,
+            };
             std::thread::Builder::new()
                 .name(format!("conn-{i}"))
-                .spawn(move || {
-                    fixed_rate_connection(conn, addr, protocol, body, schedule, measure_from, end)
-                })
+                .spawn(move || fixed_rate_connection(conn, addr, protocol, body, schedule, window))
                 .context("starting a connection thread")
         })
         .collect::<Result<_>>()?;
     let mut tally = Tally::new();
+    let mut events = Timeline::default();
     for t in threads {
-        tally.merge(
-            t.join()
-                .map_err(|_| anyhow::anyhow!("a connection thread panicked"))?,
-        );
+        let (conn_tally, conn_events) = t
+            .join()
+            .map_err(|_| anyhow::anyhow!("a connection thread panicked"))?;
+        tally.merge(conn_tally);
+        events.merge(conn_events);
     }
-    Ok(tally.report(args, "fixed-rate", end - measure_from))
+    let mut report = tally.report(args, "fixed-rate", end - measure_from);
+    if let Some(interval_s) = args.interval_s {
+        report.window_start_unix_ms = Some(timeline::unix_ms(measure_from));
+        report.intervals =
+            Some(events.intervals(Duration::from_secs_f64(interval_s), end - measure_from));
+    }
+    Ok(report)
 }
 
+/// The measured part of a fixed-rate run, and whether its requests are kept by time.
+#[derive(Clone, Copy, Debug)]
+struct Window {
+    measure_from: Instant,
+    end: Instant,
+    timeline: bool,
+}
+
+/// One connection's schedule. `conn` is `None` with `--new-conn`: every request then opens
+/// its own connection.
 fn fixed_rate_connection(
-    mut conn: FixedConn,
+    mut conn: Option<FixedConn>,
     addr: SocketAddr,
     protocol: Protocol,
     body: usize,
     schedule: Schedule,
-    measure_from: Instant,
-    end: Instant,
-) -> Tally {
+    window: Window,
+) -> (Tally, Timeline) {
     sys::precise_sleeps();
+    let new_conn = conn.is_none();
     let mut tally = Tally::new();
+    let mut events = Timeline::default();
     for k in 0.. {
         let due = schedule.due(k);
-        if due >= end {
+        if due >= window.end {
             break;
         }
         let now = Instant::now();
         if due > now {
             std::thread::sleep(due - now);
         }
-        match conn.exchange(body) {
-            Ok(()) => tally.record(due.elapsed(), due >= measure_from),
+        let measured = due >= window.measure_from;
+        let outcome = if new_conn {
+            FixedConn::open(addr, protocol, body).and_then(|mut c| c.exchange(body).map(drop))
+        } else {
+            let open = match conn.take() {
+                Some(c) => Ok(c),
+                None => FixedConn::open(addr, protocol, body),
+            };
+            open.and_then(|mut c| {
+                if !c.exchange(body)? {
+                    conn = Some(c);
+                }
+                Ok(())
+            })
+        };
+        match outcome {
+            Ok(()) => {
+                let latency = due.elapsed();
+                tally.record(latency, measured);
+                if measured && window.timeline {
+                    events.answered(due - window.measure_from, latency);
+                }
+            }
             Err(e) => {
+                if measured && window.timeline {
+                    events.failed(due - window.measure_from, &e);
+                }
                 tally.error(&e);
-                // A fresh connection for the next request; the schedule keeps running, so
-                // the time lost shows in the next requests' latency.
-                match FixedConn::open(addr, protocol, body) {
-                    Ok(c) => conn = c,
-                    Err(_) => std::thread::sleep(Duration::from_millis(10)),
+                if !new_conn {
+                    // A fresh connection for the next request (or, when none opens, at the
+                    // next request's time); the schedule keeps running, so the time lost
+                    // shows in the next requests' latency.
+                    conn = FixedConn::open(addr, protocol, body).ok();
+                    if conn.is_none() {
+                        std::thread::sleep(Duration::from_millis(10));
+                    }
                 }
             }
         }
     }
-    tally
+    (tally, events)
 }
 
 /// One connection of the fixed-rate load, used by one thread: a blocking socket, or an HTTP/2
 /// connection driven by a single-threaded runtime of its own between requests.
+#[allow(
+    clippy::large_enum_variant,
+    reason = "one per connection thread, never moved on a hot path"
+)]
 enum FixedConn {
     Raw {
         stream: TcpStream,
@@ -293,6 +381,7 @@ enum FixedConn {
         runtime: tokio::runtime::Runtime,
         channel: grpc::Channel,
         call: grpc::Call,
+        addr: SocketAddr,
     },
 }
 
@@ -314,13 +403,16 @@ impl FixedConn {
                     runtime,
                     channel,
                     call: grpc::Call::new(addr, body),
+                    addr,
                 }
             }
         })
     }
 
-    /// One request, one complete response.
-    fn exchange(&mut self, body: usize) -> Result<()> {
+    /// One request, one complete response; whether the connection takes no more requests
+    /// after it (the server said `Connection: close`, or its HTTP/2 connection closed), so
+    /// that the next one goes on a new connection, as clients do.
+    fn exchange(&mut self, body: usize) -> Result<bool> {
         match self {
             FixedConn::Raw {
                 stream,
@@ -332,11 +424,21 @@ impl FixedConn {
                 runtime,
                 channel,
                 call,
+                addr,
             } => runtime
                 .block_on(async {
-                    tokio::time::timeout(RESPONSE_TIMEOUT, channel.call(call)).await
+                    tokio::time::timeout(RESPONSE_TIMEOUT, async {
+                        // A connection closed since the last call (its server drained it): the
+                        // call goes on a new one, as a gRPC client's channel does.
+                        if channel.is_closed().await {
+                            *channel = grpc::Channel::connect(*addr).await?;
+                        }
+                        channel.call(call).await
+                    })
+                    .await
                 })
-                .map_err(|_| no_response())?,
+                .map_err(|_| no_response())?
+                .map(|()| false),
         }
     }
 }
@@ -356,20 +458,22 @@ fn connect(addr: SocketAddr) -> Result<TcpStream> {
     Ok(stream)
 }
 
-/// One request, one complete response, on a blocking socket.
+/// One request, one complete response, on a blocking socket; whether the server closes the
+/// connection after it (`Connection: close`).
 fn exchange(
     stream: &mut TcpStream,
     request: &[u8],
     buf: &mut Vec<u8>,
     framing: Framing,
     body: usize,
-) -> Result<()> {
+) -> Result<bool> {
     stream.write_all(request).context("sending a request")?;
     let mut chunk = [0u8; 8192];
     loop {
         if let Some(n) = framing.response_len(buf, body)? {
+            let closes = framing == Framing::Http && protocol::says_close(buf);
             buf.drain(..n);
-            return Ok(());
+            return Ok(closes);
         }
         let n = stream.read(&mut chunk).context("reading a response")?;
         if n == 0 {
@@ -434,7 +538,18 @@ async fn closed_loop_connection(
             return tally;
         }
         match tokio::time::timeout(RESPONSE_TIMEOUT, conn.exchange(body)).await {
-            Ok(Ok(())) => tally.record(sent.elapsed(), sent >= measure_from),
+            Ok(Ok(closes)) => {
+                tally.record(sent.elapsed(), sent >= measure_from);
+                if closes {
+                    match LoopConn::open(addr, protocol, body).await {
+                        Ok(c) => conn = c,
+                        Err(e) => {
+                            tally.error(&e);
+                            tokio::time::sleep(Duration::from_millis(10)).await;
+                        }
+                    }
+                }
+            }
             Ok(Err(e)) => {
                 tally.error(&e);
                 match LoopConn::open(addr, protocol, body).await {
@@ -462,6 +577,7 @@ enum LoopConn {
     Grpc {
         channel: grpc::Channel,
         call: grpc::Call,
+        addr: SocketAddr,
     },
 }
 
@@ -484,12 +600,14 @@ impl LoopConn {
             None => LoopConn::Grpc {
                 channel: grpc::Channel::connect(addr).await?,
                 call: grpc::Call::new(addr, body),
+                addr,
             },
         })
     }
 
-    /// One request, one complete response.
-    async fn exchange(&mut self, body: usize) -> Result<()> {
+    /// One request, one complete response; whether the connection takes no more requests
+    /// after it.
+    async fn exchange(&mut self, body: usize) -> Result<bool> {
         match self {
             LoopConn::Raw {
                 stream,
@@ -504,8 +622,9 @@ impl LoopConn {
                     .context("sending a request")?;
                 loop {
                     if let Some(n) = framing.response_len(buf, body)? {
+                        let closes = *framing == Framing::Http && protocol::says_close(buf);
                         buf.drain(..n);
-                        return Ok(());
+                        return Ok(closes);
                     }
                     let n = stream.read(chunk).await.context("reading a response")?;
                     if n == 0 {
@@ -514,7 +633,16 @@ impl LoopConn {
                     buf.extend_from_slice(&chunk[..n]);
                 }
             }
-            LoopConn::Grpc { channel, call } => channel.call(call).await,
+            LoopConn::Grpc {
+                channel,
+                call,
+                addr,
+            } => {
+                if channel.is_closed().await {
+                    *channel = grpc::Channel::connect(*addr).await?;
+                }
+                channel.call(call).await.map(|()| false)
+            }
         }
     }
 }
@@ -551,6 +679,8 @@ mod tests {
             warmup_s: 0.0,
             response_bytes: 1024,
             threads: 1,
+            interval_s: None,
+            new_conn: false,
         };
         let report = tally.report(&args, "fixed-rate", Duration::from_secs(1));
         assert_eq!(report.requests, 1000);

@@ -157,6 +157,12 @@ impl Channel {
         Ok(Self { sender })
     }
 
+    /// Whether the connection takes no more calls (the server closed it, or said `GOAWAY`):
+    /// a gRPC client opens a new one for the next call, as this generator does.
+    pub async fn is_closed(&mut self) -> bool {
+        self.sender.is_closed() || self.sender.ready().await.is_err()
+    }
+
     /// One call; an answer other than a `body`-byte message with `grpc-status: 0` is an error.
     pub async fn call(&mut self, call: &Call) -> Result<()> {
         self.sender.ready().await.context("the connection closed")?;

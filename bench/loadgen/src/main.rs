@@ -17,6 +17,7 @@ mod grpc;
 mod hold;
 mod protocol;
 mod server;
+mod timeline;
 // The only module allowed `unsafe` (the workspace denies it elsewhere).
 #[allow(
     unsafe_code,
@@ -105,9 +106,31 @@ mod tests {
                     warmup_s: 0.1,
                     response_bytes: 1024,
                     threads: 1,
+                    interval_s: None,
+                    new_conn: false,
                 };
                 client::run(args).unwrap();
             }
+            // Cut into intervals, a connection per request: every request answered, in the
+            // interval it was due in.
+            let report = client::measure(&client::Args {
+                addr: addr.to_string(),
+                protocol,
+                rate: 200,
+                conns: 2,
+                duration_s: 0.5,
+                warmup_s: 0.1,
+                response_bytes: 1024,
+                threads: 1,
+                interval_s: Some(0.25),
+                new_conn: true,
+            })
+            .unwrap();
+            let intervals = report.intervals.unwrap();
+            assert_eq!(intervals.len(), 2, "{intervals:?}");
+            assert_eq!(intervals.iter().map(|i| i.requests).sum::<u64>(), 100);
+            assert!(intervals.iter().all(|i| i.errors == 0 && i.p99_us > 0.0));
+            assert!(report.window_start_unix_ms.unwrap() > 1_700_000_000_000);
         }
         runtime.shutdown_timeout(Duration::from_secs(1));
     }

@@ -134,6 +134,22 @@ impl Framing {
 }
 
 /// Index just past the `\r\n\r\n` that ends an HTTP head.
+/// Whether the response at the start of `buf` says `Connection: close`: the server closes the
+/// connection after it, and a client sends its next request on a new one.
+pub fn says_close(buf: &[u8]) -> bool {
+    let Some(end) = head_end(buf) else {
+        return false;
+    };
+    buf[..end].split(|b| *b == b'\n').any(|line| {
+        line.iter().position(|b| *b == b':').is_some_and(|colon| {
+            line[..colon].eq_ignore_ascii_case(b"connection")
+                && line[colon + 1..]
+                    .split(|b| *b == b',')
+                    .any(|token| token.trim_ascii().eq_ignore_ascii_case(b"close"))
+        })
+    })
+}
+
 fn head_end(buf: &[u8]) -> Option<usize> {
     buf.windows(4).position(|w| w == b"\r\n\r\n").map(|i| i + 4)
 }
@@ -159,6 +175,16 @@ fn content_length(head: &[u8]) -> Result<Option<usize>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn connection_close_is_seen_in_the_response_head_only() {
+        let closing =
+            b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nConnection: keep-alive, Close\r\n\r\nok";
+        assert!(says_close(closing));
+        let open = b"HTTP/1.1 200 OK\r\ncontent-length: 16\r\n\r\nconnection: close";
+        assert!(!says_close(open));
+        assert!(!says_close(b"HTTP/1.1 200 OK\r\nconnection: close"));
+    }
 
     #[test]
     fn tcp_framing() {

@@ -27,12 +27,17 @@ use serde::{de::DeserializeOwned, Deserialize};
 
 use crate::{cluster, cmd, is_root, workspace_root};
 
+mod chaos;
 mod churn;
 mod report;
 mod scale;
+mod soak;
+mod steady;
 
+pub use chaos::{chaos, ChaosOptions};
 pub use churn::churn;
 pub use scale::scale;
+pub use soak::{soak, SoakOptions};
 
 /// How a `cargo xtask bench` run is shaped.
 #[derive(Clone, Debug)]
@@ -697,12 +702,32 @@ fn build_loadgen() -> Result<PathBuf> {
     Ok(path)
 }
 
+/// The release build, and the cluster of `chaos` and `soak`: Weft's namespace of the
+/// benchmark's cluster alone.
+fn steady_cluster() -> Result<(PathBuf, Cluster)> {
+    crate::setup()?;
+    std::env::set_var(cluster::PROFILE_ENV, "release");
+    let loadgen = build_loadgen()?;
+    let dir = workspace_root().join("target/bench");
+    fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    let manifest = dir.join("steady-cluster.yaml");
+    fs::write(&manifest, manifest_yaml_for(&loadgen, &[Mode::Weft]))
+        .with_context(|| format!("writing {}", manifest.display()))?;
+    let cluster = Cluster::up(&manifest)?;
+    Ok((loadgen, cluster))
+}
+
 /// The cluster of the benchmark: per mode a namespace with a client and two servers.
 pub fn manifest_yaml(loadgen: &Path) -> String {
+    manifest_yaml_for(loadgen, &Mode::ALL)
+}
+
+/// The benchmark's cluster for `modes` only.
+fn manifest_yaml_for(loadgen: &Path, modes: &[Mode]) -> String {
     let loadgen = loadgen.display();
     let mut yaml =
         String::from("# The data-plane benchmark's cluster, written by `cargo xtask bench`.\n");
-    for mode in Mode::ALL {
+    for &mode in modes {
         let ns = mode.namespace();
         let label = if mode == Mode::Weft {
             "\n  labels:\n    weft.io/mesh: enabled"
@@ -1036,14 +1061,16 @@ fn hold<T>(
 const DRAIN_WAIT: Duration = Duration::from_secs(180);
 
 /// Waits until the client and remote server pods of `client`'s namespace hold no more than a
-/// closed loop's connections: a sidecar still working through thousands of held connections
-/// (HAProxy at its `maxconn`, accepting the rest only as slots free) would fail the next
-/// scenario's requests.
+/// closed loop's connections to or from the echo port the holds use: a sidecar still working
+/// through thousands of held connections (HAProxy at its `maxconn`, accepting the rest only as
+/// slots free) would fail the next scenario's requests. (Other connections may stay: Weft's
+/// sidecars keep their pooled HBONE connections, a hundred streams each, for minutes.)
 fn wait_drained(client: &str) {
     let namespace = client.split('/').next().unwrap_or_default();
     let pods = [client.to_owned(), format!("{namespace}/server-remote")];
     let established = |pod: &str| {
-        let argv = ["ss", "-Htn", "state", "established"].map(String::from);
+        let filter = format!("( sport = :{ECHO_PORT} or dport = :{ECHO_PORT} )");
+        let argv = ["ss", "-Htn", "state", "established", &filter].map(String::from);
         cluster::exec(pod, &argv)
             .map(|out| String::from_utf8_lossy(&out.stdout).lines().count())
             .unwrap_or(0)

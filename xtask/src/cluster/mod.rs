@@ -572,6 +572,9 @@ pub enum Restart {
     Handover,
     /// A crash: SIGKILL, then a new process.
     Kill,
+    /// A container restart without a surge: SIGTERM (the process drains and exits with no
+    /// successor to take its sockets), then a new process.
+    Term,
 }
 
 /// How long an old mesh-node may take to drain and exit after a handover (its drain timeout
@@ -596,8 +599,10 @@ pub fn restart_node(node: &str, how: Restart) -> Result<()> {
         bail!("no mesh-node at {}", bins.mesh_node.display());
     }
     let old = cgroup::procs(&node.proxy_cgroup());
-    if how == Restart::Kill {
-        cgroup::kill(&node.proxy_cgroup())?;
+    match how {
+        Restart::Handover => {}
+        Restart::Kill => cgroup::kill(&node.proxy_cgroup())?,
+        Restart::Term => terminate(node, &old)?,
     }
     let new = start_proxy(node, &bins)?;
     eprintln!(
@@ -607,6 +612,7 @@ pub fn restart_node(node: &str, how: Restart) -> Result<()> {
         match how {
             Restart::Handover => format!(", taking over from {old:?}"),
             Restart::Kill => format!(" after killing {old:?}"),
+            Restart::Term => format!(" after {old:?} exited on SIGTERM"),
         }
     );
     let deadline = Instant::now() + DRAIN_WAIT;
@@ -641,6 +647,54 @@ pub fn restart_node(node: &str, how: Restart) -> Result<()> {
         state.save()?;
     }
     Ok(())
+}
+
+/// Sends SIGTERM to `pids` (the mesh-node of `node`) and waits until they exited.
+fn terminate(node: &NodeInfo, pids: &[u32]) -> Result<()> {
+    for pid in pids {
+        // Gone meanwhile is fine: the wait below is what matters.
+        let _ = crate::cmd::run(Command::new("kill").args(["-TERM", &pid.to_string()]));
+    }
+    let deadline = Instant::now() + DRAIN_WAIT;
+    while pids.iter().any(|pid| alive(*pid)) {
+        if Instant::now() > deadline {
+            bail!(
+                "the mesh-node of {} ({pids:?}) still runs {} s after SIGTERM; the end of {}:\n{}",
+                node.name,
+                DRAIN_WAIT.as_secs(),
+                node.log().display(),
+                proc::tail(&node.log(), 40)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    proc::reap();
+    Ok(())
+}
+
+/// Kills the mesh CA (SIGKILL), leaves it down for `down_for`, and starts it again on its
+/// state directory (the same root): what the nodes see when istiod is rescheduled.
+pub fn restart_ca(down_for: Duration) -> Result<()> {
+    require_root()?;
+    let state = load_state()?;
+    if !state.mesh {
+        bail!("the cluster runs without mesh-node ({NO_MESH_ENV})");
+    }
+    let bins = state.binaries.as_ref().context("mesh-node was not built")?;
+    cgroup::kill(&ca::cgroup())?;
+    std::thread::sleep(down_for);
+    ca::start(bins, &state.nodes)
+}
+
+/// The directory of YAML every node's mesh-node (and the CA) reads: a file written there
+/// (atomically, see [`write_atomic`]) is configuration beside the cluster's own.
+pub fn config_dir() -> PathBuf {
+    state::config_dir()
+}
+
+/// Replaces `path` whole (a temporary file, then a rename), so a reader never sees half of it.
+pub fn write_atomic(path: &Path, contents: &[u8]) -> Result<()> {
+    state::write_atomic(path, contents)
 }
 
 /// Whether process `pid` runs (a zombie does not).
@@ -780,6 +834,12 @@ fn exec_command(target: &str, cmd: &[String]) -> Result<Command> {
             Ok(command)
         }
     }
+}
+
+/// The command `cmd` placed in `ns/pod` or `node/NAME`, for a caller that sets its standard
+/// streams itself.
+pub fn command(target: &str, cmd: &[String]) -> Result<Command> {
+    exec_command(target, cmd)
 }
 
 /// Runs `cmd` in `ns/pod` or `node/NAME` and collects its output.
