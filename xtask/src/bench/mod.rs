@@ -1061,16 +1061,26 @@ fn hold<T>(
 const DRAIN_WAIT: Duration = Duration::from_secs(180);
 
 /// Waits until the client and remote server pods of `client`'s namespace hold no more than a
-/// closed loop's connections to or from the echo port the holds use: a sidecar still working
-/// through thousands of held connections (HAProxy at its `maxconn`, accepting the rest only as
-/// slots free) would fail the next scenario's requests. (Other connections may stay: Weft's
-/// sidecars keep their pooled HBONE connections, a hundred streams each, for minutes.)
+/// closed loop's connections to or from the echo port the holds use, in any state but
+/// `TIME-WAIT` (half-closed ones included): a sidecar still working through thousands of held
+/// connections (HAProxy at its `maxconn`, accepting the rest only as slots free) would fail
+/// the next scenario's requests. (Other connections may stay: pooled upstream connections,
+/// Weft's sidecars' HBONE connections of a hundred streams each, for minutes.)
 fn wait_drained(client: &str) {
     let namespace = client.split('/').next().unwrap_or_default();
     let pods = [client.to_owned(), format!("{namespace}/server-remote")];
     let established = |pod: &str| {
         let filter = format!("( sport = :{ECHO_PORT} or dport = :{ECHO_PORT} )");
-        let argv = ["ss", "-Htn", "state", "established", &filter].map(String::from);
+        let argv = [
+            "ss",
+            "-Htn",
+            "state",
+            "connected",
+            "exclude",
+            "time-wait",
+            &filter,
+        ]
+        .map(String::from);
         cluster::exec(pod, &argv)
             .map(|out| String::from_utf8_lossy(&out.stdout).lines().count())
             .unwrap_or(0)

@@ -230,7 +230,11 @@ pub struct HttpPorts {
 
 /// HAProxy as an Istio-style sidecar: one listener per direction, HTTP/1.1, HTTP/2 or TCP by
 /// the original destination port, every server the connection's original destination
-/// (`0.0.0.0`). HAProxy tells an HTTP/2 client from an HTTP/1.1 one by the preface.
+/// (`0.0.0.0`). HAProxy tells an HTTP/2 client from an HTTP/1.1 one by the preface. A
+/// connection whose original destination is gone (its client closed it, and its conntrack
+/// entry expired, while it waited in the backlog of a sidecar at `maxconn`) reads as addressed
+/// to the listener itself: it is refused, not dialled back into the sidecar, where each such
+/// loop held two of its slots until the benchmark's next run found none free.
 pub fn haproxy_config(pod: &PodInfo, ports: &HttpPorts) -> String {
     let list = |set: &BTreeSet<u16>| {
         if set.is_empty() {
@@ -255,6 +259,7 @@ pub fn haproxy_config(pod: &PodInfo, ports: &HttpPorts) -> String {
          frontend outbound\n\
          \tbind 0.0.0.0:15001\n\
          \tmode tcp\n\
+         \ttcp-request connection reject if {{ dst_port 15001 }}\n\
          \tuse_backend outbound_http if {{ dst_port {http1} }}\n\
          \tuse_backend outbound_h2 if {{ dst_port {http2} }}\n\
          \tdefault_backend outbound_tcp\n\
@@ -270,6 +275,7 @@ pub fn haproxy_config(pod: &PodInfo, ports: &HttpPorts) -> String {
          frontend inbound\n\
          \tbind 0.0.0.0:15006\n\
          \tmode tcp\n\
+         \ttcp-request connection reject if {{ dst_port 15006 }}\n\
          \tuse_backend inbound_http if {{ dst_port {http1} }}\n\
          \tuse_backend inbound_h2 if {{ dst_port {http2} }}\n\
          \tdefault_backend inbound_tcp\n\
@@ -379,6 +385,11 @@ mod tests {
         assert!(config.contains("use_backend outbound_http if { dst_port 80 81 82 8080 }"));
         assert!(config.contains("use_backend inbound_h2 if { dst_port 9090 9091 }"));
         assert!(config.contains("backend inbound_h2\n\tmode http\n\tsource 10.244.1.4\n\tserver original 0.0.0.0:0 proto h2\n"));
+        // Never dialled back into itself.
+        assert!(config.contains(
+            "frontend outbound\n\tbind 0.0.0.0:15001\n\tmode tcp\n\ttcp-request connection reject if { dst_port 15001 }\n"
+        ));
+        assert!(config.contains("tcp-request connection reject if { dst_port 15006 }"));
         let empty = haproxy_config(&pod(), &HttpPorts::default());
         assert!(empty.contains("dst_port 0 }"));
     }
