@@ -543,7 +543,7 @@ async fn tunnel_refuses_targets_that_are_not_its_pods() {
         ip: PRODUCTPAGE,
     };
     let err = pool
-        .connect(&caller, None, peer, mesh.reviews_v1.addr, TIMEOUT)
+        .connect(&caller, None, peer, mesh.reviews_v1.addr, TIMEOUT, None)
         .await
         .unwrap_err();
     let TunnelError::Refused { status, reason, .. } = &err else {
@@ -560,7 +560,7 @@ async fn tunnel_refuses_targets_that_are_not_its_pods() {
     // A pod of node B that listens nowhere: the peer answers 502 with the reason.
     let target = SocketAddrV4::new(RATINGS, 1);
     let err = pool
-        .connect(&caller, None, peer, target, TIMEOUT)
+        .connect(&caller, None, peer, target, TIMEOUT, None)
         .await
         .unwrap_err();
     let TunnelError::Refused { status, reason, .. } = &err else {

@@ -7,6 +7,7 @@ Speaks HBONE the way Istio's ztunnel does, with nothing of Weft's code: TLS 1.3 
 usage:
   hbone_probe.py connect PEER TARGET --root ROOT [--ca-key KEY] [--trust BUNDLE] [--identity ID]
                  [--cert ca|expired|self-signed|foreign-ca|none] [--serial HEX] [--send TEXT]
+  hbone_probe.py resume PEER TARGET --root ROOT --ca-key KEY --identity ID --thief ID2
   hbone_probe.py plaintext PEER TARGET
   hbone_probe.py csr --ca ADDR --root ROOT --token-file FILE --identity ID
 
@@ -15,6 +16,12 @@ connect: a client certificate for ID (signed by ROOT and KEY unless --cert says 
   (pod ip:port); with a 200, TEXT is sent and whatever comes back within a second is reported.
   Prints {"handshake": "ok"|error, "server_identity": URI, "server_issuer": CN,
   "status": int|null, "reply": str, "error": str|null}.
+resume: Weft's pause and resume of a stream to TARGET (a line-numbering TCP server), as ID:
+  CONNECT offering to resume, one line through, then a pause (`weft-paused` trailers); then
+  CONNECTs resuming the stream as ID2, with a malformed token, with a token nobody was given,
+  and as ID, which sends one more line. Prints {"token": str, "first": str, "paused": str,
+  "thief": int, "malformed": int, "unknown": int, "resumed": int, "echoed_token": str,
+  "second": str, "error": str|null}.
 plaintext: an HTTP/1.1 CONNECT without TLS; prints what came back.
 csr: asks the mesh CA (Istio's IstioCertificateService/CreateCertificate, the request encoded
   by hand) for ID with ImpersonatedIdentity, authenticated with the token in FILE; prints
@@ -29,6 +36,7 @@ import socket
 import ssl
 import sys
 import tempfile
+import time
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -199,6 +207,125 @@ def connect(args):
     return out
 
 
+class Stream:
+    """One CONNECT stream on its own TLS connection, as `identity`, driven by hand."""
+
+    def __init__(self, args, workdir, identity, headers):
+        import h2.config
+        import h2.connection
+
+        args.identity = identity
+        files = client_files(args, workdir)
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        ctx.minimum_version = ssl.TLSVersion.TLSv1_3
+        ctx.check_hostname = False
+        ctx.load_verify_locations(args.root)
+        ctx.set_alpn_protocols(["h2"])
+        ctx.load_cert_chain(*files)
+        self.tls = ctx.wrap_socket(socket.create_connection(split(args.peer), timeout=TIMEOUT))
+        self.conn = h2.connection.H2Connection(h2.config.H2Configuration(
+            client_side=True, validate_outbound_headers=False))
+        self.conn.initiate_connection()
+        self.id = self.conn.get_next_available_stream_id()
+        self.conn.send_headers(self.id, [(b":method", b"CONNECT"),
+                                         (b":authority", args.target.encode())] + headers)
+        self.flush()
+        self.status, self.headers, self.data, self.trailers = None, {}, b"", None
+
+    def flush(self):
+        self.tls.sendall(self.conn.data_to_send())
+
+    def until(self, done, seconds=TIMEOUT):
+        """Reads events until `done()` or the time is up; whether `done()` came true."""
+        import h2.events
+
+        deadline = time.monotonic() + seconds
+        while not done():
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            self.tls.settimeout(left)
+            try:
+                data = self.tls.recv(65536)
+            except socket.timeout:
+                return False
+            if not data:
+                return done()
+            for event in self.conn.receive_data(data):
+                if isinstance(event, h2.events.ResponseReceived):
+                    self.headers = {k.decode(): v.decode() for k, v in event.headers}
+                    self.status = int(self.headers[":status"])
+                elif isinstance(event, h2.events.DataReceived):
+                    self.conn.acknowledge_received_data(event.flow_controlled_length,
+                                                        event.stream_id)
+                    self.data += event.data
+                elif isinstance(event, h2.events.TrailersReceived):
+                    self.trailers = {k.decode(): v.decode() for k, v in event.headers}
+            self.flush()
+        return True
+
+    def answered(self):
+        self.until(lambda: self.status is not None)
+        return self.status
+
+    def line(self, text):
+        """Sends one line and returns the line that comes back."""
+        start = len(self.data)
+        self.conn.send_data(self.id, text.encode())
+        self.flush()
+        self.until(lambda: b"\n" in self.data[start:])
+        return self.data[start:].decode(errors="replace")
+
+    def close(self):
+        self.tls.close()
+
+
+def resume(args):
+    import secrets
+
+    out = {"token": None, "first": None, "paused": None, "thief": None, "malformed": None,
+           "unknown": None, "resumed": None, "echoed_token": None, "second": None,
+           "error": None}
+    owner = args.identity
+    with tempfile.TemporaryDirectory() as workdir:
+        try:
+            first = Stream(args, workdir, owner, [(b"weft-resumable", b"1")])
+            if first.answered() != 200:
+                out["error"] = f"CONNECT answered {first.status}"
+                return out
+            out["token"] = token = first.headers.get("weft-resume-token")
+            out["first"] = first.line("one\n")
+            # The pause: the end of this side's data, with the count of what it sent.
+            sent = len("one\n")
+            first.conn.send_headers(first.id, [(b"weft-paused", str(sent).encode())],
+                                    end_stream=True)
+            first.flush()
+            first.until(lambda: first.trailers is not None)
+            out["paused"] = (first.trailers or {}).get("weft-paused")
+            if not token:
+                out["error"] = "no token offered"
+                return out
+            for key, who, value in [
+                ("thief", args.thief, token),
+                ("malformed", owner, "../" + token[3:]),
+                ("unknown", owner, secrets.token_hex(16)),
+            ]:
+                other = Stream(args, workdir, who, [(b"weft-resume", value.encode())])
+                out[key] = other.answered()
+                other.close()
+            again = Stream(args, workdir, owner, [(b"weft-resumable", b"1"),
+                                                  (b"weft-resume", token.encode())])
+            out["resumed"] = again.answered()
+            out["echoed_token"] = again.headers.get("weft-resume-token")
+            if out["resumed"] == 200:
+                out["second"] = again.line("two\n")
+            again.close()
+            first.close()
+        except (ssl.SSLError, OSError) as e:
+            out["error"] = f"{type(e).__name__}: {e}"
+    return out
+
+
 def plaintext(args):
     sock = socket.create_connection(split(args.peer), timeout=TIMEOUT)
     sock.sendall(f"CONNECT {args.target} HTTP/1.1\r\nHost: {args.target}\r\n\r\n".encode())
@@ -297,6 +424,14 @@ def main():
     c.add_argument("--cert", default="ca")
     c.add_argument("--send", default="")
     c.add_argument("--serial", help="serial number of the minted certificate, hex")
+    m = sub.add_parser("resume")
+    m.add_argument("peer")
+    m.add_argument("target")
+    m.add_argument("--root", required=True)
+    m.add_argument("--ca-key", required=True)
+    m.add_argument("--identity", required=True)
+    m.add_argument("--thief", required=True)
+    m.set_defaults(cert="ca", serial=None)
     p = sub.add_parser("plaintext")
     p.add_argument("peer")
     p.add_argument("target")
@@ -306,7 +441,8 @@ def main():
     r.add_argument("--token-file", required=True)
     r.add_argument("--identity", required=True)
     args = parser.parse_args()
-    result = {"connect": connect, "plaintext": plaintext, "csr": csr}[args.mode](args)
+    modes = {"connect": connect, "resume": resume, "plaintext": plaintext, "csr": csr}
+    result = modes[args.mode](args)
     json.dump(result, sys.stdout)
     print()
 

@@ -46,6 +46,13 @@ spec:
 ---
 apiVersion: v1
 kind: Pod
+metadata: {name: echo-2, namespace: mesh, labels: {app: echo-2}}
+spec:
+  nodeName: node-2
+  containers: [{name: main, command: [weft-demo, echo, --port, "7000"], ports: [{containerPort: 7000}]}]
+---
+apiVersion: v1
+kind: Pod
 metadata: {name: client-1, namespace: mesh, labels: {app: client-1}}
 spec:
   nodeName: node-1
@@ -107,6 +114,11 @@ apiVersion: v1
 kind: Service
 metadata: {name: echo-1, namespace: mesh}
 spec: {selector: {app: echo-1}, ports: [{name: tcp-echo, port: 7000}]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: echo-2, namespace: mesh}
+spec: {selector: {app: echo-2}, ports: [{name: tcp-echo, port: 7000}]}
 ---
 apiVersion: v1
 kind: Service
@@ -743,13 +755,7 @@ fn restarts_and_upgrades_fail_no_request() -> Result<()> {
         let mut restart = |node: &str, binary: Option<&std::path::Path>| -> Result<()> {
             std::thread::sleep(Duration::from_secs(1));
             let before = cluster::pids(&format!("node/{node}"))?;
-            match binary {
-                Some(b) => std::env::set_var(cluster::MESH_NODE_ENV, b),
-                None => std::env::remove_var(cluster::MESH_NODE_ENV),
-            }
-            let restarted = cluster::restart_node(node, cluster::Restart::Handover);
-            std::env::remove_var(cluster::MESH_NODE_ENV);
-            restarted?;
+            hand_over(node, binary)?;
             let after = cluster::pids(&format!("node/{node}"))?;
             ensure!(
                 after.len() == 1 && !before.contains(&after[0]),
@@ -847,14 +853,50 @@ while not stop.is_set() and error is None:
 print(json.dumps({"echoed": echoed, "rounds": n, "error": error}), flush=True)
 "#;
 
+/// Replaces `node`'s mesh-node with a handover: by the cluster's build, or by `build` (an
+/// upgrade).
+fn hand_over(node: &str, build: Option<&std::path::Path>) -> Result<()> {
+    match build {
+        Some(b) => std::env::set_var(cluster::MESH_NODE_ENV, b),
+        None => std::env::remove_var(cluster::MESH_NODE_ENV),
+    }
+    let restarted = cluster::restart_node(node, cluster::Restart::Handover);
+    std::env::remove_var(cluster::MESH_NODE_ENV);
+    restarted
+}
+
 /// A TCP connection between two pods of one node stays open, byte for byte, while that node's
 /// mesh-node is restarted twice: the relay's two sockets go to the next mesh-node.
 fn an_open_connection_survives_restarts_of_its_node() -> Result<()> {
+    let restarts = [("node-1", None), ("node-1", None)];
+    echo_through_restarts("echo-1:7000", &restarts)
+}
+
+/// A TCP connection from a pod of node-1 to one of node-2 stays open, byte for byte, while
+/// each node's mesh-node is restarted, and then upgraded to another build: the two node
+/// proxies pause the HBONE stream between them and the source resumes it on a new one.
+fn an_open_connection_across_nodes_survives_restarts_of_both_nodes() -> Result<()> {
+    let other = cluster::other_build()?;
+    let restarts = [
+        ("node-1", None),
+        ("node-2", None),
+        ("node-2", Some(other.as_path())),
+        ("node-1", Some(other.as_path())),
+    ];
+    echo_through_restarts("echo-2:7000", &restarts)
+}
+
+/// The echo conversation from client-1 to `server` through the restarts (each node's mesh-node
+/// replaced by the cluster's build, or by the build given: an upgrade), a second apart.
+fn echo_through_restarts(
+    server: &str,
+    restarts: &[(&str, Option<&std::path::Path>)],
+) -> Result<()> {
     use std::io::{BufRead as _, BufReader, Read as _};
 
     let mut client = cluster::spawn(
         "mesh/client-1",
-        &args(&["python3", "-c", ECHO_CONVERSATION, "echo-1:7000"]),
+        &args(&["python3", "-c", ECHO_CONVERSATION, server]),
     )?;
     let mut stdout = BufReader::new(client.stdout.take().context("client stdout")?);
     let mut line = String::new();
@@ -864,9 +906,9 @@ fn an_open_connection_survives_restarts_of_its_node() -> Result<()> {
             line.trim() == "ready",
             "the conversation did not start: {line:?}"
         );
-        for _ in 0..2 {
+        for (node, build) in restarts {
             std::thread::sleep(Duration::from_secs(1));
-            cluster::restart_node("node-1", cluster::Restart::Handover)?;
+            hand_over(node, *build)?;
         }
         std::thread::sleep(Duration::from_secs(1));
         Ok(())
@@ -882,9 +924,12 @@ fn an_open_connection_survives_restarts_of_its_node() -> Result<()> {
     restarted?;
     let report: serde_json::Value = serde_json::from_str(report.trim())
         .with_context(|| format!("the conversation's report: {report:?}; errors: {errors}"))?;
+    let nodes: Vec<&str> = restarts.iter().map(|(node, _)| *node).collect();
     println!(
-        "    {} bytes echoed over {} rounds through two restarts of node-1",
-        report["echoed"], report["rounds"]
+        "    {} bytes echoed over {} rounds with {server} through restarts of {}",
+        report["echoed"],
+        report["rounds"],
+        nodes.join(", ")
     );
     ensure!(
         report["error"].is_null(),
@@ -1031,6 +1076,10 @@ fn main() {
         (
             "an_open_connection_survives_restarts_of_its_node",
             an_open_connection_survives_restarts_of_its_node,
+        ),
+        (
+            "an_open_connection_across_nodes_survives_restarts_of_both_nodes",
+            an_open_connection_across_nodes_survives_restarts_of_both_nodes,
         ),
         (
             "a_killed_node_proxy_is_replaced",

@@ -57,6 +57,17 @@ spec:
 ---
 apiVersion: v1
 kind: Pod
+metadata: {name: count-2, namespace: mesh, labels: {app: count-2}}
+spec:
+  nodeName: node-2
+  serviceAccountName: web-remote
+  containers:
+  - name: main
+    command: [python3, -c, "import socketserver\nclass Lines(socketserver.StreamRequestHandler):\n  def handle(self):\n    for n, line in enumerate(self.rfile, 1):\n      self.wfile.write(b'%d ' % n + line)\nsocketserver.ThreadingTCPServer.allow_reuse_address = True\nsocketserver.ThreadingTCPServer(('0.0.0.0', 7000), Lines).serve_forever()\n"]
+    ports: [{containerPort: 7000}]
+---
+apiVersion: v1
+kind: Pod
 metadata: {name: outsider, namespace: plain, labels: {app: outsider}}
 spec:
   nodeName: node-1
@@ -78,6 +89,11 @@ apiVersion: v1
 kind: Service
 metadata: {name: web-2, namespace: mesh}
 spec: {selector: {app: web-2}, ports: [{name: http, port: 80, targetPort: 8080}]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: count-2, namespace: mesh}
+spec: {selector: {app: count-2}, ports: [{name: tcp-count, port: 7000}]}
 ---
 apiVersion: v1
 kind: Service
@@ -512,6 +528,59 @@ fn hbone_port_speaks_only_mtls() -> Result<()> {
             "CONNECT {target} answered {report}"
         );
     }
+    Ok(())
+}
+
+/// Weft's stream resume (a node proxy's restart pauses an opaque stream across nodes, and the
+/// source resumes it on a new one), spoken by the independent client: a paused connection to a
+/// pod goes back only to the identity that opened it, with its state (the server numbers the
+/// lines of each connection), and a token in a bad format, or one nobody was given, opens
+/// nothing.
+fn a_paused_stream_resumes_only_for_its_caller() -> Result<()> {
+    let (root, key) = (ca_file("root-cert.pem"), ca_file("ca-key.pem"));
+    let target = format!("{}:7000", pod_ip("mesh/count-2")?);
+    let thief = "spiffe://cluster.local/ns/mesh/sa/web";
+    let report = probe(
+        OUTSIDER,
+        &[
+            "resume",
+            NODE_2_HBONE,
+            &target,
+            "--root",
+            &root,
+            "--ca-key",
+            &key,
+            "--identity",
+            CLIENT_ID,
+            "--thief",
+            thief,
+        ],
+    )?;
+    println!("    {report}");
+    ensure!(report["error"].is_null(), "the probe failed: {report}");
+    let token = report["token"].as_str().unwrap_or_default();
+    ensure!(
+        token.len() == 32 && token.bytes().all(|b| b.is_ascii_hexdigit()),
+        "the offered token is not 128 bits of hex: {report}"
+    );
+    ensure!(report["first"] == "1 one\n", "{report}");
+    // node-2 answered the pause with its own count: the six bytes it sent ("1 one\n").
+    ensure!(report["paused"] == "6", "node-2's pause count: {report}");
+    ensure!(
+        report["thief"] == 410,
+        "another identity was not refused the paused stream: {report}"
+    );
+    ensure!(report["malformed"] == 400, "{report}");
+    ensure!(report["unknown"] == 410, "{report}");
+    ensure!(
+        report["resumed"] == 200 && report["echoed_token"] == token,
+        "its caller could not resume the stream: {report}"
+    );
+    // The same connection to the pod: its second line.
+    ensure!(
+        report["second"] == "2 two\n",
+        "the resumed stream is not the paused connection: {report}"
+    );
     Ok(())
 }
 
@@ -1033,6 +1102,10 @@ fn main() {
             strict_refuses_plaintext_and_overrides_apply,
         ),
         ("hbone_port_speaks_only_mtls", hbone_port_speaks_only_mtls),
+        (
+            "a_paused_stream_resumes_only_for_its_caller",
+            a_paused_stream_resumes_only_for_its_caller,
+        ),
         (
             "a_service_entry_cannot_reach_the_node_itself",
             a_service_entry_cannot_reach_the_node_itself,

@@ -20,7 +20,7 @@
 
 use std::{
     io::{self, Read as _},
-    net::{SocketAddr, SocketAddrV4},
+    net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4},
     os::{
         fd::{AsFd as _, OwnedFd},
         unix::net::UnixStream,
@@ -33,11 +33,18 @@ use serde::{Deserialize, Serialize};
 use tokio::net::TcpStream;
 use tracing::{debug, info, warn};
 
-use super::{context::Context, copy::Paused, tcp};
-use crate::sys;
+use super::{
+    context::Context,
+    copy::Paused,
+    resume::{self, ParkedConn, Parking, Route, SourceEnd},
+    tcp,
+    upstream::hbone::Caller,
+};
+use crate::{identity::Identity, metrics::TcpLabels, sys};
 
-/// The largest message: two carried buffers of the largest read, base64, and the rest.
-const MAX_MESSAGE: usize = 1024 * 1024;
+/// The largest message: the carried bytes (two buffers of the largest read, and what the peer
+/// of a paused stream may still send: its window), base64, and the rest.
+const MAX_MESSAGE: usize = 16 * 1024 * 1024;
 /// How long one message may take to go out to a successor that reads slowly or not at all.
 const SEND_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 
@@ -54,7 +61,52 @@ fn frame(message: &Message) -> io::Result<Vec<u8>> {
 #[serde(tag = "kind", rename_all = "lowercase")]
 enum Message {
     Tcp(HandedTcp),
+    /// A source's half of a paused HBONE stream: the client's socket ([`super::resume`]).
+    Tunnel(HandedTunnel),
+    /// A destination's half of a paused HBONE stream: the pod's socket, to park.
+    Parked(HandedParked),
     Done,
+}
+
+/// The client's socket of a stream this node's proxy paused across nodes, and what the next
+/// one needs to resume it.
+#[derive(Debug, Serialize, Deserialize)]
+struct HandedTunnel {
+    client: SocketAddrV4,
+    dialled: SocketAddrV4,
+    target: SocketAddrV4,
+    /// The destination node's proxy, and the address this node dials it from.
+    peer: SocketAddrV4,
+    source: Option<Ipv4Addr>,
+    /// The calling pod: its identity (SPIFFE ID) and address.
+    identity: String,
+    caller_ip: Ipv4Addr,
+    token: String,
+    to_upstream: String,
+    to_downstream: String,
+}
+
+/// The pod's socket of a stream paused across nodes, to park until its source resumes it.
+#[derive(Debug, Serialize, Deserialize)]
+struct HandedParked {
+    target: SocketAddrV4,
+    /// The address whose connection slot the stream held (the calling pod, else its node).
+    source: IpAddr,
+    identity: String,
+    token: String,
+    to_upstream: String,
+    to_downstream: String,
+}
+
+impl Message {
+    fn kind(&self) -> &'static str {
+        match self {
+            Message::Tcp(_) => "tcp",
+            Message::Tunnel(_) => "tunnel",
+            Message::Parked(_) => "parked",
+            Message::Done => "done",
+        }
+    }
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -147,16 +199,83 @@ impl Successor {
             to_upstream: STANDARD.encode(&paused.to_upstream),
             to_downstream: STANDARD.encode(&paused.to_downstream),
         });
-        let (down, up) = (downstream.into_std()?, upstream.into_std()?);
+        let sockets = vec![downstream.into_std()?, upstream.into_std()?];
+        self.send(message, sockets).await
+    }
+
+    /// Sends the client's socket of a paused HBONE stream.
+    pub(super) async fn hand_over_tunnel(
+        self: &Arc<Self>,
+        addresses: (SocketAddrV4, SocketAddrV4),
+        route: &Route,
+        token: String,
+        paused: Paused,
+        downstream: TcpStream,
+    ) -> io::Result<()> {
+        let (client, dialled) = addresses;
+        let message = Message::Tunnel(HandedTunnel {
+            client,
+            dialled,
+            target: route.target,
+            peer: route.peer,
+            source: route.source,
+            identity: route.caller.identity.to_string(),
+            caller_ip: route.caller.ip,
+            token,
+            to_upstream: STANDARD.encode(&paused.to_upstream),
+            to_downstream: STANDARD.encode(&paused.to_downstream),
+        });
+        self.send(message, vec![downstream.into_std()?]).await
+    }
+
+    /// Sends the pod's socket of a paused HBONE stream, for the successor to park.
+    pub(super) async fn hand_over_parked(
+        self: &Arc<Self>,
+        parking: Parking,
+        paused: Paused,
+        pod: TcpStream,
+    ) -> io::Result<()> {
+        let message = Message::Parked(HandedParked {
+            target: parking.target,
+            source: parking.source,
+            identity: parking.identity.to_string(),
+            token: parking.token,
+            to_upstream: STANDARD.encode(&paused.to_upstream),
+            to_downstream: STANDARD.encode(&paused.to_downstream),
+        });
+        self.send(message, vec![pod.into_std()?]).await
+    }
+
+    /// One message with its sockets, off the runtime (the send may wait for its deadline).
+    async fn send(
+        self: &Arc<Self>,
+        message: Message,
+        fds: Vec<std::net::TcpStream>,
+    ) -> io::Result<()> {
         let successor = self.clone();
         tokio::task::spawn_blocking(move || {
-            let framed = frame(&message)?;
-            let stream = successor
-                .stream
-                .lock()
-                .map_err(|_| io::Error::other("poisoned"))?;
-            sys::send_fds(stream.as_fd(), &framed, &[down.as_fd(), up.as_fd()])
+            let sent = frame(&message).and_then(|framed| {
+                if framed.len() > MAX_MESSAGE {
+                    return Err(io::Error::other(format!(
+                        "a handed connection carries more than {MAX_MESSAGE} bytes"
+                    )));
+                }
+                let stream = successor
+                    .stream
+                    .lock()
+                    .map_err(|_| io::Error::other("poisoned"))?;
+                let borrowed: Vec<_> = fds.iter().map(|f| f.as_fd()).collect();
+                sys::send_fds(stream.as_fd(), &framed, &borrowed)
+            });
+            if sent.is_err() {
+                // Not handed over: the connection ends with a reset, never with a clean end
+                // the application would take for its peer's.
+                for fd in &fds {
+                    let _ = sys::set_zero_linger(fd);
+                }
+            }
             // Our descriptors close here; the successor's carry the connection.
+            sent
         })
         .await
         .map_err(io::Error::other)?
@@ -211,7 +330,37 @@ fn adopt(
                 });
                 adopted += 1;
             }
-            Ok(other) => warn!("unexpected message from the previous mesh-node: {other:?}"),
+            Ok(Message::Tunnel(handed)) if fds.len() == 1 => {
+                let Some(client) = fds.into_iter().next() else {
+                    continue;
+                };
+                let (ctx, drain) = (ctx.clone(), drain.clone());
+                runtime.spawn(async move {
+                    if let Err(e) = resume_tunnel(&ctx, handed, client.into()).await {
+                        debug!("an adopted connection across nodes ended: {e}");
+                    }
+                    drop(drain);
+                });
+                adopted += 1;
+            }
+            Ok(Message::Parked(handed)) if fds.len() == 1 => {
+                let Some(pod) = fds.into_iter().next() else {
+                    continue;
+                };
+                let ctx = ctx.clone();
+                runtime.spawn(async move {
+                    if let Err(e) = park(&ctx, handed, pod.into()) {
+                        warn!("a paused connection from the previous mesh-node could not be parked: {e}");
+                    }
+                });
+                adopted += 1;
+            }
+            // Not its fields: they carry tokens and the application's bytes.
+            Ok(other) => warn!(
+                "unexpected message from the previous mesh-node: {} with {} sockets",
+                other.kind(),
+                fds.len()
+            ),
             Err(e) => warn!("unreadable message from the previous mesh-node: {e}"),
         }
     }
@@ -253,29 +402,13 @@ async fn resume(
     up.set_nonblocking(true).map_err(socket)?;
     let mut down = TcpStream::from_std(down).map_err(socket)?;
     let mut up = TcpStream::from_std(up).map_err(socket)?;
-    let decode = |text: &str| STANDARD.decode(text).unwrap_or_default();
     // Its client's slot, as for any connection it accepts (an adopted connection is kept
     // even over the cap: it was admitted before).
     let _held = ctx.sources.connect(SocketAddr::V4(handed.client).ip()).ok();
     // The carried bytes are the copy's own to write, both ways at once: writing one way
     // first could wait for a peer that waits for the other.
-    let held = Paused {
-        to_upstream: decode(&handed.to_upstream),
-        to_downstream: decode(&handed.to_downstream),
-        ..Paused::default()
-    };
-    let labels = {
-        let view = ctx.view();
-        let snapshot = &view.snapshot;
-        let source = snapshot.pod_by_ip(*handed.client.ip());
-        let destination = snapshot.pod_by_ip(*handed.target.ip());
-        let service = snapshot.service_by_ip(*handed.dialled.ip());
-        tcp::source_labels(
-            source.map(|p| &**p),
-            destination.map(|p| &**p),
-            service.map(|s| &**s),
-        )
-    };
+    let held = carried(&handed.to_upstream, &handed.to_downstream);
+    let labels = source_labels(ctx, handed.client, handed.dialled, handed.target, None);
     let relayed =
         tcp::relay_pausable(ctx, &mut down, &mut up, &labels, ctx.tcp_lifetime(), held).await?;
     // This mesh-node hands over in turn: the connection goes on to the next one.
@@ -289,6 +422,146 @@ async fn resume(
             .map_err(socket)?;
     }
     Ok(())
+}
+
+/// Carries on the client's side of a stream the previous mesh-node paused: a new stream to
+/// the destination node resumes it, then the relay goes on as at the source.
+async fn resume_tunnel(
+    ctx: &Arc<Context>,
+    handed: HandedTunnel,
+    client: std::net::TcpStream,
+) -> Result<(), super::ProxyError> {
+    let socket = super::ProxyError::Socket;
+    client.set_nonblocking(true).map_err(socket)?;
+    let mut down = TcpStream::from_std(client).map_err(socket)?;
+    let identity: Identity = match handed.identity.parse() {
+        Ok(identity) => identity,
+        Err(e) => {
+            resume::reset(down);
+            return Err(super::ProxyError::Resume {
+                target: handed.target,
+                reason: format!(
+                    "the previous mesh-node named the caller {:?}: {e}",
+                    handed.identity
+                ),
+            });
+        }
+    };
+    let route = Route {
+        caller: Caller {
+            identity,
+            ip: handed.caller_ip,
+        },
+        source: handed.source,
+        peer: handed.peer,
+        target: handed.target,
+    };
+    let _held = ctx.sources.connect(SocketAddr::V4(handed.client).ip()).ok();
+    let held = carried(&handed.to_upstream, &handed.to_downstream);
+    let labels = source_labels(
+        ctx,
+        handed.client,
+        handed.dialled,
+        handed.target,
+        Some(&route.caller.identity),
+    );
+    let upstream = match resume::reconnect(ctx, &route, &handed.token).await {
+        Ok(upstream) => upstream,
+        Err(e) => {
+            resume::reset(down);
+            return Err(e);
+        }
+    };
+    let ended = resume::relay_source(
+        ctx,
+        &mut down,
+        upstream,
+        &labels,
+        ctx.tcp_lifetime(),
+        &route,
+        held,
+    )
+    .await;
+    match ended {
+        Ok(SourceEnd::Done(_)) => Ok(()),
+        Ok(SourceEnd::HandOver { paused, token }) => {
+            // This mesh-node hands over in turn.
+            let Some(successor) = ctx.config.handovers.successor.get().cloned() else {
+                resume::reset(down);
+                return Ok(());
+            };
+            successor
+                .hand_over_tunnel((handed.client, handed.dialled), &route, token, paused, down)
+                .await
+                .map_err(socket)
+        }
+        Err(e) => {
+            resume::reset(down);
+            Err(e)
+        }
+    }
+}
+
+/// Parks the pod's socket of a stream the previous mesh-node paused.
+fn park(ctx: &Arc<Context>, handed: HandedParked, pod: std::net::TcpStream) -> io::Result<()> {
+    let identity: Identity = match handed.identity.parse() {
+        Ok(identity) => identity,
+        Err(e) => {
+            let _ = sys::set_zero_linger(&pod);
+            return Err(io::Error::new(io::ErrorKind::InvalidData, format!("{e}")));
+        }
+    };
+    pod.set_nonblocking(true)?;
+    let pod = TcpStream::from_std(pod)?;
+    ctx.parked.park(ParkedConn {
+        parking: Parking {
+            token: handed.token,
+            identity,
+            target: handed.target,
+            source: handed.source,
+            // Kept even over the cap: the stream was admitted before.
+            slot: ctx.sources.connect(handed.source).ok(),
+            metrics: None,
+        },
+        pod,
+        held: carried(&handed.to_upstream, &handed.to_downstream),
+    });
+    Ok(())
+}
+
+/// The bytes a handed connection carries, as the previous mesh-node wrote them (base64).
+fn carried(to_upstream: &str, to_downstream: &str) -> Paused {
+    let decode = |text: &str| STANDARD.decode(text).unwrap_or_default();
+    Paused {
+        to_upstream: decode(to_upstream),
+        to_downstream: decode(to_downstream),
+        ..Paused::default()
+    }
+}
+
+/// The source's metric labels of a handed connection from `client` to `target` (dialled as
+/// `dialled`); mutual TLS when it goes through a tunnel on behalf of `caller`.
+fn source_labels(
+    ctx: &Context,
+    client: SocketAddrV4,
+    dialled: SocketAddrV4,
+    target: SocketAddrV4,
+    caller: Option<&Identity>,
+) -> TcpLabels {
+    let view = ctx.view();
+    let snapshot = &view.snapshot;
+    let source = snapshot.pod_by_ip(*client.ip());
+    let destination = snapshot.pod_by_ip(*target.ip());
+    let service = snapshot.service_by_ip(*dialled.ip());
+    let labels = tcp::source_labels(
+        source.map(|p| &**p),
+        destination.map(|p| &**p),
+        service.map(|s| &**s),
+    );
+    match (caller, destination) {
+        (Some(caller), Some(pod)) => labels.mutual_tls(caller, &ctx.dialer.identity(pod)),
+        _ => labels,
+    }
 }
 
 #[cfg(test)]

@@ -196,6 +196,19 @@ pub(crate) struct Context {
     /// Cancelled just before `draining` when the next mesh-node took the sockets: relays of
     /// two local sockets pause and go to it ([`super::adopt`]).
     pub handover: CancellationToken,
+    /// Pods' sockets of paused HBONE streams, waiting for the source to resume them
+    /// ([`super::resume`]).
+    pub parked: Arc<super::resume::Parked>,
+    /// A receiver of the proxy's drain while it runs: a task that must finish before the
+    /// proxy's drain ends (a paused stream handing its socket on) holds a clone.
+    pub drain: std::sync::Mutex<Option<tokio::sync::watch::Receiver<()>>>,
+}
+
+impl Context {
+    /// A hold on the proxy's drain (`None` once it drains).
+    pub(super) fn hold_drain(&self) -> Option<tokio::sync::watch::Receiver<()>> {
+        self.drain.lock().ok().and_then(|d| d.clone())
+    }
 }
 
 impl Context {
@@ -237,6 +250,8 @@ impl Context {
             sources,
             draining: CancellationToken::new(),
             handover: CancellationToken::new(),
+            parked: Arc::default(),
+            drain: std::sync::Mutex::default(),
         }
     }
 

@@ -119,4 +119,9 @@ pub enum ProxyError {
     Copy(#[from] CopyError),
     #[error("cannot read the addresses of an accepted connection: {0}")]
     Socket(#[source] io::Error),
+    #[error("the connection to {target} could not carry on across a node proxy restart: {reason}; closed with a reset")]
+    Resume {
+        target: SocketAddrV4,
+        reason: String,
+    },
 }

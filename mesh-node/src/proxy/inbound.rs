@@ -26,10 +26,10 @@ use tracing::{debug, warn};
 use super::{
     authz,
     context::Context,
-    copy::Transferred,
+    copy::{Paused, Transferred},
     detect::{self, Declared, Rewind, Sniffed, SNIFF_TIMEOUT},
     error::ProxyError,
-    l7,
+    l7, resume,
     sources::{Refused, SourceConnection},
     tcp::{self, v4},
     unless_cut,
@@ -372,7 +372,13 @@ async fn hbone_connection(
                     tokio::spawn(hbone_stream(ctx.clone(), peer.clone(), request, respond));
                 }
                 Some(Err(e)) => return Err(hbone(e)),
-                None => return Ok(()),
+                // No more streams (after a GOAWAY): the open ones still move through the
+                // connection until they end.
+                None => {
+                    return poll_fn(|cx| connection.poll_closed(cx))
+                        .await
+                        .map_err(hbone);
+                }
             },
             changed = revoked.changed(), if watching => {
                 // An error: the manager is gone, the proxy is stopping.
@@ -401,16 +407,24 @@ async fn hbone_stream(
             return hbone::refuse(&mut respond, Refusal::BadRequest, &reason);
         }
     };
+    match hbone::resume_token(&request) {
+        Ok(None) => {}
+        Ok(Some(token)) => {
+            let token = token.to_owned();
+            return Box::pin(resume_stream(ctx, peer, request, respond, target, token)).await;
+        }
+        Err(reason) => {
+            warn!(direction = "tunnel", %client, identity = %peer.auth.identity, "bad HBONE request: {reason}");
+            ctx.refusals.inc(MtlsRefusal::Target);
+            return hbone::refuse(&mut respond, Refusal::BadRequest, &reason);
+        }
+    }
+    let resumable = hbone::offers_resume(&request);
     let view = ctx.view();
     let snapshot = &view.snapshot;
     let node = &ctx.config.node;
-    // Only meshed pods of this node (a sidecar: its own pod): the tunnel must not become an
-    // open relay, neither to other addresses nor to pods that never joined the mesh.
     let sidecar = ctx.config.sidecar;
-    let Some(local_pod) = snapshot.pod_by_ip(*target.ip()).filter(|p| match sidecar {
-        true => p.ip == Some(ctx.dialer.proxy_ip),
-        false => p.node.as_deref() == Some(&**node) && snapshot.is_meshed(p),
-    }) else {
+    let Some(pod) = local_pod(&ctx, snapshot, target) else {
         let error = ProxyError::NotLocalPod {
             client,
             target,
@@ -440,10 +454,9 @@ async fn hbone_stream(
     };
     let cut = held.cut_signal();
     let labels = destination_labels(snapshot, source.as_deref(), target)
-        .mutual_tls(&peer.auth.identity, &ctx.dialer.identity(local_pod));
+        .mutual_tls(&peer.auth.identity, &ctx.dialer.identity(&pod));
     let auth = Some(peer.auth.clone());
     let http = Http::of(snapshot, target);
-    let pod = local_pod.clone();
     // The caller: the pod it claimed when its certificate covers it, else the peer node.
     let policy_peer = authz::Peer::authenticated(&peer.auth.identity, from);
     let start = Instant::now();
@@ -525,7 +538,7 @@ async fn hbone_stream(
             return;
         }
     };
-    let mut upstream = match connected {
+    let upstream = match connected {
         Ok(s) => s,
         Err(e) => {
             let timed_out = matches!(
@@ -542,16 +555,145 @@ async fn hbone_stream(
             return;
         }
     };
-    let Some(mut downstream) = hbone::accept(respond, request) else {
+    // A source that can resume the stream gets a token for it: a restart of either node
+    // pauses the stream and carries it on ([`resume`]).
+    let token = match (&upstream, resumable) {
+        (Stream::Tcp(_), true) => Some(hbone::new_token()),
+        _ => None,
+    };
+    let Some(mut downstream) = hbone::accept_with(respond, request, token.as_deref()) else {
         return;
     };
     let overload = ctx.overload().clone();
+    let identity = peer.auth.identity.clone();
     tokio::spawn(unless_cut(overload, cut, async move {
+        // A stream that may pause hands its socket on before the proxy's drain ends.
+        let _drain = token.as_ref().and_then(|_| ctx.hold_drain());
         let lifetime = ctx.tcp_lifetime();
-        let result = tcp::relay(&ctx, &mut downstream, &mut upstream, &labels, lifetime).await;
+        let result = match (token, upstream) {
+            (Some(token), Stream::Tcp(pod)) => {
+                let parking = resume::Parking {
+                    token,
+                    identity,
+                    target,
+                    source: from,
+                    slot: Some(held),
+                    metrics: None,
+                };
+                let carried = Paused::default();
+                resume::relay_destination(
+                    &ctx, downstream, pod, &labels, lifetime, parking, carried,
+                )
+                .await
+            }
+            (_, mut upstream) => {
+                let relayed =
+                    tcp::relay(&ctx, &mut downstream, &mut upstream, &labels, lifetime).await;
+                drop(held);
+                relayed
+            }
+        };
         log("tunnel", client, Some(target), start, result);
-        drop(held);
     }));
+}
+
+/// The pod at `target` when a stream may go to it: only meshed pods of this node (a sidecar:
+/// its own pod). The tunnel must not become an open relay, neither to other addresses nor to
+/// pods that never joined the mesh.
+fn local_pod(ctx: &Context, snapshot: &Snapshot, target: SocketAddrV4) -> Option<Arc<Pod>> {
+    let node = &ctx.config.node;
+    snapshot
+        .pod_by_ip(*target.ip())
+        .filter(|p| match ctx.config.sidecar {
+            true => p.ip == Some(ctx.dialer.proxy_ip),
+            false => p.node.as_deref() == Some(&**node) && snapshot.is_meshed(p),
+        })
+        .cloned()
+}
+
+/// A stream that carries on a paused one: the pod's socket parked under `token` (here, or
+/// handed over by the previous mesh-node), given only to the identity that opened the stream
+/// and for the same target, and only while policy still allows the connection.
+async fn resume_stream(
+    ctx: Arc<Context>,
+    peer: Arc<Peer>,
+    request: Request<RecvStream>,
+    mut respond: SendResponse<Bytes>,
+    target: SocketAddrV4,
+    token: String,
+) {
+    let client = peer.client;
+    let identity = peer.auth.identity.clone();
+    let start = Instant::now();
+    // A source that gives up meanwhile (it resets the stream) must not take the socket: it
+    // stays parked for the source's next try.
+    let taken = tokio::select! {
+        taken = ctx.parked.take(&token, &identity, target) => taken,
+        _ = poll_fn(|cx| respond.poll_reset(cx)) => return,
+    };
+    let parked = match taken {
+        Ok(parked) => parked,
+        Err(reason) => {
+            warn!(direction = "tunnel", %client, %identity, %target, "cannot resume a stream: {reason}");
+            ctx.refusals.inc(MtlsRefusal::Target);
+            return hbone::refuse(&mut respond, Refusal::Gone, reason);
+        }
+    };
+    // The caller is the one the stream was opened for, whatever this request claims.
+    let from = parked.parking.source;
+    let checked = {
+        let view = ctx.view();
+        let snapshot = &view.snapshot;
+        let source = match from {
+            IpAddr::V4(ip) => snapshot.pod_by_ip(ip),
+            IpAddr::V6(_) => None,
+        };
+        local_pod(&ctx, snapshot, target).map(|pod| {
+            let labels = destination_labels(snapshot, source.map(|p| &**p), target)
+                .mutual_tls(&identity, &ctx.dialer.identity(&pod));
+            (pod, labels)
+        })
+    };
+    // The pod may have gone, or the policy changed, while the stream was paused: both are
+    // decided again.
+    let allowed = checked.filter(|(pod, labels)| {
+        let policy_peer = authz::Peer::authenticated(&identity, from);
+        let decided =
+            authorize_connection(&ctx, Some(pod), target, &policy_peer, client, None, labels);
+        decided
+            .map_err(|e| log("tunnel", client, Some(target), start, Err(e)))
+            .is_ok()
+    });
+    let Some((_, labels)) = allowed else {
+        parked.close();
+        return hbone::refuse(&mut respond, Refusal::Forbidden, authz::DENIED_BODY);
+    };
+    let Some(downstream) = hbone::accept_with(respond, request, Some(&token)) else {
+        ctx.parked.park(parked);
+        return;
+    };
+    let overload = ctx.overload().clone();
+    let resume::ParkedConn {
+        mut parking,
+        pod,
+        held,
+    } = parked;
+    // Its source's slot, kept while parked (taken again, even over the cap, when the socket
+    // came from the previous mesh-node: it was admitted before).
+    parking.slot = parking.slot.or_else(|| ctx.sources.connect(from).ok());
+    let cut = parking.slot.as_ref().map(SourceConnection::cut_signal);
+    let relay = async move {
+        let _drain = ctx.hold_drain();
+        let lifetime = ctx.tcp_lifetime();
+        let result =
+            resume::relay_destination(&ctx, downstream, pod, &labels, lifetime, parking, held)
+                .await;
+        log("tunnel", client, Some(target), start, result);
+    };
+    match cut {
+        Some(cut) => tokio::spawn(unless_cut(overload, cut, relay)),
+        None => tokio::spawn(relay),
+    };
 }
 
 /// Who a connection to a pod comes from.
@@ -981,7 +1123,7 @@ mod tests {
         let pool = HbonePool::new(ca.certs());
         tokio::time::timeout(
             Duration::from_secs(10),
-            pool.connect(&caller, None, addr, target, Duration::from_secs(5)),
+            pool.connect(&caller, None, addr, target, Duration::from_secs(5), None),
         )
         .await
         .expect("the tunnel listener answered")

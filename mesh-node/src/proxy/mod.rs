@@ -63,6 +63,7 @@ mod inbound;
 pub mod l7;
 mod outbound;
 pub mod overload;
+mod resume;
 pub mod route;
 mod sources;
 mod tcp;
@@ -235,6 +236,9 @@ impl Proxy {
         );
         // Every connection task holds a receiver; the sender sees when all are gone.
         let (drain_tx, drain_rx) = watch::channel(());
+        if let Ok(mut drain) = ctx.drain.lock() {
+            *drain = Some(drain_rx.clone());
+        }
         let follower = tokio::spawn(follow(ctx.clone(), snapshots));
         // The previous mesh-node's open connections, once this one serves.
         let adopting = tokio::spawn({
@@ -293,6 +297,9 @@ impl Proxy {
         follower.abort();
         adopting.abort();
         drop(drain_rx);
+        if let Ok(mut drain) = ctx.drain.lock() {
+            drain.take();
+        }
         let open = drain_tx.receiver_count();
         if open > 0 {
             info!(open, timeout = ?ctx.config.drain_timeout, "proxy stopped accepting; draining connections");
@@ -306,6 +313,9 @@ impl Proxy {
                 "connections still open after the drain timeout are closed"
             );
         }
+        // Pods' sockets still waiting for their source to resume them go on to the next
+        // mesh-node (or are reset).
+        resume::hand_over_parked(&ctx, successor.as_ref()).await;
         if let Some(successor) = successor {
             successor.done().await;
         }

@@ -5,7 +5,7 @@
 //! anything else is opaque TCP, balanced by the Service's cluster ([`super::tcp`]).
 
 use std::{
-    net::{IpAddr, SocketAddr},
+    net::{IpAddr, SocketAddr, SocketAddrV4},
     os::fd::AsFd as _,
     sync::Arc,
     time::Instant,
@@ -19,15 +19,19 @@ use super::{
     adopt,
     authz::{self, Peer},
     context::Context,
-    copy::{Paused, Transferred},
+    copy::{Lifetime, Paused, Transferred},
     detect::{self, Declared, Rewind, Sniffed, SNIFF_TIMEOUT},
     error::ProxyError,
     l7,
+    resume::{self, Route, SourceEnd},
     sources::SourceConnection,
     tcp::{self, v4, Log},
-    upstream::{Stream, Via},
+    upstream::{hbone::HboneStream, Stream, Via},
 };
-use crate::{metrics::ACCESS_LOG, model::Protocol};
+use crate::{
+    metrics::{TcpLabels, ACCESS_LOG},
+    model::Protocol,
+};
 
 pub(super) async fn serve(
     ctx: Arc<Context>,
@@ -213,7 +217,7 @@ async fn proxy(
     if let (Via::Tunnel { .. }, Some(caller), Some(pod)) = (target.via, &caller, &target.pod) {
         labels = labels.mutual_tls(&caller.identity, &ctx.dialer.identity(pod));
     }
-    let mut upstream = match Box::pin(target.connect(ctx, caller.as_ref())).await {
+    let upstream = match Box::pin(target.connect(ctx, caller.as_ref())).await {
         Ok(u) => u,
         Err(e) => {
             tcp::record_failure(ctx, &labels, crate::metrics::ResponseFlags::UF);
@@ -221,6 +225,34 @@ async fn proxy(
         }
     };
     let lifetime = target.lifetime(ctx);
+    // Across nodes to a node proxy that can resume the stream: a restart of either node
+    // pauses it and carries it on ([`resume`]).
+    let mut upstream = match (upstream, target.via, &caller) {
+        (Stream::Tunnel(tunnel), Via::Tunnel { peer, source }, Some(caller))
+            if tunnel.token().is_some() =>
+        {
+            let route = Route {
+                caller: caller.clone(),
+                source,
+                peer,
+                target: target.addr,
+            };
+            let relayed = Box::pin(relay_across(
+                ctx,
+                downstream,
+                tunnel,
+                &labels,
+                lifetime,
+                &route,
+                (client, dialled),
+            ))
+            .await;
+            // Held until here: the endpoint's active count and the cluster's connection slot.
+            drop(target);
+            return relayed;
+        }
+        (upstream, ..) => upstream,
+    };
     // A plain TCP upstream of this proxy (a pod of the node, or outside the mesh): a restart
     // hands the two sockets to the next mesh-node.
     if !matches!(upstream, Stream::Tcp(_)) {
@@ -265,5 +297,50 @@ async fn proxy(
     ))
     .await
     .map_err(ProxyError::Socket)?;
+    Ok(Served::Tcp(transferred))
+}
+
+/// An opaque connection across nodes whose stream the destination can resume: relayed until
+/// it ends, or until this mesh-node hands over, when the client's socket goes to the next one.
+async fn relay_across(
+    ctx: &Arc<Context>,
+    mut downstream: Rewind<TcpStream>,
+    tunnel: HboneStream,
+    labels: &TcpLabels,
+    lifetime: Lifetime,
+    route: &Route,
+    addresses: (SocketAddrV4, SocketAddrV4),
+) -> Result<Served, ProxyError> {
+    let ended = resume::relay_source(
+        ctx,
+        &mut downstream,
+        tunnel,
+        labels,
+        lifetime,
+        route,
+        Paused::default(),
+    )
+    .await;
+    let (mut paused, token) = match ended {
+        Ok(SourceEnd::Done(transferred)) => return Ok(Served::Tcp(transferred)),
+        Ok(SourceEnd::HandOver { paused, token }) => (paused, token),
+        Err(e @ ProxyError::Resume { .. }) => {
+            resume::reset(downstream.into_parts().1);
+            return Err(e);
+        }
+        Err(e) => return Err(e),
+    };
+    let transferred = paused.transferred;
+    let (unread, downstream) = downstream.into_parts();
+    let Some(successor) = ctx.config.handovers.successor.get().cloned() else {
+        resume::reset(downstream);
+        return Ok(Served::Tcp(transferred));
+    };
+    // Held bytes first, then what the sniffer read and the copy did not.
+    paused.to_upstream.extend_from_slice(&unread);
+    successor
+        .hand_over_tunnel(addresses, route, token, paused, downstream)
+        .await
+        .map_err(ProxyError::Socket)?;
     Ok(Served::Tcp(transferred))
 }

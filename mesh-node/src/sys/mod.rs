@@ -29,6 +29,30 @@ pub fn set_ip_transparent(socket: &impl AsRawFd) -> io::Result<()> {
     }
 }
 
+/// Sets `SO_LINGER` to zero: closing the socket then resets the connection instead of ending
+/// it cleanly (for a blocking socket the standard library cannot set it on).
+pub fn set_zero_linger(socket: &impl AsRawFd) -> io::Result<()> {
+    let linger = libc::linger {
+        l_onoff: 1,
+        l_linger: 0,
+    };
+    // SAFETY: valid fd, pointer and length of a linger option value.
+    let ret = unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_LINGER,
+            std::ptr::from_ref(&linger).cast(),
+            size_of::<libc::linger>() as libc::socklen_t,
+        )
+    };
+    if ret == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
 /// Moves the calling thread (and the threads it starts afterwards) into a new, empty network
 /// namespace; mounts are untouched. Used by tools that must not change the host's networking.
 pub fn unshare_network() -> io::Result<()> {

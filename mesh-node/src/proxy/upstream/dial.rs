@@ -214,7 +214,11 @@ impl Dialer {
             Via::Tunnel { peer, source } => {
                 let hbone = self.hbone.as_ref().ok_or(DialError::NoMtls { target })?;
                 let caller = caller.ok_or(DialError::UnknownCaller { target })?;
-                Stream::Tunnel(hbone.connect(caller, source, peer, target, timeout).await?)
+                Stream::Tunnel(
+                    hbone
+                        .connect(caller, source, peer, target, timeout, None)
+                        .await?,
+                )
             }
         })
     }

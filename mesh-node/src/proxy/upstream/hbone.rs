@@ -68,6 +68,45 @@ const MAX_SEND_BUFFER: usize = 1024 * 1024;
 const MAX_REASON: usize = 1024;
 /// The header naming which pod of the certificate's identity opened the stream (RFC 7239).
 pub const FORWARDED: &str = "forwarded";
+/// A request header: the source can pause and resume the stream (a Weft node proxy).
+pub const RESUMABLE: &str = "weft-resumable";
+/// A request header: the stream carries on the paused one this token names.
+pub const RESUME: &str = "weft-resume";
+/// A response header: the token that resumes the stream after a pause.
+pub const RESUME_TOKEN: &str = "weft-resume-token";
+
+/// A resume token as this module writes them: 32 lowercase hexadecimal digits (128 random
+/// bits).
+pub fn valid_token(token: &str) -> bool {
+    token.len() == 32
+        && token
+            .bytes()
+            .all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+}
+
+/// A new resume token.
+pub fn new_token() -> String {
+    let mut bytes = [0u8; 16];
+    aws_lc_rs::rand::fill(&mut bytes).expect("the system's random source");
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Whether a `CONNECT` says its source can pause and resume it.
+pub fn offers_resume<B>(request: &Request<B>) -> bool {
+    request.headers().get(RESUMABLE).is_some_and(|v| v == "1")
+}
+
+/// The token of the paused stream a `CONNECT` carries on, if it carries one on; an error for
+/// a token this module did not write.
+pub fn resume_token<B>(request: &Request<B>) -> Result<Option<&str>, String> {
+    let Some(value) = request.headers().get(RESUME) else {
+        return Ok(None);
+    };
+    match value.to_str() {
+        Ok(token) if valid_token(token) => Ok(Some(token)),
+        _ => Err(format!("{RESUME}: not a resume token")),
+    }
+}
 
 #[derive(Debug, Error)]
 pub enum TunnelError {
@@ -126,6 +165,8 @@ pub enum Refusal {
     GatewayTimeout,
     /// The node proxy sheds load (its overload manager).
     Unavailable,
+    /// No paused stream to resume under the token given (or not for this caller).
+    Gone,
 }
 
 impl Refusal {
@@ -136,6 +177,7 @@ impl Refusal {
             Refusal::BadGateway => StatusCode::BAD_GATEWAY,
             Refusal::GatewayTimeout => StatusCode::GATEWAY_TIMEOUT,
             Refusal::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
+            Refusal::Gone => StatusCode::GONE,
         }
     }
 
@@ -161,8 +203,21 @@ pub fn refuse(respond: &mut SendResponse<Bytes>, refusal: Refusal, reason: &str)
 
 /// Answers a `CONNECT` with `200`: the stream is the client's byte stream from now on.
 /// `None` when the client reset it meanwhile.
-pub fn accept(mut respond: SendResponse<Bytes>, request: Request<RecvStream>) -> Option<H2Io> {
-    let send = respond.send_response(Response::new(()), false).ok()?;
+pub fn accept(respond: SendResponse<Bytes>, request: Request<RecvStream>) -> Option<H2Io> {
+    accept_with(respond, request, None)
+}
+
+/// [`accept`], giving the client `token` to resume the stream with after a pause.
+pub fn accept_with(
+    mut respond: SendResponse<Bytes>,
+    request: Request<RecvStream>,
+    token: Option<&str>,
+) -> Option<H2Io> {
+    let mut response = Response::new(());
+    if let Some(token) = token.and_then(|t| HeaderValue::from_str(t).ok()) {
+        response.headers_mut().insert(RESUME_TOKEN, token);
+    }
+    let send = respond.send_response(response, false).ok()?;
     Some(H2Io::new(send, request.into_body()))
 }
 
@@ -252,8 +307,12 @@ impl HbonePool {
         &self.certs
     }
 
-    /// Opens a stream to `target` through the node proxy at `peer`, on behalf of `caller`.
-    /// `timeout` bounds getting a connection and, separately, the peer's answer.
+    /// Opens a stream to `target` through the node proxy at `peer`, on behalf of `caller`;
+    /// with `resume`, one that carries on the paused stream that token names (its peer parked
+    /// it, or took it from its predecessor). `timeout` bounds getting a connection and,
+    /// separately, the peer's answer. The stream says it can be paused and resumed
+    /// ([`crate::proxy::resume`]); a Weft peer that relays it as opaque TCP answers with a
+    /// token for that.
     pub async fn connect(
         &self,
         caller: &Caller,
@@ -261,13 +320,19 @@ impl HbonePool {
         peer: SocketAddrV4,
         target: SocketAddrV4,
         timeout: Duration,
+        resume: Option<&str>,
     ) -> Result<HboneStream, TunnelError> {
         let request = || {
-            Request::builder()
+            let mut request = Request::builder()
                 .method(Method::CONNECT)
                 .uri(target.to_string())
                 .version(hyper::Version::HTTP_2)
                 .header(FORWARDED, format!("for={}", caller.ip))
+                .header(RESUMABLE, "1");
+            if let Some(token) = resume {
+                request = request.header(RESUME, token);
+            }
+            request
                 .body(())
                 .expect("a CONNECT request from valid parts")
         };
@@ -305,6 +370,12 @@ impl HbonePool {
                 Err(e) => return Err(http2(e)),
             };
             let status = response.status();
+            let token = response
+                .headers()
+                .get(RESUME_TOKEN)
+                .and_then(|v| v.to_str().ok())
+                .filter(|t| valid_token(t))
+                .map(str::to_owned);
             let recv = response.into_body();
             if status != StatusCode::OK {
                 let reading = refused(peer, target, status, recv);
@@ -314,6 +385,7 @@ impl HbonePool {
             }
             return Ok(HboneStream {
                 io: H2Io::new(send, recv),
+                token,
                 _guard: guard,
             });
         }
@@ -511,7 +583,19 @@ impl Drop for StreamGuard {
 #[derive(Debug)]
 pub struct HboneStream {
     io: H2Io,
+    /// The peer's token for resuming the stream after a pause, when it offered one.
+    token: Option<String>,
     _guard: StreamGuard,
+}
+
+impl HboneStream {
+    pub fn token(&self) -> Option<&str> {
+        self.token.as_deref()
+    }
+
+    pub fn io(&mut self) -> &mut H2Io {
+        &mut self.io
+    }
 }
 
 impl AsyncRead for HboneStream {
@@ -547,6 +631,10 @@ impl AsyncWrite for HboneStream {
 /// it). A `RST_STREAM` reads as hyper's upgraded streams read it: `NO_ERROR` or `CANCEL` as end
 /// of file, `STREAM_CLOSED` as a broken pipe, any other code as an error. No task or channel
 /// of its own: the connection's task sends what is written.
+///
+/// A stream between two Weft node proxies may also be paused ([`crate::proxy::resume`]): its
+/// `END_STREAM` then comes with a `weft-paused` trailer, which does not read as end of file:
+/// it cancels the token given to [`H2Io::on_peer_pause`] and reads nothing more.
 #[derive(Debug)]
 pub struct H2Io {
     send: SendStream<Bytes>,
@@ -555,7 +643,20 @@ pub struct H2Io {
     buf: Bytes,
     /// `END_STREAM` sent.
     ended: bool,
+    /// Bytes written to the stream, and received from it (read or in `buf`).
+    sent: u64,
+    received: u64,
+    /// Cancelled when the peer pauses the stream.
+    peer_pause: Option<tokio_util::sync::CancellationToken>,
+    /// What the peer said it had sent when it paused.
+    peer_sent: Option<u64>,
+    /// Reads give no window back: while a pause is answered, what the peer may still send is
+    /// bounded by the window it has.
+    hold_window: bool,
 }
+
+/// The trailer that pauses a stream, its value the bytes its sender wrote on the stream.
+pub const PAUSED: &str = "weft-paused";
 
 impl H2Io {
     pub fn new(send: SendStream<Bytes>, recv: RecvStream) -> Self {
@@ -564,6 +665,126 @@ impl H2Io {
             recv,
             buf: Bytes::new(),
             ended: false,
+            sent: 0,
+            received: 0,
+            peer_pause: None,
+            peer_sent: None,
+            hold_window: false,
+        }
+    }
+
+    /// From now on a pause of the peer cancels `token` (reads then stay pending) instead of
+    /// reading as end of file.
+    pub fn on_peer_pause(&mut self, token: tokio_util::sync::CancellationToken) {
+        self.peer_pause = Some(token);
+    }
+
+    /// Whether the peer paused the stream, and how many bytes it said it had sent on it.
+    pub fn peer_paused(&self) -> Option<u64> {
+        self.peer_sent
+    }
+
+    /// Received from the peer and not read yet (what the reader stopped short of).
+    pub fn take_unread(&mut self) -> Bytes {
+        std::mem::take(&mut self.buf)
+    }
+
+    /// Every byte the peer sent has arrived: its count matches what it said it sent.
+    pub fn complete(&self) -> bool {
+        self.peer_sent == Some(self.received)
+    }
+
+    /// Pauses the stream: `END_STREAM` with the `weft-paused` trailer, which tells the peer how
+    /// many bytes were written on it. Nothing is written after.
+    pub fn pause(&mut self) -> io::Result<()> {
+        if self.ended {
+            return Err(io::Error::new(
+                io::ErrorKind::NotConnected,
+                "the stream was already ended",
+            ));
+        }
+        self.ended = true;
+        let mut trailers = hyper::HeaderMap::new();
+        trailers.insert(PAUSED, HeaderValue::from(self.sent));
+        self.send.send_trailers(trailers).map_err(h2_io_error)
+    }
+
+    /// Reads what the peer still sends until it pauses too, within `timeout`: the bytes, in
+    /// order, after any not read yet, at most the stream's window (no window is given back).
+    /// An error when it ends the stream another way, or does not pause in time, or when its
+    /// count does not match what arrived.
+    pub async fn until_peer_paused(&mut self, timeout: Duration) -> io::Result<Vec<u8>> {
+        let token = tokio_util::sync::CancellationToken::new();
+        self.on_peer_pause(token.clone());
+        self.hold_window = true;
+        let mut rest = self.take_unread().to_vec();
+        let reading = async {
+            let mut chunk = vec![0u8; 16 * 1024];
+            loop {
+                // The pause cancels the token while the read stays pending: checked after it.
+                let read = poll_fn(|cx| {
+                    let mut buf = ReadBuf::new(&mut chunk);
+                    match Pin::new(&mut *self).poll_read(cx, &mut buf) {
+                        Poll::Ready(Ok(())) => Poll::Ready(Ok(Some(buf.filled().len()))),
+                        Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
+                        Poll::Pending if token.is_cancelled() => Poll::Ready(Ok(None)),
+                        Poll::Pending => Poll::Pending,
+                    }
+                })
+                .await?;
+                match read {
+                    None => return Ok::<_, io::Error>(()),
+                    Some(0) => {
+                        return Err(io::Error::new(
+                            io::ErrorKind::UnexpectedEof,
+                            "the peer ended the stream instead of pausing it",
+                        ))
+                    }
+                    Some(n) => rest.extend_from_slice(&chunk[..n]),
+                }
+            }
+        };
+        tokio::time::timeout(timeout, reading)
+            .await
+            .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "the peer did not pause"))??;
+        if !self.complete() {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!(
+                    "the peer paused after {:?} bytes, {} arrived",
+                    self.peer_sent, self.received
+                ),
+            ));
+        }
+        Ok(rest)
+    }
+
+    /// At the end of the peer's data: whether it paused (`Pending`, the token cancelled) or
+    /// ended the stream (`Ready`, end of file).
+    fn poll_end(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        if self.peer_sent.is_some() {
+            return Poll::Pending;
+        }
+        let Some(token) = self.peer_pause.clone() else {
+            return Poll::Ready(Ok(()));
+        };
+        match ready!(self.recv.poll_trailers(cx)) {
+            Ok(Some(trailers)) => {
+                let sent = trailers
+                    .get(PAUSED)
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|v| v.parse::<u64>().ok());
+                match sent {
+                    Some(sent) => {
+                        self.peer_sent = Some(sent);
+                        token.cancel();
+                        Poll::Pending
+                    }
+                    None => Poll::Ready(Ok(())),
+                }
+            }
+            Ok(None) => Poll::Ready(Ok(())),
+            Err(e) => Poll::Ready(Err(h2_io_error(e))),
         }
     }
 }
@@ -583,8 +804,14 @@ impl AsyncRead for H2Io {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         while self.buf.is_empty() {
+            if self.peer_sent.is_some() {
+                return Poll::Pending;
+            }
             match ready!(self.recv.poll_data(cx)) {
-                Some(Ok(data)) => self.buf = data,
+                Some(Ok(data)) => {
+                    self.received += data.len() as u64;
+                    self.buf = data;
+                }
                 // The peer stopped sending without END_STREAM: the end of its bytes.
                 Some(Err(e)) if matches!(e.reason(), Some(Reason::NO_ERROR | Reason::CANCEL)) => {
                     return Poll::Ready(Ok(()));
@@ -593,13 +820,15 @@ impl AsyncRead for H2Io {
                     return Poll::Ready(Err(io::ErrorKind::BrokenPipe.into()));
                 }
                 Some(Err(e)) => return Poll::Ready(Err(h2_io_error(e))),
-                None => return Poll::Ready(Ok(())),
+                None => return self.poll_end(cx),
             }
         }
         let n = self.buf.len().min(buf.remaining());
         buf.put_slice(&self.buf[..n]);
         self.buf.advance(n);
-        let _ = self.recv.flow_control().release_capacity(n);
+        if !self.hold_window {
+            let _ = self.recv.flow_control().release_capacity(n);
+        }
         Poll::Ready(Ok(()))
     }
 }
@@ -635,6 +864,7 @@ impl AsyncWrite for H2Io {
         self.send
             .send_data(Bytes::copy_from_slice(&data[..n]), false)
             .map_err(h2_io_error)?;
+        self.sent += n as u64;
         Poll::Ready(Ok(n))
     }
 
@@ -731,7 +961,9 @@ mod tests {
         };
         let target = SocketAddrV4::new(Ipv4Addr::new(10, 244, 2, 9), 9080);
         let timeout = Duration::from_secs(5);
-        let first = pool.connect(&caller, None, peer, target, timeout).await;
+        let first = pool
+            .connect(&caller, None, peer, target, timeout, None)
+            .await;
         let mut streams = vec![first.expect("the first stream opens")];
         // Until the GOAWAY reaches the client, new streams may still go to the first
         // connection; from then on each one must still open, on a second connection.
@@ -740,11 +972,159 @@ mod tests {
                 break;
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
-            let next = pool.connect(&caller, None, peer, target, timeout).await;
+            let next = pool
+                .connect(&caller, None, peer, target, timeout, None)
+                .await;
             streams.push(next.expect("a stream opens after the peer's GOAWAY"));
         }
         assert_eq!(accepted.load(Ordering::Relaxed), 2, "a second connection");
         drop(streams);
+    }
+
+    /// Two ends of one CONNECT stream over an in-memory HTTP/2 connection: the client's and
+    /// the server's, the server offering `token`.
+    async fn stream_pair(token: Option<&str>) -> (H2Io, H2Io, Option<String>) {
+        let (client_io, server_io) = tokio::io::duplex(1 << 20);
+        let (accepted_tx, accepted_rx) = tokio::sync::oneshot::channel();
+        let token = token.map(str::to_owned);
+        tokio::spawn(async move {
+            let mut conn = h2::server::handshake(server_io).await.unwrap();
+            let (request, respond) = conn.accept().await.unwrap().unwrap();
+            let _ = accepted_tx.send(accept_with(respond, request, token.as_deref()).unwrap());
+            // Drives the connection.
+            while conn.accept().await.is_some() {}
+        });
+        let (sender, connection) = h2::client::handshake(client_io).await.unwrap();
+        tokio::spawn(connection);
+        let mut sender = sender.ready().await.unwrap();
+        let request = Request::builder()
+            .method(Method::CONNECT)
+            .uri("10.244.2.9:5432")
+            .header(RESUMABLE, "1")
+            .body(())
+            .unwrap();
+        let (response, send) = sender.send_request(request, false).unwrap();
+        let server = accepted_rx.await.unwrap();
+        let response = response.await.unwrap();
+        let offered = response
+            .headers()
+            .get(RESUME_TOKEN)
+            .map(|v| v.to_str().unwrap().to_owned());
+        (H2Io::new(send, response.into_body()), server, offered)
+    }
+
+    async fn read_some(io: &mut H2Io) -> Vec<u8> {
+        use tokio::io::AsyncReadExt as _;
+        let mut buf = vec![0u8; 64];
+        let n = io.read(&mut buf).await.unwrap();
+        buf.truncate(n);
+        buf
+    }
+
+    #[tokio::test]
+    async fn a_paused_stream_reads_as_paused_not_ended_and_both_sides_account_for_every_byte() {
+        use tokio::io::AsyncWriteExt as _;
+        let token = new_token();
+        assert!(valid_token(&token));
+        let (mut client, mut server, offered) = stream_pair(Some(&token)).await;
+        assert_eq!(offered.as_deref(), Some(token.as_str()));
+        let paused = tokio_util::sync::CancellationToken::new();
+        server.on_peer_pause(paused.clone());
+        client.write_all(b"hello").await.unwrap();
+        assert_eq!(read_some(&mut server).await, b"hello");
+        // The client pauses: the server's reads stay pending, the token says why.
+        client.write_all(b" again").await.unwrap();
+        client.pause().unwrap();
+        let mut got = Vec::new();
+        loop {
+            let mut buf = [0u8; 64];
+            tokio::select! {
+                biased;
+                () = paused.cancelled() => break,
+                n = tokio::io::AsyncReadExt::read(&mut server, &mut buf) => {
+                    let n = n.unwrap();
+                    assert!(n > 0, "a pause must not read as the end of the stream");
+                    got.extend_from_slice(&buf[..n]);
+                }
+            }
+        }
+        assert_eq!(got, b" again");
+        assert_eq!(server.peer_paused(), Some(11));
+        assert!(server.complete());
+        // The server answers with what it still had to send, then its own pause.
+        server.write_all(b"world").await.unwrap();
+        server.pause().unwrap();
+        let rest = client
+            .until_peer_paused(Duration::from_secs(5))
+            .await
+            .unwrap();
+        assert_eq!(rest, b"world");
+        assert_eq!(client.peer_paused(), Some(5));
+        // Nothing is written after a pause.
+        assert!(client.pause().is_err());
+    }
+
+    #[tokio::test]
+    async fn a_stream_ended_instead_of_paused_reads_as_its_end() {
+        use tokio::io::AsyncWriteExt as _;
+        let (mut client, mut server, offered) = stream_pair(None).await;
+        assert_eq!(offered, None);
+        let paused = tokio_util::sync::CancellationToken::new();
+        server.on_peer_pause(paused.clone());
+        client.write_all(b"bye").await.unwrap();
+        client.shutdown().await.unwrap();
+        assert_eq!(read_some(&mut server).await, b"bye");
+        assert_eq!(read_some(&mut server).await, b"");
+        assert!(!paused.is_cancelled());
+        assert_eq!(server.peer_paused(), None);
+        // Waiting for a pause that never comes is an error, not a hang.
+        server.shutdown().await.unwrap();
+        let err = client
+            .until_peer_paused(Duration::from_secs(5))
+            .await
+            .unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::UnexpectedEof, "{err}");
+    }
+
+    #[test]
+    fn resume_tokens_are_128_bits_of_lowercase_hex() {
+        let (a, b) = (new_token(), new_token());
+        assert_ne!(a, b);
+        assert!(valid_token(&a) && valid_token(&b));
+        for bad in [
+            "",
+            "0123",
+            &a.to_uppercase(),
+            &format!("{a}0"),
+            "g".repeat(32).as_str(),
+        ] {
+            assert!(!valid_token(bad), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn a_connect_resumes_only_with_a_token_of_ours() {
+        let connect = |resume: Option<&str>| {
+            let mut request = Request::builder()
+                .method(Method::CONNECT)
+                .uri("10.244.2.9:5432")
+                .header(RESUMABLE, "1");
+            if let Some(token) = resume {
+                request = request.header(RESUME, token);
+            }
+            request.body(()).unwrap()
+        };
+        let token = new_token();
+        assert!(offers_resume(&connect(None)));
+        assert_eq!(resume_token(&connect(None)), Ok(None));
+        assert_eq!(
+            resume_token(&connect(Some(&token))),
+            Ok(Some(token.as_str()))
+        );
+        for bad in ["", "../../etc", &token[..31], &token.to_uppercase()] {
+            let err = resume_token(&connect(Some(bad))).unwrap_err();
+            assert!(err.contains(RESUME), "{err}");
+        }
     }
 
     /// Replays the tunnel fuzz corpus on the stable toolchain (see `fuzz/`).
