@@ -63,6 +63,10 @@ enum Task {
         /// `chaos` and `soak`: minutes of load (default 10 and 30; 2 and 3 with --quick).
         #[arg(long)]
         minutes: Option<f64>,
+        /// Go on with a data-plane run that stopped: what target/bench/samples.jsonl holds of
+        /// this commit is kept, the rest measured.
+        #[arg(long)]
+        resume: bool,
     },
 }
 
@@ -191,10 +195,12 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             out,
             scenarios,
             minutes,
+            resume,
         } => match name.as_deref() {
             _ if minutes.is_some() && !matches!(name.as_deref(), Some("chaos" | "soak")) => {
                 anyhow::bail!("--minutes is for `bench chaos` and `bench soak`");
             }
+            Some(_) if resume => anyhow::bail!("--resume is for the data-plane benchmark"),
             Some(kind @ ("chaos" | "soak")) => {
                 if runs.is_some() || !scenarios.is_empty() {
                     anyhow::bail!("`bench {kind}` takes --quick, --minutes and --out only");
@@ -249,6 +255,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     options.out = std::env::current_dir()?.join(out);
                 }
                 options.only(&scenarios)?;
+                options.resume = resume;
                 xtask::bench::data_plane(&options)?;
             }
         },

@@ -16,14 +16,14 @@
 
 use std::{
     fmt, fs,
-    io::{BufRead as _, BufReader, Lines, Read as _},
+    io::{BufRead as _, BufReader, Lines, Read as _, Write as _},
     path::{Path, PathBuf},
     process::{Child, ChildStdout, Command},
     time::{Duration, Instant},
 };
 
 use anyhow::{bail, Context as _, Result};
-use serde::{de::DeserializeOwned, Deserialize};
+use serde::{de::DeserializeOwned, Deserialize, Serialize};
 
 use crate::{cluster, cmd, is_root, workspace_root};
 
@@ -50,6 +50,8 @@ pub struct Options {
     pub out: PathBuf,
     /// The scenarios measured, in order.
     scenarios: Vec<Scenario>,
+    /// Go on from the measurements a stopped run of the same commit left in the journal.
+    pub resume: bool,
 }
 
 impl Options {
@@ -60,6 +62,7 @@ impl Options {
             runs: 3,
             out: workspace_root().join("bench/results/latest.json"),
             scenarios: Scenario::ALL.to_vec(),
+            resume: false,
         }
     }
 
@@ -79,6 +82,7 @@ impl Options {
                     _ => true,
                 })
                 .collect(),
+            resume: false,
         }
     }
 
@@ -186,7 +190,7 @@ const QUICK_IDLE_CONNS: usize = 1000;
 /// stdin once the RSS is read, and holds no longer than this if that never comes.
 const HOLD_SLACK_S: f64 = 60.0;
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Mode {
     None,
     Sidecar,
@@ -226,7 +230,7 @@ impl fmt::Display for Mode {
 }
 
 /// What a scenario's requests are, and the Service port (and its name) that carries them.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Protocol {
     /// Raw TCP (port `tcp`): every proxy carries bytes.
     Tcp,
@@ -256,7 +260,7 @@ impl Protocol {
 }
 
 /// What a scenario's client does.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Workload {
     /// 64-byte requests answered with 1 KB: at a fixed rate, then closed loop.
     Requests(Protocol),
@@ -291,7 +295,7 @@ impl Workload {
     }
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Scenario {
     pub cross_node: bool,
     pub workload: Workload,
@@ -345,7 +349,7 @@ impl Scenario {
 }
 
 /// One load generator report (the fields the benchmark reads).
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct LoadReport {
     pub requests: u64,
     pub total_requests: u64,
@@ -360,7 +364,7 @@ pub struct LoadReport {
 }
 
 /// One `weft-loadgen bulk` report (the fields the benchmark reads).
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct BulkReport {
     pub bytes: u64,
     pub seconds: f64,
@@ -368,7 +372,7 @@ pub struct BulkReport {
 }
 
 /// One `weft-loadgen echo` report (the fields the benchmark reads).
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct EchoReport {
     pub total_connections: u64,
     pub errors: u64,
@@ -383,7 +387,7 @@ pub struct EchoReport {
 
 /// One line of `weft-loadgen hold` (the fields the benchmark reads): once when the
 /// connections are open (`phase` `open`), once when they are closed (`closed`).
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct HoldReport {
     pub phase: String,
     pub conns: usize,
@@ -397,7 +401,7 @@ pub struct HoldReport {
 }
 
 /// RSS of the mesh processes, KiB, read twice in an idle measurement.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Rss {
     /// All of the mode's mesh processes together.
     pub total_kib: u64,
@@ -415,7 +419,7 @@ impl Rss {
 }
 
 /// One (mode, scenario) measurement of one run.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Sample {
     pub mode: Mode,
     pub scenario: Scenario,
@@ -423,7 +427,7 @@ pub struct Sample {
 }
 
 /// What one measurement found, by workload.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub enum Measured {
     Requests {
         fixed: LoadReport,
@@ -621,14 +625,15 @@ pub fn data_plane(options: &Options) -> Result<()> {
         estimate / 60.0
     );
 
+    let commit = report::commit();
+    let mut journal = Journal::open(&dir.join("samples.jsonl"), &commit, options)?;
     let cluster = Cluster::up(&manifest)?;
-    let samples = measure_all(options.runs, scenarios, timing, &loadgen);
+    let samples = measure_all(options.runs, scenarios, timing, &loadgen, &mut journal);
     let down = cluster.down();
     let samples = samples?;
     down?;
 
     let machine = report::machine();
-    let commit = report::commit();
     let results = report::aggregate(&samples, options.runs);
     let json = report::json(&commit, &machine, options, &results);
     if let Some(parent) = options.out.parent() {
@@ -818,6 +823,7 @@ fn measure_all(
     scenarios: &[Scenario],
     timing: Timing,
     loadgen: &Path,
+    journal: &mut Journal,
 ) -> Result<Vec<Sample>> {
     let mut samples = Vec::new();
     let total = runs * Mode::ALL.len() * scenarios.len();
@@ -827,10 +833,19 @@ fn measure_all(
             let mut modes = Mode::ALL;
             modes.rotate_left(run % Mode::ALL.len());
             for mode in modes {
-                let sample = measure(mode, scenario, timing, loadgen)
-                    .with_context(|| format!("run {}: {mode} {}", run + 1, scenario.name()))?;
+                let (sample, from) = match journal.taken(run, mode, scenario) {
+                    Some(sample) => (sample, " (journal)"),
+                    None => {
+                        let sample =
+                            measure(mode, scenario, timing, loadgen).with_context(|| {
+                                format!("run {}: {mode} {}", run + 1, scenario.name())
+                            })?;
+                        journal.record(run, &sample)?;
+                        (sample, "")
+                    }
+                };
                 println!(
-                    "[{:>2}/{total}] run {} {:<23} {:<15} {}",
+                    "[{:>2}/{total}] run {} {:<23} {:<15} {}{from}",
                     samples.len() + 1,
                     run + 1,
                     scenario.name(),
@@ -842,6 +857,95 @@ fn measure_all(
         }
     }
     Ok(samples)
+}
+
+/// Every measurement as it is taken, one JSON line each (`target/bench/samples.jsonl`): a run
+/// that stopped (a failure, an interrupt) goes on from there with `--resume`, at the same
+/// commit and with the same windows, measuring only what the journal does not hold.
+struct Journal {
+    file: fs::File,
+    commit: String,
+    quick: bool,
+    taken: Vec<JournalEntry>,
+}
+
+#[derive(Serialize, Deserialize)]
+struct JournalEntry {
+    commit: String,
+    quick: bool,
+    run: usize,
+    sample: Sample,
+}
+
+impl Journal {
+    /// A new journal at `path`, or with `options.resume` the one there, whose measurements
+    /// must be of `commit` and of the same windows.
+    fn open(path: &Path, commit: &str, options: &Options) -> Result<Self> {
+        let mut taken = Vec::new();
+        if options.resume {
+            if commit.ends_with("-dirty") {
+                bail!("--resume needs a committed tree: the journal names commits, not changes");
+            }
+            let text = fs::read_to_string(path)
+                .with_context(|| format!("--resume: reading {}", path.display()))?;
+            for (n, line) in text.lines().enumerate() {
+                let entry: JournalEntry = serde_json::from_str(line)
+                    .with_context(|| format!("{} line {}", path.display(), n + 1))?;
+                if entry.commit != commit || entry.quick != options.quick {
+                    bail!(
+                        "--resume: {} holds measurements of commit {} ({} windows), this is {commit} ({} windows)",
+                        path.display(),
+                        entry.commit,
+                        if entry.quick { "quick" } else { "full" },
+                        if options.quick { "quick" } else { "full" },
+                    );
+                }
+                taken.push(entry);
+            }
+            println!(
+                "==> resuming: {} measurement(s) from {}",
+                taken.len(),
+                path.display()
+            );
+        }
+        let file = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .truncate(false)
+            .open(path)
+            .with_context(|| format!("opening {}", path.display()))?;
+        if !options.resume {
+            file.set_len(0)
+                .with_context(|| format!("emptying {}", path.display()))?;
+        }
+        Ok(Self {
+            file,
+            commit: commit.to_owned(),
+            quick: options.quick,
+            taken,
+        })
+    }
+
+    /// The measurement of `run` for `mode` and `scenario`, when the journal has it.
+    fn taken(&self, run: usize, mode: Mode, scenario: Scenario) -> Option<Sample> {
+        self.taken
+            .iter()
+            .find(|e| e.run == run && e.sample.mode == mode && e.sample.scenario == scenario)
+            .map(|e| e.sample.clone())
+    }
+
+    fn record(&mut self, run: usize, sample: &Sample) -> Result<()> {
+        let entry = JournalEntry {
+            commit: self.commit.clone(),
+            quick: self.quick,
+            run,
+            sample: sample.clone(),
+        };
+        let line = serde_json::to_string(&entry)? + "\n";
+        self.file
+            .write_all(line.as_bytes())
+            .context("writing the benchmark's journal")
+    }
 }
 
 fn measure(mode: Mode, scenario: Scenario, timing: Timing, loadgen: &Path) -> Result<Sample> {
@@ -1452,6 +1556,49 @@ mod tests {
         assert!(none.figure("kib_per_conn").unwrap().is_nan());
         assert_eq!(none.figure("processes"), Some(0.0));
         assert!(none.summary().contains("no mesh processes"));
+    }
+
+    #[test]
+    fn a_stopped_run_goes_on_from_its_journal_at_the_same_commit_only() {
+        let dir = std::env::temp_dir().join(format!("weft-journal-{}", std::process::id()));
+        fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("samples.jsonl");
+        let bulk = Scenario::new(true, Workload::Bulk { conns: 1 });
+        let sample = |gbit_s| Sample {
+            mode: Mode::Weft,
+            scenario: bulk,
+            measured: Measured::Bulk {
+                report: BulkReport {
+                    bytes: GIB,
+                    seconds: 1.0,
+                    gbit_s,
+                },
+                cpu_s_per_gib: 0.5,
+            },
+        };
+        let mut options = Options::full();
+        let mut first = Journal::open(&path, "abc123", &options).unwrap();
+        first.record(0, &sample(5.5)).unwrap();
+        first.record(1, &sample(6.5)).unwrap();
+        drop(first);
+
+        options.resume = true;
+        let resumed = Journal::open(&path, "abc123", &options).unwrap();
+        let taken = |run| match resumed.taken(run, Mode::Weft, bulk).map(|s| s.measured) {
+            Some(Measured::Bulk { report, .. }) => Some(report.gbit_s),
+            _ => None,
+        };
+        assert_eq!((taken(0), taken(1), taken(2)), (Some(5.5), Some(6.5), None));
+        assert!(resumed.taken(0, Mode::None, bulk).is_none());
+        // Another commit's measurements, or a tree with changes, are not mixed in.
+        let other = Journal::open(&path, "def456", &options).err().unwrap();
+        assert!(other.to_string().contains("abc123"), "{other}");
+        assert!(Journal::open(&path, "abc123-dirty", &options).is_err());
+        // A new run starts the journal again.
+        options.resume = false;
+        drop(Journal::open(&path, "def456", &options).unwrap());
+        assert_eq!(fs::read_to_string(&path).unwrap(), "");
+        fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]
