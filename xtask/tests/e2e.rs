@@ -828,6 +828,18 @@ const ECHO_CONVERSATION: &str = r#"
 import json, socket, sys, threading, time
 host, port = sys.argv[1].rsplit(":", 1)
 s = socket.create_connection((host, int(port)), timeout=10)
+if sys.argv[2:] == ["websocket"]:
+    # The conversation runs over the connection a WebSocket upgrade leaves.
+    s.sendall(f"GET /ws HTTP/1.1\r\nHost: {host}\r\nConnection: Upgrade\r\n"
+              "Upgrade: websocket\r\n\r\n".encode())
+    head = b""
+    while b"\r\n\r\n" not in head:
+        more = s.recv(1)
+        if not more:
+            raise SystemExit(f"closed before the upgrade: {head!r}")
+        head += more
+    if b" 101 " not in head.split(b"\r\n")[0]:
+        raise SystemExit(f"the upgrade was answered {head!r}")
 stop = threading.Event()
 threading.Thread(target=lambda: (sys.stdin.read(), stop.set()), daemon=True).start()
 echoed, error, n = 0, None, 0
@@ -869,7 +881,16 @@ fn hand_over(node: &str, build: Option<&std::path::Path>) -> Result<()> {
 /// mesh-node is restarted twice: the relay's two sockets go to the next mesh-node.
 fn an_open_connection_survives_restarts_of_its_node() -> Result<()> {
     let restarts = [("node-1", None), ("node-1", None)];
-    echo_through_restarts("echo-1:7000", &restarts)
+    echo_through_restarts(&["echo-1:7000"], &restarts)
+}
+
+/// A WebSocket connection between two pods of one node (the node proxy serves the upgrade as
+/// HTTP, then joins both sides) stays open, byte for byte, while that node's mesh-node is
+/// restarted and upgraded to another build: its two sockets go to the next mesh-node.
+fn an_upgraded_connection_survives_restarts_of_its_node() -> Result<()> {
+    let other = cluster::other_build()?;
+    let restarts = [("node-1", None), ("node-1", Some(other.as_path()))];
+    echo_through_restarts(&["web-1:80", "websocket"], &restarts)
 }
 
 /// A TCP connection from a pod of node-1 to one of node-2 stays open, byte for byte, while
@@ -883,21 +904,22 @@ fn an_open_connection_across_nodes_survives_restarts_of_both_nodes() -> Result<(
         ("node-2", Some(other.as_path())),
         ("node-1", Some(other.as_path())),
     ];
-    echo_through_restarts("echo-2:7000", &restarts)
+    echo_through_restarts(&["echo-2:7000"], &restarts)
 }
 
-/// The echo conversation from client-1 to `server` through the restarts (each node's mesh-node
-/// replaced by the cluster's build, or by the build given: an upgrade), a second apart.
+/// The echo conversation from client-1 to a server (`conversation`: its address, and
+/// `websocket` to upgrade first) through the restarts (each node's mesh-node replaced by the
+/// cluster's build, or by the build given: an upgrade), a second apart.
 fn echo_through_restarts(
-    server: &str,
+    conversation: &[&str],
     restarts: &[(&str, Option<&std::path::Path>)],
 ) -> Result<()> {
     use std::io::{BufRead as _, BufReader, Read as _};
 
-    let mut client = cluster::spawn(
-        "mesh/client-1",
-        &args(&["python3", "-c", ECHO_CONVERSATION, server]),
-    )?;
+    let server = conversation[0];
+    let mut argv = vec!["python3", "-c", ECHO_CONVERSATION];
+    argv.extend_from_slice(conversation);
+    let mut client = cluster::spawn("mesh/client-1", &args(&argv))?;
     let mut stdout = BufReader::new(client.stdout.take().context("client stdout")?);
     let mut line = String::new();
     stdout.read_line(&mut line)?;
@@ -1076,6 +1098,10 @@ fn main() {
         (
             "an_open_connection_survives_restarts_of_its_node",
             an_open_connection_survives_restarts_of_its_node,
+        ),
+        (
+            "an_upgraded_connection_survives_restarts_of_its_node",
+            an_upgraded_connection_survives_restarts_of_its_node,
         ),
         (
             "an_open_connection_across_nodes_survives_restarts_of_both_nodes",

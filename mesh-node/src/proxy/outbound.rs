@@ -6,7 +6,7 @@
 
 use std::{
     net::{IpAddr, SocketAddr, SocketAddrV4},
-    os::fd::AsFd as _,
+    os::fd::{AsFd as _, AsRawFd as _},
     sync::Arc,
     time::Instant,
 };
@@ -143,6 +143,7 @@ async fn proxy(
         }
         Some(Declared::Opaque) | None => false,
     };
+    let socket = downstream.as_raw_fd();
     let mut downstream = Rewind::new(sniffed, downstream);
     if let (true, Some(service), Some(declared)) = (http, &service, declared) {
         let conn = l7::Conn::outbound(
@@ -154,7 +155,8 @@ async fn proxy(
             source,
         )
         .dialled(dialled)
-        .held_by(held);
+        .held_by(held)
+        .client_socket(socket);
         drop(view);
         // Boxed, as every path here that only some connections take: a connection's task then
         // holds the state of the path it is on, not of the largest one.

@@ -29,6 +29,19 @@ pub fn set_ip_transparent(socket: &impl AsRawFd) -> io::Result<()> {
     }
 }
 
+/// A descriptor of its own for the socket behind `fd` (`F_DUPFD_CLOEXEC`): it keeps the
+/// connection open after `fd` closes. `fd` must belong to an object the caller holds, so that
+/// it is open and names that socket for the call.
+pub fn dup_held(fd: RawFd) -> io::Result<OwnedFd> {
+    // SAFETY: fcntl reads no memory; the caller holds what owns `fd`.
+    let new = unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 0) };
+    if new < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `new` was just returned by the kernel and nothing else owns it.
+    Ok(unsafe { OwnedFd::from_raw_fd(new) })
+}
+
 /// Sets `SO_LINGER` to zero: closing the socket then resets the connection instead of ending
 /// it cleanly (for a blocking socket the standard library cannot set it on).
 pub fn set_zero_linger(socket: &impl AsRawFd) -> io::Result<()> {

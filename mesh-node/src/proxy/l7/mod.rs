@@ -20,6 +20,7 @@ use std::{
     collections::HashMap,
     convert::Infallible,
     net::{IpAddr, SocketAddr, SocketAddrV4},
+    os::fd::RawFd,
     sync::{
         atomic::{AtomicBool, Ordering},
         Arc, Mutex, OnceLock,
@@ -120,6 +121,9 @@ pub(super) struct Conn {
     /// The client as the policies of a pod of this node see it (source side: the kernel
     /// vouches for the pod behind the address), found on first use.
     local_peer: OnceLock<Peer>,
+    /// The client's socket (its descriptor, owned by the connection being served), when the
+    /// connection is a plain TCP one: an upgraded connection hands it to the next mesh-node.
+    client_socket: Option<RawFd>,
 }
 
 /// What the destination side knows of a connection before it serves it.
@@ -204,6 +208,7 @@ impl Conn {
             labels: Mutex::default(),
             held: None,
             local_peer: OnceLock::new(),
+            client_socket: None,
         }
     }
 
@@ -257,6 +262,13 @@ impl Conn {
     /// that address (outbound connections).
     pub(super) fn held_by(mut self, held: SourceConnection) -> Self {
         self.held = Some(held);
+        self
+    }
+
+    /// Sets the client's socket: the descriptor of the plain TCP connection this `Conn`
+    /// serves (which its upgraded connections hold, so it stays open while they do).
+    pub(super) fn client_socket(mut self, socket: RawFd) -> Self {
+        self.client_socket = Some(socket);
         self
     }
 

@@ -1,10 +1,24 @@
 //! Requests that switch protocols (WebSocket and other `Upgrade`s): sent alone on a fresh
-//! connection; after `101 Switching Protocols` both sides are joined byte for byte.
+//! connection; after `101 Switching Protocols` both sides are joined byte for byte, and when
+//! both are plain TCP connections of this proxy a restart hands them to the next mesh-node.
+
+use std::{
+    pin::Pin,
+    task::{Poll, Waker},
+};
+
+use hyper::upgrade::Upgraded;
+use tokio::{io::ReadBuf, net::TcpStream};
 
 use super::*;
 use crate::{
     metrics::OverloadClose,
-    proxy::copy::{self, Lifetime},
+    proxy::{
+        adopt::Direction,
+        copy::{self, Copied, Lifetime, Paused},
+        upstream::{Stream, Via},
+    },
+    sys,
 };
 
 /// A request that switches protocols (WebSocket): sent alone on a fresh connection; after
@@ -91,20 +105,13 @@ pub(super) async fn send_upgrade(
         // cut with its connections by the overload manager.
         let held = conn.clone();
         let cut = conn.held.as_ref().map(SourceConnection::cut_signal);
+        let handover = Handover::of(&conn, &key);
         tokio::spawn(async move {
             let (Ok(down), Ok(up)) = (downstream.await, upstream.await) else {
                 debug!("protocol upgrade did not complete");
                 return;
             };
-            let mut down = TokioIo::new(down);
-            let mut up = TokioIo::new(up);
-            let copied = copy::bidirectional_with(
-                &mut down,
-                &mut up,
-                &(),
-                Lifetime::default(),
-                Some(held.ctx.overload()),
-            );
+            let joined = join(&held, TokioIo::new(down), TokioIo::new(up), handover);
             let cut = async move {
                 match cut {
                     Some(cut) => cut.await,
@@ -112,7 +119,7 @@ pub(super) async fn send_upgrade(
                 }
             };
             tokio::select! {
-                copied = copied => if let Err(e) = copied {
+                joined = joined => if let Err(e) = joined {
                     debug!("upgraded connection ended: {e}");
                 },
                 () = cut => held.ctx.overload().metrics().closed(OverloadClose::Heaviest),
@@ -123,6 +130,126 @@ pub(super) async fn send_upgrade(
     }
     let (head, upstream_body) = response.into_parts();
     Response::from_parts(head, ResponseBody::upstream(upstream_body, report))
+}
+
+/// What the next mesh-node needs to carry on an upgraded connection whose two sides are plain
+/// TCP connections of this proxy: a pod's connection to a pod of this node or outside the
+/// mesh (one through a tunnel, or with TLS the proxy originates, ends with the drain).
+struct Handover {
+    /// The client's socket (owned by the upgraded connection).
+    socket: RawFd,
+    client: SocketAddrV4,
+    dialled: SocketAddrV4,
+    target: SocketAddrV4,
+}
+
+impl Handover {
+    fn of(conn: &Conn, key: &ConnKey) -> Option<Self> {
+        match (
+            conn.client_socket,
+            conn.dialled,
+            &conn.inbound,
+            key.via,
+            &key.tls,
+        ) {
+            (Some(socket), Some(dialled), None, Via::Direct { .. }, None) => Some(Self {
+                socket,
+                client: conn.client,
+                dialled,
+                target: key.target,
+            }),
+            _ => None,
+        }
+    }
+}
+
+/// Joins the two sides of an upgraded connection until either ends; with `handover`, paused
+/// between two reads when the proxy hands over, the sockets going to the next mesh-node with
+/// what was read and not written yet, as an opaque connection's do ([`super::super::adopt`]).
+async fn join(
+    conn: &Conn,
+    mut down: TokioIo<Upgraded>,
+    mut up: TokioIo<Upgraded>,
+    handover: Option<Handover>,
+) -> Result<(), ProxyError> {
+    let overload = Some(conn.ctx.overload());
+    let Some(handover) = handover else {
+        copy::bidirectional_with(&mut down, &mut up, &(), Lifetime::default(), overload).await?;
+        return Ok(());
+    };
+    // The proxy's drain waits for the sockets to be handed on.
+    let _drain = conn.ctx.hold_drain();
+    // What hyper read past the heads is out of reach once the connection moves: taken now, so
+    // that every byte not in the kernel is the copy's.
+    let held = Paused {
+        to_upstream: take_buffered(&mut down)?,
+        to_downstream: take_buffered(&mut up)?,
+        ..Paused::default()
+    };
+    let copied = copy::bidirectional_pausable(
+        &mut down,
+        &mut up,
+        &(),
+        Lifetime::default(),
+        overload,
+        &conn.ctx.handover,
+        held,
+    )
+    .await?;
+    let Copied::Paused(mut paused) = copied else {
+        return Ok(());
+    };
+    let Some(successor) = conn.ctx.config.handovers.successor.get().cloned() else {
+        return Ok(());
+    };
+    // Ours (hyper's downstream connection type is not named): a descriptor of the client's
+    // socket, taken while the upgraded connection still holds it.
+    let client = sys::dup_held(handover.socket).map_err(ProxyError::Socket)?;
+    let other = |what: &str| ProxyError::Socket(std::io::Error::other(what.to_owned()));
+    let parts = up
+        .into_inner()
+        .downcast::<TokioIo<Stream>>()
+        .map_err(|_| other("an upgraded upstream of another type"))?;
+    // Empty: an upgraded connection gives its buffer out first, and it was taken above.
+    paused.to_downstream.extend_from_slice(&parts.read_buf);
+    let Stream::Tcp(upstream) = parts.io.into_inner() else {
+        return Err(other("an upgraded upstream that is no TCP connection"));
+    };
+    // Our descriptor of the client's socket closes; the copy above keeps the connection open.
+    drop(down);
+    let client =
+        TcpStream::from_std(std::net::TcpStream::from(client)).map_err(ProxyError::Socket)?;
+    successor
+        .hand_over(
+            Direction::Outbound,
+            (handover.client, handover.dialled, handover.target),
+            paused,
+            client,
+            upstream,
+        )
+        .await
+        .map_err(ProxyError::Socket)
+}
+
+/// Largest amount `take_buffered` reads: more than hyper's read buffer holds.
+const MAX_BUFFERED: usize = 1024 * 1024;
+
+/// Everything `io` can give without waiting: first what hyper buffered past the head (an
+/// upgraded connection returns it before anything of its socket), then what the socket has.
+fn take_buffered(io: &mut TokioIo<Upgraded>) -> Result<Vec<u8>, ProxyError> {
+    let mut taken = Vec::new();
+    let mut chunk = vec![0u8; 64 * 1024];
+    let mut cx = std::task::Context::from_waker(Waker::noop());
+    while taken.len() < MAX_BUFFERED {
+        let mut buf = ReadBuf::new(&mut chunk);
+        match Pin::new(&mut *io).poll_read(&mut cx, &mut buf) {
+            Poll::Ready(Ok(())) if buf.filled().is_empty() => break,
+            Poll::Ready(Ok(())) => taken.extend_from_slice(buf.filled()),
+            Poll::Ready(Err(e)) => return Err(ProxyError::Socket(e)),
+            Poll::Pending => break,
+        }
+    }
+    Ok(taken)
 }
 
 /// Removes an HTTP/1.1 upgrade to cleartext HTTP/2 (`Upgrade: h2c` with `HTTP2-Settings`), as
@@ -195,6 +322,63 @@ pub(super) fn is_websocket(parts: &Parts) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// What a client sends right behind its upgrade request, in the same write, is in hyper's
+    /// buffer when the connection is upgraded: `take_buffered` gets it whole, in order, before
+    /// what comes later from the socket, so nothing stays inside hyper when the sockets move.
+    #[tokio::test]
+    async fn bytes_behind_the_upgrade_head_are_taken_from_hyper_first() {
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+
+        let (mut client, server) = tokio::io::duplex(1 << 20);
+        let (upgraded_tx, upgraded_rx) = tokio::sync::oneshot::channel();
+        let upgraded_tx = Arc::new(Mutex::new(Some(upgraded_tx)));
+        let service = service_fn(move |mut request: Request<Incoming>| {
+            let upgraded_tx = upgraded_tx.clone();
+            async move {
+                let on = hyper::upgrade::on(&mut request);
+                tokio::spawn(async move {
+                    let upgraded = on.await.unwrap();
+                    let tx = upgraded_tx.lock().unwrap().take().unwrap();
+                    let _ = tx.send(upgraded);
+                });
+                let mut response = Response::new(http_body_util::Empty::<Bytes>::new());
+                *response.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+                response
+                    .headers_mut()
+                    .insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+                response
+                    .headers_mut()
+                    .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+                Ok::<_, Infallible>(response)
+            }
+        });
+        tokio::spawn(async move {
+            let builder = auto::Builder::new(TokioExecutor::new());
+            let _ = builder
+                .serve_connection_with_upgrades(TokioIo::new(server), service)
+                .await;
+        });
+        client
+            .write_all(
+                b"GET /chat HTTP/1.1\r\nHost: a\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\nbehind the head",
+            )
+            .await
+            .unwrap();
+        let mut head = [0u8; 12];
+        client.read_exact(&mut head).await.unwrap();
+        assert_eq!(&head, b"HTTP/1.1 101");
+        let mut upgraded = TokioIo::new(upgraded_rx.await.unwrap());
+        client.write_all(b", then more").await.unwrap();
+        tokio::task::yield_now().await;
+        let taken = take_buffered(&mut upgraded).unwrap();
+        assert_eq!(
+            String::from_utf8_lossy(&taken),
+            "behind the head, then more"
+        );
+        // Nothing left: the next read waits for the client.
+        assert!(take_buffered(&mut upgraded).unwrap().is_empty());
+    }
 
     #[test]
     fn an_h2c_upgrade_is_removed_and_other_upgrades_kept() {
