@@ -627,16 +627,23 @@ async fn resume_stream(
     let start = Instant::now();
     // A source that gives up meanwhile (it resets the stream) must not take the socket: it
     // stays parked for the source's next try.
+    let draining = ctx.draining.is_cancelled();
     let taken = tokio::select! {
-        taken = ctx.parked.take(&token, &identity, target) => taken,
+        taken = ctx.parked.take(&token, &identity, target, draining) => taken,
         _ = poll_fn(|cx| respond.poll_reset(cx)) => return,
     };
     let parked = match taken {
         Ok(parked) => parked,
-        Err(reason) => {
-            warn!(direction = "tunnel", %client, %identity, %target, "cannot resume a stream: {reason}");
+        // A stream opened on this mesh-node's connection as it began to drain (before the
+        // peer read its GOAWAY): the source tries again, and reaches the next one.
+        Err(not @ resume::NotParked::HandingOver) => {
+            debug!(direction = "tunnel", %client, %target, "{}", not.reason());
+            return hbone::refuse(&mut respond, Refusal::Unavailable, not.reason());
+        }
+        Err(not) => {
+            warn!(direction = "tunnel", %client, %identity, %target, "cannot resume a stream: {}", not.reason());
             ctx.refusals.inc(MtlsRefusal::Target);
-            return hbone::refuse(&mut respond, Refusal::Gone, reason);
+            return hbone::refuse(&mut respond, Refusal::Gone, not.reason());
         }
     };
     // The caller is the one the stream was opened for, whatever this request claims.

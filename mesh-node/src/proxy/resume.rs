@@ -100,6 +100,27 @@ impl ParkedConn {
     }
 }
 
+/// Why a resuming stream gets no parked socket.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum NotParked {
+    /// Parked for another caller or target (it stays, for its owner).
+    Other,
+    /// Nothing parked under the token arrived in time.
+    Unknown,
+    /// This mesh-node hands over: the next one has (or will have) the socket.
+    HandingOver,
+}
+
+impl NotParked {
+    pub(super) fn reason(self) -> &'static str {
+        match self {
+            NotParked::Other => "the paused stream belongs to another caller",
+            NotParked::Unknown => "no paused stream has this token",
+            NotParked::HandingOver => "this node proxy hands over: resume at the next one",
+        }
+    }
+}
+
 /// Parked pod sockets by token.
 #[derive(Debug, Default)]
 pub(crate) struct Parked {
@@ -175,14 +196,21 @@ impl Parked {
     }
 
     /// The socket parked under `token` for `identity` and `target`, waiting up to
-    /// [`PARKED_WAIT`] for it to arrive.
+    /// [`PARKED_WAIT`] for it to arrive; not at all when this proxy hands over (`draining`):
+    /// a socket on its way goes to the next mesh-node, not here.
     pub(super) async fn take(
         &self,
         token: &str,
         identity: &Identity,
         target: SocketAddrV4,
-    ) -> Result<ParkedConn, &'static str> {
-        let deadline = tokio::time::Instant::now() + PARKED_WAIT;
+        draining: bool,
+    ) -> Result<ParkedConn, NotParked> {
+        let wait = if draining {
+            Duration::ZERO
+        } else {
+            PARKED_WAIT
+        };
+        let deadline = tokio::time::Instant::now() + wait;
         loop {
             let arrived = self.arrived.notified();
             tokio::pin!(arrived);
@@ -196,12 +224,15 @@ impl Parked {
                         return Ok(table.remove(token).expect("just seen").1);
                     }
                     // Left parked: its rightful owner may still come.
-                    Some(_) => return Err("the paused stream belongs to another caller"),
+                    Some(_) => return Err(NotParked::Other),
                     None => {}
                 }
             }
+            if draining {
+                return Err(NotParked::HandingOver);
+            }
             if tokio::time::timeout_at(deadline, arrived).await.is_err() {
-                return Err("no paused stream has this token");
+                return Err(NotParked::Unknown);
             }
         }
     }
@@ -422,8 +453,11 @@ pub(super) async fn reconnect(
                     "the destination node opened a new connection instead of resuming".into(),
                 ))
             }
-            // The destination answered and will not resume: no point asking again.
-            Err(e @ TunnelError::Refused { .. }) => return Err(failed(e.to_string())),
+            // The destination answered and will not resume: no point asking again. (A `503`
+            // is a node proxy that hands over, or sheds load: the next try may land well.)
+            Err(e @ TunnelError::Refused { status, .. }) if status != 503 => {
+                return Err(failed(e.to_string()))
+            }
             Err(e) if tokio::time::Instant::now() >= deadline => {
                 return Err(failed(format!("for {RESUME_TIMEOUT:?}: {e}")))
             }
@@ -597,15 +631,27 @@ mod tests {
         let (conn, _pod) = parked_conn(SOURCE, b"held");
         let token = conn.parking.token.clone();
         parked.park(conn);
-        assert!(parked.take(&token, &other, TARGET).await.is_err());
+        assert!(parked.take(&token, &other, TARGET, false).await.is_err());
         let elsewhere = SocketAddrV4::new(Ipv4Addr::new(10, 244, 2, 10), 5432);
-        assert!(parked.take(&token, &owner(), elsewhere).await.is_err());
-        let conn = parked.take(&token, &owner(), TARGET).await.unwrap();
+        assert!(parked
+            .take(&token, &owner(), elsewhere, false)
+            .await
+            .is_err());
+        // A proxy that hands over still gives out what it holds.
+        let conn = parked.take(&token, &owner(), TARGET, true).await.unwrap();
         assert_eq!(conn.held.to_upstream, b"held");
         assert_eq!(parked.len(), 0);
-        // Taken once.
+        // Taken once; a proxy that hands over says so at once, instead of waiting for a
+        // socket that goes to its successor.
+        assert_eq!(
+            parked.take(&token, &owner(), TARGET, true).await.err(),
+            Some(NotParked::HandingOver)
+        );
         tokio::time::pause();
-        assert!(parked.take(&token, &owner(), TARGET).await.is_err());
+        assert_eq!(
+            parked.take(&token, &owner(), TARGET, false).await.err(),
+            Some(NotParked::Unknown)
+        );
     }
 
     #[tokio::test]
@@ -615,7 +661,7 @@ mod tests {
         let token = conn.parking.token.clone();
         let waiting = {
             let parked = parked.clone();
-            tokio::spawn(async move { parked.take(&token, &owner(), TARGET).await.is_ok() })
+            tokio::spawn(async move { parked.take(&token, &owner(), TARGET, false).await.is_ok() })
         };
         tokio::time::sleep(Duration::from_millis(50)).await;
         parked.park(conn);
@@ -640,7 +686,7 @@ mod tests {
         let token = conn.parking.token.clone();
         parked.park(conn);
         assert_eq!(parked.len(), MAX_PARKED_PER_SOURCE + 1);
-        assert!(parked.take(&token, &owner(), TARGET).await.is_ok());
+        assert!(parked.take(&token, &owner(), TARGET, false).await.is_ok());
     }
 
     #[tokio::test(start_paused = true)]
@@ -651,7 +697,7 @@ mod tests {
         parked.park(conn);
         tokio::time::sleep(PARK_TIMEOUT / 2).await;
         // Resumed, then paused again: a new parking under the same token.
-        let conn = parked.take(&token, &owner(), TARGET).await.unwrap();
+        let conn = parked.take(&token, &owner(), TARGET, false).await.unwrap();
         parked.park(conn);
         // The first parking's timer fires; the second parking stays.
         tokio::time::sleep(PARK_TIMEOUT * 3 / 4).await;
