@@ -265,7 +265,8 @@ class Stream:
         return True
 
     def answered(self):
-        self.until(lambda: self.status is not None)
+        # A node proxy waits up to 5 s for a paused stream's socket before it answers 410.
+        self.until(lambda: self.status is not None, seconds=3 * TIMEOUT)
         return self.status
 
     def line(self, text):
