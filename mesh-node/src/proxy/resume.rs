@@ -308,53 +308,43 @@ pub(super) async fn relay_source<D>(
 where
     D: AsyncRead + AsyncWrite + Unpin,
 {
+    let failed = |reason: String| ProxyError::Resume {
+        target: route.target,
+        reason,
+    };
+    // Every stream that carries the connection on answers with the same token.
+    let token = upstream
+        .token()
+        .map(str::to_owned)
+        .ok_or_else(|| failed("the destination offered no token to resume with".into()))?;
     let conn = ctx.metrics.connection(labels);
     conn.opened();
     let mut total = Transferred::default();
     let mut quick_pauses = 0;
     loop {
         let leg = tokio::time::Instant::now();
-        // A peer that gave no token cannot resume: an ordinary relay, which only its end
-        // stops (a pause would have nowhere to go).
-        let token = upstream.token().map(str::to_owned);
-        let pause = match token {
-            Some(_) => ctx.handover.child_token(),
-            None => tokio_util::sync::CancellationToken::new(),
-        };
-        if token.is_some() {
-            upstream.io().on_peer_pause(pause.clone());
-        }
-        let copied = copy::bidirectional_pausable(
+        let pause = ctx.handover.child_token();
+        upstream.io().on_peer_pause(pause.clone());
+        let relayed = relay_until_pause(
+            ctx,
             downstream,
             &mut upstream,
             &conn,
             lifetime,
-            Some(ctx.overload()),
             &pause,
             held,
-        )
-        .await;
-        let mut paused = match copied {
-            Ok(Copied::Done(transferred)) => {
-                conn.closed();
+        );
+        let mut paused = match relayed.await? {
+            Copied::Done(transferred) => {
                 add(&mut total, transferred);
                 return Ok(SourceEnd::Done(total));
             }
-            Ok(Copied::Paused(paused)) => paused,
-            Err(e) => {
-                conn.closed();
-                return Err(e.into());
-            }
+            Copied::Paused(paused) => paused,
         };
         add(&mut total, std::mem::take(&mut paused.transferred));
-        let token = token.expect("only a stream with a token pauses");
         paused
             .to_downstream
             .extend_from_slice(&upstream.io().take_unread());
-        let failed = |reason: String| ProxyError::Resume {
-            target: route.target,
-            reason,
-        };
         if upstream.io().peer_paused().is_some() {
             // The destination's node proxy restarts: answer, then carry on through its next
             // mesh-node, which has the pod's socket.
@@ -395,7 +385,10 @@ where
             Ok(rest) => {
                 paused.to_downstream.extend_from_slice(&rest);
                 paused.transferred = total;
-                return Ok(SourceEnd::HandOver { paused, token });
+                return Ok(SourceEnd::HandOver {
+                    paused,
+                    token: token.clone(),
+                });
             }
             Err(e) => {
                 conn.closed();
@@ -403,6 +396,37 @@ where
             }
         }
     }
+}
+
+/// The copy between `downstream` and `upstream` until it ends (the connection counted
+/// closed) or pauses (still open: it goes on elsewhere).
+async fn relay_until_pause<D, U>(
+    ctx: &Context,
+    downstream: &mut D,
+    upstream: &mut U,
+    conn: &ConnectionMetrics,
+    lifetime: Lifetime,
+    pause: &tokio_util::sync::CancellationToken,
+    held: Paused,
+) -> Result<Copied, ProxyError>
+where
+    D: AsyncRead + AsyncWrite + Unpin,
+    U: AsyncRead + AsyncWrite + Unpin,
+{
+    let copied = copy::bidirectional_pausable(
+        downstream,
+        upstream,
+        conn,
+        lifetime,
+        Some(ctx.overload()),
+        pause,
+        held,
+    )
+    .await;
+    if !matches!(copied, Ok(Copied::Paused(_))) {
+        conn.closed();
+    }
+    Ok(copied?)
 }
 
 /// Answers the peer's pause with ours, once every byte it says it sent has arrived.
@@ -505,26 +529,18 @@ pub(super) async fn relay_destination(
     let mut pod = pod;
     let pause = ctx.handover.child_token();
     downstream.on_peer_pause(pause.clone());
-    let copied = copy::bidirectional_pausable(
+    let relayed = relay_until_pause(
+        ctx,
         &mut downstream,
         &mut pod,
         &conn,
         lifetime,
-        Some(ctx.overload()),
         &pause,
         held,
-    )
-    .await;
-    let mut paused = match copied {
-        Ok(Copied::Done(transferred)) => {
-            conn.closed();
-            return Ok(transferred);
-        }
-        Ok(Copied::Paused(paused)) => paused,
-        Err(e) => {
-            conn.closed();
-            return Err(e.into());
-        }
+    );
+    let mut paused = match relayed.await? {
+        Copied::Done(transferred) => return Ok(transferred),
+        Copied::Paused(paused) => paused,
     };
     let transferred = std::mem::take(&mut paused.transferred);
     paused

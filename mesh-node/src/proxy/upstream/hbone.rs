@@ -86,9 +86,15 @@ pub fn valid_token(token: &str) -> bool {
 
 /// A new resume token.
 pub fn new_token() -> String {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
     let mut bytes = [0u8; 16];
     aws_lc_rs::rand::fill(&mut bytes).expect("the system's random source");
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
+    let mut token = String::with_capacity(32);
+    for b in bytes {
+        token.push(char::from(HEX[usize::from(b >> 4)]));
+        token.push(char::from(HEX[usize::from(b & 0xf)]));
+    }
+    token
 }
 
 /// Whether a `CONNECT` says its source can pause and resume it.
