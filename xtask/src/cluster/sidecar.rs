@@ -144,7 +144,9 @@ fn credentials(pod: &PodInfo, node: &NodeInfo) -> Result<Vec<String>> {
     let dir = Path::new(state::RUN_DIR).join("sidecars");
     fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
     let token = dir.join(format!("{}_{}.token", pod.namespace, pod.name));
-    let root = dir.join("root-cert.pem");
+    // One copy per pod: sidecars start side by side, and rewriting a shared copy would let
+    // one read it while another truncates it.
+    let root = dir.join(format!("{}_{}.root-cert.pem", pod.namespace, pod.name));
     fs::copy(ca::token_file(node), &token).context("copying the node's CA token")?;
     fs::copy(ca::root_cert(), &root).context("copying the CA's root certificate")?;
     std::os::unix::fs::chown(&token, Some(PROXY_UID), Some(PROXY_UID))?;
