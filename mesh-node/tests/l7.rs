@@ -787,11 +787,14 @@ spec:\n  host: reviews\n  trafficPolicy:\n    loadBalancer: {consistentHash: {ht
 async fn grpc_trailers_pass_through() {
     let mesh = Mesh::start(19, &[("ratings-v1", "ratings", "v1", 11)]).await;
     let mut client = mesh.connect_h2(1).await;
+    // A client stream of three messages; the pod answers one.
+    let messages = Bytes::from_static(b"\0\0\0\0\x02hi\0\0\0\0\x02hi\0\0\0\0\x02hi");
     let answer = client
-        .send(
+        .send_body(
             Method::POST,
             "/weft.demo.Echo/Hello",
             &[("content-type", "application/grpc"), ("te", "trailers")],
+            messages,
         )
         .await;
     assert_eq!(answer.status, StatusCode::OK);
@@ -810,6 +813,7 @@ async fn grpc_trailers_pass_through() {
         count(
             &metrics,
             &[
+                "reporter=\"source\"",
                 "request_protocol=\"grpc\"",
                 "response_code=\"200\"",
                 "grpc_response_status=\"5\""
@@ -818,6 +822,40 @@ async fn grpc_trailers_pass_through() {
         1.0,
         "{metrics}"
     );
+    // The pod runs on the client's node: its proxy reports the call as the destination's
+    // side too, with both identities, as the proxies of a call across nodes do.
+    assert_eq!(
+        count(
+            &metrics,
+            &[
+                "reporter=\"destination\"",
+                "source_workload=\"client\"",
+                "destination_workload=\"ratings-v1\"",
+                "destination_canonical_service=\"ratings\"",
+                "source_principal=\"spiffe://cluster.local/ns/shop/sa/default\"",
+                "destination_principal=\"spiffe://cluster.local/ns/shop/sa/ratings\"",
+                "connection_security_policy=\"mutual_tls\"",
+                "request_protocol=\"grpc\"",
+                "response_code=\"200\"",
+                "grpc_response_status=\"5\""
+            ]
+        ),
+        1.0,
+        "{metrics}"
+    );
+    // Both reports count the messages each way.
+    for reporter in ["source", "destination"] {
+        for (metric, expected) in [
+            ("istio_request_messages_total{", "3"),
+            ("istio_response_messages_total{", "1"),
+        ] {
+            let line = metrics
+                .lines()
+                .find(|l| l.starts_with(metric) && l.contains(&format!("reporter=\"{reporter}\"")))
+                .unwrap_or_else(|| panic!("no {metric} reported by the {reporter} in\n{metrics}"));
+            assert_eq!(line.rsplit(' ').next(), Some(expected), "{line}");
+        }
+    }
 }
 
 #[tokio::test]
@@ -1068,7 +1106,7 @@ async fn requests_across_nodes_are_reported_by_both_proxies() {
     let series = [
         "response_code=\"200\"",
         "source_workload=\"client\"",
-        "destination_workload=\"ratings\"",
+        "destination_workload=\"ratings-remote\"",
         "destination_service_name=\"ratings\"",
     ];
     let source = mesh.metrics();

@@ -108,6 +108,7 @@ fn pod(name: &str, ip: Ipv4Addr, node: &str, app: &str, version: &str) -> Pod {
         ip: Some(ip),
         service_account: format!("bookinfo-{app}").into(),
         ports: vec![],
+        controller: None,
     }
 }
 
@@ -433,11 +434,13 @@ async fn remote_pods_are_reached_through_the_peer_node_tunnel() {
 
     let source = mesh.a.metrics.encode();
     let line = format!(
-        "istio_tcp_received_bytes_total{{reporter=\"source\",source_workload=\"productpage\",\
+        "istio_tcp_received_bytes_total{{reporter=\"source\",source_workload=\"productpage-v1-1\",\
+         source_canonical_service=\"productpage\",source_canonical_revision=\"v1\",\
          source_workload_namespace=\"default\",\
          source_principal=\"spiffe://cluster.local/ns/default/sa/bookinfo-productpage\",\
          source_app=\"productpage\",source_version=\"v1\",source_cluster=\"Kubernetes\",\
-         destination_workload=\"ratings\",destination_workload_namespace=\"default\",\
+         destination_workload=\"ratings-v1-1\",destination_canonical_service=\"ratings\",\
+         destination_canonical_revision=\"v1\",destination_workload_namespace=\"default\",\
          destination_principal=\"spiffe://cluster.local/ns/default/sa/bookinfo-ratings\",\
          destination_app=\"ratings\",destination_version=\"v1\",destination_service=\"unknown\",\
          destination_service_name=\"unknown\",destination_service_namespace=\"unknown\",\
@@ -450,7 +453,8 @@ async fn remote_pods_are_reached_through_the_peer_node_tunnel() {
     // The destination side knows the caller from its certificate, and which pod of that
     // identity from the `forwarded` claim its certificate covers.
     let destination = mesh.b.metrics.encode();
-    let line = "istio_tcp_connections_opened_total{reporter=\"destination\",source_workload=\"productpage\",\
+    let line = "istio_tcp_connections_opened_total{reporter=\"destination\",source_workload=\"productpage-v1-1\",\
+                source_canonical_service=\"productpage\",source_canonical_revision=\"v1\",\
                 source_workload_namespace=\"default\",\
                 source_principal=\"spiffe://cluster.local/ns/default/sa/bookinfo-productpage\",";
     assert!(
@@ -580,23 +584,32 @@ async fn service_metrics_carry_istio_labels() {
         exchange(stream, b"ello").await;
     }
     let text = mesh.a.metrics.encode();
-    for (version, name, value) in [
-        ("v1", "istio_tcp_connections_opened_total", 1),
-        ("v1", "istio_tcp_connections_closed_total", 1),
-        ("v1", "istio_tcp_received_bytes_total", 5),
-        ("v2", "istio_tcp_sent_bytes_total", 5),
-    ] {
-        let line = format!(
-            "{name}{{reporter=\"source\",source_workload=\"productpage\",source_workload_namespace=\"default\",\
-             source_principal=\"unknown\",source_app=\"productpage\",source_version=\"v1\",\
-             source_cluster=\"Kubernetes\",destination_workload=\"reviews\",\
-             destination_workload_namespace=\"default\",destination_principal=\"unknown\",\
-             destination_app=\"reviews\",destination_version=\"{version}\",\
-             destination_service=\"reviews.default.svc.cluster.local\",destination_service_name=\"reviews\",\
-             destination_service_namespace=\"default\",destination_cluster=\"Kubernetes\",\
-             request_protocol=\"tcp\",response_flags=\"-\",connection_security_policy=\"unknown\"}} {value}\n"
-        );
-        assert!(text.contains(&line), "missing {line} in\n{text}");
+    // Both pods run on node A: its proxy reports each connection as the source's and as the
+    // destination's side, each with both identities (the kernel vouches for them).
+    for reporter in ["source", "destination"] {
+        for (version, name, value) in [
+            ("v1", "istio_tcp_connections_opened_total", 1),
+            ("v1", "istio_tcp_connections_closed_total", 1),
+            ("v1", "istio_tcp_received_bytes_total", 5),
+            ("v2", "istio_tcp_sent_bytes_total", 5),
+        ] {
+            let line = format!(
+                "{name}{{reporter=\"{reporter}\",source_workload=\"productpage-v1-1\",\
+                 source_canonical_service=\"productpage\",source_canonical_revision=\"v1\",\
+                 source_workload_namespace=\"default\",\
+                 source_principal=\"spiffe://cluster.local/ns/default/sa/bookinfo-productpage\",\
+                 source_app=\"productpage\",source_version=\"v1\",\
+                 source_cluster=\"Kubernetes\",destination_workload=\"reviews-{version}-1\",\
+                 destination_canonical_service=\"reviews\",destination_canonical_revision=\"{version}\",\
+                 destination_workload_namespace=\"default\",\
+                 destination_principal=\"spiffe://cluster.local/ns/default/sa/bookinfo-reviews\",\
+                 destination_app=\"reviews\",destination_version=\"{version}\",\
+                 destination_service=\"reviews.default.svc.cluster.local\",destination_service_name=\"reviews\",\
+                 destination_service_namespace=\"default\",destination_cluster=\"Kubernetes\",\
+                 request_protocol=\"tcp\",response_flags=\"-\",connection_security_policy=\"mutual_tls\"}} {value}\n"
+            );
+            assert!(text.contains(&line), "missing {line} in\n{text}");
+        }
     }
 }
 

@@ -263,6 +263,7 @@ mod tests {
             ip,
             service_account: "default".into(),
             ports: vec![],
+            controller: None,
         }
     }
 

@@ -497,6 +497,7 @@ mod tests {
             ip: None,
             service_account: sa.into(),
             ports: Vec::new(),
+            controller: None,
         }
     }
 

@@ -12,7 +12,7 @@
 
 use std::{
     collections::HashMap,
-    fmt::{self, Write as _},
+    fmt,
     hash::{DefaultHasher, Hash, Hasher},
     sync::{Arc, PoisonError, RwLock, RwLockReadGuard},
     time::Duration,
@@ -20,13 +20,11 @@ use std::{
 
 use prometheus_client::{
     collector::Collector,
-    encoding::{
-        DescriptorEncoder, EncodeLabelSet, EncodeLabelValue, EncodeMetric, LabelSetEncoder,
-    },
+    encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric, LabelSetEncoder},
     metrics::{counter::Counter, histogram::Histogram, MetricType},
 };
 
-use super::{Label, Reporter, ResponseFlags, SecurityPolicy, ServiceLabels, Workload};
+use super::{label, Label, Reporter, ResponseFlags, SecurityPolicy, ServiceLabels, Workload};
 use crate::identity::Identity;
 
 /// Envoy's default histogram buckets (milliseconds for durations, bytes for sizes), which
@@ -99,6 +97,18 @@ impl RequestLabels {
         Self::of(peers)
     }
 
+    /// The labels the destination side reports the same requests under (a pod this proxy
+    /// serves as the destination too): `reporter="destination"`, the policy `mutual_tls` where
+    /// both ends are known, else `none`.
+    pub fn destination_report(&self) -> Self {
+        let mut peers = (*self.peers).clone();
+        peers.reporter = Reporter::Destination;
+        if peers.connection_security_policy != SecurityPolicy::MutualTls {
+            peers.connection_security_policy = SecurityPolicy::None;
+        }
+        Self::of(peers)
+    }
+
     pub fn is_grpc(&self) -> bool {
         self.peers.grpc
     }
@@ -156,6 +166,10 @@ pub struct RequestOutcome {
     pub request_bytes: u64,
     /// Body bytes sent to the client.
     pub response_bytes: u64,
+    /// gRPC messages received from the client (gRPC requests only).
+    pub request_messages: u64,
+    /// gRPC messages sent to the client (gRPC requests only).
+    pub response_messages: u64,
 }
 
 /// Istio's HTTP metrics.
@@ -238,12 +252,24 @@ impl EncodeLabelSet for SeriesKey {
         let e = &mut encoder;
         label(e, "reporter", &p.reporter)?;
         label(e, "source_workload", &p.source.workload)?;
+        label(e, "source_canonical_service", &p.source.canonical_service)?;
+        label(e, "source_canonical_revision", &p.source.canonical_revision)?;
         label(e, "source_workload_namespace", &p.source.namespace)?;
         label(e, "source_principal", &p.source.principal)?;
         label(e, "source_app", &p.source.app)?;
         label(e, "source_version", &p.source.version)?;
         label(e, "source_cluster", &CLUSTER)?;
         label(e, "destination_workload", &p.destination.workload)?;
+        label(
+            e,
+            "destination_canonical_service",
+            &p.destination.canonical_service,
+        )?;
+        label(
+            e,
+            "destination_canonical_revision",
+            &p.destination.canonical_revision,
+        )?;
         label(
             e,
             "destination_workload_namespace",
@@ -270,25 +296,14 @@ impl EncodeLabelSet for SeriesKey {
     }
 }
 
-fn label(
-    encoder: &mut LabelSetEncoder<'_>,
-    key: &str,
-    value: &impl EncodeLabelValue,
-) -> Result<(), fmt::Error> {
-    let mut label = encoder.encode_label();
-    let mut key_encoder = label.encode_label_key()?;
-    key_encoder.write_str(key)?;
-    let mut value_encoder = key_encoder.encode_label_value()?;
-    value.encode(&mut value_encoder)?;
-    value_encoder.finish()
-}
-
 #[derive(Debug)]
 struct Series {
     requests: Counter,
     duration: Histogram,
     request_bytes: Histogram,
     response_bytes: Histogram,
+    request_messages: Counter,
+    response_messages: Counter,
 }
 
 impl Series {
@@ -298,6 +313,8 @@ impl Series {
             duration: Histogram::new(BUCKETS),
             request_bytes: Histogram::new(BUCKETS),
             response_bytes: Histogram::new(BUCKETS),
+            request_messages: Counter::default(),
+            response_messages: Counter::default(),
         }
     }
 
@@ -307,41 +324,63 @@ impl Series {
             .observe(outcome.duration.as_secs_f64() * 1000.0);
         self.request_bytes.observe(outcome.request_bytes as f64);
         self.response_bytes.observe(outcome.response_bytes as f64);
+        self.request_messages.inc_by(outcome.request_messages);
+        self.response_messages.inc_by(outcome.response_messages);
     }
 }
 
-/// One of the four metrics, as read from each series.
+/// One of the metrics, as read from each series.
 struct Descriptor {
     name: &'static str,
     help: &'static str,
     metric_type: MetricType,
     metric: fn(&Series) -> &dyn EncodeMetric,
+    /// Only gRPC series have it.
+    grpc_only: bool,
 }
 
-const DESCRIPTORS: [Descriptor; 4] = [
+const DESCRIPTORS: [Descriptor; 6] = [
     Descriptor {
         name: "istio_requests",
         help: "Requests, by source, destination and response",
         metric_type: MetricType::Counter,
         metric: |s| &s.requests,
+        grpc_only: false,
     },
     Descriptor {
         name: "istio_request_duration_milliseconds",
         help: "Request duration, from the first request byte to the last response byte",
         metric_type: MetricType::Histogram,
         metric: |s| &s.duration,
+        grpc_only: false,
     },
     Descriptor {
         name: "istio_request_bytes",
         help: "Request body sizes",
         metric_type: MetricType::Histogram,
         metric: |s| &s.request_bytes,
+        grpc_only: false,
     },
     Descriptor {
         name: "istio_response_bytes",
         help: "Response body sizes",
         metric_type: MetricType::Histogram,
         metric: |s| &s.response_bytes,
+        grpc_only: false,
+    },
+    Descriptor {
+        name: "istio_request_messages",
+        help: "gRPC messages received from clients (gRPC requests only)",
+        metric_type: MetricType::Counter,
+        metric: |s| &s.request_messages,
+        grpc_only: true,
+    },
+    Descriptor {
+        name: "istio_response_messages",
+        help: "gRPC messages sent to clients (gRPC requests only)",
+        metric_type: MetricType::Counter,
+        metric: |s| &s.response_messages,
+        grpc_only: true,
     },
 ];
 
@@ -354,6 +393,9 @@ impl Collector for HttpCollector {
         for d in &DESCRIPTORS {
             let mut family = encoder.encode_descriptor(d.name, d.help, None, d.metric_type)?;
             for (key, s) in series.iter() {
+                if d.grpc_only && !key.labels.peers.grpc {
+                    continue;
+                }
                 (d.metric)(s).encode(family.encode_family(key)?)?;
             }
         }
@@ -369,6 +411,8 @@ mod tests {
     fn workload(name: &str, app: &str, version: &str) -> Workload {
         Workload {
             workload: name.into(),
+            canonical_service: app.into(),
+            canonical_revision: version.into(),
             namespace: "bookinfo".into(),
             principal: "unknown".into(),
             app: app.into(),
@@ -392,9 +436,11 @@ mod tests {
 
     const SERIES: &str = concat!(
         "reporter=\"source\",source_workload=\"productpage-v1\",",
+        "source_canonical_service=\"productpage\",source_canonical_revision=\"v1\",",
         "source_workload_namespace=\"bookinfo\",source_principal=\"unknown\",",
         "source_app=\"productpage\",source_version=\"v1\",source_cluster=\"Kubernetes\",",
-        "destination_workload=\"reviews-v2\",destination_workload_namespace=\"bookinfo\",",
+        "destination_workload=\"reviews-v2\",destination_canonical_service=\"reviews\",",
+        "destination_canonical_revision=\"v2\",destination_workload_namespace=\"bookinfo\",",
         "destination_principal=\"unknown\",destination_app=\"reviews\",",
         "destination_version=\"v2\",",
         "destination_service=\"reviews.bookinfo.svc.cluster.local\",",
@@ -489,6 +535,8 @@ mod tests {
         let grpc = labels(Reporter::Source, true);
         let answered = RequestOutcome {
             grpc_status: Some(5),
+            request_messages: 3,
+            response_messages: 2,
             ..ok(1, 5, 7)
         };
         let unavailable = RequestOutcome {
@@ -514,6 +562,29 @@ mod tests {
         ] {
             assert!(text.contains(labels), "missing {labels} in\n{text}");
         }
+        let messages = |metric: &str| {
+            text.lines()
+                .find(|l| l.starts_with(metric) && l.contains("grpc_response_status=\"5\""))
+                .and_then(|l| l.rsplit(' ').next())
+                .map(str::to_owned)
+        };
+        assert_eq!(
+            messages("istio_request_messages_total{").as_deref(),
+            Some("3")
+        );
+        assert_eq!(
+            messages("istio_response_messages_total{").as_deref(),
+            Some("2")
+        );
+        // Plain HTTP series have no message counters.
+        let http = Metrics::new();
+        http.http()
+            .record(&labels(Reporter::Source, false), &ok(1, 5, 7));
+        assert!(
+            !http.encode().contains("_messages_total{"),
+            "{}",
+            http.encode()
+        );
     }
 
     #[test]

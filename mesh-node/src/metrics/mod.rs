@@ -10,6 +10,7 @@
 //! | `istio_request_duration_milliseconds` | histogram | Istio's HTTP labels | first request byte → last response byte |
 //! | `istio_request_bytes` | histogram | Istio's HTTP labels | request body sizes |
 //! | `istio_response_bytes` | histogram | Istio's HTTP labels | response body sizes |
+//! | `istio_build` | gauge | `component="proxy"`, `tag` (the version) | 1: the build serving |
 //! | `weft_ebpf_<counter>_total` | counter | | decisions of the eBPF programs, summed over CPUs |
 //! | `weft_config_version` | gauge | | newest configuration snapshot |
 //! | `weft_config_applied_version` | gauge | `consumer` = `proxy`, `ebpf` | snapshot each consumer applied |
@@ -51,7 +52,8 @@ use std::{
 use prometheus_client::{
     collector::Collector,
     encoding::{
-        DescriptorEncoder, EncodeLabelSet, EncodeLabelValue, EncodeMetric, LabelValueEncoder,
+        DescriptorEncoder, EncodeLabelSet, EncodeLabelValue, EncodeMetric, LabelSetEncoder,
+        LabelValueEncoder,
     },
     metrics::{
         counter::{ConstCounter, Counter},
@@ -330,6 +332,8 @@ impl EncodeLabelValue for SecurityPolicy {
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct Workload {
     pub workload: Label,
+    pub canonical_service: Label,
+    pub canonical_revision: Label,
     pub namespace: Label,
     pub principal: Label,
     pub app: Label,
@@ -341,6 +345,8 @@ impl Workload {
     pub fn unknown() -> Self {
         Self {
             workload: UNKNOWN.clone(),
+            canonical_service: UNKNOWN.clone(),
+            canonical_revision: UNKNOWN.clone(),
             namespace: UNKNOWN.clone(),
             principal: UNKNOWN.clone(),
             app: UNKNOWN.clone(),
@@ -352,6 +358,8 @@ impl Workload {
     pub fn of(pod: &Pod) -> Self {
         Self {
             workload: pod.workload().into(),
+            canonical_service: pod.canonical_service().into(),
+            canonical_revision: pod.canonical_revision().into(),
             namespace: pod.key.namespace.clone().into(),
             principal: UNKNOWN.clone(),
             app: pod
@@ -398,16 +406,20 @@ impl ServiceLabels {
 }
 
 /// The label set of Istio's `istio_tcp_*` metrics.
-#[derive(Clone, Debug, PartialEq, Eq, Hash, EncodeLabelSet)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct TcpLabels {
     pub reporter: Reporter,
     pub source_workload: Label,
+    pub source_canonical_service: Label,
+    pub source_canonical_revision: Label,
     pub source_workload_namespace: Label,
     pub source_principal: Label,
     pub source_app: Label,
     pub source_version: Label,
     pub source_cluster: Label,
     pub destination_workload: Label,
+    pub destination_canonical_service: Label,
+    pub destination_canonical_revision: Label,
     pub destination_workload_namespace: Label,
     pub destination_principal: Label,
     pub destination_app: Label,
@@ -419,6 +431,88 @@ pub struct TcpLabels {
     pub request_protocol: Label,
     pub response_flags: ResponseFlags,
     pub connection_security_policy: SecurityPolicy,
+    /// Not a label: a source report whose destination pod this proxy serves too (two pods of
+    /// one node), so the connection is also counted as the destination reports it.
+    pub reported_by_destination: bool,
+}
+
+impl EncodeLabelSet for TcpLabels {
+    fn encode(&self, mut encoder: LabelSetEncoder<'_>) -> Result<(), fmt::Error> {
+        let e = &mut encoder;
+        label(e, "reporter", &self.reporter)?;
+        label(e, "source_workload", &self.source_workload)?;
+        label(
+            e,
+            "source_canonical_service",
+            &self.source_canonical_service,
+        )?;
+        label(
+            e,
+            "source_canonical_revision",
+            &self.source_canonical_revision,
+        )?;
+        label(
+            e,
+            "source_workload_namespace",
+            &self.source_workload_namespace,
+        )?;
+        label(e, "source_principal", &self.source_principal)?;
+        label(e, "source_app", &self.source_app)?;
+        label(e, "source_version", &self.source_version)?;
+        label(e, "source_cluster", &self.source_cluster)?;
+        label(e, "destination_workload", &self.destination_workload)?;
+        label(
+            e,
+            "destination_canonical_service",
+            &self.destination_canonical_service,
+        )?;
+        label(
+            e,
+            "destination_canonical_revision",
+            &self.destination_canonical_revision,
+        )?;
+        label(
+            e,
+            "destination_workload_namespace",
+            &self.destination_workload_namespace,
+        )?;
+        label(e, "destination_principal", &self.destination_principal)?;
+        label(e, "destination_app", &self.destination_app)?;
+        label(e, "destination_version", &self.destination_version)?;
+        label(e, "destination_service", &self.destination_service)?;
+        label(
+            e,
+            "destination_service_name",
+            &self.destination_service_name,
+        )?;
+        label(
+            e,
+            "destination_service_namespace",
+            &self.destination_service_namespace,
+        )?;
+        label(e, "destination_cluster", &self.destination_cluster)?;
+        label(e, "request_protocol", &self.request_protocol)?;
+        label(e, "response_flags", &self.response_flags)?;
+        label(
+            e,
+            "connection_security_policy",
+            &self.connection_security_policy,
+        )
+    }
+}
+
+/// Writes one label of a set.
+pub(crate) fn label(
+    encoder: &mut LabelSetEncoder<'_>,
+    key: &str,
+    value: &impl EncodeLabelValue,
+) -> Result<(), fmt::Error> {
+    let mut label = encoder.encode_label();
+    let mut key_encoder = label.encode_label_key()?;
+    key_encoder.write_str(key)?;
+    let mut value_encoder = key_encoder.encode_label_value()?;
+    value.encode(&mut value_encoder)?;
+    value_encoder.finish()
 }
 
 impl TcpLabels {
@@ -435,12 +529,16 @@ impl TcpLabels {
         Self {
             reporter,
             source_workload: source.workload,
+            source_canonical_service: source.canonical_service,
+            source_canonical_revision: source.canonical_revision,
             source_workload_namespace: source.namespace,
             source_principal: source.principal,
             source_app: source.app,
             source_version: source.version,
             source_cluster: CLUSTER.clone(),
             destination_workload: destination.workload,
+            destination_canonical_service: destination.canonical_service,
+            destination_canonical_revision: destination.canonical_revision,
             destination_workload_namespace: destination.namespace,
             destination_principal: destination.principal,
             destination_app: destination.app,
@@ -452,6 +550,32 @@ impl TcpLabels {
             request_protocol: TCP.clone(),
             response_flags: ResponseFlags::NONE,
             connection_security_policy,
+            reported_by_destination: false,
+        }
+    }
+
+    /// The same source report, for a connection to a pod this proxy serves as the destination
+    /// too: counted under [`TcpLabels::destination_report`] as well. The kernel vouches for
+    /// both ends (the caller's cgroup, the pod's address on this node), as certificates do
+    /// across nodes: the principals are known and the policy is `mutual_tls`.
+    pub fn between_local_pods(mut self, source: Option<&Identity>, destination: &Identity) -> Self {
+        if let Some(source) = source {
+            self = self.mutual_tls(source, destination);
+        }
+        self.reported_by_destination = true;
+        self
+    }
+
+    /// The labels the destination side reports a source report's connection under.
+    pub fn destination_report(&self) -> Self {
+        Self {
+            reporter: Reporter::Destination,
+            connection_security_policy: match self.connection_security_policy {
+                SecurityPolicy::MutualTls => SecurityPolicy::MutualTls,
+                _ => SecurityPolicy::None,
+            },
+            reported_by_destination: false,
+            ..self.clone()
         }
     }
 
@@ -465,6 +589,8 @@ impl TcpLabels {
 
     pub fn with_response_flags(mut self, flags: ResponseFlags) -> Self {
         self.response_flags = flags;
+        // A connection that never reached the pod was never seen by its side.
+        self.reported_by_destination &= flags.is_empty();
         self
     }
 }
@@ -479,9 +605,18 @@ pub struct TcpMetrics {
 }
 
 impl TcpMetrics {
-    /// Resolves the four series of one connection once, so copying bytes only touches atomics.
+    /// Resolves the series of one connection once, so copying bytes only touches atomics.
     pub fn connection(&self, labels: &TcpLabels) -> ConnectionMetrics {
         ConnectionMetrics {
+            source: self.series(labels),
+            destination: labels
+                .reported_by_destination
+                .then(|| Box::new(self.series(&labels.destination_report()))),
+        }
+    }
+
+    fn series(&self, labels: &TcpLabels) -> TcpSeries {
+        TcpSeries {
             opened: self.opened.get_or_create(labels).clone(),
             closed: self.closed.get_or_create(labels).clone(),
             sent: self.sent.get_or_create(labels).clone(),
@@ -513,9 +648,16 @@ impl TcpMetrics {
     }
 }
 
-/// The pre-resolved series of one connection.
+/// The pre-resolved series of one connection: as its reporter sees it, and as the
+/// destination does when that is a pod of the same proxy.
 #[derive(Clone, Debug)]
 pub struct ConnectionMetrics {
+    source: TcpSeries,
+    destination: Option<Box<TcpSeries>>,
+}
+
+#[derive(Clone, Debug)]
+struct TcpSeries {
     opened: Counter,
     closed: Counter,
     sent: Counter,
@@ -523,23 +665,46 @@ pub struct ConnectionMetrics {
 }
 
 impl ConnectionMetrics {
+    fn each(&self, f: impl Fn(&TcpSeries)) {
+        f(&self.source);
+        if let Some(destination) = &self.destination {
+            f(destination);
+        }
+    }
+
     pub fn opened(&self) {
-        self.opened.inc();
+        self.each(|s| {
+            s.opened.inc();
+        });
     }
 
     pub fn closed(&self) {
-        self.closed.inc();
+        self.each(|s| {
+            s.closed.inc();
+        });
     }
 
     /// Bytes from the client towards the server.
     pub fn received(&self, bytes: u64) {
-        self.received.inc_by(bytes);
+        self.each(|s| {
+            s.received.inc_by(bytes);
+        });
     }
 
     /// Bytes from the server back to the client.
     pub fn sent(&self, bytes: u64) {
-        self.sent.inc_by(bytes);
+        self.each(|s| {
+            s.sent.inc_by(bytes);
+        });
     }
+}
+
+/// `istio_build{component,tag}`, always 1: which build serves (dashboards list the versions
+/// a mesh runs from it).
+#[derive(Clone, Debug, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct BuildLabels {
+    component: &'static str,
+    tag: &'static str,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Hash, EncodeLabelSet)]
@@ -954,6 +1119,18 @@ impl Metrics {
         tcp.register(&mut registry);
         let http = HttpMetrics::default();
         registry.register_collector(Box::new(http.collector()));
+        let build = Family::<BuildLabels, Gauge>::default();
+        build
+            .get_or_create(&BuildLabels {
+                component: "proxy",
+                tag: env!("CARGO_PKG_VERSION"),
+            })
+            .set(1);
+        registry.register(
+            "istio_build",
+            "The build of this node proxy (Istio's component and tag labels)",
+            build,
+        );
         let rejections = Rejections::default();
         registry.register(
             "weft_config_rejected",
@@ -1161,6 +1338,7 @@ mod tests {
             ip: None,
             service_account: "default".into(),
             ports: vec![],
+            controller: None,
         }
     }
 
@@ -1198,10 +1376,12 @@ mod tests {
 
         let text = metrics.encode();
         let series = concat!(
-            "{reporter=\"source\",source_workload=\"productpage\",",
+            "{reporter=\"source\",source_workload=\"productpage-1\",",
+            "source_canonical_service=\"productpage\",source_canonical_revision=\"v1\",",
             "source_workload_namespace=\"bookinfo\",source_principal=\"unknown\",",
             "source_app=\"productpage\",source_version=\"v1\",source_cluster=\"Kubernetes\",",
-            "destination_workload=\"reviews\",destination_workload_namespace=\"bookinfo\",",
+            "destination_workload=\"reviews-2\",destination_canonical_service=\"reviews\",",
+            "destination_canonical_revision=\"v2\",destination_workload_namespace=\"bookinfo\",",
             "destination_principal=\"unknown\",destination_app=\"reviews\",",
             "destination_version=\"v2\",",
             "destination_service=\"reviews.bookinfo.svc.cluster.local\",",
@@ -1231,7 +1411,10 @@ mod tests {
         let metrics = Metrics::new();
         metrics.tcp().connection(&labels).opened();
         let text = metrics.encode();
-        assert!(text.contains("reporter=\"destination\",source_workload=\"unknown\""));
+        assert!(text.contains(concat!(
+            "reporter=\"destination\",source_workload=\"unknown\",",
+            "source_canonical_service=\"unknown\",source_canonical_revision=\"unknown\","
+        )));
         assert!(text.contains("connection_security_policy=\"none\""));
     }
 

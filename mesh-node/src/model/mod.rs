@@ -88,15 +88,76 @@ pub struct Pod {
     pub service_account: Arc<str>,
     /// Declared container ports (name, port).
     pub ports: Vec<(Option<Arc<str>>, u16)>,
+    /// The owner reference marked `controller`, of a pod whose name was generated
+    /// (`metadata.generateName`): what Istio derives the workload name from.
+    pub controller: Option<Controller>,
 }
 
+/// The controlling owner of a pod (`metadata.ownerReferences[]` with `controller: true`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Controller {
+    pub kind: Arc<str>,
+    pub name: Arc<str>,
+}
+
+/// Pod label naming its workload explicitly (Istio's `service.istio.io/workload-name`).
+pub const WORKLOAD_NAME_LABEL: &str = "service.istio.io/workload-name";
+
 impl Pod {
-    /// The workload name Istio reports: the `app` label, else the pod name.
+    /// The workload name Istio reports (`source_workload`, `destination_workload`): the
+    /// [`WORKLOAD_NAME_LABEL`], else the controller of a pod with a generated name (the
+    /// Deployment of a ReplicaSet named after its pod template hash, the CronJob of a Job
+    /// named `<cronjob>-<8 to 10 digits>`), else the pod's name.
     pub fn workload(&self) -> &str {
-        self.labels
-            .get("app")
-            .map(String::as_str)
-            .unwrap_or(&self.key.name)
+        if let Some(name) = self.labels.get(WORKLOAD_NAME_LABEL) {
+            return name;
+        }
+        let Some(controller) = &self.controller else {
+            return &self.key.name;
+        };
+        let name = &*controller.name;
+        match &*controller.kind {
+            "ReplicaSet" => ["pod-template-hash", "rollouts-pod-template-hash"]
+                .iter()
+                .filter_map(|label| self.labels.get(*label).filter(|h| !h.is_empty()))
+                .find_map(|hash| name.strip_suffix(hash.as_str())?.strip_suffix('-'))
+                .unwrap_or(name),
+            "ReplicationController" => self
+                .labels
+                .get("deploymentconfig")
+                .filter(|d| !d.is_empty())
+                .map_or(name, String::as_str),
+            "Job" => cron_job(name).unwrap_or(name),
+            _ => name,
+        }
+    }
+
+    /// Istio's canonical service (`*_canonical_service`): the
+    /// `service.istio.io/canonical-name` label, else `app.kubernetes.io/name`, else `app`,
+    /// else the workload name.
+    pub fn canonical_service(&self) -> &str {
+        [
+            "service.istio.io/canonical-name",
+            "app.kubernetes.io/name",
+            "app",
+        ]
+        .iter()
+        .find_map(|label| self.labels.get(*label).filter(|v| !v.is_empty()))
+        .map_or_else(|| self.workload(), String::as_str)
+    }
+
+    /// Istio's canonical revision (`*_canonical_revision`): the
+    /// `service.istio.io/canonical-revision` label, else `app.kubernetes.io/version`, else
+    /// `version`, else `latest`.
+    pub fn canonical_revision(&self) -> &str {
+        [
+            "service.istio.io/canonical-revision",
+            "app.kubernetes.io/version",
+            "version",
+        ]
+        .iter()
+        .find_map(|label| self.labels.get(*label).filter(|v| !v.is_empty()))
+        .map_or("latest", String::as_str)
     }
 
     pub fn version(&self) -> &str {
@@ -109,6 +170,14 @@ impl Pod {
     fn opted_out(&self) -> bool {
         self.labels.get(MESH_LABEL).map(String::as_str) == Some("disabled")
     }
+}
+
+/// The CronJob a Job was started by, from the Job's name: `<cronjob>-<8 to 10 digits>` (the
+/// scheduled time in minutes), as Istio reads it.
+fn cron_job(job: &str) -> Option<&str> {
+    let (cron, stamp) = job.rsplit_once('-')?;
+    let timestamp = (8..=10).contains(&stamp.len()) && stamp.bytes().all(|b| b.is_ascii_digit());
+    (timestamp && !cron.is_empty()).then_some(cron)
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -540,4 +609,122 @@ pub trait OriginalDst: Send + Sync + 'static {
 /// the node's admin port answers), "this host", and link-local (a cloud's metadata service).
 pub fn node_local(ip: Ipv4Addr) -> bool {
     ip.is_loopback() || ip.is_unspecified() || ip.is_link_local()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pod(name: &str, labels: &[(&str, &str)], controller: Option<(&str, &str)>) -> Pod {
+        Pod {
+            key: ObjectKey::new("bookinfo", name),
+            uid: None,
+            labels: labels
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            annotations: Labels::new(),
+            node: None,
+            ip: None,
+            service_account: "default".into(),
+            ports: Vec::new(),
+            controller: controller.map(|(kind, name)| Controller {
+                kind: kind.into(),
+                name: name.into(),
+            }),
+        }
+    }
+
+    #[test]
+    fn workload_names_follow_istio() {
+        let deployment = pod(
+            "reviews-v2-6cb6ccd848-qs6vn",
+            &[("app", "reviews"), ("pod-template-hash", "6cb6ccd848")],
+            Some(("ReplicaSet", "reviews-v2-6cb6ccd848")),
+        );
+        assert_eq!(deployment.workload(), "reviews-v2");
+        // A ReplicaSet of its own (no hash of a template in its name) is the workload.
+        let replica_set = pod(
+            "cache-x2x9k",
+            &[("pod-template-hash", "abc")],
+            Some(("ReplicaSet", "cache")),
+        );
+        assert_eq!(replica_set.workload(), "cache");
+        let cron = pod(
+            "backup-28735140-7xq2z",
+            &[],
+            Some(("Job", "backup-28735140")),
+        );
+        assert_eq!(cron.workload(), "backup");
+        let job = pod("migrate-7xq2z", &[], Some(("Job", "migrate-1234567")));
+        assert_eq!(
+            job.workload(),
+            "migrate-1234567",
+            "7 digits: not a CronJob's"
+        );
+        let stateful = pod("db-0", &[], Some(("StatefulSet", "db")));
+        assert_eq!(stateful.workload(), "db");
+        let config = pod(
+            "web-3-abcde",
+            &[("deploymentconfig", "web")],
+            Some(("ReplicationController", "web-3")),
+        );
+        assert_eq!(config.workload(), "web");
+        // A pod named by hand (no controller kept: its name was not generated) is its own.
+        assert_eq!(
+            pod("reviews-v2", &[("app", "reviews")], None).workload(),
+            "reviews-v2"
+        );
+        let labelled = pod(
+            "reviews-v2-6cb6ccd848-qs6vn",
+            &[("service.istio.io/workload-name", "reviews-canary")],
+            Some(("ReplicaSet", "reviews-v2-6cb6ccd848")),
+        );
+        assert_eq!(labelled.workload(), "reviews-canary");
+    }
+
+    #[test]
+    fn canonical_service_and_revision_follow_istio() {
+        let bare = pod("ratings-v1", &[], None);
+        assert_eq!(bare.canonical_service(), "ratings-v1", "the workload name");
+        assert_eq!(bare.canonical_revision(), "latest");
+        let app = pod("ratings-v1", &[("app", "ratings"), ("version", "v1")], None);
+        assert_eq!(
+            (app.canonical_service(), app.canonical_revision()),
+            ("ratings", "v1")
+        );
+        let recommended = pod(
+            "ratings-v1",
+            &[
+                ("app", "ratings"),
+                ("version", "v1"),
+                ("app.kubernetes.io/name", "ratings-api"),
+                ("app.kubernetes.io/version", "1.2"),
+            ],
+            None,
+        );
+        assert_eq!(
+            (
+                recommended.canonical_service(),
+                recommended.canonical_revision()
+            ),
+            ("ratings-api", "1.2")
+        );
+        let canonical = pod(
+            "ratings-v1",
+            &[
+                ("app.kubernetes.io/name", "ratings-api"),
+                ("service.istio.io/canonical-name", "ratings"),
+                ("service.istio.io/canonical-revision", "stable"),
+            ],
+            None,
+        );
+        assert_eq!(
+            (
+                canonical.canonical_service(),
+                canonical.canonical_revision()
+            ),
+            ("ratings", "stable")
+        );
+    }
 }

@@ -560,6 +560,10 @@ fn source_labels(
     );
     match (caller, destination) {
         (Some(caller), Some(pod)) => labels.mutual_tls(caller, &ctx.dialer.identity(pod)),
+        (None, Some(pod)) if ctx.dialer.serves(snapshot, pod) => {
+            let caller = source.map(|p| ctx.dialer.identity(p));
+            labels.between_local_pods(caller.as_ref(), &ctx.dialer.identity(pod))
+        }
         _ => labels,
     }
 }

@@ -165,7 +165,12 @@ async fn captured(
             });
         }
     }
-    let source = v4(client).and_then(|c| view.snapshot.pod_by_ip(*c.ip()).cloned());
+    // A caller outside the mesh is `unknown`, as Istio reports a peer that exchanged no
+    // metadata: nothing proves which workload an address of an unmeshed pod belongs to.
+    let source = v4(client)
+        .and_then(|c| view.snapshot.pod_by_ip(*c.ip()))
+        .filter(|p| view.snapshot.is_meshed(p))
+        .cloned();
     let labels = destination_labels(&view.snapshot, source.as_deref(), target);
     let http = Http::of(&view.snapshot, target);
     let pod = http.pod.clone();
@@ -895,6 +900,7 @@ mod tests {
             ip: Some(ip),
             service_account: "default".into(),
             ports: vec![],
+            controller: None,
         }
     }
 
@@ -1080,16 +1086,19 @@ mod tests {
         add_pod(&mut snapshot, caller.clone());
         let labels = destination_labels(&snapshot, Some(&caller), at(9080));
         assert_eq!(labels.reporter, Reporter::Destination);
-        assert_eq!(labels.destination_workload.as_str(), "reviews");
+        assert_eq!(labels.destination_workload.as_str(), "reviews-v1");
+        assert_eq!(labels.destination_canonical_service.as_str(), "reviews");
+        assert_eq!(labels.destination_canonical_revision.as_str(), "v1");
         assert_eq!(labels.destination_workload_namespace.as_str(), "bookinfo");
         assert_eq!(
             labels.destination_service.as_str(),
             "reviews.bookinfo.svc.cluster.local"
         );
-        assert_eq!(labels.source_workload.as_str(), "productpage");
+        assert_eq!(labels.source_workload.as_str(), "productpage-v1");
+        assert_eq!(labels.source_canonical_service.as_str(), "productpage");
 
         let unknown = destination_labels(&snapshot, None, at(22));
-        assert_eq!(unknown.destination_workload.as_str(), "reviews");
+        assert_eq!(unknown.destination_workload.as_str(), "reviews-v1");
         assert_eq!(unknown.destination_service.as_str(), "unknown");
         assert_eq!(unknown.source_workload.as_str(), "unknown");
     }

@@ -189,6 +189,15 @@ async fn proxy(
         target.pod.as_deref(),
         target.service.as_deref(),
     );
+    // A meshed pod of this node: this proxy reports the connection as its destination too.
+    if let Some(pod) = target
+        .pod
+        .as_deref()
+        .filter(|p| ctx.dialer.serves(&view.snapshot, p))
+    {
+        let source = caller.as_ref().map(|c| &c.identity);
+        labels = labels.between_local_pods(source, &ctx.dialer.identity(pod));
+    }
     // A meshed pod of this node: no other proxy sees the connection, its policies decide here.
     // The pod that owns the address, whatever an endpoint's `targetRef` claims.
     let owner = view.snapshot.pod_by_ip(*target.addr.ip()).cloned();

@@ -238,6 +238,7 @@ mod tests {
             ip: Some(ip.into()),
             service_account: "default".into(),
             ports: vec![],
+            controller: None,
         })
     }
 

@@ -688,6 +688,7 @@ mod tests {
             ip: Some(Ipv4Addr::new(10, 244, 0, ip)),
             service_account: "default".into(),
             ports: vec![(Some("http".into()), 8080)],
+            controller: None,
         })
     }
 

@@ -7,8 +7,8 @@ use super::yaml::Value;
 
 use super::fields::{metadata, show, FieldError, Fields};
 use crate::model::{
-    Namespace, Node, ObjectKey, Pod, Protocol, Service, ServicePort, TargetPort, TlsSecret,
-    CGROUP_ANNOTATION,
+    Controller, Namespace, Node, ObjectKey, Pod, Protocol, Service, ServicePort, TargetPort,
+    TlsSecret, CGROUP_ANNOTATION,
 };
 
 /// Label of an EndpointSlice naming the Service it belongs to.
@@ -119,6 +119,7 @@ pub(super) fn pod(fields: &Fields<'_>) -> Result<Pod, FieldError> {
     };
     let finished = matches!(phase, Some("Succeeded" | "Failed"));
     let ip = ip.filter(|_| !finished && !host_network);
+    let controller = controller(&fields.required_obj("metadata")?)?;
     Ok(Pod {
         key: ObjectKey {
             namespace: meta.namespace,
@@ -131,7 +132,25 @@ pub(super) fn pod(fields: &Fields<'_>) -> Result<Pod, FieldError> {
         ip,
         service_account,
         ports,
+        controller,
     })
+}
+
+/// The controlling owner of a pod whose name was generated: Istio names the workload of such
+/// a pod after it (see [`Pod::workload`]); a pod named by hand is its own workload.
+fn controller(meta: &Fields<'_>) -> Result<Option<Controller>, FieldError> {
+    if meta.str("generateName")?.is_none_or(str::is_empty) {
+        return Ok(None);
+    }
+    for owner in meta.list("ownerReferences")? {
+        if owner.bool("controller")? == Some(true) {
+            return Ok(Some(Controller {
+                kind: owner.required_str("kind")?.into(),
+                name: owner.required_str("name")?.into(),
+            }));
+        }
+    }
+    Ok(None)
 }
 
 pub(super) fn service(fields: &Fields<'_>) -> Result<Service, FieldError> {

@@ -417,6 +417,7 @@ mod tests {
                 ip: Some(ip.into()),
                 service_account: "default".into(),
                 ports: vec![],
+                controller: None,
             })
         };
         ledger.apply(1, vec![ok(pod([10, 0, 0, 1]))], "unknown");

@@ -499,7 +499,11 @@ status:
         assert_eq!(pod.node.as_deref(), Some("n1"));
         assert_eq!(pod.ip, Some(Ipv4Addr::new(10, 244, 1, 5)));
         assert_eq!(pod.ports, vec![(Some("http".into()), 9080), (None, 9090)]);
-        assert_eq!(pod.workload(), "reviews");
+        assert_eq!(
+            pod.workload(),
+            "reviews-v1-0",
+            "named by hand: its own workload"
+        );
     }
 
     #[test]

@@ -270,6 +270,7 @@ fn with_enrolled(
                 ip: None,
                 service_account: "default".into(),
                 ports: Vec::new(),
+                controller: None,
             },
         };
         pod.ip = Some(*ip);
@@ -614,6 +615,7 @@ mod tests {
             ip: Some(Ipv4Addr::from(ip)),
             service_account: "default".into(),
             ports: vec![],
+            controller: None,
         }
     }
 

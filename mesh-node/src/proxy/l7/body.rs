@@ -47,6 +47,8 @@ pub struct Tape(Mutex<TapeState>);
 struct TapeState {
     chunks: Vec<Bytes>,
     bytes: u64,
+    /// Counted for a gRPC request.
+    messages: Option<GrpcMessages>,
     complete: bool,
     overflowed: bool,
     /// The client's body broke off or was malformed (invalid chunked framing...).
@@ -58,6 +60,12 @@ impl Tape {
     /// Bytes of request body forwarded so far.
     pub fn bytes(&self) -> u64 {
         self.0.lock().expect("tape poisoned").bytes
+    }
+
+    /// gRPC messages forwarded so far (0 for a request that is not gRPC).
+    pub fn messages(&self) -> u64 {
+        let state = self.0.lock().expect("tape poisoned");
+        state.messages.map_or(0, |m| m.count())
     }
 
     /// Whether reading the client's body failed: what went wrong upstream is then the
@@ -78,12 +86,16 @@ impl Tape {
 
 impl RequestBody {
     /// Wraps a downstream body; returns the body to send and its tape (`None` when the
-    /// request has no body: it can always be replayed).
-    pub fn record(inner: Incoming) -> (Self, Option<Arc<Tape>>) {
+    /// request has no body: it can always be replayed). The tape of a `grpc` request counts
+    /// its messages too.
+    pub fn record(inner: Incoming, grpc: bool) -> (Self, Option<Arc<Tape>>) {
         if inner.is_end_stream() {
             return (RequestBody::Empty, None);
         }
-        let tape = Arc::new(Tape::default());
+        let tape = Arc::new(Tape(Mutex::new(TapeState {
+            messages: grpc.then(GrpcMessages::default),
+            ..TapeState::default()
+        })));
         (
             RequestBody::Tee {
                 inner,
@@ -119,6 +131,9 @@ impl Body for RequestBody {
                     Some(Ok(frame)) => {
                         if let Some(data) = frame.data_ref() {
                             state.bytes += data.len() as u64;
+                            if let Some(messages) = &mut state.messages {
+                                messages.feed(data);
+                            }
                             if !state.overflowed {
                                 if state.bytes as usize > REPLAY_LIMIT {
                                     state.overflowed = true;
@@ -170,6 +185,8 @@ impl Body for RequestBody {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct BodyEnd {
     pub bytes: u64,
+    /// gRPC messages (0 for a response that is not gRPC).
+    pub messages: u64,
     /// `grpc-status` from the trailers, if any.
     pub grpc_status: Option<u32>,
     /// The upstream failed mid-body.
@@ -183,12 +200,18 @@ pub struct BodyEnd {
 /// Told once when a response body ended.
 pub trait Finish: Send + 'static {
     fn finish(self, end: BodyEnd);
+
+    /// Whether the response is gRPC's, whose messages are counted.
+    fn grpc(&self) -> bool {
+        false
+    }
 }
 
 /// The body of a response sent downstream.
 pub struct ResponseBody<F: Finish> {
     source: Source,
     end: BodyEnd,
+    messages: Option<GrpcMessages>,
     finish: Option<F>,
     /// The route timeout, when the body must end by then.
     deadline: Option<Pin<Box<tokio::time::Sleep>>>,
@@ -204,6 +227,7 @@ impl<F: Finish> ResponseBody<F> {
         Self {
             source: Source::Upstream(body),
             end: BodyEnd::default(),
+            messages: finish.grpc().then(GrpcMessages::default),
             finish: Some(finish),
             deadline: None,
         }
@@ -221,6 +245,7 @@ impl<F: Finish> ResponseBody<F> {
         Self {
             source: Source::Local((!body.is_empty()).then_some(body)),
             end: BodyEnd::default(),
+            messages: None,
             finish: Some(finish),
             deadline: None,
         }
@@ -235,6 +260,7 @@ impl<F: Finish> ResponseBody<F> {
 
     fn done(&mut self) {
         if let Some(finish) = self.finish.take() {
+            self.end.messages = self.messages.map_or(0, |m| m.count());
             finish.finish(mem::take(&mut self.end));
         }
     }
@@ -277,6 +303,9 @@ impl<F: Finish + Unpin> Body for ResponseBody<F> {
             Some(Ok(frame)) => {
                 if let Some(data) = frame.data_ref() {
                     this.end.bytes += data.len() as u64;
+                    if let Some(messages) = &mut this.messages {
+                        messages.feed(data);
+                    }
                 } else if let Some(trailers) = frame.trailers_ref() {
                     this.end.grpc_status = grpc_status(trailers);
                 }
@@ -304,6 +333,51 @@ impl<F: Finish + Unpin> Body for ResponseBody<F> {
                 SizeHint::with_exact(body.as_ref().map_or(0, |b| b.len() as u64))
             }
             Source::Upstream(body) => body.size_hint(),
+        }
+    }
+}
+
+/// Counts the messages of a gRPC body as its bytes go by, however frames split them: each
+/// message is a 5-byte prefix (a compression flag, then its length, big-endian) and that
+/// many bytes. A message counts from its first byte, as Envoy's gRPC statistics count it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct GrpcMessages {
+    count: u64,
+    /// Bytes of the current message's prefix seen so far (0: the next byte starts one).
+    prefix_seen: u8,
+    /// The length read from the prefix so far.
+    length: u32,
+    /// Bytes of the current message still to come after its prefix.
+    left: u64,
+}
+
+impl GrpcMessages {
+    pub fn count(&self) -> u64 {
+        self.count
+    }
+
+    pub fn feed(&mut self, mut data: &[u8]) {
+        while !data.is_empty() {
+            if self.left > 0 {
+                let skipped = data
+                    .len()
+                    .min(usize::try_from(self.left).unwrap_or(usize::MAX));
+                self.left -= skipped as u64;
+                data = &data[skipped..];
+                continue;
+            }
+            if self.prefix_seen == 0 {
+                self.count += 1;
+            } else {
+                self.length = (self.length << 8) | u32::from(data[0]);
+            }
+            data = &data[1..];
+            self.prefix_seen += 1;
+            if self.prefix_seen == 5 {
+                self.left = u64::from(self.length);
+                self.prefix_seen = 0;
+                self.length = 0;
+            }
         }
     }
 }
@@ -466,7 +540,7 @@ mod tests {
         let (feeder, body) = feed(&["hello ", "mesh ", "world"]);
         drop(feeder);
         let (incoming, _client) = received(false, body).await;
-        let (mut first, tape) = RequestBody::record(incoming);
+        let (mut first, tape) = RequestBody::record(incoming, false);
         let tape = tape.expect("a request with a body has a tape");
         assert!(
             tape.replay().is_none(),
@@ -493,7 +567,7 @@ mod tests {
             Full::new(Bytes::from_static(b"0123456789")).map_err(BoxError::from),
         )
         .await;
-        let (mut first, tape) = RequestBody::record(incoming);
+        let (mut first, tape) = RequestBody::record(incoming, false);
         let tape = tape.unwrap();
         // Read as hyper writes a body of known length: until it says it ended, no further.
         let mut forwarded = Vec::new();
@@ -512,7 +586,7 @@ mod tests {
             let payload = Bytes::from(vec![b'x'; size]);
             let (incoming, _client) =
                 received(true, Full::new(payload.clone()).map_err(BoxError::from)).await;
-            let (mut first, tape) = RequestBody::record(incoming);
+            let (mut first, tape) = RequestBody::record(incoming, false);
             let tape = tape.unwrap();
             // The body is forwarded whole either way.
             assert_eq!(read_all(&mut first).await.0, payload);
@@ -531,7 +605,7 @@ mod tests {
     async fn a_body_read_in_part_cannot_be_replayed() {
         let (feeder, body) = feed(&["first"]);
         let (incoming, _client) = received(true, body).await;
-        let (mut first, tape) = RequestBody::record(incoming);
+        let (mut first, tape) = RequestBody::record(incoming, false);
         let tape = tape.unwrap();
         let frame = within(first.frame()).await.unwrap().unwrap();
         assert_eq!(frame.data_ref().unwrap(), "first");
@@ -549,7 +623,7 @@ mod tests {
         feeder.send(Ok(trailers("x-checksum", "abc"))).unwrap();
         drop(feeder);
         let (incoming, _client) = received(true, body).await;
-        let (mut first, tape) = RequestBody::record(incoming);
+        let (mut first, tape) = RequestBody::record(incoming, false);
         let tape = tape.unwrap();
         let (data, sent_trailers) = read_all(&mut first).await;
         assert_eq!(data, b"payload");
@@ -563,7 +637,7 @@ mod tests {
     async fn a_body_the_client_cut_off_cannot_be_replayed() {
         let (feeder, body) = feed(&["partial"]);
         let (incoming, client) = received(false, body).await;
-        let (mut first, tape) = RequestBody::record(incoming);
+        let (mut first, tape) = RequestBody::record(incoming, false);
         let tape = tape.unwrap();
         let frame = within(first.frame()).await.unwrap().unwrap();
         assert_eq!(frame.data_ref().unwrap(), "partial");
@@ -582,7 +656,7 @@ mod tests {
     async fn a_request_without_body_needs_no_tape() {
         let (incoming, _client) =
             received(false, Full::new(Bytes::new()).map_err(BoxError::from)).await;
-        let (body, tape) = RequestBody::record(incoming);
+        let (body, tape) = RequestBody::record(incoming, false);
         assert!(matches!(body, RequestBody::Empty));
         assert!(tape.is_none());
         assert!(body.is_end_stream());
@@ -738,5 +812,31 @@ mod tests {
         assert_eq!(grpc_status(&headers), Some(14));
         headers.insert("grpc-status", HeaderValue::from_static("unavailable"));
         assert_eq!(grpc_status(&headers), None, "not a number: no status");
+    }
+
+    #[test]
+    fn grpc_messages_are_counted_however_frames_split_them() {
+        let message = |len: usize| {
+            let mut m = vec![0u8];
+            m.extend_from_slice(&u32::try_from(len).unwrap().to_be_bytes());
+            m.extend(std::iter::repeat_n(7u8, len));
+            m
+        };
+        // An empty message, a small one, one longer than 2^16 (every prefix byte counts).
+        let stream: Vec<u8> = [message(0), message(3), message(70_000)].concat();
+        let mut whole = GrpcMessages::default();
+        whole.feed(&stream);
+        assert_eq!(whole.count(), 3);
+        for split in [1, 2, 4, 5, 6, 8, 4096] {
+            let mut counted = GrpcMessages::default();
+            for chunk in stream.chunks(split) {
+                counted.feed(chunk);
+            }
+            assert_eq!(counted.count(), 3, "chunks of {split}");
+        }
+        // A message counts from its first byte, before its end arrived.
+        let mut started = GrpcMessages::default();
+        started.feed(&stream[..message(0).len() + 1]);
+        assert_eq!(started.count(), 2);
     }
 }

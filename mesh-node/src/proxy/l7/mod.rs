@@ -115,7 +115,7 @@ pub(super) struct Conn {
     inbound: Option<Inbound>,
     clusters: Mutex<ClusterCache>,
     /// Metric labels by destination pod and service: building them hashes every label.
-    labels: Mutex<HashMap<LabelKey, RequestLabels>>,
+    labels: Mutex<HashMap<LabelKey, Reports>>,
     /// The client address's slot, whose requests in flight are capped (source side).
     held: Option<SourceConnection>,
     /// The client as the policies of a pod of this node see it (source side: the kernel
@@ -163,6 +163,11 @@ const FORWARDED_CLIENT_CERT: &str = "x-forwarded-client-cert";
 
 /// Destination pod, destination service, gRPC.
 type LabelKey = (Option<ObjectKey>, Option<ObjectKey>, bool);
+
+/// The labels a request is reported under by this proxy, and by the destination's side when
+/// that is this proxy too.
+#[derive(Clone)]
+struct Reports(RequestLabels, Option<RequestLabels>);
 
 #[derive(Default)]
 struct ClusterCache {
@@ -402,6 +407,18 @@ impl Conn {
         service: Option<&Arc<Service>>,
         grpc: bool,
     ) -> RequestLabels {
+        self.reports(pod, service, grpc).0
+    }
+
+    /// The labels requests to `pod` through `service` are reported under and, for a pod this
+    /// proxy serves as the destination too (two pods of one node), the labels the destination
+    /// reports them under: Istio reports every request at both ends.
+    fn reports(
+        &self,
+        pod: Option<&Arc<Pod>>,
+        service: Option<&Arc<Service>>,
+        grpc: bool,
+    ) -> Reports {
         let key = (
             pod.map(|p| p.key.clone()),
             service.map(|s| s.key.clone()),
@@ -411,6 +428,8 @@ impl Conn {
         if let Some(l) = labels.get(&key) {
             return l.clone();
         }
+        let local = self.inbound.is_none()
+            && pod.is_some_and(|p| self.ctx.dialer.serves(&self.ctx.view().snapshot, p));
         let l = RequestLabels::new(
             if self.inbound.is_some() {
                 Reporter::Destination
@@ -423,24 +442,26 @@ impl Conn {
             grpc,
         );
         // Through HBONE both ends are known by their certificates: on the destination side
-        // from the handshake, on the source side for pods of other nodes.
+        // from the handshake, on the source side for pods of other nodes. Between two pods of
+        // this node the kernel vouches for both (the caller's cgroup, the pod's address).
         let l = match (&self.inbound, pod) {
             (Some(inbound), _) => match &inbound.mtls {
                 Some((peer, own)) => l.mutual_tls(&peer.identity, own),
                 None => l,
             },
-            (None, Some(pod)) if self.crosses_nodes(pod) => match &self.caller {
+            (None, Some(pod)) if local || self.crosses_nodes(pod) => match &self.caller {
                 Some(caller) => l.mutual_tls(&caller.identity, &self.ctx.dialer.identity(pod)),
                 None => l,
             },
             (None, _) => l,
         };
+        let reports = Reports(l.clone(), local.then(|| l.destination_report()));
         // A long-lived connection to a large service sees many pods; keep the cache small.
         if labels.len() >= 64 {
             labels.clear();
         }
-        labels.insert(key, l.clone());
-        l
+        labels.insert(key, reports.clone());
+        reports
     }
 
     /// The cluster `key` names in `view`, built once per connection and snapshot.
@@ -634,11 +655,18 @@ pub(super) struct Report {
     hold: Option<InFlight>,
     pick: Option<Pick>,
     recorded: bool,
+    /// The destination's side saw the request: its pod answered, or its policies (decided
+    /// here for a pod of this node) refused it.
+    seen_by_destination: bool,
 }
 
 impl Finish for Report {
     fn finish(mut self, end: body::BodyEnd) {
         self.record(end);
+    }
+
+    fn grpc(&self) -> bool {
+        self.grpc
     }
 }
 
@@ -656,6 +684,32 @@ impl Drop for Report {
 }
 
 impl Report {
+    /// An attempt that reached `pod` but whose answer is not the one the client gets (it was
+    /// retried, or failed once sent): reported as the destination's proxy would report it,
+    /// when that is this proxy.
+    fn attempt_at_destination(
+        &self,
+        pod: Option<&Arc<Pod>>,
+        (response_code, grpc_status): (u16, Option<u32>),
+        flags: ResponseFlags,
+        started: Instant,
+    ) {
+        let Reports(_, Some(destination)) =
+            self.conn.reports(pod, self.service.as_ref(), self.grpc)
+        else {
+            return;
+        };
+        let outcome = RequestOutcome {
+            response_code,
+            grpc_status,
+            flags,
+            duration: started.elapsed(),
+            request_bytes: self.tape.as_ref().map_or(0, |t| t.bytes()),
+            ..RequestOutcome::default()
+        };
+        self.conn.ctx.http_metrics.record(&destination, &outcome);
+    }
+
     fn record(&mut self, end: body::BodyEnd) {
         if std::mem::replace(&mut self.recorded, true) {
             return;
@@ -669,23 +723,30 @@ impl Report {
         } else if end.upstream_error {
             flags |= ResponseFlags::UR;
         }
-        let labels = self
-            .conn
-            .labels(self.destination.as_ref(), self.service.as_ref(), self.grpc);
+        let Reports(labels, destination) =
+            self.conn
+                .reports(self.destination.as_ref(), self.service.as_ref(), self.grpc);
         let duration = self.start.elapsed();
         let grpc_status = end.grpc_status.or(self.grpc_status);
         let request_bytes = self.tape.as_ref().map_or(0, |t| t.bytes());
-        self.conn.ctx.http_metrics.record(
-            &labels,
-            &RequestOutcome {
-                response_code: self.status,
-                grpc_status,
-                flags,
-                duration,
-                request_bytes,
-                response_bytes: end.bytes,
-            },
-        );
+        let outcome = RequestOutcome {
+            response_code: self.status,
+            grpc_status,
+            flags,
+            duration,
+            request_bytes,
+            response_bytes: end.bytes,
+            request_messages: self.tape.as_ref().map_or(0, |t| t.messages()),
+            response_messages: end.messages,
+        };
+        self.conn.ctx.http_metrics.record(&labels, &outcome);
+        if let Some(destination) = destination.filter(|_| self.seen_by_destination) {
+            let outcome = RequestOutcome {
+                flags: at_destination(flags),
+                ..outcome
+            };
+            self.conn.ctx.http_metrics.record(&destination, &outcome);
+        }
         if access_log_enabled() {
             access_log(&AccessEntry {
                 method: self.method.as_str(),
@@ -718,3 +779,18 @@ impl Report {
 }
 
 type Reply = Response<ResponseBody<Report>>;
+
+/// The flags the destination's side would report for a request whose response came from its
+/// pod: what the source did before sending (a delay) is not seen there, a response cut short by
+/// the source (its timeout, its client leaving) is a downstream disconnect, an upstream reset
+/// is the pod's.
+fn at_destination(flags: ResponseFlags) -> ResponseFlags {
+    let mut seen = ResponseFlags::NONE;
+    if flags.contains(ResponseFlags::UT) || flags.contains(ResponseFlags::DC) {
+        seen |= ResponseFlags::DC;
+    }
+    if flags.contains(ResponseFlags::UR) {
+        seen |= ResponseFlags::UR;
+    }
+    seen
+}

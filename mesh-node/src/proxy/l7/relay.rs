@@ -592,6 +592,8 @@ impl Pending {
                 duration,
                 request_bytes: received,
                 response_bytes: sent,
+                request_messages: 0,
+                response_messages: 0,
             },
         );
         let Some(logged) = &self.logged else {

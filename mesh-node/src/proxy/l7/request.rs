@@ -181,7 +181,7 @@ pub(super) async fn handle(conn: Arc<Conn>, request: Request<Incoming>) -> Reply
 
     let proto = upstream_protocol(conn.declared, &parts, grpc, &resolved.cluster);
     prepare_head(&mut parts, &authority, proto);
-    let (first_body, tape) = RequestBody::record(body);
+    let (first_body, tape) = RequestBody::record(body, grpc);
     report.tape = tape.clone();
     let retries = rule.and_then(|r| r.retries.clone());
     let explicit_retries = retries.is_some();
@@ -227,6 +227,7 @@ pub(super) async fn handle(conn: Arc<Conn>, request: Request<Incoming>) -> Reply
     match outcome {
         Ok((mut response, (hold, pick))) => {
             report.status = response.status().as_u16();
+            report.seen_by_destination = true;
             report.grpc_status = body::grpc_status(response.headers());
             report.hold = Some(hold);
             report.pick = Some(pick);
@@ -294,7 +295,7 @@ pub(super) async fn forward_inbound(
     let authority = report.authority.clone();
     prepare_head(&mut parts, &authority, proto);
     conn.set_forwarded_client_cert(&mut parts.headers, None);
-    let (request_body, tape) = RequestBody::record(body);
+    let (request_body, tape) = RequestBody::record(body, grpc);
     report.tape = tape;
     let policy = ClusterPolicy::default();
     let sent = inbound
@@ -524,6 +525,7 @@ impl Report {
             hold: None,
             pick: None,
             recorded: false,
+            seen_by_destination: false,
         }
     }
 }

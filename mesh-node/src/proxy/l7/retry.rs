@@ -77,6 +77,7 @@ impl Attempts<'_> {
             report.destination = pick.pod.clone();
             if let Err(denied) = conn.authorize_local(self.view, pick.addr, parts) {
                 report.details = Some(denied.detail);
+                report.seen_by_destination = true;
                 return Err(DENIED);
             }
             let request_body = match body.take() {
@@ -88,6 +89,7 @@ impl Attempts<'_> {
             };
             let mut request = Request::from_parts(parts.clone(), request_body);
             conn.set_forwarded_client_cert(request.headers_mut(), pick.pod.as_deref());
+            let started = Instant::now();
             let send = self.resolved.pool.send(
                 cluster.state(),
                 cluster.policy(),
@@ -125,6 +127,12 @@ impl Attempts<'_> {
                         return Ok((response, (in_flight, pick)));
                     }
                     drop(response);
+                    report.attempt_at_destination(
+                        pick.pod.as_ref(),
+                        (status, grpc_status),
+                        ResponseFlags::NONE,
+                        started,
+                    );
                     (
                         true,
                         (StatusCode::SERVICE_UNAVAILABLE, ResponseFlags::NONE, ""),
@@ -172,6 +180,12 @@ impl Attempts<'_> {
                 Ok(Err(e)) => {
                     debug!("{e}");
                     cluster.report(&pick, Outcome::Reset, now);
+                    report.attempt_at_destination(
+                        pick.pod.as_ref(),
+                        (0, None),
+                        ResponseFlags::UR,
+                        started,
+                    );
                     (
                         self.plan.on(RetryPolicy::Reset) || self.plan.on(RetryPolicy::FiveXx),
                         (StatusCode::SERVICE_UNAVAILABLE, ResponseFlags::UR, "upstream connect error or disconnect/reset before headers. reset reason: remote reset"),
@@ -179,6 +193,13 @@ impl Attempts<'_> {
                 }
                 Err(()) => {
                     cluster.report(&pick, Outcome::Timeout, now);
+                    // The destination sees its client give up.
+                    report.attempt_at_destination(
+                        pick.pod.as_ref(),
+                        (0, None),
+                        ResponseFlags::DC,
+                        started,
+                    );
                     (
                         self.plan.on(RetryPolicy::FiveXx)
                             || self.plan.on(RetryPolicy::GatewayError),

@@ -43,6 +43,7 @@ pub(super) async fn forward_upgrade(
     report.upstream = Some(pick.addr);
     report.destination = pick.pod.clone();
     if let Err(denied) = conn.authorize_local(view, pick.addr, &parts) {
+        report.seen_by_destination = true;
         return denied_reply(report, denied);
     }
     send_upgrade(report, key, parts, body, downstream, Some(pick)).await
@@ -81,7 +82,7 @@ pub(super) async fn send_upgrade(
     if let Some(pq) = parts.uri.path_and_query() {
         parts.uri = Uri::from(pq.clone());
     }
-    let (request_body, tape) = RequestBody::record(body);
+    let (request_body, tape) = RequestBody::record(body, false);
     report.tape = tape;
     let mut response = match sender
         .send_request(Request::from_parts(parts, request_body))
@@ -99,6 +100,7 @@ pub(super) async fn send_upgrade(
         }
     };
     report.status = response.status().as_u16();
+    report.seen_by_destination = true;
     if response.status() == StatusCode::SWITCHING_PROTOCOLS {
         let upstream = hyper::upgrade::on(&mut response);
         // The tunnel keeps the downstream connection's slot of its client address, and is

@@ -80,6 +80,7 @@ fn pod(ns: &str, labels: &[(&str, &str)]) -> Pod {
         ip: None,
         service_account: "default".into(),
         ports: vec![],
+        controller: None,
     }
 }
 

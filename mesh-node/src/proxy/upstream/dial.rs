@@ -176,6 +176,14 @@ impl Dialer {
         }
     }
 
+    /// Whether this proxy is the destination side of connections to `pod` as well: a meshed
+    /// pod of this node (a sidecar's destinations have sidecars of their own).
+    pub fn serves(&self, snapshot: &Snapshot, pod: &Pod) -> bool {
+        !self.sidecar
+            && pod.node.as_deref().is_some_and(|n| *n == *self.node)
+            && snapshot.is_meshed(pod)
+    }
+
     /// The way to a pod of this node, from the destination side.
     pub fn local(&self) -> Via {
         Via::Direct {
@@ -358,6 +366,7 @@ mod tests {
             ip: Some(ip.into()),
             service_account: "default".into(),
             ports: vec![],
+            controller: None,
         }
     }
 

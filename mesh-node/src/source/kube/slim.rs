@@ -12,7 +12,8 @@
 use std::{borrow::Cow, collections::BTreeMap};
 
 use k8s_openapi::{
-    api::core::v1::ObjectReference, apimachinery::pkg::apis::meta::v1::ObjectMeta,
+    api::core::v1::ObjectReference,
+    apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference},
     ClusterResourceScope, NamespaceResourceScope,
 };
 use kube::Resource;
@@ -20,35 +21,65 @@ use serde::{Deserialize, Deserializer};
 use serde_json::{json, Value};
 
 /// `metadata` reduced to what the model and the watcher use (no annotations, no managed
-/// fields).
+/// fields; of the owner references only the controller's kind and name, which name the
+/// workload a pod belongs to).
 fn slim_metadata<'de, D: Deserializer<'de>>(deserializer: D) -> Result<ObjectMeta, D::Error> {
     #[derive(Deserialize)]
     #[serde(rename_all = "camelCase")]
     struct Slim {
         name: Option<String>,
+        generate_name: Option<String>,
         namespace: Option<String>,
         uid: Option<String>,
         resource_version: Option<String>,
         labels: Option<BTreeMap<String, String>>,
+        #[serde(default)]
+        owner_references: Vec<Owner>,
+    }
+    #[derive(Deserialize)]
+    struct Owner {
+        kind: String,
+        name: String,
+        controller: Option<bool>,
     }
     let slim = Slim::deserialize(deserializer)?;
+    let controller = slim
+        .owner_references
+        .into_iter()
+        .find(|o| o.controller == Some(true))
+        .map(|o| OwnerReference {
+            kind: o.kind,
+            name: o.name,
+            controller: Some(true),
+            ..OwnerReference::default()
+        });
     Ok(ObjectMeta {
         name: slim.name,
+        generate_name: slim.generate_name,
         namespace: slim.namespace,
         uid: slim.uid,
         resource_version: slim.resource_version,
         labels: slim.labels,
+        owner_references: controller.map(|c| vec![c]),
         ..ObjectMeta::default()
     })
 }
 
 fn metadata_json(meta: &ObjectMeta) -> Value {
+    let owners: Vec<Value> = meta
+        .owner_references
+        .iter()
+        .flatten()
+        .map(|o| json!({"kind": o.kind, "name": o.name, "controller": o.controller}))
+        .collect();
     json!({
         "name": meta.name,
+        "generateName": meta.generate_name,
         "namespace": meta.namespace,
         "uid": meta.uid,
         "resourceVersion": meta.resource_version,
         "labels": meta.labels.clone().unwrap_or_default(),
+        "ownerReferences": owners,
     })
 }
 
@@ -235,8 +266,15 @@ mod tests {
             "apiVersion": "v1",
             "kind": "Pod",
             "metadata": {
-                "name": "ratings-0", "namespace": "bookinfo", "uid": "u-1",
-                "resourceVersion": "42", "labels": {"app": "ratings"},
+                "name": "ratings-v1-5d8f7c9b4-x2x9k", "generateName": "ratings-v1-5d8f7c9b4-",
+                "namespace": "bookinfo", "uid": "u-1",
+                "resourceVersion": "42",
+                "labels": {"app": "ratings", "pod-template-hash": "5d8f7c9b4"},
+                "ownerReferences": [
+                    {"apiVersion": "v1", "kind": "ConfigMap", "name": "other", "uid": "u-3"},
+                    {"apiVersion": "apps/v1", "kind": "ReplicaSet", "name": "ratings-v1-5d8f7c9b4",
+                     "uid": "u-2", "controller": true, "blockOwnerDeletion": true},
+                ],
                 "annotations": {"big": "x".repeat(10_000)},
                 "managedFields": [{"manager": "kubelet", "fieldsV1": {"f:status": {}}}],
             },
@@ -257,7 +295,12 @@ mod tests {
         let [Ok(Object::Pod(model))] = translated.as_slice() else {
             panic!("expected one pod");
         };
-        assert_eq!(model.key.to_string(), "bookinfo/ratings-0");
+        assert_eq!(model.key.to_string(), "bookinfo/ratings-v1-5d8f7c9b4-x2x9k");
+        assert_eq!(
+            model.workload(),
+            "ratings-v1",
+            "the Deployment behind its ReplicaSet"
+        );
         assert_eq!(model.ip, Some("10.244.2.7".parse().unwrap()));
         assert_eq!(model.node.as_deref(), Some("n2"));
         assert_eq!(&*model.service_account, "bookinfo-ratings");

@@ -701,6 +701,7 @@ mod tests {
                 ip: Some([10, 0, 0, *last].into()),
                 service_account: "default".into(),
                 ports: vec![],
+                controller: None,
             };
             endpoints.push(Endpoint {
                 ip: [10, 0, 0, *last].into(),
