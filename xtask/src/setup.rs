@@ -15,8 +15,9 @@ use crate::{bpf_toolchain, bpf_toolchain_components, cmd, is_root};
 /// Debian packages: LLVM for bpf-linker, the tools the virtual cluster drives, load
 /// generators (h2load is also the HTTP/2 client of the L7 tests, curl their HTTP/1.1 one),
 /// tcpdump and openssl (the mTLS tests capture the node link and play TLS clients), HAProxy
-/// (the third-party sidecar of the benchmark), and Go and CMake (aws-lc's FIPS module, built
-/// by the `fips` feature's tests).
+/// (the third-party sidecar of the benchmark), Prometheus (the observability tests scrape the
+/// node proxies and run Istio's dashboard queries), and Go and CMake (aws-lc's FIPS module,
+/// built by the `fips` feature's tests).
 const PACKAGES: &[&str] = &[
     "llvm-22-dev",
     "libpolly-22-dev",
@@ -31,6 +32,7 @@ const PACKAGES: &[&str] = &[
     "nghttp2-client",
     "wrk",
     "haproxy",
+    "prometheus",
     "golang-go",
     "cmake",
 ];

@@ -178,7 +178,7 @@ fn unit_tests(root: &Path) -> Result<()> {
 }
 
 /// The end-to-end suites, in the order they run.
-const SUITES: [&str; 4] = ["e2e", "l7", "mtls", "authz"];
+const SUITES: [&str; 5] = ["e2e", "l7", "mtls", "authz", "observability"];
 
 fn e2e_tests(root: &Path) -> Result<()> {
     if !is_root() {
@@ -190,7 +190,7 @@ fn e2e_tests(root: &Path) -> Result<()> {
     cluster::binaries()?;
     // Each suite brings up and tears down its own cluster: the mesh mechanics first, then
     // L7 routing with real clients, then zero trust (CA, HBONE mTLS, PeerAuthentication),
-    // then authorization.
+    // then authorization, then what Istio's dashboards and Kiali show.
     for suite in SUITES {
         cargo(
             root,

@@ -41,6 +41,7 @@ use plan::Diff;
 use proc::Placement;
 use state::{NodeInfo, PodInfo, State};
 
+pub use net::FABRIC_NETNS;
 pub use sidecar::{ANNOTATION as SIDECAR_ANNOTATION, PROXY_UID as SIDECAR_UID};
 pub use state::{BPFFS_ROOT, CGROUP_ROOT, RUN_DIR};
 
@@ -209,7 +210,7 @@ pub fn up(dir: &Path) -> Result<()> {
 fn leftovers() -> Result<bool> {
     Ok(Path::new(RUN_DIR).join("state.json").exists()
         || Path::new(CGROUP_ROOT).exists()
-        || net::list_netns()?.iter().any(|n| n == net::FABRIC_NETNS))
+        || net::list_netns()?.iter().any(|n| n == FABRIC_NETNS))
 }
 
 /// Merges the resources of a file or directory into the cluster (by kind/namespace/name),

@@ -1,0 +1,549 @@
+//! End-to-end tests of what Weft shows: Istio's Grafana dashboards (Mesh, Service, Workload)
+//! and Kiali's service graph, unchanged, on the metrics of the node proxies.
+//!
+//! A real Prometheus (Debian's `prometheus`) scrapes both node proxies of a virtual cluster
+//! running Bookinfo while a meshed client of another namespace, an unmeshed client and the
+//! pods themselves make HTTP, gRPC and TCP calls (meshed and not, to a Service without
+//! endpoints, to a Service outside the mesh). Then every panel query of the three dashboards
+//! and every graph query of Kiali (`xtask/assets/observability/istio-queries.json`, quoted from
+//! the upstream commits it names) is evaluated as Grafana and Kiali send it, for the views a
+//! user would open (`dashboards.py` fills the variables in as Grafana does). Each query must
+//! answer with plausible values for at least one view, or be one of [`EXPECTED_EMPTY`], each
+//! with the reason it cannot have data; every series Kiali's graph reads must carry the labels
+//! without which Kiali drops it. Needs root: without it the suite fails loudly.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    fs,
+    path::PathBuf,
+    process::{Child, Command, Stdio},
+    thread,
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, ensure, Context as _, Result};
+use serde_json::{json, Value};
+use xtask::{cluster, probe, workspace_root};
+
+/// Bookinfo (`examples/bookinfo/bookinfo.yaml`) is added in front of this.
+const CLUSTER: &str = r#"
+apiVersion: v1
+kind: Namespace
+metadata: {name: traffic, labels: {weft.io/mesh: enabled}}
+---
+apiVersion: v1
+kind: Namespace
+metadata: {name: legacy}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: client, namespace: traffic, labels: {app: client}}
+spec:
+  nodeName: node-1
+  containers: [{name: main, command: [sleep, infinity]}]
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: legacy-client, namespace: legacy, labels: {app: legacy-client}}
+spec:
+  nodeName: node-2
+  containers: [{name: main, command: [sleep, infinity]}]
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: legacy-http, namespace: legacy, labels: {app: legacy-http}}
+spec:
+  nodeName: node-2
+  containers: [{name: main, command: [weft-demo, http, --port, "8080"], ports: [{containerPort: 8080}]}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: legacy-http, namespace: legacy}
+spec:
+  selector: {app: legacy-http}
+  ports: [{name: http, port: 8080}]
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: legacy-echo, namespace: legacy, labels: {app: legacy-echo}}
+spec:
+  nodeName: node-2
+  containers: [{name: main, command: [weft-demo, echo, --port, "9000"], ports: [{containerPort: 9000}]}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: legacy-echo, namespace: legacy}
+spec:
+  selector: {app: legacy-echo}
+  ports: [{name: tcp, port: 9000}]
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: grpc-echo, namespace: default, labels: {app: grpc-echo, version: v1}}
+spec:
+  nodeName: node-2
+  serviceAccountName: grpc-echo
+  containers: [{name: main, command: [weft-demo, http, --port, "8080"], ports: [{containerPort: 8080}]}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: grpc-echo, namespace: default}
+spec:
+  selector: {app: grpc-echo}
+  ports: [{name: grpc, port: 8080}]
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: tcp-echo, namespace: default, labels: {app: tcp-echo, version: v1}}
+spec:
+  nodeName: node-2
+  serviceAccountName: tcp-echo
+  containers: [{name: main, command: [weft-demo, echo, --port, "9000"], ports: [{containerPort: 9000}]}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: tcp-echo, namespace: default}
+spec:
+  selector: {app: tcp-echo}
+  ports: [{name: tcp, port: 9000}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: nowhere, namespace: default}
+spec:
+  selector: {app: nowhere}
+  ports: [{name: http, port: 80}]
+"#;
+
+/// Where Prometheus listens, inside the cluster's fabric namespace (where the nodes' admin
+/// ports are reachable).
+const PROMETHEUS: &str = "127.0.0.1:19090";
+const SCRAPE_INTERVAL: Duration = Duration::from_secs(5);
+
+/// Queries that cannot have data on this cluster, and why. Anything else must answer.
+const EXPECTED_EMPTY: &[(&str, &str)] = &[
+    (
+        "kiali: namespace graph, gRPC messages, 0) incoming unserviced (source-reported)",
+        "a gRPC call to a Service without endpoints is answered by the source proxy: no message \
+         is ever sent on, in Istio either",
+    ),
+    (
+        "kiali: namespace graph, TCP bytes, 0) incoming unserviced (source-reported)",
+        "a TCP connection to a Service without endpoints is closed unopened: no byte flows",
+    ),
+    (
+        "kiali: aggregate (operation) node graph, HTTP/gRPC requests",
+        "`request_operation` is the label of Istio's optional request classification filter, \
+         not of its standard metrics; Weft does not classify requests",
+    ),
+    (
+        "kiali: aggregateNode appender (node graph)",
+        "`request_operation`, as above",
+    ),
+    (
+        "kiali: securityPolicy appender, part 2, ztunnel TCP sent bytes (source-reported)",
+        "selects series of the scrape target labelled `app=\"ztunnel\"`: there is no ztunnel",
+    ),
+    (
+        "kiali: securityPolicy appender, part 2, ztunnel TCP received bytes (source-reported)",
+        "as above",
+    ),
+];
+
+fn cluster_yaml() -> Result<String> {
+    let bookinfo = workspace_root().join("examples/bookinfo/bookinfo.yaml");
+    let bookinfo =
+        fs::read_to_string(&bookinfo).with_context(|| format!("reading {}", bookinfo.display()))?;
+    Ok(format!("{bookinfo}\n---{CLUSTER}"))
+}
+
+/// A Prometheus server, stopped and its data removed when dropped.
+struct Prometheus {
+    child: Child,
+    dir: PathBuf,
+}
+
+impl Prometheus {
+    fn start() -> Result<Self> {
+        let dir = probe::temp_dir("prometheus")?;
+        let mut targets = Vec::new();
+        for node in ["node-1", "node-2"] {
+            targets.push(format!("'{}:15020'", node_address(node)?));
+        }
+        let config = format!(
+            "global: {{scrape_interval: {}s, evaluation_interval: {}s}}\n\
+             scrape_configs:\n\
+             - job_name: weft-node\n  static_configs: [{{targets: [{}]}}]\n",
+            SCRAPE_INTERVAL.as_secs(),
+            SCRAPE_INTERVAL.as_secs(),
+            targets.join(", ")
+        );
+        fs::write(dir.join("prometheus.yml"), config)?;
+        let log = fs::File::create(dir.join("prometheus.log"))?;
+        let child = Command::new("ip")
+            .args(["netns", "exec", cluster::FABRIC_NETNS, "prometheus"])
+            .arg(format!(
+                "--config.file={}",
+                dir.join("prometheus.yml").display()
+            ))
+            .arg(format!(
+                "--storage.tsdb.path={}",
+                dir.join("data").display()
+            ))
+            .arg(format!("--web.listen-address={PROMETHEUS}"))
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .context("starting prometheus (from `cargo xtask setup`)")?;
+        let prometheus = Self { child, dir };
+        prometheus.wait_for_targets()?;
+        Ok(prometheus)
+    }
+
+    /// Until both node proxies were scraped successfully.
+    fn wait_for_targets(&self) -> Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let up = self.query("sum(up)").unwrap_or_default();
+            if up == "2" {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                let log = fs::read_to_string(self.dir.join("prometheus.log")).unwrap_or_default();
+                bail!("Prometheus did not scrape both node proxies within 30 s (up = {up:?}); its log:\n{log}");
+            }
+            thread::sleep(Duration::from_millis(500));
+        }
+    }
+
+    /// The value of an instant query with one result, as printed by Prometheus.
+    fn query(&self, promql: &str) -> Result<String> {
+        let out = Command::new("ip")
+            .args(["netns", "exec", cluster::FABRIC_NETNS, "curl", "-sf"])
+            .arg(format!("http://{PROMETHEUS}/api/v1/query"))
+            .args(["--data-urlencode", &format!("query={promql}")])
+            .output()?;
+        ensure!(out.status.success(), "querying Prometheus failed");
+        let body: Value = serde_json::from_slice(&out.stdout)?;
+        Ok(body["data"]["result"][0]["value"][1]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned())
+    }
+}
+
+impl Drop for Prometheus {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// A node's address on the fabric.
+fn node_address(node: &str) -> Result<String> {
+    let out = probe::run(
+        &format!("node/{node}"),
+        &["ip", "-4", "-o", "addr", "show", "eth0"],
+    )?;
+    out.split_whitespace()
+        .skip_while(|w| *w != "inet")
+        .nth(1)
+        .and_then(|cidr| cidr.split('/').next())
+        .map(str::to_owned)
+        .with_context(|| format!("no address on {node}'s eth0: {out}"))
+}
+
+/// One round of every kind of call the dashboards and the graph show.
+fn traffic_round() -> Result<()> {
+    let python = xtask::setup::test_python().display().to_string();
+    let grpc = workspace_root()
+        .join("xtask/assets/grpc_client.py")
+        .display()
+        .to_string();
+    let curl = |pod: &str, url: &str| -> Result<u16> { Ok(probe::curl_text(pod, &[url])?.0) };
+    // Meshed, across namespaces: productpage calls details, reviews and (v2, v3) ratings.
+    for _ in 0..5 {
+        let status = curl(
+            "traffic/client",
+            "http://productpage.default:9080/productpage",
+        )?;
+        ensure!(status == 200, "productpage answered {status}");
+    }
+    // Outside the mesh, plaintext into it: reported with an `unknown` source.
+    let status = curl(
+        "legacy/legacy-client",
+        "http://productpage.default:9080/productpage",
+    )?;
+    ensure!(
+        status == 200,
+        "productpage answered the unmeshed client {status}"
+    );
+    // From the mesh to a Service outside it, and to one without endpoints (503 UH).
+    let status = curl("traffic/client", "http://legacy-http.legacy:8080/get")?;
+    ensure!(status == 200, "legacy-http answered {status}");
+    let status = curl("traffic/client", "http://nowhere.default/")?;
+    ensure!(
+        status == 503,
+        "a Service without endpoints answered {status}"
+    );
+    // gRPC across nodes.
+    let replies = probe::run(
+        "traffic/client",
+        &[
+            &python,
+            &grpc,
+            "grpc-echo.default:8080",
+            "Hello",
+            "--count",
+            "5",
+        ],
+    )?;
+    ensure!(
+        replies.lines().count() == 5 && replies.lines().all(|l| l.contains("\"OK\"")),
+        "gRPC calls failed: {replies}"
+    );
+    // TCP, a few hundred KB each way: across nodes in the mesh, from outside the mesh into
+    // it (plaintext), and from the mesh to a server outside it.
+    for (pod, echo) in [
+        ("traffic/client", "tcp-echo.default:9000"),
+        ("legacy/legacy-client", "tcp-echo.default:9000"),
+        ("traffic/client", "legacy-echo.legacy:9000"),
+    ] {
+        let args = [
+            "weft-demo",
+            "blast",
+            echo,
+            "--conns",
+            "2",
+            "--bytes",
+            "200000",
+        ];
+        let blast = probe::run(pod, &args)?;
+        ensure!(
+            blast.contains("\"ok\":true"),
+            "TCP echo from {pod} to {echo} failed: {blast}"
+        );
+    }
+    Ok(())
+}
+
+/// What a user would open: each dashboard with the variable choices of the pages that matter,
+/// Kiali's graph of each namespace and of single nodes.
+fn views() -> Value {
+    let service = |s: &str, qrep: &str| json!({"service": s, "qrep": qrep});
+    let workload =
+        |ns: &str, w: &str, qrep: &str| json!({"namespace": ns, "workload": w, "qrep": qrep});
+    let mut services = Vec::new();
+    let mut workloads = Vec::new();
+    for qrep in ["destination", "source"] {
+        for s in [
+            "productpage.default.svc.cluster.local",
+            "reviews.default.svc.cluster.local",
+            "grpc-echo.default.svc.cluster.local",
+            "tcp-echo.default.svc.cluster.local",
+            "legacy-http.legacy.svc.cluster.local",
+        ] {
+            services.push(service(s, qrep));
+        }
+        for (ns, w) in [
+            ("default", "productpage-v1"),
+            ("default", "reviews-v2"),
+            ("default", "grpc-echo"),
+            ("default", "tcp-echo"),
+            ("traffic", "client"),
+        ] {
+            workloads.push(workload(ns, w, qrep));
+        }
+    }
+    let graph = |namespace: &str, workload: &str, app: &str, version: &str, service: &str| {
+        json!({"namespace": namespace, "workload": workload, "app": app, "version": version,
+               "service": service, "cluster": "Kubernetes"})
+    };
+    json!({
+        "Istio Service Dashboard": services,
+        "Istio Workload Dashboard": workloads,
+        "kiali": [
+            graph("default", "productpage-v1", "productpage", "v1", "productpage"),
+            graph("default", "reviews-v2", "reviews", "v2", "reviews"),
+            graph("default", "grpc-echo", "grpc-echo", "v1", "grpc-echo"),
+            graph("default", "tcp-echo", "tcp-echo", "v1", "tcp-echo"),
+            graph("default", "unknown", "unknown", "unknown", "nowhere"),
+            graph("traffic", "client", "client", "latest", "client"),
+        ],
+    })
+}
+
+/// One evaluated query of `dashboards.py`.
+struct Answer {
+    name: String,
+    series: u64,
+    problems: Vec<String>,
+}
+
+fn evaluate(dir: &std::path::Path) -> Result<(Vec<Answer>, Value)> {
+    let views_file = dir.join("views.json");
+    fs::write(&views_file, views().to_string())?;
+    let assets = workspace_root().join("xtask/assets/observability");
+    let out = Command::new("ip")
+        .args(["netns", "exec", cluster::FABRIC_NETNS, "python3"])
+        .arg(assets.join("dashboards.py"))
+        .arg(format!("http://{PROMETHEUS}"))
+        .arg(assets.join("istio-queries.json"))
+        .arg(&views_file)
+        .output()
+        .context("running dashboards.py")?;
+    ensure!(
+        out.status.success(),
+        "dashboards.py failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mut answers = Vec::new();
+    let mut variables = Value::Null;
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        let v: Value = serde_json::from_str(line).with_context(|| format!("printed {line:?}"))?;
+        if let Some(vars) = v.get("variables") {
+            variables = vars.clone();
+            continue;
+        }
+        answers.push(Answer {
+            name: format!(
+                "{}: {}",
+                v["kind"].as_str().unwrap_or(""),
+                v["name"].as_str().unwrap_or("")
+            ),
+            series: v["series"].as_u64().unwrap_or(0),
+            problems: v["problems"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(|p| {
+                    format!(
+                        "{} ({}): {}",
+                        v["name"].as_str().unwrap_or(""),
+                        v["view"],
+                        p.as_str().unwrap_or("")
+                    )
+                })
+                .collect(),
+        });
+    }
+    Ok((answers, variables))
+}
+
+fn dashboards_and_kiali_read_weft_metrics() -> Result<()> {
+    let prometheus = Prometheus::start()?;
+    // Traffic flows while the queries run, as on a live dashboard (`irate` reads the last two
+    // scrapes); `rate(...[1m])` sees several scrapes of every kind of call first.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let traffic = {
+        let stop = stop.clone();
+        thread::spawn(move || -> Result<()> {
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                traffic_round()?;
+                thread::sleep(Duration::from_secs(1));
+            }
+            Ok(())
+        })
+    };
+    thread::sleep(Duration::from_secs(45));
+    let evaluated = evaluate(&prometheus.dir);
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    traffic
+        .join()
+        .map_err(|_| anyhow::anyhow!("the traffic thread panicked"))?
+        .context("making traffic")?;
+    let (answers, variables) = evaluated?;
+
+    let problems: Vec<&String> = answers.iter().flat_map(|a| &a.problems).collect();
+    let mut with_data: BTreeMap<&str, bool> = BTreeMap::new();
+    for answer in &answers {
+        *with_data.entry(answer.name.as_str()).or_default() |= answer.series > 0;
+    }
+    let expected_empty: BTreeSet<&str> = EXPECTED_EMPTY.iter().map(|(name, _)| *name).collect();
+    let empty: Vec<&str> = with_data
+        .iter()
+        .filter(|(name, data)| !**data && !expected_empty.contains(*name))
+        .map(|(name, _)| *name)
+        .collect();
+    let stale: Vec<&str> = with_data
+        .iter()
+        .filter(|(name, data)| **data && expected_empty.contains(*name))
+        .map(|(name, _)| *name)
+        .collect();
+    let answered = with_data.values().filter(|d| **d).count();
+    println!(
+        "    {answered} of {} queries answered; {} expected empty",
+        with_data.len(),
+        expected_empty.len()
+    );
+    // What the dashboards' pickers offer: v1, v2 and v3 of reviews are three workloads.
+    let workloads = &variables["Istio Workload Dashboard"]["workload"];
+    for w in [
+        "reviews-v1",
+        "reviews-v2",
+        "reviews-v3",
+        "productpage-v1",
+        "client",
+    ] {
+        ensure!(
+            workloads
+                .as_array()
+                .is_some_and(|a| a.iter().any(|x| x == w)),
+            "the Workload dashboard does not offer {w}: {workloads}"
+        );
+    }
+    let services = &variables["Istio Service Dashboard"]["service"];
+    ensure!(
+        services
+            .as_array()
+            .is_some_and(|a| a.iter().any(|x| x == "reviews.default.svc.cluster.local")),
+        "the Service dashboard does not offer reviews.default.svc.cluster.local: {services}"
+    );
+    ensure!(
+        problems.is_empty(),
+        "implausible answers:\n{}",
+        join(&problems)
+    );
+    ensure!(empty.is_empty(), "queries without data:\n{}", join(&empty));
+    ensure!(
+        stale.is_empty(),
+        "queries listed as empty answered (update EXPECTED_EMPTY):\n{}",
+        join(&stale)
+    );
+    Ok(())
+}
+
+fn join(items: &[impl AsRef<str>]) -> String {
+    items
+        .iter()
+        .map(|i| format!("      {}", i.as_ref()))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+fn prerequisites() -> Result<()> {
+    for tool in ["prometheus", "curl", "python3"] {
+        let found = Command::new(tool)
+            .arg("--version")
+            .output()
+            .is_ok_and(|o| o.status.success());
+        ensure!(found, "{tool} is missing: run `cargo xtask setup`");
+    }
+    Ok(())
+}
+
+fn main() {
+    let cases: &[probe::Case] = &[(
+        "dashboards_and_kiali_read_weft_metrics",
+        dashboards_and_kiali_read_weft_metrics,
+    )];
+    probe::run_suite(
+        "observability",
+        || {
+            prerequisites()?;
+            probe::up_with(&cluster_yaml()?)
+        },
+        cases,
+    )
+}
