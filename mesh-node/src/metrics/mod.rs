@@ -607,11 +607,21 @@ pub struct TcpMetrics {
 impl TcpMetrics {
     /// Resolves the series of one connection once, so copying bytes only touches atomics.
     pub fn connection(&self, labels: &TcpLabels) -> ConnectionMetrics {
+        let destination = labels
+            .reported_by_destination
+            .then(|| Box::new(self.series(&labels.destination_report())));
+        // The flag is not a label: series are keyed without it, so that two label sets that
+        // differ only by it are one series, never two with the same labels.
+        let source = match labels.reported_by_destination {
+            true => self.series(&TcpLabels {
+                reported_by_destination: false,
+                ..labels.clone()
+            }),
+            false => self.series(labels),
+        };
         ConnectionMetrics {
-            source: self.series(labels),
-            destination: labels
-                .reported_by_destination
-                .then(|| Box::new(self.series(&labels.destination_report()))),
+            source,
+            destination,
         }
     }
 

@@ -561,7 +561,9 @@ fn source_labels(
     match (caller, destination) {
         (Some(caller), Some(pod)) => labels.mutual_tls(caller, &ctx.dialer.identity(pod)),
         (None, Some(pod)) if ctx.dialer.serves(snapshot, pod) => {
-            let caller = source.map(|p| ctx.dialer.identity(p));
+            let caller = source
+                .filter(|_| ctx.dialer.hbone.is_some())
+                .map(|p| ctx.dialer.identity(p));
             labels.between_local_pods(caller.as_ref(), &ctx.dialer.identity(pod))
         }
         _ => labels,

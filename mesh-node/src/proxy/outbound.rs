@@ -195,7 +195,11 @@ async fn proxy(
         .as_deref()
         .filter(|p| ctx.dialer.serves(&view.snapshot, p))
     {
-        let source = caller.as_ref().map(|c| &c.identity);
+        // Without a mesh CA nothing is mTLS, not even the kernel's word on one node.
+        let source = caller
+            .as_ref()
+            .filter(|_| ctx.dialer.hbone.is_some())
+            .map(|c| &c.identity);
         labels = labels.between_local_pods(source, &ctx.dialer.identity(pod));
     }
     // A meshed pod of this node: no other proxy sees the connection, its policies decide here.

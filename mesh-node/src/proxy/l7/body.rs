@@ -367,7 +367,10 @@ impl GrpcMessages {
                 continue;
             }
             if self.prefix_seen == 0 {
-                self.count += 1;
+                // gRPC-Web sends its trailers as a frame with the flag's top bit set.
+                if data[0] & 0x80 == 0 {
+                    self.count += 1;
+                }
             } else {
                 self.length = (self.length << 8) | u32::from(data[0]);
             }
@@ -834,6 +837,10 @@ mod tests {
             }
             assert_eq!(counted.count(), 3, "chunks of {split}");
         }
+        // gRPC-Web's trailer frame is not a message.
+        let mut web = GrpcMessages::default();
+        web.feed(&[message(3), vec![0x80, 0, 0, 0, 2, b'o', b'k']].concat());
+        assert_eq!(web.count(), 1);
         // A message counts from its first byte, before its end arrived.
         let mut started = GrpcMessages::default();
         started.feed(&stream[..message(0).len() + 1]);

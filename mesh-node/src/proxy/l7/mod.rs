@@ -449,10 +449,15 @@ impl Conn {
                 Some((peer, own)) => l.mutual_tls(&peer.identity, own),
                 None => l,
             },
-            (None, Some(pod)) if local || self.crosses_nodes(pod) => match &self.caller {
-                Some(caller) => l.mutual_tls(&caller.identity, &self.ctx.dialer.identity(pod)),
-                None => l,
-            },
+            // Without a mesh CA nothing is mTLS, not even the kernel's word on one node.
+            (None, Some(pod))
+                if (local && self.ctx.dialer.hbone.is_some()) || self.crosses_nodes(pod) =>
+            {
+                match &self.caller {
+                    Some(caller) => l.mutual_tls(&caller.identity, &self.ctx.dialer.identity(pod)),
+                    None => l,
+                }
+            }
             (None, _) => l,
         };
         let reports = Reports(l.clone(), local.then(|| l.destination_report()));
@@ -658,6 +663,9 @@ pub(super) struct Report {
     /// The destination's side saw the request: its pod answered, or its policies (decided
     /// here for a pod of this node) refused it.
     seen_by_destination: bool,
+    /// When the attempt whose answer the client gets was sent: the destination's duration
+    /// starts there (a fault's delay, earlier attempts and back-off are the source's).
+    attempt_start: Option<Instant>,
 }
 
 impl Finish for Report {
@@ -743,6 +751,7 @@ impl Report {
         if let Some(destination) = destination.filter(|_| self.seen_by_destination) {
             let outcome = RequestOutcome {
                 flags: at_destination(flags),
+                duration: self.attempt_start.map_or(duration, |s| s.elapsed()),
                 ..outcome
             };
             self.conn.ctx.http_metrics.record(&destination, &outcome);

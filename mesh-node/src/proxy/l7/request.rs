@@ -526,6 +526,7 @@ impl Report {
             pick: None,
             recorded: false,
             seen_by_destination: false,
+            attempt_start: None,
         }
     }
 }

@@ -90,6 +90,7 @@ impl Attempts<'_> {
             let mut request = Request::from_parts(parts.clone(), request_body);
             conn.set_forwarded_client_cert(request.headers_mut(), pick.pod.as_deref());
             let started = Instant::now();
+            report.attempt_start = Some(started);
             let send = self.resolved.pool.send(
                 cluster.state(),
                 cluster.policy(),
