@@ -262,8 +262,9 @@ fn traffic_round() -> Result<()> {
         .display()
         .to_string();
     let curl = |pod: &str, url: &str| -> Result<u16> { Ok(probe::curl_text(pod, &[url])?.0) };
-    // Meshed, across namespaces: productpage calls details, reviews and (v2, v3) ratings.
-    for _ in 0..5 {
+    // Meshed, across namespaces: productpage calls details, reviews and (v2, v3) ratings;
+    // enough calls that every version of reviews has some between two scrapes.
+    for _ in 0..10 {
         let status = curl(
             "traffic/client",
             "http://productpage.default:9080/productpage",
@@ -455,6 +456,34 @@ fn dashboards_and_kiali_read_weft_metrics() -> Result<()> {
         .context("making traffic")?;
     let (answers, variables) = evaluated?;
 
+    // What the dashboards rest on, asked directly: between two pods of one node
+    // (productpage-v1 and reviews-v1 run on node-1) the destination's report, with both
+    // identities; a caller outside the mesh reported as `unknown`, never by its pod's name.
+    let same_node = prometheus.query(
+        "sum(istio_requests_total{reporter=\"destination\",source_workload=\"productpage-v1\",\
+         destination_workload=\"reviews-v1\",connection_security_policy=\"mutual_tls\",\
+         source_principal=\"spiffe://cluster.local/ns/default/sa/bookinfo-productpage\"})",
+    )?;
+    ensure!(
+        same_node.parse::<f64>().is_ok_and(|n| n > 0.0),
+        "no destination report of productpage-v1 -> reviews-v1 (one node): {same_node:?}"
+    );
+    let unmeshed = prometheus.query(
+        "sum(istio_requests_total{reporter=\"destination\",source_workload=\"unknown\",\
+         source_workload_namespace=\"unknown\",destination_workload=\"productpage-v1\",\
+         connection_security_policy=\"none\"})",
+    )?;
+    ensure!(
+        unmeshed.parse::<f64>().is_ok_and(|n| n > 0.0),
+        "the unmeshed client's calls are not reported with an unknown source: {unmeshed:?}"
+    );
+    let named =
+        prometheus.query("count(istio_requests_total{source_workload=\"legacy-client\"})")?;
+    ensure!(
+        named.is_empty(),
+        "a caller outside the mesh was named: {named:?}"
+    );
+
     let problems: Vec<&String> = answers.iter().flat_map(|a| &a.problems).collect();
     let mut with_data: BTreeMap<&str, bool> = BTreeMap::new();
     for answer in &answers {
@@ -471,6 +500,16 @@ fn dashboards_and_kiali_read_weft_metrics() -> Result<()> {
         .filter(|(name, data)| **data && expected_empty.contains(*name))
         .map(|(name, _)| *name)
         .collect();
+    let unknown: Vec<&str> = expected_empty
+        .iter()
+        .filter(|name| !with_data.contains_key(*name))
+        .copied()
+        .collect();
+    ensure!(
+        unknown.is_empty(),
+        "EXPECTED_EMPTY names queries that were not evaluated:\n{}",
+        join(&unknown)
+    );
     let answered = with_data.values().filter(|d| **d).count();
     println!(
         "    {answered} of {} queries answered; {} expected empty",

@@ -8,7 +8,7 @@ would look at: for each dashboard a list of variable choices (`{"service": ..., 
 Kiali a list of graphs (`{"namespace", "workload", "app", "version", "service",
 "cluster"}`). Variables are filled in as Grafana fills them: a `query_result(...)` variable
 runs its query and applies its regex to each printed series, "All" is the alternation of
-every value found, `$__rate_interval` is four scrape intervals.
+every value found, `$__rate_interval` is one minute (twelve of the suite's scrapes).
 
 Prints one JSON line per query and view:
   {"kind": "panel"|"kiali", "name": ..., "view": {...}, "query": <as sent>, "series": N,
@@ -16,7 +16,8 @@ Prints one JSON line per query and view:
 then a last line {"variables": {...}} with what each variable offered. `problems` lists what
 is implausible in the answer: NaN or negative values, a success rate above 1, a latency of
 zero or over 10 s, and for Kiali's graph a series without a label Kiali needs (it drops such
-series) or with `source_cluster="unknown"` (Kiali's "bad telemetry").
+series) or with `source_cluster="unknown"` (Kiali's "bad telemetry"). A NaN (0/0: `irate`
+saw no request between the last two scrapes) is no data, as the dashboard shows it.
 """
 
 import json
@@ -108,6 +109,11 @@ def resolve(url, variables, choice, offered):
     return values
 
 
+def answered(answer):
+    """Series with a value (NaN is 0/0: no data)."""
+    return sum(1 for _, v in answer if not math.isnan(v))
+
+
 def shown(value):
     """A value JSON can carry (NaN and infinities as text)."""
     return value if math.isfinite(value) else str(value)
@@ -116,7 +122,11 @@ def shown(value):
 def problems_of(name, promql, answer, kiali):
     problems = []
     for metric, value in answer:
-        if math.isnan(value) or value < 0:
+        if math.isnan(value):
+            # 0/0: no request between the two scrapes `irate` reads. A live dashboard shows
+            # the same gap; the view counts as without data (see `answered`).
+            continue
+        if value < 0:
             problems.append(f"value {value} for {printed(metric)}")
         elif "Success Rate" in name and value > 1.0 + 1e-9:
             problems.append(f"success rate {value} for {printed(metric)}")
@@ -158,7 +168,7 @@ def main():
                     "name": name,
                     "view": choice,
                     "query": promql,
-                    "series": len(answer),
+                    "series": answered(answer),
                     "values": [shown(v) for _, v in answer][:20],
                     "problems": problems_of(panel["panel"], promql, answer, False),
                 }), flush=True)
@@ -171,7 +181,7 @@ def main():
                 "name": entry["name"],
                 "view": graph,
                 "query": promql,
-                "series": len(answer),
+                "series": answered(answer),
                 "values": [shown(v) for _, v in answer][:20],
                 "problems": problems_of(entry["name"], promql, answer, True),
             }), flush=True)
