@@ -63,6 +63,8 @@ impl Attempts<'_> {
         let mut retried = false;
         let mut retry_slot;
         loop {
+            // A retry slot taken while the response that asks for the retry is still in hand.
+            let mut taken = None;
             let Some(pick) = conn.pick(cluster, hash, avoid) else {
                 return Err(NO_HEALTHY_UPSTREAM);
             };
@@ -120,8 +122,13 @@ impl Attempts<'_> {
                     }
                     let retriable = self.plan.retries_status(status)
                         || grpc_status.is_some_and(|s| self.retries_grpc(s));
-                    if !retriable || retries_left == 0 || !self.may_repeat(idempotent, tape, false)
-                    {
+                    // Retried only with a slot of the cluster's `maxRetries`: without one the
+                    // response goes to the client, as Envoy passes it on at retry overflow.
+                    taken =
+                        (retriable && retries_left > 0 && self.may_repeat(idempotent, tape, false))
+                            .then(|| cluster.state().try_retry(&cluster.policy().limits))
+                            .flatten();
+                    if taken.is_none() {
                         if retriable && retried {
                             report.flags |= ResponseFlags::URX;
                         }
@@ -215,10 +222,14 @@ impl Attempts<'_> {
             let before_request = failure.1 == ResponseFlags::UF || refused;
             // `maxRetries` bounds the retries in flight in the cluster: the slot is held until
             // the next attempt ends.
-            retry_slot =
-                (retry_on && retries_left > 0 && self.may_repeat(idempotent, tape, before_request))
-                    .then(|| cluster.state().try_retry(&cluster.policy().limits))
-                    .flatten();
+            retry_slot = match taken {
+                Some(slot) => Some(slot),
+                None => (retry_on
+                    && retries_left > 0
+                    && self.may_repeat(idempotent, tape, before_request))
+                .then(|| cluster.state().try_retry(&cluster.policy().limits))
+                .flatten(),
+            };
             if retry_slot.is_none() {
                 let (status, mut flags, text) = failure;
                 if retried && retry_on {
