@@ -151,6 +151,20 @@ def problems_of(name, promql, answer, kiali):
     return problems
 
 
+def report(url, kind, name, view, promql, title):
+    """Evaluates one query for one view and prints its line."""
+    answer = query(url, promql)
+    print(json.dumps({
+        "kind": kind,
+        "name": name,
+        "view": view,
+        "query": promql,
+        "series": answered(answer),
+        "values": [shown(v) for _, v in answer][:20],
+        "problems": problems_of(title, promql, answer, kind == "kiali"),
+    }), flush=True)
+
+
 def main():
     url, queries_file, views_file = sys.argv[1:4]
     queries = json.load(open(queries_file))
@@ -160,31 +174,11 @@ def main():
         for choice in views.get(dashboard, [{}]):
             values = resolve(url, spec["variables"], choice, offered.setdefault(dashboard, {}))
             for panel in spec["panels"]:
-                promql = fill(panel["expr"], values)
                 name = f"{dashboard} / {panel['row']} / {panel['panel']} / {panel['refId']}"
-                answer = query(url, promql)
-                print(json.dumps({
-                    "kind": "panel",
-                    "name": name,
-                    "view": choice,
-                    "query": promql,
-                    "series": answered(answer),
-                    "values": [shown(v) for _, v in answer][:20],
-                    "problems": problems_of(panel["panel"], promql, answer, False),
-                }), flush=True)
+                report(url, "panel", name, choice, fill(panel["expr"], values), panel["panel"])
     for graph in views.get("kiali", []):
         for entry in queries["kiali"]:
-            promql = fill(entry["query"], graph)
-            answer = query(url, promql)
-            print(json.dumps({
-                "kind": "kiali",
-                "name": entry["name"],
-                "view": graph,
-                "query": promql,
-                "series": answered(answer),
-                "values": [shown(v) for _, v in answer][:20],
-                "problems": problems_of(entry["name"], promql, answer, True),
-            }), flush=True)
+            report(url, "kiali", entry["name"], graph, fill(entry["query"], graph), entry["name"])
     print(json.dumps({"variables": {d: {k: sorted(v) for k, v in o.items()} for d, o in offered.items()}}))
 
 
