@@ -12,6 +12,7 @@ pub mod metrics;
 pub mod model;
 pub mod proxy;
 pub mod source;
+pub mod telemetry;
 // The only module of user space allowed `unsafe` (the workspace denies it elsewhere).
 #[allow(
     unsafe_code,

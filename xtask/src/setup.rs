@@ -45,11 +45,22 @@ const CARGO_DENY_VERSION: &str = "0.20.2";
 /// the tests assert with: (package, version, module to import). grpcio is the gRPC client of
 /// the L7 tests (`xtask/assets/grpc_client.py`); h2 over Python's `ssl` is the independent
 /// HBONE client of the mTLS tests (`xtask/assets/hbone_probe.py`), cryptography mints its
-/// certificates (CA-issued, expired, self-signed, of a foreign CA).
+/// certificates (CA-issued, expired, self-signed, of a foreign CA). opentelemetry-proto's
+/// generated messages and gRPC stubs make the tracing tests' OTLP collector
+/// (`xtask/assets/observability/otlp_receiver.py`, served by grpcio); its module is
+/// `opentelemetry.proto.version`, as `opentelemetry.proto` has no `__version__`. protobuf, its
+/// runtime, is pinned too since opentelemetry-proto accepts any of 5.x to 7.x; it comes first
+/// so that pip keeps it.
 pub const PYTHON_PACKAGES: &[(&str, &str, &str)] = &[
     ("grpcio", "1.85.1", "grpc"),
     ("h2", "4.3.0", "h2"),
     ("cryptography", "46.0.3", "cryptography"),
+    ("protobuf", "7.36.2", "google.protobuf"),
+    (
+        "opentelemetry-proto",
+        "1.45.2",
+        "opentelemetry.proto.version",
+    ),
 ];
 const BPFFS: &str = "/sys/fs/bpf";
 pub(crate) const CGROUP2: &str = "/sys/fs/cgroup/unified";

@@ -113,6 +113,61 @@ metadata: {name: nowhere, namespace: default}
 spec:
   selector: {app: nowhere}
   ports: [{name: http, port: 80}]
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: tracer, namespace: traffic, labels: {app: tracer}}
+spec:
+  nodeName: node-1
+  containers: [{name: main, command: [sleep, infinity]}]
+---
+apiVersion: v1
+kind: Namespace
+metadata: {name: observability}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: otel-collector, namespace: observability, labels: {app: otel-collector}}
+spec:
+  nodeName: node-2
+  containers: [{name: main, command: ["@PYTHON@", "@RECEIVER@", "4317", /dev/stdout], ports: [{containerPort: 4317}]}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: otel-collector, namespace: observability}
+spec:
+  selector: {app: otel-collector}
+  ports: [{name: grpc-otlp, port: 4317}]
+---
+# Istio's way to trace: a provider in MeshConfig, chosen by the mesh's Telemetry. The mesh
+# starts no trace (0 %) but continues those its callers sampled; the tracer pod's requests are
+# all traced (its own Telemetry).
+apiVersion: v1
+kind: ConfigMap
+metadata: {name: istio, namespace: istio-system}
+data:
+  mesh: |
+    extensionProviders:
+    - name: otel
+      opentelemetry: {service: otel-collector.observability.svc.cluster.local, port: 4317}
+---
+apiVersion: telemetry.istio.io/v1
+kind: Telemetry
+metadata: {name: mesh-default, namespace: istio-system}
+spec:
+  tracing:
+  - providers: [{name: otel}]
+    randomSamplingPercentage: 0
+    customTags:
+      cluster: {literal: {value: virtual}}
+---
+apiVersion: telemetry.istio.io/v1
+kind: Telemetry
+metadata: {name: tracer, namespace: traffic}
+spec:
+  selector: {matchLabels: {app: tracer}}
+  tracing:
+  - randomSamplingPercentage: 100
 "#;
 
 /// Where Prometheus listens, inside the cluster's fabric namespace (where the nodes' admin
@@ -154,7 +209,15 @@ fn cluster_yaml() -> Result<String> {
     let bookinfo = workspace_root().join("examples/bookinfo/bookinfo.yaml");
     let bookinfo =
         fs::read_to_string(&bookinfo).with_context(|| format!("reading {}", bookinfo.display()))?;
-    Ok(format!("{bookinfo}\n---{CLUSTER}"))
+    let python = xtask::setup::test_python().display().to_string();
+    let receiver = workspace_root()
+        .join("xtask/assets/observability/otlp_receiver.py")
+        .display()
+        .to_string();
+    let cluster = CLUSTER
+        .replace("@PYTHON@", &python)
+        .replace("@RECEIVER@", &receiver);
+    Ok(format!("{bookinfo}\n---{cluster}"))
 }
 
 /// A Prometheus server, stopped and its data removed when dropped.
@@ -553,6 +616,309 @@ fn dashboards_and_kiali_read_weft_metrics() -> Result<()> {
     Ok(())
 }
 
+/// One span as the OTLP receiver wrote it.
+#[derive(Debug, Clone)]
+struct Span {
+    trace_id: String,
+    span_id: String,
+    parent: String,
+    kind: String,
+    name: String,
+    service: String,
+    attributes: Value,
+}
+
+impl Span {
+    fn attribute(&self, key: &str) -> String {
+        match &self.attributes[key] {
+            Value::String(s) => s.clone(),
+            Value::Null => String::new(),
+            other => other.to_string(),
+        }
+    }
+
+    fn client(&self) -> bool {
+        self.kind == "SPAN_KIND_CLIENT"
+    }
+}
+
+/// Every span the collector received so far (its log: one JSON line per span).
+fn received_spans() -> Result<Vec<Span>> {
+    let log = fs::read_to_string(cluster::log_path("observability/otel-collector")?)?;
+    let mut spans = Vec::new();
+    for line in log.lines().filter(|l| l.starts_with('{')) {
+        let v: Value = serde_json::from_str(line).with_context(|| format!("span {line:?}"))?;
+        let text = |key: &str| v[key].as_str().unwrap_or_default().to_owned();
+        spans.push(Span {
+            trace_id: text("trace_id"),
+            span_id: text("span_id"),
+            parent: text("parent_span_id"),
+            kind: text("kind"),
+            name: text("name"),
+            service: text("service"),
+            attributes: v["attributes"].clone(),
+        });
+    }
+    Ok(spans)
+}
+
+/// The spans of `trace_id`, once the proxies' exporters had the time to send them.
+fn spans_of(trace_id: &str) -> Result<Vec<Span>> {
+    // Exporters send every second; a span of each side of each hop is expected.
+    thread::sleep(Duration::from_secs(3));
+    Ok(received_spans()?
+        .into_iter()
+        .filter(|s| s.trace_id == trace_id)
+        .collect())
+}
+
+/// A random id of `bytes` bytes, in hex.
+fn random_hex(bytes: usize) -> String {
+    use std::io::Read as _;
+    let mut buf = vec![0u8; bytes];
+    fs::File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut buf))
+        .expect("reading /dev/urandom");
+    buf.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Bookinfo page loads make one trace each, as with Istio's proxies: the source proxy of each
+/// call makes a client span, the destination proxy a server span, each the parent of the
+/// next, across both nodes, exported over OTLP/gRPC to a real receiver (the Python
+/// `opentelemetry-proto` messages on grpcio). The mesh's Telemetry starts no trace (0 %),
+/// the tracer pod's starts every one (100 %); a caller's sampled context (W3C or B3) is
+/// continued and an unsampled one stays unsampled.
+fn bookinfo_page_loads_make_one_trace() -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !fs::read_to_string(cluster::log_path("observability/otel-collector")?)?
+        .contains("listening")
+    {
+        ensure!(Instant::now() < deadline, "the OTLP receiver did not start");
+        thread::sleep(Duration::from_millis(200));
+    }
+    // Started by the tracer's proxy. reviews v1 does not call ratings: load until a page
+    // went through v2 or v3.
+    let mut found = None;
+    for _ in 0..12 {
+        let id = format!("trace-{}", random_hex(8));
+        let (status, _) = probe::curl_text(
+            "traffic/tracer",
+            &[
+                "-H",
+                &format!("x-request-id: {id}"),
+                "http://productpage.default:9080/productpage",
+            ],
+        )?;
+        ensure!(status == 200, "productpage answered {status}");
+        thread::sleep(Duration::from_millis(1500));
+        let spans = received_spans()?;
+        let Some(root) = spans.iter().find(|s| {
+            s.client() && s.service == "tracer.traffic" && s.attribute("guid:x-request-id") == id
+        }) else {
+            continue;
+        };
+        let trace: Vec<Span> = spans
+            .iter()
+            .filter(|s| s.trace_id == root.trace_id)
+            .cloned()
+            .collect();
+        if trace.iter().any(|s| s.service == "ratings.default") {
+            found = Some((root.clone(), trace));
+            break;
+        }
+    }
+    let (root, spans) = found.context(
+        "no trace of a page load from traffic/tracer that reached ratings (through reviews v2 \
+         or v3) arrived at the OTLP receiver",
+    )?;
+    let whole = spans_of(&root.trace_id)?;
+    // Spans of the slower hops may have come after the ones that found the trace.
+    let spans = if whole.len() > spans.len() {
+        whole
+    } else {
+        spans
+    };
+    for s in &spans {
+        println!(
+            "    {} {:<24} {:<18} {} <- {} ({})",
+            &s.span_id,
+            s.name,
+            s.service,
+            if s.client() { "client" } else { "server" },
+            if s.parent.is_empty() { "-" } else { &s.parent },
+            s.attribute("node_id")
+        );
+    }
+    ensure!(
+        root.parent.is_empty() && root.service == "tracer.traffic",
+        "the trace does not start at the tracer's proxy: {root:?}"
+    );
+    // The chain a page load makes: tracer -> productpage -> reviews -> ratings, each call a
+    // client span at its source and a server span at its destination.
+    let mut parent = root.clone();
+    for (from, to) in [
+        ("tracer.traffic", "productpage"),
+        ("productpage.default", "reviews"),
+        ("reviews.default", "ratings"),
+    ] {
+        let client = if parent.client() {
+            parent.clone()
+        } else {
+            spans
+                .iter()
+                .find(|s| {
+                    s.client()
+                        && s.service == from
+                        && s.parent == parent.span_id
+                        && s.name
+                            .starts_with(&format!("{to}.default.svc.cluster.local:"))
+                })
+                .cloned()
+                .with_context(|| {
+                    format!(
+                        "no client span of {from} -> {to} whose parent is {}",
+                        parent.span_id
+                    )
+                })?
+        };
+        ensure!(
+            client.service == from && client.name.starts_with(&format!("{to}.default.svc")),
+            "unexpected client span: {client:?}"
+        );
+        let server = spans
+            .iter()
+            .find(|s| !s.client() && s.parent == client.span_id)
+            .cloned()
+            .with_context(|| {
+                format!("no server span of {from} -> {to} under {}", client.span_id)
+            })?;
+        ensure!(
+            server.service == format!("{to}.default")
+                && server.attribute("http.status_code") == "200"
+                && server.attribute("istio.namespace") == "default"
+                && server.attribute("istio.canonical_service") == to
+                && server
+                    .attribute("upstream_cluster")
+                    .starts_with("inbound|9080"),
+            "unexpected server span of {to}: {server:?}"
+        );
+        ensure!(
+            client.attribute("upstream_cluster")
+                == format!("outbound|9080||{to}.default.svc.cluster.local")
+                && client.attribute("http.method") == "GET"
+                && client.attribute("cluster") == "virtual",
+            "unexpected client span of {from} -> {to}: {client:?}"
+        );
+        parent = server;
+    }
+    let nodes: BTreeSet<String> = spans.iter().map(|s| s.attribute("node_id")).collect();
+    ensure!(
+        nodes.contains("node-1") && nodes.contains("node-2"),
+        "the trace does not cross both nodes: {nodes:?}"
+    );
+    let principals = spans
+        .iter()
+        .filter(|s| !s.client() && s.service == "ratings.default")
+        .all(|s| {
+            s.attribute("istio.source_principal")
+                == "spiffe://cluster.local/ns/default/sa/bookinfo-reviews"
+        });
+    ensure!(
+        principals,
+        "ratings' server span does not name reviews' identity"
+    );
+
+    // A caller's sampled W3C context is continued under its trace id, its span the parent.
+    let (trace_id, parent_id) = (random_hex(16), random_hex(8));
+    let (status, _) = probe::curl_text(
+        "traffic/client",
+        &[
+            "-H",
+            &format!("traceparent: 00-{trace_id}-{parent_id}-01"),
+            "http://productpage.default:9080/productpage",
+        ],
+    )?;
+    ensure!(status == 200, "productpage answered {status}");
+    let continued = spans_of(&trace_id)?;
+    let first = continued
+        .iter()
+        .find(|s| s.client() && s.service == "client.traffic")
+        .with_context(|| {
+            format!("the caller's sampled trace {trace_id} was not continued: {continued:?}")
+        })?;
+    ensure!(
+        first.parent == parent_id,
+        "the first span's parent is {}, not the caller's {parent_id}",
+        first.parent
+    );
+    ensure!(
+        continued
+            .iter()
+            .any(|s| s.service == "details.default" && !s.client()),
+        "the continued trace does not reach details: {continued:?}"
+    );
+    // B3 (multi-header) too.
+    let b3_trace = random_hex(16);
+    let (status, _) = probe::curl_text(
+        "traffic/client",
+        &[
+            "-H",
+            &format!("x-b3-traceid: {b3_trace}"),
+            "-H",
+            &format!("x-b3-spanid: {}", random_hex(8)),
+            "-H",
+            "x-b3-sampled: 1",
+            "http://productpage.default:9080/productpage",
+        ],
+    )?;
+    ensure!(status == 200, "productpage answered {status}");
+    ensure!(
+        spans_of(&b3_trace)?.len() >= 4,
+        "the caller's B3 trace {b3_trace} was not continued"
+    );
+    // Unsampled by the caller, or by the mesh's 0 %: no span at all.
+    let unsampled = random_hex(16);
+    let (status, _) = probe::curl_text(
+        "traffic/client",
+        &[
+            "-H",
+            &format!("traceparent: 00-{unsampled}-{}-00", random_hex(8)),
+            "http://productpage.default:9080/productpage",
+        ],
+    )?;
+    ensure!(status == 200, "productpage answered {status}");
+    ensure!(
+        spans_of(&unsampled)?.is_empty(),
+        "spans were sent for a trace its caller did not sample"
+    );
+    let before = received_spans()?.len();
+    for _ in 0..5 {
+        probe::curl_text(
+            "traffic/client",
+            &["http://productpage.default:9080/productpage"],
+        )?;
+    }
+    thread::sleep(Duration::from_secs(3));
+    let after = received_spans()?;
+    let started = after[before..]
+        .iter()
+        .filter(|s| s.service == "client.traffic" && s.parent.is_empty())
+        .count();
+    ensure!(
+        started == 0,
+        "the mesh's 0 % sampling started {started} traces of the client's requests"
+    );
+    // Every node counted what it sent.
+    for node in ["node-1", "node-2"] {
+        let metrics = probe::metrics(node)?;
+        let exported = probe::sample_sum(&metrics, "weft_spans_exported_total", &[]);
+        ensure!(exported > 0.0, "{node} reports no exported span");
+        let dropped = probe::sample_sum(&metrics, "weft_spans_dropped_total", &[]);
+        ensure!(dropped == 0.0, "{node} dropped {dropped} spans");
+    }
+    Ok(())
+}
+
 fn join(items: &[impl AsRef<str>]) -> String {
     items
         .iter()
@@ -573,10 +939,16 @@ fn prerequisites() -> Result<()> {
 }
 
 fn main() {
-    let cases: &[probe::Case] = &[(
-        "dashboards_and_kiali_read_weft_metrics",
-        dashboards_and_kiali_read_weft_metrics,
-    )];
+    let cases: &[probe::Case] = &[
+        (
+            "bookinfo_page_loads_make_one_trace",
+            bookinfo_page_loads_make_one_trace,
+        ),
+        (
+            "dashboards_and_kiali_read_weft_metrics",
+            dashboards_and_kiali_read_weft_metrics,
+        ),
+    ];
     probe::run_suite(
         "observability",
         || {

@@ -21,6 +21,8 @@
 //! | `weft_overload_level` | gauge | | 0 normal, 1 pressure (buffers stop growing, HTTP/1 keep-alive off), 2 shedding (the heaviest client refused), 3 critical (every new connection and request refused, idle connections closed) |
 //! | `weft_overload_refused_total` | counter | `what` = `connections`, `requests` | connections closed at accept and requests answered `503 OM` by the overload manager |
 //! | `weft_overload_closed_total` | counter | `why` = `idle`, `heaviest` | connections it closed to give memory back: idle ones, and those of the clients it refused (at the critical level) |
+//! | `weft_spans_exported_total` | counter | | spans sent to a tracing collector over OTLP |
+//! | `weft_spans_dropped_total` | counter | `reason` = `queue_full`, `export_failed` | spans dropped instead of exported: the exporter's queue was full (a slow or absent collector), or the collector refused or did not take a batch in time |
 //! | `weft_authz_decisions_total` | counter | `action` (`ALLOW`, `DENY`, `AUDIT`), `policy` (`namespace/name`, `none`), `result` (`allowed`, `denied`, `audited`, `dry_run_allowed`, `dry_run_denied`) | requests and connections to workloads with AuthorizationPolicies, by the policy that decided; AUDIT and dry-run policies counted apart |
 //!
 //! Istio's TCP labels: `reporter` (`source` on the client's node, `destination` on the
@@ -882,6 +884,58 @@ struct IdentityLabels {
     identity: String,
 }
 
+/// Why a span was not exported.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum SpanDrop {
+    /// The exporter's queue was full: the collector is slow or absent.
+    QueueFull,
+    /// The collector refused the batch, or could not be reached in time.
+    ExportFailed,
+}
+
+impl EncodeLabelValue for SpanDrop {
+    fn encode(&self, encoder: &mut LabelValueEncoder<'_>) -> Result<(), fmt::Error> {
+        let reason = match self {
+            SpanDrop::QueueFull => "queue_full",
+            SpanDrop::ExportFailed => "export_failed",
+        };
+        EncodeLabelValue::encode(&reason, encoder)
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct SpanDropLabels {
+    reason: SpanDrop,
+}
+
+/// `weft_spans_exported_total` and `weft_spans_dropped_total{reason}`: what became of the
+/// spans of sampled requests.
+#[derive(Clone, Debug, Default)]
+pub struct SpanMetrics {
+    exported: Counter,
+    dropped: Family<SpanDropLabels, Counter>,
+}
+
+impl SpanMetrics {
+    pub fn exported(&self, spans: u64) {
+        self.exported.inc_by(spans);
+    }
+
+    pub fn dropped(&self, reason: SpanDrop, spans: u64) {
+        self.dropped
+            .get_or_create(&SpanDropLabels { reason })
+            .inc_by(spans);
+    }
+
+    pub fn get_exported(&self) -> u64 {
+        self.exported.get()
+    }
+
+    pub fn get_dropped(&self, reason: SpanDrop) -> u64 {
+        self.dropped.get_or_create(&SpanDropLabels { reason }).get()
+    }
+}
+
 /// `weft_certificate_requests_total{result}` and
 /// `weft_certificate_expiry_timestamp_seconds{identity}`: the node's workload certificates.
 #[derive(Clone, Debug, Default)]
@@ -1108,6 +1162,7 @@ pub struct Metrics {
     overload: OverloadMetrics,
     certificates: CertificateMetrics,
     authz: AuthzMetrics,
+    spans: SpanMetrics,
 }
 
 impl Default for Metrics {
@@ -1178,6 +1233,17 @@ impl Metrics {
             "Requests and connections decided by AuthorizationPolicies, by action, deciding policy and result (AUDIT and dry-run policies apart)",
             authz.family.clone(),
         );
+        let spans = SpanMetrics::default();
+        registry.register(
+            "weft_spans_exported",
+            "Spans sent to a tracing collector (OTLP)",
+            spans.exported.clone(),
+        );
+        registry.register(
+            "weft_spans_dropped",
+            "Spans dropped instead of exported, by reason (a request never waits for its span)",
+            spans.dropped.clone(),
+        );
         Self {
             registry,
             tcp,
@@ -1188,6 +1254,7 @@ impl Metrics {
             overload,
             certificates,
             authz,
+            spans,
         }
     }
 
@@ -1242,6 +1309,10 @@ impl Metrics {
 
     pub fn authz(&self) -> &AuthzMetrics {
         &self.authz
+    }
+
+    pub fn spans(&self) -> &SpanMetrics {
+        &self.spans
     }
 
     /// Renders every metric in the OpenMetrics text format.

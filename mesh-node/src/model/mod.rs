@@ -17,6 +17,7 @@ use tokio::sync::watch;
 
 pub mod authz;
 pub mod policy;
+pub mod telemetry;
 pub mod traffic;
 
 pub use policy::{AuthorizationPolicy, MeshConfig, PeerAuthentication};
@@ -376,6 +377,9 @@ pub struct Snapshot {
     pub secrets: Map<ObjectKey, Arc<TlsSecret>>,
     /// The mesh-wide settings of Istio's `istio` ConfigMap (root namespace, key `mesh`).
     pub mesh_config: Arc<MeshConfig>,
+    /// `telemetry.istio.io` Telemetries: tracing and access logging by mesh, namespace and
+    /// workload.
+    pub telemetries: Map<ObjectKey, Arc<telemetry::Telemetry>>,
     /// Indexes by address: kept in step by the incremental assembler, rebuilt by
     /// [`Snapshot::index`] for snapshots filled by hand.
     pub pods_by_ip: Map<Ipv4Addr, ObjectKey>,

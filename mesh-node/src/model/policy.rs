@@ -8,7 +8,11 @@
 
 use std::{collections::BTreeMap, sync::Arc};
 
-use super::{traffic::IpBlock, Labels, Map, ObjectKey};
+use super::{
+    telemetry::{DefaultProviders, ExtensionProvider},
+    traffic::IpBlock,
+    Labels, Map, ObjectKey,
+};
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct AuthorizationPolicy {
@@ -190,11 +194,17 @@ impl MtlsMode {
 
 /// The settings of Istio's MeshConfig Weft uses, from the `mesh` key of the `istio` ConfigMap
 /// in the root namespace.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq)]
 pub struct MeshConfig {
     /// `trustDomainAliases`: trust domains AuthorizationPolicy principals read as the mesh's
     /// (Istio's trust domain migration).
     pub trust_domain_aliases: Arc<[Arc<str>]>,
+    /// `extensionProviders`: where spans and access logs may be sent.
+    pub extension_providers: Arc<[ExtensionProvider]>,
+    /// `defaultProviders`: the providers used where no Telemetry names one.
+    pub default_providers: DefaultProviders,
+    /// `defaultConfig.tracing.sampling`, percent.
+    pub default_sampling: Option<f64>,
 }
 
 /// Name of the ConfigMap holding the MeshConfig, in the root namespace (Istio's).

@@ -24,6 +24,7 @@ use crate::{
     identity::manager::CertManager,
     metrics::{AuthzMetrics, HttpMetrics, Metrics, MtlsRefusals, TcpMetrics},
     model::{OriginalDst, Snapshot},
+    telemetry::Tracer,
 };
 
 /// How long a TCP connect (to a pod or to a peer node's proxy) may take.
@@ -183,6 +184,8 @@ pub(crate) struct Context {
     pub http_metrics: HttpMetrics,
     pub refusals: MtlsRefusals,
     pub authz: AuthzMetrics,
+    /// Where sampled requests' spans go.
+    pub tracer: Tracer,
     /// Health and circuit-breaker state of every cluster, kept across snapshots.
     pub clusters: Clusters,
     /// Upstream HTTP connections of every cluster.
@@ -242,6 +245,7 @@ impl Context {
             http_metrics: metrics.http().clone(),
             refusals: metrics.refusals().clone(),
             authz: metrics.authz().clone(),
+            tracer: Tracer::new(metrics.spans().clone()),
 
             clusters,
             pools: Pools::default(),

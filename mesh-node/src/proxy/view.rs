@@ -4,6 +4,7 @@
 
 use std::{
     collections::HashMap,
+    net::SocketAddr,
     sync::{Arc, RwLock},
     time::{Duration, Instant},
 };
@@ -17,6 +18,7 @@ use tracing::warn;
 use crate::model::{
     authz,
     policy::{AuthorizationPolicy, ROOT_NAMESPACE},
+    telemetry::{self, EffectiveTracing, Telemetry},
     Map, ObjectKey, Pod, Snapshot,
 };
 
@@ -34,7 +36,12 @@ pub(crate) struct View {
     clusters: RwLock<HashMap<ClusterSlot, Built>>,
     /// The AuthorizationPolicies of each pod asked about, found once per view.
     policies: RwLock<HashMap<ObjectKey, PodPolicies>>,
+    /// How each pod asked about traces its requests, as their client (`true`) and server.
+    tracing: RwLock<HashMap<(ObjectKey, bool), PodTracing>>,
 }
+
+/// How a pod's requests are traced at one side (`None`: no span).
+type PodTracing = Option<Arc<EffectiveTracing>>;
 
 /// The AuthorizationPolicies that apply to a pod, in key order.
 pub(crate) type PodPolicies = Arc<[Arc<AuthorizationPolicy>]>;
@@ -97,6 +104,7 @@ impl View {
             routes,
             clusters: RwLock::new(clusters),
             policies: RwLock::default(),
+            tracing: RwLock::default(),
         }
     }
 
@@ -121,6 +129,70 @@ impl View {
             found
         });
         (!policies.is_empty()).then_some(policies)
+    }
+
+    /// How `pod`'s requests are traced at its side (`client`: the source proxy's span, else
+    /// the destination's), from the Telemetries and MeshConfig; `None`: no span. Found once
+    /// per pod and view; `None` at once when MeshConfig names no tracing provider.
+    pub fn tracing(&self, pod: &Pod, client: bool) -> Option<Arc<EffectiveTracing>> {
+        let mesh = &self.snapshot.mesh_config;
+        if mesh.extension_providers.is_empty() {
+            return None;
+        }
+        let key = (pod.key.clone(), client);
+        if let Some(found) = self
+            .tracing
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&key)
+        {
+            return found.clone();
+        }
+        let telemetries: Vec<&Telemetry> =
+            self.snapshot.telemetries.values().map(|t| &**t).collect();
+        let applicable = telemetry::applicable(
+            telemetries.iter().copied(),
+            ROOT_NAMESPACE,
+            &pod.key.namespace,
+            &pod.labels,
+        );
+        let found = match telemetry::tracing(
+            &applicable,
+            &mesh.extension_providers,
+            &mesh.default_providers,
+            mesh.default_sampling,
+            client,
+        ) {
+            Ok(found) => found.map(Arc::new),
+            Err(reason) => {
+                // Said once per pod, side and configuration: the pod's requests make no span.
+                warn!(pod = %pod.key, side = if client { "client" } else { "server" }, "no spans: {reason}");
+                None
+            }
+        };
+        let mut cache = self.tracing.write().unwrap_or_else(|e| e.into_inner());
+        cache.insert(key, found.clone());
+        found
+    }
+
+    /// Where a collector named `host` (a Service's name, `name.namespace[.svc[.cluster.local]]`,
+    /// or an address) on `port` is: a ready endpoint of that Service port. `None`: not a Service
+    /// of the cluster, left to the system's resolver.
+    pub fn collector(&self, host: &str, port: u16) -> Option<SocketAddr> {
+        if let Ok(ip) = host.parse::<std::net::IpAddr>() {
+            return Some(SocketAddr::new(ip, port));
+        }
+        let short = host
+            .strip_suffix(".svc.cluster.local")
+            .or_else(|| host.strip_suffix(".svc"))
+            .unwrap_or(host);
+        let (name, namespace) = short.split_once('.')?;
+        let endpoints = self
+            .snapshot
+            .endpoints
+            .get(&ObjectKey::new(namespace, name))?;
+        let ready = endpoints.by_port.get(&port)?.iter().find(|e| e.ready)?;
+        Some(SocketAddr::from((ready.ip, ready.port)))
     }
 
     /// The cluster `key` names, as a client in `namespace` sees it (`None`: a client that is

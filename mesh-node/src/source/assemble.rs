@@ -87,6 +87,7 @@ impl Assembler {
                 self.secret_changed(&secret.key);
             }
             Object::MeshConfig(mesh) => s.mesh_config = mesh.clone(),
+            Object::Telemetry(t) => replace_arc(&mut s.telemetries, &t.key, t),
         }
     }
 
@@ -132,6 +133,9 @@ impl Assembler {
                 self.secret_changed(key);
             }
             Kind::MeshConfig => s.mesh_config = Arc::default(),
+            Kind::Telemetry => {
+                s.telemetries.remove(key);
+            }
         }
     }
 

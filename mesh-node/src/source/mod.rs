@@ -31,6 +31,7 @@ mod fields;
 mod gateway;
 mod istio;
 mod security;
+mod telemetry;
 mod validate;
 
 pub use assemble::{assemble, Assembler};

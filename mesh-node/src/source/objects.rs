@@ -15,10 +15,11 @@ pub use super::core::{
 use super::{
     core,
     fields::{FieldError, Fields},
-    gateway, istio, security,
+    gateway, istio, security, telemetry,
 };
 use crate::model::{
     policy::{MESH_CONFIG_MAP, ROOT_NAMESPACE},
+    telemetry::Telemetry,
     AuthorizationPolicy, DestinationRule, GrpcRoute, HttpRoute, MeshConfig, Namespace, Node,
     ObjectKey, PeerAuthentication, Pod, Service, ServiceEntry, TlsSecret, VirtualService,
 };
@@ -41,6 +42,7 @@ pub enum Kind {
     Secret,
     /// Istio's `istio` ConfigMap of the root namespace.
     MeshConfig,
+    Telemetry,
 }
 
 impl Kind {
@@ -60,6 +62,7 @@ impl Kind {
             Kind::GrpcRoute => "GRPCRoute",
             Kind::Secret => "Secret",
             Kind::MeshConfig => "ConfigMap",
+            Kind::Telemetry => "Telemetry",
         }
     }
 
@@ -109,6 +112,7 @@ pub enum Object {
     GrpcRoute(Arc<GrpcRoute>),
     Secret(Arc<TlsSecret>),
     MeshConfig(Arc<MeshConfig>),
+    Telemetry(Arc<Telemetry>),
 }
 
 impl Object {
@@ -131,6 +135,7 @@ impl Object {
                 Kind::MeshConfig,
                 ObjectKey::new(ROOT_NAMESPACE, MESH_CONFIG_MAP),
             ),
+            Object::Telemetry(t) => (Kind::Telemetry, t.key.clone()),
         };
         ResourceId { kind, key }
     }
@@ -138,6 +143,8 @@ impl Object {
 
 /// `networking.istio.io` and `security.istio.io` versions, one schema for all.
 const ISTIO_VERSIONS: [&str; 3] = ["v1", "v1beta1", "v1alpha3"];
+/// `telemetry.istio.io` versions, one schema for both.
+const TELEMETRY_VERSIONS: [&str; 2] = ["v1", "v1alpha1"];
 /// Gateway API route versions, one schema for all.
 const GATEWAY_VERSIONS: [&str; 3] = ["v1", "v1beta1", "v1alpha2"];
 
@@ -223,6 +230,9 @@ fn translate_into(doc: &Value, prefix: &str, out: &mut Vec<Result<Object, Invali
             "PeerAuthentication" => Kind::PeerAuthentication,
             _ => return,
         },
+        (version, "Telemetry") if in_group(version, "telemetry.istio.io", &TELEMETRY_VERSIONS) => {
+            Kind::Telemetry
+        }
         (version, kind) if in_group(version, "gateway.networking.k8s.io", &GATEWAY_VERSIONS) => {
             match kind {
                 "HTTPRoute" => Kind::HttpRoute,
@@ -263,6 +273,9 @@ fn translate_into(doc: &Value, prefix: &str, out: &mut Vec<Result<Object, Invali
         Kind::Secret => core::secret(&fields).map(|s| s.map(|s| Object::Secret(Arc::new(s)))),
         Kind::MeshConfig => {
             security::mesh_config(&fields).map(|m| Some(Object::MeshConfig(Arc::new(m))))
+        }
+        Kind::Telemetry => {
+            telemetry::telemetry(&fields).map(|t| Some(Object::Telemetry(Arc::new(t))))
         }
     };
     match result {

@@ -565,8 +565,10 @@ fn check_value(key: &str, rule: ValueRule, value: &str) -> std::result::Result<(
 }
 
 /// Istio's MeshConfig, from the `mesh` key (YAML) of the `istio` ConfigMap in the root
-/// namespace. Weft reads `trustDomainAliases`; the mesh's own `trustDomain` is the nodes'
-/// `--trust-domain` (their certificates carry it), and the other settings are not used.
+/// namespace. Weft reads `trustDomainAliases` and the telemetry settings
+/// (`extensionProviders`, `defaultProviders`, `defaultConfig.tracing.sampling`); the mesh's own
+/// `trustDomain` is the nodes' `--trust-domain` (their certificates carry it), and the other
+/// settings are not used.
 pub(super) fn mesh_config(fields: &Fields<'_>) -> Result<MeshConfig> {
     let data = fields.obj("data")?;
     let Some(text) = data.as_ref().map(|d| d.str("mesh")).transpose()?.flatten() else {
@@ -595,6 +597,9 @@ pub(super) fn mesh_config(fields: &Fields<'_>) -> Result<MeshConfig> {
     }
     Ok(MeshConfig {
         trust_domain_aliases: aliases.into(),
+        extension_providers: super::telemetry::extension_providers(&mesh)?.into(),
+        default_providers: super::telemetry::default_providers(&mesh)?,
+        default_sampling: super::telemetry::default_sampling(&mesh)?,
     })
 }
 

@@ -80,6 +80,7 @@ mod mirror;
 mod relay;
 mod request;
 mod retry;
+mod trace;
 mod upgrade;
 
 use self::{
@@ -90,6 +91,7 @@ use self::{
     retry::{
         default_retries, replay, Attempts, Failure, DOWNSTREAM_PROTOCOL_ERROR, NO_HEALTHY_UPSTREAM,
     },
+    trace::Trace,
     upgrade::{forward_upgrade, is_upgrade, is_websocket, send_upgrade, strip_h2c_upgrade},
 };
 
@@ -666,6 +668,8 @@ pub(super) struct Report {
     /// When the attempt whose answer the client gets was sent: the destination's duration
     /// starts there (a fault's delay, earlier attempts and back-off are the source's).
     attempt_start: Option<Instant>,
+    /// The spans this proxy makes of the request, when a side's workload traces.
+    trace: Option<Box<Trace>>,
 }
 
 impl Finish for Report {
@@ -748,6 +752,10 @@ impl Report {
             response_messages: end.messages,
         };
         self.conn.ctx.http_metrics.record(&labels, &outcome);
+        if let Some(trace) = self.trace.take() {
+            let seen = self.seen_by_destination || self.conn.inbound.is_some();
+            trace.finish(self, &labels, &outcome, seen);
+        }
         if let Some(destination) = destination.filter(|_| self.seen_by_destination) {
             let outcome = RequestOutcome {
                 flags: at_destination(flags),

@@ -42,8 +42,12 @@ pub(super) async fn handle(conn: Arc<Conn>, request: Request<Incoming>) -> Reply
     }
     report.request_id = parts.headers.get(REQUEST_ID).cloned();
     if let Some(inbound) = &conn.inbound {
+        if let Some(pod) = &inbound.pod {
+            report.trace = Trace::server(&view, pod, &mut parts.headers);
+        }
         return forward_inbound(report, &view, inbound, parts, body).await;
     }
+    report.trace = Trace::client(&view, conn.source.as_ref(), &mut parts.headers);
 
     let selection = match view.routes.get(&conn.service) {
         Some(routes) => routes.select(&RequestInfo {
@@ -527,6 +531,7 @@ impl Report {
             recorded: false,
             seen_by_destination: false,
             attempt_start: None,
+            trace: None,
         }
     }
 }

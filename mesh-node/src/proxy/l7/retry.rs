@@ -91,6 +91,13 @@ impl Attempts<'_> {
             };
             let mut request = Request::from_parts(parts.clone(), request_body);
             conn.set_forwarded_client_cert(request.headers_mut(), pick.pod.as_deref());
+            Trace::attempt(
+                &mut report.trace,
+                self.view,
+                &conn,
+                pick.pod.as_ref(),
+                request.headers_mut(),
+            );
             let started = Instant::now();
             report.attempt_start = Some(started);
             let send = self.resolved.pool.send(

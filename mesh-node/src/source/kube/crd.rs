@@ -68,6 +68,12 @@ pub const CRD_KINDS: &[CrdKind] = &[
         versions: ISTIO_SECURITY,
     },
     CrdKind {
+        group: "telemetry.istio.io",
+        kind: "Telemetry",
+        plural: "telemetries",
+        versions: &["v1", "v1alpha1"],
+    },
+    CrdKind {
         group: "gateway.networking.k8s.io",
         kind: "HTTPRoute",
         plural: "httproutes",
