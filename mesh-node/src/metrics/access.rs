@@ -140,7 +140,7 @@ pub fn access_log(entry: &AccessEntry<'_>) {
 }
 
 /// Envoy's `%PROTOCOL%`.
-fn protocol(version: http::Version) -> &'static str {
+pub(crate) fn protocol(version: http::Version) -> &'static str {
     match version {
         http::Version::HTTP_09 => "HTTP/0.9",
         http::Version::HTTP_10 => "HTTP/1.0",
@@ -167,7 +167,7 @@ impl<T: fmt::Display> fmt::Display for OrDash<T> {
 }
 
 /// Envoy's `%START_TIME%`: RFC 3339 in UTC with milliseconds, `2024-05-01T12:00:00.123Z`.
-struct StartTime(SystemTime);
+pub(crate) struct StartTime(pub SystemTime);
 
 impl fmt::Display for StartTime {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {

@@ -21,8 +21,8 @@
 //! | `weft_overload_level` | gauge | | 0 normal, 1 pressure (buffers stop growing, HTTP/1 keep-alive off), 2 shedding (the heaviest client refused), 3 critical (every new connection and request refused, idle connections closed) |
 //! | `weft_overload_refused_total` | counter | `what` = `connections`, `requests` | connections closed at accept and requests answered `503 OM` by the overload manager |
 //! | `weft_overload_closed_total` | counter | `why` = `idle`, `heaviest` | connections it closed to give memory back: idle ones, and those of the clients it refused (at the critical level) |
-//! | `weft_spans_exported_total` | counter | | spans sent to a tracing collector over OTLP |
-//! | `weft_spans_dropped_total` | counter | `reason` = `queue_full`, `export_failed` | spans dropped instead of exported: the exporter's queue was full (a slow or absent collector), or the collector refused or did not take a batch in time |
+//! | `weft_otlp_exported_total` | counter | `signal` = `spans`, `logs` | spans and access log records sent to OTLP collectors |
+//! | `weft_otlp_dropped_total` | counter | `signal`, `reason` = `queue_full`, `export_failed` | spans and access log records dropped instead of exported: the exporter's queue was full (a slow or absent collector), or the collector refused or did not take a batch in time |
 //! | `weft_authz_decisions_total` | counter | `action` (`ALLOW`, `DENY`, `AUDIT`), `policy` (`namespace/name`, `none`), `result` (`allowed`, `denied`, `audited`, `dry_run_allowed`, `dry_run_denied`) | requests and connections to workloads with AuthorizationPolicies, by the policy that decided; AUDIT and dry-run policies counted apart |
 //!
 //! Istio's TCP labels: `reporter` (`source` on the client's node, `destination` on the
@@ -71,7 +71,7 @@ use crate::{
     model::{Pod, Service, Store},
 };
 
-mod access;
+pub(crate) mod access;
 mod http;
 
 pub use access::{access_log, access_log_enabled, AccessEntry, ClusterName, ACCESS_LOG};
@@ -884,55 +884,82 @@ struct IdentityLabels {
     identity: String,
 }
 
-/// Why a span was not exported.
+/// What an OTLP exporter sends: spans or access log records.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum SpanDrop {
+pub enum Signal {
+    Spans,
+    Logs,
+}
+
+impl EncodeLabelValue for Signal {
+    fn encode(&self, encoder: &mut LabelValueEncoder<'_>) -> Result<(), fmt::Error> {
+        let signal = match self {
+            Signal::Spans => "spans",
+            Signal::Logs => "logs",
+        };
+        EncodeLabelValue::encode(&signal, encoder)
+    }
+}
+
+/// Why a span or log record was not exported.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum OtlpDrop {
     /// The exporter's queue was full: the collector is slow or absent.
     QueueFull,
     /// The collector refused the batch, or could not be reached in time.
     ExportFailed,
 }
 
-impl EncodeLabelValue for SpanDrop {
+impl EncodeLabelValue for OtlpDrop {
     fn encode(&self, encoder: &mut LabelValueEncoder<'_>) -> Result<(), fmt::Error> {
         let reason = match self {
-            SpanDrop::QueueFull => "queue_full",
-            SpanDrop::ExportFailed => "export_failed",
+            OtlpDrop::QueueFull => "queue_full",
+            OtlpDrop::ExportFailed => "export_failed",
         };
         EncodeLabelValue::encode(&reason, encoder)
     }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Hash, EncodeLabelSet)]
-struct SpanDropLabels {
-    reason: SpanDrop,
+struct SignalLabels {
+    signal: Signal,
 }
 
-/// `weft_spans_exported_total` and `weft_spans_dropped_total{reason}`: what became of the
-/// spans of sampled requests.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct OtlpDropLabels {
+    signal: Signal,
+    reason: OtlpDrop,
+}
+
+/// `weft_otlp_exported_total{signal}` and `weft_otlp_dropped_total{signal, reason}`: what
+/// became of the spans of sampled requests and of access log records sent over OTLP.
 #[derive(Clone, Debug, Default)]
-pub struct SpanMetrics {
-    exported: Counter,
-    dropped: Family<SpanDropLabels, Counter>,
+pub struct OtlpMetrics {
+    exported: Family<SignalLabels, Counter>,
+    dropped: Family<OtlpDropLabels, Counter>,
 }
 
-impl SpanMetrics {
-    pub fn exported(&self, spans: u64) {
-        self.exported.inc_by(spans);
+impl OtlpMetrics {
+    pub fn exported(&self, signal: Signal, n: u64) {
+        self.exported
+            .get_or_create(&SignalLabels { signal })
+            .inc_by(n);
     }
 
-    pub fn dropped(&self, reason: SpanDrop, spans: u64) {
+    pub fn dropped(&self, signal: Signal, reason: OtlpDrop, n: u64) {
         self.dropped
-            .get_or_create(&SpanDropLabels { reason })
-            .inc_by(spans);
+            .get_or_create(&OtlpDropLabels { signal, reason })
+            .inc_by(n);
     }
 
-    pub fn get_exported(&self) -> u64 {
-        self.exported.get()
+    pub fn get_exported(&self, signal: Signal) -> u64 {
+        self.exported.get_or_create(&SignalLabels { signal }).get()
     }
 
-    pub fn get_dropped(&self, reason: SpanDrop) -> u64 {
-        self.dropped.get_or_create(&SpanDropLabels { reason }).get()
+    pub fn get_dropped(&self, signal: Signal, reason: OtlpDrop) -> u64 {
+        self.dropped
+            .get_or_create(&OtlpDropLabels { signal, reason })
+            .get()
     }
 }
 
@@ -1162,7 +1189,7 @@ pub struct Metrics {
     overload: OverloadMetrics,
     certificates: CertificateMetrics,
     authz: AuthzMetrics,
-    spans: SpanMetrics,
+    otlp: OtlpMetrics,
 }
 
 impl Default for Metrics {
@@ -1233,16 +1260,16 @@ impl Metrics {
             "Requests and connections decided by AuthorizationPolicies, by action, deciding policy and result (AUDIT and dry-run policies apart)",
             authz.family.clone(),
         );
-        let spans = SpanMetrics::default();
+        let otlp = OtlpMetrics::default();
         registry.register(
-            "weft_spans_exported",
-            "Spans sent to a tracing collector (OTLP)",
-            spans.exported.clone(),
+            "weft_otlp_exported",
+            "Spans and access log records sent to OTLP collectors, by signal",
+            otlp.exported.clone(),
         );
         registry.register(
-            "weft_spans_dropped",
-            "Spans dropped instead of exported, by reason (a request never waits for its span)",
-            spans.dropped.clone(),
+            "weft_otlp_dropped",
+            "Spans and access log records dropped instead of exported, by signal and reason (a request never waits for them)",
+            otlp.dropped.clone(),
         );
         Self {
             registry,
@@ -1254,7 +1281,7 @@ impl Metrics {
             overload,
             certificates,
             authz,
-            spans,
+            otlp,
         }
     }
 
@@ -1311,8 +1338,8 @@ impl Metrics {
         &self.authz
     }
 
-    pub fn spans(&self) -> &SpanMetrics {
-        &self.spans
+    pub fn otlp(&self) -> &OtlpMetrics {
+        &self.otlp
     }
 
     /// Renders every metric in the OpenMetrics text format.

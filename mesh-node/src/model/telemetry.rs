@@ -23,16 +23,22 @@ pub struct ExtensionProvider {
 
 #[derive(Clone, Debug, PartialEq)]
 pub enum ProviderKind {
-    /// `opentelemetry`: spans over OTLP/gRPC to `service:port`.
-    OpenTelemetry { service: Arc<str>, port: u16 },
+    /// `opentelemetry`: spans over OTLP/gRPC to `service:port`, attribute values cut to
+    /// `max_tag_length` characters.
+    OpenTelemetry {
+        service: Arc<str>,
+        port: u16,
+        max_tag_length: usize,
+    },
     /// `envoyOtelAls`: access log records over OTLP/gRPC to `service:port`.
     OtelAccessLog {
         service: Arc<str>,
         port: u16,
         format: LogFormat,
     },
-    /// `envoyFileAccessLog`: access log lines to `path` (`/dev/stdout` is the proxy's log).
-    FileAccessLog { path: Arc<str>, format: LogFormat },
+    /// `envoyFileAccessLog`: access log lines on the proxy's output (`/dev/stdout` or
+    /// `/dev/stderr`).
+    FileAccessLog { stderr: bool, format: LogFormat },
     /// `prometheus`: the metrics every node proxy serves anyway.
     Prometheus,
     /// A kind Weft does not serve (`zipkin`, `datadog`, `envoyExtAuthzHttp`...): a Telemetry
@@ -53,17 +59,13 @@ impl ProviderKind {
     }
 }
 
-/// How access log lines are written: Envoy's format string (`%START_TIME%`...), or Istio's
-/// JSON with the labels named.
-#[derive(Clone, Debug, Default, PartialEq)]
-pub enum LogFormat {
-    /// Istio's default text format.
-    #[default]
-    Default,
-    Text(Arc<str>),
-    /// JSON: each label a field whose value is an Envoy command (`%REQ(:METHOD)%`).
-    Labels(Arc<[(Arc<str>, Arc<str>)]>),
-}
+/// How access log lines are written: a compiled Envoy format (text, or JSON labels).
+pub type LogFormat = Arc<crate::telemetry::access_log::Format>;
+
+/// The access log provider Istio's MeshConfig defines by default: lines of Istio's default
+/// text format on the proxy's output (`meshConfig.accessLogFile` and its format and encoding
+/// change it).
+pub const ENVOY_PROVIDER: &str = "envoy";
 
 /// MeshConfig's `defaultProviders`, by signal.
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -118,11 +120,6 @@ pub struct Tracing {
 #[derive(Clone, Debug, PartialEq)]
 pub enum CustomTag {
     Literal(Arc<str>),
-    /// An environment variable of the proxy, or `default`.
-    Environment {
-        name: Arc<str>,
-        default: Option<Arc<str>>,
-    },
     /// A request header, or `default`.
     Header {
         name: Arc<str>,
@@ -144,9 +141,11 @@ pub struct EffectiveTracing {
     pub providers: Vec<ExtensionProvider>,
     /// 0.0 to 1.0.
     pub sampling: f64,
-    pub report_spans: bool,
     pub custom_tags: CustomTags,
 }
+
+/// Envoy's (and Istio's) default `maxTagLength`: span attribute values are cut to it.
+pub const DEFAULT_MAX_TAG_LENGTH: usize = 256;
 
 /// Istio's default sampling when neither MeshConfig nor a Telemetry sets one: 1 %.
 pub const DEFAULT_SAMPLING_PERCENT: f64 = 1.0;
@@ -232,22 +231,28 @@ pub fn tracing(
             }
         }
     }
+    // Istio turns the side's tracing off: no span, no header written.
+    if !report {
+        return Ok(None);
+    }
     Ok((!chosen.is_empty()).then(|| EffectiveTracing {
         providers: chosen,
         sampling: (percent / 100.0).clamp(0.0, 1.0),
-        report_spans: report,
         custom_tags: tags,
     }))
 }
 
-/// The access log providers of one side of a workload's requests; empty: no access log.
+/// The access log providers of one side of a workload's requests (`client`: the source
+/// proxy's line), from the applicable Telemetries (widest first) over MeshConfig's defaults;
+/// empty: no line. `Err`: a provider chosen cannot be served, said with who chose it.
 pub fn access_logging(
     applicable: &[&Telemetry],
     providers: &[ExtensionProvider],
     defaults: &DefaultProviders,
     client: bool,
-) -> Vec<ExtensionProvider> {
+) -> Result<Vec<ExtensionProvider>, String> {
     let mut names = defaults.access_logging.clone();
+    let mut chosen_by = "MeshConfig defaultProviders.accessLogging".to_owned();
     let mut disabled = false;
     for telemetry in applicable {
         for entry in telemetry
@@ -257,6 +262,7 @@ pub fn access_logging(
         {
             if let Some(p) = &entry.providers {
                 names = p.clone();
+                chosen_by = format!("Telemetry {}", telemetry.key);
             }
             if let Some(d) = entry.disabled {
                 disabled = d;
@@ -264,18 +270,49 @@ pub fn access_logging(
         }
     }
     if disabled {
-        return Vec::new();
+        return Ok(Vec::new());
     }
-    names
-        .iter()
-        .filter_map(|n| providers.iter().find(|p| p.name == *n).cloned())
-        .filter(|p| {
-            matches!(
-                p.kind,
-                ProviderKind::OtelAccessLog { .. } | ProviderKind::FileAccessLog { .. }
-            )
-        })
-        .collect()
+    let mut chosen = Vec::new();
+    for name in names.iter() {
+        let provider = providers
+            .iter()
+            .find(|p| p.name == *name)
+            .cloned()
+            .or_else(|| (**name == *ENVOY_PROVIDER).then(envoy_provider));
+        match provider {
+            Some(p)
+                if matches!(
+                    p.kind,
+                    ProviderKind::OtelAccessLog { .. } | ProviderKind::FileAccessLog { .. }
+                ) =>
+            {
+                chosen.push(p)
+            }
+            Some(p) => {
+                return Err(format!(
+                    "{chosen_by}: access log provider {name:?} is of a kind Weft does not write access logs to ({}); envoyFileAccessLog and envoyOtelAls are",
+                    p.kind.name()
+                ))
+            }
+            None => {
+                return Err(format!(
+                    "{chosen_by}: access log provider {name:?} is not in MeshConfig's extensionProviders"
+                ))
+            }
+        }
+    }
+    Ok(chosen)
+}
+
+/// Istio's built-in `envoy` provider: Istio's default text format on the proxy's output.
+pub fn envoy_provider() -> ExtensionProvider {
+    ExtensionProvider {
+        name: ENVOY_PROVIDER.into(),
+        kind: ProviderKind::FileAccessLog {
+            stderr: false,
+            format: Arc::new(crate::telemetry::access_log::Format::istio_text()),
+        },
+    }
 }
 
 #[cfg(test)]
@@ -288,6 +325,7 @@ mod tests {
             kind: ProviderKind::OpenTelemetry {
                 service: "otel-collector.observability.svc.cluster.local".into(),
                 port: 4317,
+                max_tag_length: DEFAULT_MAX_TAG_LENGTH,
             },
         }
     }

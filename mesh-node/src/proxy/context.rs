@@ -184,7 +184,7 @@ pub(crate) struct Context {
     pub http_metrics: HttpMetrics,
     pub refusals: MtlsRefusals,
     pub authz: AuthzMetrics,
-    /// Where sampled requests' spans go.
+    /// Where sampled requests' spans and OTLP access log records go.
     pub tracer: Tracer,
     /// Health and circuit-breaker state of every cluster, kept across snapshots.
     pub clusters: Clusters,
@@ -245,7 +245,7 @@ impl Context {
             http_metrics: metrics.http().clone(),
             refusals: metrics.refusals().clone(),
             authz: metrics.authz().clone(),
-            tracer: Tracer::new(metrics.spans().clone()),
+            tracer: Tracer::new(metrics.otlp().clone()),
 
             clusters,
             pools: Pools::default(),

@@ -18,7 +18,7 @@ use tracing::warn;
 use crate::model::{
     authz,
     policy::{AuthorizationPolicy, ROOT_NAMESPACE},
-    telemetry::{self, EffectiveTracing, Telemetry},
+    telemetry::{self, EffectiveTracing, ExtensionProvider, ProviderKind, Telemetry},
     Map, ObjectKey, Pod, Snapshot,
 };
 
@@ -38,10 +38,20 @@ pub(crate) struct View {
     policies: RwLock<HashMap<ObjectKey, PodPolicies>>,
     /// How each pod asked about traces its requests, as their client (`true`) and server.
     tracing: RwLock<HashMap<(ObjectKey, bool), PodTracing>>,
+    /// Where each pod asked about logs its requests, as their client (`true`) and server.
+    access_logs: RwLock<HashMap<(ObjectKey, bool), PodLogs>>,
+    /// Whether any workload may be traced: MeshConfig has an `opentelemetry` provider.
+    traces: bool,
+    /// Whether any workload may log requests: a Telemetry, or MeshConfig's default
+    /// access log providers.
+    logs: bool,
 }
 
 /// How a pod's requests are traced at one side (`None`: no span).
 type PodTracing = Option<Arc<EffectiveTracing>>;
+
+/// Where a pod's requests are logged at one side (`None`: nowhere).
+pub(crate) type PodLogs = Option<Arc<[ExtensionProvider]>>;
 
 /// The AuthorizationPolicies that apply to a pod, in key order.
 pub(crate) type PodPolicies = Arc<[Arc<AuthorizationPolicy>]>;
@@ -99,12 +109,26 @@ impl View {
                 clusters.insert((key.clone(), namespace.clone()), reused);
             }
         }
+        let traces = snapshot
+            .mesh_config
+            .extension_providers
+            .iter()
+            .any(|p| matches!(p.kind, ProviderKind::OpenTelemetry { .. }));
+        let logs = !snapshot.telemetries.is_empty()
+            || !snapshot
+                .mesh_config
+                .default_providers
+                .access_logging
+                .is_empty();
         Self {
             snapshot,
             routes,
             clusters: RwLock::new(clusters),
             policies: RwLock::default(),
             tracing: RwLock::default(),
+            access_logs: RwLock::default(),
+            traces,
+            logs,
         }
     }
 
@@ -135,10 +159,10 @@ impl View {
     /// the destination's), from the Telemetries and MeshConfig; `None`: no span. Found once
     /// per pod and view; `None` at once when MeshConfig names no tracing provider.
     pub fn tracing(&self, pod: &Pod, client: bool) -> Option<Arc<EffectiveTracing>> {
-        let mesh = &self.snapshot.mesh_config;
-        if mesh.extension_providers.is_empty() {
+        if !self.traces {
             return None;
         }
+        let mesh = &self.snapshot.mesh_config;
         let key = (pod.key.clone(), client);
         if let Some(found) = self
             .tracing
@@ -175,18 +199,81 @@ impl View {
         found
     }
 
+    /// Whether any workload's requests may be traced (a cheap check before [`View::tracing`]).
+    pub fn traces(&self) -> bool {
+        self.traces
+    }
+
+    /// Whether any workload's requests may be logged (a cheap check before
+    /// [`View::access_logs`]).
+    pub fn logs(&self) -> bool {
+        self.logs
+    }
+
+    /// Where `pod`'s requests are logged at its side (`client`: the source proxy's line, else
+    /// the destination's), from the Telemetries and MeshConfig; `None`: nowhere. Found once per
+    /// pod and view.
+    pub fn access_logs(&self, pod: &Pod, client: bool) -> PodLogs {
+        if !self.logs {
+            return None;
+        }
+        let key = (pod.key.clone(), client);
+        if let Some(found) = self
+            .access_logs
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&key)
+        {
+            return found.clone();
+        }
+        let mesh = &self.snapshot.mesh_config;
+        let telemetries: Vec<&Telemetry> =
+            self.snapshot.telemetries.values().map(|t| &**t).collect();
+        let applicable = telemetry::applicable(
+            telemetries.iter().copied(),
+            ROOT_NAMESPACE,
+            &pod.key.namespace,
+            &pod.labels,
+        );
+        let found = match telemetry::access_logging(
+            &applicable,
+            &mesh.extension_providers,
+            &mesh.default_providers,
+            client,
+        ) {
+            Ok(found) if found.is_empty() => None,
+            Ok(found) => Some(Arc::from(found)),
+            Err(reason) => {
+                warn!(pod = %pod.key, side = if client { "client" } else { "server" }, "no access log: {reason}");
+                None
+            }
+        };
+        let mut cache = self.access_logs.write().unwrap_or_else(|e| e.into_inner());
+        cache.insert(key, found.clone());
+        found
+    }
+
     /// Where a collector named `host` (a Service's name, `name.namespace[.svc[.cluster.local]]`,
-    /// or an address) on `port` is: a ready endpoint of that Service port. `None`: not a Service
+    /// optionally after `namespace/`, or an address) on `port` is: a ready endpoint of that Service port. `None`: not a Service
     /// of the cluster, left to the system's resolver.
     pub fn collector(&self, host: &str, port: u16) -> Option<SocketAddr> {
         if let Ok(ip) = host.parse::<std::net::IpAddr>() {
             return Some(SocketAddr::new(ip, port));
         }
+        // Istio also accepts `namespace/host`.
+        let (namespace, host) = match host.split_once('/') {
+            Some((namespace, host)) => (Some(namespace), host),
+            None => (None, host),
+        };
         let short = host
             .strip_suffix(".svc.cluster.local")
             .or_else(|| host.strip_suffix(".svc"))
             .unwrap_or(host);
-        let (name, namespace) = short.split_once('.')?;
+        let (name, namespace) = match (short.split_once('.'), namespace) {
+            (Some((name, ns)), _) => (name, ns),
+            (None, Some(ns)) => (short, ns),
+            (None, None) => return None,
+        };
         let endpoints = self
             .snapshot
             .endpoints

@@ -595,10 +595,24 @@ pub(super) fn mesh_config(fields: &Fields<'_>) -> Result<MeshConfig> {
         }
         aliases.push(alias.into());
     }
+    let mut extension_providers = super::telemetry::extension_providers(&mesh)?;
+    let mut default_providers = super::telemetry::default_providers(&mesh)?;
+    if let Some(envoy) = super::telemetry::access_log_file(&mesh)? {
+        // The classic switch configures the built-in provider (unless one is defined under
+        // its name) and turns it on for every workload.
+        if !extension_providers.iter().any(|p| p.name == envoy.name) {
+            extension_providers.push(envoy.clone());
+        }
+        if !default_providers.access_logging.contains(&envoy.name) {
+            let mut names = default_providers.access_logging.to_vec();
+            names.push(envoy.name);
+            default_providers.access_logging = names.into();
+        }
+    }
     Ok(MeshConfig {
         trust_domain_aliases: aliases.into(),
-        extension_providers: super::telemetry::extension_providers(&mesh)?.into(),
-        default_providers: super::telemetry::default_providers(&mesh)?,
+        extension_providers: extension_providers.into(),
+        default_providers,
         default_sampling: super::telemetry::default_sampling(&mesh)?,
     })
 }

@@ -7,12 +7,15 @@
 use std::sync::Arc;
 
 use super::fields::{metadata, one_of, show, workload_selector, FieldError, Fields};
-use crate::model::{
-    telemetry::{
-        AccessLogging, CustomTag, DefaultProviders, ExtensionProvider, LogFormat, ProviderKind,
-        Side, Telemetry, Tracing,
+use crate::{
+    model::{
+        telemetry::{
+            AccessLogging, CustomTag, DefaultProviders, ExtensionProvider, LogFormat, ProviderKind,
+            Side, Telemetry, Tracing, DEFAULT_MAX_TAG_LENGTH, ENVOY_PROVIDER,
+        },
+        ObjectKey,
     },
-    ObjectKey,
+    telemetry::access_log::{Format, Template},
 };
 
 type Result<T> = std::result::Result<T, FieldError>;
@@ -91,7 +94,7 @@ fn side(entry: &Fields<'_>) -> Result<Side> {
     .unwrap_or_default())
 }
 
-/// `providers: [{name: ...}]`; `None` when absent (inherited).
+/// `providers: [{name: ...}]`; `None` when absent or empty (inherited, as in Istio).
 fn providers(entry: &Fields<'_>) -> Result<Option<Arc<[Arc<str>]>>> {
     if !entry.has("providers") {
         return Ok(None);
@@ -104,7 +107,7 @@ fn providers(entry: &Fields<'_>) -> Result<Option<Arc<[Arc<str>]>>> {
         }
         names.push(Arc::from(name));
     }
-    Ok(Some(names.into()))
+    Ok((!names.is_empty()).then(|| names.into()))
 }
 
 fn tracing(entry: &Fields<'_>) -> Result<Tracing> {
@@ -173,17 +176,25 @@ fn custom_tag(tag: &Fields<'_>) -> Result<CustomTag> {
             reason: "exactly one of literal, environment or header must be set".into(),
         });
     }
+    if kinds[0] == "environment" {
+        return Err(tag.error(
+            "environment",
+            "not supported by Weft: one node proxy serves every workload of its node, so its environment is none of theirs (and not a tenant's to read); use literal or header",
+        ));
+    }
     let value = tag.required_obj(kinds[0])?;
     Ok(match kinds[0] {
         "literal" => CustomTag::Literal(value.required_str("value")?.into()),
-        "environment" => CustomTag::Environment {
-            name: value.required_str("name")?.into(),
-            default: value.str("defaultValue")?.map(Arc::from),
-        },
-        _ => CustomTag::Header {
-            name: value.required_str("name")?.into(),
-            default: value.str("defaultValue")?.map(Arc::from),
-        },
+        _ => {
+            let name = value.required_str("name")?;
+            if http::HeaderName::from_bytes(name.to_ascii_lowercase().as_bytes()).is_err() {
+                return Err(value.error("name", format!("{name:?} is not a header name")));
+            }
+            CustomTag::Header {
+                name: name.to_ascii_lowercase().into(),
+                default: value.str("defaultValue")?.map(Arc::from),
+            }
+        }
     })
 }
 
@@ -271,11 +282,25 @@ fn provider(kind: &str, settings: &Fields<'_>) -> Result<ProviderKind> {
         "opentelemetry" => {
             only(
                 settings,
-                &["service", "port"],
+                &["service", "port", "maxTagLength"],
                 "Weft exports spans over OTLP/gRPC to service:port",
             )?;
             let (service, port) = endpoint(settings)?;
-            ProviderKind::OpenTelemetry { service, port }
+            let max_tag_length = match settings.number("maxTagLength")? {
+                None => DEFAULT_MAX_TAG_LENGTH,
+                Some(n) if (1.0..=65_536.0).contains(&n) && n.fract() == 0.0 => n as usize,
+                Some(n) => {
+                    return Err(settings.error(
+                        "maxTagLength",
+                        format!("{n}: must be a whole number from 1 to 65536"),
+                    ))
+                }
+            };
+            ProviderKind::OpenTelemetry {
+                service,
+                port,
+                max_tag_length,
+            }
         }
         "envoyOtelAls" => {
             only(
@@ -296,8 +321,18 @@ fn provider(kind: &str, settings: &Fields<'_>) -> Result<ProviderKind> {
                 &["path", "logFormat"],
                 "an access log file takes a path and a format",
             )?;
+            let stderr = match settings.required_str("path")? {
+                "/dev/stdout" => false,
+                "/dev/stderr" => true,
+                other => {
+                    return Err(settings.error(
+                        "path",
+                        format!("{other:?}: a node proxy writes access logs to its own output only: /dev/stdout or /dev/stderr"),
+                    ))
+                }
+            };
             ProviderKind::FileAccessLog {
-                path: settings.required_str("path")?.into(),
+                stderr,
                 format: log_format(settings)?,
             }
         }
@@ -316,23 +351,94 @@ fn endpoint(settings: &Fields<'_>) -> Result<(Arc<str>, u16)> {
     Ok((service.into(), port))
 }
 
+/// `logFormat`: Envoy's format string (`text`), or JSON fields (`labels`); unset: Istio's
+/// default text format. Compiled here, so a command Weft cannot fill in is refused.
 fn log_format(settings: &Fields<'_>) -> Result<LogFormat> {
     let Some(format) = settings.obj("logFormat")? else {
-        return Ok(LogFormat::Default);
+        return Ok(Arc::new(Format::istio_text()));
     };
+    only(
+        &format,
+        &["text", "labels"],
+        "a log format is text or labels",
+    )?;
     match (format.str("text")?, format.has("labels")) {
         (Some(_), true) => Err(format.error("labels", "only one of text or labels may be set")),
-        (Some(text), false) => Ok(LogFormat::Text(text.into())),
+        (Some(text), false) => Template::compile(text)
+            .map(|t| Arc::new(Format::Text(t)))
+            .map_err(|e| format.error("text", e)),
         (None, true) => {
-            let labels: Vec<(Arc<str>, Arc<str>)> = format
-                .str_map("labels")?
-                .into_iter()
-                .map(|(k, v)| (Arc::from(k), Arc::from(v)))
-                .collect();
-            Ok(LogFormat::Labels(labels.into()))
+            let labels = format.obj("labels")?.expect("has labels");
+            let mut fields = Vec::new();
+            for (key, text) in format.str_map("labels")? {
+                let template = Template::compile(text).map_err(|e| labels.error(key, e))?;
+                fields.push((Arc::from(key), template));
+            }
+            Ok(Arc::new(Format::Json(fields.into())))
         }
-        (None, false) => Ok(LogFormat::Default),
+        (None, false) => Ok(Arc::new(Format::istio_text())),
     }
+}
+
+/// MeshConfig's classic switch, `accessLogFile` (with `accessLogFormat` and
+/// `accessLogEncoding`): when set, the built-in `envoy` provider writes there, and every
+/// workload logs unless a Telemetry turns it off, as in Istio.
+pub(super) fn access_log_file(mesh: &Fields<'_>) -> Result<Option<ExtensionProvider>> {
+    let Some(path) = mesh.str("accessLogFile")?.filter(|p| !p.is_empty()) else {
+        return Ok(None);
+    };
+    let stderr = match path {
+        "/dev/stdout" => false,
+        "/dev/stderr" => true,
+        other => {
+            return Err(mesh.error(
+                "accessLogFile",
+                format!("{other:?}: a node proxy writes access logs to its own output only: /dev/stdout or /dev/stderr"),
+            ))
+        }
+    };
+    let json = match mesh.str("accessLogEncoding")? {
+        None | Some("TEXT") => false,
+        Some("JSON") => true,
+        Some(other) => {
+            return Err(mesh.error(
+                "accessLogEncoding",
+                format!("{other:?}: must be TEXT or JSON"),
+            ))
+        }
+    };
+    let format = match (mesh.str("accessLogFormat")?.filter(|f| !f.is_empty()), json) {
+        (None, false) => Format::istio_text(),
+        (None, true) => Format::istio_json(),
+        (Some(text), false) => {
+            Format::Text(Template::compile(text).map_err(|e| mesh.error("accessLogFormat", e))?)
+        }
+        // Istio reads a JSON format as a JSON object of fields.
+        (Some(text), true) => {
+            let object: serde_json::Map<String, serde_json::Value> = serde_json::from_str(text)
+                .map_err(|e| mesh.error("accessLogFormat", format!("not a JSON object: {e}")))?;
+            let mut fields = Vec::new();
+            for (key, value) in object {
+                let serde_json::Value::String(text) = value else {
+                    return Err(mesh.error(
+                        "accessLogFormat",
+                        format!("field {key:?}: each value must be a format string"),
+                    ));
+                };
+                let template = Template::compile(&text)
+                    .map_err(|e| mesh.error("accessLogFormat", format!("field {key:?}: {e}")))?;
+                fields.push((Arc::from(key.as_str()), template));
+            }
+            Format::Json(fields.into())
+        }
+    };
+    Ok(Some(ExtensionProvider {
+        name: ENVOY_PROVIDER.into(),
+        kind: ProviderKind::FileAccessLog {
+            stderr,
+            format: Arc::new(format),
+        },
+    }))
 }
 
 /// MeshConfig's `defaultProviders` (tracing and access logging; metrics are Prometheus's).
@@ -369,6 +475,8 @@ pub(super) fn default_sampling(mesh: &Fields<'_>) -> Result<Option<f64>> {
                 show(&super::yaml::Value::from(p))
             ),
         )),
+        // Istio reads 0 as unset (its default, 1 %).
+        Some(0.0) => Ok(None),
         p => Ok(p),
     }
 }
@@ -399,11 +507,14 @@ mod tests {
     fn istio_telemetry_examples_are_read() {
         // From Istio's Telemetry API documentation.
         let t = telemetry(
-            "  selector:\n    matchLabels: {app: reviews}\n  tracing:\n  - match: {mode: SERVER}\n    providers: [{name: otel}]\n    randomSamplingPercentage: 10.5\n    disableSpanReporting: false\n    customTags:\n      env: {environment: {name: POD_NAME, defaultValue: none}}\n      user: {header: {name: end-user}}\n      team: {literal: {value: books}}\n  accessLogging:\n  - providers: [{name: envoy}]\n    disabled: true\n  metrics:\n  - providers: [{name: prometheus}]\n",
+            "  selector:\n    matchLabels: {app: reviews}\n  tracing:\n  - match: {mode: SERVER}\n    providers: [{name: otel}]\n    randomSamplingPercentage: 10.5\n    disableSpanReporting: false\n    customTags:\n      env: {header: {name: x-env, defaultValue: none}}\n      user: {header: {name: end-user}}\n      team: {literal: {value: books}}\n  accessLogging:\n  - providers: [{name: envoy}]\n    disabled: true\n  metrics:\n  - providers: [{name: prometheus}]\n",
         )
         .unwrap();
         assert_eq!(t.selector.as_ref().unwrap()["app"], "reviews");
         let tracing = t.tracing.as_ref().unwrap();
+        // Istio's empty provider list inherits.
+        let inherit = telemetry("  tracing:\n  - providers: []\n").unwrap();
+        assert_eq!(inherit.tracing.as_ref().unwrap().providers, None);
         assert_eq!(tracing.side, Side::Server);
         assert_eq!(tracing.random_sampling_percentage, Some(10.5));
         assert_eq!(&*tracing.providers.as_ref().unwrap()[0], "otel");
@@ -440,6 +551,11 @@ mod tests {
                 "  tracing:\n  - customTags: {a: {literal: {value: x}, header: {name: y}}}\n",
                 "spec.tracing[0].customTags.a",
                 "exactly one",
+            ),
+            (
+                "  tracing:\n  - customTags: {node: {environment: {name: NODE_NAME}}}\n",
+                "spec.tracing[0].customTags.node.environment",
+                "not supported",
             ),
             (
                 "  tracing:\n  - enableIstioTags: false\n",
@@ -494,7 +610,8 @@ mod tests {
             m.extension_providers[0].kind,
             ProviderKind::OpenTelemetry {
                 service: "otel.obs.svc.cluster.local".into(),
-                port: 4317
+                port: 4317,
+                max_tag_length: 256,
             }
         );
         assert_eq!(m.extension_providers[1].kind.name(), "zipkin");

@@ -1,11 +1,12 @@
-//! Spans out of the data path: a bounded queue the proxy's tasks push to without waiting, and
-//! one task per collector that sends them in batches over OTLP/gRPC
-//! (`opentelemetry.proto.collector.trace.v1.TraceService/Export`).
+//! Spans and access log records out of the data path: a bounded queue the proxy's tasks push
+//! to without waiting, and one task per collector that sends them in batches over OTLP/gRPC
+//! (`opentelemetry.proto.collector.trace.v1.TraceService/Export` and
+//! `...logs.v1.LogsService/Export`, on one connection).
 //!
 //! A request never waits for telemetry: when the queue is full (a slow or absent collector)
-//! the span is dropped and counted (`weft_spans_dropped_total{reason="queue_full"}`); a batch
+//! the record is dropped and counted (`weft_otlp_dropped_total{reason="queue_full"}`); a batch
 //! the collector refuses or cannot take within the timeout is dropped and counted too
-//! (`reason="export_failed"`). Batches leave every second, or as soon as 512 spans wait.
+//! (`reason="export_failed"`). Batches leave every second, or as soon as 512 records wait.
 
 use std::{
     borrow::Cow,
@@ -16,8 +17,12 @@ use std::{
 };
 
 use opentelemetry_proto::tonic::{
-    collector::trace::v1::{trace_service_client::TraceServiceClient, ExportTraceServiceRequest},
+    collector::{
+        logs::v1::{logs_service_client::LogsServiceClient, ExportLogsServiceRequest},
+        trace::v1::{trace_service_client::TraceServiceClient, ExportTraceServiceRequest},
+    },
     common::v1::{any_value, AnyValue, InstrumentationScope, KeyValue},
+    logs::v1::{LogRecord, ResourceLogs, ScopeLogs},
     resource::v1::Resource,
     trace::v1::{
         span::SpanKind, status::StatusCode, ResourceSpans, ScopeSpans, Span as OtlpSpan, Status,
@@ -26,11 +31,11 @@ use opentelemetry_proto::tonic::{
 use tokio::sync::mpsc;
 
 use super::propagation::{SpanId, TraceId};
-use crate::metrics::{SpanDrop, SpanMetrics};
+use crate::metrics::{OtlpDrop, OtlpMetrics, Signal};
 
-/// Spans waiting for a collector, at most.
+/// Records waiting for a collector, at most.
 pub const QUEUE: usize = 4096;
-/// Spans per export request, at most.
+/// Records per export request, at most.
 pub const BATCH: usize = 512;
 const FLUSH_EVERY: Duration = Duration::from_secs(1);
 const EXPORT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -55,29 +60,56 @@ pub struct Span {
     pub error: bool,
 }
 
+/// One access log record: the text line as its body, or the JSON format's fields as
+/// attributes (Envoy's OpenTelemetry access logger).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Log {
+    /// The workload the line speaks for, as a span's.
+    pub service: Arc<str>,
+    pub time: SystemTime,
+    pub body: Option<String>,
+    pub attributes: Vec<(Cow<'static, str>, Attribute)>,
+}
+
 #[derive(Clone, Debug, PartialEq)]
 pub enum Attribute {
     Text(String),
     Int(i64),
 }
 
+/// What an exporter sends.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Record {
+    Span(Span),
+    Log(Log),
+}
+
+impl Record {
+    fn signal(&self) -> Signal {
+        match self {
+            Record::Span(_) => Signal::Spans,
+            Record::Log(_) => Signal::Logs,
+        }
+    }
+}
+
 /// Where a collector is: the address its Service resolves to now (`None`: the provider's
 /// host name, looked up by the system's resolver).
 pub type Target = Arc<Mutex<Option<SocketAddr>>>;
 
-/// Where a proxy's spans go: one collector.
+/// Where a proxy's records for one collector go.
 #[derive(Clone, Debug)]
 pub struct Exporter {
-    queue: mpsc::Sender<Span>,
+    queue: mpsc::Sender<Record>,
     target: Target,
-    metrics: SpanMetrics,
+    metrics: OtlpMetrics,
 }
 
 impl Exporter {
     /// Starts the task that exports to `host:port`, or to the address last set with
     /// [`Exporter::aim`]; the task ends when every `Exporter` is dropped.
-    pub fn start(host: Arc<str>, port: u16, metrics: SpanMetrics) -> Self {
-        let (queue, spans) = mpsc::channel(QUEUE);
+    pub fn start(host: Arc<str>, port: u16, metrics: OtlpMetrics) -> Self {
+        let (queue, records) = mpsc::channel(QUEUE);
         let target = Target::default();
         tokio::spawn(run(
             Collector {
@@ -85,7 +117,7 @@ impl Exporter {
                 port,
                 target: target.clone(),
             },
-            spans,
+            records,
             metrics.clone(),
         ));
         Self {
@@ -100,10 +132,11 @@ impl Exporter {
         *self.target.lock().unwrap_or_else(|e| e.into_inner()) = addr;
     }
 
-    /// Queues a span; never waits.
-    pub fn export(&self, span: Span) {
-        if self.queue.try_send(span).is_err() {
-            self.metrics.dropped(SpanDrop::QueueFull, 1);
+    /// Queues a record; never waits.
+    pub fn export(&self, record: Record) {
+        let signal = record.signal();
+        if self.queue.try_send(record).is_err() {
+            self.metrics.dropped(signal, OtlpDrop::QueueFull, 1);
         }
     }
 }
@@ -123,7 +156,7 @@ impl Collector {
     }
 }
 
-async fn run(collector: Collector, mut spans: mpsc::Receiver<Span>, metrics: SpanMetrics) {
+async fn run(collector: Collector, mut records: mpsc::Receiver<Record>, metrics: OtlpMetrics) {
     let mut client = None;
     let mut batch = Vec::with_capacity(BATCH);
     loop {
@@ -132,8 +165,8 @@ async fn run(collector: Collector, mut spans: mpsc::Receiver<Span>, metrics: Spa
         let mut open = true;
         while batch.len() < BATCH {
             tokio::select! {
-                span = spans.recv() => match span {
-                    Some(span) => batch.push(span),
+                record = records.recv() => match record {
+                    Some(record) => batch.push(record),
                     None => {
                         open = false;
                         break;
@@ -143,7 +176,45 @@ async fn run(collector: Collector, mut spans: mpsc::Receiver<Span>, metrics: Spa
             }
         }
         if !batch.is_empty() {
-            send(&collector, &mut client, &mut batch, &metrics).await;
+            let (mut spans, mut logs) = (Vec::new(), Vec::new());
+            for record in batch.drain(..) {
+                match record {
+                    Record::Span(s) => spans.push(s),
+                    Record::Log(l) => logs.push(l),
+                }
+            }
+            if !spans.is_empty() {
+                let n = spans.len() as u64;
+                let sent = send(
+                    &collector,
+                    &mut client,
+                    Signal::Spans,
+                    |channel| async move {
+                        TraceServiceClient::new(channel)
+                            .export(request(spans.into_iter()))
+                            .await
+                            .map(drop)
+                    },
+                )
+                .await;
+                count(&metrics, Signal::Spans, n, sent);
+            }
+            if !logs.is_empty() {
+                let n = logs.len() as u64;
+                let sent = send(
+                    &collector,
+                    &mut client,
+                    Signal::Logs,
+                    |channel| async move {
+                        LogsServiceClient::new(channel)
+                            .export(logs_request(logs.into_iter()))
+                            .await
+                            .map(drop)
+                    },
+                )
+                .await;
+                count(&metrics, Signal::Logs, n, sent);
+            }
         }
         if !open {
             return;
@@ -151,17 +222,29 @@ async fn run(collector: Collector, mut spans: mpsc::Receiver<Span>, metrics: Spa
     }
 }
 
-/// A connected client and the URI it was connected to.
-type Client = (String, TraceServiceClient<tonic::transport::Channel>);
+fn count(metrics: &OtlpMetrics, signal: Signal, n: u64, sent: bool) {
+    if sent {
+        metrics.exported(signal, n);
+    } else {
+        metrics.dropped(signal, OtlpDrop::ExportFailed, n);
+    }
+}
 
-async fn send(
+/// A connected channel and the URI it was connected to.
+type Client = (String, tonic::transport::Channel);
+
+/// Sends one request with `export` on the collector's channel (connected first when needed);
+/// whether it was taken.
+async fn send<F, Fut>(
     collector: &Collector,
     client: &mut Option<Client>,
-    batch: &mut Vec<Span>,
-    metrics: &SpanMetrics,
-) {
-    let count = batch.len() as u64;
-    let request = request(batch.drain(..));
+    signal: Signal,
+    export: F,
+) -> bool
+where
+    F: FnOnce(tonic::transport::Channel) -> Fut,
+    Fut: std::future::Future<Output = Result<(), tonic::Status>>,
+{
     let uri = collector.uri();
     if client
         .as_ref()
@@ -175,24 +258,85 @@ async fn send(
                 .connect_timeout(EXPORT_TIMEOUT)
                 .connect()
                 .await?;
-            *client = Some((uri.clone(), TraceServiceClient::new(channel)));
+            *client = Some((uri.clone(), channel));
         }
-        let (_, c) = client.as_mut().expect("connected above");
-        c.export(request).await.map_err(anyhow::Error::from)?;
+        let (_, channel) = client.as_ref().expect("connected above");
+        export(channel.clone()).await.map_err(anyhow::Error::from)?;
         Ok::<(), anyhow::Error>(())
     })
     .await;
     match result {
-        Ok(Ok(())) => metrics.exported(count),
+        Ok(Ok(())) => true,
         failed => {
             *client = None;
-            metrics.dropped(SpanDrop::ExportFailed, count);
             let error = match failed {
                 Ok(Err(e)) => format!("{e:#}"),
                 _ => format!("no answer within {EXPORT_TIMEOUT:?}"),
             };
-            tracing::debug!(collector = %uri, spans = count, %error, "span export failed");
+            tracing::debug!(collector = %uri, ?signal, %error, "OTLP export failed");
+            false
         }
+    }
+}
+
+/// One OTLP logs request: the records grouped by the workload they speak for.
+pub fn logs_request(logs: impl Iterator<Item = Log>) -> ExportLogsServiceRequest {
+    let mut by_service: BTreeMap<Arc<str>, Vec<LogRecord>> = BTreeMap::new();
+    for log in logs {
+        by_service
+            .entry(log.service.clone())
+            .or_default()
+            .push(LogRecord {
+                time_unix_nano: nanos(log.time),
+                observed_time_unix_nano: nanos(log.time),
+                body: log.body.map(|b| AnyValue {
+                    value: Some(any_value::Value::StringValue(b)),
+                }),
+                attributes: log.attributes.into_iter().map(key_value).collect(),
+                ..LogRecord::default()
+            });
+    }
+    ExportLogsServiceRequest {
+        resource_logs: by_service
+            .into_iter()
+            .map(|(service, records)| ResourceLogs {
+                resource: Some(resource(&service)),
+                scope_logs: vec![ScopeLogs {
+                    scope: Some(scope()),
+                    log_records: records,
+                    schema_url: String::new(),
+                }],
+                schema_url: String::new(),
+            })
+            .collect(),
+    }
+}
+
+fn resource(service: &str) -> Resource {
+    Resource {
+        attributes: vec![text("service.name", service.to_owned())],
+        ..Resource::default()
+    }
+}
+
+fn scope() -> InstrumentationScope {
+    InstrumentationScope {
+        name: "weft".into(),
+        version: env!("CARGO_PKG_VERSION").into(),
+        ..InstrumentationScope::default()
+    }
+}
+
+fn key_value((key, value): (Cow<'static, str>, Attribute)) -> KeyValue {
+    match value {
+        Attribute::Text(t) => text(&key, t),
+        Attribute::Int(i) => KeyValue {
+            key: key.into_owned(),
+            value: Some(AnyValue {
+                value: Some(any_value::Value::IntValue(i)),
+            }),
+            ..KeyValue::default()
+        },
     }
 }
 
@@ -209,16 +353,9 @@ pub fn request(spans: impl Iterator<Item = Span>) -> ExportTraceServiceRequest {
         resource_spans: by_service
             .into_iter()
             .map(|(service, spans)| ResourceSpans {
-                resource: Some(Resource {
-                    attributes: vec![text("service.name", service.to_string())],
-                    ..Resource::default()
-                }),
+                resource: Some(resource(&service)),
                 scope_spans: vec![ScopeSpans {
-                    scope: Some(InstrumentationScope {
-                        name: "weft".into(),
-                        version: env!("CARGO_PKG_VERSION").into(),
-                        ..InstrumentationScope::default()
-                    }),
+                    scope: Some(scope()),
                     spans,
                     schema_url: String::new(),
                 }],
@@ -242,20 +379,7 @@ fn otlp(span: Span) -> OtlpSpan {
         },
         start_time_unix_nano: nanos(span.start),
         end_time_unix_nano: nanos(span.end),
-        attributes: span
-            .attributes
-            .into_iter()
-            .map(|(key, value)| match value {
-                Attribute::Text(t) => text(&key, t),
-                Attribute::Int(i) => KeyValue {
-                    key: key.into_owned(),
-                    value: Some(AnyValue {
-                        value: Some(any_value::Value::IntValue(i)),
-                    }),
-                    ..KeyValue::default()
-                },
-            })
-            .collect(),
+        attributes: span.attributes.into_iter().map(key_value).collect(),
         status: Some(Status {
             code: if span.error {
                 StatusCode::Error as i32
@@ -344,7 +468,7 @@ mod tests {
                 .add_service(TraceServiceServer::new(collector.clone()))
                 .serve(addr),
         );
-        let metrics = SpanMetrics::default();
+        let metrics = OtlpMetrics::default();
         let exporter = Exporter::start("otel.observability".into(), addr.port(), metrics.clone());
         exporter.aim(Some(addr));
         for (service, n) in [
@@ -352,7 +476,7 @@ mod tests {
             ("reviews.default", 2),
             ("productpage.default", 3),
         ] {
-            exporter.export(span(service, n));
+            exporter.export(Record::Span(span(service, n)));
         }
         let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
         while collector.0.lock().unwrap().is_empty() {
@@ -384,36 +508,36 @@ mod tests {
             resources[1].scope_spans[0].spans[0].kind,
             SpanKind::Client as i32
         );
-        while metrics.get_exported() < 3 {
+        while metrics.get_exported(Signal::Spans) < 3 {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
     }
 
     #[tokio::test]
     async fn an_absent_collector_costs_dropped_spans_not_waiting() {
-        let metrics = SpanMetrics::default();
+        let metrics = OtlpMetrics::default();
         let addr = free_addr();
         let exporter = Exporter::start("otel.observability".into(), addr.port(), metrics.clone());
         exporter.aim(Some(addr));
         // The queue takes QUEUE spans while the exporter waits; the rest are dropped at once.
         let started = std::time::Instant::now();
         for n in 0..(QUEUE + BATCH + 100) {
-            exporter.export(span("reviews.default", (n % 200) as u8));
+            exporter.export(Record::Span(span("reviews.default", (n % 200) as u8)));
         }
         assert!(
             started.elapsed() < Duration::from_secs(1),
             "export() waited"
         );
-        assert!(metrics.get_dropped(SpanDrop::QueueFull) >= 100);
+        assert!(metrics.get_dropped(Signal::Spans, OtlpDrop::QueueFull) >= 100);
         // Nothing listens: every batch sent fails and is counted.
         let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-        while metrics.get_dropped(SpanDrop::ExportFailed) == 0 {
+        while metrics.get_dropped(Signal::Spans, OtlpDrop::ExportFailed) == 0 {
             assert!(
                 tokio::time::Instant::now() < deadline,
                 "no failed export counted"
             );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        assert_eq!(metrics.get_exported(), 0);
+        assert_eq!(metrics.get_exported(Signal::Spans), 0);
     }
 }

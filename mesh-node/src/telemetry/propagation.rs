@@ -90,7 +90,12 @@ impl SpanContext {
     /// not decide.
     pub fn for_request(headers: &HeaderMap, rate: f64) -> Self {
         let incoming = extract(headers);
-        let sampled = match incoming.as_ref().and_then(|i| i.sampled) {
+        let decided = match &incoming {
+            Some(incoming) => incoming.sampled,
+            // B3 may carry a decision alone (`b3: 0`, `x-b3-sampled: 1`): a new trace keeps it.
+            None => b3_decision(headers),
+        };
+        let sampled = match decided {
             Some(decided) => decided,
             None => rate > 0.0 && fastrand::f64() < rate,
         };
@@ -115,8 +120,19 @@ impl SpanContext {
     }
 
     /// Writes this span as the parent of the next hop: `traceparent` (and `tracestate` as it
-    /// came), and the B3 form the request arrived with; stale context headers are replaced.
+    /// came), and every B3 form the request arrived with, so no stale context goes on.
     pub fn inject(&self, headers: &mut HeaderMap) {
+        let single = self.format == Some(Format::B3Single) || headers.contains_key(B3);
+        let multi = self.format == Some(Format::B3Multi)
+            || [
+                B3_TRACE_ID,
+                B3_SPAN_ID,
+                B3_PARENT_SPAN_ID,
+                B3_SAMPLED,
+                B3_FLAGS,
+            ]
+            .iter()
+            .any(|h| headers.contains_key(h));
         let flags = if self.sampled { "01" } else { "00" };
         let traceparent = format!(
             "00-{}-{}-{flags}",
@@ -133,31 +149,48 @@ impl SpanContext {
             }
         }
         let sampled = if self.sampled { "1" } else { "0" };
-        match self.format {
-            Some(Format::B3Single) => {
-                let b3 = format!(
-                    "{}-{}-{sampled}",
-                    hex(&self.trace_id.0),
-                    hex(&self.span_id.0)
-                );
-                headers.insert(B3, value(b3));
-            }
-            Some(Format::B3Multi) => {
-                headers.insert(B3_TRACE_ID, value(hex(&self.trace_id.0)));
-                headers.insert(B3_SPAN_ID, value(hex(&self.span_id.0)));
-                match self.parent {
-                    Some(parent) => {
-                        headers.insert(B3_PARENT_SPAN_ID, value(hex(&parent.0)));
-                    }
-                    None => {
-                        headers.remove(B3_PARENT_SPAN_ID);
-                    }
-                }
-                headers.insert(B3_SAMPLED, HeaderValue::from_static(sampled));
-                headers.remove(B3_FLAGS);
-            }
-            Some(Format::W3c) | None => {}
+        if single {
+            let b3 = format!(
+                "{}-{}-{sampled}",
+                hex(&self.trace_id.0),
+                hex(&self.span_id.0)
+            );
+            headers.insert(B3, value(b3));
         }
+        if multi {
+            headers.insert(B3_TRACE_ID, value(hex(&self.trace_id.0)));
+            headers.insert(B3_SPAN_ID, value(hex(&self.span_id.0)));
+            match self.parent {
+                Some(parent) => {
+                    headers.insert(B3_PARENT_SPAN_ID, value(hex(&parent.0)));
+                }
+                None => {
+                    headers.remove(B3_PARENT_SPAN_ID);
+                }
+            }
+            headers.insert(B3_SAMPLED, HeaderValue::from_static(sampled));
+            headers.remove(B3_FLAGS);
+        }
+    }
+}
+
+/// A B3 sampling decision sent without a context: `b3: 0|1|d`, or `x-b3-sampled` (or
+/// `x-b3-flags: 1`) without ids.
+fn b3_decision(headers: &HeaderMap) -> Option<bool> {
+    if let Some(b3) = headers.get(B3) {
+        return match b3.as_bytes() {
+            b"0" => Some(false),
+            b"1" | b"d" => Some(true),
+            _ => None,
+        };
+    }
+    if headers.get(B3_FLAGS).is_some_and(|f| f == "1") {
+        return Some(true);
+    }
+    match headers.get(B3_SAMPLED).map(HeaderValue::as_bytes) {
+        Some(b"1" | b"true") => Some(true),
+        Some(b"0" | b"false") => Some(false),
+        _ => None,
     }
 }
 
@@ -402,6 +435,26 @@ mod tests {
             ("x-b3-flags", "1"),
         ]);
         assert_eq!(extract(&debug).unwrap().sampled, Some(true));
+    }
+
+    #[test]
+    fn a_b3_decision_without_ids_is_kept_and_stale_b3_is_rewritten() {
+        assert!(!SpanContext::for_request(&headers(&[("b3", "0")]), 1.0).sampled);
+        assert!(SpanContext::for_request(&headers(&[("b3", "d")]), 0.0).sampled);
+        assert!(!SpanContext::for_request(&headers(&[("x-b3-sampled", "0")]), 1.0).sampled);
+        // traceparent wins, and the B3 headers the request also had follow it.
+        let mut h = headers(&[
+            ("traceparent", &format!("00-{TRACE}-{PARENT}-01")),
+            ("x-b3-traceid", "0123456789abcdef0123456789abcdef"),
+            ("x-b3-spanid", "0123456789abcdef"),
+            ("b3", "0123456789abcdef0123456789abcdef-0123456789abcdef-0"),
+        ]);
+        let span = SpanContext::for_request(&h, 0.0);
+        span.inject(&mut h);
+        assert_eq!(h["x-b3-traceid"], TRACE);
+        assert_eq!(h["x-b3-spanid"], hex(&span.span_id.0));
+        assert_eq!(h["x-b3-parentspanid"], PARENT);
+        assert!(h["b3"].to_str().unwrap().starts_with(TRACE));
     }
 
     #[test]

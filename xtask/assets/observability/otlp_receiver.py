@@ -1,13 +1,17 @@
-"""An OTLP/gRPC trace collector for Weft's tracing tests: records every span it receives.
+"""An OTLP/gRPC collector for Weft's tracing and access log tests: records every span and log
+record it receives.
 
 usage: otlp_receiver.py PORT OUT_FILE [--fail]
 
-Serves `opentelemetry.proto.collector.trace.v1.TraceService/Export` over plaintext gRPC
-(grpcio, the generated stubs of `opentelemetry-proto`) on 0.0.0.0:PORT and appends one JSON
-line per span to OUT_FILE, flushed as it is written:
+Serves `opentelemetry.proto.collector.trace.v1.TraceService/Export` and
+`opentelemetry.proto.collector.logs.v1.LogsService/Export` over plaintext gRPC (grpcio, the
+generated stubs of `opentelemetry-proto`) on 0.0.0.0:PORT and appends one JSON line per span or
+log record to OUT_FILE, flushed as it is written:
   {"trace_id": hex, "span_id": hex, "parent_span_id": hex or "", "name": ...,
    "kind": "SPAN_KIND_CLIENT", "start": unix ns, "end": unix ns, "service": service.name,
    "attributes": {key: value}, "status": "STATUS_CODE_UNSET"}
+  {"log": true, "time": unix ns, "service": service.name, "body": text or null,
+   "attributes": {key: value}}
 With --fail, every Export is answered UNAVAILABLE and nothing is recorded: a collector that is
 down, whose spans the exporter must drop.
 
@@ -21,6 +25,7 @@ import threading
 from concurrent import futures
 
 import grpc
+from opentelemetry.proto.collector.logs.v1 import logs_service_pb2, logs_service_pb2_grpc
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
 from opentelemetry.proto.trace.v1 import trace_pb2
 
@@ -84,6 +89,31 @@ class Receiver(trace_service_pb2_grpc.TraceServiceServicer):
         return trace_service_pb2.ExportTraceServiceResponse()
 
 
+class LogsReceiver(logs_service_pb2_grpc.LogsServiceServicer):
+    def __init__(self, spans):
+        # Shares the span receiver's output, lock and failure mode.
+        self.spans = spans
+
+    def Export(self, request, context):
+        if self.spans.fail:
+            context.abort(grpc.StatusCode.UNAVAILABLE, "otlp_receiver started with --fail")
+        with self.spans.lock:
+            for resource_logs in request.resource_logs:
+                service = attributes(resource_logs.resource.attributes).get("service.name")
+                for scope_logs in resource_logs.scope_logs:
+                    for record in scope_logs.log_records:
+                        line = {
+                            "log": True,
+                            "time": record.time_unix_nano,
+                            "service": service,
+                            "body": value(record.body) if record.HasField("body") else None,
+                            "attributes": attributes(record.attributes),
+                        }
+                        self.spans.out.write(json.dumps(line) + "\n")
+                        self.spans.out.flush()
+        return logs_service_pb2.ExportLogsServiceResponse()
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("port", type=int)
@@ -97,9 +127,9 @@ def main():
         server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=4), options=[("grpc.so_reuseport", 0)]
         )
-        trace_service_pb2_grpc.add_TraceServiceServicer_to_server(
-            Receiver(out, args.fail), server
-        )
+        receiver = Receiver(out, args.fail)
+        trace_service_pb2_grpc.add_TraceServiceServicer_to_server(receiver, server)
+        logs_service_pb2_grpc.add_LogsServiceServicer_to_server(LogsReceiver(receiver), server)
         server.add_insecure_port(f"0.0.0.0:{args.port}")
         # Stopping from the handler ends wait_for_termination below; in-flight Exports get a
         # second to finish, so no line is cut short.

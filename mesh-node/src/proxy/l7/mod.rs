@@ -74,6 +74,7 @@ use crate::{
     tls::Authenticated,
 };
 
+mod access;
 pub mod body;
 mod deadline;
 mod mirror;
@@ -668,8 +669,14 @@ pub(super) struct Report {
     /// When the attempt whose answer the client gets was sent: the destination's duration
     /// starts there (a fault's delay, earlier attempts and back-off are the source's).
     attempt_start: Option<Instant>,
+    /// From the attempt's start to the upstream's response head (Envoy's
+    /// `x-envoy-upstream-service-time`).
+    upstream_time: Option<Duration>,
     /// The spans this proxy makes of the request, when a side's workload traces.
     trace: Option<Box<Trace>>,
+    /// The request's and the response's headers, kept where a Telemetry may log them.
+    request_headers: Option<Box<HeaderMap>>,
+    response_headers: Option<Box<HeaderMap>>,
 }
 
 impl Finish for Report {
@@ -696,6 +703,13 @@ impl Drop for Report {
 }
 
 impl Report {
+    /// Keeps the response's headers where a Telemetry may log them.
+    fn saw_response(&mut self, headers: &HeaderMap) {
+        if self.request_headers.is_some() {
+            self.response_headers = Some(Box::new(headers.clone()));
+        }
+    }
+
     /// An attempt that reached `pod` but whose answer is not the one the client gets (it was
     /// retried, or failed once sent): reported as the destination's proxy would report it,
     /// when that is this proxy.
@@ -752,9 +766,12 @@ impl Report {
             response_messages: end.messages,
         };
         self.conn.ctx.http_metrics.record(&labels, &outcome);
+        let seen = self.seen_by_destination || self.conn.inbound.is_some();
         if let Some(trace) = self.trace.take() {
-            let seen = self.seen_by_destination || self.conn.inbound.is_some();
             trace.finish(self, &labels, &outcome, seen);
+        }
+        if self.request_headers.is_some() {
+            access::write(self, &labels, &outcome, seen);
         }
         if let Some(destination) = destination.filter(|_| self.seen_by_destination) {
             let outcome = RequestOutcome {

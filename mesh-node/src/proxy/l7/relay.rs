@@ -14,7 +14,7 @@
 //!
 //! Whatever the full path would treat otherwise hands the connection, with every byte read and
 //! nothing yet sent for that request, to the full path ([`serve`]) for good: a pod with
-//! policies or whose requests are traced, HTTP/2, HTTP/1.0, an upgrade, `Expect`, `TE`, gRPC, a head over the limits, a
+//! policies or whose requests are traced or logged by a Telemetry, HTTP/2, HTTP/1.0, an upgrade, `Expect`, `TE`, gRPC, a head over the limits, a
 //! repeated `Host` or request id, a path normalization would change or with characters outside
 //! RFC 3986's, framing or hop-by-hop headers the full path would refuse or strip, a client over
 //! its cap, an overloaded or draining proxy, a pod that cannot be dialled. So this path changes what a
@@ -165,7 +165,7 @@ where
                 return Ok(Next::Fallback);
             };
             // The pod's policies decide every request on the full path, which also makes the
-            // spans of a pod whose requests are traced.
+            // spans and access log lines its Telemetries ask for.
             let view = ctx.view();
             let pod = inbound.pod.as_ref().map(|p| {
                 view.snapshot
@@ -174,10 +174,11 @@ where
                     .cloned()
                     .unwrap_or_else(|| p.clone())
             });
-            if pod
-                .as_deref()
-                .is_some_and(|p| view.policies(p).is_some() || view.tracing(p, false).is_some())
-            {
+            if pod.as_deref().is_some_and(|p| {
+                view.policies(p).is_some()
+                    || view.tracing(p, false).is_some()
+                    || view.access_logs(p, false).is_some()
+            }) {
                 return Ok(Next::Fallback);
             }
             // Over its cap, or refused under load: the full path answers (and reports) it.

@@ -41,6 +41,9 @@ pub(super) async fn handle(conn: Arc<Conn>, request: Request<Incoming>) -> Reply
         );
     }
     report.request_id = parts.headers.get(REQUEST_ID).cloned();
+    if view.logs() {
+        report.request_headers = Some(Box::new(parts.headers.clone()));
+    }
     if let Some(inbound) = &conn.inbound {
         if let Some(pod) = &inbound.pod {
             report.trace = Trace::server(&view, pod, &mut parts.headers);
@@ -242,6 +245,7 @@ pub(super) async fn handle(conn: Arc<Conn>, request: Request<Incoming>) -> Reply
             }
             let (mut head, upstream_body) = response.into_parts();
             head.version = report.version;
+            report.saw_response(&head.headers);
             let body = ResponseBody::upstream(upstream_body, report).with_deadline(deadline);
             Response::from_parts(head, body)
         }
@@ -320,6 +324,7 @@ pub(super) async fn forward_inbound(
             let (mut head, upstream_body) = response.into_parts();
             strip_hop_by_hop(&mut head.headers);
             head.version = report.version;
+            report.saw_response(&head.headers);
             Response::from_parts(head, ResponseBody::upstream(upstream_body, report))
         }
         Err(e) => {
@@ -531,7 +536,10 @@ impl Report {
             recorded: false,
             seen_by_destination: false,
             attempt_start: None,
+            upstream_time: None,
             trace: None,
+            request_headers: None,
+            response_headers: None,
         }
     }
 }
@@ -694,6 +702,7 @@ pub(super) fn local_response(
     if report.grpc {
         report.grpc_status = body::grpc_status(&headers);
     }
+    report.saw_response(&headers);
     let mut response = Response::new(ResponseBody::local(body, report));
     *response.status_mut() = status;
     *response.headers_mut() = headers;

@@ -77,6 +77,18 @@ impl Attempts<'_> {
             };
             report.upstream = Some(pick.addr);
             report.destination = pick.pod.clone();
+            // The pod's span opens before its policies decide, as at a destination proxy.
+            let traced = self.view.traces().then(|| {
+                let mut headers = parts.headers.clone();
+                Trace::attempt(
+                    &mut report.trace,
+                    self.view,
+                    &conn,
+                    pick.pod.as_ref(),
+                    &mut headers,
+                );
+                headers
+            });
             if let Err(denied) = conn.authorize_local(self.view, pick.addr, parts) {
                 report.details = Some(denied.detail);
                 report.seen_by_destination = true;
@@ -90,14 +102,10 @@ impl Attempts<'_> {
                 },
             };
             let mut request = Request::from_parts(parts.clone(), request_body);
+            if let Some(headers) = traced {
+                *request.headers_mut() = headers;
+            }
             conn.set_forwarded_client_cert(request.headers_mut(), pick.pod.as_deref());
-            Trace::attempt(
-                &mut report.trace,
-                self.view,
-                &conn,
-                pick.pod.as_ref(),
-                request.headers_mut(),
-            );
             let started = Instant::now();
             report.attempt_start = Some(started);
             let send = self.resolved.pool.send(
@@ -117,6 +125,7 @@ impl Attempts<'_> {
             // What went wrong, whether the policy retries it, and how it is answered if not.
             let (retry_on, failure): (bool, Failure) = match result {
                 Ok(Ok((response, in_flight))) => {
+                    report.upstream_time = Some(now.duration_since(started));
                     let status = response.status().as_u16();
                     let grpc_status = body::grpc_status(response.headers());
                     let outcome = if status >= 500 {

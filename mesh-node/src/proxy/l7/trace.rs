@@ -18,7 +18,7 @@ use super::*;
 use crate::{
     model::telemetry::{CustomTag, EffectiveTracing, ProviderKind},
     telemetry::{
-        export::{Attribute, Span},
+        export::{Attribute, Record, Span},
         propagation::SpanContext,
     },
 };
@@ -103,7 +103,7 @@ impl Trace {
         pod: Option<&Arc<Pod>>,
         headers: &mut HeaderMap,
     ) {
-        if view.snapshot.mesh_config.extension_providers.is_empty() {
+        if !view.traces() {
             return;
         }
         let local = pod.filter(|p| conn.ctx.dialer.serves(&view.snapshot, p));
@@ -136,7 +136,7 @@ impl Trace {
         [&self.client, &self.server]
             .into_iter()
             .flatten()
-            .any(|s| s.context.sampled && s.tracing.report_spans)
+            .any(|s| s.context.sampled)
     }
 
     /// Sends the spans of a finished request: the server's only when the destination's side
@@ -155,7 +155,7 @@ impl Trace {
         let end = SystemTime::now();
         let sides = [(self.client, true), (self.server, false)];
         for (side, client) in sides {
-            let Some(side) = side.filter(|s| s.context.sampled && s.tracing.report_spans) else {
+            let Some(side) = side.filter(|s| s.context.sampled) else {
                 continue;
             };
             if !client && !seen_by_destination {
@@ -163,29 +163,58 @@ impl Trace {
             }
             let span = span(report, labels, outcome, &side, client, end);
             for provider in &side.tracing.providers {
-                if let ProviderKind::OpenTelemetry { service, port } = &provider.kind {
+                if let ProviderKind::OpenTelemetry {
+                    service,
+                    port,
+                    max_tag_length,
+                } = &provider.kind
+                {
                     let addr = view.collector(service, *port);
+                    let span = cut(span.clone(), *max_tag_length);
                     report
                         .conn
                         .ctx
                         .tracer
-                        .export((service, *port), addr, span.clone());
+                        .export((service, *port), addr, Record::Span(span));
                 }
             }
         }
     }
 }
 
-/// The values of a Telemetry's custom tags: a literal, the proxy's environment variable, or
-/// a request header, each else its default; a tag with neither is left out.
+/// `span` with every text attribute cut to `max` characters (the provider's `maxTagLength`,
+/// Envoy's 256 by default): a request's URL or headers make no span larger than that.
+fn cut(mut span: Span, max: usize) -> Span {
+    if let Some((at, _)) = span.name.char_indices().nth(max) {
+        span.name.truncate(at);
+    }
+    for (_, value) in &mut span.attributes {
+        if let Attribute::Text(text) = value {
+            if let Some((at, _)) = text.char_indices().nth(max) {
+                text.truncate(at);
+            }
+        }
+    }
+    if span
+        .tracestate
+        .as_ref()
+        .is_some_and(|t| t.len() > MAX_TRACESTATE)
+    {
+        span.tracestate = None;
+    }
+    span
+}
+
+/// W3C Trace Context's bound on what a participant must carry of `tracestate`.
+const MAX_TRACESTATE: usize = 512;
+
+/// The values of a Telemetry's custom tags: a literal, or a request header else its default;
+/// a tag with neither is left out.
 fn custom_tags(tags: &[(Arc<str>, CustomTag)], headers: &HeaderMap) -> Vec<(Arc<str>, String)> {
     tags.iter()
         .filter_map(|(name, tag)| {
             let value = match tag {
                 CustomTag::Literal(value) => Some(value.to_string()),
-                CustomTag::Environment { name, default } => std::env::var(&**name)
-                    .ok()
-                    .or_else(|| default.as_deref().map(str::to_owned)),
                 CustomTag::Header { name, default } => headers
                     .get(&**name)
                     .and_then(|v| v.to_str().ok())
@@ -214,7 +243,16 @@ fn span(
     } else {
         host
     };
-    let port = report.cluster.as_ref().map_or(report.conn.port, |k| k.port);
+    // The source names the Service port, the destination the pod's.
+    let port = match client {
+        true => report.cluster.as_ref().map_or(report.conn.port, |k| k.port),
+        false => report.upstream.map_or(report.conn.port, |a| a.port()),
+    };
+    // What the destination saw of the flags, where this proxy is both ends.
+    let flags = match client || report.conn.inbound.is_some() {
+        true => outcome.flags,
+        false => at_destination(outcome.flags),
+    };
     let path = report.uri.path_and_query().map_or("/", |p| p.as_str());
     let text = |value: &str| Attribute::Text(value.to_owned());
     let mut attributes: Vec<(Cow<'static, str>, Attribute)> = Vec::with_capacity(24);
@@ -236,7 +274,7 @@ fn span(
         "http.status_code",
         Attribute::Int(i64::from(outcome.response_code)),
     );
-    add("response_flags", Attribute::Text(outcome.flags.to_string()));
+    add("response_flags", Attribute::Text(flags.to_string()));
     add("request_size", Attribute::Int(outcome.request_bytes as i64));
     add(
         "response_size",

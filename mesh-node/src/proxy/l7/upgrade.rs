@@ -131,6 +131,7 @@ pub(super) async fn send_upgrade(
         });
     }
     let (head, upstream_body) = response.into_parts();
+    report.saw_response(&head.headers);
     Response::from_parts(head, ResponseBody::upstream(upstream_body, report))
 }
 

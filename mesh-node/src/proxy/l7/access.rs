@@ -1,0 +1,192 @@
+//! The access log lines Istio's Telemetry API asks for: one per request and side, as each of
+//! Istio's proxies writes its own — the source proxy's line where the caller's workload logs
+//! (`match.mode` `CLIENT`), the destination proxy's where the pod's does (`SERVER`; both by one
+//! proxy between pods of one node). Each provider gets the line in its format: on the node
+//! proxy's output (`envoyFileAccessLog`), or as an OTLP log record (`envoyOtelAls`: a text
+//! format as the record's body, JSON labels as its attributes).
+
+use std::{borrow::Cow, io::Write as _, time::SystemTime};
+
+use serde_json::Value;
+
+use super::*;
+use crate::{
+    model::telemetry::ProviderKind,
+    telemetry::{
+        access_log::{Entry, Format},
+        export::{Attribute, Log, Record},
+    },
+};
+
+/// The most characters an OTLP record's body or attribute value keeps.
+const MAX_VALUE: usize = 4096;
+
+/// Writes the lines of a finished request; the server side's only when the destination saw
+/// it (`seen_by_destination`).
+pub(super) fn write(
+    report: &Report,
+    labels: &RequestLabels,
+    outcome: &RequestOutcome,
+    seen_by_destination: bool,
+) {
+    let conn = &report.conn;
+    let view = conn.ctx.view();
+    let client = match (&conn.inbound, &conn.source) {
+        (None, Some(source)) => view.access_logs(source, true).map(|p| (p, source.clone())),
+        _ => None,
+    };
+    let server_pod = match &conn.inbound {
+        Some(inbound) => inbound.pod.clone(),
+        None => report
+            .destination
+            .clone()
+            .filter(|p| seen_by_destination && conn.ctx.dialer.serves(&view.snapshot, p)),
+    };
+    let server = server_pod.and_then(|pod| view.access_logs(&pod, false).map(|p| (p, pod)));
+    if client.is_none() && server.is_none() {
+        return;
+    }
+    let host = labels.destination_service();
+    let host = if host == "unknown" {
+        &*report.authority
+    } else {
+        host
+    };
+    let path = report.uri.path_and_query().map_or("/", |p| p.as_str());
+    let (downstream, upstream) = labels.principals();
+    let entry = Entry {
+        start_time: SystemTime::now()
+            .checked_sub(outcome.duration)
+            .unwrap_or(SystemTime::UNIX_EPOCH),
+        method: report.method.as_str(),
+        path,
+        authority: Some(&report.authority),
+        scheme: "http",
+        protocol: report.version,
+        response_code: outcome.response_code,
+        response_flags: outcome.flags,
+        // Envoy's word for an answer that came from the upstream.
+        response_code_details: report
+            .details
+            .as_deref()
+            .or(report.hold.is_some().then_some("via_upstream")),
+        bytes_received: outcome.request_bytes,
+        bytes_sent: outcome.response_bytes,
+        duration: outcome.duration,
+        upstream_service_time: report.upstream_time,
+        upstream_host: report.upstream.map(SocketAddr::V4),
+        upstream_cluster: report
+            .cluster
+            .as_ref()
+            .map(|k| ClusterName::outbound(k.port, k.subset.as_deref(), host)),
+        downstream_local_address: match &conn.inbound {
+            Some(inbound) => Some(SocketAddr::V4(inbound.target)),
+            None => conn.dialled.map(SocketAddr::V4),
+        },
+        downstream_remote_address: SocketAddr::V4(conn.client),
+        route_name: report.route.as_deref(),
+        request_id: report.request_id.as_ref().and_then(|v| v.to_str().ok()),
+        downstream_peer: downstream,
+        upstream_peer: upstream,
+        request_headers: report.request_headers.as_deref(),
+        response_headers: report.response_headers.as_deref(),
+    };
+    if let Some((providers, pod)) = client {
+        emit(report, &view, &providers, &pod, &entry);
+    }
+    if let Some((providers, pod)) = server {
+        // The destination's view: its own cluster, and only what it saw of the flags.
+        let port = report.upstream.map_or(conn.port, |a| a.port());
+        let entry = Entry {
+            upstream_cluster: Some(ClusterName::inbound(port)),
+            response_flags: if conn.inbound.is_some() {
+                outcome.flags
+            } else {
+                at_destination(outcome.flags)
+            },
+            ..entry
+        };
+        emit(report, &view, &providers, &pod, &entry);
+    }
+}
+
+fn emit(
+    report: &Report,
+    view: &View,
+    providers: &[crate::model::telemetry::ExtensionProvider],
+    pod: &Pod,
+    entry: &Entry<'_>,
+) {
+    for provider in providers {
+        match &provider.kind {
+            ProviderKind::FileAccessLog { stderr, format } => {
+                let mut line = format.line(entry);
+                line.push('\n');
+                // A line that cannot be written (a closed output) is lost, never waited for.
+                let _ = if *stderr {
+                    std::io::stderr().lock().write_all(line.as_bytes())
+                } else {
+                    std::io::stdout().lock().write_all(line.as_bytes())
+                };
+            }
+            ProviderKind::OtelAccessLog {
+                service,
+                port,
+                format,
+            } => {
+                let log = record(pod, format, entry);
+                let addr = view.collector(service, *port);
+                report
+                    .conn
+                    .ctx
+                    .tracer
+                    .export((service, *port), addr, Record::Log(log));
+            }
+            _ => {}
+        }
+    }
+}
+
+/// The OTLP record of a line: a text format is the body, JSON labels the attributes.
+fn record(pod: &Pod, format: &Format, entry: &Entry<'_>) -> Log {
+    let (body, attributes) = match format {
+        Format::Text(_) => (Some(format.line(entry)), Vec::new()),
+        Format::Json(_) => {
+            let attributes = format
+                .fields(entry)
+                .into_iter()
+                .map(|(key, value)| {
+                    let value = match value {
+                        Value::Number(n) => n
+                            .as_i64()
+                            .map_or_else(|| Attribute::Text(n.to_string()), Attribute::Int),
+                        Value::String(s) => Attribute::Text(s),
+                        other => Attribute::Text(other.to_string()),
+                    };
+                    (Cow::Owned(key), value)
+                })
+                .collect();
+            (None, attributes)
+        }
+    };
+    let mut log = Log {
+        service: format!("{}.{}", pod.canonical_service(), pod.key.namespace).into(),
+        time: entry.start_time,
+        body,
+        attributes,
+    };
+    // A request's headers make no record larger than this: the exporter's queue stays bounded.
+    let texts = log
+        .body
+        .iter_mut()
+        .chain(log.attributes.iter_mut().filter_map(|(_, v)| match v {
+            Attribute::Text(t) => Some(t),
+            Attribute::Int(_) => None,
+        }));
+    for text in texts {
+        if let Some((at, _)) = text.char_indices().nth(MAX_VALUE) {
+            text.truncate(at);
+        }
+    }
+    log
+}
