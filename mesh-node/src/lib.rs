@@ -2,6 +2,7 @@
 
 pub mod admin;
 pub mod agent;
+pub mod analyze;
 pub mod app;
 pub mod ca;
 pub mod cni;
