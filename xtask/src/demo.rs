@@ -2,7 +2,8 @@
 //! and across nodes, a namespace outside the mesh, mutual TLS required (what the servers see,
 //! plaintext refused), Istio's HTTP authorization task (allowed and denied requests, what the
 //! node proxies counted), that namespace opted in live, then Istio's Bookinfo traffic-management
-//! tasks with the rules of `examples/bookinfo-traffic/`.
+//! tasks with the rules of `examples/bookinfo-traffic/`, and one page load's trace as an OTLP
+//! collector received it.
 //! Prints what each step did and what the node proxies and eBPF programs counted.
 
 use std::{collections::BTreeMap, time::Instant};
@@ -118,7 +119,57 @@ fn tasks() -> Result<()> {
         who(&text(field(&body, &["peer"])))
     );
     print_deltas(&before, &after, &["captured", "inbound_captured"]);
-    traffic_management()
+    traffic_management()?;
+    tracing()
+}
+
+/// Istio's distributed tracing task: an OpenTelemetry collector, the provider in MeshConfig,
+/// a Telemetry that traces every request; one page load becomes one trace.
+fn tracing() -> Result<()> {
+    step("Distributed tracing: an OTLP collector (observability/otel-collector), MeshConfig's provider and a Telemetry at 100 % (examples/demo/tracing.yaml)");
+    probe::apply_yaml(&probe::otlp_collector_yaml("node-2"))?;
+    cluster::apply(&workspace_root().join("examples/demo/tracing.yaml"))?;
+    probe::wait_for_collector()?;
+    let id = format!("demo-trace-{}", std::process::id());
+    let (status, body) = curl(
+        "default/sleep",
+        "http://productpage:9080/productpage",
+        &[("end-user", "jason"), ("x-request-id", &id)],
+    )?;
+    ensure!(status == 200, "productpage answered {status}: {body}");
+    // The node proxies send their spans every second.
+    let deadline = Instant::now() + std::time::Duration::from_secs(10);
+    let trace = loop {
+        let spans = probe::otlp_spans()?;
+        let root = spans
+            .iter()
+            .find(|s| s.parent.is_empty() && s.attribute("guid:x-request-id") == id);
+        if let Some(root) = root {
+            let trace: Vec<_> = spans
+                .iter()
+                .filter(|s| s.trace_id == root.trace_id)
+                .cloned()
+                .collect();
+            // sleep -> productpage -> details, reviews -> ratings: two spans per call.
+            if trace.len() >= 8 || Instant::now() > deadline {
+                break trace;
+            }
+        }
+        ensure!(
+            Instant::now() < deadline,
+            "no trace of the page load reached the collector"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(500));
+    };
+    println!(
+        "    one page load as jason, trace {} ({} spans: client span at the caller's node proxy, server span at the pod's):",
+        trace[0].trace_id,
+        trace.len()
+    );
+    for line in probe::trace_tree(&trace) {
+        println!("      {line}");
+    }
+    Ok(())
 }
 
 /// Istio's "require mTLS" task: STRICT in namespace default, what the servers see, and the

@@ -365,6 +365,128 @@ pub fn leftovers() -> Vec<String> {
     left
 }
 
+/// An OTLP collector for the virtual cluster: namespace `observability` (outside the mesh), a
+/// pod on `node` running `xtask/assets/observability/otlp_receiver.py` (grpcio and
+/// `opentelemetry-proto` from the test Python of `cargo xtask setup`) that writes what it
+/// receives to its log, and the Service `otel-collector.observability:4317`.
+pub fn otlp_collector_yaml(node: &str) -> String {
+    let python = crate::setup::test_python().display().to_string();
+    let receiver = crate::workspace_root()
+        .join("xtask/assets/observability/otlp_receiver.py")
+        .display()
+        .to_string();
+    format!(
+        r#"apiVersion: v1
+kind: Namespace
+metadata: {{name: observability}}
+---
+apiVersion: v1
+kind: Pod
+metadata: {{name: otel-collector, namespace: observability, labels: {{app: otel-collector}}}}
+spec:
+  nodeName: {node}
+  containers: [{{name: main, command: ["{python}", "{receiver}", "4317", /dev/stdout], ports: [{{containerPort: 4317}}]}}]
+---
+apiVersion: v1
+kind: Service
+metadata: {{name: otel-collector, namespace: observability}}
+spec:
+  selector: {{app: otel-collector}}
+  ports: [{{name: grpc-otlp, port: 4317}}]
+"#
+    )
+}
+
+/// Until the collector of [`otlp_collector_yaml`] serves.
+pub fn wait_for_collector() -> Result<()> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let log = cluster::log_path("observability/otel-collector")?;
+    while !std::fs::read_to_string(&log)?.contains("listening") {
+        ensure!(
+            std::time::Instant::now() < deadline,
+            "the OTLP collector did not start: {}",
+            log.display()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    Ok(())
+}
+
+/// One span as the collector of [`otlp_collector_yaml`] received it.
+#[derive(Debug, Clone)]
+pub struct OtlpSpan {
+    pub trace_id: String,
+    pub span_id: String,
+    /// Empty for a trace's root.
+    pub parent: String,
+    pub kind: String,
+    pub name: String,
+    /// `service.name`: the workload the span speaks for (`canonical-service.namespace`).
+    pub service: String,
+    pub attributes: serde_json::Value,
+}
+
+impl OtlpSpan {
+    /// An attribute as text (numbers printed); empty when absent.
+    pub fn attribute(&self, key: &str) -> String {
+        match &self.attributes[key] {
+            serde_json::Value::String(s) => s.clone(),
+            serde_json::Value::Null => String::new(),
+            other => other.to_string(),
+        }
+    }
+
+    /// A source proxy's span (else a destination proxy's).
+    pub fn client(&self) -> bool {
+        self.kind == "SPAN_KIND_CLIENT"
+    }
+}
+
+/// Every span the collector received so far.
+pub fn otlp_spans() -> Result<Vec<OtlpSpan>> {
+    let log = std::fs::read_to_string(cluster::log_path("observability/otel-collector")?)?;
+    let mut spans = Vec::new();
+    for line in log.lines().filter(|l| l.starts_with("{\"trace_id\"")) {
+        let v: serde_json::Value =
+            serde_json::from_str(line).with_context(|| format!("span {line:?}"))?;
+        let text = |key: &str| v[key].as_str().unwrap_or_default().to_owned();
+        spans.push(OtlpSpan {
+            trace_id: text("trace_id"),
+            span_id: text("span_id"),
+            parent: text("parent_span_id"),
+            kind: text("kind"),
+            name: text("name"),
+            service: text("service"),
+            attributes: v["attributes"].clone(),
+        });
+    }
+    Ok(spans)
+}
+
+/// The spans of one trace as a tree, one line per span, children indented under their parent.
+pub fn trace_tree(spans: &[OtlpSpan]) -> Vec<String> {
+    fn walk(spans: &[OtlpSpan], span: &OtlpSpan, depth: usize, out: &mut Vec<String>) {
+        out.push(format!(
+            "{}{} {} {} {} ({})",
+            "  ".repeat(depth),
+            if span.client() { "client" } else { "server" },
+            span.service,
+            span.name,
+            span.attribute("http.status_code"),
+            span.attribute("node_id"),
+        ));
+        for child in spans.iter().filter(|s| s.parent == span.span_id) {
+            walk(spans, child, depth + 1, out);
+        }
+    }
+    let mut out = Vec::new();
+    let ids: Vec<&str> = spans.iter().map(|s| s.span_id.as_str()).collect();
+    for root in spans.iter().filter(|s| !ids.contains(&s.parent.as_str())) {
+        walk(spans, root, 0, &mut out);
+    }
+    out
+}
+
 /// Merges the resources of `yaml` into the running cluster (`cluster apply`).
 pub fn apply_yaml(yaml: &str) -> Result<()> {
     through_file(yaml, cluster::apply)

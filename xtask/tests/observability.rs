@@ -23,7 +23,11 @@ use std::{
 
 use anyhow::{bail, ensure, Context as _, Result};
 use serde_json::{json, Value};
-use xtask::{cluster, probe, workspace_root};
+use xtask::{
+    cluster,
+    probe::{self, OtlpSpan},
+    workspace_root,
+};
 
 /// Bookinfo (`examples/bookinfo/bookinfo.yaml`) is added in front of this.
 const CLUSTER: &str = r#"
@@ -120,24 +124,7 @@ metadata: {name: tracer, namespace: traffic, labels: {app: tracer}}
 spec:
   nodeName: node-1
   containers: [{name: main, command: [sleep, infinity]}]
----
-apiVersion: v1
-kind: Namespace
-metadata: {name: observability}
----
-apiVersion: v1
-kind: Pod
-metadata: {name: otel-collector, namespace: observability, labels: {app: otel-collector}}
-spec:
-  nodeName: node-2
-  containers: [{name: main, command: ["@PYTHON@", "@RECEIVER@", "4317", /dev/stdout], ports: [{containerPort: 4317}]}]
----
-apiVersion: v1
-kind: Service
-metadata: {name: otel-collector, namespace: observability}
-spec:
-  selector: {app: otel-collector}
-  ports: [{name: grpc-otlp, port: 4317}]
+
 ---
 # Istio's way to trace: a provider in MeshConfig, chosen by the mesh's Telemetry. The mesh
 # starts no trace (0 %) but continues those its callers sampled; the tracer pod's requests are
@@ -241,15 +228,8 @@ fn cluster_yaml() -> Result<String> {
     let bookinfo = workspace_root().join("examples/bookinfo/bookinfo.yaml");
     let bookinfo =
         fs::read_to_string(&bookinfo).with_context(|| format!("reading {}", bookinfo.display()))?;
-    let python = xtask::setup::test_python().display().to_string();
-    let receiver = workspace_root()
-        .join("xtask/assets/observability/otlp_receiver.py")
-        .display()
-        .to_string();
-    let cluster = CLUSTER
-        .replace("@PYTHON@", &python)
-        .replace("@RECEIVER@", &receiver);
-    Ok(format!("{bookinfo}\n---{cluster}"))
+    let collector = probe::otlp_collector_yaml("node-2");
+    Ok(format!("{bookinfo}\n---{CLUSTER}---\n{collector}"))
 }
 
 /// A Prometheus server, stopped and its data removed when dropped.
@@ -648,60 +628,11 @@ fn dashboards_and_kiali_read_weft_metrics() -> Result<()> {
     Ok(())
 }
 
-/// One span as the OTLP receiver wrote it.
-#[derive(Debug, Clone)]
-struct Span {
-    trace_id: String,
-    span_id: String,
-    parent: String,
-    kind: String,
-    name: String,
-    service: String,
-    attributes: Value,
-}
-
-impl Span {
-    fn attribute(&self, key: &str) -> String {
-        match &self.attributes[key] {
-            Value::String(s) => s.clone(),
-            Value::Null => String::new(),
-            other => other.to_string(),
-        }
-    }
-
-    fn client(&self) -> bool {
-        self.kind == "SPAN_KIND_CLIENT"
-    }
-}
-
-/// Every span the collector received so far (its log: one JSON line per span).
-fn received_spans() -> Result<Vec<Span>> {
-    let log = fs::read_to_string(cluster::log_path("observability/otel-collector")?)?;
-    let mut spans = Vec::new();
-    for line in log.lines().filter(|l| l.starts_with('{')) {
-        let v: Value = serde_json::from_str(line).with_context(|| format!("span {line:?}"))?;
-        if v["log"] == true {
-            continue;
-        }
-        let text = |key: &str| v[key].as_str().unwrap_or_default().to_owned();
-        spans.push(Span {
-            trace_id: text("trace_id"),
-            span_id: text("span_id"),
-            parent: text("parent_span_id"),
-            kind: text("kind"),
-            name: text("name"),
-            service: text("service"),
-            attributes: v["attributes"].clone(),
-        });
-    }
-    Ok(spans)
-}
-
 /// The spans of `trace_id`, once the proxies' exporters had the time to send them.
-fn spans_of(trace_id: &str) -> Result<Vec<Span>> {
+fn spans_of(trace_id: &str) -> Result<Vec<OtlpSpan>> {
     // Exporters send every second; a span of each side of each hop is expected.
     thread::sleep(Duration::from_secs(3));
-    Ok(received_spans()?
+    Ok(probe::otlp_spans()?
         .into_iter()
         .filter(|s| s.trace_id == trace_id)
         .collect())
@@ -724,13 +655,7 @@ fn random_hex(bytes: usize) -> String {
 /// the tracer pod's starts every one (100 %); a caller's sampled context (W3C or B3) is
 /// continued and an unsampled one stays unsampled.
 fn bookinfo_page_loads_make_one_trace() -> Result<()> {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !fs::read_to_string(cluster::log_path("observability/otel-collector")?)?
-        .contains("listening")
-    {
-        ensure!(Instant::now() < deadline, "the OTLP receiver did not start");
-        thread::sleep(Duration::from_millis(200));
-    }
+    probe::wait_for_collector()?;
     // Started by the tracer's proxy. reviews v1 does not call ratings: load until a page
     // went through v2 or v3.
     let mut found = None;
@@ -746,13 +671,13 @@ fn bookinfo_page_loads_make_one_trace() -> Result<()> {
         )?;
         ensure!(status == 200, "productpage answered {status}");
         thread::sleep(Duration::from_millis(1500));
-        let spans = received_spans()?;
+        let spans = probe::otlp_spans()?;
         let Some(root) = spans.iter().find(|s| {
             s.client() && s.service == "tracer.traffic" && s.attribute("guid:x-request-id") == id
         }) else {
             continue;
         };
-        let trace: Vec<Span> = spans
+        let trace: Vec<OtlpSpan> = spans
             .iter()
             .filter(|s| s.trace_id == root.trace_id)
             .cloned()
@@ -773,16 +698,8 @@ fn bookinfo_page_loads_make_one_trace() -> Result<()> {
     } else {
         spans
     };
-    for s in &spans {
-        println!(
-            "    {} {:<24} {:<18} {} <- {} ({})",
-            &s.span_id,
-            s.name,
-            s.service,
-            if s.client() { "client" } else { "server" },
-            if s.parent.is_empty() { "-" } else { &s.parent },
-            s.attribute("node_id")
-        );
+    for line in probe::trace_tree(&spans) {
+        println!("    {line}");
     }
     ensure!(
         root.parent.is_empty() && root.service == "tracer.traffic",
@@ -820,7 +737,7 @@ fn bookinfo_page_loads_make_one_trace() -> Result<()> {
             client.service == from && client.name.starts_with(&format!("{to}.default.svc")),
             "unexpected client span: {client:?}"
         );
-        let servers: Vec<&Span> = spans
+        let servers: Vec<&OtlpSpan> = spans
             .iter()
             .filter(|s| !s.client() && s.parent == client.span_id)
             .collect();
@@ -941,7 +858,7 @@ fn bookinfo_page_loads_make_one_trace() -> Result<()> {
         spans_of(&unsampled)?.is_empty(),
         "spans were sent for a trace its caller did not sample"
     );
-    let before = received_spans()?.len();
+    let before = probe::otlp_spans()?.len();
     for _ in 0..5 {
         probe::curl_text(
             "traffic/client",
@@ -949,7 +866,7 @@ fn bookinfo_page_loads_make_one_trace() -> Result<()> {
         )?;
     }
     thread::sleep(Duration::from_secs(3));
-    let after = received_spans()?;
+    let after = probe::otlp_spans()?;
     let started = after[before..]
         .iter()
         .filter(|s| s.service == "client.traffic" && s.parent.is_empty())
