@@ -126,9 +126,18 @@ fn tasks() -> Result<()> {
 /// Istio's distributed tracing task: an OpenTelemetry collector, the provider in MeshConfig,
 /// a Telemetry that traces every request; one page load becomes one trace.
 fn tracing() -> Result<()> {
-    step("Distributed tracing: an OTLP collector (observability/otel-collector), MeshConfig's provider and a Telemetry at 100 % (examples/demo/tracing.yaml)");
+    step("Distributed tracing: an OTLP collector (observability/otel-collector), MeshConfig's provider and a Telemetry at 100 % (examples/demo/tracing.yaml), jason routed to reviews v2");
     probe::apply_yaml(&probe::otlp_collector_yaml("node-2"))?;
     cluster::apply(&workspace_root().join("examples/demo/tracing.yaml"))?;
+    // The routes of the request-routing task again (jason to reviews v2, which calls ratings),
+    // without the last task's delay and timeout.
+    let routes = workspace_root().join("examples/bookinfo-traffic");
+    for file in [
+        "virtual-service-all-v1.yaml",
+        "virtual-service-reviews-test-v2.yaml",
+    ] {
+        cluster::apply(&routes.join(file))?;
+    }
     probe::wait_for_collector()?;
     let id = format!("demo-trace-{}", std::process::id());
     let (status, body) = curl(
