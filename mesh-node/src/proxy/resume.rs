@@ -325,6 +325,7 @@ where
         let leg = tokio::time::Instant::now();
         let pause = ctx.handover.child_token();
         upstream.io().on_peer_pause(pause.clone());
+        // Awaited where it is made: a future kept in a local first takes its room twice.
         let relayed = relay_until_pause(
             ctx,
             downstream,
@@ -333,8 +334,9 @@ where
             lifetime,
             &pause,
             held,
-        );
-        let mut paused = match relayed.await? {
+        )
+        .await;
+        let mut paused = match relayed? {
             Copied::Done(transferred) => {
                 add(&mut total, transferred);
                 return Ok(SourceEnd::Done(total));
@@ -365,7 +367,9 @@ where
                 )));
             }
             debug!(target = %route.target, "the destination's node proxy paused the stream: resuming");
-            upstream = match reconnect(ctx, route, &token).await {
+            // Boxed, as every path a stream takes only at a restart: the task of every
+            // connection across nodes is as large as its largest path.
+            upstream = match Box::pin(reconnect(ctx, route, &token)).await {
                 Ok(stream) => stream,
                 Err(e) => {
                     conn.closed();
@@ -378,7 +382,7 @@ where
         // This node proxy hands over: tell the destination, take what it still sends, and
         // let the next mesh-node resume.
         let rest = match upstream.io().pause() {
-            Ok(()) => upstream.io().until_peer_paused(PAUSE_ANSWER).await,
+            Ok(()) => Box::pin(upstream.io().until_peer_paused(PAUSE_ANSWER)).await,
             Err(e) => Err(e),
         };
         match rest {
@@ -537,8 +541,9 @@ pub(super) async fn relay_destination(
         lifetime,
         &pause,
         held,
-    );
-    let mut paused = match relayed.await? {
+    )
+    .await;
+    let mut paused = match relayed? {
         Copied::Done(transferred) => return Ok(transferred),
         Copied::Paused(paused) => paused,
     };
@@ -570,7 +575,7 @@ pub(super) async fn relay_destination(
     // This node proxy hands over: tell the source, take what it still sends, and hand the
     // pod's socket to the next mesh-node, which parks it until the source resumes there.
     let rest = match downstream.pause() {
-        Ok(()) => downstream.until_peer_paused(PAUSE_ANSWER).await,
+        Ok(()) => Box::pin(downstream.until_peer_paused(PAUSE_ANSWER)).await,
         Err(e) => Err(e),
     };
     let successor = ctx.config.handovers.successor.get().cloned();
@@ -589,8 +594,7 @@ pub(super) async fn relay_destination(
     };
     paused.to_upstream.extend_from_slice(&rest);
     conn.closed();
-    successor
-        .hand_over_parked(parking, paused, pod)
+    Box::pin(successor.hand_over_parked(parking, paused, pod))
         .await
         .map_err(ProxyError::Socket)?;
     Ok(transferred)
