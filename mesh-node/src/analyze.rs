@@ -61,19 +61,22 @@ impl fmt::Display for Finding {
     }
 }
 
-/// The YAML and JSON files under `paths` (files as given, directories walked), in name order.
+/// The most a file may hold: a larger one is not read (Kubernetes keeps 1.5 MiB per object).
+pub const MAX_FILE_BYTES: u64 = 16 << 20;
+
+/// The YAML and JSON files under `paths` (files as given, directories walked without following
+/// links to directories), in name order.
 pub fn files(paths: &[PathBuf]) -> io::Result<Vec<PathBuf>> {
     fn walk(dir: &Path, out: &mut Vec<PathBuf>) -> io::Result<()> {
-        let mut entries: Vec<PathBuf> = fs::read_dir(dir)?
-            .map(|e| e.map(|e| e.path()))
-            .collect::<io::Result<_>>()?;
-        entries.sort();
-        for path in entries {
-            let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
-            if name.starts_with('.') {
+        let mut entries: Vec<fs::DirEntry> = fs::read_dir(dir)?.collect::<io::Result<_>>()?;
+        entries.sort_by_key(fs::DirEntry::path);
+        for entry in entries {
+            let path = entry.path();
+            let name = entry.file_name();
+            if name.to_string_lossy().starts_with('.') {
                 continue;
             }
-            if path.is_dir() {
+            if entry.file_type()?.is_dir() {
                 walk(&path, out)?;
             } else if ["yaml", "yml", "json"]
                 .iter()
@@ -86,14 +89,28 @@ pub fn files(paths: &[PathBuf]) -> io::Result<Vec<PathBuf>> {
     }
     let mut out = Vec::new();
     for path in paths {
-        if path.is_dir() {
+        if fs::metadata(path)?.is_dir() {
             walk(path, &mut out)?;
         } else {
-            fs::metadata(path)?;
             out.push(path.clone());
         }
     }
     Ok(out)
+}
+
+/// The content of `file`: a regular file (a link to one too) of at most [`MAX_FILE_BYTES`].
+pub fn read(file: &Path) -> io::Result<Vec<u8>> {
+    let meta = fs::metadata(file)?;
+    if !meta.is_file() {
+        return Err(io::Error::other("not a regular file"));
+    }
+    if meta.len() > MAX_FILE_BYTES {
+        return Err(io::Error::other(format!(
+            "{} bytes, over the {MAX_FILE_BYTES} meshctl reads",
+            meta.len()
+        )));
+    }
+    fs::read(file)
 }
 
 /// Analyzes `files` (name, content) as one configuration.
@@ -183,8 +200,7 @@ pub fn analyze(files: &[(String, Vec<u8>)]) -> Vec<Finding> {
                     .flat_map(|rule| rule.route.iter().map(|r| &r.destination)),
             );
         for destination in destinations {
-            let host = fqdn(&destination.host, ns);
-            if !known_host(&snapshot, &host) {
+            let Some(host) = resolve(&snapshot, &destination.host, ns) else {
                 warn(
                     origin(Kind::VirtualService, &vs.key),
                     "IST0101",
@@ -194,10 +210,10 @@ pub fn analyze(files: &[(String, Vec<u8>)]) -> Vec<Finding> {
                     ),
                 );
                 continue;
-            }
+            };
             if let Some(subset) = &destination.subset {
                 let defined = snapshot.destination_rules.values().any(|dr| {
-                    fqdn(&dr.host, &dr.key.namespace) == host && dr.subset(subset).is_some()
+                    covers(&fqdn(&dr.host, &dr.key.namespace), &host) && dr.subset(subset).is_some()
                 });
                 if !defined {
                     warn(
@@ -229,8 +245,10 @@ pub fn analyze(files: &[(String, Vec<u8>)]) -> Vec<Finding> {
             }
         }
     }
-    // DestinationRules: subsets that select no pod of their Service.
-    for dr in snapshot.destination_rules.values() {
+    // DestinationRules: subsets that select no pod of their Service (when pods were given:
+    // manifests of Deployments hold none).
+    let pods_given = !snapshot.pods.is_empty();
+    for dr in snapshot.destination_rules.values().filter(|_| pods_given) {
         let host = fqdn(&dr.host, &dr.key.namespace);
         let Some(service) = snapshot
             .services
@@ -329,10 +347,13 @@ pub fn analyze(files: &[(String, Vec<u8>)]) -> Vec<Finding> {
     findings
 }
 
-/// `host` as written in namespace `ns`, fully qualified the way Istio reads it.
+/// `host` as written in namespace `ns`, fully qualified the way Istio reads a Service's name.
 fn fqdn(host: &str, ns: &str) -> String {
-    if host.contains('*') || host.ends_with(".svc.cluster.local") {
+    if host.contains('*') || host.ends_with(".cluster.local") {
         return host.to_owned();
+    }
+    if let Some(short) = host.strip_suffix(".svc") {
+        return format!("{short}.svc.cluster.local");
     }
     match host.split('.').count() {
         1 => format!("{host}.{ns}.svc.cluster.local"),
@@ -341,15 +362,24 @@ fn fqdn(host: &str, ns: &str) -> String {
     }
 }
 
-/// Whether a Service or a ServiceEntry host answers to `host`.
-fn known_host(snapshot: &Snapshot, host: &str) -> bool {
-    snapshot.services.values().any(|s| {
-        let name = s.hostname();
-        name == host
-            || name
-                .strip_prefix('*')
-                .is_some_and(|suffix| host.ends_with(suffix))
-    })
+/// The host a route's `host` names in namespace `ns`: a ServiceEntry host as written, else a
+/// Service's name; `None` when neither answers to it.
+fn resolve(snapshot: &Snapshot, host: &str, ns: &str) -> Option<String> {
+    let names: Vec<String> = snapshot.services.values().map(|s| s.hostname()).collect();
+    let known = |candidate: &str| names.iter().any(|name| covers(name, candidate));
+    if known(host) {
+        return Some(host.to_owned());
+    }
+    let qualified = fqdn(host, ns);
+    known(&qualified).then_some(qualified)
+}
+
+/// Whether `pattern` (a host, or `*.suffix`) answers to `host`.
+fn covers(pattern: &str, host: &str) -> bool {
+    pattern == host
+        || pattern
+            .strip_prefix('*')
+            .is_some_and(|suffix| host.ends_with(suffix))
 }
 
 #[cfg(test)]
@@ -418,6 +448,26 @@ metadata: {name: tracing, namespace: shop}
 spec:
   tracing: [{providers: [{name: jaeger}]}]
   accessLogging: [{providers: [{name: envoy}]}]
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: httpbin, namespace: shop}
+spec:
+  hosts: [httpbin.org]
+  ports: [{number: 80, name: http, protocol: HTTP}]
+  resolution: DNS
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: egress, namespace: shop}
+spec:
+  hosts: [httpbin.org]
+  http:
+  - route:
+    - destination: {host: httpbin.org}
+      weight: 50
+    - destination: {host: reviews.shop.svc, subset: v1}
+      weight: 50
 ---
 apiVersion: networking.istio.io/v1
 kind: VirtualService
@@ -515,6 +565,11 @@ spec:
                 "Telemetry shop/tracing",
                 "\"jaeger\""
             ),
+            "{lines:#?}"
+        );
+        // A ServiceEntry host and `name.namespace.svc` resolve.
+        assert!(
+            !lines.iter().any(|l| l.contains("shop/egress")),
             "{lines:#?}"
         );
         // The built-in `envoy` access log provider needs no MeshConfig.

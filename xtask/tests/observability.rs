@@ -878,10 +878,13 @@ fn bookinfo_page_loads_make_one_trace() -> Result<()> {
     // Every node counted what it sent.
     for node in ["node-1", "node-2"] {
         let metrics = probe::metrics(node)?;
-        let exported =
-            probe::sample_sum(&metrics, "weft_otlp_exported_total", &[("signal", "spans")]);
+        let exported = probe::sample_sum(
+            &metrics,
+            "weft_telemetry_sent_total",
+            &[("signal", "spans")],
+        );
         ensure!(exported > 0.0, "{node} reports no exported span");
-        let dropped = probe::sample_sum(&metrics, "weft_otlp_dropped_total", &[]);
+        let dropped = probe::sample_sum(&metrics, "weft_telemetry_dropped_total", &[]);
         ensure!(
             dropped == 0.0,
             "{node} dropped {dropped} spans or log records"
@@ -988,7 +991,7 @@ fn telemetry_api_access_logs() -> Result<()> {
         "a text line of another call: {lines:#?}"
     );
     let metrics = probe::metrics("node-1")?;
-    let sent = probe::sample_sum(&metrics, "weft_otlp_exported_total", &[("signal", "logs")]);
+    let sent = probe::sample_sum(&metrics, "weft_telemetry_sent_total", &[("signal", "logs")]);
     ensure!(sent > 0.0, "node-1 counts no exported access log record");
     Ok(())
 }

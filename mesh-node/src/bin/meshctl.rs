@@ -46,7 +46,7 @@ fn analyze_files(paths: &[PathBuf], json: bool) -> ExitCode {
     };
     let mut contents = Vec::new();
     for file in &files {
-        match std::fs::read(file) {
+        match analyze::read(file) {
             Ok(content) => contents.push((file.display().to_string(), content)),
             Err(e) => {
                 eprintln!("meshctl: cannot read {}: {e}", file.display());

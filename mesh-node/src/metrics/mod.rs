@@ -21,8 +21,8 @@
 //! | `weft_overload_level` | gauge | | 0 normal, 1 pressure (buffers stop growing, HTTP/1 keep-alive off), 2 shedding (the heaviest client refused), 3 critical (every new connection and request refused, idle connections closed) |
 //! | `weft_overload_refused_total` | counter | `what` = `connections`, `requests` | connections closed at accept and requests answered `503 OM` by the overload manager |
 //! | `weft_overload_closed_total` | counter | `why` = `idle`, `heaviest` | connections it closed to give memory back: idle ones, and those of the clients it refused (at the critical level) |
-//! | `weft_otlp_exported_total` | counter | `signal` = `spans`, `logs` | spans and access log records sent to OTLP collectors |
-//! | `weft_otlp_dropped_total` | counter | `signal`, `reason` = `queue_full`, `export_failed` | spans and access log records dropped instead of exported: the exporter's queue was full (a slow or absent collector), or the collector refused or did not take a batch in time |
+//! | `weft_telemetry_sent_total` | counter | `signal` = `spans`, `logs`, `lines` | spans and access log records sent to OTLP collectors, access log lines written to the proxy's output |
+//! | `weft_telemetry_dropped_total` | counter | `signal`, `reason` = `queue_full`, `export_failed` | dropped instead of sent: a queue was full (a slow or absent collector, or reader of the proxy's output), or the collector refused or did not take a batch in time |
 //! | `weft_authz_decisions_total` | counter | `action` (`ALLOW`, `DENY`, `AUDIT`), `policy` (`namespace/name`, `none`), `result` (`allowed`, `denied`, `audited`, `dry_run_allowed`, `dry_run_denied`) | requests and connections to workloads with AuthorizationPolicies, by the policy that decided; AUDIT and dry-run policies counted apart |
 //!
 //! Istio's TCP labels: `reporter` (`source` on the client's node, `destination` on the
@@ -884,11 +884,13 @@ struct IdentityLabels {
     identity: String,
 }
 
-/// What an OTLP exporter sends: spans or access log records.
+/// What telemetry is sent: spans and access log records over OTLP, access log lines on the
+/// proxy's output.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Signal {
     Spans,
     Logs,
+    Lines,
 }
 
 impl EncodeLabelValue for Signal {
@@ -896,15 +898,17 @@ impl EncodeLabelValue for Signal {
         let signal = match self {
             Signal::Spans => "spans",
             Signal::Logs => "logs",
+            Signal::Lines => "lines",
         };
         EncodeLabelValue::encode(&signal, encoder)
     }
 }
 
-/// Why a span or log record was not exported.
+/// Why a span, log record or line was not sent.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum OtlpDrop {
-    /// The exporter's queue was full: the collector is slow or absent.
+    /// The queue was full: the collector (or the reader of the proxy's output) is slow or
+    /// absent.
     QueueFull,
     /// The collector refused the batch, or could not be reached in time.
     ExportFailed,
@@ -931,8 +935,9 @@ struct OtlpDropLabels {
     reason: OtlpDrop,
 }
 
-/// `weft_otlp_exported_total{signal}` and `weft_otlp_dropped_total{signal, reason}`: what
-/// became of the spans of sampled requests and of access log records sent over OTLP.
+/// `weft_telemetry_sent_total{signal}` and `weft_telemetry_dropped_total{signal, reason}`: what
+/// became of the spans of sampled requests, of access log records sent over OTLP and of access
+/// log lines written to the proxy's output.
 #[derive(Clone, Debug, Default)]
 pub struct OtlpMetrics {
     exported: Family<SignalLabels, Counter>,
@@ -1262,13 +1267,13 @@ impl Metrics {
         );
         let otlp = OtlpMetrics::default();
         registry.register(
-            "weft_otlp_exported",
-            "Spans and access log records sent to OTLP collectors, by signal",
+            "weft_telemetry_sent",
+            "Spans and access log records sent to OTLP collectors, access log lines written to the proxy's output, by signal",
             otlp.exported.clone(),
         );
         registry.register(
-            "weft_otlp_dropped",
-            "Spans and access log records dropped instead of exported, by signal and reason (a request never waits for them)",
+            "weft_telemetry_dropped",
+            "Spans, access log records and lines dropped instead of sent, by signal and reason (a request never waits for them)",
             otlp.dropped.clone(),
         );
         Self {

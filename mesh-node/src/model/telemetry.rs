@@ -244,13 +244,14 @@ pub fn tracing(
 
 /// The access log providers of one side of a workload's requests (`client`: the source
 /// proxy's line), from the applicable Telemetries (widest first) over MeshConfig's defaults;
-/// empty: no line. `Err`: a provider chosen cannot be served, said with who chose it.
+/// empty: no line. `Err`: some providers chosen cannot be served (said with who chose them);
+/// the others still write.
 pub fn access_logging(
     applicable: &[&Telemetry],
     providers: &[ExtensionProvider],
     defaults: &DefaultProviders,
     client: bool,
-) -> Result<Vec<ExtensionProvider>, String> {
+) -> Result<Vec<ExtensionProvider>, Skipped> {
     let mut names = defaults.access_logging.clone();
     let mut chosen_by = "MeshConfig defaultProviders.accessLogging".to_owned();
     let mut disabled = false;
@@ -260,9 +261,11 @@ pub fn access_logging(
             .iter()
             .filter(|a| a.side.covers(client))
         {
+            // Providers named by a narrower entry write unless it turns them off itself.
             if let Some(p) = &entry.providers {
                 names = p.clone();
                 chosen_by = format!("Telemetry {}", telemetry.key);
+                disabled = false;
             }
             if let Some(d) = entry.disabled {
                 disabled = d;
@@ -272,7 +275,9 @@ pub fn access_logging(
     if disabled {
         return Ok(Vec::new());
     }
+    // As Istio: a provider that cannot be served is skipped (and said), the others write.
     let mut chosen = Vec::new();
+    let mut skipped = Vec::new();
     for name in names.iter() {
         let provider = providers
             .iter()
@@ -288,21 +293,23 @@ pub fn access_logging(
             {
                 chosen.push(p)
             }
-            Some(p) => {
-                return Err(format!(
-                    "{chosen_by}: access log provider {name:?} is of a kind Weft does not write access logs to ({}); envoyFileAccessLog and envoyOtelAls are",
-                    p.kind.name()
-                ))
-            }
-            None => {
-                return Err(format!(
-                    "{chosen_by}: access log provider {name:?} is not in MeshConfig's extensionProviders"
-                ))
-            }
+            Some(p) => skipped.push(format!(
+                "access log provider {name:?} is of a kind Weft does not write access logs to ({}); envoyFileAccessLog and envoyOtelAls are",
+                p.kind.name()
+            )),
+            None => skipped.push(format!(
+                "access log provider {name:?} is not in MeshConfig's extensionProviders"
+            )),
         }
+    }
+    if !skipped.is_empty() {
+        return Err((chosen, format!("{chosen_by}: {}", skipped.join("; "))));
     }
     Ok(chosen)
 }
+
+/// The providers that can be served, and why the others cannot.
+pub type Skipped = (Vec<ExtensionProvider>, String);
 
 /// Istio's built-in `envoy` provider: Istio's default text format on the proxy's output.
 pub fn envoy_provider() -> ExtensionProvider {
@@ -411,5 +418,77 @@ mod tests {
             .unwrap()
             .unwrap();
         assert_eq!(mesh_default.sampling, 0.01, "Istio's 1 %");
+    }
+
+    #[test]
+    fn access_logs_follow_the_narrowest_entry_and_skip_what_cannot_be_served() {
+        let als = ExtensionProvider {
+            name: "als".into(),
+            kind: ProviderKind::OtelAccessLog {
+                service: "otel.observability".into(),
+                port: 4317,
+                format: Arc::new(crate::telemetry::access_log::Format::istio_text()),
+            },
+        };
+        let logging = |ns: &str, name: &str, selector: bool, entry: AccessLogging| Telemetry {
+            key: ObjectKey::new(ns, name),
+            selector: selector.then(|| [("app".to_string(), "reviews".to_string())].into()),
+            tracing: None,
+            access_logging: Arc::from([entry]),
+        };
+        let names = |found: &[ExtensionProvider]| -> Vec<String> {
+            found.iter().map(|p| p.name.to_string()).collect()
+        };
+        let namespace_off = logging(
+            "bookinfo",
+            "off",
+            false,
+            AccessLogging {
+                disabled: Some(true),
+                ..AccessLogging::default()
+            },
+        );
+        let workload_on = logging(
+            "bookinfo",
+            "reviews",
+            true,
+            AccessLogging {
+                providers: Some(Arc::from([Arc::from("als")])),
+                ..AccessLogging::default()
+            },
+        );
+        let defaults = DefaultProviders {
+            access_logging: Arc::from([Arc::from("envoy")]),
+            ..DefaultProviders::default()
+        };
+        let providers = [als];
+        // The namespace turns the default off; the workload's own providers write.
+        let applied = [&namespace_off, &workload_on];
+        let found = access_logging(&applied, &providers, &defaults, false).unwrap();
+        assert_eq!(names(&found), ["als"]);
+        assert_eq!(
+            access_logging(&[&namespace_off], &providers, &defaults, false),
+            Ok(vec![])
+        );
+        // No Telemetry: MeshConfig's default, Istio's built-in `envoy`.
+        let found = access_logging(&[], &providers, &defaults, true).unwrap();
+        assert_eq!(names(&found), ["envoy"]);
+        // A provider that cannot be served is skipped and said; the others write.
+        let some_unknown = logging(
+            "bookinfo",
+            "two",
+            false,
+            AccessLogging {
+                providers: Some(Arc::from([Arc::from("nope"), Arc::from("als")])),
+                ..AccessLogging::default()
+            },
+        );
+        let (found, reason) =
+            access_logging(&[&some_unknown], &providers, &defaults, true).unwrap_err();
+        assert_eq!(names(&found), ["als"]);
+        assert!(
+            reason.contains("\"nope\"") && reason.contains("Telemetry bookinfo/two"),
+            "{reason}"
+        );
     }
 }

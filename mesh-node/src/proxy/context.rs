@@ -24,7 +24,7 @@ use crate::{
     identity::manager::CertManager,
     metrics::{AuthzMetrics, HttpMetrics, Metrics, MtlsRefusals, TcpMetrics},
     model::{OriginalDst, Snapshot},
-    telemetry::Tracer,
+    telemetry::{Lines, Tracer},
 };
 
 /// How long a TCP connect (to a pod or to a peer node's proxy) may take.
@@ -186,6 +186,8 @@ pub(crate) struct Context {
     pub authz: AuthzMetrics,
     /// Where sampled requests' spans and OTLP access log records go.
     pub tracer: Tracer,
+    /// Access log lines for the proxy's output.
+    pub lines: Lines,
     /// Health and circuit-breaker state of every cluster, kept across snapshots.
     pub clusters: Clusters,
     /// Upstream HTTP connections of every cluster.
@@ -246,6 +248,7 @@ impl Context {
             refusals: metrics.refusals().clone(),
             authz: metrics.authz().clone(),
             tracer: Tracer::new(metrics.otlp().clone()),
+            lines: Lines::start(metrics.otlp().clone()),
 
             clusters,
             pools: Pools::default(),

@@ -42,8 +42,8 @@ pub(crate) struct View {
     access_logs: RwLock<HashMap<(ObjectKey, bool), PodLogs>>,
     /// Whether any workload may be traced: MeshConfig has an `opentelemetry` provider.
     traces: bool,
-    /// Whether any workload may log requests: a Telemetry, or MeshConfig's default
-    /// access log providers.
+    /// Whether any workload may log requests: a Telemetry's `accessLogging`, or MeshConfig's
+    /// default access log providers.
     logs: bool,
 }
 
@@ -114,7 +114,10 @@ impl View {
             .extension_providers
             .iter()
             .any(|p| matches!(p.kind, ProviderKind::OpenTelemetry { .. }));
-        let logs = !snapshot.telemetries.is_empty()
+        let logs = snapshot
+            .telemetries
+            .values()
+            .any(|t| !t.access_logging.is_empty())
             || !snapshot
                 .mesh_config
                 .default_providers
@@ -241,13 +244,13 @@ impl View {
             &mesh.default_providers,
             client,
         ) {
-            Ok(found) if found.is_empty() => None,
-            Ok(found) => Some(Arc::from(found)),
-            Err(reason) => {
-                warn!(pod = %pod.key, side = if client { "client" } else { "server" }, "no access log: {reason}");
-                None
+            Ok(found) => found,
+            Err((found, reason)) => {
+                warn!(pod = %pod.key, side = if client { "client" } else { "server" }, "access log provider skipped: {reason}");
+                found
             }
         };
+        let found = (!found.is_empty()).then(|| Arc::from(found));
         let mut cache = self.access_logs.write().unwrap_or_else(|e| e.into_inner());
         cache.insert(key, found.clone());
         found

@@ -109,15 +109,12 @@ enum Command {
 }
 
 impl Command {
-    /// Commands whose value is a number: a JSON field that is exactly one is written as one.
+    /// Commands whose value is a number: a JSON field that is exactly one is written as one
+    /// (`x-envoy-upstream-service-time` is a header, text, as in Envoy).
     fn numeric(&self) -> bool {
         matches!(
             self,
-            Command::ResponseCode
-                | Command::BytesReceived
-                | Command::BytesSent
-                | Command::Duration
-                | Command::UpstreamServiceTime
+            Command::ResponseCode | Command::BytesReceived | Command::BytesSent | Command::Duration
         )
     }
 }
@@ -180,11 +177,15 @@ impl Template {
     }
 
     /// The JSON value of a field: a number where the field is exactly one numeric command
-    /// with a value, else text.
+    /// with a value, null where it is one command without a value, else text.
     fn json(&self, entry: &Entry<'_>) -> Value {
         let mut text = String::new();
         self.render(entry, &mut text);
-        if let [Piece::Command(command, None)] = &*self.0 {
+        if let [Piece::Command(command, _)] = &*self.0 {
+            // A field that is one command without a value is null, as Envoy writes it.
+            if text == "-" {
+                return Value::Null;
+            }
             if command.numeric() {
                 if let Ok(n) = text.parse::<u64>() {
                     return Value::from(n);
@@ -219,22 +220,25 @@ fn command(spec: &str) -> Result<Command, String> {
             Some((a, b)) => (a, Some(b)),
             None => (args, None),
         };
-        return Ok(match (first.to_ascii_uppercase().as_str(), second) {
-            (":METHOD", None) => Command::Method,
-            (":PATH", None) | ("X-ENVOY-ORIGINAL-PATH", Some(":PATH" | ":path")) => Command::Path,
-            (":AUTHORITY", None) | ("HOST", None) => Command::Authority,
-            (":SCHEME", None) => Command::Scheme,
-            ("X-REQUEST-ID", None) => Command::RequestId,
-            (pseudo, _) if pseudo.starts_with(':') => {
-                return Err(format!(
-                    "%{spec}%: {pseudo} is not a request pseudo-header Weft knows"
-                ))
-            }
-            _ => Command::Request(
-                header(first, spec)?,
-                second.map(|s| header(s, spec)).transpose()?,
-            ),
-        });
+        let upper_second = second.map(str::to_ascii_uppercase);
+        return Ok(
+            match (first.to_ascii_uppercase().as_str(), upper_second.as_deref()) {
+                (":METHOD", None) => Command::Method,
+                (":PATH", None) | ("X-ENVOY-ORIGINAL-PATH", Some(":PATH")) => Command::Path,
+                (":AUTHORITY", None) | ("HOST", None) => Command::Authority,
+                (":SCHEME", None) => Command::Scheme,
+                ("X-REQUEST-ID", None) => Command::RequestId,
+                (pseudo, _) if pseudo.starts_with(':') => {
+                    return Err(format!(
+                        "%{spec}%: {pseudo} is not a request pseudo-header Weft knows"
+                    ))
+                }
+                _ => Command::Request(
+                    header(first, spec)?,
+                    second.map(|s| header(s, spec)).transpose()?,
+                ),
+            },
+        );
     }
     if let Some(args) = spec.strip_prefix("RESP(").and_then(|a| a.strip_suffix(')')) {
         if args.contains('?') {
@@ -520,6 +524,7 @@ mod tests {
                 ("type", "%RESP(content-type)%"),
                 ("short", "%REQ(:AUTHORITY):7%"),
                 ("mixed", "took %DURATION% ms, %%"),
+                ("nothing", "%REQ(X-ABSENT)%"),
             ]
             .into_iter()
             .map(|(k, v)| (Arc::from(k), Template::compile(v).unwrap()))
@@ -532,6 +537,11 @@ mod tests {
         assert_eq!(line["type"], "text/plain");
         assert_eq!(line["short"], "reviews");
         assert_eq!(line["mixed"], "took 42 ms, %");
+        assert_eq!(
+            line["nothing"],
+            Value::Null,
+            "a command without a value is null"
+        );
     }
 
     #[test]

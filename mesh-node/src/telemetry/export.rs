@@ -4,7 +4,7 @@
 //! `...logs.v1.LogsService/Export`, on one connection).
 //!
 //! A request never waits for telemetry: when the queue is full (a slow or absent collector)
-//! the record is dropped and counted (`weft_otlp_dropped_total{reason="queue_full"}`); a batch
+//! the record is dropped and counted (`weft_telemetry_dropped_total{reason="queue_full"}`); a batch
 //! the collector refuses or cannot take within the timeout is dropped and counted too
 //! (`reason="export_failed"`). Batches leave every second, or as soon as 512 records wait.
 

@@ -5,7 +5,7 @@
 //! proxy's output (`envoyFileAccessLog`), or as an OTLP log record (`envoyOtelAls`: a text
 //! format as the record's body, JSON labels as its attributes).
 
-use std::{borrow::Cow, io::Write as _, time::SystemTime};
+use std::{borrow::Cow, time::SystemTime};
 
 use serde_json::Value;
 
@@ -99,12 +99,25 @@ pub(super) fn write(
         let port = report.upstream.map_or(conn.port, |a| a.port());
         let entry = Entry {
             upstream_cluster: Some(ClusterName::inbound(port)),
-            response_flags: if conn.inbound.is_some() {
-                outcome.flags
-            } else {
-                at_destination(outcome.flags)
-            },
             ..entry
+        };
+        // Between pods of one node: the attempt as the pod got it — the headers as sent (the
+        // caller's route changed them), from when it was sent, no route of the caller's.
+        let entry = match (&conn.inbound, report.attempt_start) {
+            (Some(_), _) => entry,
+            (None, started) => {
+                let duration = started.map_or(outcome.duration, |s| s.elapsed());
+                Entry {
+                    start_time: SystemTime::now()
+                        .checked_sub(duration)
+                        .unwrap_or(SystemTime::UNIX_EPOCH),
+                    duration,
+                    response_flags: at_destination(outcome.flags),
+                    route_name: None,
+                    request_headers: report.attempt_headers.as_deref(),
+                    ..entry
+                }
+            }
         };
         emit(report, &view, &providers, &pod, &entry);
     }
@@ -122,12 +135,7 @@ fn emit(
             ProviderKind::FileAccessLog { stderr, format } => {
                 let mut line = format.line(entry);
                 line.push('\n');
-                // A line that cannot be written (a closed output) is lost, never waited for.
-                let _ = if *stderr {
-                    std::io::stderr().lock().write_all(line.as_bytes())
-                } else {
-                    std::io::stdout().lock().write_all(line.as_bytes())
-                };
+                report.conn.ctx.lines.write(*stderr, line);
             }
             ProviderKind::OtelAccessLog {
                 service,

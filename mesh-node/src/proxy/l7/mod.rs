@@ -677,6 +677,8 @@ pub(super) struct Report {
     /// The request's and the response's headers, kept where a Telemetry may log them.
     request_headers: Option<Box<HeaderMap>>,
     response_headers: Option<Box<HeaderMap>>,
+    /// The headers of the attempt to a pod of this node that logs its requests, as sent.
+    attempt_headers: Option<Box<HeaderMap>>,
 }
 
 impl Finish for Report {

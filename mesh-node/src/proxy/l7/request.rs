@@ -9,6 +9,9 @@ pub(super) async fn handle(conn: Arc<Conn>, request: Request<Incoming>) -> Reply
     let (mut parts, body) = request.into_parts();
     let dialled_service = view.snapshot.services.get(&conn.service).cloned();
     let mut report = Report::new(conn.clone(), &parts, dialled_service.clone(), start);
+    if view.logs() {
+        report.request_headers = Some(Box::new(parts.headers.clone()));
+    }
     let authority = report.authority.clone();
     let grpc = report.grpc;
     // hyper bounds what it buffers; the limits themselves are counted here, the same way
@@ -41,8 +44,8 @@ pub(super) async fn handle(conn: Arc<Conn>, request: Request<Incoming>) -> Reply
         );
     }
     report.request_id = parts.headers.get(REQUEST_ID).cloned();
-    if view.logs() {
-        report.request_headers = Some(Box::new(parts.headers.clone()));
+    if let (Some(kept), Some(id)) = (&mut report.request_headers, &report.request_id) {
+        kept.insert(REQUEST_ID, id.clone());
     }
     if let Some(inbound) = &conn.inbound {
         if let Some(pod) = &inbound.pod {
@@ -490,14 +493,12 @@ pub(super) fn refused_reply(
     refused: Refused,
 ) -> Reply {
     let (parts, _) = request.into_parts();
-    let service = conn
-        .ctx
-        .view()
-        .snapshot
-        .services
-        .get(&conn.service)
-        .cloned();
-    let report = Report::new(conn, &parts, service, Instant::now());
+    let view = conn.ctx.view();
+    let service = view.snapshot.services.get(&conn.service).cloned();
+    let mut report = Report::new(conn, &parts, service, Instant::now());
+    if view.logs() {
+        report.request_headers = Some(Box::new(parts.headers));
+    }
     let (flags, body) = match refused {
         Refused::Cap => (
             ResponseFlags::UO,
@@ -540,6 +541,7 @@ impl Report {
             trace: None,
             request_headers: None,
             response_headers: None,
+            attempt_headers: None,
         }
     }
 }

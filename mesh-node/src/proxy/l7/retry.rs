@@ -78,17 +78,13 @@ impl Attempts<'_> {
             report.upstream = Some(pick.addr);
             report.destination = pick.pod.clone();
             // The pod's span opens before its policies decide, as at a destination proxy.
-            let traced = self.view.traces().then(|| {
-                let mut headers = parts.headers.clone();
-                Trace::attempt(
-                    &mut report.trace,
-                    self.view,
-                    &conn,
-                    pick.pod.as_ref(),
-                    &mut headers,
-                );
-                headers
-            });
+            Trace::attempt(
+                &mut report.trace,
+                self.view,
+                &conn,
+                pick.pod.as_ref(),
+                &parts.headers,
+            );
             if let Err(denied) = conn.authorize_local(self.view, pick.addr, parts) {
                 report.details = Some(denied.detail);
                 report.seen_by_destination = true;
@@ -102,10 +98,18 @@ impl Attempts<'_> {
                 },
             };
             let mut request = Request::from_parts(parts.clone(), request_body);
-            if let Some(headers) = traced {
-                *request.headers_mut() = headers;
-            }
+            Trace::sent(report.trace.as_deref(), request.headers_mut());
             conn.set_forwarded_client_cert(request.headers_mut(), pick.pod.as_deref());
+            // A pod of this node that logs its requests sees them as this attempt sends them.
+            if report.request_headers.is_some() {
+                let local = pick
+                    .pod
+                    .as_ref()
+                    .filter(|p| conn.ctx.dialer.serves(&self.view.snapshot, p));
+                report.attempt_headers = local
+                    .filter(|p| self.view.access_logs(p, false).is_some())
+                    .map(|_| Box::new(request.headers().clone()));
+            }
             let started = Instant::now();
             report.attempt_start = Some(started);
             let send = self.resolved.pool.send(

@@ -47,13 +47,19 @@ impl Side {
     /// This side's span for a request with `headers`, which then name it as the next hop's
     /// parent.
     fn open(tracing: Arc<EffectiveTracing>, pod: &Arc<Pod>, headers: &mut HeaderMap) -> Self {
+        let side = Self::read(tracing, pod, headers);
+        side.context.inject(headers);
+        side
+    }
+
+    /// The span for a request with `headers`, not yet written on them.
+    fn read(tracing: Arc<EffectiveTracing>, pod: &Arc<Pod>, headers: &HeaderMap) -> Self {
         let context = SpanContext::for_request(headers, tracing.sampling);
         let tags = if context.sampled {
             custom_tags(&tracing.custom_tags, headers)
         } else {
             Vec::new()
         };
-        context.inject(headers);
         Self {
             context,
             tracing,
@@ -93,15 +99,16 @@ impl Trace {
         }))
     }
 
-    /// An attempt of a request this proxy sends to `pod`: when this proxy serves it as the
-    /// destination too (a pod of this node), it makes the pod's span, once for all attempts
-    /// to that pod; a span it made for another pod is dropped.
+    /// An attempt of a request this proxy sends to `pod` (its head as the source proxy made
+    /// it: `headers`): when this proxy serves the pod as the destination too (a pod of this
+    /// node), it opens the pod's span, once for all attempts to that pod; a span it opened for
+    /// another pod is dropped. [`Trace::sent`] then writes it on the attempt.
     pub(super) fn attempt(
         trace: &mut Option<Box<Self>>,
         view: &View,
         conn: &Conn,
         pod: Option<&Arc<Pod>>,
-        headers: &mut HeaderMap,
+        headers: &HeaderMap,
     ) {
         if !view.traces() {
             return;
@@ -115,19 +122,25 @@ impl Trace {
         };
         if let Some(server) = trace.as_ref().and_then(|t| t.server.as_ref()) {
             if Arc::ptr_eq(&server.pod, pod) {
-                server.context.inject(headers);
                 return;
             }
         }
         match view.tracing(pod, false) {
             Some(tracing) => {
-                trace.get_or_insert_default().server = Some(Side::open(tracing, pod, headers));
+                trace.get_or_insert_default().server = Some(Side::read(tracing, pod, headers));
             }
             None => {
                 if let Some(trace) = trace {
                     trace.server = None;
                 }
             }
+        }
+    }
+
+    /// Writes the span of a pod of this node ([`Trace::attempt`]) on the attempt sent to it.
+    pub(super) fn sent(trace: Option<&Self>, headers: &mut HeaderMap) {
+        if let Some(server) = trace.and_then(|t| t.server.as_ref()) {
+            server.context.inject(headers);
         }
     }
 
