@@ -47,6 +47,29 @@ pub(crate) struct View {
     logs: bool,
 }
 
+/// What `cache` holds for `key`, computed (and kept) the first time.
+fn once<K: std::hash::Hash + Eq, V: Clone>(
+    cache: &RwLock<HashMap<K, V>>,
+    key: K,
+    compute: impl FnOnce() -> V,
+) -> V {
+    if let Some(found) = cache.read().unwrap_or_else(|e| e.into_inner()).get(&key) {
+        return found.clone();
+    }
+    let found = compute();
+    let mut cache = cache.write().unwrap_or_else(|e| e.into_inner());
+    cache.insert(key, found.clone());
+    found
+}
+
+fn side(client: bool) -> &'static str {
+    if client {
+        "client"
+    } else {
+        "server"
+    }
+}
+
 /// How a pod's requests are traced at one side (`None`: no span).
 type PodTracing = Option<Arc<EffectiveTracing>>;
 
@@ -165,41 +188,23 @@ impl View {
         if !self.traces {
             return None;
         }
-        let mesh = &self.snapshot.mesh_config;
-        let key = (pod.key.clone(), client);
-        if let Some(found) = self
-            .tracing
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(&key)
-        {
-            return found.clone();
-        }
-        let telemetries: Vec<&Telemetry> =
-            self.snapshot.telemetries.values().map(|t| &**t).collect();
-        let applicable = telemetry::applicable(
-            telemetries.iter().copied(),
-            ROOT_NAMESPACE,
-            &pod.key.namespace,
-            &pod.labels,
-        );
-        let found = match telemetry::tracing(
-            &applicable,
-            &mesh.extension_providers,
-            &mesh.default_providers,
-            mesh.default_sampling,
-            client,
-        ) {
-            Ok(found) => found.map(Arc::new),
-            Err(reason) => {
-                // Said once per pod, side and configuration: the pod's requests make no span.
-                warn!(pod = %pod.key, side = if client { "client" } else { "server" }, "no spans: {reason}");
-                None
+        once(&self.tracing, (pod.key.clone(), client), || {
+            let mesh = &self.snapshot.mesh_config;
+            match telemetry::tracing(
+                &self.telemetries_of(pod),
+                &mesh.extension_providers,
+                &mesh.default_providers,
+                mesh.default_sampling,
+                client,
+            ) {
+                Ok(found) => found.map(Arc::new),
+                Err(reason) => {
+                    // Said once per pod, side and view: the pod's requests make no span.
+                    warn!(pod = %pod.key, side = side(client), "no spans: {reason}");
+                    None
+                }
             }
-        };
-        let mut cache = self.tracing.write().unwrap_or_else(|e| e.into_inner());
-        cache.insert(key, found.clone());
-        found
+        })
     }
 
     /// Whether any workload's requests may be traced (a cheap check before [`View::tracing`]).
@@ -220,40 +225,34 @@ impl View {
         if !self.logs {
             return None;
         }
-        let key = (pod.key.clone(), client);
-        if let Some(found) = self
-            .access_logs
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(&key)
-        {
-            return found.clone();
-        }
-        let mesh = &self.snapshot.mesh_config;
+        once(&self.access_logs, (pod.key.clone(), client), || {
+            let mesh = &self.snapshot.mesh_config;
+            let found = match telemetry::access_logging(
+                &self.telemetries_of(pod),
+                &mesh.extension_providers,
+                &mesh.default_providers,
+                client,
+            ) {
+                Ok(found) => found,
+                Err((found, reason)) => {
+                    warn!(pod = %pod.key, side = side(client), "access log provider skipped: {reason}");
+                    found
+                }
+            };
+            (!found.is_empty()).then(|| Arc::from(found))
+        })
+    }
+
+    /// The Telemetries that apply to `pod`, widest first.
+    fn telemetries_of(&self, pod: &Pod) -> Vec<&Telemetry> {
         let telemetries: Vec<&Telemetry> =
             self.snapshot.telemetries.values().map(|t| &**t).collect();
-        let applicable = telemetry::applicable(
+        telemetry::applicable(
             telemetries.iter().copied(),
             ROOT_NAMESPACE,
             &pod.key.namespace,
             &pod.labels,
-        );
-        let found = match telemetry::access_logging(
-            &applicable,
-            &mesh.extension_providers,
-            &mesh.default_providers,
-            client,
-        ) {
-            Ok(found) => found,
-            Err((found, reason)) => {
-                warn!(pod = %pod.key, side = if client { "client" } else { "server" }, "access log provider skipped: {reason}");
-                found
-            }
-        };
-        let found = (!found.is_empty()).then(|| Arc::from(found));
-        let mut cache = self.access_logs.write().unwrap_or_else(|e| e.into_inner());
-        cache.insert(key, found.clone());
-        found
+        )
     }
 
     /// Where a collector named `host` (a Service's name, `name.namespace[.svc[.cluster.local]]`,

@@ -183,37 +183,23 @@ async fn run(collector: Collector, mut records: mpsc::Receiver<Record>, metrics:
                     Record::Log(l) => logs.push(l),
                 }
             }
+            let sender = Sender {
+                collector: &collector,
+                metrics: &metrics,
+            };
             if !spans.is_empty() {
-                let n = spans.len() as u64;
-                let sent = send(
-                    &collector,
-                    &mut client,
-                    Signal::Spans,
-                    |channel| async move {
-                        TraceServiceClient::new(channel)
-                            .export(request(spans.into_iter()))
-                            .await
-                            .map(drop)
-                    },
-                )
+                let request = request(spans.into_iter());
+                sender.send(&mut client, Signal::Spans, n(&request.resource_spans), |c| async move {
+                    TraceServiceClient::new(c).export(request).await.map(drop)
+                })
                 .await;
-                count(&metrics, Signal::Spans, n, sent);
             }
             if !logs.is_empty() {
-                let n = logs.len() as u64;
-                let sent = send(
-                    &collector,
-                    &mut client,
-                    Signal::Logs,
-                    |channel| async move {
-                        LogsServiceClient::new(channel)
-                            .export(logs_request(logs.into_iter()))
-                            .await
-                            .map(drop)
-                    },
-                )
+                let request = logs_request(logs.into_iter());
+                sender.send(&mut client, Signal::Logs, n(&request.resource_logs), |c| async move {
+                    LogsServiceClient::new(c).export(request).await.map(drop)
+                })
                 .await;
-                count(&metrics, Signal::Logs, n, sent);
             }
         }
         if !open {
@@ -222,59 +208,84 @@ async fn run(collector: Collector, mut records: mpsc::Receiver<Record>, metrics:
     }
 }
 
-fn count(metrics: &OtlpMetrics, signal: Signal, n: u64, sent: bool) {
-    if sent {
-        metrics.exported(signal, n);
-    } else {
-        metrics.dropped(signal, OtlpDrop::ExportFailed, n);
+/// How many records an OTLP request carries, for the counters.
+fn n<T: Records>(resources: &[T]) -> u64 {
+    resources.iter().map(Records::records).sum()
+}
+
+trait Records {
+    fn records(&self) -> u64;
+}
+
+impl Records for ResourceSpans {
+    fn records(&self) -> u64 {
+        self.scope_spans.iter().map(|s| s.spans.len() as u64).sum()
+    }
+}
+
+impl Records for ResourceLogs {
+    fn records(&self) -> u64 {
+        self.scope_logs
+            .iter()
+            .map(|s| s.log_records.len() as u64)
+            .sum()
     }
 }
 
 /// A connected channel and the URI it was connected to.
 type Client = (String, tonic::transport::Channel);
 
-/// Sends one request with `export` on the collector's channel (connected first when needed);
-/// whether it was taken.
-async fn send<F, Fut>(
-    collector: &Collector,
-    client: &mut Option<Client>,
-    signal: Signal,
-    export: F,
-) -> bool
-where
-    F: FnOnce(tonic::transport::Channel) -> Fut,
-    Fut: std::future::Future<Output = Result<(), tonic::Status>>,
-{
-    let uri = collector.uri();
-    if client
-        .as_ref()
-        .is_some_and(|(connected, _)| *connected != uri)
+/// Sends requests to one collector and counts what became of their records.
+struct Sender<'a> {
+    collector: &'a Collector,
+    metrics: &'a OtlpMetrics,
+}
+
+impl Sender<'_> {
+    /// Sends one request of `records` records with `export` on the collector's channel
+    /// (connected first when needed), and counts them sent or dropped.
+    async fn send<F, Fut>(
+        &self,
+        client: &mut Option<Client>,
+        signal: Signal,
+        records: u64,
+        export: F,
+    ) where
+        F: FnOnce(tonic::transport::Channel) -> Fut,
+        Fut: std::future::Future<Output = Result<(), tonic::Status>>,
     {
-        *client = None;
-    }
-    let result = tokio::time::timeout(EXPORT_TIMEOUT, async {
-        if client.is_none() {
-            let channel = tonic::transport::Endpoint::from_shared(uri.clone())?
-                .connect_timeout(EXPORT_TIMEOUT)
-                .connect()
-                .await?;
-            *client = Some((uri.clone(), channel));
-        }
-        let (_, channel) = client.as_ref().expect("connected above");
-        export(channel.clone()).await.map_err(anyhow::Error::from)?;
-        Ok::<(), anyhow::Error>(())
-    })
-    .await;
-    match result {
-        Ok(Ok(())) => true,
-        failed => {
+        let uri = self.collector.uri();
+        if client
+            .as_ref()
+            .is_some_and(|(connected, _)| *connected != uri)
+        {
             *client = None;
-            let error = match failed {
-                Ok(Err(e)) => format!("{e:#}"),
-                _ => format!("no answer within {EXPORT_TIMEOUT:?}"),
-            };
-            tracing::debug!(collector = %uri, ?signal, %error, "OTLP export failed");
-            false
+        }
+        let result = tokio::time::timeout(EXPORT_TIMEOUT, async {
+            if client.is_none() {
+                let channel = tonic::transport::Endpoint::from_shared(uri.clone())?
+                    .connect_timeout(EXPORT_TIMEOUT)
+                    .connect()
+                    .await?;
+                *client = Some((uri.clone(), channel));
+            }
+            let (_, channel) = client.as_ref().expect("connected above");
+            export(channel.clone()).await.map_err(anyhow::Error::from)?;
+            Ok::<(), anyhow::Error>(())
+        })
+        .await;
+        match result {
+            Ok(Ok(())) => self.metrics.exported(signal, records),
+            failed => {
+                *client = None;
+                self.metrics
+                    .dropped(signal, OtlpDrop::ExportFailed, records);
+                let error = match failed {
+                    Ok(Err(e)) => format!("{e:#}"),
+                    _ => format!("no answer within {EXPORT_TIMEOUT:?}"),
+                };
+                tracing::debug!(collector = %uri, ?signal, %error, "OTLP export failed");
+            }
         }
     }
 }
