@@ -4,7 +4,9 @@
 //! and the current snapshot, so a slow scraper cannot hold up connections.
 //!
 //! The admin port answers `/metrics` (what Prometheus scrapes) on every address, and the rest
-//! (`/debug/config`: every pod, label, service account and rule of the mesh) only on
+//! (`/debug/config`: every pod, label, service account and rule of the mesh; `/debug/status`,
+//! `/debug/routes`, `/debug/clusters`, `/debug/endpoints`, `/debug/policies` and
+//! `/debug/explain`, which `meshctl` reads) only on
 //! connections made to a loopback address — `127.0.0.1:15020` on the node, where operators and
 //! the node's own tools reach it — as Istio keeps Envoy's admin port local. The kernel never
 //! delivers a packet from another host or a pod's network namespace to the node's loopback.
@@ -15,8 +17,9 @@ use std::{
     net::SocketAddr,
     sync::{
         atomic::{AtomicBool, AtomicU64, Ordering},
-        Arc,
+        Arc, OnceLock,
     },
+    time::Instant,
 };
 
 use bytes::Bytes;
@@ -37,6 +40,7 @@ use crate::{
         authz::policies_for, policy::ROOT_NAMESPACE, ObjectKey, Snapshot, TargetPort,
         CGROUP_ANNOTATION,
     },
+    proxy::inspect::{Inspector, Question},
     source::SourceStatus,
 };
 
@@ -119,7 +123,31 @@ pub struct AdminState {
     pub metrics: Arc<Metrics>,
     pub readiness: Arc<Readiness>,
     pub source: Arc<SourceStatus>,
+    /// The node proxy, once it serves.
+    pub proxy: Arc<OnceLock<Inspector>>,
+    /// The eBPF programs attached (`None`: none are, `--no-ebpf` or a sidecar).
+    pub programs: Option<Programs>,
+    pub node: String,
+    pub started: Instant,
 }
+
+/// Lists the eBPF programs attached.
+pub type Programs = Arc<dyn Fn() -> Vec<String> + Send + Sync>;
+
+/// The metrics `meshctl status` shows when they are not zero: what goes wrong.
+const TROUBLE: [&str; 11] = [
+    "weft_config_rejected_total",
+    "weft_ebpf_errors_total",
+    "weft_ebpf_inbound_no_listener_total",
+    "weft_mtls_refused_total",
+    "weft_certificate_requests_total",
+    "weft_authz_decisions_total",
+    "weft_source_limit_refused_total",
+    "weft_overload_level",
+    "weft_overload_refused_total",
+    "weft_overload_closed_total",
+    "weft_telemetry_dropped_total",
+];
 
 pub async fn bind(server: &'static str, addr: SocketAddr) -> Result<TcpListener, AdminError> {
     TcpListener::bind(addr)
@@ -246,18 +274,80 @@ fn admin(state: &AdminState, req: &Request<Incoming>, local: Local) -> Response<
             metrics::CONTENT_TYPE,
             state.metrics.encode().into(),
         ),
-        "/debug/config" => {
-            let body = debug_config(state);
-            let mut body = serde_json::to_vec_pretty(&body).unwrap_or_default();
-            body.push(b'\n');
-            response(StatusCode::OK, "application/json", body.into())
+        "/debug/config" => json_response(StatusCode::OK, &debug_config(state)),
+        "/debug/status" => json_response(StatusCode::OK, &status(state)),
+        "/debug/routes" | "/debug/clusters" | "/debug/endpoints" | "/debug/policies"
+        | "/debug/explain" => {
+            let Some(proxy) = state.proxy.get() else {
+                return text(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "the proxy does not serve yet\n",
+                );
+            };
+            match path {
+                "/debug/routes" => json_response(StatusCode::OK, &proxy.routes()),
+                "/debug/clusters" => json_response(StatusCode::OK, &proxy.clusters()),
+                "/debug/endpoints" => json_response(StatusCode::OK, &proxy.endpoints()),
+                "/debug/policies" => json_response(StatusCode::OK, &proxy.policies()),
+                _ => match proxy.explain(&question(req.uri().query().unwrap_or(""))) {
+                    Ok(explanation) => json_response(StatusCode::OK, &json!(explanation)),
+                    Err(e) => text(StatusCode::BAD_REQUEST, format!("{e}\n")),
+                },
+            }
         }
-        "/" => text(StatusCode::OK, "Weft node admin: /metrics /debug/config\n"),
-        _ => text(
-            StatusCode::NOT_FOUND,
-            "not found: try /metrics or /debug/config\n",
-        ),
+        "/" => text(StatusCode::OK, format!("Weft node admin: {PATHS}\n")),
+        _ => text(StatusCode::NOT_FOUND, format!("not found: try {PATHS}\n")),
     }
+}
+
+const PATHS: &str = "/metrics /debug/config /debug/status /debug/routes /debug/clusters /debug/endpoints /debug/policies /debug/explain?from=NS/POD&url=URL[&method=M][&header=H]";
+
+fn json_response(status: StatusCode, value: &Value) -> Response<Full<Bytes>> {
+    let mut body = serde_json::to_vec_pretty(value).unwrap_or_default();
+    body.push(b'\n');
+    response(status, "application/json", body.into())
+}
+
+/// `/debug/explain`'s query: `from`, `url`, `method`, and `header` as often as needed.
+fn question(query: &str) -> Question {
+    let mut question = Question::default();
+    for (name, value) in form_urlencoded::parse(query.as_bytes()) {
+        match &*name {
+            "from" => question.from = value.into_owned(),
+            "url" => question.url = value.into_owned(),
+            "method" => question.method = Some(value.into_owned()),
+            "header" => question.headers.push(value.into_owned()),
+            _ => {}
+        }
+    }
+    question
+}
+
+/// `/debug/status`: the node, its readiness, the configuration each consumer applied, the
+/// programs attached, the certificates held and the counters of trouble that are not zero.
+pub fn status(state: &AdminState) -> Value {
+    let snapshot = state.store.current();
+    let ready = state.readiness.check();
+    let rejected = state.source.rejected();
+    let trouble = trouble(&state.metrics.encode());
+    json!({
+        "node": state.node,
+        "meshNodes": snapshot.nodes.keys().map(ToString::to_string).collect::<Vec<_>>(),
+        "version": env!("CARGO_PKG_VERSION"),
+        "uptimeSeconds": state.started.elapsed().as_secs(),
+        "ready": ready.is_ok(),
+        "notReady": ready.err(),
+        "config": {
+            "version": snapshot.version,
+            "proxy": state.readiness.proxy_applied_version.load(Ordering::Acquire),
+            "ebpf": state.readiness.ebpf_applied_version.load(Ordering::Acquire),
+            "rejected": rejected.iter().map(|r| format!("{} {}: {}: {}", r.kind, r.name, r.field, r.reason)).collect::<Vec<_>>(),
+        },
+        "ebpfRequired": state.readiness.ebpf_required(),
+        "programs": state.programs.as_ref().map(|list| list()),
+        "certificates": state.proxy.get().and_then(Inspector::certificates),
+        "trouble": trouble,
+    })
 }
 
 fn health(readiness: &Readiness, req: &Request<Incoming>) -> Response<Full<Bytes>> {
@@ -293,6 +383,25 @@ pub fn debug_config(state: &AdminState) -> Value {
         },
         "resources": resources,
     })
+}
+
+/// The samples of [`TROUBLE`] metrics in `exposition` that are not zero, except outcomes that
+/// are no trouble (certificates issued, requests allowed).
+fn trouble(exposition: &str) -> Vec<Value> {
+    exposition
+        .lines()
+        .filter(|line| !line.starts_with('#'))
+        .filter_map(|line| {
+            let (series, value) = line.rsplit_once(' ')?;
+            let name = series.split('{').next()?;
+            let value: f64 = value.parse().ok()?;
+            let benign = ["issued", "allowed", "audited", "dry_run_allowed"]
+                .iter()
+                .any(|r| series.contains(&format!("result=\"{r}\"")));
+            (TROUBLE.contains(&name) && value != 0.0 && !benign)
+                .then(|| json!({"metric": series, "value": value}))
+        })
+        .collect()
 }
 
 fn merge_rejections(resources: &mut Vec<Value>, rejected: &[crate::source::Rejection]) {
@@ -592,6 +701,7 @@ mod tests {
         store.publish(assemble(&objects, Some(7)));
 
         let readiness = Arc::new(Readiness::new(false));
+        let proxy: Arc<OnceLock<Inspector>> = Arc::default();
         let state = Arc::new(AdminState {
             store: store.clone(),
             metrics: Arc::new(Metrics::new().with_config(
@@ -603,6 +713,10 @@ mod tests {
             )),
             readiness: readiness.clone(),
             source: Arc::default(),
+            proxy: proxy.clone(),
+            programs: None,
+            node: "node-1".into(),
+            started: Instant::now(),
         });
         let admin_listener = bind("admin", "127.0.0.1:0".parse().unwrap()).await.unwrap();
         let health_listener = bind("health", "127.0.0.1:0".parse().unwrap())
@@ -644,6 +758,51 @@ mod tests {
         assert_eq!(config["resources"][0]["status"], "accepted");
 
         assert_eq!(get(admin_addr, "/nope").await.0, 404);
+
+        let (status, body) = get(admin_addr, "/debug/status").await;
+        assert_eq!(status, 200);
+        let status: Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(status["node"], "node-1");
+        assert_eq!(status["ready"], true);
+        assert_eq!(status["config"]["proxy"], 1);
+        assert_eq!(status["programs"], Value::Null);
+
+        // Until the proxy serves, what it runs cannot be read.
+        assert_eq!(get(admin_addr, "/debug/routes").await.0, 503);
+        let _ = proxy.set(Inspector::offline((*store.current()).clone()));
+        let (status, body) = get(admin_addr, "/debug/routes").await;
+        assert_eq!((status, body.trim()), (200, "[]"));
+        let (status, body) = get(
+            admin_addr,
+            "/debug/explain?from=demo%2Fweb&url=http%3A%2F%2Fweb%2F&header=end-user%3A+jason",
+        )
+        .await;
+        assert_eq!(
+            (status, body.as_str()),
+            (400, "no pod demo/web in the mesh's configuration\n")
+        );
+        let (status, body) = get(admin_addr, "/debug/explain?url=http://web/").await;
+        assert_eq!(status, 400, "{body}");
+        assert!(body.contains("--from must be NAMESPACE/POD"), "{body}");
+    }
+
+    #[test]
+    fn status_shows_counters_of_trouble_only() {
+        let exposition = "# HELP weft_mtls_refused_total x\n\
+            weft_mtls_refused_total{reason=\"plaintext\"} 3\n\
+            weft_mtls_refused_total{reason=\"expired\"} 0\n\
+            weft_authz_decisions_total{action=\"ALLOW\",policy=\"none\",result=\"denied\"} 1\n\
+            weft_authz_decisions_total{action=\"ALLOW\",policy=\"ns/p\",result=\"allowed\"} 9\n\
+            weft_certificate_requests_total{result=\"issued\"} 4\n\
+            weft_overload_level 0\n\
+            weft_config_version 7\n";
+        assert_eq!(
+            trouble(exposition),
+            [
+                json!({"metric": "weft_mtls_refused_total{reason=\"plaintext\"}", "value": 3.0}),
+                json!({"metric": "weft_authz_decisions_total{action=\"ALLOW\",policy=\"none\",result=\"denied\"}", "value": 1.0}),
+            ]
+        );
     }
 
     #[test]

@@ -115,47 +115,11 @@ pub fn read(file: &Path) -> io::Result<Vec<u8>> {
 
 /// Analyzes `files` (name, content) as one configuration.
 pub fn analyze(files: &[(String, Vec<u8>)]) -> Vec<Finding> {
-    let mut findings = Vec::new();
-    let mut assembler = Assembler::new();
-    let mut origins: BTreeMap<ResourceId, String> = BTreeMap::new();
-    for (name, content) in files {
-        for (line, result) in parse_documents(name, content) {
-            let origin = format!("{name}:{line}");
-            match result {
-                Ok(object) => {
-                    let id = object.id();
-                    if let Some(first) = origins.get(&id) {
-                        findings.push(Finding {
-                            level: Level::Warning,
-                            code: "WEFT0002",
-                            resource: Some(id.to_string()),
-                            origin,
-                            message: format!(
-                                "defined again: a node uses the first definition ({first})"
-                            ),
-                        });
-                        continue;
-                    }
-                    origins.insert(id, origin);
-                    assembler.upsert(&object);
-                }
-                Err(invalid) => findings.push(Finding {
-                    level: Level::Error,
-                    code: "IST0106",
-                    resource: invalid.id.as_ref().map(ToString::to_string).or_else(|| {
-                        Some(format!(
-                            "{} {}",
-                            invalid.kind.as_deref().unwrap_or("unknown"),
-                            invalid.name.as_deref().unwrap_or("(unnamed)")
-                        ))
-                    }),
-                    origin,
-                    message: format!("rejected by Weft: {}: {}", invalid.field, invalid.reason),
-                }),
-            }
-        }
-    }
-    let snapshot = assembler.snapshot();
+    let Loaded {
+        snapshot,
+        mut findings,
+        origins,
+    } = load(files);
     let origin = |kind, key: &ObjectKey| -> (Option<String>, String) {
         let id = ResourceId {
             kind,
@@ -380,6 +344,65 @@ fn covers(pattern: &str, host: &str) -> bool {
         || pattern
             .strip_prefix('*')
             .is_some_and(|suffix| host.ends_with(suffix))
+}
+
+/// A configuration read from files as a node reads it.
+pub struct Loaded {
+    /// What a node would assemble from the documents it accepts.
+    pub snapshot: Snapshot,
+    /// The documents it would reject, and the ones defined twice.
+    pub findings: Vec<Finding>,
+    /// Where each accepted resource was read (`file:line`).
+    pub origins: BTreeMap<ResourceId, String>,
+}
+
+/// Reads `files` (name, content) as one configuration, as the file source does.
+pub fn load(files: &[(String, Vec<u8>)]) -> Loaded {
+    let mut findings = Vec::new();
+    let mut assembler = Assembler::new();
+    let mut origins: BTreeMap<ResourceId, String> = BTreeMap::new();
+    for (name, content) in files {
+        for (line, result) in parse_documents(name, content) {
+            let origin = format!("{name}:{line}");
+            match result {
+                Ok(object) => {
+                    let id = object.id();
+                    if let Some(first) = origins.get(&id) {
+                        findings.push(Finding {
+                            level: Level::Warning,
+                            code: "WEFT0002",
+                            resource: Some(id.to_string()),
+                            origin,
+                            message: format!(
+                                "defined again: a node uses the first definition ({first})"
+                            ),
+                        });
+                        continue;
+                    }
+                    origins.insert(id, origin);
+                    assembler.upsert(&object);
+                }
+                Err(invalid) => findings.push(Finding {
+                    level: Level::Error,
+                    code: "IST0106",
+                    resource: invalid.id.as_ref().map(ToString::to_string).or_else(|| {
+                        Some(format!(
+                            "{} {}",
+                            invalid.kind.as_deref().unwrap_or("unknown"),
+                            invalid.name.as_deref().unwrap_or("(unnamed)")
+                        ))
+                    }),
+                    origin,
+                    message: format!("rejected by Weft: {}: {}", invalid.field, invalid.reason),
+                }),
+            }
+        }
+    }
+    Loaded {
+        snapshot: assembler.snapshot(),
+        findings,
+        origins,
+    }
 }
 
 #[cfg(test)]

@@ -25,9 +25,9 @@ use std::{
     path::{Path, PathBuf},
     sync::{
         atomic::{AtomicBool, Ordering},
-        Arc,
+        Arc, OnceLock,
     },
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use thiserror::Error;
@@ -50,8 +50,8 @@ use crate::{
     metrics::Metrics,
     model::{OriginalDst, Store},
     proxy::{
-        Bound, HttpLimits, MemoryBudget, NoOriginalDst, Proxy, ProxyConfig, ProxyError,
-        RedirectedOriginalDst, SourceLimits,
+        inspect::Inspector, Bound, HttpLimits, MemoryBudget, NoOriginalDst, Proxy, ProxyConfig,
+        ProxyError, RedirectedOriginalDst, SourceLimits,
     },
     source::{
         dns,
@@ -291,6 +291,7 @@ fn serve(args: RunArgs, mode: Mode) -> Result<(), AppError> {
         None => (None, None),
     };
 
+    let inspector: Arc<OnceLock<Inspector>> = Arc::default();
     let control = {
         let control = Control {
             source,
@@ -309,6 +310,8 @@ fn serve(args: RunArgs, mode: Mode) -> Result<(), AppError> {
             metrics: metrics.clone(),
             readiness: readiness.clone(),
             shutdown: shutdown_tx.clone(),
+            inspector: inspector.clone(),
+            node: args.node.clone(),
         };
         std::thread::Builder::new()
             .name("weft-control".into())
@@ -374,6 +377,7 @@ fn serve(args: RunArgs, mode: Mode) -> Result<(), AppError> {
                     Proxy::bind(config, store.subscribe(), original_dst, &metrics, applied).await?
                 }
             };
+            let _ = inspector.set(proxy.inspector());
             readiness.proxy_listening.store(true, Ordering::Release);
             proxy.run(shutdown_signal(shutdown_tx.subscribe())).await;
             readiness.proxy_listening.store(false, Ordering::Release);
@@ -579,6 +583,9 @@ struct Control {
     metrics: Arc<Metrics>,
     readiness: Arc<Readiness>,
     shutdown: Arc<watch::Sender<bool>>,
+    /// The proxy, for `meshctl` through the admin, once it serves.
+    inspector: Arc<OnceLock<Inspector>>,
+    node: String,
 }
 
 impl Control {
@@ -612,6 +619,8 @@ impl Control {
             metrics,
             readiness,
             shutdown,
+            inspector,
+            node,
         } = self;
         let stop = || shutdown_signal(shutdown.subscribe());
         let mut sigterm = signal(tokio::signal::unix::SignalKind::terminate(), "SIGTERM")?;
@@ -637,9 +646,14 @@ impl Control {
                     .with_rejections(metrics.rejections().clone()),
             ),
         };
+        let programs = agent.as_ref().map(Agent::programs);
         let state = Arc::new(AdminState {
             store: store.clone(),
             metrics,
+            proxy: inspector,
+            programs,
+            node,
+            started: Instant::now(),
             readiness: readiness.clone(),
             source: match &source {
                 Running::File(source) => source.status(),

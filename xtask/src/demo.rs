@@ -2,8 +2,8 @@
 //! and across nodes, a namespace outside the mesh, mutual TLS required (what the servers see,
 //! plaintext refused), Istio's HTTP authorization task (allowed and denied requests, what the
 //! node proxies counted), that namespace opted in live, then Istio's Bookinfo traffic-management
-//! tasks with the rules of `examples/bookinfo-traffic/`, and one page load's trace as an OTLP
-//! collector received it.
+//! tasks with the rules of `examples/bookinfo-traffic/`, one page load's trace as an OTLP
+//! collector received it, and `meshctl explain` of that request's hop to reviews.
 //! Prints what each step did and what the node proxies and eBPF programs counted.
 
 use std::{collections::BTreeMap, time::Instant};
@@ -120,7 +120,8 @@ fn tasks() -> Result<()> {
     );
     print_deltas(&before, &after, &["captured", "inbound_captured"]);
     traffic_management()?;
-    tracing()
+    tracing()?;
+    explain()
 }
 
 /// Istio's distributed tracing task: an OpenTelemetry collector, the provider in MeshConfig,
@@ -177,6 +178,43 @@ fn tracing() -> Result<()> {
     );
     for line in probe::trace_tree(&trace) {
         println!("      {line}");
+    }
+    Ok(())
+}
+
+/// `meshctl explain` of the traced request's hop to reviews, from node-1's running proxy.
+fn explain() -> Result<()> {
+    let args = [
+        "explain",
+        "--from",
+        "default/productpage-v1",
+        "http://reviews:9080/reviews/0",
+        "-H",
+        "end-user: jason",
+    ];
+    step(&format!(
+        "Why jason's request goes to reviews v2: cargo xtask cluster meshctl -- {}",
+        args.map(|a| if a.contains(' ') {
+            format!("'{a}'")
+        } else {
+            a.to_owned()
+        })
+        .join(" ")
+    ));
+    let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+    let out = cluster::meshctl_output(&args)?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    ensure!(
+        out.status.success(),
+        "meshctl explain failed: {text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    ensure!(
+        text.contains("outbound|9080|v2|reviews.default.svc.cluster.local"),
+        "meshctl explain did not route jason to reviews v2:\n{text}"
+    );
+    for line in text.lines() {
+        println!("    {line}");
     }
     Ok(())
 }

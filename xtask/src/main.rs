@@ -122,6 +122,13 @@ enum ClusterCommand {
         #[arg(long)]
         term: bool,
     },
+    /// Run meshctl against the cluster's node proxies (their admin ports, forwarded from
+    /// inside each node): `cargo xtask cluster meshctl -- status`.
+    Meshctl {
+        /// meshctl's arguments, after `--`
+        #[arg(last = true, required = true, value_name = "ARGS")]
+        args: Vec<String>,
+    },
     /// Show nodes, pods and Services.
     Status,
     /// Remove everything the cluster created (also after a crash).
@@ -177,6 +184,10 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     .map_err(|e| anyhow::anyhow!("reading {}: {e}", path.display()))?;
                 use std::io::Write as _;
                 std::io::stdout().write_all(&log)?;
+            }
+            ClusterCommand::Meshctl { args } => {
+                let code = cluster::meshctl(&args)?;
+                return Ok(ExitCode::from(u8::try_from(code).unwrap_or(1)));
             }
             ClusterCommand::Status => print!("{}", cluster::status()?),
             ClusterCommand::Down => cluster::down()?,

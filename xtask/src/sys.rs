@@ -1,4 +1,5 @@
-//! The only unsafe code of xtask: what a child process does between fork and exec.
+//! The only unsafe code of xtask: what a child process does between fork and exec, and a
+//! thread entering a network namespace.
 //!
 //! In the child, between fork and exec, only async-signal-safe calls are allowed: no
 //! allocation, no locks, no opening of paths. Everything the hook needs is opened and
@@ -67,6 +68,17 @@ fn write_pid(fd: RawFd) -> io::Result<()> {
     // async-signal-safe.
     let written = unsafe { libc::write(fd, digits.as_ptr().cast(), digits.len()) };
     if written < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Moves the calling thread (only it) into the network namespace of the open `netns` file:
+/// the sockets it creates from then on belong to that namespace.
+pub(crate) fn enter_netns(netns: &File) -> io::Result<()> {
+    // SAFETY: setns(2) on an open descriptor changes only this thread's namespace; it has no
+    // memory effects.
+    if unsafe { libc::setns(netns.as_raw_fd(), libc::CLONE_NEWNET) } < 0 {
         return Err(io::Error::last_os_error());
     }
     Ok(())

@@ -535,7 +535,18 @@ fn admin_port_gives_pods_only_metrics() -> Result<()> {
                 status == 200 && body.contains("weft_config_version"),
                 "{pod}: /metrics of {node} answered {status}"
             );
-            for path in ["/debug/config", "/", "/debug/config?x=1", "//debug/config"] {
+            for path in [
+                "/debug/config",
+                "/",
+                "/debug/config?x=1",
+                "//debug/config",
+                "/debug/status",
+                "/debug/routes",
+                "/debug/clusters",
+                "/debug/endpoints",
+                "/debug/policies",
+                "/debug/explain?from=mesh/client-1&url=http://peer-1/",
+            ] {
                 let (status, body) = curl(pod, &format!("http://{node}:15020{path}"))?;
                 ensure!(
                     status == 403 && !body.contains("serviceAccount"),

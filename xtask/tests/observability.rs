@@ -1,5 +1,6 @@
-//! End-to-end tests of what Weft shows: Istio's Grafana dashboards (Mesh, Service, Workload)
-//! and Kiali's service graph, unchanged, on the metrics of the node proxies.
+//! End-to-end tests of what Weft shows: traces and access logs, `meshctl` against the running
+//! node proxies, and Istio's Grafana dashboards (Mesh, Service, Workload) and Kiali's service
+//! graph, unchanged, on the metrics of the node proxies.
 //!
 //! A real Prometheus (Debian's `prometheus`) scrapes both node proxies of a virtual cluster
 //! running Bookinfo while a meshed client of another namespace, an unmeshed client and the
@@ -1004,6 +1005,173 @@ fn join(items: &[impl AsRef<str>]) -> String {
         .join("\n")
 }
 
+/// `meshctl ARGS --json` against the cluster's node proxies.
+fn meshctl(args: &[&str]) -> Result<Value> {
+    let mut args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+    args.push("--json".into());
+    let out = cluster::meshctl_output(&args)?;
+    ensure!(
+        out.status.success(),
+        "meshctl {} exited with {}: {}{}",
+        args.join(" "),
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).context("meshctl --json printed no JSON")
+}
+
+/// meshctl against the running node proxies: `status` sees both nodes, their programs and
+/// certificates; `config dump` lists what node-1's proxy runs; `explain` follows jason's
+/// request to reviews v2, and the real requests go where it said.
+fn meshctl_reads_the_node_proxies() -> Result<()> {
+    let status = meshctl(&["status"])?;
+    let nodes = status["nodes"].as_array().context("no nodes")?;
+    ensure!(
+        nodes.len() == 2,
+        "status lists {} nodes: {status}",
+        nodes.len()
+    );
+    for node in nodes {
+        let name = node["node"].as_str().unwrap_or("?");
+        ensure!(node["ready"] == true, "{name} is not ready: {node}");
+        let config = &node["config"];
+        ensure!(
+            config["proxy"] == config["version"] && config["ebpf"] == config["version"],
+            "{name} has not applied its configuration everywhere: {config}"
+        );
+        let programs: Vec<&str> = node["programs"]
+            .as_array()
+            .context("no programs listed")?
+            .iter()
+            .filter_map(Value::as_str)
+            .collect();
+        for program in ["weft_connect4", "weft_sock_ops", "tc-in-eth0"] {
+            ensure!(
+                programs.contains(&program),
+                "{name}: {program} not among the attached programs {programs:?}"
+            );
+        }
+        let own = node["certificates"]
+            .as_array()
+            .and_then(|c| c.iter().find(|c| c["node"] == true))
+            .with_context(|| format!("{name} lists no certificate of its own: {node}"))?;
+        ensure!(
+            own["identity"] == "spiffe://cluster.local/ns/weft-system/sa/mesh-node"
+                && own["expiresInSeconds"].as_u64().unwrap_or(0) > 3600,
+            "{name}'s own certificate: {own}"
+        );
+    }
+    ensure!(
+        status["notReached"] == json!([]),
+        "nodes not reached: {status}"
+    );
+
+    let dir = probe::temp_dir("meshctl")?;
+    let traffic = workspace_root().join("examples/bookinfo-traffic");
+    for file in [
+        "destination-rule-all.yaml",
+        "virtual-service-reviews-test-v2.yaml",
+    ] {
+        fs::copy(traffic.join(file), dir.join(file))?;
+    }
+    cluster::apply(&dir)?;
+    let checked = (|| -> Result<()> {
+        // Both proxies serve the rules once their applied versions caught up.
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let dump = loop {
+            let dump = meshctl(&["config", "dump", "--node", "node-1"])?;
+            let routed = dump["routes"].as_array().is_some_and(|r| {
+                r.iter()
+                    .any(|s| s["host"] == "reviews.default.svc.cluster.local")
+            });
+            if routed {
+                break dump;
+            }
+            ensure!(
+                Instant::now() < deadline,
+                "node-1 does not list the reviews routes: {dump}"
+            );
+            thread::sleep(Duration::from_millis(500));
+        };
+        let reviews = dump["routes"]
+            .as_array()
+            .and_then(|r| {
+                r.iter()
+                    .find(|s| s["host"] == "reviews.default.svc.cluster.local")
+            })
+            .context("no reviews routes")?;
+        ensure!(
+            reviews["rules"][0]["requires"] == "header end-user exact \"jason\""
+                && reviews["rules"][0]["action"] == "route reviews v2 (100%)",
+            "node-1's reviews routes: {reviews}"
+        );
+        let endpoints = dump["endpoints"].as_array().context("no endpoints")?;
+        ensure!(
+            endpoints.iter().any(|e| e["pod"] == "default/reviews-v2"
+                && e["node"] == "node-2"
+                && e["status"] == "HEALTHY"),
+            "node-1 lists no healthy reviews-v2 endpoint on node-2: {endpoints:?}"
+        );
+        let clusters = dump["clusters"].as_array().context("no clusters")?;
+        ensure!(
+            clusters.iter().any(|c| c["cluster"]
+                == "outbound|9080|v2|reviews.default.svc.cluster.local"
+                && c["destinationRule"] == "default/reviews"
+                && c["endpoints"] == 1),
+            "node-1 lists no reviews v2 cluster with one endpoint: {clusters:?}"
+        );
+
+        let explained = meshctl(&[
+            "explain",
+            "--from",
+            "default/productpage-v1",
+            "http://reviews:9080/reviews/0",
+            "-H",
+            "end-user: jason",
+        ])?;
+        ensure!(
+            explained["outcome"] == "rule VirtualService default/reviews http[0]",
+            "explain: {explained}"
+        );
+        let backend = &explained["backends"][0];
+        ensure!(
+            backend["cluster"] == "outbound|9080|v2|reviews.default.svc.cluster.local",
+            "explain: {explained}"
+        );
+        let endpoint = &backend["endpoints"][0];
+        let address = endpoint["address"].as_str().unwrap_or_default();
+        ensure!(
+            endpoint["pod"] == "default/reviews-v2"
+                && address.ends_with(":9080")
+                && endpoint["path"]
+                    .as_str()
+                    .is_some_and(|p| p.starts_with("HBONE (mTLS, port 15008) to node-2")),
+            "explain's endpoint: {endpoint}"
+        );
+        // The requests themselves go where explain said: v2, for jason only.
+        for (header, version) in [("end-user: jason", "v2"), ("end-user: bob", "v1")] {
+            for _ in 0..5 {
+                let (status, body) = probe::curl_text(
+                    "default/productpage-v1",
+                    &["-H", header, "http://reviews:9080/reviews/0"],
+                )?;
+                let body: Value = serde_json::from_str(&body).unwrap_or_default();
+                ensure!(
+                    status == 200 && body["version"] == version,
+                    "{header}: reviews answered {status} from {}",
+                    body["version"]
+                );
+            }
+        }
+        Ok(())
+    })();
+    let deleted = cluster::delete(&dir);
+    let _ = fs::remove_dir_all(&dir);
+    checked?;
+    deleted
+}
+
 fn prerequisites() -> Result<()> {
     for tool in ["prometheus", "curl", "python3"] {
         let found = Command::new(tool)
@@ -1022,6 +1190,10 @@ fn main() {
             bookinfo_page_loads_make_one_trace,
         ),
         ("telemetry_api_access_logs", telemetry_api_access_logs),
+        (
+            "meshctl_reads_the_node_proxies",
+            meshctl_reads_the_node_proxies,
+        ),
         (
             "dashboards_and_kiali_read_weft_metrics",
             dashboards_and_kiali_read_weft_metrics,

@@ -82,6 +82,14 @@ impl Agent {
         Ok(Self { cfg, data_path })
     }
 
+    /// The programs attached, as `meshctl status` lists them: the links pinned under the
+    /// node's bpffs directory (cgroup hooks, `sock_ops`, each interface's classifiers) and the
+    /// socket map's `sk_msg` verdict.
+    pub fn programs(&self) -> Arc<dyn Fn() -> Vec<String> + Send + Sync> {
+        let links = self.data_path.links_dir().to_path_buf();
+        Arc::new(move || ebpf::pinned_links(&links))
+    }
+
     pub fn original_dst(&self) -> Arc<dyn OriginalDst> {
         self.data_path.original_dst()
     }

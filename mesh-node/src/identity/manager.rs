@@ -276,6 +276,27 @@ impl CertManager {
         identities
     }
 
+    /// Each identity with its current certificate, or why it has none yet (`meshctl status`).
+    pub fn certificates(&self) -> Vec<(Identity, Result<Arc<Issued>, String>)> {
+        let slots = self.slots.lock().expect("slots poisoned");
+        let mut out: Vec<_> = slots
+            .iter()
+            .map(|(identity, slot)| {
+                let issued = slot.issued.borrow().clone();
+                let state = issued.ok_or_else(|| {
+                    slot.error
+                        .lock()
+                        .expect("error slot poisoned")
+                        .clone()
+                        .unwrap_or_else(|| "asked of the CA".to_owned())
+                });
+                (identity.clone(), state)
+            })
+            .collect();
+        out.sort_by(|a, b| a.0.cmp(&b.0));
+        out
+    }
+
     fn slot(&self, identity: &Identity) -> Arc<Slot> {
         let mut slots = self.slots.lock().expect("slots poisoned");
         if let Some(slot) = slots.get(identity) {

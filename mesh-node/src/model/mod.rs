@@ -168,7 +168,7 @@ impl Pod {
             .unwrap_or("unknown")
     }
 
-    fn opted_out(&self) -> bool {
+    pub fn opted_out(&self) -> bool {
         self.labels.get(MESH_LABEL).map(String::as_str) == Some("disabled")
     }
 }

@@ -11,6 +11,7 @@
 //! a denied connection is closed. The decisions themselves are [`crate::model::authz`]'s.
 
 use std::{
+    borrow::Cow,
     fmt,
     net::{IpAddr, SocketAddrV4},
     sync::{Arc, OnceLock},
@@ -134,23 +135,13 @@ pub(super) fn check(
         sni: target.sni,
         http,
     };
-    // The aliases of `--trust-domain-aliases` and of MeshConfig's `trustDomainAliases`.
-    let (flag, mesh) = (
+    let aliases = aliases(
         &ctx.config.trust_domain_aliases,
         &view.snapshot.mesh_config.trust_domain_aliases,
     );
-    let both: Vec<Arc<str>>;
-    let aliases: &[Arc<str>] = match (flag.is_empty(), mesh.is_empty()) {
-        (_, true) => flag,
-        (true, false) => mesh,
-        (false, false) => {
-            both = [&**flag, &**mesh].concat();
-            &both
-        }
-    };
     let trust = TrustDomains {
         local: &ctx.config.trust_domain,
-        aliases,
+        aliases: &aliases,
     };
     let verdict = authz::decide(&policies, &attributes, trust);
     report(ctx, &policies, &verdict, target, peer, http);
@@ -163,6 +154,16 @@ pub(super) fn check(
     Err(Denied {
         detail: format!("rbac_access_denied_matched_policy[{matched}]"),
     })
+}
+
+/// The aliases of `--trust-domain-aliases` (`flag`) and of MeshConfig's `trustDomainAliases`
+/// (`mesh`).
+pub(super) fn aliases<'a>(flag: &'a [Arc<str>], mesh: &'a [Arc<str>]) -> Cow<'a, [Arc<str>]> {
+    match (flag.is_empty(), mesh.is_empty()) {
+        (_, true) => Cow::Borrowed(flag),
+        (true, false) => Cow::Borrowed(mesh),
+        (false, false) => Cow::Owned([flag, mesh].concat()),
+    }
 }
 
 /// Whether the source side enforces the policies of `pod`: a meshed pod of this node, which

@@ -60,6 +60,7 @@ pub mod copy;
 mod detect;
 mod error;
 mod inbound;
+pub mod inspect;
 pub mod l7;
 mod outbound;
 pub mod overload;
@@ -205,6 +206,11 @@ impl Proxy {
             snapshots,
             ctx,
         })
+    }
+
+    /// What `meshctl` reads of this proxy through the node admin.
+    pub fn inspector(&self) -> inspect::Inspector {
+        inspect::Inspector::live(self.ctx.clone())
     }
 
     pub fn addresses(&self) -> Addresses {

@@ -320,6 +320,52 @@ impl View {
     }
 }
 
+impl View {
+    /// The cluster `key` names for a client in `namespace`, as [`View::cluster`] gives it,
+    /// for an operator's eyes: one no connection asked for is built but not kept, so that
+    /// inspecting the configuration neither grows the view nor makes the next views rebuild
+    /// clusters no one uses.
+    pub fn inspect_cluster(
+        &self,
+        states: &Clusters,
+        key: &ClusterKey,
+        namespace: Option<&Arc<str>>,
+    ) -> Result<Arc<Cluster>, ClusterError> {
+        let slot = (key.clone(), namespace.cloned());
+        if let Some(Ok(cluster)) = self
+            .clusters
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&slot)
+        {
+            return Ok(cluster.clone());
+        }
+        compile(&self.snapshot, states, key, namespace.map(|n| &**n)).map(Arc::new)
+    }
+}
+
+/// The cluster `key` names for a client in `namespace`, with its DestinationRule's policy.
+fn compile(
+    snapshot: &Snapshot,
+    states: &Clusters,
+    key: &ClusterKey,
+    namespace: Option<&str>,
+) -> Result<Cluster, ClusterError> {
+    let policy = cluster::policy_for(snapshot, key, namespace);
+    // A rule's files are read only from the directory the operator gave for them.
+    if let Some(tls) = &policy.tls {
+        crate::tls::origination::check_files(tls, states.tls_files()).map_err(|reason| {
+            ClusterError::Tls {
+                service: key.service.clone(),
+                port: key.port,
+                rule: policy.rule.clone(),
+                reason: Box::new(reason),
+            }
+        })?;
+    }
+    Cluster::build(snapshot, key.clone(), policy, states.state(key))
+}
+
 fn build(
     snapshot: &Snapshot,
     states: &Clusters,
@@ -327,24 +373,7 @@ fn build(
     namespace: Option<&str>,
     failed: Option<&(ClusterError, Instant)>,
 ) -> Built {
-    let policy = cluster::policy_for(snapshot, key, namespace);
-    // A rule's files are read only from the directory the operator gave for them.
-    let checked = match &policy.tls {
-        Some(tls) => {
-            crate::tls::origination::check_files(tls, states.tls_files()).map_err(|reason| {
-                ClusterError::Tls {
-                    service: key.service.clone(),
-                    port: key.port,
-                    rule: policy.rule.clone(),
-                    reason: Box::new(reason),
-                }
-            })
-        }
-        None => Ok(()),
-    };
-    let built = checked
-        .and_then(|()| Cluster::build(snapshot, key.clone(), policy, states.state(key)))
-        .map(Arc::new);
+    let built = compile(snapshot, states, key, namespace).map(Arc::new);
     built.map_err(|error| {
         // A rule's TLS the proxy may not or cannot set up: the operator has to see it, once.
         if matches!(error, ClusterError::Tls { .. }) && failed.is_none_or(|(f, _)| *f != error) {

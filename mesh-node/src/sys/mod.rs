@@ -118,6 +118,16 @@ pub fn trim_heap() {
     }
 }
 
+/// Restores the default action of SIGPIPE (ending the process), which Rust's runtime sets to
+/// ignore: a command-line tool whose output is piped into `head` then ends quietly instead of
+/// failing on its next write.
+pub fn default_sigpipe() {
+    // SAFETY: signal(2) with SIG_DFL installs no handler; it changes only the disposition.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
+}
+
 /// The size of a memory page.
 pub fn page_size() -> u64 {
     // SAFETY: sysconf has no preconditions.

@@ -13,7 +13,7 @@
 
 use std::{
     fs,
-    net::Ipv4Addr,
+    net::{Ipv4Addr, SocketAddr},
     path::{Path, PathBuf},
     process::{Child, Command, Output, Stdio},
     time::{Duration, Instant},
@@ -27,6 +27,7 @@ mod cgroup;
 mod cni;
 mod config;
 mod down;
+mod forward;
 mod launch;
 mod net;
 mod nft;
@@ -873,6 +874,52 @@ pub fn exec_status(target: &str, cmd: &[String]) -> Result<i32> {
     Ok(status
         .code()
         .unwrap_or_else(|| 128 + status.signal().unwrap_or(0)))
+}
+
+/// `meshctl ARGS` against every node proxy of the cluster: each node's admin
+/// (`127.0.0.1:15020` inside the node, which answers only there) is forwarded to a loopback
+/// port of the host, as `kubectl port-forward` would, and meshctl is given those as
+/// `--admin`. The forwards end with the command.
+pub fn meshctl_command(args: &[String]) -> Result<(Command, Vec<forward::Forward>)> {
+    require_root()?;
+    let state = load_state()?;
+    let bins = state
+        .binaries
+        .as_ref()
+        .context("the cluster was started without the workspace binaries")?;
+    let meshctl = bins.weft_demo.with_file_name("meshctl");
+    if !meshctl.exists() {
+        bail!(
+            "{} is not built (cargo build -p mesh-node --bins)",
+            meshctl.display()
+        );
+    }
+    let admin: SocketAddr = ([127, 0, 0, 1], 15020).into();
+    let forwards = state
+        .nodes
+        .iter()
+        .map(|node| forward::Forward::start(&node.netns(), admin))
+        .collect::<Result<Vec<_>>>()?;
+    let admins: Vec<String> = forwards.iter().map(|f| f.local().to_string()).collect();
+    let mut command = Command::new(meshctl);
+    command.arg("--admin").arg(admins.join(",")).args(args);
+    Ok((command, forwards))
+}
+
+/// Runs `meshctl ARGS` against the cluster with this terminal; returns its exit code.
+pub fn meshctl(args: &[String]) -> Result<i32> {
+    let (mut command, _forwards) = meshctl_command(args)?;
+    let status = command.status().context("running meshctl")?;
+    Ok(status.code().unwrap_or(1))
+}
+
+/// Runs `meshctl ARGS` against the cluster and collects its output.
+pub fn meshctl_output(args: &[String]) -> Result<Output> {
+    let (mut command, _forwards) = meshctl_command(args)?;
+    command
+        .stdin(Stdio::null())
+        .output()
+        .context("running meshctl")
 }
 
 /// A human-readable table of nodes, pods and Services.

@@ -159,6 +159,10 @@ impl DataPath {
         Ok(data_path)
     }
 
+    pub fn links_dir(&self) -> &Path {
+        &self.links_dir
+    }
+
     pub fn original_dst(&self) -> Arc<dyn OriginalDst> {
         self.orig_dst.clone()
     }
@@ -366,4 +370,18 @@ impl EbpfCounters for Counters {
             })
             .collect()
     }
+}
+
+/// The links pinned in `links` (sorted), and the socket map's verdict program, which belongs
+/// to the map rather than to a pin.
+pub fn pinned_links(links: &Path) -> Vec<String> {
+    let mut names: Vec<String> = fs::read_dir(links)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str().map(str::to_owned))
+        .collect();
+    names.sort();
+    names.push(format!("{} (on {})", names::PROG_SK_MSG, names::SOCK_HASH));
+    names
 }

@@ -80,15 +80,14 @@ mod deadline;
 mod mirror;
 mod relay;
 mod request;
+pub(crate) use self::request::service_port;
 mod retry;
 mod trace;
 mod upgrade;
 
 use self::{
     mirror::mirror,
-    request::{
-        chance, denied_reply, handle, local_failure, local_reply, refused_reply, service_port,
-    },
+    request::{chance, denied_reply, handle, local_failure, local_reply, refused_reply},
     retry::{
         default_retries, replay, Attempts, Failure, DOWNSTREAM_PROTOCOL_ERROR, NO_HEALTHY_UPSTREAM,
     },

@@ -607,7 +607,7 @@ pub(super) fn is_grpc(headers: &HeaderMap) -> bool {
 
 /// The port of `service` a route without a port means: the dialled one if the service has
 /// it, else the service's only port.
-pub(super) fn service_port(service: &Service, dialled: u16) -> Option<u16> {
+pub(crate) fn service_port(service: &Service, dialled: u16) -> Option<u16> {
     if service.ports.iter().any(|p| p.port == dialled) {
         Some(dialled)
     } else if service.ports.len() == 1 {

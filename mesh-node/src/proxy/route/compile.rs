@@ -113,7 +113,7 @@ pub(super) fn fqdn(key: &ObjectKey) -> String {
 
 /// The Service a host names, relative to `namespace`: `name`, `name.ns`, `name.ns.svc`,
 /// `name.ns.svc.cluster.local`, else a ServiceEntry host visible in `namespace`.
-pub(super) fn resolve_host<'s>(
+pub(crate) fn resolve_host<'s>(
     snapshot: &'s Snapshot,
     host: &str,
     namespace: &Arc<str>,

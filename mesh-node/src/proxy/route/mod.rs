@@ -91,10 +91,16 @@ use http::{
 };
 
 mod compile;
+mod explain;
 mod matching;
 mod rewrite;
 
-pub use self::{compile::MAX_SERVICE_MATCHES, rewrite::apply_header_ops};
+pub(crate) use self::compile::resolve_host;
+pub use self::{
+    compile::MAX_SERVICE_MATCHES,
+    explain::{backends, share, Considered, RouteEntry, RouteTrace},
+    rewrite::apply_header_ops,
+};
 use self::{compile::*, matching::*};
 use crate::model::{
     traffic::{
@@ -595,6 +601,11 @@ impl RouteIndex {
                 .collect(),
             compiled,
         }
+    }
+
+    /// Every Service that has routes, with them (in no particular order).
+    pub fn iter(&self) -> impl Iterator<Item = &Arc<ServiceRoutes>> {
+        self.services.values()
     }
 
     pub fn get(&self, service: &ObjectKey) -> Option<&Arc<ServiceRoutes>> {

@@ -1419,3 +1419,187 @@ fn routes_that_would_take_a_service_past_its_match_limit_are_not_attached() {
     );
     const { assert!(89 * 112 <= MAX_SERVICE_MATCHES && 90 * 112 > MAX_SERVICE_MATCHES) };
 }
+
+/// `(rule, chosen, reason)` of each rule `explain` lists.
+fn explained(
+    routes: &ServiceRoutes,
+    parts: &Parts,
+    port: u16,
+    source: Option<&Pod>,
+) -> Vec<(String, bool, String)> {
+    let trace = routes.explain(&info(parts, port, source));
+    // What the explanation says matched is what the router picks.
+    let chosen: Vec<_> = trace.rules.iter().filter(|r| r.chosen).collect();
+    match routes.select(&info(parts, port, source)) {
+        Selection::Rule(s) => {
+            assert_eq!(chosen.len(), 1, "{trace:?}");
+            assert!(chosen[0].name.starts_with(&*s.rule.name), "{trace:?}");
+        }
+        _ => assert!(chosen.is_empty(), "{trace:?}"),
+    }
+    trace
+        .rules
+        .into_iter()
+        .map(|r| (r.name, r.chosen, r.reason))
+        .collect()
+}
+
+#[test]
+fn explain_names_the_condition_each_rule_fails() {
+    let index = build(&[traffic!("virtual-service-reviews-test-v2.yaml")]);
+    let routes = index.get(&key("default", "reviews")).unwrap();
+    let client = pod("default", &[("app", "productpage")]);
+
+    let jason = head("GET", "/reviews/0", &[("end-user", "jason")]);
+    assert_eq!(
+        explained(routes, &jason, 9080, Some(&client)),
+        [(
+            "VirtualService default/reviews http[0]".to_owned(),
+            true,
+            "matched".to_owned()
+        )]
+    );
+    let bob = head("GET", "/reviews/0", &[("end-user", "bob")]);
+    let anonymous = head("GET", "/reviews/0", &[]);
+    for (parts, why) in [
+        (
+            &bob,
+            "header end-user exact \"jason\": the value is \"bob\"",
+        ),
+        (&anonymous, "header end-user exact \"jason\": absent"),
+    ] {
+        assert_eq!(
+            explained(routes, parts, 9080, Some(&client)),
+            [
+                (
+                    "VirtualService default/reviews http[0]".to_owned(),
+                    false,
+                    why.to_owned()
+                ),
+                (
+                    "VirtualService default/reviews http[1]".to_owned(),
+                    true,
+                    "a rule without match takes every request".to_owned()
+                ),
+            ]
+        );
+    }
+}
+
+#[test]
+fn explain_says_why_other_virtual_services_are_passed_over() {
+    let vs = |name: &str, ns: &str, host: &str, extra: &str| {
+        format!("apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {{name: {name}, namespace: {ns}}}\nspec: {{hosts: ['{host}'], {extra} http: [{{match: [{{uri: {{prefix: /api}}}}, {{port: 8080}}, {{sourceLabels: {{app: productpage}}}}], route: [{{destination: {{host: reviews.default.svc.cluster.local}}}}]}}]}}")
+    };
+    let index = build(&[
+        &vs("private", "default", "reviews", "exportTo: ['.'],"),
+        &vs(
+            "frontend",
+            "frontend",
+            "reviews.default.svc.cluster.local",
+            "",
+        ),
+        &vs("wide", "default", "*.default.svc.cluster.local", ""),
+    ]);
+    let routes = index.get(&key("default", "reviews")).unwrap();
+    let reasons = |client: &Pod| -> Vec<(String, bool, String)> {
+        let parts = head("GET", "/other", &[]);
+        routes
+            .explain(&info(&parts, 9080, Some(client)))
+            .virtual_services
+            .into_iter()
+            .map(|c| (c.name, c.chosen, c.reason))
+            .collect()
+    };
+    let outsider = pod("frontend", &[]);
+    assert_eq!(
+        reasons(&outsider),
+        [
+            (
+                "VirtualService default/private".to_owned(),
+                false,
+                "not exported to namespace frontend".to_owned()
+            ),
+            (
+                "VirtualService frontend/frontend".to_owned(),
+                true,
+                "the VirtualService this client sees for the Service".to_owned()
+            ),
+            (
+                "VirtualService default/wide".to_owned(),
+                false,
+                "another VirtualService names the Service by a more specific host".to_owned()
+            ),
+        ]
+    );
+    let insider = pod("default", &[]);
+    let inside = reasons(&insider);
+    assert!(inside[0].1, "{inside:?}");
+    assert_eq!(
+        inside[1].2,
+        "default/private is preferred: the client's namespace first, then the Service's, then by name"
+    );
+
+    // Each match of the rule is explained on its own: the path, the port, the source.
+    let parts = head("GET", "/other", &[]);
+    assert_eq!(
+        explained(routes, &parts, 9080, Some(&insider)),
+        [
+            (
+                "VirtualService default/private http[0] match[0]".to_owned(),
+                false,
+                "uri prefix \"/api\": the path is \"/other\"".to_owned()
+            ),
+            (
+                "VirtualService default/private http[0] match[1]".to_owned(),
+                false,
+                "not for this client: it is for port 8080, the request is to 9080".to_owned()
+            ),
+            (
+                "VirtualService default/private http[0] match[2]".to_owned(),
+                false,
+                "not for this client: it is for clients labelled app=productpage, the client is not"
+                    .to_owned()
+            ),
+        ]
+    );
+}
+
+#[test]
+fn explain_reads_gateway_api_routes_by_port() {
+    let web = "[{group: '', kind: Service, name: web, namespace: frontend, port: 8080}]";
+    let index = build(&[&http_route(
+        "admin",
+        "frontend",
+        web,
+        &rule_to("reviews", "[{path: {type: PathPrefix, value: /admin}}]"),
+    )]);
+    let routes = index.get(&key("frontend", "web")).unwrap();
+    let parts = head("GET", "/admin/users", &[]);
+    assert_eq!(
+        explained(routes, &parts, 80, None),
+        [(
+            "HTTPRoute frontend/admin rules[0]".to_owned(),
+            false,
+            "attached to another port (the request is to 80)".to_owned()
+        )]
+    );
+    assert_eq!(
+        explained(routes, &parts, 8080, None),
+        [(
+            "HTTPRoute frontend/admin rules[0]".to_owned(),
+            true,
+            "matched".to_owned()
+        )]
+    );
+    let entries = routes.entries();
+    assert_eq!(entries.len(), 1);
+    assert_eq!(
+        entries[0].requires,
+        "port 8080, path prefix \"/admin\" (whole segments)"
+    );
+    assert_eq!(
+        entries[0].action,
+        "route reviews.default.svc.cluster.local:9080 (100%)"
+    );
+}

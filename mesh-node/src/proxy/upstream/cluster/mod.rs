@@ -210,6 +210,16 @@ impl Drop for ActiveRequest {
     }
 }
 
+/// One endpoint of a cluster, for operators.
+#[derive(Clone, Copy, Debug)]
+pub struct EndpointView<'c> {
+    pub addr: SocketAddrV4,
+    pub pod: Option<&'c Arc<Pod>>,
+    pub node: Option<&'c str>,
+    /// Outlier detection keeps it out of the balancing for now.
+    pub ejected: bool,
+}
+
 /// How a request to an endpoint ended, for outlier detection.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Outcome {
@@ -390,6 +400,20 @@ impl Cluster {
     /// The endpoints' addresses, in snapshot order.
     pub fn addresses(&self) -> impl Iterator<Item = SocketAddrV4> + '_ {
         self.members.iter().map(|m| m.addr)
+    }
+
+    /// The endpoints, in snapshot order, as `meshctl` shows them.
+    pub fn endpoints(&self, now: Instant) -> Vec<EndpointView<'_>> {
+        let now = self.state.offset(now);
+        self.members
+            .iter()
+            .map(|m| EndpointView {
+                addr: m.addr,
+                pod: m.pod.as_ref(),
+                node: m.node.as_deref(),
+                ejected: m.health.ejected_at(now),
+            })
+            .collect()
     }
 
     /// Picks a ready endpoint that is not ejected, by the policy. `hash` is the request's

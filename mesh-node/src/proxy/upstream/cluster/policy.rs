@@ -119,6 +119,24 @@ pub fn policy_for(
     }
 }
 
+/// The subsets the DestinationRules that apply to `service` for clients of `client` define,
+/// each once, in the order they are found.
+pub fn subsets_for(
+    snapshot: &Snapshot,
+    service: &ObjectKey,
+    client: Option<&str>,
+) -> Vec<Arc<str>> {
+    let mut names: Vec<Arc<str>> = Vec::new();
+    for rule in applicable_rules(snapshot, service, client) {
+        for subset in rule.subsets.iter() {
+            if !names.contains(&subset.name) {
+                names.push(subset.name.clone());
+            }
+        }
+    }
+    names
+}
+
 /// The rules that apply, merged Istio's way: same namespace, same host, ordered by name.
 pub(super) fn applicable_rules<'a>(
     snapshot: &'a Snapshot,
@@ -342,7 +360,7 @@ pub(super) fn positive(value: Option<u32>) -> Option<u32> {
 }
 
 /// Helpers on the model's Pod that only subset selection needs.
-pub(super) trait PodExt {
+pub trait PodExt {
     fn carries(&self, labels: &Labels) -> bool;
 }
 
