@@ -149,6 +149,7 @@ data:
             code: "%RESPONSE_CODE%"
             user: "%REQ(END-USER)%"
             upstream: "%UPSTREAM_CLUSTER%"
+            received: "%BYTES_RECEIVED%"
 ---
 apiVersion: telemetry.istio.io/v1
 kind: Telemetry
@@ -912,7 +913,8 @@ fn received_logs() -> Result<Vec<(String, Value)>> {
 /// request's line, on each side, in the provider's JSON labels to an OTLP logs collector
 /// (`envoyOtelAls`), except details (its workload Telemetry turns them off); the tracer pod
 /// writes its own calls in Istio's default text format on its node proxy's output (the built-in
-/// `envoy` provider); the client pod, whose namespace asks for nothing, logs nothing.
+/// `envoy` provider); the client pod, whose namespace asks for nothing, logs nothing. An
+/// opaque TCP connection gets a line per side too.
 fn telemetry_api_access_logs() -> Result<()> {
     let user = format!("user-{}", random_hex(4));
     for pod in ["traffic/client", "traffic/tracer"] {
@@ -994,6 +996,49 @@ fn telemetry_api_access_logs() -> Result<()> {
     let metrics = probe::metrics("node-1")?;
     let sent = probe::sample_sum(&metrics, "weft_telemetry_sent_total", &[("signal", "logs")]);
     ensure!(sent > 0.0, "node-1 counts no exported access log record");
+
+    // An opaque TCP connection across nodes: one line per side when it closes, as Envoy's TCP
+    // proxy writes them — the tracer's in text on node-1, tcp-echo's over OTLP from node-2.
+    let bytes = 54_321;
+    probe::run(
+        "traffic/tracer",
+        &[
+            "weft-demo",
+            "blast",
+            "tcp-echo.default:9000",
+            "--conns",
+            "1",
+            "--bytes",
+            &bytes.to_string(),
+        ],
+    )?;
+    thread::sleep(Duration::from_secs(3));
+    let server: Vec<Value> = received_logs()?
+        .into_iter()
+        .filter(|(s, a)| s == "tcp-echo.default" && a["received"] == bytes)
+        .map(|(_, a)| a)
+        .collect();
+    ensure!(
+        server.len() == 1
+            && server[0]["upstream"]
+                .as_str()
+                .is_some_and(|u| u.starts_with("inbound|9000"))
+            && server[0]["code"] == 0
+            && server[0]["method"].is_null(),
+        "tcp-echo's server lines of the connection: {server:#?}"
+    );
+    let node = fs::read_to_string(cluster::log_path("node/node-1")?)?;
+    let tcp: Vec<&str> = node
+        .lines()
+        .filter(|l| {
+            l.starts_with('[') && l.contains(&format!("\"- - -\" 0 - - - \"-\" {bytes} {bytes} "))
+        })
+        .collect();
+    ensure!(
+        tcp.len() == 1 && tcp[0].contains(" outbound|9000||tcp-echo.default.svc.cluster.local "),
+        "node-1's text lines of the tracer's TCP connection: {tcp:#?}"
+    );
+    println!("    node-1: {}", tcp[0]);
     Ok(())
 }
 

@@ -57,9 +57,10 @@ const HBONE_MAX_HEADER_LIST: u32 = 16 * 1024;
 /// A connection steered to 15006: its local address is the pod address the client dialled.
 pub(super) async fn serve_captured(ctx: Arc<Context>, downstream: TcpStream, client: SocketAddr) {
     let start = Instant::now();
-    let mut target = None;
-    let result = captured(&ctx, downstream, client, &mut target).await;
-    log("inbound", client, target, start, result);
+    let mut access = tcp::Log::default();
+    let result = captured(&ctx, downstream, client, &mut access).await;
+    access.write(&ctx, start, client, &result, |t| Some(*t));
+    log("inbound", client, access.target, start, result);
 }
 
 /// A connection on 15008: mTLS from another node's proxy, then HBONE streams, each one
@@ -130,7 +131,7 @@ async fn captured(
     ctx: &Arc<Context>,
     downstream: TcpStream,
     client: SocketAddr,
-    log_target: &mut Option<SocketAddrV4>,
+    access: &mut tcp::Log,
 ) -> Result<Transferred, ProxyError> {
     let local = downstream.local_addr().map_err(ProxyError::Socket)?;
     let target = if local.port() == ctx.inbound_port {
@@ -142,7 +143,8 @@ async fn captured(
     } else {
         v4(local).ok_or(ProxyError::NotIpv4 { client: local })?
     };
-    *log_target = Some(target);
+    access.target = Some(target);
+    access.dialled = Some(target);
 
     let view = ctx.view();
     // Plaintext from outside the mesh: refused where a PeerAuthentication says STRICT. (The
@@ -196,6 +198,8 @@ async fn captured(
     else {
         return Ok(Transferred::default());
     };
+    // Opaque TCP from here: the pod's server line, if it logs.
+    access.access = server_access(ctx, pod.as_ref(), &labels);
     // Plaintext: only the client's address is known.
     let peer = authz::Peer::plaintext(client.ip());
     let sni = Box::pin(authz::sni_for(ctx, pod.as_ref(), &mut downstream)).await;
@@ -217,6 +221,42 @@ async fn captured(
         ctx.tcp_lifetime(),
     )
     .await
+}
+
+/// What the server line of an opaque connection to `pod` needs, while some workload logs.
+fn server_access(
+    ctx: &Context,
+    pod: Option<&Arc<Pod>>,
+    labels: &TcpLabels,
+) -> Option<Box<tcp::Access>> {
+    let pod = pod?;
+    ctx.view().logs().then(|| {
+        Box::new(tcp::Access {
+            client: None,
+            server: Some(pod.clone()),
+            labels: labels.clone(),
+            cluster: None,
+        })
+    })
+}
+
+/// A stream's lines in the Telemetry API's access logs and in the `weft::access` log.
+fn finish(
+    ctx: &Context,
+    client: SocketAddr,
+    target: SocketAddrV4,
+    start: Instant,
+    result: Result<Transferred, ProxyError>,
+    access: Option<Box<tcp::Access>>,
+) {
+    let access = tcp::Log {
+        dialled: Some(target),
+        target: Some(target),
+        via: None,
+        access,
+    };
+    access.write(ctx, start, client, &result, |t| Some(*t));
+    log("tunnel", client, Some(target), start, result);
 }
 
 /// Decides a TCP connection to `pod` against its AuthorizationPolicies, with the current
@@ -483,6 +523,7 @@ async fn hbone_stream(
         let overload = ctx.overload().clone();
         tokio::spawn(unless_cut(overload, cut, async move {
             let mut held = Some(held);
+            let mut access = None;
             let result = async {
                 let caller = Caller {
                     source,
@@ -496,6 +537,7 @@ async fn hbone_stream(
                     return Ok(Transferred::default());
                 };
                 // Sniffed as something else than HTTP (or opaque, accepted to read its SNI).
+                access = server_access(&ctx, Some(&pod), &labels);
                 let sni = Box::pin(authz::sni_for(&ctx, Some(&pod), &mut downstream)).await;
                 authorize_connection(
                     &ctx,
@@ -517,11 +559,12 @@ async fn hbone_stream(
                 .await
             }
             .await;
-            log("tunnel", client, Some(target), start, result);
+            finish(&ctx, client, target, start, result, access);
         }));
         return;
     }
     // Opaque TCP: decide and connect first, so a refusal can tell the source proxy why.
+    let access = server_access(&ctx, Some(&pod), &labels);
     if let Err(e) = authorize_connection(
         &ctx,
         Some(&pod),
@@ -531,7 +574,7 @@ async fn hbone_stream(
         None,
         &labels,
     ) {
-        log("tunnel", client, Some(target), start, Err(e));
+        finish(&ctx, client, target, start, Err(e), access);
         return hbone::refuse(&mut respond, Refusal::Forbidden, authz::DENIED_BODY);
     }
     // A stream the peer resets meanwhile needs no pod connection: stop dialling.
@@ -556,7 +599,7 @@ async fn hbone_stream(
                 Refusal::BadGateway
             };
             hbone::refuse(&mut respond, refusal, &e.to_string());
-            log("tunnel", client, Some(target), start, Err(e));
+            finish(&ctx, client, target, start, Err(e), access);
             return;
         }
     };
@@ -598,7 +641,7 @@ async fn hbone_stream(
                 relayed
             }
         };
-        log("tunnel", client, Some(target), start, result);
+        finish(&ctx, client, target, start, result, access);
     }));
 }
 
@@ -676,7 +719,7 @@ async fn resume_stream(
             .map_err(|e| log("tunnel", client, Some(target), start, Err(e)))
             .is_ok()
     });
-    let Some((_, labels)) = allowed else {
+    let Some((pod, labels)) = allowed else {
         parked.close();
         return hbone::refuse(&mut respond, Refusal::Forbidden, authz::DENIED_BODY);
     };
@@ -685,6 +728,8 @@ async fn resume_stream(
         return;
     };
     let overload = ctx.overload().clone();
+    // The resumed part of the connection: the pod's server line says what it carried.
+    let access = server_access(&ctx, Some(&pod), &labels);
     let resume::ParkedConn {
         mut parking,
         pod,
@@ -700,7 +745,7 @@ async fn resume_stream(
         let result =
             resume::relay_destination(&ctx, downstream, pod, &labels, lifetime, parking, held)
                 .await;
-        log("tunnel", client, Some(target), start, result);
+        finish(&ctx, client, target, start, result, access);
     };
     match cut {
         Some(cut) => tokio::spawn(unless_cut(overload, cut, relay)),

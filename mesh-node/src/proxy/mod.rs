@@ -53,6 +53,7 @@ use crate::{
     model::{OriginalDst, Snapshot},
 };
 
+mod access_log;
 mod adopt;
 mod authz;
 mod context;

@@ -42,6 +42,11 @@ pub(super) async fn serve(
     let start = Instant::now();
     let mut log = Log::default();
     let result = proxy(&ctx, downstream, client, held, &mut log).await;
+    log.write(&ctx, start, client, &result, |served| match served {
+        Served::Tcp(t) => Some(*t),
+        // Every request was logged on its own.
+        Served::Http => None,
+    });
     let dialled = log.dialled.map(|d| d.to_string()).unwrap_or_default();
     let upstream = log.target.map(|t| t.to_string()).unwrap_or_default();
     let via = log.via.map(|v| v.to_string()).unwrap_or_default();
@@ -190,17 +195,28 @@ async fn proxy(
         target.service.as_deref(),
     );
     // A meshed pod of this node: this proxy reports the connection as its destination too.
-    if let Some(pod) = target
+    let served = target
         .pod
-        .as_deref()
-        .filter(|p| ctx.dialer.serves(&view.snapshot, p))
-    {
+        .clone()
+        .filter(|p| ctx.dialer.serves(&view.snapshot, p));
+    if let Some(pod) = served.as_deref() {
         // Without a mesh CA nothing is mTLS, not even the kernel's word on one node.
         let source = caller
             .as_ref()
             .filter(|_| ctx.dialer.hbone.is_some())
             .map(|c| &c.identity);
         labels = labels.between_local_pods(source, &ctx.dialer.identity(pod));
+    }
+    if view.logs() {
+        log.access = Some(Box::new(tcp::Access {
+            client: source.clone(),
+            server: served,
+            labels: labels.clone(),
+            cluster: target
+                .service
+                .as_ref()
+                .map(|s| (dialled.port(), target.subset().cloned(), s.hostname())),
+        }));
     }
     // A meshed pod of this node: no other proxy sees the connection, its policies decide here.
     // The pod that owns the address, whatever an endpoint's `targetRef` claims.
@@ -231,6 +247,9 @@ async fn proxy(
     // Across nodes the connection is HBONE: both ends are known by their certificates.
     if let (Via::Tunnel { .. }, Some(caller), Some(pod)) = (target.via, &caller, &target.pod) {
         labels = labels.mutual_tls(&caller.identity, &ctx.dialer.identity(pod));
+        if let Some(access) = &mut log.access {
+            access.labels = labels.clone();
+        }
     }
     let upstream = match Box::pin(target.connect(ctx, caller.as_ref())).await {
         Ok(u) => u,

@@ -18,6 +18,7 @@ use std::{
 use tokio::io::{AsyncRead, AsyncWrite};
 
 use super::{
+    access_log,
     context::Context,
     copy::{self, Lifetime, Transferred},
     error::ProxyError,
@@ -40,6 +41,63 @@ pub(super) struct Log {
     pub dialled: Option<SocketAddrV4>,
     pub target: Option<SocketAddrV4>,
     pub via: Option<Via>,
+    /// What the Telemetry API's lines need, once the connection is set up, while some
+    /// workload logs.
+    pub access: Option<Box<Access>>,
+}
+
+/// Who logs an opaque connection, and what their lines say of it.
+#[derive(Debug)]
+pub(super) struct Access {
+    /// The calling pod (its client line).
+    pub client: Option<Arc<Pod>>,
+    /// The destination pod, where this proxy is its destination proxy too (its server line).
+    pub server: Option<Arc<Pod>>,
+    pub labels: TcpLabels,
+    /// The source side's cluster: port, subset, host.
+    pub cluster: Option<(u16, Option<Arc<str>>, String)>,
+}
+
+impl Log {
+    /// Writes the Telemetry API's lines of the connection, which ended with `result`.
+    pub fn write<T>(
+        &self,
+        ctx: &Context,
+        start: Instant,
+        client: SocketAddr,
+        result: &Result<T, ProxyError>,
+        transferred: impl FnOnce(&T) -> Option<Transferred>,
+    ) {
+        let Some(access) = &self.access else {
+            return;
+        };
+        let (transferred, flags, reached) = match result {
+            Ok(t) => match transferred(t) {
+                Some(t) => (t, ResponseFlags::NONE, true),
+                None => return,
+            },
+            Err(ProxyError::Copy(e)) => (e.transferred, ResponseFlags::NONE, true),
+            // Decided by the destination's policies: its proxy saw it.
+            Err(ProxyError::Denied { .. }) => (Transferred::default(), ResponseFlags::NONE, true),
+            Err(_) => (Transferred::default(), ResponseFlags::UF, false),
+        };
+        let conn = access_log::TcpConnection {
+            start,
+            client,
+            local: self.dialled,
+            upstream: self.target,
+            cluster: access
+                .cluster
+                .as_ref()
+                .map(|(port, subset, host)| (*port, subset.as_deref(), host.as_str())),
+            labels: &access.labels,
+            transferred,
+            flags,
+        };
+        // The destination saw only a connection that reached it.
+        let server = access.server.as_deref().filter(|_| reached);
+        access_log::tcp(ctx, access.client.as_deref(), server, &conn);
+    }
 }
 
 /// The endpoint an outbound connection goes to, with what it holds while it is open.
@@ -55,6 +113,11 @@ pub(super) struct Target {
 }
 
 impl Target {
+    /// The subset of the cluster the connection was balanced by, if any.
+    pub fn subset(&self) -> Option<&Arc<str>> {
+        self.balanced.as_ref()?.cluster.key().subset.as_ref()
+    }
+
     /// How long the connection may last: the cluster's `tcp.idleTimeout` (0: none), else the
     /// proxy's, and its `tcp.maxConnectionDuration`.
     pub fn lifetime(&self, ctx: &Context) -> Lifetime {

@@ -291,7 +291,8 @@ pub struct Entry<'a> {
     pub path: &'a str,
     pub authority: Option<&'a str>,
     pub scheme: &'a str,
-    pub protocol: http::Version,
+    /// `None`: an opaque TCP connection.
+    pub protocol: Option<http::Version>,
     pub response_code: u16,
     pub response_flags: ResponseFlags,
     pub response_code_details: Option<&'a str>,
@@ -342,7 +343,7 @@ fn value(command: &Command, e: &Entry<'_>, out: &mut String) {
             }
             None => out.push('-'),
         },
-        Command::Protocol => out.push_str(crate::metrics::access::protocol(e.protocol)),
+        Command::Protocol => text(out, e.protocol.map(crate::metrics::access::protocol)),
         Command::ResponseCode => {
             let _ = write!(out, "{}", e.response_code);
         }
@@ -458,7 +459,7 @@ mod tests {
             path: "/reviews/0?x=1",
             authority: Some("reviews:9080"),
             scheme: "http",
-            protocol: http::Version::HTTP_11,
+            protocol: Some(http::Version::HTTP_11),
             response_code: 503,
             response_flags: ResponseFlags::UF,
             response_code_details: None,

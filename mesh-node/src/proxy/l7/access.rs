@@ -5,21 +5,10 @@
 //! proxy's output (`envoyFileAccessLog`), or as an OTLP log record (`envoyOtelAls`: a text
 //! format as the record's body, JSON labels as its attributes).
 
-use std::{borrow::Cow, time::SystemTime};
-
-use serde_json::Value;
+use std::time::SystemTime;
 
 use super::*;
-use crate::{
-    model::telemetry::ProviderKind,
-    telemetry::{
-        access_log::{Entry, Format},
-        export::{Attribute, Log, Record},
-    },
-};
-
-/// The most characters an OTLP record's body or attribute value keeps.
-const MAX_VALUE: usize = 4096;
+use crate::{proxy::access_log::emit, telemetry::access_log::Entry};
 
 /// Writes the lines of a finished request; the server side's only when the destination saw
 /// it (`seen_by_destination`).
@@ -62,7 +51,7 @@ pub(super) fn write(
         path,
         authority: Some(&report.authority),
         scheme: "http",
-        protocol: report.version,
+        protocol: Some(report.version),
         response_code: outcome.response_code,
         response_flags: outcome.flags,
         // Envoy's word for an answer that came from the upstream.
@@ -92,7 +81,7 @@ pub(super) fn write(
         response_headers: report.response_headers.as_deref(),
     };
     if let Some((providers, pod)) = client {
-        emit(report, &view, &providers, &pod, &entry);
+        emit(&report.conn.ctx, &view, &providers, &pod, &entry);
     }
     if let Some((providers, pod)) = server {
         // The destination's view: its own cluster, and only what it saw of the flags.
@@ -119,82 +108,6 @@ pub(super) fn write(
                 }
             }
         };
-        emit(report, &view, &providers, &pod, &entry);
+        emit(&report.conn.ctx, &view, &providers, &pod, &entry);
     }
-}
-
-fn emit(
-    report: &Report,
-    view: &View,
-    providers: &[crate::model::telemetry::ExtensionProvider],
-    pod: &Pod,
-    entry: &Entry<'_>,
-) {
-    for provider in providers {
-        match &provider.kind {
-            ProviderKind::FileAccessLog { stderr, format } => {
-                let mut line = format.line(entry);
-                line.push('\n');
-                report.conn.ctx.lines.write(*stderr, line);
-            }
-            ProviderKind::OtelAccessLog {
-                service,
-                port,
-                format,
-            } => {
-                let log = record(pod, format, entry);
-                let addr = view.collector(service, *port);
-                report
-                    .conn
-                    .ctx
-                    .tracer
-                    .export((service, *port), addr, Record::Log(log));
-            }
-            _ => {}
-        }
-    }
-}
-
-/// The OTLP record of a line: a text format is the body, JSON labels the attributes.
-fn record(pod: &Pod, format: &Format, entry: &Entry<'_>) -> Log {
-    let (body, attributes) = match format {
-        Format::Text(_) => (Some(format.line(entry)), Vec::new()),
-        Format::Json(_) => {
-            let attributes = format
-                .fields(entry)
-                .into_iter()
-                .map(|(key, value)| {
-                    let value = match value {
-                        Value::Number(n) => n
-                            .as_i64()
-                            .map_or_else(|| Attribute::Text(n.to_string()), Attribute::Int),
-                        Value::String(s) => Attribute::Text(s),
-                        other => Attribute::Text(other.to_string()),
-                    };
-                    (Cow::Owned(key), value)
-                })
-                .collect();
-            (None, attributes)
-        }
-    };
-    let mut log = Log {
-        service: format!("{}.{}", pod.canonical_service(), pod.key.namespace).into(),
-        time: entry.start_time,
-        body,
-        attributes,
-    };
-    // A request's headers make no record larger than this: the exporter's queue stays bounded.
-    let texts = log
-        .body
-        .iter_mut()
-        .chain(log.attributes.iter_mut().filter_map(|(_, v)| match v {
-            Attribute::Text(t) => Some(t),
-            Attribute::Int(_) => None,
-        }));
-    for text in texts {
-        if let Some((at, _)) = text.char_indices().nth(MAX_VALUE) {
-            text.truncate(at);
-        }
-    }
-    log
 }
