@@ -1,15 +1,23 @@
-//! Admin (15020: `/metrics`, `/debug/config`) and health (15021: `/healthz`, `/ready`) servers.
+//! Admin (15020: `/metrics`, `/debug/*`) and health (15021: `/healthz`, `/ready`) servers.
 //!
-//! Both run on the control runtime, away from the data-plane threads, and read only atomics
-//! and the current snapshot, so a slow scraper cannot hold up connections.
+//! Each runs on a thread and runtime of its own, away from the data-plane threads and from
+//! each other, and reads only atomics and the current snapshot, so a slow scraper holds up
+//! neither connections nor kubelet's probes. Each server holds at most 64 connections, each
+//! for at most a minute, with request heads of at most 16 KiB read within 10 s: any pod
+//! reaches these ports on the node's address.
 //!
 //! The admin port answers `/metrics` (what Prometheus scrapes) on every address, and the rest
 //! (`/debug/config`: every pod, label, service account and rule of the mesh; `/debug/status`,
 //! `/debug/routes`, `/debug/clusters`, `/debug/endpoints`, `/debug/policies` and
-//! `/debug/explain`, which `meshctl` reads) only on
-//! connections made to a loopback address — `127.0.0.1:15020` on the node, where operators and
-//! the node's own tools reach it — as Istio keeps Envoy's admin port local. The kernel never
-//! delivers a packet from another host or a pod's network namespace to the node's loopback.
+//! `/debug/explain`, which `meshctl` reads) only to clients of the node's loopback: the
+//! connection made to a loopback address from a loopback address, with a loopback name in
+//! `Host` (a browser on the node cannot be turned against it by a name that resolves to
+//! 127.0.0.1) — `127.0.0.1:15020` on the node, where operators and the node's own tools reach
+//! it — as Istio keeps Envoy's admin port local. The kernel never delivers a packet from
+//! another host or a pod's network namespace to the node's loopback; with `hostNetwork` (the
+//! DaemonSet), the node's own processes and host-network pods share that loopback. The
+//! `/debug/*` answers walk the whole configuration: they are computed off the admin's thread,
+//! one at a time.
 
 use std::{
     convert::Infallible,
@@ -19,19 +27,20 @@ use std::{
         atomic::{AtomicBool, AtomicU64, Ordering},
         Arc, OnceLock,
     },
-    time::Instant,
+    time::{Duration, Instant},
 };
 
 use bytes::Bytes;
+use futures::future::BoxFuture;
 use http_body_util::Full;
 use hyper::{
     body::Incoming, header, server::conn::http1, service::service_fn, Method, Request, Response,
     StatusCode,
 };
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use serde_json::{json, Value};
 use thiserror::Error;
-use tokio::net::TcpListener;
+use tokio::{net::TcpListener, sync::Semaphore};
 use tracing::{debug, info};
 
 use crate::{
@@ -129,6 +138,8 @@ pub struct AdminState {
     pub programs: Option<Programs>,
     pub node: String,
     pub started: Instant,
+    /// One inspection (`/debug/*`) at a time.
+    pub inspecting: Arc<Semaphore>,
 }
 
 /// Lists the eBPF programs attached.
@@ -159,7 +170,7 @@ pub async fn bind(server: &'static str, addr: SocketAddr) -> Result<TcpListener,
         })
 }
 
-/// Serves `/metrics` and `/debug/config` until `shutdown` completes.
+/// Serves `/metrics` and the operators' `/debug/*` until `shutdown` completes.
 pub async fn serve_admin(
     listener: TcpListener,
     state: Arc<AdminState>,
@@ -183,11 +194,28 @@ pub async fn serve_health(
     serve(
         "health",
         listener,
-        move |req, _| health(&readiness, req),
+        move |req, _| Box::pin(std::future::ready(health(&readiness, req))),
         shutdown,
     )
     .await;
 }
+
+/// Connections one server holds at once; more are closed at accept. Prometheus, kubelet and
+/// an operator need a few: whoever opens more (any pod reaches the node's address) must not
+/// hold the thread's memory or the probes' turn.
+const MAX_CONNECTIONS: usize = 64;
+/// How long one connection may last, requests included.
+const CONNECTION_LIFETIME: Duration = Duration::from_secs(60);
+/// How long a request head may take to arrive.
+const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+/// The most a connection buffers of a request (a head is far smaller).
+const MAX_BUFFER: usize = 16 * 1024;
+
+/// How long a `/debug/*` request waits for the one before it.
+const INSPECTION_WAIT: Duration = Duration::from_secs(30);
+
+/// An answer, ready or on its way.
+type Answer = BoxFuture<'static, Response<Full<Bytes>>>;
 
 async fn serve<H>(
     server: &'static str,
@@ -195,12 +223,13 @@ async fn serve<H>(
     handler: H,
     shutdown: impl Future<Output = ()>,
 ) where
-    H: Fn(&Request<Incoming>, Local) -> Response<Full<Bytes>> + Send + Sync + 'static,
+    H: Fn(&Request<Incoming>, Local) -> Answer + Send + Sync + 'static,
 {
     if let Ok(addr) = listener.local_addr() {
         info!(%addr, "{server} server listening");
     }
     let handler = Arc::new(handler);
+    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     tokio::pin!(shutdown);
     loop {
         let (stream, peer) = tokio::select! {
@@ -213,21 +242,33 @@ async fn serve<H>(
                 }
             },
         };
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            debug!(%peer, "{server} server: {MAX_CONNECTIONS} connections open, closing a new one");
+            continue;
+        };
         let handler = handler.clone();
+        // Made to the node's loopback, from it: not from a pod, nor from another host.
         let local = match stream.local_addr() {
-            Ok(addr) if addr.ip().is_loopback() => Local::Loopback,
+            Ok(addr) if addr.ip().is_loopback() && peer.ip().is_loopback() => Local::Loopback,
             _ => Local::Other,
         };
         tokio::spawn(async move {
+            let _slot = slot;
             let service = service_fn(move |req| {
-                let response = handler(&req, local);
-                async move { Ok::<_, Infallible>(response) }
+                let answer = handler(&req, local);
+                async move { Ok::<_, Infallible>(answer.await) }
             });
-            if let Err(e) = http1::Builder::new()
-                .serve_connection(TokioIo::new(stream), service)
-                .await
-            {
-                debug!(%peer, error = %e, "{server} server: connection error");
+            let connection = http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(HEADER_READ_TIMEOUT)
+                .max_buf_size(MAX_BUFFER)
+                .serve_connection(TokioIo::new(stream), service);
+            match tokio::time::timeout(CONNECTION_LIFETIME, connection).await {
+                Ok(Err(e)) => debug!(%peer, error = %e, "{server} server: connection error"),
+                Err(_) => {
+                    debug!(%peer, "{server} server: connection closed after {CONNECTION_LIFETIME:?}")
+                }
+                Ok(Ok(())) => {}
             }
         });
     }
@@ -253,51 +294,111 @@ fn response(status: StatusCode, content_type: &str, body: Bytes) -> Response<Ful
 }
 
 fn only_get(req: &Request<Incoming>) -> Option<Response<Full<Bytes>>> {
-    (req.method() != Method::GET && req.method() != Method::HEAD)
+    (req.method() != Method::GET)
         .then(|| text(StatusCode::METHOD_NOT_ALLOWED, "only GET is supported\n"))
 }
 
-fn admin(state: &AdminState, req: &Request<Incoming>, local: Local) -> Response<Full<Bytes>> {
+/// Whether the request names the node's loopback as its host (`127.0.0.1`, `[::1]`,
+/// `localhost`, any port): a page a browser on the node loads from another name cannot read
+/// `/debug/*` through a name that resolves to 127.0.0.1 (DNS rebinding).
+fn loopback_host(req: &Request<Incoming>) -> bool {
+    let Some(host) = req
+        .headers()
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+    else {
+        return false;
+    };
+    let name = match host.strip_prefix('[') {
+        Some(v6) => v6.split(']').next().unwrap_or(""),
+        None => host.rsplit_once(':').map_or(host, |(name, _)| name),
+    };
+    name.eq_ignore_ascii_case("localhost")
+        || name
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
+}
+
+fn now(response: Response<Full<Bytes>>) -> Answer {
+    Box::pin(std::future::ready(response))
+}
+
+fn admin(state: &Arc<AdminState>, req: &Request<Incoming>, local: Local) -> Answer {
     if let Some(refused) = only_get(req) {
-        return refused;
+        return now(refused);
     }
     let path = req.uri().path();
-    if local == Local::Other && !matches!(path, "/metrics" | "/stats/prometheus") {
-        return text(
-            StatusCode::FORBIDDEN,
-            "only /metrics answers on this address; the rest of the admin answers on the node's loopback (127.0.0.1:15020)\n",
-        );
-    }
-    match path {
-        "/metrics" | "/stats/prometheus" => response(
+    if matches!(path, "/metrics" | "/stats/prometheus") {
+        return now(response(
             StatusCode::OK,
             metrics::CONTENT_TYPE,
             state.metrics.encode().into(),
-        ),
-        "/debug/config" => json_response(StatusCode::OK, &debug_config(state)),
-        "/debug/status" => json_response(StatusCode::OK, &status(state)),
+        ));
+    }
+    if local == Local::Other || !loopback_host(req) {
+        return now(text(
+            StatusCode::FORBIDDEN,
+            "only /metrics answers on this address; the rest of the admin answers on the node's loopback (127.0.0.1:15020), to its own clients\n",
+        ));
+    }
+    let inspection = match path {
+        "/debug/config" | "/debug/status" => None,
         "/debug/routes" | "/debug/clusters" | "/debug/endpoints" | "/debug/policies"
-        | "/debug/explain" => {
-            let Some(proxy) = state.proxy.get() else {
-                return text(
+        | "/debug/explain" => match state.proxy.get() {
+            Some(proxy) => Some(proxy.clone()),
+            None => {
+                return now(text(
                     StatusCode::SERVICE_UNAVAILABLE,
                     "the proxy does not serve yet\n",
-                );
-            };
-            match path {
-                "/debug/routes" => json_response(StatusCode::OK, &proxy.routes()),
-                "/debug/clusters" => json_response(StatusCode::OK, &proxy.clusters()),
-                "/debug/endpoints" => json_response(StatusCode::OK, &proxy.endpoints()),
-                "/debug/policies" => json_response(StatusCode::OK, &proxy.policies()),
-                _ => match proxy.explain(&question(req.uri().query().unwrap_or(""))) {
+                ))
+            }
+        },
+        "/" => return now(text(StatusCode::OK, format!("Weft node admin: {PATHS}\n"))),
+        _ => {
+            return now(text(
+                StatusCode::NOT_FOUND,
+                format!("not found: try {PATHS}\n"),
+            ))
+        }
+    };
+    // The rest walks the whole configuration: off this thread (which answers `/metrics`),
+    // one at a time.
+    let (state, path) = (state.clone(), path.to_owned());
+    let query = req.uri().query().unwrap_or("").to_owned();
+    Box::pin(async move {
+        let turn =
+            tokio::time::timeout(INSPECTION_WAIT, state.inspecting.clone().acquire_owned()).await;
+        let Ok(Ok(turn)) = turn else {
+            return text(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "other inspections are running: try again\n",
+            );
+        };
+        let work = tokio::task::spawn_blocking(move || {
+            let _turn = turn;
+            match (path.as_str(), inspection) {
+                ("/debug/config", _) => json_response(StatusCode::OK, &debug_config(&state)),
+                ("/debug/status", _) => json_response(StatusCode::OK, &status(&state)),
+                (_, None) => text(StatusCode::NOT_FOUND, "not found\n"),
+                ("/debug/routes", Some(proxy)) => json_response(StatusCode::OK, &proxy.routes()),
+                ("/debug/clusters", Some(proxy)) => {
+                    json_response(StatusCode::OK, &proxy.clusters())
+                }
+                ("/debug/endpoints", Some(proxy)) => {
+                    json_response(StatusCode::OK, &proxy.endpoints())
+                }
+                ("/debug/policies", Some(proxy)) => {
+                    json_response(StatusCode::OK, &proxy.policies())
+                }
+                (_, Some(proxy)) => match proxy.explain(&question(&query)) {
                     Ok(explanation) => json_response(StatusCode::OK, &json!(explanation)),
                     Err(e) => text(StatusCode::BAD_REQUEST, format!("{e}\n")),
                 },
             }
-        }
-        "/" => text(StatusCode::OK, format!("Weft node admin: {PATHS}\n")),
-        _ => text(StatusCode::NOT_FOUND, format!("not found: try {PATHS}\n")),
-    }
+        });
+        work.await
+            .unwrap_or_else(|_| text(StatusCode::INTERNAL_SERVER_ERROR, "the inspection failed\n"))
+    })
 }
 
 const PATHS: &str = "/metrics /debug/config /debug/status /debug/routes /debug/clusters /debug/endpoints /debug/policies /debug/explain?from=NS/POD&url=URL[&method=M][&header=H]";
@@ -602,10 +703,15 @@ mod tests {
     };
 
     async fn get(addr: SocketAddr, path: &str) -> (u16, String) {
+        ask(addr, "GET", path, "127.0.0.1:15020").await
+    }
+
+    async fn ask(addr: SocketAddr, method: &str, path: &str, host: &str) -> (u16, String) {
         let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
         stream
             .write_all(
-                format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes(),
+                format!("{method} {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n")
+                    .as_bytes(),
             )
             .await
             .unwrap();
@@ -717,6 +823,7 @@ mod tests {
             programs: None,
             node: "node-1".into(),
             started: Instant::now(),
+            inspecting: Arc::new(Semaphore::new(1)),
         });
         let admin_listener = bind("admin", "127.0.0.1:0".parse().unwrap()).await.unwrap();
         let health_listener = bind("health", "127.0.0.1:0".parse().unwrap())
@@ -784,6 +891,23 @@ mod tests {
         let (status, body) = get(admin_addr, "/debug/explain?url=http://web/").await;
         assert_eq!(status, 400, "{body}");
         assert!(body.contains("--from must be NAMESPACE/POD"), "{body}");
+
+        // Another name for the loopback (DNS rebinding) gets /metrics only; so does a HEAD.
+        for host in [
+            "evil.example",
+            "evil.example:15020",
+            "127.0.0.1.evil.example",
+        ] {
+            assert_eq!(ask(admin_addr, "GET", "/debug/status", host).await.0, 403);
+            assert_eq!(ask(admin_addr, "GET", "/metrics", host).await.0, 200);
+        }
+        for host in ["localhost:15020", "[::1]:15020", "127.0.0.1"] {
+            assert_eq!(ask(admin_addr, "GET", "/debug/status", host).await.0, 200);
+        }
+        assert_eq!(
+            ask(admin_addr, "HEAD", "/metrics", "127.0.0.1").await.0,
+            405
+        );
     }
 
     #[test]

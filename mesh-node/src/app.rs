@@ -654,6 +654,7 @@ impl Control {
             programs,
             node,
             started: Instant::now(),
+            inspecting: Arc::new(tokio::sync::Semaphore::new(1)),
             readiness: readiness.clone(),
             source: match &source {
                 Running::File(source) => source.status(),
@@ -730,9 +731,10 @@ impl Control {
     }
 }
 
-/// Serves health and admin on a thread of their own (`weft-admin`): parsing a large resource
-/// or a burst of watch events keeps the control thread busy for seconds, and kubelet's probes
-/// and Prometheus's scrapes must not wait for it.
+/// Serves health and admin each on a thread of its own (`weft-health`, `weft-admin`): parsing
+/// a large resource or a burst of watch events keeps the control thread busy for seconds, and
+/// kubelet's probes must not wait for it, nor for whoever keeps the admin port busy (any pod
+/// reaches its `/metrics`).
 fn serve_admin_apart(
     health: std::net::TcpListener,
     admin_listener: std::net::TcpListener,
@@ -740,34 +742,54 @@ fn serve_admin_apart(
     state: Arc<AdminState>,
     shutdown: &watch::Sender<bool>,
 ) -> Result<(), AppError> {
+    let register = |listener: std::net::TcpListener| {
+        listener
+            .set_nonblocking(true)
+            .and_then(|()| tokio::net::TcpListener::from_std(listener))
+    };
+    let apart = |name: &str, serve: Box<dyn FnOnce() -> BoxedServer + Send>| {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(runtime_error)?;
+        std::thread::Builder::new()
+            .name(name.into())
+            .spawn(move || runtime.block_on(serve()))
+            .map_err(runtime_error)
+            .map(drop)
+    };
     let stop = shutdown.subscribe();
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .map_err(runtime_error)?;
-    std::thread::Builder::new()
-        .name("weft-admin".into())
-        .spawn(move || {
-            runtime.block_on(async move {
-                let register = |listener: std::net::TcpListener| {
-                    listener
-                        .set_nonblocking(true)
-                        .and_then(|()| tokio::net::TcpListener::from_std(listener))
-                };
-                let (Ok(health), Ok(admin_listener)) = (register(health), register(admin_listener))
-                else {
-                    error!("the admin and health listeners could not be moved to their thread");
-                    return;
-                };
-                tokio::join!(
-                    admin::serve_health(health, readiness, shutdown_signal(stop.clone())),
-                    admin::serve_admin(admin_listener, state, shutdown_signal(stop)),
-                );
+    apart(
+        "weft-health",
+        Box::new(move || {
+            Box::pin(async move {
+                match register(health) {
+                    Ok(health) => {
+                        admin::serve_health(health, readiness, shutdown_signal(stop)).await
+                    }
+                    Err(e) => error!("the health listener could not be moved to its thread: {e}"),
+                }
             })
-        })
-        .map_err(runtime_error)?;
-    Ok(())
+        }),
+    )?;
+    let stop = shutdown.subscribe();
+    apart(
+        "weft-admin",
+        Box::new(move || {
+            Box::pin(async move {
+                match register(admin_listener) {
+                    Ok(listener) => {
+                        admin::serve_admin(listener, state, shutdown_signal(stop)).await
+                    }
+                    Err(e) => error!("the admin listener could not be moved to its thread: {e}"),
+                }
+            })
+        }),
+    )
 }
+
+/// A server's future, run on a thread of its own.
+type BoxedServer = std::pin::Pin<Box<dyn Future<Output = ()>>>;
 
 fn runtime_error(source: io::Error) -> AppError {
     AppError::Runtime {

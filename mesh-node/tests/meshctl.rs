@@ -295,3 +295,71 @@ fn config_dump_offline_lists_routes_clusters_and_policies() {
         "{out}"
     );
 }
+
+#[test]
+fn explain_sees_the_request_as_the_proxy_does() {
+    let dir = bookinfo(&[]);
+    std::fs::write(
+        dir.path().join("details.yaml"),
+        "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: details, namespace: default}\nspec:\n  hosts: [details]\n  http:\n  - match: [{uri: {prefix: /public}}]\n    route: [{destination: {host: details}}]\n  - match: [{uri: {prefix: /old}}]\n    redirect: {uri: /new}\n  - route: [{destination: {host: details}}]\n    fault: {abort: {httpStatus: 503, percentage: {value: 100}}}\n",
+    )
+    .unwrap();
+    let config = dir.path().display().to_string();
+    let explain = |url: &str| {
+        let (code, out) = meshctl(&[
+            "explain",
+            "--config-dir",
+            &config,
+            "--from",
+            "default/productpage-v1",
+            url,
+            "--json",
+        ]);
+        assert_eq!(code, 0, "{out}");
+        serde_json::from_str::<serde_json::Value>(&out).unwrap()
+    };
+    // The path is normalized before it is routed: `..` cannot climb out of /public.
+    let climbed = explain("http://details:9080/public/%2e%2e/admin");
+    assert_eq!(
+        climbed["routes"]["rules"][0]["reason"],
+        "uri prefix \"/public\": the path is \"/admin\""
+    );
+    assert_eq!(
+        climbed["outcome"],
+        "rule VirtualService default/details http[2]: the fault aborts every request before it leaves"
+    );
+    // A redirect keeps the request's host and port.
+    let moved = explain("http://details:9080/old/page");
+    assert_eq!(
+        moved["outcome"],
+        "rule VirtualService default/details http[1] answers a redirect to http://details:9080/new"
+    );
+    // A port the Service does not declare: refused, as the proxy refuses it.
+    let closed = explain("http://details:9999/");
+    assert_eq!(
+        closed["outcome"],
+        "refused (UH): default/details declares no TCP port 9999 and no tcp rule takes it"
+    );
+}
+
+#[test]
+fn control_characters_in_a_configuration_do_not_reach_the_terminal() {
+    let dir = bookinfo(&[]);
+    std::fs::write(
+        dir.path().join("evil.yaml"),
+        "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: details, namespace: default}\nspec:\n  hosts: [details]\n  http:\n  - redirect: {authority: \"x\\e]52;c;cHduZWQ=\\a\\nauthorization: allowed\"}\n",
+    )
+    .unwrap();
+    let config = dir.path().display().to_string();
+    let (code, out) = meshctl(&["config", "dump", "routes", "--config-dir", &config]);
+    assert_eq!(code, 0, "{out}");
+    assert!(
+        out.contains("redirect 301 x\\u{1b}]52;c;cHduZWQ=\\u{7}\\u{a}authorization: allowed"),
+        "{out}"
+    );
+    assert!(!out.contains('\u{1b}') && !out.contains('\u{7}'), "{out:?}");
+    assert!(
+        !out.lines().any(|l| l.starts_with("authorization")),
+        "{out}"
+    );
+}

@@ -185,6 +185,29 @@ fn target(admin: Vec<String>, config_dir: Option<&Path>) -> Result<Target, Strin
     Ok(Target::Nodes(admin))
 }
 
+/// The most meshctl reads of one answer.
+const MAX_RESPONSE: u64 = 256 << 20;
+
+/// Escapes the control characters of every string in `value`: names and values in a
+/// configuration are a tenant's to write, and must not drive the operator's terminal (colours,
+/// titles, clipboard) nor forge lines of the output.
+fn sanitize(value: &mut Value) {
+    match value {
+        Value::String(s) if s.chars().any(char::is_control) => {
+            *s = s
+                .chars()
+                .map(|c| match c {
+                    c if c.is_control() => c.escape_unicode().to_string(),
+                    c => c.to_string(),
+                })
+                .collect();
+        }
+        Value::Array(items) => items.iter_mut().for_each(sanitize),
+        Value::Object(map) => map.values_mut().for_each(sanitize),
+        _ => {}
+    }
+}
+
 /// `GET path` from a node admin: the JSON it answers, or its error.
 fn get(admin: &str, path: &str) -> Result<Value, String> {
     let fail = |e: std::io::Error| format!("cannot reach the node admin at {admin}: {e}");
@@ -202,7 +225,15 @@ fn get(admin: &str, path: &str) -> Result<Value, String> {
     )
     .map_err(fail)?;
     let mut response = Vec::new();
-    stream.read_to_end(&mut response).map_err(fail)?;
+    stream
+        .take(MAX_RESPONSE)
+        .read_to_end(&mut response)
+        .map_err(fail)?;
+    if response.len() as u64 >= MAX_RESPONSE {
+        return Err(format!(
+            "{admin}{path}: the answer is larger than {MAX_RESPONSE} bytes"
+        ));
+    }
     let response = String::from_utf8_lossy(&response);
     let (head, body) = response
         .split_once("\r\n\r\n")
@@ -248,6 +279,7 @@ fn status(target: &Target, json: bool) -> Result<ExitCode, String> {
     if json {
         println!("{:#}", json!({"nodes": nodes, "notReached": missing}));
     } else {
+        nodes.iter_mut().for_each(sanitize);
         print_status(&nodes, &missing);
     }
     Ok(if healthy {
@@ -397,6 +429,7 @@ fn dump(
         println!("{:#}", Value::Object(object));
         return Ok(ExitCode::SUCCESS);
     }
+    out.iter_mut().for_each(|(_, v)| sanitize(v));
     let rows = |v: &Value| v.as_array().cloned().unwrap_or_default();
     let s = |v: &Value| match v {
         Value::String(s) => s.clone(),
@@ -518,9 +551,12 @@ fn explain(target: &Target, question: &Question, json: bool) -> Result<ExitCode,
             }
         }
     };
+    let mut value = json!(explanation);
     if json {
-        println!("{:#}", json!(explanation));
+        println!("{value:#}");
     } else {
+        sanitize(&mut value);
+        let explanation: Explanation = serde_json::from_value(value).map_err(|e| e.to_string())?;
         print!("{explanation}");
     }
     Ok(ExitCode::SUCCESS)

@@ -34,6 +34,15 @@ impl Identity {
         }
     }
 
+    /// The principal AuthorizationPolicies name: the SPIFFE ID without its scheme,
+    /// `<trust domain>/ns/<namespace>/sa/<service account>`.
+    pub fn principal(&self) -> String {
+        format!(
+            "{}/ns/{}/sa/{}",
+            self.trust_domain, self.namespace, self.service_account
+        )
+    }
+
     pub fn trust_domain(&self) -> &str {
         &self.trust_domain
     }

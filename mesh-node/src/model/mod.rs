@@ -214,7 +214,41 @@ pub struct Service {
     pub entry: Option<Arc<EntryHost>>,
 }
 
+impl ServicePort {
+    /// The port of `pod` this Service port reaches: its number, or the container port the pod
+    /// names so; `None` when the pod declares no port of that name (it is no endpoint of it).
+    pub fn target_on(&self, pod: &Pod) -> Option<u16> {
+        match &self.target_port {
+            TargetPort::Number(n) => Some(*n),
+            TargetPort::Name(name) => pod
+                .ports
+                .iter()
+                .find(|(n, _)| n.as_deref() == Some(&**name))
+                .map(|(_, p)| *p),
+        }
+    }
+}
+
+/// Whether `labels` carry every label of `selector`.
+pub fn selects(selector: &Labels, labels: &Labels) -> bool {
+    selector.iter().all(|(k, v)| labels.get(k) == Some(v))
+}
+
 impl Service {
+    /// The pods of `pods` the Service's selector selects, in key order (none without one).
+    pub fn selected<'p>(
+        &'p self,
+        pods: &'p Map<ObjectKey, Arc<Pod>>,
+    ) -> impl Iterator<Item = &'p Arc<Pod>> + 'p {
+        // Pods are ordered by namespace first: the service's namespace is one range.
+        let namespace = &self.key.namespace;
+        let selector = self.selector.as_ref();
+        pods.range(ObjectKey::new(namespace, "")..)
+            .take_while(move |(k, _)| k.namespace == *namespace)
+            .map(|(_, p)| p)
+            .filter(move |p| selector.is_some_and(|s| selects(s, &p.labels)))
+    }
+
     /// `name.namespace.svc.cluster.local`, as Istio's `destination_service` label; the host
     /// itself for a ServiceEntry host.
     pub fn hostname(&self) -> String {

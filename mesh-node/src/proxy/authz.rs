@@ -68,15 +68,9 @@ impl Peer {
     fn principal(&self) -> Option<&str> {
         self.principal
             .get_or_init(|| {
-                self.identity.as_ref().map(|id| {
-                    format!(
-                        "{}/ns/{}/sa/{}",
-                        id.trust_domain(),
-                        id.namespace(),
-                        id.service_account()
-                    )
-                    .into()
-                })
+                self.identity
+                    .as_ref()
+                    .map(|id| id.principal().into_boxed_str())
             })
             .as_deref()
     }

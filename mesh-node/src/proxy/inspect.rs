@@ -10,6 +10,7 @@
 //! clusters and policy decision, so that what it says is what the proxy does.
 
 use std::{
+    collections::HashSet,
     fmt,
     net::{IpAddr, Ipv4Addr, SocketAddrV4},
     sync::Arc,
@@ -33,10 +34,14 @@ use crate::{
     model::{
         authz::{self, Attributes, Http, TrustDomains},
         policy::ROOT_NAMESPACE,
-        traffic::{AbortError, HeaderOps},
+        traffic::{AbortError, HeaderOps, Resolution},
         ObjectKey, Pod, Protocol, Service, Snapshot,
     },
 };
+
+/// The most clusters or endpoints one dump lists: each is built to be shown, and a tenant's
+/// DestinationRule may define thousands of subsets.
+const MAX_LISTED: usize = 10_000;
 
 /// Reads a proxy's configuration: the one it serves, or one compiled from files.
 #[derive(Clone)]
@@ -155,6 +160,7 @@ impl Inspector {
                     trust_domain: &ctx.config.trust_domain,
                     aliases: &ctx.config.trust_domain_aliases,
                     sidecar: ctx.config.sidecar,
+                    mtls: ctx.config.certs.is_some(),
                 },
             ),
             Inner::Offline { view, clusters } => (
@@ -165,19 +171,11 @@ impl Inspector {
                     trust_domain: DEFAULT_TRUST_DOMAIN,
                     aliases: &[],
                     sidecar: false,
+                    // A cluster as deployed: with its mesh CA.
+                    mtls: true,
                 },
             ),
         }
-    }
-
-    /// The snapshot in force.
-    pub fn snapshot(&self) -> Arc<Snapshot> {
-        self.parts().0.snapshot.clone()
-    }
-
-    /// The node this proxy serves (`None` offline).
-    pub fn node(&self) -> Option<String> {
-        self.parts().2.node.map(str::to_owned)
     }
 
     /// The certificates the proxy holds for its own identity and its pods' (`None`: offline,
@@ -260,6 +258,12 @@ impl Inspector {
             for port in service.ports.iter().filter(|p| p.protocol == Protocol::Tcp) {
                 let subsets = std::iter::once(None).chain(subsets.iter().cloned().map(Some));
                 for subset in subsets {
+                    if out.len() >= MAX_LISTED {
+                        out.push(
+                            json!({"error": format!("the listing stops at {MAX_LISTED} clusters")}),
+                        );
+                        return Value::Array(out);
+                    }
                     let key = ClusterKey::new(service.key.clone(), port.port, subset);
                     let mut entry = json!({
                         "cluster": key.to_string(),
@@ -284,8 +288,8 @@ impl Inspector {
         Value::Array(out)
     }
 
-    /// `meshctl config dump endpoints`: the endpoints of every cluster in use or of every
-    /// Service port, with the pods, nodes and outlier state behind them.
+    /// `meshctl config dump endpoints`: the endpoints of every Service port (its cluster
+    /// without subset), with the pods, nodes and outlier state behind them.
     pub fn endpoints(&self) -> Value {
         let (view, clusters, _) = self.parts();
         let snapshot = &view.snapshot;
@@ -298,6 +302,12 @@ impl Inspector {
                 let Ok(built) = view.inspect_cluster(clusters, &key, Some(&namespace)) else {
                     continue;
                 };
+                if out.len() >= MAX_LISTED {
+                    out.push(
+                        json!({"error": format!("the listing stops at {MAX_LISTED} endpoints")}),
+                    );
+                    return Value::Array(out);
+                }
                 for e in built.endpoints(now) {
                     out.push(json!({
                         "endpoint": e.addr.to_string(),
@@ -313,7 +323,8 @@ impl Inspector {
     }
 
     /// `meshctl config dump policies`: for each pod of the node (every pod offline), its
-    /// mTLS mode and the AuthorizationPolicies that apply to it, in the order they decide.
+    /// mTLS mode and the AuthorizationPolicies that apply to it, by key (DENY policies decide
+    /// first, then ALLOW).
     pub fn policies(&self) -> Value {
         let (view, _, settings) = self.parts();
         let snapshot = &view.snapshot;
@@ -365,6 +376,9 @@ struct Settings<'a> {
     trust_domain: &'a str,
     aliases: &'a [Arc<str>],
     sidecar: bool,
+    /// The node has a mesh CA: connections across nodes are HBONE, and the kernel's word on
+    /// a caller of the node counts as its identity.
+    mtls: bool,
 }
 
 struct Walk<'a> {
@@ -373,14 +387,22 @@ struct Walk<'a> {
     settings: Settings<'a>,
 }
 
-/// The request as the proxy would see it.
+/// The request as the pod sends it.
 struct Asked {
-    method: Method,
-    uri: Uri,
-    authority: String,
-    headers: HeaderMap,
+    /// Method, path and query, headers with `Host`: what the proxy routes on.
+    parts: http::request::Parts,
+    /// The URL's host: a name the pod resolves, or an address.
     host: String,
     port: u16,
+}
+
+/// Where one backend takes the request or connection.
+struct Chosen {
+    backend: route::Backend,
+    service: Option<Arc<Service>>,
+    port: u16,
+    /// What this backend's endpoints receive (an HTTP request), its header changes applied.
+    sent: Option<http::request::Parts>,
 }
 
 impl Walk<'_> {
@@ -407,13 +429,13 @@ impl Walk<'_> {
                 node: source.node.as_deref().map(str::to_owned),
                 identity: Some(identity.to_string()),
             },
-            request: format!("{} {}", asked.method, question.url),
+            request: format!("{} {}", asked.parts.method, question.url),
             ..Explanation::default()
         };
         if let (Some(node), Some(pod_node)) = (self.settings.node, source.node.as_deref()) {
             if node != pod_node {
                 out.notes.push(format!(
-                    "the pod runs on {pod_node}: its node's proxy serves its requests; this is {node}'s view, which holds the same configuration once both have applied it"
+                    "the pod runs on {pod_node}: its node's proxy serves its requests; this is {node}'s view (its configuration, and its own outlier state)"
                 ));
             }
         }
@@ -434,10 +456,8 @@ impl Walk<'_> {
             .iter()
             .find(|p| p.port == asked.port && p.protocol == Protocol::Tcp)
         else {
-            out.outcome = format!(
-                "{} has no TCP port {}: the connection goes to the address as dialled, through the proxy as opaque TCP",
-                service.key, asked.port
-            );
+            // As the proxy: only a VirtualService `tcp` rule can take an undeclared port.
+            self.tcp(source, &service, asked.port, false, &mut out);
             return Ok(out);
         };
         out.destination = Some(format!(
@@ -453,27 +473,23 @@ impl Walk<'_> {
                 "the port declares no protocol: the proxy reads the first bytes, and an HTTP request is routed as explained here".to_owned(),
             ),
             Declared::Opaque => {
-                self.tcp(source, service, asked.port, &mut out);
+                self.tcp(source, &service, asked.port, true, &mut out);
                 return Ok(out);
             }
         }
-        self.http(source, service, asked, &mut out);
+        self.http(source, &service, asked, &mut out);
         Ok(out)
     }
 
-    /// The Service the pod reaches by dialling the URL's host.
-    fn dialled<'s>(
-        &'s self,
-        source: &Pod,
-        asked: &Asked,
-        out: &mut Explanation,
-    ) -> Option<&'s Arc<Service>> {
+    /// The Service the proxy finds behind the address the pod dials for the URL's host, as
+    /// `outbound::proxy` finds it: by that address.
+    fn dialled(&self, source: &Pod, asked: &Asked, out: &mut Explanation) -> Option<Arc<Service>> {
         let snapshot = &self.view.snapshot;
         let namespace = &source.key.namespace;
         if let Ok(ip) = asked.host.parse::<Ipv4Addr>() {
             let addr = SocketAddrV4::new(ip, asked.port);
             if let Some(service) = snapshot.service_by_ip(ip) {
-                return Some(service);
+                return Some(service.clone());
             }
             if let Some(pod) = snapshot.pod_by_ip(ip) {
                 out.outcome = format!(
@@ -484,57 +500,133 @@ impl Walk<'_> {
                 return None;
             }
             if let Some(entry) = snapshot.entry_for(addr, Some(namespace)) {
-                return Some(entry);
+                return Some(entry.clone());
             }
             out.outcome = format!(
                 "{addr} is no Service, pod or ServiceEntry address the mesh knows: the connection leaves as dialled (passthrough)"
             );
             return None;
         }
-        match route::resolve_host(snapshot, &asked.host, namespace) {
-            Some(service) => Some(service),
-            None => {
+        let Some(service) = route::resolve_host(snapshot, &asked.host, namespace) else {
+            out.outcome = format!(
+                "{:?} names no Service (from namespace {namespace}) and no ServiceEntry host exported there: what it resolves to in DNS is reached as dialled (passthrough)",
+                asked.host
+            );
+            return None;
+        };
+        match &service.entry {
+            // Files rarely give Services their address: offline, Kubernetes is assumed to.
+            None if service.cluster_ip.is_none() && self.settings.node.is_none() => {
+                out.notes.push(format!(
+                    "{} has no ClusterIP in the files: explained as Kubernetes assigns one (were it headless, `clusterIP: None`, no route would apply: the pod would dial its peers' addresses)",
+                    service.key
+                ));
+                Some(service.clone())
+            }
+            None if service.cluster_ip.is_none() => {
                 out.outcome = format!(
-                    "{:?} names no Service (from namespace {namespace}) and no ServiceEntry host exported there: what it resolves to in DNS is reached as dialled (passthrough)",
+                    "{} is headless: DNS answers with its pods' addresses, so no route applies; the proxy takes each connection to the pod dialled as opaque TCP, and that pod's policies decide it",
+                    service.key
+                );
+                None
+            }
+            None => Some(service.clone()),
+            Some(entry) if entry.addresses.is_empty() && entry.resolution == Resolution::None => {
+                out.outcome = format!(
+                    "{:?} is a ServiceEntry host without addresses and with resolution NONE: the proxy cannot tell it from the address the pod's DNS gives, and the connection leaves as dialled (passthrough)",
                     asked.host
                 );
                 None
             }
+            Some(_) => {
+                out.notes.push(format!(
+                    "{:?} is a ServiceEntry host: the proxy knows it by the address the pod's DNS answer gives, one of the entry's addresses or endpoints",
+                    asked.host
+                ));
+                Some(service.clone())
+            }
         }
     }
 
-    fn tcp(&self, source: &Pod, service: &Service, port: u16, out: &mut Explanation) {
-        out.notes.push(
-            "the port is opaque TCP: HTTP rules do not apply, only a VirtualService's tcp rules"
-                .to_owned(),
-        );
-        let route = self.view.routes.tcp(&service.key, port, Some(source));
-        let backends: Vec<route::Backend> = match route {
-            Some(route) => {
+    /// An opaque connection, as `tcp::choose` takes it: a VirtualService `tcp` rule's
+    /// backends, else the dialled Service's port (`declared`: the Service has that port).
+    fn tcp(
+        &self,
+        source: &Pod,
+        service: &Arc<Service>,
+        port: u16,
+        declared: bool,
+        out: &mut Explanation,
+    ) {
+        let snapshot = &self.view.snapshot;
+        if declared {
+            out.notes.push(
+                "the port is opaque TCP: HTTP rules do not apply, only a VirtualService's tcp rules"
+                    .to_owned(),
+            );
+        }
+        let dialled = || Chosen {
+            backend: route::Backend::to(&service.key, port),
+            service: Some(service.clone()),
+            port,
+            sent: None,
+        };
+        let chosen: Vec<Chosen> = match self.view.routes.tcp(&service.key, port, Some(source)) {
+            Some(route) if route.backends.iter().any(|b| b.weight > 0) => {
                 out.outcome = format!("tcp rule {}", route.name);
-                route.backends.to_vec()
+                route
+                    .backends
+                    .iter()
+                    .filter(|b| b.weight > 0)
+                    .map(|b| match super::tcp::routed(snapshot, b, port) {
+                        Some((service, port, _)) => Chosen {
+                            backend: b.clone(),
+                            service: Some(service),
+                            port,
+                            sent: None,
+                        },
+                        // The dialled Service takes what names no known Service.
+                        None => Chosen {
+                            backend: b.clone(),
+                            ..dialled()
+                        },
+                    })
+                    .collect()
             }
-            None => {
+            _ if !declared => {
+                out.outcome = format!(
+                    "refused (UH): {} declares no TCP port {port} and no tcp rule takes it",
+                    service.key
+                );
+                return;
+            }
+            _ => {
                 out.outcome = format!("no tcp rule: the connection goes to {}", service.key);
-                vec![default_backend(service, port)]
+                vec![dialled()]
             }
         };
-        self.backends(source, service, port, &backends, None, out);
+        self.backends(source, service, chosen, out);
     }
 
-    fn http(&self, source: &Pod, service: &Service, asked: Asked, out: &mut Explanation) {
+    fn http(&self, source: &Pod, service: &Arc<Service>, asked: Asked, out: &mut Explanation) {
+        let Asked {
+            mut parts, port, ..
+        } = asked;
+        // What policies match and what is routed and forwarded is the same path.
+        super::l7::normalize_request_path(&mut parts);
+        let authority = route::request_authority(&parts).to_owned();
         let request = RequestInfo {
-            method: &asked.method,
-            uri: &asked.uri,
-            authority: &asked.authority,
-            headers: &asked.headers,
-            port: asked.port,
+            method: &parts.method,
+            uri: &parts.uri,
+            authority: &authority,
+            headers: &parts.headers,
+            port,
             source: Some(source),
         };
         let routes = self.view.routes.get(&service.key);
         let selection = routes.map_or(Selection::Unrouted, |r| r.select(&request));
         out.routes = routes.map(|r| r.explain(&request));
-        let (rule, sent, backends) = match selection {
+        let (backends, sent) = match selection {
             Selection::NoMatch => {
                 out.outcome = "404 NR (route not found): routes apply to this client, none matches"
                     .to_owned();
@@ -545,20 +637,23 @@ impl Walk<'_> {
                     "no route applies: the request goes to {} itself",
                     hostname(&self.view.snapshot, &service.key)
                 );
-                let backends = vec![default_backend(service, asked.port)];
-                (None, asked, backends)
+                out.rule.push(format!(
+                    "retries: {} (Istio's default for a route without retries; only requests safe to repeat)",
+                    retries(&RetryPlan::istio_default())
+                ));
+                (vec![route::Backend::to(&service.key, port)], parts)
             }
             Selection::Rule(selected) => {
                 let rule = selected.rule;
                 out.rule = rule_lines(rule);
-                let mut parts = http::Request::builder()
-                    .method(asked.method.clone())
-                    .uri(asked.uri.clone())
-                    .body(())
-                    .expect("the parts were valid")
-                    .into_parts()
-                    .0;
-                parts.headers = asked.headers.clone();
+                out.outcome = format!("rule {}", rule.name);
+                if let Some(abort) = rule.fault.as_ref().and_then(|f| f.abort.as_ref()) {
+                    if abort.percentage >= 100.0 {
+                        out.outcome
+                            .push_str(": the fault aborts every request before it leaves");
+                        return;
+                    }
+                }
                 match &rule.action {
                     RuleAction::Redirect(_) => {
                         let location = selected
@@ -578,33 +673,47 @@ impl Walk<'_> {
                         return;
                     }
                     RuleAction::Forward(backends) => {
-                        out.outcome = format!("rule {}", rule.name);
-                        selected.rewrite(&mut parts);
-                        route::apply_header_ops(&rule.request_headers, &mut parts.headers);
-                        if parts.uri != asked.uri {
-                            out.rule.push(format!("path sent: {}", parts.uri));
-                        }
                         if backends.iter().all(|b| b.weight == 0) {
-                            out.outcome.push_str(": no backend has weight (503 UH)");
+                            out.outcome.push_str(": no backend to send it to (503 UH)");
                             return;
                         }
-                        let sent = Asked {
-                            uri: parts.uri,
-                            headers: parts.headers,
-                            ..asked
-                        };
-                        (Some(rule), sent, backends.to_vec())
+                        let path = parts.uri.clone();
+                        selected.rewrite(&mut parts);
+                        route::apply_header_ops(&rule.request_headers, &mut parts.headers);
+                        if parts.uri != path {
+                            out.rule.push(format!("path sent: {}", parts.uri));
+                        }
+                        let backends = backends.iter().filter(|b| b.weight > 0).cloned();
+                        (backends.collect(), parts)
                     }
                 }
             }
         };
-        if rule.is_none() {
-            out.rule.push(format!(
-                "retries: {} (Istio's default for a route without retries; only requests safe to repeat)",
-                retries(&RetryPlan::istio_default())
-            ));
-        }
-        self.backends(source, service, sent.port, &backends, Some(&sent), out);
+        let snapshot = &self.view.snapshot;
+        let chosen = backends
+            .into_iter()
+            .map(|backend| {
+                let service = backend
+                    .service
+                    .as_ref()
+                    .and_then(|key| snapshot.services.get(key))
+                    .cloned();
+                let port = match (&service, backend.port) {
+                    (_, Some(port)) => port,
+                    (Some(s), None) => super::l7::service_port(s, port).unwrap_or(port),
+                    (None, None) => port,
+                };
+                let mut sent = sent.clone();
+                route::apply_header_ops(&backend.request_headers, &mut sent.headers);
+                Chosen {
+                    backend,
+                    service,
+                    port,
+                    sent: Some(sent),
+                }
+            })
+            .collect();
+        self.backends(source, service, chosen, out);
     }
 
     /// Each backend's cluster, policy and endpoints, and what the endpoints' policies decide.
@@ -612,24 +721,20 @@ impl Walk<'_> {
         &self,
         source: &Pod,
         dialled: &Service,
-        port: u16,
-        backends: &[route::Backend],
-        http: Option<&Asked>,
+        chosen: Vec<Chosen>,
         out: &mut Explanation,
     ) {
         let snapshot = &self.view.snapshot;
-        let total: u64 = backends.iter().map(|b| u64::from(b.weight)).sum();
+        let total: u64 = chosen.iter().map(|c| u64::from(c.backend.weight)).sum();
         let now = Instant::now();
-        for backend in backends.iter().filter(|b| b.weight > 0 || total == 0) {
-            let weight = if total == 0 {
-                "100".to_owned()
-            } else {
-                route::share(backend.weight, total)
-            };
-            let service = backend
-                .service
-                .as_ref()
-                .and_then(|key| snapshot.services.get(key));
+        for Chosen {
+            backend,
+            service,
+            port,
+            sent,
+        } in chosen
+        {
+            let weight = route::share(backend.weight, total.max(1));
             let Some(service) = service else {
                 out.backends.push(BackendTrace {
                     cluster: backend.host.to_string(),
@@ -642,10 +747,6 @@ impl Walk<'_> {
                 });
                 continue;
             };
-            let port = backend
-                .port
-                .or_else(|| super::l7::service_port(service, port))
-                .unwrap_or(port);
             let key = ClusterKey::new(service.key.clone(), port, backend.subset.clone());
             let mut trace = BackendTrace {
                 cluster: key.to_string(),
@@ -658,77 +759,72 @@ impl Walk<'_> {
                     header_ops(&backend.request_headers)
                 ));
             }
-            match self
+            let built = self
                 .view
-                .inspect_cluster(self.clusters, &key, Some(&source.key.namespace))
-            {
-                Err(e) => trace.error = Some(format!("503 NC: {e}")),
-                Ok(built) => {
-                    trace.policy.extend(policy_lines(&built));
-                    if built.is_passthrough() {
-                        trace.policy.push(
-                            "resolution NONE: the connection goes to the address the pod dialled"
-                                .to_owned(),
-                        );
-                    }
-                    for e in built.endpoints(now) {
-                        let pod = e.pod.map(|p| &**p);
-                        trace.endpoints.push(EndpointTrace {
-                            address: e.addr.to_string(),
-                            pod: pod.map(|p| p.key.to_string()),
-                            node: e.node.map(str::to_owned),
-                            path: self.path(source, pod, e.node),
-                            ejected: e.ejected,
-                            authorization: self.authorize(source, pod, e.addr, http),
-                        });
-                    }
-                    // Pods the cluster selects that are no endpoint (yet): no address, not
-                    // ready; offline, every pod (files give pods no address).
-                    let subset = match &built.policy().subset {
-                        cluster::SubsetMatch::Labels(labels) => Some(labels.clone()),
-                        _ => None,
-                    };
-                    let listed: Vec<String> = trace
-                        .endpoints
-                        .iter()
-                        .filter_map(|e| e.pod.clone())
-                        .collect();
-                    for pod in snapshot.pods.values().filter(|p| {
-                        p.key.namespace == service.key.namespace
-                            && service
-                                .selector
-                                .as_ref()
-                                .is_some_and(|s| !s.is_empty() && p.carries(s))
-                            && subset.as_ref().is_none_or(|l| p.carries(l))
-                            && !listed.contains(&p.key.to_string())
-                    }) {
-                        trace.endpoints.push(EndpointTrace {
-                            address: "-".to_owned(),
-                            pod: Some(pod.key.to_string()),
-                            node: pod.node.as_deref().map(str::to_owned),
-                            path: format!(
-                                "no endpoint yet ({}); once ready: {}",
-                                if pod.ip.is_none() {
-                                    "no address"
-                                } else {
-                                    "not ready"
-                                },
-                                self.path(source, Some(pod), pod.node.as_deref())
-                            ),
-                            ejected: false,
-                            authorization: self.authorize(
-                                source,
-                                Some(pod),
-                                SocketAddrV4::new(pod.ip.unwrap_or(Ipv4Addr::UNSPECIFIED), port),
-                                http,
-                            ),
-                        });
-                    }
-                    if built.is_empty() && !built.is_passthrough() {
-                        trace.error =
-                            Some("no ready endpoint: 503 UH (no healthy upstream)".to_owned());
-                    }
+                .inspect_cluster(self.clusters, &key, Some(&source.key.namespace));
+            let built = match built {
+                Ok(built) => built,
+                Err(e) => {
+                    trace.error = Some(format!("503 NC: {e}"));
+                    out.backends.push(trace);
+                    continue;
                 }
+            };
+            trace.policy.extend(policy_lines(&built));
+            if built.is_passthrough() {
+                trace.policy.push(
+                    "resolution NONE: the connection goes to the address the pod dialled"
+                        .to_owned(),
+                );
+            }
+            let mut listed: HashSet<&ObjectKey> = HashSet::new();
+            for e in built.endpoints(now) {
+                // The pod that owns the address decides, whatever the endpoint claims.
+                let owner = snapshot.pod_by_ip(*e.addr.ip()).map(|p| &**p);
+                listed.extend(owner.map(|p| &p.key));
+                trace.endpoints.push(EndpointTrace {
+                    address: e.addr.to_string(),
+                    pod: owner.or(e.pod.map(|p| &**p)).map(|p| p.key.to_string()),
+                    node: e.node.map(str::to_owned),
+                    path: self.path(source, owner, e.node),
+                    ejected: e.ejected,
+                    authorization: self.authorize(source, owner, e.addr, sent.as_ref()),
+                });
+            }
+            // Pods the cluster selects that are no endpoint (yet): no address, not ready;
+            // offline, every pod (files give pods no address).
+            let subset = match &built.policy().subset {
+                cluster::SubsetMatch::Labels(labels) => Some(labels.clone()),
+                _ => None,
+            };
+            let service_port = service.ports.iter().find(|p| p.port == port);
+            for pod in service.selected(&snapshot.pods) {
+                if listed.contains(&pod.key) || subset.as_ref().is_some_and(|l| !pod.carries(l)) {
+                    continue;
+                }
+                let Some(target) = service_port.and_then(|p| p.target_on(pod)) else {
+                    continue;
+                };
+                let addr = SocketAddrV4::new(pod.ip.unwrap_or(Ipv4Addr::UNSPECIFIED), target);
+                trace.endpoints.push(EndpointTrace {
+                    address: "-".to_owned(),
+                    pod: Some(pod.key.to_string()),
+                    node: pod.node.as_deref().map(str::to_owned),
+                    path: format!(
+                        "no endpoint yet ({}); once ready: {}",
+                        if pod.ip.is_none() {
+                            "no address"
+                        } else {
+                            "not ready"
+                        },
+                        self.path(source, Some(pod), pod.node.as_deref())
+                    ),
+                    ejected: false,
+                    authorization: self.authorize(source, Some(pod), addr, sent.as_ref()),
+                });
+            }
+            if built.is_empty() && !built.is_passthrough() {
+                trace.error = Some("no ready endpoint: 503 UH (no healthy upstream)".to_owned());
             }
             out.backends.push(trace);
         }
@@ -738,7 +834,7 @@ impl Walk<'_> {
         }
     }
 
-    /// How the source proxy reaches an endpoint.
+    /// How the source proxy reaches an endpoint (`Dialer::via`).
     fn path(&self, source: &Pod, pod: Option<&Pod>, node: Option<&str>) -> String {
         let snapshot = &self.view.snapshot;
         let meshed = pod.is_some_and(|p| snapshot.is_meshed(p));
@@ -751,6 +847,9 @@ impl Walk<'_> {
                     "same node: to the pod, outside the mesh".to_owned()
                 }
             }
+            (Some(to), _) if meshed && !self.settings.mtls => format!(
+                "none: the pod is on {to}, and without a mesh CA this proxy sends nothing to another node (503)"
+            ),
             (Some(to), _) if meshed => {
                 format!("HBONE (mTLS, port 15008) to {to}'s proxy, which delivers to the pod")
             }
@@ -759,40 +858,52 @@ impl Walk<'_> {
         }
     }
 
-    /// What the destination's AuthorizationPolicies decide about the request.
+    /// What the destination's AuthorizationPolicies decide about the request (`sent`) or
+    /// connection (`None`), as `authz::check` decides at the pod's node.
     fn authorize(
         &self,
         source: &Pod,
         pod: Option<&Pod>,
         addr: SocketAddrV4,
-        http: Option<&Asked>,
+        sent: Option<&http::request::Parts>,
     ) -> String {
         let snapshot = &self.view.snapshot;
         let Some(pod) = pod.filter(|p| snapshot.is_meshed(p)) else {
             return "not enforced: the destination is not in the mesh".to_owned();
         };
-        let Some(policies) = self.view.policies(pod) else {
+        // Read, not cached in the live view: inspecting changes nothing the proxy keeps.
+        let policies = authz::policies_for(snapshot, pod, ROOT_NAMESPACE);
+        if policies.is_empty() {
             return "allowed: no AuthorizationPolicy applies".to_owned();
-        };
-        let principal = format!(
-            "{}/ns/{}/sa/{}",
-            self.settings.trust_domain, source.key.namespace, source.service_account
-        );
-        let asked = http.map(|h| Http {
-            host: &h.authority,
-            method: h.method.as_str(),
-            path: h.uri.path_and_query().map_or(h.uri.path(), |p| p.as_str()),
-            headers: &h.headers,
+        }
+        // Without a mesh CA nothing is mTLS, not even the kernel's word on one node: the
+        // caller is known by its address only.
+        let principal = self.settings.mtls.then(|| {
+            Identity::new(
+                self.settings.trust_domain,
+                &source.key.namespace,
+                &source.service_account,
+            )
+            .principal()
         });
+        let ip = IpAddr::V4(source.ip.unwrap_or(Ipv4Addr::UNSPECIFIED));
         let attributes = Attributes {
-            principal: Some(&principal),
-            namespace: Some(&source.key.namespace),
-            source_ip: IpAddr::V4(source.ip.unwrap_or(Ipv4Addr::UNSPECIFIED)),
-            remote_ip: IpAddr::V4(source.ip.unwrap_or(Ipv4Addr::UNSPECIFIED)),
+            principal: principal.as_deref(),
+            namespace: self.settings.mtls.then_some(&*source.key.namespace),
+            source_ip: ip,
+            remote_ip: ip,
             destination_ip: IpAddr::V4(*addr.ip()),
             destination_port: addr.port(),
             sni: None,
-            http: asked,
+            http: sent.map(|parts| Http {
+                host: route::request_authority(parts),
+                method: parts.method.as_str(),
+                path: parts
+                    .uri
+                    .path_and_query()
+                    .map_or(parts.uri.path(), |p| p.as_str()),
+                headers: &parts.headers,
+            }),
         };
         let aliases = super::authz::aliases(
             self.settings.aliases,
@@ -851,7 +962,6 @@ fn ask(question: &Question) -> Result<Asked, ExplainError> {
     let authority = uri.authority().ok_or_else(|| bad("it has no host"))?;
     let host = authority.host().to_owned();
     let port = authority.port_u16().unwrap_or(80);
-    let path = uri.path_and_query().map_or("/", |p| p.as_str());
     let method = match &question.method {
         Some(m) => Method::from_bytes(m.as_bytes()).map_err(|_| ExplainError::Method(m.clone()))?,
         None => Method::GET,
@@ -867,32 +977,21 @@ fn ask(question: &Question) -> Result<Asked, ExplainError> {
             HeaderValue::from_str(value.trim()).map_err(|_| ExplainError::Header(line.clone()))?;
         headers.append(name, value);
     }
-    let authority = headers
-        .get(header::HOST)
-        .and_then(|h| h.to_str().ok())
-        .map_or_else(|| authority.as_str().to_owned(), str::to_owned);
-    Ok(Asked {
-        method,
-        uri: path
-            .parse()
-            .map_err(|e: http::uri::InvalidUri| bad(&e.to_string()))?,
-        authority,
-        headers,
-        host,
-        port,
-    })
-}
-
-fn default_backend(service: &Service, port: u16) -> route::Backend {
-    route::Backend {
-        service: Some(service.key.clone()),
-        host: service.key.name.clone(),
-        port: Some(port),
-        subset: None,
-        weight: 1,
-        request_headers: HeaderOps::default(),
-        response_headers: HeaderOps::default(),
+    // As curl sends it: the URL's authority, unless a header says otherwise.
+    if !headers.contains_key(header::HOST) {
+        let value = HeaderValue::from_str(authority.as_str()).map_err(|_| bad("its host"))?;
+        headers.insert(header::HOST, value);
     }
+    let path = uri.path_and_query().map_or("/", |p| p.as_str());
+    let mut parts = http::Request::builder()
+        .method(method)
+        .uri(path)
+        .body(())
+        .map_err(|e| bad(&e.to_string()))?
+        .into_parts()
+        .0;
+    parts.headers = headers;
+    Ok(Asked { parts, host, port })
 }
 
 fn hostname(snapshot: &Snapshot, key: &ObjectKey) -> String {

@@ -22,6 +22,7 @@ use super::{
     context::Context,
     copy::{self, Lifetime, Transferred},
     error::ProxyError,
+    route::Backend,
     upstream::{
         cluster::{Cluster, ClusterKey, Guard, Outcome, Pick},
         hbone::Caller,
@@ -31,7 +32,7 @@ use super::{
 };
 use crate::{
     metrics::{Reporter, ResponseFlags, ServiceLabels, TcpLabels, Workload},
-    model::{Pod, Protocol, Service},
+    model::{Pod, Protocol, Service, Snapshot},
     tls::origination::Alpn,
 };
 
@@ -148,6 +149,19 @@ pub(super) struct Unroutable {
     pub service: Option<Arc<Service>>,
 }
 
+/// Where a VirtualService `tcp` route's `backend` takes a connection to port `dialled`: its
+/// Service, port and subset; `None` when it names no known Service (the dialled Service is then
+/// in charge).
+pub(super) fn routed(
+    snapshot: &Snapshot,
+    backend: &Backend,
+    dialled: u16,
+) -> Option<(Arc<Service>, u16, Option<Arc<str>>)> {
+    let service = snapshot.services.get(backend.service.as_ref()?)?;
+    let port = backend.port.unwrap_or(dialled);
+    Some((service.clone(), port, backend.subset.clone()))
+}
+
 /// Picks the target of a connection from `client` that dialled `dialled` (`service` if that
 /// is a Service address).
 pub(super) fn choose(
@@ -184,11 +198,7 @@ pub(super) fn choose(
         .routes
         .tcp(&dialled_service.key, dialled.port(), source.map(|p| &**p))
         .and_then(|r| r.pick(fastrand::u32(..)))
-        .and_then(|backend| {
-            let service = snapshot.services.get(backend.service.as_ref()?)?;
-            let port = backend.port.unwrap_or(dialled.port());
-            Some((service.clone(), port, backend.subset.clone()))
-        });
+        .and_then(|backend| routed(snapshot, backend, dialled.port()));
     let (service, port, subset) = match routed {
         Some(routed) => routed,
         None => {

@@ -11,7 +11,7 @@ use std::{
 
 use super::{
     route::RouteIndex,
-    upstream::cluster::{self, Cluster, ClusterError, ClusterKey, Clusters},
+    upstream::cluster::{self, Cluster, ClusterError, ClusterKey, ClusterState, Clusters},
 };
 use tracing::warn;
 
@@ -321,10 +321,10 @@ impl View {
 }
 
 impl View {
-    /// The cluster `key` names for a client in `namespace`, as [`View::cluster`] gives it,
-    /// for an operator's eyes: one no connection asked for is built but not kept, so that
-    /// inspecting the configuration neither grows the view nor makes the next views rebuild
-    /// clusters no one uses.
+    /// The cluster `key` names for a client in `namespace`, as [`View::cluster`] gives it
+    /// (its error included), for an operator's eyes: one no connection asked for is built but
+    /// neither kept nor registered, so that inspecting the configuration does not grow the
+    /// view or the registry, nor make the next views rebuild clusters no one uses.
     pub fn inspect_cluster(
         &self,
         states: &Clusters,
@@ -332,15 +332,18 @@ impl View {
         namespace: Option<&Arc<str>>,
     ) -> Result<Arc<Cluster>, ClusterError> {
         let slot = (key.clone(), namespace.cloned());
-        if let Some(Ok(cluster)) = self
+        match self
             .clusters
             .read()
             .unwrap_or_else(|e| e.into_inner())
             .get(&slot)
         {
-            return Ok(cluster.clone());
+            Some(Ok(cluster)) => return Ok(cluster.clone()),
+            Some(Err((error, at))) if at.elapsed() < RETRY_FAILED => return Err(error.clone()),
+            _ => {}
         }
-        compile(&self.snapshot, states, key, namespace.map(|n| &**n)).map(Arc::new)
+        let namespace = namespace.map(|n| &**n);
+        compile(&self.snapshot, states, key, namespace, states.peek(key)).map(Arc::new)
     }
 }
 
@@ -350,6 +353,7 @@ fn compile(
     states: &Clusters,
     key: &ClusterKey,
     namespace: Option<&str>,
+    state: Arc<ClusterState>,
 ) -> Result<Cluster, ClusterError> {
     let policy = cluster::policy_for(snapshot, key, namespace);
     // A rule's files are read only from the directory the operator gave for them.
@@ -363,7 +367,7 @@ fn compile(
             }
         })?;
     }
-    Cluster::build(snapshot, key.clone(), policy, states.state(key))
+    Cluster::build(snapshot, key.clone(), policy, state)
 }
 
 fn build(
@@ -373,7 +377,7 @@ fn build(
     namespace: Option<&str>,
     failed: Option<&(ClusterError, Instant)>,
 ) -> Built {
-    let built = compile(snapshot, states, key, namespace).map(Arc::new);
+    let built = compile(snapshot, states, key, namespace, states.state(key)).map(Arc::new);
     built.map_err(|error| {
         // A rule's TLS the proxy may not or cannot set up: the operator has to see it, once.
         if matches!(error, ClusterError::Tls { .. }) && failed.is_none_or(|(f, _)| *f != error) {

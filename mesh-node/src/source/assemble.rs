@@ -17,7 +17,7 @@ use std::{
 
 use super::objects::{EndpointSlice, Kind, Object, ResourceId};
 use crate::model::{
-    Endpoint, EntryHost, Labels, Map, ObjectKey, Pod, Protocol, Service, ServiceEndpoints,
+    selects, Endpoint, EntryHost, Map, ObjectKey, Pod, Protocol, Service, ServiceEndpoints,
     ServiceEntry, ServicePort, Snapshot, Store, TargetPort, TlsSecret,
 };
 
@@ -419,7 +419,7 @@ impl Assembler {
                 .map(|e| e.endpoints_by_port(&key.name, &Map::new()))
                 .unwrap_or_default(),
             (Some(slices), _) => from_slices(&service, slices.values(), &self.snapshot.pods),
-            (None, Some(selector)) => from_selector(&service, selector, &self.snapshot.pods),
+            (None, Some(_)) => from_selector(&service, &self.snapshot.pods),
             (None, None) => BTreeMap::new(),
         };
         let unchanged = self
@@ -552,10 +552,6 @@ fn unindex(
     }
 }
 
-fn selects(selector: &Labels, labels: &Labels) -> bool {
-    selector.iter().all(|(k, v)| labels.get(k) == Some(v))
-}
-
 fn from_slices<'a>(
     service: &Service,
     slices: impl Iterator<Item = &'a EndpointSlice> + Clone,
@@ -602,16 +598,10 @@ fn from_slices<'a>(
 
 fn from_selector(
     service: &Service,
-    selector: &Labels,
     pods: &Map<ObjectKey, Arc<Pod>>,
 ) -> BTreeMap<u16, Vec<Endpoint>> {
-    // Pods are ordered by namespace first: the service's namespace is one range.
-    let namespace = &service.key.namespace;
-    let mut selected: Vec<(&Arc<Pod>, Ipv4Addr)> = pods
-        .range(ObjectKey::new(namespace, "")..)
-        .take_while(|(k, _)| k.namespace == *namespace)
-        .map(|(_, p)| p)
-        .filter(|p| selects(selector, &p.labels))
+    let mut selected: Vec<(&Arc<Pod>, Ipv4Addr)> = service
+        .selected(pods)
         .filter_map(|p| p.ip.map(|ip| (p, ip)))
         .collect();
     selected.sort_by_key(|(_, ip)| *ip);
@@ -620,16 +610,10 @@ fn from_selector(
     for port in service.ports.iter().filter(|p| p.protocol == Protocol::Tcp) {
         let mut list = Vec::new();
         for (pod, ip) in &selected {
-            let target = match &port.target_port {
-                TargetPort::Number(n) => Some(*n),
-                TargetPort::Name(name) => pod
-                    .ports
-                    .iter()
-                    .find(|(n, _)| n.as_deref() == Some(&**name))
-                    .map(|(_, p)| *p),
-            };
             // A pod that does not declare a named target port is not an endpoint of it.
-            let Some(target) = target else { continue };
+            let Some(target) = port.target_on(pod) else {
+                continue;
+            };
             push_unique(
                 &mut list,
                 Endpoint {
@@ -667,7 +651,7 @@ mod tests {
 
     use super::*;
     use crate::{
-        model::{Namespace, ServicePort},
+        model::{Labels, Namespace, ServicePort},
         source::objects::{SliceEndpoint, SlicePort},
     };
 

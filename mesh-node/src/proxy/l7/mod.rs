@@ -80,7 +80,7 @@ mod deadline;
 mod mirror;
 mod relay;
 mod request;
-pub(crate) use self::request::service_port;
+pub(crate) use self::request::{normalize_request_path, service_port};
 mod retry;
 mod trace;
 mod upgrade;

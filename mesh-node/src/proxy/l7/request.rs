@@ -77,15 +77,7 @@ pub(super) async fn handle(conn: Arc<Conn>, request: Request<Incoming>) -> Reply
             );
         }
         Selection::Unrouted => {
-            default_backend = Backend {
-                service: Some(conn.service.clone()),
-                host: conn.service.name.clone(),
-                port: Some(conn.port),
-                subset: None,
-                weight: 1,
-                request_headers: Default::default(),
-                response_headers: Default::default(),
-            };
+            default_backend = Backend::to(&conn.service, conn.port);
             (None, &default_backend)
         }
         Selection::Rule(selected) => {
@@ -395,7 +387,7 @@ fn host_of(parts: &Parts) -> &str {
 /// it ([`normalize_path`]: escapes of unreserved characters decoded, backslashes read as `/`,
 /// `.` and `..` segments resolved); the query stays. Routes, policies and the upstream all see
 /// the normalized path, so `/public/%2e%2e/admin` cannot match one rule and reach another.
-fn normalize_request_path(parts: &mut Parts) {
+pub(crate) fn normalize_request_path(parts: &mut Parts) {
     let path = parts.uri.path();
     let normalized = normalize_path(path);
     if matches!(normalized, std::borrow::Cow::Borrowed(_)) || normalized == path {

@@ -418,9 +418,9 @@ pub struct RouteEntry {
 }
 
 impl ServiceRoutes {
-    /// Every rule of the Service's tables, in the order the router tries them: the
-    /// VirtualServices (most specific host first), then the consumer and producer routes of
-    /// the Gateway API.
+    /// Every rule of the Service's tables: the VirtualServices (most specific host first;
+    /// a client reads only the one it sees, see [`ServiceRoutes::explain`]), then the consumer
+    /// and producer routes of the Gateway API, each table in the order it is tried.
     pub fn entries(&self) -> Vec<RouteEntry> {
         let mut out = Vec::new();
         for candidate in &self.virtual_services {
@@ -541,7 +541,7 @@ pub fn backends(list: &[Backend]) -> String {
         })
         .collect();
     if each.is_empty() {
-        "nothing (500)".to_owned()
+        "no backend (503 UH)".to_owned()
     } else {
         each.join(", ")
     }

@@ -99,7 +99,7 @@ pub(crate) use self::compile::resolve_host;
 pub use self::{
     compile::MAX_SERVICE_MATCHES,
     explain::{backends, share, Considered, RouteEntry, RouteTrace},
-    rewrite::apply_header_ops,
+    rewrite::{apply_header_ops, request_authority},
 };
 use self::{compile::*, matching::*};
 use crate::model::{
@@ -242,6 +242,21 @@ pub struct Backend {
     pub weight: u32,
     pub request_headers: HeaderOps,
     pub response_headers: HeaderOps,
+}
+
+impl Backend {
+    /// The whole of `service`'s `port`: where a request or connection no route takes goes.
+    pub fn to(service: &ObjectKey, port: u16) -> Self {
+        Self {
+            service: Some(service.clone()),
+            host: service.name.clone(),
+            port: Some(port),
+            subset: None,
+            weight: 1,
+            request_headers: HeaderOps::default(),
+            response_headers: HeaderOps::default(),
+        }
+    }
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -1001,7 +1016,26 @@ pub fn fuzz_select(data: &[u8]) {
                     port,
                     source,
                 };
-                if let Selection::Rule(selected) = routes.select(&request) {
+                let selection = routes.select(&request);
+                // What `meshctl explain` says matched is what the router picks.
+                let trace = routes.explain(&request);
+                let chosen: Vec<_> = trace.rules.iter().filter(|r| r.chosen).collect();
+                match selection {
+                    Selection::Rule(s) => assert!(
+                        chosen.len() == 1
+                            && (chosen[0].name == *s.rule.name
+                                || chosen[0]
+                                    .name
+                                    .starts_with(&format!("{} match[", s.rule.name))),
+                        "explain chose {chosen:?}, the router {}",
+                        s.rule.name
+                    ),
+                    _ => assert!(
+                        chosen.is_empty(),
+                        "explain chose {chosen:?}, the router none"
+                    ),
+                }
+                if let Selection::Rule(selected) = selection {
                     let mut rewritten = parts.clone();
                     selected.rewrite(&mut rewritten);
                     let _ = selected.redirect(&parts);

@@ -90,7 +90,7 @@ impl Selected<'_> {
     }
 }
 
-pub(super) fn request_authority(parts: &Parts) -> &str {
+pub fn request_authority(parts: &Parts) -> &str {
     parts
         .uri
         .authority()

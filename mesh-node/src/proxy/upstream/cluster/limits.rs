@@ -208,6 +208,16 @@ impl Clusters {
         &self.tls_files
     }
 
+    /// The state of `key` the proxy keeps, if any, else a new one registered nowhere: for a
+    /// cluster built only to be looked at (`meshctl`), which must neither register state nor
+    /// keep the registry's alive.
+    pub fn peek(&self, key: &ClusterKey) -> Arc<ClusterState> {
+        lock(&self.registry)
+            .states
+            .get(key)
+            .map_or_else(|| Arc::new(ClusterState::new()), |e| e.state.clone())
+    }
+
     pub fn state(&self, key: &ClusterKey) -> Arc<ClusterState> {
         let now = Instant::now();
         let mut registry = lock(&self.registry);

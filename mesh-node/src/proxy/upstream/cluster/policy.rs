@@ -126,15 +126,13 @@ pub fn subsets_for(
     service: &ObjectKey,
     client: Option<&str>,
 ) -> Vec<Arc<str>> {
-    let mut names: Vec<Arc<str>> = Vec::new();
-    for rule in applicable_rules(snapshot, service, client) {
-        for subset in rule.subsets.iter() {
-            if !names.contains(&subset.name) {
-                names.push(subset.name.clone());
-            }
-        }
-    }
-    names
+    let mut seen = HashSet::new();
+    applicable_rules(snapshot, service, client)
+        .into_iter()
+        .flat_map(|rule| rule.subsets.iter())
+        .filter(|subset| seen.insert(subset.name.clone()))
+        .map(|subset| subset.name.clone())
+        .collect()
 }
 
 /// The rules that apply, merged Istio's way: same namespace, same host, ordered by name.
@@ -359,7 +357,7 @@ pub(super) fn positive(value: Option<u32>) -> Option<u32> {
     value.filter(|n| *n > 0)
 }
 
-/// Helpers on the model's Pod that only subset selection needs.
+/// Helpers on the model's Pod for selecting endpoints by their pods' labels.
 pub trait PodExt {
     fn carries(&self, labels: &Labels) -> bool;
 }
