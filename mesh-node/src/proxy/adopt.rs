@@ -409,8 +409,15 @@ async fn resume(
     // first could wait for a peer that waits for the other.
     let held = carried(&handed.to_upstream, &handed.to_downstream);
     let labels = source_labels(ctx, handed.client, handed.dialled, handed.target, None);
-    let relayed =
-        tcp::relay_pausable(ctx, &mut down, &mut up, &labels, ctx.tcp_lifetime(), held).await?;
+    let relayed = tcp::relay_pausable(
+        ctx,
+        &mut down,
+        &mut up,
+        ctx.metrics.connection(&labels),
+        ctx.tcp_lifetime(),
+        held,
+    )
+    .await?;
     // This mesh-node hands over in turn: the connection goes on to the next one.
     if let (tcp::Relayed::Paused(paused), Some(successor)) =
         (relayed, ctx.config.handovers.successor.get().cloned())
@@ -476,7 +483,7 @@ async fn resume_tunnel(
         ctx,
         &mut down,
         upstream,
-        &labels,
+        ctx.metrics.connection(&labels),
         ctx.tcp_lifetime(),
         &route,
         held,

@@ -6,10 +6,12 @@
 //! and the connection is not captured again.
 
 use std::{
-    future::poll_fn,
+    future::{poll_fn, Future},
     net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4},
     os::fd::AsFd as _,
+    pin::Pin,
     sync::Arc,
+    task::{self, Poll},
     time::Instant,
 };
 
@@ -217,7 +219,7 @@ async fn captured(
         ctx,
         &mut downstream,
         &mut upstream,
-        &labels,
+        ctx.metrics.connection(&labels),
         ctx.tcp_lifetime(),
     )
     .await
@@ -553,7 +555,7 @@ async fn hbone_stream(
                     &ctx,
                     &mut downstream,
                     &mut upstream,
-                    &labels,
+                    ctx.metrics.connection(&labels),
                     ctx.tcp_lifetime(),
                 )
                 .await
@@ -613,36 +615,108 @@ async fn hbone_stream(
         return;
     };
     let overload = ctx.overload().clone();
-    let identity = peer.auth.identity.clone();
-    tokio::spawn(unless_cut(overload, cut, async move {
-        // A stream that may pause hands its socket on before the proxy's drain ends.
-        let _drain = token.as_ref().and_then(|_| ctx.hold_drain());
-        let lifetime = ctx.tcp_lifetime();
-        let result = match (token, upstream) {
-            (Some(token), Stream::Tcp(pod)) => {
-                let parking = resume::Parking {
-                    token,
-                    identity,
-                    target,
-                    source: from,
-                    slot: Some(held),
-                    metrics: None,
-                };
-                let carried = Paused::default();
-                resume::relay_destination(
-                    &ctx, downstream, pod, &labels, lifetime, parking, carried,
-                )
-                .await
-            }
-            (_, mut upstream) => {
+    let lifetime = ctx.tcp_lifetime();
+    let end = End {
+        client,
+        target,
+        start,
+        access,
+    };
+    match (token, upstream) {
+        (Some(token), Stream::Tcp(pod)) => {
+            let mut parking = resume::Parking {
+                token,
+                identity: peer.auth.identity.clone(),
+                target,
+                source: from,
+                slot: Some(held),
+                metrics: None,
+            };
+            let conn = resume::connection_of(&ctx, &mut parking, &labels);
+            // A stream that may pause hands its socket on before the proxy's drain ends.
+            let drain = ctx.hold_drain();
+            let relay = resume::relay_destination(
+                ctx.clone(),
+                downstream,
+                pod,
+                conn,
+                lifetime,
+                parking,
+                Paused::default(),
+            );
+            tokio::spawn(unless_cut(overload, cut, end.after(ctx, drain, relay)));
+        }
+        (_, mut upstream) => {
+            let conn = ctx.metrics.connection(&labels);
+            tokio::spawn(unless_cut(overload, cut, async move {
                 let relayed =
-                    tcp::relay(&ctx, &mut downstream, &mut upstream, &labels, lifetime).await;
+                    tcp::relay(&ctx, &mut downstream, &mut upstream, conn, lifetime).await;
                 drop(held);
-                relayed
-            }
+                end.write(&ctx, relayed);
+            }));
+        }
+    }
+}
+
+/// How a stream to a pod ended, for its lines in the logs.
+struct End {
+    client: SocketAddr,
+    target: SocketAddrV4,
+    start: Instant,
+    access: Option<Box<tcp::Access>>,
+}
+
+impl End {
+    fn write(self, ctx: &Context, result: Result<Transferred, ProxyError>) {
+        finish(
+            ctx,
+            self.client,
+            self.target,
+            self.start,
+            result,
+            self.access,
+        );
+    }
+
+    /// `relay`, then how it ended written, holding the proxy's drain (`drain`) meanwhile:
+    /// the task holds the relay and these few words, nothing else of the stream's set-up.
+    fn after<F>(
+        self,
+        ctx: Arc<Context>,
+        drain: Option<tokio::sync::watch::Receiver<()>>,
+        relay: F,
+    ) -> Logged<F> {
+        Logged {
+            relay,
+            end: Some((self, ctx, drain)),
+        }
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// A relay, and its lines in the logs once it ends. (A struct, not an `async fn`: an
+    /// `async fn` would hold the relay twice, as its argument and as the future it awaits.)
+    struct Logged<F> {
+        #[pin]
+        relay: F,
+        end: Option<(End, Arc<Context>, Option<tokio::sync::watch::Receiver<()>>)>,
+    }
+}
+
+impl<F: Future<Output = Result<Transferred, ProxyError>>> Future for Logged<F> {
+    type Output = ();
+
+    fn poll(self: Pin<&mut Self>, cx: &mut task::Context<'_>) -> Poll<()> {
+        let this = self.project();
+        let Poll::Ready(result) = this.relay.poll(cx) else {
+            return Poll::Pending;
         };
-        finish(&ctx, client, target, start, result, access);
-    }));
+        if let Some((end, ctx, drain)) = this.end.take() {
+            drop(drain);
+            end.write(&ctx, result);
+        }
+        Poll::Ready(())
+    }
 }
 
 /// The pod at `target` when a stream may go to it: only meshed pods of this node (a sidecar:
@@ -739,14 +813,23 @@ async fn resume_stream(
     // came from the previous mesh-node: it was admitted before).
     parking.slot = parking.slot.or_else(|| ctx.sources.connect(from).ok());
     let cut = parking.slot.as_ref().map(SourceConnection::cut_signal);
-    let relay = async move {
-        let _drain = ctx.hold_drain();
-        let lifetime = ctx.tcp_lifetime();
-        let result =
-            resume::relay_destination(&ctx, downstream, pod, &labels, lifetime, parking, held)
-                .await;
-        finish(&ctx, client, target, start, result, access);
+    let conn = resume::connection_of(&ctx, &mut parking, &labels);
+    let relay = resume::relay_destination(
+        ctx.clone(),
+        downstream,
+        pod,
+        conn,
+        ctx.tcp_lifetime(),
+        parking,
+        held,
+    );
+    let end = End {
+        client,
+        target,
+        start,
+        access,
     };
+    let relay = end.after(ctx.clone(), ctx.hold_drain(), relay);
     match cut {
         Some(cut) => tokio::spawn(unless_cut(overload, cut, relay)),
         None => tokio::spawn(relay),

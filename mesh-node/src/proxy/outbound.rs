@@ -29,7 +29,7 @@ use super::{
     upstream::{hbone::HboneStream, Stream, Via},
 };
 use crate::{
-    metrics::{TcpLabels, ACCESS_LOG},
+    metrics::{ConnectionMetrics, ACCESS_LOG},
     model::Protocol,
 };
 
@@ -259,6 +259,9 @@ async fn proxy(
         }
     };
     let lifetime = target.lifetime(ctx);
+    // The connection's series from here: its labels are not kept while bytes flow.
+    let conn = ctx.metrics.connection(&labels);
+    drop(labels);
     // Across nodes to a node proxy that can resume the stream: a restart of either node
     // pauses it and carries it on ([`resume`]).
     let mut upstream = match (upstream, target.via, &caller) {
@@ -275,7 +278,7 @@ async fn proxy(
                 ctx,
                 downstream,
                 tunnel,
-                &labels,
+                conn,
                 lifetime,
                 &route,
                 (client, dialled),
@@ -290,8 +293,7 @@ async fn proxy(
     // A plain TCP upstream of this proxy (a pod of the node, or outside the mesh): a restart
     // hands the two sockets to the next mesh-node.
     if !matches!(upstream, Stream::Tcp(_)) {
-        let transferred =
-            tcp::relay(ctx, &mut downstream, &mut upstream, &labels, lifetime).await?;
+        let transferred = tcp::relay(ctx, &mut downstream, &mut upstream, conn, lifetime).await?;
         // Held until here: the endpoint's active count and the cluster's connection slot.
         drop(target);
         return Ok(Served::Tcp(transferred));
@@ -300,7 +302,7 @@ async fn proxy(
         ctx,
         &mut downstream,
         &mut upstream,
-        &labels,
+        conn,
         lifetime,
         Paused::default(),
     )
@@ -340,7 +342,7 @@ async fn relay_across(
     ctx: &Arc<Context>,
     mut downstream: Rewind<TcpStream>,
     tunnel: HboneStream,
-    labels: &TcpLabels,
+    conn: ConnectionMetrics,
     lifetime: Lifetime,
     route: &Route,
     addresses: (SocketAddrV4, SocketAddrV4),
@@ -349,7 +351,7 @@ async fn relay_across(
         ctx,
         &mut downstream,
         tunnel,
-        labels,
+        conn,
         lifetime,
         route,
         Paused::default(),

@@ -300,7 +300,7 @@ pub(super) async fn relay_source<D>(
     ctx: &Arc<Context>,
     downstream: &mut D,
     mut upstream: HboneStream,
-    labels: &TcpLabels,
+    conn: ConnectionMetrics,
     lifetime: Lifetime,
     route: &Route,
     mut held: Paused,
@@ -317,7 +317,6 @@ where
         .token()
         .map(str::to_owned)
         .ok_or_else(|| failed("the destination offered no token to resume with".into()))?;
-    let conn = ctx.metrics.connection(labels);
     conn.opened();
     let mut total = Transferred::default();
     let mut quick_pauses = 0;
@@ -513,23 +512,36 @@ pub(super) struct Parking {
     pub metrics: Option<ConnectionMetrics>,
 }
 
+/// The series a parked stream's connection counts under, or, for a new stream, the series of
+/// `labels`, counted open.
+pub(super) fn connection_of(
+    ctx: &Context,
+    parking: &mut Parking,
+    labels: &TcpLabels,
+) -> ConnectionMetrics {
+    parking.metrics.take().unwrap_or_else(|| {
+        let conn = ctx.metrics.connection(labels);
+        conn.opened();
+        conn
+    })
+}
+
 /// The destination's relay between an HBONE stream (`downstream`) and the pod, paused as the
 /// module says: parked here when the source restarts, handed to the next mesh-node when this
 /// one does; `held` first (a resumed stream's).
+///
+/// It owns what it needs (`conn` resolved by [`connection_of`]): the task that runs it holds
+/// nothing else of the stream's set-up, which an idle connection would keep for its lifetime.
 pub(super) async fn relay_destination(
-    ctx: &Arc<Context>,
+    ctx: Arc<Context>,
     mut downstream: H2Io,
     pod: TcpStream,
-    labels: &TcpLabels,
+    conn: ConnectionMetrics,
     lifetime: Lifetime,
     mut parking: Parking,
     held: Paused,
 ) -> Result<Transferred, ProxyError> {
-    let conn = parking.metrics.take().unwrap_or_else(|| {
-        let conn = ctx.metrics.connection(labels);
-        conn.opened();
-        conn
-    });
+    let ctx = &ctx;
     let mut pod = pod;
     let pause = ctx.handover.child_token();
     downstream.on_peer_pause(pause.clone());

@@ -31,7 +31,7 @@ use super::{
     view::View,
 };
 use crate::{
-    metrics::{Reporter, ResponseFlags, ServiceLabels, TcpLabels, Workload},
+    metrics::{ConnectionMetrics, Reporter, ResponseFlags, ServiceLabels, TcpLabels, Workload},
     model::{Pod, Protocol, Service, Snapshot},
     tls::origination::Alpn,
 };
@@ -302,20 +302,21 @@ impl Target {
     }
 }
 
-/// Copies bytes both ways between `downstream` and `upstream`, counted as one connection
-/// under `labels`, until both ends close or its `lifetime` ends.
+/// Copies bytes both ways between `downstream` and `upstream`, counted as one connection in
+/// `conn` (its series, from [`TcpMetrics::connection`](crate::metrics::TcpMetrics::connection):
+/// a caller that drops its labels then holds only the series while bytes flow), until both
+/// ends close or its `lifetime` ends.
 pub(super) async fn relay<D, U>(
     ctx: &Context,
     downstream: &mut D,
     upstream: &mut U,
-    labels: &TcpLabels,
+    conn: ConnectionMetrics,
     lifetime: Lifetime,
 ) -> Result<Transferred, ProxyError>
 where
     D: AsyncRead + AsyncWrite + Unpin,
     U: AsyncRead + AsyncWrite + Unpin,
 {
-    let conn = ctx.metrics.connection(labels);
     conn.opened();
     let result =
         copy::bidirectional_with(downstream, upstream, &conn, lifetime, Some(ctx.overload())).await;
@@ -336,7 +337,7 @@ pub(super) async fn relay_pausable<D, U>(
     ctx: &Context,
     downstream: &mut D,
     upstream: &mut U,
-    labels: &TcpLabels,
+    conn: ConnectionMetrics,
     lifetime: Lifetime,
     held: copy::Paused,
 ) -> Result<Relayed, ProxyError>
@@ -344,7 +345,6 @@ where
     D: AsyncRead + AsyncWrite + Unpin,
     U: AsyncRead + AsyncWrite + Unpin,
 {
-    let conn = ctx.metrics.connection(labels);
     conn.opened();
     let copied = copy::bidirectional_pausable(
         downstream,
