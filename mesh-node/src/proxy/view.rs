@@ -82,6 +82,9 @@ pub(crate) type PodPolicies = Arc<[Arc<AuthorizationPolicy>]>;
 /// A cluster, or why it could not be built and when that was found.
 type Built = Result<Arc<Cluster>, (ClusterError, Instant)>;
 
+/// What a connection asking for a cluster gets.
+type Answer = Result<Arc<Cluster>, ClusterError>;
+
 /// How long a cluster that could not be built answers with that error before it is tried
 /// again: files named by a rule may appear on the node without any configuration change.
 const RETRY_FAILED: Duration = Duration::from_secs(5);
@@ -293,16 +296,10 @@ impl View {
         namespace: Option<&Arc<str>>,
     ) -> Result<Arc<Cluster>, ClusterError> {
         let slot = (key.clone(), namespace.cloned());
-        let failed = match self
-            .clusters
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(&slot)
-        {
-            Some(Ok(cluster)) => return Ok(cluster.clone()),
-            Some(Err((error, at))) if at.elapsed() < RETRY_FAILED => return Err(error.clone()),
-            Some(Err(failed)) => Some(failed.clone()),
-            None => None,
+        let failed = match self.built(&slot) {
+            Ok(Some(answer)) => return answer,
+            Ok(None) => None,
+            Err(failed) => Some(failed),
         };
         let built = build(
             &self.snapshot,
@@ -321,6 +318,23 @@ impl View {
 }
 
 impl View {
+    /// What this view built for `slot`: `Ok(Some)` the answer it stands by (a cluster, or an
+    /// error found less than [`RETRY_FAILED`] ago), `Ok(None)` nothing yet, `Err` a failure
+    /// old enough to try again.
+    fn built(&self, slot: &ClusterSlot) -> Result<Option<Answer>, (ClusterError, Instant)> {
+        match self
+            .clusters
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(slot)
+        {
+            Some(Ok(cluster)) => Ok(Some(Ok(cluster.clone()))),
+            Some(Err((error, at))) if at.elapsed() < RETRY_FAILED => Ok(Some(Err(error.clone()))),
+            Some(Err(failed)) => Err(failed.clone()),
+            None => Ok(None),
+        }
+    }
+
     /// The cluster `key` names for a client in `namespace`, as [`View::cluster`] gives it
     /// (its error included), for an operator's eyes: one no connection asked for is built but
     /// neither kept nor registered, so that inspecting the configuration does not grow the
@@ -331,16 +345,8 @@ impl View {
         key: &ClusterKey,
         namespace: Option<&Arc<str>>,
     ) -> Result<Arc<Cluster>, ClusterError> {
-        let slot = (key.clone(), namespace.cloned());
-        match self
-            .clusters
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(&slot)
-        {
-            Some(Ok(cluster)) => return Ok(cluster.clone()),
-            Some(Err((error, at))) if at.elapsed() < RETRY_FAILED => return Err(error.clone()),
-            _ => {}
+        if let Ok(Some(answer)) = self.built(&(key.clone(), namespace.cloned())) {
+            return answer;
         }
         let namespace = namespace.map(|n| &**n);
         compile(&self.snapshot, states, key, namespace, states.peek(key)).map(Arc::new)
