@@ -19,6 +19,8 @@ use bytes::Bytes;
 use http::HeaderMap;
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 
+use super::UpstreamBody;
+
 pub type BoxError = Box<dyn StdError + Send + Sync>;
 
 /// Largest request body kept for retries and mirrors.
@@ -218,14 +220,14 @@ pub struct ResponseBody<F: Finish> {
 }
 
 enum Source {
-    Upstream(Incoming),
+    Upstream(UpstreamBody),
     Local(Option<Bytes>),
 }
 
 impl<F: Finish> ResponseBody<F> {
-    pub fn upstream(body: Incoming, finish: F) -> Self {
+    pub fn upstream(body: impl Into<UpstreamBody>, finish: F) -> Self {
         Self {
-            source: Source::Upstream(body),
+            source: Source::Upstream(body.into()),
             end: BodyEnd::default(),
             messages: finish.grpc().then(GrpcMessages::default),
             finish: Some(finish),

@@ -95,7 +95,8 @@ use self::{
     upgrade::{forward_upgrade, is_upgrade, is_websocket, send_upgrade, strip_h2c_upgrade},
 };
 
-type InFlight = pool::InFlight<RequestBody>;
+type InFlight = pool::InFlight;
+type UpstreamBody = pool::UpstreamBody<RequestBody>;
 
 /// One downstream connection and what its requests share.
 pub(super) struct Conn {

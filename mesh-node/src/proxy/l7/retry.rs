@@ -52,7 +52,7 @@ impl Attempts<'_> {
         parts: &Parts,
         first_body: RequestBody,
         tape: Option<&Tape>,
-    ) -> Result<(Response<Incoming>, (InFlight, Pick)), Failure> {
+    ) -> Result<(Response<UpstreamBody>, (InFlight, Pick)), Failure> {
         let conn = report.conn.clone();
         let cluster = &self.resolved.cluster;
         let hash = cluster.request_hash(&parts.headers, &parts.uri, *conn.client.ip());

@@ -9,24 +9,35 @@
 //! Connections are keyed by target address, protocol, the way there (direct or through the
 //! peer node's tunnel) and the calling pod, whose certificate the far end sees. The
 //! pools know nothing of the requests they carry: any body hyper can write ([`PoolBody`]).
+//!
+//! An HTTP/1.1 connection has no task of its own: the task of the request it carries runs
+//! it ([`Driven`]), from the request's head to the response body's end, so a request and
+//! its response pass from the client's connection to the upstream's without waking another
+//! task. Parked idle, it wakes the pool only if the server closes it.
 
 use std::{
     collections::HashMap,
     error::Error as StdError,
+    future::{poll_fn, Future as _},
     net::SocketAddrV4,
-    sync::{Arc, Mutex},
+    pin::{pin, Pin},
+    sync::{
+        atomic::{AtomicBool, AtomicU64, Ordering},
+        Arc, Mutex, Weak,
+    },
+    task::{Context, Poll, Wake, Waker},
     time::{Duration, Instant},
 };
 
 use bytes::Bytes;
 use hyper::{
-    body::{Body, Incoming},
+    body::{Body, Frame, Incoming, SizeHint},
     client::conn::{http1, http2},
     Request, Response,
 };
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use thiserror::Error;
-use tokio::sync::Notify;
+use tokio::{runtime::Handle, sync::Notify};
 use tracing::debug;
 
 use super::{
@@ -119,11 +130,11 @@ impl<T> PoolBody for T where
 }
 
 /// The pools of every cluster, keyed by cluster; the proxy keeps one.
-pub struct Pools<B> {
+pub struct Pools<B: PoolBody> {
     clusters: Mutex<HashMap<ClusterKey, Arc<ClusterPool<B>>>>,
 }
 
-impl<B> Default for Pools<B> {
+impl<B: PoolBody> Default for Pools<B> {
     fn default() -> Self {
         Self {
             clusters: Mutex::default(),
@@ -149,13 +160,13 @@ impl<B: PoolBody> Pools<B> {
 }
 
 /// The connections of one cluster.
-pub struct ClusterPool<B> {
+pub struct ClusterPool<B: PoolBody> {
     endpoints: Mutex<HashMap<ConnKey, Arc<Endpoint<B>>>>,
     /// Woken whenever a connection becomes idle or closes: pending requests try again.
     freed: Arc<Notify>,
 }
 
-impl<B> Default for ClusterPool<B> {
+impl<B: PoolBody> Default for ClusterPool<B> {
     fn default() -> Self {
         Self {
             endpoints: Mutex::default(),
@@ -164,64 +175,217 @@ impl<B> Default for ClusterPool<B> {
     }
 }
 
-struct Endpoint<B> {
+struct Endpoint<B: PoolBody> {
     idle: Mutex<Vec<Idle<B>>>,
     /// The shared HTTP/2 connection, numbered so that a request that found it gone away
     /// forgets that one and not a newer one.
     h2: tokio::sync::Mutex<Option<(u64, http2::SendRequest<B>)>>,
     /// The number of the next HTTP/2 connection.
-    h2_opened: std::sync::atomic::AtomicU64,
+    h2_opened: AtomicU64,
+    /// What the idle connections wake: a task that runs them once (see [`Reaper`]).
+    reaper: Waker,
+    /// A reaping task is on its way.
+    reaping: AtomicBool,
 }
 
-impl<B> Default for Endpoint<B> {
-    fn default() -> Self {
-        Self {
+impl<B: PoolBody> Endpoint<B> {
+    fn new() -> Arc<Self> {
+        Arc::new_cyclic(|endpoint| Self {
             idle: Mutex::default(),
             h2: tokio::sync::Mutex::default(),
-            h2_opened: std::sync::atomic::AtomicU64::new(0),
+            h2_opened: AtomicU64::new(0),
+            reaper: Waker::from(Arc::new(Reaper {
+                endpoint: endpoint.clone(),
+            })),
+            reaping: AtomicBool::new(false),
+        })
+    }
+
+    /// Runs every idle connection once, so the ones their server closed end and free their
+    /// slot.
+    fn reap(&self) {
+        self.reaping.store(false, Ordering::Release);
+        let mut cx = Context::from_waker(&self.reaper);
+        self.idle
+            .lock()
+            .expect("idle list poisoned")
+            .retain_mut(|idle| idle.connection.poll_open(&mut cx));
+    }
+
+    /// Keeps `connection` for the next request once it is ready for one: at once if its
+    /// exchange is over, else after a task finished it (the rest of a request body, or a
+    /// response the client did not read to its end).
+    fn park(self: &Arc<Self>, mut connection: Box<Driven<B>>, served: u32) {
+        if !connection.poll_open(&mut Context::from_waker(&self.reaper)) {
+            return;
+        }
+        if connection.sender.is_ready() {
+            let freed = connection.freed.clone();
+            self.idle.lock().expect("idle list poisoned").push(Idle {
+                connection,
+                since: Instant::now(),
+                served,
+            });
+            freed.notify_waiters();
+            return;
+        }
+        let Ok(runtime) = Handle::try_current() else {
+            return;
+        };
+        let endpoint = self.clone();
+        runtime.spawn(async move {
+            let ready = poll_fn(|cx| {
+                Poll::Ready(match connection.poll_open(cx) {
+                    false => false,
+                    true if connection.sender.is_ready() => true,
+                    true => return Poll::Pending,
+                })
+            })
+            .await;
+            if ready {
+                endpoint.park(connection, served);
+            }
+        });
+    }
+}
+
+/// The waker of an endpoint's idle connections. An idle connection has nothing to wake for
+/// but its server closing it (or sending what nobody asked for): a task then runs the idle
+/// connections, and the ones that ended are dropped.
+struct Reaper<B: PoolBody> {
+    endpoint: Weak<Endpoint<B>>,
+}
+
+impl<B: PoolBody> Wake for Reaper<B> {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref();
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        let Some(endpoint) = self.endpoint.upgrade() else {
+            return;
+        };
+        if endpoint.reaping.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        match Handle::try_current() {
+            Ok(runtime) => drop(runtime.spawn(async move { endpoint.reap() })),
+            Err(_) => endpoint.reaping.store(false, Ordering::Release),
         }
     }
 }
 
-struct Idle<B> {
+type Http1Connection<B> = http1::Connection<TokioIo<Stream>, B>;
+
+/// An HTTP/1.1 connection run by whoever holds it: the request it carries (through
+/// [`UpstreamBody`]) or the idle list's [`Reaper`].
+struct Driven<B: PoolBody> {
     sender: http1::SendRequest<B>,
-    since: Instant,
-    served: u32,
-}
-
-/// A request's hold on an HTTP/1.1 connection: back to the idle list when dropped (after the
-/// response body ended), unless the connection served its `maxRequestsPerConnection`.
-pub struct Lease<B> {
-    sender: Option<http1::SendRequest<B>>,
-    served: u32,
-    endpoint: Arc<Endpoint<B>>,
+    /// `None` once it ended.
+    connection: Option<Http1Connection<B>>,
+    /// The cluster's connection budget, given back when the connection ends.
+    slot: Option<Guard>,
     freed: Arc<Notify>,
-    reusable: bool,
+    target: SocketAddrV4,
 }
 
-impl<B> Drop for Lease<B> {
-    fn drop(&mut self) {
-        if let Some(sender) = self.sender.take() {
-            if self.reusable && !sender.is_closed() {
-                self.endpoint
-                    .idle
-                    .lock()
-                    .expect("idle list poisoned")
-                    .push(Idle {
-                        sender,
-                        since: Instant::now(),
-                        served: self.served,
-                    });
-            }
+impl<B: PoolBody> Driven<B> {
+    /// Runs the connection as far as it goes now; whether it is still open.
+    fn poll_open(&mut self, cx: &mut Context<'_>) -> bool {
+        let Some(connection) = &mut self.connection else {
+            return false;
+        };
+        let Poll::Ready(ended) = Pin::new(connection).poll(cx) else {
+            return true;
+        };
+        if let Err(e) = ended {
+            debug!(target = %self.target, "upstream connection ended: {e}");
+        }
+        self.close();
+        false
+    }
+
+    fn close(&mut self) {
+        self.connection = None;
+        if self.slot.take().is_some() {
             self.freed.notify_waiters();
         }
     }
 }
 
-/// What a sent request holds until its response body ends.
-pub struct InFlight<B> {
+impl<B: PoolBody> Drop for Driven<B> {
+    fn drop(&mut self) {
+        self.close();
+    }
+}
+
+struct Idle<B: PoolBody> {
+    connection: Box<Driven<B>>,
+    since: Instant,
+    served: u32,
+}
+
+/// A request's hold on an HTTP/1.1 connection: back to the idle list when its response body
+/// is dropped, unless the connection served its `maxRequestsPerConnection`.
+struct Lease<B: PoolBody> {
+    connection: Option<Box<Driven<B>>>,
+    served: u32,
+    endpoint: Arc<Endpoint<B>>,
+    reusable: bool,
+}
+
+impl<B: PoolBody> Drop for Lease<B> {
+    fn drop(&mut self) {
+        if let Some(connection) = self.connection.take() {
+            if self.reusable {
+                self.endpoint.park(connection, self.served);
+            }
+        }
+    }
+}
+
+/// The body of an upstream response. Over HTTP/1.1 reading it runs the connection it comes
+/// on, which goes back to the pool when the body is dropped.
+pub struct UpstreamBody<B: PoolBody> {
+    body: Incoming,
+    lease: Option<Lease<B>>,
+}
+
+/// The body of a response on a connection the pool does not run: HTTP/2's, or a protocol
+/// upgrade's.
+impl<B: PoolBody> From<Incoming> for UpstreamBody<B> {
+    fn from(body: Incoming) -> Self {
+        Self { body, lease: None }
+    }
+}
+
+impl<B: PoolBody> Body for UpstreamBody<B> {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let this = self.get_mut();
+        if let Some(connection) = this.lease.as_mut().and_then(|l| l.connection.as_mut()) {
+            connection.poll_open(cx);
+        }
+        Pin::new(&mut this.body).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.body.size_hint()
+    }
+}
+
+/// What a sent request holds until its response ended: its `http2MaxRequests` slot.
+pub struct InFlight {
     _request: Guard,
-    _lease: Option<Lease<B>>,
 }
 
 impl<B: PoolBody> ClusterPool<B> {
@@ -235,7 +399,10 @@ impl<B: PoolBody> ClusterPool<B> {
 
     fn endpoint(&self, key: &ConnKey) -> Arc<Endpoint<B>> {
         let mut endpoints = self.endpoints.lock().expect("pool poisoned");
-        endpoints.entry(key.clone()).or_default().clone()
+        endpoints
+            .entry(key.clone())
+            .or_insert_with(Endpoint::new)
+            .clone()
     }
 
     /// Sends `request` to the connection `key` names, within the limits of `policy`.
@@ -247,15 +414,20 @@ impl<B: PoolBody> ClusterPool<B> {
         key: &ConnKey,
         dial: Dial<'_>,
         request: Request<B>,
-    ) -> Result<(Response<Incoming>, InFlight<B>), PoolError> {
+    ) -> Result<(Response<UpstreamBody<B>>, InFlight), PoolError> {
         let request_slot = state
             .try_request(&policy.limits)
             .ok_or(PoolError::Overflow("http2MaxRequests"))?;
+        let in_flight = InFlight {
+            _request: request_slot,
+        };
         let endpoint = self.endpoint(key);
         match key.proto {
             Proto::Http1 => {
-                self.send_http1(state, policy, key, dial, endpoint, request, request_slot)
-                    .await
+                let response = self
+                    .send_http1(state, policy, key, dial, endpoint, request)
+                    .await?;
+                Ok((response, in_flight))
             }
             Proto::Http2 => {
                 let mut request = request;
@@ -267,15 +439,7 @@ impl<B: PoolBody> ClusterPool<B> {
                         .await?;
                     let target = key.target;
                     match sender.try_send_request(request).await {
-                        Ok(response) => {
-                            return Ok((
-                                response,
-                                InFlight {
-                                    _request: request_slot,
-                                    _lease: None,
-                                },
-                            ))
-                        }
+                        Ok(response) => return Ok((response.map(UpstreamBody::from), in_flight)),
                         Err(mut e) => match e.take_message() {
                             Some(unsent) => {
                                 if attempt == 2 {
@@ -308,10 +472,6 @@ impl<B: PoolBody> ClusterPool<B> {
         }
     }
 
-    #[allow(
-        clippy::too_many_arguments,
-        reason = "the pieces of one request, borrowed from its caller"
-    )]
     async fn send_http1(
         &self,
         state: &Arc<ClusterState>,
@@ -320,8 +480,7 @@ impl<B: PoolBody> ClusterPool<B> {
         dial: Dial<'_>,
         endpoint: Arc<Endpoint<B>>,
         mut request: Request<B>,
-        request_slot: Guard,
-    ) -> Result<(Response<Incoming>, InFlight<B>), PoolError> {
+    ) -> Result<Response<UpstreamBody<B>>, PoolError> {
         let idle_timeout = policy.idle_timeout.unwrap_or(DEFAULT_IDLE_TIMEOUT);
         let mut pending = None;
         loop {
@@ -329,8 +488,19 @@ impl<B: PoolBody> ClusterPool<B> {
             tokio::pin!(freed);
             freed.as_mut().enable();
 
-            let (mut sender, served) = match take_idle(&endpoint, idle_timeout) {
-                Some(idle) => (idle.sender, idle.served),
+            let (mut connection, served) = match take_idle(&endpoint, idle_timeout) {
+                Some(Idle {
+                    mut connection,
+                    served,
+                    ..
+                }) => {
+                    // From here on the connection wakes this task; one its server closed
+                    // meanwhile ends here.
+                    if !poll_fn(|cx| Poll::Ready(connection.poll_open(cx))).await {
+                        continue;
+                    }
+                    (connection, served)
+                }
                 None => match state.try_connection(&policy.limits) {
                     Some(slot) => {
                         let io = dial.open(key).await?;
@@ -354,22 +524,24 @@ impl<B: PoolBody> ClusterPool<B> {
             let reusable = policy
                 .max_requests_per_connection
                 .is_none_or(|max| max == 0 || served < max);
-            match sender.try_send_request(request).await {
+            let mut response = pin!(connection.sender.try_send_request(request));
+            let sent = poll_fn(|cx| {
+                connection.poll_open(cx);
+                response.as_mut().poll(cx)
+            })
+            .await;
+            match sent {
                 Ok(response) => {
                     let lease = Lease {
-                        sender: Some(sender),
+                        connection: Some(connection),
                         served,
                         endpoint,
-                        freed: self.freed.clone(),
                         reusable,
                     };
-                    return Ok((
-                        response,
-                        InFlight {
-                            _request: request_slot,
-                            _lease: Some(lease),
-                        },
-                    ));
+                    return Ok(response.map(|body| UpstreamBody {
+                        body,
+                        lease: Some(lease),
+                    }));
                 }
                 Err(mut e) => match e.take_message() {
                     // The idle connection closed under us before the request was written:
@@ -377,10 +549,8 @@ impl<B: PoolBody> ClusterPool<B> {
                     Some(unsent) => {
                         debug!(target = %key.target, "pooled connection closed; retrying on another");
                         request = unsent;
-                        self.freed.notify_waiters();
                     }
                     None => {
-                        self.freed.notify_waiters();
                         return Err(PoolError::Reset {
                             target: key.target,
                             source: e.into_error(),
@@ -396,22 +566,20 @@ impl<B: PoolBody> ClusterPool<B> {
         target: SocketAddrV4,
         io: Stream,
         slot: Guard,
-    ) -> Result<http1::SendRequest<B>, PoolError> {
+    ) -> Result<Box<Driven<B>>, PoolError> {
         // Bodies queued, not flattened into a buffer kept at its largest (see `l7::serve`).
         let (sender, connection) = http1::Builder::new()
             .writev(true)
             .handshake(TokioIo::new(io))
             .await
             .map_err(|source| PoolError::Handshake { target, source })?;
-        let freed = self.freed.clone();
-        tokio::spawn(async move {
-            if let Err(e) = connection.await {
-                debug!(%target, "upstream connection ended: {e}");
-            }
-            drop(slot);
-            freed.notify_waiters();
-        });
-        Ok(sender)
+        Ok(Box::new(Driven {
+            sender,
+            connection: Some(connection),
+            slot: Some(slot),
+            freed: self.freed.clone(),
+            target,
+        }))
     }
 
     async fn http2_sender(
@@ -456,9 +624,7 @@ impl<B: PoolBody> ClusterPool<B> {
                         drop(slot);
                         freed.notify_waiters();
                     });
-                    let number = endpoint
-                        .h2_opened
-                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    let number = endpoint.h2_opened.fetch_add(1, Ordering::Relaxed);
                     *shared = Some((number, sender.clone()));
                     return Ok((number, sender));
                 }
@@ -492,17 +658,13 @@ fn refused_unprocessed(error: &hyper::Error) -> bool {
     false
 }
 
-fn take_idle<B>(endpoint: &Endpoint<B>, idle_timeout: Duration) -> Option<Idle<B>> {
+fn take_idle<B: PoolBody>(endpoint: &Endpoint<B>, idle_timeout: Duration) -> Option<Idle<B>> {
     let mut idle = endpoint.idle.lock().expect("idle list poisoned");
     // Most recently used first: it is the least likely to have been closed by the server.
     while let Some(candidate) = idle.pop() {
-        if candidate.sender.is_closed() || candidate.since.elapsed() > idle_timeout {
-            continue;
-        }
-        if candidate.sender.is_ready() {
+        if candidate.connection.connection.is_some() && candidate.since.elapsed() <= idle_timeout {
             return Some(candidate);
         }
-        // Still finishing its previous exchange: not ours to wait for.
     }
     None
 }
@@ -576,7 +738,9 @@ mod tests {
     use crate::{model::ObjectKey, proxy::upstream::cluster::Limits};
 
     type TestBody = BoxBody<Bytes, Box<dyn StdError + Send + Sync>>;
-    type BoxFuture = std::pin::Pin<Box<dyn Future<Output = ()> + Send>>;
+    /// What a request holds until it is over.
+    type Held = (UpstreamBody<TestBody>, InFlight);
+    type BoxFuture = Pin<Box<dyn Future<Output = ()> + Send>>;
 
     /// Bounds every await of a test, so a pool that never answers fails instead of hanging.
     async fn within<T>(future: impl Future<Output = T>) -> T {
@@ -691,12 +855,12 @@ mod tests {
         }
 
         /// Sends a GET and reads the response body to its end; the caller decides when the
-        /// request is over by dropping what it holds.
+        /// request is over by dropping what it holds (the body and the request's slot).
         async fn get(
             &self,
             target: SocketAddrV4,
             proto: Proto,
-        ) -> Result<(String, InFlight<TestBody>), PoolError> {
+        ) -> Result<(String, Held), PoolError> {
             let dial = Dial {
                 dialer: &self.dialer,
                 timeout: None,
@@ -711,8 +875,14 @@ mod tests {
                     get(proto),
                 )
                 .await?;
-            let body = response.into_body().collect().await.unwrap().to_bytes();
-            Ok((String::from_utf8(body.to_vec()).unwrap(), in_flight))
+            let mut body = response.into_body();
+            let mut read = Vec::new();
+            while let Some(frame) = body.frame().await {
+                if let Ok(data) = frame.unwrap().into_data() {
+                    read.extend_from_slice(&data);
+                }
+            }
+            Ok((String::from_utf8(read).unwrap(), (body, in_flight)))
         }
 
         async fn served_by(&self, target: SocketAddrV4, proto: Proto) -> String {
@@ -1010,6 +1180,57 @@ mod tests {
         until(|| client.state.connections() == 0).await;
         assert_eq!(client.served_by(addr, Proto::Http1).await, "connection 2");
         assert_eq!(connections.load(Ordering::SeqCst), 2);
+    }
+
+    #[tokio::test]
+    async fn a_response_left_unread_does_not_hold_up_the_next_request() {
+        // Each answer is 4 MiB: far more than a socket holds, so the connection is mid-body
+        // when the first request's holder lets it go.
+        let (listener, addr) = bind().await;
+        tokio::spawn(async move {
+            loop {
+                let (io, _) = listener.accept().await.unwrap();
+                let service = service_fn(|_: Request<Incoming>| async {
+                    Ok::<_, Infallible>(Response::new(Full::new(Bytes::from(vec![b'x'; 4 << 20]))))
+                });
+                tokio::spawn(async move {
+                    let _ = auto::Builder::new(TokioExecutor::new())
+                        .serve_connection(TokioIo::new(io), service)
+                        .await;
+                });
+            }
+        });
+        let client = Client::new(ClusterPolicy::default());
+        let dial = Dial {
+            dialer: &client.dialer,
+            timeout: None,
+        };
+        let key = key(addr, Proto::Http1);
+        let send = || {
+            client
+                .pool
+                .send(&client.state, &client.policy, &key, dial, get(Proto::Http1))
+        };
+        let (response, in_flight) = within(send()).await.unwrap();
+        let mut body = response.into_body();
+        let first = within(body.frame()).await.unwrap().unwrap();
+        assert!(first.is_data());
+        drop((body, in_flight));
+
+        let (response, in_flight) = within(send()).await.unwrap();
+        let read = within(response.into_body().collect()).await.unwrap();
+        assert_eq!(read.to_bytes().len(), 4 << 20);
+        drop(in_flight);
+        // The first connection, left with most of its body unread, is closed (its slot
+        // freed); the second waits idle for the next request.
+        until(|| client.state.connections() == 1).await;
+        assert_eq!(client.state.requests(), 0);
+        let _third = within(send()).await.unwrap();
+        assert_eq!(
+            client.state.connections(),
+            1,
+            "the idle connection is reused"
+        );
     }
 
     #[tokio::test]
