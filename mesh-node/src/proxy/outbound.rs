@@ -5,13 +5,16 @@
 //! anything else is opaque TCP, balanced by the Service's cluster ([`super::tcp`]).
 
 use std::{
+    future::Future,
     net::{IpAddr, SocketAddr, SocketAddrV4},
     os::fd::{AsFd as _, AsRawFd as _},
+    pin::Pin,
     sync::Arc,
     time::Instant,
 };
 
 use bytes::Bytes;
+use futures::FutureExt as _;
 use tokio::net::TcpStream;
 use tracing::{debug, warn};
 
@@ -41,7 +44,13 @@ pub(super) async fn serve(
 ) {
     let start = Instant::now();
     let mut log = Log::default();
-    let result = proxy(&ctx, downstream, client, held, &mut log).await;
+    // The set-up ends with what carries the connection, which owns all it needs: the task
+    // holds that alone while the connection lasts, not the set-up's state as well.
+    let carry = Box::pin(proxy(&ctx, downstream, client, held, &mut log)).await;
+    let result = match carry {
+        Ok(carry) => carry.await,
+        Err(e) => Err(e),
+    };
     log.write(&ctx, start, client, &result, |served| match served {
         Served::Tcp(t) => Some(*t),
         // Every request was logged on its own.
@@ -97,13 +106,16 @@ enum Served {
     Http,
 }
 
+/// What carries a connection once it is set up (its HTTP server or its relay), to its end.
+type Carry = Pin<Box<dyn Future<Output = Result<Served, ProxyError>> + Send>>;
+
 async fn proxy(
     ctx: &Arc<Context>,
     downstream: TcpStream,
     client: SocketAddr,
     held: SourceConnection,
     log: &mut Log,
-) -> Result<Served, ProxyError> {
+) -> Result<Carry, ProxyError> {
     let client = v4(client).ok_or(ProxyError::NotIpv4 { client })?;
     let dialled = ctx
         .original_dst
@@ -163,10 +175,9 @@ async fn proxy(
         .held_by(held)
         .client_socket(socket);
         drop(view);
-        // Boxed, as every path here that only some connections take: a connection's task then
-        // holds the state of the path it is on, not of the largest one.
-        Box::pin(l7::serve(conn, downstream)).await;
-        return Ok(Served::Http);
+        return Ok(Box::pin(
+            l7::serve(conn, downstream).map(|()| Ok(Served::Http)),
+        ));
     }
 
     let target = match tcp::choose(
@@ -264,42 +275,56 @@ async fn proxy(
     drop(labels);
     // Across nodes to a node proxy that can resume the stream: a restart of either node
     // pauses it and carries it on ([`resume`]).
-    let mut upstream = match (upstream, target.via, &caller) {
+    match (upstream, target.via, caller) {
         (Stream::Tunnel(tunnel), Via::Tunnel { peer, source }, Some(caller))
             if tunnel.token().is_some() =>
         {
             let route = Route {
-                caller: caller.clone(),
+                caller,
                 source,
                 peer,
                 target: target.addr,
             };
-            let relayed = Box::pin(relay_across(
-                ctx,
+            Ok(Box::pin(relay_across(
+                ctx.clone(),
                 downstream,
                 tunnel,
-                conn,
-                lifetime,
-                &route,
+                (conn, lifetime),
+                route,
                 (client, dialled),
-            ))
-            .await;
-            // Held until here: the endpoint's active count and the cluster's connection slot.
-            drop(target);
-            return relayed;
+                target,
+            )))
         }
-        (upstream, ..) => upstream,
-    };
-    // A plain TCP upstream of this proxy (a pod of the node, or outside the mesh): a restart
-    // hands the two sockets to the next mesh-node.
+        (upstream, ..) => Ok(Box::pin(relay(
+            ctx.clone(),
+            downstream,
+            upstream,
+            (conn, lifetime),
+            (client, dialled),
+            target,
+        ))),
+    }
+}
+
+/// An opaque connection to a pod of this node, through the tunnel to a node proxy that cannot
+/// resume it, or outside the mesh. A plain TCP upstream of this proxy (a pod of the node, or
+/// outside the mesh) has its two sockets handed to the next mesh-node at a restart.
+async fn relay(
+    ctx: Arc<Context>,
+    mut downstream: Rewind<TcpStream>,
+    mut upstream: Stream,
+    (conn, lifetime): (ConnectionMetrics, Lifetime),
+    (client, dialled): (SocketAddrV4, SocketAddrV4),
+    // Held until the end: the endpoint's active count and the cluster's connection slot.
+    target: tcp::Target,
+) -> Result<Served, ProxyError> {
     if !matches!(upstream, Stream::Tcp(_)) {
-        let transferred = tcp::relay(ctx, &mut downstream, &mut upstream, conn, lifetime).await?;
-        // Held until here: the endpoint's active count and the cluster's connection slot.
+        let transferred = tcp::relay(&ctx, &mut downstream, &mut upstream, conn, lifetime).await?;
         drop(target);
         return Ok(Served::Tcp(transferred));
     }
     let relayed = tcp::relay_pausable(
-        ctx,
+        &ctx,
         &mut downstream,
         &mut upstream,
         conn,
@@ -339,21 +364,22 @@ async fn proxy(
 /// An opaque connection across nodes whose stream the destination can resume: relayed until
 /// it ends, or until this mesh-node hands over, when the client's socket goes to the next one.
 async fn relay_across(
-    ctx: &Arc<Context>,
+    ctx: Arc<Context>,
     mut downstream: Rewind<TcpStream>,
     tunnel: HboneStream,
-    conn: ConnectionMetrics,
-    lifetime: Lifetime,
-    route: &Route,
+    (conn, lifetime): (ConnectionMetrics, Lifetime),
+    route: Route,
     addresses: (SocketAddrV4, SocketAddrV4),
+    // Held until the end: the endpoint's active count and the cluster's connection slot.
+    _target: tcp::Target,
 ) -> Result<Served, ProxyError> {
     let ended = resume::relay_source(
-        ctx,
+        &ctx,
         &mut downstream,
         tunnel,
         conn,
         lifetime,
-        route,
+        &route,
         Paused::default(),
     )
     .await;
@@ -375,7 +401,7 @@ async fn relay_across(
     // Held bytes first, then what the sniffer read and the copy did not.
     paused.to_upstream.extend_from_slice(&unread);
     successor
-        .hand_over_tunnel(addresses, route, token, paused, downstream)
+        .hand_over_tunnel(addresses, &route, token, paused, downstream)
         .await
         .map_err(ProxyError::Socket)?;
     Ok(Served::Tcp(transferred))
