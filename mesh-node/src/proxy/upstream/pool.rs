@@ -1234,6 +1234,48 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_large_request_body_is_written_while_the_request_waits_for_its_answer() {
+        // The server answers with the length it read: the 4 MiB body, far more than the
+        // sockets hold, must be written by the request's own task as the server reads it.
+        let (listener, addr) = bind().await;
+        tokio::spawn(async move {
+            let (io, _) = listener.accept().await.unwrap();
+            let service = service_fn(|request: Request<Incoming>| async move {
+                let read = request.into_body().collect().await.unwrap().to_bytes();
+                Ok::<_, Infallible>(Response::new(Full::new(Bytes::from(
+                    read.len().to_string(),
+                ))))
+            });
+            let _ = auto::Builder::new(TokioExecutor::new())
+                .serve_connection(TokioIo::new(io), service)
+                .await;
+        });
+        let client = Client::new(ClusterPolicy::default());
+        let body = Full::new(Bytes::from(vec![b'x'; 4 << 20]))
+            .map_err(|never| match never {})
+            .boxed();
+        let request = Request::post("/")
+            .header(http::header::HOST, "upstream")
+            .body(body)
+            .unwrap();
+        let dial = Dial {
+            dialer: &client.dialer,
+            timeout: None,
+        };
+        let (response, _in_flight) = within(client.pool.send(
+            &client.state,
+            &client.policy,
+            &key(addr, Proto::Http1),
+            dial,
+            request,
+        ))
+        .await
+        .unwrap();
+        let read = within(response.into_body().collect()).await.unwrap();
+        assert_eq!(read.to_bytes(), (4 << 20).to_string());
+    }
+
+    #[tokio::test]
     async fn a_server_that_closes_after_reading_the_request_is_a_reset() {
         let (listener, addr) = bind().await;
         tokio::spawn(async move {
