@@ -292,7 +292,7 @@ async fn proxy(
                 (conn, lifetime),
                 route,
                 (client, dialled),
-                target,
+                (target, held),
             )))
         }
         (upstream, ..) => Ok(Box::pin(relay(
@@ -301,7 +301,7 @@ async fn proxy(
             upstream,
             (conn, lifetime),
             (client, dialled),
-            target,
+            (target, held),
         ))),
     }
 }
@@ -315,8 +315,9 @@ async fn relay(
     mut upstream: Stream,
     (conn, lifetime): (ConnectionMetrics, Lifetime),
     (client, dialled): (SocketAddrV4, SocketAddrV4),
-    // Held until the end: the endpoint's active count and the cluster's connection slot.
-    target: tcp::Target,
+    // Held until the end: the endpoint's active count and the cluster's connection slot, and
+    // the client address's count of connections.
+    (target, _held): (tcp::Target, SourceConnection),
 ) -> Result<Served, ProxyError> {
     if !matches!(upstream, Stream::Tcp(_)) {
         let transferred = tcp::relay(&ctx, &mut downstream, &mut upstream, conn, lifetime).await?;
@@ -370,8 +371,9 @@ async fn relay_across(
     (conn, lifetime): (ConnectionMetrics, Lifetime),
     route: Route,
     addresses: (SocketAddrV4, SocketAddrV4),
-    // Held until the end: the endpoint's active count and the cluster's connection slot.
-    _target: tcp::Target,
+    // Held until the end: the endpoint's active count and the cluster's connection slot, and
+    // the client address's count of connections.
+    _held: (tcp::Target, SourceConnection),
 ) -> Result<Served, ProxyError> {
     let ended = resume::relay_source(
         &ctx,

@@ -658,8 +658,8 @@ pub(super) struct Report {
     destination: Option<Arc<Pod>>,
     service: Option<Arc<Service>>,
     tape: Option<Arc<Tape>>,
-    /// Held until the response body ended: circuit-breaker slots, the pooled connection,
-    /// the endpoint's in-flight count.
+    /// Held until the response body ended: the request's circuit-breaker slot and the
+    /// endpoint's in-flight count (the pooled connection is the response body's).
     hold: Option<InFlight>,
     pick: Option<Pick>,
     recorded: bool,

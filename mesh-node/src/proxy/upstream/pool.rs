@@ -13,7 +13,8 @@
 //! An HTTP/1.1 connection has no task of its own: the task of the request it carries runs
 //! it ([`Driven`]), from the request's head to the response body's end, so a request and
 //! its response pass from the client's connection to the upstream's without waking another
-//! task. Parked idle, it wakes the pool only if the server closes it.
+//! task (a request with a body to stream hands it to a task once the response's head is in).
+//! Parked idle, it wakes the pool only if the server closes it or sends what nobody asked for.
 
 use std::{
     collections::HashMap,
@@ -212,21 +213,24 @@ impl<B: PoolBody> Endpoint<B> {
             .retain_mut(|idle| idle.connection.poll_open(&mut cx));
     }
 
-    /// Keeps `connection` for the next request once it is ready for one: at once if its
-    /// exchange is over, else after a task finished it (the rest of a request body, or a
-    /// response the client did not read to its end).
-    fn park(self: &Arc<Self>, mut connection: Box<Driven<B>>, served: u32) {
+    /// Takes back `connection` once its exchange is over: kept for the next request if it
+    /// is `reusable`, else closed. An exchange still under way (the rest of a request body, or
+    /// of a response the client did not read to its end, which hyper closes unless it is
+    /// already buffered) is finished by a task first.
+    fn release(self: &Arc<Self>, mut connection: Box<Driven<B>>, served: u32, reusable: bool) {
         if !connection.poll_open(&mut Context::from_waker(&self.reaper)) {
             return;
         }
         if connection.sender.is_ready() {
-            let freed = connection.freed.clone();
-            self.idle.lock().expect("idle list poisoned").push(Idle {
-                connection,
-                since: Instant::now(),
-                served,
-            });
-            freed.notify_waiters();
+            if reusable {
+                let freed = connection.freed.clone();
+                self.idle.lock().expect("idle list poisoned").push(Idle {
+                    connection,
+                    since: Instant::now(),
+                    served,
+                });
+                freed.notify_waiters();
+            }
             return;
         }
         let Ok(runtime) = Handle::try_current() else {
@@ -243,7 +247,7 @@ impl<B: PoolBody> Endpoint<B> {
             })
             .await;
             if ready {
-                endpoint.park(connection, served);
+                endpoint.release(connection, served, reusable);
             }
         });
     }
@@ -278,7 +282,7 @@ impl<B: PoolBody> Wake for Reaper<B> {
 type Http1Connection<B> = http1::Connection<TokioIo<Stream>, B>;
 
 /// An HTTP/1.1 connection run by whoever holds it: the request it carries (through
-/// [`UpstreamBody`]) or the idle list's [`Reaper`].
+/// [`UpstreamBody`]), a task finishing its exchange, or the idle list's [`Reaper`].
 struct Driven<B: PoolBody> {
     sender: http1::SendRequest<B>,
     /// `None` once it ended.
@@ -337,9 +341,8 @@ struct Lease<B: PoolBody> {
 impl<B: PoolBody> Drop for Lease<B> {
     fn drop(&mut self) {
         if let Some(connection) = self.connection.take() {
-            if self.reusable {
-                self.endpoint.park(connection, self.served);
-            }
+            self.endpoint
+                .release(connection, self.served, self.reusable);
         }
     }
 }
@@ -524,6 +527,10 @@ impl<B: PoolBody> ClusterPool<B> {
             let reusable = policy
                 .max_requests_per_connection
                 .is_none_or(|max| max == 0 || served < max);
+            // A request body still to come may have to go on while the client is not reading
+            // the response (its socket full): the connection then runs in a task of its own
+            // once the response's head is in, as hyper runs it.
+            let streaming = !request.body().is_end_stream();
             let mut response = pin!(connection.sender.try_send_request(request));
             let sent = poll_fn(|cx| {
                 connection.poll_open(cx);
@@ -532,16 +539,18 @@ impl<B: PoolBody> ClusterPool<B> {
             .await;
             match sent {
                 Ok(response) => {
-                    let lease = Lease {
-                        connection: Some(connection),
-                        served,
-                        endpoint,
-                        reusable,
+                    let lease = if streaming {
+                        endpoint.release(connection, served, reusable);
+                        None
+                    } else {
+                        Some(Lease {
+                            connection: Some(connection),
+                            served,
+                            endpoint,
+                            reusable,
+                        })
                     };
-                    return Ok(response.map(|body| UpstreamBody {
-                        body,
-                        lease: Some(lease),
-                    }));
+                    return Ok(response.map(|body| UpstreamBody { body, lease }));
                 }
                 Err(mut e) => match e.take_message() {
                     // The idle connection closed under us before the request was written:
