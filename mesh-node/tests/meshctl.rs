@@ -15,6 +15,12 @@ fn meshctl(args: &[&str]) -> (i32, String) {
     (out.status.code().unwrap_or(-1), text)
 }
 
+/// `meshctl explain` offline, on the configuration in `config`.
+fn explain(config: &str, from: &str, url: &str, more: &[&str]) -> (i32, String) {
+    let args = ["explain", "--config-dir", config, "--from", from, url];
+    meshctl(&[&args[..], more].concat())
+}
+
 #[test]
 fn the_examples_analyze_clean_and_a_broken_file_fails() {
     let (code, out) = meshctl(&["analyze", "examples/bookinfo"]);
@@ -73,17 +79,12 @@ fn bookinfo(extra: &[&str]) -> tempfile::TempDir {
 fn explain_offline_follows_jasons_request_to_reviews_v2() {
     let dir = bookinfo(&[]);
     let config = dir.path().display().to_string();
-    let (code, out) = meshctl(&[
-        "explain",
-        "--config-dir",
+    let (code, out) = explain(
         &config,
-        "--from",
         "default/productpage-v1",
         "http://reviews:9080/reviews/0",
-        "-H",
-        "end-user: jason",
-        "--json",
-    ]);
+        &["-H", "end-user: jason", "--json"],
+    );
     assert_eq!(code, 0, "{out}");
     let json: serde_json::Value = serde_json::from_str(&out).unwrap();
     assert_eq!(
@@ -122,14 +123,12 @@ fn explain_offline_follows_jasons_request_to_reviews_v2() {
     );
 
     // Without the header the first rule fails on it, and v1 serves.
-    let (code, out) = meshctl(&[
-        "explain",
-        "--config-dir",
+    let (code, out) = explain(
         &config,
-        "--from",
         "default/productpage-v1",
         "http://reviews:9080/reviews/0",
-    ]);
+        &[],
+    );
     assert_eq!(code, 0, "{out}");
     assert!(
         out.contains("- VirtualService default/reviews http[0] [header end-user exact \"jason\"]: header end-user exact \"jason\": absent"),
@@ -141,14 +140,12 @@ fn explain_offline_follows_jasons_request_to_reviews_v2() {
     );
 
     // The sleep pod may not call reviews: the policy that decides is named.
-    let (code, out) = meshctl(&[
-        "explain",
-        "--config-dir",
+    let (code, out) = explain(
         &config,
-        "--from",
         "default/sleep",
         "http://reviews.default:9080/reviews/0",
-    ]);
+        &[],
+    );
     assert_eq!(code, 0, "{out}");
     assert!(
         out.contains("authorization: denied (403): ALLOW policies apply and none matches"),
@@ -156,14 +153,12 @@ fn explain_offline_follows_jasons_request_to_reviews_v2() {
     );
 
     // An unmeshed client's traffic is not captured at all.
-    let (code, out) = meshctl(&[
-        "explain",
-        "--config-dir",
+    let (code, out) = explain(
         &config,
-        "--from",
         "legacy/client",
         "http://reviews.default:9080/",
-    ]);
+        &[],
+    );
     assert_eq!(code, 0, "{out}");
     assert!(
         out.contains("Outcome:     not captured: namespace legacy is not in the mesh"),
@@ -207,16 +202,7 @@ fn explain_refuses_what_it_cannot_answer() {
             "header \"no colon\"",
         ),
     ] {
-        let (code, out) = meshctl(&[
-            "explain",
-            "--config-dir",
-            &config,
-            "--from",
-            from,
-            url,
-            "-H",
-            header,
-        ]);
+        let (code, out) = explain(&config, from, url, &["-H", header]);
         assert_eq!(code, 2, "{out}");
         assert!(
             out.starts_with("meshctl: ") && out.contains(error),
@@ -306,15 +292,7 @@ fn explain_sees_the_request_as_the_proxy_does() {
     .unwrap();
     let config = dir.path().display().to_string();
     let explain = |url: &str| {
-        let (code, out) = meshctl(&[
-            "explain",
-            "--config-dir",
-            &config,
-            "--from",
-            "default/productpage-v1",
-            url,
-            "--json",
-        ]);
+        let (code, out) = explain(&config, "default/productpage-v1", url, &["--json"]);
         assert_eq!(code, 0, "{out}");
         serde_json::from_str::<serde_json::Value>(&out).unwrap()
     };

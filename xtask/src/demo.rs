@@ -183,15 +183,19 @@ fn tracing() -> Result<()> {
 }
 
 /// `meshctl explain` of the traced request's hop to reviews, from node-1's running proxy.
+/// `meshctl explain` of jason's request from productpage to reviews, which Istio's
+/// request-routing task sends to v2 (the observability suite asks the same).
+pub const EXPLAIN_JASON: [&str; 6] = [
+    "explain",
+    "--from",
+    "default/productpage-v1",
+    "http://reviews:9080/reviews/0",
+    "-H",
+    "end-user: jason",
+];
+
 fn explain() -> Result<()> {
-    let args = [
-        "explain",
-        "--from",
-        "default/productpage-v1",
-        "http://reviews:9080/reviews/0",
-        "-H",
-        "end-user: jason",
-    ];
+    let args = EXPLAIN_JASON;
     step(&format!(
         "Why jason's request goes to reviews v2: cargo xtask cluster meshctl -- {}",
         args.map(|a| if a.contains(' ') {

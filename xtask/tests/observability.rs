@@ -1012,12 +1012,22 @@ fn telemetry_api_access_logs() -> Result<()> {
             &bytes.to_string(),
         ],
     )?;
-    thread::sleep(Duration::from_secs(3));
-    let server: Vec<Value> = received_logs()?
-        .into_iter()
-        .filter(|(s, a)| s == "tcp-echo.default" && a["received"] == bytes)
-        .map(|(_, a)| a)
-        .collect();
+    // Lines are written when the connection closes and exported in batches each second:
+    // waited for, up to 10 s.
+    let text = format!("\"- - -\" 0 - - - \"-\" {bytes} {bytes} ");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let (server, node) = loop {
+        let server: Vec<Value> = received_logs()?
+            .into_iter()
+            .filter(|(s, a)| s == "tcp-echo.default" && a["received"] == bytes)
+            .map(|(_, a)| a)
+            .collect();
+        let node = fs::read_to_string(cluster::log_path("node/node-1")?)?;
+        if (!server.is_empty() && node.contains(&text)) || Instant::now() > deadline {
+            break (server, node);
+        }
+        thread::sleep(Duration::from_millis(250));
+    };
     ensure!(
         server.len() == 1
             && server[0]["upstream"]
@@ -1027,12 +1037,9 @@ fn telemetry_api_access_logs() -> Result<()> {
             && server[0]["method"].is_null(),
         "tcp-echo's server lines of the connection: {server:#?}"
     );
-    let node = fs::read_to_string(cluster::log_path("node/node-1")?)?;
     let tcp: Vec<&str> = node
         .lines()
-        .filter(|l| {
-            l.starts_with('[') && l.contains(&format!("\"- - -\" 0 - - - \"-\" {bytes} {bytes} "))
-        })
+        .filter(|l| l.starts_with('[') && l.contains(&text))
         .collect();
     ensure!(
         tcp.len() == 1 && tcp[0].contains(" outbound|9000||tcp-echo.default.svc.cluster.local "),
@@ -1167,14 +1174,7 @@ fn meshctl_reads_the_node_proxies() -> Result<()> {
             "node-1 lists no reviews v2 cluster with one endpoint: {clusters:?}"
         );
 
-        let explained = meshctl(&[
-            "explain",
-            "--from",
-            "default/productpage-v1",
-            "http://reviews:9080/reviews/0",
-            "-H",
-            "end-user: jason",
-        ])?;
+        let explained = meshctl(&xtask::demo::EXPLAIN_JASON)?;
         ensure!(
             explained["outcome"] == "rule VirtualService default/reviews http[0]",
             "explain: {explained}"
